@@ -1,0 +1,168 @@
+"""`python -m melanoma_mil CMD [--config FILE ...] [key=value ...]`.
+
+Commands are registered with their config schema and a lazily imported runner, so `--help` and
+config errors answer in well under a second (torch is imported only when work starts).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from melanoma_mil import config as C
+from melanoma_mil.errors import UserError
+
+
+@dataclass(frozen=True)
+class Command:
+    schema: type
+    runner: str  # "module:function"; the function takes the config and returns an exit code
+    summary: str
+    positional: str | None = None  # config key that receives positional arguments
+    positional_many: bool = False
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command(
+        C.DemoConfig,
+        "melanoma_mil.demo.run:run_demo",
+        "synthetic cohort -> tile -> extract -> fit -> heatmaps, end to end",
+    ),
+    "tile": Command(
+        C.TileConfig,
+        "melanoma_mil.tiling.run:run_tile",
+        "tissue detection and a tile grid at a target resolution (mpp)",
+    ),
+    "extract": Command(
+        C.ExtractConfig,
+        "melanoma_mil.features.run:run_extract",
+        "encode tiles into cached feature bags (h5, resumable)",
+    ),
+    "fit": Command(
+        C.FitConfig,
+        "melanoma_mil.training.cv:run_fit",
+        "patient-level cross-validation of gated-attention MIL on cached bags",
+    ),
+    "sweep": Command(
+        C.SweepConfig,
+        "melanoma_mil.tracking.sweep:run_sweep",
+        "run a W&B sweep file locally (each run a fit)",
+        positional="sweep_file",
+    ),
+    "compare": Command(
+        C.CompareConfig,
+        "melanoma_mil.tracking.compare:run_compare",
+        "paired comparison table + figure of fit runs on the same splits",
+        positional="run_dirs",
+        positional_many=True,
+    ),
+    "heatmap": Command(
+        C.HeatmapConfig,
+        "melanoma_mil.viz.heatmap:run_heatmap",
+        "attention heatmaps and top/bottom tile montages of a trained run",
+    ),
+    "predict": Command(
+        C.PredictConfig,
+        "melanoma_mil.viz.predict:run_predict",
+        "run a trained fold-model ensemble on new slides",
+    ),
+}
+
+USAGE = "usage: python -m melanoma_mil CMD [--config FILE ...] [--print-config] [key=value ...]"
+
+
+def _top_help() -> str:
+    lines = [USAGE, "", "commands:"]
+    lines += [f"  {name:<9} {cmd.summary}" for name, cmd in COMMANDS.items()]
+    lines += ["", "`python -m melanoma_mil CMD --help` lists a command's keys and defaults."]
+    return "\n".join(lines)
+
+
+def _command_help(name: str, cmd: Command) -> str:
+    pos = ""
+    if cmd.positional:
+        pos = f" {cmd.positional.upper()}{' ...' if cmd.positional_many else ''}"
+    doc = (cmd.schema.__doc__ or "").strip()
+    lines = [
+        f"usage: python -m melanoma_mil {name}{pos} [--config FILE ...] [key=value ...]",
+        "",
+        doc,
+        "",
+        "keys (default):",
+    ]
+    lines += [f"  {key} = {default}  ({typ})" for key, typ, default in C.describe(cmd.schema)]
+    return "\n".join(lines)
+
+
+def parse(argv: list[str]) -> tuple[str, Any, bool]:
+    """Return (command, typed config, print_config) or raise UserError / SystemExit for help."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_help())
+        raise SystemExit(0)
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"unknown command '{name}'.{hint} Commands: {', '.join(COMMANDS)}.")
+    cmd = COMMANDS[name]
+    files: list[str] = []
+    dotlist: list[str] = []
+    positional: list[str] = []
+    print_config = False
+    it = iter(rest)
+    for arg in it:
+        if arg in ("-h", "--help"):
+            print(_command_help(name, cmd))
+            raise SystemExit(0)
+        if arg == "--print-config":
+            print_config = True
+        elif arg in ("--config", "-c"):
+            value = next(it, None)
+            if value is None:
+                raise UserError("--config needs a file path.")
+            files.append(value)
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+        elif arg == "--count" and name == "sweep":  # `sweep FILE --count N`, as in wandb agent
+            dotlist.append(f"count={next(it, '')}")
+        elif arg.startswith("--"):
+            key = arg[2:]
+            if "=" in key:  # wandb agents may pass --key=value
+                dotlist.append(key)
+            else:
+                raise UserError(f"unknown option '{arg}'. Options: --config FILE, --print-config.")
+        elif "=" in arg:
+            dotlist.append(arg)
+        elif cmd.positional:
+            positional.append(arg)
+        else:
+            raise UserError(f"unexpected argument '{arg}': overrides are key=value.")
+    cfg = C.load_config(cmd.schema, files, dotlist)
+    if positional:  # set after parsing so paths with commas or brackets stay intact
+        if not cmd.positional_many and len(positional) > 1:
+            raise UserError(f"'{name}' takes one {cmd.positional}, got {positional}.")
+        setattr(cfg, cmd.positional, positional if cmd.positional_many else positional[0])
+    return name, cfg, print_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        name, cfg, print_config = parse(sys.argv[1:] if argv is None else argv)
+        if print_config:
+            print(C.to_yaml(cfg), end="")
+            return 0
+        module, func = COMMANDS[name].runner.split(":")
+        runner = getattr(importlib.import_module(module), func)
+        return int(runner(cfg) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,318 @@
+"""Structured configs for every command: defaults -> YAML files -> dotlist overrides.
+
+Each command has one dataclass schema. ``load_config`` merges the layers with OmegaConf so that
+types are checked and an unknown key fails before any work, naming the closest valid key.
+Sections are shared between commands (``EncoderConfig`` is used by extract, predict and demo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from melanoma_mil.errors import UserError
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- data / training
+@dataclass
+class DataConfig:
+    """Where the bags and labels are, and how bags are formed and held in memory."""
+
+    features_dir: str | None = None  # folder of <slide_id>.h5 (or CLAM pt_files/<slide_id>.pt)
+    labels_csv: str | None = None  # columns slide_id, label[, patient_id]
+    label_column: str = "label"
+    # raw label -> class name; a raw label mapped to "drop" is excluded (counts are printed)
+    label_map: dict[str, str] = field(default_factory=dict)
+    # class order; the last class is the positive one for binary AUC. Empty: sorted labels.
+    classes: list[str] = field(default_factory=list)
+    bag_level: str = "slide"  # slide | patient
+    on_missing: str = "error"  # error | skip: labelled slides without a feature file
+    max_instances: int | None = None  # random subsample of training bags (None: all tiles)
+    dtype: str = "float32"  # float32 | float16: in-RAM dtype of cached bags
+    balance: str = "loss"  # none | sampler | loss
+    num_workers: int = 0
+
+
+@dataclass
+class CVConfig:
+    """Patient-level stratified k-fold with an inner validation split for model selection."""
+
+    folds: int = 5
+    val_fraction: float = 0.2  # share of each training fold's patients used for validation
+    repeats: int = 1  # repeated CV with new split seeds
+    splits_file: str | None = None  # splits.json written by fit, or CLAM splits_*.csv folder
+
+
+@dataclass
+class ModelConfig:
+    """MIL head; dims follow CLAM-small (D -> 512 -> gated attention 256 -> classes)."""
+
+    name: str = "gated_attention"  # gated_attention | clam_sb | mean | max
+    hidden_dim: int = 512
+    attention_dim: int = 256
+    dropout: float = 0.25
+    k_sample: int = 8  # clam_sb instance loss: top/bottom-k tiles per bag
+    bag_weight: float = 0.7  # clam_sb: bag loss weight, (1 - w) for instance loss
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 1e-5
+    scheduler: str = "cosine"  # cosine | none
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings (only the ones that matter for MIL)."""
+
+    max_epochs: int = 50
+    min_epochs: int = 5
+    patience: int = 10
+    monitor: str = "val_auc"  # val_auc | val_loss
+    accelerator: str = "auto"
+    devices: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"  # auto: bf16-mixed on GPUs that support it, else 32-true
+    deterministic: bool = True
+    accumulate_grad_batches: int = 1
+
+
+@dataclass
+class WandbConfig:
+    project: str = "melanoma-mil"
+    entity: str | None = None
+    mode: str | None = None  # online | offline | disabled; None: WANDB_MODE, else auto
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FitConfig:
+    """`fit`: patient-level cross-validation of a MIL model on cached bags."""
+
+    output_dir: str = "runs/fit"
+    experiment: str | None = None  # W&B group; default: output_dir's name
+    seed: int = 0
+    overwrite: bool = False
+    logger: str = "csv"  # wandb | csv | none
+    data: DataConfig = field(default_factory=DataConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+# --------------------------------------------------------------------------- tiling
+@dataclass
+class TissueConfig:
+    """Tissue segmentation on a low-resolution thumbnail."""
+
+    preset: str = "default"  # default | faint | fatty: named parameter sets, overridden below
+    thumbnail_mpp: float = 8.0  # resolution of the segmentation thumbnail
+    blur: int = 7  # median blur kernel (odd, thumbnail pixels)
+    saturation_threshold: float | None = None  # None: Otsu on saturation
+    min_saturation: float = 0.05  # floor under Otsu, so blank slides yield no tissue
+    close_size: int = 5  # morphological closing (thumbnail pixels)
+    open_size: int = 3
+    fill_holes: bool = True
+    min_area_um2: float = 50_000.0  # drop tissue components smaller than this
+
+
+@dataclass
+class TilingConfig:
+    mpp: float = 0.5  # target microns per pixel (0.5 ~ 20x, 1.0 ~ 10x)
+    tile_size: int = 256  # pixels at the target mpp
+    overlap: int = 0  # pixels at the target mpp
+    min_tissue: float = 0.5
+    default_mpp: float | None = None  # used when a slide records no resolution
+    mask_dir: str | None = None  # user masks <slide_id>.png / .geojson replace the automatic one
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+
+
+@dataclass
+class TileConfig:
+    """`tile`: tissue detection and a tile grid at a target resolution."""
+
+    slides_dir: str | None = None
+    manifest: str | None = None  # CSV with slide_id, path (instead of slides_dir)
+    output_dir: str = "runs/tiles"
+    extensions: list[str] = field(
+        default_factory=lambda: [".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".bif"]
+    )
+    workers: int = 2
+    overwrite: bool = False
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+
+
+# --------------------------------------------------------------------------- extraction
+@dataclass
+class EncoderConfig:
+    name: str = "resnet50_trunc"  # registry name, or timm:<model_name>
+    weights: str | None = None  # local weights file (state dict / checkpoint / safetensors)
+    pretrained: bool = True  # hub / HF cache; false = random weights (recorded as such)
+
+
+@dataclass
+class ExtractConfig:
+    """`extract`: encode every tile of every slide into a cached feature bag."""
+
+    slides_dir: str | None = None
+    manifest: str | None = None
+    coords_dir: str | None = None  # a `tile` output folder (its coords/ subfolder is used)
+    output_dir: str = "runs/features"
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    batch_size: int = 64
+    num_workers: int = 2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (the encoder's preferred) | fp32 | bf16 | fp16
+    dtype: str = "float16"  # stored feature dtype
+    overwrite: bool = False
+
+
+# --------------------------------------------------------------------------- tracking
+@dataclass
+class SweepConfig(FitConfig):
+    """`sweep SWEEP.yaml`: every other key is a fit override applied to all runs."""
+
+    sweep_file: str | None = None
+    count: int | None = None  # runs to do (None: the whole grid; required for random/bayes)
+
+
+@dataclass
+class CompareConfig:
+    """`compare RUN_DIR ...`: paired comparison of fit runs on identical splits."""
+
+    run_dirs: list[str] = field(default_factory=list)
+    reference: str | None = None  # run dir (or its name) the others are compared to
+    output_dir: str = "runs/compare"
+    bootstrap: int = 2000
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- interpretation
+@dataclass
+class HeatmapConfig:
+    """`heatmap`: per-tile attention of every fold model, drawn on the slide."""
+
+    run_dir: str | None = None
+    slides_dir: str | None = None
+    manifest: str | None = None
+    output_dir: str = "runs/heatmaps"
+    slide_ids: list[str] = field(default_factory=list)  # empty: every slide found
+    features_dir: str | None = None  # cached bags; else tiles + features are made on the fly
+    top_k: int = 8
+    geojson: bool = False
+    device: str = "auto"
+
+
+@dataclass
+class PredictConfig:
+    """`predict`: the fold-model ensemble on new slides."""
+
+    run_dir: str | None = None
+    slides_dir: str | None = None
+    manifest: str | None = None
+    output_dir: str = "runs/predict"
+    features_dir: str | None = None
+    heatmaps: bool = True
+    device: str = "auto"
+
+
+@dataclass
+class DemoConfig:
+    """`demo`: synthetic cohort -> tile -> extract -> fit -> heatmaps, end to end."""
+
+    output_dir: str = "demo_output"
+    n_slides: int = 24
+    seed: int = 0
+    overwrite: bool = False
+    encoder: EncoderConfig = field(
+        default_factory=lambda: EncoderConfig(name="resnet18_imagenet", pretrained=False)
+    )
+    folds: int = 3
+    max_epochs: int = 30
+
+
+# --------------------------------------------------------------------------- loading
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    if isinstance(node, DictConfig):
+        for k in node:
+            full = f"{prefix}{k}"
+            keys.append(full)
+            child = node._get_node(k)
+            if isinstance(child, DictConfig) and not child._is_none():
+                keys.extend(_all_keys(child, f"{full}."))
+    return keys
+
+
+def _unknown_key_error(schema: DictConfig, key: str, source: str) -> UserError:
+    valid = _all_keys(schema)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else " Run with --help to list the keys."
+    return UserError(f"unknown config key '{key}' in {source}.{hint}")
+
+
+def _merge(base: DictConfig, layer: DictConfig | Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        key = getattr(e, "full_key", None) or str(e)
+        raise _unknown_key_error(base, str(key), source) from None
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "?")
+        msg = str(e).splitlines()[0]
+        raise UserError(f"bad value for '{key}' in {source}: {msg}") from None
+
+
+def load_config(
+    schema: type[T], files: list[str] | None = None, dotlist: list[str] | None = None
+) -> T:
+    """Merge defaults, YAML files and ``key=value`` overrides into a typed ``schema`` instance."""
+    cfg: DictConfig = OmegaConf.structured(schema)
+    for file in files or []:
+        path = Path(file)
+        if not path.is_file():
+            raise UserError(f"config file '{file}' not found: check the --config path.")
+        try:
+            layer = OmegaConf.load(path)
+        except Exception as e:  # yaml errors come in many types
+            raise UserError(f"config file '{file}' is not valid YAML: {e}") from None
+        cfg = _merge(cfg, layer, f"config file '{file}'")
+    for item in dotlist or []:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not key=value (e.g. trainer.max_epochs=20).")
+        key = item.split("=", 1)[0].lstrip("+")
+        try:
+            layer = OmegaConf.from_dotlist([item.lstrip("+")])
+        except OmegaConfBaseException as e:
+            raise UserError(f"cannot parse override '{item}': {e}") from None
+        cfg = _merge(cfg, layer, f"override '{key}'")
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Any) -> str:
+    """Resolved config as YAML (what `--print-config` shows and runs save as config.yaml)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def describe(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, type, default) rows for `--help`, walking nested dataclass sections."""
+    rows: list[tuple[str, str, str]] = []
+    defaults = schema()
+    for f in dataclasses.fields(schema):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe(type(value), f"{prefix}{f.name}."))
+        else:
+            rows.append((f"{prefix}{f.name}", str(f.type), repr(value)))
+    return rows

@@ -1,0 +1,1 @@
+"""Slides to tiles: resolution handling, tissue masks, tile grids and QC images."""

@@ -1,0 +1,91 @@
+"""The coords h5 contract between `tile`, `extract`, `heatmap` and `predict` (CLAM-readable).
+
+`coords` [N, 2] int64 holds level-0 (x, y) of each tile's top-left corner. Attributes say how to
+read a tile back: read ``read_size`` px at pyramid level ``patch_level`` (downsample
+``downsample``) and resize to ``tile_size`` px, giving ``target_mpp`` um/px. ``level0_size`` is
+the tile's extent in level-0 px (for drawing). ``tiling`` is the TilingConfig as JSON, so later
+stages can reproduce the exact tiling on new slides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from melanoma_mil.errors import UserError
+from melanoma_mil.io import atomic_h5
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    coords: np.ndarray  # [N, 2] int64 level-0 x, y
+    slide_path: str
+    patch_level: int
+    downsample: float
+    read_size: int  # px at patch_level
+    tile_size: int  # px at target_mpp
+    level0_mpp: float
+    target_mpp: float
+    tiling: dict[str, Any]  # the TilingConfig used, as a plain dict
+
+    @property
+    def level0_size(self) -> int:
+        """Tile extent in level-0 pixels."""
+        return int(round(self.read_size * self.downsample))
+
+    def attrs(self) -> dict[str, Any]:
+        return {
+            "slide_path": self.slide_path,
+            "patch_size": self.read_size,  # CLAM's name: px read at patch_level
+            "patch_level": self.patch_level,
+            "downsample": self.downsample,
+            "read_size": self.read_size,
+            "tile_size": self.tile_size,
+            "level0_mpp": self.level0_mpp,
+            "target_mpp": self.target_mpp,
+            "level0_size": self.level0_size,
+            "tiling": json.dumps(self.tiling, sort_keys=True),
+        }
+
+
+def write_coords(path: str | os.PathLike[str], grid: TileGrid) -> None:
+    """Write a tile grid atomically (never a partial file)."""
+    with atomic_h5(path) as f:
+        f.create_dataset("coords", data=np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2))
+        for k, v in grid.attrs().items():
+            f["coords"].attrs[k] = v
+            f.attrs[k] = v
+
+
+def read_coords(path: str | os.PathLike[str]) -> TileGrid:
+    """Read a coords h5 written by `tile`; a clear error if it is not one."""
+    p = Path(path)
+    try:
+        with h5py.File(p, "r") as f:
+            if "coords" not in f:
+                raise UserError(f"{p}: no 'coords' dataset; re-run `tile` for this slide.")
+            ds = f["coords"]
+            a = {**dict(ds.attrs), **dict(f.attrs)}
+            coords = ds[:].astype(np.int64).reshape(-1, 2)
+    except OSError as e:
+        raise UserError(f"{p}: not a readable h5 file ({e}); delete it, re-run `tile`.") from None
+    missing = [k for k in ("patch_level", "downsample", "read_size", "tile_size") if k not in a]
+    if missing:
+        raise UserError(f"{p}: coords attrs {missing} missing; re-run `tile` to regenerate it.")
+    return TileGrid(
+        coords=coords,
+        slide_path=str(a.get("slide_path", "")),
+        patch_level=int(a["patch_level"]),
+        downsample=float(a["downsample"]),
+        read_size=int(a["read_size"]),
+        tile_size=int(a["tile_size"]),
+        level0_mpp=float(a.get("level0_mpp", float("nan"))),
+        target_mpp=float(a.get("target_mpp", float("nan"))),
+        tiling=json.loads(a["tiling"]) if "tiling" in a else {},
+    )
