@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,6 +151,17 @@ def parse(argv: list[str]) -> tuple[str, Any, bool]:
     return name, cfg, print_config
 
 
+def _quiet_libraries() -> None:
+    """Our INFO lines stay; Lightning's banner lines and known upstream deprecations go."""
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*all_gather is deprecated.*")
+    # our metrics de-duplicate DistributedSampler's padded samples by bag index
+    warnings.filterwarnings("ignore", message=r".*each sample/batch gets evaluated exactly once.*")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -159,10 +171,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         module, func = COMMANDS[name].runner.split(":")
         runner = getattr(importlib.import_module(module), func)
+        _quiet_libraries()  # after the import: Lightning resets its log level when imported
         return int(runner(cfg) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `--help | head`: the reader left; nothing more to say
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

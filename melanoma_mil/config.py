@@ -46,6 +46,7 @@ class CVConfig:
     """Patient-level stratified k-fold with an inner validation split for model selection."""
 
     folds: int = 5
+    seed: int = 0  # splits only (model init uses the top-level seed), so seed sweeps share folds
     val_fraction: float = 0.2  # share of each training fold's patients used for validation
     repeats: int = 1  # repeated CV with new split seeds
     splits_file: str | None = None  # splits.json written by fit, or CLAM splits_*.csv folder
@@ -77,7 +78,7 @@ class TrainerConfig:
     max_epochs: int = 50
     min_epochs: int = 5
     patience: int = 10
-    monitor: str = "val_auc"  # val_auc | val_loss
+    monitor: str = "val_loss"  # val_loss | val_auc (AUC saturates on small validation sets)
     accelerator: str = "auto"
     devices: int = 1
     strategy: str = "auto"
@@ -88,9 +89,11 @@ class TrainerConfig:
 
 @dataclass
 class WandbConfig:
-    project: str = "melanoma-mil"
-    entity: str | None = None
-    mode: str | None = None  # online | offline | disabled; None: WANDB_MODE, else auto
+    """W&B runs (logger=wandb); files go to <output_dir>/wandb."""
+
+    project: str | None = None  # None: WANDB_PROJECT, else "melanoma-mil"
+    entity: str | None = None  # None: WANDB_ENTITY, else your default entity
+    mode: str | None = None  # online | offline | disabled; None: WANDB_MODE, else offline w/o key
     tags: list[str] = field(default_factory=list)
 
 
@@ -114,25 +117,25 @@ class FitConfig:
 # --------------------------------------------------------------------------- tiling
 @dataclass
 class TissueConfig:
-    """Tissue segmentation on a low-resolution thumbnail."""
+    """Tissue segmentation on a low-resolution thumbnail; unset (None) keys come from `preset`."""
 
-    preset: str = "default"  # default | faint | fatty: named parameter sets, overridden below
+    preset: str = "default"  # default | faint (pale stain) | fatty (adipose, thin septa)
     thumbnail_mpp: float = 8.0  # resolution of the segmentation thumbnail
-    blur: int = 7  # median blur kernel (odd, thumbnail pixels)
-    saturation_threshold: float | None = None  # None: Otsu on saturation
-    min_saturation: float = 0.05  # floor under Otsu, so blank slides yield no tissue
-    close_size: int = 5  # morphological closing (thumbnail pixels)
-    open_size: int = 3
-    fill_holes: bool = True
-    min_area_um2: float = 50_000.0  # drop tissue components smaller than this
+    saturation_threshold: float | None = None  # fixed HSV saturation cut; None: Otsu
+    min_saturation: float | None = None  # floor under Otsu, so blank slides yield no tissue
+    blur: int | None = None  # median blur kernel (thumbnail px)
+    close_size: int | None = None  # morphological closing (thumbnail px)
+    open_size: int | None = None  # morphological opening (thumbnail px)
+    fill_holes: bool | None = None
+    min_area_um2: float | None = None  # drop tissue components smaller than this
 
 
 @dataclass
 class TilingConfig:
     mpp: float = 0.5  # target microns per pixel (0.5 ~ 20x, 1.0 ~ 10x)
     tile_size: int = 256  # pixels at the target mpp
-    overlap: int = 0  # pixels at the target mpp
-    min_tissue: float = 0.5
+    overlap: int = 0  # pixels at the target mpp shared by neighbouring tiles
+    min_tissue: float = 0.5  # keep a tile when this fraction of it is tissue
     default_mpp: float | None = None  # used when a slide records no resolution
     mask_dir: str | None = None  # user masks <slide_id>.png / .geojson replace the automatic one
     tissue: TissueConfig = field(default_factory=TissueConfig)
@@ -156,26 +159,31 @@ class TileConfig:
 # --------------------------------------------------------------------------- extraction
 @dataclass
 class EncoderConfig:
-    name: str = "resnet50_trunc"  # registry name, or timm:<model_name>
+    name: str = "resnet50_trunc"  # melanoma_mil.encoders.REGISTRY name, or timm:<model>
     weights: str | None = None  # local weights file (state dict / checkpoint / safetensors)
-    pretrained: bool = True  # hub / HF cache; false = random weights (recorded as such)
+    pretrained: bool = True  # hub / HF cache; false = random weights (recorded as "random")
 
 
 @dataclass
 class ExtractConfig:
-    """`extract`: encode every tile of every slide into a cached feature bag."""
+    """`extract`: encode every tile of every slide into a cached feature bag.
 
-    slides_dir: str | None = None
+    Writes <output_dir>/<cache_key>/<slide_id>.h5; reruns skip finished slides, and several
+    processes or nodes (RANK/WORLD_SIZE) can share one output_dir.
+    """
+
+    slides_dir: str | None = None  # default: each coords file's recorded slide_path
     manifest: str | None = None
     coords_dir: str | None = None  # a `tile` output folder (its coords/ subfolder is used)
     output_dir: str = "runs/features"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     batch_size: int = 64
-    num_workers: int = 2
+    num_workers: int = 2  # tile-reading processes, each with its own OpenSlide handle
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (the encoder's preferred) | fp32 | bf16 | fp16
-    dtype: str = "float16"  # stored feature dtype
+    precision: str = "auto"  # auto: encoder's preferred where fast (bf16 on AMX CPUs) | fp32 | ...
+    dtype: str = "float16"  # stored feature dtype: float16 | float32
     overwrite: bool = False
+    extensions: list[str] = field(default_factory=lambda: list(TileConfig().extensions))
 
 
 # --------------------------------------------------------------------------- tracking
@@ -183,8 +191,9 @@ class ExtractConfig:
 class SweepConfig(FitConfig):
     """`sweep SWEEP.yaml`: every other key is a fit override applied to all runs."""
 
+    output_dir: str = "runs/sweep"  # one fit per run in <output_dir>/<NNN>_<parameters>
     sweep_file: str | None = None
-    count: int | None = None  # runs to do (None: the whole grid; required for random/bayes)
+    count: int | None = None  # total runs (None: the whole grid; required for random/bayes)
 
 
 @dataclass
@@ -194,8 +203,9 @@ class CompareConfig:
     run_dirs: list[str] = field(default_factory=list)
     reference: str | None = None  # run dir (or its name) the others are compared to
     output_dir: str = "runs/compare"
-    bootstrap: int = 2000
+    bootstrap: int = 2000  # patient-level bootstrap replicates (CIs and the paired test)
     seed: int = 0
+    overwrite: bool = False
 
 
 # --------------------------------------------------------------------------- interpretation

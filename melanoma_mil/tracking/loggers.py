@@ -1,39 +1,232 @@
-"""Per-fold loggers for the CV driver. W&B support is added on top of these hooks."""
+"""Per-fold loggers for the CV driver: CSV, or Weights & Biases runs grouped by experiment.
+
+With ``logger=wandb`` every fold is its own W&B run (group = experiment, job_type = fold name) and
+a final run with job_type ``summary`` carries the cross-validation metrics (``cv/auc_mean`` etc.,
+the key W&B sweeps optimise). Inside a ``wandb agent`` the agent hands the process one run id
+and reads the sweep metric from that run, so there all folds log into that single run with
+keys prefixed by the fold name, and the summary metrics land on it too.
+
+Files go to ``<run_dir>/wandb`` (never the working directory). Without an API key runs are
+written offline, and the command says once how to upload them later.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import netrc
+import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pandas as pd
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
 
 from melanoma_mil.config import FitConfig
 from melanoma_mil.errors import UserError
 
+log = logging.getLogger(__name__)
+
 LOGGERS = ("wandb", "csv", "none")
+MODES = ("online", "offline", "disabled")
+CV_METRICS = ("auc", "accuracy", "balanced_accuracy", "f1")
+SWEEP_METRIC = "cv/auc_mean"  # what sweeps/*.yaml optimise; written by log_summary
+SUMMARY_KEYS = [f"cv/{m}_{s}" for m in CV_METRICS for s in ("mean", "std")] + [
+    "cv/pooled_auc",
+    "cv/pooled_auc_ci_low",
+    "cv/pooled_auc_ci_high",
+    "cv/n_bags",
+]
+DEFAULT_PROJECT = "melanoma-mil"
+
+_offline_notice_shown = False
 
 
+def fold_name(cfg: FitConfig, fold: int, repeat: int) -> str:
+    return f"fold_{fold}" if cfg.cv.repeats == 1 else f"repeat_{repeat}_fold_{fold}"
+
+
+def experiment_name(cfg: FitConfig, run_dir: Path) -> str:
+    """The W&B group: ``experiment``, else the run dir's folder name."""
+    return cfg.experiment or Path(run_dir).resolve().name
+
+
+def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """Flat ``cv/...`` metrics from a cv_summary.json dict (the sweep metric is among them)."""
+    out: dict[str, float] = {}
+    for key in CV_METRICS:
+        if isinstance(summary.get(key), dict):
+            out[f"cv/{key}_mean"] = float(summary[key]["mean"])
+            out[f"cv/{key}_std"] = float(summary[key]["std"])
+    pooled = summary.get("pooled_auc") or {}
+    names = {"value": "pooled_auc", "ci_low": "pooled_auc_ci_low", "ci_high": "pooled_auc_ci_high"}
+    out.update({f"cv/{dst}": float(pooled[src]) for src, dst in names.items() if src in pooled})
+    if "n_bags" in summary:
+        out["cv/n_bags"] = float(summary["n_bags"])
+    return out
+
+
+# --------------------------------------------------------------------------- W&B settings
+def has_api_key() -> bool:
+    """A key in WANDB_API_KEY or a netrc entry for the W&B host (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = os.environ.get("NETRC") or str(Path.home() / ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(host or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(cfg: FitConfig, run_dir: Path) -> str:
+    """cfg.wandb.mode, else WANDB_MODE, else online with an API key and offline without."""
+    global _offline_notice_shown
+    requested = cfg.wandb.mode or os.environ.get("WANDB_MODE")
+    aliases = {"dryrun": "offline", "run": "online"}
+    if requested:
+        mode = aliases.get(requested, requested)
+        if mode not in MODES:
+            raise UserError(
+                f"W&B mode {requested!r} (wandb.mode / WANDB_MODE) is not one of {MODES}."
+            )
+        reason = "as requested"
+    else:
+        mode = "online" if has_api_key() else "offline"
+        reason = "no W&B API key found (WANDB_API_KEY or `wandb login`)"
+    if mode == "offline" and not _offline_notice_shown:
+        _offline_notice_shown = True
+        log.warning(
+            "W&B: logging offline, %s; runs go to each fit's <output_dir>/wandb, "
+            "upload later with e.g. `wandb sync %s/offline-run-*`",
+            reason,
+            Path(run_dir) / "wandb",
+        )
+    return mode
+
+
+def in_agent() -> bool:
+    """True inside `wandb agent`, which assigns this process one run of a sweep."""
+    return bool(os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"))
+
+
+def _provenance(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "provenance.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _init_kwargs(cfg: FitConfig, run_dir: Path, job_type: str, name: str) -> dict[str, Any]:
+    """wandb.init arguments shared by fold and summary runs: config, grouping and provenance."""
+    import wandb
+
+    prov = _provenance(run_dir)
+    tracked = {k: prov.get(k) for k in ("encoder", "cache_key", "splits_sha256", "feature_dim")}
+    config = OmegaConf.to_container(OmegaConf.structured(cfg))
+    assert isinstance(config, dict)
+    config["provenance"] = tracked
+    tags = [*cfg.wandb.tags, *([str(prov["encoder"])[:64]] if prov.get("encoder") else [])]
+    group = experiment_name(cfg, run_dir)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return {
+        "project": cfg.wandb.project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+        "entity": cfg.wandb.entity or os.environ.get("WANDB_ENTITY"),
+        "group": group,
+        "job_type": job_type,
+        "name": f"{group}/{name}",
+        "config": config,
+        "tags": tags,
+        "dir": str(run_dir),
+        "mode": resolve_mode(cfg, run_dir),
+        "settings": wandb.Settings(console="off", quiet=True),
+    }
+
+
+class _AgentWandbLogger(WandbLogger):
+    """Logs one fold into the agent's single run, with keys like ``fold_0/val_auc``."""
+
+    LOGGER_JOIN_CHAR = "/"
+
+    def __init__(self, fold: str, **kwargs: Any) -> None:
+        super().__init__(prefix=fold, **kwargs)
+        self.fold = fold
+
+
+# --------------------------------------------------------------------------- hooks
 def fold_logger(cfg: FitConfig, run_dir: Path, fold: int, repeat: int) -> Logger | None:
     """The Lightning logger for one fold (one W&B run per fold; CSV under run_dir/logs)."""
     if cfg.logger not in LOGGERS:
         raise UserError(f"logger={cfg.logger!r} is not one of {LOGGERS}.")
+    name = fold_name(cfg, fold, repeat)
     if cfg.logger == "none":
         return None
-    name = f"fold_{fold}" if cfg.cv.repeats == 1 else f"repeat_{repeat}_fold_{fold}"
-    return CSVLogger(save_dir=str(run_dir), name="logs", version=name)
+    if cfg.logger == "csv":
+        return CSVLogger(save_dir=str(run_dir), name="logs", version=name)
+    if in_agent():
+        import wandb
+
+        run = None  # other DDP ranks log nothing (Lightning gives them a dummy experiment)
+        if rank_zero_only.rank == 0:
+            run = wandb.run or wandb.init(**_init_kwargs(cfg, run_dir, "fit", "fit"))
+        return _AgentWandbLogger(name, experiment=run, save_dir=str(run_dir))
+    kwargs = _init_kwargs(cfg, run_dir, name, name)
+    return WandbLogger(save_dir=kwargs.pop("dir"), log_model=False, **kwargs)
 
 
 def finish_fold(logger: Logger | None, metrics: dict[str, float], roc_png: Path | None) -> None:
     """Record a fold's test metrics (and ROC image) in its logger, then close it."""
     if logger is None:
         return
-    logger.log_metrics({f"test_{k}": v for k, v in metrics.items()})
+    test = {f"test_{k}": v for k, v in metrics.items()}
+    if not isinstance(logger, WandbLogger):
+        logger.log_metrics(test)
+        logger.finalize("success")
+        return
+    if rank_zero_only.rank != 0:
+        return
+    import wandb
+
+    run = logger.experiment
+    prefix = f"{logger.fold}/" if isinstance(logger, _AgentWandbLogger) else ""
+    payload: dict[str, Any] = {f"{prefix}{k}": v for k, v in test.items()}
+    if roc_png is not None and Path(roc_png).is_file():
+        payload[f"{prefix}test_roc"] = wandb.Image(str(roc_png))
+    run.log(payload)
+    run.summary.update({k: v for k, v in payload.items() if isinstance(v, float)})
     logger.finalize("success")
+    if not isinstance(logger, _AgentWandbLogger):  # the agent's run stays open for the summary
+        run.finish()
 
 
 def log_summary(
     cfg: FitConfig, run_dir: Path, summary: dict[str, Any], predictions: pd.DataFrame
 ) -> None:
     """Cross-validation summary for the experiment (a W&B summary run when logger=wandb)."""
-    return None
+    if cfg.logger != "wandb" or rank_zero_only.rank != 0:
+        return
+    import wandb
+
+    metrics = summary_metrics(summary)
+    kwargs = _init_kwargs(cfg, run_dir, "fit" if in_agent() else "summary", "summary")
+    run = wandb.run if in_agent() and wandb.run is not None else wandb.init(**kwargs)
+    per_fold = {k: summary[k]["per_fold"] for k in CV_METRICS if isinstance(summary.get(k), dict)}
+    n_folds = len(next(iter(per_fold.values()), []))
+    rows = [[i, *(_finite(v[i]) for v in per_fold.values())] for i in range(n_folds)]
+    payload: dict[str, Any] = dict(metrics)
+    payload["cv/per_fold"] = wandb.Table(columns=["fold", *per_fold], data=rows)
+    payload["cv/predictions"] = wandb.Table(dataframe=predictions)
+    if (Path(run_dir) / "roc.png").is_file():
+        payload["cv/roc"] = wandb.Image(str(Path(run_dir) / "roc.png"))
+    run.log(payload)
+    run.summary.update(metrics)
+    run.finish()
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)

@@ -1,0 +1,184 @@
+"""Patient-level stratified k-fold splits with an inner validation split, saved once.
+
+The test fold never influences training or model selection: early stopping and checkpoint
+choice use a validation split carved, by patient, out of each training fold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from melanoma_mil.config import CVConfig
+from melanoma_mil.errors import UserError
+from melanoma_mil.io import write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Split:
+    repeat: int
+    fold: int
+    train: list[str]  # bag ids
+    val: list[str]
+    test: list[str]
+
+
+def _check_class_counts(bags: pd.DataFrame, folds: int, classes: list[str]) -> None:
+    patients = bags.groupby("label")["patient_id"].nunique()
+    for idx, name in enumerate(classes):
+        n = int(patients.get(idx, 0))
+        if n < folds:
+            raise UserError(
+                f"class '{name}' has {n} patient(s), fewer than cv.folds={folds}: every test fold "
+                f"needs each class. Lower cv.folds to <= {n} or add patients."
+            )
+
+
+def _inner_val(train: pd.DataFrame, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask over ``train`` rows: a stratified, patient-grouped validation split."""
+    n_splits = max(2, round(1 / val_fraction))
+    min_patients = int(train.groupby("label")["patient_id"].nunique().min())
+    n_splits = min(n_splits, min_patients)
+    if n_splits < 2:
+        raise UserError(
+            "a training fold has a class with a single patient, so no validation split can hold "
+            "it: lower cv.folds or add patients."
+        )
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    _, val_idx = next(sgkf.split(train, train["label"], groups=train["patient_id"]))
+    mask = np.zeros(len(train), dtype=bool)
+    mask[val_idx] = True
+    return mask
+
+
+def make_splits(bags: pd.DataFrame, cv: CVConfig, seed: int, classes: list[str]) -> list[Split]:
+    """Stratified group k-fold by patient (x repeats), each with an inner validation split."""
+    if cv.folds < 2:
+        raise UserError(f"cv.folds={cv.folds}: cross-validation needs at least 2 folds.")
+    if not 0 < cv.val_fraction < 0.5:
+        raise UserError(f"cv.val_fraction={cv.val_fraction}: use a value in (0, 0.5).")
+    _check_class_counts(bags, cv.folds, classes)
+    splits: list[Split] = []
+    for r in range(cv.repeats):
+        sgkf = StratifiedGroupKFold(n_splits=cv.folds, shuffle=True, random_state=seed + 7919 * r)
+        for k, (tr, te) in enumerate(sgkf.split(bags, bags["label"], groups=bags["patient_id"])):
+            train = bags.iloc[tr]
+            val_mask = _inner_val(train, cv.val_fraction, seed + 7919 * r + k)
+            splits.append(
+                Split(
+                    repeat=r,
+                    fold=k,
+                    train=sorted(train["bag_id"][~val_mask]),
+                    val=sorted(train["bag_id"][val_mask]),
+                    test=sorted(bags["bag_id"].iloc[te]),
+                )
+            )
+    return splits
+
+
+def splits_hash(splits: list[Split]) -> str:
+    """sha256 of the canonical split content: equal hash = paired comparison possible."""
+    blob = json.dumps([asdict(s) for s in splits], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def check_splits(splits: list[Split], bags: pd.DataFrame, source: str) -> None:
+    """No patient in two partitions of a fold; every split bag belongs to the cohort."""
+    patient = dict(zip(bags["bag_id"], bags["patient_id"], strict=True))
+    for s in splits:
+        unknown = sorted(set(s.train + s.val + s.test) - set(patient))
+        if unknown:
+            raise UserError(
+                f"{source}: split references bag(s) {unknown[:5]} that are not in the cohort "
+                "(missing features or labels). Delete the splits file to make new splits."
+            )
+        parts = {name: {patient[b] for b in getattr(s, name)} for name in ("train", "val", "test")}
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            shared = parts[a] & parts[b]
+            if shared:
+                raise UserError(
+                    f"{source}: repeat {s.repeat} fold {s.fold} has patient(s) "
+                    f"{sorted(shared)[:5]} in both {a} and {b}; splits must be by patient."
+                )
+        if not s.val:
+            raise UserError(
+                f"{source}: fold {s.fold} has no validation bags (needed for model selection)."
+            )
+
+
+def _read_clam(folder: Path) -> list[Split]:
+    """CLAM's splits_<k>.csv (columns train, val, test of slide ids)."""
+    files = sorted(folder.glob("splits_*.csv"), key=lambda p: int(p.stem.split("_")[-1]))
+    if not files:
+        raise UserError(f"{folder}: no splits_<k>.csv files (CLAM format) found.")
+    splits = []
+    for k, f in enumerate(files):
+        df = pd.read_csv(f, dtype=str)
+        cols = {c: df[c].dropna().tolist() for c in ("train", "val", "test") if c in df}
+        if set(cols) != {"train", "val", "test"}:
+            raise UserError(f"{f}: CLAM splits need columns train, val, test.")
+        splits.append(Split(repeat=0, fold=k, **{c: sorted(v) for c, v in cols.items()}))
+    return splits
+
+
+def read_splits(path: Path) -> list[Split]:
+    """Our splits.json, a CLAM splits folder or a single CLAM splits_<k>.csv's folder."""
+    if path.is_dir():
+        return _read_clam(path)
+    if path.suffix == ".csv":
+        return _read_clam(path.parent)
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+        return [Split(**s) for s in data["splits"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a splits file written by `fit` ({e}).") from None
+
+
+def resolve_splits(
+    bags: pd.DataFrame,
+    cv: CVConfig,
+    seed: int,
+    classes: list[str],
+    out_dir: Path,
+    write: bool = True,
+) -> tuple[list[Split], str]:
+    """Reuse <out_dir>/splits.json or cv.splits_file when present; else make and save them once."""
+    saved = out_dir / "splits.json"
+    if cv.splits_file:
+        source = Path(cv.splits_file)
+        if not source.exists():
+            raise UserError(f"cv.splits_file '{source}' not found.")
+    elif saved.is_file():
+        source = saved
+    else:
+        source = None
+    if source is not None:
+        splits = read_splits(source)
+        log.info("splits: reusing %s (%d folds)", source, len(splits))
+    else:
+        splits = make_splits(bags, cv, seed, classes)
+    check_splits(splits, bags, str(source or "generated splits"))
+    digest = splits_hash(splits)
+    if write and source != saved:
+        write_json(
+            saved,
+            {
+                "sha256": digest,
+                "seed": seed,
+                "folds": cv.folds,
+                "val_fraction": cv.val_fraction,
+                "repeats": cv.repeats,
+                "splits": [asdict(s) for s in splits],
+            },
+        )
+    return splits, digest

@@ -1,0 +1,126 @@
+"""Gated-attention MIL (Ilse et al. 2018), CLAM-SB (Lu et al. 2021) and pooling baselines.
+
+Every model maps one bag [N, D] to ``MILOutput``: logits [C] and attention [N] (sums to 1), so
+heatmaps and predictions treat them alike.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from melanoma_mil.config import ModelConfig
+from melanoma_mil.errors import UserError
+
+
+class MILOutput(NamedTuple):
+    logits: torch.Tensor  # [C]
+    attention: torch.Tensor  # [N], softmax-normalised
+    instance_loss: torch.Tensor | None = None
+
+
+def _embed(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+
+
+class GatedAttention(nn.Module):
+    """a(h) = w^T (tanh(V h) * sigmoid(U h)): one unnormalised score per instance."""
+
+    def __init__(self, hidden: int, attention: int, dropout: float) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(hidden, attention), nn.Tanh(), nn.Dropout(dropout))
+        self.b = nn.Sequential(nn.Linear(hidden, attention), nn.Sigmoid(), nn.Dropout(dropout))
+        self.c = nn.Linear(attention, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.c(self.a(h) * self.b(h)).squeeze(-1)
+
+
+class GatedAttentionMIL(nn.Module):
+    """CLAM-small dims: Linear(D->512)+ReLU+Dropout, gated attention 512->256->1, classifier."""
+
+    def __init__(self, in_dim: int, n_classes: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed = _embed(in_dim, cfg.hidden_dim, cfg.dropout)
+        self.attention = GatedAttention(cfg.hidden_dim, cfg.attention_dim, cfg.dropout)
+        self.classifier = nn.Linear(cfg.hidden_dim, n_classes)
+
+    def pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.embed(x)
+        a = torch.softmax(self.attention(h).float(), dim=0)
+        return h, a, a.to(h.dtype) @ h
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
+        _, a, m = self.pool(x)
+        return MILOutput(self.classifier(m), a)
+
+
+class ClamSB(GatedAttentionMIL):
+    """CLAM single-branch: gated attention plus instance-level clustering loss on top/bottom-k."""
+
+    def __init__(self, in_dim: int, n_classes: int, cfg: ModelConfig) -> None:
+        super().__init__(in_dim, n_classes, cfg)
+        self.k_sample = cfg.k_sample
+        self.n_classes = n_classes
+        self.instance_classifiers = nn.ModuleList(
+            nn.Linear(cfg.hidden_dim, 2) for _ in range(n_classes)
+        )
+
+    def _instance_loss(self, h: torch.Tensor, a: torch.Tensor, label: int) -> torch.Tensor:
+        k = min(self.k_sample, h.shape[0] // 2)  # bags smaller than 2k use what they have
+        if k == 0:
+            return h.new_zeros(())
+        losses = []
+        for c, clf in enumerate(self.instance_classifiers):
+            top = h[torch.topk(a, k).indices]
+            if c == label:  # in-class: top-k positive, bottom-k negative
+                bottom = h[torch.topk(-a, k).indices]
+                inst = torch.cat([top, bottom])
+                target = torch.cat([h.new_ones(k), h.new_zeros(k)]).long()
+            else:  # out-of-class (CLAM's subtyping=False default for binary): top-k negative
+                inst, target = top, h.new_zeros(k).long()
+            losses.append(F.cross_entropy(clf(inst).float(), target))
+        return torch.stack(losses).mean()
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
+        h, a, m = self.pool(x)
+        inst = None if label is None else self._instance_loss(h, a.detach(), int(label))
+        return MILOutput(self.classifier(m), a, inst)
+
+
+class PoolMIL(nn.Module):
+    """Mean- or max-pooling baselines; attention is uniform (mean) or one-hot at the max tile."""
+
+    def __init__(self, in_dim: int, n_classes: int, cfg: ModelConfig, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.embed = _embed(in_dim, cfg.hidden_dim, cfg.dropout)
+        self.classifier = nn.Linear(cfg.hidden_dim, n_classes)
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
+        h = self.embed(x)
+        n = h.shape[0]
+        if self.mode == "mean":
+            return MILOutput(self.classifier(h.mean(0)), h.new_full((n,), 1.0 / n).float())
+        scores = self.classifier(h)  # [N, C]: the bag logit per class is its max instance
+        logits = scores.max(0).values
+        a = torch.zeros(n, device=h.device)
+        a[scores[:, -1].argmax()] = 1.0
+        return MILOutput(logits, a)
+
+
+MODELS = ("gated_attention", "clam_sb", "mean", "max")
+
+
+def build_model(cfg: ModelConfig, in_dim: int, n_classes: int) -> nn.Module:
+    """Model by name (model.name)."""
+    if cfg.name == "gated_attention":
+        return GatedAttentionMIL(in_dim, n_classes, cfg)
+    if cfg.name == "clam_sb":
+        return ClamSB(in_dim, n_classes, cfg)
+    if cfg.name in ("mean", "max"):
+        return PoolMIL(in_dim, n_classes, cfg, cfg.name)
+    raise UserError(f"model.name={cfg.name!r} is not one of {MODELS}.")

@@ -1,0 +1,130 @@
+"""One slide -> a grid of tissue tiles at a target resolution, in level-0 coordinates."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image
+
+from melanoma_mil.config import TilingConfig
+from melanoma_mil.errors import UserError
+from melanoma_mil.tiling.coords import TileGrid
+from melanoma_mil.tiling.slides import choose_level, read_thumbnail, slide_mpp
+from melanoma_mil.tiling.tissue import load_user_mask, resolve_tissue, segment_tissue
+
+# A tile must span at least this many mask pixels per side for its tissue fraction to mean much.
+MIN_MASK_PX_PER_TILE = 4
+# The overview kept for QC pictures: long side at most this, and no finer than VIEW_MIN_MPP.
+VIEW_MAX_SIDE = 1600
+VIEW_MIN_MPP = 2.0
+
+
+@dataclass(frozen=True)
+class SlideTiles:
+    """A slide's tile grid plus the thumbnail and mask it was computed from (for QC)."""
+
+    grid: TileGrid
+    thumbnail: np.ndarray  # RGB [h, w, 3] overview of the slide
+    thumbnail_downsample: float  # level-0 px per thumbnail px
+    mask: np.ndarray  # bool, at the segmentation thumbnail's size
+    mask_downsample: float  # level-0 px per mask px
+    mask_source: str  # "auto" or the user mask file
+
+
+def check_tiling(cfg: TilingConfig) -> None:
+    """Reject settings that cannot make a grid, before any slide is opened."""
+    if cfg.mpp <= 0 or cfg.tile_size < 1:
+        raise UserError(
+            f"tiling.mpp ({cfg.mpp}) and tiling.tile_size ({cfg.tile_size}) must be > 0."
+        )
+    if not 0 <= cfg.overlap < cfg.tile_size:
+        raise UserError(f"tiling.overlap={cfg.overlap} must be in [0, tile_size={cfg.tile_size}).")
+    if not 0.0 <= cfg.min_tissue <= 1.0:
+        raise UserError(f"tiling.min_tissue={cfg.min_tissue} must be in [0, 1].")
+    if cfg.tissue.thumbnail_mpp <= 0:
+        raise UserError("tiling.tissue.thumbnail_mpp must be > 0 (8.0 works for most slides).")
+    resolve_tissue(cfg.tissue)
+
+
+def grid_positions(extent: int, size: float, stride: float) -> np.ndarray:
+    """Level-0 starts of tiles of ``size`` every ``stride`` px that fit inside ``extent``."""
+    if extent < size:
+        return np.zeros(0, np.int64)
+    n = int(np.floor((extent - size) / stride + 1e-9)) + 1
+    return np.round(np.arange(n) * stride).astype(np.int64)
+
+
+def tissue_fraction(
+    mask: np.ndarray, downsample: float, xs: np.ndarray, ys: np.ndarray, size: float
+) -> np.ndarray:
+    """Tissue fraction [len(ys), len(xs)] of each grid tile, from an integral image of the mask."""
+    h, w = mask.shape
+    integral = np.zeros((h + 1, w + 1), np.int64)
+    integral[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+
+    def bounds(starts: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.clip(np.round(starts / downsample), 0, limit).astype(np.int64)
+        hi = np.clip(np.round((starts + size) / downsample), 0, limit).astype(np.int64)
+        return lo, np.maximum(hi, np.minimum(lo + 1, limit))
+
+    x0, x1 = bounds(xs, w)
+    y0, y1 = bounds(ys, h)
+    total = (
+        integral[np.ix_(y1, x1)]
+        - integral[np.ix_(y0, x1)]
+        - integral[np.ix_(y1, x0)]
+        + integral[np.ix_(y0, x0)]
+    )
+    area = np.outer(y1 - y0, x1 - x0)
+    return np.divide(total, area, out=np.zeros(area.shape), where=area > 0)
+
+
+def tile_slide(
+    slide: openslide.OpenSlide, slide_path: str | Path, slide_id: str, cfg: TilingConfig
+) -> SlideTiles:
+    """Tissue mask, pyramid level and the kept tile grid of one open slide."""
+    level0_mpp = slide_mpp(slide, cfg.default_mpp, name=str(slide_path))
+    choice = choose_level(slide.level_downsamples, level0_mpp, cfg.mpp, cfg.tile_size)
+    stride = (cfg.tile_size - cfg.overlap) * choice.level0_size / cfg.tile_size
+    w0, h0 = slide.dimensions
+    mask_ds = min(cfg.tissue.thumbnail_mpp / level0_mpp, choice.level0_size / MIN_MASK_PX_PER_TILE)
+    mask_ds = max(1.0, mask_ds)
+    view_ds = max(max(w0, h0) / VIEW_MAX_SIDE, VIEW_MIN_MPP / level0_mpp, 1.0)
+    # one read serves both the QC overview and the (coarser) segmentation thumbnail
+    view = read_thumbnail(slide, min(view_ds, mask_ds))
+    thumb = view
+    if mask_ds > view_ds:
+        size = (max(1, round(w0 / mask_ds)), max(1, round(h0 / mask_ds)))
+        thumb = np.asarray(Image.fromarray(view).resize(size, Image.BOX))
+    mask_ds = w0 / thumb.shape[1]  # exact: the thumbnail size was rounded
+
+    mask, source = None, "auto"
+    if cfg.mask_dir:
+        mask = load_user_mask(cfg.mask_dir, slide_id, thumb.shape[:2], mask_ds)
+        source = "auto" if mask is None else f"user mask in {cfg.mask_dir}"
+    if mask is None:
+        mask = segment_tissue(thumb, level0_mpp * mask_ds, cfg.tissue)
+
+    xs = grid_positions(w0, choice.level0_size, stride)
+    ys = grid_positions(h0, choice.level0_size, stride)
+    frac = tissue_fraction(mask, mask_ds, xs, ys, choice.level0_size)
+    iy, ix = np.nonzero(frac >= cfg.min_tissue)
+    coords = np.stack([xs[ix], ys[iy]], axis=1).astype(np.int64).reshape(-1, 2)
+
+    resolved = dataclasses.replace(cfg, tissue=resolve_tissue(cfg.tissue))
+    grid = TileGrid(
+        coords=coords,
+        slide_path=str(slide_path),
+        patch_level=choice.level,
+        downsample=choice.downsample,
+        read_size=choice.read_size,
+        tile_size=cfg.tile_size,
+        level0_mpp=level0_mpp,
+        target_mpp=cfg.mpp,
+        tiling=dataclasses.asdict(resolved),
+    )
+    return SlideTiles(grid, view, w0 / view.shape[1], mask, mask_ds, source)

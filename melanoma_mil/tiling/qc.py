@@ -1,0 +1,60 @@
+"""QC picture per slide: thumbnail, tissue outline (green) and kept tiles (blue boxes).
+
+What a pathologist looks at to accept a tiling: was all tissue found, was pen/glass excluded,
+are the tiles where the tissue is.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from melanoma_mil.io import atomic_path
+from melanoma_mil.tiling.grid import SlideTiles
+
+MAX_SIDE = 2048  # px, long side of the QC image
+_HEADER = 18  # px band for the caption
+
+
+def qc_image(tiles: SlideTiles, slide_id: str, max_side: int = MAX_SIDE) -> Image.Image:
+    """The slide overview (long side <= ``max_side``) with tissue outline and kept tiles drawn."""
+    grid = tiles.grid
+    rgb = tiles.thumbnail
+    if max(rgb.shape[:2]) > max_side:
+        scale = max_side / max(rgb.shape[:2])
+        size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
+        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BOX))
+    h, w = rgb.shape[:2]
+    ds = tiles.thumbnail_downsample * tiles.thumbnail.shape[1] / w  # level-0 px per QC px
+
+    mask = np.asarray(Image.fromarray(tiles.mask).resize((w, h), Image.NEAREST))
+    width = max(1, round(max(w, h) / 600))
+    edge = mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
+    base = rgb.copy()
+    base[edge] = (0, 190, 0)
+
+    overlay = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    side = grid.level0_size / ds
+    for x, y in grid.coords / ds:
+        draw.rectangle([x, y, x + side - 1, y + side - 1], fill=(40, 90, 255, 45),
+                       outline=(20, 60, 230, 200))  # fmt: skip
+    image = Image.alpha_composite(Image.fromarray(base).convert("RGBA"), overlay).convert("RGB")
+
+    canvas = Image.new("RGB", (w, h + _HEADER), "white")
+    canvas.paste(image, (0, _HEADER))
+    caption = (
+        f"{slide_id}: {len(grid.coords)} tiles of {grid.tile_size}px @ {grid.target_mpp:g} um/px"
+        f" (level {grid.patch_level}), mask: {tiles.mask_source}"
+    )
+    ImageDraw.Draw(canvas).text((3, 3), caption, fill=(0, 0, 0))
+    return canvas
+
+
+def write_qc(path: str | os.PathLike[str], image: Image.Image) -> None:
+    """Save the QC PNG atomically."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", compress_level=3)

@@ -1,0 +1,229 @@
+"""Finding slides, opening them with OpenSlide, their resolution, and reads at a target mpp.
+
+Shared by `tile`, `extract`, `heatmap` and `predict`, so every stage agrees on slide ids, on the
+resolution of a slide and on how a tile is read back from its coords.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pandas as pd
+from PIL import Image
+
+from melanoma_mil.errors import UserError
+from melanoma_mil.tiling.coords import TileGrid
+
+# A level may be this much coarser than the target and still be used: pyramid downsamples of
+# odd-sized levels are not exact (e.g. 4.0007), and a 1% resize is invisible.
+LEVEL_TOLERANCE = 0.01
+# Resolutions outside this range are scanner defaults (72 dpi) or garbage, not a real mpp.
+PLAUSIBLE_MPP = (0.05, 50.0)
+# Thumbnails are read in chunks of this many level pixels so no full level is ever in memory.
+_CHUNK = 4096
+
+
+def slide_id_of(path: str | os.PathLike[str]) -> str:
+    """File name without extension; ``x.ome.tiff`` -> ``x``."""
+    name = Path(path).name
+    lower = name.lower()
+    for double in (".ome.tiff", ".ome.tif"):
+        if lower.endswith(double):
+            return name[: -len(double)]
+    return Path(name).stem
+
+
+def _check_unique(pairs: list[tuple[str, Path]], source: str) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for sid, path in pairs:
+        if sid in found:
+            raise UserError(
+                f"duplicate slide id '{sid}' in {source}: {found[sid]} and {path}; "
+                "rename one of the files (slide ids must be unique)."
+            )
+        found[sid] = path
+    return dict(sorted(found.items()))
+
+
+def find_slides(
+    slides_dir: str | os.PathLike[str] | None,
+    manifest: str | os.PathLike[str] | None,
+    extensions: Sequence[str],
+) -> dict[str, Path]:
+    """Slide id -> path, from a manifest CSV (slide_id, path) or a recursive folder search.
+
+    Relative manifest paths resolve against ``slides_dir`` when given, else the manifest's folder.
+    Files named in a manifest are not checked here: a missing one fails that slide only.
+    """
+    if manifest:
+        mpath = Path(manifest)
+        if not mpath.is_file():
+            raise UserError(f"manifest '{mpath}' not found: check the manifest path.")
+        try:
+            df = pd.read_csv(mpath, dtype=str)
+        except Exception as e:  # pandas raises several parser error types
+            raise UserError(f"manifest '{mpath}' is not a readable CSV: {e}") from None
+        missing = {"slide_id", "path"} - set(df.columns)
+        if missing:
+            raise UserError(
+                f"manifest '{mpath}' lacks column(s) {sorted(missing)}; it needs slide_id,path."
+            )
+        df = df.dropna(subset=["slide_id", "path"])
+        if df.empty:
+            raise UserError(f"manifest '{mpath}' lists no slides.")
+        base = Path(slides_dir) if slides_dir else mpath.parent
+        pairs = [
+            (str(sid).strip(), p if (p := Path(str(raw).strip())).is_absolute() else base / p)
+            for sid, raw in zip(df["slide_id"], df["path"], strict=True)
+        ]
+        return _check_unique(pairs, f"manifest '{mpath}'")
+    if not slides_dir:
+        raise UserError("no slides given: set slides_dir=FOLDER or manifest=CSV.")
+    root = Path(slides_dir)
+    if not root.is_dir():
+        raise UserError(f"slides_dir '{root}' is not a folder: check the path.")
+    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.name.lower().endswith(exts) and not p.name.startswith(".") and p.is_file()
+    )
+    if not files:
+        raise UserError(
+            f"no slides with extensions {list(exts)} under '{root}'; "
+            "check slides_dir or set extensions=[...]."
+        )
+    return _check_unique([(slide_id_of(p), p) for p in files], f"'{root}'")
+
+
+def open_slide(path: str | os.PathLike[str]) -> openslide.OpenSlide:
+    """OpenSlide handle, or a UserError saying why this file cannot be read."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"slide '{p}' not found: check slides_dir / the manifest path.")
+    try:
+        return openslide.OpenSlide(str(p))
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise UserError(
+            f"slide '{p}' is not a format OpenSlide reads (or is corrupt); "
+            "convert it to pyramidal TIFF or remove it."
+        ) from None
+    except openslide.OpenSlideError as e:
+        raise UserError(f"slide '{p}' is corrupt or truncated ({e}); re-export it.") from None
+
+
+def _plausible(mpp: float | None) -> float | None:
+    if mpp is None or not math.isfinite(mpp):
+        return None
+    return mpp if PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else None
+
+
+def _float(props: Mapping[str, str], key: str) -> float | None:
+    try:
+        return float(props[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def slide_mpp(
+    slide: openslide.OpenSlide, default_mpp: float | None = None, name: str | None = None
+) -> float:
+    """Level-0 microns per pixel: OpenSlide mpp, TIFF resolution tags, objective power, default.
+
+    Objective power is a last resort (10 / power: 20x -> 0.5), as scanners differ by ~10%.
+    """
+    props = slide.properties
+    mpp = _plausible(_float(props, openslide.PROPERTY_NAME_MPP_X))
+    if mpp is None:
+        xres, unit = _float(props, "tiff.XResolution"), props.get("tiff.ResolutionUnit", "")
+        per_unit_um = {"centimeter": 1e4, "inch": 25400.0}.get(unit.lower())
+        if xres and per_unit_um:
+            mpp = _plausible(per_unit_um / xres)
+    if mpp is None:
+        power = _float(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
+        if power:
+            mpp = _plausible(10.0 / power)
+    if mpp is None:
+        mpp = default_mpp
+    if mpp is None or mpp <= 0:
+        label = name or getattr(slide, "_filename", "slide")
+        raise UserError(
+            f"slide '{label}' records no resolution (mpp, TIFF resolution or objective power); "
+            "set tiling.default_mpp (e.g. 0.5 for 20x, 0.25 for 40x)."
+        )
+    return float(mpp)
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    """Where and how much to read for one tile of ``tile_size`` px at ``target_mpp``."""
+
+    level: int
+    downsample: float  # of that pyramid level
+    read_size: int  # px read at ``level``, then resized to tile_size
+    level0_size: float  # tile extent in level-0 px
+
+
+def choose_level(
+    level_downsamples: Sequence[float], level0_mpp: float, target_mpp: float, tile_size: int
+) -> LevelChoice:
+    """The pyramid level closest to ``target_mpp`` without being coarser, and the read size."""
+    target_ds = target_mpp / level0_mpp
+    candidates = [
+        i for i, d in enumerate(level_downsamples) if d <= target_ds * (1 + LEVEL_TOLERANCE)
+    ]
+    level = max(candidates, key=lambda i: level_downsamples[i]) if candidates else 0
+    ds = float(level_downsamples[level])
+    read_size = max(1, round(tile_size * target_ds / ds))
+    return LevelChoice(level, ds, read_size, read_size * ds)
+
+
+def _to_rgb(region: Image.Image) -> np.ndarray:
+    """RGBA from OpenSlide -> RGB on white (transparent = outside the scanned area)."""
+    arr = np.asarray(region)
+    if arr[..., 3].min() == 255:
+        return np.ascontiguousarray(arr[..., :3])
+    rgb, alpha = arr[..., :3].astype(np.float32), arr[..., 3:].astype(np.float32) / 255.0
+    return (rgb * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
+
+
+def read_thumbnail(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
+    """RGB [h, w, 3] of the whole slide at ``downsample`` (level-0 px per output px).
+
+    Reads the best pyramid level in chunks and shrinks each, so memory stays bounded by the
+    output size even on single-level slides (never a whole level 0 at once).
+    """
+    w0, h0 = slide.dimensions
+    out_w, out_h = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
+    level = slide.get_best_level_for_downsample(downsample)
+    lds = slide.level_downsamples[level]
+    lw, lh = slide.level_dimensions[level]
+    factor = downsample / lds  # level px per output px
+    out = np.full((out_h, out_w, 3), 255, np.uint8)
+    for ly in range(0, lh, _CHUNK):
+        for lx in range(0, lw, _CHUNK):
+            cw, ch = min(_CHUNK, lw - lx), min(_CHUNK, lh - ly)
+            ox0, oy0 = round(lx / factor), round(ly / factor)
+            ox1 = out_w if lx + cw >= lw else min(out_w, round((lx + cw) / factor))
+            oy1 = out_h if ly + ch >= lh else min(out_h, round((ly + ch) / factor))
+            if ox1 <= ox0 or oy1 <= oy0:
+                continue
+            region = slide.read_region((round(lx * lds), round(ly * lds)), level, (cw, ch))
+            small = region.resize((ox1 - ox0, oy1 - oy0), Image.BOX)
+            out[oy0:oy1, ox0:ox1] = _to_rgb(small)
+    return out
+
+
+def read_tile(slide: openslide.OpenSlide, grid: TileGrid, x: int, y: int) -> Image.Image:
+    """The RGB tile at level-0 (x, y), as `tile` defined it: read_size px resized to tile_size."""
+    region = slide.read_region((int(x), int(y)), grid.patch_level, (grid.read_size,) * 2)
+    tile = Image.fromarray(_to_rgb(region))
+    if grid.read_size != grid.tile_size:
+        tile = tile.resize((grid.tile_size, grid.tile_size), Image.BILINEAR)
+    return tile

@@ -1,0 +1,337 @@
+"""`compare RUN_DIR ...`: a paired comparison of fit runs (e.g. encoders) on identical splits.
+
+Runs are only comparable when every bag sat in the same test fold in each of them; otherwise a
+difference in AUC mixes the representation with the luck of the split. So the splits are
+checked first and a mismatch is refused. Per-fold AUC differences are shown (folds are paired),
+but the p-values come from the pooled out-of-fold predictions (paired patient bootstrap and
+DeLong), because per-fold differences share training data and a t-test on them is
+anti-conservative.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from melanoma_mil.config import CompareConfig
+from melanoma_mil.errors import UserError
+from melanoma_mil.io import atomic_path, write_text
+from melanoma_mil.tracking import stats
+
+log = logging.getLogger(__name__)
+
+TABLE_METRICS = ("auc", "balanced_accuracy", "f1")
+OUTPUTS = ("comparison.csv", "comparison_folds.csv", "comparison.md", "comparison.png")
+
+
+@dataclass
+class RunResult:
+    """What compare needs from one fit run dir."""
+
+    path: Path
+    name: str
+    encoder: str
+    cache_key: str
+    summary: dict[str, Any]
+    classes: list[str]
+    splits_key: str
+    bags: pd.DataFrame  # one row per bag: slide_id, patient_id, y (class index), probs...
+    prob_columns: list[str]
+
+    def metric(self, key: str) -> dict[str, Any]:
+        value = self.summary.get(key)
+        if not isinstance(value, dict) or "per_fold" not in value:
+            raise UserError(
+                f"{self.path / 'cv_summary.json'} has no '{key}' with per_fold values: "
+                "re-run fit with this package version."
+            )
+        return value
+
+    def probs(self) -> np.ndarray:
+        p = self.bags[self.prob_columns].to_numpy(np.float64)
+        return p[:, 0] if p.shape[1] == 1 else p
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}. Is this a complete fit run dir?") from None
+
+
+def _splits_key(run_dir: Path, summary: dict[str, Any], provenance: dict[str, Any]) -> str:
+    """Identity of a run's folds: a hash of the split lists in splits.json, else the recorded one.
+
+    Only the split lists count: splits.json also records the seed of the run that reused it.
+    """
+    path = run_dir / "splits.json"
+    if path.is_file():
+        data = _read_json(path)
+        content = data.get("splits", data) if isinstance(data, dict) else data
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    recorded = summary.get("splits_sha256") or provenance.get("splits_sha256")
+    if not recorded:
+        raise UserError(f"{run_dir} has no splits.json: compare needs the splits of every run.")
+    return str(recorded)
+
+
+def _bag_table(pred_path: Path, classes: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Per-bag pooled out-of-fold predictions (repeats averaged: each is out-of-fold)."""
+    try:
+        df = pd.read_csv(pred_path, dtype={"slide_id": str, "patient_id": str, "label": str})
+    except (OSError, pd.errors.ParserError) as e:
+        raise UserError(f"cannot read {pred_path}: {e}.") from None
+    binary = len(classes) == 2 and "prob" in df.columns  # prob = P(last class)
+    cols = ["prob"] if binary else [f"prob_{c}" for c in classes]
+    missing = [c for c in ["slide_id", "label", *cols] if c not in df.columns]
+    if missing:
+        raise UserError(f"{pred_path} lacks columns {missing}: re-run fit.")
+    if "patient_id" not in df.columns:
+        df["patient_id"] = df["slide_id"]
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(df["label"]) - set(index))
+    if unknown:
+        raise UserError(f"{pred_path} has labels {unknown[:5]} not among classes {classes}.")
+    df["y"] = df["label"].map(index)
+    agg = {"patient_id": "first", "y": "first", **{c: "mean" for c in cols}}
+    bags = df.groupby("slide_id", sort=True).agg(agg).reset_index()
+    return bags, cols
+
+
+def load_result(run_dir: str | Path) -> RunResult:
+    """Read the contract files of a fit run dir (cv_summary, predictions, splits, provenance)."""
+    path = Path(run_dir)
+    if not (path / "cv_summary.json").is_file():
+        raise UserError(f"{path} has no cv_summary.json: pass the output_dir of a finished fit.")
+    summary = _read_json(path / "cv_summary.json")
+    provenance = (
+        _read_json(path / "provenance.json") if (path / "provenance.json").is_file() else {}
+    )
+    classes = [str(c) for c in summary.get("classes") or provenance.get("classes") or []]
+    if len(classes) < 2:
+        raise UserError(f"{path / 'cv_summary.json'} lists no classes: re-run fit.")
+    bags, cols = _bag_table(path / "predictions.csv", classes)
+    return RunResult(
+        path=path,
+        name=path.name,
+        encoder=str(summary.get("encoder") or provenance.get("encoder") or "?"),
+        cache_key=str(provenance.get("cache_key") or "?"),
+        summary=summary,
+        classes=classes,
+        splits_key=_splits_key(path, summary, provenance),
+        bags=bags,
+        prob_columns=cols,
+    )
+
+
+def check_paired(runs: list[RunResult]) -> None:
+    """Refuse runs that were not evaluated on the same splits, bags, labels and classes."""
+    ref = runs[0]
+    for run in runs[1:]:
+        if run.splits_key != ref.splits_key:
+            raise UserError(
+                f"runs {ref.path} and {run.path} used different splits: a paired comparison "
+                f"needs the same folds; re-run fit with cv.splits_file={ref.path / 'splits.json'}."
+            )
+        if run.classes != ref.classes:
+            raise UserError(f"runs {ref.path} and {run.path} have different classes.")
+        same_bags = run.bags["slide_id"].tolist() == ref.bags["slide_id"].tolist()
+        if not same_bags or not np.array_equal(run.bags["y"], ref.bags["y"]):
+            raise UserError(
+                f"runs {ref.path} and {run.path} predicted different bags or labels: "
+                "compare runs of the same cohort and labels."
+            )
+
+
+def _unique_names(runs: list[RunResult]) -> None:
+    names = [r.name for r in runs]
+    for r in runs:
+        if names.count(r.name) > 1:
+            r.name = f"{r.path.parent.name}/{r.path.name}"
+
+
+def _delong_p(y: np.ndarray, probs: np.ndarray, ref_probs: np.ndarray) -> float | None:
+    """DeLong p-value; None for multi-class or fewer than two bags of a class."""
+    if probs.ndim != 1:
+        return None
+    try:
+        return stats.delong_test(y, probs, ref_probs).p_value
+    except ValueError:
+        return None
+
+
+def _fmt(mean: float, std: float) -> str:
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def comparison_tables(
+    runs: list[RunResult], ref_index: int, n_boot: int, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per run, one row per run x fold) with paired statistics against the reference."""
+    ref = runs[ref_index]
+    y, groups = ref.bags["y"].to_numpy(), ref.bags["patient_id"].to_numpy()
+    ref_folds = np.asarray(ref.metric("auc")["per_fold"], dtype=float)
+    rows, fold_rows = [], []
+    for run in runs:
+        row: dict[str, Any] = {"run": run.name, "encoder": run.encoder, "cache_key": run.cache_key}
+        row["n_bags"] = len(run.bags)
+        row["n_patients"] = run.bags["patient_id"].nunique()
+        for key in TABLE_METRICS:
+            m = run.metric(key)
+            row[f"{key}_mean"], row[f"{key}_std"] = float(m["mean"]), float(m["std"])
+        pooled, low, high = stats.bootstrap_auc_ci(y, run.probs(), groups, n_boot, seed)
+        row.update(pooled_auc=pooled, pooled_auc_ci_low=low, pooled_auc_ci_high=high)
+        folds = np.asarray(run.metric("auc")["per_fold"], dtype=float)
+        if len(folds) != len(ref_folds):
+            raise UserError(f"{run.path} has {len(folds)} folds, the reference {len(ref_folds)}.")
+        diff = folds - ref_folds
+        row.update(
+            reference=ref.name,
+            is_reference=run is ref,
+            fold_auc_diff_mean=float(diff.mean()),
+            fold_auc_diff_std=float(diff.std(ddof=1)) if len(diff) > 1 else 0.0,
+            folds_better=int((diff > 0).sum()),
+        )
+        boot = stats.paired_bootstrap_test(y, run.probs(), ref.probs(), groups, n_boot, seed)
+        row.update(
+            pooled_auc_diff=boot.diff,
+            pooled_auc_diff_ci_low=boot.ci_low,
+            pooled_auc_diff_ci_high=boot.ci_high,
+            p_bootstrap=boot.p_value,
+        )
+        row["p_delong"] = _delong_p(y, run.probs(), ref.probs())
+        row["run_dir"] = str(run.path)
+        rows.append(row)
+        for k, (auc, d) in enumerate(zip(folds, diff, strict=True)):
+            fold_rows.append({"run": run.name, "fold": k, "auc": auc, "auc_diff_vs_ref": d})
+    return pd.DataFrame(rows), pd.DataFrame(fold_rows)
+
+
+def markdown(table: pd.DataFrame, n_boot: int) -> str:
+    """The paper table: mean ± std over folds, pooled AUC with CI, paired differences."""
+    head = (
+        "| run | encoder | AUC | balanced acc. | F1 | pooled AUC [95% CI] "
+        "| ΔAUC per fold | Δ pooled AUC [95% CI] | p (bootstrap) | p (DeLong) |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for r in table.itertuples():
+        ci = f"{r.pooled_auc:.3f} [{r.pooled_auc_ci_low:.3f}, {r.pooled_auc_ci_high:.3f}]"
+        if r.is_reference:
+            delta, dci, pb, pd_ = "reference", "", "", ""
+        else:
+            delta = _fmt(r.fold_auc_diff_mean, r.fold_auc_diff_std)
+            dci = (
+                f"{r.pooled_auc_diff:+.3f} "
+                f"[{r.pooled_auc_diff_ci_low:+.3f}, {r.pooled_auc_diff_ci_high:+.3f}]"
+            )
+            pb = f"{r.p_bootstrap:.3g}"
+            pd_ = "n/a" if r.p_delong is None or pd.isna(r.p_delong) else f"{r.p_delong:.3g}"
+        cells = [
+            r.run,
+            r.encoder,
+            _fmt(r.auc_mean, r.auc_std),
+            _fmt(r.balanced_accuracy_mean, r.balanced_accuracy_std),
+            _fmt(r.f1_mean, r.f1_std),
+            ci,
+            delta,
+            dci,
+            pb,
+            pd_,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    first = table.iloc[0]
+    lines += [
+        "",
+        f"Mean ± std over test folds; pooled AUC over all {first.n_bags} out-of-fold bags "
+        f"({first.n_patients} patients) with a {n_boot}-replicate patient bootstrap CI. "
+        "Δ = run - reference on identical splits; p-values compare the pooled AUCs with a "
+        "paired patient bootstrap and DeLong's test (Sun & Xu 2014; binary only, treats bags "
+        "as independent, so prefer the bootstrap when patients have several slides).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[RunResult], folds: pd.DataFrame, path: Path) -> None:
+    """Per-fold AUC per run (a line per fold: the pairing) and the pooled ROC curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    wide = folds.pivot(index="fold", columns="run", values="auc")[[r.name for r in runs]]
+    x = np.arange(len(runs))
+    for _, fold_aucs in wide.iterrows():
+        ax1.plot(x, fold_aucs.to_numpy(), color="0.7", lw=1, marker="o", ms=4, zorder=1)
+    ax1.errorbar(x, wide.mean(), yerr=wide.std(), fmt="D", color="C3", capsize=4, zorder=2)
+    ax1.set_xticks(x, [r.name for r in runs], rotation=20, ha="right")
+    ax1.set_xlim(-0.5, len(runs) - 0.5)
+    ax1.set_ylabel("test AUC per fold")
+    ax1.set_title("per-fold AUC (lines join the same fold)")
+    for i, run in enumerate(runs):
+        y, p = run.bags["y"].to_numpy(), run.probs()
+        pooled = float(stats.macro_auc(y, p)[0])
+        if p.ndim == 2:  # multi-class: micro-averaged one-vs-rest curve
+            y, p = np.eye(p.shape[1])[y].ravel(), p.ravel()
+        fpr, tpr, _ = roc_curve(y, p)
+        ax2.plot(fpr, tpr, color=f"C{i}", label=f"{run.name} ({pooled:.3f})")
+    ax2.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1)
+    ax2.set(xlabel="false positive rate", ylabel="true positive rate", title="pooled ROC")
+    ax2.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _reference_index(runs: list[RunResult], reference: str | None) -> int:
+    if reference is None:
+        return 0
+    for i, run in enumerate(runs):
+        if (
+            reference in (run.name, str(run.path))
+            or Path(reference).resolve() == run.path.resolve()
+        ):
+            return i
+    raise UserError(f"reference={reference!r} is none of the runs {[r.name for r in runs]}.")
+
+
+def compare_runs(cfg: CompareConfig) -> pd.DataFrame:
+    """Load, check and compare the runs; write the outputs; return the per-run table."""
+    if len(cfg.run_dirs) < 2:
+        raise UserError("compare needs at least two run dirs: compare RUN_DIR RUN_DIR ...")
+    out = Path(cfg.output_dir)
+    existing = [name for name in OUTPUTS if (out / name).exists()]
+    if existing and not cfg.overwrite:
+        raise UserError(
+            f"{out} already holds {existing}: pass overwrite=true or another output_dir."
+        )
+    runs = [load_result(d) for d in cfg.run_dirs]
+    check_paired(runs)
+    _unique_names(runs)
+    table, folds = comparison_tables(
+        runs, _reference_index(runs, cfg.reference), cfg.bootstrap, cfg.seed
+    )
+    with atomic_path(out / "comparison.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(out / "comparison_folds.csv") as tmp:
+        folds.to_csv(tmp, index=False)
+    md = markdown(table, cfg.bootstrap)
+    write_text(out / "comparison.md", md)
+    plot(runs, folds, out / "comparison.png")
+    print(md, end="")
+    log.info("comparison written to %s (comparison.csv, comparison.md, comparison.png)", out)
+    return table
+
+
+def run_compare(cfg: CompareConfig) -> int:
+    compare_runs(cfg)
+    return 0

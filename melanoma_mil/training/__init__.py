@@ -1,0 +1,1 @@
+"""Lightning wrapper, metrics and the cross-validation driver behind `fit`."""

@@ -1,0 +1,120 @@
+"""LightningModule around a plain-torch MIL model.
+
+Validation and test metrics are computed on predictions gathered from every rank and
+de-duplicated by bag index, so DistributedSampler's padding never counts a bag twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from melanoma_mil.config import ModelConfig, OptimConfig
+from melanoma_mil.models import MILOutput, build_model
+from melanoma_mil.training.metrics import bag_metrics
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class MILModule(L.LightningModule):
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        model: dict[str, Any],
+        optim: dict[str, Any],
+        class_weights: list[float] | None = None,
+        max_epochs: int = 50,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_cfg = ModelConfig(**model)
+        self.optim_cfg = OptimConfig(**optim)
+        self.model = build_model(self.model_cfg, in_dim, n_classes)
+        weights = torch.tensor(class_weights) if class_weights else None
+        self.register_buffer("class_weights", weights, persistent=False)
+        self._outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.test_output: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def create(
+        cls,
+        in_dim: int,
+        n_classes: int,
+        model: ModelConfig,
+        optim: OptimConfig,
+        class_weights: list[float] | None,
+        max_epochs: int,
+    ) -> MILModule:
+        return cls(in_dim, n_classes, asdict(model), asdict(optim), class_weights, max_epochs)
+
+    def forward(self, bag: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
+        return self.model(bag, label)
+
+    def _loss(self, out: MILOutput, y: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(out.logits.float().unsqueeze(0), y, weight=self.class_weights)
+        if out.instance_loss is not None:
+            w = self.model_cfg.bag_weight
+            loss = w * loss + (1 - w) * out.instance_loss
+        return loss
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        bag, y, _ = batch
+        out = self.model(bag[0].float(), y[0])
+        loss = self._loss(out, y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
+        return loss
+
+    def _eval_step(self, batch: Batch) -> None:
+        bag, y, index = batch
+        logits = self.model(bag[0].float()).logits.float()
+        probs = torch.softmax(logits, dim=-1)
+        self._outputs.append((probs.detach(), y.detach(), index.detach()))
+
+    def _gathered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(index, label, probs) over all ranks, each bag exactly once, sorted by index."""
+        probs = torch.stack([p for p, _, _ in self._outputs])
+        y = torch.cat([t for _, t, _ in self._outputs])
+        index = torch.cat([i for _, _, i in self._outputs])
+        self._outputs = []
+        if self.trainer.world_size > 1:
+            probs, y, index = (self.all_gather(t).flatten(0, 1) for t in (probs, y, index))
+        index_np = index.cpu().numpy()
+        _, first = np.unique(index_np, return_index=True)
+        return index_np[first], y.cpu().numpy()[first], probs.float().cpu().numpy()[first]
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._outputs:
+            return
+        _, y, probs = self._gathered()
+        metrics = bag_metrics(y, probs)
+        nll = F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-7)), torch.from_numpy(y))
+        self.log("val_loss", nll.item(), sync_dist=True)
+        self.log("val_auc", metrics["auc"], sync_dist=True)
+        self.log("val_balanced_accuracy", metrics["balanced_accuracy"], sync_dist=True)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_output = self._gathered()
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(
+            self.parameters(),
+            lr=self.optim_cfg.lr,
+            weight_decay=self.optim_cfg.weight_decay,
+            foreach=True,  # one fused op per step, not one per parameter: MIL steps are tiny
+        )
+        if self.optim_cfg.scheduler == "none":
+            return opt
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.hparams.max_epochs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

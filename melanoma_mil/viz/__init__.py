@@ -1,0 +1,1 @@
+"""Plots: ROC curves, attention heatmaps, tile montages."""

@@ -1,0 +1,246 @@
+"""Comparison statistics on constructed predictions with known answers, and `compare` itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import norm
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+from melanoma_mil.cli import main
+from melanoma_mil.config import CompareConfig
+from melanoma_mil.errors import UserError
+from melanoma_mil.tracking import stats
+from melanoma_mil.tracking.compare import compare_runs
+
+
+def slow_delong(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong et al. 1988 straight from the definition: O(m n) kernel placement values."""
+    pos, neg = scores[:, y == 1], scores[:, y == 0]
+    psi = (pos[:, :, None] > neg[:, None, :]) + 0.5 * (pos[:, :, None] == neg[:, None, :])
+    v10, v01 = psi.mean(axis=2), psi.mean(axis=1)  # per positive, per negative
+    aucs = psi.mean(axis=(1, 2))
+    cov = np.cov(v10) / pos.shape[1] + np.cov(v01) / neg.shape[1]
+    return aucs, cov
+
+
+def binormal(n: int, d: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Half positives ~ N(d, 1), half negatives ~ N(0, 1): population AUC = Phi(d / sqrt 2)."""
+    y = np.repeat([0, 1], n // 2)
+    return y, rng.normal(size=n) + d * y
+
+
+def test_auc_known_values_and_ties() -> None:
+    y = np.array([0, 0, 1, 1])
+    assert stats.auc(y, [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert stats.auc(y, [0.9, 0.8, 0.2, 0.1]) == 0.0
+    assert stats.auc(y, [0.5, 0.5, 0.5, 0.5]) == 0.5
+    rng = np.random.default_rng(0)
+    yy, s = rng.integers(0, 2, 200), np.round(rng.normal(size=200), 1)  # many ties
+    assert stats.auc(yy, s) == pytest.approx(roc_auc_score(yy, s))
+    p = rng.dirichlet([1, 1, 1], 200)
+    yc = rng.integers(0, 3, 200)
+    assert stats.macro_auc(yc, p)[0] == pytest.approx(roc_auc_score(yc, p, multi_class="ovr"))
+
+
+def test_fast_delong_matches_definition() -> None:
+    rng = np.random.default_rng(1)
+    y, s1 = binormal(120, 1.0, rng)
+    s2 = 0.6 * s1 + rng.normal(size=120)  # correlated with the first predictor
+    s1 = np.round(s1, 1)  # ties exercise the midranks
+    scores = np.vstack([s1, s2])
+    fast = stats.delong(y, scores)
+    ref_auc, ref_cov = slow_delong(y, scores)
+    np.testing.assert_allclose(fast.auc, ref_auc, rtol=1e-12)
+    np.testing.assert_allclose(fast.cov, ref_cov, rtol=1e-10)
+    ref_z = (ref_auc[0] - ref_auc[1]) / np.sqrt(ref_cov[0, 0] + ref_cov[1, 1] - 2 * ref_cov[0, 1])
+    test = stats.delong_test(y, s1, s2)
+    assert test.p_value == pytest.approx(2 * norm.sf(abs(ref_z)), rel=1e-9)
+    assert 0 < test.p_value < 1
+
+
+def test_delong_se_agrees_with_bootstrap_and_null_is_calibrated() -> None:
+    rng = np.random.default_rng(2)
+    y, s1 = binormal(400, 1.0, rng)
+    s2 = 0.5 * s1 + rng.normal(size=400)
+    boot = stats.paired_bootstrap_test(y, s1, s2, n_boot=2000, seed=0)
+    dl = stats.delong_test(y, s1, s2)
+    se_boot, se_dl = (boot.ci_high - boot.ci_low) / 3.92, (dl.ci_high - dl.ci_low) / 3.92
+    assert se_dl == pytest.approx(se_boot, rel=0.15)
+    # Two equally good but different predictors: p < 0.05 about 5% of the time.
+    rejections = 0
+    for _ in range(300):
+        y, base = binormal(80, 0.0, rng)
+        a, b = base + 1.0 * y + rng.normal(size=80), base + 1.0 * y + rng.normal(size=80)
+        rejections += stats.delong_test(y, a, b).p_value < 0.05
+    assert 0.02 <= rejections / 300 <= 0.09
+
+
+def test_bootstrap_ci_covers_the_true_auc() -> None:
+    rng = np.random.default_rng(3)
+    truth = norm.cdf(1.0 / np.sqrt(2))
+    covered = 0
+    for seed in range(40):
+        y, s = binormal(200, 1.0, rng)
+        est, low, high = stats.bootstrap_auc_ci(y, s, n_boot=500, seed=seed)
+        assert low < est < high
+        covered += low <= truth <= high
+    assert covered >= 34  # nominal 95% of 40 = 38
+
+
+def test_patient_bootstrap_is_wider_than_bag_bootstrap() -> None:
+    rng = np.random.default_rng(4)
+    y, s = binormal(60, 1.0, rng)
+    # Five slides per patient with the same score: 300 bags but only 60 independent units.
+    y5, s5, g5 = np.repeat(y, 5), np.repeat(s, 5), np.repeat(np.arange(60), 5)
+    _, lo_bag, hi_bag = stats.bootstrap_auc_ci(y5, s5, n_boot=1000)
+    _, lo_pat, hi_pat = stats.bootstrap_auc_ci(y5, s5, g5, n_boot=1000)
+    assert (hi_pat - lo_pat) > 1.8 * (hi_bag - lo_bag)  # ~sqrt(5) = 2.2x
+
+
+def test_paired_tests_identical_and_perfect_vs_random() -> None:
+    rng = np.random.default_rng(5)
+    y = np.repeat([0, 1], 100)
+    random_scores = rng.random(200)
+    for test in (stats.delong_test, stats.paired_bootstrap_test):
+        same = test(y, random_scores, random_scores)
+        assert same.diff == 0 and same.p_value == 1.0
+        far = test(y, y + 0.1 * rng.random(200), random_scores)
+        assert far.auc_a == pytest.approx(1.0) and far.diff > 0.3 and far.p_value < 1e-3
+        assert far.ci_low > 0
+
+
+# --------------------------------------------------------------------------- compare
+CLASSES = ["low", "high"]
+
+
+def write_run(
+    run_dir: Path,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    folds: np.ndarray,
+    encoder: str,
+    seed: int = 0,
+) -> Path:
+    """A fit run dir written from the contract in CONTRACTS.md (2 slides per patient).
+
+    ``probs`` is [N] (binary: P(high)) or [N, C] (multi-class, classes c0..c{C-1}).
+    """
+    run_dir.mkdir(parents=True)
+    n = len(labels)
+    multi = probs.ndim == 2
+    classes = [f"c{i}" for i in range(probs.shape[1])] if multi else CLASSES
+    patients = [f"p{i // 2:03d}" for i in range(n)]
+    pred = pd.DataFrame({"slide_id": [f"s{i:03d}" for i in range(n)], "patient_id": patients})
+    pred = pred.assign(fold=folds, repeat=0, label=[classes[k] for k in labels])
+    if multi:
+        pred = pred.assign(**{f"prob_{c}": probs[:, i] for i, c in enumerate(classes)})
+    else:
+        pred = pred.assign(prob=probs)
+    pred.to_csv(run_dir / "predictions.csv", index=False)
+    splits = [
+        {
+            "fold": int(k),
+            "test": sorted({p for p, f in zip(patients, folds, strict=True) if f == k}),
+        }
+        for k in sorted(set(folds))
+    ]
+    (run_dir / "splits.json").write_text(json.dumps({"seed": seed, "splits": splits}))
+    summary: dict = {"classes": classes, "n_bags": n, "encoder": encoder}
+    per_fold: dict[str, list[float]] = {"auc": [], "balanced_accuracy": [], "f1": []}
+    for k in sorted(set(folds)):
+        y, p = labels[folds == k], probs[folds == k]
+        hard = p.argmax(1) if multi else (p > 0.5).astype(int)
+        per_fold["auc"].append(
+            roc_auc_score(y, p, multi_class="ovr") if multi else roc_auc_score(y, p)
+        )
+        per_fold["balanced_accuracy"].append(balanced_accuracy_score(y, hard))
+        per_fold["f1"].append(f1_score(y, hard, average="macro" if multi else "binary"))
+    for key, vals in per_fold.items():
+        summary[key] = {"mean": np.mean(vals), "std": np.std(vals, ddof=1), "per_fold": vals}
+    (run_dir / "cv_summary.json").write_text(json.dumps(summary))
+    (run_dir / "provenance.json").write_text(json.dumps({"encoder": encoder, "cache_key": "ck"}))
+    return run_dir
+
+
+@pytest.fixture()
+def cohort() -> tuple[np.ndarray, np.ndarray]:
+    labels = np.repeat(np.tile([0, 1], 30), 2)  # 60 patients x 2 slides, same label per patient
+    folds = np.repeat(np.arange(60) // 2 % 4, 2)  # patient-level, both classes per fold
+    return labels, folds
+
+
+def test_compare_ranks_a_strong_run_above_a_random_one(tmp_path: Path, cohort) -> None:
+    labels, folds = cohort
+    rng = np.random.default_rng(6)
+    good = np.clip(0.5 * labels + 0.25 + rng.normal(0, 0.12, len(labels)), 0, 1)
+    a = write_run(tmp_path / "random_run", rng.random(len(labels)), labels, folds, "resnet50")
+    b = write_run(tmp_path / "good_run", good, labels, folds, "uni")
+    out = tmp_path / "cmp"
+    table = compare_runs(CompareConfig(run_dirs=[str(a), str(b)], output_dir=str(out)))
+    assert {p.name for p in out.iterdir()} >= {"comparison.csv", "comparison.md", "comparison.png"}
+    ref, other = table.iloc[0], table.iloc[1]
+    assert bool(ref.is_reference) and ref.pooled_auc_diff == 0 and ref.p_bootstrap == 1.0
+    assert other.encoder == "uni" and other.pooled_auc > 0.9
+    assert other.pooled_auc_ci_low < other.pooled_auc < other.pooled_auc_ci_high
+    assert other.pooled_auc_diff > 0.3 and other.p_delong < 1e-3 and other.p_bootstrap < 1e-2
+    assert other.folds_better == 4
+    md = (out / "comparison.md").read_text()
+    assert "| good_run | uni |" in md and "reference" in md
+    folds_csv = pd.read_csv(out / "comparison_folds.csv")
+    assert (
+        len(folds_csv) == 8 and (folds_csv.query("run == 'random_run'").auc_diff_vs_ref == 0).all()
+    )
+    with pytest.raises(UserError, match="overwrite=true"):
+        compare_runs(CompareConfig(run_dirs=[str(a), str(b)], output_dir=str(out)))
+
+
+def test_compare_identical_runs_and_reference_choice(tmp_path: Path, cohort) -> None:
+    labels, folds = cohort
+    probs = np.random.default_rng(7).random(len(labels)) * 0.5 + 0.4 * labels
+    a = write_run(tmp_path / "x" / "run", probs, labels, folds, "resnet50")
+    b = write_run(tmp_path / "y" / "run", probs, labels, folds, "resnet50", seed=1)
+    table = compare_runs(
+        CompareConfig(run_dirs=[str(a), str(b)], reference=str(b), output_dir=str(tmp_path / "o"))
+    )
+    assert list(table.run) == ["x/run", "y/run"]  # duplicate names made unique
+    assert list(table.is_reference) == [False, True]
+    assert (table.pooled_auc_diff == 0).all() and (table.fold_auc_diff_mean == 0).all()
+    assert (table.p_delong == 1.0).all() and (table.p_bootstrap == 1.0).all()
+
+
+def test_compare_refuses_different_splits(tmp_path: Path, cohort, capsys) -> None:
+    labels, folds = cohort
+    probs = np.random.default_rng(8).random(len(labels))
+    a = write_run(tmp_path / "a", probs, labels, folds, "resnet50")
+    b = write_run(tmp_path / "b", probs, labels, (folds + 1) % 4, "uni")
+    with pytest.raises(UserError, match="different splits"):
+        compare_runs(CompareConfig(run_dirs=[str(a), str(b)], output_dir=str(tmp_path / "o")))
+    assert main(["compare", str(a), str(b), f"output_dir={tmp_path / 'o'}"]) == 2
+    assert "different splits" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert main(["compare", str(a), str(tmp_path / "nope")]) == 2
+    assert "no cv_summary.json" in capsys.readouterr().err
+
+
+def test_compare_multiclass_uses_macro_auc_and_the_bootstrap(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    labels = np.repeat(np.arange(60) % 3, 2)  # 60 patients x 2 slides, 3 classes
+    folds = np.repeat(np.arange(60) // 3 % 4, 2)
+    informative = np.eye(3)[labels] * 2 + rng.random((120, 3))
+    runs = [
+        write_run(tmp_path / "noise", rng.dirichlet([1, 1, 1], 120), labels, folds, "a"),
+        write_run(
+            tmp_path / "signal", informative / informative.sum(1, keepdims=True), labels, folds, "b"
+        ),
+    ]
+    table = compare_runs(
+        CompareConfig(run_dirs=[str(r) for r in runs], output_dir=str(tmp_path / "o"))
+    )
+    assert table.pooled_auc[1] == pytest.approx(1.0) and table.p_bootstrap[1] < 1e-2
+    assert table.p_delong.isna().all()  # DeLong is binary only
+    assert "n/a" in (tmp_path / "o" / "comparison.md").read_text()

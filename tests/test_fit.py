@@ -1,0 +1,184 @@
+"""`fit`: learnability, patient-level splits, determinism, multi-class, patient bags, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from melanoma_mil.config import FitConfig, load_config
+from melanoma_mil.data.synthetic import make_bag_cohort
+from melanoma_mil.errors import UserError
+from melanoma_mil.training.artifacts import load_run
+from melanoma_mil.training.cv import run_fit
+
+
+def fit_cfg(features: Path, labels: Path, out: Path, *extra: str) -> FitConfig:
+    base = [
+        f"data.features_dir={features}",
+        f"data.labels_csv={labels}",
+        f"output_dir={out}",
+        "trainer.accelerator=cpu",
+        "logger=none",
+        "cv.folds=3",
+        "optim.lr=1e-3",
+    ]
+    return load_config(FitConfig, [], [*base, *extra])
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_bag_cohort(tmp_path_factory.mktemp("cohort"), n_patients=60, dim=64, shift=5.0)
+
+
+@pytest.fixture(scope="module")
+def learned_run(cohort: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    assert run_fit(fit_cfg(*cohort, out, "trainer.max_epochs=25")) == 0
+    return out
+
+
+def test_planted_signal_is_learned(learned_run: Path) -> None:
+    summary = json.loads((learned_run / "cv_summary.json").read_text())
+    assert summary["pooled_auc"]["value"] >= 0.95
+    assert summary["auc"]["mean"] >= 0.95
+    assert summary["pooled_auc"]["ci_low"] <= summary["pooled_auc"]["value"] <= 1.0
+    for metric in ("auc", "accuracy", "balanced_accuracy", "f1"):
+        assert len(summary[metric]["per_fold"]) == 3
+        assert set(summary[metric]) == {"mean", "std", "per_fold"}
+
+
+def test_run_outputs_follow_the_contract(learned_run: Path) -> None:
+    preds = pd.read_csv(learned_run / "predictions.csv")
+    assert len(preds) == 60 and preds["slide_id"].is_unique
+    assert {"slide_id", "patient_id", "fold", "label", "prob"} <= set(preds.columns)
+    assert preds["prob"].between(0, 1).all()
+    for name in ("config.yaml", "splits.json", "roc.png", "provenance.json"):
+        assert (learned_run / name).is_file()
+    run = load_run(learned_run)
+    assert run.classes == ["immune_high", "immune_low"]
+    assert len(run.fold_models()) == 3
+    assert run.provenance["encoder"] == "synthetic"
+
+
+def test_test_fold_is_never_used_for_model_selection(learned_run: Path) -> None:
+    splits = json.loads((learned_run / "splits.json").read_text())["splits"]
+    tested = []
+    for s in splits:
+        assert s["val"], "model selection needs a validation split inside the training fold"
+        assert not set(s["test"]) & (set(s["train"]) | set(s["val"]))
+        tested += s["test"]
+    assert sorted(tested) == sorted(set(tested)) and len(tested) == 60
+
+
+def test_rerun_refuses_to_overwrite_then_reuses_splits(cohort, learned_run: Path) -> None:
+    with pytest.raises(UserError, match="overwrite=true"):
+        run_fit(fit_cfg(*cohort, learned_run, "trainer.max_epochs=1"))
+    before = json.loads((learned_run / "splits.json").read_text())["sha256"]
+    cfg = fit_cfg(*cohort, learned_run, "trainer.max_epochs=1", "overwrite=true", "cv.seed=99")
+    assert run_fit(cfg) == 0
+    summary = json.loads((learned_run / "cv_summary.json").read_text())
+    assert summary["splits_sha256"] == before  # splits are written once, then reused
+
+
+def test_no_patient_in_two_splits_and_patient_bags(tmp_path: Path) -> None:
+    features, labels = make_bag_cohort(tmp_path, n_patients=18, dim=32, slides_per_patient=2)
+    out = tmp_path / "slide_level"
+    assert run_fit(fit_cfg(features, labels, out, "trainer.max_epochs=2")) == 0
+    patient = pd.read_csv(labels).set_index("slide_id")["patient_id"]
+    for s in json.loads((out / "splits.json").read_text())["splits"]:
+        parts = [{patient[b] for b in s[k]} for k in ("train", "val", "test")]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    out = tmp_path / "patient_level"
+    assert (
+        run_fit(fit_cfg(features, labels, out, "trainer.max_epochs=2", "data.bag_level=patient"))
+        == 0
+    )
+    preds = pd.read_csv(out / "predictions.csv")
+    assert len(preds) == 18  # one bag per patient, made of both slides
+    assert preds["slide_id"].str.count(";").eq(1).all()
+
+
+def test_same_seed_same_splits_and_predictions(cohort, tmp_path: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        run_fit(
+            fit_cfg(
+                *cohort, out, "trainer.max_epochs=3", "data.max_instances=30", "seed=3", "cv.seed=3"
+            )
+        )
+        runs.append(out)
+    a, b = (json.loads((r / "splits.json").read_text()) for r in runs)
+    assert a["sha256"] == b["sha256"]
+    pa, pb = (pd.read_csv(r / "predictions.csv") for r in runs)
+    pd.testing.assert_frame_equal(pa, pb)
+
+
+def test_multiclass(tmp_path: Path) -> None:
+    features, labels = make_bag_cohort(
+        tmp_path, n_patients=36, dim=32, shift=5.0, classes=("low", "mid", "high")
+    )
+    out = tmp_path / "run"
+    assert (
+        run_fit(
+            fit_cfg(features, labels, out, "trainer.max_epochs=15", "data.classes=[low,mid,high]")
+        )
+        == 0
+    )
+    preds = pd.read_csv(out / "predictions.csv")
+    assert {"prob_low", "prob_mid", "prob_high"} <= set(preds.columns)
+    assert preds[["prob_low", "prob_mid", "prob_high"]].sum(1).round(4).eq(1).all()
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert summary["classes"] == ["low", "mid", "high"]
+    assert summary["auc"]["mean"] > 0.6
+
+
+def test_label_map_drops_and_counts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    features, labels = make_bag_cohort(
+        tmp_path, n_patients=30, dim=16, shift=5.0, classes=("c1", "c2", "c3")
+    )
+    out = tmp_path / "run"
+    cfg = fit_cfg(
+        features,
+        labels,
+        out,
+        "trainer.max_epochs=1",
+        "data.label_map={c1: immune_low, c2: drop, c3: immune_high}",
+    )
+    with caplog.at_level("INFO"):
+        assert run_fit(cfg) == 0
+    assert "kept 20 slides" in caplog.text and "dropped 10" in caplog.text
+    assert set(pd.read_csv(out / "predictions.csv")["label"]) == {"immune_low", "immune_high"}
+
+
+def test_ddp_counts_every_test_bag_once(tmp_path: Path) -> None:
+    # 23 bags over 3 folds -> uneven test sets that DistributedSampler pads on 2 ranks
+    features, labels = make_bag_cohort(tmp_path, n_patients=23, dim=16, shift=5.0)
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "melanoma_mil",
+        "fit",
+        f"data.features_dir={features}",
+        f"data.labels_csv={labels}",
+        f"output_dir={out}",
+        "cv.folds=3",
+        "trainer.max_epochs=2",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "logger=none",
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    preds = pd.read_csv(out / "predictions.csv")
+    assert len(preds) == 23 and preds["slide_id"].is_unique
+    assert sorted(preds.groupby("fold").size()) == [7, 8, 8]

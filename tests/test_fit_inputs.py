@@ -1,0 +1,156 @@
+"""Bad input to `fit` gives one clear line naming the file and the fix, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from melanoma_mil.cli import main
+from melanoma_mil.config import FitConfig, load_config
+from melanoma_mil.data.bags import load_store
+from melanoma_mil.data.cohort import build_cohort
+from melanoma_mil.data.synthetic import make_bag_cohort
+
+
+@pytest.fixture()
+def cohort(tmp_path: Path) -> tuple[Path, Path]:
+    return make_bag_cohort(tmp_path, n_patients=12, dim=16)
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    rc = main(
+        [
+            "fit",
+            "trainer.accelerator=cpu",
+            "logger=none",
+            "cv.folds=3",
+            "trainer.max_epochs=1",
+            *args,
+        ]
+    )
+    return rc, capsys.readouterr().err
+
+
+def fit_args(features: Path, labels: Path, out: Path) -> list[str]:
+    return [f"data.features_dir={features}", f"data.labels_csv={labels}", f"output_dir={out}"]
+
+
+def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
+    assert rc == 2
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_missing_feature_files_listed_or_skipped(cohort, tmp_path, capsys) -> None:
+    features, labels = cohort
+    (features / "P0003.h5").unlink()
+    (features / "P0007.h5").unlink()
+    rc, err = run_cli(capsys, *fit_args(features, labels, tmp_path / "a"))
+    assert_one_line_error(rc, err, "P0003", "P0007", "data.on_missing=skip")
+    rc, _ = run_cli(capsys, *fit_args(features, labels, tmp_path / "b"), "data.on_missing=skip")
+    assert rc == 0
+    assert len(pd.read_csv(tmp_path / "b" / "predictions.csv")) == 10
+
+
+def test_unknown_label_values(cohort, tmp_path, capsys) -> None:
+    features, labels = cohort
+    df = pd.read_csv(labels)
+    df.loc[0, "label"] = "immune_hihg"
+    df.to_csv(labels, index=False)
+    rc, err = run_cli(
+        capsys, *fit_args(features, labels, tmp_path / "a"), "data.classes=[immune_low,immune_high]"
+    )
+    assert_one_line_error(rc, err, "immune_hihg", str(labels))
+
+
+def test_h5_without_features(cohort, tmp_path, capsys) -> None:
+    features, labels = cohort
+    with h5py.File(features / "P0002.h5", "w") as f:
+        f.create_dataset("feats", data=np.zeros((3, 16)))
+    rc, err = run_cli(capsys, *fit_args(features, labels, tmp_path / "a"))
+    assert_one_line_error(rc, err, "P0002.h5", "no 'features'")
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "empty"])
+def test_nan_inf_and_empty_bags(cohort, tmp_path, capsys, bad: str) -> None:
+    features, labels = cohort
+    x = np.zeros((0, 16)) if bad == "empty" else np.ones((5, 16))
+    if bad != "empty":
+        x[2, 3] = np.nan if bad == "nan" else np.inf
+    with h5py.File(features / "P0004.h5", "w") as f:
+        f.create_dataset("features", data=x)
+    rc, err = run_cli(capsys, *fit_args(features, labels, tmp_path / "a"))
+    assert_one_line_error(rc, err, "P0004.h5", "empty" if bad == "empty" else "NaN/Inf")
+
+
+def test_unreadable_csv(cohort, tmp_path, capsys) -> None:
+    features, _ = cohort
+    bad = tmp_path / "labels.csv"
+    bad.write_bytes(b"\xff\xfe\x00slide_id,label\n\x00\x81")
+    rc, err = run_cli(capsys, *fit_args(features, bad, tmp_path / "a"))
+    assert_one_line_error(rc, err, str(bad))
+    rc, err = run_cli(capsys, *fit_args(features, tmp_path / "nope.csv", tmp_path / "a"))
+    assert_one_line_error(rc, err, "nope.csv", "not found")
+
+
+def test_too_few_patients_for_folds(cohort, tmp_path, capsys) -> None:
+    features, labels = cohort
+    rc, err = run_cli(capsys, *fit_args(features, labels, tmp_path / "a"), "cv.folds=7")
+    assert_one_line_error(rc, err, "fewer than cv.folds=7", "Lower cv.folds")
+
+
+def test_leaky_user_splits_rejected(cohort, tmp_path, capsys) -> None:
+    features, labels = cohort
+    leaky = tmp_path / "splits.json"
+    ids = [f"P{i:04d}" for i in range(12)]
+    split = {"repeat": 0, "fold": 0, "train": ids[:8], "val": ids[8:10], "test": ids[9:]}
+    leaky.write_text(f'{{"splits": [{str(split).replace(chr(39), chr(34))}]}}')
+    rc, err = run_cli(
+        capsys, *fit_args(features, labels, tmp_path / "a"), f"cv.splits_file={leaky}"
+    )
+    assert_one_line_error(rc, err, "P0009", "both")
+
+
+def test_mixed_feature_caches_rejected(cohort, tmp_path, capsys) -> None:
+    features, labels = cohort
+    with h5py.File(features / "P0005.h5", "a") as f:
+        f.attrs["encoder"] = "uni"
+    rc, err = run_cli(capsys, *fit_args(features, labels, tmp_path / "a"))
+    assert_one_line_error(rc, err, "P0005.h5", "mixes feature caches")
+
+
+def test_unknown_key_fails_before_work_in_a_real_process(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "melanoma_mil", "fit", "trainer.max_epoch=3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "did you mean 'trainer.max_epochs'" in proc.stderr.lower()
+
+
+def test_clam_pt_files_are_read(tmp_path: Path) -> None:
+    (tmp_path / "pt_files").mkdir()
+    rows = []
+    for i in range(6):
+        torch.save(torch.randn(10 + i, 24), tmp_path / "pt_files" / f"s{i}.pt")
+        rows.append({"slide_id": f"s{i}", "label": "ab"[i % 2]})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    cfg = load_config(
+        FitConfig,
+        [],
+        [f"data.features_dir={tmp_path}", f"data.labels_csv={tmp_path / 'labels.csv'}"],
+    )
+    cohort = build_cohort(cfg.data)
+    store = load_store(cohort.members)
+    assert store.dim == 24 and store.bags["s5"].shape == (15, 24)

@@ -1,0 +1,139 @@
+"""Sweep files validated by W&B's engine, agent command lines parsed by our CLI, a local grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+from melanoma_mil.cli import main, parse
+from melanoma_mil.data.synthetic import make_bag_cohort
+from melanoma_mil.errors import UserError
+from melanoma_mil.tracking.loggers import SWEEP_METRIC
+from melanoma_mil.tracking.sweep import _engine, _sweep_run, load_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP_FILES = sorted((REPO / "sweeps").glob("*.yaml"))
+
+
+def agent_argv(spec: dict, params: dict) -> list[str]:
+    """The argv `wandb agent` builds from the file's command, minus `env python -m melanoma_mil`."""
+    args = create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})
+    argv: list[str] = []
+    for token in spec["command"]:
+        if token in ("${env}", "${interpreter}"):
+            continue
+        argv += args["args_no_hyphens"] if token == "${args_no_hyphens}" else [str(token)]
+    assert argv[:2] == ["-m", "melanoma_mil"]
+    return argv[2:]
+
+
+def get(cfg: object, dotted: str) -> object:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
+def test_sweep_files_validate_and_their_agent_commands_parse(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = load_sweep(path)  # W&B's schema + every parameter is a fit key
+    base = REPO / "configs" / "godson2022.yaml"
+    assert base.is_file(), f"{path.name}'s command uses {base} (the paper's setting, issue 2)"
+    assert spec["metric"] == {"name": SWEEP_METRIC, "goal": "maximize"}
+    sweeps = _engine()
+    monkeypatch.chdir(REPO)  # the agent runs from the repository (configs/ paths are relative)
+    monkeypatch.setenv("WANDB_RUN_ID", "run123")
+    runs: list = []
+    for _ in range(12 if spec["method"] == "grid" else 3):
+        suggestion = sweeps.next_run(spec, runs, validate=True)
+        assert suggestion is not None
+        params = {k: v["value"] for k, v in suggestion.config.items()}
+        command, cfg, _ = parse(agent_argv(spec, params))
+        assert command == "fit" and cfg.logger == "wandb"
+        assert cfg.output_dir.endswith("/run123")
+        assert not any(k.startswith("cv.") for k in params)  # every run on the same folds
+        for key, value in params.items():
+            expected = pytest.approx(value) if isinstance(value, float) else value
+            assert get(cfg, key) == expected, key
+        metrics = {SWEEP_METRIC: 0.6 + 0.01 * len(runs)}
+        entry = {"name": f"r{len(runs)}", "state": "finished", "params": params}
+        runs.append(_sweep_run(entry | {"metrics": metrics}))
+    if spec["method"] == "grid":  # 4 encoders x 3 seeds, each exactly once
+        assert sweeps.next_run(spec, runs, validate=True) is None
+        assert len({tuple(r.config[k]["value"] for k in spec["parameters"]) for r in runs}) == 12
+    else:  # the metric reaches the bayes engine
+        nxt = sweeps.next_run(spec, runs, validate=True)
+        assert "no valid samples" not in nxt.search_info["warnings"]
+
+
+def test_bad_sweep_files_are_user_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"method": "grid", "parameters": {"optim.lrr": {"values": [1]}}}))
+    with pytest.raises(UserError, match="Did you mean 'optim.lr'"):
+        load_sweep(bad)
+    bad.write_text(yaml.safe_dump({"method": "annealing", "parameters": {"seed": {"values": [1]}}}))
+    with pytest.raises(UserError, match="is invalid"):
+        load_sweep(bad)
+    with pytest.raises(UserError, match="not found"):
+        load_sweep(tmp_path / "missing.yaml")
+
+
+def test_local_grid_of_two_encoders_gives_two_paired_fits_and_a_comparison(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two "encoders": the same slides encoded at different widths, with a planted signal.
+    caches = []
+    for name, dim in (("enc_a", 16), ("enc_b", 24)):
+        features, labels = make_bag_cohort(
+            tmp_path / name, n_patients=12, dim=dim, n_instances=(4, 10), encoder=name
+        )
+        caches.append(str(features))
+    caches.append(str(tmp_path / "no_such_cache"))  # a broken run is recorded, the rest go on
+    spec = {
+        "method": "grid",
+        "metric": {"name": SWEEP_METRIC, "goal": "maximize"},
+        "parameters": {"data.features_dir": {"values": caches}, "seed": {"values": [0]}},
+    }
+    sweep_file = tmp_path / "enc.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "sweep"
+    argv = [
+        "sweep",
+        str(sweep_file),
+        f"data.labels_csv={labels}",
+        f"output_dir={out}",
+        "cv.folds=2",
+        "trainer.max_epochs=2",
+        "trainer.min_epochs=1",
+        "logger=none",
+    ]
+    assert main(argv) == 1  # non-zero: one run failed
+    ledger = json.loads((out / "sweep.json").read_text())
+    assert [r["state"] for r in ledger["runs"]] == ["finished", "finished", "failed"]
+    assert "not found" in ledger["runs"][2]["error"]
+    dirs = [out / r["name"] for r in ledger["runs"][:2]]
+    assert dirs[0].name == "000_features_dir-features_seed-0"
+    summaries = [json.loads((d / "cv_summary.json").read_text()) for d in dirs]
+    assert summaries[0]["splits_sha256"] == summaries[1]["splits_sha256"]  # shared splits
+    assert [s["encoder"] for s in summaries] == ["enc_a", "enc_b"]
+    results = pd.read_csv(out / "sweep_results.csv")
+    assert sorted(results[SWEEP_METRIC].dropna()) == sorted(s["auc"]["mean"] for s in summaries)
+    table = pd.read_csv(out / "comparison" / "comparison.csv")
+    assert list(table.encoder) == ["enc_a", "enc_b"] and table.is_reference.tolist() == [
+        True,
+        False,
+    ]
+    assert (out / "comparison" / "comparison.png").is_file()
+    assert "| enc_b |" in capsys.readouterr().out.replace(dirs[1].name, "")
+    # Running it again resumes: the grid is done, nothing is refitted.
+    stamp = (dirs[0] / "cv_summary.json").stat().st_mtime_ns
+    assert main(argv) == 1
+    assert len(json.loads((out / "sweep.json").read_text())["runs"]) == 3
+    assert (dirs[0] / "cv_summary.json").stat().st_mtime_ns == stamp

@@ -1,0 +1,259 @@
+"""`tile` on the real Aperio slide and on generated pyramidal TIFFs (real OpenSlide, real h5)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+from scipy import ndimage
+
+from melanoma_mil.config import TileConfig, TilingConfig
+from melanoma_mil.demo.pyramid import write_pyramid
+from melanoma_mil.errors import UserError
+from melanoma_mil.tiling.coords import read_coords
+from melanoma_mil.tiling.grid import tile_slide
+from melanoma_mil.tiling.run import run_tile
+from melanoma_mil.tiling.slides import (
+    choose_level,
+    find_slides,
+    open_slide,
+    read_tile,
+    slide_id_of,
+    slide_mpp,
+)
+from melanoma_mil.tiling.tissue import saturation
+
+CMU = Path(__file__).resolve().parents[2] / "shared/data/cmu_small_region.svs"
+
+
+def _tissue_image(size: int = 2048, seed: int = 0) -> np.ndarray:
+    """White glass with a textured pink/purple ellipse of 'tissue' (JPEG-friendly detail)."""
+    rng = np.random.default_rng(seed)
+    tex = ndimage.gaussian_filter(rng.standard_normal((size, size, 3)), (6, 6, 0))
+    tex = 170 + 60 * tex / tex.std()
+    tissue = np.clip(tex * [1.0, 0.55, 0.85], 0, 255)
+    yy, xx = np.mgrid[0:size, 0:size]
+    inside = ((yy - size * 0.5) / (size * 0.3)) ** 2 + ((xx - size * 0.45) / (size * 0.33)) ** 2 < 1
+    img = np.full((size, size, 3), 245.0)
+    img[inside] = tissue[inside]
+    return img.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def pyramid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """A 0.25 um/px slide with levels at downsample 1, 2, 4 and its source pixels."""
+    path = tmp_path_factory.mktemp("pyr") / "slides" / "syn.tiff"
+    path.parent.mkdir()
+    img = _tissue_image()
+    write_pyramid(path, img, mpp=0.25, n_levels=3)
+    return path, img
+
+
+def _best_shift(tile: np.ndarray, level_img: np.ndarray, x: int, y: int) -> tuple[int, int]:
+    """Offset (level px) of the region of ``level_img`` at (x, y) that best matches ``tile``."""
+    size = tile.shape[0]
+    errors = {}
+    for dy in (-2, -1, 0, 1, 2):
+        for dx in (-2, -1, 0, 1, 2):
+            ref = level_img[y + dy : y + dy + size, x + dx : x + dx + size].astype(np.float32)
+            errors[(dx, dy)] = np.abs(ref - tile.astype(np.float32)).mean()
+    first, second = sorted(errors.values())[:2]
+    assert first < 0.75 * second, errors  # a clear winner, not JPEG noise
+    return min(errors, key=errors.__getitem__)
+
+
+@pytest.mark.parametrize(
+    ("target", "level", "read_size"),
+    [(0.25, 0, 64), (0.3, 0, 77), (0.5, 1, 64), (0.9, 1, 115), (1.0, 2, 64), (4.0, 2, 256)],
+)
+def test_level_closest_without_being_coarser(target: float, level: int, read_size: int) -> None:
+    choice = choose_level([1.0, 2.0, 4.0003], 0.25, target, 64)
+    assert (choice.level, choice.read_size) == (level, read_size)
+    assert choice.level0_size == pytest.approx(64 * target / 0.25, rel=0.01)
+
+
+@pytest.mark.parametrize(("target", "level", "step"), [(0.25, 0, 1), (1.0, 2, 4)])
+def test_tiles_at_right_level_and_pixel_exact(
+    pyramid: tuple[Path, np.ndarray], target: float, level: int, step: int
+) -> None:
+    path, src = pyramid
+    slide = open_slide(path)
+    tiles = tile_slide(slide, path, "syn", TilingConfig(mpp=target, tile_size=64))
+    grid = tiles.grid
+    assert (grid.patch_level, grid.downsample, grid.read_size) == (level, step, 64)
+    assert grid.level0_mpp == pytest.approx(0.25)
+    assert len(grid.coords) >= 12
+    x_max, y_max = (np.array(slide.dimensions) - grid.level0_size).tolist()
+    assert (grid.coords >= 0).all() and (grid.coords <= [x_max, y_max]).all()
+    rng = np.random.default_rng(1)
+    level_img = src
+    for _ in range(level):  # the pyramid's own construction of this level
+        h, w = level_img.shape[:2]
+        level_img = np.asarray(Image.fromarray(level_img).resize((w // 2, h // 2), Image.BILINEAR))
+    for x, y in grid.coords[rng.choice(len(grid.coords), 4, replace=False)]:
+        if min(x, y) < 2 * step or max(x, y) > min(x_max, y_max) - 2 * step:
+            continue
+        tile = np.asarray(read_tile(slide, grid, x, y))
+        assert tile.shape == (64, 64, 3)
+        assert _best_shift(tile, level_img, int(x) // step, int(y) // step) == (0, 0)
+
+
+def test_mpp_sources_and_missing_resolution(tmp_path: Path) -> None:
+    tagged, bare = tmp_path / "tagged.tiff", tmp_path / "bare.tiff"
+    img = np.full((512, 512, 3), 200, np.uint8)
+    tifffile.imwrite(tagged, img, tile=(256, 256), photometric="rgb",
+                     resolution=(25400 / 0.5, 25400 / 0.5), resolutionunit="INCH")  # fmt: skip
+    tifffile.imwrite(bare, img, tile=(256, 256), photometric="rgb")
+    assert slide_mpp(open_slide(tagged)) == pytest.approx(0.5)
+    assert slide_mpp(open_slide(bare), default_mpp=0.25) == 0.25
+    with pytest.raises(UserError, match="bare.tiff.*tiling.default_mpp"):
+        slide_mpp(open_slide(bare), name=str(bare))
+
+
+def test_find_slides(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/s1.svs", "a/b/s2.ome.tiff", "a/notes.txt", "a/.s3.svs.tmp"):
+        (tmp_path / name).write_bytes(b"x")
+    found = find_slides(tmp_path, None, [".svs", ".tiff"])
+    assert list(found) == ["s1", "s2"] and slide_id_of("x/s2.ome.tiff") == "s2"
+    (tmp_path / "a" / "b" / "s1.tiff").write_bytes(b"x")
+    with pytest.raises(UserError, match=r"duplicate slide id 's1'.*s1\.tiff and .*s1\.svs"):
+        find_slides(tmp_path, None, [".svs", ".tiff"])
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("slide_id,file\nx,a/s1.svs\n")
+    with pytest.raises(UserError, match="lacks column"):
+        find_slides(None, manifest, [])
+    manifest.write_text("slide_id,path\nx,a/s1.svs\n")
+    assert find_slides(None, manifest, []) == {"x": tmp_path / "a" / "s1.svs"}
+    with pytest.raises(UserError, match="not a folder"):
+        find_slides(tmp_path / "nope", None, [".svs"])
+
+
+def test_real_aperio_slide(tmp_path: Path) -> None:
+    if not CMU.is_file():
+        pytest.skip(f"real test slide {CMU} not present (CI clones the repo beside shared/)")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"slide_id,path\ncmu,{CMU}\n")
+    counts = {}
+    for mpp in (0.5, 1.0):
+        out = tmp_path / f"out_{mpp}"
+        cfg = TileConfig(manifest=str(manifest), output_dir=str(out), workers=1,
+                         tiling=TilingConfig(mpp=mpp, tile_size=128))  # fmt: skip
+        assert run_tile(cfg) == 0
+        table = pd.read_csv(out / "tiling.csv")
+        assert table.loc[0, "status"] == "ok" and table.loc[0, "mpp"] == pytest.approx(0.499)
+        grid = read_coords(out / "coords" / "cmu.h5")
+        counts[mpp] = len(grid.coords)
+        with Image.open(out / "qc" / "cmu.png") as qc:
+            assert qc.format == "PNG" and max(qc.size) <= 2048
+    assert 0.15 < counts[1.0] / counts[0.5] < 0.35, counts
+    # tiles within tissue: stained pixels dominate every kept tile
+    grid = read_coords(tmp_path / "out_0.5" / "coords" / "cmu.h5")
+    assert grid.level0_mpp == pytest.approx(0.499) and counts[0.5] > 50
+    slide = open_slide(CMU)
+    stained = [(saturation(np.asarray(read_tile(slide, grid, x, y))) > 0.15).mean()
+               for x, y in grid.coords]  # fmt: skip
+    assert min(stained) > 0.2 and np.median(stained) > 0.7
+
+
+def _mixed_folder(root: Path, pyramid: Path) -> Path:
+    slides = root / "slides"
+    slides.mkdir()
+    (slides / "good.tiff").symlink_to(pyramid)
+    write_pyramid(slides / "blank.tiff", np.full((1024, 1024, 3), 243, np.uint8), 0.25, 2)
+    (slides / "corrupt.svs").write_bytes(np.random.default_rng(0).bytes(5000))
+    data = pyramid.read_bytes()
+    (slides / "truncated.tiff").write_bytes(data[: len(data) // 3])
+    return slides
+
+
+def test_cohort_blank_corrupt_resume(
+    tmp_path: Path, pyramid: tuple[Path, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    slides = _mixed_folder(tmp_path, pyramid[0])
+    out = tmp_path / "out"
+    cfg = TileConfig(slides_dir=str(slides), output_dir=str(out), workers=2,
+                     tiling=TilingConfig(mpp=1.0, tile_size=64))  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        assert run_tile(cfg) == 1  # the others finish, then non-zero
+    table = pd.read_csv(out / "tiling.csv").set_index("slide_id")
+    assert table.loc["good", "status"] == "ok" and table.loc["good", "n_tiles"] >= 12
+    assert table.loc["blank", "status"] == "empty" and table.loc["blank", "n_tiles"] == 0
+    assert "blank: zero tiles" in caplog.text
+    for bad in ("corrupt", "truncated"):
+        assert table.loc[bad, "status"] == "failed" and table.loc[bad, "reason"]
+    assert "not a format OpenSlide reads" in table.loc["corrupt", "reason"]
+    assert read_coords(out / "coords" / "blank.h5").coords.shape == (0, 2)
+    assert sorted(p.name for p in (out / "coords").iterdir()) == ["blank.h5", "good.h5"]
+    assert sorted(p.name for p in (out / "qc").iterdir()) == ["blank.png", "good.png"]
+    assert not list(out.rglob("*.tmp"))  # no partial files
+
+    mtime = (out / "coords" / "good.h5").stat().st_mtime_ns
+    cfg.workers = 1
+    assert run_tile(cfg) == 1
+    table = pd.read_csv(out / "tiling.csv").set_index("slide_id")
+    assert table.loc["good", "status"] == "skipped" and table.loc["good", "n_tiles"] >= 12
+    assert table.loc["blank", "status"] == "skipped"
+    assert (out / "coords" / "good.h5").stat().st_mtime_ns == mtime
+
+    cfg.tiling.min_tissue = 0.9  # other settings: refuse to mix, unless overwrite
+    run_tile(cfg)
+    reason = pd.read_csv(out / "tiling.csv").set_index("slide_id").loc["good", "reason"]
+    assert "tiling.min_tissue: 0.5 -> 0.9" in reason
+    cfg.overwrite = True
+    run_tile(cfg)
+    assert read_coords(out / "coords" / "good.h5").tiling["min_tissue"] == 0.9
+
+
+def test_user_masks_replace_automatic(tmp_path: Path, pyramid: tuple[Path, np.ndarray]) -> None:
+    path, _ = pyramid
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    left = np.zeros((10, 20), np.uint8)
+    left[:, :10] = 255  # left half, at an arbitrary size
+    Image.fromarray(left).save(masks / "syn.png")
+    slide = open_slide(path)
+    cfg = TilingConfig(mpp=1.0, tile_size=64, mask_dir=str(masks))
+    png = tile_slide(slide, path, "syn", cfg)
+    assert png.mask_source.startswith("user mask")
+    # the whole left half, glass included (the user's mask wins), and nothing right of it
+    assert len(png.grid.coords) == 4 * 8
+    assert (png.grid.coords[:, 0] + png.grid.level0_size <= 1024).all()
+    (masks / "syn.png").unlink()
+    square = [[[1024, 1024], [1536, 1024], [1536, 1536], [1024, 1536], [1024, 1024]]]
+    feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": square}}
+    (masks / "syn.geojson").write_text(
+        json.dumps({"type": "FeatureCollection", "features": [feature]})
+    )
+    geo = tile_slide(slide, path, "syn", cfg).grid.coords
+    assert len(geo) == 4 and set(map(tuple, geo)) == {
+        (1024, 1024),
+        (1280, 1024),
+        (1024, 1280),
+        (1280, 1280),
+    }
+
+
+def test_cli_tile_and_user_error(tmp_path: Path, pyramid: tuple[Path, np.ndarray]) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "melanoma_mil", "tile"]
+    ok = subprocess.run(
+        [*cmd, f"slides_dir={pyramid[0].parent}", f"output_dir={out}", "workers=1",
+         "tiling.mpp=1.0", "tiling.tile_size=64"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "1 ok, 0 empty, 0 failed" in ok.stdout and (out / "coords" / "syn.h5").is_file()
+    bad = subprocess.run([*cmd, f"slides_dir={tmp_path / 'missing'}"],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "missing" in bad.stderr
+    assert "Traceback" not in bad.stderr
