@@ -37,6 +37,7 @@ class DataConfig:
     on_missing: str = "error"  # error | skip: labelled slides without a feature file
     max_instances: int | None = None  # random subsample of training bags (None: all tiles)
     dtype: str = "float32"  # float32 | float16: in-RAM dtype of cached bags
+    standardize: bool = False  # z-score each feature dim with training-fold statistics
     balance: str = "loss"  # none | sampler | loss
     num_workers: int = 0
 
@@ -169,7 +170,9 @@ class ExtractConfig:
     """`extract`: encode every tile of every slide into a cached feature bag.
 
     Writes <output_dir>/<cache_key>/<slide_id>.h5; reruns skip finished slides, and several
-    processes or nodes (RANK/WORLD_SIZE) can share one output_dir.
+    processes or nodes (RANK/WORLD_SIZE) can share one output_dir. encoder.name: resnet50_trunc
+    (CLAM), resnet18_imagenet, vit_s16_imagenet, ciga_simclr_resnet18, retccl_resnet50,
+    lunit_dino_vits16, uni, uni2_h, h_optimus_0, virchow2, phikon, gigapath, or timm:<model>.
     """
 
     slides_dir: str | None = None  # default: each coords file's recorded slide_path
@@ -178,7 +181,9 @@ class ExtractConfig:
     output_dir: str = "runs/features"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     batch_size: int = 64
-    num_workers: int = 2  # tile-reading processes, each with its own OpenSlide handle
+    # reader processes (own OpenSlide handle each) overlapping reads with compute; 0: threads
+    # in-process between forward passes (best on CPU-only). None: 0 on CPU, min(8, cores) on GPU
+    num_workers: int | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto: encoder's preferred where fast (bf16 on AMX CPUs) | fp32 | ...
     dtype: str = "float16"  # stored feature dtype: float16 | float32
@@ -211,30 +216,42 @@ class CompareConfig:
 # --------------------------------------------------------------------------- interpretation
 @dataclass
 class HeatmapConfig:
-    """`heatmap`: per-tile attention of every fold model, drawn on the slide."""
+    """`heatmap`: per-tile attention of every fold model, drawn on the slide.
 
-    run_dir: str | None = None
+    Writes <output_dir>/<slide_id>/{attention.h5, heatmap.png, montage.png[, tiles.geojson]}
+    and heatmaps.csv; slides whose attention.h5 exists are skipped unless overwrite=true.
+    """
+
+    run_dir: str | None = None  # a `fit` output folder
     slides_dir: str | None = None
-    manifest: str | None = None
+    manifest: str | None = None  # CSV with slide_id, path (instead of slides_dir)
     output_dir: str = "runs/heatmaps"
     slide_ids: list[str] = field(default_factory=list)  # empty: every slide found
-    features_dir: str | None = None  # cached bags; else tiles + features are made on the fly
-    top_k: int = 8
-    geojson: bool = False
-    device: str = "auto"
+    # a cache folder of <slide_id>.h5 made like the run's (checked); None: tile + extract into
+    # <output_dir>/_work with the run's recorded tiling and encoder
+    features_dir: str | None = None
+    encoder_weights: str | None = None  # the weights file, when the run's encoder used one
+    top_k: int = 8  # montage: the k most and k least attended tiles
+    thumbnail_size: int = 2048  # long side (px) of the heatmap drawing
+    geojson: bool = False  # tiles.geojson with scores, for QuPath
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "run"  # extraction autocast: run (as recorded) | auto | fp32 | bf16 | fp16
+    batch_size: int = 64  # extraction batch (tiles)
+    # tiling processes (None: 2) and extract's tile readers (None: extract's default)
+    num_workers: int | None = None
+    overwrite: bool = False
+    extensions: list[str] = field(default_factory=lambda: list(TileConfig().extensions))
 
 
 @dataclass
-class PredictConfig:
-    """`predict`: the fold-model ensemble on new slides."""
+class PredictConfig(HeatmapConfig):
+    """`predict`: the fold-model ensemble (mean probability) on new slides.
 
-    run_dir: str | None = None
-    slides_dir: str | None = None
-    manifest: str | None = None
+    Writes <output_dir>/predictions.csv and, with heatmaps=true, each slide's heatmap files.
+    """
+
     output_dir: str = "runs/predict"
-    features_dir: str | None = None
     heatmaps: bool = True
-    device: str = "auto"
 
 
 @dataclass
@@ -243,13 +260,19 @@ class DemoConfig:
 
     output_dir: str = "demo_output"
     n_slides: int = 24
+    slide_size: int = 5632  # level-0 px (0.5 um/px) of each synthetic slide
     seed: int = 0
     overwrite: bool = False
+    mpp: float = 1.0  # tiling resolution (10x, the follow-up paper's best)
+    tile_size: int = 224
+    # no weights can be bundled: the demo uses a randomly initialised encoder, recorded as such
     encoder: EncoderConfig = field(
         default_factory=lambda: EncoderConfig(name="resnet18_imagenet", pretrained=False)
     )
+    batch_size: int = 32
     folds: int = 3
     max_epochs: int = 30
+    lr: float = 1e-3
 
 
 # --------------------------------------------------------------------------- loading
@@ -315,14 +338,14 @@ def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def describe(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, type, default) rows for `--help`, walking nested dataclass sections."""
+def describe(schema: type | Any, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, type, default) rows for `--help`, walking nested sections' actual defaults."""
+    defaults = schema() if isinstance(schema, type) else schema
     rows: list[tuple[str, str, str]] = []
-    defaults = schema()
-    for f in dataclasses.fields(schema):
+    for f in dataclasses.fields(defaults):
         value = getattr(defaults, f.name)
         if dataclasses.is_dataclass(value):
-            rows.extend(describe(type(value), f"{prefix}{f.name}."))
+            rows.extend(describe(value, f"{prefix}{f.name}."))
         else:
             rows.append((f"{prefix}{f.name}", str(f.type), repr(value)))
     return rows

@@ -22,8 +22,34 @@ class MILOutput(NamedTuple):
     instance_loss: torch.Tensor | None = None
 
 
+class FeatureNorm(nn.Module):
+    """Per-dimension standardisation; identity until `fit_stats`. Buffers travel with the
+    weights, so exported models standardise new bags exactly as in training."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit_stats(self, bags: list[torch.Tensor]) -> None:
+        """Mean/std over every instance of ``bags`` (the training fold only), in float64."""
+        total = sum(b.shape[0] for b in bags)
+        s = sum(b.double().sum(0) for b in bags)
+        sq = sum(b.double().pow(2).sum(0) for b in bags)
+        mean = s / total
+        std = (sq / total - mean.pow(2)).clamp_min(0).sqrt()
+        self.mean.copy_(mean)
+        self.std.copy_(std.clamp_min(1e-6 * float(std.max()) + 1e-12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
 def _embed(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+    return nn.Sequential(
+        FeatureNorm(in_dim), nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout)
+    )
 
 
 class GatedAttention(nn.Module):
@@ -113,6 +139,11 @@ class PoolMIL(nn.Module):
 
 
 MODELS = ("gated_attention", "clam_sb", "mean", "max")
+
+
+def feature_norm(model: nn.Module) -> FeatureNorm:
+    """The input standardisation layer of any model built here."""
+    return model.embed[0]
 
 
 def build_model(cfg: ModelConfig, in_dim: int, n_classes: int) -> nn.Module:

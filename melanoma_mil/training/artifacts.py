@@ -36,7 +36,14 @@ def load_fold_model(path: Path, device: str | torch.device = "cpu") -> nn.Module
     """Rebuild a fold model saved by `save_fold_model`, in eval mode."""
     blob = torch.load(path, map_location=device, weights_only=True)
     model = build_model(ModelConfig(**blob["model"]), blob["in_dim"], len(blob["classes"]))
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise UserError(
+            f"{path}: fold model does not match this version of melanoma-mil "
+            f"({first}); re-run `fit` to retrain it."
+        ) from None
     return model.to(device).eval()
 
 

@@ -28,6 +28,7 @@ from melanoma_mil.data.datamodule import BagDataModule
 from melanoma_mil.data.splits import Split, resolve_splits
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import atomic_path, write_json, write_text
+from melanoma_mil.models import feature_norm
 from melanoma_mil.tracking.loggers import finish_fold, fold_logger, log_summary
 from melanoma_mil.tracking.stats import bootstrap_auc_ci
 from melanoma_mil.training.artifacts import save_fold_model
@@ -102,6 +103,8 @@ def _run_fold(
         _class_weights(dm, n_classes, cfg.data.balance),
         cfg.trainer.max_epochs,
     )
+    if cfg.data.standardize:
+        feature_norm(module.model).fit_stats([store.bags[b] for b in split.train])
     mode = "max" if cfg.trainer.monitor == "val_auc" else "min"
     ckpt = ModelCheckpoint(
         dirpath=fold_dir,

@@ -1,0 +1,328 @@
+"""A trained run applied to slides: features made exactly as the run's, and the fold ensemble.
+
+Features either come from a given cache folder, which must match the run's recorded encoder,
+weights and tiling (a mismatch is refused: the models would silently score garbage), or are made
+on the fly by `tile` and `extract` with the run's recorded settings in ``<output_dir>/_work``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from melanoma_mil.config import (
+    EncoderConfig,
+    ExtractConfig,
+    HeatmapConfig,
+    TileConfig,
+    TilingConfig,
+    TissueConfig,
+)
+from melanoma_mil.data.bags import bag_path, read_attrs
+from melanoma_mil.errors import UserError
+from melanoma_mil.io import sha256_file, write_text
+from melanoma_mil.tiling.slides import find_slides
+from melanoma_mil.training.artifacts import TrainedRun
+
+log = logging.getLogger(__name__)
+
+# feature-cache attrs that must equal the run's: they decide what a feature vector means
+CHECKED_ATTRS = ("encoder", "encoder_weights", "tile_size", "target_mpp", "embed_dim")
+WORK = "_work"
+
+
+@dataclass(frozen=True)
+class SlideInput:
+    """One slide to analyse: where its pixels and features are, or why they are missing."""
+
+    slide_id: str
+    slide_path: Path | None
+    features: Path | None
+    reason: str = ""
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _same(have: Any, want: Any) -> bool:
+    if isinstance(have, int | float) and isinstance(want, int | float):
+        return math.isclose(float(have), float(want), rel_tol=1e-6)
+    return str(have) == str(want)
+
+
+def check_features(attrs: dict[str, Any], run: TrainedRun, path: Path) -> None:
+    """Refuse a feature file whose encoder, weights or tiling differ from the run's."""
+    fix = (
+        f"use features made like the run's (cache {run.provenance.get('cache_key', '?')}) or "
+        "drop features_dir to extract them on the fly"
+    )
+    for key in CHECKED_ATTRS:
+        want = _plain(run.provenance.get(key))
+        if want is None:
+            continue
+        have = _plain(attrs.get(key))
+        if have is None:
+            raise UserError(
+                f"{path} records no {key} (the run used {want!r}), so it cannot be "
+                f"checked against run '{run.run_dir}'; {fix}."
+            )
+        if not _same(have, want):
+            raise UserError(
+                f"{path} has {key}={have!r} but run '{run.run_dir}' was trained on "
+                f"{key}={want!r}; {fix}."
+            )
+
+
+def encoder_config(run: TrainedRun, weights: str | None) -> EncoderConfig:
+    """The run's encoder with its recorded weights; a weights file must match the recorded sha."""
+    name, recorded = run.provenance.get("encoder"), run.provenance.get("encoder_weights")
+    if not name or not recorded:
+        raise UserError(
+            f"run '{run.run_dir}' records no encoder in provenance.json, so features cannot be "
+            "made for it; pass features_dir=FOLDER with features made like the run's."
+        )
+    if recorded == "random" or str(recorded).startswith("hub:"):
+        if weights:
+            raise UserError(
+                f"run '{run.run_dir}' used {name} with weights '{recorded}', not a local file; "
+                "drop encoder_weights."
+            )
+        return EncoderConfig(name=name, weights=None, pretrained=recorded != "random")
+    path = Path(weights or run.provenance.get("encoder_weights_file") or "").expanduser()
+    if not weights and not path.is_file():
+        raise UserError(
+            f"run '{run.run_dir}' used {name} with a local weights file (sha256 "
+            f"{str(recorded)[:12]}...); pass encoder_weights=PATH to that file."
+        )
+    if not path.is_file():
+        raise UserError(f"encoder_weights '{path}' not found: check the path.")
+    digest = sha256_file(path)
+    if digest != recorded:
+        raise UserError(
+            f"encoder_weights '{path}' has sha256 {digest[:12]}... but run '{run.run_dir}' "
+            f"recorded {str(recorded)[:12]}...; pass the weights file its features were made with."
+        )
+    return EncoderConfig(name=name, weights=str(path), pretrained=False)
+
+
+def tiling_config(run: TrainedRun) -> TilingConfig:
+    """The run's recorded TilingConfig (user mask folders only when they still exist)."""
+    raw = run.provenance.get("tiling")
+    if not raw:
+        raise UserError(
+            f"run '{run.run_dir}' records no tiling in provenance.json; pass features_dir=FOLDER "
+            "with features made like the run's."
+        )
+    values = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    tissue_keys = {f.name for f in dataclasses.fields(TissueConfig)}
+    tissue = TissueConfig(
+        **{k: v for k, v in (values.pop("tissue", None) or {}).items() if k in tissue_keys}
+    )
+    keys = {f.name for f in dataclasses.fields(TilingConfig)} - {"tissue"}
+    cfg = TilingConfig(**{k: v for k, v in values.items() if k in keys}, tissue=tissue)
+    if cfg.mask_dir and not Path(cfg.mask_dir).is_dir():
+        log.info(
+            "recorded tiling.mask_dir %s is gone: tissue is detected automatically", cfg.mask_dir
+        )
+        cfg.mask_dir = None
+    return cfg
+
+
+def _cache_folder(features_dir: Path, run: TrainedRun) -> Path:
+    """``features_dir`` itself, or the run's cache subfolder of an `extract` output_dir."""
+    if not features_dir.is_dir():
+        raise UserError(f"features_dir '{features_dir}' is not a folder: check the path.")
+    if any(features_dir.glob("*.h5")) or (features_dir / "h5_files").is_dir():
+        return features_dir
+    key = str(run.provenance.get("cache_key", ""))
+    if key and (features_dir / key).is_dir():
+        return features_dir / key
+    caches = sorted(p.name for p in features_dir.iterdir() if p.is_dir() and any(p.glob("*.h5")))
+    if caches:
+        raise UserError(
+            f"features_dir '{features_dir}' holds feature caches {caches[:4]} but not the run's "
+            f"('{key}'); point features_dir at features made like the run's, or drop it to "
+            "extract them on the fly."
+        )
+    return features_dir
+
+
+def _select(
+    found: dict[str, Path | None], wanted: list[str], source: str
+) -> dict[str, Path | None]:
+    if not wanted:
+        return found
+    missing = [s for s in wanted if s not in found]
+    if missing:
+        raise UserError(f"slide_ids {missing[:5]} not found in {source}; check slide_ids.")
+    return {s: found[s] for s in wanted}
+
+
+def _recorded_slide(path: Path) -> str:
+    try:
+        return str(_plain(read_attrs(path).get("slide_path", "")))
+    except OSError:  # reported when the slide's features are read
+        return ""
+
+
+def find_input_slides(cfg: HeatmapConfig, features: Path | None) -> dict[str, Path | None]:
+    """slide_id -> slide file: slides_dir / manifest, else the paths a feature cache recorded."""
+    if cfg.slides_dir or cfg.manifest:
+        found: dict[str, Path | None] = dict(
+            find_slides(cfg.slides_dir, cfg.manifest, cfg.extensions)
+        )
+        return _select(found, list(cfg.slide_ids), "slides_dir / manifest")
+    if features is None:
+        raise UserError("no slides given: set slides_dir=FOLDER or manifest=CSV.")
+    files = sorted(p for p in features.glob("*.h5") if not p.name.startswith("."))
+    if not files:
+        raise UserError(f"no <slide_id>.h5 feature files in '{features}'; check features_dir.")
+    recorded = {p.stem: _recorded_slide(p) for p in files}
+    found = {s: Path(p) if p and Path(p).is_file() else None for s, p in recorded.items()}
+    return _select(found, list(cfg.slide_ids), f"features_dir '{features}'")
+
+
+def cached_inputs(
+    run: TrainedRun, slides: dict[str, Path | None], folder: Path
+) -> list[SlideInput]:
+    """Inputs from a feature cache; every file is checked against the run before any work."""
+    inputs = []
+    for sid, slide in slides.items():
+        path = bag_path(folder, sid)
+        if path is None:
+            why = f"no features for it in '{folder}' (drop features_dir to extract on the fly)"
+            inputs.append(SlideInput(sid, slide, None, why))
+            continue
+        try:
+            attrs = read_attrs(path)
+        except OSError as e:  # a truncated or foreign file fails this slide only
+            inputs.append(SlideInput(sid, slide, None, f"{path}: unreadable h5 ({e})"))
+            continue
+        check_features(attrs, run, path)
+        inputs.append(SlideInput(sid, slide, path))
+    return inputs
+
+
+def _reasons(csvs: list[Path]) -> dict[str, str]:
+    """slide_id -> reason, from the tiling.csv / extract.csv rows that were not ok."""
+    reasons: dict[str, str] = {}
+    for csv in csvs:
+        if csv.is_file():
+            df = pd.read_csv(csv, dtype={"slide_id": str}, keep_default_na=False)
+            for r in df[~df["status"].isin(["ok", "skipped"])].itertuples():
+                reasons.setdefault(str(r.slide_id), f"{r.status}: {r.reason}")
+    return reasons
+
+
+def extracted_inputs(
+    run: TrainedRun, slides: dict[str, Path | None], cfg: HeatmapConfig
+) -> list[SlideInput]:
+    """Tile and extract the slides with the run's recorded settings into <output_dir>/_work."""
+    from melanoma_mil.features.run import run_extract
+    from melanoma_mil.tiling.run import run_tile
+
+    encoder = encoder_config(run, cfg.encoder_weights)
+    tiling = tiling_config(run)
+    work = Path(cfg.output_dir) / WORK / str(run.provenance.get("cache_key", "features"))
+    usable = {s: p for s, p in slides.items() if p is not None}
+    if not usable:
+        return [SlideInput(s, None, None, "slide file not found") for s in slides]
+    manifest = work / "slides.csv"
+    table = pd.DataFrame(
+        {"slide_id": list(usable), "path": [str(p.resolve()) for p in usable.values()]}
+    )
+    write_text(manifest, table.to_csv(index=False))
+    workers = max(1, 2 if cfg.num_workers is None else cfg.num_workers)
+    run_tile(
+        TileConfig(
+            manifest=str(manifest),
+            output_dir=str(work / "tiles"),
+            workers=workers,
+            tiling=tiling,
+            extensions=list(cfg.extensions),
+        )
+    )
+    has_coords = any((work / "tiles" / "coords" / f"{s}.h5").is_file() for s in usable)
+    if has_coords:
+        precision = str(run.provenance.get("precision", "auto"))
+        run_extract(
+            ExtractConfig(
+                coords_dir=str(work / "tiles"),
+                output_dir=str(work / "features"),
+                encoder=encoder,
+                batch_size=cfg.batch_size,
+                num_workers=cfg.num_workers,
+                device=cfg.device,
+                precision=precision if cfg.precision == "run" else cfg.precision,
+                dtype=str(run.provenance.get("feature_dtype", "float16")),
+            )
+        )
+    caches = sorted(p for p in (work / "features").glob("*") if p.is_dir())
+    reasons = _reasons([work / "tiles" / "tiling.csv", *(c / "extract.csv" for c in caches)])
+    inputs = []
+    for sid, slide in slides.items():
+        found = [c / f"{sid}.h5" for c in caches if (c / f"{sid}.h5").is_file()]
+        if slide is None or not found:
+            why = "slide file not found" if slide is None else reasons.get(sid, "no features made")
+            inputs.append(SlideInput(sid, slide, None, why))
+            continue
+        check_features(read_attrs(found[0]), run, found[0])
+        inputs.append(SlideInput(sid, slide, found[0]))
+    return inputs
+
+
+def prepare_inputs(
+    run: TrainedRun, cfg: HeatmapConfig, skip: set[str] | None = None
+) -> tuple[list[SlideInput], list[str]]:
+    """The slides of ``cfg`` with features that match the run, and the ids left out by ``skip``."""
+    folder = _cache_folder(Path(cfg.features_dir), run) if cfg.features_dir else None
+    found = find_input_slides(cfg, folder)
+    skipped = sorted(set(found) & (skip or set()))
+    slides = {s: p for s, p in found.items() if s not in skipped}
+    if not slides:
+        return [], skipped
+    if folder is not None:
+        return cached_inputs(run, slides, folder), skipped
+    return extracted_inputs(run, slides, cfg), skipped
+
+
+class Ensemble:
+    """The run's fold models on one device; one forward per model gives probs and attention."""
+
+    def __init__(self, run: TrainedRun, device: torch.device) -> None:
+        self.run = run
+        self.device = device
+        self.models: list[nn.Module] = run.fold_models(device)
+        self.fold_names = run.fold_names()
+        self.classes = run.classes
+        dim = run.provenance.get("feature_dim")
+        self.in_dim = int(dim) if dim is not None else None
+
+    @torch.inference_mode()
+    def __call__(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """features [N, D] -> (probabilities [F, C], attention [F, N]), fp32 like `fit`'s test."""
+        if self.in_dim is not None and features.shape[1] != self.in_dim:
+            raise UserError(
+                f"features have dimension {features.shape[1]} but the run's models "
+                f"expect {self.in_dim}: they come from another encoder."
+            )
+        x = torch.from_numpy(np.ascontiguousarray(features)).to(self.device).float()
+        probs, attention = [], []
+        for model in self.models:
+            out = model(x)
+            probs.append(torch.softmax(out.logits.float(), dim=-1))
+            attention.append(out.attention.float())
+        return torch.stack(probs).cpu().numpy(), torch.stack(attention).cpu().numpy()

@@ -1,0 +1,316 @@
+"""Attention maps on disk and on screen: attention.h5, heatmap overlay, tile montage, GeoJSON.
+
+Everything is drawn at thumbnail resolution: per-tile scores are splatted onto a canvas the size
+of the thumbnail (with a summed-area trick, O(tiles + pixels)), so a 100,000-tile slide never
+needs a full-resolution canvas (CLAM's heatmaps allocate one, tens of GB on large slides).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import openslide
+from matplotlib import colormaps
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+from scipy.stats import rankdata
+
+from melanoma_mil.config import TissueConfig
+from melanoma_mil.io import atomic_h5, atomic_path
+from melanoma_mil.tiling.coords import TileGrid
+from melanoma_mil.tiling.slides import read_thumbnail, read_tile
+from melanoma_mil.tiling.tissue import segment_tissue
+
+BAR_PX = 110  # heatmap.png: colour-bar margin right of the thumbnail
+TITLE_PX = 40  # heatmap.png: title band above the thumbnail
+LABEL_PX = 18  # montage.png: caption band above each tile
+GAP_PX = 6  # montage.png: spacing between tiles
+CMAP = "turbo"
+ALPHA = 0.45
+_BLOCK = 256  # rows blended at a time
+
+
+@dataclass
+class AttentionMap:
+    """Per-tile attention of every fold model on one slide, and the ensemble's prediction."""
+
+    slide_id: str
+    coords: np.ndarray  # [N, 2] level-0 x, y (top-left)
+    level0_size: int  # tile extent in level-0 px
+    attention: np.ndarray  # [F, N], each row sums to 1
+    probs: np.ndarray  # [F, C]
+    fold_names: list[str]
+    classes: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)  # slide_path, run_dir, encoder, ...
+
+    @property
+    def mean_attention(self) -> np.ndarray:
+        return self.attention.mean(0)
+
+    @property
+    def mean_probs(self) -> np.ndarray:
+        return self.probs.mean(0)
+
+    @property
+    def pred(self) -> str:
+        return self.classes[int(self.mean_probs.argmax())]
+
+    def title(self) -> str:
+        p = self.probs
+        if len(self.classes) == 2:
+            lo, hi = p[:, 1].min(), p[:, 1].max()
+            return (
+                f"{self.slide_id}: P({self.classes[1]}) = {self.mean_probs[1]:.3f} "
+                f"(folds {lo:.2f}-{hi:.2f}), {len(self.coords)} tiles"
+            )
+        p_best = self.mean_probs.max()
+        return f"{self.slide_id}: {self.pred} (p = {p_best:.3f}), {len(self.coords)} tiles"
+
+
+def percentile_scores(values: np.ndarray) -> np.ndarray:
+    """Rank-based percentiles in [0, 1] (ties share a rank): comparable across slides and folds."""
+    if len(values) < 2:
+        return np.ones(len(values), np.float32)
+    return ((rankdata(values) - 1) / (len(values) - 1)).astype(np.float32)
+
+
+def _h5_strings(values: list[str]) -> np.ndarray:
+    return np.array(values, dtype=h5py.string_dtype())
+
+
+def write_attention(path: Path, amap: AttentionMap) -> None:
+    """attention.h5: coords, attention (fold mean), attention_folds [N, F], score, probs."""
+    with atomic_h5(path) as f:
+        f.create_dataset("coords", data=amap.coords.astype(np.int64))
+        f.create_dataset("attention", data=amap.mean_attention.astype(np.float32))
+        folds = f.create_dataset("attention_folds", data=amap.attention.T.astype(np.float32))
+        folds.attrs["columns"] = _h5_strings(amap.fold_names)
+        f.create_dataset("score", data=percentile_scores(amap.mean_attention))
+        probs = f.create_dataset("probs_folds", data=amap.probs.astype(np.float32))
+        probs.attrs["rows"] = _h5_strings(amap.fold_names)
+        probs.attrs["columns"] = _h5_strings(amap.classes)
+        f.attrs.update({k: v for k, v in amap.attrs.items() if v is not None})
+        f.attrs.update(
+            slide_id=amap.slide_id,
+            level0_size=amap.level0_size,
+            fold_names=_h5_strings(amap.fold_names),
+            classes=_h5_strings(amap.classes),
+            pred=amap.pred,
+            probs=amap.mean_probs.astype(np.float64),
+        )
+        if len(amap.classes) == 2:
+            f.attrs["prob"] = float(amap.mean_probs[1])
+
+
+def _strings(values: Any) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def read_attention(path: str | Path) -> AttentionMap:
+    """Read an attention.h5 written by `heatmap` / `predict`."""
+    with h5py.File(path, "r") as f:
+        attrs = {k: v for k, v in f.attrs.items()}
+        return AttentionMap(
+            slide_id=str(attrs.pop("slide_id")),
+            coords=f["coords"][:],
+            level0_size=int(attrs.pop("level0_size")),
+            attention=f["attention_folds"][:].T,
+            probs=f["probs_folds"][:],
+            fold_names=_strings(attrs.pop("fold_names")),
+            classes=_strings(attrs.pop("classes")),
+            attrs=attrs,
+        )
+
+
+def thumbnail_downsample(dimensions: tuple[int, int], max_side: int) -> float:
+    """Level-0 px per thumbnail px so the long side is at most ``max_side`` (never upsampled)."""
+    return max(1.0, max(dimensions) / max(1, max_side))
+
+
+def score_raster(
+    coords: np.ndarray,
+    level0_size: float,
+    scores: np.ndarray,
+    downsample: float,
+    shape: tuple[int, int],
+) -> np.ndarray:
+    """Mean score of the tiles covering each pixel of an (h, w) canvas; NaN where none.
+
+    Each tile adds +-score at its rectangle's four corners; two cumulative sums turn these into
+    per-pixel sums, so the cost is O(tiles + pixels) with no per-tile Python loop.
+    """
+    h, w = shape
+    xy = np.asarray(coords, np.float64).reshape(-1, 2)
+    x0 = np.clip(np.round(xy[:, 0] / downsample), 0, w).astype(np.int64)
+    y0 = np.clip(np.round(xy[:, 1] / downsample), 0, h).astype(np.int64)
+    x1 = np.clip(np.maximum(np.round((xy[:, 0] + level0_size) / downsample), x0 + 1), 0, w)
+    y1 = np.clip(np.maximum(np.round((xy[:, 1] + level0_size) / downsample), y0 + 1), 0, h)
+    x1, y1 = x1.astype(np.int64), y1.astype(np.int64)
+    corners = [(y0, x0, 1.0), (y0, x1, -1.0), (y1, x0, -1.0), (y1, x1, 1.0)]
+    idx = np.concatenate([yy * (w + 1) + xx for yy, xx, _ in corners])
+    sign = np.concatenate([np.full(len(xy), s) for _, _, s in corners])
+    values = np.asarray(scores, np.float64)
+
+    def splat(weights: np.ndarray) -> np.ndarray:
+        d = np.bincount(idx, weights=weights, minlength=(h + 1) * (w + 1)).reshape(h + 1, w + 1)
+        np.cumsum(d, axis=0, out=d)
+        return np.cumsum(d, axis=1, out=d)[:h, :w]
+
+    total = splat(sign * np.tile(values, 4))
+    count = splat(sign)
+    covered = count > 0.5
+    np.divide(total, count, out=total, where=covered)
+    total[~covered] = np.nan
+    return total.astype(np.float32)
+
+
+def _blend(thumb: np.ndarray, raster: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """Thumbnail with scores blended in, in row blocks so float temporaries stay a few MB."""
+    out = thumb.copy()
+    for r in range(0, len(thumb), _BLOCK):
+        scores = raster[r : r + _BLOCK]
+        covered = ~np.isnan(scores)[..., None]
+        idx = np.round(np.clip(np.nan_to_num(scores), 0.0, 1.0) * 255).astype(np.uint8)
+        base = thumb[r : r + _BLOCK].astype(np.float32)
+        mixed = base + ALPHA * (lut[idx].astype(np.float32) - base)
+        out[r : r + _BLOCK] = np.where(covered, np.round(mixed), base).astype(np.uint8)
+    return out
+
+
+def _colour_bar(draw: ImageDraw.ImageDraw, lut: np.ndarray, x: int, y0: int, y1: int) -> None:
+    """A vertical colour bar (1 at the top) with ticks and a caption, between y0 and y1."""
+    font = ImageFont.load_default(size=11)
+    span = max(1, y1 - y0)
+    for y in range(y0, y1):
+        colour = tuple(int(c) for c in lut[round(255 * (y1 - 1 - y) / max(1, span - 1))])
+        draw.line([(x, y), (x + 14, y)], fill=colour)
+    draw.rectangle([x, y0, x + 14, y1], outline="black")
+    for value in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = round(y1 - value * span)
+        draw.line([(x + 14, y), (x + 18, y)], fill="black")
+        draw.text((x + 21, y), f"{value:.2f}", fill="black", font=font, anchor="lm")
+    draw.text((x - 4, y0 - 6), "attention\npercentile", fill="black", font=font, anchor="ld")
+
+
+def draw_heatmap(
+    thumb: np.ndarray, raster: np.ndarray, tissue: np.ndarray | None, title: str, path: Path
+) -> tuple[int, int]:
+    """Overlay ``raster`` (scores in [0, 1], NaN = no tile) on ``thumb``, outline ``tissue``.
+
+    The PNG is (w + BAR_PX, h + TITLE_PX): thumbnail pixels are kept 1:1, and every buffer is
+    uint8 at thumbnail size (matplotlib's image pipeline would hold ~100 B per pixel).
+    """
+    h, w = thumb.shape[:2]
+    lut = colormaps[CMAP](np.linspace(0.0, 1.0, 256), bytes=True)[:, :3]
+    image = _blend(thumb, raster, lut)
+    if tissue is not None and tissue.any() and not tissue.all():
+        image[tissue & ~ndimage.binary_erosion(tissue, iterations=2, border_value=1)] = 0
+    canvas = Image.new("RGB", (w + BAR_PX, h + TITLE_PX), "white")
+    canvas.paste(Image.fromarray(image), (0, TITLE_PX))
+    draw = ImageDraw.Draw(canvas)
+    draw.text(
+        (6, TITLE_PX // 2), title, fill="black", font=ImageFont.load_default(size=14), anchor="lm"
+    )
+    top = TITLE_PX + max(30, round(0.1 * h))
+    _colour_bar(draw, lut, w + 14, top, max(top + 20, TITLE_PX + round(0.9 * h)))
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return canvas.size
+
+
+def montage_size(k: int, tile_size: int) -> tuple[int, int]:
+    """(width, height) of a montage of two rows of ``k`` tiles."""
+    return k * (tile_size + GAP_PX) + GAP_PX, 2 * (LABEL_PX + tile_size + GAP_PX) + GAP_PX
+
+
+def draw_montage(
+    slide: openslide.OpenSlide, grid: TileGrid, attention: np.ndarray, top_k: int, path: Path
+) -> tuple[int, int]:
+    """The ``k`` most (top row) and least (bottom row) attended tiles at full resolution."""
+    n = len(attention)
+    k = max(1, min(top_k, n // 2))
+    order = np.argsort(-attention, kind="stable")
+    scores = percentile_scores(attention)
+    rows = [("top", order[:k]), ("low", order[::-1][:k])]
+    t = grid.tile_size
+    size = montage_size(k, t)
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=min(11, max(7, t // 9)))
+    for r, (name, picks) in enumerate(rows):
+        top = GAP_PX + r * (LABEL_PX + t + GAP_PX)
+        for j, i in enumerate(picks):
+            left = GAP_PX + j * (t + GAP_PX)
+            x, y = grid.coords[i]
+            canvas.paste(read_tile(slide, grid, int(x), int(y)), (left, top + LABEL_PX))
+            label = f"{name} {j + 1}: p{100 * scores[i]:.0f}"
+            draw.text((left, top + 2), label, fill="black", font=font)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return size
+
+
+def write_geojson(path: Path, amap: AttentionMap) -> None:
+    """Tiles as a QuPath-importable FeatureCollection (level-0 px) with attention measurements.
+
+    Written feature by feature, so a 100,000-tile slide never holds the whole document in memory.
+    """
+    mean, scores, s = amap.mean_attention, percentile_scores(amap.mean_attention), amap.level0_size
+    with atomic_path(path) as tmp, tmp.open("w") as f:
+        f.write('{"type": "FeatureCollection", "features": [\n')
+        for i, (x, y) in enumerate(amap.coords.tolist()):
+            measurements = {"attention": float(mean[i]), "attention_percentile": float(scores[i])}
+            for name, a in zip(amap.fold_names, amap.attention[:, i].tolist(), strict=True):
+                measurements[f"attention_{name}"] = a
+            feature = {
+                "type": "Feature",
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]],
+                },
+                "properties": {
+                    "objectType": "tile",
+                    "name": f"tile {i}",
+                    "measurements": measurements,
+                },
+            }
+            f.write(("," if i else "") + json.dumps(feature) + "\n")
+        f.write("]}\n")
+
+
+def render_slide(
+    amap: AttentionMap,
+    slide: openslide.OpenSlide,
+    grid: TileGrid,
+    out_dir: Path,
+    top_k: int,
+    thumbnail_size: int,
+    geojson: bool,
+) -> dict[str, Path]:
+    """heatmap.png, montage.png and optionally tiles.geojson of one slide into ``out_dir``."""
+    ds = thumbnail_downsample(slide.dimensions, thumbnail_size)
+    thumb = read_thumbnail(slide, ds)
+    ds = slide.dimensions[0] / thumb.shape[1]  # exact, after rounding the thumbnail size
+    raster = score_raster(
+        amap.coords, amap.level0_size, percentile_scores(amap.mean_attention), ds, thumb.shape[:2]
+    )
+    tissue = None
+    if math.isfinite(grid.level0_mpp):
+        keys = set(TissueConfig.__dataclass_fields__)
+        tissue_cfg = TissueConfig(
+            **{k: v for k, v in grid.tiling.get("tissue", {}).items() if k in keys}
+        )
+        tissue = segment_tissue(thumb, grid.level0_mpp * ds, tissue_cfg)
+    files = {"heatmap": out_dir / "heatmap.png", "montage": out_dir / "montage.png"}
+    draw_heatmap(thumb, raster, tissue, amap.title(), files["heatmap"])
+    draw_montage(slide, grid, amap.mean_attention, top_k, files["montage"])
+    if geojson:
+        files["geojson"] = out_dir / "tiles.geojson"
+        write_geojson(files["geojson"], amap)
+    return files

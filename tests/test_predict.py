@@ -1,0 +1,180 @@
+"""`predict`: new slides -> the run's tiling + encoder -> fold ensemble, reproducing `fit`."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from test_heatmap import TILE, Pipeline, tiny_pipeline
+
+from melanoma_mil.config import EncoderConfig, ExtractConfig, PredictConfig, load_config
+from melanoma_mil.errors import UserError
+from melanoma_mil.features.run import run_extract
+from melanoma_mil.io import sha256_file
+from melanoma_mil.training.artifacts import load_run
+from melanoma_mil.viz.heatmap import probability_columns
+from melanoma_mil.viz.inference import encoder_config
+from melanoma_mil.viz.predict import run_predict
+from melanoma_mil.viz.render import AttentionMap
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    return tiny_pipeline(tmp_path_factory)
+
+
+def predict_cfg(pipe: Pipeline, out: Path, *extra: str) -> PredictConfig:
+    keys = [
+        f"run_dir={pipe.run_dir}",
+        f"output_dir={out}",
+        "device=cpu",
+        "num_workers=0",
+        "batch_size=32",
+        "thumbnail_size=256",
+        "top_k=2",
+    ]
+    return load_config(PredictConfig, [], [*keys, *extra])
+
+
+def test_new_slides_are_tiled_and_encoded_like_the_run_and_reproduce_fit(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    fit = pd.read_csv(pipe.run_dir / "predictions.csv")
+    # one test slide of each fold, copied to a new folder, plus a corrupt file
+    picks = fit.groupby("fold").head(1)
+    new = tmp_path / "new_slides"
+    new.mkdir()
+    for sid in picks["slide_id"]:
+        shutil.copy(pipe.slides / f"{sid}.tiff", new / f"{sid}.tiff")
+    (new / "broken.tiff").write_bytes(b"II*\x00 not a slide")
+    out = tmp_path / "pred"
+    assert run_predict(predict_cfg(pipe, out, f"slides_dir={new}")) == 1  # broken.tiff failed
+    pred = pd.read_csv(out / "predictions.csv").set_index("slide_id")
+    assert pred.loc["broken", "status"] == "failed" and "broken" in pred.loc["broken", "reason"]
+    assert pd.isna(pred.loc["broken", "prob"])
+    folds = load_run(pipe.run_dir).fold_names()
+    for r in picks.itertuples():
+        row = pred.loc[r.slide_id]
+        assert row["status"] == "ok" and row["n_tiles"] > 0
+        # the fold model that had this slide in its test set gives fit's probability
+        assert row[f"prob_fold_{r.fold}"] == pytest.approx(r.prob, abs=1e-4)
+        assert row["prob"] == pytest.approx(np.mean([row[f"prob_{f}"] for f in folds]))
+        assert row["prob_immune_low"] == pytest.approx(row["prob"])
+        assert row["pred"] == ("immune_low" if row["prob"] > 0.5 else "immune_high")
+        for name in ("heatmap.png", "montage.png", "attention.h5"):
+            assert (out / r.slide_id / name).is_file()
+    with pytest.raises(UserError, match="overwrite=true"):
+        run_predict(predict_cfg(pipe, out, f"slides_dir={new}"))
+
+
+def test_predict_from_the_runs_feature_cache_matches_fit_for_every_slide(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    out = tmp_path / "pred"
+    cfg = predict_cfg(pipe, out, f"features_dir={pipe.features}", "heatmaps=false")
+    assert run_predict(cfg) == 0
+    pred = pd.read_csv(out / "predictions.csv").set_index("slide_id")
+    fit = pd.read_csv(pipe.run_dir / "predictions.csv")
+    assert len(pred) == len(fit) == 12
+    same = [pred.loc[r.slide_id, f"prob_fold_{r.fold}"] for r in fit.itertuples()]
+    np.testing.assert_allclose(same, fit["prob"], atol=1e-4)
+    assert not list(out.glob("*/heatmap.png"))
+
+
+def test_predict_refuses_a_feature_cache_from_another_encoder(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    coords = tmp_path / "tiles" / "coords"
+    coords.mkdir(parents=True)
+    shutil.copy(pipe.root / "tiles" / "coords" / "slide_000.h5", coords)
+    other = ExtractConfig(
+        coords_dir=str(coords.parent),
+        output_dir=str(tmp_path / "feats"),
+        encoder=EncoderConfig(name="ciga_simclr_resnet18", pretrained=False),
+        batch_size=32,
+        num_workers=0,
+        device="cpu",
+    )
+    assert run_extract(other) == 0
+    (cache,) = [p for p in (tmp_path / "feats").iterdir() if p.is_dir()]
+    out = tmp_path / "pred"
+    cfg = predict_cfg(
+        pipe, out, f"features_dir={cache}", f"slides_dir={pipe.slides}", "slide_ids=[slide_000]"
+    )
+    with pytest.raises(UserError, match="encoder='ciga_simclr_resnet18'.*'resnet18_imagenet'"):
+        run_predict(cfg)
+    assert not (out / "predictions.csv").exists()
+
+
+def test_weights_file_must_match_the_recorded_sha(pipe: Pipeline, tmp_path: Path) -> None:
+    run = load_run(pipe.run_dir)
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"some weights")
+    sha_run = dataclasses.replace(run, provenance={**run.provenance, "encoder_weights": "ab" * 32})
+    with pytest.raises(UserError, match="pass encoder_weights=PATH"):
+        encoder_config(sha_run, None)
+    with pytest.raises(UserError, match="sha256"):
+        encoder_config(sha_run, str(weights))
+    digest = sha256_file(weights)
+    ok_run = dataclasses.replace(run, provenance={**run.provenance, "encoder_weights": digest})
+    assert encoder_config(ok_run, str(weights)) == EncoderConfig(
+        name="resnet18_imagenet", weights=str(weights), pretrained=False
+    )
+    assert encoder_config(run, None) == EncoderConfig(name="resnet18_imagenet", pretrained=False)
+    with pytest.raises(UserError, match="drop encoder_weights"):
+        encoder_config(run, str(weights))
+
+
+def test_predict_refuses_a_cache_with_another_tile_size(pipe: Pipeline, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy(pipe.features / "slide_003.h5", cache)
+    with h5py.File(cache / "slide_003.h5", "r+") as f:
+        f.attrs["tile_size"] = 2 * TILE
+    cfg = predict_cfg(pipe, tmp_path / "pred", f"features_dir={cache}", "heatmaps=false")
+    with pytest.raises(UserError, match=f"tile_size={2 * TILE}.*tile_size={TILE}"):
+        run_predict(cfg)
+
+
+def test_multiclass_prediction_columns() -> None:
+    amap = AttentionMap(
+        "s",
+        np.zeros((3, 2), np.int64),
+        256,
+        np.full((2, 3), 1 / 3),
+        np.array([[0.2, 0.5, 0.3], [0.4, 0.4, 0.2]]),
+        ["fold_0", "fold_1"],
+        ["a", "b", "c"],
+    )
+    cols = probability_columns(amap)
+    assert "prob" not in cols and cols["pred"] == "b"
+    assert cols["prob_a"] == pytest.approx(0.3) and cols["prob_fold_1_a"] == pytest.approx(0.4)
+    assert set(cols) == {"prob_a", "prob_b", "prob_c", "pred"} | {
+        f"prob_fold_{k}_{c}" for k in (0, 1) for c in "abc"
+    }
+
+
+def test_a_missing_slide_file_keeps_its_prediction_and_a_corrupt_bag_fails_alone(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for sid in ("slide_003", "slide_004", "slide_005"):
+        shutil.copy(pipe.features / f"{sid}.h5", cache)
+    with h5py.File(cache / "slide_003.h5", "r+") as f:
+        f.attrs["slide_path"] = str(tmp_path / "moved" / "slide_003.tiff")
+    (cache / "slide_004.h5").write_bytes(b"truncated")
+    out = tmp_path / "pred"
+    assert run_predict(predict_cfg(pipe, out, f"features_dir={cache}")) == 1
+    pred = pd.read_csv(out / "predictions.csv").set_index("slide_id")
+    assert pred.loc["slide_003", "status"] == "no_heatmap"
+    assert "pass slides_dir" in pred.loc["slide_003", "reason"]
+    assert 0 <= pred.loc["slide_003", "prob"] <= 1
+    assert pred.loc["slide_004", "status"] == "failed" and pd.isna(pred.loc["slide_004", "prob"])
+    assert pred.loc["slide_005", "status"] == "ok"
+    assert (out / "slide_005" / "heatmap.png").is_file()
