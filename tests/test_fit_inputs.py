@@ -154,3 +154,35 @@ def test_clam_pt_files_are_read(tmp_path: Path) -> None:
     cohort = build_cohort(cfg.data)
     store = load_store(cohort.members)
     assert store.dim == 24 and store.bags["s5"].shape == (15, 24)
+
+
+def test_clam_splits_csv_folder_is_used(tmp_path: Path) -> None:
+    features, labels = make_bag_cohort(tmp_path, n_patients=12, dim=16)
+    ids = [f"P{i:04d}" for i in range(12)]
+    folder = tmp_path / "clam_splits"
+    folder.mkdir()
+    for k in range(2):
+        test = ids[k * 6 : k * 6 + 6]
+        rest = [i for i in ids if i not in test]
+        cols = {"train": rest[:4], "val": rest[4:], "test": test}
+        pd.DataFrame({c: pd.Series(v) for c, v in cols.items()}).to_csv(
+            folder / f"splits_{k}.csv", index=False
+        )
+    cfg = load_config(
+        FitConfig,
+        [],
+        [
+            f"data.features_dir={features}",
+            f"data.labels_csv={labels}",
+            f"output_dir={tmp_path / 'r'}",
+            f"cv.splits_file={folder}",
+            "trainer.max_epochs=1",
+            "trainer.accelerator=cpu",
+            "logger=none",
+        ],
+    )
+    from melanoma_mil.training.cv import run_fit
+
+    assert run_fit(cfg) == 0
+    preds = pd.read_csv(tmp_path / "r" / "predictions.csv")
+    assert sorted(preds[preds["fold"] == 1]["slide_id"]) == ids[6:]

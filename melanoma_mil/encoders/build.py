@@ -1,0 +1,295 @@
+"""Build an encoder from its registry entry: module (eval), batched transform, dim, provenance.
+
+Weights come from exactly one declared source: a local file (``encoder.weights``), the hub /
+HF cache (``encoder.pretrained=true``), or a seeded random init (``pretrained=false``, recorded
+as "random"). Nothing ever falls back silently from pretrained to random.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from melanoma_mil.config import EncoderConfig
+from melanoma_mil.encoders.registry import EncoderSpec, get_spec
+from melanoma_mil.encoders.weights import load_into, read_weights_file
+from melanoma_mil.errors import UserError
+from melanoma_mil.io import sha256_file
+
+log = logging.getLogger(__name__)
+
+RANDOM = "random"
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RandomEncoderWarning(UserWarning):
+    """Features came from an encoder with random weights: fine for tests, not for results."""
+
+
+@dataclass(frozen=True)
+class TileTransform:
+    """Batched uint8 [B, 3, H, W] -> normalised float32 [B, 3, h, w] (channels_last storage).
+
+    One interpolation goes straight from the pixels read to the encoder's input size, so a tile
+    read at a finer pyramid level is not resized twice. Normalisation runs on [B, h, w*3] rows
+    (per-channel constants tiled along the row) so it vectorises over contiguous NHWC memory,
+    and may write into a reused ``out`` buffer: on CPU, fresh 50 MB batches cost more in page
+    faults than the arithmetic itself.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: int | None = None  # None: keep the tile size (CNNs)
+    crop: int | None = None
+    interpolation: str = "bilinear"
+
+    def input_size(self, tile_size: int) -> int:
+        side = self.resize or tile_size
+        return min(self.crop, side) if self.crop else side
+
+    def __call__(
+        self, x: torch.Tensor, tile_size: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        side = self.resize or tile_size
+        if x.shape[-1] != side or x.shape[-2] != side:
+            x = F.interpolate(  # antialiased resampling has no reduced-precision CPU kernels
+                x.float(), size=(side, side), mode=self.interpolation, antialias=True
+            )
+        if self.crop and self.crop < side:
+            o = (side - self.crop) // 2
+            x = x[..., o : o + self.crop, o : o + self.crop]
+        b, _, h, w = x.shape
+        rows = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        if out is None or out.shape != x.shape or out.device != x.device:
+            out = torch.empty(x.shape, device=x.device, memory_format=torch.channels_last)
+        std = torch.tensor(self.std, device=out.device) * 255
+        mean = torch.tensor(self.mean, device=out.device) * 255
+        out_rows = out.permute(0, 2, 3, 1).view(b, h, w * 3)
+        out_rows.copy_(rows.reshape(b, h, w * 3))
+        out_rows.mul_((1.0 / std).repeat(w)).sub_((mean / std).repeat(w))
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "resize": self.resize,
+                "crop": self.crop,
+                "interpolation": self.interpolation,
+                "mean": list(self.mean),
+                "std": list(self.std),
+            },
+            sort_keys=True,
+        )
+
+
+class _ClsToken(nn.Module):
+    """Class token of a ViT that returns its whole token sequence (Virchow2: global_pool='')."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(x)[:, 0]
+
+
+@dataclass
+class Encoder:
+    """A ready encoder: ``module(transform(tiles))`` -> [B, dim] features."""
+
+    name: str
+    module: nn.Module
+    transform: TileTransform
+    dim: int
+    spec: EncoderSpec
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    _buffer: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    @torch.inference_mode()
+    def encode(self, tiles: torch.Tensor, tile_size: int, precision: str = "fp32") -> torch.Tensor:
+        """uint8 tiles [B, 3, H, W] -> float32 features [B, dim] (the extraction forward path)."""
+        x = tiles.to(self.device, non_blocking=True)
+        self._buffer = x = self.transform(x, tile_size, out=self._buffer)
+        with autocast(self.device, precision):
+            return self.module(x).float()
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """Mixed-precision context for ``precision`` (no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_DTYPES[precision])
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmul on this CPU (AVX512-BF16 / AMX); without it bf16 is slower than fp32."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(torch.backends.mkldnn.is_available() and check is not None and check())
+    except RuntimeError:
+        return False
+
+
+def resolve_precision(requested: str, spec: EncoderSpec, device: torch.device) -> str:
+    """'auto' -> the encoder's preferred dtype where the hardware runs it fast, else fp32."""
+    if requested != "auto":
+        if requested not in _DTYPES:
+            raise UserError(f"precision '{requested}' unknown; use auto, fp32, bf16 or fp16.")
+        return requested
+    if spec.precision == "fp32":
+        return "fp32"
+    if device.type == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+        return spec.precision if spec.precision == "fp16" or bf16_ok else "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+
+
+@contextlib.contextmanager
+def _seeded(seed: int = 0) -> Iterator[None]:
+    """Random init identical in every process (ranks, reruns): a 'random' cache is reproducible."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _create(spec: EncoderSpec, pretrained_hub: bool) -> nn.Module:
+    import timm
+
+    kwargs = dict(spec.kwargs)
+    if not pretrained_hub:
+        return timm.create_model(spec.arch, pretrained=False, **kwargs)
+    source = spec.hub if spec.hub and spec.hub != "timm" else spec.arch
+    return timm.create_model(source, pretrained=True, **kwargs)
+
+
+def _cut(model: nn.Module, spec: EncoderSpec) -> nn.Module:
+    if spec.trunk == "layer3":
+        model.layer4 = nn.Identity()  # type: ignore[assignment]
+    if spec.pooling == "cls" and spec.kwargs.get("global_pool") == "":
+        return _ClsToken(model)
+    return model
+
+
+def _uninitialised(spec: EncoderSpec) -> nn.Module:
+    """The architecture with allocated but uninitialised tensors, for a strict full load.
+
+    Skips the random init (tens of seconds for 1B-param ViTs). Only safe when every buffer is
+    persistent, i.e. comes from the checkpoint; otherwise the module is initialised normally.
+    """
+    with torch.device("meta"):
+        model = _cut(_create(spec, pretrained_hub=False), spec)
+    persistent = set(model.state_dict())
+    if all(name in persistent for name, _ in model.named_buffers()):
+        return model.to_empty(device="cpu")
+    with _seeded():
+        return _cut(_create(spec, pretrained_hub=False), spec)
+
+
+def _hub_id(model: nn.Module, spec: EncoderSpec) -> str:
+    if spec.hub and spec.hub.startswith("hf-hub:"):
+        return spec.hub.split(":", 1)[1]
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg.get("hf_hub_id") or cfg.get("url") or spec.arch)
+
+
+def _hub_model(spec: EncoderSpec) -> nn.Module:
+    if spec.hub is None:
+        raise UserError(
+            f"encoder '{spec.name}' has no hub copy of its weights: download them from "
+            f"{spec.weights_url} and pass encoder.weights=PATH (or encoder.pretrained=false "
+            "for random weights, tests only)."
+        )
+    try:
+        return _create(spec, pretrained_hub=True)
+    except Exception as e:  # network, gated repo, offline cache miss, bad token...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        gated = " (gated: accept its terms on huggingface.co, set HF_TOKEN)" if spec.gated else ""
+        raise UserError(
+            f"encoder '{spec.name}': could not get pretrained weights from {spec.hub}{gated}: "
+            f"{reason[:200]}. Pass encoder.weights=PATH to a local file, or "
+            "encoder.pretrained=false for random weights."
+        ) from None
+
+
+def build_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> Encoder:
+    """Build ``cfg.name`` with its declared weights; ``device='meta'`` builds shapes only."""
+    spec = get_spec(cfg.name)
+    device = torch.device(device)
+    weights_id, prefix = RANDOM, None
+    if device.type == "meta":
+        if cfg.weights or cfg.pretrained:
+            raise UserError("a meta-device encoder has no weights: use pretrained=false.")
+        with torch.device("meta"):
+            model = _cut(_create(spec, pretrained_hub=False), spec)
+    elif cfg.weights:
+        path = Path(cfg.weights).expanduser()
+        sd = read_weights_file(path)
+        model = _uninitialised(spec)
+        prefix = load_into(model, sd, path, spec.name, spec.ignore_keys)
+        weights_id = sha256_file(path)
+        log.info("encoder %s: weights %s (prefix '%s' stripped)", spec.name, path, prefix)
+    elif cfg.pretrained:
+        raw = _hub_model(spec)
+        weights_id = f"hub:{_hub_id(raw, spec)}"
+        model = _cut(raw, spec)
+    else:
+        with _seeded():
+            model = _cut(_create(spec, pretrained_hub=False), spec)
+        log.warning(
+            "encoder %s has RANDOM weights (pretrained=false): features are for tests and "
+            "demos only.",
+            spec.name,
+        )
+    model = model.eval().requires_grad_(False)
+    if device.type != "meta":
+        model = model.to(device=device, memory_format=torch.channels_last)
+    transform = TileTransform(spec.mean, spec.std, spec.resize, spec.crop, spec.interpolation)
+    provenance: dict[str, Any] = {
+        "encoder": spec.name,
+        "encoder_weights": weights_id,
+        "encoder_pretrained": weights_id != RANDOM,
+        "embed_dim": spec.dim,
+        "transform": transform.to_json(),
+        "encoder_arch": spec.arch,
+        "encoder_pooling": spec.pooling,
+        "encoder_license": spec.license,
+    }
+    if cfg.weights:
+        provenance["encoder_weights_file"] = str(Path(cfg.weights).expanduser().resolve())
+    return Encoder(spec.name, model, transform, spec.dim, spec, provenance)
+
+
+def warn_if_random(attrs: Mapping[str, Any], where: str = "the feature cache") -> bool:
+    """Warn (RandomEncoderWarning) when ``attrs`` say the features came from random weights.
+
+    ``fit`` calls this with a feature file's attrs, so a model trained on a random-encoder cache
+    (e.g. a forgotten pretrained=false) is flagged in the log instead of passing silently.
+    """
+    weights = attrs.get("encoder_weights")
+    if isinstance(weights, bytes):
+        weights = weights.decode()
+    if weights != RANDOM:
+        return False
+    warnings.warn(
+        f"{where} was extracted with a randomly initialised encoder "
+        f"('{attrs.get('encoder', '?')}', encoder.pretrained=false): results do not reflect a "
+        "pretrained representation. Re-run `extract` with pretrained weights for real experiments.",
+        RandomEncoderWarning,
+        stacklevel=2,
+    )
+    return True

@@ -1,0 +1,166 @@
+"""Load a local weights file into an encoder, strictly: every backbone tensor must come from it.
+
+Checkpoints arrive as plain state dicts, Lightning / SimCLR / DINO checkpoints (``state_dict``,
+``model``, ``teacher`` ...), safetensors, or HF-transformers ViTs. The key prefix (``module.``,
+``model.resnet.``, ``backbone.`` ...) is found by matching against the model's own keys rather
+than from a fixed list, so new wrappers work too. A silent partial load would give features from
+a half-random network, so any missing, unexpected or mis-shaped key is a UserError.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from melanoma_mil.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_NESTED = ("state_dict", "model", "teacher", "model_state_dict", "module", "net", "encoder")
+_EXTRA_BUFFERS = ("num_batches_tracked",)  # absent from some checkpoints, harmless at eval
+
+
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensor dict inside a weights file (safetensors, torch state dict or checkpoint)."""
+    if not path.is_file():
+        raise UserError(f"encoder.weights '{path}' not found: check the path.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path))
+        else:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                # Lightning checkpoints pickle hyper-parameter objects next to the tensors.
+                log.warning("%s stores pickled objects; loading it fully (trust the file).", path)
+                obj = torch.load(path, map_location="cpu", weights_only=False)
+    except UserError:
+        raise
+    except Exception as e:  # corrupt zip, truncated file, unknown pickle class...
+        raise UserError(
+            f"encoder.weights '{path}' is not a readable weights file ({type(e).__name__}: "
+            f"{e}); pass a .pt/.pth/.ckpt/.bin state dict or a .safetensors file."
+        ) from None
+    sd = _unwrap(obj)
+    if not sd:
+        raise UserError(
+            f"encoder.weights '{path}' holds no tensors (top-level keys: "
+            f"{list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__}); "
+            "pass a state dict or a checkpoint with a 'state_dict' entry."
+        )
+    return _from_hf_vit(sd)
+
+
+def _tensors(d: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in d.items() if isinstance(v, torch.Tensor)}
+
+
+def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
+    """Descend into checkpoint wrappers until the mapping is mostly tensors."""
+    while isinstance(obj, Mapping):
+        tensors = _tensors(obj)
+        if len(tensors) >= max(1, len(obj) // 2):
+            return tensors
+        inner = next((obj[k] for k in _NESTED if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            return tensors
+        obj = inner
+    if isinstance(obj, nn.Module):
+        return dict(obj.state_dict())
+    return {}
+
+
+def _from_hf_vit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF-transformers ViT keys (e.g. owkin/phikon) -> timm VisionTransformer keys."""
+    anchor = "embeddings.patch_embeddings.projection.weight"
+    base = next((k[: -len(anchor)] for k in sd if k.endswith(anchor)), None)
+    if base is None:
+        return sd
+    g = {k[len(base) :]: v for k, v in sd.items() if k.startswith(base)}
+    out = {
+        "cls_token": g["embeddings.cls_token"],
+        "pos_embed": g["embeddings.position_embeddings"],
+        "patch_embed.proj.weight": g[anchor],
+        "patch_embed.proj.bias": g["embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": g["layernorm.weight"],
+        "norm.bias": g["layernorm.bias"],
+    }
+    names = {
+        "layernorm_before": "norm1",
+        "attention.output.dense": "attn.proj",
+        "layernorm_after": "norm2",
+        "intermediate.dense": "mlp.fc1",
+        "output.dense": "mlp.fc2",
+    }
+    n_layers = 1 + max(int(k.split(".")[2]) for k in g if k.startswith("encoder.layer."))
+    for i in range(n_layers):
+        src, dst = f"encoder.layer.{i}.", f"blocks.{i}."
+        for p in ("weight", "bias"):
+            qkv = [g[f"{src}attention.attention.{n}.{p}"] for n in ("query", "key", "value")]
+            out[f"{dst}attn.qkv.{p}"] = torch.cat(qkv)
+            for a, b in names.items():
+                out[f"{dst}{b}.{p}"] = g[f"{src}{a}.{p}"]
+    return out
+
+
+def _best_prefix(keys: Iterable[str], targets: set[str]) -> str:
+    """The wrapper prefix under which most of the model's keys appear ('' if none needed)."""
+    votes: Counter[str] = Counter()
+    for k in keys:
+        for i in [0] + [j + 1 for j, c in enumerate(k) if c == "."]:
+            if k[i:] in targets:
+                votes[k[:i]] += 1
+                break
+    if not votes:
+        return ""
+    best = max(votes.values())
+    return min((p for p, n in votes.items() if n == best), key=len)
+
+
+def _sample(keys: Iterable[str], n: int = 4) -> str:
+    ks = sorted(keys)
+    return ", ".join(ks[:n]) + (f" (+{len(ks) - n} more)" if len(ks) > n else "")
+
+
+def load_into(
+    model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path, name: str, ignore: Iterable[str]
+) -> str:
+    """Load ``sd`` into ``model`` strictly (after prefix stripping); return the stripped prefix."""
+    own = model.state_dict()
+    targets = set(own)
+    prefix = _best_prefix(sd, targets)
+    stripped = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    ignore = tuple(ignore)
+    unexpected = [k for k in stripped if k not in targets and not k.startswith(ignore)]
+    missing = [k for k in targets if k not in stripped and not k.endswith(_EXTRA_BUFFERS)]
+    shapes = [
+        f"{k} {tuple(stripped[k].shape)} vs {tuple(own[k].shape)}"
+        for k in targets & set(stripped)
+        if stripped[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)}/{len(targets)} model keys missing ({_sample(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_sample(unexpected)})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches ({_sample(shapes, 2)})")
+        raise UserError(
+            f"encoder.weights '{path}' does not fit encoder '{name}' (key prefix "
+            f"'{prefix}' stripped): {'; '.join(parts)}. Pick the encoder.name this checkpoint "
+            "was trained as, or export its backbone state dict."
+        )
+    model.load_state_dict({k: v for k, v in stripped.items() if k in targets}, strict=False)
+    for k in targets - set(stripped):  # only counters such as BatchNorm's num_batches_tracked
+        own[k].zero_()
+    return prefix

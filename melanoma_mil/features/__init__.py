@@ -1,0 +1,1 @@
+"""Feature extraction: tiles -> cached per-slide feature bags (`extract`)."""

@@ -1,0 +1,126 @@
+"""What to extract (coords files matched to slides) and how tiles are read, batch by batch.
+
+A dataset item is a whole batch of tiles as uint8 [B, S, S, 3], read in a DataLoader worker
+with its own OpenSlide handle: one IPC message per batch, and the float conversion, resize and
+normalisation happen later as batched tensor ops on the compute device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openslide
+import torch
+from torch.utils.data import Dataset
+
+from melanoma_mil.errors import UserError
+from melanoma_mil.tiling.coords import TileGrid
+from melanoma_mil.tiling.slides import find_slides, open_slide
+
+
+@dataclass(frozen=True)
+class Job:
+    slide_id: str
+    coords_path: Path
+    slide_path: Path | None  # None: not found (reason says why)
+    reason: str = ""
+
+
+def coords_files(coords_dir: str | os.PathLike[str] | None) -> dict[str, Path]:
+    """slide_id -> coords h5 of a `tile` output folder (its coords/ subfolder) or a plain folder."""
+    if not coords_dir:
+        raise UserError("no tiles given: set coords_dir to a `tile` output folder.")
+    root = Path(coords_dir)
+    if not root.is_dir():
+        raise UserError(f"coords_dir '{root}' is not a folder: point it at a `tile` output_dir.")
+    folder = root / "coords" if (root / "coords").is_dir() else root
+    files = {p.stem: p for p in sorted(folder.glob("*.h5")) if not p.name.startswith(".")}
+    if not files:
+        raise UserError(f"no coords .h5 files in '{folder}': run `tile` first (output_dir=...).")
+    return files
+
+
+def plan_jobs(
+    coords: dict[str, Path],
+    slides_dir: str | None,
+    manifest: str | None,
+    extensions: list[str],
+    slide_paths: dict[str, str],
+) -> list[Job]:
+    """Pair each coords file with its slide: slides_dir / manifest if given, else its slide_path."""
+    found = find_slides(slides_dir, manifest, extensions) if (slides_dir or manifest) else {}
+    jobs = []
+    for sid, cpath in coords.items():
+        if found:
+            path = found.get(sid)
+            why = "" if path else "no slide with this id in slides_dir / manifest"
+        else:
+            recorded = slide_paths.get(sid, "")
+            path = Path(recorded) if recorded and Path(recorded).is_file() else None
+            why = "" if path else f"recorded slide_path '{recorded}' not found; set slides_dir"
+        jobs.append(Job(sid, cpath, path, why))
+    return jobs
+
+
+def to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """RGBA -> RGB; transparent pixels (outside the scan) become white, as in `tile`."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return rgb
+    a = alpha[..., None].astype(np.float32) / 255.0
+    return (rgb * a + 255.0 * (1.0 - a)).round().astype(np.uint8)
+
+
+class SlideBatches(Dataset[torch.Tensor]):
+    """Batches of one slide's tiles; each process opens its own OpenSlide handle lazily."""
+
+    def __init__(self, slide_path: Path, grid: TileGrid, batch_size: int) -> None:
+        self.slide_path = slide_path
+        self.coords = grid.coords
+        self.level = grid.patch_level
+        self.size = grid.read_size
+        self.batch_size = batch_size
+        self._slide: openslide.OpenSlide | None = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.coords) / self.batch_size)
+
+    def _handle(self) -> openslide.OpenSlide:
+        if self._slide is None or self._pid != os.getpid():  # forked workers get their own
+            self._slide, self._pid = open_slide(self.slide_path), os.getpid()
+        return self._slide
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.read(i)
+
+    def read(
+        self, i: int, pool: ThreadPoolExecutor | None = None, threads: int = 1
+    ) -> torch.Tensor:
+        """Batch ``i``; with a pool, ``threads`` tasks read its tiles concurrently (OpenSlide is
+        thread-safe and its reads release the GIL)."""
+        slide = self._handle()
+        xy = self.coords[i * self.batch_size : (i + 1) * self.batch_size]
+        out = np.empty((len(xy), self.size, self.size, 3), np.uint8)
+
+        def fill(rows: range) -> None:
+            for j in rows:
+                x, y = int(xy[j, 0]), int(xy[j, 1])
+                out[j] = to_rgb(np.asarray(slide.read_region((x, y), self.level, (self.size,) * 2)))
+
+        if pool is None or threads < 2:
+            fill(range(len(xy)))
+        else:
+            list(pool.map(fill, [range(k, len(xy), threads) for k in range(threads)]))
+        return torch.from_numpy(out)
+
+    def close(self) -> None:
+        if self._slide is not None and self._pid == os.getpid():
+            self._slide.close()
+        self._slide = None

@@ -1,0 +1,209 @@
+"""Encoder registry: every entry's dim, strict local-weights loading, no silent random weights."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from melanoma_mil.config import EncoderConfig
+from melanoma_mil.encoders import (
+    REGISTRY,
+    RandomEncoderWarning,
+    build_encoder,
+    get_spec,
+    warn_if_random,
+)
+from melanoma_mil.errors import UserError
+from melanoma_mil.io import sha256_file
+
+CMU = Path(__file__).resolve().parents[2] / "shared/data/cmu_small_region.svs"
+# Above this size, random init + a CPU forward costs seconds to minutes per model (Phikon 86M,
+# UNI 0.3B, UNI2-h / Virchow2 ~0.65B, H-optimus-0 / GigaPath 1.1B params).
+REAL_BUILD_MAX_PARAMS = 50e6
+
+
+def _quick_random(arch: str, seed: int) -> torch.nn.Module:
+    """A timm model with N(0, 0.02) weights: skips timm's slow truncated-normal init."""
+    with torch.device("meta"):
+        model = timm.create_model(arch, num_classes=0)
+    model = model.to_empty(device="cpu").eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.normal_(0, 0.02, generator=gen)
+    return model
+
+
+def _tile() -> torch.Tensor:
+    """One real H&E tile (uint8 [1, 3, 256, 256]) from the CMU slide, else a synthetic one."""
+    if CMU.is_file():
+        import openslide
+
+        with openslide.OpenSlide(str(CMU)) as s:
+            rgb = np.asarray(s.read_region((800, 1200), 0, (256, 256)).convert("RGB"))
+    else:
+        rgb = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None]
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_entry_builds_with_random_weights_and_yields_its_dim(name: str) -> None:
+    """Small entries run a real forward on a real tile. Entries over 50M params are built on the
+    meta device (same code path: architecture, kwargs, pooling wrapper, transform) and run on a
+    meta tensor of the transformed tile's shape, which checks the output dim without spending a
+    minute and ~5 GB on random init; their real forward is the extract path the GPU lead times.
+    """
+    cfg = EncoderConfig(name=name, pretrained=False)
+    meta = build_encoder(cfg, device="meta")
+    tile = _tile()
+    x = meta.transform(tile.to("meta"), 256)
+    side = meta.transform.input_size(256)
+    assert tuple(x.shape) == (1, 3, side, side)
+    n_params = sum(p.numel() for p in meta.module.parameters())
+    if n_params > REAL_BUILD_MAX_PARAMS:
+        out = meta.module(x)
+        assert tuple(out.shape) == (1, REGISTRY[name].dim)
+        return
+    enc = build_encoder(cfg)
+    feats = enc.encode(tile, 256, "fp32")
+    assert feats.shape == (1, REGISTRY[name].dim) == (1, enc.dim)
+    assert torch.isfinite(feats).all() and feats.std() > 0
+    assert enc.provenance["encoder_weights"] == "random"
+    assert enc.provenance["encoder_pretrained"] is False
+
+
+def test_random_init_is_reproducible_and_timm_names_work() -> None:
+    a = build_encoder(EncoderConfig(name="timm:resnet10t", pretrained=False))
+    b = build_encoder(EncoderConfig(name="timm:resnet10t", pretrained=False))
+    tile = _tile()
+    assert a.dim == timm.create_model("resnet10t", num_classes=0).num_features
+    assert torch.equal(a.encode(tile, 256), b.encode(tile, 256))
+    with pytest.raises(UserError, match="timm:resnet18"):
+        get_spec("timm:resnet18x")
+    with pytest.raises(UserError, match="resnet18_imagenet"):
+        get_spec("resnet18_imagenet_")
+
+
+def _ciga_layout(model: torch.nn.Module) -> dict[str, object]:
+    """A Lightning checkpoint as Ciga et al. released it: backbone under model.resnet., plus the
+    SimCLR projection head (fc.1 / fc.3) and training state the encoder must ignore."""
+    sd = {f"model.resnet.{k}": v for k, v in model.state_dict().items()}
+    sd["model.resnet.fc.1.weight"] = torch.randn(512, 512)
+    sd["model.resnet.fc.1.bias"] = torch.zeros(512)
+    sd["model.resnet.fc.3.weight"] = torch.randn(128, 512)
+    sd["model.resnet.fc.3.bias"] = torch.zeros(128)
+    return {"epoch": 9, "global_step": 1000, "state_dict": sd, "optimizer_states": []}
+
+
+def test_ciga_checkpoint_loads_and_changes_the_features(tmp_path: Path) -> None:
+    torch.manual_seed(123)
+    trained = timm.create_model("resnet18", num_classes=0).eval()
+    ckpt = tmp_path / "tenpercent_resnet18.ckpt"
+    torch.save(_ciga_layout(trained), ckpt)
+
+    loaded = build_encoder(EncoderConfig(name="ciga_simclr_resnet18", weights=str(ckpt)))
+    random = build_encoder(EncoderConfig(name="ciga_simclr_resnet18", pretrained=False))
+    tile = _tile()
+    f_loaded, f_random = loaded.encode(tile, 256), random.encode(tile, 256)
+    with torch.no_grad():
+        expected = trained(loaded.transform(tile, 256))
+    torch.testing.assert_close(f_loaded, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(f_loaded, f_random, atol=1e-3)
+    assert loaded.provenance["encoder_weights"] == sha256_file(ckpt)
+    assert loaded.provenance["encoder_pretrained"] is True
+
+
+def test_safetensors_with_module_prefix_loads(tmp_path: Path) -> None:
+    torch.manual_seed(7)
+    src = timm.create_model("resnet18", num_classes=0).eval()
+    path = tmp_path / "w.safetensors"
+    save_file({f"module.{k}": v.contiguous() for k, v in src.state_dict().items()}, path)
+    enc = build_encoder(EncoderConfig(name="resnet18_imagenet", weights=str(path)))
+    tile = _tile()
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode(tile, 256), src(enc.transform(tile, 256)))
+
+
+def test_hf_transformers_vit_layout_loads_into_phikon(tmp_path: Path) -> None:
+    """owkin/phikon ships HF-transformers ViT keys; they map onto the timm ViT-B/16."""
+    src = _quick_random("vit_base_patch16_224", seed=3)
+    s = src.state_dict()
+    hf = {
+        "embeddings.cls_token": s["cls_token"],
+        "embeddings.position_embeddings": s["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": s["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": s["patch_embed.proj.bias"],
+        "layernorm.weight": s["norm.weight"],
+        "layernorm.bias": s["norm.bias"],
+    }
+    parts = {
+        "layernorm_before": "norm1",
+        "attention.output.dense": "attn.proj",
+        "layernorm_after": "norm2",
+        "intermediate.dense": "mlp.fc1",
+        "output.dense": "mlp.fc2",
+    }
+    for i in range(12):
+        for p in ("weight", "bias"):
+            q, k, v = s[f"blocks.{i}.attn.qkv.{p}"].chunk(3)
+            for n, t in (("query", q), ("key", k), ("value", v)):
+                hf[f"encoder.layer.{i}.attention.attention.{n}.{p}"] = t
+            for a, b in parts.items():
+                hf[f"encoder.layer.{i}.{a}.{p}"] = s[f"blocks.{i}.{b}.{p}"]
+    path = tmp_path / "phikon.bin"
+    torch.save(hf, path)
+    enc = build_encoder(EncoderConfig(name="phikon", weights=str(path)))
+    tile = _tile()
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode(tile, 256), src(enc.transform(tile, 256)))
+
+
+def test_mismatched_checkpoint_fails_clearly(tmp_path: Path) -> None:
+    wrong = tmp_path / "resnet50.pth"
+    torch.save(timm.create_model("resnet50", num_classes=0).state_dict(), wrong)
+    with pytest.raises(UserError) as err:
+        build_encoder(EncoderConfig(name="ciga_simclr_resnet18", weights=str(wrong)))
+    msg = str(err.value)
+    assert str(wrong) in msg and "shape mismatches" in msg and "encoder.name" in msg
+    assert "\n" not in msg
+
+    partial = timm.create_model("resnet18", num_classes=0).state_dict()
+    partial = {f"backbone.{k}": v for k, v in partial.items() if not k.startswith("layer4.")}
+    cut = tmp_path / "partial.pt"
+    torch.save({"model": partial}, cut)
+    with pytest.raises(UserError, match=r"model keys missing \(layer4\.0"):
+        build_encoder(EncoderConfig(name="resnet18_imagenet", weights=str(cut)))
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable weights file"):
+        build_encoder(EncoderConfig(name="resnet18_imagenet", weights=str(garbage)))
+    with pytest.raises(UserError, match="not found"):
+        build_encoder(EncoderConfig(name="resnet18_imagenet", weights=str(tmp_path / "no.pt")))
+
+
+def test_pretrained_without_a_hub_copy_asks_for_weights() -> None:
+    with pytest.raises(UserError, match=r"encoder\.weights=PATH"):
+        build_encoder(EncoderConfig(name="retccl_resnet50", pretrained=True))
+
+
+def test_warn_if_random_flags_only_random_caches() -> None:
+    with pytest.warns(RandomEncoderWarning, match="resnet18_imagenet"):
+        assert warn_if_random({"encoder_weights": b"random", "encoder": "resnet18_imagenet"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not warn_if_random({"encoder_weights": "hub:timm/resnet18.tv_in1k"})
+        assert not warn_if_random({"encoder_weights": "ab" * 32})
+
+
+def test_extract_help_lists_every_registry_name() -> None:
+    from melanoma_mil.config import ExtractConfig
+
+    assert all(name in (ExtractConfig.__doc__ or "") for name in REGISTRY)

@@ -1,0 +1,262 @@
+"""`extract`: real OpenSlide reads into h5 bags; resume, kill, locks, ranks, cache keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from melanoma_mil.config import EncoderConfig, ExtractConfig
+from melanoma_mil.demo.pyramid import write_pyramid
+from melanoma_mil.features.run import run_extract
+from melanoma_mil.tiling.coords import TileGrid, read_coords, write_coords
+
+CMU = Path(__file__).resolve().parents[2] / "shared/data/cmu_small_region.svs"
+ROOT = Path(__file__).resolve().parents[1]
+CONTRACT_ATTRS = {
+    "encoder", "encoder_weights", "encoder_pretrained", "embed_dim", "transform", "precision",
+    "cache_key", "package_version", "tile_size", "target_mpp", "level0_mpp", "patch_level",
+    "downsample", "read_size", "level0_size", "slide_path", "tiling",
+}  # fmt: skip
+
+
+def make_cohort(root: Path, n: int, side: int = 384, tile: int = 64, seed: int = 0) -> Path:
+    """``n`` pyramidal slides with a regular grid of ``tile`` px tiles; returns the tile dir."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        blocks = rng.integers(0, 255, (side // 32, side // 32, 3), dtype=np.uint8)
+        img = np.kron(blocks, np.ones((32, 32, 1), np.uint8))
+        slide = root / "slides" / f"slide{i}.tif"
+        slide.parent.mkdir(parents=True, exist_ok=True)
+        write_pyramid(slide, img, mpp=0.5, n_levels=2)
+        write_grid(root / "tiles", slide, side, tile)
+    return root / "tiles"
+
+
+def write_grid(tiles: Path, slide: Path, side: int, tile: int, mpp: float = 0.5) -> TileGrid:
+    xs = np.arange(0, side - tile + 1, tile)
+    coords = np.array([(x, y) for y in xs for x in xs], np.int64)
+    tiling = {"mpp": mpp, "tile_size": tile, "overlap": 0}
+    grid = TileGrid(coords, str(slide), 0, 1.0, tile, tile, mpp, mpp, tiling)
+    write_coords(tiles / "coords" / f"{slide.stem}.h5", grid)
+    return grid
+
+
+def cfg_for(tiles: Path, out: Path, name: str = "resnet18_imagenet", **kw: object) -> ExtractConfig:
+    kw.setdefault("num_workers", 0)
+    kw.setdefault("batch_size", 16)
+    return ExtractConfig(
+        coords_dir=str(tiles),
+        output_dir=str(out),
+        encoder=EncoderConfig(name=name, pretrained=False),
+        device="cpu",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def bags(out: Path) -> dict[str, Path]:
+    return {p.stem: p for p in out.glob("*/*.h5")}
+
+
+def report(out: Path) -> pd.DataFrame:
+    (csv,) = out.glob("*/extract.csv")
+    return pd.read_csv(csv).set_index("slide_id")
+
+
+def test_generated_slides_give_bags_with_contract_attrs_and_a_rerun_skips(tmp_path: Path) -> None:
+    tiles = make_cohort(tmp_path, 2)
+    out = tmp_path / "features"
+    assert run_extract(cfg_for(tiles, out, num_workers=1)) == 0
+    found = bags(out)
+    assert sorted(found) == ["slide0", "slide1"]
+    for sid, path in found.items():
+        grid = read_coords(tiles / "coords" / f"{sid}.h5")
+        with h5py.File(path, "r") as f:
+            assert f["features"].shape == (36, 512) and f["features"].dtype == np.float16
+            assert np.array_equal(f["coords"][:], grid.coords)
+            assert set(f.attrs) >= CONTRACT_ATTRS
+            assert f.attrs["encoder"] == "resnet18_imagenet"
+            assert f.attrs["encoder_weights"] == "random" and not f.attrs["encoder_pretrained"]
+            assert f.attrs["cache_key"] == path.parent.name
+            assert f.attrs["tile_size"] == 64 and f.attrs["slide_path"] == grid.slide_path
+            assert np.isfinite(f["features"][:]).all() and f["features"][:].std() > 0
+    assert set(report(out)["status"]) == {"ok"}
+    stamps = {sid: p.stat().st_mtime_ns for sid, p in found.items()}
+
+    assert run_extract(cfg_for(tiles, out)) == 0
+    assert set(report(out)["status"]) == {"skipped"}
+    assert {sid: p.stat().st_mtime_ns for sid, p in bags(out).items()} == stamps
+
+    # re-tiled with other tissue settings: the stale bag is reported, kept, then replaced on request
+    grid = read_coords(tiles / "coords" / "slide1.h5")
+    write_coords(tiles / "coords" / "slide1.h5", replace(grid, coords=grid.coords[::2]))
+    assert run_extract(cfg_for(tiles, out)) == 1
+    assert "overwrite=true" in report(out).loc["slide1", "reason"]
+    assert found["slide1"].stat().st_mtime_ns == stamps["slide1"]
+    assert run_extract(cfg_for(tiles, out, overwrite=True)) == 0
+    with h5py.File(found["slide1"], "r") as f:
+        assert f["features"].shape == (18, 512)
+
+
+def test_changed_encoder_or_tile_size_never_reuses_the_cache(tmp_path: Path) -> None:
+    tiles = make_cohort(tmp_path, 1)
+    out = tmp_path / "features"
+    assert run_extract(cfg_for(tiles, out)) == 0
+    first = {p.parent.name for p in out.glob("*/*.h5")}
+    # Same ResNet18 architecture, different weights source and normalisation: a new cache.
+    assert run_extract(cfg_for(tiles, out, name="ciga_simclr_resnet18")) == 0
+    write_grid(tiles, tmp_path / "slides" / "slide0.tif", 384, 96)  # re-tile at 96 px
+    assert run_extract(cfg_for(tiles, out)) == 0
+    keys = sorted(p.parent.name for p in out.glob("*/*.h5"))
+    assert len(keys) == len(set(keys)) == 3 and first < set(keys)
+    by_key = {k: h5py.File(out / k / "slide0.h5", "r") for k in keys}
+    shapes = sorted((f["features"].shape, f.attrs["encoder"]) for f in by_key.values())
+    assert shapes == [
+        ((16, 512), "resnet18_imagenet"),
+        ((36, 512), "ciga_simclr_resnet18"),
+        ((36, 512), "resnet18_imagenet"),
+    ]
+
+
+def test_same_tile_same_features_in_a_batch_of_1_or_64(tmp_path: Path) -> None:
+    tiles = make_cohort(tmp_path, 1, side=576)  # 81 tiles: a full batch of 64 and a rest
+    one, many = tmp_path / "b1", tmp_path / "b64"
+    assert run_extract(cfg_for(tiles, one, batch_size=1)) == 0
+    assert run_extract(cfg_for(tiles, many, batch_size=64, num_workers=2)) == 0
+    (a,), (b,) = bags(one).values(), bags(many).values()
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        x, y = fa["features"][:].astype(np.float32), fb["features"][:].astype(np.float32)
+        precision = fa.attrs["precision"]
+    assert x.shape == y.shape == (81, 512)
+    tol = 0.03 if precision == "bf16" else 1e-3  # bf16 keeps ~3 significant digits
+    np.testing.assert_allclose(x, y, rtol=tol, atol=tol * np.abs(x).max())
+
+
+def test_real_aperio_slide_with_slides_dir_and_a_vit(tmp_path: Path) -> None:
+    if not CMU.is_file():
+        pytest.skip(f"real test slide {CMU} not present")
+    import openslide
+
+    with openslide.OpenSlide(str(CMU)) as s:
+        mpp = float(s.properties["openslide.mpp-x"])
+    coords = np.array([(x, y) for y in (0, 1000, 2000) for x in (0, 900, 1800)], np.int64)
+    grid = TileGrid(coords, str(CMU), 0, 1.0, 256, 256, mpp, 0.5, {"mpp": 0.5, "tile_size": 256})
+    write_coords(tmp_path / "tiles" / "coords" / "cmu_small_region.h5", grid)
+    cfg = cfg_for(tmp_path / "tiles", tmp_path / "f", name="vit_s16_imagenet", batch_size=4)
+    cfg.slides_dir = str(CMU.parent)
+    assert run_extract(cfg) == 0
+    (path,) = bags(tmp_path / "f").values()
+    with h5py.File(path, "r") as f:
+        assert f["features"].shape == (9, 384)
+        assert json.loads(f.attrs["transform"])["resize"] == 224  # 256 px tiles -> ViT input
+        assert f.attrs["level0_mpp"] == pytest.approx(mpp)
+        assert f.attrs["slide_path"] == str(CMU)
+        feats = f["features"][:].astype(np.float32)
+    assert np.isfinite(feats).all()
+    assert np.abs(feats[0] - feats[4]).max() > 0  # different tissue, different features
+
+
+def test_bad_slides_are_reported_and_skipped_without_partial_files(tmp_path: Path) -> None:
+    tiles = make_cohort(tmp_path, 1)
+    slides = tmp_path / "slides"
+    good = (slides / "slide0.tif").read_bytes()
+    damaged = bytearray(good)
+    damaged[len(good) // 4 : len(good) // 4 + len(good) // 4] = bytes(len(good) // 4)
+    (slides / "damaged.tif").write_bytes(bytes(damaged))  # opens, then a tile fails to decode
+    (slides / "garbage.tif").write_bytes(b"definitely not a slide")
+    for name in ("damaged", "garbage", "missing"):
+        write_grid(tiles, slides / f"{name}.tif", 384, 64)
+    out = tmp_path / "features"
+    assert run_extract(cfg_for(tiles, out)) == 1
+    rep = report(out)
+    assert rep.loc["slide0", "status"] == "ok"
+    for sid in ("damaged", "garbage", "missing"):
+        assert rep.loc[sid, "status"] == "failed" and len(rep.loc[sid, "reason"]) > 10
+    assert "JPEG" in rep.loc["damaged", "reason"] or "OpenSlide" in rep.loc["damaged", "reason"]
+    assert "not found" in rep.loc["missing", "reason"]
+    assert sorted(bags(out)) == ["slide0"]
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.lock"))
+
+
+def test_ranks_shard_slides_and_locks_are_respected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiles = make_cohort(tmp_path, 4, side=192)
+    out = tmp_path / "features"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert run_extract(cfg_for(tiles, out)) == 0
+    assert sorted(bags(out)) == ["slide1", "slide3"]
+    (key_dir,) = out.iterdir()
+    # rank 0 finds slide0 claimed by a live process and slide2 by a dead one (stale lock)
+    live = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    (key_dir / "slide0.lock").write_text(json.dumps(live))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (key_dir / "slide2.lock").write_text(json.dumps({**live, "pid": dead.pid}))
+    monkeypatch.setenv("RANK", "0")
+    assert run_extract(cfg_for(tiles, out)) == 0
+    rep = pd.read_csv(key_dir / "extract_rank0.csv").set_index("slide_id")
+    assert rep.loc["slide0", "status"] == "locked" and rep.loc["slide2", "status"] == "ok"
+    assert sorted(bags(out)) == ["slide1", "slide2", "slide3"]
+    assert (key_dir / "slide0.lock").exists() and not (key_dir / "slide2.lock").exists()
+
+
+def _cli(tiles: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "melanoma_mil", "extract", f"coords_dir={tiles}",
+        f"output_dir={out}", "encoder.name=resnet18_imagenet", "device=cpu", *extra,
+    ]  # fmt: skip
+
+
+def test_killed_run_leaves_no_partial_bag_and_the_rerun_completes(tmp_path: Path) -> None:
+    tiles = make_cohort(tmp_path, 3, side=1024, tile=128)  # 64 tiles per slide
+    out = tmp_path / "features"
+    cmd = _cli(tiles, out, "encoder.pretrained=false", "batch_size=8", "num_workers=1")
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log)
+    try:
+        # kill once slide0 is complete and slide1 is being written (its temp h5 exists)
+        while proc.poll() is None and not (
+            list(out.glob("*/slide0.h5")) and list(out.glob("*/.slide1.h5.*.tmp"))
+        ):
+            time.sleep(0.01)
+        assert proc.poll() is None, "extraction ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    for path in out.glob("*/*.h5"):  # whatever exists is a complete, readable bag
+        with h5py.File(path, "r") as f:
+            assert f["features"].shape == (64, 512)
+    assert "slide2" not in bags(out)
+    assert list(out.glob("*/.slide1.h5.*.tmp")) and list(out.glob("*/slide1.lock"))
+
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rep = report(out)
+    assert rep.loc["slide0", "status"] == "skipped"
+    assert rep.loc["slide1", "status"] == "ok" and rep.loc["slide2", "status"] == "ok"
+    assert sorted(bags(out)) == ["slide0", "slide1", "slide2"]
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.lock"))
+
+
+def test_cli_pretrained_offline_without_cache_fails_with_the_fix(tmp_path: Path) -> None:
+    tiles = make_cohort(tmp_path, 1, side=128)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run(
+        _cli(tiles, tmp_path / "f"), cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "encoder.weights=PATH" in done.stderr and "Traceback" not in done.stderr
+    assert not list((tmp_path / "f").rglob("*.h5"))
