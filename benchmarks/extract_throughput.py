@@ -2,13 +2,14 @@
 
 For each encoder, in one process and at the same batch size and precision:
   forward  tiles/s of ``encoder.module`` on random input tensors (the ceiling),
-  extract  tiles/s of ``run_extract`` from OpenSlide reads to the renamed h5 (per-slide time),
+  extract  tiles/s of ``run_extract`` from slide reads to the renamed h5 (per-slide time), with
+           direct TIFF JPEG-tile reads (reader=auto, the default) and with reader=openslide,
   naive    tiles/s of read_region -> PIL -> torchvision transform -> model, 1 tile at a time, fp32.
 Prints extract/forward (target >= 0.9) and extract/naive, medians over rounds. Each round runs
 forward and extract back to back; on Linux a round is redone when other processes used more
 than --max-other of the machine's CPU time meanwhile (shared machines), and the count is printed.
 
-    python benchmarks/extract_throughput.py [--size 4096] [--rounds 3] [--workers 0 2]
+    python benchmarks/extract_throughput.py [--size 4096] [--rounds 3] [--modes auto:0 ...]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -84,24 +86,30 @@ def forward_rate(module: torch.nn.Module, n: int, batch: int, precision: str) ->
     return -(-n // batch) * batch / (time.perf_counter() - t)
 
 
-def read_rate(slide: Path, batch: int) -> float:
+def read_rate(slide: Path, batch: int, reader: str) -> float:
     """tiles/s of reading alone (reader threads, no model): what each batch costs first."""
     grid = read_coords(slide.parent.parent / "tiles" / "coords" / "bench.h5")
-    data = SlideBatches(slide, grid, batch)
+    data = SlideBatches(slide, grid, batch, direct=reader == "auto")
     threads = torch.get_num_threads()
     with ThreadPoolExecutor(threads) as pool:
+        data.read(0)  # open the slide (and the direct reader) outside the timing
         t = time.perf_counter()
         n = sum(len(data.read(i, pool, threads)) for i in range(len(data)))
-        return n / (time.perf_counter() - t)
+        rate = n / (time.perf_counter() - t)
+    used = data.reader
+    data.close()
+    assert used == {"auto": "tiff-jpeg", "openslide": "openslide"}[reader], used
+    return rate
 
 
-def extract_rate(root: Path, name: str, batch: int, workers: int) -> float:
+def extract_rate(root: Path, name: str, batch: int, reader: str, workers: int) -> float:
     cfg = ExtractConfig(
         coords_dir=str(root / "tiles"),
         output_dir=str(root / "features"),
         encoder=EncoderConfig(name=name, pretrained=False),
         batch_size=batch,
         num_workers=workers,
+        reader=reader,
         device="cpu",
         overwrite=True,
     )
@@ -133,11 +141,17 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=4096, help="slide side, px")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="0: reader threads")
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=["auto:0", "openslide:0", "auto:2"],
+        help="READER:WORKERS; reader auto (direct TIFF JPEG) | openslide, workers 0: threads",
+    )
     ap.add_argument("--naive-tiles", type=int, default=48)
     ap.add_argument("--max-other", type=float, default=0.05, help="CPU share of other processes")
     ap.add_argument("--encoders", nargs="+", default=["resnet18_imagenet", "resnet50_trunc"])
     args = ap.parse_args()
+    modes = [(r, int(w)) for r, w in (m.split(":") for m in args.modes)]
     n = (args.size // TILE) ** 2
     keep_freed_memory()  # what run_extract does on CPU: every path below runs with it
     print(
@@ -150,14 +164,17 @@ def main() -> None:
         for name in args.encoders:
             enc = build_encoder(EncoderConfig(name=name, pretrained=False))
             precision = resolve_precision("auto", enc.spec, torch.device("cpu"))
-            rounds: list[tuple[float, float, dict[int, float]]] = []  # (load, forward, extract)
+            rounds: list[tuple[float, float, dict[Any, float]]] = []  # (load, forward, rates)
             while sum(r[0] <= args.max_other for r in rounds) < args.rounds:
                 if len(rounds) >= 3 * args.rounds:
                     break  # never quiet: report every round, flagged below
                 start = _cpu_clock()
                 f = forward_rate(enc.module, n, args.batch, precision)
-                rates = {w: extract_rate(root, name, args.batch, w) for w in args.workers}
-                rates[-1] = read_rate(slide, args.batch)
+                rates: dict[Any, float] = {
+                    m: extract_rate(root, name, args.batch, *m) for m in modes
+                }
+                for reader in ("auto", "openslide"):
+                    rates[reader] = read_rate(slide, args.batch, reader)
                 rounds.append((other_load(start), f, rates))
             quiet = [r for r in rounds if r[0] <= args.max_other] or rounds
             naive, load = 0.0, 1.0
@@ -167,26 +184,27 @@ def main() -> None:
                 if (load := other_load(start)) <= args.max_other:
                     break
             fwd = [r[1] for r in quiet]
-            e2e = {w: [r[2][w] for r in quiet] for w in args.workers}
+            e2e = {m: [r[2][m] for r in quiet] for m in modes}
             f = statistics.median(fwd)
-            read = statistics.median(r[2][-1] for r in quiet)
             loads = ", ".join(f"{r[0]:.0%}" for r in quiet)
             print(
                 f"{name} ({precision}): forward {f:.1f} tiles/s; naive fp32 {naive:.1f} tiles/s "
                 f"(other load {load:.0%}); rounds used {len(quiet)}/{len(rounds)}, CPU share of "
                 f"other processes in them: {loads}"
             )
-            print(
-                f"  OpenSlide reads alone (reader threads): {read:.1f} tiles/s -> reading then "
-                f"computing each batch on the same cores caps extract/forward at "
-                f"{(1 / f) / (1 / f + 1 / read):.2f}"
-            )
-            for w, rates in e2e.items():
+            for reader, label in (("auto", "direct TIFF JPEG"), ("openslide", "OpenSlide")):
+                read = statistics.median(r[2][reader] for r in quiet)
+                print(
+                    f"  {label} reads alone (reader threads): {read:.1f} tiles/s -> reading then "
+                    f"computing each batch on the same cores caps extract/forward at "
+                    f"{(1 / f) / (1 / f + 1 / read):.2f}"
+                )
+            for (reader, w), rates in e2e.items():
                 e = statistics.median(rates)
-                mode = f"{w} reader processes" if w else "reader threads"
+                mode = f"{reader}, " + (f"{w} reader processes" if w else "reader threads")
                 per_round = ", ".join(f"{r / x:.2f}" for r, x in zip(rates, fwd, strict=True))
                 print(
-                    f"  extract, {mode:18s}: {e:6.1f} tiles/s | extract/forward {e / f:.2f} "
+                    f"  extract, {mode:29s}: {e:6.1f} tiles/s | extract/forward {e / f:.2f} "
                     f"(per round {per_round}) | vs naive x{e / naive:.1f}"
                 )
 

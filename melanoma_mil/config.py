@@ -187,6 +187,9 @@ class ExtractConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto: encoder's preferred where fast (bf16 on AMX CPUs) | fp32 | ...
     dtype: str = "float16"  # stored feature dtype: float16 | float32
+    # auto: decode JPEG-tiled TIFF/SVS levels directly (~3x cheaper reads), only where probe
+    # tiles match OpenSlide bit for bit; openslide: always read through OpenSlide
+    reader: str = "auto"
     overwrite: bool = False
     extensions: list[str] = field(default_factory=lambda: list(TileConfig().extensions))
 

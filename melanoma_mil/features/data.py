@@ -2,7 +2,8 @@
 
 A dataset item is a whole batch of tiles as uint8 [B, S, S, 3], read in a DataLoader worker
 with its own OpenSlide handle: one IPC message per batch, and the float conversion, resize and
-normalisation happen later as batched tensor ops on the compute device.
+normalisation happen later as batched tensor ops on the compute device. JPEG-tiled TIFF / SVS
+levels are decoded directly where verified identical to OpenSlide (see `tiffjpeg`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from melanoma_mil.errors import UserError
+from melanoma_mil.features.tiffjpeg import FastTiles, open_fast_tiles
 from melanoma_mil.tiling.coords import TileGrid
 from melanoma_mil.tiling.slides import find_slides, open_slide
 
@@ -80,13 +82,17 @@ def to_rgb(rgba: np.ndarray) -> np.ndarray:
 class SlideBatches(Dataset[torch.Tensor]):
     """Batches of one slide's tiles; each process opens its own OpenSlide handle lazily."""
 
-    def __init__(self, slide_path: Path, grid: TileGrid, batch_size: int) -> None:
+    def __init__(
+        self, slide_path: Path, grid: TileGrid, batch_size: int, direct: bool = True
+    ) -> None:
         self.slide_path = slide_path
         self.coords = grid.coords
         self.level = grid.patch_level
         self.size = grid.read_size
         self.batch_size = batch_size
+        self.direct = direct  # decode TIFF JPEG tiles directly where exact (else OpenSlide)
         self._slide: openslide.OpenSlide | None = None
+        self._fast: FastTiles | None = None
         self._pid = -1
 
     def __len__(self) -> int:
@@ -95,7 +101,17 @@ class SlideBatches(Dataset[torch.Tensor]):
     def _handle(self) -> openslide.OpenSlide:
         if self._slide is None or self._pid != os.getpid():  # forked workers get their own
             self._slide, self._pid = open_slide(self.slide_path), os.getpid()
+            if self.direct and len(self.coords):
+                probes = [tuple(map(int, self.coords[i])) for i in {0, len(self.coords) - 1}]
+                self._fast = open_fast_tiles(
+                    self.slide_path, self._slide, self.level, self.size, probes
+                )
         return self._slide
+
+    @property
+    def reader(self) -> str:
+        """Which reader serves this slide's tiles (after the first read)."""
+        return "tiff-jpeg" if self._fast is not None else "openslide"
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.read(i)
@@ -106,13 +122,18 @@ class SlideBatches(Dataset[torch.Tensor]):
         """Batch ``i``; with a pool, ``threads`` tasks read its tiles concurrently (OpenSlide is
         thread-safe and its reads release the GIL)."""
         slide = self._handle()
+        fast = self._fast
         xy = self.coords[i * self.batch_size : (i + 1) * self.batch_size]
         out = np.empty((len(xy), self.size, self.size, 3), np.uint8)
 
         def fill(rows: range) -> None:
             for j in rows:
                 x, y = int(xy[j, 0]), int(xy[j, 1])
-                out[j] = to_rgb(np.asarray(slide.read_region((x, y), self.level, (self.size,) * 2)))
+                tile = fast.read(x, y, self.size) if fast is not None else None
+                if tile is None:
+                    region = slide.read_region((x, y), self.level, (self.size,) * 2)
+                    tile = to_rgb(np.asarray(region))
+                out[j] = tile
 
         if pool is None or threads < 2:
             fill(range(len(xy)))
@@ -123,4 +144,6 @@ class SlideBatches(Dataset[torch.Tensor]):
     def close(self) -> None:
         if self._slide is not None and self._pid == os.getpid():
             self._slide.close()
-        self._slide = None
+            if self._fast is not None:
+                self._fast.close()
+        self._slide = self._fast = None

@@ -113,7 +113,7 @@ def _encode_slide(
     """Stream the slide's features into a temp h5 that is renamed into place when complete."""
     assert job.slide_path is not None
     cfg, enc = ctx.cfg, ctx.encoder
-    data = SlideBatches(job.slide_path, grid, cfg.batch_size)
+    data = SlideBatches(job.slide_path, grid, cfg.batch_size, direct=cfg.reader == "auto")
     if ctx.workers:
         loader: Iterable[torch.Tensor] = DataLoader(
             data,
@@ -220,6 +220,8 @@ def run_extract(cfg: ExtractConfig) -> int:
         raise UserError(f"dtype '{cfg.dtype}' unsupported; use float16 or float32.")
     if cfg.batch_size < 1 or (cfg.num_workers or 0) < 0:
         raise UserError("batch_size must be >= 1 and num_workers >= 0.")
+    if cfg.reader not in ("auto", "openslide"):
+        raise UserError(f"reader '{cfg.reader}' unknown; use auto or openslide.")
     coords = coords_files(cfg.coords_dir)
     rank, world = dist_rank()
     recorded = {}
