@@ -118,6 +118,21 @@ def test_mpp_sources_and_missing_resolution(tmp_path: Path) -> None:
         slide_mpp(open_slide(bare), name=str(bare))
 
 
+def test_objective_power_fallback_on_aperio_svs_without_mpp(tmp_path: Path) -> None:
+    """An Aperio header with AppMag but no MPP: OpenSlide reports 40x only -> 0.25 um/px."""
+    svs = tmp_path / "appmag_only.svs"
+    desc = "Aperio Image Library v12.0.15 \r\n1024x1024 (256x256) JPEG/RGB Q=70|AppMag = 40"
+    img = np.full((1024, 1024, 3), 210, np.uint8)
+    tifffile.imwrite(svs, img, tile=(256, 256), photometric="rgb", compression="jpeg",
+                     description=desc, metadata=None)  # fmt: skip
+    slide = open_slide(svs)
+    assert slide.properties["openslide.vendor"] == "aperio"
+    assert "openslide.mpp-x" not in slide.properties
+    assert slide_mpp(slide) == pytest.approx(0.25)
+    grid = tile_slide(slide, svs, "appmag_only", TilingConfig(mpp=1.0, tile_size=64)).grid
+    assert grid.level0_mpp == pytest.approx(0.25) and grid.read_size == 256  # 64 px at 4x
+
+
 def test_find_slides(tmp_path: Path) -> None:
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("a/s1.svs", "a/b/s2.ome.tiff", "a/notes.txt", "a/.s3.svs.tmp"):
