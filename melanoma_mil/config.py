@@ -250,11 +250,15 @@ class HeatmapConfig:
 class PredictConfig(HeatmapConfig):
     """`predict`: the fold-model ensemble (mean probability) on new slides.
 
-    Writes <output_dir>/predictions.csv and, with heatmaps=true, each slide's heatmap files.
+    Writes <output_dir>/predictions.csv, with heatmaps=true each slide's heatmap files, and with
+    patients_csv patient_predictions.csv.
     """
 
     output_dir: str = "runs/predict"
     heatmaps: bool = True
+    # CSV with slide_id, patient_id: also score each patient's slides pooled into one bag (how
+    # a data.bag_level=patient run was trained) into patient_predictions.csv
+    patients_csv: str | None = None
 
 
 @dataclass

@@ -10,15 +10,17 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from test_heatmap import TILE, Pipeline, tiny_pipeline
 
 from melanoma_mil.config import EncoderConfig, ExtractConfig, PredictConfig, load_config
+from melanoma_mil.data.bags import read_bag
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.run import run_extract
 from melanoma_mil.io import sha256_file
 from melanoma_mil.training.artifacts import load_run
 from melanoma_mil.viz.heatmap import probability_columns
-from melanoma_mil.viz.inference import encoder_config
+from melanoma_mil.viz.inference import Ensemble, encoder_config
 from melanoma_mil.viz.predict import run_predict
 from melanoma_mil.viz.render import AttentionMap
 
@@ -178,3 +180,35 @@ def test_a_missing_slide_file_keeps_its_prediction_and_a_corrupt_bag_fails_alone
     assert pred.loc["slide_004", "status"] == "failed" and pd.isna(pred.loc["slide_004", "prob"])
     assert pred.loc["slide_005", "status"] == "ok"
     assert (out / "slide_005" / "heatmap.png").is_file()
+
+
+def test_patients_csv_scores_each_patients_pooled_tiles(pipe: Pipeline, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for sid in ("slide_000", "slide_001", "slide_002", "slide_003"):
+        shutil.copy(pipe.features / f"{sid}.h5", cache)
+    (cache / "slide_003.h5").write_bytes(b"truncated")
+    patients = tmp_path / "patients.csv"
+    pd.DataFrame(
+        {"slide_id": ["slide_000", "slide_001", "slide_002", "slide_003"],
+         "patient_id": ["P1", "P1", "P2", "P2"]}
+    ).to_csv(patients, index=False)  # fmt: skip
+    out = tmp_path / "pred"
+    cfg = predict_cfg(pipe, out, f"features_dir={cache}", "heatmaps=false",
+                      f"patients_csv={patients}")  # fmt: skip
+    assert run_predict(cfg) == 1  # slide_003 failed; the others and both patients still scored
+    table = pd.read_csv(out / "patient_predictions.csv").set_index("patient_id")
+    assert list(table.index) == ["P1", "P2"] and list(table["n_slides"]) == [2, 1]
+    assert table.loc["P2", "left_out"] == "slide_003"
+    ensemble = Ensemble(load_run(pipe.run_dir), torch.device("cpu"))
+    pooled = np.concatenate([read_bag(cache / f"slide_00{i}.h5")[0] for i in (0, 1)])
+    probs, _ = ensemble(pooled)
+    assert table.loc["P1", "prob"] == pytest.approx(float(probs[:, 1].mean()), abs=1e-6)
+    assert table.loc["P1", "n_tiles"] == len(pooled)
+    slides = pd.read_csv(out / "predictions.csv").set_index("slide_id")
+    assert table.loc["P2", "prob"] == pytest.approx(slides.loc["slide_002", "prob"], abs=1e-6)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("slide_id,label\nslide_000,x\n")
+    with pytest.raises(UserError, match="bad.csv.*patient_id"):
+        run_predict(predict_cfg(pipe, tmp_path / "p2", f"features_dir={cache}",
+                                f"patients_csv={bad}"))  # fmt: skip

@@ -3,20 +3,35 @@
 Slides are tiled and encoded exactly as the run recorded (or read from a matching feature
 cache); the ensemble probability is the mean over fold models. predictions.csv holds, per slide:
 slide_id, prob (binary: the positive = last class) and prob_<class>, pred, one prob_<fold> per
-fold model (prob_<fold>_<class> for several classes), n_tiles, status and reason.
+fold model (prob_<fold>_<class> for several classes), n_tiles, status and reason. With
+patients_csv, patient_predictions.csv scores each patient's scored slides pooled into one bag,
+as `fit` builds bags with data.bag_level=patient.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from melanoma_mil.config import PredictConfig
+from melanoma_mil.data.bags import read_bag
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import atomic_path
-from melanoma_mil.viz.heatmap import FAILED, analyse_all, check_common, log_to_wandb
-from melanoma_mil.viz.inference import Ensemble, prepare_inputs
+from melanoma_mil.viz.heatmap import (
+    FAILED,
+    analyse_all,
+    check_common,
+    log_to_wandb,
+    probability_columns,
+)
+from melanoma_mil.viz.inference import Ensemble, SlideInput, prepare_inputs
+from melanoma_mil.viz.render import AttentionMap
+
+log = logging.getLogger(__name__)
 
 META = ["n_tiles", "status", "reason"]
 
@@ -28,6 +43,58 @@ def _ordered(table: pd.DataFrame) -> pd.DataFrame:
     return table[["slide_id", *front, *META, *files]].sort_values("slide_id")
 
 
+def read_patients(path: str | None) -> dict[str, str]:
+    """slide_id -> patient_id from a CSV with those columns (a labels CSV will do)."""
+    p = Path(path or "")
+    try:
+        df = pd.read_csv(p, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"patients_csv '{p}' is unreadable ({why}); pass a UTF-8 CSV.") from None
+    missing = {"slide_id", "patient_id"} - set(df.columns)
+    if missing:
+        raise UserError(
+            f"patients_csv '{p}' lacks {sorted(missing)} (has {list(df.columns)}); "
+            "it needs slide_id and patient_id columns."
+        )
+    ids = df["slide_id"].str.strip()
+    patients = df["patient_id"].str.strip().where(df["patient_id"].str.strip() != "", ids)
+    return dict(zip(ids, patients, strict=True))
+
+
+def patient_table(
+    patient_of: dict[str, str], slides: pd.DataFrame, inputs: list[SlideInput], ensemble: Ensemble
+) -> pd.DataFrame:
+    """One row per patient: the ensemble on all tiles of the patient's successfully scored
+    slides (slides that failed are listed in left_out, not pooled), with predictions.csv's
+    probability columns."""
+    paths = {i.slide_id: i.features for i in inputs if i.features is not None}
+    scored = set(slides.loc[slides["status"].isin(["ok", "no_heatmap"]), "slide_id"]) & set(paths)
+    rows: list[dict[str, Any]] = []
+    ids = slides["slide_id"].map(lambda s: patient_of.get(s, s))  # unlisted: its own patient
+    for patient, group in slides.groupby(ids, sort=True):
+        usable = [s for s in sorted(group["slide_id"]) if s in scored]
+        row: dict[str, Any] = {
+            "patient_id": patient,
+            "slide_ids": ";".join(usable),
+            "n_slides": len(usable),
+            "left_out": ";".join(sorted(set(group["slide_id"]) - set(usable))),
+        }
+        if usable:
+            feats = np.concatenate([read_bag(paths[s])[0] for s in usable])
+            probs, attention = ensemble(feats)
+            coords = np.zeros((len(feats), 2), np.int64)
+            amap = AttentionMap(str(patient), coords, 0, attention, probs,
+                                ensemble.fold_names, ensemble.classes)  # fmt: skip
+            row.update(probability_columns(amap), n_tiles=len(feats), status="ok")
+        else:
+            row.update(n_tiles=0, status="failed")
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    front = [c for c in table.columns if c not in {"left_out", "n_tiles", "status"}]
+    return table[[*front, "n_tiles", "status", "left_out"]]
+
+
 def run_predict(cfg: PredictConfig) -> int:
     """Predict every slide; 0 if none failed, else 1 (after finishing the others)."""
     from melanoma_mil.features.run import resolve_device
@@ -37,6 +104,12 @@ def run_predict(cfg: PredictConfig) -> int:
     if target.exists() and not cfg.overwrite:
         raise UserError(f"'{target}' exists; pass overwrite=true or choose another output_dir.")
     run = check_common(cfg)
+    if run.config.data.bag_level == "patient" and not cfg.patients_csv:
+        log.warning(
+            "this run was trained on patient bags (data.bag_level=patient) but slides are scored "
+            "one by one; pass patients_csv=CSV (slide_id, patient_id) to score patients as trained"
+        )
+    patient_of = read_patients(cfg.patients_csv) if cfg.patients_csv else None
     inputs, _ = prepare_inputs(run, cfg)
     if not inputs:
         raise UserError("no slides to predict: check slides_dir / manifest / slide_ids.")
@@ -44,6 +117,11 @@ def run_predict(cfg: PredictConfig) -> int:
     table = _ordered(analyse_all(inputs, ensemble, cfg, render=cfg.heatmaps, desc="predict"))
     with atomic_path(target) as tmp:
         table.to_csv(tmp, index=False)
+    if patient_of is not None:
+        patients = patient_table(patient_of, table, inputs, ensemble)
+        with atomic_path(out / "patient_predictions.csv") as tmp:
+            patients.to_csv(tmp, index=False)
+        print(f"predict: {len(patients)} patients -> {out / 'patient_predictions.csv'}")
     log_to_wandb(run, table, out, "predict")
     ok = table[table["status"].isin(["ok", "no_heatmap"])]
     counts = ok["pred"].value_counts().to_dict() if len(ok) else {}
