@@ -167,7 +167,11 @@ def test_real_aperio_slide_with_slides_dir_and_a_vit(tmp_path: Path) -> None:
     assert np.abs(feats[0] - feats[4]).max() > 0  # different tissue, different features
 
 
-def test_bad_slides_are_reported_and_skipped_without_partial_files(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_slides_are_reported_and_skipped_without_partial_files(
+    tmp_path: Path, workers: int
+) -> None:
+    """Bad slides come first (sorted ids): reader processes must recover for slide0."""
     tiles = make_cohort(tmp_path, 1)
     slides = tmp_path / "slides"
     good = (slides / "slide0.tif").read_bytes()
@@ -178,9 +182,15 @@ def test_bad_slides_are_reported_and_skipped_without_partial_files(tmp_path: Pat
     for name in ("damaged", "garbage", "missing"):
         write_grid(tiles, slides / f"{name}.tif", 384, 64)
     out = tmp_path / "features"
-    assert run_extract(cfg_for(tiles, out)) == 1
+    assert run_extract(cfg_for(tiles, out, num_workers=workers)) == 1
     rep = report(out)
     assert rep.loc["slide0", "status"] == "ok"
+    if workers:  # same tiles, same batches: the same features as in-process reads
+        ref = make_cohort(tmp_path / "ref", 1)
+        assert run_extract(cfg_for(ref, tmp_path / "ref_features")) == 0
+        (a,), (b,) = bags(tmp_path / "ref_features").values(), [bags(out)["slide0"]]
+        with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+            np.testing.assert_array_equal(fa["features"][:], fb["features"][:])
     for sid in ("damaged", "garbage", "missing"):
         assert rep.loc[sid, "status"] == "failed" and len(rep.loc[sid, "reason"]) > 10
     assert "JPEG" in rep.loc["damaged", "reason"] or "OpenSlide" in rep.loc["damaged", "reason"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import openslide
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.tiffjpeg import FastTiles, open_fast_tiles
-from melanoma_mil.tiling.coords import TileGrid
+from melanoma_mil.tiling.coords import TileGrid, read_coords
 from melanoma_mil.tiling.slides import find_slides, open_slide
 
 
@@ -147,3 +148,78 @@ class SlideBatches(Dataset[torch.Tensor]):
             if self._fast is not None:
                 self._fast.close()
         self._slide = self._fast = None
+
+
+class RunBatches(Dataset[torch.Tensor]):
+    """Batches of every slide of a run, keyed (slide index, batch index), for reader processes
+    that live for the whole run: forking per slide costs ~0.1-3 s (copy-on-write of the
+    parent's heap), once per run it is paid once. A worker loads a slide's grid from its coords
+    file when the slide's first batch arrives and closes the slide it read before."""
+
+    def __init__(self, slides: list[tuple[Path, Path]], batch_size: int, direct: bool) -> None:
+        self.slides = slides  # (slide path, coords h5 path)
+        self.batch_size = batch_size
+        self.direct = direct
+        self._open: tuple[int, SlideBatches] | None = None
+
+    def __len__(self) -> int:
+        return len(self.slides)
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        s, b = key
+        if self._open is None or self._open[0] != s:
+            if self._open is not None:
+                self._open[1].close()
+            path, coords = self.slides[s]
+            grid = read_coords(coords)
+            self._open = (s, SlideBatches(path, grid, self.batch_size, self.direct))
+        return self._open[1].read(b)
+
+
+class SlideSampler(Sampler[tuple[int, int]]):
+    """Yields the batches of the slide it is pointed at; re-pointed between slides."""
+
+    def __init__(self) -> None:
+        self.slide, self.batches = 0, 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.slide, b) for b in range(self.batches))
+
+    def __len__(self) -> int:
+        return self.batches
+
+
+class ReaderProcesses:
+    """A persistent DataLoader over :class:`RunBatches`: ``batches(i, n)`` streams slide ``i``."""
+
+    def __init__(self, data: RunBatches, workers: int, pin_memory: bool) -> None:
+        self.data, self.workers, self.pin_memory = data, workers, pin_memory
+        self.sampler = SlideSampler()
+        self.loader: DataLoader[torch.Tensor] | None = self._new_loader()
+
+    def _new_loader(self) -> DataLoader[torch.Tensor]:
+        """Fork the workers now, with no batch to read: forked later, they would inherit the
+        open h5 being written (and its HDF5 file lock) and keep it after it is renamed."""
+        loader = DataLoader(
+            self.data,
+            batch_size=None,
+            sampler=self.sampler,
+            num_workers=self.workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=4,
+            persistent_workers=True,
+        )
+        self.sampler.batches = 0
+        iter(loader)
+        return loader
+
+    def batches(self, slide: int, n_batches: int) -> DataLoader[torch.Tensor]:
+        if self.loader is None:
+            self.loader = self._new_loader()
+        self.sampler.slide, self.sampler.batches = slide, n_batches
+        return self.loader
+
+    def close(self) -> None:
+        """Stop the workers (dropping the loader shuts its iterator's processes down); the next
+        ``batches`` starts new ones, e.g. after a slide failed and may have killed a worker."""
+        self.loader = None

@@ -24,7 +24,6 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from melanoma_mil import __version__
@@ -32,7 +31,14 @@ from melanoma_mil.config import ExtractConfig
 from melanoma_mil.encoders import Encoder, build_encoder, resolve_precision
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.cache import SlideLock, cache_key, check_cached, clean_temp_files
-from melanoma_mil.features.data import Job, SlideBatches, coords_files, plan_jobs
+from melanoma_mil.features.data import (
+    Job,
+    ReaderProcesses,
+    RunBatches,
+    SlideBatches,
+    coords_files,
+    plan_jobs,
+)
 from melanoma_mil.io import atomic_h5, write_text
 from melanoma_mil.tiling.coords import TileGrid, read_coords
 
@@ -54,6 +60,7 @@ class Ctx:
     workers: int  # DataLoader reader processes; 0: in-process reader threads
     pool: ThreadPoolExecutor | None = None  # the in-process reader threads (workers == 0)
     readers: int = 1  # size of ``pool``
+    processes: ReaderProcesses | None = None  # the run's reader processes (workers > 0)
 
 
 def dist_rank() -> tuple[int, int]:
@@ -108,20 +115,21 @@ def _attrs(ctx: Ctx, grid: TileGrid, key: str) -> dict[str, Any]:
 
 
 def _encode_slide(
-    ctx: Ctx, job: Job, grid: TileGrid, out: Path, attrs: dict[str, Any], lock: SlideLock, bar: tqdm
+    ctx: Ctx,
+    index: int,
+    job: Job,
+    grid: TileGrid,
+    out: Path,
+    attrs: dict[str, Any],
+    lock: SlideLock,
+    bar: tqdm,
 ) -> None:
     """Stream the slide's features into a temp h5 that is renamed into place when complete."""
     assert job.slide_path is not None
     cfg, enc = ctx.cfg, ctx.encoder
     data = SlideBatches(job.slide_path, grid, cfg.batch_size, direct=cfg.reader == "auto")
-    if ctx.workers:
-        loader: Iterable[torch.Tensor] = DataLoader(
-            data,
-            batch_size=None,
-            num_workers=ctx.workers,
-            pin_memory=ctx.device.type == "cuda",
-            prefetch_factor=4,
-        )
+    if ctx.processes is not None:  # slide ``index`` of the run's persistent reader processes
+        loader: Iterable[torch.Tensor] = ctx.processes.batches(index, len(data))
     else:  # read each batch with all cores, then compute with all cores: no contention
         loader = (data.read(i, ctx.pool, ctx.readers) for i in range(len(data)))
     n = len(grid.coords)
@@ -147,7 +155,7 @@ def _encode_slide(
         data.close()
 
 
-def _one_slide(ctx: Ctx, job: Job, grid: TileGrid | str, bar: tqdm) -> dict[str, Any]:
+def _one_slide(ctx: Ctx, index: int, job: Job, grid: TileGrid | str, bar: tqdm) -> dict[str, Any]:
     row: dict[str, Any] = {
         "slide_id": job.slide_id,
         "path": str(job.slide_path or ""),
@@ -181,13 +189,15 @@ def _one_slide(ctx: Ctx, job: Job, grid: TileGrid | str, bar: tqdm) -> dict[str,
         if _finished(ctx, out, attrs, grid, row):  # another process completed it meanwhile
             return row
         clean_temp_files(out.parent, job.slide_id)
-        _encode_slide(ctx, job, grid, out, attrs, lock, bar)
+        _encode_slide(ctx, index, job, grid, out, attrs, lock, bar)
         dt = time.perf_counter() - t0
         row.update(status="ok", reason="", seconds=round(dt, 2), tiles_per_s=round(n / dt, 1))
     except Exception as e:  # one bad slide must not stop the cohort
         last = (str(e).strip().splitlines() or [""])[-1]  # worker errors end with the cause
         row["reason"] = (last if isinstance(e, UserError) else f"{type(e).__name__}: {last}")[:300]
         log.error("slide %s failed: %s", job.slide_id, row["reason"])
+        if ctx.processes is not None:  # a worker may have died with the slide
+            ctx.processes.close()
     finally:
         lock.release()
     return row
@@ -249,19 +259,27 @@ def run_extract(cfg: ExtractConfig) -> int:
     total = sum(len(g.coords) for g in grids if not isinstance(g, str))
     rows = []
     ctx.readers = max(1, torch.get_num_threads())
-    with (
-        ThreadPoolExecutor(ctx.readers) as ctx.pool,
-        tqdm(total=total, unit="tile", desc=f"extract {encoder.name}", mininterval=1.0) as bar,
-    ):
-        for i, (job, grid) in enumerate(zip(mine, grids, strict=True)):
-            before = bar.n
-            row = _one_slide(ctx, job, grid, bar)
-            rows.append(row)
-            if row["status"] != "ok" and not isinstance(grid, str):
-                # tiles not computed here leave the total, so tiles/s and the ETA stay honest
-                bar.total -= len(grid.coords) - (bar.n - before)
-                bar.refresh()
-            bar.set_postfix_str(f"slides {i + 1}/{len(mine)}")
+    if workers:
+        slides = [(job.slide_path or Path(), job.coords_path) for job in mine]
+        data = RunBatches(slides, cfg.batch_size, direct=cfg.reader == "auto")
+        ctx.processes = ReaderProcesses(data, workers, pin_memory=device.type == "cuda")
+    try:
+        with (
+            ThreadPoolExecutor(ctx.readers) as ctx.pool,
+            tqdm(total=total, unit="tile", desc=f"extract {encoder.name}", mininterval=1.0) as bar,
+        ):
+            for i, (job, grid) in enumerate(zip(mine, grids, strict=True)):
+                before = bar.n
+                row = _one_slide(ctx, i, job, grid, bar)
+                rows.append(row)
+                if row["status"] != "ok" and not isinstance(grid, str):
+                    # tiles not computed here leave the total, so tiles/s and the ETA stay honest
+                    bar.total -= len(grid.coords) - (bar.n - before)
+                    bar.refresh()
+                bar.set_postfix_str(f"slides {i + 1}/{len(mine)}")
+    finally:
+        if ctx.processes is not None:
+            ctx.processes.close()
     return _report(ctx, rows, rank, world)
 
 
