@@ -2,10 +2,10 @@
 
 Resumable and shareable: finished slides are validated and skipped, each slide is claimed with a
 lock file, and ranks (torchrun / Lightning / SLURM env) take every world_size-th slide. With a
-GPU, DataLoader reader processes (one OpenSlide handle each) overlap reads with the forward pass;
-on CPU, where both compete for the same cores, reader threads fill each batch between forward
-passes instead (measured faster). A slide's h5 appears only once complete, so a crash or kill
-never leaves a partial bag.
+GPU, DataLoader reader processes (one OpenSlide handle each, started once per run) overlap reads
+with the forward pass; on CPU, where both compete for the same cores, reader threads fill each
+batch between forward passes instead (measured faster). A slide's h5 appears only once
+complete, so a crash or kill never leaves a partial bag.
 """
 
 from __future__ import annotations
