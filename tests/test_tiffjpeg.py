@@ -9,8 +9,11 @@ import openslide
 import pytest
 import tifffile
 
+from melanoma_mil.config import ExtractConfig
 from melanoma_mil.demo.pyramid import write_pyramid
+from melanoma_mil.errors import UserError
 from melanoma_mil.features.data import SlideBatches, to_rgb
+from melanoma_mil.features.run import run_extract
 from melanoma_mil.features.tiffjpeg import open_fast_tiles
 from melanoma_mil.tiling.coords import TileGrid
 
@@ -94,3 +97,8 @@ def test_non_jpeg_tiff_and_forced_openslide_give_identical_batches(tmp_path: Pat
         assert (auto.reader, forced.reader) == (expected, "openslide")
         auto.close()
         forced.close()
+
+
+def test_unknown_reader_is_refused_before_any_work() -> None:
+    with pytest.raises(UserError, match="reader 'pillow' unknown; use auto or openslide"):
+        run_extract(ExtractConfig(reader="pillow"))
