@@ -4,7 +4,8 @@ One process, one generated cohort, same model, optimizer and bag order for all t
   bare   plain torch loop over bags already in RAM (what no framework can beat),
   fit    our Lightning module + DataModule (what `fit` runs each epoch, validation excluded),
   disk   plain loop that reads each bag from its h5 file every epoch (what CLAM does).
-Prints the warm epoch time of each (best of the epochs after the first) and the ratios.
+The three alternate for --rounds rounds (drift in machine speed hits all alike); prints every
+warm epoch (after the first of a round), the best of each, and the ratios.
 
     python benchmarks/train_throughput.py [--bags 200 --min-n 2000 --max-n 10000 --dim 1024]
 """
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--max-n", type=int, default=10000)
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="bare/fit/disk alternations")
     ap.add_argument("--out", type=Path, default=Path("/tmp/melanoma_mil_bench_train"))
     a = ap.parse_args()
     root = a.out / f"{a.bags}x{a.min_n}-{a.max_n}x{a.dim}"
@@ -103,16 +105,22 @@ def main() -> None:
     tiles = sum(store.bags[b].shape[0] for b in ids)
     print(
         f"cohort: {len(ids)} bags, {tiles} tiles x {a.dim} (float16 on disk), "
-        f"{torch.get_num_threads()} threads, {a.epochs} epochs each, warm = best after the first"
+        f"{torch.get_num_threads()} threads, {a.rounds} rounds of {a.epochs} epochs each, "
+        "warm = best epoch after the first of each round"
     )
 
-    bare = min(plain_epochs(lambda i: store.bags[ids[i]], labels, a.dim, a.epochs)[1:])
-    ours = min(fit_epochs(store, ids, label_of, a.epochs)[1:])
-    disk = min(
-        plain_epochs(
+    bare, ours, disk = [], [], []
+    for _ in range(a.rounds):  # alternate, so a drift in machine speed hits all three alike
+        bare += plain_epochs(lambda i: store.bags[ids[i]], labels, a.dim, a.epochs)[1:]
+        ours += fit_epochs(store, ids, label_of, a.epochs)[1:]
+        disk += plain_epochs(
             lambda i: torch.from_numpy(read_bag(paths[i])[0]).float(), labels, a.dim, a.epochs
         )[1:]
-    )
+    print("warm epochs (s): " + "; ".join(
+        f"{n} {', '.join(f'{t:.2f}' for t in ts)}"
+        for n, ts in (("bare", bare), ("fit", ours), ("disk", disk))
+    ))  # fmt: skip
+    bare, ours, disk = min(bare), min(ours), min(disk)
     for name, t in (
         ("bare loop, bags in RAM", bare),
         ("fit (Lightning)", ours),

@@ -7,6 +7,7 @@ import torch
 
 from melanoma_mil.config import ModelConfig
 from melanoma_mil.models import build_model
+from melanoma_mil.models.mil import Dropout
 
 
 @pytest.mark.parametrize("name", ["gated_attention", "clam_sb", "mean", "max"])
@@ -62,3 +63,19 @@ def test_unknown_model_name() -> None:
 
     with pytest.raises(UserError, match="model.name"):
         build_model(ModelConfig(name="transmil"), 16, 2)
+
+
+def test_cpu_dropout_drops_p_scales_survivors_and_is_seeded() -> None:
+    drop = Dropout(0.25)
+    x = torch.ones(2000, 512, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.005
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.75))
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() / 0.75)  # gradient flows through survivors only
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x))
