@@ -1,0 +1,71 @@
+"""CPU training step of gated-attention MIL with torch's nn.Dropout vs ours (`models.mil.Dropout`).
+
+Same random bags, model init, optimizer and order for both; the two alternate for --rounds
+rounds so a drift in machine speed hits both alike. Prints the best epoch of each and the ratio.
+
+    python benchmarks/dropout_step.py [--bags 40 --min-n 2000 --max-n 10000 --dim 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from melanoma_mil.config import ModelConfig
+from melanoma_mil.models import build_model
+from melanoma_mil.models.mil import Dropout
+
+
+def with_dropout(model: nn.Module, kind: type[nn.Dropout]) -> nn.Module:
+    """``model`` with each of its dropout layers replaced by ``kind`` of the same rate."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Dropout):
+                setattr(module, name, kind(child.p))
+    return model
+
+
+def epoch(bags: list[torch.Tensor], labels: list[int], dim: int, kind: type[nn.Dropout]) -> float:
+    torch.manual_seed(0)
+    model = with_dropout(build_model(ModelConfig(), dim, 2), kind).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, foreach=True)
+    start = time.perf_counter()
+    for bag, label in zip(bags, labels, strict=True):
+        loss = F.cross_entropy(model(bag).logits[None], torch.tensor([label]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--bags", type=int, default=40)
+    ap.add_argument("--min-n", type=int, default=2000)
+    ap.add_argument("--max-n", type=int, default=10000)
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(a.min_n, a.max_n + 1, (a.bags,), generator=g).tolist()
+    bags = [torch.randn(n, a.dim, generator=g) for n in sizes]
+    labels = [i % 2 for i in range(a.bags)]
+    times: dict[str, list[float]] = {"nn.Dropout": [], "ours": []}
+    for _ in range(a.rounds):
+        times["nn.Dropout"].append(epoch(bags, labels, a.dim, nn.Dropout))
+        times["ours"].append(epoch(bags, labels, a.dim, Dropout))
+    tiles = sum(sizes)
+    print(f"{a.bags} bags, {tiles} tiles x {a.dim}, {torch.get_num_threads()} threads, CPU")
+    for name, ts in times.items():
+        per = ", ".join(f"{t:.2f}" for t in ts)
+        rate = tiles / min(ts)
+        print(f"{name:<11} best {min(ts):6.2f} s/epoch ({rate:7.0f} tiles/s; rounds {per})")
+    print(f"ours / nn.Dropout = {min(times['ours']) / min(times['nn.Dropout']):.3f}")
+
+
+if __name__ == "__main__":
+    main()
