@@ -29,13 +29,16 @@ log = logging.getLogger(__name__)
 # tiles, Leica multi-image) place tiles in ways only OpenSlide knows.
 VENDORS = ("generic-tiff", "aperio")
 _JPEG, _RGB, _YCBCR = 7, 2, 6
-CACHE_BYTES = 64 << 20  # decoded tiles kept per slide: two rows of a 100k-px-wide level
+# Decoded tiles kept per slide: enough JPEG-tile rows that a row of the (row-major) grid never
+# decodes a tile twice, within these bounds. A 224-px grid over 256-px tiles of a 45k-px-wide
+# level read 2.3x faster with 2.5 rows cached than with 64 MB (LRU thrashing).
+CACHE_MIN, CACHE_MAX = 64 << 20, 512 << 20
 
 
 class TiffJpegLevel:
     """One pyramid level read straight from its TIFF JPEG tiles; regions in level pixels."""
 
-    def __init__(self, path: Path, page: tifffile.TiffPage) -> None:
+    def __init__(self, path: Path, page: tifffile.TiffPage, read_size: int) -> None:
         self.fd = os.open(path, os.O_RDONLY)  # pread on one fd is thread-safe
         self.offsets = [int(o) for o in page.dataoffsets]
         self.counts = [int(c) for c in page.databytecounts]
@@ -44,28 +47,47 @@ class TiffJpegLevel:
         self.tw, self.th = int(page.tilewidth), int(page.tilelength)
         self.width, self.height = int(page.imagewidth), int(page.imagelength)
         self.ntx = -(-self.width // self.tw)
+        rows = -(-read_size // self.th) + 1.5  # rows a grid row spans, + the next one's start
+        row_bytes = self.ntx * self.tw * self.th * 3
+        self.capacity = int(min(max(rows * row_bytes, CACHE_MIN), CACHE_MAX))
         self._cache: OrderedDict[int, np.ndarray | None] = OrderedDict()
         self._cached = 0
+        self._decoding: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
 
     def _tile(self, k: int) -> np.ndarray | None:
-        """Decoded tile ``k`` ([th, tw, 3] uint8), None where the file stores none."""
-        with self._lock:
-            if k in self._cache:
-                self._cache.move_to_end(k)
-                return self._cache[k]
-        tile = None
-        if self.counts[k]:
-            data = os.pread(self.fd, self.counts[k], self.offsets[k])
-            tile = imagecodecs.jpeg8_decode(data, tables=self.tables, colorspace=self.colorspace)
-            if tile.shape != (self.th, self.tw, 3):
-                raise ValueError(f"JPEG tile {k} decodes to {tile.shape}, not {self.th, self.tw}")
-        with self._lock:
-            self._cache[k] = tile
-            self._cached += 0 if tile is None else tile.nbytes
-            while self._cached > CACHE_BYTES and len(self._cache) > 1:
-                old = self._cache.popitem(last=False)[1]
-                self._cached -= 0 if old is None else old.nbytes
+        """Decoded tile ``k`` ([th, tw, 3] uint8), None where the file stores none. Each tile is
+        decoded once while cached, even when reader threads ask for it at the same time."""
+        while True:
+            with self._lock:
+                if k in self._cache:
+                    self._cache.move_to_end(k)
+                    return self._cache[k]
+                busy = self._decoding.get(k)
+                if busy is None:
+                    self._decoding[k] = threading.Event()
+                    break
+            busy.wait()  # another thread is decoding it; then look again
+        try:
+            tile = self._decode(k)
+            with self._lock:
+                self._cache[k] = tile
+                self._cached += 0 if tile is None else tile.nbytes
+                while self._cached > self.capacity and len(self._cache) > 1:
+                    old = self._cache.popitem(last=False)[1]
+                    self._cached -= 0 if old is None else old.nbytes
+        finally:
+            with self._lock:
+                self._decoding.pop(k).set()
+        return tile
+
+    def _decode(self, k: int) -> np.ndarray | None:
+        if not self.counts[k]:
+            return None
+        data = os.pread(self.fd, self.counts[k], self.offsets[k])
+        tile = imagecodecs.jpeg8_decode(data, tables=self.tables, colorspace=self.colorspace)
+        if tile.shape != (self.th, self.tw, 3):
+            raise ValueError(f"JPEG tile {k} decodes to {tile.shape}, not {self.th, self.tw}")
         return tile
 
     def read(self, x: int, y: int, size: int) -> np.ndarray:
@@ -149,7 +171,7 @@ def open_fast_tiles(
         return None
     if page is None:
         return None
-    fast = FastTiles(TiffJpegLevel(path, page), slide.level_downsamples[level])
+    fast = FastTiles(TiffJpegLevel(path, page, size), slide.level_downsamples[level])
     try:
         for x, y in probes:
             mine = fast.read(x, y, size)
