@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +103,28 @@ def test_non_jpeg_tiff_and_forced_openslide_give_identical_batches(tmp_path: Pat
 def test_unknown_reader_is_refused_before_any_work() -> None:
     with pytest.raises(UserError, match="reader 'pillow' unknown; use auto or openslide"):
         run_extract(ExtractConfig(reader="pillow"))
+
+
+def test_threads_decode_each_jpeg_tile_once_on_an_unaligned_grid(tmp_path: Path) -> None:
+    path = tmp_path / "s.tif"
+    img = textured(1000, 1300)
+    write_pyramid(path, img, mpp=0.5, n_levels=1)
+    xs, ys = np.arange(0, 1300 - 224 + 1, 224), np.arange(0, 1000 - 224 + 1, 224)
+    coords = np.array([(x, y) for y in ys for x in xs], np.int64)  # 5 x 4 tiles over 6 x 4
+    grid = TileGrid(coords, str(path), 0, 1.0, 224, 224, 0.5, 0.5, {"tile_size": 224})
+    data = SlideBatches(path, grid, 20)
+    with ThreadPoolExecutor(4) as pool:
+        tiles = data.read(0, pool, 4).numpy()
+    assert data.reader == "tiff-jpeg" and data._fast is not None
+    assert data._fast.level.decodes == 20  # 5 x 4 JPEG tiles touched, each decoded once
+    for (x, y), tile in zip(coords, tiles, strict=True):
+        np.testing.assert_array_equal(tile, img_via_openslide(path, int(x), int(y)))
+    data.close()
+
+
+def img_via_openslide(path: Path, x: int, y: int) -> np.ndarray:
+    slide = openslide.OpenSlide(path)
+    try:
+        return openslide_tile(slide, x, y, 0, 224)
+    finally:
+        slide.close()

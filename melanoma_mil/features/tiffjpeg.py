@@ -52,6 +52,7 @@ class TiffJpegLevel:
         self.capacity = int(min(max(rows * row_bytes, CACHE_MIN), CACHE_MAX))
         self._cache: OrderedDict[int, np.ndarray | None] = OrderedDict()
         self._cached = 0
+        self.decodes = 0  # JPEG tiles decoded so far (each once while it stays cached)
         self._decoding: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
 
@@ -72,6 +73,7 @@ class TiffJpegLevel:
             tile = self._decode(k)
             with self._lock:
                 self._cache[k] = tile
+                self.decodes += tile is not None
                 self._cached += 0 if tile is None else tile.nbytes
                 while self._cached > self.capacity and len(self._cache) > 1:
                     old = self._cache.popitem(last=False)[1]
