@@ -1,7 +1,8 @@
 """CPU training step of gated-attention MIL with torch's nn.Dropout vs ours (`models.mil.Dropout`).
 
-Same random bags, model init, optimizer and order for both; the two alternate for --rounds
-rounds so a drift in machine speed hits both alike. Prints the best epoch of each and the ratio.
+Same random bags, model init, optimizer and order for both (train_throughput.py's bare loop);
+the two alternate for --rounds rounds so a drift in machine speed hits both alike. Prints the
+best epoch of each and the ratio.
 
     python benchmarks/dropout_step.py [--bags 40 --min-n 2000 --max-n 10000 --dim 1024]
 """
@@ -9,14 +10,11 @@ rounds so a drift in machine speed hits both alike. Prints the best epoch of eac
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from train_throughput import plain_epochs, seeded_model
 
-from melanoma_mil.config import ModelConfig
-from melanoma_mil.models import build_model
 from melanoma_mil.models.mil import Dropout
 
 
@@ -27,19 +25,6 @@ def with_dropout(model: nn.Module, kind: type[nn.Dropout]) -> nn.Module:
             if isinstance(child, nn.Dropout):
                 setattr(module, name, kind(child.p))
     return model
-
-
-def epoch(bags: list[torch.Tensor], labels: list[int], dim: int, kind: type[nn.Dropout]) -> float:
-    torch.manual_seed(0)
-    model = with_dropout(build_model(ModelConfig(), dim, 2), kind).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, foreach=True)
-    start = time.perf_counter()
-    for bag, label in zip(bags, labels, strict=True):
-        loss = F.cross_entropy(model(bag).logits[None], torch.tensor([label]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -56,8 +41,9 @@ def main() -> None:
     labels = [i % 2 for i in range(a.bags)]
     times: dict[str, list[float]] = {"nn.Dropout": [], "ours": []}
     for _ in range(a.rounds):
-        times["nn.Dropout"].append(epoch(bags, labels, a.dim, nn.Dropout))
-        times["ours"].append(epoch(bags, labels, a.dim, Dropout))
+        for name, kind in (("nn.Dropout", nn.Dropout), ("ours", Dropout)):
+            model = with_dropout(seeded_model(a.dim), kind)
+            times[name] += plain_epochs(lambda i: bags[i], labels, model, 1)
     tiles = sum(sizes)
     print(f"{a.bags} bags, {tiles} tiles x {a.dim}, {torch.get_num_threads()} threads, CPU")
     for name, ts in times.items():

@@ -41,11 +41,17 @@ class EpochTimer(L.Callback):
         self.times.append(time.perf_counter() - self.start)
 
 
-def plain_epochs(
-    get_bag: Callable[[int], torch.Tensor], labels: list[int], dim: int, epochs: int
-) -> list[float]:
+def seeded_model(dim: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(), dim, 2).train()
+    return build_model(ModelConfig(), dim, 2)
+
+
+def plain_epochs(
+    get_bag: Callable[[int], torch.Tensor], labels: list[int], model: torch.nn.Module, epochs: int
+) -> list[float]:
+    """Seconds per epoch of a bare torch loop (AdamW as `fit`), bags in a seeded random order."""
+    model.train()
+    torch.manual_seed(1)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-5, foreach=True)
     times = []
     for _ in range(epochs):
@@ -111,10 +117,14 @@ def main() -> None:
 
     bare, ours, disk = [], [], []
     for _ in range(a.rounds):  # alternate, so a drift in machine speed hits all three alike
-        bare += plain_epochs(lambda i: store.bags[ids[i]], labels, a.dim, a.epochs)[1:]
+        in_ram = plain_epochs(lambda i: store.bags[ids[i]], labels, seeded_model(a.dim), a.epochs)
+        bare += in_ram[1:]
         ours += fit_epochs(store, ids, label_of, a.epochs)[1:]
         disk += plain_epochs(
-            lambda i: torch.from_numpy(read_bag(paths[i])[0]).float(), labels, a.dim, a.epochs
+            lambda i: torch.from_numpy(read_bag(paths[i])[0]).float(),
+            labels,
+            seeded_model(a.dim),
+            a.epochs,
         )[1:]
     print("warm epochs (s): " + "; ".join(
         f"{n} {', '.join(f'{t:.2f}' for t in ts)}"

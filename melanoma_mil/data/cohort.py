@@ -26,33 +26,46 @@ class Cohort:
     members: dict[str, list[tuple[str, Path]]]  # bag_id -> [(slide_id, feature path)]
 
 
+def read_slide_table(path: Path, what: str, key: str, columns: list[str]) -> pd.DataFrame:
+    """A CSV of slides as stripped strings with ``columns`` (patient_id defaults to slide_id),
+    or a UserError naming the file (``what`` given by config ``key``) and the fix."""
+    if not path.is_file():
+        raise UserError(f"{what} '{path}' not found: check {key}.")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{what} '{path}' is unreadable ({msg}); save it as UTF-8 CSV.") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        optional = "" if "patient_id" in columns else "[, patient_id]"
+        raise UserError(
+            f"{what} '{path}' lacks column(s) {missing} (has {list(df.columns)}); "
+            f"it needs {', '.join(columns)}{optional}."
+        )
+    for c in columns:
+        df[c] = df[c].str.strip()
+    patients = df["patient_id"].str.strip() if "patient_id" in df.columns else df["slide_id"]
+    df["patient_id"] = patients.where(patients != "", df["slide_id"])
+    return df
+
+
 def read_labels(path: str | None, label_column: str = "label") -> pd.DataFrame:
     """Read and check the labels CSV (slide_id, label column, optional patient_id)."""
     if not path:
         raise UserError("data.labels_csv is not set: pass data.labels_csv=PATH/labels.csv.")
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"labels CSV '{p}' not found: check data.labels_csv.")
-    try:
-        df = pd.read_csv(p, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"labels CSV '{p}' is unreadable ({msg}); save it as UTF-8 CSV.") from None
-    missing = [c for c in ("slide_id", label_column) if c not in df.columns]
-    if missing:
-        raise UserError(
-            f"labels CSV '{p}' lacks column(s) {missing} (has {list(df.columns)}); "
-            f"it needs slide_id, {label_column}[, patient_id]."
-        )
-    df["slide_id"] = df["slide_id"].str.strip()
-    df[label_column] = df[label_column].str.strip()
-    if "patient_id" not in df.columns:
-        df["patient_id"] = df["slide_id"]
-    df["patient_id"] = df["patient_id"].str.strip().where(df["patient_id"] != "", df["slide_id"])
+    df = read_slide_table(p, "labels CSV", "data.labels_csv", ["slide_id", label_column])
     dup = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
     if dup:
         raise UserError(f"labels CSV '{p}' lists slide(s) {dup[:5]} twice; keep one row each.")
     return df.rename(columns={label_column: "raw_label"})[["slide_id", "patient_id", "raw_label"]]
+
+
+def read_patients(path: str) -> dict[str, str]:
+    """slide_id -> patient_id from a CSV with those columns (a labels CSV will do)."""
+    df = read_slide_table(Path(path), "patients_csv", "patients_csv", ["slide_id", "patient_id"])
+    return dict(zip(df["slide_id"], df["patient_id"], strict=True))
 
 
 def map_labels(df: pd.DataFrame, cfg: DataConfig, source: str) -> tuple[pd.DataFrame, list[str]]:

@@ -80,8 +80,9 @@ def to_rgb(rgba: np.ndarray) -> np.ndarray:
     return (rgb * a + 255.0 * (1.0 - a)).round().astype(np.uint8)
 
 
-class SlideBatches(Dataset[torch.Tensor]):
-    """Batches of one slide's tiles; each process opens its own OpenSlide handle lazily."""
+class SlideBatches:
+    """Batches of one slide's tiles, read in the process that made it (reader processes make
+    their own through :class:`RunBatches`); the slide is opened at the first read."""
 
     def __init__(
         self, slide_path: Path, grid: TileGrid, batch_size: int, direct: bool = True
@@ -94,14 +95,14 @@ class SlideBatches(Dataset[torch.Tensor]):
         self.direct = direct  # decode TIFF JPEG tiles directly where exact (else OpenSlide)
         self._slide: openslide.OpenSlide | None = None
         self._fast: FastTiles | None = None
-        self._pid = -1
 
     def __len__(self) -> int:
         return math.ceil(len(self.coords) / self.batch_size)
 
-    def _handle(self) -> openslide.OpenSlide:
-        if self._slide is None or self._pid != os.getpid():  # forked workers get their own
-            self._slide, self._pid = open_slide(self.slide_path), os.getpid()
+    def open(self) -> openslide.OpenSlide:
+        """The slide's OpenSlide handle (and the direct reader, where verified), opened once."""
+        if self._slide is None:
+            self._slide = open_slide(self.slide_path)
             if self.direct and len(self.coords):
                 probes = [tuple(map(int, self.coords[i])) for i in {0, len(self.coords) - 1}]
                 self._fast = open_fast_tiles(
@@ -114,15 +115,17 @@ class SlideBatches(Dataset[torch.Tensor]):
         """Which reader serves this slide's tiles (after the first read)."""
         return "tiff-jpeg" if self._fast is not None else "openslide"
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.read(i)
+    @property
+    def decodes(self) -> int:
+        """JPEG tiles the direct reader has decoded so far (0 when OpenSlide reads)."""
+        return self._fast.decodes if self._fast is not None else 0
 
     def read(
         self, i: int, pool: ThreadPoolExecutor | None = None, threads: int = 1
     ) -> torch.Tensor:
         """Batch ``i``; with a pool, ``threads`` tasks read its tiles concurrently (OpenSlide is
         thread-safe and its reads release the GIL)."""
-        slide = self._handle()
+        slide = self.open()
         fast = self._fast
         xy = self.coords[i * self.batch_size : (i + 1) * self.batch_size]
         out = np.empty((len(xy), self.size, self.size, 3), np.uint8)
@@ -145,7 +148,7 @@ class SlideBatches(Dataset[torch.Tensor]):
         return torch.from_numpy(out)
 
     def close(self) -> None:
-        if self._slide is not None and self._pid == os.getpid():
+        if self._slide is not None:
             self._slide.close()
             if self._fast is not None:
                 self._fast.close()

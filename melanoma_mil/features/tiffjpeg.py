@@ -30,15 +30,17 @@ log = logging.getLogger(__name__)
 VENDORS = ("generic-tiff", "aperio")
 _JPEG, _RGB, _YCBCR = 7, 2, 6
 # Decoded tiles kept per slide: enough JPEG-tile rows that a row of the (row-major) grid never
-# decodes a tile twice, within these bounds. A 224-px grid over 256-px tiles of a 45k-px-wide
-# level read 2.3x faster with 2.5 rows cached than with 64 MB (LRU thrashing).
+# decodes a tile twice (a fixed 64 MB thrashed on wide levels: benchmarks/read_tiles.py).
 CACHE_MIN, CACHE_MAX = 64 << 20, 512 << 20
 
 
-class TiffJpegLevel:
-    """One pyramid level read straight from its TIFF JPEG tiles; regions in level pixels."""
+class FastTiles:
+    """One OpenSlide level read straight from its TIFF page's JPEG tiles."""
 
-    def __init__(self, path: Path, page: tifffile.TiffPage, read_size: int) -> None:
+    def __init__(
+        self, path: Path, page: tifffile.TiffPage, read_size: int, downsample: float
+    ) -> None:
+        self.downsample = downsample
         self.fd = os.open(path, os.O_RDONLY)  # pread on one fd is thread-safe
         self.offsets = [int(o) for o in page.dataoffsets]
         self.counts = [int(c) for c in page.databytecounts]
@@ -92,7 +94,15 @@ class TiffJpegLevel:
             raise ValueError(f"JPEG tile {k} decodes to {tile.shape}, not {self.th, self.tw}")
         return tile
 
-    def read(self, x: int, y: int, size: int) -> np.ndarray:
+    def read(self, x: int, y: int, size: int) -> np.ndarray | None:
+        """Tile at level-0 (x, y), or None where the level offset is fractional (OpenSlide
+        resamples those, so only OpenSlide gives the same pixels)."""
+        lx, ly = x / self.downsample, y / self.downsample
+        if lx != int(lx) or ly != int(ly):
+            return None
+        return self._region(int(lx), int(ly), size)
+
+    def _region(self, x: int, y: int, size: int) -> np.ndarray:
         """RGB [size, size, 3] at level pixel (x, y); outside the image or stored tiles: white."""
         out = np.full((size, size, 3), 255, np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
@@ -111,25 +121,6 @@ class TiffJpegLevel:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-class FastTiles:
-    """Reads at one OpenSlide level through :class:`TiffJpegLevel` when exact, else None."""
-
-    def __init__(self, level: TiffJpegLevel, downsample: float) -> None:
-        self.level = level
-        self.downsample = downsample
-
-    def read(self, x: int, y: int, size: int) -> np.ndarray | None:
-        """Tile at level-0 (x, y), or None where the level offset is fractional (OpenSlide
-        resamples those, so only OpenSlide gives the same pixels)."""
-        lx, ly = x / self.downsample, y / self.downsample
-        if lx != int(lx) or ly != int(ly):
-            return None
-        return self.level.read(int(lx), int(ly), size)
-
-    def close(self) -> None:
-        self.level.close()
 
 
 def _level_page(path: Path, dims: tuple[int, int]) -> tifffile.TiffPage | None:
@@ -173,7 +164,7 @@ def open_fast_tiles(
         return None
     if page is None:
         return None
-    fast = FastTiles(TiffJpegLevel(path, page, size), slide.level_downsamples[level])
+    fast = FastTiles(path, page, size, slide.level_downsamples[level])
     try:
         for x, y in probes:
             mine = fast.read(x, y, size)

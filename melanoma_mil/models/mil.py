@@ -56,10 +56,8 @@ class Dropout(nn.Dropout):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+        if not self.training or self.p in (0.0, 1.0) or x.device.type != "cpu":
             return super().forward(x)
-        if self.p == 1.0:
-            return x * 0.0
         keep = torch.rand_like(x) >= self.p
         return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
@@ -140,20 +141,22 @@ def analyse_slide(
 
 
 def probability_columns(amap: AttentionMap) -> dict[str, Any]:
-    """prob (binary) / prob_<class>, pred, and per-fold prob_<fold>[_<class>] of one slide."""
-    cols: dict[str, Any] = {}
-    binary = len(amap.classes) == 2
-    if binary:
-        cols["prob"] = float(amap.mean_probs[1])
-    cols.update({f"prob_{c}": float(p) for c, p in zip(amap.classes, amap.mean_probs, strict=True)})
-    cols["pred"] = amap.pred
-    for name, p in zip(amap.fold_names, amap.probs, strict=True):
+    """prob (binary: positive = last class) / prob_<class>, pred, per-fold prob_<fold>[_<class>]."""
+    return ensemble_columns(amap.probs, amap.fold_names, amap.classes)
+
+
+def ensemble_columns(probs: np.ndarray, folds: list[str], classes: list[str]) -> dict[str, Any]:
+    """The columns of :func:`probability_columns` from fold probabilities [F, C] of one bag."""
+    mean = probs.mean(0)
+    binary = len(classes) == 2
+    cols: dict[str, Any] = {"prob": float(mean[1])} if binary else {}
+    cols.update({f"prob_{c}": float(p) for c, p in zip(classes, mean, strict=True)})
+    cols["pred"] = classes[int(mean.argmax())]
+    for name, p in zip(folds, probs, strict=True):
         if binary:
             cols[f"prob_{name}"] = float(p[1])
         else:
-            cols.update(
-                {f"prob_{name}_{c}": float(v) for c, v in zip(amap.classes, p, strict=True)}
-            )
+            cols.update({f"prob_{name}_{c}": float(v) for c, v in zip(classes, p, strict=True)})
     return cols
 
 

@@ -19,17 +19,17 @@ import pandas as pd
 
 from melanoma_mil.config import PredictConfig
 from melanoma_mil.data.bags import read_bag
+from melanoma_mil.data.cohort import read_patients
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import atomic_path
 from melanoma_mil.viz.heatmap import (
     FAILED,
     analyse_all,
     check_common,
+    ensemble_columns,
     log_to_wandb,
-    probability_columns,
 )
 from melanoma_mil.viz.inference import Ensemble, SlideInput, prepare_inputs
-from melanoma_mil.viz.render import AttentionMap
 
 log = logging.getLogger(__name__)
 
@@ -41,25 +41,6 @@ def _ordered(table: pd.DataFrame) -> pd.DataFrame:
     files = [c for c in ("heatmap", "montage", "geojson") if c in table]
     front = [c for c in table.columns if c not in {"slide_id", *META, *files}]
     return table[["slide_id", *front, *META, *files]].sort_values("slide_id")
-
-
-def read_patients(path: str | None) -> dict[str, str]:
-    """slide_id -> patient_id from a CSV with those columns (a labels CSV will do)."""
-    p = Path(path or "")
-    try:
-        df = pd.read_csv(p, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        why = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"patients_csv '{p}' is unreadable ({why}); pass a UTF-8 CSV.") from None
-    missing = {"slide_id", "patient_id"} - set(df.columns)
-    if missing:
-        raise UserError(
-            f"patients_csv '{p}' lacks {sorted(missing)} (has {list(df.columns)}); "
-            "it needs slide_id and patient_id columns."
-        )
-    ids = df["slide_id"].str.strip()
-    patients = df["patient_id"].str.strip().where(df["patient_id"].str.strip() != "", ids)
-    return dict(zip(ids, patients, strict=True))
 
 
 def patient_table(
@@ -82,11 +63,9 @@ def patient_table(
         }
         if usable:
             feats = np.concatenate([read_bag(paths[s])[0] for s in usable])
-            probs, attention = ensemble(feats)
-            coords = np.zeros((len(feats), 2), np.int64)
-            amap = AttentionMap(str(patient), coords, 0, attention, probs,
-                                ensemble.fold_names, ensemble.classes)  # fmt: skip
-            row.update(probability_columns(amap), n_tiles=len(feats), status="ok")
+            probs, _ = ensemble(feats)
+            row.update(ensemble_columns(probs, ensemble.fold_names, ensemble.classes))
+            row.update(n_tiles=len(feats), status="ok")
         else:
             row.update(n_tiles=0, status="failed")
         rows.append(row)
