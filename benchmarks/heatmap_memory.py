@@ -17,13 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from melanoma_mil.viz.render import (
-    AttentionMap,
-    draw_heatmap,
-    percentile_scores,
-    score_raster,
-    write_geojson,
-)
+from melanoma_mil.inference.attention import AttentionMap, write_geojson
+from melanoma_mil.viz.render import draw_heatmap, percentile_scores, score_raster
 
 SIDE, TILE = 317, 512
 

@@ -49,25 +49,25 @@ COMMANDS: dict[str, Command] = {
     ),
     "sweep": Command(
         C.SweepConfig,
-        "melanoma_mil.tracking.sweep:run_sweep",
+        "melanoma_mil.evaluation.sweep:run_sweep",
         "run a W&B sweep file locally (each run a fit)",
         positional="sweep_file",
     ),
     "compare": Command(
         C.CompareConfig,
-        "melanoma_mil.tracking.compare:run_compare",
+        "melanoma_mil.evaluation.compare:run_compare",
         "paired comparison table + figure of fit runs on the same splits",
         positional="run_dirs",
         positional_many=True,
     ),
     "heatmap": Command(
         C.HeatmapConfig,
-        "melanoma_mil.viz.heatmap:run_heatmap",
+        "melanoma_mil.inference.heatmap:run_heatmap",
         "attention heatmaps and top/bottom tile montages of a trained run",
     ),
     "predict": Command(
         C.PredictConfig,
-        "melanoma_mil.viz.predict:run_predict",
+        "melanoma_mil.inference.predict:run_predict",
         "run a trained fold-model ensemble on new slides",
     ),
 }

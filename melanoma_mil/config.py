@@ -20,6 +20,33 @@ from melanoma_mil.errors import UserError
 
 T = TypeVar("T")
 
+# model.name choices live here, not in the model registry, so `--help` and config errors answer
+# without importing torch; tests check that the registry holds exactly these names.
+MODEL_NAMES = ("gated_attention", "clam_sb", "mean", "max")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+
+
+def choice(default: str, *allowed: str) -> Any:
+    """A field whose value must be one of ``allowed`` (checked at parse time, shown by --help)."""
+    return field(default=default, metadata={"choices": tuple(allowed)})
+
+
+def bounded(
+    default: Any,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> Any:
+    """A numeric field in [low, high] (an end excluded with ``open_low`` / ``open_high``); None
+    stays allowed for optional fields."""
+    return field(default=default, metadata={"range": (low, high, open_low, open_high)})
+
+
+def positive(default: Any) -> Any:
+    """A numeric field > 0."""
+    return bounded(default, 0, open_low=True)
+
 
 # --------------------------------------------------------------------------- data / training
 @dataclass
@@ -33,23 +60,26 @@ class DataConfig:
     label_map: dict[str, str] = field(default_factory=dict)
     # class order; the last class is the positive one for binary AUC. Empty: sorted labels.
     classes: list[str] = field(default_factory=list)
-    bag_level: str = "slide"  # slide | patient
-    on_missing: str = "error"  # error | skip: labelled slides without a feature file
-    max_instances: int | None = None  # random subsample of training bags (None: all tiles)
-    dtype: str = "float32"  # float32 | float16: in-RAM dtype of cached bags
+    bag_level: str = choice("slide", "slide", "patient")
+    # labelled slides without a feature file: error, or skip them (listed)
+    on_missing: str = choice("error", "error", "skip")
+    # random subsample of training bags (None: all tiles)
+    max_instances: int | None = bounded(None, 1)
+    dtype: str = choice("float32", "float32", "float16")  # in-RAM dtype of cached bags
     standardize: bool = False  # z-score each feature dim with training-fold statistics
-    balance: str = "loss"  # none | sampler | loss
-    num_workers: int = 0
+    balance: str = choice("loss", "none", "sampler", "loss")
+    num_workers: int = bounded(0, 0)
 
 
 @dataclass
 class CVConfig:
     """Patient-level stratified k-fold with an inner validation split for model selection."""
 
-    folds: int = 5
+    folds: int = bounded(5, 2)
     seed: int = 0  # splits only (model init uses the top-level seed), so seed sweeps share folds
-    val_fraction: float = 0.2  # share of each training fold's patients used for validation
-    repeats: int = 1  # repeated CV with new split seeds
+    # share of each training fold's patients used for validation
+    val_fraction: float = bounded(0.2, 0, 0.5, open_low=True, open_high=True)
+    repeats: int = bounded(1, 1)  # repeated CV with new split seeds
     splits_file: str | None = None  # splits.json written by fit, or CLAM splits_*.csv folder
 
 
@@ -57,35 +87,37 @@ class CVConfig:
 class ModelConfig:
     """MIL head; dims follow CLAM-small (D -> 512 -> gated attention 256 -> classes)."""
 
-    name: str = "gated_attention"  # gated_attention | clam_sb | mean | max
-    hidden_dim: int = 512
-    attention_dim: int = 256
-    dropout: float = 0.25
-    k_sample: int = 8  # clam_sb instance loss: top/bottom-k tiles per bag
-    bag_weight: float = 0.7  # clam_sb: bag loss weight, (1 - w) for instance loss
+    name: str = choice("gated_attention", *MODEL_NAMES)
+    hidden_dim: int = bounded(512, 1)
+    attention_dim: int = bounded(256, 1)
+    dropout: float = bounded(0.25, 0.0, 1.0, open_high=True)
+    k_sample: int = bounded(8, 1)  # clam_sb instance loss: top/bottom-k tiles per bag
+    bag_weight: float = bounded(0.7, 0.0, 1.0)  # clam_sb: bag loss weight, (1 - w) instance
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4
-    weight_decay: float = 1e-5
-    scheduler: str = "cosine"  # cosine | none
+    lr: float = positive(2e-4)
+    weight_decay: float = bounded(1e-5, 0.0)
+    scheduler: str = choice("cosine", "cosine", "none")
 
 
 @dataclass
 class TrainerConfig:
     """Lightning Trainer settings (only the ones that matter for MIL)."""
 
-    max_epochs: int = 50
-    min_epochs: int = 5
-    patience: int = 10
-    monitor: str = "val_loss"  # val_loss | val_auc (AUC saturates on small validation sets)
-    accelerator: str = "auto"
-    devices: int = 1
+    max_epochs: int = bounded(50, 1)
+    min_epochs: int = bounded(5, 0)
+    patience: int = bounded(10, 1)
+    # val_auc saturates on small validation sets
+    monitor: str = choice("val_loss", "val_loss", "val_auc")
+    accelerator: str = choice("auto", "auto", "cpu", "gpu", "cuda", "mps", "tpu")
+    devices: int = bounded(1, 1)
     strategy: str = "auto"
-    precision: str = "auto"  # auto: bf16-mixed on GPUs that support it, else 32-true
+    # auto: bf16-mixed on GPUs that support it, else 32-true
+    precision: str = choice("auto", *PRECISIONS)
     deterministic: bool = True
-    accumulate_grad_batches: int = 1
+    accumulate_grad_batches: int = bounded(1, 1)
 
 
 @dataclass
@@ -106,7 +138,7 @@ class FitConfig:
     experiment: str | None = None  # W&B group; default: output_dir's name
     seed: int = 0
     overwrite: bool = False
-    logger: str = "csv"  # wandb | csv | none
+    logger: str = choice("csv", "wandb", "csv", "none")
     data: DataConfig = field(default_factory=DataConfig)
     cv: CVConfig = field(default_factory=CVConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -120,8 +152,9 @@ class FitConfig:
 class TissueConfig:
     """Tissue segmentation on a low-resolution thumbnail; unset (None) keys come from `preset`."""
 
-    preset: str = "default"  # default | faint (pale stain) | fatty (adipose, thin septa)
-    thumbnail_mpp: float = 8.0  # resolution of the segmentation thumbnail
+    # faint: pale stain; fatty: adipose with thin septa
+    preset: str = choice("default", "default", "faint", "fatty")
+    thumbnail_mpp: float = positive(8.0)  # resolution of the segmentation thumbnail
     saturation_threshold: float | None = None  # fixed HSV saturation cut; None: Otsu
     min_saturation: float | None = None  # floor under Otsu, so blank slides yield no tissue
     blur: int | None = None  # median blur kernel (thumbnail px)
@@ -133,11 +166,11 @@ class TissueConfig:
 
 @dataclass
 class TilingConfig:
-    mpp: float = 0.5  # target microns per pixel (0.5 ~ 20x, 1.0 ~ 10x)
-    tile_size: int = 256  # pixels at the target mpp
-    overlap: int = 0  # pixels at the target mpp shared by neighbouring tiles
-    min_tissue: float = 0.5  # keep a tile when this fraction of it is tissue
-    default_mpp: float | None = None  # used when a slide records no resolution
+    mpp: float = positive(0.5)  # target microns per pixel (0.5 ~ 20x, 1.0 ~ 10x)
+    tile_size: int = bounded(256, 8)  # pixels at the target mpp
+    overlap: int = bounded(0, 0)  # pixels at the target mpp shared by neighbouring tiles
+    min_tissue: float = bounded(0.5, 0.0, 1.0)  # keep a tile when this fraction is tissue
+    default_mpp: float | None = positive(None)  # used when a slide records no resolution
     mask_dir: str | None = None  # user masks <slide_id>.png / .geojson replace the automatic one
     tissue: TissueConfig = field(default_factory=TissueConfig)
 
@@ -152,7 +185,7 @@ class TileConfig:
     extensions: list[str] = field(
         default_factory=lambda: [".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".bif"]
     )
-    workers: int = 2
+    workers: int = bounded(2, 1)
     overwrite: bool = False
     tiling: TilingConfig = field(default_factory=TilingConfig)
 
@@ -180,16 +213,17 @@ class ExtractConfig:
     coords_dir: str | None = None  # a `tile` output folder (its coords/ subfolder is used)
     output_dir: str = "runs/features"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    batch_size: int = 64
+    batch_size: int = bounded(64, 1)
     # reader processes (own OpenSlide handle each) overlapping reads with compute; 0: threads
     # in-process between forward passes (best on CPU-only). None: 0 on CPU, min(8, cores) on GPU
-    num_workers: int | None = None
+    num_workers: int | None = bounded(None, 0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto: encoder's preferred where fast (bf16 on AMX CPUs) | fp32 | ...
-    dtype: str = "float16"  # stored feature dtype: float16 | float32
+    # auto: the encoder's preferred where fast (bf16 on AMX CPUs)
+    precision: str = choice("auto", "auto", "fp32", "bf16", "fp16")
+    dtype: str = choice("float16", "float16", "float32")  # stored feature dtype
     # auto: decode JPEG-tiled TIFF/SVS levels directly (~3x cheaper reads), only where probe
     # tiles match OpenSlide bit for bit; openslide: always read through OpenSlide
-    reader: str = "auto"
+    reader: str = choice("auto", "auto", "openslide")
     overwrite: bool = False
     extensions: list[str] = field(default_factory=lambda: list(TileConfig().extensions))
 
@@ -201,7 +235,8 @@ class SweepConfig(FitConfig):
 
     output_dir: str = "runs/sweep"  # one fit per run in <output_dir>/<NNN>_<parameters>
     sweep_file: str | None = None
-    count: int | None = None  # total runs (None: the whole grid; required for random/bayes)
+    # total runs (None: the whole grid; required for random/bayes)
+    count: int | None = bounded(None, 1)
 
 
 @dataclass
@@ -211,7 +246,8 @@ class CompareConfig:
     run_dirs: list[str] = field(default_factory=list)
     reference: str | None = None  # run dir (or its name) the others are compared to
     output_dir: str = "runs/compare"
-    bootstrap: int = 2000  # patient-level bootstrap replicates (CIs and the paired test)
+    # patient-level bootstrap replicates (CIs and the paired test)
+    bootstrap: int = bounded(2000, 100)
     seed: int = 0
     overwrite: bool = False
 
@@ -234,14 +270,15 @@ class HeatmapConfig:
     # <output_dir>/_work with the run's recorded tiling and encoder
     features_dir: str | None = None
     encoder_weights: str | None = None  # the weights file, when the run's encoder used one
-    top_k: int = 8  # montage: the k most and k least attended tiles
-    thumbnail_size: int = 2048  # long side (px) of the heatmap drawing
+    top_k: int = bounded(8, 1)  # montage: the k most and k least attended tiles
+    thumbnail_size: int = bounded(2048, 64)  # long side (px) of the heatmap drawing
     geojson: bool = False  # tiles.geojson with scores, for QuPath
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "run"  # extraction autocast: run (as recorded) | auto | fp32 | bf16 | fp16
-    batch_size: int = 64  # extraction batch (tiles)
+    # extraction autocast: run (as recorded)
+    precision: str = choice("run", "run", "auto", "fp32", "bf16", "fp16")
+    batch_size: int = bounded(64, 1)  # extraction batch (tiles)
     # tiling processes (None: 2) and extract's tile readers (None: extract's default)
-    num_workers: int | None = None
+    num_workers: int | None = bounded(None, 0)
     overwrite: bool = False
     extensions: list[str] = field(default_factory=lambda: list(TileConfig().extensions))
 
@@ -266,20 +303,20 @@ class DemoConfig:
     """`demo`: synthetic cohort -> tile -> extract -> fit -> heatmaps, end to end."""
 
     output_dir: str = "demo_output"
-    n_slides: int = 24
-    slide_size: int = 5632  # level-0 px (0.5 um/px) of each synthetic slide
+    n_slides: int = bounded(24, 2)
+    slide_size: int = bounded(5632, 1024)  # level-0 px (0.5 um/px) of each synthetic slide
     seed: int = 0
     overwrite: bool = False
-    mpp: float = 1.0  # tiling resolution (10x, the follow-up paper's best)
-    tile_size: int = 224
+    mpp: float = positive(1.0)  # tiling resolution (10x, the follow-up paper's best)
+    tile_size: int = bounded(224, 8)
     # no weights can be bundled: the demo uses a randomly initialised encoder, recorded as such
     encoder: EncoderConfig = field(
         default_factory=lambda: EncoderConfig(name="resnet18_imagenet", pretrained=False)
     )
-    batch_size: int = 32
-    folds: int = 3
-    max_epochs: int = 30
-    lr: float = 1e-3
+    batch_size: int = bounded(32, 1)
+    folds: int = bounded(3, 2)
+    max_epochs: int = bounded(30, 1)
+    lr: float = positive(1e-3)
 
 
 # --------------------------------------------------------------------------- loading
@@ -337,7 +374,43 @@ def load_config(
         except OmegaConfBaseException as e:
             raise UserError(f"cannot parse override '{item}': {e}") from None
         cfg = _merge(cfg, layer, f"override '{key}'")
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    typed: T = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    check(typed)
+    return typed
+
+
+def _bounds_text(spec: tuple[float | None, float | None, bool, bool]) -> str:
+    low, high, open_low, open_high = spec
+    if high is None:
+        return f"{'>' if open_low else '>='} {low:g}"
+    return f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+
+
+def _problem(value: Any, meta: Any) -> str | None:
+    """Why ``value`` breaks a field's declared choices or range, or None."""
+    if "choices" in meta and value not in meta["choices"]:
+        return f"is not one of {'|'.join(meta['choices'])}"
+    if "range" in meta and value is not None:
+        low, high, open_low, open_high = meta["range"]
+        below = low is not None and (value <= low if open_low else value < low)
+        above = high is not None and (value >= high if open_high else value > high)
+        if below or above or value != value:  # the last: NaN
+            return f"must be {_bounds_text(meta['range'])}"
+    return None
+
+
+def check(cfg: Any, prefix: str = "") -> None:
+    """Every declared choice and range of ``cfg``'s fields, recursively: one error, before work.
+
+    Called by `load_config`, and by code that builds configs itself (sweep runs)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check(value, f"{prefix}{f.name}.")
+            continue
+        why = _problem(value, f.metadata)
+        if why:
+            raise UserError(f"{prefix}{f.name}={value!r} {why}; fix the override or config file.")
 
 
 def to_yaml(cfg: Any) -> str:
@@ -354,5 +427,10 @@ def describe(schema: type | Any, prefix: str = "") -> list[tuple[str, str, str]]
         if dataclasses.is_dataclass(value):
             rows.extend(describe(value, f"{prefix}{f.name}."))
         else:
-            rows.append((f"{prefix}{f.name}", str(f.type), repr(value)))
+            kind = str(f.type)
+            if "choices" in f.metadata:
+                kind = "|".join(f.metadata["choices"])
+            elif "range" in f.metadata:
+                kind = f"{kind}, {_bounds_text(f.metadata['range'])}"
+            rows.append((f"{prefix}{f.name}", kind, repr(value)))
     return rows

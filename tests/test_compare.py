@@ -11,11 +11,11 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
+from melanoma_mil import stats
 from melanoma_mil.cli import main
 from melanoma_mil.config import CompareConfig
 from melanoma_mil.errors import UserError
-from melanoma_mil.tracking import stats
-from melanoma_mil.tracking.compare import compare_runs
+from melanoma_mil.evaluation.compare import compare_runs
 
 
 def slow_delong(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ import pytest
 from melanoma_mil.config import FitConfig, load_config
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
-from melanoma_mil.training.artifacts import load_run
+from melanoma_mil.rundir import load_run
 from melanoma_mil.training.cv import run_fit
 
 

@@ -11,23 +11,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_heatmap import TILE, Pipeline, tiny_pipeline
+from conftest import TILE, Pipeline
 
 from melanoma_mil.config import EncoderConfig, ExtractConfig, PredictConfig, load_config
 from melanoma_mil.data.bags import read_bag
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.run import run_extract
+from melanoma_mil.inference.analyse import probability_columns
+from melanoma_mil.inference.attention import AttentionMap
+from melanoma_mil.inference.ensemble import Ensemble
+from melanoma_mil.inference.inputs import encoder_config
+from melanoma_mil.inference.predict import run_predict
 from melanoma_mil.io import sha256_file
-from melanoma_mil.training.artifacts import load_run
-from melanoma_mil.viz.heatmap import probability_columns
-from melanoma_mil.viz.inference import Ensemble, encoder_config
-from melanoma_mil.viz.predict import run_predict
-from melanoma_mil.viz.render import AttentionMap
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    return tiny_pipeline(tmp_path_factory)
+from melanoma_mil.rundir import load_run
 
 
 def predict_cfg(pipe: Pipeline, out: Path, *extra: str) -> PredictConfig:

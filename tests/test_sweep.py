@@ -13,8 +13,8 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 from melanoma_mil.cli import main, parse
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
+from melanoma_mil.evaluation.sweep import _engine, _sweep_run, load_sweep
 from melanoma_mil.tracking.loggers import SWEEP_METRIC
-from melanoma_mil.tracking.sweep import _engine, _sweep_run, load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_FILES = sorted((REPO / "sweeps").glob("*.yaml"))

@@ -13,11 +13,9 @@ import torch
 from tqdm import tqdm
 
 from melanoma_mil.errors import UserError
+from melanoma_mil.features.identity import feature_identity, identity_mismatch, plain
 
 log = logging.getLogger(__name__)
-
-# attrs that must agree across every bag of a cohort, so feature caches never mix silently
-PROVENANCE_KEYS = ("encoder", "encoder_weights", "cache_key", "tile_size", "target_mpp")
 
 
 def bag_path(features_dir: Path, slide_id: str) -> Path | None:
@@ -90,7 +88,7 @@ def load_store(
     """Load bags: ``members`` maps bag_id -> [(slide_id, path), ...] (several = patient bag)."""
     bags: dict[str, torch.Tensor] = {}
     provenance: dict[str, Any] = {}
-    first: dict[str, tuple[str, Any]] = {}
+    first: tuple[str, dict[str, Any]] | None = None  # (slide id, feature identity)
     dim: tuple[str, int] | None = None
     for bag_id, parts in tqdm(
         members.items(), desc="loading bags", unit="bag", leave=False, disable=None
@@ -99,15 +97,16 @@ def load_store(
         for slide_id, path in parts:
             feats, _ = read_bag(path)
             attrs = read_attrs(path)
-            for key in PROVENANCE_KEYS:
-                if key not in attrs:
-                    continue
-                seen = first.setdefault(key, (slide_id, attrs[key]))
-                if seen[1] != attrs[key]:
-                    raise UserError(
-                        f"{path}: {key}={attrs[key]!r} but slide {seen[0]} has {seen[1]!r}; "
-                        "features_dir mixes feature caches. Point data.features_dir at one cache."
-                    )
+            ident = {**feature_identity(attrs), "cache_key": plain(attrs.get("cache_key"))}
+            first = first or (slide_id, ident)
+            why = identity_mismatch(ident, first[1]) or (
+                ident["cache_key"] != first[1]["cache_key"] and "has another cache_key"
+            )
+            if why:
+                raise UserError(
+                    f"{path} {why} (as slide {first[0]} has): features_dir mixes feature "
+                    "caches. Point data.features_dir at one cache."
+                )
             if not provenance:
                 provenance = {k: v for k, v in attrs.items() if k != "slide_path"}
             if dim is None:

@@ -11,6 +11,7 @@ import pandas as pd
 from melanoma_mil.config import DataConfig
 from melanoma_mil.data.bags import bag_path
 from melanoma_mil.errors import UserError
+from melanoma_mil.ids import check_slide_id
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ def read_slide_table(path: Path, what: str, key: str, columns: list[str]) -> pd.
         )
     for c in columns:
         df[c] = df[c].str.strip()
+    for row, sid in zip(df.index, df["slide_id"], strict=True):
+        check_slide_id(sid, f"{what} '{path}' row {row + 2}")
     patients = df["patient_id"].str.strip() if "patient_id" in df.columns else df["slide_id"]
     df["patient_id"] = patients.where(patients != "", df["slide_id"])
     return df
@@ -128,8 +131,6 @@ def find_features(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
 
 def build_cohort(cfg: DataConfig) -> Cohort:
     """Labels + features -> bags at slide or patient level."""
-    if cfg.bag_level not in ("slide", "patient"):
-        raise UserError(f"data.bag_level={cfg.bag_level!r}: use 'slide' or 'patient'.")
     df = read_labels(cfg.labels_csv, cfg.label_column)
     df, classes = map_labels(df, cfg, str(cfg.labels_csv))
     df = find_features(df, cfg)

@@ -22,11 +22,11 @@ from melanoma_mil.config import (
 )
 from melanoma_mil.demo.synth import generate_cohort
 from melanoma_mil.errors import UserError
+from melanoma_mil.evaluation.localisation import cohort_localisation
 from melanoma_mil.features.run import run_extract
+from melanoma_mil.inference.heatmap import run_heatmap
 from melanoma_mil.tiling.run import run_tile
 from melanoma_mil.training.cv import run_fit
-from melanoma_mil.viz.heatmap import run_heatmap
-from melanoma_mil.viz.localisation import cohort_localisation
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 import socket
@@ -23,46 +22,35 @@ from typing import Any
 import h5py
 import numpy as np
 
+from melanoma_mil.features.identity import (
+    IDENTITY_FIELDS,
+    feature_identity,
+    identity_mismatch,
+    plain,
+)
 from melanoma_mil.tiling.coords import TileGrid
 
 STALE_AFTER_S = 900.0  # a lock not touched for this long belongs to a dead process
 HEARTBEAT_S = 30.0
-# attrs that must match for a cached slide to be reused (besides N and the coords themselves)
-KEY_ATTRS = ("cache_key", "encoder", "encoder_weights", "embed_dim", "transform")
 
 
-def _json_default(o: Any) -> str:
-    return getattr(o, "__qualname__", None) or type(o).__name__
+def slide_identity(provenance: Mapping[str, Any], grid: TileGrid) -> dict[str, Any]:
+    """The feature identity of an encoder (its provenance) applied to a tile grid."""
+    return feature_identity({**provenance, **grid.attrs()})
 
 
-def tiling_identity(grid: TileGrid) -> dict[str, Any]:
-    """The tiling settings that define what one tile is (size, resolution, overlap)."""
-    mpp = grid.target_mpp if math.isfinite(grid.target_mpp) else None
-    return {
-        "tile_size": grid.tile_size,
-        "target_mpp": None if mpp is None else round(mpp, 4),
-        "overlap": int(grid.tiling.get("overlap", 0) or 0),
-    }
-
-
-def cache_key(provenance: Mapping[str, Any], grid: TileGrid) -> str:
-    """``<encoder>-<weights>-<tile>px-<mpp>mpp-<hash8>``: readable, and unique per setting."""
-    tiling = tiling_identity(grid)
-    ident = {
-        **{k: provenance[k] for k in ("encoder", "encoder_weights", "embed_dim", "transform")},
-        "arch": provenance.get("encoder_arch"),
-        "pooling": provenance.get("encoder_pooling"),
-        **tiling,
-    }
-    digest = hashlib.sha256(
-        json.dumps(ident, sort_keys=True, default=_json_default).encode()
-    ).hexdigest()[:8]
-    weights = str(provenance["encoder_weights"])
+def cache_key(identity: Mapping[str, Any]) -> str:
+    """``<encoder>-<weights>-<tile>px-<mpp>mpp-<hash8>``: readable, and unique per identity."""
+    hashed = {k: identity[k] for k in IDENTITY_FIELDS}
+    # the hash input keeps the names it had before IDENTITY_FIELDS, so caches keep their folders
+    hashed["arch"], hashed["pooling"] = hashed.pop("encoder_arch"), hashed.pop("encoder_pooling")
+    digest = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:8]
+    weights = str(identity["encoder_weights"])
     wtag = weights if weights == "random" else "hub" if weights.startswith("hub:") else weights[:8]
-    mpp = "nompp" if tiling["target_mpp"] is None else f"{tiling['target_mpp']:g}mpp"
-    name = re.sub(r"[^A-Za-z0-9_.]+", "-", str(provenance["encoder"]))
-    overlap = f"-ov{tiling['overlap']}" if tiling["overlap"] else ""
-    return f"{name}-{wtag}-{tiling['tile_size']}px-{mpp}{overlap}-{digest}"
+    mpp = "nompp" if identity["target_mpp"] is None else f"{identity['target_mpp']:g}mpp"
+    name = re.sub(r"[^A-Za-z0-9_.]+", "-", str(identity["encoder"]))
+    overlap = f"-ov{identity['overlap']}" if identity["overlap"] else ""
+    return f"{name}-{wtag}-{identity['tile_size']}px-{mpp}{overlap}-{digest}"
 
 
 def check_cached(path: Path, expected: Mapping[str, Any], coords: np.ndarray) -> str | None:
@@ -74,14 +62,12 @@ def check_cached(path: Path, expected: Mapping[str, Any], coords: np.ndarray) ->
             shape = feats.shape
     except (OSError, KeyError) as e:
         return f"unreadable or incomplete ({type(e).__name__})"
-    for k in KEY_ATTRS:
-        have, want = attrs.get(k), expected[k]
-        if isinstance(have, bytes):
-            have = have.decode()
-        if isinstance(have, np.generic):
-            have = have.item()
-        if have != want:
-            return f"attr {k}={have!r}, expected {want!r}"
+    key = plain(attrs.get("cache_key"))
+    if key != expected["cache_key"]:
+        return f"attr cache_key={key!r}, expected {expected['cache_key']!r}"
+    why = identity_mismatch(feature_identity(attrs), feature_identity(expected))
+    if why:
+        return why
     if shape != (len(coords), expected["embed_dim"]):
         return f"features {shape}, expected ({len(coords)}, {expected['embed_dim']})"
     if not np.array_equal(cached_coords, coords):

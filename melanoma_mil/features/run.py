@@ -27,10 +27,16 @@ import torch
 from tqdm import tqdm
 
 from melanoma_mil import __version__
-from melanoma_mil.config import ExtractConfig
+from melanoma_mil.config import ExtractConfig, check
 from melanoma_mil.encoders import Encoder, build_encoder, resolve_precision
 from melanoma_mil.errors import UserError
-from melanoma_mil.features.cache import SlideLock, cache_key, check_cached, clean_temp_files
+from melanoma_mil.features.cache import (
+    SlideLock,
+    cache_key,
+    check_cached,
+    clean_temp_files,
+    slide_identity,
+)
 from melanoma_mil.features.data import (
     Job,
     ReaderProcesses,
@@ -173,7 +179,7 @@ def _one_slide(ctx: Ctx, index: int, job: Job, grid: TileGrid | str, bar: tqdm) 
     if n == 0:
         row.update(status="empty", reason="no tiles in the coords file")
         return row
-    key = cache_key(ctx.encoder.provenance, grid)
+    key = cache_key(slide_identity(ctx.encoder.provenance, grid))
     out = ctx.out_root / key / f"{job.slide_id}.h5"
     attrs = _attrs(ctx, grid, key)
     row["cache_key"] = key
@@ -226,12 +232,7 @@ def _read_grid(job: Job) -> TileGrid | str:
 
 def run_extract(cfg: ExtractConfig) -> int:
     """Extract features for every coords file under ``cfg.coords_dir``; 1 if any slide failed."""
-    if cfg.dtype not in _STORE:
-        raise UserError(f"dtype '{cfg.dtype}' unsupported; use float16 or float32.")
-    if cfg.batch_size < 1 or (cfg.num_workers or 0) < 0:
-        raise UserError("batch_size must be >= 1 and num_workers >= 0.")
-    if cfg.reader not in ("auto", "openslide"):
-        raise UserError(f"reader '{cfg.reader}' unknown; use auto or openslide.")
+    check(cfg)  # also configs built in code (predict, heatmap, demo)
     coords = coords_files(cfg.coords_dir)
     rank, world = dist_rank()
     recorded = {}

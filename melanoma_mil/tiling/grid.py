@@ -10,7 +10,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from melanoma_mil.config import TilingConfig
+from melanoma_mil.config import TilingConfig, check
 from melanoma_mil.errors import UserError
 from melanoma_mil.tiling.coords import TileGrid
 from melanoma_mil.tiling.slides import choose_level, read_thumbnail, slide_mpp
@@ -37,16 +37,9 @@ class SlideTiles:
 
 def check_tiling(cfg: TilingConfig) -> None:
     """Reject settings that cannot make a grid, before any slide is opened."""
-    if cfg.mpp <= 0 or cfg.tile_size < 1:
-        raise UserError(
-            f"tiling.mpp ({cfg.mpp}) and tiling.tile_size ({cfg.tile_size}) must be > 0."
-        )
-    if not 0 <= cfg.overlap < cfg.tile_size:
-        raise UserError(f"tiling.overlap={cfg.overlap} must be in [0, tile_size={cfg.tile_size}).")
-    if not 0.0 <= cfg.min_tissue <= 1.0:
-        raise UserError(f"tiling.min_tissue={cfg.min_tissue} must be in [0, 1].")
-    if cfg.tissue.thumbnail_mpp <= 0:
-        raise UserError("tiling.tissue.thumbnail_mpp must be > 0 (8.0 works for most slides).")
+    check(cfg, "tiling.")
+    if cfg.overlap >= cfg.tile_size:
+        raise UserError(f"tiling.overlap={cfg.overlap} must be < tile_size={cfg.tile_size}.")
     resolve_tissue(cfg.tissue)
 
 

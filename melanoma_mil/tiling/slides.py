@@ -18,6 +18,7 @@ import pandas as pd
 from PIL import Image
 
 from melanoma_mil.errors import UserError
+from melanoma_mil.ids import check_slide_id
 from melanoma_mil.tiling.coords import TileGrid
 
 # A level may be this much coarser than the target and still be used: pyramid downsamples of
@@ -79,8 +80,11 @@ def find_slides(
             raise UserError(f"manifest '{mpath}' lists no slides.")
         base = Path(slides_dir) if slides_dir else mpath.parent
         pairs = [
-            (str(sid).strip(), p if (p := Path(str(raw).strip())).is_absolute() else base / p)
-            for sid, raw in zip(df["slide_id"], df["path"], strict=True)
+            (
+                check_slide_id(str(sid).strip(), f"manifest '{mpath}' row {row + 2}"),
+                p if (p := Path(str(raw).strip())).is_absolute() else base / p,
+            )
+            for row, sid, raw in zip(df.index, df["slide_id"], df["path"], strict=True)
         ]
         return _check_unique(pairs, f"manifest '{mpath}'")
     if not slides_dir:
@@ -99,7 +103,7 @@ def find_slides(
             f"no slides with extensions {list(exts)} under '{root}'; "
             "check slides_dir or set extensions=[...]."
         )
-    return _check_unique([(slide_id_of(p), p) for p in files], f"'{root}'")
+    return _check_unique([(check_slide_id(slide_id_of(p), str(p)), p) for p in files], f"'{root}'")
 
 
 def open_slide(path: str | os.PathLike[str]) -> openslide.OpenSlide:

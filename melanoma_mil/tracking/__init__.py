@@ -1,1 +1,1 @@
-"""Experiment tracking (W&B / CSV), local sweeps and paired run comparison."""
+"""Experiment tracking: CSV and Weights & Biases loggers, and the one W&B setup."""

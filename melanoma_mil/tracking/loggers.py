@@ -31,7 +31,6 @@ from melanoma_mil.errors import UserError
 
 log = logging.getLogger(__name__)
 
-LOGGERS = ("wandb", "csv", "none")
 MODES = ("online", "offline", "disabled")
 CV_METRICS = ("auc", "accuracy", "balanced_accuracy", "f1")
 SWEEP_METRIC = "cv/auc_mean"  # what sweeps/*.yaml optimise; written by log_summary
@@ -122,8 +121,12 @@ def _provenance(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def _init_kwargs(cfg: FitConfig, run_dir: Path, job_type: str, name: str) -> dict[str, Any]:
-    """wandb.init arguments shared by fold and summary runs: config, grouping and provenance."""
+def _init_kwargs(
+    cfg: FitConfig, run_dir: Path, job_type: str, name: str, files_dir: Path | None = None
+) -> dict[str, Any]:
+    """wandb.init arguments of every W&B run this package makes (folds, summary, heatmap,
+    predict): project, entity and mode resolved once, grouping, config and provenance. Files go
+    to ``files_dir`` (default: the run dir)."""
     import wandb
 
     prov = _provenance(run_dir)
@@ -133,7 +136,8 @@ def _init_kwargs(cfg: FitConfig, run_dir: Path, job_type: str, name: str) -> dic
     config["provenance"] = tracked
     tags = [*cfg.wandb.tags, *([str(prov["encoder"])[:64]] if prov.get("encoder") else [])]
     group = experiment_name(cfg, run_dir)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    files = Path(files_dir or run_dir)
+    files.mkdir(parents=True, exist_ok=True)
     return {
         "project": cfg.wandb.project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
         "entity": cfg.wandb.entity or os.environ.get("WANDB_ENTITY"),
@@ -142,8 +146,8 @@ def _init_kwargs(cfg: FitConfig, run_dir: Path, job_type: str, name: str) -> dic
         "name": f"{group}/{name}",
         "config": config,
         "tags": tags,
-        "dir": str(run_dir),
-        "mode": resolve_mode(cfg, run_dir),
+        "dir": str(files),
+        "mode": resolve_mode(cfg, files),
         "settings": wandb.Settings(console="off", quiet=True),
     }
 
@@ -161,8 +165,6 @@ class _AgentWandbLogger(WandbLogger):
 # --------------------------------------------------------------------------- hooks
 def fold_logger(cfg: FitConfig, run_dir: Path, fold: int, repeat: int) -> Logger | None:
     """The Lightning logger for one fold (one W&B run per fold; CSV under run_dir/logs)."""
-    if cfg.logger not in LOGGERS:
-        raise UserError(f"logger={cfg.logger!r} is not one of {LOGGERS}.")
     name = fold_name(cfg, fold, repeat)
     if cfg.logger == "none":
         return None
@@ -230,3 +232,22 @@ def log_summary(
 
 def _finite(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
+
+
+def log_slides(
+    cfg: FitConfig, run_dir: Path, table: pd.DataFrame, out: Path, job_type: str
+) -> None:
+    """When the run logged to W&B, log a heatmap / predict table with its images to one run of
+    the run's group (files under ``out``)."""
+    if cfg.logger != "wandb":
+        return
+    import wandb
+
+    with wandb.init(**_init_kwargs(cfg, run_dir, job_type, job_type, files_dir=out)) as wb:
+        payload: dict[str, Any] = {f"{job_type}/slides": wandb.Table(dataframe=table.astype(str))}
+        for r in table.itertuples():
+            for kind in ("heatmap", "montage"):
+                path = getattr(r, kind, None)
+                if isinstance(path, str) and Path(path).is_file():
+                    payload[f"{kind}/{r.slide_id}"] = wandb.Image(path)
+        wb.log(payload)

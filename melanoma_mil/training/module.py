@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from melanoma_mil.config import ModelConfig, OptimConfig
+from melanoma_mil.metrics import bag_metrics
 from melanoma_mil.models import MILOutput, build_model
-from melanoma_mil.training.metrics import bag_metrics
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -1,1 +1,1 @@
-"""Plots: ROC curves, attention heatmaps, tile montages."""
+"""Drawing only: ROC curves, attention heatmaps, tile montages (no pipeline logic)."""

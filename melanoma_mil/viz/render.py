@@ -1,4 +1,4 @@
-"""Attention maps on disk and on screen: attention.h5, heatmap overlay, tile montage, GeoJSON.
+"""Drawing attention on a slide: the heatmap overlay and the tile montage.
 
 Everything is drawn at thumbnail resolution: per-tile scores are splatted onto a canvas the size
 of the thumbnail (with a summed-area trick, O(tiles + pixels)), so a 100,000-tile slide never
@@ -7,13 +7,9 @@ needs a full-resolution canvas (CLAM's heatmaps allocate one, tens of GB on larg
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import h5py
 import numpy as np
 import openslide
 from matplotlib import colormaps
@@ -22,7 +18,7 @@ from scipy import ndimage
 from scipy.stats import rankdata
 
 from melanoma_mil.config import TissueConfig
-from melanoma_mil.io import atomic_h5, atomic_path
+from melanoma_mil.io import atomic_path
 from melanoma_mil.tiling.coords import TileGrid
 from melanoma_mil.tiling.slides import read_thumbnail, read_tile
 from melanoma_mil.tiling.tissue import segment_tissue
@@ -39,96 +35,11 @@ ALPHA = 0.45
 _BLOCK = 256  # rows blended at a time
 
 
-@dataclass
-class AttentionMap:
-    """Per-tile attention of every fold model on one slide, and the ensemble's prediction."""
-
-    slide_id: str
-    coords: np.ndarray  # [N, 2] level-0 x, y (top-left)
-    level0_size: int  # tile extent in level-0 px
-    attention: np.ndarray  # [F, N], each row sums to 1
-    probs: np.ndarray  # [F, C]
-    fold_names: list[str]
-    classes: list[str]
-    attrs: dict[str, Any] = field(default_factory=dict)  # slide_path, run_dir, encoder, ...
-
-    @property
-    def mean_attention(self) -> np.ndarray:
-        return self.attention.mean(0)
-
-    @property
-    def mean_probs(self) -> np.ndarray:
-        return self.probs.mean(0)
-
-    @property
-    def pred(self) -> str:
-        return self.classes[int(self.mean_probs.argmax())]
-
-    def title(self) -> str:
-        p = self.probs
-        if len(self.classes) == 2:
-            lo, hi = p[:, 1].min(), p[:, 1].max()
-            return (
-                f"{self.slide_id}: P({self.classes[1]}) = {self.mean_probs[1]:.3f} "
-                f"(folds {lo:.2f}-{hi:.2f}), {len(self.coords)} tiles"
-            )
-        p_best = self.mean_probs.max()
-        return f"{self.slide_id}: {self.pred} (p = {p_best:.3f}), {len(self.coords)} tiles"
-
-
 def percentile_scores(values: np.ndarray) -> np.ndarray:
     """Rank-based percentiles in [0, 1] (ties share a rank): comparable across slides and folds."""
     if len(values) < 2:
         return np.ones(len(values), np.float32)
     return ((rankdata(values) - 1) / (len(values) - 1)).astype(np.float32)
-
-
-def _h5_strings(values: list[str]) -> np.ndarray:
-    return np.array(values, dtype=h5py.string_dtype())
-
-
-def write_attention(path: Path, amap: AttentionMap) -> None:
-    """attention.h5: coords, attention (fold mean), attention_folds [N, F], score, probs."""
-    with atomic_h5(path) as f:
-        f.create_dataset("coords", data=amap.coords.astype(np.int64))
-        f.create_dataset("attention", data=amap.mean_attention.astype(np.float32))
-        folds = f.create_dataset("attention_folds", data=amap.attention.T.astype(np.float32))
-        folds.attrs["columns"] = _h5_strings(amap.fold_names)
-        f.create_dataset("score", data=percentile_scores(amap.mean_attention))
-        probs = f.create_dataset("probs_folds", data=amap.probs.astype(np.float32))
-        probs.attrs["rows"] = _h5_strings(amap.fold_names)
-        probs.attrs["columns"] = _h5_strings(amap.classes)
-        f.attrs.update({k: v for k, v in amap.attrs.items() if v is not None})
-        f.attrs.update(
-            slide_id=amap.slide_id,
-            level0_size=amap.level0_size,
-            fold_names=_h5_strings(amap.fold_names),
-            classes=_h5_strings(amap.classes),
-            pred=amap.pred,
-            probs=amap.mean_probs.astype(np.float64),
-        )
-        if len(amap.classes) == 2:
-            f.attrs["prob"] = float(amap.mean_probs[1])
-
-
-def _strings(values: Any) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
-
-
-def read_attention(path: str | Path) -> AttentionMap:
-    """Read an attention.h5 written by `heatmap` / `predict`."""
-    with h5py.File(path, "r") as f:
-        attrs = {k: v for k, v in f.attrs.items()}
-        return AttentionMap(
-            slide_id=str(attrs.pop("slide_id")),
-            coords=f["coords"][:],
-            level0_size=int(attrs.pop("level0_size")),
-            attention=f["attention_folds"][:].T,
-            probs=f["probs_folds"][:],
-            fold_names=_strings(attrs.pop("fold_names")),
-            classes=_strings(attrs.pop("classes")),
-            attrs=attrs,
-        )
 
 
 def thumbnail_downsample(dimensions: tuple[int, int], max_side: int) -> float:
@@ -259,34 +170,6 @@ def draw_montage(
     return size
 
 
-def write_geojson(path: Path, amap: AttentionMap) -> None:
-    """Tiles as a QuPath-importable FeatureCollection (level-0 px) with attention measurements.
-
-    Written feature by feature, so a 100,000-tile slide never holds the whole document in memory.
-    """
-    mean, scores, s = amap.mean_attention, percentile_scores(amap.mean_attention), amap.level0_size
-    with atomic_path(path) as tmp, tmp.open("w") as f:
-        f.write('{"type": "FeatureCollection", "features": [\n')
-        for i, (x, y) in enumerate(amap.coords.tolist()):
-            measurements = {"attention": float(mean[i]), "attention_percentile": float(scores[i])}
-            for name, a in zip(amap.fold_names, amap.attention[:, i].tolist(), strict=True):
-                measurements[f"attention_{name}"] = a
-            feature = {
-                "type": "Feature",
-                "geometry": {
-                    "type": "Polygon",
-                    "coordinates": [[[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]],
-                },
-                "properties": {
-                    "objectType": "tile",
-                    "name": f"tile {i}",
-                    "measurements": measurements,
-                },
-            }
-            f.write(("," if i else "") + json.dumps(feature) + "\n")
-        f.write("]}\n")
-
-
 def tissue_outline_mask(thumb: np.ndarray, pixel_um: float, cfg: TissueConfig) -> np.ndarray:
     """Tissue mask at thumbnail size, segmented at `tile`'s resolution (cfg.thumbnail_mpp).
 
@@ -306,20 +189,20 @@ def tissue_outline_mask(thumb: np.ndarray, pixel_um: float, cfg: TissueConfig) -
 
 
 def render_slide(
-    amap: AttentionMap,
     slide: openslide.OpenSlide,
     grid: TileGrid,
+    attention: np.ndarray,
+    title: str,
     out_dir: Path,
     top_k: int,
     thumbnail_size: int,
-    geojson: bool,
 ) -> dict[str, Path]:
-    """heatmap.png, montage.png and optionally tiles.geojson of one slide into ``out_dir``."""
+    """heatmap.png and montage.png of one slide's per-tile ``attention`` into ``out_dir``."""
     ds = thumbnail_downsample(slide.dimensions, thumbnail_size)
     thumb = read_thumbnail(slide, ds)
     ds = slide.dimensions[0] / thumb.shape[1]  # exact, after rounding the thumbnail size
     raster = score_raster(
-        amap.coords, amap.level0_size, percentile_scores(amap.mean_attention), ds, thumb.shape[:2]
+        grid.coords, grid.level0_size, percentile_scores(attention), ds, thumb.shape[:2]
     )
     tissue = None
     if math.isfinite(grid.level0_mpp):
@@ -329,9 +212,6 @@ def render_slide(
         )
         tissue = tissue_outline_mask(thumb, grid.level0_mpp * ds, tissue_cfg)
     files = {"heatmap": out_dir / "heatmap.png", "montage": out_dir / "montage.png"}
-    draw_heatmap(thumb, raster, tissue, amap.title(), files["heatmap"])
-    draw_montage(slide, grid, amap.mean_attention, top_k, files["montage"])
-    if geojson:
-        files["geojson"] = out_dir / "tiles.geojson"
-        write_geojson(files["geojson"], amap)
+    draw_heatmap(thumb, raster, tissue, title, files["heatmap"])
+    draw_montage(slide, grid, attention, top_k, files["montage"])
     return files

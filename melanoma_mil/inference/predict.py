@@ -21,15 +21,11 @@ from melanoma_mil.config import PredictConfig
 from melanoma_mil.data.bags import read_bag
 from melanoma_mil.data.cohort import read_patients
 from melanoma_mil.errors import UserError
+from melanoma_mil.inference.analyse import FAILED, analyse_all, check_common, ensemble_columns
+from melanoma_mil.inference.ensemble import Ensemble
+from melanoma_mil.inference.inputs import SlideInput, prepare_inputs
 from melanoma_mil.io import atomic_path
-from melanoma_mil.viz.heatmap import (
-    FAILED,
-    analyse_all,
-    check_common,
-    ensemble_columns,
-    log_to_wandb,
-)
-from melanoma_mil.viz.inference import Ensemble, SlideInput, prepare_inputs
+from melanoma_mil.tracking.loggers import log_slides
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +97,7 @@ def run_predict(cfg: PredictConfig) -> int:
         with atomic_path(out / "patient_predictions.csv") as tmp:
             patients.to_csv(tmp, index=False)
         print(f"predict: {len(patients)} patients -> {out / 'patient_predictions.csv'}")
-    log_to_wandb(run, table, out, "predict")
+    log_slides(run.config, run.run_dir, table, out, "predict")
     ok = table[table["status"].isin(["ok", "no_heatmap"])]
     counts = ok["pred"].value_counts().to_dict() if len(ok) else {}
     print(

@@ -14,7 +14,7 @@ import pandas as pd
 from PIL import Image
 
 from melanoma_mil.errors import UserError
-from melanoma_mil.viz.render import read_attention
+from melanoma_mil.inference.attention import read_attention
 
 
 def tile_fractions(

@@ -30,8 +30,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from melanoma_mil import config as C
 from melanoma_mil.errors import UserError
+from melanoma_mil.evaluation.compare import compare_runs
 from melanoma_mil.io import atomic_path, write_json
-from melanoma_mil.tracking.compare import compare_runs
 from melanoma_mil.tracking.loggers import SUMMARY_KEYS, summary_metrics
 
 log = logging.getLogger(__name__)

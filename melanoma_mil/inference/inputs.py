@@ -10,15 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
-import torch
-from torch import nn
 
 from melanoma_mil.config import (
     EncoderConfig,
@@ -30,14 +26,13 @@ from melanoma_mil.config import (
 )
 from melanoma_mil.data.bags import bag_path, read_attrs
 from melanoma_mil.errors import UserError
+from melanoma_mil.features.identity import feature_identity, identity_mismatch, plain
 from melanoma_mil.io import sha256_file, write_text
+from melanoma_mil.rundir import TrainedRun
 from melanoma_mil.tiling.slides import find_slides
-from melanoma_mil.training.artifacts import TrainedRun
 
 log = logging.getLogger(__name__)
 
-# feature-cache attrs that must equal the run's: they decide what a feature vector means
-CHECKED_ATTRS = ("encoder", "encoder_weights", "tile_size", "target_mpp", "embed_dim")
 WORK = "_work"
 
 
@@ -51,39 +46,16 @@ class SlideInput:
     reason: str = ""
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode()
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _same(have: Any, want: Any) -> bool:
-    if isinstance(have, int | float) and isinstance(want, int | float):
-        return math.isclose(float(have), float(want), rel_tol=1e-6)
-    return str(have) == str(want)
-
-
 def check_features(attrs: dict[str, Any], run: TrainedRun, path: Path) -> None:
-    """Refuse a feature file whose encoder, weights or tiling differ from the run's."""
-    fix = (
-        f"use features made like the run's (cache {run.provenance.get('cache_key', '?')}) or "
-        "drop features_dir to extract them on the fly"
-    )
-    for key in CHECKED_ATTRS:
-        want = _plain(run.provenance.get(key))
-        if want is None:
-            continue
-        have = _plain(attrs.get(key))
-        if have is None:
-            raise UserError(
-                f"{path} records no {key} (the run used {want!r}), so it cannot be "
-                f"checked against run '{run.run_dir}'; {fix}."
-            )
-        if not _same(have, want):
-            raise UserError(
-                f"{path} has {key}={have!r} but run '{run.run_dir}' was trained on "
-                f"{key}={want!r}; {fix}."
-            )
+    """Refuse a feature file whose identity (encoder, weights, transform, tiling) is not the run's:
+    the models would silently score features that mean something else."""
+    why = identity_mismatch(feature_identity(attrs), feature_identity(run.provenance))
+    if why:
+        raise UserError(
+            f"{path} {why} (run '{run.run_dir}' was trained so); use features made like the "
+            f"run's (cache {run.provenance.get('cache_key', '?')}) or drop features_dir to "
+            "extract them."
+        )
 
 
 def encoder_config(run: TrainedRun, weights: str | None) -> EncoderConfig:
@@ -173,7 +145,7 @@ def _select(
 
 def _recorded_slide(path: Path) -> str:
     try:
-        return str(_plain(read_attrs(path).get("slide_path", "")))
+        return str(plain(read_attrs(path).get("slide_path", "")))
     except OSError:  # reported when the slide's features are read
         return ""
 
@@ -297,32 +269,3 @@ def prepare_inputs(
     if folder is not None:
         return cached_inputs(run, slides, folder), skipped
     return extracted_inputs(run, slides, cfg), skipped
-
-
-class Ensemble:
-    """The run's fold models on one device; one forward per model gives probs and attention."""
-
-    def __init__(self, run: TrainedRun, device: torch.device) -> None:
-        self.run = run
-        self.device = device
-        self.models: list[nn.Module] = run.fold_models(device)
-        self.fold_names = run.fold_names()
-        self.classes = run.classes
-        dim = run.provenance.get("feature_dim")
-        self.in_dim = int(dim) if dim is not None else None
-
-    @torch.inference_mode()
-    def __call__(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """features [N, D] -> (probabilities [F, C], attention [F, N]), fp32 like `fit`'s test."""
-        if self.in_dim is not None and features.shape[1] != self.in_dim:
-            raise UserError(
-                f"features have dimension {features.shape[1]} but the run's models "
-                f"expect {self.in_dim}: they come from another encoder."
-            )
-        x = torch.from_numpy(np.ascontiguousarray(features)).to(self.device).float()
-        probs, attention = [], []
-        for model in self.models:
-            out = model(x)
-            probs.append(torch.softmax(out.logits.float(), dim=-1))
-            attention.append(out.attention.float())
-        return torch.stack(probs).cpu().numpy(), torch.stack(attention).cpu().numpy()

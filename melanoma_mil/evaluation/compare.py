@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from melanoma_mil import stats
 from melanoma_mil.config import CompareConfig
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import atomic_path, write_text
-from melanoma_mil.tracking import stats
 
 log = logging.getLogger(__name__)
 

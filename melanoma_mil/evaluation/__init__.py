@@ -1,0 +1,1 @@
+"""After training: paired comparison of runs, local sweeps, localisation scores."""

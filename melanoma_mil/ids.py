@@ -1,0 +1,54 @@
+"""Slide ids and the paths made from them: the one owner of what a valid id is.
+
+Every stage turns a slide id into a file name (``coords/<id>.h5``, ``<cache>/<id>.h5``,
+``<heatmaps>/<id>/``), and ids come from users' CSVs. An id holding a separator, ``..`` or an
+absolute path would read or write outside the command's folders, so ids are checked where they
+enter (manifests, labels CSVs, file names) and every path built from one is checked again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from melanoma_mil.errors import UserError
+
+MAX_LENGTH = 200
+_BAD_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def id_problem(slide_id: str) -> str | None:
+    """Why ``slide_id`` cannot name a file, or None when it can."""
+    if not slide_id:
+        return "is empty"
+    if _BAD_CHARS.search(slide_id):
+        return "contains a path separator or control character"
+    if slide_id.startswith("."):
+        return "starts with '.' (hidden files, temp files and '..' are not slide ids)"
+    if slide_id != slide_id.strip():
+        return "starts or ends with whitespace"
+    if len(slide_id) > MAX_LENGTH:
+        return f"is longer than {MAX_LENGTH} characters"
+    return None
+
+
+def check_slide_id(slide_id: object, where: str) -> str:
+    """``slide_id`` as a str, or a UserError naming ``where`` it came from and the fix."""
+    sid = "" if slide_id is None else str(slide_id)
+    why = id_problem(sid)
+    if why:
+        raise UserError(
+            f"{where}: slide id {sid!r} {why}; slide ids must be plain file names "
+            "(letters, digits, '-', '_', '.'), not paths."
+        )
+    return sid
+
+
+def id_path(root: str | os.PathLike[str], slide_id: str, suffix: str = "") -> Path:
+    """``root/<slide_id><suffix>``; the id is checked, so the path cannot leave ``root``.
+
+    Only the name is checked, not where links point: labs link slide and feature files into
+    a folder, and writes replace a link rather than write through it (see ``io.atomic_path``).
+    """
+    return Path(root) / f"{check_slide_id(slide_id, f'a file name under {str(root)!r}')}{suffix}"

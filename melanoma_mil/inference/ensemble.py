@@ -1,0 +1,39 @@
+"""The fold models of a trained run as one ensemble: probabilities and attention per fold."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from melanoma_mil.errors import UserError
+from melanoma_mil.rundir import TrainedRun
+
+
+class Ensemble:
+    """The run's fold models on one device; one forward per model gives probs and attention."""
+
+    def __init__(self, run: TrainedRun, device: torch.device) -> None:
+        self.run = run
+        self.device = device
+        self.models: list[nn.Module] = run.fold_models(device)
+        self.fold_names = run.fold_names()
+        self.classes = run.classes
+        dim = run.provenance.get("feature_dim")
+        self.in_dim = int(dim) if dim is not None else None
+
+    @torch.inference_mode()
+    def __call__(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """features [N, D] -> (probabilities [F, C], attention [F, N]), fp32 like `fit`'s test."""
+        if self.in_dim is not None and features.shape[1] != self.in_dim:
+            raise UserError(
+                f"features have dimension {features.shape[1]} but the run's models "
+                f"expect {self.in_dim}: they come from another encoder."
+            )
+        x = torch.from_numpy(np.ascontiguousarray(features)).to(self.device).float()
+        probs, attention = [], []
+        for model in self.models:
+            out = model(x)
+            probs.append(torch.softmax(out.logits.float(), dim=-1))
+            attention.append(out.attention.float())
+        return torch.stack(probs).cpu().numpy(), torch.stack(attention).cpu().numpy()
