@@ -10,10 +10,10 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import feature_identity, identity_mismatch, plain
+from melanoma_mil.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,7 @@ def load_store(
     provenance: dict[str, Any] = {}
     first: tuple[str, dict[str, Any]] | None = None  # (slide id, feature identity)
     dim: tuple[str, int] | None = None
-    for bag_id, parts in tqdm(
-        members.items(), desc="loading bags", unit="bag", leave=False, disable=None
-    ):
+    for bag_id, parts in progress(members.items(), desc="loading bags", unit="bag", leave=False):
         tensors = []
         for slide_id, path in parts:
             feats, _ = read_bag(path)

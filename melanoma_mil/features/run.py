@@ -46,6 +46,7 @@ from melanoma_mil.features.data import (
     plan_jobs,
 )
 from melanoma_mil.io import atomic_h5, write_text
+from melanoma_mil.progress import progress
 from melanoma_mil.tiling.coords import TileGrid, read_coords
 
 log = logging.getLogger(__name__)
@@ -267,7 +268,9 @@ def run_extract(cfg: ExtractConfig) -> int:
     try:
         with (
             ThreadPoolExecutor(ctx.readers) as ctx.pool,
-            tqdm(total=total, unit="tile", desc=f"extract {encoder.name}", mininterval=1.0) as bar,
+            progress(
+                total=total, unit="tile", desc=f"extract {encoder.name}", mininterval=1.0
+            ) as bar,
         ):
             for i, (job, grid) in enumerate(zip(mine, grids, strict=True)):
                 before = bar.n

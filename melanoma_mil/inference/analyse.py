@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from melanoma_mil.config import HeatmapConfig, check
 from melanoma_mil.data.bags import read_attrs, read_bag
@@ -23,6 +22,7 @@ from melanoma_mil.ids import id_path
 from melanoma_mil.inference.attention import AttentionMap, write_attention, write_geojson
 from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import SlideInput
+from melanoma_mil.progress import progress
 from melanoma_mil.rundir import TrainedRun, load_run
 from melanoma_mil.tiling.coords import TileGrid, read_coords
 from melanoma_mil.tiling.slides import open_slide
@@ -162,7 +162,7 @@ def analyse_all(
     """analyse_slide over all inputs with a progress bar; one row per slide."""
     rows = []
     start, tiles = time.perf_counter(), 0
-    with tqdm(total=len(inputs), desc=desc, unit="slide") as bar:
+    with progress(total=len(inputs), desc=desc, unit="slide") as bar:
         for inp in inputs:
             row, amap = analyse_slide(inp, ensemble, cfg, render)
             if amap is not None:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from melanoma_mil.config import TileConfig, TilingConfig
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import write_text
+from melanoma_mil.progress import progress
 from melanoma_mil.tiling.coords import read_coords, write_coords
 from melanoma_mil.tiling.grid import check_tiling, tile_slide
 from melanoma_mil.tiling.qc import qc_image, write_qc
@@ -149,7 +150,7 @@ def run_tile(cfg: TileConfig) -> int:
                 pass
         todo.append((sid, str(path)))
 
-    with tqdm(total=len(slides), initial=len(rows), desc="tile", unit="slide") as bar:
+    with progress(total=len(slides), initial=len(rows), desc="tile", unit="slide") as bar:
         rows += _run_all(todo, cfg, bar)
 
     table = pd.DataFrame(rows, columns=COLUMNS).sort_values("slide_id")

@@ -38,6 +38,7 @@ from melanoma_mil.viz.roc import plot_roc
 
 log = logging.getLogger(__name__)
 
+
 def _precision(cfg: FitConfig) -> str:
     """bf16 autocast on GPUs that support it; fp32 on CPU, where MIL heads gain nothing."""
     if cfg.trainer.precision != "auto":
