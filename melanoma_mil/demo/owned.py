@@ -116,6 +116,7 @@ class Ledger:
             with contextlib.suppress(OSError):  # not empty (a kept file) or already gone
                 (self.root / rel).rmdir()
         self.files, self.dirs = {}, set()
+        self.save()
         return kept + sorted(set(snapshot(self.root)[0]) - set(kept))
 
 
