@@ -6,8 +6,10 @@ config errors answer in well under a second (torch is imported only when work st
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -162,13 +164,37 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*each sample/batch gets evaluated exactly once.*")
 
 
+# A disk that is full, read-only or not ours fails writes anywhere; the fix is the user's.
+DISK_ERRORS = {
+    errno.ENOSPC: "free space there or choose another output_dir",
+    errno.EDQUOT: "free space in your quota or choose another output_dir",
+    errno.EROFS: "the disk is read-only: choose another output_dir",
+    errno.EACCES: "fix the permissions or choose another path",
+    errno.EPERM: "fix the permissions or choose another path",
+}
+
+
+def _disk_error(e: OSError, output_dir: str | None) -> str:
+    """One line: what failed, where, and the fix (h5py's own message spans several lines)."""
+    if e.filename:
+        where = f" ('{e.filename}')"
+    else:
+        where = f" (writing under '{output_dir}')" if output_dir else ""
+    return f"{os.strerror(e.errno or 0)}{where}; {DISK_ERRORS[e.errno or 0]}."
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    output_dir: str | None = None
     try:
         name, cfg, print_config = parse(sys.argv[1:] if argv is None else argv)
         if print_config:
             print(C.to_yaml(cfg), end="")
             return 0
+        from melanoma_mil.io import check_writable
+
+        output_dir = cfg.output_dir
+        check_writable(output_dir)  # every command has one: refuse it before any work
         module, func = COMMANDS[name].runner.split(":")
         runner = getattr(importlib.import_module(module), func)
         _quiet_libraries()  # after the import: Lightning resets its log level when imported
@@ -179,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `--help | head`: the reader left; nothing more to say
         sys.stderr.close()
         return 0
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:  # anything else is a bug: keep its traceback
+            raise
+        print(f"error: {_disk_error(e, output_dir)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -13,6 +13,8 @@ from typing import Any
 
 import h5py
 
+from melanoma_mil.errors import UserError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -50,6 +52,29 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write text atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def check_writable(path: str | os.PathLike[str], key: str = "output_dir") -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be written (read-only
+    disk, no permission): otherwise a command learns it only when its first result is due.
+
+    A missing folder is fine when its nearest existing parent is a writable folder. The probe is
+    an anonymous temp file (O_TMPFILE where supported), so nothing is left behind."""
+    target = Path(path)
+    probe = target
+    while not (probe.exists() or probe.is_symlink()) and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "is" if probe == target else f"cannot be made: '{probe}' is"
+        raise UserError(f"{key} '{target}' {what} a file, not a folder; choose another {key}.")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"{key} '{target}' cannot be written ({e.strerror} in '{probe}'); choose another "
+            f"{key} or fix its permissions."
+        ) from None
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

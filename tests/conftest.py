@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage
 
 from melanoma_mil.config import (
     EncoderConfig,
@@ -17,10 +19,14 @@ from melanoma_mil.config import (
     TilingConfig,
     load_config,
 )
+from melanoma_mil.demo.pyramid import write_pyramid
 from melanoma_mil.demo.synth import generate_cohort
 from melanoma_mil.features.run import run_extract
+from melanoma_mil.tiling.coords import TileGrid, write_coords
 from melanoma_mil.tiling.run import run_tile
 from melanoma_mil.training.cv import run_fit
+
+CMU = Path(__file__).resolve().parents[2] / "shared/data/cmu_small_region.svs"
 
 SLIDE_PX = 1024  # synthetic slides: 1024 px at 0.5 um/px
 TILE = 64  # tiles: 64 px at 1.0 um/px = 128 level-0 px
@@ -93,3 +99,58 @@ def tiny_pipeline(factory: pytest.TempPathFactory) -> Pipeline:
 def pipe(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     """The tiny real pipeline, built once per session and shared (read-only) by every test."""
     return tiny_pipeline(tmp_path_factory)
+
+
+# --------------------------------------------------------------------------- slides
+def tissue_image(size: int = 2048, seed: int = 0) -> np.ndarray:
+    """White glass with a textured pink/purple ellipse of 'tissue' (JPEG-friendly detail)."""
+    rng = np.random.default_rng(seed)
+    tex = ndimage.gaussian_filter(rng.standard_normal((size, size, 3)), (6, 6, 0))
+    tex = 170 + 60 * tex / tex.std()
+    tissue = np.clip(tex * [1.0, 0.55, 0.85], 0, 255)
+    yy, xx = np.mgrid[0:size, 0:size]
+    inside = ((yy - size * 0.5) / (size * 0.3)) ** 2 + ((xx - size * 0.45) / (size * 0.33)) ** 2 < 1
+    img = np.full((size, size, 3), 245.0)
+    img[inside] = tissue[inside]
+    return img.astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def pyramid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """A 0.25 um/px slide with levels at downsample 1, 2, 4 and its source pixels (read-only)."""
+    path = tmp_path_factory.mktemp("pyr") / "slides" / "syn.tiff"
+    path.parent.mkdir()
+    img = tissue_image()
+    write_pyramid(path, img, mpp=0.25, n_levels=3)
+    return path, img
+
+
+def textured(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Random 16-px colour blocks plus noise: every JPEG tile differs, none is blank."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 255, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+    img = np.kron(blocks, np.ones((16, 16, 1), np.uint8))[:h, :w]
+    return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+
+
+def make_cohort(root: Path, n: int, side: int = 384, tile: int = 64, seed: int = 0) -> Path:
+    """``n`` pyramidal slides with a regular grid of ``tile`` px tiles; returns the tile dir."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        blocks = rng.integers(0, 255, (side // 32, side // 32, 3), dtype=np.uint8)
+        img = np.kron(blocks, np.ones((32, 32, 1), np.uint8))
+        slide = root / "slides" / f"slide{i}.tif"
+        slide.parent.mkdir(parents=True, exist_ok=True)
+        write_pyramid(slide, img, mpp=0.5, n_levels=2)
+        write_grid(root / "tiles", slide, side, tile)
+    return root / "tiles"
+
+
+def write_grid(tiles: Path, slide: Path, side: int, tile: int, mpp: float = 0.5) -> TileGrid:
+    """A coords file (as `tile` writes) of a regular ``tile`` px grid over a ``side`` px slide."""
+    xs = np.arange(0, side - tile + 1, tile)
+    coords = np.array([(x, y) for y in xs for x in xs], np.int64)
+    tiling = {"mpp": mpp, "tile_size": tile, "overlap": 0}
+    grid = TileGrid(coords, str(slide), 0, 1.0, tile, tile, mpp, mpp, tiling)
+    write_coords(tiles / "coords" / f"{slide.stem}.h5", grid)
+    return grid

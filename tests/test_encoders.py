@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import CMU
 from safetensors.torch import save_file
 
 from melanoma_mil.config import EncoderConfig
@@ -22,7 +23,6 @@ from melanoma_mil.encoders import (
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import sha256_file
 
-CMU = Path(__file__).resolve().parents[2] / "shared/data/cmu_small_region.svs"
 # Above this size, random init + a CPU forward costs seconds to minutes per model (Phikon 86M,
 # UNI 0.3B, UNI2-h / Virchow2 ~0.65B, H-optimus-0 / GigaPath 1.1B params).
 REAL_BUILD_MAX_PARAMS = 50e6

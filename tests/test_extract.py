@@ -16,41 +16,18 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import CMU, make_cohort, write_grid
 
 from melanoma_mil.config import EncoderConfig, ExtractConfig
-from melanoma_mil.demo.pyramid import write_pyramid
 from melanoma_mil.features.run import run_extract
 from melanoma_mil.tiling.coords import TileGrid, read_coords, write_coords
 
-CMU = Path(__file__).resolve().parents[2] / "shared/data/cmu_small_region.svs"
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT_ATTRS = {
     "encoder", "encoder_weights", "encoder_pretrained", "embed_dim", "transform", "precision",
     "cache_key", "package_version", "tile_size", "target_mpp", "level0_mpp", "patch_level",
     "downsample", "read_size", "level0_size", "slide_path", "tiling",
 }  # fmt: skip
-
-
-def make_cohort(root: Path, n: int, side: int = 384, tile: int = 64, seed: int = 0) -> Path:
-    """``n`` pyramidal slides with a regular grid of ``tile`` px tiles; returns the tile dir."""
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        blocks = rng.integers(0, 255, (side // 32, side // 32, 3), dtype=np.uint8)
-        img = np.kron(blocks, np.ones((32, 32, 1), np.uint8))
-        slide = root / "slides" / f"slide{i}.tif"
-        slide.parent.mkdir(parents=True, exist_ok=True)
-        write_pyramid(slide, img, mpp=0.5, n_levels=2)
-        write_grid(root / "tiles", slide, side, tile)
-    return root / "tiles"
-
-
-def write_grid(tiles: Path, slide: Path, side: int, tile: int, mpp: float = 0.5) -> TileGrid:
-    xs = np.arange(0, side - tile + 1, tile)
-    coords = np.array([(x, y) for y in xs for x in xs], np.int64)
-    tiling = {"mpp": mpp, "tile_size": tile, "overlap": 0}
-    grid = TileGrid(coords, str(slide), 0, 1.0, tile, tile, mpp, mpp, tiling)
-    write_coords(tiles / "coords" / f"{slide.stem}.h5", grid)
-    return grid
 
 
 def cfg_for(tiles: Path, out: Path, name: str = "resnet18_imagenet", **kw: object) -> ExtractConfig:

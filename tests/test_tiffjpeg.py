@@ -9,6 +9,7 @@ import numpy as np
 import openslide
 import pytest
 import tifffile
+from conftest import CMU, textured
 
 from melanoma_mil.config import ExtractConfig
 from melanoma_mil.demo.pyramid import write_pyramid
@@ -17,15 +18,6 @@ from melanoma_mil.features.data import SlideBatches, to_rgb
 from melanoma_mil.features.run import run_extract
 from melanoma_mil.features.tiffjpeg import open_fast_tiles
 from melanoma_mil.tiling.coords import TileGrid
-
-CMU = Path(__file__).resolve().parents[2] / "shared/data/cmu_small_region.svs"
-
-
-def textured(h: int, w: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 255, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
-    img = np.kron(blocks, np.ones((16, 16, 1), np.uint8))[:h, :w]
-    return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
 
 
 def openslide_tile(slide: openslide.OpenSlide, x: int, y: int, level: int, size: int) -> np.ndarray:

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from conftest import CMU
 from PIL import Image
-from scipy import ndimage
 
 from melanoma_mil.config import TileConfig, TilingConfig
 from melanoma_mil.demo.pyramid import write_pyramid
@@ -30,31 +30,6 @@ from melanoma_mil.tiling.slides import (
     slide_mpp,
 )
 from melanoma_mil.tiling.tissue import saturation
-
-CMU = Path(__file__).resolve().parents[2] / "shared/data/cmu_small_region.svs"
-
-
-def _tissue_image(size: int = 2048, seed: int = 0) -> np.ndarray:
-    """White glass with a textured pink/purple ellipse of 'tissue' (JPEG-friendly detail)."""
-    rng = np.random.default_rng(seed)
-    tex = ndimage.gaussian_filter(rng.standard_normal((size, size, 3)), (6, 6, 0))
-    tex = 170 + 60 * tex / tex.std()
-    tissue = np.clip(tex * [1.0, 0.55, 0.85], 0, 255)
-    yy, xx = np.mgrid[0:size, 0:size]
-    inside = ((yy - size * 0.5) / (size * 0.3)) ** 2 + ((xx - size * 0.45) / (size * 0.33)) ** 2 < 1
-    img = np.full((size, size, 3), 245.0)
-    img[inside] = tissue[inside]
-    return img.astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def pyramid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
-    """A 0.25 um/px slide with levels at downsample 1, 2, 4 and its source pixels."""
-    path = tmp_path_factory.mktemp("pyr") / "slides" / "syn.tiff"
-    path.parent.mkdir()
-    img = _tissue_image()
-    write_pyramid(path, img, mpp=0.25, n_levels=3)
-    return path, img
 
 
 def _best_shift(tile: np.ndarray, level_img: np.ndarray, x: int, y: int) -> tuple[int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,18 +14,23 @@ import torch
 
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import feature_identity, identity_mismatch, plain
+from melanoma_mil.ids import id_path
 from melanoma_mil.progress import progress
 
 log = logging.getLogger(__name__)
 
 
 def bag_path(features_dir: Path, slide_id: str) -> Path | None:
-    """Where a slide's bag lives: <dir>/<id>.h5, CLAM's h5_files/<id>.h5 or pt_files/<id>.pt."""
-    for candidate in (
-        features_dir / f"{slide_id}.h5",
-        features_dir / "h5_files" / f"{slide_id}.h5",
-        features_dir / "pt_files" / f"{slide_id}.pt",
+    """Where a slide's bag lives: <dir>/<id>.h5, CLAM's h5_files/<id>.h5 or pt_files/<id>.pt, or
+    <dir>/<id>.pt (``features_dir`` is CLAM's pt_files/ itself). Built with ``ids.id_path``, so a
+    bag is never looked for outside ``features_dir``."""
+    for folder, suffix in (
+        (features_dir, ".h5"),
+        (features_dir / "h5_files", ".h5"),
+        (features_dir / "pt_files", ".pt"),
+        (features_dir, ".pt"),
     ):
+        candidate = id_path(folder, slide_id, suffix)
         if candidate.is_file():
             return candidate
     return None
@@ -38,13 +44,37 @@ def read_attrs(path: Path) -> dict[str, Any]:
         return {k: v.item() if isinstance(v, np.generic) else v for k, v in f.attrs.items()}
 
 
+def _numeric(path: Path, name: str, data: Any) -> np.ndarray:
+    """``data`` (an h5 node or a loaded .pt object) as a numeric array, or a UserError naming the
+    file and what it holds instead (strings, a scalar, a group, a dict...)."""
+    if isinstance(data, h5py.Dataset):
+        shape = data.shape or ()  # None: an empty dataspace
+        if len(shape) == 0 or data.dtype.kind not in "biuf":
+            what = "a scalar" if len(shape) == 0 else f"of dtype {data.dtype}"
+            raise UserError(
+                f"{path}: dataset '{name}' is {what}, not a numeric array; "
+                "re-run `extract` for this slide."
+            )
+        return data[:]
+    if isinstance(data, torch.Tensor):
+        data = data.float().numpy()
+    arr = data if isinstance(data, np.ndarray) else None
+    if arr is None or arr.ndim == 0 or arr.dtype.kind not in "biuf":
+        raise UserError(
+            f"{path}: '{name}' is a {type(data).__name__}, not a numeric array; "
+            "re-run `extract` for this slide."
+        )
+    return arr
+
+
 def read_bag(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """Return (features [N, D], coords [N, 2] or None), validated: 2-D, non-empty, finite."""
     try:
         if path.suffix == ".pt":
-            feats = torch.load(path, map_location="cpu", weights_only=True)
+            feats = _numeric(
+                path, "features", torch.load(path, map_location="cpu", weights_only=True)
+            )
             coords = None
-            feats = feats.float().numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats)
         else:
             with h5py.File(path, "r") as f:
                 if "features" not in f:
@@ -52,9 +82,9 @@ def read_bag(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
                         f"{path}: no 'features' dataset (found {list(f.keys())}); "
                         "re-run `extract` for this slide or remove it from the labels CSV."
                     )
-                feats = f["features"][:]
-                coords = f["coords"][:] if "coords" in f else None
-    except (OSError, RuntimeError, EOFError) as e:
+                feats = _numeric(path, "features", f["features"])
+                coords = _numeric(path, "coords", f["coords"]) if "coords" in f else None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise UserError(f"{path}: cannot read bag ({e}); re-run `extract` for it.") from None
     if feats.ndim == 3 and feats.shape[0] == 1:
         feats = feats[0]

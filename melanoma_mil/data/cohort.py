@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +18,9 @@ from melanoma_mil.ids import check_slide_id
 log = logging.getLogger(__name__)
 
 DROP = "drop"
+# labels that mean "no label" (pandas' NA spellings, compared lowercased): not a class
+MISSING = frozenset({"", "nan", "na", "n/a", "null", "none", "<na>", "#n/a", "-nan"})
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 @dataclass
@@ -71,23 +76,68 @@ def read_patients(path: str) -> dict[str, str]:
     return dict(zip(df["slide_id"], df["patient_id"], strict=True))
 
 
+def canonical_label(raw: str) -> str:
+    """A label that is a number, written the one way: '1', '1.0', '+1' and '1e0' are one class
+    ('1'); '0.50' is '0.5'. Spreadsheets and R write the same label both ways; others stay."""
+    if not _NUMBER.fullmatch(raw):
+        return raw
+    value = Decimal(raw)
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def _canonical_map(label_map: dict[str, str]) -> dict[str, str]:
+    """data.label_map with numeric keys written as canonical_label writes the labels."""
+    out: dict[str, str] = {}
+    for key, value in label_map.items():
+        canon = canonical_label(str(key))
+        if out.setdefault(canon, value) != value:
+            raise UserError(
+                f"data.label_map maps the same label {canon!r} to {out[canon]!r} and {value!r}; "
+                "keep one entry."
+            )
+    return out
+
+
+def _missing_labels(df: pd.DataFrame, mapped: set[str], source: str) -> None:
+    """Refuse blank / NaN labels that data.label_map does not map: they are not a class."""
+    missing = df["raw_label"].str.lower().isin(MISSING) & ~df["raw_label"].isin(mapped)
+    if missing.any():
+        rows = [f"{i + 2} ({s})" for i, s in df.loc[missing, "slide_id"].items()]
+        values = sorted(set(df.loc[missing, "raw_label"]))
+        raise UserError(
+            f"labels CSV '{source}': {len(rows)} row(s) have no label {values}: row "
+            f"{', '.join(rows[:10])}{' ...' if len(rows) > 10 else ''}; fill them in, remove the "
+            f"rows, or exclude them with data.label_map (e.g. {{'': {DROP}}})."
+        )
+
+
 def map_labels(df: pd.DataFrame, cfg: DataConfig, source: str) -> tuple[pd.DataFrame, list[str]]:
-    """Apply data.label_map and data.classes; print counts of kept and dropped slides."""
+    """Apply data.label_map and data.classes; print counts of kept and dropped slides.
+
+    Numeric labels are compared as numbers (canonical_label); blank / NaN labels are an error
+    naming the rows, unless data.label_map maps them (to a class, or to 'drop' to exclude)."""
+    df = df.assign(raw_label=df["raw_label"].map(canonical_label))
+    label_map = _canonical_map(cfg.label_map)
+    _missing_labels(df, set(label_map), source)
     raw = df["raw_label"]
-    if cfg.label_map:
-        unknown = sorted(set(raw) - set(cfg.label_map))
+    if label_map:
+        unknown = sorted(set(raw) - set(label_map))
         if unknown:
             raise UserError(
                 f"labels CSV '{source}': label(s) {unknown} are not in data.label_map "
-                f"({sorted(cfg.label_map)}); add them (map to '{DROP}' to exclude)."
+                f"({sorted(label_map)}); add them (map to '{DROP}' to exclude)."
             )
-        mapped = raw.map(cfg.label_map)
+        mapped = raw.map(label_map)
     else:
         mapped = raw
     keep = mapped != DROP
     dropped = df.loc[~keep, "raw_label"].value_counts().to_dict()
     df = df.loc[keep].assign(label_name=mapped[keep])
-    classes = list(cfg.classes) or sorted(df["label_name"].unique())
+    # without a label_map, data.classes names raw labels: compare them as numbers too
+    named = list(cfg.classes) if label_map else [canonical_label(c) for c in cfg.classes]
+    classes = named or sorted(df["label_name"].unique())
     unknown = sorted(set(df["label_name"]) - set(classes))
     if unknown:
         raise UserError(
@@ -108,6 +158,23 @@ def map_labels(df: pd.DataFrame, cfg: DataConfig, source: str) -> tuple[pd.DataF
     return df, classes
 
 
+def _one_file_one_slide(slide_ids: pd.Series, paths: list[Path | None], root: Path) -> None:
+    """Refuse one feature file standing for two slides (links, hard links, a case-insensitive
+    disk): the same tiles would count twice and could sit in both a train and a test fold."""
+    seen: dict[tuple[int, int], tuple[str, Path]] = {}
+    for sid, path in zip(slide_ids, paths, strict=True):
+        if path is None:
+            continue
+        st = path.stat()
+        first = seen.setdefault((st.st_dev, st.st_ino), (sid, path))
+        if first[0] != sid:
+            raise UserError(
+                f"slides '{first[0]}' and '{sid}' have the same feature file in '{root}' "
+                f"({first[1].name} and {path.name} are one file, {path.resolve()}); one file "
+                "cannot be two slides: fix the labels CSV or the links."
+            )
+
+
 def find_features(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     """Attach each slide's feature file; missing ones fail (listing ids) or are skipped."""
     if not cfg.features_dir:
@@ -125,6 +192,7 @@ def find_features(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
         )
     if missing:
         log.warning("skipping %d labelled slides without features: %s", len(missing), missing[:10])
+    _one_file_one_slide(df["slide_id"], paths, root)
     df = df.assign(path=paths)
     return df[df["path"].notna()]
 

@@ -8,7 +8,6 @@ share of the tissue (1.0 = chance).
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -19,8 +18,12 @@ from melanoma_mil.config import (
     HeatmapConfig,
     TileConfig,
     TilingConfig,
+    check,
 )
-from melanoma_mil.demo.synth import generate_cohort
+from melanoma_mil.data.splits import make_splits
+from melanoma_mil.demo.owned import claim
+from melanoma_mil.demo.synth import generate_cohort, plan_cohort
+from melanoma_mil.encoders import get_spec
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.localisation import cohort_localisation
 from melanoma_mil.features.run import run_extract
@@ -48,16 +51,64 @@ def _features_dir(extract_out: Path) -> Path:
     return caches[0]
 
 
+def _fit_config(cfg: DemoConfig, out: Path) -> FitConfig:
+    """The demo's `fit` (data.features_dir is set once `extract` has made the cache)."""
+    fit = FitConfig(output_dir=str(out / "fit"), seed=cfg.seed, logger="csv")
+    fit.data.labels_csv = str(out / "cohort" / "labels.csv")
+    fit.data.classes = ["immune_low", "immune_high"]
+    fit.data.standardize = True  # random-encoder features vary on a tiny scale
+    fit.cv.folds = cfg.folds
+    fit.trainer.max_epochs = cfg.max_epochs
+    fit.optim.lr = cfg.lr
+    return fit
+
+
+def check_demo(cfg: DemoConfig) -> None:
+    """Every setting, alone and together (folds vs the cohort), before anything is written."""
+    check(cfg)
+    spec = get_spec(cfg.encoder.name)
+    if cfg.encoder.weights and not Path(cfg.encoder.weights).expanduser().is_file():
+        raise UserError(f"encoder.weights '{cfg.encoder.weights}' not found: check the path.")
+    if cfg.encoder.pretrained and not cfg.encoder.weights and spec.hub is None:
+        raise UserError(
+            f"encoder '{spec.name}' has no hub copy of its weights: pass encoder.weights=PATH "
+            "or encoder.pretrained=false."
+        )
+    fit = _fit_config(cfg, Path(cfg.output_dir))
+    check(fit)
+    plan = plan_cohort(cfg.n_slides, cfg.seed)
+    bags = plan.assign(bag_id=plan["slide_id"], label=plan["label"].map(fit.data.classes.index))
+    try:
+        make_splits(bags, fit.cv, fit.cv.seed, fit.data.classes)
+    except UserError as e:
+        counts = plan["label"].value_counts().to_dict()
+        raise UserError(
+            f"demo folds={cfg.folds} does not fit n_slides={cfg.n_slides} ({counts}): {e} "
+            "Raise n_slides or lower folds."
+        ) from None
+
+
 def run_demo(cfg: DemoConfig) -> int:
-    """Generate the cohort and run every stage on it; print where each output is."""
+    """Generate the cohort and run every stage on it; print where each output is.
+
+    Everything is checked first; output_dir must be new, empty or an earlier demo's, and
+    overwrite=true deletes only what a demo made there (see `demo.owned`)."""
+    check_demo(cfg)
     out = Path(cfg.output_dir)
-    if out.exists() and cfg.overwrite:
-        shutil.rmtree(out)
-    elif (out / "fit" / "cv_summary.json").exists():
+    if (out / "fit" / "cv_summary.json").exists() and not cfg.overwrite:
         raise UserError(
             f"'{out}' already holds a finished demo; pass overwrite=true or choose "
             "another output_dir."
         )
+    ledger = claim(out, cfg.overwrite)
+    ledger.start()
+    try:
+        return _run(cfg, out)
+    finally:
+        ledger.finish()
+
+
+def _run(cfg: DemoConfig, out: Path) -> int:
     start = time.perf_counter()
     t = time.perf_counter()
     cohort = generate_cohort(
@@ -87,14 +138,8 @@ def run_demo(cfg: DemoConfig) -> int:
         t,
     )
     features = _features_dir(out / "features")
-    fit = FitConfig(output_dir=str(out / "fit"), seed=cfg.seed, logger="csv")
+    fit = _fit_config(cfg, out)
     fit.data.features_dir = str(features)
-    fit.data.labels_csv = str(out / "cohort" / "labels.csv")
-    fit.data.classes = ["immune_low", "immune_high"]
-    fit.data.standardize = True  # random-encoder features vary on a tiny scale
-    fit.cv.folds = cfg.folds
-    fit.trainer.max_epochs = cfg.max_epochs
-    fit.optim.lr = cfg.lr
     t = time.perf_counter()
     _step("fit", run_fit(fit), t)
     t = time.perf_counter()

@@ -243,7 +243,7 @@ def _write_slide(
         write_pyramid(tmp, rgb, MPP, N_LEVELS)
 
 
-def _plan(n_slides: int, seed: int) -> pd.DataFrame:
+def plan_cohort(n_slides: int, seed: int) -> pd.DataFrame:
     """Slide ids, patients and balanced labels; two patients have two slides (same label)."""
     rng = np.random.default_rng([seed, 10**6])
     n_pairs = min(2, n_slides // 6)
@@ -280,7 +280,7 @@ def generate_cohort(
         raise UserError(f"synthetic slide size {size} px is too small; use >= 1024.")
     out = Path(out_dir)
     settings = {"n_slides": n_slides, "seed": seed, "size": size, "mpp": MPP, "version": 1}
-    table = _plan(n_slides, seed)
+    table = plan_cohort(n_slides, seed)
     table["path"] = [str(out / "slides" / f"{s}.tiff") for s in table["slide_id"]]
     table["mask_path"] = [str(out / "masks" / f"{s}.png") for s in table["slide_id"]]
     table["mask_downsample"] = MASK_DOWNSAMPLE

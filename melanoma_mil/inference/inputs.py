@@ -27,6 +27,7 @@ from melanoma_mil.config import (
 from melanoma_mil.data.bags import bag_path, read_attrs
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import feature_identity, identity_mismatch, plain
+from melanoma_mil.ids import id_path, id_problem
 from melanoma_mil.io import sha256_file, write_text
 from melanoma_mil.rundir import TrainedRun
 from melanoma_mil.tiling.slides import find_slides
@@ -120,7 +121,7 @@ def _cache_folder(features_dir: Path, run: TrainedRun) -> Path:
     if any(features_dir.glob("*.h5")) or (features_dir / "h5_files").is_dir():
         return features_dir
     key = str(run.provenance.get("cache_key", ""))
-    if key and (features_dir / key).is_dir():
+    if key and id_problem(key) is None and (features_dir / key).is_dir():
         return features_dir / key
     caches = sorted(p.name for p in features_dir.iterdir() if p.is_dir() and any(p.glob("*.h5")))
     if caches:
@@ -208,7 +209,8 @@ def extracted_inputs(
 
     encoder = encoder_config(run, cfg.encoder_weights)
     tiling = tiling_config(run)
-    work = Path(cfg.output_dir) / WORK / str(run.provenance.get("cache_key", "features"))
+    # the cache key names a folder: checked like an id, so a doctored provenance stays inside
+    work = id_path(Path(cfg.output_dir) / WORK, str(run.provenance.get("cache_key", "features")))
     usable = {s: p for s, p in slides.items() if p is not None}
     if not usable:
         return [SlideInput(s, None, None, "slide file not found") for s in slides]
@@ -227,7 +229,7 @@ def extracted_inputs(
             extensions=list(cfg.extensions),
         )
     )
-    has_coords = any((work / "tiles" / "coords" / f"{s}.h5").is_file() for s in usable)
+    has_coords = any(id_path(work / "tiles" / "coords", s, ".h5").is_file() for s in usable)
     if has_coords:
         precision = str(run.provenance.get("precision", "auto"))
         run_extract(
@@ -246,7 +248,7 @@ def extracted_inputs(
     reasons = _reasons([work / "tiles" / "tiling.csv", *(c / "extract.csv" for c in caches)])
     inputs = []
     for sid, slide in slides.items():
-        found = [c / f"{sid}.h5" for c in caches if (c / f"{sid}.h5").is_file()]
+        found = [p for c in caches if (p := id_path(c, sid, ".h5")).is_file()]
         if slide is None or not found:
             why = "slide file not found" if slide is None else reasons.get(sid, "no features made")
             inputs.append(SlideInput(sid, slide, None, why))

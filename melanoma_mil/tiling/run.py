@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from melanoma_mil.config import TileConfig, TilingConfig
 from melanoma_mil.errors import UserError
+from melanoma_mil.ids import id_path
 from melanoma_mil.io import write_text
 from melanoma_mil.progress import progress
 from melanoma_mil.tiling.coords import read_coords, write_coords
@@ -48,10 +49,10 @@ def tile_one(slide_id: str, path: str, cfg: TilingConfig, output_dir: str) -> di
         slide = open_slide(path)
         try:
             tiles = tile_slide(slide, path, slide_id, cfg)
-            write_qc(out / "qc" / f"{slide_id}.png", qc_image(tiles, slide_id))
+            write_qc(id_path(out / "qc", slide_id, ".png"), qc_image(tiles, slide_id))
         finally:
             slide.close()
-        write_coords(out / "coords" / f"{slide_id}.h5", tiles.grid)
+        write_coords(id_path(out / "coords", slide_id, ".h5"), tiles.grid)
     except UserError as e:
         return _row(slide_id, path, "failed", reason=str(e), seconds=time.perf_counter() - start)
     except Exception as e:  # a corrupt slide fails in OpenSlide, PIL or numpy: report, go on
@@ -141,7 +142,7 @@ def run_tile(cfg: TileConfig) -> int:
     rows: list[dict[str, Any]] = []
     todo: list[tuple[str, str]] = []
     for sid, path in slides.items():
-        coords = out / "coords" / f"{sid}.h5"
+        coords = id_path(out / "coords", sid, ".h5")
         if coords.is_file() and not cfg.overwrite:
             try:
                 rows.append(_existing(sid, str(path), coords, wanted))

@@ -19,6 +19,7 @@ from scipy import ndimage
 
 from melanoma_mil.config import TissueConfig
 from melanoma_mil.errors import UserError
+from melanoma_mil.ids import id_path
 
 # Named parameter sets; any key set explicitly in the config wins over its preset.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -159,7 +160,7 @@ def load_user_mask(
     root = Path(mask_dir)
     if not root.is_dir():
         raise UserError(f"tiling.mask_dir '{root}' is not a folder: check the path.")
-    png, geo = root / f"{slide_id}.png", root / f"{slide_id}.geojson"
+    png, geo = id_path(root, slide_id, ".png"), id_path(root, slide_id, ".geojson")
     if png.is_file():
         try:
             with Image.open(png) as im:
