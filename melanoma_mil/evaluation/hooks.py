@@ -53,7 +53,7 @@ def write_report(
     try:
         ev = evaluate(ecfg, report=out / REPORT)
     except UserError as e:
-        log.error("error: report not written: %s\n  fix it and run: %s", e, _command(ecfg))
+        log.error("error: report not written: %s (then: %s)", e, _command(ecfg))
         return 2
     print(f"evaluate: {summary_line(ev)} -> {out / REPORT}")
     return 0
