@@ -23,6 +23,7 @@ from lifelines.utils import concordance_index, median_survival_times
 
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.clinical import EVENT, TIME
+from melanoma_mil.progress import progress
 from melanoma_mil.stats import _chunks, _cluster_weights
 
 GROUP, SCORE = "__group", "__score"
@@ -164,13 +165,16 @@ def c_index(data: pd.DataFrame, n_boot: int, seed: int, score_name: str) -> dict
     value = concordance_index(t, s, e)
     rng = np.random.default_rng(seed + 2)
     reps = []
-    for b in _chunks(n_boot, len(t)):
-        for counts in _cluster_weights(np.arange(len(t)), b, rng).astype(int):
-            idx = np.repeat(np.arange(len(t)), counts)
-            try:
-                reps.append(concordance_index(t[idx], s[idx], e[idx]))
-            except ZeroDivisionError:  # no comparable pair in this resample
-                continue
+    quiet = len(t) < 1000  # a bar only where it takes a while
+    with progress(total=n_boot, desc="C-index bootstrap", unit="resample", disable=quiet) as bar:
+        for b in _chunks(n_boot, len(t)):
+            for counts in _cluster_weights(np.arange(len(t)), b, rng).astype(int):
+                idx = np.repeat(np.arange(len(t)), counts)
+                bar.update(1)
+                try:
+                    reps.append(concordance_index(t[idx], s[idx], e[idx]))
+                except ZeroDivisionError:  # no comparable pair in this resample
+                    continue
     low, high = np.quantile(reps, [0.025, 0.975]) if reps else (np.nan, np.nan)
     return {
         "value": float(value),
