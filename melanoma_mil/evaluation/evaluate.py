@@ -22,7 +22,7 @@ from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation import classification as C
 from melanoma_mil.evaluation.calibration import calibration
 from melanoma_mil.evaluation.clinical import Clinical, read_clinical
-from melanoma_mil.evaluation.report import Heatmap, RunInfo, now, pval, render_report
+from melanoma_mil.evaluation.report import Heatmap, RunInfo, now, p_is, render_report
 from melanoma_mil.evaluation.tables import Scored, load_scored
 from melanoma_mil.ids import id_path
 from melanoma_mil.io import atomic_path, write_json, write_text
@@ -178,7 +178,7 @@ def _survival(
     }
     uni = summary["cox"]["univariable"]
     annotation = (
-        f"log-rank p = {pval(summary['logrank']['p'])}\n"
+        f"log-rank {p_is(summary['logrank']['p'])}\n"
         f"HR {uni['term'].removeprefix('group: ')}: {uni['hr']:.2f} "
         f"(95% CI {uni['ci_low']:.2f}-{uni['ci_high']:.2f})"
     )
@@ -337,7 +337,7 @@ def summary_line(ev: dict[str, Any]) -> str:
         s = ev["survival"]
         uni = s["cox"]["univariable"]
         parts.append(
-            f"log-rank p = {pval(s['logrank']['p'])}, HR "
+            f"log-rank {p_is(s['logrank']['p'])}, HR "
             f"{uni['term'].removeprefix('group: ')} {uni['hr']:.2f} "
             f"({uni['ci_low']:.2f}-{uni['ci_high']:.2f}), C-index {s['c_index']['value']:.3f}"
         )

@@ -69,6 +69,12 @@ def pval(p: float | None) -> str:
     return "< 0.0001" if p < 1e-4 else f"{p:.2g}" if p < 0.01 else f"{p:.3f}"
 
 
+def p_is(p: float | None) -> str:
+    """'p = 0.012' or 'p < 0.0001'."""
+    text = pval(p)
+    return f"p {text}" if text.startswith("<") else f"p = {text}"
+
+
 def ci(m: dict[str, Any] | None, digits: int = 3) -> str:
     if not m:
         return "-"
@@ -107,7 +113,7 @@ def _key_numbers(ev: dict[str, Any]) -> str:
         items.append(f"AUC {ci(cls['auc'])}")
     if surv:
         uni = surv["cox"]["univariable"]
-        items.append(f"log-rank p {pval(surv['logrank']['p'])}")
+        items.append(f"log-rank {p_is(surv['logrank']['p'])}")
         contrast = uni["term"].removeprefix("group: ")
         items.append(
             f"HR {contrast} {num(uni['hr'], 2)} ({num(uni['ci_low'], 2)}-{num(uni['ci_high'], 2)})"
@@ -251,7 +257,7 @@ def _survival(ev: dict[str, Any], figures: dict[str, bytes]) -> str:
         f"<code>{_e(surv['event_column'])}</code>. Groups: {_e(surv['group_rule'])}.</p>",
         _table(["group", "patients", "events", "median survival", "95% CI low", "high"], rows),
         f"<p>Log-rank: chi2 = {_e(num(lr['statistic'], 2))} on {_e(lr['df'])} df, "
-        f"p = {_e(pval(lr['p']))}. Harrell's C of the probability: {_e(ci(surv['c_index']))} "
+        f"{_e(p_is(lr['p']))}. Harrell's C of the probability: {_e(ci(surv['c_index']))} "
         f"({_e(surv['c_index']['score'])}).</p>",
         "<h3>Cox proportional hazards</h3>",
     ]
