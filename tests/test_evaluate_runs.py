@@ -13,6 +13,7 @@ from test_evaluate import FIGURES, embedded_figures
 
 from melanoma_mil.config import FitConfig, PredictConfig, load_config
 from melanoma_mil.errors import UserError
+from melanoma_mil.evaluation.hooks import write_report
 from melanoma_mil.inference.predict import run_predict
 from melanoma_mil.training.cv import run_fit
 
@@ -84,3 +85,16 @@ def test_predict_with_labels_and_clinical_data_writes_the_report(
     figures = embedded_figures(out / "report.html")
     heatmaps = {k for k in figures if k.startswith("heatmap:")}
     assert FIGURES | {"cv_roc"} <= set(figures) and len(heatmaps) == 6
+
+
+def test_a_report_that_cannot_be_made_leaves_the_predictions_and_says_how_to_redo_it(
+    pipe: Pipeline, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clinical = pd.read_csv(pipe.root / "cohort" / "clinical.csv").assign(event=0)
+    clinical.to_csv(tmp_path / "clinical.csv", index=False)  # nobody died: no hazard ratio
+    cfg = fit_cfg(pipe, tmp_path / "unused", f"clinical_csv={tmp_path / 'clinical.csv'}")
+    rc = write_report(cfg, tmp_path, pipe.run_dir / "predictions.csv", pipe.run_dir)
+    assert rc == 2
+    assert "report not written" in caplog.text and "has no events" in caplog.text
+    assert "python -m melanoma_mil evaluate predictions=" in caplog.text
+    assert list(tmp_path.iterdir()) == [tmp_path / "clinical.csv"]
