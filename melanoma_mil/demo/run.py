@@ -132,7 +132,6 @@ def run_demo(cfg: DemoConfig) -> int:
             heatmaps_dir=str(heatmaps),
             output_dir=str(out / "evaluate"),
             seed=cfg.seed,
-            overwrite=cfg.overwrite,
         )
     )
     _step("evaluate", 0, t)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from melanoma_mil.config import DataConfig
-from melanoma_mil.data.cohort import DROP, map_labels, read_slide_table
+from melanoma_mil.data.cohort import map_labels, read_slide_table
 from melanoma_mil.errors import UserError
 from melanoma_mil.rundir import TrainedRun
 
@@ -127,8 +127,8 @@ def _labels(path: str, run: TrainedRun | None, classes: list[str]) -> pd.DataFra
         raise UserError(f"labels CSV '{path}' lists slide(s) {dup[:5]} twice; keep one row each.")
     df = df.rename(columns={"label": "raw_label"})
     label_map = dict(run.config.data.label_map) if run is not None else {}
-    dropped = df[df["raw_label"].map(label_map) == DROP]
     kept, _ = map_labels(df, DataConfig(label_map=label_map, classes=classes), path)
+    dropped = df[~df["slide_id"].isin(kept["slide_id"])]  # mapped to 'drop'
     kept = kept[["slide_id", "patient_id", "label"]].rename(columns={"label": "y"})
     dropped = dropped[["slide_id", "patient_id"]].assign(y=-2)
     return pd.concat([kept, dropped], ignore_index=True)
