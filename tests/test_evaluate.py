@@ -462,3 +462,24 @@ def test_report_embeds_every_figure(small: Path, capsys: pytest.CaptureFixture[s
     text = (small / "out" / "report.html").read_text()
     for needle in ("balanced_accuracy", "Brier", "Log-rank", "Harrell", "evaluate config"):
         assert needle in text
+
+
+def test_patients_average_their_slides_unless_level_slide(
+    small: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    labels = pd.read_csv(small / "labels.csv")
+    labels["patient_id"] = [f"s{i - i % 4 + i % 2:02d}" for i in range(40)]  # 2 slides, 1 label
+    labels.to_csv(small / "labels.csv", index=False)
+    rc, _ = evaluate_cli(capsys, *_args(small, "groups=median"))
+    assert rc == 0
+    ev = json.loads((small / "out" / "evaluation.json").read_text())
+    assert ev["classification"]["n"] == 20 and ev["survival"]["patients_used"] == 20
+    assert "averaged" in ev["level_note"]
+    preds = pd.read_csv(small / "predictions.csv").merge(labels, on="slide_id")
+    mean = preds.groupby("patient_id")["prob_high"].mean()
+    y = (preds.groupby("patient_id")["label"].first() == "high").astype(int)
+    assert ev["classification"]["auc"]["value"] == pytest.approx(roc_auc_score(y, mean))
+    rc, _ = evaluate_cli(capsys, *_args(small, "level=slide", "overwrite=true"))
+    ev = json.loads((small / "out" / "evaluation.json").read_text())
+    assert rc == 0 and ev["classification"]["n"] == 40 and ev["classification"]["patients"] == 20
+    assert ev["survival"]["patients_used"] == 20  # survival is always per patient

@@ -22,7 +22,7 @@ from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation import classification as C
 from melanoma_mil.evaluation.calibration import calibration
 from melanoma_mil.evaluation.clinical import Clinical, read_clinical
-from melanoma_mil.evaluation.report import Heatmap, RunInfo, now, p_is, render_report
+from melanoma_mil.evaluation.report import Heatmap, RunInfo, ci, now, num, p_is, render_report
 from melanoma_mil.evaluation.tables import Scored, load_scored
 from melanoma_mil.ids import id_path
 from melanoma_mil.io import atomic_path, write_json, write_text
@@ -331,17 +331,16 @@ def evaluate(cfg: EvaluateConfig, report: Path | None = None) -> dict[str, Any]:
 def summary_line(ev: dict[str, Any]) -> str:
     parts = [f"{ev['counts']['patients_scored']} patients"]
     if ev["classification"]:
-        a = ev["classification"]["auc"]
-        parts.append(f"AUC {a['value']:.3f} (95% CI {a['ci_low']:.3f}-{a['ci_high']:.3f})")
+        parts.append(f"AUC {ci(ev['classification']['auc'])}")
     if ev["survival"]:
         s = ev["survival"]
         uni = s["cox"]["univariable"]
         parts.append(
             f"log-rank {p_is(s['logrank']['p'])}, HR "
-            f"{uni['term'].removeprefix('group: ')} {uni['hr']:.2f} "
-            f"({uni['ci_low']:.2f}-{uni['ci_high']:.2f}), C-index {s['c_index']['value']:.3f}"
+            f"{uni['term'].removeprefix('group: ')} {num(uni['hr'], 2)} "
+            f"({num(uni['ci_low'], 2)}-{num(uni['ci_high'], 2)}), C-index {ci(s['c_index'])}"
         )
-    return "; ".join(parts)
+    return "; ".join(parts) + " (95% CIs)"
 
 
 def run_evaluate(cfg: EvaluateConfig) -> int:
