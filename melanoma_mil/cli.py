@@ -72,6 +72,12 @@ COMMANDS: dict[str, Command] = {
         "melanoma_mil.inference.predict:run_predict",
         "run a trained fold-model ensemble on new slides",
     ),
+    "evaluate": Command(
+        C.EvaluateConfig,
+        "melanoma_mil.evaluation.evaluate:run_evaluate",
+        "metrics with CIs, calibration, survival of predicted groups, report.html",
+        positional="predictions",
+    ),
 }
 
 USAGE = "usage: python -m melanoma_mil CMD [--config FILE ...] [--print-config] [key=value ...]"

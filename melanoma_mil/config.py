@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,6 +47,29 @@ def bounded(
 def positive(default: Any) -> Any:
     """A numeric field > 0."""
     return bounded(default, 0, open_low=True)
+
+
+def pattern(default: str, regex: str, shown: str) -> Any:
+    """A string field matching ``regex`` in full (checked at parse time); ``shown`` is the form
+    --help and errors give, e.g. "predicted|median|quantiles:K"."""
+    return field(default=default, metadata={"pattern": (regex, shown)})
+
+
+# --------------------------------------------------------------------------- clinical evaluation
+# survival groups: the predicted class, a split at the median probability, or K quantile groups
+GROUPS_FORM = "predicted|median|quantiles:K"
+GROUPS_RE = r"predicted|median|quantiles:([2-9]|[1-9][0-9]+)"
+# the keys `fit` and `predict` share with `evaluate` (they evaluate their own predictions)
+CLINICAL_KEYS = ("clinical_csv", "time_column", "event_column", "covariates", "groups", "threshold")
+
+
+def _groups() -> Any:
+    return pattern("predicted", GROUPS_RE, GROUPS_FORM)
+
+
+def _threshold() -> Any:
+    """Binary: the positive class is predicted when its probability is >= threshold."""
+    return bounded(0.5, 0.0, 1.0, open_low=True, open_high=True)
 
 
 # --------------------------------------------------------------------------- data / training
@@ -145,6 +169,13 @@ class FitConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # with clinical_csv: `evaluate` the out-of-fold predictions into <output_dir>/report.html
+    clinical_csv: str | None = None
+    time_column: str = "time"
+    event_column: str = "event"
+    covariates: list[str] = field(default_factory=list)
+    groups: str = _groups()
+    threshold: float = _threshold()
 
 
 # --------------------------------------------------------------------------- tiling
@@ -296,6 +327,45 @@ class PredictConfig(HeatmapConfig):
     # CSV with slide_id, patient_id: also score each patient's slides pooled into one bag (how
     # a data.bag_level=patient run was trained) into patient_predictions.csv
     patients_csv: str | None = None
+    # with labels_csv (slide_id, label[, patient_id]) and/or clinical_csv: `evaluate` the
+    # predictions into <output_dir>/report.html
+    labels_csv: str | None = None
+    clinical_csv: str | None = None
+    time_column: str = "time"
+    event_column: str = "event"
+    covariates: list[str] = field(default_factory=list)
+    groups: str = _groups()
+    threshold: float = _threshold()
+
+
+@dataclass
+class EvaluateConfig:
+    """`evaluate`: classification, calibration and survival of predictions; report.html.
+
+    predictions: fit's predictions.csv (out of fold), predict's predictions.csv or
+    patient_predictions.csv. Rows are scored per patient (a patient's slides averaged) unless
+    level=slide. Writes evaluation.json, roc.png, pr.png, calibration.png, km.png and a
+    self-contained report.html into output_dir.
+    """
+
+    predictions: str | None = None
+    output_dir: str = "runs/evaluate"
+    labels_csv: str | None = None  # slide_id, label[, patient_id]; the run's label_map applies
+    clinical_csv: str | None = None  # patient_id, time_column, event_column[, covariates]
+    time_column: str = "time"
+    event_column: str = "event"  # 1 = event, 0 = censored
+    covariates: list[str] = field(default_factory=list)  # numeric or categorical columns
+    groups: str = _groups()
+    threshold: float = _threshold()
+    level: str = choice("patient", "patient", "slide")
+    # the `fit` run (classes, label_map, provenance); default: predictions' folder if a run
+    run_dir: str | None = None
+    heatmaps_dir: str | None = None  # <slide_id>/heatmap.png (default: predictions' column)
+    top_heatmaps: int = bounded(6, 0)  # the highest and lowest scored slides' heatmaps
+    bootstrap: int = bounded(2000, 100)  # patient bootstrap replicates for the 95% CIs
+    calibration_bins: int = bounded(10, 2)
+    seed: int = 0
+    overwrite: bool = False
 
 
 @dataclass
@@ -390,6 +460,8 @@ def _problem(value: Any, meta: Any) -> str | None:
     """Why ``value`` breaks a field's declared choices or range, or None."""
     if "choices" in meta and value not in meta["choices"]:
         return f"is not one of {'|'.join(meta['choices'])}"
+    if "pattern" in meta and value is not None and not re.fullmatch(meta["pattern"][0], value):
+        return f"is not of the form {meta['pattern'][1]}"
     if "range" in meta and value is not None:
         low, high, open_low, open_high = meta["range"]
         below = low is not None and (value <= low if open_low else value < low)
@@ -430,6 +502,8 @@ def describe(schema: type | Any, prefix: str = "") -> list[tuple[str, str, str]]
             kind = str(f.type)
             if "choices" in f.metadata:
                 kind = "|".join(f.metadata["choices"])
+            elif "pattern" in f.metadata:
+                kind = f.metadata["pattern"][1]
             elif "range" in f.metadata:
                 kind = f"{kind}, {_bounds_text(f.metadata['range'])}"
             rows.append((f"{prefix}{f.name}", kind, repr(value)))

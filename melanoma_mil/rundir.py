@@ -66,6 +66,16 @@ class TrainedRun:
         return [load_fold_model(p, device) for p in self.model_paths]
 
     @cached_property
+    def cv_summary(self) -> dict[str, Any]:
+        """cv_summary.json: per-fold metrics, pooled out-of-fold AUC with its CI."""
+        return json.loads((self.run_dir / "cv_summary.json").read_text())
+
+    @property
+    def roc_path(self) -> Path:
+        """The run's ROC figure (each test fold and the pooled curve)."""
+        return self.run_dir / "roc.png"
+
+    @cached_property
     def predictions(self) -> pd.DataFrame:
         return pd.read_csv(
             self.run_dir / "predictions.csv", dtype={"slide_id": str, "patient_id": str}

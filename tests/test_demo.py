@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+from test_evaluate import FIGURES, embedded_figures
 
 from melanoma_mil.config import DemoConfig, load_config
 from melanoma_mil.demo.run import run_demo
@@ -34,3 +35,15 @@ def test_reduced_demo_runs_every_stage(tmp_path: Path) -> None:
     scores = pd.read_csv(out / "localisation.csv")
     high = scores[scores["label"] == "immune_high"]["localisation"]
     assert len(high) == 8 and high.median() > 1.5  # attention concentrates on planted regions
+    # planted survival (immune-high patients live longer) is found in the predicted groups
+    ev = json.loads((out / "evaluate" / "evaluation.json").read_text())
+    surv = ev["survival"]
+    assert surv["logrank"]["p"] < 0.05 and surv["patients_used"] == 14
+    assert surv["cox"]["univariable"]["term"] == "group: immune_high vs immune_low"
+    assert surv["cox"]["univariable"]["hr"] < 1
+    assert set(surv["cox"]["adjusted"]) == {
+        "group: immune_high vs immune_low", "age", "sex: M vs F"
+    }  # fmt: skip
+    figures = embedded_figures(out / "evaluate" / "report.html")  # every image inside the file
+    assert FIGURES | {"cv_roc"} <= set(figures)
+    assert sum(k.startswith("heatmap:") for k in figures) == 6

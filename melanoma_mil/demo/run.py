@@ -1,4 +1,5 @@
-"""`demo`: a synthetic cohort through the whole pipeline, tile -> extract -> fit -> heatmaps.
+"""`demo`: a synthetic cohort through the whole pipeline, tile -> extract -> fit -> heatmaps ->
+evaluate (survival of the predicted groups against planted survival, report.html).
 
 Immune-high slides carry planted lymphocyte-like clusters whose masks are known, so the demo
 ends with a localisation score: the share of attention inside the planted regions over their
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from melanoma_mil.config import (
     DemoConfig,
+    EvaluateConfig,
     ExtractConfig,
     FitConfig,
     HeatmapConfig,
@@ -25,6 +27,7 @@ from melanoma_mil.demo.owned import claim
 from melanoma_mil.demo.synth import generate_cohort, plan_cohort
 from melanoma_mil.encoders import get_spec
 from melanoma_mil.errors import UserError
+from melanoma_mil.evaluation.evaluate import evaluate, summary_line
 from melanoma_mil.evaluation.localisation import cohort_localisation
 from melanoma_mil.features.run import run_extract
 from melanoma_mil.inference.heatmap import run_heatmap
@@ -164,14 +167,29 @@ def _run(cfg: DemoConfig, out: Path) -> int:
         f"tissue share; 1.0 = chance): median {high.median():.2f}, "
         f"range {high.min():.2f}-{high.max():.2f} over {len(high)} slides"
     )
+    t = time.perf_counter()
+    ev = evaluate(
+        EvaluateConfig(
+            predictions=str(out / "fit" / "predictions.csv"),
+            clinical_csv=str(out / "cohort" / "clinical.csv"),
+            covariates=["age", "sex"],
+            run_dir=fit.output_dir,
+            heatmaps_dir=str(heatmaps),
+            output_dir=str(out / "evaluate"),
+            seed=cfg.seed,
+        )
+    )
+    _step("evaluate", 0, t)
+    print(f"survival by predicted group (planted: immune-high live longer): {summary_line(ev)}")
     print(f"demo finished in {time.perf_counter() - start:.0f} s. Outputs in {out}/:")
     for path, what in (
-        ("cohort/", "synthetic slides, planted-region masks, labels.csv"),
+        ("cohort/", "synthetic slides, planted-region masks, labels.csv, clinical.csv"),
         ("tiles/qc/", "tissue + tile QC images"),
         (f"features/{features.name}/", "feature bags (h5)"),
         ("fit/", "cv_summary.json, predictions.csv, roc.png, fold models"),
         ("heatmaps/", "attention heatmaps and top/bottom tile montages per slide"),
         ("localisation.csv", "per-slide localisation score"),
+        ("evaluate/", "report.html (one file, opens offline), evaluation.json, figures"),
     ):
         print(f"  {path:<28} {what}")
     return 0

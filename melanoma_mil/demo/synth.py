@@ -259,6 +259,35 @@ def plan_cohort(n_slides: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame({"slide_id": ids, "patient_id": patients, "label": labels})
 
 
+def planted_survival(table: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """One row per patient: patient_id, time (months), event (1 = death from melanoma), age,
+    sex. Immune-high patients live longer: Weibull times (shape 2) with scale 120 vs 24 months,
+    a hazard ratio of (24 / 120)^2 = 0.04, strong on purpose so that a cohort of 20 patients
+    shows it; follow-up ends uniformly between 4 and 10 years (censoring). Age and sex carry
+    no signal (the adjusted Cox model's covariates)."""
+    patients = table.groupby("patient_id", sort=True)["label"].first()
+    rng = np.random.default_rng([seed, 2 * 10**6])
+    n = len(patients)
+    death = np.where(patients.to_numpy() == "immune_high", 120.0, 24.0) * rng.weibull(2.0, n)
+    follow_up = rng.uniform(48.0, 120.0, n)
+    return pd.DataFrame(
+        {
+            "patient_id": patients.index,
+            "time": np.round(np.minimum(death, follow_up), 1),
+            "event": (death <= follow_up).astype(int),
+            "age": np.round(rng.normal(62, 12, n)).astype(int),
+            "sex": rng.choice(["F", "M"], n),
+        }
+    )
+
+
+def _write_clinical(out: Path, table: pd.DataFrame, seed: int) -> None:
+    text = planted_survival(table, seed).to_csv(index=False)
+    path = out / "clinical.csv"
+    if not path.is_file() or path.read_text() != text:
+        write_text(path, text)
+
+
 def generate_cohort(
     out_dir: str | Path,
     n_slides: int = 24,
@@ -271,8 +300,9 @@ def generate_cohort(
 
     Layout: ``slides/<id>.tiff`` (0.5 um/px, 4 levels), ``masks/<id>.png`` (planted clusters,
     1/16 of level 0, 255 = cluster; all zero for immune_low), ``labels.csv`` (slide_id,
-    patient_id, label) and ``cohort.csv`` (+ path, mask_path, mask_downsample). An existing
-    cohort made with the same settings is reused; other settings need ``overwrite=True``.
+    patient_id, label), ``cohort.csv`` (+ path, mask_path, mask_downsample) and
+    ``clinical.csv`` (planted survival, see `planted_survival`). An existing cohort made with
+    the same settings is reused; other settings need ``overwrite=True``.
     """
     if n_slides < 2:
         raise UserError(f"the demo cohort needs n_slides >= 2 (got {n_slides}).")
@@ -293,6 +323,7 @@ def generate_cohort(
                 "use another output folder or overwrite=true."
             )
         if all(Path(p).is_file() for p in [*table["path"], *table["mask_path"]]):
+            _write_clinical(out, table, seed)  # cohorts made before clinical.csv existed
             return table
     jobs = [
         (str(out), sid, seed, i, size, label == "immune_high")
@@ -311,4 +342,5 @@ def generate_cohort(
             list(pool.map(_write_slide, *zip(*jobs, strict=True)))
     write_text(out / "labels.csv", table[["slide_id", "patient_id", "label"]].to_csv(index=False))
     write_text(out / "cohort.csv", table.to_csv(index=False))
+    _write_clinical(out, table, seed)
     return table

@@ -21,6 +21,7 @@ from melanoma_mil.config import PredictConfig
 from melanoma_mil.data.bags import read_bag
 from melanoma_mil.data.cohort import read_patients
 from melanoma_mil.errors import UserError
+from melanoma_mil.evaluation.hooks import check_inputs, write_report
 from melanoma_mil.inference.analyse import FAILED, analyse_all, check_common, ensemble_columns
 from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import SlideInput, prepare_inputs
@@ -79,6 +80,7 @@ def run_predict(cfg: PredictConfig) -> int:
     if target.exists() and not cfg.overwrite:
         raise UserError(f"'{target}' exists; pass overwrite=true or choose another output_dir.")
     run = check_common(cfg)
+    check_inputs(cfg)
     if run.config.data.bag_level == "patient" and not cfg.patients_csv:
         log.warning(
             "this run was trained on patient bags (data.bag_level=patient) but slides are scored "
@@ -104,4 +106,9 @@ def run_predict(cfg: PredictConfig) -> int:
         f"predict: {len(ok)}/{len(table)} slides, {len(ensemble.models)} fold models, "
         f"predicted {counts} -> {target}"
     )
-    return 1 if table["status"].isin(FAILED).any() else 0
+    rc = 1 if table["status"].isin(FAILED).any() else 0
+    if cfg.clinical_csv or cfg.labels_csv:  # patient bags are scored as the run was trained
+        pooled = patient_of is not None and run.config.data.bag_level == "patient"
+        scored = out / "patient_predictions.csv" if pooled else target
+        rc = max(rc, write_report(cfg, out, scored, run.run_dir, cfg.labels_csv))
+    return rc

@@ -27,6 +27,7 @@ from melanoma_mil.data.cohort import Cohort, build_cohort
 from melanoma_mil.data.datamodule import BagDataModule
 from melanoma_mil.data.splits import Split, resolve_splits
 from melanoma_mil.errors import UserError
+from melanoma_mil.evaluation.hooks import check_inputs, write_report
 from melanoma_mil.io import atomic_path, write_json, write_text
 from melanoma_mil.metrics import METRICS, bag_metrics, summarise
 from melanoma_mil.models import feature_norm
@@ -244,6 +245,7 @@ def _provenance(store: BagStore, cohort: Cohort, cfg: FitConfig, digest: str) ->
 def run_fit(cfg: FitConfig) -> int:
     """Cross-validate; write config.yaml, splits.json, predictions.csv, cv_summary.json, roc.png."""
     check(cfg)  # configs built in code (demo, sweep runs) skip load_config
+    check_inputs(cfg)
     out = Path(cfg.output_dir)
     rank0 = rank_zero_only.rank == 0
     if rank0:
@@ -285,4 +287,4 @@ def run_fit(cfg: FitConfig) -> int:
     log_summary(cfg, out, summary, preds)
     print(_table(summary))
     print(f"outputs in {out}: cv_summary.json, predictions.csv, roc.png, splits.json, folds/")
-    return 0
+    return write_report(cfg, out, out / "predictions.csv", out) if cfg.clinical_csv else 0

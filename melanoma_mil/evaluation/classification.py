@@ -1,0 +1,145 @@
+"""Classification metrics with patient-bootstrap 95% CIs, and the ROC / PR curves to draw.
+
+Every metric is computed from (weighted) confusion counts, so one matrix product scores all
+bootstrap replicates at once: a replicate is a row of case weights saying how often each
+case's patient was drawn (`melanoma_mil.stats._cluster_weights`, the resampling `fit` and
+`compare` use). Binary: the positive class is the last one and is predicted when its
+probability is >= threshold. Multi-class: the predicted class is the most probable one and
+every metric is the macro average of its one-vs-rest values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
+
+from melanoma_mil.stats import _chunks, _cluster_weights, macro_auc
+
+METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
+DEFINITIONS = {
+    "sensitivity": "TP / (TP + FN)",
+    "specificity": "TN / (TN + FP)",
+    "ppv": "TP / (TP + FP)",
+    "npv": "TN / (TN + FN)",
+    "f1": "2 TP / (2 TP + FP + FN)",
+    "balanced_accuracy": "(sensitivity + specificity) / 2; multi-class: mean recall",
+    "auc": "ROC AUC of the positive class; multi-class: macro one-vs-rest",
+}
+
+
+def predicted(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Class index per case: binary by threshold on the last class, else the argmax."""
+    if probs.shape[1] == 2:
+        return (probs[:, 1] >= threshold).astype(int)
+    return probs.argmax(1)
+
+
+def _one_vs_rest(w: np.ndarray, y: np.ndarray, pred: np.ndarray, c: int) -> dict[str, np.ndarray]:
+    pos, hit = y == c, pred == c
+    tp, fn = w @ (pos & hit), w @ (pos & ~hit)
+    fp, tn = w @ (~pos & hit), w @ (~pos & ~hit)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "sensitivity": tp / (tp + fn),
+            "specificity": tn / (tn + fp),
+            "ppv": tp / (tp + fp),
+            "npv": tn / (tn + fn),
+            "f1": 2 * tp / (2 * tp + fp + fn),
+        }
+
+
+def _scores(w: np.ndarray, y: np.ndarray, probs: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
+    """Every metric for each row of case weights ``w`` [B, N] -> {name: [B]}."""
+    n_classes = probs.shape[1]
+    score = probs[:, 1] if n_classes == 2 else probs
+    out: dict[str, Any] = {"auc": macro_auc(y, score, w)}
+    if n_classes == 2:
+        rates = _one_vs_rest(w, y, pred, 1)
+        out.update(rates)
+        out["balanced_accuracy"] = (rates["sensitivity"] + rates["specificity"]) / 2
+        return out
+    per_class = [_one_vs_rest(w, y, pred, c) for c in range(n_classes)]
+    with np.errstate(invalid="ignore"):
+        for name in per_class[0]:
+            out[name] = np.nanmean(np.stack([r[name] for r in per_class]), axis=0)
+    out["balanced_accuracy"] = out["sensitivity"]
+    return out
+
+
+def classification_metrics(
+    y: np.ndarray,
+    probs: np.ndarray,
+    patients: np.ndarray,
+    threshold: float,
+    n_boot: int,
+    seed: int,
+) -> dict[str, Any]:
+    """{metric: {value, ci_low, ci_high}} (percentile CIs over patient-bootstrap replicates)."""
+    pred = predicted(probs, threshold)
+    value = _scores(np.ones((1, len(y))), y, probs, pred)
+    rng = np.random.default_rng(seed)
+    reps: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
+    for b in _chunks(n_boot, len(y)):
+        scores = _scores(_cluster_weights(patients, b, rng), y, probs, pred)
+        for m in METRICS:
+            reps[m].append(scores[m])
+    out: dict[str, Any] = {}
+    for m in METRICS:
+        r = np.concatenate(reps[m])
+        r = r[np.isfinite(r)]
+        low, high = np.quantile(r, [0.025, 0.975]) if len(r) else (np.nan, np.nan)
+        out[m] = {"value": float(value[m][0]), "ci_low": float(low), "ci_high": float(high)}
+    return out
+
+
+def roc_curves(
+    y: np.ndarray, probs: np.ndarray, classes: list[str]
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(label, fpr, tpr): the positive class, or each class against the rest."""
+    if probs.shape[1] == 2:
+        fpr, tpr, _ = roc_curve(y == 1, probs[:, 1])
+        return [(classes[1], fpr, tpr)]
+    curves = []
+    for c, name in enumerate(classes):
+        if 0 < (y == c).sum() < len(y):
+            fpr, tpr, _ = roc_curve(y == c, probs[:, c])
+            curves.append((f"{name} vs rest", fpr, tpr))
+    return curves
+
+
+def roc_band(
+    y: np.ndarray, score: np.ndarray, patients: np.ndarray, n_boot: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pointwise 95% band of the binary ROC (TPR at each FPR) over patient resamples."""
+    grid = np.linspace(0, 1, 101)
+    rng = np.random.default_rng(seed + 1)
+    tprs = []
+    for b in _chunks(min(n_boot, 1000), len(y)):
+        for w in _cluster_weights(patients, b, rng):
+            keep = w > 0
+            if len(np.unique(y[keep])) < 2:
+                continue
+            fpr, tpr, _ = roc_curve(y[keep], score[keep], sample_weight=w[keep])
+            tprs.append(np.interp(grid, fpr, tpr))
+    if not tprs:
+        return grid, np.full_like(grid, np.nan), np.full_like(grid, np.nan)
+    low, high = np.quantile(np.array(tprs), [0.025, 0.975], axis=0)
+    return grid, low, high
+
+
+def pr_curves(
+    y: np.ndarray, probs: np.ndarray, classes: list[str]
+) -> list[tuple[str, np.ndarray, np.ndarray, float, float]]:
+    """(label, recall, precision, average precision, prevalence) per positive class."""
+    targets = [1] if probs.shape[1] == 2 else range(probs.shape[1])
+    curves = []
+    for c in targets:
+        pos = y == c
+        if 0 < pos.sum() < len(y):
+            precision, recall, _ = precision_recall_curve(pos, probs[:, c])
+            ap = float(average_precision_score(pos, probs[:, c]))
+            label = classes[c] if probs.shape[1] == 2 else f"{classes[c]} vs rest"
+            curves.append((label, recall, precision, ap, float(pos.mean())))
+    return curves

@@ -1,0 +1,353 @@
+"""`evaluate`: predictions (+ labels, + clinical data) -> evaluation.json, figures, report.html.
+
+Everything is computed in memory first and written at the end (each file atomically, the report
+last), so a bad input never leaves a half-written folder.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+import melanoma_mil
+from melanoma_mil.config import EvaluateConfig, check, to_yaml
+from melanoma_mil.errors import UserError
+from melanoma_mil.evaluation import classification as C
+from melanoma_mil.evaluation.calibration import calibration
+from melanoma_mil.evaluation.clinical import Clinical, read_clinical
+from melanoma_mil.evaluation.report import Heatmap, RunInfo, ci, now, num, p_is, render_report
+from melanoma_mil.evaluation.tables import Scored, load_scored
+from melanoma_mil.ids import id_path
+from melanoma_mil.io import atomic_path, write_json, write_text
+from melanoma_mil.rundir import TrainedRun, load_run
+
+log = logging.getLogger(__name__)
+OUTPUTS = ("evaluation.json", "roc.png", "pr.png", "calibration.png", "km.png")
+LEVEL_NOTES = {
+    "patient": "each patient's slides averaged: mean probability per class",
+    "slide": "one row per slide (bag)",
+    "patient_predictions": "one row per patient: predict pooled each patient's slides into a bag",
+}
+
+
+def code_version() -> str:
+    """Package version, plus the git commit when it runs from a checkout."""
+    root = Path(melanoma_mil.__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"melanoma-mil {melanoma_mil.__version__}" + (f" (git {sha})" if sha else "")
+
+
+def find_run(cfg: EvaluateConfig) -> TrainedRun | None:
+    """run_dir, else the predictions' own folder when it is a finished `fit` run."""
+    if cfg.run_dir:
+        return load_run(cfg.run_dir)
+    folder = Path(str(cfg.predictions)).parent
+    if (folder / "cv_summary.json").is_file() and (folder / "config.yaml").is_file():
+        try:
+            return load_run(folder)
+        except UserError as e:
+            log.warning("evaluate: not reading run metadata: %s", e)
+    return None
+
+
+def plain(obj: Any) -> Any:
+    """JSON-safe: NaN and infinities become null, numpy scalars Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _classification(
+    scored: Scored, cfg: EvaluateConfig, warnings: list[str]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, bytes]]:
+    from melanoma_mil.viz.clinical import calibration_figure, pr_figure, roc_figure
+
+    units = scored.units[scored.units["y"] >= 0]
+    y = units["y"].to_numpy()
+    probs = units[scored.prob_columns].to_numpy()
+    patients = units["patient_id"].to_numpy()
+    classes, pos = scored.classes, scored.classes[-1]
+    present = sorted({classes[i] for i in np.unique(y)})
+    if len(present) < 2:
+        warnings.append(f"only class {present} among the labels: AUC and curves are undefined")
+    binary = len(classes) == 2
+    rule = (
+        f"{pos} predicted when prob_{pos} >= {cfg.threshold:g}"
+        if binary
+        else "the most probable class is predicted; metrics are one-vs-rest macro averages"
+    )
+    cls = C.classification_metrics(y, probs, patients, cfg.threshold, cfg.bootstrap, cfg.seed)
+    cls.update(
+        metrics=list(C.METRICS),
+        n=len(units),
+        patients=int(pd.Series(patients).nunique()),
+        rule=rule,
+        threshold=cfg.threshold if binary else None,
+        bootstrap=cfg.bootstrap,
+        ci_level=0.95,
+        resampled="patients",
+        definitions=C.DEFINITIONS,
+    )
+    cal = calibration(y, probs, cfg.calibration_bins)
+    title = f"{len(units)} {cfg.level}s"
+    figures: dict[str, bytes] = {}
+    if len(present) >= 2:
+        band = C.roc_band(y, probs[:, 1], patients, cfg.bootstrap, cfg.seed) if binary else None
+        auc = cls["auc"]
+        label = f"AUC {auc['value']:.3f} ({auc['ci_low']:.3f}-{auc['ci_high']:.3f})"
+        curves = C.roc_curves(y, probs, classes)
+        if binary:
+            curves = [(f"{curves[0][0]}: {label}", curves[0][1], curves[0][2])]
+        figures["roc"] = roc_figure(curves, band, f"ROC, {title}")
+        figures["pr"] = pr_figure(C.pr_curves(y, probs, classes), f"precision-recall, {title}")
+    score = probs[:, 1] if binary else probs.max(1)
+    xlabel = f"predicted prob_{pos}" if binary else "highest predicted probability"
+    figures["calibration"] = calibration_figure(
+        cal["reliability"], score, xlabel, f"calibration, {title}"
+    )
+    return cls, cal, figures
+
+
+def _survival(
+    scored: Scored, clinical: Clinical, cfg: EvaluateConfig
+) -> tuple[dict[str, Any], bytes]:
+    from melanoma_mil.evaluation.survival import (
+        GROUP,
+        SCORE,
+        analyse_survival,
+        check_groups,
+        make_groups,
+    )
+    from melanoma_mil.viz.clinical import km_figure
+
+    patients = scored.patients.set_index("patient_id")
+    table = clinical.table
+    no_fu = set(clinical.no_follow_up)
+    missing = [p for p in patients.index if p not in table.index]
+    absent = [p for p in missing if p not in no_fu]
+    scored.exclude(absent, "patient", "not in clinical_csv", "survival")
+    empty = [p for p in missing if p in no_fu]
+    scored.exclude(empty, "patient", "empty time or event in clinical_csv", "survival")
+    cohort = patients[patients.index.isin(table.index)]
+    if cohort.empty:
+        raise UserError(
+            f"no patient of the predictions (e.g. {list(patients.index[:3])}) is in clinical CSV "
+            f"'{cfg.clinical_csv}' (e.g. {list(table.index[:3])}): patient_id values must match."
+        )
+    if missing:
+        log.warning("survival: %d patients excluded: %s", len(missing), missing[:10])
+    pos = scored.classes[-1]
+    groups = make_groups(cohort[scored.prob_columns], scored.classes, cfg.groups, cfg.threshold)
+    data = table.loc[cohort.index].assign(**{GROUP: groups.labels, SCORE: cohort[f"prob_{pos}"]})
+    check_groups(data, groups, cfg.groups)
+    surv = analyse_survival(
+        data, groups, clinical.covariates, cfg.bootstrap, cfg.seed, f"prob_{pos}"
+    )
+    summary = {
+        **surv.summary,
+        "group_rule": groups.rule,
+        "groups_spec": cfg.groups,
+        "time_column": clinical.time_column,
+        "event_column": clinical.event_column,
+        "covariates": clinical.covariates,
+        "level": "patient (each patient's slides averaged)",
+        "patients_used": len(data),
+        "patients_excluded": len(missing),
+        "clinical_patients_not_predicted": int((~table.index.isin(patients.index)).sum()),
+    }
+    uni = summary["cox"]["univariable"]
+    annotation = (
+        f"log-rank {p_is(summary['logrank']['p'])}\n"
+        f"HR {uni['term'].removeprefix('group: ')}: {uni['hr']:.2f} "
+        f"(95% CI {uni['ci_low']:.2f}-{uni['ci_high']:.2f})"
+    )
+    title = f"Kaplan-Meier, {len(data)} patients"
+    figure = km_figure(surv.fitters, annotation, clinical.time_column, title)
+    return summary, figure
+
+
+def _heatmap_path(cfg: EvaluateConfig, row: pd.Series) -> Path | None:
+    if cfg.heatmaps_dir:
+        try:
+            return id_path(cfg.heatmaps_dir, str(row["slide_id"])) / "heatmap.png"
+        except UserError:  # a patient bag's "a;b" id names no heatmap
+            return None
+    value = row.get("heatmap")
+    return Path(value) if isinstance(value, str) and value else None
+
+
+def pick_heatmaps(scored: Scored, cfg: EvaluateConfig) -> list[Heatmap]:
+    """The highest and lowest scored slides' heatmaps, shrunk to JPEGs for the report."""
+    from PIL import Image
+
+    if cfg.top_heatmaps == 0 or scored.slides is None:
+        return []
+    pos = scored.classes[-1]
+    found = []
+    for _, row in scored.slides.iterrows():
+        path = _heatmap_path(cfg, row)
+        if path is not None and path.is_file():
+            found.append((float(row[f"prob_{pos}"]), str(row["slide_id"]), path))
+    found.sort(reverse=True)
+    high = (cfg.top_heatmaps + 1) // 2
+    picks = found[:high] + found[high:][::-1][: cfg.top_heatmaps - high]
+    out = []
+    for prob, sid, path in picks:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((720, 720))
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=85)
+        out.append(Heatmap(sid, prob, buf.getvalue(), f"{sid}: prob_{pos} {prob:.3f}"))
+    return out
+
+
+def _counts(scored: Scored, survival: dict[str, Any] | None) -> dict[str, Any]:
+    names = {**dict(enumerate(scored.classes)), -1: "unlabelled"}
+    slides = scored.slides
+    per_class = {
+        name: {
+            "slides": int((slides["y"] == y).sum()) if slides is not None else None,
+            "patients": int((scored.patients["y"] == y).sum()),
+        }
+        for y, name in names.items()
+    }
+    excluded = scored.excluded
+    return {
+        "slides_scored": len(scored.slides) if scored.slides is not None else None,
+        "slides_excluded": len({x["id"] for x in excluded if x["level"] == "slide"}),
+        "patients_scored": len(scored.patients),
+        "patients_excluded": len({x["id"] for x in excluded if x["level"] == "patient"}),
+        "patients_used": int((scored.patients["y"] >= 0).sum())
+        if survival is None
+        else int(max((scored.patients["y"] >= 0).sum(), survival["patients_used"])),
+        "per_class": per_class,
+    }
+
+
+def _check_outputs(out: Path, report: Path, overwrite: bool) -> None:
+    taken = [p for p in [*(out / n for n in OUTPUTS), report] if p.exists()]
+    if taken and not overwrite:
+        raise UserError(
+            f"'{taken[0]}' exists; pass overwrite=true to replace the evaluation or choose "
+            "another output_dir."
+        )
+
+
+def _write(
+    out: Path, report: Path, ev: dict[str, Any], figures: dict[str, bytes], html: str
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("roc", "pr", "calibration", "km"):
+        stale = out / f"{name}.png"
+        if name in figures:
+            with atomic_path(stale) as tmp:
+                tmp.write_bytes(figures[name])
+        elif stale.exists():  # overwrite=true: no figure of an older evaluation stays behind
+            stale.unlink()
+    write_json(out / "evaluation.json", ev)
+    write_text(report, html)
+
+
+def evaluate(cfg: EvaluateConfig, report: Path | None = None) -> dict[str, Any]:
+    """Compute and write everything; return evaluation.json's content."""
+    check(cfg)
+    if not cfg.predictions:
+        raise UserError("predictions is not set: pass predictions=PATH/predictions.csv.")
+    out = Path(cfg.output_dir)
+    report = report or out / "report.html"
+    _check_outputs(out, report, cfg.overwrite)
+    run = find_run(cfg)
+    scored = load_scored(cfg.predictions, cfg.labels_csv, cfg.level, run)
+    clinical = (
+        read_clinical(cfg.clinical_csv, cfg.time_column, cfg.event_column, list(cfg.covariates))
+        if cfg.clinical_csv
+        else None
+    )
+    if not scored.labelled and clinical is None:
+        raise UserError(
+            f"nothing to evaluate: predictions '{cfg.predictions}' carry no labels and no "
+            "clinical data is given; pass labels_csv= and/or clinical_csv=."
+        )
+    level_note = LEVEL_NOTES["patient_predictions" if scored.slides is None else cfg.level]
+    warnings: list[str] = []
+    ev: dict[str, Any] = {
+        "predictions": str(cfg.predictions),
+        "kind": scored.kind,
+        "run_dir": str(run.run_dir) if run else None,
+        "level": cfg.level,
+        "level_note": level_note,
+        "classes": scored.classes,
+        "positive_class": scored.classes[-1],
+        "code_version": code_version(),
+        "created": now(),
+        "classification": None,
+        "calibration": None,
+        "survival": None,
+        "warnings": warnings,
+    }
+    figures: dict[str, bytes] = {}
+    if scored.labelled:
+        ev["classification"], ev["calibration"], f = _classification(scored, cfg, warnings)
+        figures.update(f)
+    else:
+        warnings.append("no labels: classification and calibration are not evaluated")
+    if clinical is not None:
+        ev["survival"], figures["km"] = _survival(scored, clinical, cfg)
+        ev["group_rule"] = ev["survival"]["group_rule"]
+    ev["counts"] = _counts(scored, ev["survival"])
+    ev["excluded"] = scored.excluded
+    ev = plain(ev)
+    info = None
+    if run is not None:
+        roc = run.roc_path.read_bytes() if run.roc_path.is_file() else None
+        info = RunInfo(str(run.run_dir), to_yaml(run.config), run.provenance, run.cv_summary, roc)
+    html = render_report(ev, figures, to_yaml(cfg), info, pick_heatmaps(scored, cfg))
+    _write(out, report, ev, figures, html)
+    return ev
+
+
+def summary_line(ev: dict[str, Any]) -> str:
+    parts = [f"{ev['counts']['patients_scored']} patients"]
+    if ev["classification"]:
+        parts.append(f"AUC {ci(ev['classification']['auc'])}")
+    if ev["survival"]:
+        s = ev["survival"]
+        uni = s["cox"]["univariable"]
+        parts.append(
+            f"log-rank {p_is(s['logrank']['p'])}, HR "
+            f"{uni['term'].removeprefix('group: ')} {num(uni['hr'], 2)} "
+            f"({num(uni['ci_low'], 2)}-{num(uni['ci_high'], 2)}), C-index {ci(s['c_index'])}"
+        )
+    return "; ".join(parts) + " (95% CIs)"
+
+
+def run_evaluate(cfg: EvaluateConfig) -> int:
+    """The `evaluate` command: print the key numbers and where the report is."""
+    ev = evaluate(cfg)
+    print(f"evaluate: {summary_line(ev)}")
+    for w in ev["warnings"] + ((ev["survival"] or {}).get("notes") or []):
+        print(f"  note: {w}")
+    print(f"outputs in {cfg.output_dir}: report.html, evaluation.json, figures")
+    return 0

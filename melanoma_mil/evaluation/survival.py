@@ -1,0 +1,244 @@
+"""Survival of predicted groups, with lifelines: Kaplan-Meier per group, log-rank across the
+groups, Cox hazard ratios (group alone, then adjusted for covariates) with a check of the
+proportional-hazards assumption, and Harrell's C of the probability with a bootstrap CI.
+
+Groups are made from predicted probabilities only, never from outcomes. The first group is the
+reference: the negative class, the low half, Q1 or the first class; the univariable hazard
+ratio is the last group (positive class / high / QK) against it.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from lifelines import CoxPHFitter, KaplanMeierFitter
+from lifelines.exceptions import ConvergenceError
+from lifelines.statistics import multivariate_logrank_test, proportional_hazard_test
+from lifelines.utils import concordance_index, median_survival_times
+
+from melanoma_mil.errors import UserError
+from melanoma_mil.evaluation.clinical import EVENT, TIME
+from melanoma_mil.progress import progress
+from melanoma_mil.stats import _chunks, _cluster_weights
+
+GROUP, SCORE = "__group", "__score"
+PH_ALPHA = 0.05
+
+
+@dataclass
+class Groups:
+    labels: pd.Series  # patient_id -> group name
+    order: list[str]  # reference first
+    rule: str
+
+
+def make_groups(probs: pd.DataFrame, classes: list[str], spec: str, threshold: float) -> Groups:
+    """Patients (rows of prob_<class> columns) -> groups by ``spec`` (see config.GROUPS_FORM)."""
+    pos = classes[-1]
+    score = probs[f"prob_{pos}"]
+    if spec == "predicted" and len(classes) == 2:
+        labels = pd.Series(np.where(score >= threshold, pos, classes[0]), index=probs.index)
+        rule = f"predicted class: {pos} when prob_{pos} >= {threshold:g}, else {classes[0]}"
+        return Groups(labels, list(classes), rule)
+    if spec == "predicted":
+        best = probs[[f"prob_{c}" for c in classes]].to_numpy().argmax(1)
+        labels = pd.Series([classes[i] for i in best], index=probs.index)
+        return Groups(labels, list(classes), "predicted class (the most probable one)")
+    if spec == "median":
+        cut = float(score.median())
+        labels = pd.Series(np.where(score >= cut, "high", "low"), index=probs.index)
+        rule = f"prob_{pos} >= the cohort's median {cut:.4g} (high) or below it (low)"
+        return Groups(labels, ["low", "high"], rule)
+    k = int(spec.split(":")[1])
+    names = [f"Q{i + 1}" for i in range(k)]
+    try:
+        cut, edges = pd.qcut(score, k, labels=names, retbins=True)
+    except ValueError:
+        raise UserError(
+            f"groups={spec}: too many patients share a probability to cut {k} groups of "
+            f"{len(score)} patients; use fewer quantiles or groups=median."
+        ) from None
+    rule = f"prob_{pos} quantile groups Q1 (lowest) .. Q{k}; edges " + ", ".join(
+        f"{e:.4g}" for e in edges
+    )
+    return Groups(cut.astype(str), names, rule)
+
+
+def check_groups(data: pd.DataFrame, groups: Groups, spec: str) -> None:
+    """A group without patients or without events makes the comparison undefined: say so."""
+    for g in groups.order:
+        inside = data[GROUP] == g
+        if not inside.any():
+            raise UserError(
+                f"groups={spec}: no patient falls in group '{g}' ({groups.rule}); "
+                "try groups=median, or another threshold."
+            )
+        if not data.loc[inside, EVENT].any():
+            raise UserError(
+                f"groups={spec}: group '{g}' has no events among its {int(inside.sum())} "
+                "patients, so its hazard ratio is undefined; use fewer groups (groups=median) "
+                "or a cohort with longer follow-up."
+            )
+
+
+def _design(data: pd.DataFrame, order: list[str], covariates: dict[str, str]) -> pd.DataFrame:
+    """Cox design matrix: group dummies against the first group, then the covariates
+    (numeric as they are, categorical as dummies against their first level)."""
+    x = pd.DataFrame(index=data.index)
+    for g in order[1:]:
+        x[f"group: {g} vs {order[0]}"] = (data[GROUP] == g).astype(float)
+    for c, kind in covariates.items():
+        if kind == "numeric":
+            x[c] = data[c].astype(float)
+            continue
+        levels = sorted(data[c].dropna().unique())
+        for lev in levels[1:]:
+            x[f"{c}: {lev} vs {levels[0]}"] = (data[c] == lev).astype(float).where(data[c].notna())
+    return x
+
+
+def _fit_cox(x: pd.DataFrame, data: pd.DataFrame, notes: list[str]) -> tuple[Any, pd.DataFrame]:
+    """CoxPHFitter on the complete cases of ``x`` (lifelines: Efron ties, Wald CIs)."""
+    df = x.assign(**{TIME: data[TIME], EVENT: data[EVENT]}).dropna()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cph = CoxPHFitter().fit(df, duration_col=TIME, event_col=EVENT)
+    except (ConvergenceError, ValueError, np.linalg.LinAlgError) as e:
+        first = re.sub(r"\s+", " ", str(e)).strip()[:200]
+        raise UserError(
+            f"the Cox model on {list(x.columns)} did not converge ({first}); a covariate may be "
+            "constant, collinear with another or separate the groups: drop it from covariates."
+        ) from None
+    for w in caught:
+        if "onverg" in str(w.message) or "variance" in str(w.message):
+            notes.append(re.sub(r"\s+", " ", str(w.message)).strip()[:300])
+    return cph, df
+
+
+def _terms(cph: Any) -> dict[str, dict[str, float]]:
+    s = cph.summary
+    return {
+        str(t): {
+            "hr": float(s.loc[t, "exp(coef)"]),
+            "ci_low": float(s.loc[t, "exp(coef) lower 95%"]),
+            "ci_high": float(s.loc[t, "exp(coef) upper 95%"]),
+            "p": float(s.loc[t, "p"]),
+        }
+        for t in s.index
+    }
+
+
+def _ph_check(cph: Any, df: pd.DataFrame) -> dict[str, Any]:
+    """Schoenfeld-residual test of each term (lifelines' proportional_hazard_test)."""
+    test = proportional_hazard_test(cph, df, time_transform="rank")
+    p = {str(t): float(v) for t, v in test.summary["p"].items()}
+    return {"p": p, "violated": [t for t, v in p.items() if v < PH_ALPHA]}
+
+
+def _kaplan_meier(data: pd.DataFrame, order: list[str]) -> tuple[dict[str, Any], list[Any]]:
+    table, fitters = {}, []
+    for g in order:
+        d = data[data[GROUP] == g]
+        kmf = KaplanMeierFitter(label=g).fit(d[TIME], d[EVENT])
+        ci = median_survival_times(kmf.confidence_interval_)
+        table[g] = {
+            "n": len(d),
+            "events": int(d[EVENT].sum()),
+            "median": float(kmf.median_survival_time_),
+            "median_ci_low": float(ci.iloc[0, 0]),
+            "median_ci_high": float(ci.iloc[0, 1]),
+        }
+        fitters.append(kmf)
+    return table, fitters
+
+
+def c_index(data: pd.DataFrame, n_boot: int, seed: int, score_name: str) -> dict[str, float | str]:
+    """Harrell's C of the score (lifelines' convention: higher = longer survival), with a
+    percentile CI over patient resamples."""
+    t, s, e = data[TIME].to_numpy(), data[SCORE].to_numpy(), data[EVENT].to_numpy()
+    value = concordance_index(t, s, e)
+    rng = np.random.default_rng(seed + 2)
+    reps = []
+    quiet = len(t) < 1000  # a bar only where it takes a while
+    with progress(total=n_boot, desc="C-index bootstrap", unit="resample", disable=quiet) as bar:
+        for b in _chunks(n_boot, len(t)):
+            for counts in _cluster_weights(np.arange(len(t)), b, rng).astype(int):
+                idx = np.repeat(np.arange(len(t)), counts)
+                bar.update(1)
+                try:
+                    reps.append(concordance_index(t[idx], s[idx], e[idx]))
+                except ZeroDivisionError:  # no comparable pair in this resample
+                    continue
+    low, high = np.quantile(reps, [0.025, 0.975]) if reps else (np.nan, np.nan)
+    return {
+        "value": float(value),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "score": f"{score_name}; higher = longer survival (lifelines' convention), "
+        "so C < 0.5 means a higher probability goes with shorter survival",
+    }
+
+
+@dataclass
+class Survival:
+    summary: dict[str, Any]
+    fitters: list[Any]  # KaplanMeierFitter per group, in group order
+
+
+def analyse_survival(
+    data: pd.DataFrame,
+    groups: Groups,
+    covariates: dict[str, str],
+    n_boot: int,
+    seed: int,
+    score_name: str,
+) -> Survival:
+    """``data``: index patient_id; TIME, EVENT, GROUP, SCORE and the covariates."""
+    order = groups.order
+    notes: list[str] = []
+    km, fitters = _kaplan_meier(data, order)
+    lr = multivariate_logrank_test(data[TIME], data[GROUP], data[EVENT])
+    cph, df = _fit_cox(_design(data, order, {}), data, notes)
+    uni_terms = _terms(cph)
+    last = f"group: {order[-1]} vs {order[0]}"
+    cox: dict[str, Any] = {
+        "univariable": {**uni_terms[last], "term": last},
+        "adjusted": None,
+        "ph_check": {"test": "Schoenfeld residuals, rank(time) (lifelines)", "alpha": PH_ALPHA},
+    }
+    if len(order) > 2:
+        cox["univariable_all"] = uni_terms
+    cox["ph_check"]["univariable"] = _ph_check(cph, df)
+    if covariates:
+        cph_a, df_a = _fit_cox(_design(data, order, covariates), data, notes)
+        cox["adjusted"] = _terms(cph_a)
+        cox["adjusted_n"] = len(df_a)
+        cox["ph_check"]["adjusted"] = _ph_check(cph_a, df_a)
+    checks = [cox["ph_check"].get(k) or {} for k in ("univariable", "adjusted")]
+    violated = sorted({t for c in checks for t in c.get("violated", [])})
+    cox["ph_check"]["ok"] = not violated
+    if violated:
+        notes.append(
+            f"proportional-hazards assumption fails (p < {PH_ALPHA}) for {violated}: their "
+            "hazard ratios average a hazard ratio that changes over time; read the "
+            "Kaplan-Meier curves, or stratify on those covariates."
+        )
+    summary = {
+        "groups": km,
+        "group_order": order,
+        "logrank": {
+            "statistic": float(lr.test_statistic),
+            "p": float(lr.p_value),
+            "df": int(lr.degrees_of_freedom),
+        },
+        "cox": cox,
+        "c_index": c_index(data, n_boot, seed, score_name),
+        "notes": notes,
+    }
+    return Survival(summary, fitters)
