@@ -76,14 +76,21 @@ def test_test_fold_is_never_used_for_model_selection(learned_run: Path) -> None:
     assert sorted(tested) == sorted(set(tested)) and len(tested) == 60
 
 
-def test_rerun_refuses_to_overwrite_then_reuses_splits(cohort, learned_run: Path) -> None:
-    with pytest.raises(UserError, match="overwrite=true"):
-        run_fit(fit_cfg(*cohort, learned_run, "trainer.max_epochs=1"))
-    before = json.loads((learned_run / "splits.json").read_text())["sha256"]
-    cfg = fit_cfg(*cohort, learned_run, "trainer.max_epochs=1", "overwrite=true", "cv.seed=99")
+def test_rerun_refuses_other_settings_overwrite_starts_over(cohort, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert run_fit(fit_cfg(*cohort, out, "trainer.max_epochs=1")) == 0
+    before = json.loads((out / "splits.json").read_text())["sha256"]
+    stamp = (out / "cv_summary.json").stat().st_mtime_ns
+    assert run_fit(fit_cfg(*cohort, out, "trainer.max_epochs=1")) == 0  # same: nothing to do
+    assert (out / "cv_summary.json").stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match=r"trainer.max_epochs: 1 in the run, 2 now.*overwrite=true"):
+        run_fit(fit_cfg(*cohort, out, "trainer.max_epochs=2"))
+    cfg = fit_cfg(*cohort, out, "trainer.max_epochs=1", "overwrite=true", "cv.seed=99")
     assert run_fit(cfg) == 0
-    summary = json.loads((learned_run / "cv_summary.json").read_text())
-    assert summary["splits_sha256"] == before  # splits are written once, then reused
+    summary = json.loads((out / "cv_summary.json").read_text())
+    after = json.loads((out / "splits.json").read_text())["sha256"]
+    assert summary["splits_sha256"] == after != before  # overwrite: new splits from cv.seed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no leftover beside it
 
 
 def test_no_patient_in_two_splits_and_patient_bags(tmp_path: Path) -> None:
@@ -174,6 +181,7 @@ def test_ddp_counts_every_test_bag_once(tmp_path: Path) -> None:
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         "trainer.strategy=ddp",
+        "trainer.accumulate_grad_batches=2",
         "logger=none",
     ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -21,7 +21,14 @@ from melanoma_mil.config import PredictConfig
 from melanoma_mil.data.bags import read_bag
 from melanoma_mil.data.cohort import read_patients
 from melanoma_mil.errors import UserError
-from melanoma_mil.inference.analyse import FAILED, analyse_all, check_common, ensemble_columns
+from melanoma_mil.inference.analyse import (
+    ATTENTION_FILE,
+    FAILED,
+    analyse_all,
+    check_common,
+    claim_for_run,
+    ensemble_columns,
+)
 from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import SlideInput, prepare_inputs
 from melanoma_mil.io import atomic_path
@@ -76,9 +83,12 @@ def run_predict(cfg: PredictConfig) -> int:
 
     out = Path(cfg.output_dir)
     target = out / "predictions.csv"
+    run = check_common(cfg)
+    claim_for_run(
+        cfg, run, "predict", (target.name, "patient_predictions.csv", f"*/{ATTENTION_FILE}")
+    )
     if target.exists() and not cfg.overwrite:
         raise UserError(f"'{target}' exists; pass overwrite=true or choose another output_dir.")
-    run = check_common(cfg)
     if run.config.data.bag_level == "patient" and not cfg.patients_csv:
         log.warning(
             "this run was trained on patient bags (data.bag_level=patient) but slides are scored "
