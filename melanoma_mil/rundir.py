@@ -164,14 +164,13 @@ def read_splits_document(run: Path) -> dict[str, Any] | None:
 def read_splits_file(path: Path) -> list[Split]:
     """The splits of a splits.json written by `fit` (cv.splits_file)."""
     try:
-        doc = json.loads(path.read_text())
-        return [Split(**s) for s in doc["splits"]]
+        return [Split(**s) for s in json.loads(path.read_text())["splits"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: not a splits file written by `fit` ({e}).") from None
 
 
 def splits_of(doc: dict[str, Any], path: Path) -> list[Split]:
-    """The splits of a run's splits.json document."""
+    """The splits of a splits.json document."""
     try:
         return [Split(**s) for s in doc["splits"]]
     except (KeyError, TypeError) as e:

@@ -21,6 +21,7 @@ import pytest
 from melanoma_mil import rundir
 from melanoma_mil.cli import main
 from melanoma_mil.config import FitConfig, load_config
+from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
 from melanoma_mil.training.cv import run_fit
@@ -327,3 +328,48 @@ def test_disk_full_during_fit_leaves_no_partial_file(cohort, tmp_path) -> None:
         if busy:
             subprocess.run(["umount", "-l", str(disk)], check=True)
     assert not busy, "fit left files open on the full disk"
+
+
+def test_heatmap_and_predict_keep_to_their_own_folders_and_runs(
+    pipe, cohort, tmp_path, capsys
+) -> None:
+    common = [
+        f"features_dir={pipe.features}",
+        f"slides_dir={pipe.slides}",
+        "slide_ids=[slide_000]",
+        "device=cpu",
+        "thumbnail_size=256",
+        "top_k=2",
+    ]
+
+    def heatmap(run: Path, out: Path, *extra: str) -> list[str]:
+        return ["heatmap", f"run_dir={run}", f"output_dir={out}", *common, *extra]
+
+    pred = tmp_path / "pred"
+    assert (
+        main(
+            ["predict", f"run_dir={pipe.run_dir}", f"output_dir={pred}", "heatmaps=false", *common]
+        )
+        == 0
+    )
+    before = snapshot(pred)
+    one_line_error(capsys, heatmap(pipe.run_dir, pred), "`predict`", "choose another output_dir")
+    one_line_error(capsys, args(cohort, pred), "`predict`")
+    assert snapshot(pred) == before
+    other = tmp_path / "other"  # a second run on the same features
+    labels = pipe.root / "cohort" / "labels.csv"
+    assert fit((pipe.features, labels), other, "cv.folds=2", "trainer.max_epochs=1") == 0
+    run_a, run_b = rundir.load_run(pipe.run_dir).run_id, rundir.load_run(other).run_id
+    hm_a, hm_b = tmp_path / "hm_a", tmp_path / "hm_b"
+    assert main(heatmap(pipe.run_dir, hm_a)) == 0
+    one_line_error(capsys, heatmap(other, hm_a), "for run", "overwrite=true")
+    assert main(heatmap(other, hm_b)) == 0
+    attention = Path("slide_000") / "attention.h5"
+    assert read_attrs(hm_b / attention)["run_id"] == run_b
+    shutil.rmtree(hm_a / "slide_000")  # another run's slide in run A's folder: never resumed from
+    shutil.copytree(hm_b / "slide_000", hm_a / "slide_000")
+    assert main(heatmap(pipe.run_dir, hm_a)) == 0
+    assert pd.read_csv(hm_a / "heatmaps.csv")["status"].tolist() == ["ok"]
+    assert read_attrs(hm_a / attention)["run_id"] == run_a
+    assert main(heatmap(pipe.run_dir, hm_a)) == 0  # its own slides are resumed
+    assert pd.read_csv(hm_a / "heatmaps.csv")["status"].tolist() == ["skipped"]
