@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +191,53 @@ def test_ddp_counts_every_test_bag_once(tmp_path: Path) -> None:
     preds = pd.read_csv(out / "predictions.csv")
     assert len(preds) == 23 and preds["slide_id"].is_unique
     assert sorted(preds.groupby("fold").size()) == [7, 8, 8]
+
+
+def test_devices_that_would_change_the_bags_per_step_are_refused(tmp_path: Path) -> None:
+    features, labels = make_bag_cohort(tmp_path, n_patients=6, dim=4)
+    for extra in (
+        ["trainer.devices=2"],
+        ["trainer.num_nodes=2", "trainer.accumulate_grad_batches=3"],
+    ):
+        with pytest.raises(UserError, match="multiple of 2.*cv.run_folds"):
+            run_fit(fit_cfg(features, labels, tmp_path / "run", *extra))
+    assert not (tmp_path / "run").exists()
+
+
+def test_two_nodes_under_torchrun(tmp_path: Path) -> None:
+    """trainer.num_nodes=2 with ranks started by torchrun (two single-process "nodes" on this
+    host, gloo): each rank plans from the folder, rank 0 alone writes a complete run."""
+    features, labels = make_bag_cohort(tmp_path, n_patients=12, dim=8, shift=5.0)
+    out = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fit_args = [
+        f"data.features_dir={features}",
+        f"data.labels_csv={labels}",
+        f"output_dir={out}",
+        "cv.folds=2",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        "trainer.strategy=ddp",
+        "trainer.num_nodes=2",
+        "trainer.accumulate_grad_batches=2",
+        "logger=none",
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
+    rendezvous = ["--master-addr=127.0.0.1", f"--master-port={port}"]
+    nodes = [
+        subprocess.Popen(
+            [*launcher, f"--node-rank={n}", *rendezvous, "-m", "melanoma_mil", "fit", *fit_args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for n in (0, 1)
+    ]
+    for node in nodes:
+        assert node.wait(timeout=600) == 0, node.stderr.read().decode()[-3000:]
+    preds = pd.read_csv(out / "predictions.csv")
+    assert len(preds) == 12 and preds["slide_id"].is_unique
+    assert load_run(out).fold_names() == ["fold_0", "fold_1"]
