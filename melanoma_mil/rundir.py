@@ -314,7 +314,7 @@ def recover(out: Path) -> None:
     """Finish (or undo) a replacement a crash interrupted; drop the replaced run's leftover."""
     new, old = staging(out)
     recover_dir(new, out, old, new.exists() and (new / SUMMARY).is_file())
-    if old.exists() and (old / MARKER).is_file():
+    if old.is_dir() and (read_marker(old) or {}).get("command") == "fit":
         shutil.rmtree(old)
 
 
