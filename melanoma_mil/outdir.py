@@ -54,9 +54,14 @@ def is_empty(folder: Path) -> bool:
 
 
 def claim_output(
-    folder: str | Path, record: dict[str, Any], overwrite: bool, outputs: tuple[str, ...]
+    folder: str | Path,
+    record: dict[str, Any],
+    overwrite: bool,
+    outputs: tuple[str, ...],
+    write: bool = True,
 ) -> None:
-    """Make ``folder`` this command's (``record``: command[, run_id, run_dir]) or refuse it.
+    """Make ``folder`` this command's (``record``: command[, run_id, run_dir]) or refuse it;
+    ``write=False`` only checks (before any work), the marker comes with the first output.
 
     ``outputs`` are glob patterns of the files the command writes: a folder without a marker
     that already holds some is taken over only with ``overwrite``."""
@@ -78,7 +83,8 @@ def claim_output(
                     f"{record.get('run_dir')}; choose another output_dir or pass overwrite=true "
                     "to redo it for this run."
                 )
-            write_json(out / MARKER, record)
+            if write:
+                write_json(out / MARKER, record)
         return
     found = (
         sorted({p.name for pattern in outputs for p in out.glob(pattern)}) if out.exists() else []
@@ -88,6 +94,8 @@ def claim_output(
             f"output_dir '{out}' already holds {found[:5]} from an unknown run; pass "
             "overwrite=true to replace them or choose another output_dir."
         )
+    if not write:
+        return
     out.mkdir(parents=True, exist_ok=True)
     if not write_marker(out, record):  # another process was faster: check its claim
         claim_output(out, record, overwrite, outputs)

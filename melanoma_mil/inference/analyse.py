@@ -46,11 +46,12 @@ def check_common(cfg: HeatmapConfig) -> TrainedRun:
 
 
 def claim_for_run(
-    cfg: HeatmapConfig, run: TrainedRun, command: str, outputs: tuple[str, ...]
+    cfg: HeatmapConfig, run: TrainedRun, command: str, outputs: tuple[str, ...], write: bool
 ) -> None:
-    """Make output_dir this command's folder for this run, or refuse it (see `outdir`)."""
+    """Make output_dir this command's folder for this run, or refuse it (see `outdir`);
+    ``write=False`` checks before any work, ``True`` marks the folder before its outputs."""
     record = {"command": command, "run_id": run.run_id, "run_dir": str(run.run_dir.resolve())}
-    claim_output(cfg.output_dir, record, cfg.overwrite, outputs)
+    claim_output(cfg.output_dir, record, cfg.overwrite, outputs, write)
 
 
 def made_for(path: Path, run: TrainedRun) -> bool:

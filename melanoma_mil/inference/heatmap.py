@@ -27,6 +27,8 @@ from melanoma_mil.inference.inputs import prepare_inputs
 from melanoma_mil.io import write_text
 from melanoma_mil.tracking.loggers import log_slides
 
+OUTPUTS = (f"*/{ATTENTION_FILE}", "heatmaps.csv")
+
 
 def run_heatmap(cfg: HeatmapConfig) -> int:
     """Heatmaps for every slide; 0 if none failed, else 1 (after finishing the others)."""
@@ -34,10 +36,11 @@ def run_heatmap(cfg: HeatmapConfig) -> int:
 
     run = check_common(cfg)
     out = Path(cfg.output_dir)
-    claim_for_run(cfg, run, "heatmap", (f"*/{ATTENTION_FILE}", "heatmaps.csv"))
+    claim_for_run(cfg, run, "heatmap", OUTPUTS, write=False)
     found = [] if cfg.overwrite else sorted(out.glob(f"*/{ATTENTION_FILE}"))
     done = {p.parent.name for p in found if made_for(p, run)}
     inputs, skipped_ids = prepare_inputs(run, cfg, skip=done)
+    claim_for_run(cfg, run, "heatmap", OUTPUTS, write=True)
     skipped = pd.DataFrame(
         {
             "slide_id": skipped_ids,

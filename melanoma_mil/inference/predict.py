@@ -84,9 +84,8 @@ def run_predict(cfg: PredictConfig) -> int:
     out = Path(cfg.output_dir)
     target = out / "predictions.csv"
     run = check_common(cfg)
-    claim_for_run(
-        cfg, run, "predict", (target.name, "patient_predictions.csv", f"*/{ATTENTION_FILE}")
-    )
+    outputs = (target.name, "patient_predictions.csv", f"*/{ATTENTION_FILE}")
+    claim_for_run(cfg, run, "predict", outputs, write=False)
     if target.exists() and not cfg.overwrite:
         raise UserError(f"'{target}' exists; pass overwrite=true or choose another output_dir.")
     if run.config.data.bag_level == "patient" and not cfg.patients_csv:
@@ -98,6 +97,7 @@ def run_predict(cfg: PredictConfig) -> int:
     inputs, _ = prepare_inputs(run, cfg)
     if not inputs:
         raise UserError("no slides to predict: check slides_dir / manifest / slide_ids.")
+    claim_for_run(cfg, run, "predict", outputs, write=True)
     ensemble = Ensemble(run, resolve_device(cfg.device))
     table = _ordered(analyse_all(inputs, ensemble, cfg, render=cfg.heatmaps, desc="predict"))
     with atomic_path(target) as tmp:
