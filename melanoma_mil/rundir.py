@@ -407,38 +407,45 @@ def load_run(run_dir: str | Path) -> TrainedRun:
         )
     doc = read_splits_document(root)
     if doc is None:
-        raise UserError(f"run '{root}' is incomplete: no {SPLITS} ({RERUN}).")
+        raise UserError(f"run '{root}' is incomplete: no {SPLITS}; {RERUN}.")
     names = fold_names(splits_of(doc, root / SPLITS))
-    problems = [
-        f"{name} {why}"
-        for name in names
-        if (
-            why := fold_problem(root, name, record.get("run_id", ""), record.get("fingerprint", ""))
-        )
-    ]
-    extra = (
-        sorted(
-            p.name
-            for p in (root / FOLDS).glob("*")
-            if not p.name.startswith(".") and p.name not in names
-        )
-        if (root / FOLDS).is_dir()
-        else []
-    )
-    problems += [f"{name} is not in {SPLITS}" for name in extra]
+    problems = _fold_problems(root, record, names)
     if problems:
-        raise UserError(
-            f"run '{root}' is incomplete or mixed: {'; '.join(problems[:6])}; {RERUN} (a fold "
-            "made by another run: pass overwrite=true to retrain the run)."
-        )
+        raise UserError(f"run '{root}' is incomplete or mixed: {'; '.join(problems[:6])}.")
     missing = [n for n in (CONFIG, PROVENANCE, PREDICTIONS, SUMMARY) if not (root / n).is_file()]
     if missing:
-        raise UserError(f"run '{root}' is incomplete: no {missing} ({RERUN}).")
-    provenance = _read_json(root / PROVENANCE)
-    config = _read_config(root / CONFIG)
-    if doc.get("sha256") != record.get("splits_sha256") or provenance.get(
-        "splits_sha256"
-    ) != doc.get("sha256"):
+        raise UserError(f"run '{root}' is incomplete: no {missing}; {RERUN}.")
+    provenance, config = _read_json(root / PROVENANCE), _read_config(root / CONFIG)
+    _check_consistent(root, record, doc, provenance, config)
+    classes = [str(c) for c in provenance["classes"]]
+    return TrainedRun(
+        root, config, classes, provenance, str(record["run_id"]), names, doc["sha256"]
+    )
+
+
+def _fold_problems(root: Path, record: dict[str, Any], names: list[str]) -> list[str]:
+    """Each fold of splits.json that is not finished by this run, and stray fold folders."""
+    run_id, digest = record.get("run_id", ""), record.get("fingerprint", "")
+    problems = [
+        f"{name} {why} ({RERUN})"
+        for name in names
+        if (why := fold_problem(root, name, run_id, digest))
+    ]
+    folders = (root / FOLDS).iterdir() if (root / FOLDS).is_dir() else []
+    stray = sorted(p.name for p in folders if not p.name.startswith(".") and p.name not in names)
+    return problems + [f"{FOLDS}/{name} is not in {SPLITS} (delete it)" for name in stray]
+
+
+def _check_consistent(
+    root: Path,
+    record: dict[str, Any],
+    doc: dict[str, Any],
+    provenance: dict[str, Any],
+    config: FitConfig,
+) -> None:
+    """splits.json, provenance.json and config.yaml are the ones the folds were trained with."""
+    digest = doc.get("sha256")
+    if digest != record.get("splits_sha256") or provenance.get("splits_sha256") != digest:
         raise UserError(f"run '{root}': {SPLITS} is not the one its folds were trained on; {_FIX}.")
     drift = [k for k, v in settings(config).items() if record.get("settings", {}).get(k) != v]
     if drift:
@@ -449,15 +456,6 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     classes = provenance.get("classes")
     if not isinstance(classes, list) or len(classes) < 2:
         raise _damaged(root / PROVENANCE, "lists no classes")
-    return TrainedRun(
-        root,
-        config,
-        [str(c) for c in classes],
-        provenance,
-        str(record["run_id"]),
-        names,
-        doc["sha256"],
-    )
 
 
 _FIX = "re-run `fit` with overwrite=true to rebuild the run"

@@ -203,7 +203,7 @@ def test_incomplete_stale_mixed_or_damaged_runs_are_refused(serial, tmp_path, ca
     cases.append((run, "fold_1 missing"))
     run = broken("stale")  # as left by a run with more folds
     shutil.copytree(run / rundir.FOLDS / "fold_0", run / rundir.FOLDS / "fold_3")
-    cases.append((run, "fold_3 is not in splits.json"))
+    cases.append((run, "folds/fold_3 is not in splits.json (delete it)"))
     run = broken("mixed")
     done = run / rundir.FOLDS / "fold_2" / rundir.DONE
     done.write_text(done.read_text().replace(rundir.load_run(serial).run_id, "0" * 32))
