@@ -105,6 +105,9 @@ class CVConfig:
     val_fraction: float = bounded(0.2, 0, 0.5, open_low=True, open_high=True)
     repeats: int = bounded(1, 1)  # repeated CV with new split seeds
     splits_file: str | None = None  # splits.json written by fit, or CLAM splits_*.csv folder
+    # train only these splits (indices, repeat-major; empty: all) into output_dir: several such
+    # processes may share one run folder, the last to finish writes the results
+    run_folds: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -137,10 +140,12 @@ class TrainerConfig:
     monitor: str = choice("val_loss", "val_loss", "val_auc")
     accelerator: str = choice("auto", "auto", "cpu", "gpu", "cuda", "mps", "tpu")
     devices: int = bounded(1, 1)
+    num_nodes: int = bounded(1, 1)  # machines of a multi-node DDP job (torchrun, SLURM)
     strategy: str = "auto"
     # auto: bf16-mixed on GPUs that support it, else 32-true
     precision: str = choice("auto", *PRECISIONS)
     deterministic: bool = True
+    # bags per optimizer step, over all devices (DDP adds one bag per device per step)
     accumulate_grad_batches: int = bounded(1, 1)
 
 

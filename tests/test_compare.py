@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +10,13 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
-from melanoma_mil import stats
+from melanoma_mil import rundir, stats
 from melanoma_mil.cli import main
-from melanoma_mil.config import CompareConfig
+from melanoma_mil.config import CompareConfig, FitConfig, ModelConfig, to_yaml
+from melanoma_mil.data.splits import Split
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.compare import compare_runs
+from melanoma_mil.models import build_model
 
 
 def slow_delong(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -126,30 +127,49 @@ def write_run(
     encoder: str,
     seed: int = 0,
 ) -> Path:
-    """A fit run dir written from the contract in CONTRACTS.md (2 slides per patient).
+    """A complete fit run written through `rundir`'s writers (2 slides per patient), with given
+    out-of-fold predictions and tiny untrained fold models.
 
     ``probs`` is [N] (binary: P(high)) or [N, C] (multi-class, classes c0..c{C-1}).
     """
-    run_dir.mkdir(parents=True)
     n = len(labels)
     multi = probs.ndim == 2
     classes = [f"c{i}" for i in range(probs.shape[1])] if multi else CLASSES
-    patients = [f"p{i // 2:03d}" for i in range(n)]
-    pred = pd.DataFrame({"slide_id": [f"s{i:03d}" for i in range(n)], "patient_id": patients})
-    pred = pred.assign(fold=folds, repeat=0, label=[classes[k] for k in labels])
-    if multi:
-        pred = pred.assign(**{f"prob_{c}": probs[:, i] for i, c in enumerate(classes)})
-    else:
-        pred = pred.assign(prob=probs)
-    pred.to_csv(run_dir / "predictions.csv", index=False)
-    splits = [
-        {
-            "fold": int(k),
-            "test": sorted({p for p, f in zip(patients, folds, strict=True) if f == k}),
-        }
-        for k in sorted(set(folds))
-    ]
-    (run_dir / "splits.json").write_text(json.dumps({"seed": seed, "splits": splits}))
+    p2 = probs if multi else np.stack([1 - probs, probs], 1)
+    slides = [f"s{i:03d}" for i in range(n)]
+    pred = pd.DataFrame({"slide_id": slides, "patient_id": [f"p{i // 2:03d}" for i in range(n)]})
+    pred = pred.assign(fold=folds, repeat=0, label=[classes[k] for k in labels], y=labels)
+    pred = pred.assign(pred=[classes[k] for k in p2.argmax(1)])
+    pred = pred.assign(**{f"prob_{c}": p2[:, i] for i, c in enumerate(classes)})
+    if not multi:
+        pred["prob"] = probs
+    splits = []
+    for k in sorted(set(folds)):
+        rest = [
+            s for s, f in zip(slides, folds, strict=True) if f != k
+        ]  # patients' slides adjacent
+        test = [s for s, f in zip(slides, folds, strict=True) if f == k]
+        splits.append(Split(repeat=0, fold=int(k), train=rest[2:], val=rest[:2], test=test))
+    cfg = FitConfig(output_dir=str(run_dir), seed=seed)
+    cfg.data.classes = classes
+    doc = rundir.splits_document(splits, cfg.cv, "cohort", None)
+    fp = rundir.Fingerprint(rundir.settings(cfg), doc["sha256"], "cohort", "ck")
+    run_id = rundir.claim_run(run_dir, fp)
+    prov = {
+        "encoder": encoder,
+        "cache_key": "ck",
+        "classes": classes,
+        "splits_sha256": doc["sha256"],
+    }
+    rundir.write_run_files(run_dir, to_yaml(cfg), prov, doc)
+    model_cfg = ModelConfig(name="mean", hidden_dim=4)
+    for split, name in zip(splits, rundir.fold_names(splits), strict=True):
+        partial = rundir.partial_dir(run_dir, name)
+        partial.mkdir(parents=True)
+        model = build_model(model_cfg, 4, len(classes))
+        rundir.save_fold_model(partial / rundir.MODEL, model, model_cfg, 4, classes)
+        record = {"run_id": run_id, "fingerprint": fp.digest}
+        rundir.commit_fold(run_dir, name, partial, pred[pred["fold"] == split.fold], record)
     summary: dict = {"classes": classes, "n_bags": n, "encoder": encoder}
     per_fold: dict[str, list[float]] = {"auc": [], "balanced_accuracy": [], "f1": []}
     for k in sorted(set(folds)):
@@ -162,8 +182,7 @@ def write_run(
         per_fold["f1"].append(f1_score(y, hard, average="macro" if multi else "binary"))
     for key, vals in per_fold.items():
         summary[key] = {"mean": np.mean(vals), "std": np.std(vals, ddof=1), "per_fold": vals}
-    (run_dir / "cv_summary.json").write_text(json.dumps(summary))
-    (run_dir / "provenance.json").write_text(json.dumps({"encoder": encoder, "cache_key": "ck"}))
+    rundir.write_results(run_dir, pred, summary, lambda png: png.write_bytes(b"png"))
     return run_dir
 
 
@@ -224,7 +243,7 @@ def test_compare_refuses_different_splits(tmp_path: Path, cohort, capsys) -> Non
     assert "different splits" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert main(["compare", str(a), str(tmp_path / "nope")]) == 2
-    assert "no cv_summary.json" in capsys.readouterr().err
+    assert "not found" in capsys.readouterr().err
 
 
 def test_compare_multiclass_uses_macro_auc_and_the_bootstrap(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -76,14 +77,21 @@ def test_test_fold_is_never_used_for_model_selection(learned_run: Path) -> None:
     assert sorted(tested) == sorted(set(tested)) and len(tested) == 60
 
 
-def test_rerun_refuses_to_overwrite_then_reuses_splits(cohort, learned_run: Path) -> None:
-    with pytest.raises(UserError, match="overwrite=true"):
-        run_fit(fit_cfg(*cohort, learned_run, "trainer.max_epochs=1"))
-    before = json.loads((learned_run / "splits.json").read_text())["sha256"]
-    cfg = fit_cfg(*cohort, learned_run, "trainer.max_epochs=1", "overwrite=true", "cv.seed=99")
+def test_rerun_refuses_other_settings_overwrite_starts_over(cohort, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert run_fit(fit_cfg(*cohort, out, "trainer.max_epochs=1")) == 0
+    before = json.loads((out / "splits.json").read_text())["sha256"]
+    stamp = (out / "cv_summary.json").stat().st_mtime_ns
+    assert run_fit(fit_cfg(*cohort, out, "trainer.max_epochs=1")) == 0  # same: nothing to do
+    assert (out / "cv_summary.json").stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match=r"trainer.max_epochs: 1 in the run, 2 now.*overwrite=true"):
+        run_fit(fit_cfg(*cohort, out, "trainer.max_epochs=2"))
+    cfg = fit_cfg(*cohort, out, "trainer.max_epochs=1", "overwrite=true", "cv.seed=99")
     assert run_fit(cfg) == 0
-    summary = json.loads((learned_run / "cv_summary.json").read_text())
-    assert summary["splits_sha256"] == before  # splits are written once, then reused
+    summary = json.loads((out / "cv_summary.json").read_text())
+    after = json.loads((out / "splits.json").read_text())["sha256"]
+    assert summary["splits_sha256"] == after != before  # overwrite: new splits from cv.seed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no leftover beside it
 
 
 def test_no_patient_in_two_splits_and_patient_bags(tmp_path: Path) -> None:
@@ -174,6 +182,7 @@ def test_ddp_counts_every_test_bag_once(tmp_path: Path) -> None:
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         "trainer.strategy=ddp",
+        "trainer.accumulate_grad_batches=2",
         "logger=none",
     ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -182,3 +191,53 @@ def test_ddp_counts_every_test_bag_once(tmp_path: Path) -> None:
     preds = pd.read_csv(out / "predictions.csv")
     assert len(preds) == 23 and preds["slide_id"].is_unique
     assert sorted(preds.groupby("fold").size()) == [7, 8, 8]
+
+
+def test_devices_that_would_change_the_bags_per_step_are_refused(tmp_path: Path) -> None:
+    features, labels = make_bag_cohort(tmp_path, n_patients=6, dim=4)
+    for extra in (
+        ["trainer.devices=2"],
+        ["trainer.num_nodes=2", "trainer.accumulate_grad_batches=3"],
+    ):
+        with pytest.raises(UserError, match="multiple of 2.*cv.run_folds"):
+            run_fit(fit_cfg(features, labels, tmp_path / "run", *extra))
+    assert not (tmp_path / "run").exists()
+
+
+def test_two_nodes_under_torchrun(tmp_path: Path) -> None:
+    """trainer.num_nodes=2 with ranks started by torchrun (two single-process "nodes" on this
+    host, gloo): each rank plans from the folder, rank 0 alone writes a complete run."""
+    features, labels = make_bag_cohort(tmp_path, n_patients=12, dim=8, shift=5.0)
+    out = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fit_args = [
+        f"data.features_dir={features}",
+        f"data.labels_csv={labels}",
+        f"output_dir={out}",
+        "cv.folds=2",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        "trainer.strategy=ddp",
+        "trainer.num_nodes=2",
+        "trainer.accumulate_grad_batches=2",
+        "logger=none",
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
+    rendezvous = ["--master-addr=127.0.0.1", f"--master-port={port}"]
+    nodes = [
+        subprocess.Popen(
+            [*launcher, f"--node-rank={n}", *rendezvous, "-m", "melanoma_mil", "fit", *fit_args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for n in (0, 1)
+    ]
+    for node in nodes:
+        assert node.wait(timeout=600) == 0, node.stderr.read().decode()[-3000:]
+    preds = pd.read_csv(out / "predictions.csv")
+    assert len(preds) == 12 and preds["slide_id"].is_unique
+    assert load_run(out).fold_names() == ["fold_0", "fold_1"]

@@ -1,4 +1,4 @@
-"""Patient-level stratified k-fold splits with an inner validation split, saved once.
+"""Patient-level stratified k-fold splits with an inner validation split.
 
 The test fold never influences training or model selection: early stopping and checkpoint
 choice use a validation split carved, by patient, out of each training fold.
@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,9 +17,6 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from melanoma_mil.config import CVConfig
 from melanoma_mil.errors import UserError
-from melanoma_mil.io import write_json
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -100,7 +95,8 @@ def check_splits(splits: list[Split], bags: pd.DataFrame, source: str) -> None:
         if unknown:
             raise UserError(
                 f"{source}: split references bag(s) {unknown[:5]} that are not in the cohort "
-                "(missing features or labels). Delete the splits file to make new splits."
+                "(missing features or labels); add them back, or drop cv.splits_file to make "
+                "new splits."
             )
         parts = {name: {patient[b] for b in getattr(s, name)} for name in ("train", "val", "test")}
         for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
@@ -116,8 +112,9 @@ def check_splits(splits: list[Split], bags: pd.DataFrame, source: str) -> None:
             )
 
 
-def _read_clam(folder: Path) -> list[Split]:
-    """CLAM's splits_<k>.csv (columns train, val, test of slide ids)."""
+def read_clam_splits(path: Path) -> list[Split]:
+    """CLAM's splits_<k>.csv (columns train, val, test of slide ids): the folder or one file."""
+    folder = path if path.is_dir() else path.parent
     files = sorted(folder.glob("splits_*.csv"), key=lambda p: int(p.stem.split("_")[-1]))
     if not files:
         raise UserError(f"{folder}: no splits_<k>.csv files (CLAM format) found.")
@@ -131,54 +128,20 @@ def _read_clam(folder: Path) -> list[Split]:
     return splits
 
 
-def read_splits(path: Path) -> list[Split]:
-    """Our splits.json, a CLAM splits folder or a single CLAM splits_<k>.csv's folder."""
-    if path.is_dir():
-        return _read_clam(path)
-    if path.suffix == ".csv":
-        return _read_clam(path.parent)
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-        return [Split(**s) for s in data["splits"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: not a splits file written by `fit` ({e}).") from None
-
-
-def resolve_splits(
-    bags: pd.DataFrame,
-    cv: CVConfig,
-    seed: int,
-    classes: list[str],
-    out_dir: Path,
-    write: bool = True,
-) -> tuple[list[Split], str]:
-    """Reuse <out_dir>/splits.json or cv.splits_file when present; else make and save them once."""
-    saved = out_dir / "splits.json"
-    if cv.splits_file:
-        source = Path(cv.splits_file)
-        if not source.exists():
-            raise UserError(f"cv.splits_file '{source}' not found.")
-    elif saved.is_file():
-        source = saved
-    else:
-        source = None
-    if source is not None:
-        splits = read_splits(source)
-        log.info("splits: reusing %s (%d folds)", source, len(splits))
-    else:
-        splits = make_splits(bags, cv, seed, classes)
-    check_splits(splits, bags, str(source or "generated splits"))
-    digest = splits_hash(splits)
-    if write and source != saved:
-        write_json(
-            saved,
-            {
-                "sha256": digest,
-                "seed": seed,
-                "folds": cv.folds,
-                "val_fraction": cv.val_fraction,
-                "repeats": cv.repeats,
-                "splits": [asdict(s) for s in splits],
-            },
+def check_covers(splits: list[Split], bags: pd.DataFrame, source: str) -> None:
+    """Every labelled bag of the cohort appears in the splits: none is silently left out."""
+    seen = {b for s in splits for b in (*s.train, *s.val, *s.test)}
+    left_out = sorted(set(bags["bag_id"]) - seen)
+    if left_out:
+        raise UserError(
+            f"{source}: {len(left_out)} labelled bag(s) of the cohort are in no split "
+            f"({left_out[:5]}{' ...' if len(left_out) > 5 else ''}); drop them from the labels "
+            "CSV (or map them to 'drop') to use these splits, or make new splits."
         )
-    return splits, digest
+
+
+def cohort_sha256(bags: pd.DataFrame, classes: list[str]) -> str:
+    """Identity of a labelled cohort (bags, patients, slides, labels, class order)."""
+    cols = ["bag_id", "patient_id", "slide_ids", "label"]
+    rows = bags[cols].sort_values("bag_id").astype(str).values.tolist()
+    return hashlib.sha256(json.dumps([classes, rows]).encode()).hexdigest()

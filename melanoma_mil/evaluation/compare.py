@@ -10,8 +10,6 @@ anti-conservative.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,8 @@ from melanoma_mil import stats
 from melanoma_mil.config import CompareConfig
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import atomic_path, write_text
+from melanoma_mil.outdir import claim_output
+from melanoma_mil.rundir import SPLITS, SUMMARY, load_run, pooled_predictions
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class RunResult:
     summary: dict[str, Any]
     classes: list[str]
     splits_key: str
+    run_id: str
     bags: pd.DataFrame  # one row per bag: slide_id, patient_id, y (class index), probs...
     prob_columns: list[str]
 
@@ -49,7 +50,7 @@ class RunResult:
         value = self.summary.get(key)
         if not isinstance(value, dict) or "per_fold" not in value:
             raise UserError(
-                f"{self.path / 'cv_summary.json'} has no '{key}' with per_fold values: "
+                f"{self.path / SUMMARY} has no '{key}' with per_fold values: "
                 "re-run fit with this package version."
             )
         return value
@@ -59,76 +60,36 @@ class RunResult:
         return p[:, 0] if p.shape[1] == 1 else p
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}. Is this a complete fit run dir?") from None
-
-
-def _splits_key(run_dir: Path, summary: dict[str, Any], provenance: dict[str, Any]) -> str:
-    """Identity of a run's folds: a hash of the split lists in splits.json, else the recorded one.
-
-    Only the split lists count: splits.json also records the seed of the run that reused it.
-    """
-    path = run_dir / "splits.json"
-    if path.is_file():
-        data = _read_json(path)
-        content = data.get("splits", data) if isinstance(data, dict) else data
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-    recorded = summary.get("splits_sha256") or provenance.get("splits_sha256")
-    if not recorded:
-        raise UserError(f"{run_dir} has no splits.json: compare needs the splits of every run.")
-    return str(recorded)
-
-
-def _bag_table(pred_path: Path, classes: list[str]) -> tuple[pd.DataFrame, list[str]]:
-    """Per-bag pooled out-of-fold predictions (repeats averaged: each is out-of-fold)."""
-    try:
-        df = pd.read_csv(pred_path, dtype={"slide_id": str, "patient_id": str, "label": str})
-    except (OSError, pd.errors.ParserError) as e:
-        raise UserError(f"cannot read {pred_path}: {e}.") from None
-    binary = len(classes) == 2 and "prob" in df.columns  # prob = P(last class)
-    cols = ["prob"] if binary else [f"prob_{c}" for c in classes]
-    missing = [c for c in ["slide_id", "label", *cols] if c not in df.columns]
-    if missing:
-        raise UserError(f"{pred_path} lacks columns {missing}: re-run fit.")
-    if "patient_id" not in df.columns:
-        df["patient_id"] = df["slide_id"]
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(df["label"]) - set(index))
-    if unknown:
-        raise UserError(f"{pred_path} has labels {unknown[:5]} not among classes {classes}.")
-    df["y"] = df["label"].map(index)
-    agg = {"patient_id": "first", "y": "first", **{c: "mean" for c in cols}}
-    bags = df.groupby("slide_id", sort=True).agg(agg).reset_index()
-    return bags, cols
-
-
 def load_result(run_dir: str | Path) -> RunResult:
-    """Read the contract files of a fit run dir (cv_summary, predictions, splits, provenance)."""
-    path = Path(run_dir)
-    if not (path / "cv_summary.json").is_file():
-        raise UserError(f"{path} has no cv_summary.json: pass the output_dir of a finished fit.")
-    summary = _read_json(path / "cv_summary.json")
-    provenance = (
-        _read_json(path / "provenance.json") if (path / "provenance.json").is_file() else {}
-    )
-    classes = [str(c) for c in summary.get("classes") or provenance.get("classes") or []]
-    if len(classes) < 2:
-        raise UserError(f"{path / 'cv_summary.json'} lists no classes: re-run fit.")
-    bags, cols = _bag_table(path / "predictions.csv", classes)
+    """A complete fit run (through `rundir.load_run`) as compare needs it: one row per bag."""
+    run = load_run(run_dir)
+    classes = run.classes
+    bags = pooled_predictions(run.predictions, classes).reset_index()
+    binary = len(classes) == 2  # the positive class's probability, as `fit` scores AUC
+    cols = [f"prob_{classes[-1]}"] if binary else [f"prob_{c}" for c in classes]
     return RunResult(
-        path=path,
-        name=path.name,
-        encoder=str(summary.get("encoder") or provenance.get("encoder") or "?"),
-        cache_key=str(provenance.get("cache_key") or "?"),
-        summary=summary,
+        path=run.run_dir,
+        name=run.run_dir.name,
+        encoder=str(run.summary.get("encoder") or run.provenance.get("encoder") or "?"),
+        cache_key=str(run.provenance.get("cache_key") or "?"),
+        summary=run.summary,
         classes=classes,
-        splits_key=_splits_key(path, summary, provenance),
+        splits_key=run.splits_sha256,
+        run_id=run.run_id,
         bags=bags,
         prob_columns=cols,
     )
+
+
+def check_distinct(runs: list[RunResult]) -> None:
+    """The same run twice would be compared with itself (a copied folder keeps its run_id)."""
+    for i, run in enumerate(runs):
+        for other in runs[:i]:
+            if run.path.resolve() == other.path.resolve() or run.run_id == other.run_id:
+                raise UserError(
+                    f"compare got the same run twice ({other.path} and {run.path}); pass "
+                    "different runs."
+                )
 
 
 def check_paired(runs: list[RunResult]) -> None:
@@ -138,7 +99,7 @@ def check_paired(runs: list[RunResult]) -> None:
         if run.splits_key != ref.splits_key:
             raise UserError(
                 f"runs {ref.path} and {run.path} used different splits: a paired comparison "
-                f"needs the same folds; re-run fit with cv.splits_file={ref.path / 'splits.json'}."
+                f"needs the same folds; re-run fit with cv.splits_file={ref.path / SPLITS}."
             )
         if run.classes != ref.classes:
             raise UserError(f"runs {ref.path} and {run.path} have different classes.")
@@ -315,11 +276,13 @@ def compare_runs(cfg: CompareConfig) -> pd.DataFrame:
             f"{out} already holds {existing}: pass overwrite=true or another output_dir."
         )
     runs = [load_result(d) for d in cfg.run_dirs]
+    check_distinct(runs)
     check_paired(runs)
     _unique_names(runs)
     table, folds = comparison_tables(
         runs, _reference_index(runs, cfg.reference), cfg.bootstrap, cfg.seed
     )
+    claim_output(out, {"command": "compare"}, cfg.overwrite, OUTPUTS)
     with atomic_path(out / "comparison.csv") as tmp:
         table.to_csv(tmp, index=False)
     with atomic_path(out / "comparison_folds.csv") as tmp:

@@ -322,7 +322,7 @@ def evaluate(cfg: EvaluateConfig, report: Path | None = None) -> dict[str, Any]:
     info = None
     if run is not None:
         roc = run.roc_path.read_bytes() if run.roc_path.is_file() else None
-        info = RunInfo(str(run.run_dir), to_yaml(run.config), run.provenance, run.cv_summary, roc)
+        info = RunInfo(str(run.run_dir), to_yaml(run.config), run.provenance, run.summary, roc)
     html = render_report(ev, figures, to_yaml(cfg), info, pick_heatmaps(scored, cfg))
     _write(out, report, ev, figures, html)
     return ev

@@ -32,6 +32,7 @@ from melanoma_mil import config as C
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.compare import compare_runs
 from melanoma_mil.io import atomic_path, write_json
+from melanoma_mil.rundir import SPLITS, load_run
 from melanoma_mil.tracking.loggers import SUMMARY_KEYS, summary_metrics
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,8 @@ def _execute(fit: C.FitConfig, splits_sha256: str | None) -> dict[str, Any]:
     code = run_fit(fit)
     if code != 0:
         raise RuntimeError(f"fit exited with code {code}")
-    summary = json.loads((Path(fit.output_dir) / "cv_summary.json").read_text())
-    digest = summary.get("splits_sha256")
+    run = load_run(fit.output_dir)
+    summary, digest = run.summary, run.splits_sha256
     if splits_sha256 is not None and digest != splits_sha256:
         raise UserError(
             f"{fit.output_dir} used splits {str(digest)[:12]}, "
@@ -180,9 +181,7 @@ def run_sweep(cfg: C.SweepConfig) -> int:
     random.seed(cfg.seed)  # the engine draws random and bayes suggestions from these
     np.random.seed(cfg.seed)
     done = [e for e in entries if e["state"] == "finished"]
-    splits_file = cfg.cv.splits_file or (
-        str(out / done[0]["name"] / "splits.json") if done else None
-    )
+    splits_file = cfg.cv.splits_file or (str(out / done[0]["name"] / SPLITS) if done else None)
     splits_sha256 = done[0]["splits_sha256"] if done else None
     while cfg.count is None or len(entries) < cfg.count:
         with warnings.catch_warnings():  # the bayes GP's convergence chatter
@@ -198,7 +197,7 @@ def run_sweep(cfg: C.SweepConfig) -> int:
         entry: dict[str, Any] = {"name": name, "params": params}
         try:
             entry.update(_execute(fit, splits_sha256))
-            splits_file = splits_file or str(out / name / "splits.json")
+            splits_file = splits_file or str(out / name / SPLITS)
             splits_sha256 = splits_sha256 or entry["splits_sha256"]
         except UserError as e:
             log.error("sweep run %s failed: %s", name, e)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from melanoma_mil.ids import id_path
 from melanoma_mil.inference.attention import AttentionMap, write_attention, write_geojson
 from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import SlideInput
+from melanoma_mil.outdir import claim_output
 from melanoma_mil.progress import progress
 from melanoma_mil.rundir import TrainedRun, load_run
 from melanoma_mil.tiling.coords import TileGrid, read_coords
@@ -41,6 +43,23 @@ def check_common(cfg: HeatmapConfig) -> TrainedRun:
         raise UserError("run_dir is not set: pass run_dir=PATH to a `fit` output folder.")
     check(cfg)
     return load_run(cfg.run_dir)
+
+
+def claim_for_run(
+    cfg: HeatmapConfig, run: TrainedRun, command: str, outputs: tuple[str, ...], write: bool
+) -> None:
+    """Make output_dir this command's folder for this run, or refuse it (see `outdir`);
+    ``write=False`` checks before any work, ``True`` marks the folder before its outputs."""
+    record = {"command": command, "run_id": run.run_id, "run_dir": str(run.run_dir.resolve())}
+    claim_output(cfg.output_dir, record, cfg.overwrite, outputs, write)
+
+
+def made_for(path: Path, run: TrainedRun) -> bool:
+    """True if the attention.h5 at ``path`` was computed by ``run`` (resume skips only these)."""
+    try:
+        return read_attrs(path).get("run_id") == run.run_id
+    except OSError:  # truncated or foreign: redone
+        return False
 
 
 def _failure(e: Exception) -> str:
@@ -71,6 +90,7 @@ def _attention_map(inp: SlideInput, ensemble: Ensemble) -> tuple[AttentionMap, T
         classes=ensemble.classes,
         attrs={
             "run_dir": str(ensemble.run.run_dir.resolve()),
+            "run_id": ensemble.run.run_id,
             "slide_path": str(inp.slide_path or grid.slide_path),
             "features": str(inp.features.resolve()),
             **{k: attrs[k] for k in RECORDED_ATTRS if k in attrs},

@@ -14,11 +14,20 @@ import pandas as pd
 
 from melanoma_mil.config import HeatmapConfig
 from melanoma_mil.errors import UserError
-from melanoma_mil.inference.analyse import ATTENTION_FILE, FAILED, analyse_all, check_common
+from melanoma_mil.inference.analyse import (
+    ATTENTION_FILE,
+    FAILED,
+    analyse_all,
+    check_common,
+    claim_for_run,
+    made_for,
+)
 from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import prepare_inputs
 from melanoma_mil.io import write_text
 from melanoma_mil.tracking.loggers import log_slides
+
+OUTPUTS = (f"*/{ATTENTION_FILE}", "heatmaps.csv")
 
 
 def run_heatmap(cfg: HeatmapConfig) -> int:
@@ -27,13 +36,16 @@ def run_heatmap(cfg: HeatmapConfig) -> int:
 
     run = check_common(cfg)
     out = Path(cfg.output_dir)
-    done = set() if cfg.overwrite else {p.parent.name for p in out.glob(f"*/{ATTENTION_FILE}")}
+    claim_for_run(cfg, run, "heatmap", OUTPUTS, write=False)
+    found = [] if cfg.overwrite else sorted(out.glob(f"*/{ATTENTION_FILE}"))
+    done = {p.parent.name for p in found if made_for(p, run)}
     inputs, skipped_ids = prepare_inputs(run, cfg, skip=done)
+    claim_for_run(cfg, run, "heatmap", OUTPUTS, write=True)
     skipped = pd.DataFrame(
         {
             "slide_id": skipped_ids,
             "status": "skipped",
-            "reason": f"{ATTENTION_FILE} exists (overwrite=true redoes it)",
+            "reason": f"{ATTENTION_FILE} of this run exists (overwrite=true redoes it)",
         }
     )
     table = pd.DataFrame()

@@ -22,7 +22,14 @@ from melanoma_mil.data.bags import read_bag
 from melanoma_mil.data.cohort import read_patients
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.hooks import check_inputs, write_report
-from melanoma_mil.inference.analyse import FAILED, analyse_all, check_common, ensemble_columns
+from melanoma_mil.inference.analyse import (
+    ATTENTION_FILE,
+    FAILED,
+    analyse_all,
+    check_common,
+    claim_for_run,
+    ensemble_columns,
+)
 from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import SlideInput, prepare_inputs
 from melanoma_mil.io import atomic_path
@@ -77,9 +84,11 @@ def run_predict(cfg: PredictConfig) -> int:
 
     out = Path(cfg.output_dir)
     target = out / "predictions.csv"
+    run = check_common(cfg)
+    outputs = (target.name, "patient_predictions.csv", f"*/{ATTENTION_FILE}")
+    claim_for_run(cfg, run, "predict", outputs, write=False)
     if target.exists() and not cfg.overwrite:
         raise UserError(f"'{target}' exists; pass overwrite=true or choose another output_dir.")
-    run = check_common(cfg)
     check_inputs(cfg)
     if run.config.data.bag_level == "patient" and not cfg.patients_csv:
         log.warning(
@@ -90,6 +99,7 @@ def run_predict(cfg: PredictConfig) -> int:
     inputs, _ = prepare_inputs(run, cfg)
     if not inputs:
         raise UserError("no slides to predict: check slides_dir / manifest / slide_ids.")
+    claim_for_run(cfg, run, "predict", outputs, write=True)
     ensemble = Ensemble(run, resolve_device(cfg.device))
     table = _ordered(analyse_all(inputs, ensemble, cfg, render=cfg.heatmaps, desc="predict"))
     with atomic_path(target) as tmp:

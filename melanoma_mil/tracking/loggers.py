@@ -12,7 +12,6 @@ written offline, and the command says once how to upload them later.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import netrc
@@ -26,6 +25,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
+from melanoma_mil import rundir
 from melanoma_mil.config import FitConfig
 from melanoma_mil.errors import UserError
 
@@ -45,13 +45,9 @@ DEFAULT_PROJECT = "melanoma-mil"
 _offline_notice_shown = False
 
 
-def fold_name(cfg: FitConfig, fold: int, repeat: int) -> str:
-    return f"fold_{fold}" if cfg.cv.repeats == 1 else f"repeat_{repeat}_fold_{fold}"
-
-
 def experiment_name(cfg: FitConfig, run_dir: Path) -> str:
     """The W&B group: ``experiment``, else the run dir's folder name."""
-    return cfg.experiment or Path(run_dir).resolve().name
+    return cfg.experiment or rundir.display_name(run_dir)
 
 
 def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
@@ -114,10 +110,10 @@ def in_agent() -> bool:
 
 
 def _provenance(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / "provenance.json"
+    """The run's provenance for W&B configs; none yet (or damaged) logs without it."""
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
+        return rundir.read_provenance(run_dir)
+    except UserError:
         return {}
 
 
@@ -165,7 +161,7 @@ class _AgentWandbLogger(WandbLogger):
 # --------------------------------------------------------------------------- hooks
 def fold_logger(cfg: FitConfig, run_dir: Path, fold: int, repeat: int) -> Logger | None:
     """The Lightning logger for one fold (one W&B run per fold; CSV under run_dir/logs)."""
-    name = fold_name(cfg, fold, repeat)
+    name = rundir.fold_name(fold, repeat, cfg.cv.repeats)
     if cfg.logger == "none":
         return None
     if cfg.logger == "csv":
@@ -223,8 +219,8 @@ def log_summary(
     payload: dict[str, Any] = dict(metrics)
     payload["cv/per_fold"] = wandb.Table(columns=["fold", *per_fold], data=rows)
     payload["cv/predictions"] = wandb.Table(dataframe=predictions)
-    if (Path(run_dir) / "roc.png").is_file():
-        payload["cv/roc"] = wandb.Image(str(Path(run_dir) / "roc.png"))
+    if (Path(run_dir) / rundir.ROC).is_file():
+        payload["cv/roc"] = wandb.Image(str(Path(run_dir) / rundir.ROC))
     run.log(payload)
     run.summary.update(metrics)
     run.finish()

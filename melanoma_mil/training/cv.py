@@ -1,7 +1,9 @@
 """`fit`: patient-level k-fold cross-validation of a MIL model on cached bags.
 
-Under DDP (``trainer.strategy=ddp``) Lightning re-runs this command once per extra device; every
-rank computes the same cohort and splits, and only rank 0 writes files.
+The run folder (what is written where, when a run is complete) belongs to `rundir`; resuming,
+fold-parallel processes and replacing a run to `orchestrate`. Under DDP
+(``trainer.strategy=ddp``) every rank computes the same cohort, splits and folds, and only rank
+0 writes files.
 """
 
 from __future__ import annotations
@@ -19,22 +21,31 @@ import lightning as L
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from melanoma_mil.config import FitConfig, check, to_yaml
-from melanoma_mil.data.bags import BagStore, load_store
+from melanoma_mil import rundir
+from melanoma_mil.config import FitConfig, check
+from melanoma_mil.data.bags import BagStore, load_store, read_attrs
 from melanoma_mil.data.cohort import Cohort, build_cohort
 from melanoma_mil.data.datamodule import BagDataModule
-from melanoma_mil.data.splits import Split, resolve_splits
-from melanoma_mil.errors import UserError
+from melanoma_mil.data.splits import Split
 from melanoma_mil.evaluation.hooks import check_inputs, write_report
-from melanoma_mil.io import atomic_path, write_json, write_text
+from melanoma_mil.features.identity import plain
 from melanoma_mil.metrics import METRICS, bag_metrics, summarise
 from melanoma_mil.models import feature_norm
-from melanoma_mil.rundir import save_fold_model
 from melanoma_mil.stats import bootstrap_auc_ci
 from melanoma_mil.tracking.loggers import finish_fold, fold_logger, log_summary
 from melanoma_mil.training.module import MILModule
+from melanoma_mil.training.orchestrate import (
+    PLAN_ENV,
+    Plan,
+    check_parallel,
+    cleanup,
+    finish,
+    plan_fit,
+    start_fit,
+)
 from melanoma_mil.viz.roc import plot_roc
 
 log = logging.getLogger(__name__)
@@ -48,10 +59,6 @@ def _precision(cfg: FitConfig) -> str:
     return "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
 
 
-def _fold_name(split: Split, repeats: int) -> str:
-    return f"fold_{split.fold}" if repeats == 1 else f"repeat_{split.repeat}_fold_{split.fold}"
-
-
 def _class_weights(dm: BagDataModule, n_classes: int, balance: str) -> list[float] | None:
     if balance != "loss":
         return None
@@ -59,14 +66,57 @@ def _class_weights(dm: BagDataModule, n_classes: int, balance: str) -> list[floa
     return (counts.sum() / (n_classes * counts)).tolist()
 
 
+def _trainer(
+    cfg: FitConfig, fold_dir: Path, logger: Logger | None
+) -> tuple[L.Trainer, ModelCheckpoint]:
+    """One fold's Trainer and the checkpoint callback that selects its model on validation.
+
+    trainer.accumulate_grad_batches counts bags per optimizer step over all devices: DDP adds
+    one bag per device to each step, so each device accumulates its share."""
+    mode = "max" if cfg.trainer.monitor == "val_auc" else "min"
+    ckpt = ModelCheckpoint(
+        dirpath=fold_dir,
+        filename=Path(rundir.CHECKPOINT).stem,
+        monitor=cfg.trainer.monitor,
+        mode=mode,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    stop = EarlyStopping(monitor=cfg.trainer.monitor, mode=mode, patience=cfg.trainer.patience)
+    world = cfg.trainer.devices * cfg.trainer.num_nodes
+    trainer = L.Trainer(
+        max_epochs=cfg.trainer.max_epochs,
+        min_epochs=min(cfg.trainer.min_epochs, cfg.trainer.max_epochs),
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+        precision=_precision(cfg),
+        deterministic=cfg.trainer.deterministic,
+        logger=logger or False,
+        callbacks=[ckpt, stop],
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches // world,
+        default_root_dir=str(fold_dir),
+        log_every_n_steps=1,
+        enable_progress_bar=sys.stderr.isatty(),
+    )
+    return trainer, ckpt
+
+
 def _run_fold(
-    cfg: FitConfig, cohort: Cohort, store: BagStore, split: Split, out: Path, rank0: bool
-) -> pd.DataFrame:
-    """Train on split.train, select on split.val, predict split.test; return test predictions."""
-    name = _fold_name(split, cfg.cv.repeats)
-    fold_dir = out / "folds" / name
-    if rank0 and fold_dir.exists():
-        shutil.rmtree(fold_dir)
+    cfg: FitConfig,
+    cohort: Cohort,
+    store: BagStore,
+    split: Split,
+    name: str,
+    fold_dir: Path,
+    run_dir: Path,
+    rank0: bool,
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Train on split.train, select on split.val, predict split.test into ``fold_dir`` (model.pt,
+    best.ckpt, roc.png); return the test predictions and metrics."""
     L.seed_everything(cfg.seed + 1000 * split.repeat + split.fold, workers=True, verbose=False)
     labels = dict(zip(cohort.bags["bag_id"], cohort.bags["label"].astype(int), strict=True))
     dm = BagDataModule(
@@ -90,41 +140,15 @@ def _run_fold(
     )
     if cfg.data.standardize:
         feature_norm(module.model).fit_stats([store.bags[b] for b in split.train])
-    mode = "max" if cfg.trainer.monitor == "val_auc" else "min"
-    ckpt = ModelCheckpoint(
-        dirpath=fold_dir,
-        filename="best",
-        monitor=cfg.trainer.monitor,
-        mode=mode,
-        save_top_k=1,
-        enable_version_counter=False,
-    )
-    stop = EarlyStopping(monitor=cfg.trainer.monitor, mode=mode, patience=cfg.trainer.patience)
-    logger = fold_logger(cfg, out, split.fold, split.repeat)
-    trainer = L.Trainer(
-        max_epochs=cfg.trainer.max_epochs,
-        min_epochs=min(cfg.trainer.min_epochs, cfg.trainer.max_epochs),
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        strategy=cfg.trainer.strategy,
-        precision=_precision(cfg),
-        deterministic=cfg.trainer.deterministic,
-        logger=logger or False,
-        callbacks=[ckpt, stop],
-        num_sanity_val_steps=0,
-        enable_model_summary=False,
-        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
-        default_root_dir=str(fold_dir),
-        log_every_n_steps=1,
-        enable_progress_bar=sys.stderr.isatty(),
-    )
+    logger = fold_logger(cfg, run_dir, split.fold, split.repeat)
+    trainer, ckpt = _trainer(cfg, fold_dir, logger)
     trainer.fit(module, datamodule=dm)
     trainer.test(module, datamodule=dm, ckpt_path="best", verbose=False)
     assert module.test_output is not None
     index, y, probs = module.test_output
     if rank0:
-        save_fold_model(
-            fold_dir / "model.pt", module.model, module.model_cfg, store.dim, cohort.classes
+        rundir.save_fold_model(
+            fold_dir / rundir.MODEL, module.model, module.model_cfg, store.dim, cohort.classes
         )
     test_bags = cohort.bags.set_index("bag_id").loc[[split.test[i] for i in index]]
     preds = pd.DataFrame(
@@ -143,7 +167,7 @@ def _run_fold(
     if n_classes == 2:
         preds["prob"] = probs[:, 1]
     metrics = bag_metrics(y, probs)
-    roc_png = fold_dir / "roc.png" if rank0 else None
+    roc_png = fold_dir / rundir.ROC if rank0 else None
     if roc_png is not None:
         plot_roc(preds, cohort.classes, roc_png, f"{name}: test ROC", f"AUC {metrics['auc']:.3f}")
     finish_fold(logger, metrics, roc_png)
@@ -154,21 +178,42 @@ def _run_fold(
         cfg.trainer.monitor,
         float(ckpt.best_model_score or math.nan),
     )
-    return preds
+    return preds, metrics
+
+
+def _train(plan: Plan, cfg: FitConfig, cohort: Cohort, store: BagStore, rank0: bool) -> None:
+    """Train the plan's folds; rank 0 commits each as soon as it is done."""
+    for i in plan.todo:
+        split, name = plan.splits[i], plan.names[i]
+        partial = rundir.partial_dir(plan.target, name)
+        try:
+            preds, metrics = _run_fold(cfg, cohort, store, split, name, partial, plan.target, rank0)
+            if rank0:
+                record = {
+                    "run_id": plan.run_id,
+                    "fingerprint": plan.fingerprint.digest,
+                    "repeat": split.repeat,
+                    "fold": split.fold,
+                    "metrics": metrics,
+                }
+                rundir.commit_fold(plan.target, name, partial, preds, record)
+        except BaseException:
+            if rank0:  # no partial fold left behind (a SIGKILL'd one is cleared by the next fit)
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+        plan.release(name)
 
 
 def _summary(
-    preds: pd.DataFrame, cohort: Cohort, digest: str, provenance: dict[str, Any], seed: int
+    preds: pd.DataFrame, classes: list[str], digest: str, provenance: dict[str, Any], seed: int
 ) -> dict[str, Any]:
-    prob_cols = [f"prob_{c}" for c in cohort.classes]
+    prob_cols = [f"prob_{c}" for c in classes]
     per_fold = [
         bag_metrics(g["y"].to_numpy(), g[prob_cols].to_numpy())
         for _, g in preds.groupby(["repeat", "fold"])
     ]
     # pooled out-of-fold: each bag once (its mean over repeats); CI resamples patients
-    pooled = preds.groupby("slide_id").agg(
-        {"y": "first", "patient_id": "first", **{c: "mean" for c in prob_cols}}
-    )
+    pooled = rundir.pooled_predictions(preds, classes)
     y, p = pooled["y"].to_numpy(), pooled[prob_cols].to_numpy()
     value, lo, hi = bootstrap_auc_ci(
         y,
@@ -187,7 +232,7 @@ def _summary(
             "bootstrap": 2000,
             "resampled": "patients",
         },
-        "classes": cohort.classes,
+        "classes": classes,
         "n_bags": int(len(pooled)),
         "n_folds": int(len(per_fold)),
         "splits_sha256": digest,
@@ -217,14 +262,6 @@ def _table(summary: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _check_output_dir(cfg: FitConfig, out: Path) -> None:
-    if (out / "cv_summary.json").exists() and not cfg.overwrite:
-        raise UserError(
-            f"'{out}' already holds a finished run; pass overwrite=true to replace it "
-            "(its splits.json is kept and reused) or choose another output_dir."
-        )
-
-
 def _provenance(store: BagStore, cohort: Cohort, cfg: FitConfig, digest: str) -> dict[str, Any]:
     prov = dict(store.provenance)
     prov.update(
@@ -242,49 +279,83 @@ def _provenance(store: BagStore, cohort: Cohort, cfg: FitConfig, digest: str) ->
     return prov
 
 
+def _cache_key(cohort: Cohort) -> str | None:
+    """The feature cache of the cohort's bags (`load_store` checks that they all share it)."""
+    path = next(iter(cohort.members.values()))[0][1]
+    key = plain(read_attrs(path).get("cache_key"))
+    return None if key is None else str(key)
+
+
+def _results(plan: Plan, cfg: FitConfig, classes: list[str]) -> tuple[Any, list[pd.DataFrame]]:
+    """The writer `finish` calls once every fold is done, and the predictions it wrote."""
+    written: list[pd.DataFrame] = []
+
+    def write(target: Path) -> dict[str, Any]:
+        preds = rundir.fold_predictions(target, plan.names)
+        summary = _summary(
+            preds, classes, plan.splits_doc["sha256"], rundir.read_provenance(target), cfg.seed
+        )
+        pooled = summary["pooled_auc"]
+        label = f"pooled AUC {pooled['value']:.3f}" if not math.isnan(pooled["value"]) else "pooled"
+        title = f"{rundir.display_name(target)}: out-of-fold ROC"
+        rundir.write_results(
+            target, preds, summary, lambda png: plot_roc(preds, classes, png, title, label)
+        )
+        written.append(preds)
+        return summary
+
+    return write, written
+
+
 def run_fit(cfg: FitConfig) -> int:
-    """Cross-validate; write config.yaml, splits.json, predictions.csv, cv_summary.json, roc.png."""
+    """Cross-validate into output_dir (resuming a run of the same settings there)."""
     check(cfg)  # configs built in code (demo, sweep runs) skip load_config
+    check_parallel(cfg)
     check_inputs(cfg)
     out = Path(cfg.output_dir)
     rank0 = rank_zero_only.rank == 0
     if rank0:
-        _check_output_dir(cfg, out)
+        cleanup(out, cfg.overwrite)
     else:  # DDP replicas repeat rank 0's work; only rank 0 reports
         logging.getLogger("melanoma_mil").setLevel(logging.WARNING)
     if cfg.trainer.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     cohort = build_cohort(cfg.data)
-    dtype = torch.float16 if cfg.data.dtype == "float16" else torch.float32
-    store = load_store(cohort.members, dtype)
-    splits, digest = resolve_splits(
-        cohort.bags, cfg.cv, cfg.cv.seed, cohort.classes, out, write=rank0
-    )
-    provenance = _provenance(store, cohort, cfg, digest)
-    if rank0:
-        write_text(out / "config.yaml", to_yaml(cfg))
-        write_json(out / "provenance.json", provenance)
-    log.info(
-        "fit: %d bags (D=%d), %d folds x %d repeats -> %s",
-        len(cohort.bags),
-        store.dim,
-        cfg.cv.folds,
-        cfg.cv.repeats,
-        out,
-    )
-    preds = pd.concat(
-        [_run_fold(cfg, cohort, store, s, out, rank0) for s in splits], ignore_index=True
-    )
+    plan = plan_fit(cfg, cohort, _cache_key(cohort), rank0)
+    try:
+        return _fit(plan, cfg, cohort, rank0)
+    finally:
+        plan.release_all()
+        if rank0:
+            os.environ.pop(PLAN_ENV, None)
+
+
+def _fit(plan: Plan, cfg: FitConfig, cohort: Cohort, rank0: bool) -> int:
+    """Train the plan's folds; when every fold is done, write (or show) the run's results."""
+    out = plan.out
+    if plan.todo:
+        dtype = torch.float16 if cfg.data.dtype == "float16" else torch.float32
+        store = load_store(cohort.members, dtype)
+        if rank0:
+            start_fit(plan, cfg, _provenance(store, cohort, cfg, plan.splits_doc["sha256"]))
+        log.info(
+            "fit: %d bags (D=%d), training %d of %d splits -> %s",
+            len(cohort.bags),
+            store.dim,
+            len(plan.todo),
+            len(plan.splits),
+            out,
+        )
+        _train(plan, cfg, cohort, store, rank0)
     if not rank0:
         return 0
-    summary = _summary(preds, cohort, digest, provenance, cfg.seed)
-    with atomic_path(out / "predictions.csv") as tmp:
-        preds.to_csv(tmp, index=False)
-    pooled = summary["pooled_auc"]
-    label = f"pooled AUC {pooled['value']:.3f}" if not math.isnan(pooled["value"]) else "pooled"
-    plot_roc(preds, cohort.classes, out / "roc.png", f"{out.name}: out-of-fold ROC", label)
-    write_json(out / "cv_summary.json", summary)
-    log_summary(cfg, out, summary, preds)
+    write, written = _results(plan, cfg, cohort.classes)
+    result = finish(plan, write)
+    if result is None:
+        return 0
+    summary, wrote = result
+    if wrote:
+        log_summary(cfg, out, summary, written[0])
     print(_table(summary))
     print(f"outputs in {out}: cv_summary.json, predictions.csv, roc.png, splits.json, folds/")
     return write_report(cfg, out, out / "predictions.csv", out) if cfg.clinical_csv else 0

@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from melanoma_mil.io import atomic_path  # noqa: E402
+
 
 def plot_roc(
     predictions: pd.DataFrame, classes: list[str], path: Path, title: str, pooled_label: str
@@ -40,6 +42,6 @@ def plot_roc(
     )
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:  # a full disk leaves no truncated png
+        fig.savefig(tmp, format="png")
     plt.close(fig)

@@ -1,0 +1,137 @@
+"""Filesystem steps beyond `io`'s atomic files: create-once, advisory locks, directory swaps.
+
+Several processes (fold-parallel CV, SLURM array tasks) may share one output folder: a file
+that must be made exactly once appears complete or not at all (a hard link of a finished temp
+file), a unit of work is claimed with an advisory lock that the kernel releases when its
+process dies (even by SIGKILL), and a finished folder replaces an old one with one atomic
+exchange where the filesystem supports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent writers are not supported there
+    fcntl = None  # type: ignore[assignment]
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_RENAME_EXCHANGE = 2
+
+
+def create_once(path: Path, data: bytes) -> bool:
+    """Write ``path`` only if it does not exist, complete or not at all; True if this call made it.
+
+    Racing callers: exactly one wins, the others see the winner's complete file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:  # a filesystem without hard links: exclusive create instead
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+        try:
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        with os.fdopen(out, "wb") as f:
+            f.write(data)
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+class Lock:
+    """An exclusive advisory lock on a file, held until ``release`` or the process ends."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def try_lock(path: Path) -> Lock | None:
+    """The lock on ``path`` (created if missing), or None when another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    if fcntl is None:
+        return Lock(fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return None
+        raise
+    return Lock(fd)
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold the lock on ``path`` for a block, waiting for other holders first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def replace_dir(new: Path, final: Path, old: Path) -> None:
+    """Put the finished folder ``new`` at ``final``; the previous ``final`` goes to ``old`` and is
+    removed last. With an atomic exchange, ``final`` always holds a complete folder; without one
+    (e.g. NFS) there are two renames, and a crash between them is undone by `recover_dir`."""
+    if _exchange(new, final):
+        new.rename(old)
+    else:
+        final.rename(old)
+        new.rename(final)
+    shutil.rmtree(old)
+
+
+def recover_dir(new: Path, final: Path, old: Path, new_is_complete: bool) -> None:
+    """Finish or undo a `replace_dir` that a crash interrupted between its two renames."""
+    if final.exists() or not old.exists():
+        return
+    if new.exists() and new_is_complete:
+        new.rename(final)
+    else:
+        old.rename(final)

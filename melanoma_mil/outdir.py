@@ -1,0 +1,101 @@
+"""Output folders say which command (and which trained run) made them.
+
+Each command's output folder holds a small marker, ``.melanoma-mil.json``: ``{"command": ...}``
+and, for `predict` and `heatmap`, the ``run_id`` and ``run_dir`` of the run they applied. A
+command refuses a folder another command made (one would replace the other's files, or resume
+from them) and a folder of its own made for another run unless ``overwrite=true``. `fit`'s run
+folders carry the same marker with the run's identity (see `rundir`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from melanoma_mil.errors import UserError
+from melanoma_mil.fsutil import create_once
+from melanoma_mil.io import write_json
+
+MARKER = ".melanoma-mil.json"
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The folder's marker, None when it has none; an unreadable one names no command."""
+    path = Path(folder) / MARKER
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"command": "?"}
+    return data if isinstance(data, dict) else {"command": "?"}
+
+
+def write_marker(folder: Path, record: dict[str, Any]) -> bool:
+    """Create the marker unless one exists (race-safe); True if this call made it."""
+    return create_once(Path(folder) / MARKER, _encode(record))
+
+
+def _encode(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+
+
+def made_by(marker: dict[str, Any]) -> str:
+    """'`heatmap` for run <dir>' and the like, for messages."""
+    what = f"`{marker.get('command', '?')}`"
+    return f"{what} for run {marker['run_dir']}" if marker.get("run_dir") else what
+
+
+def is_empty(folder: Path) -> bool:
+    """Missing, or holding only hidden entries (markers, leftovers of interrupted writes)."""
+    folder = Path(folder)
+    return not folder.exists() or all(p.name.startswith(".") for p in folder.iterdir())
+
+
+def claim_output(
+    folder: str | Path,
+    record: dict[str, Any],
+    overwrite: bool,
+    outputs: tuple[str, ...],
+    write: bool = True,
+) -> None:
+    """Make ``folder`` this command's (``record``: command[, run_id, run_dir]) or refuse it;
+    ``write=False`` only checks (before any work), the marker comes with the first output.
+
+    ``outputs`` are glob patterns of the files the command writes: a folder without a marker
+    that already holds some is taken over only with ``overwrite``."""
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir '{out}' is a file, not a folder; choose another output_dir.")
+    command = record["command"]
+    marker = read_marker(out)
+    if marker is not None:
+        if marker.get("command") != command:
+            raise UserError(
+                f"output_dir '{out}' holds output of {made_by(marker)}; `{command}` writes into "
+                "a folder of its own: choose another output_dir."
+            )
+        if marker.get("run_id") != record.get("run_id"):
+            if not overwrite:
+                raise UserError(
+                    f"output_dir '{out}' holds output of {made_by(marker)}, not of run "
+                    f"{record.get('run_dir')}; choose another output_dir or pass overwrite=true "
+                    "to redo it for this run."
+                )
+            if write:
+                write_json(out / MARKER, record)
+        return
+    found = (
+        sorted({p.name for pattern in outputs for p in out.glob(pattern)}) if out.exists() else []
+    )
+    if found and not overwrite:
+        raise UserError(
+            f"output_dir '{out}' already holds {found[:5]} from an unknown run; pass "
+            "overwrite=true to replace them or choose another output_dir."
+        )
+    if not write:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    if not write_marker(out, record):  # another process was faster: check its claim
+        claim_output(out, record, overwrite, outputs)

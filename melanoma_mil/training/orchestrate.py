@@ -1,0 +1,282 @@
+"""Where a `fit` writes and which folds it trains: resume, fold-parallel processes, replacement.
+
+- A run folder holds one run. A re-run with the same results-relevant settings resumes it (its
+  finished folds are kept, the others trained); other settings are refused, and overwrite=true
+  replaces the run.
+- ``cv.run_folds`` picks splits by index. Processes sharing a run folder each lock the folds
+  they train (an advisory lock the kernel drops when its process dies, even by SIGKILL), and
+  whichever finds every fold finished writes predictions.csv, roc.png and cv_summary.json.
+- overwrite=true builds the new run beside the old one (``.<name>.fit-new``) and swaps it in
+  only once complete: a crash leaves the old complete run plus a hidden leftover.
+- DDP replicas that Lightning launches follow rank 0's plan (passed in the environment); ranks
+  started by torchrun or SLURM compute the same plan from the folder. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from melanoma_mil import rundir
+from melanoma_mil.config import FitConfig, to_yaml
+from melanoma_mil.data.cohort import Cohort
+from melanoma_mil.data.splits import (
+    Split,
+    check_covers,
+    check_splits,
+    cohort_sha256,
+    make_splits,
+    read_clam_splits,
+)
+from melanoma_mil.errors import UserError
+from melanoma_mil.fsutil import Lock, locked, try_lock
+from melanoma_mil.outdir import is_empty, made_by, read_marker
+
+log = logging.getLogger(__name__)
+
+PLAN_ENV = "MELANOMA_MIL_FIT_PLAN"  # rank 0's target and folds, for the replicas it launches
+REPLACE_LOCK = ".replace.lock"  # held by the process building a replacement run
+
+
+@dataclass
+class Plan:
+    """Where this process writes and which splits (by index) it trains."""
+
+    out: Path  # the run's folder
+    target: Path  # out, or the folder its replacement is built in
+    splits: list[Split]
+    splits_doc: dict[str, Any]
+    fingerprint: rundir.Fingerprint
+    resumable: bool  # the target holds this very run (same fingerprint)
+    run_id: str = ""
+    todo: list[int] = field(default_factory=list)
+    locks: dict[str, Lock] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return rundir.fold_names(self.splits)
+
+    @property
+    def replacing(self) -> bool:
+        return self.target != self.out
+
+    def unfinished(self) -> list[str]:
+        digest = self.fingerprint.digest
+        return [n for n in self.names if rundir.fold_problem(self.target, n, self.run_id, digest)]
+
+    def release(self, name: str) -> None:
+        lock = self.locks.pop(name, None)
+        if lock is not None:
+            lock.release()
+
+    def release_all(self) -> None:
+        for name in list(self.locks):
+            self.release(name)
+
+
+def check_parallel(cfg: FitConfig) -> None:
+    """Fold-parallel and multi-device keys, checked before any work."""
+    if cfg.cv.run_folds and cfg.overwrite:
+        raise UserError(
+            "cv.run_folds with overwrite=true: fold processes cannot agree which run to replace; "
+            "remove the old run folder (or choose a new output_dir) and start them without "
+            "overwrite."
+        )
+    if any(i < 0 for i in cfg.cv.run_folds):
+        raise UserError(f"cv.run_folds={list(cfg.cv.run_folds)}: split indices are >= 0.")
+    world = cfg.trainer.devices * cfg.trainer.num_nodes
+    if cfg.trainer.accumulate_grad_batches % world:
+        raise UserError(
+            f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches} bags per "
+            f"optimizer step cannot be shared by {world} devices (trainer.devices x "
+            "trainer.num_nodes; DDP puts one bag per device per step): set it to a multiple of "
+            f"{world}, which matches a 1-device run with the same value, or train folds in "
+            "parallel with cv.run_folds instead."
+        )
+
+
+def _target(out: Path, cfg: FitConfig) -> tuple[Path, dict[str, Any] | None]:
+    """(the folder to write, the run record found there); refuses folders fit did not make."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir '{out}' is a file; choose another output_dir.")
+    record = rundir.run_record(out) if out.is_dir() else None
+    if record is None and not is_empty(out):
+        marker = read_marker(out)
+        what = made_by(marker) if marker else "someone else (it is not a `fit` run)"
+        if marker is None and (out / rundir.SUMMARY).exists():
+            what = "an older version of melanoma-mil (no run record)"
+        raise UserError(
+            f"output_dir '{out}' is not empty and was made by {what}; choose another "
+            "output_dir (fit never deletes a folder it did not make)."
+        )
+    if cfg.overwrite and record is not None:
+        new = rundir.staging(out)[0]
+        return new, rundir.run_record(new) if new.is_dir() else None
+    return out, record
+
+
+def _splits(
+    cfg: FitConfig, cohort: Cohort, target: Path, record: dict[str, Any] | None
+) -> tuple[list[Split], dict[str, Any]]:
+    """cv.splits_file, else the splits of the run being resumed, else new ones (nothing written).
+
+    A run's splits.json is reused only if the same cv keys made it from the same labelled
+    cohort; otherwise the run is refused (or, when building a replacement, new splits made)."""
+    cohort_sha = cohort_sha256(cohort.bags, cohort.classes)
+    if cfg.cv.splits_file:
+        source = Path(cfg.cv.splits_file)
+        if not source.exists():
+            raise UserError(f"cv.splits_file '{source}' not found.")
+        clam = source.is_dir() or source.suffix == ".csv"
+        splits = read_clam_splits(source) if clam else rundir.read_splits_file(source)
+        check_splits(splits, cohort.bags, str(source))
+        check_covers(splits, cohort.bags, str(source))
+        return splits, rundir.splits_document(splits, cfg.cv, cohort_sha, str(source))
+    doc = rundir.read_splits_document(target) if record is not None else None
+    if doc is not None:
+        problems = rundir.splits_problems(doc, cfg.cv, cohort_sha, list(cohort.bags["bag_id"]))
+        if not problems:
+            splits = rundir.splits_of(doc, target / rundir.SPLITS)
+            check_splits(splits, cohort.bags, str(target / rundir.SPLITS))
+            log.info("splits: reusing %s (%d splits)", target / rundir.SPLITS, len(splits))
+            return splits, doc
+        if target == Path(cfg.output_dir):
+            raise UserError(
+                f"'{target}' holds a run whose {rundir.SPLITS} was made otherwise "
+                f"({'; '.join(problems)}); pass overwrite=true to replace the run, or choose "
+                "another output_dir."
+            )
+    splits = make_splits(cohort.bags, cfg.cv, cfg.cv.seed, cohort.classes)
+    return splits, rundir.splits_document(splits, cfg.cv, cohort_sha, None)
+
+
+def plan_fit(cfg: FitConfig, cohort: Cohort, cache_key: str | None, rank0: bool) -> Plan:
+    """Decide target, splits and the folds to train; refuse a mismatching run. Writes nothing."""
+    out = Path(cfg.output_dir)
+    target, record = _target(out, cfg)
+    splits, doc = _splits(cfg, cohort, target, record)
+    fp = rundir.Fingerprint(rundir.settings(cfg), doc["sha256"], doc["cohort_sha256"], cache_key)
+    same = record is not None and record.get("fingerprint") == fp.digest
+    if record is not None and not same and target == out:
+        raise UserError(
+            f"'{out}' holds a run made with other settings ({'; '.join(fp.differences(record)[:4])}"
+            "); pass overwrite=true to replace it, or choose another output_dir."
+        )
+    requested = list(cfg.cv.run_folds) or list(range(len(splits)))
+    if max(requested) >= len(splits):
+        raise UserError(
+            f"cv.run_folds={list(cfg.cv.run_folds)}: this run has {len(splits)} splits "
+            f"(indices 0-{len(splits) - 1}, repeat-major)."
+        )
+    plan = Plan(
+        out, target, splits, doc, fp, same, str(record["run_id"]) if same and record else ""
+    )
+    replayed = None if rank0 else os.environ.get(PLAN_ENV)
+    if replayed:  # a DDP replica: exactly rank 0's folds
+        data = json.loads(replayed)
+        plan.target, plan.todo = Path(data["target"]), list(data["todo"])
+    else:
+        todo = set(plan.unfinished()) if same else set(plan.names)
+        plan.todo = [i for i in requested if plan.names[i] in todo]
+    return plan
+
+
+def cleanup(out: Path, overwrite: bool) -> None:
+    """Rank 0, first: finish a swap a crash interrupted; without overwrite, drop an idle
+    leftover of a crashed `fit overwrite=true`."""
+    rundir.recover(out)
+    new = rundir.staging(out)[0]
+    if overwrite or not new.is_dir():
+        return
+    lock = try_lock(new / REPLACE_LOCK)
+    if lock is None:
+        return  # a replacement being built right now
+    lock.release()
+    if rundir.run_record(new) is not None or is_empty(new):
+        shutil.rmtree(new)
+
+
+def _take_staging(plan: Plan) -> None:
+    """Lock the replacement folder; a leftover made with other settings is started over."""
+    new = plan.target
+    if new.is_dir():
+        lock = try_lock(new / REPLACE_LOCK)
+        if lock is None:
+            raise UserError(f"another `fit overwrite=true` is replacing '{plan.out}' right now.")
+        if plan.resumable:
+            plan.locks[REPLACE_LOCK] = lock
+            return
+        lock.release()
+        if rundir.run_record(new) is None and not is_empty(new):
+            raise UserError(f"'{new}' is in the way of replacing '{plan.out}'; move it away.")
+        shutil.rmtree(new)
+    new.mkdir(parents=True)
+    lock = try_lock(new / REPLACE_LOCK)
+    assert lock is not None
+    plan.locks[REPLACE_LOCK] = lock
+
+
+def start_fit(plan: Plan, cfg: FitConfig, provenance: dict[str, Any]) -> None:
+    """Rank 0: claim the target, write the run files once, lock the folds this process trains."""
+    if plan.replacing:
+        _take_staging(plan)
+    plan.run_id = rundir.claim_run(plan.target, plan.fingerprint)
+    saved = dataclasses.replace(  # the run as one command: no fold subset, nothing to replace
+        cfg, overwrite=False, cv=dataclasses.replace(cfg.cv, run_folds=[])
+    )
+    rundir.write_run_files(plan.target, to_yaml(saved), provenance, plan.splits_doc)
+    finished = [n for i, n in enumerate(plan.names) if i not in plan.todo]
+    if finished and plan.resumable:
+        log.info("fit: resuming %s (%d fold(s) already finished)", plan.out, len(finished))
+    todo = []
+    for i in plan.todo:
+        name = plan.names[i]
+        lock = try_lock(rundir.fold_lock(plan.target, name))
+        if lock is None:
+            log.info("%s: being trained by another process; left to it", name)
+            continue
+        if not rundir.fold_problem(plan.target, name, plan.run_id, plan.fingerprint.digest):
+            lock.release()  # finished meanwhile by another process
+            continue
+        plan.locks[name] = lock
+        shutil.rmtree(rundir.partial_dir(plan.target, name), ignore_errors=True)  # a killed try
+        shutil.rmtree(plan.target / rundir.LOGS / name, ignore_errors=True)
+        todo.append(i)
+    plan.todo = todo
+    if todo:  # the results are remade once these folds are done
+        (plan.target / rundir.SUMMARY).unlink(missing_ok=True)
+    os.environ[PLAN_ENV] = json.dumps({"target": str(plan.target), "todo": todo})
+
+
+def finish(
+    plan: Plan, write: Callable[[Path], dict[str, Any]]
+) -> tuple[dict[str, Any], bool] | None:
+    """Once every fold is finished: (the run's summary, whether this process wrote the results
+    with ``write(folder)``); a replacement is then swapped in. None while folds are missing."""
+    missing = plan.unfinished()
+    if missing:
+        log.warning(
+            "fit: %d fold(s) not finished (%s): processes training them, or a later `fit` with "
+            "the same settings, finish the run",
+            len(missing),
+            ", ".join(missing[:8]),
+        )
+        return None
+    target = plan.target
+    with locked(target / rundir.FOLDS / ".finish.lock"):
+        wrote = not (target / rundir.SUMMARY).is_file()
+        summary = write(target) if wrote else rundir.load_run(target).summary
+    for lock_file in (target / rundir.FOLDS).glob(".*.lock"):
+        lock_file.unlink(missing_ok=True)
+    if plan.replacing:
+        rundir.replace_run(plan.out, target)
+        (plan.out / REPLACE_LOCK).unlink(missing_ok=True)
+    plan.release_all()
+    return summary, wrote
