@@ -48,13 +48,21 @@ def format_table(df: pd.DataFrame, columns: list[str], widths: dict[str, int]) -
     return "\n".join(lines)
 
 
-def counts(df: pd.DataFrame) -> str:
+def counts(df: pd.DataFrame, statuses: tuple[str, ...]) -> str:
+    """``3 ok, 1 empty, 0 failed, ...``: every status named, then any other that occurs."""
     c = Counter(df["status"])
-    return ", ".join(f"{n} {status}" for status, n in sorted(c.items(), key=lambda kv: -kv[1]))
+    names = [*statuses, *sorted(set(c) - set(statuses))]
+    return ", ".join(f"{c[s]} {s}" for s in names)
 
 
-def show(df: pd.DataFrame, title: str, columns: list[str], widths: dict[str, int]) -> None:
-    print(f"{title}: {counts(df)}\n{format_table(df, columns, widths)}", flush=True)
+def show(
+    df: pd.DataFrame,
+    title: str,
+    columns: list[str],
+    widths: dict[str, int],
+    statuses: tuple[str, ...],
+) -> None:
+    print(f"{title}: {counts(df, statuses)}\n{format_table(df, columns, widths)}", flush=True)
 
 
 def write(df: pd.DataFrame, csv: Path) -> bool:

@@ -157,6 +157,8 @@ class Engine:
         try:
             source = self._from_processes(work) if self.processes else self._from_threads(work)
             for tiles in source:
+                if self.writer.fatal:  # e.g. the disk filled up while the last slide was written
+                    raise RuntimeError(f"stopped: {self.writer.fatal}")
                 y = self.encoder.encode(tiles.permute(0, 3, 1, 2), work.grid.tile_size,
                                         self.precision)  # fmt: skip
                 self.writer.put(work, y)

@@ -185,6 +185,7 @@ class SlideQueue:
             self.row(i, "failed", f"slide '{job.slide_path}' {why}; {fix}", cache_key=key)
             return None
         clean_temp_files(out.parent, job.slide_id)
+        log.info("claimed %s (%d tiles)", job.slide_id, len(grid.coords))
         return SlideWork(i, job, grid, out, attrs, claim)
 
     def _settled(self, i: int, out: Path, attrs: dict[str, Any], grid: TileGrid) -> bool:

@@ -105,7 +105,7 @@ def choose_workers(cfg: ExtractConfig, device: torch.device, batch_bytes: int) -
     workers = cfg.num_workers
     if workers is None:
         if device.type == "cpu":
-            return 0
+            return placement.shm_plan(0, batch_bytes, None)
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         workers = placement.reader_workers(
             cpus, os.cpu_count() or cpus, placement.local_world(os.environ)
@@ -258,7 +258,7 @@ def _report(run: Run, queue: SlideQueue, jobs: list[Any]) -> int:
             df[col] = np.nan
     df["mpp_source"] = [_mpp_source(g) for g in queue.grids]
     df = df[CSV_COLUMNS].sort_values("slide_id")
-    show(df, f"extract {run.encoder.name}", CSV_COLUMNS[:-2], WIDTHS)
+    show(df, f"extract {run.encoder.name}", CSV_COLUMNS[:-2], WIDTHS, (*DONE, "empty", "failed"))
     keys = sorted(df["cache_key"].dropna().unique())
     wrote = True
     for key in keys:  # each cache folder's table: its slides and those that never got a key
@@ -269,6 +269,9 @@ def _report(run: Run, queue: SlideQueue, jobs: list[Any]) -> int:
     bad = df[~df["status"].isin(DONE)]
     for r in bad.itertuples():
         log.error("  %s %s: %s", r.status, r.slide_id, r.reason)
+    if queue.stopped:
+        log.error("extract stopped early: %s; make room (or use another output_dir) and re-run: "
+                  "finished slides are kept", queue.stopped)  # fmt: skip
     return 1 if len(bad) or not wrote else 0
 
 

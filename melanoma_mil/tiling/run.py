@@ -224,10 +224,10 @@ def run_tile(cfg: TileConfig) -> int:
     table = pd.DataFrame(rows, columns=COLUMNS).sort_values("slide_id")
     for r in table.itertuples():
         if r.status == "empty":
-            log.warning("%s: ZERO TILES: %s", r.slide_id, r.reason)
+            log.warning("%s: zero tiles: %s", r.slide_id, r.reason)
         elif r.status == "failed":
             log.warning("%s: FAILED: %s", r.slide_id, r.reason)
-    show(table, "tile", COLUMNS[:-1], WIDTHS)
+    show(table, "tile", COLUMNS[:-1], WIDTHS, ("ok", "empty", "failed", "skipped"))
     wrote = write(table, out / "tiling.csv")
     _sheet(table, out)
     print(f"  coords: {out / 'coords'}\n  QC images: {out / 'qc'}", flush=True)

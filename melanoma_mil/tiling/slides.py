@@ -126,8 +126,8 @@ def open_slide(path: str | os.PathLike[str]) -> SlideReader:
         return open_reader(p)
     except openslide.OpenSlideUnsupportedFormatError:
         raise UserError(
-            f"slide '{p}' is not a format OpenSlide, tifffile (OME-TIFF) or pylibCZIrw reads "
-            "(or is corrupt); convert it to pyramidal TIFF or remove it."
+            f"slide '{p}' is not a format OpenSlide reads (nor an OME-TIFF or CZI), or is "
+            "corrupt; convert it to pyramidal TIFF or remove it."
         ) from None
     except (openslide.OpenSlideError, tifffile.TiffFileError, RuntimeError) as e:
         raise UserError(f"slide '{p}' is corrupt or truncated ({e}); re-export it.") from None
