@@ -57,6 +57,7 @@ class Task:
     cfg: TilingConfig
     mpp: float | None  # mpp_csv override
     stale_after: float
+    since: float  # when this run started: coords newer than that were made by a peer
 
 
 def _reason(e: Exception) -> str:
@@ -78,7 +79,7 @@ def tile_one(task: Task) -> dict[str, Any]:
         coords.parent.mkdir(parents=True, exist_ok=True)
         if not claim.acquire():
             return _row(task.slide_id, task.path, "claimed", reason=describe(claim.owner))
-        if coords.is_file():  # a peer finished it between our look and our claim
+        if coords.is_file() and coords.stat().st_mtime >= task.since:  # a peer just did it
             return _row(task.slide_id, task.path, "skipped", reason="tiled by another process")
         slide = open_slide(task.path)
         try:
@@ -208,7 +209,8 @@ def run_tile(cfg: TileConfig) -> int:
     rows: list[dict[str, Any]] = []
     todo: list[Task] = []
     for sid, path in slides.items():
-        task = Task(sid, str(path), str(out), cfg.tiling, overrides.get(sid), cfg.stale_after_s)
+        task = Task(sid, str(path), str(out), cfg.tiling, overrides.get(sid), cfg.stale_after_s,
+                    since)  # fmt: skip
         coords = id_path(out / "coords", sid, ".h5")
         if coords.is_file() and not cfg.overwrite:
             try:
