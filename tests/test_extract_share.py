@@ -171,3 +171,22 @@ def test_a_full_disk_is_a_one_line_failure_with_no_partial_file(tmp_path: Path) 
         assert not list(full.rglob("*.tmp")) and not list(full.rglob("*.lock"))
     finally:
         subprocess.run(["umount", str(full)], check=False)
+
+
+def test_a_small_dev_shm_moves_reads_to_threads_with_a_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    shm = tmp_path / "shm"
+    if not _mounted_tmpfs(shm, "64k"):  # a container's /dev/shm, scaled to these tiny batches
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        import melanoma_mil.features.run as extract_run
+
+        monkeypatch.setattr(extract_run, "SHM", shm)
+        tiles = make_cohort(tmp_path, 1, side=288, tile=32)
+        with caplog.at_level("WARNING"):
+            assert run_extract(cfg_for(tiles, tmp_path / "f", num_workers=2, batch_size=64)) == 0
+        assert "reading in threads of this process instead" in caplog.text
+        assert "--shm-size" in caplog.text
+    finally:
+        subprocess.run(["umount", str(shm)], check=False)
