@@ -181,7 +181,7 @@ class Claim:
 
     def release(self) -> None:
         """Drop the claim if it is still ours (a peer may have taken over a hung process's)."""
-        if self.held and self.read().get("pid") == self._me.get("pid"):
+        if self.held and self.read() == self.owner:
             with contextlib.suppress(OSError):
                 self.path.unlink(missing_ok=True)
         self.held = False

@@ -190,3 +190,18 @@ def test_a_small_dev_shm_moves_reads_to_threads_with_a_message(
         assert "--shm-size" in caplog.text
     finally:
         subprocess.run(["umount", str(shm)], check=False)
+
+
+def test_low_precision_weights_keep_the_features_bit_identical() -> None:
+    import torch
+
+    from melanoma_mil.config import EncoderConfig
+    from melanoma_mil.encoders import build_encoder
+
+    enc = build_encoder(EncoderConfig(name="resnet18_imagenet", pretrained=False))
+    tiles = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    before = enc.encode(tiles, 32, "bf16")
+    assert enc.low_precision_weights("bf16", 32)
+    assert enc.module.conv1.weight.dtype == torch.bfloat16
+    assert torch.equal(enc.encode(tiles, 32, "bf16"), before)
+    assert not enc.low_precision_weights("fp32", 32)  # nothing to store in fp32
