@@ -148,6 +148,10 @@ class FitConfig:
 
 
 # --------------------------------------------------------------------------- tiling
+SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".vmu", ".bif")
+SLIDE_EXTENSIONS += (".czi", ".dcm", ".btf", ".svslide")
+
+
 @dataclass
 class TissueConfig:
     """Tissue segmentation on a low-resolution thumbnail; unset (None) keys come from `preset`."""
@@ -182,10 +186,8 @@ class TileConfig:
     slides_dir: str | None = None
     manifest: str | None = None  # CSV with slide_id, path (instead of slides_dir)
     output_dir: str = "runs/tiles"
-    extensions: list[str] = field(
-        default_factory=lambda: [".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".bif",
-                                 ".czi", ".dcm", ".btf", ".vmu", ".svslide"]  # fmt: skip
-    )
+    # .dcm: a folder of DICOM WSI files is one slide
+    extensions: list[str] = field(default_factory=lambda: list(SLIDE_EXTENSIONS))
     workers: int = bounded(2, 1)
     overwrite: bool = False
     # CSV slide_id,mpp: level-0 resolution per slide, over what the file says (or in its place)
