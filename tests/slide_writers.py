@@ -156,6 +156,51 @@ def ventana_bif(path: Path, img: np.ndarray, mpp: float, mag: int = 20) -> Path:
     return path
 
 
+SCN_OFFSET = 128  # px: where Leica places the scanned image inside the slide's collection area
+
+
+def leica_scn(path: Path, img: np.ndarray, mpp: float) -> Path:
+    """Leica SCN: the scn XML (a collection in nm, the main image's view offset inside it, one
+    dimension per level); the slide is the collection, the image at SCN_OFFSET px."""
+    h, w = img.shape[:2]
+    nm = round(mpp * 1000)
+    off = SCN_OFFSET * nm
+    small = shrink(img)
+    dims = "".join(
+        f'<dimension sizeX="{a.shape[1]}" sizeY="{a.shape[0]}" r="{i}" ifd="{i}"/>'
+        for i, a in enumerate((img, small))
+    )
+    xml = (
+        '<?xml version="1.0" encoding="utf-8"?>'
+        '<scn xmlns="http://www.leica-microsystems.com/scn/2010/10/01">'
+        f'<collection name="slide" uuid="c" sizeX="{w * nm + 2 * off}" '
+        f'sizeY="{h * nm + 2 * off}"><image name="main" uuid="i">'
+        "<creationDate>2024-01-01T00:00:00.00Z</creationDate>"
+        '<device model="Leica SCN400;Leica SCN" version="1.4"/>'
+        f'<pixels sizeX="{w}" sizeY="{h}">{dims}</pixels>'
+        f'<view sizeX="{w * nm}" sizeY="{h * nm}" offsetX="{off}" offsetY="{off}" spacingZ="0"/>'
+        "<scanSettings><objectiveSettings><objective>20</objective></objectiveSettings>"
+        "<illuminationSettings><numericalAperture>0.7</numericalAperture>"
+        "<illuminationSource>brightfield</illuminationSource></illuminationSettings>"
+        "</scanSettings></image></collection></scn>"
+    )
+    with tifffile.TiffWriter(path) as tif:
+        for i, level in enumerate((img, small)):
+            tif.write(
+                level,
+                tile=(256, 256),
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": 90},
+                metadata=None,
+                subfiletype=1 if i else 0,
+                description=xml if i == 0 else None,
+                resolution=(1e4 / (mpp * 4**i),) * 2,
+                resolutionunit="CENTIMETER",
+            )
+    return path
+
+
 def ome_tiff(path: Path, img: np.ndarray, mpp: float) -> Path:
     """OME-TIFF pyramid in SubIFDs (what bfconvert, QuPath and tifffile write)."""
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
@@ -209,6 +254,7 @@ WRITERS = {
     "hamamatsu": (hamamatsu_ndpi, ".ndpi"),
     "philips": (philips_tiff, ".tiff"),
     "ventana": (ventana_bif, ".bif"),
+    "leica": (leica_scn, ".scn"),
     "ome-tiff": (ome_tiff, ".ome.tiff"),
     "zeiss-czi": (zeiss_czi, ".czi"),
     "dicom": (dicom_wsi, ""),
