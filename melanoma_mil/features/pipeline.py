@@ -46,11 +46,11 @@ def failure(e: BaseException) -> str:
 class Writer:
     """Copies features back and stores them, on its own thread (``threaded``) or in line.
 
-    ``finish(work, error)`` runs once per slide after its last batch is stored ("" = no error);
-    it may set ``fatal`` (e.g. the disk is full) to stop the run.
+    ``finish(work, error)`` runs once per slide after its last batch is stored ("" = no error)
+    and returns why the run must stop (e.g. the disk is full), kept in ``fatal``.
     """
 
-    def __init__(self, finish: Callable[[SlideWork, str], None], threaded: bool) -> None:
+    def __init__(self, finish: Callable[[SlideWork, str], str], threaded: bool) -> None:
         self.finish = finish
         self.fatal = ""
         self._stream: Any = None  # torch.cuda.Stream for copies, made at the first GPU batch
@@ -102,7 +102,7 @@ class Writer:
         kind, work = item[0], item[1]
         if kind == "end":
             try:
-                self.finish(work, work.error or item[2])
+                self.fatal = self.finish(work, work.error or item[2]) or self.fatal
             except Exception as e:  # never lose the thread: the run must still end
                 log.error("slide %s: %s", work.slide_id, failure(e))
             return

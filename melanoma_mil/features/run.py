@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from melanoma_mil.encoders import Encoder, build_encoder, resolve_precision
 from melanoma_mil.errors import UserError
 from melanoma_mil.features import placement
 from melanoma_mil.features.data import ReaderProcesses, RunBatches, coords_files, plan_jobs
-from melanoma_mil.features.pipeline import Engine, Writer
+from melanoma_mil.features.pipeline import Engine, Writer, failure
 from melanoma_mil.features.queue import SlideQueue, SlideWork, disk_full, write_record
 from melanoma_mil.io import h5_bytes, write_bytes
 from melanoma_mil.progress import progress
@@ -154,9 +155,11 @@ def write_bag(work: SlideWork) -> None:
     write_bytes(work.out, h5_bytes(build))
 
 
-def _finisher(queue: SlideQueue, writer: list[Writer]) -> Any:
-    def finish(work: SlideWork, error: str) -> None:
-        """Write the slide (or record why not), release its claim, and report it."""
+def _finisher(queue: SlideQueue) -> Callable[[SlideWork, str], str]:
+    def finish(work: SlideWork, error: str) -> str:
+        """Write the slide (or record why not), release its claim, report it; returns why the
+        run must stop ("" to go on)."""
+        fatal = ""
         if not error and work.filled != work.n:
             error = f"read {work.filled} tiles, expected {work.n}"
         if not error:
@@ -164,19 +167,20 @@ def _finisher(queue: SlideQueue, writer: list[Writer]) -> Any:
                 write_bag(work)
             except OSError as e:
                 error = f"cannot write {work.out}: {e.strerror or e}"
-                if disk_full(e):
-                    writer[0].fatal = f"disk full ({e.strerror}) in {work.out.parent}"
+                fatal = f"disk full ({e.strerror}) in {work.out.parent}" if disk_full(e) else ""
+            except Exception as e:  # e.g. MemoryError building the file: this slide only
+                error = failure(e)
         work.feats = None
         dt = time.perf_counter() - work.start
-        row = {"status": "failed" if error else "ok", "reason": error, "n_tiles": work.n,
-               "seconds": round(dt, 2), "tiles_per_s": round(work.n / dt, 1),
+        row = {"n_tiles": work.n, "seconds": round(dt, 2), "tiles_per_s": round(work.n / dt, 1),
                "reader": work.reader}  # fmt: skip
+        status = "failed" if error else "ok"
         if error:
             log.error("slide %s failed: %s", work.slide_id, error)
-        write_record(work.out, row)
+        write_record(work.out, {"status": status, "reason": error, **row})
         work.claim.release()
-        queue.row(work.index, row.pop("status"), row.pop("reason"),
-                  cache_key=work.attrs["cache_key"], **row)  # fmt: skip
+        queue.row(work.index, status, error, cache_key=work.attrs["cache_key"], **row)
+        return fatal
 
     return finish
 
@@ -219,9 +223,7 @@ def run_extract(cfg: ExtractConfig) -> int:
         f"{workers} reader processes" if workers else "in-process readers",
     )  # fmt: skip
     total = sum(len(g.coords) for g in grids if isinstance(g, TileGrid))
-    slot: list[Writer] = []
-    writer = Writer(_finisher(queue, slot), threaded=cfg.async_write)
-    slot.append(writer)
+    writer = Writer(_finisher(queue), threaded=cfg.async_write)
     processes = None
     if workers:
         slides = [(job.slide_path or Path(), job.coords_path) for job in jobs]
