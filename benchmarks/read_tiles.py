@@ -9,8 +9,8 @@ CMU-1-Small-Region when present; also how many JPEG tiles the direct reader deco
 pass (each once is the ideal).
 
 Then 10x from a 40x Aperio SVS (written by tests/slide_writers.py: level 1 is w//4 x h//4, so
-its downsample is 4.0011, as on scanners): the default reader (direct JPEG reads at the nearest
-level pixel, ``tiff-jpeg-subpx``) against OpenSlide's resampled reads, in speed, in pixels (mean
+its downsample is about 4.001, as on scanners): the default reader (direct JPEG reads at the
+nearest level pixel, ``tiff-jpeg-subpx``) against OpenSlide's resampled reads, in speed, in pixels (mean
 absolute difference, next to the JPEG error of the level itself) and in features (cosine
 similarity per tile; resnet50_trunc with random weights, which responds to the same pixel
 changes a trained one does, only without meaning).
@@ -70,15 +70,16 @@ def all_tiles(path: Path, grid: TileGrid, reader: str) -> tuple[np.ndarray, str]
 
 
 def subpixel_case(root: Path) -> None:
-    """10x (1.0 um/px, 224 px) from a 40x (0.25 um/px) Aperio slide's 4.0011x level."""
-    img = tissue(4501, 6002)
+    """10x (1.0 um/px, 224 px) from a 40x (0.25 um/px) Aperio slide's ~4.001x level."""
+    h, w = 6001, 9002
+    img = tissue(h, w)
     svs = aperio_svs(root / "40x.svs", img, mpp=0.25, mag=40)
     with tifffile.TiffFile(svs) as tif:
         lw, lh = tif.pages[1].imagewidth, tif.pages[1].imagelength
-    ds = (6002 / lw + 4501 / lh) / 2  # OpenSlide's level downsample
+    ds = (w / lw + h / lh) / 2  # OpenSlide's level downsample
     choice = choose_level([1.0, ds], 0.25, 1.0, 224)
     step = choice.level0_size
-    xs, ys = np.arange(0, 6002 - step, step), np.arange(0, 4501 - step, step)
+    xs, ys = np.arange(0, w - step, step), np.arange(0, h - step, step)
     coords = np.round([(x, y) for y in ys for x in xs]).astype(np.int64)
     grid = TileGrid(coords, str(svs), choice.level, choice.downsample, choice.read_size, 224,
                     0.25, 1.0, {"tile_size": 224})  # fmt: skip
