@@ -10,9 +10,9 @@ pass (each once is the ideal).
 
 Then 10x from a 40x Aperio SVS (written by tests/slide_writers.py: level 1 is w//4 x h//4, so
 its downsample is about 4.001, as on scanners): the default reader (direct JPEG reads at the
-nearest level pixel, ``tiff-jpeg-subpx``) against OpenSlide's resampled reads, in speed, in pixels (mean
-absolute difference, next to the JPEG error of the level itself) and in features (cosine
-similarity per tile; resnet50_trunc with random weights, which responds to the same pixel
+nearest level pixel, ``tiff-jpeg-subpx``) against OpenSlide's resampled reads, in speed, in
+pixels (mean absolute difference, next to the JPEG error of the level itself) and in features
+(cosine similarity per tile; resnet50_trunc with random weights, which responds to the same pixel
 changes a trained one does, only without meaning).
 
     python benchmarks/read_tiles.py
