@@ -4,7 +4,7 @@ A claim is a file created with O_EXCL that names its owner: host, a machine id (
 namespace), pid and the process start time. It is stale when its owner is provably gone (same
 machine: the pid is dead, or now belongs to a process that started at another time, as happens
 when containers recycle pids), or when its heartbeat (the file's mtime) is older than
-``stale_after`` seconds (another host, a dead node, a hung process). A stale claim is taken over.
+``stale_after`` seconds (another host that died, a hung process). A stale claim is taken over.
 """
 
 from __future__ import annotations
@@ -116,13 +116,9 @@ class Claim:
             return None
 
     def stale(self, owner: Mapping[str, Any]) -> bool:
+        """Its process is gone, or its heartbeat stopped (a dead host, or a hung process)."""
         age = self.age()
-        if age is None:
-            return True
-        gone = owner_gone(owner)
-        if gone is not None:
-            return gone
-        return age > self.stale_after
+        return age is None or owner_gone(owner) is True or age > self.stale_after
 
     def live_owner(self) -> dict[str, Any] | None:
         """The owner of a live claim by someone else, or None (no claim, or a stale one)."""

@@ -96,3 +96,11 @@ def test_batch_size_for_the_device() -> None:
     assert placement.batch_size("cuda", 70 * gb, 20 << 20) == 1024  # big GPU, small model
     assert placement.batch_size("cuda", 20 * gb, 60 << 20) == 128  # 170 fit -> 128
     assert placement.batch_size("cuda", 1 * gb, 100 << 20) == 5  # nearly full: what fits
+
+
+def test_a_live_but_silent_process_on_this_host_goes_stale_too(tmp_path: Path) -> None:
+    lock = tmp_path / "s.lock"
+    _write_owner(lock)  # alive (this process), but its heartbeat stopped: hung
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    assert Claim(lock, stale_after=60).acquire()
