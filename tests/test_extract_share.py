@@ -74,7 +74,8 @@ def test_two_processes_one_killed_every_slide_once_and_bit_identical(tmp_path: P
                     owner = json.loads(lock.read_text())
                 except (OSError, ValueError):
                     continue
-                if owner.get("pid") == a.pid and bags(out):
+                done = lock.with_suffix(".h5").exists()  # A may be just past its write
+                if owner.get("pid") == a.pid and bags(out) and not done:
                     a.send_signal(signal.SIGKILL)
                     killed = lock.stem
                     break
@@ -89,7 +90,9 @@ def test_two_processes_one_killed_every_slide_once_and_bit_identical(tmp_path: P
     counts = Counter(claimed(logs[0]) + claimed(logs[1]))
     assert set(counts) == {f"s{i}" for i in range(6)}
     assert {s for s, n in counts.items() if n > 1} <= {killed}  # only the killed slide twice
-    assert killed in claimed(logs[1])  # taken over by B
+    (record,) = out.glob(f"*/.status/{killed}.json")
+    by_b = f"pid {b.pid} " in json.loads(record.read_text())["by"]
+    assert killed in claimed(logs[1]) and by_b  # taken over by B
 
     mine, theirs = bags(out), bags(ref)
     assert sorted(mine) == sorted(theirs)
