@@ -8,11 +8,19 @@ tiles, a 224-px grid that is not (tiles straddle up to four JPEG tiles), the sam
 CMU-1-Small-Region when present; also how many JPEG tiles the direct reader decoded for one
 pass (each once is the ideal).
 
+Then 10x from a 40x Aperio SVS (written by tests/slide_writers.py: level 1 is w//4 x h//4, so
+its downsample is about 4.001, as on scanners): reader=fast (direct JPEG reads at the
+nearest level pixel, ``tiff-jpeg-subpx``) against OpenSlide's resampled reads, in speed, in
+pixels (mean absolute difference, next to the JPEG error of the level itself) and in features
+(cosine similarity per tile; resnet50_trunc with random weights, which responds to the same pixel
+changes a trained one does, only without meaning).
+
     python benchmarks/read_tiles.py
 """
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,10 +29,18 @@ import numpy as np
 import tifffile
 import torch
 from extract_throughput import make_slide, read_rate
+from PIL import Image
+from scipy.ndimage import gaussian_filter
 
+from melanoma_mil.config import EncoderConfig
 from melanoma_mil.demo.pyramid import write_pyramid
+from melanoma_mil.encoders import build_encoder
 from melanoma_mil.features.data import SlideBatches
 from melanoma_mil.tiling.coords import TileGrid
+from melanoma_mil.tiling.slides import choose_level
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from slide_writers import aperio_svs  # noqa: E402
 
 CMU = Path(__file__).resolve().parents[2] / "shared/data/cmu_small_region.svs"
 
@@ -33,6 +49,72 @@ def grid_of(path: Path, width: int, height: int, tile: int) -> TileGrid:
     xs, ys = np.arange(0, width - tile + 1, tile), np.arange(0, height - tile + 1, tile)
     coords = np.array([(x, y) for y in ys for x in xs], np.int64)
     return TileGrid(coords, str(path), 0, 1.0, tile, tile, 0.5, 0.5, {"tile_size": tile})
+
+
+def tissue(h: int, w: int) -> np.ndarray:
+    """40x-like H&E texture: pink/purple at ~30 um, nuclei-sized detail at ~2 um."""
+    rng = np.random.default_rng(0)
+    low = gaussian_filter(rng.random((h // 64 + 1, w // 64 + 1)), 1.5)
+    mask = np.kron((low - low.min()) / np.ptp(low), np.ones((64, 64)))[:h, :w, None]
+    detail = gaussian_filter(rng.standard_normal((h, w)), 3)[..., None]
+    img = np.array([235, 170, 200]) * (1 - mask) + np.array([120, 70, 150]) * mask
+    return np.clip(img + 60 * detail / detail.std(), 0, 255).astype(np.uint8)
+
+
+def all_tiles(path: Path, grid: TileGrid, reader: str) -> tuple[np.ndarray, str]:
+    data = SlideBatches(path, grid, 64, reader)
+    tiles = np.concatenate([data.read(i).numpy() for i in range(len(data))])
+    used = data.reader
+    data.close()
+    return tiles, used
+
+
+def subpixel_case(root: Path) -> None:
+    """10x (1.0 um/px, 224 px) from a 40x (0.25 um/px) Aperio slide's ~4.001x level."""
+    h, w = 6001, 9002
+    img = tissue(h, w)
+    svs = aperio_svs(root / "40x.svs", img, mpp=0.25, mag=40)
+    with tifffile.TiffFile(svs) as tif:
+        lw, lh = tif.pages[1].imagewidth, tif.pages[1].imagelength
+    ds = (w / lw + h / lh) / 2  # OpenSlide's level downsample
+    choice = choose_level([1.0, ds], 0.25, 1.0, 224)
+    step = choice.level0_size
+    xs, ys = np.arange(0, w - step, step), np.arange(0, h - step, step)
+    coords = np.round([(x, y) for y in ys for x in xs]).astype(np.int64)
+    grid = TileGrid(coords, str(svs), choice.level, choice.downsample, choice.read_size, 224,
+                    0.25, 1.0, {"tile_size": 224})  # fmt: skip
+    fast, slow = (
+        read_rate(svs, grid, 64, r, repeats=3, expect=e)
+        for r, e in (("fast", "tiff-jpeg-subpx"), ("openslide", "openslide"))
+    )
+    mine, used = all_tiles(svs, grid, "fast")
+    ref, _ = all_tiles(svs, grid, "openslide")
+    assert used == "tiff-jpeg-subpx", used
+    diff = np.abs(mine.astype(np.float32) - ref.astype(np.float32))
+    level = np.asarray(Image.fromarray(img).resize((lw, lh), Image.BILINEAR), np.float32)
+    jpeg = []  # the level's own JPEG error: direct reads (stored pixels) vs the level's source
+    for k in range(0, len(coords), max(1, len(coords) // 40)):
+        lx, ly = round(coords[k, 0] / ds), round(coords[k, 1] / ds)
+        src = level[ly : ly + 224, lx : lx + 224]
+        jpeg.append(np.abs(mine[k, : src.shape[0], : src.shape[1]] - src).mean())
+    enc = build_encoder(EncoderConfig(name="resnet50_trunc", pretrained=False))
+
+    def feats(t: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(t).permute(0, 3, 1, 2)
+        return torch.cat([enc.encode(x[i : i + 32], 224, "fp32") for i in range(0, len(x), 32)])
+
+    a, b = feats(mine), feats(ref)
+    cos = torch.nn.functional.cosine_similarity(a, b).numpy()
+    print(
+        f"  10x from 40x Aperio (level downsample {ds:.5f}) {len(coords)} tiles: direct at the "
+        f"nearest level pixel {fast:6.0f} tiles/s, OpenSlide (resampled) {slow:6.0f} tiles/s, "
+        f"x{fast / slow:.1f}\n"
+        f"    pixels vs OpenSlide: mean abs diff {diff.mean():.2f} (of 255), 99th pct "
+        f"{np.percentile(diff, 99):.0f}; the level's own JPEG error: "
+        f"{np.mean(jpeg):.2f}\n"
+        f"    resnet50_trunc features (random weights, fp32): cosine similarity mean "
+        f"{cos.mean():.5f}, min {cos.min():.5f}"
+    )
 
 
 def decodes(path: Path, grid: TileGrid) -> int:
@@ -72,6 +154,7 @@ def main() -> None:
                 f"OpenSlide {slow:6.0f} tiles/s, x{fast / slow:.1f}; "
                 f"{decodes(path, grid)} decodes of {jpeg_tiles} JPEG tiles"
             )
+        subpixel_case(root)
 
 
 if __name__ == "__main__":

@@ -184,6 +184,10 @@ class FitConfig:
 
 
 # --------------------------------------------------------------------------- tiling
+SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".vmu", ".bif")
+SLIDE_EXTENSIONS += (".czi", ".dcm", ".btf", ".svslide")
+
+
 @dataclass
 class TissueConfig:
     """Tissue segmentation on a low-resolution thumbnail; unset (None) keys come from `preset`."""
@@ -218,11 +222,15 @@ class TileConfig:
     slides_dir: str | None = None
     manifest: str | None = None  # CSV with slide_id, path (instead of slides_dir)
     output_dir: str = "runs/tiles"
-    extensions: list[str] = field(
-        default_factory=lambda: [".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".bif"]
-    )
+    # .dcm: a folder of DICOM WSI files is one slide
+    extensions: list[str] = field(default_factory=lambda: list(SLIDE_EXTENSIONS))
     workers: int = bounded(2, 1)
     overwrite: bool = False
+    # CSV slide_id,mpp: level-0 resolution per slide, over what the file says (or in its place)
+    mpp_csv: str | None = None
+    # a claim on a slide (<output_dir>/coords/<id>.lock) whose process is gone, or whose
+    # heartbeat is older than this on another host, is taken over
+    stale_after_s: float = positive(900.0)
     tiling: TilingConfig = field(default_factory=TilingConfig)
 
 
@@ -238,8 +246,10 @@ class EncoderConfig:
 class ExtractConfig:
     """`extract`: encode every tile of every slide into a cached feature bag.
 
-    Writes <output_dir>/<cache_key>/<slide_id>.h5; reruns skip finished slides, and several
-    processes or nodes (RANK/WORLD_SIZE) can share one output_dir. encoder.name: resnet50_trunc
+    Writes <output_dir>/<cache_key>/<slide_id>.h5; reruns skip finished slides, and any number
+    of processes or nodes can share one output_dir (each claims the next slide; a dead one's
+    slide is taken over; every process ends with the whole cohort's table, extract.csv, and
+    exits 0 only when every slide is done). encoder.name: resnet50_trunc
     (CLAM), resnet18_imagenet, vit_s16_imagenet, ciga_simclr_resnet18, retccl_resnet50,
     lunit_dino_vits16, uni, uni2_h, h_optimus_0, virchow2, phikon, gigapath, or timm:<model>.
     """
@@ -249,19 +259,28 @@ class ExtractConfig:
     coords_dir: str | None = None  # a `tile` output folder (its coords/ subfolder is used)
     output_dir: str = "runs/features"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    batch_size: int = bounded(64, 1)
-    # reader processes (own OpenSlide handle each) overlapping reads with compute; 0: threads
-    # in-process between forward passes (best on CPU-only). None: 0 on CPU, min(8, cores) on GPU
+    batch_size: int | None = bounded(None, 1)  # None: 64 on CPU, sized to the GPU's memory
+    # reader processes (own slide handle each) overlapping reads with compute; 0: threads
+    # in-process between forward passes (best on CPU-only). None: 0 on CPU; on GPU the CPUs this
+    # process may use (sched_getaffinity) shared among the ranks on the node, at most 12
     num_workers: int | None = bounded(None, 0)
+    # auto: cuda:<LOCAL_RANK or SLURM_LOCALID> among the visible GPUs (CUDA_VISIBLE_DEVICES)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # auto: the encoder's preferred where fast (bf16 on AMX CPUs)
     precision: str = choice("auto", "auto", "fp32", "bf16", "fp16")
     dtype: str = choice("float16", "float16", "float32")  # stored feature dtype
-    # auto: decode JPEG-tiled TIFF/SVS levels directly (~3x cheaper reads), only where probe
-    # tiles match OpenSlide bit for bit; openslide: always read through OpenSlide
-    reader: str = choice("auto", "auto", "openslide")
+    # auto: decode JPEG-tiled TIFF/SVS levels directly (~3x cheaper reads) where probe tiles
+    # match OpenSlide bit for bit, else read through OpenSlide. fast: also read levels with
+    # non-integer downsamples (10x from 40x Aperio) directly at the nearest level pixel (<= 0.5
+    # px off OpenSlide's resampling, ~12x faster there); its features go to their own cache
+    # (key suffix -fast). openslide: always read through OpenSlide
+    reader: str = choice("auto", "auto", "fast", "openslide")
     overwrite: bool = False
     extensions: list[str] = field(default_factory=lambda: list(TileConfig().extensions))
+    # see tile's stale_after_s; claims are <output_dir>/<cache_key>/<slide_id>.lock
+    stale_after_s: float = positive(900.0)
+    # copy features back and write them on a separate thread (false: in line, for debugging)
+    async_write: bool = True
 
 
 # --------------------------------------------------------------------------- tracking

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,25 @@ def atomic_h5(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
     """Open a new h5 file that appears at ``path`` only once it is completely written."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         yield f
+
+
+def h5_bytes(build: Callable[[h5py.File], None]) -> bytes:
+    """An h5 file made in memory by ``build(f)``, as bytes for `write_bytes`.
+
+    HDF5 must never write to a disk that can fill up: after a failed write (ENOSPC) its file
+    object cannot be closed cleanly and the interpreter segfaults at exit. In memory nothing can
+    fail but RAM, and the bytes are then written with plain Python I/O.
+    """
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        build(f)
+    return buffer.getvalue()
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write bytes atomically: a full disk raises OSError and leaves nothing behind."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

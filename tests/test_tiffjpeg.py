@@ -84,7 +84,7 @@ def test_non_jpeg_tiff_and_forced_openslide_give_identical_batches(tmp_path: Pat
     for path, expected in ((zlib, "openslide"), (jpeg, "tiff-jpeg")):
         grid = TileGrid(coords, str(path), 0, 1.0, 224, 224, 0.5, 0.5, {"tile_size": 224})
         auto = SlideBatches(path, grid, 16)
-        forced = SlideBatches(path, grid, 16, direct=False)
+        forced = SlideBatches(path, grid, 16, reader="openslide")
         for i in range(len(auto)):
             np.testing.assert_array_equal(auto.read(i).numpy(), forced.read(i).numpy())
         assert (auto.reader, forced.reader) == (expected, "openslide")
@@ -93,7 +93,7 @@ def test_non_jpeg_tiff_and_forced_openslide_give_identical_batches(tmp_path: Pat
 
 
 def test_unknown_reader_is_refused_before_any_work() -> None:
-    with pytest.raises(UserError, match=r"reader='pillow' is not one of auto\|openslide"):
+    with pytest.raises(UserError, match=r"reader='pillow' is not one of auto\|exact\|openslide"):
         run_extract(ExtractConfig(reader="pillow"))
 
 

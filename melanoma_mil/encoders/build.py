@@ -128,6 +128,29 @@ class Encoder:
         with autocast(self.device, precision):
             return self.module(x).float()
 
+    def low_precision_weights(self, precision: str, tile_size: int) -> bool:
+        """Store the Linear/Conv weights in ``precision`` (bf16/fp16) once, instead of autocast
+        casting them at every batch, where the encoder allows it: kept only if two probe tiles
+        give bit-identical features (autocast casts these weights to that dtype anyway)."""
+        if precision not in ("bf16", "fp16") or self.device.type == "meta":
+            return False
+        gen = torch.Generator().manual_seed(0)
+        shape = (2, 3, tile_size, tile_size)
+        probe = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+        probe = probe.contiguous(memory_format=torch.channels_last)
+        before = self.encode(probe, tile_size, precision)
+        layers = [m for m in self.module.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+        saved = [(m.weight.data, None if m.bias is None else m.bias.data) for m in layers]
+        for m in layers:
+            m.to(_DTYPES[precision])
+        if torch.equal(before, self.encode(probe, tile_size, precision)):
+            return True
+        for m, (w, b) in zip(layers, saved, strict=True):
+            m.weight.data = w
+            if b is not None:
+                m.bias.data = b
+        return False
+
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     """Mixed-precision context for ``precision`` (no-op for fp32)."""

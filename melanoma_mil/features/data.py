@@ -3,27 +3,27 @@
 A dataset item is a whole batch of tiles as uint8 [B, S, S, 3], read in a DataLoader worker
 with its own OpenSlide handle: one IPC message per batch, and the float conversion, resize and
 normalisation happen later as batched tensor ops on the compute device. JPEG-tiled TIFF / SVS
-levels are decoded directly where verified identical to OpenSlide (see `tiffjpeg`).
+levels are decoded directly where verified against OpenSlide (see `tiffjpeg`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import openslide
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.tiffjpeg import FastTiles, open_fast_tiles
 from melanoma_mil.tiling.coords import TileGrid, read_coords
-from melanoma_mil.tiling.slides import find_slides, open_slide
+from melanoma_mil.tiling.slides import SlideReader, find_slides, open_slide
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,10 @@ def plan_jobs(
     extensions: list[str],
     slide_paths: dict[str, str],
 ) -> list[Job]:
-    """Pair each coords file with its slide: slides_dir / manifest if given, else its slide_path."""
+    """Pair each coords file with its slide: slides_dir / manifest if given, else its recorded
+    absolute slide_path (a relative one, from files made before paths were absolute, is refused:
+    it would resolve against whatever folder `extract` runs in). Whether the file found is the
+    slide that was tiled is checked later, against the recorded fingerprint."""
     found = find_slides(slides_dir, manifest, extensions) if (slides_dir or manifest) else {}
     jobs = []
     for sid, cpath in coords.items():
@@ -64,8 +67,16 @@ def plan_jobs(
             why = "" if path else "no slide with this id in slides_dir / manifest"
         else:
             recorded = slide_paths.get(sid, "")
-            path = Path(recorded) if recorded and Path(recorded).is_file() else None
+            path = Path(recorded) if recorded and Path(recorded).exists() else None
             why = "" if path else f"recorded slide_path '{recorded}' not found; set slides_dir"
+            if recorded and not Path(recorded).is_absolute():
+                path, why = (
+                    None,
+                    (
+                        f"{cpath} records a relative slide_path '{recorded}' (made by an older "
+                        "version): set slides_dir or manifest so the right slide is read"
+                    ),
+                )
         jobs.append(Job(sid, cpath, path, why))
     return jobs
 
@@ -85,35 +96,39 @@ class SlideBatches:
     their own through :class:`RunBatches`); the slide is opened at the first read."""
 
     def __init__(
-        self, slide_path: Path, grid: TileGrid, batch_size: int, direct: bool = True
+        self, slide_path: Path, grid: TileGrid, batch_size: int, reader: str = "auto"
     ) -> None:
         self.slide_path = slide_path
         self.coords = grid.coords
         self.level = grid.patch_level
         self.size = grid.read_size
         self.batch_size = batch_size
-        self.direct = direct  # decode TIFF JPEG tiles directly where exact (else OpenSlide)
-        self._slide: openslide.OpenSlide | None = None
+        self.mode = reader  # auto | fast | openslide: see ExtractConfig.reader
+        self._slide: SlideReader | None = None
         self._fast: FastTiles | None = None
 
     def __len__(self) -> int:
         return math.ceil(len(self.coords) / self.batch_size)
 
-    def open(self) -> openslide.OpenSlide:
-        """The slide's OpenSlide handle (and the direct reader, where verified), opened once."""
+    def open(self) -> SlideReader:
+        """The slide's reader (and the direct JPEG reader, where verified), opened once."""
         if self._slide is None:
             self._slide = open_slide(self.slide_path)
-            if self.direct and len(self.coords):
+            if self.mode != "openslide" and len(self.coords):
                 probes = [tuple(map(int, self.coords[i])) for i in {0, len(self.coords) - 1}]
                 self._fast = open_fast_tiles(
-                    self.slide_path, self._slide, self.level, self.size, probes
-                )
+                    self.slide_path, self._slide, self.level, self.size, probes,
+                    subpixel=self.mode == "fast",
+                )  # fmt: skip
         return self._slide
 
     @property
     def reader(self) -> str:
         """Which reader serves this slide's tiles (after the first read)."""
-        return "tiff-jpeg" if self._fast is not None else "openslide"
+        if self._fast is not None:
+            ds = self._fast.downsample
+            return "tiff-jpeg" if ds == int(ds) or not self._fast.subpixel else "tiff-jpeg-subpx"
+        return getattr(self._slide, "backend", "openslide")
 
     @property
     def decodes(self) -> int:
@@ -155,76 +170,107 @@ class SlideBatches:
         self._slide = self._fast = None
 
 
-class RunBatches(Dataset[torch.Tensor]):
+class RunBatches(Dataset[tuple[torch.Tensor, str]]):
     """Batches of every slide of a run, keyed (slide index, batch index), for reader processes
     that live for the whole run: forking per slide costs ~0.1-3 s (copy-on-write of the
     parent's heap), once per run it is paid once. A worker loads a slide's grid from its coords
-    file when the slide's first batch arrives and closes the slide it read before."""
+    file when the slide's first batch arrives and closes the slide it read before. Each item
+    is (tiles, reader name), so the run table can say which reader served the slide."""
 
-    def __init__(self, slides: list[tuple[Path, Path]], batch_size: int, direct: bool) -> None:
+    def __init__(self, slides: list[tuple[Path, Path]], batch_size: int, reader: str) -> None:
         self.slides = slides  # (slide path, coords h5 path)
         self.batch_size = batch_size
-        self.direct = direct
+        self.reader = reader
         self._open: tuple[int, SlideBatches] | None = None
 
     def __len__(self) -> int:
         return len(self.slides)
 
-    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, str]:
         s, b = key
         if self._open is None or self._open[0] != s:
             if self._open is not None:
                 self._open[1].close()
             path, coords = self.slides[s]
             grid = read_coords(coords)
-            self._open = (s, SlideBatches(path, grid, self.batch_size, self.direct))
-        return self._open[1].read(b)
+            self._open = (s, SlideBatches(path, grid, self.batch_size, self.reader))
+        data = self._open[1]
+        return data.read(b), data.reader
 
 
-class SlideSampler(Sampler[tuple[int, int]]):
-    """Yields the batches of the slide it is pointed at; re-pointed between slides."""
+class SlideStream(Sampler[tuple[int, int]]):
+    """Yields the batches of the slides queued on it, one slide after another, so reader
+    processes read the next slide's first batches while this one's last are encoded."""
 
     def __init__(self) -> None:
-        self.slide, self.batches = 0, 0
+        self.queue: deque[tuple[int, int]] = deque()  # (slide index, batches)
+        self.dry = True  # this iteration ran out of slides: later ones need a new iteration
+        self.total = 0  # batches of the slides this iteration took from the queue
+
+    def add(self, slide: int, batches: int) -> None:
+        self.queue.append((slide, batches))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.slide, b) for b in range(self.batches))
+        self.dry, self.total = False, 0
+        while self.queue:
+            slide, batches = self.queue.popleft()
+            self.total += batches
+            yield from ((slide, b) for b in range(batches))
+        self.dry = True
 
     def __len__(self) -> int:
-        return self.batches
+        return sum(n for _, n in self.queue)
 
 
 class ReaderProcesses:
-    """A persistent DataLoader over :class:`RunBatches`: ``batches(i, n)`` streams slide ``i``."""
+    """A persistent DataLoader over :class:`RunBatches`, fed slide by slide through a stream."""
 
-    def __init__(self, data: RunBatches, workers: int, pin_memory: bool) -> None:
+    def __init__(self, data: RunBatches, workers: int, pin_memory: bool, prefetch: int = 4) -> None:
         self.data, self.workers, self.pin_memory = data, workers, pin_memory
-        self.sampler = SlideSampler()
-        self.loader: DataLoader[torch.Tensor] | None = self._new_loader()
+        self.prefetch = prefetch
+        self.stream = SlideStream()
+        self.loader: DataLoader[tuple[torch.Tensor, str]] | None = None
+        self._it: Iterator[tuple[torch.Tensor, str]] | None = None
+        self._consumed = 0  # batches taken from the current iteration
+        self._start()
 
-    def _new_loader(self) -> DataLoader[torch.Tensor]:
-        """Fork the workers now, with no batch to read: forked later, they would inherit the
-        open h5 being written (and its HDF5 file lock) and keep it after it is renamed."""
-        loader = DataLoader(
+    def _start(self) -> None:
+        """Fork the workers now, with no batch to read (before any slide is open)."""
+        self.stream = SlideStream()
+        self.loader = DataLoader(
             self.data,
             batch_size=None,
-            sampler=self.sampler,
+            sampler=self.stream,
             num_workers=self.workers,
             pin_memory=self.pin_memory,
-            prefetch_factor=4,
+            prefetch_factor=self.prefetch,
             persistent_workers=True,
         )
-        self.sampler.batches = 0
-        iter(loader)
-        return loader
+        iter(self.loader)
 
-    def batches(self, slide: int, n_batches: int) -> DataLoader[torch.Tensor]:
+    @property
+    def window(self) -> int:
+        """Batches the loader reads ahead: the next slide is queued when this many are left."""
+        return self.workers * self.prefetch
+
+    def add(self, slide: int, batches: int) -> None:
+        """Queue a slide's batches; they follow the queued ones without a gap."""
         if self.loader is None:
-            self.loader = self._new_loader()
-        self.sampler.slide, self.sampler.batches = slide, n_batches
-        return self.loader
+            self._start()
+        self.stream.add(slide, batches)
+
+    def next(self) -> tuple[torch.Tensor, str]:
+        """The next batch of the queued slides, in order. A slide queued after the stream ran
+        dry starts a new iteration once every batch of the current one has been taken."""
+        drained = self.stream.dry and self._consumed == self.stream.total
+        if self._it is None or drained:
+            assert self.loader is not None
+            self._it, self._consumed = iter(self.loader), 0
+        self._consumed += 1
+        return next(self._it)
 
     def close(self) -> None:
         """Stop the workers (dropping the loader shuts its iterator's processes down); the next
-        ``batches`` starts new ones, e.g. after a slide failed and may have killed a worker."""
-        self.loader = None
+        ``add`` starts new ones, e.g. after a slide failed and may have killed a worker."""
+        self.loader = self._it = None
+        self.stream = SlideStream()

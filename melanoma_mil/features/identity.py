@@ -26,6 +26,7 @@ IDENTITY_FIELDS = (
     "tile_size",
     "target_mpp",
     "overlap",
+    "read_mode",  # "fast" (sub-pixel direct reads allowed); absent: pixels as OpenSlide reads
 )
 
 

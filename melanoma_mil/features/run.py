@@ -1,11 +1,11 @@
 """`extract`: encode every tile of every slide once into ``<output_dir>/<cache_key>/<id>.h5``.
 
-Resumable and shareable: finished slides are validated and skipped, each slide is claimed with a
-lock file, and ranks (torchrun / Lightning / SLURM env) take every world_size-th slide. With a
-GPU, DataLoader reader processes (one OpenSlide handle each, started once per run) overlap reads
-with the forward pass; on CPU, where both compete for the same cores, reader threads fill each
-batch between forward passes instead (measured faster). A slide's h5 appears only once
-complete, so a crash or kill never leaves a partial bag.
+Resumable and shareable by any number of processes on any hosts: each claims the next slide
+(`features.queue`), a dead process's slide is taken over, and every process ends with the whole
+cohort's table (``extract.csv`` in each cache folder), exiting 0 only when every slide is done.
+Placement (GPU, reader workers, batch size, /dev/shm) is decided by `features.placement`; the
+encoding loop (`features.pipeline`) overlaps reads, forward passes and writes. A slide's h5
+appears only once complete, so a crash, a kill or a full disk never leaves a partial bag.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,68 +25,36 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from melanoma_mil import __version__
 from melanoma_mil.config import ExtractConfig, check
 from melanoma_mil.encoders import Encoder, build_encoder, resolve_precision
 from melanoma_mil.errors import UserError
-from melanoma_mil.features.cache import (
-    SlideLock,
-    cache_key,
-    check_cached,
-    clean_temp_files,
-    slide_identity,
-)
-from melanoma_mil.features.data import (
-    Job,
-    ReaderProcesses,
-    RunBatches,
-    SlideBatches,
-    coords_files,
-    plan_jobs,
-)
-from melanoma_mil.io import atomic_h5, write_text
+from melanoma_mil.features import placement
+from melanoma_mil.features.data import ReaderProcesses, RunBatches, coords_files, plan_jobs
+from melanoma_mil.features.pipeline import Engine, Writer, failure
+from melanoma_mil.features.queue import SlideQueue, SlideWork, disk_full, write_record
+from melanoma_mil.io import h5_bytes, write_bytes
 from melanoma_mil.progress import progress
+from melanoma_mil.runtable import show, write
 from melanoma_mil.tiling.coords import TileGrid, read_coords
 
 log = logging.getLogger(__name__)
 
-_STORE = {"float16": np.float16, "float32": np.float32}
-CSV_COLUMNS = ["slide_id", "path", "status", "n_tiles", "reason", "seconds", "tiles_per_s"]
-
-
-@dataclass
-class Ctx:
-    """Everything a slide needs that is shared across slides."""
-
-    cfg: ExtractConfig
-    encoder: Encoder
-    precision: str
-    device: torch.device
-    out_root: Path
-    workers: int  # DataLoader reader processes; 0: in-process reader threads
-    pool: ThreadPoolExecutor | None = None  # the in-process reader threads (workers == 0)
-    readers: int = 1  # size of ``pool``
-    processes: ReaderProcesses | None = None  # the run's reader processes (workers > 0)
-
-
-def dist_rank() -> tuple[int, int]:
-    """(rank, world_size) from torchrun / Lightning (RANK, WORLD_SIZE) or SLURM env vars."""
-    for r, w in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if r in os.environ and w in os.environ:
-            rank, world = int(os.environ[r]), int(os.environ[w])
-            if not 0 <= rank < world:
-                raise UserError(f"{r}={rank} is outside 0..{w}-1={world - 1}; check the launcher.")
-            return rank, world
-    return 0, 1
+CSV_COLUMNS = ["slide_id", "status", "n_tiles", "seconds", "tiles_per_s", "reader", "mpp_source",
+               "reason", "path", "cache_key"]  # fmt: skip
+WIDTHS = {"slide_id": 24, "status": 8, "n_tiles": 7, "seconds": 7, "tiles_per_s": 7,
+          "reader": 15, "mpp_source": 15}  # fmt: skip
+SHM = Path("/dev/shm")  # where reader processes hand batches over (torch's shared memory)
+DONE = ("ok", "done", "skipped")
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: this rank's GPU (`placement.gpu_index`), else the CPU."""
     if name == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", placement.gpu_index(os.environ, torch.cuda.device_count()))
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -110,200 +79,209 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 1 << 30) == 1 and mallopt(m_trim_threshold, 1 << 30) == 1)
 
 
-def _attrs(ctx: Ctx, grid: TileGrid, key: str) -> dict[str, Any]:
-    return {
-        **grid.attrs(),
-        **ctx.encoder.provenance,
-        "precision": ctx.precision,
-        "cache_key": key,
-        "package_version": __version__,
-        "feature_dtype": ctx.cfg.dtype,
-    }
+def _probe_tile_bytes(encoder: Encoder, tile: int, precision: str) -> int:
+    """Peak GPU memory per tile of a forward (measured on 8 blank tiles)."""
+    device = encoder.device
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    encoder.encode(torch.zeros(8, 3, tile, tile, dtype=torch.uint8, device=device), tile, precision)
+    torch.cuda.synchronize(device)
+    return max(1, (torch.cuda.max_memory_allocated(device) - base) // 8)
 
 
-def _encode_slide(
-    ctx: Ctx,
-    index: int,
-    job: Job,
-    grid: TileGrid,
-    out: Path,
-    attrs: dict[str, Any],
-    lock: SlideLock,
-    bar: tqdm,
-) -> None:
-    """Stream the slide's features into a temp h5 that is renamed into place when complete."""
-    assert job.slide_path is not None
-    cfg, enc = ctx.cfg, ctx.encoder
-    data = SlideBatches(job.slide_path, grid, cfg.batch_size, direct=cfg.reader == "auto")
-    if ctx.processes is not None:  # slide ``index`` of the run's persistent reader processes
-        loader: Iterable[torch.Tensor] = ctx.processes.batches(index, len(data))
-    else:  # read each batch with all cores, then compute with all cores: no contention
-        loader = (data.read(i, ctx.pool, ctx.readers) for i in range(len(data)))
-    n = len(grid.coords)
+def choose_batch(cfg: ExtractConfig, encoder: Encoder, precision: str, tile: int) -> int:
+    if cfg.batch_size is not None:
+        return cfg.batch_size
+    device = encoder.device
+    if device.type != "cuda":
+        return placement.batch_size("cpu")
+    free = torch.cuda.mem_get_info(device)[0]
+    return placement.batch_size("cuda", free, _probe_tile_bytes(encoder, tile, precision))
+
+
+def choose_workers(cfg: ExtractConfig, device: torch.device, batch_bytes: int) -> placement.ShmPlan:
+    """Reader processes: asked for, or this rank's share of the CPUs on a GPU; then fitted to
+    the free /dev/shm (fewer, or threads instead), with the reason logged."""
+    workers = cfg.num_workers
+    if workers is None:
+        if device.type == "cpu":
+            return placement.shm_plan(0, batch_bytes, None)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        workers = placement.reader_workers(
+            cpus, os.cpu_count() or cpus, placement.local_world(os.environ)
+        )
     try:
-        with atomic_h5(out) as f:
-            feats = f.create_dataset("features", (n, enc.dim), dtype=_STORE[cfg.dtype])
-            f.create_dataset("coords", data=grid.coords)
-            for k, v in grid.attrs().items():
-                f["coords"].attrs[k] = v
-            for k, v in attrs.items():
-                f.attrs[k] = v
-            start = 0
-            for tiles in loader:
-                x = tiles.permute(0, 3, 1, 2)  # NHWC storage = channels_last, no copy
-                y = enc.encode(x, grid.tile_size, ctx.precision)
-                feats[start : start + len(y)] = y.cpu().numpy().astype(_STORE[cfg.dtype])
-                start += len(y)
-                bar.update(len(y))
-                lock.heartbeat()
-            if start != n:
-                raise RuntimeError(f"read {start} tiles, expected {n}")
-    finally:
-        data.close()
+        free: int | None = shutil.disk_usage(SHM).free
+    except OSError:
+        free = None
+    plan = placement.shm_plan(workers, batch_bytes, free)
+    if plan.note:
+        log.warning("extract: %s", plan.note)
+    return plan
 
 
-def _one_slide(ctx: Ctx, index: int, job: Job, grid: TileGrid | str, bar: tqdm) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "slide_id": job.slide_id,
-        "path": str(job.slide_path or ""),
-        "status": "failed",
-        "n_tiles": 0,
-        "reason": job.reason,
-    }
-    if isinstance(grid, str):  # the coords file could not be read
-        row["reason"] = grid
-        return row
-    n = len(grid.coords)
-    row["n_tiles"] = n
-    if job.slide_path is None:
-        return row
-    if n == 0:
-        row.update(status="empty", reason="no tiles in the coords file")
-        return row
-    key = cache_key(slide_identity(ctx.encoder.provenance, grid))
-    out = ctx.out_root / key / f"{job.slide_id}.h5"
-    attrs = _attrs(ctx, grid, key)
-    row["cache_key"] = key
-    if _finished(ctx, out, attrs, grid, row):
-        return row
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = SlideLock(out.with_name(f"{job.slide_id}.lock"))
-    if not lock.acquire():
-        row.update(status="locked", reason=f"in progress elsewhere: {lock.owner} ({lock.path})")
-        return row
-    t0 = time.perf_counter()
-    try:
-        if _finished(ctx, out, attrs, grid, row):  # another process completed it meanwhile
-            return row
-        clean_temp_files(out.parent, job.slide_id)
-        _encode_slide(ctx, index, job, grid, out, attrs, lock, bar)
-        dt = time.perf_counter() - t0
-        row.update(status="ok", reason="", seconds=round(dt, 2), tiles_per_s=round(n / dt, 1))
-    except Exception as e:  # one bad slide must not stop the cohort
-        last = (str(e).strip().splitlines() or [""])[-1]  # worker errors end with the cause
-        row["reason"] = (last if isinstance(e, UserError) else f"{type(e).__name__}: {last}")[:300]
-        log.error("slide %s failed: %s", job.slide_id, row["reason"])
-        if ctx.processes is not None:  # a worker may have died with the slide
-            ctx.processes.close()
-    finally:
-        lock.release()
-    return row
+@dataclass
+class Run:
+    """What every slide of the run shares."""
+
+    cfg: ExtractConfig
+    encoder: Encoder
+    precision: str
+    out_root: Path
+
+    @property
+    def identity_source(self) -> dict[str, Any]:
+        """The encoder's provenance plus the read mode, when it changes pixels (reader=fast)."""
+        fast = {"read_mode": "fast"} if self.cfg.reader == "fast" else {}
+        return {**self.encoder.provenance, **fast}
+
+    def attrs(self, grid: TileGrid, key: str) -> dict[str, Any]:
+        return {
+            **grid.attrs(),
+            **self.identity_source,
+            "precision": self.precision,
+            "cache_key": key,
+            "package_version": __version__,
+            "feature_dtype": self.cfg.dtype,
+        }
 
 
-def _finished(
-    ctx: Ctx, out: Path, attrs: dict[str, Any], grid: TileGrid, row: dict[str, Any]
-) -> bool:
-    """True (row filled in) when ``out`` is already there: a valid bag, or one we must not touch."""
-    if not out.exists() or ctx.cfg.overwrite:
-        return False
-    why = check_cached(out, attrs, grid.coords)
-    if why is None:
-        row.update(status="skipped", reason="already extracted")
-    else:
-        row["reason"] = f"{out} exists but {why}; pass overwrite=true to recompute it"
-    return True
+def write_bag(work: SlideWork) -> None:
+    """The slide's h5 (features, coords, provenance), written in one go once complete."""
+
+    def build(f: h5py.File) -> None:
+        f.create_dataset("features", data=work.feats)
+        f.create_dataset("coords", data=work.grid.coords)
+        for k, v in work.grid.attrs().items():
+            f["coords"].attrs[k] = v
+        for k, v in {**work.attrs, "reader": work.reader}.items():
+            f.attrs[k] = v
+
+    write_bytes(work.out, h5_bytes(build))
 
 
-def _read_grid(job: Job) -> TileGrid | str:
-    try:
-        return read_coords(job.coords_path)
-    except UserError as e:
-        return str(e)
+def _finisher(queue: SlideQueue) -> Callable[[SlideWork, str], str]:
+    def finish(work: SlideWork, error: str) -> str:
+        """Write the slide (or record why not), release its claim, report it; returns why the
+        run must stop ("" to go on)."""
+        fatal = ""
+        if not error and work.filled != work.n:
+            error = f"read {work.filled} tiles, expected {work.n}"
+        if not error:
+            try:
+                write_bag(work)
+            except OSError as e:
+                error = f"cannot write {work.out}: {e.strerror or e}"
+                fatal = f"disk full ({e.strerror}) in {work.out.parent}" if disk_full(e) else ""
+            except Exception as e:  # e.g. MemoryError building the file: this slide only
+                error = failure(e)
+        work.feats = None
+        dt = time.perf_counter() - work.start
+        row = {"n_tiles": work.n, "seconds": round(dt, 2), "tiles_per_s": round(work.n / dt, 1),
+               "reader": work.reader}  # fmt: skip
+        status = "failed" if error else "ok"
+        if error:
+            log.error("slide %s failed: %s", work.slide_id, error)
+        write_record(work.out, {"status": status, "reason": error, **row})
+        work.claim.release()
+        queue.row(work.index, status, error, cache_key=work.attrs["cache_key"], **row)
+        return fatal
+
+    return finish
 
 
 def run_extract(cfg: ExtractConfig) -> int:
-    """Extract features for every coords file under ``cfg.coords_dir``; 1 if any slide failed."""
+    """Extract features for every coords file under ``cfg.coords_dir``; 1 unless every slide
+    is done (failed, or still held by another process: see the table)."""
     check(cfg)  # also configs built in code (predict, heatmap, demo)
     coords = coords_files(cfg.coords_dir)
-    rank, world = dist_rank()
     recorded = {}
     if not (cfg.slides_dir or cfg.manifest):
         for sid, p in coords.items():
             with h5py.File(p, "r") as f:
                 recorded[sid] = str(f.attrs.get("slide_path", ""))
     jobs = plan_jobs(coords, cfg.slides_dir, cfg.manifest, list(cfg.extensions), recorded)
-    mine = jobs[rank::world]
+    grids: list[TileGrid | str] = []
+    for job in jobs:
+        try:
+            grids.append(read_coords(job.coords_path))
+        except UserError as e:
+            grids.append(str(e))
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         keep_freed_memory()
     encoder = build_encoder(cfg.encoder, device=device)
     precision = resolve_precision(cfg.precision, encoder.spec, device)
-    workers = cfg.num_workers
-    if workers is None:
-        workers = 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
-    ctx = Ctx(cfg, encoder, precision, device, Path(cfg.output_dir), workers)
+    tile = max((g.tile_size for g in grids if isinstance(g, TileGrid)), default=224)
+    if encoder.low_precision_weights(precision, tile):
+        log.info("extract: %s matmul weights stored in %s", encoder.name, precision)
+    batch = choose_batch(cfg, encoder, precision, tile)
+    read = max((g.read_size for g in grids if isinstance(g, TileGrid)), default=tile)
+    plan = choose_workers(cfg, device, batch * read * read * 3)
+    workers = plan.workers
+    run = Run(cfg, encoder, precision, Path(cfg.output_dir))
+    queue = SlideQueue(jobs, grids, run.out_root, run.identity_source, run.attrs, cfg.overwrite,
+                       cfg.stale_after_s)  # fmt: skip
     log.info(
-        "extract: %d slides (rank %d/%d takes %d), encoder %s on %s (%s), batch %d, %s",
-        len(jobs), rank, world, len(mine), encoder.name, device, precision, cfg.batch_size,
+        "extract: %d slides, encoder %s on %s (%s), batch %d, %s", len(jobs), encoder.name,
+        device, precision, batch,
         f"{workers} reader processes" if workers else "in-process readers",
     )  # fmt: skip
-    grids = [_read_grid(job) for job in mine]
-    total = sum(len(g.coords) for g in grids if not isinstance(g, str))
-    rows = []
-    ctx.readers = max(1, torch.get_num_threads())
+    total = sum(len(g.coords) for g in grids if isinstance(g, TileGrid))
+    writer = Writer(_finisher(queue), threaded=cfg.async_write)
+    processes = None
     if workers:
-        slides = [(job.slide_path or Path(), job.coords_path) for job in mine]
-        data = RunBatches(slides, cfg.batch_size, direct=cfg.reader == "auto")
-        ctx.processes = ReaderProcesses(data, workers, pin_memory=device.type == "cuda")
+        slides = [(job.slide_path or Path(), job.coords_path) for job in jobs]
+        processes = ReaderProcesses(
+            RunBatches(slides, batch, cfg.reader), workers, pin_memory=device.type == "cuda",
+            prefetch=plan.prefetch,
+        )  # fmt: skip
+    threads = max(1, torch.get_num_threads())
     try:
         with (
-            ThreadPoolExecutor(ctx.readers) as ctx.pool,
+            ThreadPoolExecutor(threads) as pool,
             progress(
                 total=total, unit="tile", desc=f"extract {encoder.name}", mininterval=1.0
-            ) as bar,
+            ) as bar,  # fmt: skip
         ):
-            for i, (job, grid) in enumerate(zip(mine, grids, strict=True)):
-                before = bar.n
-                row = _one_slide(ctx, i, job, grid, bar)
-                rows.append(row)
-                if row["status"] != "ok" and not isinstance(grid, str):
-                    # tiles not computed here leave the total, so tiles/s and the ETA stay honest
-                    bar.total -= len(grid.coords) - (bar.n - before)
-                    bar.refresh()
-                bar.set_postfix_str(f"slides {i + 1}/{len(mine)}")
+            engine = Engine(encoder, precision, batch, cfg.dtype, cfg.reader, queue, writer, bar,
+                            pool, threads, processes)  # fmt: skip
+            engine.run()
+            writer.close()
     finally:
-        if ctx.processes is not None:
-            ctx.processes.close()
-    return _report(ctx, rows, rank, world)
+        writer.close()
+        if processes is not None:
+            processes.close()
+    return _report(run, queue, jobs)
 
 
-def _report(ctx: Ctx, rows: list[dict[str, Any]], rank: int, world: int) -> int:
-    """extract.csv (extract_rank<r>.csv under several ranks) in each cache folder + a summary."""
+def _report(run: Run, queue: SlideQueue, jobs: list[Any]) -> int:
+    """The whole cohort's table, printed and as extract.csv in each cache folder."""
+    rows = [queue.rows.get(j.slide_id) or {"slide_id": j.slide_id, "status": "failed",
+            "reason": "not reached"} for j in jobs]  # fmt: skip
     df = pd.DataFrame(rows)
     for col in CSV_COLUMNS:
         if col not in df:
             df[col] = np.nan
-    name = "extract.csv" if world == 1 else f"extract_rank{rank}.csv"
-    keys = sorted(df["cache_key"].dropna().unique()) if "cache_key" in df else []
-    for key in keys:
+    df["mpp_source"] = [_mpp_source(g) for g in queue.grids]
+    df = df[CSV_COLUMNS].sort_values("slide_id")
+    show(df, f"extract {run.encoder.name}", CSV_COLUMNS[:-2], WIDTHS, (*DONE, "empty", "failed"))
+    keys = sorted(df["cache_key"].dropna().unique())
+    wrote = True
+    for key in keys:  # each cache folder's table: its slides and those that never got a key
         sub = df[(df["cache_key"] == key) | df["cache_key"].isna()]
-        write_text(ctx.out_root / key / name, sub[CSV_COLUMNS].to_csv(index=False))
+        wrote &= write(sub, run.out_root / key / "extract.csv")
     if not keys:
-        write_text(ctx.out_root / name, df[CSV_COLUMNS].to_csv(index=False))
-    counts = df["status"].value_counts().to_dict()
-    where = ", ".join(str(ctx.out_root / k) for k in keys) or str(ctx.out_root)
-    log.info("extract done: %s -> %s", counts, where)
-    failed = df[df["status"] == "failed"]
-    for _, r in failed.iterrows():
-        log.error("  failed %s: %s", r["slide_id"], r["reason"])
-    return 1 if len(failed) else 0
+        wrote &= write(df, run.out_root / "extract.csv")
+    bad = df[~df["status"].isin(DONE)]
+    for r in bad.itertuples():
+        log.error("  %s %s: %s", r.status, r.slide_id, r.reason)
+    if queue.stopped:
+        log.error("extract stopped early: %s; make room (or use another output_dir) and re-run: "
+                  "finished slides are kept", queue.stopped)  # fmt: skip
+    return 1 if len(bad) or not wrote else 0
+
+
+def _mpp_source(grid: TileGrid | str) -> str:
+    return grid.mpp_source if isinstance(grid, TileGrid) else ""

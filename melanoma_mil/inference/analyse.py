@@ -27,6 +27,7 @@ from melanoma_mil.outdir import claim_output
 from melanoma_mil.progress import progress
 from melanoma_mil.rundir import TrainedRun, load_run
 from melanoma_mil.tiling.coords import TileGrid, read_coords
+from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
 from melanoma_mil.tiling.slides import open_slide
 from melanoma_mil.viz.render import render_slide
 
@@ -109,6 +110,9 @@ def render_files(
             f"slide file for '{inp.slide_id}' not found (recorded '{grid.slide_path}'); "
             "pass slides_dir or manifest."
         )
+    why = fingerprint_mismatch(inp.slide_path, grid.fingerprint)
+    if why:  # the same name in another folder: drawing on it would show another slide
+        raise UserError(f"slide '{inp.slide_path}' {why}; pass the slides the features came from.")
     out = id_path(cfg.output_dir, inp.slide_id)
     slide = open_slide(inp.slide_path)
     try:

@@ -242,6 +242,7 @@ def extracted_inputs(
                 device=cfg.device,
                 precision=precision if cfg.precision == "run" else cfg.precision,
                 dtype=str(run.provenance.get("feature_dtype", "float16")),
+                reader="fast" if run.provenance.get("read_mode") == "fast" else "auto",
             )
         )
     caches = sorted(p for p in (work / "features").glob("*") if p.is_dir())

@@ -4,7 +4,10 @@
 read a tile back: read ``read_size`` px at pyramid level ``patch_level`` (downsample
 ``downsample``) and resize to ``tile_size`` px, giving ``target_mpp`` um/px. ``level0_size`` is
 the tile's extent in level-0 px (for drawing). ``tiling`` is the TilingConfig as JSON, so later
-stages can reproduce the exact tiling on new slides.
+stages can reproduce the exact tiling on new slides. ``slide_path`` is absolute and
+``slide_fingerprint`` identifies the file read (see `tiling.fingerprint`), so a later stage can
+refuse another file that happens to have the same name; ``mpp_source`` says where ``level0_mpp``
+came from (file, tiff resolution, objective power, mpp_csv, default).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import h5py
 import numpy as np
 
 from melanoma_mil.errors import UserError
-from melanoma_mil.io import atomic_h5
+from melanoma_mil.io import h5_bytes, write_bytes
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class TileGrid:
     level0_mpp: float
     target_mpp: float
     tiling: dict[str, Any]  # the TilingConfig used, as a plain dict
+    fingerprint: str = ""  # of the slide file(s) read; "" in files made before it was recorded
+    mpp_source: str = ""  # where level0_mpp came from
 
     @property
     def level0_size(self) -> int:
@@ -51,16 +56,21 @@ class TileGrid:
             "target_mpp": self.target_mpp,
             "level0_size": self.level0_size,
             "tiling": json.dumps(self.tiling, sort_keys=True),
+            "slide_fingerprint": self.fingerprint,
+            "mpp_source": self.mpp_source,
         }
 
 
 def write_coords(path: str | os.PathLike[str], grid: TileGrid) -> None:
-    """Write a tile grid atomically (never a partial file)."""
-    with atomic_h5(path) as f:
+    """Write a tile grid atomically (never a partial file; a full disk raises OSError)."""
+
+    def build(f: h5py.File) -> None:
         f.create_dataset("coords", data=np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2))
         for k, v in grid.attrs().items():
             f["coords"].attrs[k] = v
             f.attrs[k] = v
+
+    write_bytes(path, h5_bytes(build))
 
 
 def read_coords(path: str | os.PathLike[str]) -> TileGrid:
@@ -88,4 +98,10 @@ def read_coords(path: str | os.PathLike[str]) -> TileGrid:
         level0_mpp=float(a.get("level0_mpp", float("nan"))),
         target_mpp=float(a.get("target_mpp", float("nan"))),
         tiling=json.loads(a["tiling"]) if "tiling" in a else {},
+        fingerprint=_text(a.get("slide_fingerprint", "")),
+        mpp_source=_text(a.get("mpp_source", "")),
     )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -7,13 +7,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import openslide
 from PIL import Image
 
 from melanoma_mil.config import TilingConfig, check
 from melanoma_mil.errors import UserError
 from melanoma_mil.tiling.coords import TileGrid
-from melanoma_mil.tiling.slides import choose_level, read_thumbnail, slide_mpp
+from melanoma_mil.tiling.fingerprint import slide_fingerprint
+from melanoma_mil.tiling.slides import (
+    SlideReader,
+    choose_level,
+    find_mpp,
+    read_thumbnail,
+    slide_mpp,
+)
 from melanoma_mil.tiling.tissue import load_user_mask, resolve_tissue, segment_tissue
 
 # A tile must span at least this many mask pixels per side for its tissue fraction to mean much.
@@ -77,10 +83,18 @@ def tissue_fraction(
 
 
 def tile_slide(
-    slide: openslide.OpenSlide, slide_path: str | Path, slide_id: str, cfg: TilingConfig
+    slide: SlideReader,
+    slide_path: str | Path,
+    slide_id: str,
+    cfg: TilingConfig,
+    mpp_override: float | None = None,
 ) -> SlideTiles:
-    """Tissue mask, pyramid level and the kept tile grid of one open slide."""
-    level0_mpp = slide_mpp(slide, cfg.default_mpp, name=str(slide_path))
+    """Tissue mask, pyramid level and the kept tile grid of one open slide.
+
+    ``mpp_override`` (from mpp_csv) replaces what the file says; the grid records the source.
+    """
+    level0_mpp = slide_mpp(slide, cfg.default_mpp, str(slide_path), mpp_override)
+    mpp_source = find_mpp(slide, cfg.default_mpp, mpp_override)[1]
     choice = choose_level(slide.level_downsamples, level0_mpp, cfg.mpp, cfg.tile_size)
     stride = (cfg.tile_size - cfg.overlap) * choice.level0_size / cfg.tile_size
     w0, h0 = slide.dimensions
@@ -111,7 +125,7 @@ def tile_slide(
     resolved = dataclasses.replace(cfg, tissue=resolve_tissue(cfg.tissue))
     grid = TileGrid(
         coords=coords,
-        slide_path=str(slide_path),
+        slide_path=str(Path(slide_path).resolve()),
         patch_level=choice.level,
         downsample=choice.downsample,
         read_size=choice.read_size,
@@ -119,5 +133,7 @@ def tile_slide(
         level0_mpp=level0_mpp,
         target_mpp=cfg.mpp,
         tiling=dataclasses.asdict(resolved),
+        fingerprint=slide_fingerprint(slide_path),
+        mpp_source=mpp_source,
     )
     return SlideTiles(grid, view, w0 / view.shape[1], mask, mask_ds, source)

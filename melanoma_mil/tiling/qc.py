@@ -6,7 +6,9 @@ are the tiles where the tissue is.
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -17,6 +19,7 @@ from melanoma_mil.tiling.grid import SlideTiles
 
 MAX_SIDE = 2048  # px, long side of the QC image
 _HEADER = 18  # px band for the caption
+CELL_PX = 256  # contact sheet: px per slide at most
 
 
 def qc_image(tiles: SlideTiles, slide_id: str, max_side: int = MAX_SIDE) -> Image.Image:
@@ -58,3 +61,33 @@ def write_qc(path: str | os.PathLike[str], image: Image.Image) -> None:
     """Save the QC PNG atomically."""
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", compress_level=3)
+
+
+def contact_sheet(
+    cells: list[tuple[str, Path | None, str]], path: Path, cell: int = CELL_PX
+) -> Image.Image:
+    """One picture of every slide's QC image, so a cohort's tissue masks are checked at once.
+
+    ``cells``: (slide id, QC PNG or None, caption); a slide without a QC image (failed) gets a
+    grey cell with its caption. Cells shrink for large cohorts so the sheet stays < ~9k px wide.
+    """
+    cols = max(1, math.ceil(math.sqrt(len(cells))))
+    cell = max(64, min(cell, 9000 // cols))
+    rows = math.ceil(len(cells) / cols)
+    label = 12
+    sheet = Image.new("RGB", (cols * cell, rows * (cell + label)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (sid, qc, caption) in enumerate(cells):
+        left, top = (i % cols) * cell, (i // cols) * (cell + label)
+        if qc is not None and qc.is_file():
+            with Image.open(qc) as im:
+                im.draft("RGB", (cell, cell))
+                thumb = im.convert("RGB")
+            thumb.thumbnail((cell - 4, cell - 4), Image.BOX)
+            sheet.paste(thumb, (left + 2, top + label))
+        else:
+            draw.rectangle([left + 2, top + label, left + cell - 3, top + label + cell - 3],
+                           fill=(200, 200, 200))  # fmt: skip
+        draw.text((left + 2, top), f"{sid} {caption}"[: cell // 6], fill=(0, 0, 0))
+    write_qc(path, sheet)
+    return sheet

@@ -1,4 +1,10 @@
-"""`tile`: every slide -> coords/<id>.h5 + qc/<id>.png, in parallel, resumable; tiling.csv."""
+"""`tile`: every slide -> coords/<id>.h5 + qc/<id>.png, in parallel, resumable, shareable.
+
+Any number of `tile` processes (on any hosts sharing output_dir) can run at once: each slide is
+claimed (`workshare.Claim`, coords/<id>.lock) before it is tiled, so none is tiled twice, and a
+slide claimed by a process that died is taken over. Each process ends, once no slide is left
+to anyone, with the whole cohort's table (tiling.csv) and a contact sheet of every QC image.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,6 @@ import json
 import logging
 import multiprocessing
 import time
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -19,55 +24,89 @@ from tqdm import tqdm
 from melanoma_mil.config import TileConfig, TilingConfig
 from melanoma_mil.errors import UserError
 from melanoma_mil.ids import id_path
-from melanoma_mil.io import write_text
 from melanoma_mil.progress import progress
+from melanoma_mil.runtable import show, write
 from melanoma_mil.tiling.coords import read_coords, write_coords
 from melanoma_mil.tiling.grid import check_tiling, tile_slide
-from melanoma_mil.tiling.qc import qc_image, write_qc
-from melanoma_mil.tiling.slides import find_slides, open_slide
+from melanoma_mil.tiling.qc import contact_sheet, qc_image, write_qc
+from melanoma_mil.tiling.slides import find_slides, open_slide, read_mpp_csv
 from melanoma_mil.tiling.tissue import resolve_tissue
+from melanoma_mil.workshare import Claim, describe
 
 log = logging.getLogger(__name__)
-COLUMNS = ["slide_id", "path", "status", "n_tiles", "mpp", "reason", "seconds"]
+COLUMNS = ["slide_id", "status", "n_tiles", "seconds", "reader", "mpp", "mpp_source", "reason",
+           "path"]  # fmt: skip
+WIDTHS = {"slide_id": 24, "status": 8, "n_tiles": 7, "seconds": 7, "reader": 22, "mpp": 6,
+          "mpp_source": 15}  # fmt: skip
+POLL_S = 2.0  # while other processes hold the last slides
 
 
 def _row(slide_id: str, path: str, status: str, **kw: Any) -> dict[str, Any]:
     row: dict[str, Any] = dict(slide_id=slide_id, path=path, status=status, n_tiles=0,
-                               mpp=float("nan"), reason="", seconds=0.0)  # fmt: skip
+                               mpp=float("nan"), reason="", seconds=0.0, reader="",
+                               mpp_source="")  # fmt: skip
     row.update(kw)
     return row
 
 
-def tile_one(slide_id: str, path: str, cfg: TilingConfig, output_dir: str) -> dict[str, Any]:
-    """Tile one slide and write its QC image and coords; a failure becomes a 'failed' row.
+@dataclasses.dataclass(frozen=True)
+class Task:
+    slide_id: str
+    path: str
+    out: str  # output_dir
+    cfg: TilingConfig
+    mpp: float | None  # mpp_csv override
+    stale_after: float
+    since: float  # when this run started: coords newer than that were made by a peer
 
-    The coords file is written last, so its presence means the slide is completely done.
-    """
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, UserError):
+        return str(e)
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def tile_one(task: Task) -> dict[str, Any]:
+    """Claim, tile and write one slide's QC image and coords; a failure becomes a 'failed' row,
+    a slide another live process holds a 'claimed' row. Coords are written last, so their
+    presence means the slide is completely done."""
+    out = Path(task.out)
+    coords = id_path(out / "coords", task.slide_id, ".h5")
+    claim = Claim(coords.with_suffix(".lock"), task.stale_after)
+    row = _row(task.slide_id, task.path, "failed")
     start = time.perf_counter()
-    out = Path(output_dir)
     try:
-        slide = open_slide(path)
+        coords.parent.mkdir(parents=True, exist_ok=True)
+        if not claim.acquire():
+            return _row(task.slide_id, task.path, "claimed", reason=describe(claim.owner))
+        if coords.is_file() and coords.stat().st_mtime >= task.since:  # a peer just did it
+            return _row(task.slide_id, task.path, "skipped", reason="tiled by another process")
+        slide = open_slide(task.path)
         try:
-            tiles = tile_slide(slide, path, slide_id, cfg)
-            write_qc(id_path(out / "qc", slide_id, ".png"), qc_image(tiles, slide_id))
+            vendor = slide.properties.get("openslide.vendor", "")
+            row["reader"] = f"{slide.backend} ({vendor})" if vendor else slide.backend
+            tiles = tile_slide(slide, task.path, task.slide_id, task.cfg, task.mpp)
+            write_qc(id_path(out / "qc", task.slide_id, ".png"), qc_image(tiles, task.slide_id))
         finally:
             slide.close()
-        write_coords(id_path(out / "coords", slide_id, ".h5"), tiles.grid)
-    except UserError as e:
-        return _row(slide_id, path, "failed", reason=str(e), seconds=time.perf_counter() - start)
-    except Exception as e:  # a corrupt slide fails in OpenSlide, PIL or numpy: report, go on
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        return _row(slide_id, path, "failed", reason=reason, seconds=time.perf_counter() - start)
-    n = len(tiles.grid.coords)
+        write_coords(coords, tiles.grid)
+    except Exception as e:  # a corrupt slide fails in a reader, PIL or numpy: report, go on
+        row.update(reason=_reason(e), seconds=time.perf_counter() - start)
+        return row
+    finally:
+        claim.release()
+    grid = tiles.grid
+    n = len(grid.coords)
     reason = ""
     if n == 0:
         reason = (
-            f"tissue found but no tile has tissue fraction >= {cfg.min_tissue}"
+            f"tissue found but no tile has tissue fraction >= {task.cfg.min_tissue}"
             if tiles.mask.any()
             else "no tissue found (blank slide, or lower tiling.tissue.min_saturation)"
         )
-    return _row(slide_id, path, "ok" if n else "empty", n_tiles=n, mpp=tiles.grid.level0_mpp,
-                reason=reason, seconds=time.perf_counter() - start)  # fmt: skip
+    row.update(status="ok" if n else "empty", n_tiles=n, mpp=grid.level0_mpp, reason=reason,
+               mpp_source=grid.mpp_source, seconds=time.perf_counter() - start)  # fmt: skip
+    return row
 
 
 def resolved_tiling(cfg: TilingConfig) -> dict[str, Any]:
@@ -83,22 +122,29 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _existing(slide_id: str, path: str, coords: Path, wanted: dict[str, Any]) -> dict[str, Any]:
-    """Row for a slide whose coords file exists: skipped, or failed if made with other settings."""
+def _existing(task: Task, coords: Path, wanted: dict[str, Any], since: float) -> dict[str, Any]:
+    """Row for a slide whose coords file exists: skipped, or failed if made with other settings
+    (tiling keys, or an mpp that mpp_csv now contradicts)."""
     grid = read_coords(coords)
     old, new = _flat(grid.tiling), _flat(wanted)
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if diff:
-        changes = ", ".join(f"tiling.{k}: {old.get(k)} -> {new.get(k)}" for k in diff[:3])
-        return _row(slide_id, path, "failed", reason=(
-            f"{coords} was made with other settings ({changes}); "
+    changes = [f"tiling.{k}: {old.get(k)} -> {new.get(k)}" for k in diff[:3]]
+    if task.mpp is not None and abs(grid.level0_mpp - task.mpp) > 1e-6 * task.mpp:
+        changes.append(f"level-0 mpp {grid.level0_mpp:g} -> {task.mpp:g} (mpp_csv)")
+    row = _row(task.slide_id, task.path, "skipped", n_tiles=len(grid.coords),
+               mpp=grid.level0_mpp, mpp_source=grid.mpp_source)  # fmt: skip
+    if changes:
+        row.update(status="failed", reason=(
+            f"{coords} was made with other settings ({', '.join(changes)}); "
             "use a new output_dir or overwrite=true"))  # fmt: skip
-    n = len(grid.coords)
-    return _row(slide_id, path, "skipped", n_tiles=n, mpp=grid.level0_mpp,
-                reason="already tiled" if n else "already tiled: empty")  # fmt: skip
+    elif coords.stat().st_mtime >= since:
+        row["reason"] = "tiled by another process"
+    else:
+        row["reason"] = "already tiled" if len(grid.coords) else "already tiled: empty"
+    return row
 
 
-def _run_all(todo: list[tuple[str, str]], cfg: TileConfig, bar: tqdm) -> list[dict[str, Any]]:
+def _pool_rows(tasks: list[Task], workers: int, bar: tqdm) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     start, tiles = time.perf_counter(), 0
 
@@ -108,26 +154,42 @@ def _run_all(todo: list[tuple[str, str]], cfg: TileConfig, bar: tqdm) -> list[di
         tiles += row["n_tiles"]
         failed = sum(r["status"] == "failed" for r in rows)
         bar.set_postfix(tiles_per_s=f"{tiles / (time.perf_counter() - start):.0f}", failed=failed)
-        bar.update(1)
+        if row["status"] != "claimed":
+            bar.update(1)
 
-    workers = max(1, min(cfg.workers, len(todo)))
+    workers = max(1, min(workers, len(tasks)))
     if workers == 1:
-        for sid, path in todo:
-            done(tile_one(sid, path, cfg.tiling, cfg.output_dir))
+        for task in tasks:
+            done(tile_one(task))
         return rows
     # spawn: the parent may hold torch/OpenMP threads (demo, notebooks) that fork would break
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        futures = {
-            pool.submit(tile_one, sid, path, cfg.tiling, cfg.output_dir): (sid, path)
-            for sid, path in todo
-        }
+        futures = {pool.submit(tile_one, task): task for task in tasks}
         for fut in as_completed(futures):
-            sid, path = futures[fut]
+            task = futures[fut]
             try:
                 done(fut.result())
             except BrokenProcessPool:
-                done(_row(sid, path, "failed", reason="a worker process crashed (see log above)"))
+                reason = "a worker process crashed (see log above)"
+                done(_row(task.slide_id, task.path, "failed", reason=reason))
+    return rows
+
+
+def _tile_all(tasks: list[Task], workers: int, bar: tqdm) -> list[dict[str, Any]]:
+    """Tile ``tasks``; slides claimed by other live processes are waited for (and taken over if
+    their process dies) until none is left."""
+    rows: list[dict[str, Any]] = []
+    first = True
+    while tasks:
+        got = _pool_rows(tasks, workers if first else 1, bar)
+        first = False
+        rows += [r for r in got if r["status"] != "claimed"]
+        busy = {r["slide_id"] for r in got if r["status"] == "claimed"}
+        tasks = [t for t in tasks if t.slide_id in busy]
+        if tasks:
+            log.info("waiting for %d slide(s) other processes are tiling", len(tasks))
+            time.sleep(POLL_S)
     return rows
 
 
@@ -135,42 +197,55 @@ def run_tile(cfg: TileConfig) -> int:
     """Tile every slide; 0 if none failed, else 1 (after finishing all the others)."""
     check_tiling(cfg.tiling)
     slides = find_slides(cfg.slides_dir, cfg.manifest, cfg.extensions)
+    overrides = read_mpp_csv(cfg.mpp_csv)
+    unknown = sorted(set(overrides) - set(slides))
+    if unknown:
+        log.warning("mpp_csv lists %d slide id(s) not found: %s", len(unknown), unknown[:5])
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     wanted = resolved_tiling(cfg.tiling)
+    since = time.time()
 
     rows: list[dict[str, Any]] = []
-    todo: list[tuple[str, str]] = []
+    todo: list[Task] = []
     for sid, path in slides.items():
+        task = Task(sid, str(path), str(out), cfg.tiling, overrides.get(sid), cfg.stale_after_s,
+                    since)  # fmt: skip
         coords = id_path(out / "coords", sid, ".h5")
         if coords.is_file() and not cfg.overwrite:
             try:
-                rows.append(_existing(sid, str(path), coords, wanted))
+                rows.append(_existing(task, coords, wanted, since))
                 continue
             except UserError:  # unreadable leftover: tile it again
                 pass
-        todo.append((sid, str(path)))
+        todo.append(task)
 
     with progress(total=len(slides), initial=len(rows), desc="tile", unit="slide") as bar:
-        rows += _run_all(todo, cfg, bar)
+        rows += _tile_all(todo, cfg.workers, bar)
 
     table = pd.DataFrame(rows, columns=COLUMNS).sort_values("slide_id")
-    write_text(out / "tiling.csv", table.to_csv(index=False))
     for r in table.itertuples():
         if r.status == "empty":
             log.warning("%s: zero tiles: %s", r.slide_id, r.reason)
         elif r.status == "failed":
             log.warning("%s: FAILED: %s", r.slide_id, r.reason)
-    _summary(table, out)
-    return 1 if (table["status"] == "failed").any() else 0
+    show(table, "tile", COLUMNS[:-1], WIDTHS, ("ok", "empty", "failed", "skipped"))
+    wrote = write(table, out / "tiling.csv")
+    _sheet(table, out)
+    print(f"  coords: {out / 'coords'}\n  QC images: {out / 'qc'}", flush=True)
+    return 1 if (table["status"] == "failed").any() or not wrote else 0
 
 
-def _summary(table: pd.DataFrame, out: Path) -> None:
-    counts = Counter(table["status"])
-    seconds = table["seconds"].sum()
-    print(
-        f"tile: {counts['ok']} ok, {counts['empty']} empty, {counts['failed']} failed, "
-        f"{counts['skipped']} skipped; {int(table['n_tiles'].sum())} tiles "
-        f"({seconds:.1f} slide-seconds)\n"
-        f"  coords: {out / 'coords'}\n  QC images: {out / 'qc'}\n  table: {out / 'tiling.csv'}"
-    )
+def _sheet(table: pd.DataFrame, out: Path) -> None:
+    cells = [
+        (r.slide_id, out / "qc" / f"{r.slide_id}.png" if r.status != "failed" else None,
+         f"{r.n_tiles}" if r.status != "failed" else "FAILED")
+        for r in table.itertuples()
+    ]  # fmt: skip
+    path = out / "qc_contact_sheet.png"
+    try:
+        contact_sheet(cells, path)
+    except OSError as e:
+        log.error("could not write the contact sheet %s: %s", path, e)
+        return
+    print(f"  contact sheet: {path}", flush=True)

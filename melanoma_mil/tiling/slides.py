@@ -1,7 +1,8 @@
-"""Finding slides, opening them with OpenSlide, their resolution, and reads at a target mpp.
+"""Finding slides, opening them (`tiling.readers`), their resolution, and reads at a target mpp.
 
 Shared by `tile`, `extract`, `heatmap` and `predict`, so every stage agrees on slide ids, on the
-resolution of a slide and on how a tile is read back from its coords.
+resolution of a slide and on how a tile is read back from its coords. A DICOM WSI is a folder of
+.dcm files: the folder is the slide, its name the slide id.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ from pathlib import Path
 import numpy as np
 import openslide
 import pandas as pd
+import tifffile
 from PIL import Image
 
 from melanoma_mil.errors import UserError
 from melanoma_mil.ids import check_slide_id
 from melanoma_mil.tiling.coords import TileGrid
+from melanoma_mil.tiling.readers import CziReader, OmeTiffReader, OpenSlideReader, open_reader
+
+SlideReader = OpenSlideReader | OmeTiffReader | CziReader
 
 # A level may be this much coarser than the target and still be used: pyramid downsamples of
 # odd-sized levels are not exact (e.g. 4.0007), and a 1% resize is invisible.
@@ -28,6 +33,9 @@ LEVEL_TOLERANCE = 0.01
 PLAUSIBLE_MPP = (0.05, 50.0)
 # Thumbnails are read in chunks of this many level pixels so no full level is ever in memory.
 _CHUNK = 4096
+DICOM_EXT = ".dcm"
+# where a slide's level-0 mpp came from, as recorded in coords files and run tables
+MPP_SOURCES = ("file", "tiff resolution", "objective power", "mpp_csv", "default")
 
 
 def slide_id_of(path: str | os.PathLike[str]) -> str:
@@ -93,32 +101,35 @@ def find_slides(
     if not root.is_dir():
         raise UserError(f"slides_dir '{root}' is not a folder: check the path.")
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
-    files = sorted(
+    found = [
         p
         for p in root.rglob("*")
         if p.name.lower().endswith(exts) and not p.name.startswith(".") and p.is_file()
-    )
+    ]
+    dicom = {p.parent for p in found if p.suffix.lower() == DICOM_EXT}  # one slide per folder
+    files = sorted({p for p in found if p.suffix.lower() != DICOM_EXT} | dicom)
     if not files:
         raise UserError(
             f"no slides with extensions {list(exts)} under '{root}'; "
             "check slides_dir or set extensions=[...]."
         )
-    return _check_unique([(check_slide_id(slide_id_of(p), str(p)), p) for p in files], f"'{root}'")
+    pairs = [(check_slide_id(p.name if p.is_dir() else slide_id_of(p), str(p)), p) for p in files]
+    return _check_unique(pairs, f"'{root}'")
 
 
-def open_slide(path: str | os.PathLike[str]) -> openslide.OpenSlide:
-    """OpenSlide handle, or a UserError saying why this file cannot be read."""
+def open_slide(path: str | os.PathLike[str]) -> SlideReader:
+    """A reader for the slide (`tiling.readers`), or a UserError saying why it cannot be read."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise UserError(f"slide '{p}' not found: check slides_dir / the manifest path.")
     try:
-        return openslide.OpenSlide(str(p))
+        return open_reader(p)
     except openslide.OpenSlideUnsupportedFormatError:
         raise UserError(
-            f"slide '{p}' is not a format OpenSlide reads (or is corrupt); "
-            "convert it to pyramidal TIFF or remove it."
+            f"slide '{p}' is not a format OpenSlide reads (nor an OME-TIFF or CZI), or is "
+            "corrupt; convert it to pyramidal TIFF or remove it."
         ) from None
-    except openslide.OpenSlideError as e:
+    except (openslide.OpenSlideError, tifffile.TiffFileError, RuntimeError) as e:
         raise UserError(f"slide '{p}' is corrupt or truncated ({e}); re-export it.") from None
 
 
@@ -135,33 +146,74 @@ def _float(props: Mapping[str, str], key: str) -> float | None:
         return None
 
 
-def slide_mpp(
-    slide: openslide.OpenSlide, default_mpp: float | None = None, name: str | None = None
-) -> float:
-    """Level-0 microns per pixel: OpenSlide mpp, TIFF resolution tags, objective power, default.
-
-    Objective power is a last resort (10 / power: 20x -> 0.5), as scanners differ by ~10%.
-    """
+def find_mpp(
+    slide: SlideReader, default_mpp: float | None = None, override: float | None = None
+) -> tuple[float | None, str]:
+    """(level-0 mpp, its source): mpp_csv override, the reader's mpp, TIFF resolution tags,
+    objective power (10 / power: 20x -> 0.5; scanners differ by ~10%), the default."""
+    if override is not None:
+        return override, "mpp_csv"
     props = slide.properties
     mpp = _plausible(_float(props, openslide.PROPERTY_NAME_MPP_X))
+    if mpp is not None:
+        return mpp, "file"
+    xres, unit = _float(props, "tiff.XResolution"), props.get("tiff.ResolutionUnit", "")
+    per_unit_um = {"centimeter": 1e4, "inch": 25400.0}.get(unit.lower())
+    if xres and per_unit_um and (mpp := _plausible(per_unit_um / xres)) is not None:
+        return mpp, "tiff resolution"
+    power = _float(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
+    if power and (mpp := _plausible(10.0 / power)) is not None:
+        return mpp, "objective power"
+    if default_mpp is not None and default_mpp > 0:
+        return default_mpp, "default"
+    return None, ""
+
+
+def slide_mpp(
+    slide: SlideReader,
+    default_mpp: float | None = None,
+    name: str | None = None,
+    override: float | None = None,
+) -> float:
+    """Level-0 microns per pixel (see `find_mpp`), or a UserError with the fixes."""
+    mpp, _ = find_mpp(slide, default_mpp, override)
     if mpp is None:
-        xres, unit = _float(props, "tiff.XResolution"), props.get("tiff.ResolutionUnit", "")
-        per_unit_um = {"centimeter": 1e4, "inch": 25400.0}.get(unit.lower())
-        if xres and per_unit_um:
-            mpp = _plausible(per_unit_um / xres)
-    if mpp is None:
-        power = _float(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
-        if power:
-            mpp = _plausible(10.0 / power)
-    if mpp is None:
-        mpp = default_mpp
-    if mpp is None or mpp <= 0:
         label = name or getattr(slide, "_filename", "slide")
         raise UserError(
             f"slide '{label}' records no resolution (mpp, TIFF resolution or objective power); "
-            "set tiling.default_mpp (e.g. 0.5 for 20x, 0.25 for 40x)."
+            "give it a row in mpp_csv=CSV (slide_id,mpp) or set tiling.default_mpp "
+            "(e.g. 0.5 for 20x, 0.25 for 40x)."
         )
     return float(mpp)
+
+
+def read_mpp_csv(path: str | os.PathLike[str] | None) -> dict[str, float]:
+    """slide_id -> level-0 mpp from a CSV with columns slide_id, mpp (checked before any work)."""
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"mpp_csv '{p}' not found: check the path.")
+    try:
+        df = pd.read_csv(p, dtype={"slide_id": str})
+    except Exception as e:  # pandas raises several parser error types
+        raise UserError(f"mpp_csv '{p}' is not a readable CSV: {e}") from None
+    if not {"slide_id", "mpp"} <= set(df.columns):
+        raise UserError(f"mpp_csv '{p}' needs columns slide_id,mpp; it has {list(df.columns)}.")
+    out: dict[str, float] = {}
+    for row, sid, raw in zip(df.index, df["slide_id"], df["mpp"], strict=True):
+        where = f"mpp_csv '{p}' row {row + 2}"
+        sid = check_slide_id(str(sid).strip(), where)
+        mpp = pd.to_numeric(raw, errors="coerce")
+        if _plausible(float(mpp)) is None:
+            raise UserError(
+                f"{where}: mpp {raw!r} for '{sid}' is not a resolution in "
+                f"{PLAUSIBLE_MPP[0]}-{PLAUSIBLE_MPP[1]} um/px; fix the value."
+            )
+        if sid in out:
+            raise UserError(f"{where}: slide '{sid}' is listed twice; keep one row.")
+        out[sid] = float(mpp)
+    return out
 
 
 @dataclass(frozen=True)
@@ -197,7 +249,7 @@ def _to_rgb(region: Image.Image) -> np.ndarray:
     return (rgb * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
 
 
-def read_thumbnail(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
+def read_thumbnail(slide: SlideReader, downsample: float) -> np.ndarray:
     """RGB [h, w, 3] of the whole slide at ``downsample`` (level-0 px per output px).
 
     Reads the best pyramid level in chunks and shrinks each, so memory stays bounded by the
@@ -224,7 +276,7 @@ def read_thumbnail(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
     return out
 
 
-def read_tile(slide: openslide.OpenSlide, grid: TileGrid, x: int, y: int) -> Image.Image:
+def read_tile(slide: SlideReader, grid: TileGrid, x: int, y: int) -> Image.Image:
     """The RGB tile at level-0 (x, y), as `tile` defined it: read_size px resized to tile_size."""
     region = slide.read_region((int(x), int(y)), grid.patch_level, (grid.read_size,) * 2)
     tile = Image.fromarray(_to_rgb(region))

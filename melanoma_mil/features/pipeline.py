@@ -1,0 +1,207 @@
+"""The encoding loop of `extract`: reads -> forward -> copy back -> store, overlapped.
+
+On a GPU the forward of batch k+1 is queued while batch k is copied back on a side stream and
+stored by a writer thread, so the GPU never waits for ``y.cpu()`` or the h5 write; reader
+processes read the next slide's first batches while this one's last are encoded (the next slide
+is claimed as soon as the loader's read-ahead reaches this one's end). On CPU, reader threads
+fill each batch between forward passes (they share the cores), and the writer thread stores
+and writes the slide while the next one is read.
+
+A slide's features are assembled in memory and written once complete as one h5 image
+(`io.h5_bytes`): nothing partial ever exists, and a full disk is a clean OSError, never HDF5
+failing inside a half-written file (which segfaults the interpreter at exit).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from melanoma_mil.encoders import Encoder
+from melanoma_mil.errors import UserError
+from melanoma_mil.features.data import ReaderProcesses, SlideBatches
+from melanoma_mil.features.queue import SlideQueue, SlideWork
+
+log = logging.getLogger(__name__)
+
+STORE = {"float16": np.float16, "float32": np.float32}
+
+
+def failure(e: BaseException) -> str:
+    """One line: the cause (worker errors end with it), typed unless it is a UserError."""
+    last = (str(e).strip().splitlines() or [""])[-1]
+    return (last if isinstance(e, UserError) else f"{type(e).__name__}: {last}")[:300]
+
+
+class Writer:
+    """Copies features back and stores them, on its own thread (``threaded``) or in line.
+
+    ``finish(work, error)`` runs once per slide after its last batch is stored ("" = no error)
+    and returns why the run must stop (e.g. the disk is full), kept in ``fatal``.
+    """
+
+    def __init__(self, finish: Callable[[SlideWork, str], str], threaded: bool) -> None:
+        self.finish = finish
+        self.fatal = ""
+        self._stream: Any = None  # torch.cuda.Stream for copies, made at the first GPU batch
+        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=4)
+        self._thread = threading.Thread(target=self._loop, daemon=True) if threaded else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def put(self, work: SlideWork, y: torch.Tensor) -> None:
+        host, event = self._to_host(y)
+        self._submit(("put", work, host, event))
+
+    def end(self, work: SlideWork, error: str) -> None:
+        self._submit(("end", work, error))
+
+    def close(self) -> None:
+        """Finish everything submitted, then stop the thread."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None  # later submissions run in line
+
+    def _to_host(self, y: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Start copying ``y`` to pinned host memory on a side stream; (host tensor, event)."""
+        if y.device.type != "cuda":
+            return y, None
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(y.device)
+        self._stream.wait_stream(torch.cuda.current_stream(y.device))
+        with torch.cuda.stream(self._stream):
+            host = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+            host.copy_(y, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        y.record_stream(self._stream)
+        return host, event
+
+    def _submit(self, item: tuple[Any, ...]) -> None:
+        if self._thread is None:
+            self._handle(item)
+        else:
+            self._queue.put(item)
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            self._handle(item)
+
+    def _handle(self, item: tuple[Any, ...]) -> None:
+        kind, work = item[0], item[1]
+        if kind == "end":
+            try:
+                self.fatal = self.finish(work, work.error or item[2]) or self.fatal
+            except Exception as e:  # never lose the thread: the run must still end
+                log.error("slide %s: %s", work.slide_id, failure(e))
+            return
+        host, event = item[2], item[3]
+        try:
+            if event is not None:
+                event.synchronize()
+            if not work.error:
+                assert work.feats is not None
+                arr = host.numpy()
+                work.feats[work.filled : work.filled + len(arr)] = arr
+                work.filled += len(arr)
+        except Exception as e:  # the slide fails at its end, the run goes on
+            work.error = failure(e)
+
+
+@dataclass
+class Engine:
+    """Encodes the slides ``queue`` hands out, one after another, until none is left."""
+
+    encoder: Encoder
+    precision: str
+    batch_size: int
+    dtype: str
+    reader: str  # ExtractConfig.reader
+    queue: SlideQueue
+    writer: Writer
+    bar: tqdm
+    pool: ThreadPoolExecutor | None = None  # reader threads (no reader processes)
+    threads: int = 1
+    processes: ReaderProcesses | None = None
+    _ahead: SlideWork | None = field(default=None, init=False)  # claimed next, already queued
+
+    def run(self) -> None:
+        work = self.queue.next(wait=True)
+        while work is not None:
+            ahead = self._encode(work)
+            if self.writer.fatal:
+                for w in (ahead,) if ahead else ():
+                    self.writer.end(w, f"not encoded: {self.writer.fatal}")
+                self.writer.close()  # the slides in flight fail too; then nothing more
+                self.queue.stop(self.writer.fatal)
+                return
+            work = ahead if ahead is not None else self.queue.next(wait=True)
+
+    def batches(self, work: SlideWork) -> int:
+        return math.ceil(work.n / self.batch_size)
+
+    def _encode(self, work: SlideWork) -> SlideWork | None:
+        """Encode ``work``; returns the slide claimed ahead (reader processes), if any."""
+        work.feats = np.empty((work.n, self.encoder.dim), STORE[self.dtype])
+        try:
+            source = self._from_processes(work) if self.processes else self._from_threads(work)
+            for tiles in source:
+                if self.writer.fatal:  # e.g. the disk filled up while the last slide was written
+                    raise RuntimeError(f"stopped: {self.writer.fatal}")
+                y = self.encoder.encode(tiles.permute(0, 3, 1, 2), work.grid.tile_size,
+                                        self.precision)  # fmt: skip
+                self.writer.put(work, y)
+                self.bar.update(len(y))
+                work.claim.heartbeat()
+                if self._ahead is not None:
+                    self._ahead.claim.heartbeat()
+            self.writer.end(work, "")
+        except Exception as e:  # one bad slide must not stop the cohort
+            self.writer.end(work, failure(e))
+            if self.processes is not None:  # a worker may have died with the slide
+                self.processes.close()
+                if self._ahead is not None:
+                    self.processes.add(self._ahead.index, self.batches(self._ahead))
+        ahead, self._ahead = self._ahead, None
+        return ahead
+
+    def _from_threads(self, work: SlideWork) -> Iterator[torch.Tensor]:
+        assert work.job.slide_path is not None
+        data = SlideBatches(work.job.slide_path, work.grid, self.batch_size, self.reader)
+        try:
+            for i in range(len(data)):
+                tiles = data.read(i, self.pool, self.threads)
+                work.reader = data.reader
+                yield tiles
+        finally:
+            data.close()
+
+    def _from_processes(self, work: SlideWork) -> Iterator[torch.Tensor]:
+        """The slide's batches from the reader processes; the next slide is claimed and queued
+        when the loader's read-ahead reaches this slide's end, so reads never pause."""
+        p = self.processes
+        assert p is not None
+        n = self.batches(work)
+        if not work.queued:
+            p.add(work.index, n)
+        asked = False
+        for b in range(n):
+            if not asked and n - b <= p.window:
+                asked = True
+                self._ahead = self.queue.next(wait=False)
+                if self._ahead is not None:
+                    self._ahead.queued = True
+                    p.add(self._ahead.index, self.batches(self._ahead))
+            tiles, work.reader = p.next()
+            yield tiles

@@ -1,0 +1,183 @@
+"""Claims on shared work items (slides) in a folder that any number of processes and hosts see.
+
+A claim is a file created with O_EXCL that names its owner: host, a machine id (boot id + pid
+namespace), pid and the process start time. It is stale when its owner is provably gone (same
+machine: the pid is dead, or now belongs to a process that started at another time, as happens
+when containers recycle pids), or when its heartbeat (the file's mtime) is older than
+``stale_after`` seconds (another host that died, a hung process). A stale claim is taken over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STALE_S = 900.0
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def machine_id() -> str:
+    """Boot id + pid namespace: equal only where a pid means the same process."""
+    with contextlib.suppress(OSError):
+        ns = os.readlink("/proc/self/ns/pid")
+        return f"{_read('/proc/sys/kernel/random/boot_id')}:{ns}"
+    return ""
+
+
+def process_start(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (/proc), None where unknown."""
+    stat = _read(f"/proc/{pid}/stat")
+    if not stat:
+        return None
+    try:  # the command name may hold spaces and parentheses: split after the last ')'
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def me() -> dict[str, Any]:
+    """This process as a claim owner."""
+    pid = os.getpid()
+    return {
+        "host": socket.gethostname(),
+        "machine": machine_id(),
+        "pid": pid,
+        "start": process_start(pid),
+        "since": time.time(),
+    }
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_gone(owner: Mapping[str, Any], here: Mapping[str, Any] | None = None) -> bool | None:
+    """True when ``owner``'s process is provably gone, False when it runs, None when it cannot
+    be told from here (another host or pid namespace: only the heartbeat age can tell)."""
+    here = here or me()
+    pid = owner.get("pid")
+    same = owner.get("host") == here["host"] and owner.get("machine") == here["machine"]
+    if not same or not isinstance(pid, int):
+        return None
+    if not _pid_alive(pid):
+        return True
+    start = owner.get("start")
+    now = process_start(pid)
+    return start is not None and now is not None and now != start  # pid recycled
+
+
+def describe(owner: Mapping[str, Any]) -> str:
+    return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
+
+
+class Claim:
+    """Exclusive claim on one work item; ``acquire`` breaks a stale claim, ``heartbeat`` keeps a
+    live one fresh for other hosts."""
+
+    def __init__(self, path: Path, stale_after: float = DEFAULT_STALE_S) -> None:
+        self.path = path
+        self.stale_after = stale_after
+        self.heartbeat_s = min(30.0, stale_after / 5)
+        self.held = False
+        self.owner: dict[str, Any] = {}
+        self._touched = 0.0
+        self._me: dict[str, Any] = {}
+
+    def read(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def age(self) -> float | None:
+        """Seconds since the last heartbeat, None when there is no claim file."""
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def stale(self, owner: Mapping[str, Any]) -> bool:
+        """Its process is gone, or its heartbeat stopped (a dead host, or a hung process)."""
+        age = self.age()
+        return age is None or owner_gone(owner) is True or age > self.stale_after
+
+    def live_owner(self) -> dict[str, Any] | None:
+        """The owner of a live claim by someone else, or None (no claim, or a stale one)."""
+        if not self.path.exists():
+            return None
+        owner = self.read()
+        return None if self.stale(owner) else owner
+
+    def acquire(self) -> bool:
+        """Take the claim (breaking a stale one); False if another live process holds it.
+
+        OSError (e.g. a full disk) propagates: the caller decides whether that ends the run.
+        """
+        self._me = me()
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self.owner = self.read()
+                if not self.stale(self.owner):
+                    return False
+                self._break(self.owner)
+                continue
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self._me, f)
+            except OSError:
+                self.path.unlink(missing_ok=True)
+                raise
+            self.held, self._touched, self.owner = True, time.time(), dict(self._me)
+            return True
+        return False
+
+    def _break(self, seen: Mapping[str, Any]) -> None:
+        """Move the stale claim aside atomically; put it back if it changed hands meanwhile."""
+        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            if json.loads(aside.read_text() or "{}") != dict(seen):
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, self.path)  # a fresh claim was taken meanwhile: restore it
+        except (OSError, ValueError):
+            pass
+        aside.unlink(missing_ok=True)
+
+    def heartbeat(self) -> None:
+        """Refresh the mtime (at most every ``heartbeat_s``) so no one takes the claim over."""
+        now = time.time()
+        if self.held and now - self._touched > self.heartbeat_s:
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+            self._touched = now
+
+    def release(self) -> None:
+        """Drop the claim if it is still ours (a peer may have taken over a hung process's)."""
+        if self.held and self.read() == self.owner:
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
+        self.held = False

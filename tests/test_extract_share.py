@@ -1,0 +1,210 @@
+"""`extract` at cohort scale: two processes, one killed; a full disk; the wrong slide; batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from test_extract import ROOT, bags, cfg_for, make_cohort
+
+from melanoma_mil.demo.pyramid import write_pyramid
+from melanoma_mil.features.run import run_extract
+from melanoma_mil.tiling.coords import read_coords, write_coords
+from melanoma_mil.tiling.fingerprint import slide_fingerprint
+
+SIZES = (160, 192, 224, 256, 288, 320)  # 25 ... 100 tiles of 32 px
+
+
+def sized_cohort(root: Path) -> Path:
+    """Six slides of different sizes, tiled, with fingerprints as `tile` records them."""
+    for i, side in enumerate(SIZES):
+        make_cohort(root / f"part{i}", 1, side=side, tile=32, seed=i)
+        src = root / f"part{i}" / "slides" / "slide0.tif"
+        slide = root / "slides" / f"s{i}.tif"
+        slide.parent.mkdir(parents=True, exist_ok=True)
+        src.rename(slide)
+        grid = read_coords(root / f"part{i}" / "tiles" / "coords" / "slide0.h5")
+        grid = type(grid)(**{**grid.__dict__, "slide_path": str(slide.resolve()),
+                             "fingerprint": slide_fingerprint(slide)})  # fmt: skip
+        write_coords(root / "tiles" / "coords" / f"s{i}.h5", grid)
+        shutil.rmtree(root / f"part{i}")
+    return root / "tiles"
+
+
+def cli(tiles: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "melanoma_mil", "extract", f"coords_dir={tiles}",
+            f"output_dir={out}", "encoder.name=resnet18_imagenet", "encoder.pretrained=false",
+            "device=cpu", "batch_size=8", *extra]  # fmt: skip
+
+
+def claimed(log: Path) -> list[str]:
+    return [line.split()[1] for line in log.read_text().splitlines() if line.startswith("claimed ")]
+
+
+def test_two_processes_one_killed_every_slide_once_and_bit_identical(tmp_path: Path) -> None:
+    tiles = sized_cohort(tmp_path)
+    ref = tmp_path / "ref"
+    assert run_extract(cfg_for(tiles, ref, batch_size=8)) == 0
+
+    out = tmp_path / "shared"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread each
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = []
+    for log in logs:
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen(cli(tiles, out), cwd=ROOT, env=env, stdout=f, stderr=f))
+    a, b = procs
+    killed = None
+    try:  # kill A while it encodes a slide, once some slide is done
+        deadline = time.monotonic() + 240
+        while killed is None and a.poll() is None and time.monotonic() < deadline:
+            for lock in out.glob("*/*.lock"):
+                try:
+                    owner = json.loads(lock.read_text())
+                except (OSError, ValueError):
+                    continue
+                done = lock.with_suffix(".h5").exists()  # A may be just past its write
+                if owner.get("pid") == a.pid and bags(out) and not done:
+                    a.send_signal(signal.SIGKILL)
+                    killed = lock.stem
+                    break
+            time.sleep(0.01)
+        assert killed is not None, "process A ended before it could be killed"
+        assert a.wait() == -signal.SIGKILL
+        assert b.wait(timeout=300) == 0, logs[1].read_text()[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    counts = Counter(claimed(logs[0]) + claimed(logs[1]))
+    assert set(counts) == {f"s{i}" for i in range(6)}
+    assert {s for s, n in counts.items() if n > 1} <= {killed}  # only the killed slide twice
+    (record,) = out.glob(f"*/.status/{killed}.json")
+    by_b = f"pid {b.pid} " in json.loads(record.read_text())["by"]
+    assert killed in claimed(logs[1]) and by_b  # taken over by B
+
+    mine, theirs = bags(out), bags(ref)
+    assert sorted(mine) == sorted(theirs)
+    for sid in theirs:
+        assert mine[sid].read_bytes() == theirs[sid].read_bytes(), sid
+    (csv,) = out.glob("*/extract.csv")
+    table = pd.read_csv(csv).set_index("slide_id")
+    assert set(table["status"]) <= {"ok", "done"} and len(table) == 6
+    assert "No space" not in logs[1].read_text()
+    assert not list(out.rglob("*.lock")) and not list(out.rglob("*.tmp"))
+
+
+def test_features_equal_for_any_batch_size_with_or_without_the_writer_thread(
+    tmp_path: Path,
+) -> None:
+    tiles = make_cohort(tmp_path, 1, side=288, tile=16)  # 324 tiles: 256 + a rest
+    runs = {
+        (1, True): cfg_for(tiles, tmp_path / "b1", batch_size=1),
+        (64, True): cfg_for(tiles, tmp_path / "b64", batch_size=64),
+        (256, True): cfg_for(tiles, tmp_path / "b256", batch_size=256),
+        (64, False): cfg_for(tiles, tmp_path / "b64sync", batch_size=64, async_write=False),
+    }
+    feats = {}
+    for key, cfg in runs.items():
+        assert run_extract(cfg) == 0
+        (path,) = bags(Path(cfg.output_dir)).values()
+        with h5py.File(path, "r") as f:
+            feats[key] = f["features"][:]
+    first = feats[(64, True)]
+    assert first.shape == (324, 512)
+    for key, other in feats.items():
+        np.testing.assert_array_equal(other, first, err_msg=str(key))
+
+
+def test_a_same_named_slide_elsewhere_is_refused_for_that_slide_only(tmp_path: Path) -> None:
+    tiles = sized_cohort(tmp_path)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    for i in range(6):  # same names, other pixels: the wrong slides, e.g. another cohort
+        shutil.copy(tmp_path / "slides" / f"s{i}.tif", other / f"s{i}.tif")
+    rng = np.random.default_rng(9)
+    write_pyramid(other / "s2.tif", rng.integers(0, 255, (448, 448, 3), np.uint8), 0.5, 2)
+    cfg = cfg_for(tiles, tmp_path / "f")
+    cfg.slides_dir = str(other)
+    assert run_extract(cfg) == 1
+    (csv,) = (tmp_path / "f").glob("*/extract.csv")
+    table = pd.read_csv(csv).set_index("slide_id")
+    assert table.loc["s2", "status"] == "failed"
+    assert "not the slide that was tiled" in table.loc["s2", "reason"]
+    assert (table.drop("s2")["status"] == "ok").all()
+    assert "s2" not in bags(tmp_path / "f")
+
+
+def _mounted_tmpfs(path: Path, size: str) -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True)  # fmt: skip
+    return done.returncode == 0
+
+
+def test_a_full_disk_is_a_one_line_failure_with_no_partial_file(tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    if not _mounted_tmpfs(full, "2m"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        tiles = make_cohort(tmp_path, 3, side=288, tile=32)  # 81 x 512 float16: 83 KB a bag
+        with open(full / "filler", "wb") as f:  # leave ~100 KB: one bag fits, not three
+            f.write(b"\0" * (2 * 1024 * 1024 - 100 * 1024))
+        done = subprocess.run(cli(tiles, full / "features"), cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 1, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr and "Segmentation" not in done.stderr
+        assert "disk full" in done.stderr
+        for path in (full / "features").rglob("*.h5"):  # whatever exists is complete
+            with h5py.File(path, "r") as f:
+                assert f["features"].shape == (81, 512)
+        assert not list(full.rglob("*.tmp")) and not list(full.rglob("*.lock"))
+    finally:
+        subprocess.run(["umount", str(full)], check=False)
+
+
+def test_a_small_dev_shm_moves_reads_to_threads_with_a_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    shm = tmp_path / "shm"
+    if not _mounted_tmpfs(shm, "64k"):  # a container's /dev/shm, scaled to these tiny batches
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        import melanoma_mil.features.run as extract_run
+
+        monkeypatch.setattr(extract_run, "SHM", shm)
+        tiles = make_cohort(tmp_path, 1, side=288, tile=32)
+        with caplog.at_level("WARNING"):
+            assert run_extract(cfg_for(tiles, tmp_path / "f", num_workers=2, batch_size=64)) == 0
+        assert "reading in threads of this process instead" in caplog.text
+        assert "--shm-size" in caplog.text
+    finally:
+        subprocess.run(["umount", str(shm)], check=False)
+
+
+def test_low_precision_weights_keep_the_features_bit_identical() -> None:
+    import torch
+
+    from melanoma_mil.config import EncoderConfig
+    from melanoma_mil.encoders import build_encoder
+
+    enc = build_encoder(EncoderConfig(name="resnet18_imagenet", pretrained=False))
+    tiles = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    before = enc.encode(tiles, 32, "bf16")
+    assert enc.low_precision_weights("bf16", 32)
+    assert enc.module.conv1.weight.dtype == torch.bfloat16
+    assert torch.equal(enc.encode(tiles, 32, "bf16"), before)
+    assert not enc.low_precision_weights("fp32", 32)  # nothing to store in fp32

@@ -1,0 +1,113 @@
+"""Every slide format we can produce here: opened, tiled at a target mpp and extracted.
+
+Files come from real writers (tests/slide_writers.py): tifffile with each vendor's headers
+(generic TIFF, Aperio SVS, Hamamatsu NDPI, Philips TIFF, Ventana BIF, Leica SCN), OME-TIFF
+(tifffile), CZI (Zeiss's pylibCZIrw) and a DICOM WSI series (wsidicomizer). MIRAX is not
+covered: no library writes it (README, "Slide formats").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from slide_writers import SCN_OFFSET, WRITERS, write_slide
+from test_tiling import _tissue_image
+
+from melanoma_mil.config import EncoderConfig, ExtractConfig, TileConfig, TilingConfig
+from melanoma_mil.features.run import run_extract
+from melanoma_mil.tiling.run import run_tile
+from melanoma_mil.tiling.slides import find_mpp, find_slides, open_slide
+
+BACKENDS = {"ome-tiff": "tifffile", "zeiss-czi": "pylibczirw"}
+OFFSETS = {"leica": SCN_OFFSET}  # level-0 px between the slide's origin and the image's
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    pytest.importorskip("pylibCZIrw")
+    pytest.importorskip("wsidicomizer")
+    folder = tmp_path_factory.mktemp("formats") / "slides"
+    folder.mkdir()
+    img = _tissue_image(1100)[:770, :1030]
+    for fmt in WRITERS:
+        write_slide(fmt, folder, img)
+    return folder, img
+
+
+@pytest.mark.parametrize("fmt", list(WRITERS))
+def test_each_format_opens_with_its_resolution_and_pixels(
+    cohort: tuple[Path, np.ndarray], fmt: str
+) -> None:
+    folder, img = cohort
+    slides = find_slides(folder, None, TileConfig().extensions)
+    slide = open_slide(slides[fmt])
+    try:
+        assert slide.properties["openslide.vendor"] == fmt
+        assert slide.backend == BACKENDS.get(fmt, "openslide")
+        assert find_mpp(slide) == (pytest.approx(0.5), "file")
+        off = OFFSETS.get(fmt, 0)
+        for x, y in ((300, 200), (640, 448)):
+            tile = np.asarray(slide.read_region((x + off, y + off), 0, (64, 64)))[..., :3]
+            tile = tile.astype(int)
+            assert np.abs(tile - img[y : y + 64, x : x + 64]).mean() < 3  # JPEG noise only
+        level = slide.get_best_level_for_downsample(4.1)  # the reduced level the writer made
+        ds = slide.level_downsamples[level]
+        x, y, n = 400, 300, 32
+        small = np.asarray(slide.read_region((x + off, y + off), level, (n, n)))[..., :3]
+        small = small.astype(int)
+        h, w = img.shape[:2]
+        ref = np.asarray(Image.fromarray(img).resize((round(w / ds), round(h / ds)),
+                                                     Image.BILINEAR), int)  # fmt: skip
+        lx, ly = round(x / ds), round(y / ds)
+        err = min(  # within a pixel: vendors round level offsets their own way
+            np.abs(small - ref[ly + dy : ly + dy + n, lx + dx : lx + dx + n]).mean()
+            for dx in (-1, 0, 1)
+            for dy in (-1, 0, 1)
+        )
+        assert err < 14  # JPEG at 1/4 scale
+    finally:
+        slide.close()
+
+
+def test_every_format_is_tiled_at_a_target_mpp_and_extracted(
+    cohort: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    folder, _ = cohort
+    tiling = TilingConfig(mpp=2.0, tile_size=32)  # 4x level 0: each format's reduced level
+    tile = TileConfig(slides_dir=str(folder), output_dir=str(tmp_path / "tiles"), workers=1,
+                      tiling=tiling)  # fmt: skip
+    assert run_tile(tile) == 0
+    tiled = pd.read_csv(tmp_path / "tiles" / "tiling.csv").set_index("slide_id")
+    assert sorted(tiled.index) == sorted(WRITERS)
+    assert (tiled["status"] == "ok").all() and (tiled["mpp_source"] == "file").all()
+    extract = ExtractConfig(
+        coords_dir=str(tmp_path / "tiles"), output_dir=str(tmp_path / "features"),
+        slides_dir=str(folder), batch_size=64, num_workers=0, device="cpu", reader="fast",
+        encoder=EncoderConfig(name="resnet18_imagenet", pretrained=False),
+    )  # fmt: skip
+    assert run_extract(extract) == 0
+    (csv,) = (tmp_path / "features").glob("*/extract.csv")
+    table = pd.read_csv(csv).set_index("slide_id")
+    assert (table["status"] == "ok").all()
+    assert table.loc["aperio", "reader"] == "tiff-jpeg-subpx"  # level downsample 4.009
+    assert table.loc["ome-tiff", "reader"] == "tifffile"
+    bags = {}
+    for sid in WRITERS:
+        with h5py.File(csv.parent / f"{sid}.h5", "r") as f:
+            bags[sid] = (f["coords"][:] - OFFSETS.get(sid, 0), f["features"][:].astype(np.float32))
+    ref_xy, ref = bags["generic-tiff"]
+    for sid, (xy, feats) in bags.items():  # the same tissue gives the same features everywhere
+        dist = np.abs(ref_xy[:, None, :] - xy[None, :, :]).max(2)  # grids of non-integer
+        near = dist.argmin(1)  # downsamples are shifted by rounding: pair within 2 px
+        pair = dist[np.arange(len(ref_xy)), near] <= 2
+        assert pair.mean() >= 0.8, sid
+        a, b = ref[pair], feats[near[pair]]
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        # Leica: OpenSlide places the image on the reduced level 1 px off the others (its level
+        # downsample, 3.9992, comes from the collection area around the image)
+        assert cos.mean() > (0.9 if sid == "leica" else 0.98), (sid, cos.mean())

@@ -1,0 +1,87 @@
+"""`tile` on a cohort: mpp_csv and the source of each mpp, the run table, the contact sheet,
+claims shared with other `tile` processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tifffile
+from PIL import Image
+from test_tiling import _tissue_image
+
+from melanoma_mil.config import TileConfig, TilingConfig
+from melanoma_mil.demo.pyramid import write_pyramid
+from melanoma_mil.tiling.coords import read_coords
+from melanoma_mil.tiling.fingerprint import slide_fingerprint
+from melanoma_mil.tiling.run import run_tile
+from melanoma_mil.workshare import me
+
+
+def _cohort(root: Path) -> Path:
+    slides = root / "slides"
+    slides.mkdir(parents=True)
+    img = _tissue_image(768)
+    write_pyramid(slides / "tagged.tiff", img, mpp=0.5, n_levels=1)  # resolution tags
+    for name in ("bare", "unknown"):  # no resolution at all
+        tifffile.imwrite(slides / f"{name}.tiff", img, tile=(256, 256), photometric="rgb",
+                         compression="jpeg")  # fmt: skip
+    write_pyramid(slides / "blank.tiff", np.full((512, 512, 3), 243, np.uint8), 0.5, 1)
+    return slides
+
+
+def test_mpp_csv_sources_zero_tiles_table_and_contact_sheet(tmp_path: Path, capsys) -> None:
+    slides = _cohort(tmp_path)
+    mpp_csv = tmp_path / "mpp.csv"
+    mpp_csv.write_text("slide_id,mpp\nbare,0.5\nblank,0.5\n")
+    out = tmp_path / "tiles"
+    cfg = TileConfig(slides_dir=str(slides), output_dir=str(out), workers=1,
+                     mpp_csv=str(mpp_csv), tiling=TilingConfig(mpp=1.0, tile_size=64))  # fmt: skip
+    assert run_tile(cfg) == 1  # 'unknown' has no resolution anywhere
+    table = pd.read_csv(out / "tiling.csv").set_index("slide_id")
+    assert table.loc["tagged", "mpp_source"] in ("file", "tiff resolution")
+    assert table.loc["bare", "mpp_source"] == "mpp_csv" and table.loc["bare", "status"] == "ok"
+    assert table.loc["unknown", "status"] == "failed"
+    assert "mpp_csv" in table.loc["unknown", "reason"]
+    assert table.loc["blank", "status"] == "empty" and "no tissue" in table.loc["blank", "reason"]
+    assert table.loc["tagged", "reader"] == "openslide (generic-tiff)"
+    printed = capsys.readouterr().out
+    assert "1 failed" in printed and "unknown" in printed and "qc_contact_sheet.png" in printed
+
+    grid = read_coords(out / "coords" / "bare.h5")
+    assert grid.mpp_source == "mpp_csv" and grid.level0_mpp == 0.5
+    assert grid.slide_path == str((slides / "bare.tiff").resolve())
+    assert grid.fingerprint == slide_fingerprint(slides / "bare.tiff")
+    assert grid.fingerprint != slide_fingerprint(slides / "unknown.tiff")  # same pixels, no tag
+    sheet = Image.open(out / "qc_contact_sheet.png")
+    assert sheet.width == 2 * 256  # 4 slides: 2 x 2 cells
+
+    mpp_csv.write_text("slide_id,mpp\nbare,0.25\n")  # a corrected resolution: never mixed in
+    assert run_tile(cfg) == 1
+    table = pd.read_csv(out / "tiling.csv").set_index("slide_id")
+    assert table.loc["tagged", "status"] == "skipped"
+    assert "level-0 mpp 0.5 -> 0.25 (mpp_csv)" in table.loc["bare", "reason"]
+
+    bad = subprocess.run([sys.executable, "-m", "melanoma_mil", "tile",
+                          f"slides_dir={slides}", f"output_dir={tmp_path / 'x'}",
+                          f"mpp_csv={tmp_path / 'nope.csv'}"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "nope.csv" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_dead_tile_process_claim_is_taken_over(tmp_path: Path) -> None:
+    slides = _cohort(tmp_path)
+    out = tmp_path / "tiles"
+    (out / "coords").mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / "coords" / "tagged.lock").write_text(json.dumps({**me(), "pid": dead.pid}))
+    cfg = TileConfig(slides_dir=str(slides), output_dir=str(out), workers=1,
+                     tiling=TilingConfig(mpp=1.0, tile_size=64, default_mpp=0.5))  # fmt: skip
+    assert run_tile(cfg) == 0
+    assert read_coords(out / "coords" / "tagged.h5").coords.shape[0] > 0
+    assert not list((out / "coords").glob("*.lock"))

@@ -1,0 +1,106 @@
+"""Claims on shared slides (dead, recycled and remote owners) and placement decisions (pure)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from melanoma_mil.features import placement
+from melanoma_mil.workshare import Claim, me, owner_gone, process_start
+
+
+def _write_owner(path: Path, **changes: object) -> None:
+    path.write_text(json.dumps({**me(), **changes}))
+
+
+def test_a_claim_is_exclusive_until_released(tmp_path: Path) -> None:
+    a, b = Claim(tmp_path / "s.lock"), Claim(tmp_path / "s.lock")
+    assert a.acquire() and not b.acquire()
+    assert b.owner["pid"] == os.getpid() and b.live_owner() is not None
+    a.release()
+    assert not (tmp_path / "s.lock").exists() and b.acquire()
+
+
+def test_dead_and_recycled_owners_are_taken_over_live_ones_are_not(tmp_path: Path) -> None:
+    lock = tmp_path / "s.lock"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _write_owner(lock, pid=dead.pid, start=None)
+    assert owner_gone(json.loads(lock.read_text())) is True
+    assert Claim(lock).acquire()  # the dead owner's claim is taken over at once
+
+    # a pid reused by another process (containers restart pids from 1): its start time differs
+    start = process_start(os.getpid())
+    assert start is not None
+    _write_owner(lock, start=start - 100)
+    assert owner_gone(json.loads(lock.read_text())) is True and Claim(lock).acquire()
+
+    _write_owner(lock)  # this very process: alive
+    assert owner_gone(json.loads(lock.read_text())) is False and not Claim(lock).acquire()
+
+
+def test_other_hosts_claims_go_stale_by_heartbeat_age(tmp_path: Path) -> None:
+    lock = tmp_path / "s.lock"
+    _write_owner(lock, host="node-b", machine="other")
+    assert owner_gone(json.loads(lock.read_text())) is None  # cannot tell from here
+    assert not Claim(lock, stale_after=60).acquire()  # fresh heartbeat: alive
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    mine = Claim(lock, stale_after=60)
+    assert mine.acquire() and mine.owner["pid"] == os.getpid()
+    os.utime(lock, (old, old))
+    mine.heartbeat_s = 0
+    mine.heartbeat()
+    assert time.time() - lock.stat().st_mtime < 30  # the heartbeat keeps it fresh
+
+
+@pytest.mark.parametrize(
+    ("env", "visible", "device"),
+    [
+        ({}, 1, 0),
+        ({"LOCAL_RANK": "3"}, 4, 3),
+        ({"SLURM_LOCALID": "5", "SLURM_NTASKS_PER_NODE": "8"}, 4, 1),  # 8 tasks on 4 GPUs
+        ({"SLURM_LOCALID": "2"}, 1, 0),  # srun bound one GPU per task
+        ({"LOCAL_RANK": "1", "SLURM_LOCALID": "0"}, 2, 1),  # torchrun inside srun
+    ],
+)
+def test_gpu_from_local_rank_among_the_visible_gpus(
+    env: dict[str, str], visible: int, device: int
+) -> None:
+    assert placement.gpu_index(env, visible) == device
+
+
+def test_reader_workers_share_the_node_and_shm_is_checked_first() -> None:
+    assert placement.local_world({"SLURM_TASKS_PER_NODE": "4(x2),3"}) == 4
+    assert placement.local_world({"LOCAL_WORLD_SIZE": "8"}) == 8
+    assert placement.reader_workers(32, 32, 8) == 3  # 8 ranks on an unpinned 32-core node
+    assert placement.reader_workers(6, 32, 8) == 5  # the launcher pinned 6 cores to this rank
+    assert placement.reader_workers(128, 128, 1) == placement.MAX_READERS
+    batch = 64 * 512 * 512 * 3  # 48 MiB of uint8 tiles
+    assert placement.shm_plan(8, batch, 64 << 30) == placement.ShmPlan(8, 4, "")
+    small = placement.shm_plan(8, batch, 1200 << 20)  # fits 8 x 2 batches, not 8 x 4
+    assert (small.workers, small.prefetch) == (8, 2) and "--shm-size" in small.note
+    docker = placement.shm_plan(8, batch, 64 << 20)  # the container default: threads
+    assert docker.workers == 0 and "threads" in docker.note
+
+
+def test_batch_size_for_the_device() -> None:
+    assert placement.batch_size("cpu") == 64
+    gb = 1 << 30
+    assert placement.batch_size("cuda", 70 * gb, 20 << 20) == 1024  # big GPU, small model
+    assert placement.batch_size("cuda", 20 * gb, 60 << 20) == 128  # 170 fit -> 128
+    assert placement.batch_size("cuda", 1 * gb, 100 << 20) == 5  # nearly full: what fits
+
+
+def test_a_live_but_silent_process_on_this_host_goes_stale_too(tmp_path: Path) -> None:
+    lock = tmp_path / "s.lock"
+    _write_owner(lock)  # alive (this process), but its heartbeat stopped: hung
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    assert Claim(lock, stale_after=60).acquire()
