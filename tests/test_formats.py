@@ -14,9 +14,9 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import tissue_image
 from PIL import Image
 from slide_writers import SCN_OFFSET, WRITERS, write_slide
-from test_tiling import _tissue_image
 
 from melanoma_mil.config import EncoderConfig, ExtractConfig, TileConfig, TilingConfig
 from melanoma_mil.features.run import run_extract
@@ -33,7 +33,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
     pytest.importorskip("wsidicomizer")
     folder = tmp_path_factory.mktemp("formats") / "slides"
     folder.mkdir()
-    img = _tissue_image(1100)[:770, :1030]
+    img = tissue_image(1100)[:770, :1030]
     for fmt in WRITERS:
         write_slide(fmt, folder, img)
     return folder, img

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import tifffile
+from conftest import tissue_image
 from PIL import Image
-from test_tiling import _tissue_image
 
 from melanoma_mil.config import TileConfig, TilingConfig
 from melanoma_mil.demo.pyramid import write_pyramid
@@ -25,7 +25,7 @@ from melanoma_mil.workshare import me
 def _cohort(root: Path) -> Path:
     slides = root / "slides"
     slides.mkdir(parents=True)
-    img = _tissue_image(768)
+    img = tissue_image(768)
     write_pyramid(slides / "tagged.tiff", img, mpp=0.5, n_levels=1)  # resolution tags
     for name in ("bare", "unknown"):  # no resolution at all
         tifffile.imwrite(slides / f"{name}.tiff", img, tile=(256, 256), photometric="rgb",
