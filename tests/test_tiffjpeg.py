@@ -93,7 +93,7 @@ def test_non_jpeg_tiff_and_forced_openslide_give_identical_batches(tmp_path: Pat
 
 
 def test_unknown_reader_is_refused_before_any_work() -> None:
-    with pytest.raises(UserError, match=r"reader='pillow' is not one of auto\|exact\|openslide"):
+    with pytest.raises(UserError, match=r"reader='pillow' is not one of auto\|fast\|openslide"):
         run_extract(ExtractConfig(reader="pillow"))
 
 
