@@ -38,9 +38,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_h5(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
-    """Open a new h5 file that appears at ``path`` only once it is completely written."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    """A new h5 file, built in memory (see `h5_bytes`), that appears at ``path`` only once it is
+    completely written."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
         yield f
+    write_bytes(path, buffer.getvalue())
 
 
 def h5_bytes(build: Callable[[h5py.File], None]) -> bytes:
