@@ -22,10 +22,10 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from melanoma_mil.config import FitConfig, check, to_yaml
-from melanoma_mil.data.bags import BagStore, load_store
 from melanoma_mil.data.cohort import Cohort, build_cohort
 from melanoma_mil.data.datamodule import BagDataModule
 from melanoma_mil.data.splits import Split, resolve_splits
+from melanoma_mil.data.store import BagStore, open_store
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import atomic_path, write_json, write_text
 from melanoma_mil.metrics import METRICS, bag_metrics, summarise
@@ -253,8 +253,7 @@ def run_fit(cfg: FitConfig) -> int:
     if cfg.trainer.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     cohort = build_cohort(cfg.data)
-    dtype = torch.float16 if cfg.data.dtype == "float16" else torch.float32
-    store = load_store(cohort.members, dtype)
+    store = open_store(cohort.members, cfg)  # memory-mapped; checks memory before loading
     splits, digest = resolve_splits(
         cohort.bags, cfg.cv, cfg.cv.seed, cohort.classes, out, write=rank0
     )
