@@ -210,3 +210,47 @@ def test_memory_budget_key_is_honoured(cohort, tmp_path, capsys) -> None:
     assert rc == 2 and "0.2 GB is available (data.memory_gb)" in err
     with pytest.raises(UserError, match="data.memory_gb"):
         load_config(FitConfig, [], ["data.memory_gb=0"])
+
+
+SHARE = """
+import sys
+from pathlib import Path
+from melanoma_mil.config import FitConfig, load_config
+from melanoma_mil.data.cohort import build_cohort
+from melanoma_mil.data.datamodule import BagDataModule
+from melanoma_mil.data.store import open_store
+
+def rss():
+    rows = dict(ln.split(":", 1) for ln in Path("/proc/self/status").read_text().splitlines())
+    return [int(rows[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile")]
+
+keys = [f"data.features_dir={sys.argv[1]}", f"data.labels_csv={sys.argv[2]}"]
+cfg = load_config(FitConfig, [], keys)
+cohort = build_cohort(cfg.data)
+store = open_store(cohort.members, cfg)
+ids = list(store.bags)
+dm = BagDataModule(store, dict.fromkeys(ids, 0), ids, [], [])
+before = rss()
+for bags, _, _ in dm.train_dataloader():  # every bag, as a training step gets it
+    bags[0].float().sum()
+after = rss()
+print(after[0] - before[0], after[1] - before[1], store.nbytes())
+"""
+
+
+def test_reading_every_bag_costs_page_cache_not_private_memory(tmp_path: Path) -> None:
+    features, labels = make_bag_cohort(tmp_path, n_patients=40, dim=512, n_instances=(1000, 1500))
+    store = store_of(features, labels)  # built here; the processes below only open it
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", SHARE, str(features), str(labels)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]  # fmt: skip
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        anon, file, nbytes = map(int, out.split())
+        assert nbytes == store.nbytes()
+        assert file > 0.9 * nbytes  # the bags were read through the shared mapping...
+        assert anon < 0.1 * 2 * nbytes  # ...not into private memory (float32: 2 x nbytes)

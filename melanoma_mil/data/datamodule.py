@@ -10,6 +10,7 @@ once per process and bags become slices of it, with no host-to-device traffic pe
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -77,6 +78,8 @@ class BagDataModule(L.LightningDataModule):
         self.store, self.labels = store, labels
         self.ids = {"train": train, "val": val, "test": test}
         self.max_instances, self.balance, self.num_workers = max_instances, balance, num_workers
+        self._placement: dict[str, bool] = {}  # device -> whole store there
+        self._copiers: dict[str, Copier] = {}
 
     def dataset(self, part: str) -> BagDataset:
         ids = self.ids[part]
@@ -118,38 +121,61 @@ class BagDataModule(L.LightningDataModule):
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
     def _resident(self, device: torch.device) -> torch.Tensor | None:
-        """The store on ``device`` when it fits comfortably and bags are plain slices of it."""
-        if device.type != "cuda" or self.num_workers > 0:
-            return None
-        if str(device) not in self.store.device_features:
-            free, _ = torch.cuda.mem_get_info(device)
-            if self.store.nbytes() > GPU_STORE_SHARE * free:
-                return None
-            log.info("bag store copied to %s (%.1f GB)", device, self.store.nbytes() / 1e9)
-        return self.store.on_device(device)
+        """The store on ``device`` when it fits comfortably and bags are plain slices of it
+        (decided once per device; the copy is shared by every fold of the process)."""
+        key = str(device)
+        if key not in self._placement:
+            fits = False
+            if device.type == "cuda" and self.num_workers == 0:
+                free, _ = torch.cuda.mem_get_info(device)
+                fits = key in self.store.device_features or (
+                    self.store.nbytes() <= GPU_STORE_SHARE * free
+                )
+            self._placement[key] = fits
+            if fits and key not in self.store.device_features:
+                log.info("bag store copied to %s (%.1f GB)", device, self.store.nbytes() / 1e9)
+        return self.store.on_device(device) if self._placement[key] else None
 
     def transfer_batch_to_device(self, batch: Batch, device: torch.device, dataloader_idx: int):
-        """Views of the store become slices of its GPU copy; other bags go through pinned
-        memory without blocking, so the host queues the next step while the GPU works."""
+        """Views of the store become slices of its GPU copy; other bags are copied from pinned
+        memory on a side stream, overlapping the step the GPU is still running."""
         if device.type == "cpu":
             return batch
         bags, labels, index = batch
-        moved = move_bags(bags, self.store, self._resident(device), device)
-        labels, index = (_to(t, device) for t in (labels, index))
+        if device.type != "cuda":
+            return [b.to(device) for b in bags], labels.to(device), index.to(device)
+        copier = self._copiers.setdefault(str(device), Copier(device))
+        moved = move_bags(bags, self.store, self._resident(device), copier)
+        labels, index = copier([labels, index])
         return moved, labels, index
 
 
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+class Copier:
+    """Host -> GPU copies from pinned memory on a side stream; the compute stream waits for
+    them only where it uses them, so a copy overlaps the kernels queued before it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def __call__(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        main = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.stream):
+            out = [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
+        main.wait_stream(self.stream)
+        for t in out:
+            t.record_stream(main)  # its memory is not reused before the step has run
+        return out
 
 
 def move_bags(
-    bags: list[torch.Tensor], store: BagStore, resident: torch.Tensor | None, device: torch.device
+    bags: list[torch.Tensor],
+    store: BagStore,
+    resident: torch.Tensor | None,
+    copy: Callable[[list[torch.Tensor]], list[torch.Tensor]],
 ) -> list[torch.Tensor]:
-    """Each bag on ``device``: a slice of ``resident`` (the store's copy there) when the bag is
-    a view of the store's map, else copied (subsampled bags, worker copies)."""
+    """Each bag on the device: a slice of ``resident`` (the store's copy there) when the bag
+    is a view of the store's map, else ``copy``'d (subsampled bags, worker copies)."""
     base = store.features.untyped_storage().data_ptr()
     moved = []
     for bag in bags:
@@ -157,5 +183,5 @@ def move_bags(
             start = bag.storage_offset() // store.dim
             moved.append(resident[start : start + bag.shape[0]])
         else:
-            moved.append(_to(bag, device))
+            moved.append(copy([bag])[0])
     return moved

@@ -160,8 +160,8 @@ class PoolMIL(nn.Module):
             return MILOutput(self.classifier(h.mean(0)), h.new_full((n,), 1.0 / n).float())
         scores = self.classifier(h)  # [N, C]: the bag logit per class is its max instance
         logits = scores.max(0).values
-        a = torch.zeros(n, device=h.device)
-        a[scores[:, -1].argmax()] = 1.0
+        # one-hot by comparison: indexing with a device tensor would wait for it on the host
+        a = (torch.arange(n, device=h.device) == scores[:, -1].argmax()).float()
         return MILOutput(logits, a)
 
 
