@@ -23,10 +23,9 @@ from melanoma_mil.errors import UserError
 log = logging.getLogger(__name__)
 
 GB = 1e9
-# RssAnon of a `fit` process after imports and its first steps on a tiny cohort (see
-# tests/test_store.py::test_base_memory_matches_a_real_fit), with headroom; CUDA adds its
-# context and libraries' heap
-BASE_CPU = 0.6 * GB
+# RssAnon of a `fit` rank on a tiny cohort peaks at ~0.56 GB (benchmarks/fit_memory.py, CPU,
+# torch 2.14, lightning 2.6); plus headroom. CUDA adds its context and libraries' heap.
+BASE_CPU = 0.7 * GB
 BASE_GPU = 2.5 * GB
 WORKER = 0.25 * GB  # a DataLoader worker process (forked: mostly shared pages)
 PREFETCH = 2  # batches a DataLoader worker keeps ready (torch's prefetch_factor default)

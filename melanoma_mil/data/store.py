@@ -26,7 +26,7 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +242,10 @@ def _file_shape(path: Path) -> tuple[tuple[int, ...], str]:
     """(shape, dtype name) of a bag file's features without reading them."""
     try:
         if path.suffix == ".pt":
-            t = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:  # zip-format files open lazily; legacy ones are read whole
+                t = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                t = torch.load(path, map_location="cpu", weights_only=True)
             return tuple(t.shape), str(t.dtype).removeprefix("torch.")
         with h5py.File(path, "r") as f:
             if "features" not in f:
@@ -293,6 +296,7 @@ def _write(tmp: Path, sources: list[Source], layout: Layout, dtype: str, lock: S
     files, start = [], 0
     for s in progress(sources, desc="building bag store", unit="bag", leave=False):
         path = Path(s.path)
+        feats, _ = read_bag(path)  # checked first: a broken file is named as such
         ident = _identity(path)
         first = first or (s, ident)
         why = identity_mismatch(ident, first[1]) or (
@@ -303,7 +307,6 @@ def _write(tmp: Path, sources: list[Source], layout: Layout, dtype: str, lock: S
                 f"{path} {why} (as slide {first[0].slide_id} has): features_dir mixes feature "
                 "caches. Point data.features_dir at one cache."
             )
-        feats, _ = read_bag(path)
         n = layout.rows[s.path]
         if feats.shape != (n, layout.dim):
             raise UserError(f"{path} changed while the bag store was built; run again.")
@@ -311,7 +314,7 @@ def _write(tmp: Path, sources: list[Source], layout: Layout, dtype: str, lock: S
         block[...] = feats
         if not np.isfinite(block).all():
             raise UserError(f"{path}: features overflow {dtype}; use data.dtype=float32 (or auto).")
-        files.append({**s.__dict__, "start": start, "rows": n, "dtype": layout.dtypes[s.path]})
+        files.append({**asdict(s), "start": start, "rows": n, "dtype": layout.dtypes[s.path]})
         start += n
         lock.heartbeat()
     out.flush()
@@ -344,7 +347,8 @@ def _check_disk(root: Path, need: int) -> None:
 
 
 def _build(root: Path, sources: list[Source], layout: Layout, dtype: str) -> Path:
-    """Build under the lock; a process that finds the lock held waits and returns None."""
+    """Build the store under its lock and return its folder; a process that finds the lock
+    held waits, then returns the holder's store (or builds it, if the holder died)."""
     name = _name(sources, dtype)
     final = root / name
     root.mkdir(parents=True, exist_ok=True)
