@@ -5,7 +5,7 @@ face this choice; `data.dtype=auto` keeps them float32. This runs the same `fit`
 folds, epochs) on a generated float32 cohort with the store in each dtype and prints the
 pooled AUC of both, the largest difference of any test probability, and the store sizes.
 
-    python benchmarks/store_dtype.py [--bags 120 --dim 256 --epochs 15]
+    python benchmarks/store_dtype.py [--bags 120 --dim 64 --shift 4 --epochs 20]
 """
 
 from __future__ import annotations
@@ -25,15 +25,16 @@ from melanoma_mil.training.cv import run_fit
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--bags", type=int, default=120)
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--shift", type=float, default=4.0, help="planted signal strength")
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--out", type=Path, default=Path("/tmp/melanoma_mil_bench_dtype"))
     a = ap.parse_args()
     logging.getLogger("lightning").setLevel(logging.ERROR)
-    root = a.out / f"{a.bags}x{a.dim}"
+    root = a.out / f"{a.bags}x{a.dim}-shift{a.shift:g}"
     if not (root / "labels.csv").is_file():
-        make_bag_cohort(root, n_patients=a.bags, dim=a.dim, n_instances=(50, 300), shift=1.5,
-                        dtype="float32")  # fmt: skip
+        make_bag_cohort(root, n_patients=a.bags, dim=a.dim, n_instances=(20, 200),
+                        shift=a.shift, dtype="float32")  # fmt: skip
     runs = {}
     for dtype in ("float32", "float16"):
         out = a.out / f"run_{dtype}"
@@ -41,13 +42,15 @@ def main() -> None:
             f"data.features_dir={root / 'features'}", f"data.labels_csv={root / 'labels.csv'}",
             f"output_dir={out}", "overwrite=true", f"data.dtype={dtype}", "logger=none",
             "trainer.accelerator=cpu", f"trainer.max_epochs={a.epochs}", "cv.folds=3",
+            "optim.lr=1e-3",
         ])  # fmt: skip
         assert run_fit(cfg) == 0
         runs[dtype] = out
     preds = {d: pd.read_csv(o / "predictions.csv").set_index("slide_id") for d, o in runs.items()}
     diff = (preds["float32"]["prob"] - preds["float16"]["prob"].loc[preds["float32"].index]).abs()
     stores = sorted((root / "features" / ".bag_stores").iterdir())
-    print(f"{a.bags} bags x {a.dim} float32 features, {a.epochs} epochs, 3 folds")
+    print(f"{a.bags} bags x {a.dim} float32 features (shift {a.shift:g}), {a.epochs} epochs, "
+          "3 folds, optim.lr=1e-3")  # fmt: skip
     for d, out in runs.items():
         auc = json.loads((out / "cv_summary.json").read_text())["pooled_auc"]["value"]
         print(f"store {d}: pooled AUC {auc:.4f}")

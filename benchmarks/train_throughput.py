@@ -43,9 +43,13 @@ class EpochTimer(L.Callback):
         self.times: list[float] = []
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # GPU work is asynchronous: time what has run
         self.start = clock()
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.times.append(clock() - self.start)
 
 

@@ -3,8 +3,9 @@
 A batch is ``(bags, labels, indices)``: a list of [N, D] bags (one per training step, up to
 ``EVAL_BAGS`` per validation/test step), class indices and dataset indices (which let metrics
 drop the bags DistributedSampler repeats). On a GPU each bag goes from the map through pinned
-memory with a non-blocking copy; when the whole store fits in GPU memory it is copied there
-once per process and bags become slices of it, with no host-to-device traffic per step.
+memory, copied on a side stream while the previous step computes; when the whole store fits in
+GPU memory it is copied there once per process and bags become slices of it, with no
+host-to-device traffic per step.
 """
 
 from __future__ import annotations

@@ -333,7 +333,7 @@ def _write(tmp: Path, sources: list[Source], layout: Layout, dtype: str, lock: S
 
 def _name(sources: list[Source], dtype: str) -> str:
     digest = hashlib.sha256(json.dumps([dtype, [s.key() for s in sources]]).encode())
-    return f"{dtype}-{len(sources)}bags-{digest.hexdigest()[:12]}"
+    return f"{dtype}-{len(sources)}slides-{digest.hexdigest()[:12]}"
 
 
 def _check_disk(root: Path, need: int) -> None:
