@@ -2,8 +2,9 @@
 
 float16 features (what `extract` writes) are stored as float16 exactly, so only float32 caches
 face this choice; `data.dtype=auto` keeps them float32. This runs the same `fit` (same seed,
-folds, epochs) on a generated float32 cohort with the store in each dtype and prints the
-pooled AUC of both, the largest difference of any test probability, and the store sizes.
+folds, epochs) on a generated float32 cohort with the store in each dtype, and once more in
+float32 with another seed as the yardstick: the pooled AUC of each, how far its test
+probabilities move from the float32 run's, and the store sizes.
 
     python benchmarks/store_dtype.py [--bags 120 --dim 64 --shift 4 --epochs 20]
 """
@@ -36,27 +37,32 @@ def main() -> None:
         make_bag_cohort(root, n_patients=a.bags, dim=a.dim, n_instances=(20, 200),
                         shift=a.shift, dtype="float32")  # fmt: skip
     runs = {}
-    for dtype in ("float32", "float16"):
-        out = a.out / f"run_{dtype}"
+    for name, extra in (
+        ("float32", ["data.dtype=float32"]),
+        ("float16", ["data.dtype=float16"]),
+        ("float32, seed=1", ["data.dtype=float32", "seed=1"]),
+    ):
+        out = a.out / f"run_{name.replace(', ', '_').replace('=', '')}"
         cfg = load_config(FitConfig, [], [
             f"data.features_dir={root / 'features'}", f"data.labels_csv={root / 'labels.csv'}",
-            f"output_dir={out}", "overwrite=true", f"data.dtype={dtype}", "logger=none",
-            "trainer.accelerator=cpu", f"trainer.max_epochs={a.epochs}", "cv.folds=3",
-            "optim.lr=1e-3",
+            f"output_dir={out}", "overwrite=true", "logger=none", "trainer.accelerator=cpu",
+            f"trainer.max_epochs={a.epochs}", "cv.folds=3", "optim.lr=1e-3", *extra,
         ])  # fmt: skip
         assert run_fit(cfg) == 0
-        runs[dtype] = out
-    preds = {d: pd.read_csv(o / "predictions.csv").set_index("slide_id") for d, o in runs.items()}
-    diff = (preds["float32"]["prob"] - preds["float16"]["prob"].loc[preds["float32"].index]).abs()
-    stores = sorted((root / "features" / ".bag_stores").iterdir())
+        runs[name] = out
+    preds = {n: pd.read_csv(o / "predictions.csv").set_index("slide_id") for n, o in runs.items()}
+    ref = preds["float32"]["prob"]
     print(f"{a.bags} bags x {a.dim} float32 features (shift {a.shift:g}), {a.epochs} epochs, "
           "3 folds, optim.lr=1e-3")  # fmt: skip
-    for d, out in runs.items():
+    for name, out in runs.items():
         auc = json.loads((out / "cv_summary.json").read_text())["pooled_auc"]["value"]
-        print(f"store {d}: pooled AUC {auc:.4f}")
-    for s in stores:
-        print(f"  {s.name}: {(s / 'features.npy').stat().st_size / 1e6:.1f} MB")
-    print(f"largest |prob float32 - prob float16| over {len(diff)} test bags: {diff.max():.2e}")
+        line = f"{name:<16} pooled AUC {auc:.4f}"
+        if name != "float32":
+            diff = (preds[name]["prob"].loc[ref.index] - ref).abs()
+            line += f"; |prob - float32 run's| mean {diff.mean():.3f}, max {diff.max():.3f}"
+        print(line)
+    for s in sorted((root / "features" / ".bag_stores").iterdir()):
+        print(f"  store {s.name}: {(s / 'features.npy').stat().st_size / 1e6:.1f} MB")
 
 
 if __name__ == "__main__":

@@ -240,17 +240,14 @@ print(after[0] - before[0], after[1] - before[1], store.nbytes())
 
 def test_reading_every_bag_costs_page_cache_not_private_memory(tmp_path: Path) -> None:
     features, labels = make_bag_cohort(tmp_path, n_patients=40, dim=512, n_instances=(1000, 1500))
-    store = store_of(features, labels)  # built here; the processes below only open it
+    store = store_of(features, labels)  # built here; the process below only opens it
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    procs = [
-        subprocess.Popen([sys.executable, "-c", SHARE, str(features), str(labels)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        for _ in range(2)
-    ]  # fmt: skip
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-2000:]
-        anon, file, nbytes = map(int, out.split())
-        assert nbytes == store.nbytes()
-        assert file > 0.9 * nbytes  # the bags were read through the shared mapping...
-        assert anon < 0.1 * 2 * nbytes  # ...not into private memory (float32: 2 x nbytes)
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARE, str(features), str(labels)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    anon, file, nbytes = map(int, proc.stdout.split())
+    assert nbytes == store.nbytes()
+    assert file > 0.9 * nbytes  # the bags were read through the shared mapping...
+    assert anon < 0.1 * 2 * nbytes  # ...not into private memory (float32: 2 x nbytes)
