@@ -61,10 +61,10 @@ def _rss_anon(pid: int) -> int:
     return 0
 
 
-def run(cmd: list[str], env: dict[str, str]) -> tuple[int, int, float]:
+def run(cmd: list[str], env: dict[str, str], cwd: str | None) -> tuple[int, int, float]:
     """(peak summed RssAnon over the run's processes, most processes seen at once, seconds)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peak, most = 0, 0
     while proc.poll() is None:
         pids = [p for p in _tree(proc.pid) if _rss_anon(p)]
@@ -117,7 +117,7 @@ def main() -> None:
             "trainer.max_epochs=1", "trainer.min_epochs=1", "trainer.accelerator=cpu",
             f"trainer.devices={a.devices}", "trainer.strategy=ddp",
         ]  # fmt: skip
-        peak, procs, secs = run(cmd, env)
+        peak, procs, secs = run(cmd, env, a.pythonpath)  # `-m` imports from the cwd
         peaks[name] = peak
         f32 = float32_bytes(root / "features")
         sizes[name] = f32

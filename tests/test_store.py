@@ -251,3 +251,45 @@ def test_reading_every_bag_costs_page_cache_not_private_memory(tmp_path: Path) -
     assert nbytes == store.nbytes()
     assert file > 0.9 * nbytes  # the bags were read through the shared mapping...
     assert anon < 0.1 * 2 * nbytes  # ...not into private memory (float32: 2 x nbytes)
+
+
+@pytest.mark.parametrize("bad", ["strings", "scalar", "group", "pt_dict", "pt_garbage"])
+def test_malformed_files_are_named_before_anything_is_built(bad: str, cohort) -> None:
+    features, labels = cohort
+    (features / "P0003.h5").unlink()
+    name = "P0003.pt" if bad.startswith("pt") else "P0003.h5"
+    (features / "pt_files").mkdir()
+    if bad == "pt_dict":
+        torch.save({"features": torch.zeros(4, 8)}, features / "pt_files" / name)
+    elif bad == "pt_garbage":
+        (features / "pt_files" / name).write_bytes(b"not a torch file")
+    else:
+        with h5py.File(features / name, "w") as f:
+            if bad == "group":
+                f.create_group("features")
+            else:
+                f["features"] = np.array([[b"a"] * 8] * 3) if bad == "strings" else np.float32(1)
+    with pytest.raises(UserError, match=name):
+        store_of(features, labels)
+    assert not stores(features / STORES)
+
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    cmd = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]
+    return subprocess.run(cmd, capture_output=True, check=False).returncode == 0
+
+
+def test_read_only_cache_needs_store_dir(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    if not _mount_tmpfs(ro, "size=8m"):
+        pytest.skip("needs root to mount a tmpfs (a real read-only folder)")
+    try:
+        features, labels = make_bag_cohort(ro, n_patients=6, dim=8)
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        with pytest.raises(UserError, match="data.store_dir"):
+            store_of(features, labels)
+        store = store_of(features, labels, f"data.store_dir={tmp_path / 'stores'}")
+        assert store.folder.parent == tmp_path / "stores" and store.bags["P0001"].shape[1] == 8
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import socket
 import time
@@ -246,16 +247,25 @@ def _file_shape(path: Path) -> tuple[tuple[int, ...], str]:
                 t = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError:
                 t = torch.load(path, map_location="cpu", weights_only=True)
-            return tuple(t.shape), str(t.dtype).removeprefix("torch.")
-        with h5py.File(path, "r") as f:
-            if "features" not in f:
-                raise UserError(
-                    f"{path}: no 'features' dataset (found {list(f.keys())}); "
-                    "re-run `extract` for this slide or remove it from the labels CSV."
-                )
-            return tuple(f["features"].shape), f["features"].dtype.name
-    except (OSError, RuntimeError, EOFError) as e:
+            if isinstance(t, torch.Tensor | np.ndarray) and t.ndim > 0:
+                return tuple(t.shape), str(t.dtype).removeprefix("torch.")
+            what = type(t).__name__
+        else:
+            with h5py.File(path, "r") as f:
+                if "features" not in f:
+                    raise UserError(
+                        f"{path}: no 'features' dataset (found {list(f.keys())}); "
+                        "re-run `extract` for this slide or remove it from the labels CSV."
+                    )
+                ds = f["features"]
+                if isinstance(ds, h5py.Dataset) and ds.shape and ds.dtype.kind in "biuf":
+                    return tuple(ds.shape), ds.dtype.name
+                what = f"{type(ds).__name__} of {getattr(ds, 'dtype', 'no dtype')}"
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise UserError(f"{path}: cannot read bag ({e}); re-run `extract` for it.") from None
+    raise UserError(
+        f"{path}: 'features' is a {what}, not a numeric array; re-run `extract` for this slide."
+    )
 
 
 def scan(sources: list[Source]) -> Layout:
