@@ -6,7 +6,8 @@ on a generated cohort whose bags take --gb GB as float32 and on a tiny cohort, s
 prints the peak of the ranks' summed RssAnon for each cohort, their difference, and that
 difference over the float32 size of the bags (target < 0.3; loading every bag into each rank's
 RAM as float32 gives >= 2.0 on 2 ranks). ``--pythonpath`` runs another checkout (e.g. before
-the store) with the same cohorts; ``--compare RUN`` checks predictions.csv against another run.
+the store) with the same cohorts; ``--compare RUN`` checks predictions.csv against another run,
+``--single`` against a 1-device run with the same ``trainer.accumulate_grad_batches``.
 
     python benchmarks/fit_memory.py [--gb 1.0 --devices 2]
 """
@@ -91,6 +92,10 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=1.0, help="float32 size of the big cohort")
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--devices", type=int, default=2)
+    ap.add_argument("--accumulate", type=int, default=None,
+                    help="trainer.accumulate_grad_batches (default: --devices)")  # fmt: skip
+    ap.add_argument("--single", action="store_true",
+                    help="also fit the big cohort on 1 device and compare")  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("/tmp/melanoma_mil_bench_memory"))
     ap.add_argument("--pythonpath", default=None, help="checkout to run (default: this one)")
     ap.add_argument("--compare", type=Path, default=None, help="run dir to compare predictions")
@@ -116,6 +121,7 @@ def main() -> None:
             f"output_dir={out}", "overwrite=true", "logger=none", "cv.folds=2",
             "trainer.max_epochs=1", "trainer.min_epochs=1", "trainer.accelerator=cpu",
             f"trainer.devices={a.devices}", "trainer.strategy=ddp",
+            f"trainer.accumulate_grad_batches={a.accumulate or a.devices}",
         ]  # fmt: skip
         peak, procs, secs = run(cmd, env, a.pythonpath)  # `-m` imports from the cwd
         peaks[name] = peak
@@ -123,10 +129,19 @@ def main() -> None:
         sizes[name] = f32
         print(f"{name:>4}: {bags} bags, ~{f32 / 1e9:.2f} GB as float32; {procs} processes; "
               f"peak summed RssAnon {peak / 1e9:.2f} GB; {secs:.0f} s")  # fmt: skip
-        if name == "big" and a.compare:
-            mine = pd.read_csv(out / "predictions.csv")
+        if name != "big":
+            continue
+        mine = pd.read_csv(out / "predictions.csv")
+        if a.compare:
             ref = pd.read_csv(a.compare / "predictions.csv")
             print(f"predictions vs {a.compare}: {'identical' if mine.equals(ref) else 'DIFFER'}")
+        if a.single:
+            one = a.out / f"run_{tag}_big_1device"
+            single = [c for c in cmd if not c.startswith(("output_dir=", "trainer.devices="))]
+            run([*single, f"output_dir={one}", "trainer.devices=1"], env, a.pythonpath)
+            ref = pd.read_csv(one / "predictions.csv")
+            same = "identical" if mine.equals(ref) else "DIFFER"
+            print(f"predictions of {a.devices} ranks vs 1 process (same accumulation): {same}")
     f32 = sizes["big"]
     extra = peaks["big"] - peaks["tiny"]
     print(f"{a.devices} ranks: private memory above the tiny cohort {extra / 1e9:.3f} GB = "
