@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -115,10 +116,11 @@ def main() -> None:
         if not (root / "labels.csv").is_file():
             make_bag_cohort(root, n_patients=bags, dim=a.dim, n_instances=tiles)
         out = a.out / f"run_{tag}_{name}"
+        shutil.rmtree(out, ignore_errors=True)  # this script's own scratch run from before
         cmd = [
             sys.executable, "-m", "melanoma_mil", "fit",
             f"data.features_dir={root / 'features'}", f"data.labels_csv={root / 'labels.csv'}",
-            f"output_dir={out}", "overwrite=true", "logger=none", "cv.folds=2",
+            f"output_dir={out}", "logger=none", "cv.folds=2",
             "trainer.max_epochs=1", "trainer.min_epochs=1", "trainer.accelerator=cpu",
             f"trainer.devices={a.devices}", "trainer.strategy=ddp",
             f"trainer.accumulate_grad_batches={a.accumulate or a.devices}",
@@ -137,6 +139,7 @@ def main() -> None:
             print(f"predictions vs {a.compare}: {'identical' if mine.equals(ref) else 'DIFFER'}")
         if a.single:
             one = a.out / f"run_{tag}_big_1device"
+            shutil.rmtree(one, ignore_errors=True)
             single = [c for c in cmd if not c.startswith(("output_dir=", "trainer.devices="))]
             run([*single, f"output_dir={one}", "trainer.devices=1"], env, a.pythonpath)
             ref = pd.read_csv(one / "predictions.csv")
