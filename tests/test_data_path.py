@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from melanoma_mil.config import FitConfig, ModelConfig, OptimConfig, load_config
 from melanoma_mil.data.cohort import build_cohort
@@ -101,12 +100,16 @@ def test_device_copy_is_sliced_not_copied(cohort) -> None:
 
 def test_workers_send_the_bag_not_the_whole_map(cohort) -> None:
     store, labels = store_of(*cohort)
-    ids = list(store.bags)[:3]
-    data = BagDataset(store, ids, [labels[b] for b in ids])
-    loader = DataLoader(data, batch_size=1, num_workers=1, collate_fn=collate)
-    for (bags, _, index), b in zip(loader, ids, strict=True):
-        assert torch.equal(bags[0], store.bags[b]) and ids[int(index[0])] == b
-        assert bags[0].untyped_storage().nbytes() == bags[0].nbytes  # only this bag travelled
+    ids = list(store.bags)[:10]
+    dm = BagDataModule(store, labels, ids, ids, ids, num_workers=1)
+    for bags, _, index in dm.test_dataloader():
+        for bag, i in zip(bags, index, strict=True):
+            assert torch.equal(bag, store.bags[ids[int(i)]])
+            assert bag.untyped_storage().nbytes() == bag.nbytes  # only this bag travelled
+    module = MILModule.create(store.dim, 2, ModelConfig(), OptimConfig(), None, 1)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer.test(module, datamodule=dm, verbose=False)  # the loaders as `fit` builds them
+    assert module.test_output is not None and len(module.test_output[0]) == len(ids)
 
 
 def test_feature_norm_is_skipped_only_while_it_is_the_identity() -> None:

@@ -118,7 +118,7 @@ class BagDataModule(L.LightningDataModule):
         return self._loader("test", EVAL_BAGS)
 
     def _device(self) -> torch.device:
-        trainer = self._trainer
+        trainer = self.trainer
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
     def _resident(self, device: torch.device) -> torch.Tensor | None:
