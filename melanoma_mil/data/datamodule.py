@@ -145,7 +145,9 @@ class BagDataModule(L.LightningDataModule):
         bags, labels, index = batch
         if device.type != "cuda":
             return [b.to(device) for b in bags], labels.to(device), index.to(device)
-        copier = self._copiers.setdefault(str(device), Copier(device))
+        if str(device) not in self._copiers:
+            self._copiers[str(device)] = Copier(device)
+        copier = self._copiers[str(device)]
         moved = move_bags(bags, self.store, self._resident(device), copier)
         labels, index = copier([labels, index])
         return moved, labels, index
