@@ -89,7 +89,13 @@ class DataConfig:
     on_missing: str = choice("error", "error", "skip")
     # random subsample of training bags (None: all tiles)
     max_instances: int | None = bounded(None, 1)
-    dtype: str = choice("float32", "float32", "float16")  # in-RAM dtype of cached bags
+    # dtype of the memory-mapped bag store: auto = float16 when every feature file is float16
+    # (exact), else float32; float16 halves a float32 cache at a rounding cost
+    dtype: str = choice("auto", "auto", "float32", "float16")
+    # folder for bag stores (None: <features_dir>/.bag_stores; needed if that is read-only)
+    store_dir: str | None = None
+    # RAM (GB) the memory pre-check may count on (None: what the machine or job has free)
+    memory_gb: float | None = positive(None)
     standardize: bool = False  # z-score each feature dim with training-fold statistics
     balance: str = choice("loss", "none", "sampler", "loss")
     num_workers: int = bounded(0, 0)

@@ -58,6 +58,8 @@ NOT_RESULTS = frozenset(
         "data.label_column",
         "data.on_missing",
         "data.num_workers",
+        "data.store_dir",  # where the bag store lives, not what it holds
+        "data.memory_gb",
         # the report of `evaluate` at the end of fit, not the folds' results
         "clinical_csv",
         "time_column",

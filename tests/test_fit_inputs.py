@@ -14,8 +14,8 @@ import torch
 
 from melanoma_mil.cli import main
 from melanoma_mil.config import FitConfig, load_config
-from melanoma_mil.data.bags import load_store
 from melanoma_mil.data.cohort import build_cohort
+from melanoma_mil.data.store import open_store
 from melanoma_mil.data.synthetic import make_bag_cohort
 
 
@@ -152,8 +152,9 @@ def test_clam_pt_files_are_read(tmp_path: Path) -> None:
         [f"data.features_dir={tmp_path}", f"data.labels_csv={tmp_path / 'labels.csv'}"],
     )
     cohort = build_cohort(cfg.data)
-    store = load_store(cohort.members)
+    store = open_store(cohort.members, cfg)
     assert store.dim == 24 and store.bags["s5"].shape == (15, 24)
+    assert store.dtype == torch.float32  # float32 pt files stay float32
 
 
 def test_clam_splits_csv_folder_is_used(tmp_path: Path) -> None:

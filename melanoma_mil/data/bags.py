@@ -1,10 +1,9 @@
-"""Reading feature bags (our h5, CLAM h5 or CLAM pt) and holding a cohort's bags in RAM."""
+"""Reading feature bags: our h5, CLAM h5 or CLAM pt (a cohort's bags live in data/store.py)."""
 
 from __future__ import annotations
 
 import logging
 import pickle
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +12,7 @@ import numpy as np
 import torch
 
 from melanoma_mil.errors import UserError
-from melanoma_mil.features.identity import feature_identity, identity_mismatch, plain
 from melanoma_mil.ids import id_path
-from melanoma_mil.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -98,52 +95,3 @@ def read_bag(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
             f"{path}: {bad} tiles have NaN/Inf features; re-extract (try encoder precision fp32)."
         )
     return feats, coords
-
-
-@dataclass
-class BagStore:
-    """Every bag of a cohort in RAM, read once and shared by all folds."""
-
-    bags: dict[str, torch.Tensor]  # bag_id -> [N, D]
-    provenance: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def dim(self) -> int:
-        return next(iter(self.bags.values())).shape[1]
-
-
-def load_store(
-    members: dict[str, list[tuple[str, Path]]], dtype: torch.dtype = torch.float32
-) -> BagStore:
-    """Load bags: ``members`` maps bag_id -> [(slide_id, path), ...] (several = patient bag)."""
-    bags: dict[str, torch.Tensor] = {}
-    provenance: dict[str, Any] = {}
-    first: tuple[str, dict[str, Any]] | None = None  # (slide id, feature identity)
-    dim: tuple[str, int] | None = None
-    for bag_id, parts in progress(members.items(), desc="loading bags", unit="bag", leave=False):
-        tensors = []
-        for slide_id, path in parts:
-            feats, _ = read_bag(path)
-            attrs = read_attrs(path)
-            ident = {**feature_identity(attrs), "cache_key": plain(attrs.get("cache_key"))}
-            first = first or (slide_id, ident)
-            why = identity_mismatch(ident, first[1]) or (
-                ident["cache_key"] != first[1]["cache_key"] and "has another cache_key"
-            )
-            if why:
-                raise UserError(
-                    f"{path} {why} (as slide {first[0]} has): features_dir mixes feature "
-                    "caches. Point data.features_dir at one cache."
-                )
-            if not provenance:
-                provenance = {k: v for k, v in attrs.items() if k != "slide_path"}
-            if dim is None:
-                dim = (slide_id, feats.shape[1])
-            elif feats.shape[1] != dim[1]:
-                raise UserError(
-                    f"{path}: feature dim {feats.shape[1]} but slide {dim[0]} has {dim[1]}; "
-                    "bags from different encoders cannot be mixed."
-                )
-            tensors.append(torch.from_numpy(np.ascontiguousarray(feats)).to(dtype))
-        bags[bag_id] = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-    return BagStore(bags=bags, provenance=provenance)

@@ -1,16 +1,34 @@
-"""Lightning DataModule over bags already in RAM: no disk reads after the first load."""
+"""Lightning DataModule over a memory-mapped bag store: no copies until a bag is used.
+
+A batch is ``(bags, labels, indices)``: a list of [N, D] bags (one per training step, up to
+``EVAL_BAGS`` per validation/test step), class indices and dataset indices (which let metrics
+drop the bags DistributedSampler repeats). On a GPU each bag goes from the map through pinned
+memory, copied on a side stream while the previous step computes; when the whole store fits in
+GPU memory it is copied there once per process and bags become slices of it, with no
+host-to-device traffic per step.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, get_worker_info
 
-from melanoma_mil.data.bags import BagStore
+from melanoma_mil.data.memory import EVAL_BAGS
+from melanoma_mil.data.store import BagStore
+
+log = logging.getLogger(__name__)
+
+Item = tuple[torch.Tensor, int, int]
+Batch = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]
+GPU_STORE_SHARE = 0.5  # the store goes on the GPU when it takes at most this share of free memory
 
 
-class BagDataset(Dataset[tuple[torch.Tensor, int, int]]):
-    """Yields (bag [N, D], label, index); index lets metrics dedupe DDP-padded samples."""
+class BagDataset(Dataset[Item]):
+    """Yields (bag [N, D], label, index): a view of the store, or a random subsample."""
 
     def __init__(
         self,
@@ -19,26 +37,30 @@ class BagDataset(Dataset[tuple[torch.Tensor, int, int]]):
         labels: list[int],
         max_instances: int | None = None,
     ) -> None:
-        self.bags = [store.bags[b] for b in bag_ids]
+        self.store = store
+        self.spans = [store.spans[b] for b in bag_ids]
         self.labels = labels
         self.max_instances = max_instances
 
     def __len__(self) -> int:
-        return len(self.bags)
+        return len(self.spans)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        bag = self.bags[i]
-        if self.max_instances and bag.shape[0] > self.max_instances:
-            bag = bag[torch.randperm(bag.shape[0])[: self.max_instances]]
+    def __getitem__(self, i: int) -> Item:
+        start, n = self.spans[i]
+        bag = self.store.features[start : start + n]
+        if self.max_instances and n > self.max_instances:
+            bag = bag[torch.randperm(n)[: self.max_instances]]
         return bag, self.labels[i], i
 
 
-def _single(
-    batch: list[tuple[torch.Tensor, int, int]],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bags differ in size, so a batch is one bag: [1, N, D] plus label and index."""
-    bag, label, index = batch[0]
-    return bag.unsqueeze(0), torch.tensor([label]), torch.tensor([index])
+def collate(items: list[Item]) -> Batch:
+    """Bags differ in size, so they stay a list. In a worker process a view of the map is
+    copied: sending the view would move the whole mapped file into shared memory."""
+    bags = [b for b, _, _ in items]
+    if get_worker_info() is not None:
+        bags = [b.clone() if b.untyped_storage().nbytes() > b.nbytes else b for b in bags]
+    labels = torch.tensor([y for _, y, _ in items])
+    return bags, labels, torch.tensor([i for _, _, i in items])
 
 
 class BagDataModule(L.LightningDataModule):
@@ -57,6 +79,8 @@ class BagDataModule(L.LightningDataModule):
         self.store, self.labels = store, labels
         self.ids = {"train": train, "val": val, "test": test}
         self.max_instances, self.balance, self.num_workers = max_instances, balance, num_workers
+        self._placement: dict[str, bool] = {}  # device -> whole store there
+        self._copiers: dict[str, Copier] = {}
 
     def dataset(self, part: str) -> BagDataset:
         ids = self.ids[part]
@@ -67,14 +91,15 @@ class BagDataModule(L.LightningDataModule):
         labels = torch.tensor([self.labels[b] for b in self.ids["train"]])
         return torch.bincount(labels, minlength=n_classes).float()
 
-    def _loader(self, part: str, shuffle: bool = False, sampler=None) -> DataLoader:
+    def _loader(self, part: str, batch_size: int = 1, shuffle: bool = False, sampler=None):
         return DataLoader(
             self.dataset(part),
-            batch_size=1,
+            batch_size=batch_size,
             shuffle=shuffle,
             sampler=sampler,
-            collate_fn=_single,
+            collate_fn=collate,
             num_workers=self.num_workers,
+            pin_memory=self.num_workers > 0 and self._device().type == "cuda",
             persistent_workers=self.num_workers > 0,
         )
 
@@ -87,7 +112,79 @@ class BagDataModule(L.LightningDataModule):
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._loader("val", EVAL_BAGS)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader("test", EVAL_BAGS)
+
+    def _device(self) -> torch.device:
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _resident(self, device: torch.device) -> torch.Tensor | None:
+        """The store on ``device`` when it fits comfortably and bags are plain slices of it
+        (decided once per device; the copy is shared by every fold of the process)."""
+        key = str(device)
+        if key not in self._placement:
+            fits = False
+            if device.type == "cuda" and self.num_workers == 0:
+                free, _ = torch.cuda.mem_get_info(device)
+                fits = key in self.store.device_features or (
+                    self.store.nbytes() <= GPU_STORE_SHARE * free
+                )
+            self._placement[key] = fits
+            if fits and key not in self.store.device_features:
+                log.info("bag store copied to %s (%.1f GB)", device, self.store.nbytes() / 1e9)
+        return self.store.on_device(device) if self._placement[key] else None
+
+    def transfer_batch_to_device(self, batch: Batch, device: torch.device, dataloader_idx: int):
+        """Views of the store become slices of its GPU copy; other bags are copied from pinned
+        memory on a side stream, overlapping the step the GPU is still running."""
+        if device.type == "cpu":
+            return batch
+        bags, labels, index = batch
+        if device.type != "cuda":
+            return [b.to(device) for b in bags], labels.to(device), index.to(device)
+        if str(device) not in self._copiers:
+            self._copiers[str(device)] = Copier(device)
+        copier = self._copiers[str(device)]
+        moved = move_bags(bags, self.store, self._resident(device), copier)
+        labels, index = copier([labels, index])
+        return moved, labels, index
+
+
+class Copier:
+    """Host -> GPU copies from pinned memory on a side stream; the compute stream waits for
+    them only where it uses them, so a copy overlaps the kernels queued before it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def __call__(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        main = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.stream):
+            out = [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
+        main.wait_stream(self.stream)
+        for t in out:
+            t.record_stream(main)  # its memory is not reused before the step has run
+        return out
+
+
+def move_bags(
+    bags: list[torch.Tensor],
+    store: BagStore,
+    resident: torch.Tensor | None,
+    copy: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+) -> list[torch.Tensor]:
+    """Each bag on the device: a slice of ``resident`` (the store's copy there) when the bag
+    is a view of the store's map, else ``copy``'d (subsampled bags, worker copies)."""
+    base = store.features.untyped_storage().data_ptr()
+    moved = []
+    for bag in bags:
+        if resident is not None and bag.untyped_storage().data_ptr() == base:
+            start = bag.storage_offset() // store.dim
+            moved.append(resident[start : start + bag.shape[0]])
+        else:
+            moved.append(copy([bag])[0])
+    return moved

@@ -30,6 +30,7 @@ class FeatureNorm(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
+        self.identity = True  # no statistics: skip a pass over every bag that changes nothing
 
     @torch.no_grad()
     def fit_stats(self, bags: list[torch.Tensor]) -> None:
@@ -41,8 +42,15 @@ class FeatureNorm(nn.Module):
         std = (sq / total - mean.pow(2)).clamp_min(0).sqrt()
         self.mean.copy_(mean)
         self.std.copy_(std.clamp_min(1e-6 * float(std.max()) + 1e-12))
+        self.identity = False
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(*args, **kwargs)
+        self.identity = bool((self.mean == 0).all() and (self.std == 1).all())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return x
         inv = 1.0 / self.std
         return torch.addcmul(-self.mean * inv, x, inv)  # one pass over the bag, not two
 
@@ -111,25 +119,28 @@ class ClamSB(GatedAttentionMIL):
             nn.Linear(cfg.hidden_dim, 2) for _ in range(n_classes)
         )
 
-    def _instance_loss(self, h: torch.Tensor, a: torch.Tensor, label: int) -> torch.Tensor:
+    def _instance_loss(self, h: torch.Tensor, a: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         k = min(self.k_sample, h.shape[0] // 2)  # bags smaller than 2k use what they have
         if k == 0:
             return h.new_zeros(())
+        top_i, bottom_i = torch.topk(a, k).indices, torch.topk(-a, k).indices
+        target = torch.cat([h.new_ones(k), h.new_zeros(k)]).long()
+        label = torch.as_tensor(label, device=h.device)
         losses = []
         for c, clf in enumerate(self.instance_classifiers):
-            top = h[torch.topk(a, k).indices]
-            if c == label:  # in-class: top-k positive, bottom-k negative
-                bottom = h[torch.topk(-a, k).indices]
-                inst = torch.cat([top, bottom])
-                target = torch.cat([h.new_ones(k), h.new_zeros(k)]).long()
-            else:  # out-of-class (CLAM's subtyping=False default for binary): top-k negative
-                inst, target = top, h.new_zeros(k).long()
-            losses.append(F.cross_entropy(clf(inst).float(), target))
+            # in-class: top-k positive, bottom-k negative; out-of-class (CLAM's
+            # subtyping=False default for binary): top-k negative. Both are computed and one is
+            # selected on the device, so a step never waits for the label on the host (the
+            # other gets exact zero gradients: results equal the branching version's).
+            top = h[top_i]
+            inside = F.cross_entropy(clf(torch.cat([top, h[bottom_i]])).float(), target)
+            outside = F.cross_entropy(clf(top).float(), target[k:])
+            losses.append(torch.where(label == c, inside, outside))
         return torch.stack(losses).mean()
 
     def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
         h, a, m = self.pool(x)
-        inst = None if label is None else self._instance_loss(h, a.detach(), int(label))
+        inst = None if label is None else self._instance_loss(h, a.detach(), label)
         return MILOutput(self.classifier(m), a, inst)
 
 
@@ -149,8 +160,8 @@ class PoolMIL(nn.Module):
             return MILOutput(self.classifier(h.mean(0)), h.new_full((n,), 1.0 / n).float())
         scores = self.classifier(h)  # [N, C]: the bag logit per class is its max instance
         logits = scores.max(0).values
-        a = torch.zeros(n, device=h.device)
-        a[scores[:, -1].argmax()] = 1.0
+        # one-hot by comparison: indexing with a device tensor would wait for it on the host
+        a = (torch.arange(n, device=h.device) == scores[:, -1].argmax()).float()
         return MILOutput(logits, a)
 
 

@@ -24,6 +24,10 @@ import numpy as np
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import h5_bytes, write_bytes
 
+# attrs that describe one slide's file rather than the cohort's features: a run's provenance,
+# copied from one feature file, leaves them out
+PER_SLIDE_ATTRS = ("slide_path", "slide_fingerprint", "mpp_source", "reader")
+
 
 @dataclass(frozen=True)
 class TileGrid:

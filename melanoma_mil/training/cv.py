@@ -26,10 +26,11 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from melanoma_mil import rundir
 from melanoma_mil.config import FitConfig, check
-from melanoma_mil.data.bags import BagStore, load_store, read_attrs
+from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.data.cohort import Cohort, build_cohort
 from melanoma_mil.data.datamodule import BagDataModule
 from melanoma_mil.data.splits import Split
+from melanoma_mil.data.store import BagStore, open_store
 from melanoma_mil.evaluation.hooks import check_inputs, write_report
 from melanoma_mil.features.identity import plain
 from melanoma_mil.metrics import METRICS, bag_metrics, summarise
@@ -280,7 +281,7 @@ def _provenance(store: BagStore, cohort: Cohort, cfg: FitConfig, digest: str) ->
 
 
 def _cache_key(cohort: Cohort) -> str | None:
-    """The feature cache of the cohort's bags (`load_store` checks that they all share it)."""
+    """The feature cache of the cohort's bags (`open_store` checks that they all share it)."""
     path = next(iter(cohort.members.values()))[0][1]
     key = plain(read_attrs(path).get("cache_key"))
     return None if key is None else str(key)
@@ -334,8 +335,7 @@ def _fit(plan: Plan, cfg: FitConfig, cohort: Cohort, rank0: bool) -> int:
     """Train the plan's folds; when every fold is done, write (or show) the run's results."""
     out = plan.out
     if plan.todo:
-        dtype = torch.float16 if cfg.data.dtype == "float16" else torch.float32
-        store = load_store(cohort.members, dtype)
+        store = open_store(cohort.members, cfg)  # memory-mapped; checks memory before loading
         if rank0:
             start_fit(plan, cfg, _provenance(store, cohort, cfg, plan.splits_doc["sha256"]))
         log.info(

@@ -18,7 +18,7 @@ from melanoma_mil.config import ModelConfig, OptimConfig
 from melanoma_mil.metrics import bag_metrics
 from melanoma_mil.models import MILOutput, build_model
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Batch = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]  # bags [N, D], labels, indices
 
 
 class MILModule(L.LightningModule):
@@ -39,6 +39,7 @@ class MILModule(L.LightningModule):
         weights = torch.tensor(class_weights) if class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
         self._outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._loss_sum, self._steps = torch.zeros(()), 0
         self.test_output: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @classmethod
@@ -63,22 +64,32 @@ class MILModule(L.LightningModule):
             loss = w * loss + (1 - w) * out.instance_loss
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._steps = 0
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        bag, y, _ = batch
-        out = self.model(bag[0].float(), y[0])
+        bags, y, _ = batch
+        out = self.model(bags[0].float(), y[0])  # .float(): a float16 store -> float32
         loss = self._loss(out, y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
+        # summed on the device and logged once an epoch: per-step self.log costs more than a
+        # small bag's forward, and the value equals Lightning's on_epoch mean
+        self._loss_sum += loss.detach()
+        self._steps += 1
         return loss
 
+    def on_train_epoch_end(self) -> None:
+        if self._steps:
+            self.log("train_loss", self._loss_sum / self._steps, batch_size=1, sync_dist=True)
+
     def _eval_step(self, batch: Batch) -> None:
-        bag, y, index = batch
-        logits = self.model(bag[0].float()).logits.float()
-        probs = torch.softmax(logits, dim=-1)
-        self._outputs.append((probs.detach(), y.detach(), index.detach()))
+        bags, y, index = batch
+        probs = [torch.softmax(self.model(b.float()).logits.float(), dim=-1) for b in bags]
+        self._outputs.append((torch.stack(probs).detach(), y.detach(), index.detach()))
 
     def _gathered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(index, label, probs) over all ranks, each bag exactly once, sorted by index."""
-        probs = torch.stack([p for p, _, _ in self._outputs])
+        probs = torch.cat([p for p, _, _ in self._outputs])
         y = torch.cat([t for _, t, _ in self._outputs])
         index = torch.cat([i for _, _, i in self._outputs])
         self._outputs = []

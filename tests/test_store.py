@@ -1,0 +1,295 @@
+"""The memory-mapped bag store: built once, reused, safe under races; the memory pre-check."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from melanoma_mil.cli import main
+from melanoma_mil.config import FitConfig, load_config
+from melanoma_mil.data.bags import read_bag
+from melanoma_mil.data.cohort import build_cohort
+from melanoma_mil.data.memory import BASE_CPU, GB, estimate, verdict
+from melanoma_mil.data.store import STORES, BagStore, open_store
+from melanoma_mil.data.synthetic import make_bag_cohort
+from melanoma_mil.errors import UserError
+
+
+def fit_config(features: Path, labels: Path, *extra: str) -> FitConfig:
+    return load_config(
+        FitConfig,
+        [],
+        [f"data.features_dir={features}", f"data.labels_csv={labels}", *extra],
+    )
+
+
+def store_of(features: Path, labels: Path, *extra: str) -> BagStore:
+    cfg = fit_config(features, labels, *extra)
+    return open_store(build_cohort(cfg.data).members, cfg)
+
+
+def stores(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+@pytest.fixture()
+def cohort(tmp_path: Path) -> tuple[Path, Path]:
+    return make_bag_cohort(tmp_path, n_patients=10, dim=8)
+
+
+def test_bags_equal_the_files_and_the_store_is_reused(cohort) -> None:
+    features, labels = cohort
+    store = store_of(features, labels)
+    assert store.dtype == torch.float16  # every file is float16: the store keeps it, exactly
+    assert store.folder.parent == features / STORES
+    for slide_id, bag in store.bags.items():
+        want = read_bag(features / f"{slide_id}.h5")[0]
+        assert torch.equal(bag, torch.from_numpy(want))
+        assert bag.untyped_storage().data_ptr() == store.features.untyped_storage().data_ptr()
+    built = (store.folder / "features.npy").stat().st_mtime_ns
+    again = store_of(features, labels)
+    assert again.folder == store.folder and len(stores(features / STORES)) == 1
+    assert (store.folder / "features.npy").stat().st_mtime_ns == built
+    sub = pd.read_csv(labels).iloc[:4]  # a smaller cohort of the same files reuses it too
+    sub.to_csv(labels.with_name("sub.csv"), index=False)
+    assert store_of(features, labels.with_name("sub.csv")).folder == store.folder
+
+
+def test_changed_file_or_dtype_gets_its_own_store(cohort) -> None:
+    features, labels = cohort
+    first = store_of(features, labels).folder
+    wide = store_of(features, labels, "data.dtype=float32")
+    assert wide.dtype == torch.float32 and wide.folder != first
+    with h5py.File(features / "P0003.h5", "a") as f:
+        f["features"][0, 0] = 42.0
+    changed = store_of(features, labels)
+    assert changed.folder not in (first, wide.folder)
+    assert float(changed.bags["P0003"][0, 0]) == 42.0
+
+
+def test_float32_files_stay_float32_unless_asked(tmp_path: Path) -> None:
+    features, labels = make_bag_cohort(tmp_path, n_patients=6, dim=8, dtype="float32")
+    exact = store_of(features, labels)
+    assert exact.dtype == torch.float32
+    assert torch.equal(exact.bags["P0001"], torch.from_numpy(read_bag(features / "P0001.h5")[0]))
+    assert store_of(features, labels, "data.dtype=float16").dtype == torch.float16
+
+
+def test_patient_bags_are_views_and_the_store_pickles_small(tmp_path: Path) -> None:
+    features, labels = make_bag_cohort(tmp_path, n_patients=5, dim=8, slides_per_patient=3)
+    store = store_of(features, labels, "data.bag_level=patient")
+    base = store.features.untyped_storage().data_ptr()
+    for pid, bag in store.bags.items():
+        parts = [read_bag(features / f"{pid}_S{s}.h5")[0] for s in range(3)]
+        assert torch.equal(bag, torch.from_numpy(np.concatenate(parts)))
+        assert bag.untyped_storage().data_ptr() == base  # no copy
+    blob = pickle.dumps(store)
+    assert len(blob) < 4096  # the path and spans, not the features
+    clone = pickle.loads(blob)
+    assert all(torch.equal(clone.bags[b], store.bags[b]) for b in store.bags)
+
+
+def test_store_dir_is_used(cohort, tmp_path: Path) -> None:
+    features, labels = cohort
+    store = store_of(features, labels, f"data.store_dir={tmp_path / 'stores'}")
+    assert store.folder.parent == tmp_path / "stores" and not (features / STORES).exists()
+
+
+RACE = """
+import sys
+from melanoma_mil.config import FitConfig, load_config
+from melanoma_mil.data.cohort import build_cohort
+from melanoma_mil.data.store import open_store
+keys = [f"data.features_dir={sys.argv[1]}", f"data.labels_csv={sys.argv[2]}"]
+cfg = load_config(FitConfig, [], keys)
+store = open_store(build_cohort(cfg.data).members, cfg)
+print(store.folder, float(store.features.double().sum()))
+"""
+
+
+def test_two_processes_racing_share_one_store(tmp_path: Path) -> None:
+    features, labels = make_bag_cohort(tmp_path, n_patients=60, dim=64, n_instances=(200, 400))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RACE, str(features), str(labels)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    results = {o.strip() for o, _ in outs}
+    assert len(results) == 1  # the same store, the same numbers
+    folder = Path(results.pop().split()[0])
+    root = features / STORES
+    assert [p.name for p in root.iterdir()] == [folder.name]  # no lock, no temp folder left
+    # a builder killed mid-way leaves its lock (a dead pid) and its temp folder: both are
+    # cleared by the next run
+    shutil.rmtree(folder)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owner = {"pid": dead.pid, "host": socket.gethostname(), "since": 0}
+    (root / f".{folder.name}.lock").write_text(json.dumps(owner))
+    (root / f".{folder.name}.{dead.pid}.tmp").mkdir()
+    assert store_of(features, labels).folder == folder
+    assert [p.name for p in root.iterdir()] == [folder.name]
+
+
+def test_estimate_is_plain_arithmetic() -> None:
+    need = estimate(ranks=2, largest_bag=10_000, dim=1024, itemsize=2, store_rows=1_000_000)
+    per_instance = 1024 + 4 * 512 + 9 * 256
+    train = 10_000 * (1024 + 2 * per_instance) * 4
+    assert need.per_rank == int(BASE_CPU + train)
+    assert need.private == 2 * need.per_rank and need.store == 1_000_000 * 1024 * 2
+    capped = estimate(
+        ranks=1, largest_bag=10_000, dim=1024, itemsize=2, store_rows=10, max_instances=1000
+    )
+    assert capped.per_rank < need.per_rank
+    workers = estimate(ranks=2, largest_bag=100, dim=8, itemsize=4, store_rows=10, num_workers=3)
+    assert workers.shm == 2 * 3 * 2 * 100 * 8 * 4
+
+
+def test_verdict_names_the_numbers_and_the_fix() -> None:
+    need = estimate(ranks=8, largest_bag=200_000, dim=1536, itemsize=2, store_rows=10**8)
+    error, _ = verdict(need, int(16 * GB), "MemAvailable")
+    assert error is not None
+    assert f"{need.private / GB:.1f} GB" in error and "16.0 GB" in error
+    assert "trainer.devices" in error and "data.max_instances" in error
+    small = estimate(ranks=1, largest_bag=1000, dim=1024, itemsize=4, store_rows=10**8)
+    error, warning = verdict(small, int(64 * GB), "MemAvailable")
+    assert error is None and warning is not None and "data.dtype=float16" in warning
+    assert verdict(small, int(1000 * GB), "MemAvailable") == (None, None)
+    shm = estimate(ranks=1, largest_bag=10**5, dim=1024, itemsize=2, store_rows=1, num_workers=4)
+    error, _ = verdict(shm, int(64 * GB), "MemAvailable", shm=64 * 2**20)
+    assert error is not None and "/dev/shm" in error and "data.num_workers=0" in error
+
+
+def _fit_cli(features: Path, labels: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        f"data.features_dir={features}",
+        f"data.labels_csv={labels}",
+        f"output_dir={out}",
+        "trainer.accelerator=cpu",
+        "logger=none",
+        "cv.folds=2",
+        "trainer.max_epochs=1",
+        *extra,
+    ]
+
+
+def test_run_bigger_than_the_machine_fails_before_loading(cohort, tmp_path, capsys) -> None:
+    features, labels = cohort
+    # a slide of 20 million tiles: declared in the file, never written (h5 reads it as zeros)
+    with h5py.File(features / "P0009.h5", "a") as f:
+        del f["features"]
+        f.create_dataset("features", shape=(20_000_000, 8), dtype="float16", chunks=(4096, 8))
+    rc = main(_fit_cli(features, labels, tmp_path / "run", "trainer.devices=2"))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    line = next(ln for ln in err.splitlines() if ln.startswith("error:"))
+    assert "GB of private memory" in line and "20000000 tiles" in line and "available" in line
+    assert not stores(features / STORES)  # nothing was built or loaded
+
+
+def test_memory_budget_key_is_honoured(cohort, tmp_path, capsys) -> None:
+    features, labels = cohort
+    rc = main(_fit_cli(features, labels, tmp_path / "run", "data.memory_gb=0.2"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "0.2 GB is available (data.memory_gb)" in err
+    with pytest.raises(UserError, match="data.memory_gb"):
+        load_config(FitConfig, [], ["data.memory_gb=0"])
+
+
+SHARE = """
+import sys
+from pathlib import Path
+from melanoma_mil.config import FitConfig, load_config
+from melanoma_mil.data.cohort import build_cohort
+from melanoma_mil.data.datamodule import BagDataModule
+from melanoma_mil.data.store import open_store
+
+def rss():
+    rows = dict(ln.split(":", 1) for ln in Path("/proc/self/status").read_text().splitlines())
+    return [int(rows[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile")]
+
+keys = [f"data.features_dir={sys.argv[1]}", f"data.labels_csv={sys.argv[2]}"]
+cfg = load_config(FitConfig, [], keys)
+cohort = build_cohort(cfg.data)
+store = open_store(cohort.members, cfg)
+ids = list(store.bags)
+dm = BagDataModule(store, dict.fromkeys(ids, 0), ids, [], [])
+before = rss()
+for bags, _, _ in dm.train_dataloader():  # every bag, as a training step gets it
+    bags[0].float().sum()
+after = rss()
+print(after[0] - before[0], after[1] - before[1], store.nbytes())
+"""
+
+
+def test_reading_every_bag_costs_page_cache_not_private_memory(tmp_path: Path) -> None:
+    features, labels = make_bag_cohort(tmp_path, n_patients=40, dim=512, n_instances=(1000, 1500))
+    store = store_of(features, labels)  # built here; the process below only opens it
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARE, str(features), str(labels)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    anon, file, nbytes = map(int, proc.stdout.split())
+    assert nbytes == store.nbytes()
+    assert file > 0.9 * nbytes  # the bags were read through the shared mapping...
+    assert anon < 0.1 * 2 * nbytes  # ...not into private memory (float32: 2 x nbytes)
+
+
+@pytest.mark.parametrize("bad", ["strings", "scalar", "group", "pt_dict", "pt_garbage"])
+def test_malformed_files_are_named_before_anything_is_built(bad: str, cohort) -> None:
+    features, labels = cohort
+    (features / "P0003.h5").unlink()
+    name = "P0003.pt" if bad.startswith("pt") else "P0003.h5"
+    (features / "pt_files").mkdir()
+    if bad == "pt_dict":
+        torch.save({"features": torch.zeros(4, 8)}, features / "pt_files" / name)
+    elif bad == "pt_garbage":
+        (features / "pt_files" / name).write_bytes(b"not a torch file")
+    else:
+        with h5py.File(features / name, "w") as f:
+            if bad == "group":
+                f.create_group("features")
+            else:
+                f["features"] = np.array([[b"a"] * 8] * 3) if bad == "strings" else np.float32(1)
+    with pytest.raises(UserError, match=name):
+        store_of(features, labels)
+    assert not stores(features / STORES)
+
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    cmd = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]
+    return subprocess.run(cmd, capture_output=True, check=False).returncode == 0
+
+
+def test_read_only_cache_needs_store_dir(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    if not _mount_tmpfs(ro, "size=8m"):
+        pytest.skip("needs root to mount a tmpfs (a real read-only folder)")
+    try:
+        features, labels = make_bag_cohort(ro, n_patients=6, dim=8)
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        with pytest.raises(UserError, match="data.store_dir"):
+            store_of(features, labels)
+        store = store_of(features, labels, f"data.store_dir={tmp_path / 'stores'}")
+        assert store.folder.parent == tmp_path / "stores" and store.bags["P0001"].shape[1] == 8
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
