@@ -22,7 +22,17 @@ T = TypeVar("T")
 
 # model.name choices live here, not in the model registry, so `--help` and config errors answer
 # without importing torch; tests check that the registry holds exactly these names.
-MODEL_NAMES = ("gated_attention", "clam_sb", "mean", "max")
+MODEL_NAMES = (
+    "gated_attention",
+    "abmil",
+    "clam_sb",
+    "clam_mb",
+    "transmil",
+    "dsmil",
+    "topk",
+    "mean",
+    "max",
+)
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
@@ -66,7 +76,7 @@ class DataConfig:
     # random subsample of training bags (None: all tiles)
     max_instances: int | None = bounded(None, 1)
     dtype: str = choice("float32", "float32", "float16")  # in-RAM dtype of cached bags
-    standardize: bool = False  # z-score each feature dim with training-fold statistics
+    standardize: bool = True  # z-score each feature dim with training-fold statistics
     balance: str = choice("loss", "none", "sampler", "loss")
     num_workers: int = bounded(0, 0)
 
@@ -91,8 +101,10 @@ class ModelConfig:
     hidden_dim: int = bounded(512, 1)
     attention_dim: int = bounded(256, 1)
     dropout: float = bounded(0.25, 0.0, 1.0, open_high=True)
-    k_sample: int = bounded(8, 1)  # clam_sb instance loss: top/bottom-k tiles per bag
-    bag_weight: float = bounded(0.7, 0.0, 1.0)  # clam_sb: bag loss weight, (1 - w) instance
+    k_sample: int = bounded(8, 1)  # clam_sb/clam_mb instance loss: top/bottom-k tiles per bag
+    # clam_sb/clam_mb/dsmil: bag loss weight, (1 - w) the instance loss
+    bag_weight: float = bounded(0.7, 0.0, 1.0)
+    top_k: int = bounded(1, 1)  # topk: tiles per bag that make its prediction (Campanella: 1)
 
 
 @dataclass
@@ -107,6 +119,11 @@ class TrainerConfig:
     """Lightning Trainer settings (only the ones that matter for MIL)."""
 
     max_epochs: int = bounded(50, 1)
+    # early_stopping: on the fold's validation split; last: train on train + validation for
+    # max_epochs, keep the last weights; auto: early_stopping only when every class has
+    # min_val_bags validation bags (see training/selection.py)
+    selection: str = choice("auto", "auto", "early_stopping", "last")
+    min_val_bags: int = bounded(20, 1)
     min_epochs: int = bounded(5, 0)
     patience: int = bounded(10, 1)
     # val_auc saturates on small validation sets

@@ -18,7 +18,6 @@ from typing import Any
 import lightning as L
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from melanoma_mil.config import FitConfig, check, to_yaml
@@ -34,6 +33,7 @@ from melanoma_mil.rundir import save_fold_model
 from melanoma_mil.stats import bootstrap_auc_ci
 from melanoma_mil.tracking.loggers import finish_fold, fold_logger, log_summary
 from melanoma_mil.training.module import MILModule
+from melanoma_mil.training.selection import plan_selection
 from melanoma_mil.viz.roc import plot_roc
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,12 @@ def _run_fold(
         shutil.rmtree(fold_dir)
     L.seed_everything(cfg.seed + 1000 * split.repeat + split.fold, workers=True, verbose=False)
     labels = dict(zip(cohort.bags["bag_id"], cohort.bags["label"].astype(int), strict=True))
+    sel = plan_selection(cfg, split, labels)
     dm = BagDataModule(
         store,
         labels,
-        split.train,
-        split.val,
+        sel.train,
+        sel.val,
         split.test,
         cfg.data.max_instances,
         cfg.data.balance,
@@ -88,34 +89,25 @@ def _run_fold(
         cfg.trainer.max_epochs,
     )
     if cfg.data.standardize:
-        feature_norm(module.model).fit_stats([store.bags[b] for b in split.train])
-    mode = "max" if cfg.trainer.monitor == "val_auc" else "min"
-    ckpt = ModelCheckpoint(
-        dirpath=fold_dir,
-        filename="best",
-        monitor=cfg.trainer.monitor,
-        mode=mode,
-        save_top_k=1,
-        enable_version_counter=False,
-    )
-    stop = EarlyStopping(monitor=cfg.trainer.monitor, mode=mode, patience=cfg.trainer.patience)
+        feature_norm(module.model).fit_stats([store.bags[b] for b in sel.train])
+    ckpt, callbacks, selection_kwargs = sel.callbacks(cfg, fold_dir)
     logger = fold_logger(cfg, out, split.fold, split.repeat)
     trainer = L.Trainer(
         max_epochs=cfg.trainer.max_epochs,
-        min_epochs=min(cfg.trainer.min_epochs, cfg.trainer.max_epochs),
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         strategy=cfg.trainer.strategy,
         precision=_precision(cfg),
         deterministic=cfg.trainer.deterministic,
         logger=logger or False,
-        callbacks=[ckpt, stop],
+        callbacks=callbacks,
         num_sanity_val_steps=0,
         enable_model_summary=False,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         default_root_dir=str(fold_dir),
         log_every_n_steps=1,
         enable_progress_bar=sys.stderr.isatty(),
+        **selection_kwargs,
     )
     trainer.fit(module, datamodule=dm)
     trainer.test(module, datamodule=dm, ckpt_path="best", verbose=False)
@@ -147,11 +139,10 @@ def _run_fold(
         plot_roc(preds, cohort.classes, roc_png, f"{name}: test ROC", f"AUC {metrics['auc']:.3f}")
     finish_fold(logger, metrics, roc_png)
     log.info(
-        "%s: test %s (selected by best %s=%.4f)",
+        "%s: test %s (%s)",
         name,
         " ".join(f"{k}={v:.3f}" for k, v in metrics.items()),
-        cfg.trainer.monitor,
-        float(ckpt.best_model_score or math.nan),
+        sel.describe(cfg, ckpt),
     )
     return preds
 
