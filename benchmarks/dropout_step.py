@@ -1,4 +1,4 @@
-"""CPU training step of gated-attention MIL with torch's nn.Dropout vs ours (`models.common.Dropout`).
+"""CPU training step of gated-attention MIL: torch's nn.Dropout vs ours (`models.common.Dropout`).
 
 Same random bags, model init, optimizer and order for both (train_throughput.py's bare loop);
 the two alternate for --rounds rounds so a drift in machine speed hits both alike. Prints the

@@ -250,7 +250,8 @@ def main() -> None:
         p.error(f"unknown model(s) {unknown}; choose from {[REFERENCE, *MODEL_NAMES]}")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    logging.getLogger("lightning").setLevel(logging.ERROR)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     work = Path(args.work)
     wheel = None if args.report else wheel_path(args.wheel, work)
     rows = []

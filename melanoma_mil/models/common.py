@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -72,6 +73,12 @@ def embed(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
 def softmax_scores(scores: torch.Tensor) -> torch.Tensor:
     """Tile scores [N] -> attention [N] in float32 (softmax over the bag's tiles)."""
     return torch.softmax(scores.float(), dim=0)
+
+
+def probability_share(evidence: torch.Tensor) -> torch.Tensor:
+    """Tile evidence [N] -> each tile's share of the bag's summed tile probabilities
+    P(not the first class) = sigmoid(evidence), in float32, computed in log space."""
+    return torch.softmax(F.logsigmoid(evidence.float()), dim=0)
 
 
 def evidence(logits: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,8 @@ All embed tiles like the attention models (FeatureNorm, Linear, ReLU, Dropout).
   non-first class (binary: the highest P(positive)); the bag logits are the mean logits of
   those k tiles, so with k = 1 (the default) training is Campanella's "top-1 tile takes the
   slide label" and the slide score is its top tile's probability.
-For max and topk, attention is the softmax over tiles of each tile's evidence (binary:
-logit(positive) - logit(negative)): a ranking of tiles by the tile classifier, summing to 1.
+For max and topk, attention is each tile's share of the bag's summed tile probabilities of a
+non-first class (binary: P(positive) of the tile classifier, normalised to sum to 1).
 
 topk deviations from MSKCC-Computational-Pathology/MIL-nature-medicine-2019: it trains a head on
 frozen tile features instead of fine-tuning a ResNet-34 on pixels, and re-selects the top tiles
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from melanoma_mil.config import ModelConfig
-from melanoma_mil.models.common import MILOutput, embed, evidence, softmax_scores
+from melanoma_mil.models.common import MILOutput, embed, evidence, probability_share
 
 CHUNK = 16384  # tiles scored at a time where no graph is needed
 
@@ -49,7 +49,7 @@ class MaxMIL(nn.Module):
 
     def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
         scores = self.classifier(self.embed(x))  # [N, C]
-        return MILOutput(scores.max(0).values, softmax_scores(evidence(scores.detach())))
+        return MILOutput(scores.max(0).values, probability_share(evidence(scores.detach())))
 
 
 class TopKMIL(nn.Module):
@@ -69,4 +69,4 @@ class TopKMIL(nn.Module):
         ev = self.tile_evidence(x)
         top = torch.topk(ev, min(self.k, x.shape[0])).indices
         logits = self.classifier(self.embed(x[top])).mean(0)
-        return MILOutput(logits, softmax_scores(ev))
+        return MILOutput(logits, probability_share(ev))
