@@ -17,7 +17,7 @@ from melanoma_mil.data.bags import read_bag
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
 from melanoma_mil.models import MODELS, build_model, feature_norm
-from melanoma_mil.models.common import Dropout
+from melanoma_mil.models.common import CHUNK, Dropout
 from melanoma_mil.models.transmil import NystromAttention, landmarks, pinv
 from melanoma_mil.training.cv import run_fit
 
@@ -133,6 +133,18 @@ def test_bf16_autocast_training_step_keeps_attention_in_float32(name: str) -> No
     loss.backward()
     assert out.attention.dtype == torch.float32 and torch.isfinite(loss)
     assert torch.isclose(out.attention.sum(), torch.tensor(1.0), atol=1e-4)
+
+
+def test_inference_in_chunks_equals_the_full_forward() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(CHUNK + 500, 24)
+    for name in MODEL_NAMES:
+        model = build_model(ModelConfig(name=name, hidden_dim=32, attention_dim=16), 24, 2).eval()
+        with torch.no_grad():  # chunked embedding
+            chunked = model(x)
+        full = model(x)  # one pass, with a graph
+        torch.testing.assert_close(chunked.logits, full.logits.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(chunked.attention, full.attention.detach(), rtol=1e-4, atol=1e-9)
 
 
 def test_clam_instance_loss_on_bags_smaller_than_k() -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from melanoma_mil.config import ModelConfig
-from melanoma_mil.models.common import Dropout, MILOutput, embed, softmax_scores
+from melanoma_mil.models.common import Dropout, MILOutput, embed, embed_tiles, softmax_scores
 
 
 class TanhAttention(nn.Module):
@@ -51,7 +51,7 @@ class AttentionMIL(nn.Module):
 
     def pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(h [N, H], attention [N] float32, bag embedding [H])."""
-        h = self.embed(x)
+        h = embed_tiles(self.embed, x)
         a = softmax_scores(self.attention(h)[:, 0])
         return h, a, a.to(h.dtype) @ h
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from melanoma_mil.config import ModelConfig
 from melanoma_mil.models.attention import AttentionMIL, GatedAttention
-from melanoma_mil.models.common import MILOutput, embed, touch
+from melanoma_mil.models.common import MILOutput, embed, embed_tiles, touch
 
 
 def clam_instance_loss(
@@ -79,7 +79,7 @@ class ClamMB(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
-        h = self.embed(x)
+        h = embed_tiles(self.embed, x)
         a = torch.softmax(self.attention(h).float(), dim=0)  # [N, C]: softmax per branch
         m = a.to(h.dtype).T @ h  # [C, H]
         logits = torch.cat([clf(m[c]) for c, clf in enumerate(self.classifiers)])

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from melanoma_mil.config import ModelConfig
-from melanoma_mil.models.common import MILOutput, embed
+from melanoma_mil.models.common import MILOutput, embed, embed_tiles
 
 QUERY_DIM = 128
 
@@ -42,7 +42,7 @@ class DSMIL(nn.Module):
         self.fcc = nn.Conv1d(n_classes, n_classes, kernel_size=hidden)
 
     def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
-        h = self.embed(x)  # [N, H]
+        h = embed_tiles(self.embed, x)  # [N, H]
         inst = self.instance_classifier(h)  # [N, C]
         critical = inst.detach().argmax(0)  # [C]: the top tile of each class
         q = self.query(h)  # [N, Q]

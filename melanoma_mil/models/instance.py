@@ -24,9 +24,14 @@ import torch
 from torch import nn
 
 from melanoma_mil.config import ModelConfig
-from melanoma_mil.models.common import MILOutput, embed, evidence, probability_share
-
-CHUNK = 16384  # tiles scored at a time where no graph is needed
+from melanoma_mil.models.common import (
+    CHUNK,
+    MILOutput,
+    embed,
+    embed_tiles,
+    evidence,
+    probability_share,
+)
 
 
 class MeanMIL(nn.Module):
@@ -36,7 +41,7 @@ class MeanMIL(nn.Module):
         self.classifier = nn.Linear(cfg.hidden_dim, n_classes)
 
     def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
-        h = self.embed(x)
+        h = embed_tiles(self.embed, x)
         n = h.shape[0]
         return MILOutput(self.classifier(h.mean(0)), torch.full((n,), 1.0 / n, device=h.device))
 
@@ -48,7 +53,7 @@ class MaxMIL(nn.Module):
         self.classifier = nn.Linear(cfg.hidden_dim, n_classes)
 
     def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
-        scores = self.classifier(self.embed(x))  # [N, C]
+        scores = self.classifier(embed_tiles(self.embed, x))  # [N, C]
         return MILOutput(scores.max(0).values, probability_share(evidence(scores.detach())))
 
 

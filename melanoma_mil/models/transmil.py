@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from melanoma_mil.config import ModelConfig
-from melanoma_mil.models.common import Dropout, MILOutput, embed
+from melanoma_mil.models.common import Dropout, MILOutput, embed, embed_tiles
 
 HEADS = 8
 PINV_ITERATIONS = 6
@@ -129,7 +129,7 @@ class TransMIL(nn.Module):
         self.classifier = nn.Linear(dim, n_classes)
 
     def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
-        h = self.embed(x)
+        h = embed_tiles(self.embed, x)
         n = h.shape[0]
         side = math.ceil(math.sqrt(n))
         pad = side * side - n  # <= n for every n >= 1
