@@ -95,11 +95,13 @@ class CVConfig:
 
 @dataclass
 class ModelConfig:
-    """MIL head; dims follow CLAM-small (D -> 512 -> gated attention 256 -> classes)."""
+    """MIL model (`model.name`) and its head's size; see README "Models"."""
 
     name: str = choice("gated_attention", *MODEL_NAMES)
-    hidden_dim: int = bounded(512, 1)
-    attention_dim: int = bounded(256, 1)
+    # tile embedding width; None: tied to the feature dim D, D/2 within [128, 512] (CLAM-small's
+    # 512 for D >= 1024, 128 for small D; see README "Defaults")
+    hidden_dim: int | None = bounded(None, 1)
+    attention_dim: int | None = bounded(None, 1)  # None: hidden_dim / 2
     dropout: float = bounded(0.25, 0.0, 1.0, open_high=True)
     k_sample: int = bounded(8, 1)  # clam_sb/clam_mb instance loss: top/bottom-k tiles per bag
     # clam_sb/clam_mb/dsmil: bag loss weight, (1 - w) the instance loss

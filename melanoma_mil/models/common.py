@@ -8,11 +8,14 @@ instance-level loss that `training.module` mixes in with ``model.bag_weight``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from melanoma_mil.config import ModelConfig
 
 
 class MILOutput(NamedTuple):
@@ -59,6 +62,14 @@ class Dropout(nn.Dropout):
             return super().forward(x)
         keep = torch.rand_like(x) >= self.p
         return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+
+
+def head_dims(cfg: ModelConfig, in_dim: int) -> ModelConfig:
+    """``cfg`` with hidden_dim / attention_dim filled in where None: hidden = D/2 within
+    [128, 512] (CLAM-small's 512 for D >= 1024; 128 for small D, where 512 overfits and costs
+    4x the compute), attention = hidden / 2."""
+    hidden = cfg.hidden_dim or min(512, max(128, in_dim // 2))
+    return replace(cfg, hidden_dim=hidden, attention_dim=cfg.attention_dim or max(1, hidden // 2))
 
 
 def embed(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:

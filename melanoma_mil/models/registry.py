@@ -12,7 +12,7 @@ from melanoma_mil.config import MODEL_NAMES, ModelConfig
 from melanoma_mil.errors import UserError
 from melanoma_mil.models.attention import AttentionMIL
 from melanoma_mil.models.clam import ClamMB, ClamSB
-from melanoma_mil.models.common import FeatureNorm
+from melanoma_mil.models.common import FeatureNorm, head_dims
 from melanoma_mil.models.dsmil import DSMIL
 from melanoma_mil.models.instance import MaxMIL, MeanMIL, TopKMIL
 from melanoma_mil.models.transmil import TransMIL
@@ -33,11 +33,11 @@ MODELS: dict[str, Builder] = {
 
 
 def build_model(cfg: ModelConfig, in_dim: int, n_classes: int) -> nn.Module:
-    """The model named by ``cfg.name``."""
+    """The model named by ``cfg.name``, its head sized for ``in_dim`` where cfg leaves it open."""
     builder = MODELS.get(cfg.name)
     if builder is None:
         raise UserError(f"model.name={cfg.name!r} is not one of {'|'.join(MODEL_NAMES)}.")
-    return builder(in_dim, n_classes, cfg)
+    return builder(in_dim, n_classes, head_dims(cfg, in_dim))
 
 
 def feature_norm(model: nn.Module) -> FeatureNorm:

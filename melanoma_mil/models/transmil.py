@@ -62,6 +62,7 @@ class NystromAttention(nn.Module):
     def __init__(self, dim: int, n_landmarks: int) -> None:
         super().__init__()
         self.m = max(1, n_landmarks)
+        self.pinv_iterations = PINV_ITERATIONS
         self.inner = HEADS * max(1, dim // HEADS)  # heads x dim_head, dim_head = dim // 8
         self.to_qkv = nn.Linear(dim, 3 * self.inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(self.inner, dim), Dropout(ATTENTION_DROPOUT))
@@ -82,7 +83,8 @@ class NystromAttention(nn.Module):
                 q_l, k_l = landmarks(q, self.m), landmarks(k, self.m)
                 scale = 1.0 / math.sqrt(q.shape[-1])
                 kernel = torch.softmax(q_l @ k_l.transpose(-1, -2) * scale, dim=-1)  # [h, m, m]
-                values = pinv(kernel) @ F.scaled_dot_product_attention(q_l, k, v)  # [h, m, d]
+                kv = F.scaled_dot_product_attention(q_l, k, v)  # [h, m, d]
+                values = pinv(kernel, self.pinv_iterations) @ kv
                 out = F.scaled_dot_product_attention(q, k_l, values)  # [h, n, d]
             out = out + self.res_conv(v[None])[0]
             with torch.no_grad():
