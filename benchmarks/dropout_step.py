@@ -1,4 +1,4 @@
-"""CPU training step of gated-attention MIL with torch's nn.Dropout vs ours (`models.mil.Dropout`).
+"""CPU training step of gated-attention MIL: torch's nn.Dropout vs ours (`models.common.Dropout`).
 
 Same random bags, model init, optimizer and order for both (train_throughput.py's bare loop);
 the two alternate for --rounds rounds so a drift in machine speed hits both alike. Prints the
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from train_throughput import plain_epochs, seeded_model
 
-from melanoma_mil.models.mil import Dropout
+from melanoma_mil.models.common import Dropout
 
 
 def with_dropout(model: nn.Module, kind: type[nn.Dropout]) -> nn.Module:

@@ -23,7 +23,17 @@ T = TypeVar("T")
 
 # model.name choices live here, not in the model registry, so `--help` and config errors answer
 # without importing torch; tests check that the registry holds exactly these names.
-MODEL_NAMES = ("gated_attention", "clam_sb", "mean", "max")
+MODEL_NAMES = (
+    "gated_attention",
+    "abmil",
+    "clam_sb",
+    "clam_mb",
+    "transmil",
+    "dsmil",
+    "topk",
+    "mean",
+    "max",
+)
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
@@ -96,8 +106,10 @@ class DataConfig:
     store_dir: str | None = None
     # RAM (GB) the memory pre-check may count on (None: what the machine or job has free)
     memory_gb: float | None = positive(None)
-    standardize: bool = False  # z-score each feature dim with training-fold statistics
-    balance: str = choice("loss", "none", "sampler", "loss")
+    standardize: bool = True  # z-score each feature dim with training-fold statistics
+    # none: plain cross-entropy; sampler: class-balanced sampling; loss: each bag's loss times
+    # its class weight (n / (classes x class count))
+    balance: str = choice("none", "none", "sampler", "loss")
     num_workers: int = bounded(0, 0)
 
 
@@ -118,20 +130,31 @@ class CVConfig:
 
 @dataclass
 class ModelConfig:
-    """MIL head; dims follow CLAM-small (D -> 512 -> gated attention 256 -> classes)."""
+    """MIL model (`model.name`) and its head's size; see README "Models"."""
 
     name: str = choice("gated_attention", *MODEL_NAMES)
-    hidden_dim: int = bounded(512, 1)
-    attention_dim: int = bounded(256, 1)
+    # tile embedding width; None: tied to the feature dim D, D/2 within [128, 512] (CLAM-small's
+    # 512 for D >= 1024, 128 for small D; see README "Defaults")
+    hidden_dim: int | None = bounded(None, 1)
+    attention_dim: int | None = bounded(None, 1)  # None: hidden_dim / 2
     dropout: float = bounded(0.25, 0.0, 1.0, open_high=True)
-    k_sample: int = bounded(8, 1)  # clam_sb instance loss: top/bottom-k tiles per bag
-    bag_weight: float = bounded(0.7, 0.0, 1.0)  # clam_sb: bag loss weight, (1 - w) instance
+    k_sample: int = bounded(8, 1)  # clam_sb/clam_mb instance loss: top/bottom-k tiles per bag
+    # clam_sb/clam_mb/dsmil: bag loss weight, (1 - w) the instance loss
+    bag_weight: float = bounded(0.7, 0.0, 1.0)
+    top_k: int = bounded(1, 1)  # topk: tiles per bag that make its prediction (Campanella: 1)
+
+    def head_widths(self, in_dim: int) -> tuple[int, int]:
+        """(hidden, attention) for features of width ``in_dim``: hidden = D/2 within [128, 512]
+        (CLAM-small's 512 for D >= 1024; 128 for small D, where 512 overfits and costs 4x the
+        compute), attention = hidden / 2, unless set."""
+        hidden = self.hidden_dim or min(512, max(128, in_dim // 2))
+        return hidden, self.attention_dim or max(1, hidden // 2)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = positive(2e-4)
-    weight_decay: float = bounded(1e-5, 0.0)
+    lr: float = positive(5e-4)
+    weight_decay: float = bounded(1e-4, 0.0)
     scheduler: str = choice("cosine", "cosine", "none")
 
 
@@ -140,6 +163,11 @@ class TrainerConfig:
     """Lightning Trainer settings (only the ones that matter for MIL)."""
 
     max_epochs: int = bounded(50, 1)
+    # early_stopping: on the fold's validation split; last: train on train + validation for
+    # max_epochs, keep the last weights; auto: early_stopping only when every class has
+    # min_val_bags validation bags (see training/selection.py)
+    selection: str = choice("auto", "auto", "early_stopping", "last")
+    min_val_bags: int = bounded(20, 1)
     min_epochs: int = bounded(5, 0)
     patience: int = bounded(10, 1)
     # val_auc saturates on small validation sets

@@ -17,7 +17,8 @@ from melanoma_mil.data.memory import EVAL_BAGS
 from melanoma_mil.data.store import BagStore, open_store
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.models import build_model, feature_norm
-from melanoma_mil.models.mil import ClamSB
+from melanoma_mil.models.clam import ClamSB, clam_instance_loss
+from melanoma_mil.models.common import head_dims
 from melanoma_mil.training.cv import run_fit
 from melanoma_mil.training.module import MILModule
 
@@ -132,7 +133,7 @@ def test_feature_norm_is_skipped_only_while_it_is_the_identity() -> None:
 
 def reference_instance_loss(model: ClamSB, h: torch.Tensor, a: torch.Tensor, label: int):
     """CLAM's instance loss as it branched on the label on the host (the code it replaces)."""
-    k = min(model.k_sample, h.shape[0] // 2)
+    k = min(8, h.shape[0] // 2)
     losses = []
     for c, clf in enumerate(model.instance_classifiers):
         top = h[torch.topk(a, k).indices]
@@ -151,11 +152,13 @@ def test_clam_sb_without_host_sync_equals_the_branching_version(n_classes, label
     results = []
     for fn in ("device", "reference"):
         torch.manual_seed(0)
-        model = ClamSB(16, n_classes, ModelConfig(name="clam_sb", dropout=0.0))
+        model = ClamSB(16, n_classes, head_dims(ModelConfig(name="clam_sb", dropout=0.0), 16))
         x = torch.randn(40, 16)
         h, a, m = model.pool(x)
         if fn == "device":
-            loss = model._instance_loss(h, a.detach(), torch.tensor(label))
+            loss = clam_instance_loss(
+                h, a.detach()[:, None], torch.tensor(label), model.instance_classifiers, 8
+            )
         else:
             loss = reference_instance_loss(model, h, a.detach(), label)
         (loss + model.classifier(m).sum()).backward()

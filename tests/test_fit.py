@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
-from melanoma_mil.config import FitConfig, load_config
+from melanoma_mil.config import FitConfig, ModelConfig, OptimConfig, load_config
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
 from melanoma_mil.rundir import load_run
 from melanoma_mil.training.cv import run_fit
+from melanoma_mil.training.module import MILModule
 
 
 def fit_cfg(features: Path, labels: Path, out: Path, *extra: str) -> FitConfig:
@@ -241,3 +243,15 @@ def test_two_nodes_under_torchrun(tmp_path: Path) -> None:
     preds = pd.read_csv(out / "predictions.csv")
     assert len(preds) == 12 and preds["slide_id"].is_unique
     assert load_run(out).fold_names() == ["fold_0", "fold_1"]
+
+
+def test_balance_loss_weighs_each_bag_by_its_class() -> None:
+    """One bag per step: the class weight must scale that bag's loss, not cancel out."""
+    torch.manual_seed(0)
+    plain = MILModule.create(8, 2, ModelConfig(), OptimConfig(), None, 1)
+    weighted = MILModule.create(8, 2, ModelConfig(), OptimConfig(), [0.75, 1.5], 1)
+    weighted.model.load_state_dict(plain.model.state_dict())
+    out = plain.model.eval()(torch.randn(5, 8))
+    for label, weight in ((0, 0.75), (1, 1.5)):
+        y = torch.tensor([label])
+        assert float(weighted._loss(out, y)) == pytest.approx(weight * float(plain._loss(out, y)))

@@ -11,12 +11,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from melanoma_mil.cli import main
-from melanoma_mil.config import FitConfig, load_config
+from melanoma_mil.config import FitConfig, load_config, to_yaml
 from melanoma_mil.data.cohort import build_cohort
 from melanoma_mil.data.store import open_store
 from melanoma_mil.data.synthetic import make_bag_cohort
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
@@ -187,3 +190,9 @@ def test_clam_splits_csv_folder_is_used(tmp_path: Path) -> None:
     assert run_fit(cfg) == 0
     preds = pd.read_csv(tmp_path / "r" / "predictions.csv")
     assert sorted(preds[preds["fold"] == 1]["slide_id"]) == ids[6:]
+
+
+def test_defaults_yaml_is_what_fit_uses() -> None:
+    """configs/defaults.yaml documents fit's defaults: it must not drift from the dataclass."""
+    written = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "defaults.yaml"))
+    assert written == OmegaConf.to_container(OmegaConf.create(to_yaml(FitConfig())))

@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from melanoma_mil.data.memory import BASE_CPU, GB, estimate, verdict
 from melanoma_mil.data.store import STORES, BagStore, open_store
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
+from melanoma_mil.workshare import me
 
 
 def fit_config(features: Path, labels: Path, *extra: str) -> FitConfig:
@@ -139,7 +139,7 @@ def test_two_processes_racing_share_one_store(tmp_path: Path) -> None:
     shutil.rmtree(folder)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    owner = {"pid": dead.pid, "host": socket.gethostname(), "since": 0}
+    owner = {**me(), "pid": dead.pid, "start": None}
     (root / f".{folder.name}.lock").write_text(json.dumps(owner))
     (root / f".{folder.name}.{dead.pid}.tmp").mkdir()
     assert store_of(features, labels).folder == folder
@@ -195,7 +195,15 @@ def test_run_bigger_than_the_machine_fails_before_loading(cohort, tmp_path, caps
     with h5py.File(features / "P0009.h5", "a") as f:
         del f["features"]
         f.create_dataset("features", shape=(20_000_000, 8), dtype="float16", chunks=(4096, 8))
-    rc = main(_fit_cli(features, labels, tmp_path / "run", "trainer.devices=2"))
+    rc = main(
+        _fit_cli(
+            features,
+            labels,
+            tmp_path / "run",
+            "trainer.devices=2",
+            "trainer.accumulate_grad_batches=2",
+        )
+    )
     err = capsys.readouterr().err
     assert rc == 2, err
     line = next(ln for ln in err.splitlines() if ln.startswith("error:"))

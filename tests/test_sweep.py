@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -51,7 +52,8 @@ def test_sweep_files_validate_and_their_agent_commands_parse(
     monkeypatch.chdir(REPO)  # the agent runs from the repository (configs/ paths are relative)
     monkeypatch.setenv("WANDB_RUN_ID", "run123")
     runs: list = []
-    for _ in range(12 if spec["method"] == "grid" else 3):
+    grid = math.prod(len(v.get("values", [0])) for v in spec["parameters"].values())
+    for _ in range(grid if spec["method"] == "grid" else 3):
         suggestion = sweeps.next_run(spec, runs, validate=True)
         assert suggestion is not None
         params = {k: v["value"] for k, v in suggestion.config.items()}
@@ -65,9 +67,9 @@ def test_sweep_files_validate_and_their_agent_commands_parse(
         metrics = {SWEEP_METRIC: 0.6 + 0.01 * len(runs)}
         entry = {"name": f"r{len(runs)}", "state": "finished", "params": params}
         runs.append(_sweep_run(entry | {"metrics": metrics}))
-    if spec["method"] == "grid":  # 4 encoders x 3 seeds, each exactly once
+    if spec["method"] == "grid":  # every combination exactly once
         assert sweeps.next_run(spec, runs, validate=True) is None
-        assert len({tuple(r.config[k]["value"] for k in spec["parameters"]) for r in runs}) == 12
+        assert len({tuple(r.config[k]["value"] for k in spec["parameters"]) for r in runs}) == grid
     else:  # the metric reaches the bayes engine
         nxt = sweeps.next_run(spec, runs, validate=True)
         assert "no valid samples" not in nxt.search_info["warnings"]

@@ -104,6 +104,7 @@ def test_fit_writes_one_offline_run_per_fold_and_a_summary(
             "cv.folds=2",
             "trainer.max_epochs=3",
             "trainer.min_epochs=3",
+            "trainer.selection=early_stopping",  # validation metrics every epoch
             "wandb.tags=[paper]",
         ],
     )

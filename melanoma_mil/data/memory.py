@@ -95,14 +95,15 @@ def estimate_for(
     cfg: FitConfig, bag_rows: list[int], dim: int, itemsize: int, build_elements: int = 0
 ) -> Need:
     """`estimate` for a fit config and the cohort's bag sizes (tiles per bag)."""
+    hidden, attention = cfg.model.head_widths(dim)
     return estimate(
         ranks=_ranks(cfg),
         largest_bag=max(bag_rows),
         dim=dim,
         itemsize=itemsize,
         store_rows=sum(bag_rows),
-        hidden=cfg.model.hidden_dim,
-        attention=cfg.model.attention_dim,
+        hidden=hidden,
+        attention=attention,
         max_instances=cfg.data.max_instances,
         num_workers=cfg.data.num_workers,
         gpu=on_gpu(cfg.trainer.accelerator),

@@ -20,7 +20,7 @@ from typing import Any
 import lightning as L
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -47,6 +47,7 @@ from melanoma_mil.training.orchestrate import (
     plan_fit,
     start_fit,
 )
+from melanoma_mil.training.selection import FoldSelection, plan_selection
 from melanoma_mil.viz.roc import plot_roc
 
 log = logging.getLogger(__name__)
@@ -68,26 +69,16 @@ def _class_weights(dm: BagDataModule, n_classes: int, balance: str) -> list[floa
 
 
 def _trainer(
-    cfg: FitConfig, fold_dir: Path, logger: Logger | None
+    cfg: FitConfig, fold_dir: Path, logger: Logger | None, sel: FoldSelection
 ) -> tuple[L.Trainer, ModelCheckpoint]:
-    """One fold's Trainer and the checkpoint callback that selects its model on validation.
+    """One fold's Trainer and the checkpoint callback whose "best" weights are tested.
 
     trainer.accumulate_grad_batches counts bags per optimizer step over all devices: DDP adds
     one bag per device to each step, so each device accumulates its share."""
-    mode = "max" if cfg.trainer.monitor == "val_auc" else "min"
-    ckpt = ModelCheckpoint(
-        dirpath=fold_dir,
-        filename=Path(rundir.CHECKPOINT).stem,
-        monitor=cfg.trainer.monitor,
-        mode=mode,
-        save_top_k=1,
-        enable_version_counter=False,
-    )
-    stop = EarlyStopping(monitor=cfg.trainer.monitor, mode=mode, patience=cfg.trainer.patience)
+    ckpt, callbacks, selection_kwargs = sel.callbacks(cfg, fold_dir)
     world = cfg.trainer.devices * cfg.trainer.num_nodes
     trainer = L.Trainer(
         max_epochs=cfg.trainer.max_epochs,
-        min_epochs=min(cfg.trainer.min_epochs, cfg.trainer.max_epochs),
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
@@ -95,13 +86,14 @@ def _trainer(
         precision=_precision(cfg),
         deterministic=cfg.trainer.deterministic,
         logger=logger or False,
-        callbacks=[ckpt, stop],
+        callbacks=callbacks,
         num_sanity_val_steps=0,
         enable_model_summary=False,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches // world,
         default_root_dir=str(fold_dir),
         log_every_n_steps=1,
         enable_progress_bar=sys.stderr.isatty(),
+        **selection_kwargs,
     )
     return trainer, ckpt
 
@@ -120,11 +112,12 @@ def _run_fold(
     best.ckpt, roc.png); return the test predictions and metrics."""
     L.seed_everything(cfg.seed + 1000 * split.repeat + split.fold, workers=True, verbose=False)
     labels = dict(zip(cohort.bags["bag_id"], cohort.bags["label"].astype(int), strict=True))
+    sel = plan_selection(cfg, split, labels)
     dm = BagDataModule(
         store,
         labels,
-        split.train,
-        split.val,
+        sel.train,
+        sel.val,
         split.test,
         cfg.data.max_instances,
         cfg.data.balance,
@@ -140,9 +133,9 @@ def _run_fold(
         cfg.trainer.max_epochs,
     )
     if cfg.data.standardize:
-        feature_norm(module.model).fit_stats([store.bags[b] for b in split.train])
+        feature_norm(module.model).fit_stats([store.bags[b] for b in sel.train])
     logger = fold_logger(cfg, run_dir, split.fold, split.repeat)
-    trainer, ckpt = _trainer(cfg, fold_dir, logger)
+    trainer, ckpt = _trainer(cfg, fold_dir, logger, sel)
     trainer.fit(module, datamodule=dm)
     trainer.test(module, datamodule=dm, ckpt_path="best", verbose=False)
     assert module.test_output is not None
@@ -173,11 +166,10 @@ def _run_fold(
         plot_roc(preds, cohort.classes, roc_png, f"{name}: test ROC", f"AUC {metrics['auc']:.3f}")
     finish_fold(logger, metrics, roc_png)
     log.info(
-        "%s: test %s (selected by best %s=%.4f)",
+        "%s: test %s (%s)",
         name,
         " ".join(f"{k}={v:.3f}" for k, v in metrics.items()),
-        cfg.trainer.monitor,
-        float(ckpt.best_model_score or math.nan),
+        sel.describe(cfg, ckpt),
     )
     return preds, metrics
 

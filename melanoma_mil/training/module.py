@@ -58,7 +58,11 @@ class MILModule(L.LightningModule):
         return self.model(bag, label)
 
     def _loss(self, out: MILOutput, y: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(out.logits.float().unsqueeze(0), y, weight=self.class_weights)
+        loss = F.cross_entropy(out.logits.float().unsqueeze(0), y)
+        if self.class_weights is not None:  # data.balance=loss
+            # a weight multiplies the bag's loss: with one bag per step, cross_entropy's own
+            # weighted *mean* would divide it back out and balance nothing
+            loss = loss * self.class_weights[y[0]]
         if out.instance_loss is not None:
             w = self.model_cfg.bag_weight
             loss = w * loss + (1 - w) * out.instance_loss

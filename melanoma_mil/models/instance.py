@@ -1,0 +1,77 @@
+"""Pooling baselines and instance-level MIL: `mean`, `max` and `topk` (Campanella et al. 2019).
+
+All embed tiles like the attention models (FeatureNorm, Linear, ReLU, Dropout).
+- mean: bag embedding = mean of the tile embeddings; attention is uniform (1/N).
+- max: a linear tile classifier; the bag logit of each class is its largest tile logit
+  (mi-net style max pooling).
+- topk: a tile classifier trained on each bag's k tiles with the most evidence for a
+  non-first class (binary: the highest P(positive)); the bag logits are the mean logits of
+  those k tiles, so with k = 1 (the default) training is Campanella's "top-1 tile takes the
+  slide label" and the slide score is its top tile's probability.
+For max and topk, attention is each tile's share of the bag's summed tile probabilities of a
+non-first class (binary: P(positive) of the tile classifier, normalised to sum to 1).
+
+topk deviations from MSKCC-Computational-Pathology/MIL-nature-medicine-2019: it trains a head on
+frozen tile features instead of fine-tuning a ResNet-34 on pixels, and re-selects the top tiles
+at every step (a bag at a time) instead of once per epoch for a tile mini-batch; selection scores
+every tile without dropout, in chunks, without building a graph, so a 100,000-tile bag costs
+only its k tiles' activations in training.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from melanoma_mil.config import ModelConfig
+from melanoma_mil.models.common import (
+    CHUNK,
+    MILOutput,
+    embed,
+    embed_tiles,
+    evidence,
+    probability_share,
+)
+
+
+class MeanMIL(nn.Module):
+    def __init__(self, in_dim: int, n_classes: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed = embed(in_dim, cfg.hidden_dim, cfg.dropout)
+        self.classifier = nn.Linear(cfg.hidden_dim, n_classes)
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
+        h = embed_tiles(self.embed, x)
+        n = h.shape[0]
+        return MILOutput(self.classifier(h.mean(0)), torch.full((n,), 1.0 / n, device=h.device))
+
+
+class MaxMIL(nn.Module):
+    def __init__(self, in_dim: int, n_classes: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed = embed(in_dim, cfg.hidden_dim, cfg.dropout)
+        self.classifier = nn.Linear(cfg.hidden_dim, n_classes)
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
+        scores = self.classifier(embed_tiles(self.embed, x))  # [N, C]
+        return MILOutput(scores.max(0).values, probability_share(evidence(scores.detach())))
+
+
+class TopKMIL(nn.Module):
+    def __init__(self, in_dim: int, n_classes: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.k = cfg.top_k
+        self.embed = embed(in_dim, cfg.hidden_dim, cfg.dropout)
+        self.classifier = nn.Linear(cfg.hidden_dim, n_classes)
+
+    @torch.no_grad()
+    def tile_evidence(self, x: torch.Tensor) -> torch.Tensor:
+        """[N] float32 evidence per tile, without dropout and without a graph."""
+        score = nn.Sequential(*self.embed[:-1], self.classifier)  # the embedding minus Dropout
+        return torch.cat([evidence(score(c)) for c in x.split(CHUNK)])
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
+        ev = self.tile_evidence(x)
+        top = torch.topk(ev, min(self.k, x.shape[0])).indices
+        logits = self.classifier(self.embed(x[top])).mean(0)
+        return MILOutput(logits, probability_share(ev))

@@ -1,0 +1,96 @@
+"""Model selection inside a training fold: early stopping on the validation split, or none.
+
+Early stopping and checkpoint choice on a validation split carved from the training fold is
+sound when that split is large; on a small cohort it is a handful of bags per class, whose loss
+is noise, and it costs a fifth of the training patients. ``trainer.selection``:
+- early_stopping: train on split.train, stop when ``trainer.monitor`` on split.val has not
+  improved for ``trainer.patience`` epochs, test the best epoch's weights;
+- last: train on split.train + split.val for ``trainer.max_epochs`` (the cosine schedule anneals
+  the learning rate to zero) and test the last weights;
+- auto (default): early_stopping when every class has at least ``trainer.min_val_bags`` bags
+  in the fold's validation split, else last.
+splits.json always holds the validation split, so runs that select differently stay paired
+(same splits, same digest). The test fold takes part in neither choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+
+from melanoma_mil import rundir
+from melanoma_mil.config import FitConfig
+from melanoma_mil.data.splits import Split
+
+log = logging.getLogger(__name__)
+
+
+def resolve_selection(cfg: FitConfig, split: Split, labels: dict[str, int]) -> str:
+    """``trainer.selection`` with auto decided from the validation split's class counts."""
+    if cfg.trainer.selection != "auto":
+        return cfg.trainer.selection
+    counts = Counter(labels[b] for b in split.val)
+    smallest = min(counts.get(c, 0) for c in set(labels.values()))
+    return "early_stopping" if smallest >= cfg.trainer.min_val_bags else "last"
+
+
+@dataclass
+class FoldSelection:
+    """What a fold trains on and how its tested weights are chosen."""
+
+    mode: str  # early_stopping | last
+    train: list[str]
+    val: list[str]
+
+    def callbacks(
+        self, cfg: FitConfig, fold_dir: Path
+    ) -> tuple[ModelCheckpoint, list[Callback], dict[str, Any]]:
+        """(checkpoint whose "best" is tested, all callbacks, extra Trainer keyword arguments)."""
+        if self.mode == "last":  # a checkpoint without a monitor keeps the last epoch
+            ckpt = ModelCheckpoint(
+                dirpath=fold_dir,
+                filename=Path(rundir.CHECKPOINT).stem,
+                save_top_k=1,
+                enable_version_counter=False,
+            )
+            return ckpt, [ckpt], {"limit_val_batches": 0, "min_epochs": None}
+        mode = "max" if cfg.trainer.monitor == "val_auc" else "min"
+        ckpt = ModelCheckpoint(
+            dirpath=fold_dir,
+            filename=Path(rundir.CHECKPOINT).stem,
+            monitor=cfg.trainer.monitor,
+            mode=mode,
+            save_top_k=1,
+            enable_version_counter=False,
+        )
+        stop = EarlyStopping(monitor=cfg.trainer.monitor, mode=mode, patience=cfg.trainer.patience)
+        min_epochs = min(cfg.trainer.min_epochs, cfg.trainer.max_epochs)
+        return ckpt, [ckpt, stop], {"min_epochs": min_epochs}
+
+    def describe(self, cfg: FitConfig, ckpt: ModelCheckpoint) -> str:
+        """How the tested weights were chosen, for the fold's log line."""
+        if self.mode == "last":
+            return "last epoch, no model selection"
+        score = float(ckpt.best_model_score) if ckpt.best_model_score is not None else math.nan
+        return f"selected by best {cfg.trainer.monitor}={score:.4f}"
+
+
+def plan_selection(cfg: FitConfig, split: Split, labels: dict[str, int]) -> FoldSelection:
+    """The fold's training bags, validation bags and selection mode."""
+    mode = resolve_selection(cfg, split, labels)
+    log.info(
+        "repeat %d fold %d: model selection %s (%d validation bags)",
+        split.repeat,
+        split.fold,
+        "by early stopping" if mode == "early_stopping" else "none, last epoch",
+        len(split.val),
+    )
+    if mode == "last":
+        return FoldSelection(mode, sorted(split.train + split.val), [])
+    return FoldSelection(mode, split.train, split.val)

@@ -1,0 +1,95 @@
+"""Every model through the real pipeline: `fit` on the session's slide features, then `predict`
+with heatmaps on a slide (attention.h5, heatmap.png, predictions.csv); DDP with tiny bags."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import Pipeline
+
+from melanoma_mil.config import MODEL_NAMES, FitConfig, PredictConfig, load_config
+from melanoma_mil.data.synthetic import make_bag_cohort
+from melanoma_mil.inference.predict import run_predict
+from melanoma_mil.training.cv import run_fit
+
+SLIDE = "slide_000"
+
+
+# gated_attention is the session pipeline's own model (tests/test_heatmap.py, test_predict.py)
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n != "gated_attention"])
+def test_model_fits_predicts_and_draws_a_heatmap(name: str, pipe: Pipeline, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    fit = load_config(
+        FitConfig,
+        [],
+        [
+            f"data.features_dir={pipe.features}",
+            f"data.labels_csv={pipe.root / 'cohort/labels.csv'}",
+            f"output_dir={run}",
+            "cv.folds=2",
+            "trainer.max_epochs=1",
+            "logger=none",
+            "trainer.accelerator=cpu",
+            f"model.name={name}",
+            "model.hidden_dim=64",
+        ],
+    )
+    assert run_fit(fit) == 0
+    out = tmp_path / "pred"
+    keys = [
+        f"run_dir={run}",
+        f"slides_dir={pipe.slides}",
+        f"features_dir={pipe.features}",
+        f"output_dir={out}",
+        f"slide_ids=[{SLIDE}]",
+        "device=cpu",
+        "thumbnail_size=256",
+        "top_k=2",
+    ]
+    assert run_predict(load_config(PredictConfig, [], keys)) == 0
+    table = pd.read_csv(out / "predictions.csv").set_index("slide_id")
+    assert table.loc[SLIDE, "status"] == "ok" and 0 <= table.loc[SLIDE, "prob"] <= 1
+    assert (out / SLIDE / "heatmap.png").stat().st_size > 0
+    with h5py.File(out / SLIDE / "attention.h5", "r") as f:
+        folds = f["attention_folds"][:]
+        assert folds.shape[1] == 2 and (folds >= 0).all()
+        np.testing.assert_allclose(folds.sum(0), 1.0, atol=1e-5)
+        assert f.attrs["prob"] == pytest.approx(table.loc[SLIDE, "prob"], abs=1e-6)
+
+
+@pytest.mark.slow  # two gloo processes in a subprocess: ~20 s
+def test_ddp_trains_clam_mb_on_bags_too_small_for_its_instance_loss(tmp_path: Path) -> None:
+    """DDP fails when a parameter gets no gradient in a step; 1-tile bags leave CLAM's instance
+    classifiers without top/bottom-k tiles, so the model must still touch them."""
+    features, labels = make_bag_cohort(tmp_path, n_patients=16, dim=8, n_instances=(1, 3))
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "melanoma_mil",
+        "fit",
+        f"data.features_dir={features}",
+        f"data.labels_csv={labels}",
+        f"output_dir={out}",
+        "cv.folds=2",
+        "trainer.max_epochs=2",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.accumulate_grad_batches=2",
+        "logger=none",
+        "model.name=clam_mb",
+        "model.hidden_dim=16",
+        "model.attention_dim=8",
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(pd.read_csv(out / "predictions.csv")) == 16

@@ -1,0 +1,92 @@
+"""Model selection inside a training fold: early stopping, or the last epoch on train + val."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from melanoma_mil.config import FitConfig, load_config
+from melanoma_mil.data.splits import Split
+from melanoma_mil.data.synthetic import make_bag_cohort
+from melanoma_mil.training.cv import run_fit
+from melanoma_mil.training.selection import plan_selection, resolve_selection
+
+
+def _split(n_val_per_class: int) -> tuple[Split, dict[str, int]]:
+    val = [f"v{c}_{i}" for c in (0, 1) for i in range(n_val_per_class)]
+    train = [f"t{c}_{i}" for c in (0, 1) for i in range(30)]
+    labels = {b: int(b[1]) for b in train + val + ["x0_0", "x1_0"]}
+    return Split(0, 0, train, val, ["x0_0", "x1_0"]), labels
+
+
+def test_auto_stops_early_only_when_every_class_has_enough_validation_bags() -> None:
+    cfg = FitConfig()
+    assert cfg.trainer.selection == "auto" and cfg.trainer.min_val_bags == 20
+    small, labels = _split(19)
+    assert resolve_selection(cfg, small, labels) == "last"
+    large, labels = _split(20)
+    assert resolve_selection(cfg, large, labels) == "early_stopping"
+    cfg.trainer.selection = "early_stopping"
+    assert resolve_selection(cfg, small, labels) == "early_stopping"
+    sel = plan_selection(FitConfig(), small, labels)  # last: validation bags train too
+    assert sel.mode == "last" and sel.val == [] and set(sel.train) == set(small.train + small.val)
+    assert not set(sel.train) & set(small.test)
+
+
+def _fit(features: Path, labels: Path, out: Path, *extra: str) -> FitConfig:
+    keys = [
+        f"data.features_dir={features}",
+        f"data.labels_csv={labels}",
+        f"output_dir={out}",
+        "trainer.accelerator=cpu",
+        "logger=none",
+        "cv.folds=2",
+        "model.hidden_dim=32",
+        "model.attention_dim=16",
+    ]
+    return load_config(FitConfig, [], [*keys, *extra])
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_bag_cohort(tmp_path_factory.mktemp("sel"), n_patients=24, dim=8, shift=4.0)
+
+
+def test_last_trains_on_train_plus_val_and_tests_the_last_epoch(
+    cohort: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "last"
+    with caplog.at_level(logging.INFO, logger="melanoma_mil"):
+        assert run_fit(_fit(*cohort, out, "trainer.max_epochs=3")) == 0  # auto -> last
+    assert "last epoch, no model selection" in caplog.text
+    splits = json.loads((out / "splits.json").read_text())["splits"]
+    assert all(s["val"] for s in splits)  # splits.json keeps the validation split (paired runs)
+    s = splits[0]
+    ckpt = torch.load(out / "folds/fold_0/best.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 2  # the last of 3 epochs
+    # the standardisation statistics come from train + val: they trained together
+    bags = [h5py.File(cohort[0] / f"{b}.h5", "r")["features"][:] for b in s["train"] + s["val"]]
+    mean = np.concatenate(bags).astype(np.float64).mean(0)
+    saved = torch.load(out / "folds/fold_0/model.pt", weights_only=True)["state_dict"]
+    np.testing.assert_allclose(saved["embed.0.mean"].numpy(), mean, rtol=1e-4, atol=1e-4)
+
+
+def test_early_stopping_selects_on_the_validation_split(
+    cohort: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "es"
+    cfg = _fit(*cohort, out, "trainer.selection=early_stopping", "trainer.max_epochs=3")
+    with caplog.at_level(logging.INFO, logger="melanoma_mil"):
+        assert run_fit(cfg) == 0
+    assert "selected by best val_loss=" in caplog.text and "=nan" not in caplog.text
+    s = json.loads((out / "splits.json").read_text())["splits"][0]
+    bags = [h5py.File(cohort[0] / f"{b}.h5", "r")["features"][:] for b in s["train"]]
+    saved = torch.load(out / "folds/fold_0/model.pt", weights_only=True)["state_dict"]
+    mean = np.concatenate(bags).astype(np.float64).mean(0)
+    np.testing.assert_allclose(saved["embed.0.mean"].numpy(), mean, rtol=1e-4, atol=1e-4)
