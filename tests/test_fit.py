@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from melanoma_mil.cli import main
 from melanoma_mil.config import FitConfig, ModelConfig, OptimConfig, load_config
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
@@ -167,14 +168,12 @@ def test_label_map_drops_and_counts(tmp_path: Path, caplog: pytest.LogCaptureFix
     assert set(pd.read_csv(out / "predictions.csv")["label"]) == {"immune_low", "immune_high"}
 
 
-def test_ddp_counts_every_test_bag_once(tmp_path: Path) -> None:
-    # 23 bags over 3 folds -> uneven test sets that DistributedSampler pads on 2 ranks
+def test_ddp_counts_every_test_bag_once_and_equals_one_process(tmp_path: Path) -> None:
+    """23 bags over 3 folds: uneven test sets that DistributedSampler pads on 2 ranks, and
+    odd training folds. 2 ranks x 1 bag per step train exactly as 1 process x 2 bags."""
     features, labels = make_bag_cohort(tmp_path, n_patients=23, dim=16, shift=5.0)
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "melanoma_mil",
+    args = [
         "fit",
         f"data.features_dir={features}",
         f"data.labels_csv={labels}",
@@ -182,17 +181,20 @@ def test_ddp_counts_every_test_bag_once(tmp_path: Path) -> None:
         "cv.folds=3",
         "trainer.max_epochs=2",
         "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.strategy=ddp",
         "trainer.accumulate_grad_batches=2",
         "logger=none",
     ]
+    ddp = [*args, "trainer.devices=2", "trainer.strategy=ddp"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "melanoma_mil", *ddp]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     preds = pd.read_csv(out / "predictions.csv")
     assert len(preds) == 23 and preds["slide_id"].is_unique
     assert sorted(preds.groupby("fold").size()) == [7, 8, 8]
+    one = tmp_path / "one"
+    assert main([*(a.replace(str(out), str(one)) for a in args)]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(one / "predictions.csv"), preds, check_exact=True)
 
 
 def test_devices_that_would_change_the_bags_per_step_are_refused(tmp_path: Path) -> None:

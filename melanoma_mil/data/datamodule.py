@@ -2,7 +2,8 @@
 
 A batch is ``(bags, labels, indices)``: a list of [N, D] bags (one per training step, up to
 ``EVAL_BAGS`` per validation/test step), class indices and dataset indices (which let metrics
-drop the bags DistributedSampler repeats). On a GPU each bag goes from the map through pinned
+drop the bags DistributedSampler repeats in evaluation). Training bags come in `EpochOrder`,
+the same for one process and for N ranks. On a GPU each bag goes from the map through pinned
 memory, copied on a side stream while the previous step computes; when the whole store fits in
 GPU memory it is copied there once per process and bags become slices of it, with no
 host-to-device traffic per step.
@@ -15,7 +16,14 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, get_worker_info
+import torch.distributed as dist
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    WeightedRandomSampler,
+    get_worker_info,
+)
 
 from melanoma_mil.data.memory import EVAL_BAGS
 from melanoma_mil.data.store import BagStore
@@ -63,6 +71,32 @@ def collate(items: list[Item]) -> Batch:
     return bags, labels, torch.tensor([i for _, _, i in items])
 
 
+class EpochOrder(DistributedSampler):
+    """The training order: one permutation of the bags per epoch, drawn from (seed, epoch) only,
+    cut to a whole number of optimizer steps and dealt round-robin to the ranks.
+
+    Step k of an epoch then trains on the same bags whether one process accumulates
+    ``bags_per_step`` of them or that many ranks take one each (DistributedSampler would pad
+    with repeated bags, and a single process would draw another order). With one bag per step
+    and one process, every bag is used every epoch, as before.
+    """
+
+    def __init__(self, dataset: Dataset[Item], seed: int, bags_per_step: int) -> None:
+        ranks = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if ranks else (1, 0)
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        n = len(dataset)  # type: ignore[arg-type]
+        self.used = n - n % bags_per_step if n >= bags_per_step else n - n % world
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=g)[: self.used]  # type: ignore[arg-type]
+        return iter(order[self.rank :: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.used // self.num_replicas
+
+
 class BagDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -74,9 +108,12 @@ class BagDataModule(L.LightningDataModule):
         max_instances: int | None = None,
         balance: str = "loss",
         num_workers: int = 0,
+        seed: int = 0,
+        bags_per_step: int = 1,
     ) -> None:
         super().__init__()
         self.store, self.labels = store, labels
+        self.seed, self.bags_per_step = seed, bags_per_step
         self.ids = {"train": train, "val": val, "test": test}
         self.max_instances, self.balance, self.num_workers = max_instances, balance, num_workers
         self._placement: dict[str, bool] = {}  # device -> whole store there
@@ -109,7 +146,8 @@ class BagDataModule(L.LightningDataModule):
             weights = [1.0 / counts[self.labels[b]].item() for b in self.ids["train"]]
             sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True)
             return self._loader("train", sampler=sampler)
-        return self._loader("train", shuffle=True)
+        order = EpochOrder(self.dataset("train"), self.seed, self.bags_per_step)
+        return self._loader("train", sampler=order)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", EVAL_BAGS)

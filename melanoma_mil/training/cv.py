@@ -110,7 +110,8 @@ def _run_fold(
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Train on split.train, select on split.val, predict split.test into ``fold_dir`` (model.pt,
     best.ckpt, roc.png); return the test predictions and metrics."""
-    L.seed_everything(cfg.seed + 1000 * split.repeat + split.fold, workers=True, verbose=False)
+    seed = cfg.seed + 1000 * split.repeat + split.fold
+    L.seed_everything(seed, workers=True, verbose=False)
     labels = dict(zip(cohort.bags["bag_id"], cohort.bags["label"].astype(int), strict=True))
     sel = plan_selection(cfg, split, labels)
     dm = BagDataModule(
@@ -122,6 +123,8 @@ def _run_fold(
         cfg.data.max_instances,
         cfg.data.balance,
         cfg.data.num_workers,
+        seed,
+        cfg.trainer.accumulate_grad_batches,
     )
     n_classes = len(cohort.classes)
     module = MILModule.create(
@@ -131,6 +134,7 @@ def _run_fold(
         cfg.optim,
         _class_weights(dm, n_classes, cfg.data.balance),
         cfg.trainer.max_epochs,
+        seed,
     )
     if cfg.data.standardize:
         feature_norm(module.model).fit_stats([store.bags[b] for b in sel.train])

@@ -30,6 +30,7 @@ class MILModule(L.LightningModule):
         optim: dict[str, Any],
         class_weights: list[float] | None = None,
         max_epochs: int = 50,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -51,8 +52,9 @@ class MILModule(L.LightningModule):
         optim: OptimConfig,
         class_weights: list[float] | None,
         max_epochs: int,
+        seed: int = 0,
     ) -> MILModule:
-        return cls(in_dim, n_classes, asdict(model), asdict(optim), class_weights, max_epochs)
+        return cls(in_dim, n_classes, asdict(model), asdict(optim), class_weights, max_epochs, seed)
 
     def forward(self, bag: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
         return self.model(bag, label)
@@ -74,6 +76,10 @@ class MILModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         bags, y, _ = batch
+        # dropout masks depend on (seed, epoch, position in the epoch's order) only, so N DDP
+        # ranks draw for each bag what one process accumulating N bags per step draws
+        position = batch_idx * self.trainer.world_size + self.global_rank
+        torch.manual_seed(self.hparams.seed + 1_000_003 * self.current_epoch + position)
         out = self.model(bags[0].float(), y[0])  # .float(): a float16 store -> float32
         loss = self._loss(out, y)
         # summed on the device and logged once an epoch: per-step self.log costs more than a
