@@ -64,6 +64,16 @@ def _numeric(path: Path, name: str, data: Any) -> np.ndarray:
     return arr
 
 
+def features_entry(f: h5py.File, path: Path) -> Any:
+    """The file's ``features`` entry, or the one-line error every bag reader gives."""
+    if "features" not in f:
+        raise UserError(
+            f"{path}: no 'features' dataset (found {list(f.keys())}); "
+            "re-run `extract` for this slide or remove it from the labels CSV."
+        )
+    return f["features"]
+
+
 def read_bag(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """Return (features [N, D], coords [N, 2] or None), validated: 2-D, non-empty, finite."""
     try:
@@ -74,12 +84,7 @@ def read_bag(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
             coords = None
         else:
             with h5py.File(path, "r") as f:
-                if "features" not in f:
-                    raise UserError(
-                        f"{path}: no 'features' dataset (found {list(f.keys())}); "
-                        "re-run `extract` for this slide or remove it from the labels CSV."
-                    )
-                feats = _numeric(path, "features", f["features"])
+                feats = _numeric(path, "features", features_entry(f, path))
                 coords = _numeric(path, "coords", f["coords"]) if "coords" in f else None
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise UserError(f"{path}: cannot read bag ({e}); re-run `extract` for it.") from None

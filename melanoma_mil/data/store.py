@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from melanoma_mil.config import FitConfig
-from melanoma_mil.data.bags import read_attrs, read_bag
+from melanoma_mil.data.bags import features_entry, read_attrs, read_bag
 from melanoma_mil.data.memory import check_memory, estimate_for
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import feature_identity, identity_mismatch, plain
@@ -253,12 +253,7 @@ def _file_shape(path: Path) -> tuple[tuple[int, ...], str]:
             what = type(t).__name__
         else:
             with h5py.File(path, "r") as f:
-                if "features" not in f:
-                    raise UserError(
-                        f"{path}: no 'features' dataset (found {list(f.keys())}); "
-                        "re-run `extract` for this slide or remove it from the labels CSV."
-                    )
-                ds = f["features"]
+                ds = features_entry(f, path)
                 if isinstance(ds, h5py.Dataset) and ds.shape and ds.dtype.kind in "biuf":
                     return tuple(ds.shape), ds.dtype.name
                 what = f"{type(ds).__name__} of {getattr(ds, 'dtype', 'no dtype')}"
