@@ -129,7 +129,8 @@ class MILModule(L.LightningModule):
         self.test_output = self._gathered()
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(
+        adam = torch.optim.Adam if self.optim_cfg.optimizer == "adam" else torch.optim.AdamW
+        opt = adam(
             self.parameters(),
             lr=self.optim_cfg.lr,
             weight_decay=self.optim_cfg.weight_decay,
