@@ -153,9 +153,9 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    # adamw: decoupled weight decay (CLAM); adam: weight decay as an L2 term in the gradient
-    # (Ilse et al.), which Adam's scaling makes far stronger on rarely used weights
-    optimizer: str = choice("adamw", "adamw", "adam")
+    # adam: weight decay as an L2 term in the gradient (Ilse et al.'s and CLAM's code), which
+    # Adam's scaling makes strong on rarely used weights; adamw: decoupled weight decay
+    optimizer: str = choice("adam", "adam", "adamw")
     lr: float = positive(5e-4)
     weight_decay: float = bounded(1e-4, 0.0)
     scheduler: str = choice("cosine", "cosine", "none")

@@ -129,7 +129,7 @@ class MILModule(L.LightningModule):
         self.test_output = self._gathered()
 
     def configure_optimizers(self) -> Any:
-        adam = torch.optim.Adam if self.optim_cfg.optimizer == "adam" else torch.optim.AdamW
+        adam = torch.optim.AdamW if self.optim_cfg.optimizer == "adamw" else torch.optim.Adam
         opt = adam(
             self.parameters(),
             lr=self.optim_cfg.lr,
