@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from torch import nn
 
 from melanoma_mil.config import MODEL_NAMES, CVConfig, FitConfig, load_config, to_yaml
@@ -202,34 +203,56 @@ def run_one(data: Path, method: str, seed: int, overrides: list[str], work: Path
     return out
 
 
-def scores(out: Path) -> dict[str, float] | None:
-    """Mean over folds of accuracy and AUC (and minutes), or None if the run is missing."""
+def scores(out: Path) -> dict[str, object] | None:
+    """Mean over folds of accuracy and AUC, the per-fold values, minutes; None if missing."""
     ref, fit = out / "reference_summary.json", out / "cv_summary.json"
     if ref.is_file():
         folds = json.loads(ref.read_text())
-        acc, auc = np.mean(folds["accuracy"]), np.nanmean(folds["auc"])
+        acc_f, auc_f = folds["accuracy"], folds["auc"]
     elif fit.is_file():
         summary = json.loads(fit.read_text())
-        acc, auc = summary["accuracy"]["mean"], summary["auc"]["mean"]
+        acc_f, auc_f = summary["accuracy"]["per_fold"], summary["auc"]["per_fold"]
     else:
         return None
     timing = out / "timing.json"
     minutes = json.loads(timing.read_text())["seconds"] / 60 if timing.is_file() else math.nan
-    return {"accuracy": acc, "auc": auc, "minutes": minutes}
+    return {
+        "accuracy": float(np.mean(acc_f)),
+        "auc": float(np.nanmean(auc_f)),
+        "minutes": minutes,
+        "folds": {"accuracy": np.array(acc_f, float), "auc": np.array(auc_f, float)},
+    }
+
+
+def paired(g: pd.DataFrame, ref: pd.DataFrame, metric: str) -> str:
+    """Mean fold-by-fold difference from the reference on the same seeds' folds, with a t
+    95% interval over those folds (the folds of one seed share bags, so it is a rough one)."""
+    both = g.merge(ref, on="seed", suffixes=("", "_ref"))
+    if both.empty:
+        return ""
+    d = np.concatenate(
+        [f[metric] - r[metric] for f, r in zip(both["folds"], both["folds_ref"], strict=True)]
+    )
+    d = d[np.isfinite(d)]
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return f"{d.mean():+.3f} ({d.mean() - half:+.3f}, {d.mean() + half:+.3f})"
 
 
 def table(rows: list[dict[str, object]], n_seeds: int) -> str:
     df = pd.DataFrame(rows)
     lines = [
-        "| set | method | seeds | accuracy | AUC | wall min / seed |",
-        "|---|---|---|---|---|---|",
+        "| set | method | seeds | accuracy | AUC | Δ accuracy vs reference (95% CI) "
+        "| Δ AUC vs reference (95% CI) | wall min / seed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (s, m), g in df.groupby(["set", "method"], sort=False):
         acc, auc = g["accuracy"], g["auc"]
         sd = lambda v: f" ± {v.std(ddof=1):.3f}" if len(v) > 1 else ""  # noqa: E731
+        ref = df[(df["set"] == s) & (df["method"] == REFERENCE)][["seed", "folds"]]
+        vs = ["", ""] if m == REFERENCE else [paired(g, ref, k) for k in ("accuracy", "auc")]
         lines.append(
             f"| {s} | {m} | {len(g)}/{n_seeds} | {acc.mean():.3f}{sd(acc)} | "
-            f"{auc.mean():.3f}{sd(auc)} | {g['minutes'].mean():.1f} |"
+            f"{auc.mean():.3f}{sd(auc)} | {vs[0]} | {vs[1]} | {g['minutes'].mean():.1f} |"
         )
     return "\n".join(lines)
 
@@ -264,7 +287,8 @@ def main() -> None:
                 got = scores(run(data, method, seed, args.override, work))
                 if got:
                     rows.append({"set": name, "method": label, "seed": seed, **got})
-                    print(f"{name} {label} seed {seed}: {got}", flush=True)
+                    shown = {k: v for k, v in got.items() if k != "folds"}
+                    print(f"{name} {label} seed {seed}: {shown}", flush=True)
     if args.override:
         print("overrides:", " ".join(args.override))
     if rows:
