@@ -100,7 +100,8 @@ def test_two_processes_one_killed_every_slide_once_and_bit_identical(tmp_path: P
         assert mine[sid].read_bytes() == theirs[sid].read_bytes(), sid
     (csv,) = out.glob("*/extract.csv")
     table = pd.read_csv(csv).set_index("slide_id")
-    assert set(table["status"]) <= {"ok", "done"} and len(table) == 6
+    # done: by A during B's run; skipped: by A before B started (a slow start under load)
+    assert set(table["status"]) <= {"ok", "done", "skipped"} and len(table) == 6
     assert "No space" not in logs[1].read_text()
     assert not list(out.rglob("*.lock")) and not list(out.rglob("*.tmp"))
 
