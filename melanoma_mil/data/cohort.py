@@ -197,6 +197,12 @@ def find_features(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     return df[df["path"].notna()]
 
 
+def mixed_patients(df: pd.DataFrame, label: str) -> list[str]:
+    """Patients whose slides carry more than one value of ``label`` (no patient-level label)."""
+    counts = df.groupby("patient_id")[label].nunique()
+    return counts[counts > 1].index.tolist()
+
+
 def build_cohort(cfg: DataConfig) -> Cohort:
     """Labels + features -> bags at slide or patient level."""
     df = read_labels(cfg.labels_csv, cfg.label_column)
@@ -205,8 +211,7 @@ def build_cohort(cfg: DataConfig) -> Cohort:
     if df.empty:
         raise UserError(f"no labelled slide has features in '{cfg.features_dir}'.")
     if cfg.bag_level == "patient":
-        conflict = df.groupby("patient_id")["label"].nunique()
-        conflict = conflict[conflict > 1].index.tolist()
+        conflict = mixed_patients(df, "label")
         if conflict:
             raise UserError(
                 f"patients {conflict[:5]} have slides with different labels; "

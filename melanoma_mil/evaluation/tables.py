@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from melanoma_mil.config import DataConfig
-from melanoma_mil.data.cohort import map_labels, read_slide_table
+from melanoma_mil.data.cohort import map_labels, mixed_patients, read_slide_table
 from melanoma_mil.errors import UserError
 from melanoma_mil.rundir import TrainedRun
 
@@ -191,9 +191,7 @@ def _attach_labels(
 
 def per_patient(slides: pd.DataFrame, probs: list[str]) -> pd.DataFrame:
     """Mean probability over each patient's slides; one label per patient (or an error)."""
-    labelled = slides[slides["y"] >= 0]
-    conflict = labelled.groupby("patient_id")["y"].nunique()
-    conflict = conflict[conflict > 1].index.tolist()
+    conflict = mixed_patients(slides[slides["y"] >= 0], "y")
     if conflict:
         raise UserError(
             f"patient(s) {conflict[:5]} have slides with different labels, so a patient-level "
