@@ -1,15 +1,17 @@
 """Claims on shared work items (slides) in a folder that any number of processes and hosts see.
 
-A claim is a file created with O_EXCL that names its owner: host, a machine id (boot id + pid
-namespace), pid and the process start time. It is stale when its owner is provably gone (same
-machine: the pid is dead, or now belongs to a process that started at another time, as happens
-when containers recycle pids), or when its heartbeat (the file's mtime) is older than
-``stale_after`` seconds (another host that died, a hung process). A stale claim is taken over.
+A claim is a file created atomically (a hard link, which fails if the claim exists) that names
+its owner: host, a machine id (boot id + pid namespace), pid and the process start time. It is
+stale when its owner is provably gone (same machine: the pid is dead, or now belongs to a
+process that started at another time, as happens when containers recycle pids), or when its
+heartbeat (the file's mtime) is older than ``stale_after`` seconds (another host that died, a
+hung process). A stale claim is taken over.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -89,6 +91,25 @@ def describe(owner: Mapping[str, Any]) -> str:
     return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
 
 
+NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def _place(draft: Path, path: Path) -> None:
+    """Create ``path`` with ``draft``'s content, failing if it exists; whole at once (a hard
+    link) where the filesystem allows, else created empty then written (some FUSE mounts)."""
+    try:
+        os.link(draft, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in NO_HARD_LINKS:
+            raise
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(draft.read_text())
+
+
 class Claim:
     """Exclusive claim on one work item; ``acquire`` breaks a stale claim, ``heartbeat`` keeps a
     live one fresh for other hosts."""
@@ -133,24 +154,36 @@ class Claim:
         OSError (e.g. a full disk) propagates: the caller decides whether that ends the run.
         """
         self._me = me()
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self.owner = self.read()
-                if not self.stale(self.owner):
-                    return False
-                self._break(self.owner)
-                continue
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(self._me, f)
-            except OSError:
-                self.path.unlink(missing_ok=True)
-                raise
-            self.held, self._touched, self.owner = True, time.time(), dict(self._me)
-            return True
-        return False
+        # the claim appears whole (hard link of a written file), never empty: a process killed
+        # while claiming leaves no claim without an owner for the others to wait on
+        draft = self.path.with_name(f".{self.path.name}.{os.getpid()}.claiming")
+        try:
+            draft.write_text(json.dumps(self._me))
+            for _ in range(3):
+                try:
+                    _place(draft, self.path)
+                except FileExistsError:
+                    self.owner = self.read()
+                    if not self.stale(self.owner):
+                        return False
+                    self._break(self.owner)
+                    continue
+                self.held, self._touched, self.owner = True, time.time(), dict(self._me)
+                return True
+            return False
+        finally:
+            draft.unlink(missing_ok=True)
+
+    def clear_stale(self) -> bool:
+        """Remove a claim whose owner is gone (e.g. killed between writing its work and
+        releasing the claim), so that no lock outlives the work; True if one was removed."""
+        if self.held or not self.path.exists():
+            return False
+        owner = self.read()
+        if not self.stale(owner):
+            return False
+        self._break(owner)
+        return not self.path.exists()
 
     def _break(self, seen: Mapping[str, Any]) -> None:
         """Move the stale claim aside atomically; put it back if it changed hands meanwhile."""

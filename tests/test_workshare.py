@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -25,6 +26,24 @@ def test_a_claim_is_exclusive_until_released(tmp_path: Path) -> None:
     assert b.owner["pid"] == os.getpid() and b.live_owner() is not None
     a.release()
     assert not (tmp_path / "s.lock").exists() and b.acquire()
+
+
+def test_a_claim_appears_whole_and_works_without_hard_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = Claim(tmp_path / "s.lock")
+    assert a.acquire() and json.loads((tmp_path / "s.lock").read_text()) == a.owner
+    assert not Claim(tmp_path / "s.lock").acquire()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.lock"]  # no draft left
+
+    def no_links(src: object, dst: object) -> None:  # e.g. an SMB or FUSE mount
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    b = Claim(tmp_path / "t.lock")
+    assert b.acquire() and json.loads((tmp_path / "t.lock").read_text()) == b.owner
+    assert not Claim(tmp_path / "t.lock").acquire()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.lock", "t.lock"]
 
 
 def test_dead_and_recycled_owners_are_taken_over_live_ones_are_not(tmp_path: Path) -> None:

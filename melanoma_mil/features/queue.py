@@ -147,6 +147,18 @@ class SlideQueue:
         self.pending.clear()
         self.busy = []
 
+    def tidy(self, finished: tuple[str, ...]) -> None:
+        """Remove the claims that processes which died after writing a slide left on it."""
+        for sid, row in self.rows.items():
+            key = row.get("cache_key")
+            if row["status"] in finished and isinstance(key, str):
+                lock = id_path(self.out_root / key, sid, ".h5").with_suffix(".lock")
+                try:
+                    if Claim(lock, self.stale_after).clear_stale():
+                        log.info("removed %s, left by a process that is gone", lock)
+                except OSError as e:
+                    log.warning("could not remove %s: %s", lock, e)
+
     def _try(self, i: int) -> SlideWork | None:
         job, grid = self.jobs[i], self.grids[i]
         if isinstance(grid, str):  # the coords file could not be read

@@ -253,6 +253,7 @@ def run_extract(cfg: ExtractConfig) -> int:
         writer.close()
         if processes is not None:
             processes.close()
+    queue.tidy(DONE)
     return _report(run, queue, jobs)
 
 

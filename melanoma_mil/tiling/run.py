@@ -8,6 +8,7 @@ to anyone, with the whole cohort's table (tiling.csv) and a contact sheet of eve
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -133,6 +134,8 @@ def _existing(task: Task, coords: Path, wanted: dict[str, Any], since: float) ->
         changes.append(f"level-0 mpp {grid.level0_mpp:g} -> {task.mpp:g} (mpp_csv)")
     row = _row(task.slide_id, task.path, "skipped", n_tiles=len(grid.coords),
                mpp=grid.level0_mpp, mpp_source=grid.mpp_source)  # fmt: skip
+    with contextlib.suppress(OSError):  # left by a process killed right after writing it
+        Claim(coords.with_suffix(".lock"), task.stale_after).clear_stale()
     if changes:
         row.update(status="failed", reason=(
             f"{coords} was made with other settings ({', '.join(changes)}); "
