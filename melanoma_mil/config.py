@@ -69,17 +69,23 @@ def pattern(default: str, regex: str, shown: str) -> Any:
 # survival groups: the predicted class, a split at the median probability, or K quantile groups
 GROUPS_FORM = "predicted|median|quantiles:K"
 GROUPS_RE = r"predicted|median|quantiles:([2-9]|[1-9][0-9]+)"
-# the keys `fit` and `predict` share with `evaluate` (they evaluate their own predictions)
-CLINICAL_KEYS = ("clinical_csv", "time_column", "event_column", "covariates", "groups", "threshold")
 
 
-def _groups() -> Any:
-    return pattern("predicted", GROUPS_RE, GROUPS_FORM)
+@dataclass
+class ClinicalKeys:
+    """The keys `fit` and `predict` share with `evaluate`: with clinical_csv they evaluate
+    their own predictions into <output_dir>/report.html."""
+
+    clinical_csv: str | None = None  # patient_id, time_column, event_column[, covariates]
+    time_column: str = "time"
+    event_column: str = "event"  # 1 = event, 0 = censored
+    covariates: list[str] = field(default_factory=list)  # numeric or categorical columns
+    groups: str = pattern("predicted", GROUPS_RE, GROUPS_FORM)
+    # binary: the positive class is predicted when its probability is >= threshold
+    threshold: float = bounded(0.5, 0.0, 1.0, open_low=True, open_high=True)
 
 
-def _threshold() -> Any:
-    """Binary: the positive class is predicted when its probability is >= threshold."""
-    return bounded(0.5, 0.0, 1.0, open_low=True, open_high=True)
+CLINICAL_KEYS = tuple(f.name for f in dataclasses.fields(ClinicalKeys))
 
 
 # --------------------------------------------------------------------------- data / training
@@ -171,6 +177,9 @@ class TrainerConfig:
     # min_val_bags validation bags (see training/selection.py)
     selection: str = choice("auto", "auto", "early_stopping", "last")
     min_val_bags: int = bounded(20, 1)
+    # selection=last: test the mean of the weights at the end of the last N epochs (stochastic
+    # weight averaging, Izmailov et al. 2018); 0 tests the last epoch's weights
+    average_epochs: int = bounded(0, 0)
     min_epochs: int = bounded(5, 0)
     patience: int = bounded(10, 1)
     # val_auc saturates on small validation sets
@@ -197,8 +206,9 @@ class WandbConfig:
 
 
 @dataclass
-class FitConfig:
-    """`fit`: patient-level cross-validation of a MIL model on cached bags."""
+class FitConfig(ClinicalKeys):
+    """`fit`: patient-level cross-validation of a MIL model on cached bags (with clinical_csv,
+    `evaluate` of the out-of-fold predictions)."""
 
     output_dir: str = "runs/fit"
     experiment: str | None = None  # W&B group; default: output_dir's name
@@ -211,13 +221,6 @@ class FitConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    # with clinical_csv: `evaluate` the out-of-fold predictions into <output_dir>/report.html
-    clinical_csv: str | None = None
-    time_column: str = "time"
-    event_column: str = "event"
-    covariates: list[str] = field(default_factory=list)
-    groups: str = _groups()
-    threshold: float = _threshold()
 
 
 # --------------------------------------------------------------------------- tiling
@@ -376,7 +379,7 @@ class HeatmapConfig:
 
 
 @dataclass
-class PredictConfig(HeatmapConfig):
+class PredictConfig(ClinicalKeys, HeatmapConfig):
     """`predict`: the fold-model ensemble (mean probability) on new slides.
 
     Writes <output_dir>/predictions.csv, with heatmaps=true each slide's heatmap files, and with
@@ -391,16 +394,10 @@ class PredictConfig(HeatmapConfig):
     # with labels_csv (slide_id, label[, patient_id]) and/or clinical_csv: `evaluate` the
     # predictions into <output_dir>/report.html
     labels_csv: str | None = None
-    clinical_csv: str | None = None
-    time_column: str = "time"
-    event_column: str = "event"
-    covariates: list[str] = field(default_factory=list)
-    groups: str = _groups()
-    threshold: float = _threshold()
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(ClinicalKeys):
     """`evaluate`: classification, calibration and survival of predictions; report.html.
 
     predictions: fit's predictions.csv (out of fold), predict's predictions.csv or
@@ -412,12 +409,6 @@ class EvaluateConfig:
     predictions: str | None = None
     output_dir: str = "runs/evaluate"
     labels_csv: str | None = None  # slide_id, label[, patient_id]; the run's label_map applies
-    clinical_csv: str | None = None  # patient_id, time_column, event_column[, covariates]
-    time_column: str = "time"
-    event_column: str = "event"  # 1 = event, 0 = censored
-    covariates: list[str] = field(default_factory=list)  # numeric or categorical columns
-    groups: str = _groups()
-    threshold: float = _threshold()
     level: str = choice("patient", "patient", "slide")
     # the `fit` run (classes, label_map, provenance); default: predictions' folder if a run
     run_dir: str | None = None
