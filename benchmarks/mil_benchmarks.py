@@ -38,10 +38,11 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from scipy import stats
 from torch import nn
 
-from melanoma_mil.config import MODEL_NAMES, CVConfig, FitConfig, load_config, to_yaml
+from melanoma_mil.config import MODEL_NAMES, CVConfig, FitConfig, load_config
 from melanoma_mil.data.splits import make_splits
 from melanoma_mil.io import atomic_h5, write_json
 from melanoma_mil.metrics import bag_metrics
@@ -108,13 +109,23 @@ def fit_config(data: Path, model: str, seed: int, overrides: list[str], out: Pat
     return load_config(FitConfig, [], keys)
 
 
+# keys added after runs were recorded: at these values a config hashes as it did before them
+LATER_KEYS = {"trainer": {"average_epochs": 0}}
+
+
 def config_key(cfg: FitConfig) -> str:
     """Hash of everything that shapes training except paths and seeds."""
     neutral = replace(
         cfg, output_dir="", seed=0, cv=replace(cfg.cv, seed=0), data=replace(cfg.data)
     )
     neutral.data.features_dir = neutral.data.labels_csv = None
-    return hashlib.sha256(to_yaml(neutral).encode()).hexdigest()[:8]
+    tree = OmegaConf.to_container(OmegaConf.structured(neutral))
+    assert isinstance(tree, dict)
+    for section, keys in LATER_KEYS.items():
+        for key, value in keys.items():
+            if tree[section].get(key) == value:
+                del tree[section][key]
+    return hashlib.sha256(OmegaConf.to_yaml(tree).encode()).hexdigest()[:8]
 
 
 # --------------------------------------------------------------------------- reference

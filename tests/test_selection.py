@@ -8,6 +8,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -90,3 +91,29 @@ def test_early_stopping_selects_on_the_validation_split(
     saved = torch.load(out / "folds/fold_0/model.pt", weights_only=True)["state_dict"]
     mean = np.concatenate(bags).astype(np.float64).mean(0)
     np.testing.assert_allclose(saved["embed.0.mean"].numpy(), mean, rtol=1e-4, atol=1e-4)
+
+
+def test_average_epochs_tests_the_mean_of_the_last_epochs_weights(
+    cohort: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """With a constant learning rate, a 3-epoch run's weights are a 4-epoch run's after its
+    third epoch (the bag order depends on (seed, epoch) only), so averaging the last 2 epochs of
+    the 4-epoch run must give the mean of the two plain runs' weights, and test with them."""
+    keys = ("trainer.selection=last", "optim.scheduler=none", "model.dropout=0")
+    weights, preds = {}, {}
+    runs = {
+        "e3": ("trainer.max_epochs=3",),
+        "e4": ("trainer.max_epochs=4",),
+        "avg": ("trainer.max_epochs=4", "trainer.average_epochs=2"),
+    }
+    for name, extra in runs.items():
+        out = tmp_path / name
+        assert run_fit(_fit(*cohort, out, *keys, *extra)) == 0
+        weights[name] = torch.load(out / "folds/fold_0/model.pt", weights_only=True)["state_dict"]
+        preds[name] = pd.read_csv(out / "predictions.csv").sort_values("slide_id")["prob"]
+    for k, v in weights["avg"].items():
+        if v.is_floating_point():
+            mean = (weights["e3"][k] + weights["e4"][k]) / 2
+            torch.testing.assert_close(v, mean, rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.equal(weights["e3"]["classifier.weight"], weights["e4"]["classifier.weight"])
+    assert not np.allclose(preds["avg"].to_numpy(), preds["e4"].to_numpy())  # tested averaged

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+import lightning.pytorch as L
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, WeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
 
 from melanoma_mil import rundir
 from melanoma_mil.config import FitConfig
@@ -38,6 +40,25 @@ def resolve_selection(cfg: FitConfig, split: Split, labels: dict[str, int]) -> s
     counts = Counter(labels[b] for b in split.val)
     smallest = min(counts.get(c, 0) for c in set(labels.values()))
     return "early_stopping" if smallest >= cfg.trainer.min_val_bags else "last"
+
+
+class LastEpochsAverage(WeightAveraging):
+    """Equal-weight average of the weights at the end of each epoch from ``first`` on."""
+
+    def __init__(self, first: int) -> None:
+        super().__init__()
+        self.first = first
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return epoch_idx is not None and epoch_idx >= self.first
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Testing keeps the checkpoint's weights, the average (Lightning's callback would put
+        the last epoch's back)."""
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
 
 @dataclass
@@ -59,7 +80,11 @@ class FoldSelection:
                 save_top_k=1,
                 enable_version_counter=False,
             )
-            return ckpt, [ckpt], {"limit_val_batches": 0, "min_epochs": None}
+            callbacks: list[Callback] = [ckpt]
+            n = min(cfg.trainer.average_epochs, cfg.trainer.max_epochs)
+            if n:  # saved checkpoints hold the average (Lightning runs checkpoints last)
+                callbacks.append(LastEpochsAverage(cfg.trainer.max_epochs - n))
+            return ckpt, callbacks, {"limit_val_batches": 0, "min_epochs": None}
         mode = "max" if cfg.trainer.monitor == "val_auc" else "min"
         ckpt = ModelCheckpoint(
             dirpath=fold_dir,
