@@ -164,7 +164,8 @@ class OptimConfig:
     optimizer: str = choice("adam", "adam", "adamw")
     lr: float = positive(5e-4)
     weight_decay: float = bounded(1e-4, 0.0)
-    scheduler: str = choice("cosine", "cosine", "none")
+    # none: a constant rate, which weight averaging (trainer.average_epochs) wants
+    scheduler: str = choice("none", "cosine", "none")
 
 
 @dataclass
@@ -179,7 +180,7 @@ class TrainerConfig:
     min_val_bags: int = bounded(20, 1)
     # selection=last: test the mean of the weights at the end of the last N epochs (stochastic
     # weight averaging, Izmailov et al. 2018); 0 tests the last epoch's weights
-    average_epochs: int = bounded(0, 0)
+    average_epochs: int = bounded(25, 0)
     min_epochs: int = bounded(5, 0)
     patience: int = bounded(10, 1)
     # val_auc saturates on small validation sets

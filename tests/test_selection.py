@@ -64,7 +64,8 @@ def test_last_trains_on_train_plus_val_and_tests_the_last_epoch(
 ) -> None:
     out = tmp_path / "last"
     with caplog.at_level(logging.INFO, logger="melanoma_mil"):
-        assert run_fit(_fit(*cohort, out, "trainer.max_epochs=3")) == 0  # auto -> last
+        # auto -> last; without weight averaging the last epoch is tested
+        assert run_fit(_fit(*cohort, out, "trainer.max_epochs=3", "trainer.average_epochs=0")) == 0
     assert "last epoch, no model selection" in caplog.text
     splits = json.loads((out / "splits.json").read_text())["splits"]
     assert all(s["val"] for s in splits)  # splits.json keeps the validation split (paired runs)
@@ -102,8 +103,8 @@ def test_average_epochs_tests_the_mean_of_the_last_epochs_weights(
     keys = ("trainer.selection=last", "optim.scheduler=none", "model.dropout=0")
     weights, preds = {}, {}
     runs = {
-        "e3": ("trainer.max_epochs=3",),
-        "e4": ("trainer.max_epochs=4",),
+        "e3": ("trainer.max_epochs=3", "trainer.average_epochs=0"),
+        "e4": ("trainer.max_epochs=4", "trainer.average_epochs=0"),
         "avg": ("trainer.max_epochs=4", "trainer.average_epochs=2"),
     }
     for name, extra in runs.items():

@@ -5,8 +5,9 @@ sound when that split is large; on a small cohort it is a handful of bags per cl
 is noise, and it costs a fifth of the training patients. ``trainer.selection``:
 - early_stopping: train on split.train, stop when ``trainer.monitor`` on split.val has not
   improved for ``trainer.patience`` epochs, test the best epoch's weights;
-- last: train on split.train + split.val for ``trainer.max_epochs`` (the cosine schedule anneals
-  the learning rate to zero) and test the last weights;
+- last: train on split.train + split.val for ``trainer.max_epochs`` and test the mean of the
+  last ``trainer.average_epochs`` epochs' weights (stochastic weight averaging), or the last
+  weights when that is 0;
 - auto (default): early_stopping when every class has at least ``trainer.min_val_bags`` bags
   in the fold's validation split, else last.
 splits.json always holds the validation split, so runs that select differently stay paired
@@ -101,9 +102,15 @@ class FoldSelection:
     def describe(self, cfg: FitConfig, ckpt: ModelCheckpoint) -> str:
         """How the tested weights were chosen, for the fold's log line."""
         if self.mode == "last":
-            return "last epoch, no model selection"
+            return f"{tested_weights(cfg)}, no model selection"
         score = float(ckpt.best_model_score) if ckpt.best_model_score is not None else math.nan
         return f"selected by best {cfg.trainer.monitor}={score:.4f}"
+
+
+def tested_weights(cfg: FitConfig) -> str:
+    """Which weights selection=last tests, for log lines."""
+    n = min(cfg.trainer.average_epochs, cfg.trainer.max_epochs)
+    return f"mean of the last {n} epochs' weights" if n > 1 else "last epoch"
 
 
 def plan_selection(cfg: FitConfig, split: Split, labels: dict[str, int]) -> FoldSelection:
@@ -113,7 +120,7 @@ def plan_selection(cfg: FitConfig, split: Split, labels: dict[str, int]) -> Fold
         "repeat %d fold %d: model selection %s (%d validation bags)",
         split.repeat,
         split.fold,
-        "by early stopping" if mode == "early_stopping" else "none, last epoch",
+        "by early stopping" if mode == "early_stopping" else f"none, {tested_weights(cfg)}",
         len(split.val),
     )
     if mode == "last":
