@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 from scipy import stats
 from torch import nn
 
-from melanoma_mil.config import MODEL_NAMES, CVConfig, FitConfig, load_config
+from melanoma_mil.config import CLINICAL_KEYS, MODEL_NAMES, CVConfig, FitConfig, load_config
 from melanoma_mil.data.splits import make_splits
 from melanoma_mil.io import atomic_h5, write_json
 from melanoma_mil.metrics import bag_metrics
@@ -121,6 +121,10 @@ def config_key(cfg: FitConfig) -> str:
     neutral.data.features_dir = neutral.data.labels_csv = None
     tree = OmegaConf.to_container(OmegaConf.structured(neutral))
     assert isinstance(tree, dict)
+    # the key order runs were recorded with: the clinical keys last
+    tree = {k: v for k, v in tree.items() if k not in CLINICAL_KEYS} | {
+        k: tree[k] for k in CLINICAL_KEYS
+    }
     for section, keys in LATER_KEYS.items():
         for key, value in keys.items():
             if tree[section].get(key) == value:
