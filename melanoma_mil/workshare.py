@@ -106,8 +106,12 @@ def _place(draft: Path, path: Path) -> None:
         if e.errno not in NO_HARD_LINKS:
             raise
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(draft.read_text())
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(draft.read_text())
+    except OSError:  # e.g. a full disk: leave no claim without an owner
+        path.unlink(missing_ok=True)
+        raise
 
 
 class Claim:
