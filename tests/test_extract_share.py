@@ -22,7 +22,7 @@ from melanoma_mil.demo.pyramid import write_pyramid
 from melanoma_mil.features.run import run_extract
 from melanoma_mil.tiling.coords import read_coords, write_coords
 from melanoma_mil.tiling.fingerprint import slide_fingerprint
-from melanoma_mil.workshare import me
+from melanoma_mil.workshare import Claim, me
 
 SIZES = (160, 192, 224, 256, 288, 320)  # 25 ... 100 tiles of 32 px
 
@@ -54,10 +54,7 @@ def claimed(log: Path) -> list[str]:
 
 
 def owner_pid(lock: Path) -> int | None:
-    try:
-        return json.loads(lock.read_text()).get("pid")
-    except (OSError, ValueError):
-        return None
+    return Claim(lock).read().get("pid")
 
 
 def _start_together(procs: list[subprocess.Popen], logs: list[Path]) -> None:

@@ -82,8 +82,8 @@ class FoldSelection:
                 enable_version_counter=False,
             )
             callbacks: list[Callback] = [ckpt]
-            n = min(cfg.trainer.average_epochs, cfg.trainer.max_epochs)
-            if n:  # saved checkpoints hold the average (Lightning runs checkpoints last)
+            n = averaged_epochs(cfg)
+            if n > 1:  # saved checkpoints hold the average (Lightning runs checkpoints last)
                 callbacks.append(LastEpochsAverage(cfg.trainer.max_epochs - n))
             return ckpt, callbacks, {"limit_val_batches": 0, "min_epochs": None}
         mode = "max" if cfg.trainer.monitor == "val_auc" else "min"
@@ -107,9 +107,14 @@ class FoldSelection:
         return f"selected by best {cfg.trainer.monitor}={score:.4f}"
 
 
+def averaged_epochs(cfg: FitConfig) -> int:
+    """How many final epochs' weights selection=last averages (1: the last epoch alone)."""
+    return max(1, min(cfg.trainer.average_epochs, cfg.trainer.max_epochs))
+
+
 def tested_weights(cfg: FitConfig) -> str:
     """Which weights selection=last tests, for log lines."""
-    n = min(cfg.trainer.average_epochs, cfg.trainer.max_epochs)
+    n = averaged_epochs(cfg)
     return f"mean of the last {n} epochs' weights" if n > 1 else "last epoch"
 
 
