@@ -180,7 +180,9 @@ class Claim:
 
     def clear_stale(self) -> bool:
         """Remove a claim whose owner is gone (e.g. killed between writing its work and
-        releasing the claim), so that no lock outlives the work; True if one was removed."""
+        releasing the claim), so that no lock outlives the work; True if one was removed.
+        Drafts that such owners left while claiming go too."""
+        self._clear_drafts()
         if self.held or not self.path.exists():
             return False
         owner = self.read()
@@ -188,6 +190,18 @@ class Claim:
             return False
         self._break(owner)
         return not self.path.exists()
+
+    def _clear_drafts(self) -> None:
+        """Remove the drafts (see `acquire`) of owners that are gone or silent for
+        ``stale_after``: a process killed between writing its draft and linking it."""
+        for draft in self.path.parent.glob(f".{self.path.name}.*.claiming"):
+            try:
+                owner = json.loads(draft.read_text() or "{}")
+                silent = time.time() - draft.stat().st_mtime > self.stale_after
+            except (OSError, ValueError):
+                continue
+            if owner_gone(owner) is True or silent:
+                draft.unlink(missing_ok=True)
 
     def _break(self, seen: Mapping[str, Any]) -> None:
         """Move the stale claim aside atomically; put it back if it changed hands meanwhile."""

@@ -150,9 +150,14 @@ def test_a_claim_left_on_a_finished_slide_by_a_dead_process_is_removed(tmp_path:
     owner = {**me(), "pid": dead.pid, "start": None}
     first.with_suffix(".lock").write_text(json.dumps(owner))
     second.with_suffix(".lock").write_text(json.dumps(me()))  # this live process's claim
+    # drafts of claims (killed between writing the draft and linking it): the dead one goes
+    dead_draft = first.with_name(f".{first.stem}.lock.{dead.pid}.claiming")
+    live_draft = first.with_name(f".{first.stem}.lock.{os.getpid()}.claiming")
+    dead_draft.write_text(json.dumps(owner))
+    live_draft.write_text(json.dumps(me()))
     assert run_extract(cfg_for(tiles, out)) == 0
-    assert not first.with_suffix(".lock").exists()
-    assert second.with_suffix(".lock").exists()
+    assert not first.with_suffix(".lock").exists() and not dead_draft.exists()
+    assert second.with_suffix(".lock").exists() and live_draft.exists()
 
 
 def test_features_equal_for_any_batch_size_with_or_without_the_writer_thread(
