@@ -164,7 +164,7 @@ class OptimConfig:
     optimizer: str = choice("adam", "adam", "adamw")
     lr: float = positive(5e-4)
     weight_decay: float = bounded(1e-4, 0.0)
-    # none: a constant rate, which weight averaging (trainer.average_epochs) wants
+    # none: a constant rate, which weight averaging (trainer.average_fraction) wants
     scheduler: str = choice("none", "cosine", "none")
 
 
@@ -172,15 +172,17 @@ class OptimConfig:
 class TrainerConfig:
     """Lightning Trainer settings (only the ones that matter for MIL)."""
 
-    max_epochs: int = bounded(50, 1)
+    # None: 50 epochs, raised on small cohorts with selection=last to make at least 10,000
+    # optimizer steps (training/selection.py); a number is taken as given
+    max_epochs: int | None = bounded(None, 1)
     # early_stopping: on the fold's validation split; last: train on train + validation for
     # max_epochs, keep the last weights; auto: early_stopping only when every class has
     # min_val_bags validation bags (see training/selection.py)
     selection: str = choice("auto", "auto", "early_stopping", "last")
-    min_val_bags: int = bounded(20, 1)
-    # selection=last: test the mean of the weights at the end of the last N epochs (stochastic
-    # weight averaging, Izmailov et al. 2018); 0 tests the last epoch's weights
-    average_epochs: int = bounded(25, 0)
+    min_val_bags: int = bounded(50, 1)
+    # selection=last: test the mean of the weights at the end of this final fraction of the
+    # epochs (stochastic weight averaging, Izmailov et al. 2018); 0 tests the last epoch's
+    average_fraction: float = bounded(0.5, 0.0, 1.0)
     min_epochs: int = bounded(5, 0)
     patience: int = bounded(10, 1)
     # val_auc saturates on small validation sets

@@ -16,7 +16,12 @@ from melanoma_mil.config import FitConfig, load_config
 from melanoma_mil.data.splits import Split
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.training.cv import run_fit
-from melanoma_mil.training.selection import plan_selection, resolve_selection
+from melanoma_mil.training.selection import (
+    FoldSelection,
+    fold_epochs,
+    plan_selection,
+    resolve_selection,
+)
 
 
 def _split(n_val_per_class: int) -> tuple[Split, dict[str, int]]:
@@ -65,8 +70,9 @@ def test_last_trains_on_train_plus_val_and_tests_the_last_epoch(
     out = tmp_path / "last"
     with caplog.at_level(logging.INFO, logger="melanoma_mil"):
         # auto -> last; without weight averaging the last epoch is tested
-        assert run_fit(_fit(*cohort, out, "trainer.max_epochs=3", "trainer.average_epochs=0")) == 0
-    assert "last epoch, no model selection" in caplog.text
+        cfg = _fit(*cohort, out, "trainer.max_epochs=3", "trainer.average_fraction=0")
+        assert run_fit(cfg) == 0
+    assert "last of 3 epochs, no model selection" in caplog.text
     splits = json.loads((out / "splits.json").read_text())["splits"]
     assert all(s["val"] for s in splits)  # splits.json keeps the validation split (paired runs)
     s = splits[0]
@@ -94,7 +100,7 @@ def test_early_stopping_selects_on_the_validation_split(
     np.testing.assert_allclose(saved["embed.0.mean"].numpy(), mean, rtol=1e-4, atol=1e-4)
 
 
-def test_average_epochs_tests_the_mean_of_the_last_epochs_weights(
+def test_average_fraction_tests_the_mean_of_the_last_epochs_weights(
     cohort: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """With a constant learning rate, a 3-epoch run's weights are a 4-epoch run's after its
@@ -103,9 +109,9 @@ def test_average_epochs_tests_the_mean_of_the_last_epochs_weights(
     keys = ("trainer.selection=last", "optim.scheduler=none", "model.dropout=0")
     weights, preds = {}, {}
     runs = {
-        "e3": ("trainer.max_epochs=3", "trainer.average_epochs=0"),
-        "e4": ("trainer.max_epochs=4", "trainer.average_epochs=0"),
-        "avg": ("trainer.max_epochs=4", "trainer.average_epochs=2"),
+        "e3": ("trainer.max_epochs=3", "trainer.average_fraction=0"),
+        "e4": ("trainer.max_epochs=4", "trainer.average_fraction=0"),
+        "avg": ("trainer.max_epochs=4", "trainer.average_fraction=0.5"),
     }
     for name, extra in runs.items():
         out = tmp_path / name
@@ -118,3 +124,24 @@ def test_average_epochs_tests_the_mean_of_the_last_epochs_weights(
             torch.testing.assert_close(v, mean, rtol=1e-5, atol=1e-6, msg=k)
     assert not torch.equal(weights["e3"]["classifier.weight"], weights["e4"]["classifier.weight"])
     assert not np.allclose(preds["avg"].to_numpy(), preds["e4"].to_numpy())  # tested averaged
+
+
+@pytest.mark.parametrize(
+    ("keys", "mode", "n_train", "epochs", "averaged"),
+    [
+        ((), "last", 92, 109, 55),  # MUSK2's fold: 50 epochs would be 4,600 steps
+        ((), "last", 493, 50, 25),  # enough steps at 50 epochs
+        ((), "early_stopping", 92, 50, 25),  # early stopping ends runs; 50 is only its cap
+        (("trainer.accumulate_grad_batches=4",), "last", 493, 81, 41),  # 124 steps an epoch
+        (("trainer.max_epochs=3",), "last", 92, 3, 2),  # a number is taken as given
+        (("trainer.average_fraction=0",), "last", 493, 50, 1),
+    ],
+)
+def test_epochs_reach_the_minimum_steps_only_when_max_epochs_is_left_unset(
+    keys: tuple[str, ...], mode: str, n_train: int, epochs: int, averaged: int
+) -> None:
+    cfg = load_config(FitConfig, [], list(keys))
+    sel = FoldSelection(
+        mode, [f"b{i}" for i in range(n_train)], [], fold_epochs(cfg, mode, n_train)
+    )
+    assert (sel.epochs, sel.averaged(cfg)) == (epochs, averaged)

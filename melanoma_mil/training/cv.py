@@ -78,7 +78,7 @@ def _trainer(
     ckpt, callbacks, selection_kwargs = sel.callbacks(cfg, fold_dir)
     world = cfg.trainer.devices * cfg.trainer.num_nodes
     trainer = L.Trainer(
-        max_epochs=cfg.trainer.max_epochs,
+        max_epochs=sel.epochs,
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
@@ -133,7 +133,7 @@ def _run_fold(
         cfg.model,
         cfg.optim,
         _class_weights(dm, n_classes, cfg.data.balance),
-        cfg.trainer.max_epochs,
+        sel.epochs,
         seed,
     )
     if cfg.data.standardize:
