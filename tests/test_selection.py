@@ -33,10 +33,10 @@ def _split(n_val_per_class: int) -> tuple[Split, dict[str, int]]:
 
 def test_auto_stops_early_only_when_every_class_has_enough_validation_bags() -> None:
     cfg = FitConfig()
-    assert cfg.trainer.selection == "auto" and cfg.trainer.min_val_bags == 20
-    small, labels = _split(19)
+    assert cfg.trainer.selection == "auto" and cfg.trainer.min_val_bags == 50
+    small, labels = _split(49)
     assert resolve_selection(cfg, small, labels) == "last"
-    large, labels = _split(20)
+    large, labels = _split(50)
     assert resolve_selection(cfg, large, labels) == "early_stopping"
     cfg.trainer.selection = "early_stopping"
     assert resolve_selection(cfg, small, labels) == "early_stopping"
