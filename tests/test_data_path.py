@@ -12,7 +12,14 @@ import torch.nn.functional as F
 
 from melanoma_mil.config import FitConfig, ModelConfig, OptimConfig, load_config
 from melanoma_mil.data.cohort import build_cohort
-from melanoma_mil.data.datamodule import BagDataModule, BagDataset, collate, move_bags
+from melanoma_mil.data.datamodule import (
+    BagDataModule,
+    BagDataset,
+    EpochOrder,
+    EpochWeighted,
+    collate,
+    move_bags,
+)
 from melanoma_mil.data.memory import EVAL_BAGS
 from melanoma_mil.data.store import BagStore, open_store
 from melanoma_mil.data.synthetic import make_bag_cohort
@@ -80,6 +87,37 @@ def test_eval_batches_equal_one_bag_at_a_time(cohort) -> None:
             bag = store.bags[ids[i]].float()
             assert torch.equal(torch.softmax(module.model(bag).logits, -1), torch.from_numpy(p))
             assert y[i] == labels[ids[i]]
+
+
+def test_subsamples_depend_on_seed_epoch_and_bag_only(cohort) -> None:
+    """data.max_instances: rank r of 2 at step k gets the very subsample one process gets for
+    the same bag (and a loader worker, which holds a copy of the dataset); a new epoch draws a
+    new one."""
+    store, labels = store_of(*cohort)
+    ids = list(store.bags)
+    data = BagDataset(store, ids, [labels[b] for b in ids], max_instances=5, seed=7)
+    assert all(store.spans[b][1] > 5 for b in ids)
+
+    def drawn(order: EpochOrder | EpochWeighted, epoch: int) -> list[tuple[int, torch.Tensor]]:
+        order.set_epoch(epoch)
+        return [(i, bag) for bag, _, i in (data[k] for k in order)]
+
+    one = drawn(EpochOrder(data, seed=7, bags_per_step=2), 3)
+    ranks = []
+    for r in (0, 1):
+        order = EpochOrder(data, seed=7, bags_per_step=2)
+        order.num_replicas, order.rank = 2, r
+        ranks.append(drawn(order, 3))
+    dealt = [x for pair in zip(*ranks, strict=True) for x in pair]  # step k: rank 0, rank 1
+    assert len(dealt) == len(one)
+    for (i, bag), (j, other) in zip(one, dealt, strict=True):
+        assert i == j and torch.equal(bag, other)
+    again = dict(drawn(EpochOrder(data, seed=7, bags_per_step=2), 4))
+    assert sum(not torch.equal(bag, again[i]) for i, bag in one) > len(one) // 2
+    # class-balanced draws (data.balance=sampler) also see the epoch
+    weighted = EpochWeighted([1.0] * len(ids), num_samples=len(ids), replacement=True)
+    weighted.set_epoch(2)
+    assert all(2 * len(ids) <= k < 3 * len(ids) for k in weighted)
 
 
 def test_device_copy_is_sliced_not_copied(cohort) -> None:

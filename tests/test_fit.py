@@ -170,7 +170,8 @@ def test_label_map_drops_and_counts(tmp_path: Path, caplog: pytest.LogCaptureFix
 
 def test_ddp_counts_every_test_bag_once_and_equals_one_process(tmp_path: Path) -> None:
     """23 bags over 3 folds: uneven test sets that DistributedSampler pads on 2 ranks, and
-    odd training folds. 2 ranks x 1 bag per step train exactly as 1 process x 2 bags."""
+    odd training folds. 2 ranks x 1 bag per step train exactly as 1 process x 2 bags, with
+    the bags subsampled (data.max_instances) alike."""
     features, labels = make_bag_cohort(tmp_path, n_patients=23, dim=16, shift=5.0)
     out = tmp_path / "ddp"
     args = [
@@ -182,6 +183,7 @@ def test_ddp_counts_every_test_bag_once_and_equals_one_process(tmp_path: Path) -
         "trainer.max_epochs=2",
         "trainer.accelerator=cpu",
         "trainer.accumulate_grad_batches=2",
+        "data.max_instances=8",
         "logger=none",
     ]
     ddp = [*args, "trainer.devices=2", "trainer.strategy=ddp"]

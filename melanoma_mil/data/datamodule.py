@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import (
@@ -36,7 +37,11 @@ GPU_STORE_SHARE = 0.5  # the store goes on the GPU when it takes at most this sh
 
 
 class BagDataset(Dataset[Item]):
-    """Yields (bag [N, D], label, index): a view of the store, or a random subsample."""
+    """Yields (bag [N, D], label, index): a view of the store, or a random subsample.
+
+    Training samplers ask for ``epoch * len(dataset) + index``: the subsample of a bag is then
+    drawn from (seed, epoch, index) alone, the same in one process, on N ranks or in a loader
+    worker, and new every epoch."""
 
     def __init__(
         self,
@@ -44,20 +49,25 @@ class BagDataset(Dataset[Item]):
         bag_ids: list[str],
         labels: list[int],
         max_instances: int | None = None,
+        seed: int = 0,
     ) -> None:
         self.store = store
         self.spans = [store.spans[b] for b in bag_ids]
         self.labels = labels
         self.max_instances = max_instances
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.spans)
 
-    def __getitem__(self, i: int) -> Item:
+    def __getitem__(self, key: int) -> Item:
+        epoch, i = divmod(key, len(self.spans))
         start, n = self.spans[i]
         bag = self.store.features[start : start + n]
         if self.max_instances and n > self.max_instances:
-            bag = bag[torch.randperm(n)[: self.max_instances]]
+            mix = np.random.SeedSequence([self.seed % 2**63, epoch, i]).generate_state(1, np.uint64)
+            g = torch.Generator().manual_seed(int(mix[0]) & (2**63 - 1))
+            bag = bag[torch.randperm(n, generator=g)[: self.max_instances]]
         return bag, self.labels[i], i
 
 
@@ -73,7 +83,8 @@ def collate(items: list[Item]) -> Batch:
 
 class EpochOrder(DistributedSampler):
     """The training order: one permutation of the bags per epoch, drawn from (seed, epoch) only,
-    cut to a whole number of optimizer steps and dealt round-robin to the ranks.
+    cut to a whole number of optimizer steps and dealt round-robin to the ranks (as
+    ``epoch * len(dataset) + index``, see `BagDataset`).
 
     Step k of an epoch then trains on the same bags whether one process accumulates
     ``bags_per_step`` of them or that many ranks take one each (DistributedSampler would pad
@@ -89,12 +100,26 @@ class EpochOrder(DistributedSampler):
         self.used = n - n % bags_per_step if n >= bags_per_step else n - n % world
 
     def __iter__(self):  # type: ignore[no-untyped-def]
+        n = len(self.dataset)  # type: ignore[arg-type]
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.dataset), generator=g)[: self.used]  # type: ignore[arg-type]
-        return iter(order[self.rank :: self.num_replicas].tolist())
+        order = torch.randperm(n, generator=g)[: self.used]
+        return iter((order[self.rank :: self.num_replicas] + self.epoch * n).tolist())
 
     def __len__(self) -> int:
         return self.used // self.num_replicas
+
+
+class EpochWeighted(WeightedRandomSampler):
+    """Class-balanced draws (data.balance=sampler) that tell `BagDataset` the epoch."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls it on samplers that have it
+        self.epoch = epoch
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        n = len(self.weights)
+        return (self.epoch * n + i for i in super().__iter__())
 
 
 class BagDataModule(L.LightningDataModule):
@@ -122,7 +147,7 @@ class BagDataModule(L.LightningDataModule):
     def dataset(self, part: str) -> BagDataset:
         ids = self.ids[part]
         cap = self.max_instances if part == "train" else None
-        return BagDataset(self.store, ids, [self.labels[b] for b in ids], cap)
+        return BagDataset(self.store, ids, [self.labels[b] for b in ids], cap, self.seed)
 
     def class_counts(self, n_classes: int) -> torch.Tensor:
         labels = torch.tensor([self.labels[b] for b in self.ids["train"]])
@@ -144,7 +169,7 @@ class BagDataModule(L.LightningDataModule):
         if self.balance == "sampler":
             counts = self.class_counts(int(max(self.labels.values())) + 1)
             weights = [1.0 / counts[self.labels[b]].item() for b in self.ids["train"]]
-            sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True)
+            sampler = EpochWeighted(weights, num_samples=len(weights), replacement=True)
             return self._loader("train", sampler=sampler)
         order = EpochOrder(self.dataset("train"), self.seed, self.bags_per_step)
         return self._loader("train", sampler=order)
