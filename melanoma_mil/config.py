@@ -457,7 +457,17 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+# keys of earlier versions -> what replaced them: users get the new key's name; the config.yaml
+# of a run recorded by an earlier version still loads (the key only shaped its training)
+RETIRED_KEYS = {
+    "trainer.average_epochs": "trainer.average_fraction (the share of the final epochs whose "
+    "weights are averaged, e.g. 0.5)",
+}
+
+
 def _unknown_key_error(schema: DictConfig, key: str, source: str) -> UserError:
+    if key in RETIRED_KEYS:
+        return UserError(f"'{key}' in {source} was replaced by {RETIRED_KEYS[key]}.")
     valid = _all_keys(schema)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else " Run with --help to list the keys."
@@ -477,9 +487,15 @@ def _merge(base: DictConfig, layer: DictConfig | Any, source: str) -> DictConfig
 
 
 def load_config(
-    schema: type[T], files: list[str] | None = None, dotlist: list[str] | None = None
+    schema: type[T],
+    files: list[str] | None = None,
+    dotlist: list[str] | None = None,
+    recorded: bool = False,
 ) -> T:
-    """Merge defaults, YAML files and ``key=value`` overrides into a typed ``schema`` instance."""
+    """Merge defaults, YAML files and ``key=value`` overrides into a typed ``schema`` instance.
+
+    ``recorded``: the files were written by `fit` (a run's config.yaml), maybe by an earlier
+    version: RETIRED_KEYS in them are dropped instead of refused."""
     cfg: DictConfig = OmegaConf.structured(schema)
     for file in files or []:
         path = Path(file)
@@ -489,6 +505,12 @@ def load_config(
             layer = OmegaConf.load(path)
         except Exception as e:  # yaml errors come in many types
             raise UserError(f"config file '{file}' is not valid YAML: {e}") from None
+        if recorded and isinstance(layer, DictConfig):
+            for key in RETIRED_KEYS:
+                section, _, name = key.rpartition(".")
+                node = OmegaConf.select(layer, section)
+                if isinstance(node, DictConfig) and name in node:
+                    node.pop(name)
         cfg = _merge(cfg, layer, f"config file '{file}'")
     for item in dotlist or []:
         if "=" not in item:

@@ -462,7 +462,9 @@ def _check_consistent(
     digest = doc.get("sha256")
     if digest != record.get("splits_sha256") or provenance.get("splits_sha256") != digest:
         raise UserError(f"run '{root}': {SPLITS} is not the one its folds were trained on; {_FIX}.")
-    drift = [k for k, v in settings(config).items() if record.get("settings", {}).get(k) != v]
+    # keys the record lacks came after the run was made (its config.yaml lacks them too)
+    recorded = record.get("settings", {})
+    drift = [k for k, v in settings(config).items() if k in recorded and recorded[k] != v]
     if drift:
         raise UserError(
             f"run '{root}': {CONFIG} differs from what its folds were trained with ({drift[:4]}); "
@@ -492,7 +494,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _read_config(path: Path) -> FitConfig:
     try:
-        return load_config(FitConfig, [str(path)])
+        return load_config(FitConfig, [str(path)], recorded=True)
     except UserError as e:
         raise _damaged(path, f"is not a valid fit config ({e})") from None
 

@@ -24,6 +24,7 @@ from melanoma_mil.config import FitConfig, load_config
 from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
+from melanoma_mil.outdir import MARKER
 from melanoma_mil.training.cv import run_fit
 
 SETTINGS = [
@@ -235,6 +236,22 @@ def test_incomplete_stale_mixed_or_damaged_runs_are_refused(serial, tmp_path, ca
         one_line_error(capsys, argv, needle)
         one_line_error(capsys, ["heatmap", *argv[1:3], f"output_dir={tmp_path / 'h'}"], needle)
     assert not any((tmp_path / d).exists() for d in ("c", "p", "h"))
+
+
+def test_a_run_recorded_before_a_key_was_renamed_still_loads(serial, tmp_path) -> None:
+    """A run made by an earlier version (trainer.average_epochs, no average_fraction) stays
+    readable by predict, heatmap and compare; a user who passes the old key is told its new name."""
+    run = copy_run(serial, tmp_path / "old")
+    config = run / rundir.CONFIG
+    config.write_text(config.read_text().replace("average_fraction: 0.5", "average_epochs: 25"))
+    marker = run / MARKER
+    record = json.loads(marker.read_text())
+    kept = record["settings"]
+    kept["trainer.average_epochs"] = kept.pop("trainer.average_fraction")
+    marker.write_text(json.dumps(record))
+    assert rundir.load_run(run).fold_names() == rundir.load_run(serial).fold_names()
+    with pytest.raises(UserError, match="replaced by trainer.average_fraction"):
+        load_config(FitConfig, [], ["trainer.average_epochs=25"])
 
 
 def test_compare_the_same_run_twice_is_refused(serial, tmp_path, capsys) -> None:
