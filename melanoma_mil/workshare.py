@@ -114,6 +114,34 @@ def _place(draft: Path, path: Path) -> None:
         raise
 
 
+DRAFT = ".claiming"  # suffix of the hidden draft a claim is written to before it is linked
+
+
+def _stale(owner: Mapping[str, Any], age: float | None, stale_after: float) -> bool:
+    """No file (age None), a provably gone owner, or no heartbeat for ``stale_after``."""
+    return age is None or owner_gone(owner) is True or age > stale_after
+
+
+def clear_drafts(folder: Path, stale_after: float = DEFAULT_STALE_S) -> None:
+    """Remove the claim drafts in ``folder`` (see `Claim.acquire`) of owners that are gone or
+    silent: left by a process killed between writing a draft and linking it. One listing of the
+    folder, however many claims it holds."""
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.startswith(".")]
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if not entry.name.endswith(DRAFT):
+            continue
+        try:
+            owner = json.loads(Path(entry.path).read_text() or "{}")
+            age = time.time() - entry.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        if _stale(owner, age, stale_after):
+            Path(entry.path).unlink(missing_ok=True)
+
+
 class Claim:
     """Exclusive claim on one work item; ``acquire`` breaks a stale claim, ``heartbeat`` keeps a
     live one fresh for other hosts."""
@@ -142,8 +170,7 @@ class Claim:
 
     def stale(self, owner: Mapping[str, Any]) -> bool:
         """Its process is gone, or its heartbeat stopped (a dead host, or a hung process)."""
-        age = self.age()
-        return age is None or owner_gone(owner) is True or age > self.stale_after
+        return _stale(owner, self.age(), self.stale_after)
 
     def live_owner(self) -> dict[str, Any] | None:
         """The owner of a live claim by someone else, or None (no claim, or a stale one)."""
@@ -160,7 +187,7 @@ class Claim:
         self._me = me()
         # the claim appears whole (hard link of a written file), never empty: a process killed
         # while claiming leaves no claim without an owner for the others to wait on
-        draft = self.path.with_name(f".{self.path.name}.{os.getpid()}.claiming")
+        draft = self.path.with_name(f".{self.path.name}.{os.getpid()}{DRAFT}")
         try:
             draft.write_text(json.dumps(self._me))
             for _ in range(3):
@@ -180,9 +207,7 @@ class Claim:
 
     def clear_stale(self) -> bool:
         """Remove a claim whose owner is gone (e.g. killed between writing its work and
-        releasing the claim), so that no lock outlives the work; True if one was removed.
-        Drafts that such owners left while claiming go too."""
-        self._clear_drafts()
+        releasing the claim), so that no lock outlives the work; True if one was removed."""
         if self.held or not self.path.exists():
             return False
         owner = self.read()
@@ -190,18 +215,6 @@ class Claim:
             return False
         self._break(owner)
         return not self.path.exists()
-
-    def _clear_drafts(self) -> None:
-        """Remove the drafts (see `acquire`) of owners that are gone or silent for
-        ``stale_after``: a process killed between writing its draft and linking it."""
-        for draft in self.path.parent.glob(f".{self.path.name}.*.claiming"):
-            try:
-                owner = json.loads(draft.read_text() or "{}")
-                silent = time.time() - draft.stat().st_mtime > self.stale_after
-            except (OSError, ValueError):
-                continue
-            if owner_gone(owner) is True or silent:
-                draft.unlink(missing_ok=True)
 
     def _break(self, seen: Mapping[str, Any]) -> None:
         """Move the stale claim aside atomically; put it back if it changed hands meanwhile."""

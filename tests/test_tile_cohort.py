@@ -4,6 +4,7 @@ claims shared with other `tile` processes."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,8 +81,14 @@ def test_a_dead_tile_process_claim_is_taken_over(tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (out / "coords" / "tagged.lock").write_text(json.dumps({**me(), "pid": dead.pid}))
+    # drafts of claims, as left by processes killed while claiming: the dead owner's goes
+    dead_draft = out / "coords" / f".tagged.lock.{dead.pid}.claiming"
+    dead_draft.write_text(json.dumps({**me(), "pid": dead.pid}))
+    live_draft = out / "coords" / f".other.lock.{os.getpid()}.claiming"
+    live_draft.write_text(json.dumps(me()))
     cfg = TileConfig(slides_dir=str(slides), output_dir=str(out), workers=1,
                      tiling=TilingConfig(mpp=1.0, tile_size=64, default_mpp=0.5))  # fmt: skip
     assert run_tile(cfg) == 0
     assert read_coords(out / "coords" / "tagged.h5").coords.shape[0] > 0
     assert not list((out / "coords").glob("*.lock"))
+    assert not dead_draft.exists() and live_draft.exists()

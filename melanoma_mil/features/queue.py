@@ -29,7 +29,7 @@ from melanoma_mil.ids import id_path
 from melanoma_mil.io import write_json
 from melanoma_mil.tiling.coords import TileGrid
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
-from melanoma_mil.workshare import Claim, describe, me
+from melanoma_mil.workshare import Claim, clear_drafts, describe, me
 
 log = logging.getLogger(__name__)
 
@@ -148,16 +148,24 @@ class SlideQueue:
         self.busy = []
 
     def tidy(self, finished: tuple[str, ...]) -> None:
-        """Remove the claims that processes which died after writing a slide left on it."""
+        """Remove the claims that processes which died after writing a slide left on it, and
+        the drafts that dead processes left while claiming."""
+        folders: set[Path] = set()
         for sid, row in self.rows.items():
             key = row.get("cache_key")
             if row["status"] in finished and isinstance(key, str):
                 lock = id_path(self.out_root / key, sid, ".h5").with_suffix(".lock")
+                folders.add(lock.parent)
                 try:
                     if Claim(lock, self.stale_after).clear_stale():
                         log.info("removed %s, left by a process that is gone", lock)
                 except OSError as e:
                     log.warning("could not remove %s: %s", lock, e)
+        for folder in folders:
+            try:
+                clear_drafts(folder, self.stale_after)
+            except OSError as e:
+                log.warning("could not tidy claim drafts in %s: %s", folder, e)
 
     def _try(self, i: int) -> SlideWork | None:
         job, grid = self.jobs[i], self.grids[i]

@@ -32,7 +32,7 @@ from melanoma_mil.tiling.grid import check_tiling, tile_slide
 from melanoma_mil.tiling.qc import contact_sheet, qc_image, write_qc
 from melanoma_mil.tiling.slides import find_slides, open_slide, read_mpp_csv
 from melanoma_mil.tiling.tissue import resolve_tissue
-from melanoma_mil.workshare import Claim, describe
+from melanoma_mil.workshare import Claim, clear_drafts, describe
 
 log = logging.getLogger(__name__)
 COLUMNS = ["slide_id", "status", "n_tiles", "seconds", "reader", "mpp", "mpp_source", "reason",
@@ -225,6 +225,9 @@ def run_tile(cfg: TileConfig) -> int:
 
     with progress(total=len(slides), initial=len(rows), desc="tile", unit="slide") as bar:
         rows += _tile_all(todo, cfg.workers, bar)
+    for folder in {id_path(out / "coords", sid, ".h5").parent for sid in slides}:
+        with contextlib.suppress(OSError):  # drafts of claims by processes killed while claiming
+            clear_drafts(folder, cfg.stale_after_s)
 
     table = pd.DataFrame(rows, columns=COLUMNS).sort_values("slide_id")
     for r in table.itertuples():
