@@ -114,10 +114,16 @@ def test_subsamples_depend_on_seed_epoch_and_bag_only(cohort) -> None:
         assert i == j and torch.equal(bag, other)
     again = dict(drawn(EpochOrder(data, seed=7, bags_per_step=2), 4))
     assert sum(not torch.equal(bag, again[i]) for i, bag in one) > len(one) // 2
-    # class-balanced draws (data.balance=sampler) also see the epoch
-    weighted = EpochWeighted([1.0] * len(ids), num_samples=len(ids), replacement=True)
-    weighted.set_epoch(2)
-    assert all(2 * len(ids) <= k < 3 * len(ids) for k in weighted)
+    # class-balanced draws (data.balance=sampler) also see the epoch, and are the same on every
+    # rank whatever the global generator's state (Lightning deals one list out to the ranks)
+    draws = []
+    for state in (1, 2, 2):
+        weighted = EpochWeighted([1.0] * len(ids), seed=7)
+        weighted.set_epoch(2 + (len(draws) == 2))
+        torch.manual_seed(state)
+        draws.append(list(weighted))
+    assert all(2 * len(ids) <= k < 3 * len(ids) for k in draws[0])
+    assert draws[0] == draws[1] and [k - len(ids) for k in draws[0]] != draws[2]
 
 
 def test_device_copy_is_sliced_not_copied(cohort) -> None:

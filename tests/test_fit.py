@@ -115,15 +115,13 @@ def test_no_patient_in_two_splits_and_patient_bags(tmp_path: Path) -> None:
     assert preds["slide_id"].str.count(";").eq(1).all()
 
 
-def test_same_seed_same_splits_and_predictions(cohort, tmp_path: Path) -> None:
+@pytest.mark.parametrize("balance", ["none", "sampler"])
+def test_same_seed_same_splits_and_predictions(cohort, balance: str, tmp_path: Path) -> None:
     runs = []
+    keys = ("trainer.max_epochs=3", "data.max_instances=30", f"data.balance={balance}")
     for name in ("a", "b"):
         out = tmp_path / name
-        run_fit(
-            fit_cfg(
-                *cohort, out, "trainer.max_epochs=3", "data.max_instances=30", "seed=3", "cv.seed=3"
-            )
-        )
+        assert run_fit(fit_cfg(*cohort, out, *keys, "seed=3", "cv.seed=3")) == 0
         runs.append(out)
     a, b = (json.loads((r / "splits.json").read_text()) for r in runs)
     assert a["sha256"] == b["sha256"]

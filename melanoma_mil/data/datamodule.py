@@ -110,15 +110,23 @@ class EpochOrder(DistributedSampler):
 
 
 class EpochWeighted(WeightedRandomSampler):
-    """Class-balanced draws (data.balance=sampler) that tell `BagDataset` the epoch."""
+    """Class-balanced draws (data.balance=sampler) from (seed, epoch) only, told to `BagDataset`
+    with the epoch. Under DDP Lightning deals one list of draws out to the ranks (its
+    DistributedSamplerWrapper forwards `set_epoch`), so every rank must draw the same list: the
+    global generator would not do, as `training_step` reseeds it per rank."""
 
     epoch = 0
+
+    def __init__(self, weights: list[float], seed: int) -> None:
+        super().__init__(weights, num_samples=len(weights), replacement=True)
+        self.seed = seed
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls it on samplers that have it
         self.epoch = epoch
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         n = len(self.weights)
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return (self.epoch * n + i for i in super().__iter__())
 
 
@@ -169,7 +177,7 @@ class BagDataModule(L.LightningDataModule):
         if self.balance == "sampler":
             counts = self.class_counts(int(max(self.labels.values())) + 1)
             weights = [1.0 / counts[self.labels[b]].item() for b in self.ids["train"]]
-            sampler = EpochWeighted(weights, num_samples=len(weights), replacement=True)
+            sampler = EpochWeighted(weights, self.seed)
             return self._loader("train", sampler=sampler)
         order = EpochOrder(self.dataset("train"), self.seed, self.bags_per_step)
         return self._loader("train", sampler=order)
