@@ -110,7 +110,7 @@ def fit_config(data: Path, model: str, seed: int, overrides: list[str], out: Pat
 
 
 # keys added after runs were recorded: at these values a config hashes as it did before them
-LATER_KEYS = {"trainer": {"average_fraction": 0.0}}
+LATER_KEYS = {"trainer": {"average_fraction": 0.0}, "model": {"members": 1}}
 
 
 def config_key(cfg: FitConfig) -> str:

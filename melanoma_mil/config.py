@@ -148,6 +148,10 @@ class ModelConfig:
     # clam_sb/clam_mb/dsmil: bag loss weight, (1 - w) the instance loss
     bag_weight: float = bounded(0.7, 0.0, 1.0)
     top_k: int = bounded(1, 1)  # topk: tiles per bag that make its prediction (Campanella: 1)
+    # an ensemble of this many independently initialised copies, trained side by side on the
+    # same bags, predicting with the mean of their probabilities; None: 3 where trainer.max_epochs
+    # is None and the fold is small enough to get its epochs raised (training/selection.py), else 1
+    members: int | None = bounded(None, 1)
 
     def head_widths(self, in_dim: int) -> tuple[int, int]:
         """(hidden, attention) for features of width ``in_dim``: hidden = D/2 within [128, 512]

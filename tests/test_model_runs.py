@@ -22,9 +22,15 @@ from melanoma_mil.training.cv import run_fit
 SLIDE = "slide_000"
 
 
-# gated_attention is the session pipeline's own model (tests/test_heatmap.py, test_predict.py)
-@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n != "gated_attention"])
-def test_model_fits_predicts_and_draws_a_heatmap(name: str, pipe: Pipeline, tmp_path: Path) -> None:
+# gated_attention is the session pipeline's own model (tests/test_heatmap.py, test_predict.py);
+# here only as an ensemble, with clam_mb's instance losses in an ensemble too
+CASES = [(n, 1) for n in MODEL_NAMES if n != "gated_attention"]
+
+
+@pytest.mark.parametrize(("name", "members"), [*CASES, ("gated_attention", 2), ("clam_mb", 2)])
+def test_model_fits_predicts_and_draws_a_heatmap(
+    name: str, members: int, pipe: Pipeline, tmp_path: Path
+) -> None:
     run = tmp_path / "run"
     fit = load_config(
         FitConfig,
@@ -39,6 +45,7 @@ def test_model_fits_predicts_and_draws_a_heatmap(name: str, pipe: Pipeline, tmp_
             "trainer.accelerator=cpu",
             f"model.name={name}",
             "model.hidden_dim=64",
+            f"model.members={members}",
         ],
     )
     assert run_fit(fit) == 0

@@ -15,10 +15,13 @@ import torch
 from melanoma_mil.config import FitConfig, load_config
 from melanoma_mil.data.splits import Split
 from melanoma_mil.data.synthetic import make_bag_cohort
+from melanoma_mil.models.ensemble import Ensemble
+from melanoma_mil.rundir import load_fold_model
 from melanoma_mil.training.cv import run_fit
 from melanoma_mil.training.selection import (
     FoldSelection,
     fold_epochs,
+    fold_members,
     plan_selection,
     resolve_selection,
 )
@@ -127,21 +130,54 @@ def test_average_fraction_tests_the_mean_of_the_last_epochs_weights(
 
 
 @pytest.mark.parametrize(
-    ("keys", "mode", "n_train", "epochs", "averaged"),
+    ("keys", "mode", "n_train", "epochs", "averaged", "members"),
     [
-        ((), "last", 92, 109, 55),  # MUSK2's fold: 50 epochs would be 4,600 steps
-        ((), "last", 493, 50, 25),  # enough steps at 50 epochs
-        ((), "early_stopping", 92, 50, 25),  # early stopping ends runs; 50 is only its cap
-        (("trainer.accumulate_grad_batches=4",), "last", 493, 81, 41),  # 124 steps an epoch
-        (("trainer.max_epochs=3",), "last", 92, 3, 2),  # a number is taken as given
-        (("trainer.average_fraction=0",), "last", 493, 50, 1),
+        ((), "last", 92, 109, 55, 3),  # MUSK2's fold: 50 epochs would be 4,600 steps
+        ((), "last", 493, 50, 25, 1),  # enough steps at 50 epochs
+        ((), "early_stopping", 92, 50, 25, 1),  # early stopping ends runs; 50 is only its cap
+        (("trainer.accumulate_grad_batches=4",), "last", 493, 81, 41, 3),  # 124 steps an epoch
+        (("trainer.max_epochs=3",), "last", 92, 3, 2, 1),  # a number is taken as given
+        (("trainer.average_fraction=0",), "last", 493, 50, 1, 1),
+        (("model.members=2",), "last", 493, 50, 25, 2),  # and so is a number of members
+        (("model.members=1",), "last", 92, 109, 55, 1),
     ],
 )
-def test_epochs_reach_the_minimum_steps_only_when_max_epochs_is_left_unset(
-    keys: tuple[str, ...], mode: str, n_train: int, epochs: int, averaged: int
+def test_small_folds_train_longer_and_as_an_ensemble_only_when_left_unset(
+    keys: tuple[str, ...], mode: str, n_train: int, epochs: int, averaged: int, members: int
 ) -> None:
     cfg = load_config(FitConfig, [], list(keys))
-    sel = FoldSelection(
-        mode, [f"b{i}" for i in range(n_train)], [], fold_epochs(cfg, mode, n_train)
-    )
-    assert (sel.epochs, sel.averaged(cfg)) == (epochs, averaged)
+    n = fold_epochs(cfg, mode, n_train)
+    sel = FoldSelection(mode, [f"b{i}" for i in range(n_train)], [], n, fold_members(cfg, n))
+    assert (sel.epochs, sel.averaged(cfg), sel.members) == (epochs, averaged, members)
+
+
+def test_ensemble_members_train_as_they_would_alone_and_predict_their_mean_probability(
+    cohort: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Member 0 is built first from the fold's seed, and the bag order depends on (seed, epoch)
+    only, so without dropout it must end with the weights of a run without members: each
+    member's loss (summed, not averaged) trains it alone. The tested prediction is the mean of
+    the members' probabilities."""
+    keys = ("trainer.max_epochs=3", "trainer.average_fraction=0", "model.dropout=0")
+    assert run_fit(_fit(*cohort, tmp_path / "one", *keys)) == 0
+    assert run_fit(_fit(*cohort, tmp_path / "two", *keys, "model.members=2")) == 0
+    one = load_fold_model(tmp_path / "one/folds/fold_0/model.pt")
+    two = load_fold_model(tmp_path / "two/folds/fold_0/model.pt")
+    assert isinstance(two, Ensemble) and len(two.members) == 2
+    member = two.members[0].state_dict()
+    for k, v in one.state_dict().items():
+        torch.testing.assert_close(member[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.equal(two.members[0].classifier.weight, two.members[1].classifier.weight)
+    preds = pd.read_csv(tmp_path / "two/predictions.csv").set_index("slide_id")
+    with h5py.File(next(cohort[0].glob("*.h5")), "r") as f:
+        bag = torch.from_numpy(f["features"][:]).float()
+        slide = Path(f.filename).stem
+    fold = int(preds.loc[slide, "fold"])  # the fold whose test split holds this bag
+    model = load_fold_model(tmp_path / f"two/folds/fold_{fold}/model.pt")
+    assert isinstance(model, Ensemble)
+    with torch.no_grad():
+        out = model(bag)
+        member_probs = [float(torch.softmax(m(bag).logits, -1)[1]) for m in model.members]
+    assert float(torch.softmax(out.logits, -1)[1]) == pytest.approx(np.mean(member_probs), abs=1e-6)
+    assert preds.loc[slide, "prob"] == pytest.approx(np.mean(member_probs), abs=1e-5)
+    assert float(out.attention.sum()) == pytest.approx(1.0, abs=1e-5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+import torch
 from torch import nn
 
 from melanoma_mil.config import MODEL_NAMES, ModelConfig
@@ -14,6 +15,7 @@ from melanoma_mil.models.attention import AttentionMIL
 from melanoma_mil.models.clam import ClamMB, ClamSB
 from melanoma_mil.models.common import FeatureNorm, head_dims
 from melanoma_mil.models.dsmil import DSMIL
+from melanoma_mil.models.ensemble import Ensemble
 from melanoma_mil.models.instance import MaxMIL, MeanMIL, TopKMIL
 from melanoma_mil.models.transmil import TransMIL
 
@@ -33,15 +35,28 @@ MODELS: dict[str, Builder] = {
 
 
 def build_model(cfg: ModelConfig, in_dim: int, n_classes: int) -> nn.Module:
-    """The model named by ``cfg.name``, its head sized for ``in_dim`` where cfg leaves it open."""
+    """The model named by ``cfg.name``, its head sized for ``in_dim`` where cfg leaves it open;
+    an `Ensemble` of ``cfg.members`` of them when that is over 1 (None counts as 1 here: `fit`
+    resolves it per fold before building)."""
     builder = MODELS.get(cfg.name)
     if builder is None:
         raise UserError(f"model.name={cfg.name!r} is not one of {'|'.join(MODEL_NAMES)}.")
-    return builder(in_dim, n_classes, head_dims(cfg, in_dim))
+    sized = head_dims(cfg, in_dim)
+    members = cfg.members or 1
+    if members == 1:
+        return builder(in_dim, n_classes, sized)
+    return Ensemble([builder(in_dim, n_classes, sized) for _ in range(members)])
 
 
 def feature_norm(model: nn.Module) -> FeatureNorm:
-    """The input standardisation layer of any model built here (the first layer of its embed)."""
-    norm = model.embed[0]
-    assert isinstance(norm, FeatureNorm)
-    return norm
+    """The input standardisation layer of any model built here (an ensemble's first member's)."""
+    return next(m for m in model.modules() if isinstance(m, FeatureNorm))
+
+
+def fit_feature_stats(model: nn.Module, bags: list[torch.Tensor]) -> None:
+    """Standardise ``model``'s input (every member's) with statistics of ``bags``, computed once."""
+    first = feature_norm(model)
+    first.fit_stats(bags)
+    for norm in model.modules():
+        if isinstance(norm, FeatureNorm) and norm is not first:
+            norm.load_state_dict(first.state_dict())

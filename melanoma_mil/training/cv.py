@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from melanoma_mil.data.store import BagStore, open_store
 from melanoma_mil.evaluation.hooks import check_inputs, write_report
 from melanoma_mil.features.identity import plain
 from melanoma_mil.metrics import METRICS, bag_metrics, summarise
-from melanoma_mil.models import feature_norm
+from melanoma_mil.models import fit_feature_stats
 from melanoma_mil.stats import bootstrap_auc_ci
 from melanoma_mil.tracking.loggers import finish_fold, fold_logger, log_summary
 from melanoma_mil.training.module import MILModule
@@ -130,14 +131,14 @@ def _run_fold(
     module = MILModule.create(
         store.dim,
         n_classes,
-        cfg.model,
+        replace(cfg.model, members=sel.members),
         cfg.optim,
         _class_weights(dm, n_classes, cfg.data.balance),
         sel.epochs,
         seed,
     )
     if cfg.data.standardize:
-        feature_norm(module.model).fit_stats([store.bags[b] for b in sel.train])
+        fit_feature_stats(module.model, [store.bags[b] for b in sel.train])
     logger = fold_logger(cfg, run_dir, split.fold, split.repeat)
     trainer, ckpt = _trainer(cfg, fold_dir, logger, sel)
     trainer.fit(module, datamodule=dm)

@@ -13,7 +13,9 @@ is noise, and it costs a fifth of the training patients. ``trainer.selection``:
 ``trainer.max_epochs`` left at None is 50, except with selection=last on a small cohort: there
 50 epochs are few optimizer steps (92 bags: 4,600), so the epochs are raised to make at least
 MIN_STEPS (MUSK2, 3 seeds: 100 epochs instead of 50 raised accuracy / AUC from 0.885 / 0.929 to
-0.901 / 0.944). A number set there is taken as given.
+0.901 / 0.944). A number set there is taken as given. Such a fold also trains an ensemble of
+SMALL_COHORT_MEMBERS members (``model.members`` left at None; `models.ensemble`): there a model
+costs little and its seed moves accuracy most.
 splits.json always holds the validation split, so runs that select differently stay paired
 (same splits, same digest). The test fold takes part in neither choice.
 """
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EPOCHS = 50
 MIN_STEPS = 10_000  # optimizer steps of a selection=last run when max_epochs is None
+SMALL_COHORT_MEMBERS = 3  # model.members of a fold whose epochs were raised
 
 
 def resolve_selection(cfg: FitConfig, split: Split, labels: dict[str, int]) -> str:
@@ -77,6 +80,7 @@ class FoldSelection:
     train: list[str]
     val: list[str]
     epochs: int
+    members: int
 
     def averaged(self, cfg: FitConfig) -> int:
         """How many final epochs' weights selection=last averages (1: the last epoch alone)."""
@@ -85,9 +89,12 @@ class FoldSelection:
     def tested_weights(self, cfg: FitConfig) -> str:
         """Which weights selection=last tests, for log lines."""
         n = self.averaged(cfg)
-        if n == 1:
-            return f"last of {self.epochs} epochs"
-        return f"mean of the last {n} of {self.epochs} epochs' weights"
+        weights = (
+            f"last of {self.epochs} epochs"
+            if n == 1
+            else f"mean of the last {n} of {self.epochs} epochs' weights"
+        )
+        return weights if self.members == 1 else f"{weights}, {self.members} members"
 
     def callbacks(
         self, cfg: FitConfig, fold_dir: Path
@@ -123,7 +130,8 @@ class FoldSelection:
         if self.mode == "last":
             return f"{self.tested_weights(cfg)}, no model selection"
         score = float(ckpt.best_model_score) if ckpt.best_model_score is not None else math.nan
-        return f"selected by best {cfg.trainer.monitor}={score:.4f}"
+        chosen = f"selected by best {cfg.trainer.monitor}={score:.4f}"
+        return chosen if self.members == 1 else f"{chosen}, {self.members} members"
 
 
 def fold_epochs(cfg: FitConfig, mode: str, n_train: int) -> int:
@@ -137,6 +145,15 @@ def fold_epochs(cfg: FitConfig, mode: str, n_train: int) -> int:
     return max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch))
 
 
+def fold_members(cfg: FitConfig, epochs: int) -> int:
+    """``model.members``, or where None: SMALL_COHORT_MEMBERS if the fold's epochs were raised
+    (max_epochs None, more than DEFAULT_EPOCHS), else 1."""
+    if cfg.model.members is not None:
+        return cfg.model.members
+    raised = cfg.trainer.max_epochs is None and epochs > DEFAULT_EPOCHS
+    return SMALL_COHORT_MEMBERS if raised else 1
+
+
 def plan_selection(cfg: FitConfig, split: Split, labels: dict[str, int]) -> FoldSelection:
     """The fold's training bags, validation bags, epochs and selection mode."""
     mode = resolve_selection(cfg, split, labels)
@@ -144,7 +161,8 @@ def plan_selection(cfg: FitConfig, split: Split, labels: dict[str, int]) -> Fold
         train, val = sorted(split.train + split.val), []
     else:
         train, val = split.train, split.val
-    sel = FoldSelection(mode, train, val, fold_epochs(cfg, mode, len(train)))
+    epochs = fold_epochs(cfg, mode, len(train))
+    sel = FoldSelection(mode, train, val, epochs, fold_members(cfg, epochs))
     log.info(
         "repeat %d fold %d: model selection %s (%d validation bags)",
         split.repeat,
