@@ -22,6 +22,7 @@ from melanoma_mil.training.selection import (
     FoldSelection,
     fold_epochs,
     fold_members,
+    most_members,
     plan_selection,
     resolve_selection,
 )
@@ -149,6 +150,17 @@ def test_small_folds_train_longer_and_as_an_ensemble_only_when_left_unset(
     n = fold_epochs(cfg, mode, n_train)
     sel = FoldSelection(mode, [f"b{i}" for i in range(n_train)], [], n, fold_members(cfg, n))
     assert (sel.epochs, sel.averaged(cfg), sel.members) == (epochs, averaged, members)
+
+
+def test_the_memory_check_counts_the_most_members_any_fold_trains() -> None:
+    labels = {f"b{i}": i % 2 for i in range(600)}
+    ids = list(labels)
+    small = Split(0, 0, ids[:90], ids[90:100], ids[100:110])  # 100 bags: epochs raised
+    large = Split(0, 1, ids[:450], ids[450:550], ids[550:])  # 550: 50 epochs, 100 val bags
+    cfg = load_config(FitConfig, [], [])
+    assert most_members(cfg, [large], labels) == 1
+    assert most_members(cfg, [large, small], labels) == 3
+    assert most_members(load_config(FitConfig, [], ["trainer.max_epochs=50"]), [small], labels) == 1
 
 
 def test_ensemble_members_train_as_they_would_alone_and_predict_their_mean_probability(

@@ -158,6 +158,9 @@ def test_estimate_is_plain_arithmetic() -> None:
     assert capped.per_rank < need.per_rank
     workers = estimate(ranks=2, largest_bag=100, dim=8, itemsize=4, store_rows=10, num_workers=3)
     assert workers.shm == 2 * 3 * 2 * 100 * 8 * 4
+    # an ensemble keeps every member's activations until the step's backward
+    three = estimate(ranks=2, largest_bag=10_000, dim=1024, itemsize=2, store_rows=10, members=3)
+    assert three.per_rank == int(BASE_CPU + 10_000 * (1024 + 2 * 3 * per_instance) * 4)
 
 
 def test_verdict_names_the_numbers_and_the_fix() -> None:

@@ -60,12 +60,14 @@ def estimate(
     num_workers: int = 0,
     gpu: bool = False,
     build_elements: int = 0,
+    members: int = 1,
 ) -> Need:
     """Memory of a run with the built-in MIL heads; pure arithmetic, no probing.
 
     Per training step the bag becomes float32 (N x D x 4) and each instance keeps about
-    D + 4 hidden + 9 attention floats of activations, doubled for gradients; evaluation keeps
-    none. A GPU keeps activations on the device; the host holds pinned copies of a few bags.
+    D + 4 hidden + 9 attention floats of activations per ensemble member (`model.members`, all
+    kept until the step's backward), doubled for gradients; evaluation keeps one member's at a
+    time. A GPU keeps activations on the device; the host holds pinned copies of a few bags.
     """
     n_train = min(largest_bag, max_instances or largest_bag)
     per_instance = dim + 4 * hidden + 9 * attention
@@ -73,7 +75,7 @@ def estimate(
         step = (PREFETCH + EVAL_BAGS) * largest_bag * dim * itemsize  # pinned staging
         base = BASE_GPU
     else:
-        train = n_train * (dim + 2 * per_instance) * 4
+        train = n_train * (dim + 2 * members * per_instance) * 4
         evaluate = largest_bag * (dim + per_instance) * 4
         stats = 2 * largest_bag * dim * 8  # training-fold statistics in float64
         step, base = max(train, evaluate, stats), BASE_CPU
@@ -92,9 +94,15 @@ def on_gpu(accelerator: str) -> bool:
 
 
 def estimate_for(
-    cfg: FitConfig, bag_rows: list[int], dim: int, itemsize: int, build_elements: int = 0
+    cfg: FitConfig,
+    bag_rows: list[int],
+    dim: int,
+    itemsize: int,
+    build_elements: int = 0,
+    members: int = 1,
 ) -> Need:
-    """`estimate` for a fit config and the cohort's bag sizes (tiles per bag)."""
+    """`estimate` for a fit config, the cohort's bag sizes (tiles per bag) and the most
+    ensemble members a fold trains (resolved by `training.selection`, above this module)."""
     hidden, attention = cfg.model.head_widths(dim)
     return estimate(
         ranks=_ranks(cfg),
@@ -108,6 +116,7 @@ def estimate_for(
         num_workers=cfg.data.num_workers,
         gpu=on_gpu(cfg.trainer.accelerator),
         build_elements=build_elements,
+        members=members,
     )
 
 

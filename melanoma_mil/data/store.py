@@ -397,11 +397,12 @@ def _local_rank() -> int:
     return 0
 
 
-def open_store(members: Members, cfg: FitConfig) -> BagStore:
+def open_store(members: Members, cfg: FitConfig, model_members: int = 1) -> BagStore:
     """The cohort's bags from an existing store, or one built now, after a memory pre-check.
 
     ``members`` maps bag_id -> [(slide_id, path), ...] (several = patient bag). Nothing is
     read before the check: sizes come from the store's index or the files' metadata.
+    ``model_members``: the most ensemble members a fold trains (for the check).
     """
     root = store_root(cfg.data.features_dir, cfg.data.store_dir)
     files, sources = _resolve(members)
@@ -411,7 +412,8 @@ def open_store(members: Members, cfg: FitConfig) -> BagStore:
     bag_rows = [sum(layout.rows[p] for p in paths) for paths in files.values()]
     largest_file = max(layout.rows.values()) * layout.dim
     need = estimate_for(cfg, bag_rows, layout.dim, np.dtype(dtype).itemsize,
-                        build_elements=0 if found else largest_file)  # fmt: skip
+                        build_elements=0 if found else largest_file,
+                        members=model_members)  # fmt: skip
     if _local_rank() == 0:  # once per machine: later ranks would count the first one twice
         check_memory(need, cfg.data.memory_gb)
     if found:

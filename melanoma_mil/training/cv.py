@@ -48,7 +48,7 @@ from melanoma_mil.training.orchestrate import (
     plan_fit,
     start_fit,
 )
-from melanoma_mil.training.selection import FoldSelection, plan_selection
+from melanoma_mil.training.selection import FoldSelection, most_members, plan_selection
 from melanoma_mil.viz.roc import plot_roc
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,11 @@ def _trainer(
     return trainer, ckpt
 
 
+def _labels(cohort: Cohort) -> dict[str, int]:
+    """bag_id -> class index."""
+    return dict(zip(cohort.bags["bag_id"], cohort.bags["label"].astype(int), strict=True))
+
+
 def _run_fold(
     cfg: FitConfig,
     cohort: Cohort,
@@ -113,7 +118,7 @@ def _run_fold(
     best.ckpt, roc.png); return the test predictions and metrics."""
     seed = cfg.seed + 1000 * split.repeat + split.fold
     L.seed_everything(seed, workers=True, verbose=False)
-    labels = dict(zip(cohort.bags["bag_id"], cohort.bags["label"].astype(int), strict=True))
+    labels = _labels(cohort)
     sel = plan_selection(cfg, split, labels)
     dm = BagDataModule(
         store,
@@ -332,7 +337,9 @@ def _fit(plan: Plan, cfg: FitConfig, cohort: Cohort, rank0: bool) -> int:
     """Train the plan's folds; when every fold is done, write (or show) the run's results."""
     out = plan.out
     if plan.todo:
-        store = open_store(cohort.members, cfg)  # memory-mapped; checks memory before loading
+        labels = _labels(cohort)
+        ensemble = most_members(cfg, [plan.splits[i] for i in plan.todo], labels)
+        store = open_store(cohort.members, cfg, ensemble)  # mmap; checks memory before loading
         if rank0:
             start_fit(plan, cfg, _provenance(store, cohort, cfg, plan.splits_doc["sha256"]))
         log.info(

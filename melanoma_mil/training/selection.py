@@ -171,3 +171,13 @@ def plan_selection(cfg: FitConfig, split: Split, labels: dict[str, int]) -> Fold
         len(split.val),
     )
     return sel
+
+
+def most_members(cfg: FitConfig, splits: list[Split], labels: dict[str, int]) -> int:
+    """The most ensemble members any of ``splits``' folds trains (the memory check's worst case)."""
+    most = 1
+    for split in splits:
+        mode = resolve_selection(cfg, split, labels)
+        n_train = len(split.train) + (len(split.val) if mode == "last" else 0)
+        most = max(most, fold_members(cfg, fold_epochs(cfg, mode, n_train)))
+    return most
