@@ -12,9 +12,12 @@ and no other override unless --override is given (those runs are stored apart, b
 resolved config). The reference trains on the same folds (train + validation bags; no model
 selection) and is scored with the same metrics code. Runs are resumable and independent, so
 several invocations (e.g. one per set) may share --work. --report prints the table only.
+`reference+K` runs the reference on seed s's folds with torch seed s + K (its own init and bag
+order), to show how far the reference moves with nothing but its seed.
 
     python benchmarks/mil_benchmarks.py [--sets ...] [--models ...] [--seeds 0 1 2]
         [--override key=value ...] [--wheel PATH] [--work DIR] [--threads 1] [--report]
+    (--models also takes reference+K, e.g. reference+1000)
 """
 
 from __future__ import annotations
@@ -169,7 +172,15 @@ def reference_fold(bags, y, train, test, seed: int, epochs: int = 50) -> dict[st
     return bag_metrics(np.array([y[j] for j in test]), probs.numpy())
 
 
-def run_reference(data: Path, seed: int, out: Path) -> None:
+def reference_offset(method: str) -> int | None:
+    """K of `reference+K` (0 for `reference`); None for a `fit` model."""
+    if method == REFERENCE:
+        return 0
+    head, _, k = method.partition("+")
+    return int(k) if head == REFERENCE and k.isdigit() else None
+
+
+def run_reference(data: Path, seed: int, out: Path, offset: int = 0) -> None:
     labels = pd.read_csv(data / "labels.csv", dtype=str)
     classes = sorted(labels["label"].unique())
     bags_df = pd.DataFrame(
@@ -189,15 +200,16 @@ def run_reference(data: Path, seed: int, out: Path) -> None:
     per_fold = []
     for s in splits:
         train = [index[b] for b in s.train + s.val]
-        per_fold.append(reference_fold(bags, y, train, [index[b] for b in s.test], seed))
+        test = [index[b] for b in s.test]
+        per_fold.append(reference_fold(bags, y, train, test, seed + offset))
     write_json(out / "reference_summary.json", {m: [f[m] for f in per_fold] for m in per_fold[0]})
 
 
 # --------------------------------------------------------------------------- runs and table
 def run_dir(data: Path, method: str, seed: int, overrides: list[str], work: Path) -> Path:
     """<work>/runs/<set>/<method>[-<config hash>]/seed<s>."""
-    if method == REFERENCE:
-        return work / "runs" / data.name / REFERENCE / f"seed{seed}"
+    if reference_offset(method) is not None:
+        return work / "runs" / data.name / method / f"seed{seed}"
     probe = fit_config(data, method, seed, overrides, Path("."))
     return work / "runs" / data.name / f"{method}-{config_key(probe)}" / f"seed{seed}"
 
@@ -205,10 +217,11 @@ def run_dir(data: Path, method: str, seed: int, overrides: list[str], work: Path
 def run_one(data: Path, method: str, seed: int, overrides: list[str], work: Path) -> Path:
     """Run (or find) one method x seed on one set; returns its folder."""
     out = run_dir(data, method, seed, overrides, work)
-    if method == REFERENCE:
+    offset = reference_offset(method)
+    if offset is not None:
         if not (out / "reference_summary.json").is_file():
             t0 = time.time()
-            run_reference(data, seed, out)
+            run_reference(data, seed, out, offset)
             write_json(out / "timing.json", {"seconds": time.time() - t0})
         return out
     if not (out / "cv_summary.json").is_file():
@@ -283,9 +296,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--report", action="store_true", help="only print the table of finished runs")
     args = p.parse_args()
-    unknown = sorted(set(args.models) - {REFERENCE, *MODEL_NAMES})
+    unknown = sorted(m for m in args.models if m not in MODEL_NAMES and reference_offset(m) is None)
     if unknown:
-        p.error(f"unknown model(s) {unknown}; choose from {[REFERENCE, *MODEL_NAMES]}")
+        choices = [REFERENCE, *MODEL_NAMES, "reference+K"]
+        p.error(f"unknown model(s) {unknown}; choose from {choices}")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -296,7 +310,8 @@ def main() -> None:
     for name in args.sets:
         data = write_set(wheel, name, work) if wheel else work / "data" / name
         for method in args.models:
-            label = method if not args.override or method == REFERENCE else f"{method} (+)"
+            plain = not args.override or reference_offset(method) is not None
+            label = method if plain else f"{method} (+)"
             for seed in args.seeds:
                 run = run_dir if args.report else run_one
                 got = scores(run(data, method, seed, args.override, work))
