@@ -127,12 +127,11 @@ def clear_drafts(folder: Path, stale_after: float = DEFAULT_STALE_S) -> None:
     silent: left by a process killed between writing a draft and linking it. One listing of the
     folder, however many claims it holds."""
     try:
-        entries = [e for e in os.scandir(folder) if e.name.startswith(".")]
+        with os.scandir(folder) as listing:
+            entries = [e for e in listing if e.name[0] == "." and e.name.endswith(DRAFT)]
     except FileNotFoundError:
         return
     for entry in entries:
-        if not entry.name.endswith(DRAFT):
-            continue
         try:
             owner = json.loads(Path(entry.path).read_text() or "{}")
             age = time.time() - entry.stat().st_mtime

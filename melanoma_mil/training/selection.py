@@ -154,20 +154,25 @@ def fold_members(cfg: FitConfig, epochs: int) -> int:
     return SMALL_COHORT_MEMBERS if raised else 1
 
 
-def plan_selection(cfg: FitConfig, split: Split, labels: dict[str, int]) -> FoldSelection:
-    """The fold's training bags, validation bags, epochs and selection mode."""
+def fold_selection(cfg: FitConfig, split: Split, labels: dict[str, int]) -> FoldSelection:
+    """The fold's training bags, validation bags, epochs, members and selection mode."""
     mode = resolve_selection(cfg, split, labels)
     if mode == "last":
         train, val = sorted(split.train + split.val), []
     else:
         train, val = split.train, split.val
     epochs = fold_epochs(cfg, mode, len(train))
-    sel = FoldSelection(mode, train, val, epochs, fold_members(cfg, epochs))
+    return FoldSelection(mode, train, val, epochs, fold_members(cfg, epochs))
+
+
+def plan_selection(cfg: FitConfig, split: Split, labels: dict[str, int]) -> FoldSelection:
+    """`fold_selection`, logged for the fold about to train."""
+    sel = fold_selection(cfg, split, labels)
     log.info(
         "repeat %d fold %d: model selection %s (%d validation bags)",
         split.repeat,
         split.fold,
-        "by early stopping" if mode == "early_stopping" else f"none, {sel.tested_weights(cfg)}",
+        "by early stopping" if sel.mode == "early_stopping" else f"none, {sel.tested_weights(cfg)}",
         len(split.val),
     )
     return sel
@@ -175,9 +180,4 @@ def plan_selection(cfg: FitConfig, split: Split, labels: dict[str, int]) -> Fold
 
 def most_members(cfg: FitConfig, splits: list[Split], labels: dict[str, int]) -> int:
     """The most ensemble members any of ``splits``' folds trains (the memory check's worst case)."""
-    most = 1
-    for split in splits:
-        mode = resolve_selection(cfg, split, labels)
-        n_train = len(split.train) + (len(split.val) if mode == "last" else 0)
-        most = max(most, fold_members(cfg, fold_epochs(cfg, mode, n_train)))
-    return most
+    return max((fold_selection(cfg, s, labels).members for s in splits), default=1)
