@@ -32,9 +32,9 @@ class Cohort:
     members: dict[str, list[tuple[str, Path]]]  # bag_id -> [(slide_id, feature path)]
 
 
-def read_slide_table(path: Path, what: str, key: str, columns: list[str]) -> pd.DataFrame:
-    """A CSV of slides as stripped strings with ``columns`` (patient_id defaults to slide_id),
-    or a UserError naming the file (``what`` given by config ``key``) and the fix."""
+def read_text_csv(path: Path, what: str, key: str) -> pd.DataFrame:
+    """A CSV as stripped strings (empty cells ''), or a UserError naming the file (``what``
+    given by config ``key``) and the fix."""
     if not path.is_file():
         raise UserError(f"{what} '{path}' not found: check {key}.")
     try:
@@ -42,6 +42,13 @@ def read_slide_table(path: Path, what: str, key: str, columns: list[str]) -> pd.
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{what} '{path}' is unreadable ({msg}); save it as UTF-8 CSV.") from None
+    return df.apply(lambda c: c.str.strip())
+
+
+def read_slide_table(path: Path, what: str, key: str, columns: list[str]) -> pd.DataFrame:
+    """A CSV of slides as stripped strings with ``columns`` (patient_id defaults to slide_id),
+    or a UserError naming the file and the fix."""
+    df = read_text_csv(path, what, key)
     missing = [c for c in columns if c not in df.columns]
     if missing:
         optional = "" if "patient_id" in columns else "[, patient_id]"
@@ -49,11 +56,9 @@ def read_slide_table(path: Path, what: str, key: str, columns: list[str]) -> pd.
             f"{what} '{path}' lacks column(s) {missing} (has {list(df.columns)}); "
             f"it needs {', '.join(columns)}{optional}."
         )
-    for c in columns:
-        df[c] = df[c].str.strip()
     for row, sid in zip(df.index, df["slide_id"], strict=True):
         check_slide_id(sid, f"{what} '{path}' row {row + 2}")
-    patients = df["patient_id"].str.strip() if "patient_id" in df.columns else df["slide_id"]
+    patients = df["patient_id"] if "patient_id" in df.columns else df["slide_id"]
     df["patient_id"] = patients.where(patients != "", df["slide_id"])
     return df
 

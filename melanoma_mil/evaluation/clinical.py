@@ -8,12 +8,13 @@ event cell is empty has no follow-up and is left out of the survival analysis (l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from melanoma_mil.data.cohort import read_text_csv
 from melanoma_mil.errors import UserError
-from melanoma_mil.evaluation.tables import read_csv
 
 TIME, EVENT = "__time", "__event"  # internal names, so no covariate can collide with them
 
@@ -87,7 +88,7 @@ def read_clinical(
     path: str, time_column: str, event_column: str, covariates: list[str]
 ) -> Clinical:
     """Read and check the clinical CSV (see the module docstring)."""
-    df = read_csv(path, "clinical CSV", "clinical_csv")
+    df = read_text_csv(Path(path), "clinical CSV", "clinical_csv")
     clash = {time_column, event_column, "patient_id"} & set(covariates)
     if clash:
         raise UserError(

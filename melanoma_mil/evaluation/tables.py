@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from melanoma_mil.config import DataConfig
-from melanoma_mil.data.cohort import map_labels, mixed_patients, read_slide_table
+from melanoma_mil.data.cohort import map_labels, mixed_patients, read_slide_table, read_text_csv
 from melanoma_mil.errors import UserError
 from melanoma_mil.rundir import TrainedRun
 
@@ -53,19 +53,6 @@ class Scored:
         self.excluded += [
             {"id": str(i), "level": level, "analysis": analysis, "reason": reason} for i in ids
         ]
-
-
-def read_csv(path: str, what: str, key: str) -> pd.DataFrame:
-    """A CSV as stripped strings, or a UserError naming the file and the fix."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{what} '{p}' not found: check {key}.")
-    try:
-        df = pd.read_csv(p, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{what} '{p}' is unreadable ({msg}); save it as UTF-8 CSV.") from None
-    return df.apply(lambda c: c.str.strip())
 
 
 def predictions_kind(df: pd.DataFrame, path: str) -> str:
@@ -208,7 +195,7 @@ def load_scored(
     predictions: str, labels_csv: str | None, level: str, run: TrainedRun | None
 ) -> Scored:
     """Read, label and aggregate the predictions; see the module docstring."""
-    df = read_csv(predictions, "predictions", "predictions")
+    df = read_text_csv(Path(predictions), "predictions", "predictions")
     kind = predictions_kind(df, predictions)
     classes = prediction_classes(df, predictions, run)
     scored = Scored(kind, classes, None, pd.DataFrame(), level)
