@@ -159,14 +159,7 @@ def _run(cfg: DemoConfig, out: Path) -> int:
         ),
         t,
     )
-    scores = cohort_localisation(out / "cohort" / "cohort.csv", heatmaps)
-    scores.to_csv(out / "localisation.csv", index=False)
-    high = scores[scores["label"] == "immune_high"]["localisation"]
-    print(
-        f"\nlocalisation on immune-high slides (attention share in planted regions / their "
-        f"tissue share; 1.0 = chance): median {high.median():.2f}, "
-        f"range {high.min():.2f}-{high.max():.2f} over {len(high)} slides"
-    )
+    _localisation(out, heatmaps)
     t = time.perf_counter()
     ev = evaluate(
         EvaluateConfig(
@@ -182,6 +175,23 @@ def _run(cfg: DemoConfig, out: Path) -> int:
     _step("evaluate", 0, t)
     print(f"survival by predicted group (planted: immune-high live longer): {summary_line(ev)}")
     print(f"demo finished in {time.perf_counter() - start:.0f} s. Outputs in {out}/:")
+    _list_outputs(features)
+    return 0
+
+
+def _localisation(out: Path, heatmaps: Path) -> None:
+    """Score and print how much attention falls in the planted regions (localisation.csv)."""
+    scores = cohort_localisation(out / "cohort" / "cohort.csv", heatmaps)
+    scores.to_csv(out / "localisation.csv", index=False)
+    high = scores[scores["label"] == "immune_high"]["localisation"]
+    print(
+        f"\nlocalisation on immune-high slides (attention share in planted regions / their "
+        f"tissue share; 1.0 = chance): median {high.median():.2f}, "
+        f"range {high.min():.2f}-{high.max():.2f} over {len(high)} slides"
+    )
+
+
+def _list_outputs(features: Path) -> None:
     for path, what in (
         ("cohort/", "synthetic slides, planted-region masks, labels.csv, clinical.csv"),
         ("tiles/qc/", "tissue + tile QC images"),
@@ -192,4 +202,3 @@ def _run(cfg: DemoConfig, out: Path) -> int:
         ("evaluate/", "report.html (one file, opens offline), evaluation.json, figures"),
     ):
         print(f"  {path:<28} {what}")
-    return 0

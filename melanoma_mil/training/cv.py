@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -154,6 +155,25 @@ def _run_fold(
         rundir.save_fold_model(
             fold_dir / rundir.MODEL, module.model, module.model_cfg, store.dim, cohort.classes
         )
+    preds = _test_predictions(cohort, split, index, y, probs)
+    metrics = bag_metrics(y, probs)
+    roc_png = fold_dir / rundir.ROC if rank0 else None
+    if roc_png is not None:
+        plot_roc(preds, cohort.classes, roc_png, f"{name}: test ROC", f"AUC {metrics['auc']:.3f}")
+    finish_fold(logger, metrics, roc_png)
+    log.info(
+        "%s: test %s (%s)",
+        name,
+        " ".join(f"{k}={v:.3f}" for k, v in metrics.items()),
+        sel.describe(cfg, ckpt),
+    )
+    return preds, metrics
+
+
+def _test_predictions(
+    cohort: Cohort, split: Split, index: np.ndarray, y: np.ndarray, probs: np.ndarray
+) -> pd.DataFrame:
+    """The fold's rows of predictions.csv: ``index`` into split.test, labels, probabilities."""
     test_bags = cohort.bags.set_index("bag_id").loc[[split.test[i] for i in index]]
     preds = pd.DataFrame(
         {
@@ -168,20 +188,9 @@ def _run_fold(
     )
     for i, c in enumerate(cohort.classes):
         preds[f"prob_{c}"] = probs[:, i]
-    if n_classes == 2:
+    if len(cohort.classes) == 2:
         preds["prob"] = probs[:, 1]
-    metrics = bag_metrics(y, probs)
-    roc_png = fold_dir / rundir.ROC if rank0 else None
-    if roc_png is not None:
-        plot_roc(preds, cohort.classes, roc_png, f"{name}: test ROC", f"AUC {metrics['auc']:.3f}")
-    finish_fold(logger, metrics, roc_png)
-    log.info(
-        "%s: test %s (%s)",
-        name,
-        " ".join(f"{k}={v:.3f}" for k, v in metrics.items()),
-        sel.describe(cfg, ckpt),
-    )
-    return preds, metrics
+    return preds
 
 
 def _train(plan: Plan, cfg: FitConfig, cohort: Cohort, store: BagStore, rank0: bool) -> None:
