@@ -87,6 +87,25 @@ def test_bad_sweep_files_are_user_errors(tmp_path: Path) -> None:
         load_sweep(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize("ledger", ["{not json", "[1, 2]", '{"sweep": {}, "runs": 3}'])
+def test_a_damaged_sweep_ledger_is_refused_before_any_fit(
+    tmp_path: Path, ledger: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A sweep.json that is not a ledger (a crash mid-write elsewhere, a foreign file) stops the
+    sweep with a one-line error, and is kept as it is."""
+    sweep_file = tmp_path / "grid.yaml"
+    sweep_file.write_text(
+        yaml.safe_dump({"method": "grid", "parameters": {"seed": {"values": [1, 2]}}})
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sweep.json").write_text(ledger)
+    assert main(["sweep", str(sweep_file), f"output_dir={out}"]) == 2
+    assert "is not a sweep ledger" in capsys.readouterr().err
+    assert (out / "sweep.json").read_text() == ledger
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.json"]
+
+
 def test_local_grid_of_two_encoders_gives_two_paired_fits_and_a_comparison(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

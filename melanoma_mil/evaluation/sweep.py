@@ -121,7 +121,15 @@ def _ledger(path: Path, spec: dict[str, Any], overwrite: bool) -> list[dict[str,
     """Runs of an earlier, interrupted sweep into the same folder (same file required)."""
     if not path.is_file() or overwrite:
         return []
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("runs", []), list):
+        raise UserError(
+            f"{path} is not a sweep ledger (unreadable or damaged): use another output_dir, or "
+            "overwrite=true to start the sweep anew."
+        )
     if data.get("sweep") != spec:
         raise UserError(
             f"{path} belongs to a different sweep: use another output_dir or overwrite=true."
