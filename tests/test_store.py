@@ -101,6 +101,16 @@ def test_patient_bags_are_views_and_the_store_pickles_small(tmp_path: Path) -> N
     assert all(torch.equal(clone.bags[b], store.bags[b]) for b in store.bags)
 
 
+@pytest.mark.parametrize("index", ["[1]", "{not json"])
+def test_a_damaged_store_is_named_and_kept(cohort, index: str) -> None:
+    features, labels = cohort
+    folder = store_of(features, labels).folder
+    (folder / "index.json").write_text(index)
+    with pytest.raises(UserError, match="is damaged.*delete that folder"):
+        store_of(features, labels)
+    assert (folder / "index.json").read_text() == index and (folder / "features.npy").is_file()
+
+
 def test_store_dir_is_used(cohort, tmp_path: Path) -> None:
     features, labels = cohort
     store = store_of(features, labels, f"data.store_dir={tmp_path / 'stores'}")

@@ -210,7 +210,11 @@ def _read_index(folder: Path) -> dict[str, Any] | None:
         index = json.loads((folder / "index.json").read_text())
     except (OSError, ValueError):
         return None
-    ok = index.get("format") == FORMAT and (folder / "features.npy").is_file()
+    ok = (
+        isinstance(index, dict)
+        and index.get("format") == FORMAT
+        and (folder / "features.npy").is_file()
+    )
     return index if ok else None
 
 
@@ -371,6 +375,11 @@ def _build(root: Path, sources: list[Source], layout: Layout, dtype: str) -> Pat
     try:
         if _read_index(final) is not None:  # built by the process we waited for
             return final
+        if final.exists():  # never a partial build (those are renamed in whole): damaged since
+            raise UserError(
+                f"bag store '{final}' is damaged (no readable index.json or features.npy); "
+                "delete that folder and run again: it is a cache, rebuilt from the feature files."
+            )
         for stale in root.glob(f".{name}.*.tmp"):  # left by a killed builder
             shutil.rmtree(stale, ignore_errors=True)
         nbytes = sum(layout.rows.values()) * layout.dim * np.dtype(dtype).itemsize
