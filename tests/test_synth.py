@@ -51,3 +51,6 @@ def test_cohort_classes_masks_and_reuse(tmp_path: Path) -> None:
     assert again.equals(table) and Path(table.loc[0, "path"]).stat().st_mtime_ns == before
     with pytest.raises(UserError, match="other settings"):
         generate_cohort(tmp_path, n_slides=6, seed=4, size=size, workers=1)
+    (tmp_path / "synth.json").write_text("{cut short")  # damaged: named, not a traceback
+    with pytest.raises(UserError, match="other settings"):
+        generate_cohort(tmp_path, n_slides=6, seed=3, size=size, workers=1)

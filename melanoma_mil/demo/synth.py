@@ -317,7 +317,7 @@ def generate_cohort(
 
     meta = out / "synth.json"
     if meta.is_file() and not overwrite:
-        if json.loads(meta.read_text()) != settings:
+        if _read_settings(meta) != settings:
             raise UserError(
                 f"{out} holds a synthetic cohort made with other settings ({meta}); "
                 "use another output folder or overwrite=true."
@@ -344,3 +344,11 @@ def generate_cohort(
     write_text(out / "cohort.csv", table.to_csv(index=False))
     _write_clinical(out, table, seed)
     return table
+
+
+def _read_settings(meta: Path) -> object:
+    """synth.json's settings; None when unreadable (then they differ from any settings)."""
+    try:
+        return json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
