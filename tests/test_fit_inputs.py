@@ -103,6 +103,10 @@ def test_unreadable_csv(cohort, tmp_path, capsys) -> None:
     assert_one_line_error(rc, err, str(bad))
     rc, err = run_cli(capsys, *fit_args(features, tmp_path / "nope.csv", tmp_path / "a"))
     assert_one_line_error(rc, err, "nope.csv", "not found")
+    semicolons = tmp_path / "semicolons.csv"  # a spreadsheet export in a comma-decimal locale
+    semicolons.write_text("slide_id;label\nP0000;1\n")
+    rc, err = run_cli(capsys, *fit_args(features, semicolons, tmp_path / "a"))
+    assert_one_line_error(rc, err, "semicolons.csv", "separated by semicolons", "comma-separated")
 
 
 def test_too_few_patients_for_folds(cohort, tmp_path, capsys) -> None:

@@ -42,6 +42,12 @@ def read_text_csv(path: Path, what: str, key: str) -> pd.DataFrame:
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{what} '{path}' is unreadable ({msg}); save it as UTF-8 CSV.") from None
+    seps = [name for sep, name in ((";", "semicolons"), ("\t", "tabs")) if sep in df.columns[0]]
+    if len(df.columns) == 1 and seps:  # e.g. a spreadsheet's export in a comma-decimal locale
+        raise UserError(
+            f"{what} '{path}' is separated by {seps[0]}, not commas; save it as "
+            "comma-separated CSV."
+        )
     return df.apply(lambda c: c.str.strip())
 
 
