@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import pandas as pd
 
 from melanoma_mil.errors import UserError
 
@@ -107,3 +108,22 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_text_csv(path: Path, what: str, key: str) -> pd.DataFrame:
+    """A CSV as stripped strings (empty cells ''), or a UserError naming the file (``what``
+    given by config ``key``) and the fix."""
+    if not path.is_file():
+        raise UserError(f"{what} '{path}' not found: check {key}.")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{what} '{path}' is unreadable ({msg}); save it as UTF-8 CSV.") from None
+    seps = [name for sep, name in ((";", "semicolons"), ("\t", "tabs")) if sep in df.columns[0]]
+    if len(df.columns) == 1 and seps:  # e.g. a spreadsheet's export in a comma-decimal locale
+        raise UserError(
+            f"{what} '{path}' is separated by {seps[0]}, not commas; save it as "
+            "comma-separated CSV."
+        )
+    return df.apply(lambda c: c.str.strip())

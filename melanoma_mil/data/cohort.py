@@ -14,6 +14,7 @@ from melanoma_mil.config import DataConfig
 from melanoma_mil.data.bags import bag_path
 from melanoma_mil.errors import UserError
 from melanoma_mil.ids import check_slide_id
+from melanoma_mil.io import read_text_csv
 
 log = logging.getLogger(__name__)
 
@@ -30,25 +31,6 @@ class Cohort:
     bags: pd.DataFrame
     classes: list[str]
     members: dict[str, list[tuple[str, Path]]]  # bag_id -> [(slide_id, feature path)]
-
-
-def read_text_csv(path: Path, what: str, key: str) -> pd.DataFrame:
-    """A CSV as stripped strings (empty cells ''), or a UserError naming the file (``what``
-    given by config ``key``) and the fix."""
-    if not path.is_file():
-        raise UserError(f"{what} '{path}' not found: check {key}.")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{what} '{path}' is unreadable ({msg}); save it as UTF-8 CSV.") from None
-    seps = [name for sep, name in ((";", "semicolons"), ("\t", "tabs")) if sep in df.columns[0]]
-    if len(df.columns) == 1 and seps:  # e.g. a spreadsheet's export in a comma-decimal locale
-        raise UserError(
-            f"{what} '{path}' is separated by {seps[0]}, not commas; save it as "
-            "comma-separated CSV."
-        )
-    return df.apply(lambda c: c.str.strip())
 
 
 def read_slide_table(path: Path, what: str, key: str, columns: list[str]) -> pd.DataFrame:

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from melanoma_mil.data.cohort import read_text_csv
 from melanoma_mil.errors import UserError
+from melanoma_mil.io import read_text_csv
 
 TIME, EVENT = "__time", "__event"  # internal names, so no covariate can collide with them
 

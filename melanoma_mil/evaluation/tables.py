@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 
 from melanoma_mil.config import DataConfig
-from melanoma_mil.data.cohort import map_labels, mixed_patients, read_slide_table, read_text_csv
+from melanoma_mil.data.cohort import map_labels, mixed_patients, read_slide_table
 from melanoma_mil.errors import UserError
+from melanoma_mil.io import read_text_csv
 from melanoma_mil.rundir import TrainedRun
 
 SCORED = ("ok", "no_heatmap")  # predict statuses that carry a prediction

@@ -21,6 +21,7 @@ from PIL import Image
 
 from melanoma_mil.errors import UserError
 from melanoma_mil.ids import check_slide_id
+from melanoma_mil.io import read_text_csv
 from melanoma_mil.tiling.coords import TileGrid
 from melanoma_mil.tiling.readers import CziReader, OmeTiffReader, OpenSlideReader, open_reader
 
@@ -72,18 +73,13 @@ def find_slides(
     """
     if manifest:
         mpath = Path(manifest)
-        if not mpath.is_file():
-            raise UserError(f"manifest '{mpath}' not found: check the manifest path.")
-        try:
-            df = pd.read_csv(mpath, dtype=str)
-        except Exception as e:  # pandas raises several parser error types
-            raise UserError(f"manifest '{mpath}' is not a readable CSV: {e}") from None
+        df = read_text_csv(mpath, "manifest", "manifest")
         missing = {"slide_id", "path"} - set(df.columns)
         if missing:
             raise UserError(
                 f"manifest '{mpath}' lacks column(s) {sorted(missing)}; it needs slide_id,path."
             )
-        df = df.dropna(subset=["slide_id", "path"])
+        df = df[(df["slide_id"] != "") & (df["path"] != "")]
         if df.empty:
             raise UserError(f"manifest '{mpath}' lists no slides.")
         base = Path(slides_dir) if slides_dir else mpath.parent
@@ -192,12 +188,7 @@ def read_mpp_csv(path: str | os.PathLike[str] | None) -> dict[str, float]:
     if not path:
         return {}
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"mpp_csv '{p}' not found: check the path.")
-    try:
-        df = pd.read_csv(p, dtype={"slide_id": str})
-    except Exception as e:  # pandas raises several parser error types
-        raise UserError(f"mpp_csv '{p}' is not a readable CSV: {e}") from None
+    df = read_text_csv(p, "mpp_csv", "mpp_csv")
     if not {"slide_id", "mpp"} <= set(df.columns):
         raise UserError(f"mpp_csv '{p}' needs columns slide_id,mpp; it has {list(df.columns)}.")
     out: dict[str, float] = {}
