@@ -11,6 +11,7 @@ import pytest
 from conftest import Pipeline
 from test_evaluate import FIGURES, embedded_figures
 
+from melanoma_mil.cli import main
 from melanoma_mil.config import FitConfig, PredictConfig, load_config
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.hooks import write_report
@@ -46,6 +47,26 @@ def test_fit_with_clinical_csv_writes_the_report(pipe: Pipeline, tmp_path: Path)
     provenance = json.loads((out / "provenance.json").read_text())
     for needle in ("fold 0", "Pooled out-of-fold AUC", provenance["splits_sha256"], "random"):
         assert needle in html
+
+
+def test_evaluate_never_writes_into_a_folder_another_command_made(
+    pipe: Pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """evaluate writes roc.png, like fit: pointed at a fit run, even with overwrite=true, it
+    refuses before any work instead of replacing the run's files."""
+    run = tmp_path / "run"
+    assert run_fit(fit_cfg(pipe, run)) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    preds = run / "predictions.csv"
+    argv = ["evaluate", f"predictions={preds}", f"output_dir={run}", "overwrite=true"]
+    assert main(argv) == 2
+    assert "holds output of `fit`" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    out = tmp_path / "evaluation"  # its own folder: written, then refused without overwrite
+    assert main(["evaluate", f"predictions={preds}", f"output_dir={out}"]) == 0
+    assert (out / "roc.png").is_file() and (out / ".melanoma-mil.json").is_file()
+    assert main(["evaluate", f"predictions={preds}", f"output_dir={out}"]) == 2
+    assert "overwrite=true" in capsys.readouterr().err
 
 
 def test_bad_clinical_csv_fails_before_fit_trains(pipe: Pipeline, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from melanoma_mil.evaluation.report import Heatmap, RunInfo, ci, now, num, p_is,
 from melanoma_mil.evaluation.tables import Scored, load_scored
 from melanoma_mil.ids import id_path
 from melanoma_mil.io import atomic_path, write_json, write_text
+from melanoma_mil.outdir import claim_output
 from melanoma_mil.rundir import TrainedRun, load_run
 
 log = logging.getLogger(__name__)
@@ -247,6 +248,9 @@ def _counts(scored: Scored, survival: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _check_outputs(out: Path, report: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a folder another command made (`outdir`: never replaced, even
+    with overwrite=true) and an earlier evaluation unless ``overwrite``."""
+    claim_output(out, {"command": "evaluate"}, overwrite, (*OUTPUTS, report.name), write=False)
     taken = [p for p in [*(out / n for n in OUTPUTS), report] if p.exists()]
     if taken and not overwrite:
         raise UserError(
@@ -258,7 +262,7 @@ def _check_outputs(out: Path, report: Path, overwrite: bool) -> None:
 def _write(
     out: Path, report: Path, ev: dict[str, Any], figures: dict[str, bytes], html: str
 ) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out, {"command": "evaluate"}, True, OUTPUTS)  # checked before: mark it
     for name in ("roc", "pr", "calibration", "km"):
         stale = out / f"{name}.png"
         if name in figures:
