@@ -117,7 +117,7 @@ def read_text_csv(path: Path, what: str, key: str) -> pd.DataFrame:
         raise UserError(f"{what} '{path}' not found: check {key}.")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{what} '{path}' is unreadable ({msg}); save it as UTF-8 CSV.") from None
     seps = [name for sep, name in ((";", "semicolons"), ("\t", "tabs")) if sep in df.columns[0]]
