@@ -113,6 +113,11 @@ def test_too_few_patients_for_folds(cohort, tmp_path, capsys) -> None:
     features, labels = cohort
     rc, err = run_cli(capsys, *fit_args(features, labels, tmp_path / "a"), "cv.folds=7")
     assert_one_line_error(rc, err, "fewer than cv.folds=7", "Lower cv.folds")
+    one = tmp_path / "one_patient.csv"  # every slide one patient's: no cv.folds can work
+    pd.read_csv(labels, dtype=str).assign(patient_id="P").to_csv(one, index=False)
+    rc, err = run_cli(capsys, *fit_args(features, one, tmp_path / "a"))
+    assert_one_line_error(rc, err, "has 1 patient(s)", "Add patients", "patient_id")
+    assert "Lower cv.folds" not in err
 
 
 def test_leaky_user_splits_rejected(cohort, tmp_path, capsys) -> None:

@@ -33,9 +33,10 @@ def _check_class_counts(bags: pd.DataFrame, folds: int, classes: list[str]) -> N
     for idx, name in enumerate(classes):
         n = int(patients.get(idx, 0))
         if n < folds:
+            fix = f"Lower cv.folds to <= {n} or add patients" if n >= 2 else "Add patients"
             raise UserError(
                 f"class '{name}' has {n} patient(s), fewer than cv.folds={folds}: every test fold "
-                f"needs each class. Lower cv.folds to <= {n} or add patients."
+                f"needs each class. {fix} (patients come from the labels CSV's patient_id)."
             )
 
 
