@@ -33,3 +33,8 @@ class Ensemble(nn.Module):
         mean_logp = torch.logsumexp(logp, 0) - math.log(len(outs))
         attention = torch.stack([o.attention for o in outs]).mean(0)
         return MILOutput(mean_logp, attention)
+
+
+def member_outputs(model: nn.Module, x: torch.Tensor, label: torch.Tensor) -> list[MILOutput]:
+    """One output per member to train on: an `Ensemble`'s members', or the model's own."""
+    return model.member_outputs(x, label) if isinstance(model, Ensemble) else [model(x, label)]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from melanoma_mil.config import ModelConfig, OptimConfig
 from melanoma_mil.metrics import bag_metrics
 from melanoma_mil.models import MILOutput, build_model
-from melanoma_mil.models.ensemble import Ensemble
+from melanoma_mil.models.ensemble import member_outputs
 
 Batch = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]  # bags [N, D], labels, indices
 
@@ -81,9 +81,7 @@ class MILModule(L.LightningModule):
         # ranks draw for each bag what one process accumulating N bags per step draws
         position = batch_idx * self.trainer.world_size + self.global_rank
         torch.manual_seed(self.hparams.seed + 1_000_003 * self.current_epoch + position)
-        bag = bags[0].float()  # .float(): a float16 store -> float32
-        ensemble = isinstance(self.model, Ensemble)
-        outs = self.model.member_outputs(bag, y) if ensemble else [self.model(bag, y)]
+        outs = member_outputs(self.model, bags[0].float(), y)  # .float(): float16 store
         losses = torch.stack([self._loss(o, y) for o in outs])
         # summed on the device and logged once an epoch: per-step self.log costs more than a
         # small bag's forward, and the value equals Lightning's on_epoch mean (of a member's loss)

@@ -94,7 +94,10 @@ class FoldSelection:
             if n == 1
             else f"mean of the last {n} of {self.epochs} epochs' weights"
         )
-        return weights if self.members == 1 else f"{weights}, {self.members} members"
+        return self._with_members(weights)
+
+    def _with_members(self, text: str) -> str:
+        return text if self.members == 1 else f"{text}, {self.members} members"
 
     def callbacks(
         self, cfg: FitConfig, fold_dir: Path
@@ -130,8 +133,7 @@ class FoldSelection:
         if self.mode == "last":
             return f"{self.tested_weights(cfg)}, no model selection"
         score = float(ckpt.best_model_score) if ckpt.best_model_score is not None else math.nan
-        chosen = f"selected by best {cfg.trainer.monitor}={score:.4f}"
-        return chosen if self.members == 1 else f"{chosen}, {self.members} members"
+        return self._with_members(f"selected by best {cfg.trainer.monitor}={score:.4f}")
 
 
 def fold_epochs(cfg: FitConfig, mode: str, n_train: int) -> int:
