@@ -4,7 +4,8 @@ Each command's output folder holds a small marker, ``.melanoma-mil.json``: ``{"c
 and, for `predict` and `heatmap`, the ``run_id`` and ``run_dir`` of the run they applied. A
 command refuses a folder another command made (one would replace the other's files, or resume
 from them) and a folder of its own made for another run unless ``overwrite=true``. `fit`'s run
-folders carry the same marker with the run's identity (see `rundir`).
+folders carry the same marker with the run's identity (see `rundir`); `tile`, `extract` and
+`sweep` mark theirs with `claim_shared`.
 """
 
 from __future__ import annotations
@@ -99,3 +100,23 @@ def claim_output(
     out.mkdir(parents=True, exist_ok=True)
     if not write_marker(out, record):  # another process was faster: check its claim
         claim_output(out, record, overwrite, outputs)
+
+
+def claim_shared(folder: str | Path, command: str) -> None:
+    """Make ``folder`` ``command``'s or refuse it, for commands that many processes share and
+    resume file by file (`tile`, `extract`, `sweep`). A folder without a marker is adopted, as
+    folders made before markers existed: these commands check each file they would replace."""
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir '{out}' is a file, not a folder; choose another output_dir.")
+    marker = read_marker(out)
+    if marker is None:
+        out.mkdir(parents=True, exist_ok=True)
+        if write_marker(out, {"command": command}):
+            return
+        marker = read_marker(out) or {}  # another process was faster: check its claim
+    if marker.get("command") != command:
+        raise UserError(
+            f"output_dir '{out}' holds output of {made_by(marker)}; `{command}` writes into a "
+            "folder of its own: choose another output_dir."
+        )

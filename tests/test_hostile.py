@@ -8,6 +8,7 @@ permissions instead.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -195,6 +196,38 @@ def test_tile_refuses_manifest_ids_that_are_paths(
                    "row 3", "not paths")  # fmt: skip
     assert (tmp_path / "victim.png").read_bytes() == b"user's figure"
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["m.csv", "victim.png"]
+
+
+def test_tile_extract_and_sweep_keep_to_folders_of_their_own(
+    slide: Path, bag_runs: tuple[Path, Path, Path], tmp_path: Path, capsys
+) -> None:
+    """Each command's folder is marked: another command is refused before any work, and the same
+    command resumes; a folder without a marker (made by a user, or before markers) is adopted."""
+    _, _, runs = bag_runs
+    tiles, mine = tmp_path / "tiles", tmp_path / "mine"
+    assert main(["tile", f"slides_dir={slide.parent}", f"output_dir={tiles}"]) == 0
+    before = tree(tiles)
+    extract = ["extract", f"coords_dir={tiles}", "encoder.name=resnet18_imagenet",
+               "encoder.pretrained=false", "device=cpu"]  # fmt: skip
+    one_line_error(*cli(capsys, *extract, f"output_dir={tiles}"), str(tiles), "`tile`")
+    sweep = tmp_path / "grid.yaml"
+    sweep.write_text("method: grid\nparameters:\n  seed:\n    values: [1, 2]\n")
+    one_line_error(*cli(capsys, "sweep", str(sweep), f"output_dir={tiles}"), "`tile`")
+    argv = ["compare", str(runs / "seed0"), str(runs / "seed1"), f"output_dir={tiles}"]
+    one_line_error(*cli(capsys, *argv, "overwrite=true"), "`tile`")
+    assert tree(tiles) == before
+    fit_run = runs / "seed0"
+    fit_files = tree(fit_run)
+    for argv in (["tile", f"slides_dir={slide.parent}"], extract):
+        one_line_error(*cli(capsys, *argv, f"output_dir={fit_run}", "overwrite=true"), "`fit`")
+    assert tree(fit_run) == fit_files
+    assert main(["tile", f"slides_dir={slide.parent}", f"output_dir={tiles}"]) == 0  # resumes
+    assert "already tiled" in (tiles / "tiling.csv").read_text()
+    mine.mkdir()
+    (mine / "notes.txt").write_text("user's")
+    assert main(["tile", f"slides_dir={slide.parent}", f"output_dir={mine}"]) == 0
+    assert (mine / "notes.txt").read_text() == "user's"
+    assert json.loads((mine / ".melanoma-mil.json").read_text()) == {"command": "tile"}
 
 
 def test_heatmap_refuses_ids_that_leave_its_folders(

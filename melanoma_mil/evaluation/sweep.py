@@ -32,6 +32,7 @@ from melanoma_mil import config as C
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.compare import compare_runs
 from melanoma_mil.io import atomic_path, write_json
+from melanoma_mil.outdir import claim_shared, read_marker
 from melanoma_mil.rundir import SPLITS, load_run
 from melanoma_mil.tracking.loggers import SUMMARY_KEYS, summary_metrics
 
@@ -186,6 +187,7 @@ def run_sweep(cfg: C.SweepConfig) -> int:
     out = Path(cfg.output_dir)
     ledger_path = out / "sweep.json"
     entries = _ledger(ledger_path, spec, cfg.overwrite)
+    claim_shared(out, "sweep")
     random.seed(cfg.seed)  # the engine draws random and bayes suggestions from these
     np.random.seed(cfg.seed)
     done = [e for e in entries if e["state"] == "finished"]
@@ -236,9 +238,12 @@ def _report(
     print(table[[c for c in dict.fromkeys(shown) if c in table.columns]].to_string(index=False))
     finished = [str(out / e["name"]) for e in entries if e["state"] == "finished"]
     if len(finished) >= 2:
+        comparison = out / "comparison"
+        # replaced when an earlier comparison of this sweep made it, never a folder of yours
+        mine = (read_marker(comparison) or {}).get("command") == "compare"
         compare_runs(
             C.CompareConfig(
-                run_dirs=finished, output_dir=str(out / "comparison"), seed=cfg.seed, overwrite=True
+                run_dirs=finished, output_dir=str(comparison), seed=cfg.seed, overwrite=mine
             )
         )
     failed = [e["name"] for e in entries if e["state"] != "finished"]

@@ -35,6 +35,7 @@ from melanoma_mil.features.data import ReaderProcesses, RunBatches, coords_files
 from melanoma_mil.features.pipeline import Engine, Writer, failure
 from melanoma_mil.features.queue import SlideQueue, SlideWork, disk_full, write_record
 from melanoma_mil.io import h5_bytes, write_bytes
+from melanoma_mil.outdir import claim_shared
 from melanoma_mil.progress import progress
 from melanoma_mil.runtable import show, write
 from melanoma_mil.tiling.coords import TileGrid, read_coords
@@ -202,6 +203,7 @@ def run_extract(cfg: ExtractConfig) -> int:
             with h5py.File(p, "r") as f:
                 recorded[sid] = str(f.attrs.get("slide_path", ""))
     jobs = plan_jobs(coords, cfg.slides_dir, cfg.manifest, list(cfg.extensions), recorded)
+    claim_shared(cfg.output_dir, "extract")
     grids: list[TileGrid | str] = []
     for job in jobs:
         try:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from melanoma_mil.config import TileConfig, TilingConfig
 from melanoma_mil.errors import UserError
 from melanoma_mil.ids import id_path
+from melanoma_mil.outdir import claim_shared
 from melanoma_mil.progress import progress
 from melanoma_mil.runtable import show, write
 from melanoma_mil.tiling.coords import read_coords, write_coords
@@ -205,7 +206,7 @@ def run_tile(cfg: TileConfig) -> int:
     if unknown:
         log.warning("mpp_csv lists %d slide id(s) not found: %s", len(unknown), unknown[:5])
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_shared(out, "tile")
     wanted = resolved_tiling(cfg.tiling)
     since = time.time()
 
