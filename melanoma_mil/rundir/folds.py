@@ -1,0 +1,177 @@
+"""A run's folds: where each is trained, its completion record, the run's pooled results,
+the swap of a replaced run, and the plain-torch fold models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from melanoma_mil.config import ModelConfig
+from melanoma_mil.data.splits import Split
+from melanoma_mil.errors import UserError
+from melanoma_mil.fsutil import recover_dir, replace_dir
+from melanoma_mil.io import atomic_path, sha256_file, write_json
+from melanoma_mil.models import build_model
+from melanoma_mil.outdir import read_marker
+from melanoma_mil.rundir.layout import (
+    DONE,
+    FOLDS,
+    MODEL,
+    PREDICTIONS,
+    ROC,
+    SUMMARY,
+    damaged,
+)
+
+
+# --------------------------------------------------------------------------- folds
+def fold_name(fold: int, repeat: int, repeats: int) -> str:
+    """folds/<name>: fold_<k>, or repeat_<r>_fold_<k> with repeated CV."""
+    return f"fold_{fold}" if repeats == 1 else f"repeat_{repeat}_fold_{fold}"
+
+
+def fold_names(splits: list[Split]) -> list[str]:
+    repeats = len({s.repeat for s in splits})
+    return [fold_name(s.fold, s.repeat, repeats) for s in splits]
+
+
+def partial_dir(run: Path, name: str) -> Path:
+    """Where a fold is trained; it becomes folds/<name> in one rename once complete."""
+    return run / FOLDS / f".{name}.partial"
+
+
+def fold_lock(run: Path, name: str) -> Path:
+    return run / FOLDS / f".{name}.lock"
+
+
+def commit_fold(
+    run: Path, name: str, partial: Path, preds: pd.DataFrame, record: dict[str, Any]
+) -> None:
+    """Finish a fold trained in ``partial`` (model.pt, best.ckpt, roc.png already there): its
+    test predictions, then the completion record, then one rename to folds/<name>."""
+    with atomic_path(partial / PREDICTIONS) as tmp:
+        preds.to_csv(tmp, index=False)
+    files = {f: sha256_file(partial / f) for f in (MODEL, PREDICTIONS)}
+    write_json(partial / DONE, {**record, "name": name, "files": files})
+    final = run / FOLDS / name
+    if final.exists():  # a stale or foreign fold: moved aside, then dropped
+        stale = run / FOLDS / f".{name}.stale-{uuid.uuid4().hex[:8]}"
+        final.rename(stale)
+        shutil.rmtree(stale)
+    partial.rename(final)
+
+
+def fold_problem(run: Path, name: str, run_id: str, fingerprint: str) -> str | None:
+    """Why folds/<name> is not a finished fold of this run, or None if it is."""
+    folder = run / FOLDS / name
+    if not (folder / DONE).is_file():
+        return "missing" if not folder.exists() else "unfinished (no done.json)"
+    try:
+        record = json.loads((folder / DONE).read_text())
+    except (OSError, ValueError):
+        return f"damaged ({DONE} unreadable)"
+    if record.get("run_id") != run_id or record.get("fingerprint") != fingerprint:
+        return "made by another run"
+    for file, digest in (record.get("files") or {}).items():
+        path = folder / file
+        if not path.is_file() or sha256_file(path) != digest:
+            return f"damaged ({file} differs from its record)"
+    return None
+
+
+def fold_predictions(run: Path, names: list[str]) -> pd.DataFrame:
+    """The folds' test predictions in split order, probabilities as float32 (as trained)."""
+    frames = []
+    for name in names:
+        df = pd.read_csv(
+            run / FOLDS / name / PREDICTIONS, dtype={"slide_id": str, "patient_id": str}
+        )
+        probs = [c for c in df.columns if c.startswith("prob")]
+        frames.append(df.astype({c: np.float32 for c in probs}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def pooled_predictions(preds: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """One row per bag (slide_id): patient_id, y and prob_<class> averaged over repeats (each
+    repeat's prediction is out-of-fold)."""
+    cols = [f"prob_{c}" for c in classes]
+    agg = {"patient_id": "first", "y": "first", **{c: "mean" for c in cols}}
+    return preds.groupby("slide_id", sort=True).agg(agg)
+
+
+def write_results(run: Path, preds: pd.DataFrame, summary: dict[str, Any], draw_roc: Any) -> None:
+    """predictions.csv, roc.png (``draw_roc(path)``), then cv_summary.json: the run is complete."""
+    with atomic_path(run / PREDICTIONS) as tmp:
+        preds.to_csv(tmp, index=False)
+    draw_roc(run / ROC)
+    write_json(run / SUMMARY, summary)
+
+
+# --------------------------------------------------------------------------- replacement
+def staging(out: Path) -> tuple[Path, Path]:
+    """(where a replacement of ``out`` is built, where the replaced run goes before removal)."""
+    return out.parent / f".{out.name}.fit-new", out.parent / f".{out.name}.fit-old"
+
+
+def display_name(run_dir: Path) -> str:
+    """The run's name, also while it is built beside the run it replaces."""
+    name = Path(run_dir).resolve().name
+    return (
+        name[1 : -len(".fit-new")] if name.startswith(".") and name.endswith(".fit-new") else name
+    )
+
+
+def recover(out: Path) -> None:
+    """Finish (or undo) a replacement a crash interrupted; drop the replaced run's leftover."""
+    new, old = staging(out)
+    recover_dir(new, out, old, new.exists() and (new / SUMMARY).is_file())
+    if old.is_dir() and (read_marker(old) or {}).get("command") == "fit":
+        shutil.rmtree(old)
+
+
+def replace_run(out: Path, new: Path) -> None:
+    """Swap the complete run ``new`` in at ``out``; the old run is removed only afterwards."""
+    replace_dir(new, out, staging(out)[1])
+
+
+# --------------------------------------------------------------------------- fold models
+def save_fold_model(
+    path: Path, model: nn.Module, cfg: ModelConfig, in_dim: int, classes: list[str]
+) -> None:
+    """Plain-torch export of a fold's best model (loads without Lightning, weights_only)."""
+    blob = {
+        "state_dict": model.state_dict(),
+        "model": asdict(cfg),
+        "in_dim": in_dim,
+        "classes": classes,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+
+
+def load_fold_model(path: Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a fold model saved by `save_fold_model`, in eval mode."""
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+        model = build_model(ModelConfig(**blob["model"]), blob["in_dim"], len(blob["classes"]))
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError, ValueError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise damaged(path, f"is not a readable fold model ({first})") from None
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise UserError(
+            f"{path}: fold model does not match this version of melanoma-mil "
+            f"({first}); re-run `fit` with overwrite=true to retrain it."
+        ) from None
+    return model.to(device).eval()

@@ -1,0 +1,69 @@
+"""The run folder's file names, the keys that change no result, and how a damaged file is
+reported (one line naming the file and the fix)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from melanoma_mil.config import FitConfig, load_config
+from melanoma_mil.errors import UserError
+
+CONFIG, PROVENANCE, SPLITS = "config.yaml", "provenance.json", "splits.json"
+PREDICTIONS, SUMMARY, ROC = "predictions.csv", "cv_summary.json", "roc.png"
+FOLDS, LOGS, WANDB = "folds", "logs", "wandb"
+MODEL, CHECKPOINT, DONE = "model.pt", "best.ckpt", "done.json"
+# config keys that change no result: a run may be resumed or joined with other values
+NOT_RESULTS = frozenset(
+    {
+        "output_dir",
+        "experiment",
+        "overwrite",
+        "logger",
+        "cv.run_folds",
+        "cv.splits_file",  # the splits themselves are in the fingerprint
+        "data.features_dir",  # the cache key and the cohort hash are
+        "data.labels_csv",
+        "data.label_column",
+        "data.on_missing",
+        "data.num_workers",
+        "data.store_dir",  # where the bag store lives, not what it holds
+        "data.memory_gb",
+        # the report of `evaluate` at the end of fit, not the folds' results
+        "clinical_csv",
+        "time_column",
+        "event_column",
+        "covariates",
+        "groups",
+        "threshold",
+    }
+)
+RERUN = "re-run the same `fit` command to finish it"
+
+FIX = "re-run `fit` with overwrite=true to rebuild the run"
+
+
+def damaged(path: Path, why: str) -> UserError:
+    return UserError(f"{path} {why}: the run is damaged; {FIX}.")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise damaged(path, f"is unreadable ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(data, dict):
+        raise damaged(path, "is not a JSON object")
+    return data
+
+
+def read_config(path: Path) -> FitConfig:
+    try:
+        return load_config(FitConfig, [str(path)], recorded=True)
+    except UserError as e:
+        raise damaged(path, f"is not a valid fit config ({e})") from None
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
