@@ -31,7 +31,13 @@ from melanoma_mil.config import ExtractConfig, check
 from melanoma_mil.encoders import Encoder, build_encoder, resolve_precision
 from melanoma_mil.errors import UserError
 from melanoma_mil.features import placement
-from melanoma_mil.features.data import ReaderProcesses, RunBatches, coords_files, plan_jobs
+from melanoma_mil.features.data import (
+    Job,
+    ReaderProcesses,
+    RunBatches,
+    coords_files,
+    plan_jobs,
+)
 from melanoma_mil.features.pipeline import Engine, Writer, failure
 from melanoma_mil.features.queue import SlideQueue, SlideWork, disk_full, write_record
 from melanoma_mil.io import h5_bytes, write_bytes
@@ -192,10 +198,8 @@ def _finisher(queue: SlideQueue) -> Callable[[SlideWork, str], str]:
     return finish
 
 
-def run_extract(cfg: ExtractConfig) -> int:
-    """Extract features for every coords file under ``cfg.coords_dir``; 1 unless every slide
-    is done (failed, or still held by another process: see the table)."""
-    check(cfg)  # also configs built in code (predict, heatmap, demo)
+def _plan(cfg: ExtractConfig) -> tuple[list[Job], list[TileGrid | str]]:
+    """The slides to encode and their tile grids (an unreadable coords file: why, as text)."""
     coords = coords_files(cfg.coords_dir)
     recorded = {}
     if not (cfg.slides_dir or cfg.manifest):
@@ -203,13 +207,21 @@ def run_extract(cfg: ExtractConfig) -> int:
             with h5py.File(p, "r") as f:
                 recorded[sid] = str(f.attrs.get("slide_path", ""))
     jobs = plan_jobs(coords, cfg.slides_dir, cfg.manifest, list(cfg.extensions), recorded)
-    claim_shared(cfg.output_dir, "extract")
     grids: list[TileGrid | str] = []
     for job in jobs:
         try:
             grids.append(read_coords(job.coords_path))
         except UserError as e:
             grids.append(str(e))
+    return jobs, grids
+
+
+def run_extract(cfg: ExtractConfig) -> int:
+    """Extract features for every coords file under ``cfg.coords_dir``; 1 unless every slide
+    is done (failed, or still held by another process: see the table)."""
+    check(cfg)  # also configs built in code (predict, heatmap, demo)
+    jobs, grids = _plan(cfg)
+    claim_shared(cfg.output_dir, "extract")
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         keep_freed_memory()
