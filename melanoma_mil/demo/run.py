@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from melanoma_mil.config import (
     DemoConfig,
@@ -37,10 +39,14 @@ from melanoma_mil.training.cv import run_fit
 log = logging.getLogger(__name__)
 
 
-def _step(name: str, rc: int, started: float) -> None:
+def _step(name: str, call: Callable[[], Any]) -> Any:
+    """Run one stage, log its time; a nonzero exit code stops the demo."""
+    started = time.perf_counter()
+    result = call()
     log.info("demo: %s done in %.0f s", name, time.perf_counter() - started)
-    if rc != 0:
-        raise UserError(f"demo step '{name}' failed (exit {rc}); see the messages above.")
+    if isinstance(result, int) and result != 0:
+        raise UserError(f"demo step '{name}' failed (exit {result}); see the messages above.")
+    return result
 
 
 def _features_dir(extract_out: Path) -> Path:
@@ -113,66 +119,51 @@ def run_demo(cfg: DemoConfig) -> int:
 
 def _run(cfg: DemoConfig, out: Path) -> int:
     start = time.perf_counter()
-    t = time.perf_counter()
-    cohort = generate_cohort(
-        out / "cohort", n_slides=cfg.n_slides, seed=cfg.seed, size=cfg.slide_size
+    _step(
+        "generate slides",
+        lambda: generate_cohort(
+            out / "cohort", n_slides=cfg.n_slides, seed=cfg.seed, size=cfg.slide_size
+        ),
     )
-    _step(f"generate {len(cohort)} slides", 0, t)
     slides = str(out / "cohort" / "slides")
     tiling = TilingConfig(mpp=cfg.mpp, tile_size=cfg.tile_size)
-    t = time.perf_counter()
-    _step(
-        "tile",
-        run_tile(TileConfig(slides_dir=slides, output_dir=str(out / "tiles"), tiling=tiling)),
-        t,
+    tile = TileConfig(slides_dir=slides, output_dir=str(out / "tiles"), tiling=tiling)
+    _step("tile", lambda: run_tile(tile))
+    extract = ExtractConfig(
+        slides_dir=slides,
+        coords_dir=str(out / "tiles"),
+        output_dir=str(out / "features"),
+        encoder=cfg.encoder,
+        batch_size=cfg.batch_size,
     )
-    t = time.perf_counter()
-    _step(
-        "extract",
-        run_extract(
-            ExtractConfig(
-                slides_dir=slides,
-                coords_dir=str(out / "tiles"),
-                output_dir=str(out / "features"),
-                encoder=cfg.encoder,
-                batch_size=cfg.batch_size,
-            )
-        ),
-        t,
-    )
+    _step("extract", lambda: run_extract(extract))
     features = _features_dir(out / "features")
     fit = _fit_config(cfg, out)
     fit.data.features_dir = str(features)
-    t = time.perf_counter()
-    _step("fit", run_fit(fit), t)
-    t = time.perf_counter()
+    _step("fit", lambda: run_fit(fit))
     heatmaps = out / "heatmaps"
-    _step(
-        "heatmaps",
-        run_heatmap(
-            HeatmapConfig(
+    heatmap = HeatmapConfig(
+        run_dir=fit.output_dir,
+        slides_dir=slides,
+        output_dir=str(heatmaps),
+        features_dir=str(features),
+    )
+    _step("heatmaps", lambda: run_heatmap(heatmap))
+    _localisation(out, heatmaps)
+    ev = _step(
+        "evaluate",
+        lambda: evaluate(
+            EvaluateConfig(
+                predictions=str(out / "fit" / "predictions.csv"),
+                clinical_csv=str(out / "cohort" / "clinical.csv"),
+                covariates=["age", "sex"],
                 run_dir=fit.output_dir,
-                slides_dir=slides,
-                output_dir=str(heatmaps),
-                features_dir=str(features),
+                heatmaps_dir=str(heatmaps),
+                output_dir=str(out / "evaluate"),
+                seed=cfg.seed,
             )
         ),
-        t,
     )
-    _localisation(out, heatmaps)
-    t = time.perf_counter()
-    ev = evaluate(
-        EvaluateConfig(
-            predictions=str(out / "fit" / "predictions.csv"),
-            clinical_csv=str(out / "cohort" / "clinical.csv"),
-            covariates=["age", "sex"],
-            run_dir=fit.output_dir,
-            heatmaps_dir=str(heatmaps),
-            output_dir=str(out / "evaluate"),
-            seed=cfg.seed,
-        )
-    )
-    _step("evaluate", 0, t)
     print(f"survival by predicted group (planted: immune-high live longer): {summary_line(ev)}")
     print(f"demo finished in {time.perf_counter() - start:.0f} s. Outputs in {out}/:")
     _list_outputs(features)
