@@ -33,7 +33,6 @@ from melanoma_mil.rundir.layout import (
 from melanoma_mil.rundir.record import read_splits_document, run_record, settings, splits_of
 
 
-# --------------------------------------------------------------------------- reading a run
 @dataclass
 class TrainedRun:
     """A complete, consistent `fit` run (only `load_run` makes one)."""
