@@ -145,7 +145,32 @@ def synth_slide(
 ) -> tuple[np.ndarray, np.ndarray]:
     """RGB [size, size, 3] slide at 0.5 um/px, and its planted-cluster mask at 1/16 (bool)."""
     low = (math.ceil(size / MASK_DOWNSAMPLE),) * 2
-    # tissue: 2-3 overlapping ellipses with a wobbly border, a few tears
+    tissue, nests = _tissue(rng, low)
+    clusters = np.full(low, -1.0, np.float32)
+    if immune_high:  # add clusters until ~5-15 % of the tissue is covered
+        target = rng.uniform(0.06, 0.12) * (tissue > 0).sum()
+        for _ in range(8):
+            clusters = np.maximum(clusters, _regions(rng, tissue, 1, (150, 300)))
+            if ((clusters > 0) & (tissue > 0)).sum() >= target:
+                break
+    dark = _regions(rng, tissue, int(rng.integers(1, 4)), (120, 250))
+    pigment = _regions(rng, tissue, int(rng.integers(1, 4)), (60, 140))
+    e8 = _eosin(rng, size, tissue, nests, clusters)
+    h8 = _hematoxylin(rng, size, tissue, nests, clusters if immune_high else None, dark)
+    lut, rgb = _lut(rng), np.empty((size, size, 3), np.uint8)
+    for r in range(0, size, 256):  # in row blocks: temporaries stay small and cached
+        idx = e8[r : r + 256].astype(np.uint16)
+        idx <<= 8
+        idx |= h8[r : r + 256]
+        np.take(lut, idx, axis=0, out=rgb[r : r + 256])
+    _add_pigment(rng, rgb, pigment)
+    mask = (clusters > 0) & (tissue > 0)
+    return rgb, mask
+
+
+def _tissue(rng: np.random.Generator, low: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue (> 0 inside): 2-3 overlapping ellipses with a wobbly border, a few tears, a margin
+    of glass; and the tumour nests inside it (> 0), at mask resolution."""
     tissue = np.full(low, -1.0, np.float32)
     for _ in range(rng.integers(2, 4)):
         cy, cx = rng.uniform(0.4, 0.6, 2) * low[0]
@@ -157,18 +182,18 @@ def synth_slide(
     edge = border.astype(np.float32) / (0.1 * low[0]) + 0.2 * _noise(rng, low, low[0] / 20)
     tissue = np.minimum(tissue, edge - 0.5)  # a wobbly margin of glass around the tissue
     nests = np.where(tissue > 0, _noise(rng, low, low[0] / 18) - 0.3, -1.0)
+    return tissue, nests
 
-    clusters = np.full(low, -1.0, np.float32)
-    if immune_high:  # add clusters until ~5-15 % of the tissue is covered
-        target = rng.uniform(0.06, 0.12) * (tissue > 0).sum()
-        for _ in range(8):
-            clusters = np.maximum(clusters, _regions(rng, tissue, 1, (150, 300)))
-            if ((clusters > 0) & (tissue > 0)).sum() >= target:
-                break
-    dark = _regions(rng, tissue, int(rng.integers(1, 4)), (120, 250))
-    pigment = _regions(rng, tissue, int(rng.integers(1, 4)), (60, 140))
 
-    # eosin at 1/4 size: wavy collagen fibres (ridges of smooth noise), paler in nests/clusters
+def _eosin(
+    rng: np.random.Generator,
+    size: int,
+    tissue: np.ndarray,
+    nests: np.ndarray,
+    clusters: np.ndarray,
+) -> np.ndarray:
+    """Eosin (uint8, full size), drawn at 1/4 size: wavy collagen fibres (ridges of smooth
+    noise), paler in nests and clusters, plus grain."""
     q = (size // 4, size // 4)
     fibres = np.exp(-((_noise(rng, q, 2.5) / 0.35) ** 2))
     fibres += 0.6 * np.exp(-((_noise(rng, q, 6.0) / 0.3) ** 2))
@@ -180,8 +205,20 @@ def synth_slide(
     e8 = np.array(Image.fromarray(e8).resize((size, size), Image.BILINEAR))
     grain = np.tile(rng.integers(0, 14, (256, 256), dtype=np.uint8), (size // 256 + 1,) * 2)
     np.add(e8, grain[:size, :size], out=e8, where=e8 > 8)
-    del grain
+    return e8
 
+
+def _hematoxylin(
+    rng: np.random.Generator,
+    size: int,
+    tissue: np.ndarray,
+    nests: np.ndarray,
+    clusters: np.ndarray | None,
+    dark: np.ndarray,
+) -> np.ndarray:
+    """Hematoxylin (uint8, full size): nuclei stamped as sprites, tumour cells in nests,
+    fibroblasts in stroma, stray lymphocytes, giant cells in dark regions, and lymphocyte
+    clusters where ``clusters`` (immune-high slides only)."""
     hema = np.zeros((size + 2 * _PAD,) * 2, np.uint8)
     s = float(rng.uniform(0.85, 1.15))  # nuclear size varies from slide to slide
     tumour = [_sprite(rng, rng.uniform(8, 13) * s, rng.uniform(0.6, 0.95), 0.12,
@@ -197,19 +234,9 @@ def synth_slide(
     _stamp(hema, fibro, *_points(rng, size, 70, 30, stroma, keep=0.6), rng)
     _stamp(hema, lymph, *_points(rng, size, 150, 70, tissue, keep=0.5), rng)  # stray cells
     _stamp(hema, giant, *_points(rng, size, 34, 9, dark, keep=0.8), rng)
-    if immune_high:
+    if clusters is not None:
         _stamp(hema, lymph, *_points(rng, size, 15, 2.5, clusters, keep=0.9), rng)
-    h8 = hema[_PAD:-_PAD, _PAD:-_PAD]
-
-    lut, rgb = _lut(rng), np.empty((size, size, 3), np.uint8)
-    for r in range(0, size, 256):  # in row blocks: temporaries stay small and cached
-        idx = e8[r : r + 256].astype(np.uint16)
-        idx <<= 8
-        idx |= h8[r : r + 256]
-        np.take(lut, idx, axis=0, out=rgb[r : r + 256])
-    _add_pigment(rng, rgb, pigment)
-    mask = (clusters > 0) & (tissue > 0)
-    return rgb, mask
+    return hema[_PAD:-_PAD, _PAD:-_PAD]
 
 
 def _add_pigment(rng: np.random.Generator, rgb: np.ndarray, field: np.ndarray) -> None:
