@@ -133,18 +133,7 @@ def _run_fold(
         seed,
         cfg.trainer.accumulate_grad_batches,
     )
-    n_classes = len(cohort.classes)
-    module = MILModule.create(
-        store.dim,
-        n_classes,
-        replace(cfg.model, members=sel.members),
-        cfg.optim,
-        _class_weights(dm, n_classes, cfg.data.balance),
-        sel.epochs,
-        seed,
-    )
-    if cfg.data.standardize:
-        fit_feature_stats(module.model, [store.bags[b] for b in sel.train])
+    module = _fold_module(cfg, len(cohort.classes), store, dm, sel, seed)
     logger = fold_logger(cfg, run_dir, split.fold, split.repeat)
     trainer, ckpt = _trainer(cfg, fold_dir, logger, sel)
     trainer.fit(module, datamodule=dm)
@@ -168,6 +157,29 @@ def _run_fold(
         sel.describe(cfg, ckpt),
     )
     return preds, metrics
+
+
+def _fold_module(
+    cfg: FitConfig,
+    n_classes: int,
+    store: BagStore,
+    dm: BagDataModule,
+    sel: FoldSelection,
+    seed: int,
+) -> MILModule:
+    """The fold's model with its ensemble members, standardised on its training bags."""
+    module = MILModule.create(
+        store.dim,
+        n_classes,
+        replace(cfg.model, members=sel.members),
+        cfg.optim,
+        _class_weights(dm, n_classes, cfg.data.balance),
+        sel.epochs,
+        seed,
+    )
+    if cfg.data.standardize:
+        fit_feature_stats(module.model, [store.bags[b] for b in sel.train])
+    return module
 
 
 def _test_predictions(
