@@ -158,3 +158,13 @@ def test_local_grid_of_two_encoders_gives_two_paired_fits_and_a_comparison(
     assert main(argv) == 1
     assert len(json.loads((out / "sweep.json").read_text())["runs"]) == 3
     assert (dirs[0] / "cv_summary.json").stat().st_mtime_ns == stamp
+    # and rewrites the comparison it made, never a folder of yours
+    made = (out / "comparison" / "comparison.csv").read_text()
+    (out / "comparison" / "comparison.csv").write_text("stale")
+    assert main(argv) == 1
+    assert (out / "comparison" / "comparison.csv").read_text() == made
+    (out / "comparison" / ".melanoma-mil.json").unlink()  # now as if you had made it
+    (out / "comparison" / "comparison.csv").write_text("yours")
+    assert main(argv) == 2
+    assert "comparison.csv" in capsys.readouterr().err
+    assert (out / "comparison" / "comparison.csv").read_text() == "yours"
