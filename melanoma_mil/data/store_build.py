@@ -1,0 +1,232 @@
+"""Building a bag store: the files' shapes from metadata (`scan`), then every bag checked and
+written under a temp name and renamed (`build`), serialised by a lock file. See `data.store`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from melanoma_mil.data.bags import features_entry, read_attrs, read_bag
+from melanoma_mil.errors import UserError
+from melanoma_mil.features.identity import feature_identity, identity_mismatch, plain
+from melanoma_mil.progress import progress
+from melanoma_mil.workshare import Claim
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+WAIT_S = 1.0
+
+
+@dataclass(frozen=True)
+class Source:
+    """One feature file as the store records it: a changed file never matches again."""
+
+    slide_id: str
+    path: str
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, slide_id: str, path: Path) -> Source:
+        st = path.stat()
+        return cls(slide_id, str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+    def key(self) -> tuple[str, int, int]:
+        return (self.path, self.size, self.mtime_ns)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Shapes without data: rows per slide, the feature dim, each file's own dtype."""
+
+    rows: dict[str, int]  # slide path -> tiles
+    dim: int
+    dtypes: dict[str, str]  # slide path -> numpy dtype name of the file's features
+
+    def store_dtype(self, wanted: str) -> str:
+        """auto: float16 only when every file is float16 (then the store is lossless)."""
+        if wanted != "auto":
+            return wanted
+        return "float16" if set(self.dtypes.values()) == {"float16"} else "float32"
+
+
+def read_index(folder: Path) -> dict[str, Any] | None:
+    try:
+        index = json.loads((folder / "index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ok = (
+        isinstance(index, dict)
+        and index.get("format") == FORMAT
+        and (folder / "features.npy").is_file()
+    )
+    return index if ok else None
+
+
+def _file_shape(path: Path) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype name) of a bag file's features without reading them."""
+    try:
+        if path.suffix == ".pt":
+            try:  # zip-format files open lazily; legacy ones are read whole
+                t = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                t = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(t, torch.Tensor | np.ndarray) and t.ndim > 0:
+                return tuple(t.shape), str(t.dtype).removeprefix("torch.")
+            what = type(t).__name__
+        else:
+            with h5py.File(path, "r") as f:
+                ds = features_entry(f, path)
+                if isinstance(ds, h5py.Dataset) and ds.shape and ds.dtype.kind in "biuf":
+                    return tuple(ds.shape), ds.dtype.name
+                what = f"{type(ds).__name__} of {getattr(ds, 'dtype', 'no dtype')}"
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise UserError(f"{path}: cannot read bag ({e}); re-run `extract` for it.") from None
+    raise UserError(
+        f"{path}: 'features' is a {what}, not a numeric array; re-run `extract` for this slide."
+    )
+
+
+def scan(sources: list[Source]) -> Layout:
+    """Shapes and dtypes of every file (metadata only), checking one feature dim."""
+    rows, dtypes = {}, {}
+    dim: tuple[str, int] | None = None
+    for s in progress(sources, desc="scanning bags", unit="bag", leave=False):
+        shape, dtype = _file_shape(Path(s.path))
+        if len(shape) == 3 and shape[0] == 1:
+            shape = shape[1:]
+        if len(shape) != 2:
+            raise UserError(f"{s.path}: features have shape {shape}, expected [N, D].")
+        if shape[0] == 0:
+            raise UserError(f"{s.path}: empty bag (0 tiles); drop the slide or re-tile it.")
+        dim = dim or (s.slide_id, shape[1])
+        if shape[1] != dim[1]:
+            raise UserError(
+                f"{s.path}: feature dim {shape[1]} but slide {dim[0]} has {dim[1]}; "
+                "bags from different encoders cannot be mixed."
+            )
+        rows[s.path], dtypes[s.path] = shape[0], dtype
+    assert dim is not None
+    return Layout(rows, dim[1], dtypes)
+
+
+def _identity(path: Path) -> dict[str, Any]:
+    attrs = read_attrs(path)
+    return {**feature_identity(attrs), "cache_key": plain(attrs.get("cache_key"))}
+
+
+def _write(tmp: Path, sources: list[Source], layout: Layout, dtype: str, lock: Claim) -> None:
+    """Every source's features, checked, into tmp/features.npy; then tmp/index.json."""
+    total = sum(layout.rows.values())
+    out = np.lib.format.open_memmap(
+        tmp / "features.npy", mode="w+", dtype=np.dtype(dtype), shape=(total, layout.dim)
+    )
+    first: tuple[Source, dict[str, Any]] | None = None
+    files, start = [], 0
+    for s in progress(sources, desc="building bag store", unit="bag", leave=False):
+        path = Path(s.path)
+        feats, _ = read_bag(path)  # checked first: a broken file is named as such
+        ident = _identity(path)
+        first = first or (s, ident)
+        why = identity_mismatch(ident, first[1]) or (
+            ident["cache_key"] != first[1]["cache_key"] and "has another cache_key"
+        )
+        if why:
+            raise UserError(
+                f"{path} {why} (as slide {first[0].slide_id} has): features_dir mixes feature "
+                "caches. Point data.features_dir at one cache."
+            )
+        n = layout.rows[s.path]
+        if feats.shape != (n, layout.dim):
+            raise UserError(f"{path} changed while the bag store was built; run again.")
+        block = out[start : start + n]
+        block[...] = feats
+        if not np.isfinite(block).all():
+            raise UserError(f"{path}: features overflow {dtype}; use data.dtype=float32 (or auto).")
+        files.append({**asdict(s), "start": start, "rows": n, "dtype": layout.dtypes[s.path]})
+        start += n
+        lock.heartbeat()
+    out.flush()
+    del out
+    index = {
+        "format": FORMAT,
+        "dtype": dtype,
+        "dim": layout.dim,
+        "rows": total,
+        "identity": first[1] if first else {},
+        "built": {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()},
+        "files": files,
+    }
+    (tmp / "index.json").write_text(json.dumps(index) + "\n")
+
+
+def _name(sources: list[Source], dtype: str) -> str:
+    digest = hashlib.sha256(json.dumps([dtype, [s.key() for s in sources]]).encode())
+    return f"{dtype}-{len(sources)}slides-{digest.hexdigest()[:12]}"
+
+
+def _check_disk(root: Path, need: int) -> None:
+    free = shutil.disk_usage(root).free
+    if need > free * 0.95:
+        raise UserError(
+            f"the bag store needs {need / 1e9:.2f} GB but '{root}' has {free / 1e9:.2f} GB free: "
+            "free space there, pass data.store_dir=PATH on a disk with room, or "
+            "data.dtype=float16 (half the size)."
+        )
+
+
+def build(root: Path, sources: list[Source], layout: Layout, dtype: str) -> Path:
+    """Build the store under its lock and return its folder; a process that finds the lock
+    held waits, then returns the holder's store (or builds it, if the holder died)."""
+    name = _name(sources, dtype)
+    final = root / name
+    root.mkdir(parents=True, exist_ok=True)
+    lock = Claim(root / f".{name}.lock")
+    waited = 0.0
+    while not lock.acquire():
+        if read_index(final) is not None:
+            return final
+        if waited == 0.0:
+            log.info("waiting for %s (pid %s) to build the bag store %s",
+                     lock.owner.get("host"), lock.owner.get("pid"), final)  # fmt: skip
+        time.sleep(WAIT_S)
+        waited += WAIT_S
+    try:
+        if read_index(final) is not None:  # built by the process we waited for
+            return final
+        if final.exists():  # never a partial build (those are renamed in whole): damaged since
+            raise UserError(
+                f"bag store '{final}' is damaged (no readable index.json or features.npy); "
+                "delete that folder and run again: it is a cache, rebuilt from the feature files."
+            )
+        for stale in root.glob(f".{name}.*.tmp"):  # left by a killed builder
+            shutil.rmtree(stale, ignore_errors=True)
+        nbytes = sum(layout.rows.values()) * layout.dim * np.dtype(dtype).itemsize
+        _check_disk(root, nbytes)
+        tmp = root / f".{name}.{os.getpid()}.tmp"
+        tmp.mkdir()
+        try:
+            started = time.perf_counter()
+            _write(tmp, sources, layout, dtype, lock)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("built bag store %s (%.2f GB) in %.0f s", final, nbytes / 1e9,
+                 time.perf_counter() - started)  # fmt: skip
+        return final
+    finally:
+        lock.release()
