@@ -8,18 +8,18 @@ Sections are shared between commands (``EncoderConfig`` is used by extract, pred
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
-from melanoma_mil.errors import UserError
-
-T = TypeVar("T")
+from melanoma_mil.configtools import (
+    bounded,
+    choice,
+    pattern,
+    positive,
+)
+from melanoma_mil.configtools import check as check
+from melanoma_mil.configtools import describe as describe
+from melanoma_mil.configtools import load_config as load_config
+from melanoma_mil.configtools import to_yaml as to_yaml
 
 # model.name choices live here, not in the model registry, so `--help` and config errors answer
 # without importing torch; tests check that the registry holds exactly these names.
@@ -35,34 +35,6 @@ MODEL_NAMES = (
     "max",
 )
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
-
-
-def choice(default: str, *allowed: str) -> Any:
-    """A field whose value must be one of ``allowed`` (checked at parse time, shown by --help)."""
-    return field(default=default, metadata={"choices": tuple(allowed)})
-
-
-def bounded(
-    default: Any,
-    low: float | None = None,
-    high: float | None = None,
-    open_low: bool = False,
-    open_high: bool = False,
-) -> Any:
-    """A numeric field in [low, high] (an end excluded with ``open_low`` / ``open_high``); None
-    stays allowed for optional fields."""
-    return field(default=default, metadata={"range": (low, high, open_low, open_high)})
-
-
-def positive(default: Any) -> Any:
-    """A numeric field > 0."""
-    return bounded(default, 0, open_low=True)
-
-
-def pattern(default: str, regex: str, shown: str) -> Any:
-    """A string field matching ``regex`` in full (checked at parse time); ``shown`` is the form
-    --help and errors give, e.g. "predicted|median|quantiles:K"."""
-    return field(default=default, metadata={"pattern": (regex, shown)})
 
 
 # --------------------------------------------------------------------------- clinical evaluation
@@ -446,146 +418,3 @@ class DemoConfig:
     folds: int = bounded(3, 2)
     max_epochs: int = bounded(30, 1)
     lr: float = positive(1e-3)
-
-
-# --------------------------------------------------------------------------- loading
-def _all_keys(node: Any, prefix: str = "") -> list[str]:
-    keys: list[str] = []
-    if isinstance(node, DictConfig):
-        for k in node:
-            full = f"{prefix}{k}"
-            keys.append(full)
-            child = node._get_node(k)
-            if isinstance(child, DictConfig) and not child._is_none():
-                keys.extend(_all_keys(child, f"{full}."))
-    return keys
-
-
-# keys of earlier versions -> what replaced them: users get the new key's name; the config.yaml
-# of a run recorded by an earlier version still loads (the key only shaped its training)
-RETIRED_KEYS = {
-    "trainer.average_epochs": "trainer.average_fraction (the share of the final epochs whose "
-    "weights are averaged, e.g. 0.5)",
-}
-
-
-def _unknown_key_error(schema: DictConfig, key: str, source: str) -> UserError:
-    if key in RETIRED_KEYS:
-        return UserError(f"'{key}' in {source} was replaced by {RETIRED_KEYS[key]}.")
-    valid = _all_keys(schema)
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else " Run with --help to list the keys."
-    return UserError(f"unknown config key '{key}' in {source}.{hint}")
-
-
-def _merge(base: DictConfig, layer: DictConfig | Any, source: str) -> DictConfig:
-    try:
-        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
-    except (ConfigKeyError, ConfigAttributeError) as e:
-        key = getattr(e, "full_key", None) or str(e)
-        raise _unknown_key_error(base, str(key), source) from None
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", "?")
-        msg = str(e).splitlines()[0]
-        raise UserError(f"bad value for '{key}' in {source}: {msg}") from None
-
-
-def load_config(
-    schema: type[T],
-    files: list[str] | None = None,
-    dotlist: list[str] | None = None,
-    recorded: bool = False,
-) -> T:
-    """Merge defaults, YAML files and ``key=value`` overrides into a typed ``schema`` instance.
-
-    ``recorded``: the files were written by `fit` (a run's config.yaml), maybe by an earlier
-    version: RETIRED_KEYS in them are dropped instead of refused."""
-    cfg: DictConfig = OmegaConf.structured(schema)
-    for file in files or []:
-        path = Path(file)
-        if not path.is_file():
-            raise UserError(f"config file '{file}' not found: check the --config path.")
-        try:
-            layer = OmegaConf.load(path)
-        except Exception as e:  # yaml errors come in many types
-            raise UserError(f"config file '{file}' is not valid YAML: {e}") from None
-        if recorded and isinstance(layer, DictConfig):
-            for key in RETIRED_KEYS:
-                section, _, name = key.rpartition(".")
-                node = OmegaConf.select(layer, section)
-                if isinstance(node, DictConfig) and name in node:
-                    node.pop(name)
-        cfg = _merge(cfg, layer, f"config file '{file}'")
-    for item in dotlist or []:
-        if "=" not in item:
-            raise UserError(f"override '{item}' is not key=value (e.g. trainer.max_epochs=20).")
-        key = item.split("=", 1)[0].lstrip("+")
-        try:
-            layer = OmegaConf.from_dotlist([item.lstrip("+")])
-        except OmegaConfBaseException as e:
-            raise UserError(f"cannot parse override '{item}': {e}") from None
-        cfg = _merge(cfg, layer, f"override '{key}'")
-    typed: T = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    check(typed)
-    return typed
-
-
-def _bounds_text(spec: tuple[float | None, float | None, bool, bool]) -> str:
-    low, high, open_low, open_high = spec
-    if high is None:
-        return f"{'>' if open_low else '>='} {low:g}"
-    return f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-
-
-def _problem(value: Any, meta: Any) -> str | None:
-    """Why ``value`` breaks a field's declared choices or range, or None."""
-    if "choices" in meta and value not in meta["choices"]:
-        return f"is not one of {'|'.join(meta['choices'])}"
-    if "pattern" in meta and value is not None and not re.fullmatch(meta["pattern"][0], value):
-        return f"is not of the form {meta['pattern'][1]}"
-    if "range" in meta and value is not None:
-        low, high, open_low, open_high = meta["range"]
-        below = low is not None and (value <= low if open_low else value < low)
-        above = high is not None and (value >= high if open_high else value > high)
-        if below or above or value != value:  # the last: NaN
-            return f"must be {_bounds_text(meta['range'])}"
-    return None
-
-
-def check(cfg: Any, prefix: str = "") -> None:
-    """Every declared choice and range of ``cfg``'s fields, recursively: one error, before work.
-
-    Called by `load_config`, and by code that builds configs itself (sweep runs)."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            check(value, f"{prefix}{f.name}.")
-            continue
-        why = _problem(value, f.metadata)
-        if why:
-            raise UserError(f"{prefix}{f.name}={value!r} {why}; fix the override or config file.")
-
-
-def to_yaml(cfg: Any) -> str:
-    """Resolved config as YAML (what `--print-config` shows and runs save as config.yaml)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def describe(schema: type | Any, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, type, default) rows for `--help`, walking nested sections' actual defaults."""
-    defaults = schema() if isinstance(schema, type) else schema
-    rows: list[tuple[str, str, str]] = []
-    for f in dataclasses.fields(defaults):
-        value = getattr(defaults, f.name)
-        if dataclasses.is_dataclass(value):
-            rows.extend(describe(value, f"{prefix}{f.name}."))
-        else:
-            kind = str(f.type)
-            if "choices" in f.metadata:
-                kind = "|".join(f.metadata["choices"])
-            elif "pattern" in f.metadata:
-                kind = f.metadata["pattern"][1]
-            elif "range" in f.metadata:
-                kind = f"{kind}, {_bounds_text(f.metadata['range'])}"
-            rows.append((f"{prefix}{f.name}", kind, repr(value)))
-    return rows
