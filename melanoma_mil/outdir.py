@@ -66,17 +66,11 @@ def claim_output(
 
     ``outputs`` are glob patterns of the files the command writes: a folder without a marker
     that already holds some is taken over only with ``overwrite``."""
-    out = Path(folder)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir '{out}' is a file, not a folder; choose another output_dir.")
+    out = _folder(folder)
     command = record["command"]
     marker = read_marker(out)
     if marker is not None:
-        if marker.get("command") != command:
-            raise UserError(
-                f"output_dir '{out}' holds output of {made_by(marker)}; `{command}` writes into "
-                "a folder of its own: choose another output_dir."
-            )
+        _same_command(out, marker, command)
         if marker.get("run_id") != record.get("run_id"):
             if not overwrite:
                 raise UserError(
@@ -106,15 +100,24 @@ def claim_shared(folder: str | Path, command: str) -> None:
     """Make ``folder`` ``command``'s or refuse it, for commands that many processes share and
     resume file by file (`tile`, `extract`, `sweep`). A folder without a marker is adopted, as
     folders made before markers existed: these commands check each file they would replace."""
-    out = Path(folder)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir '{out}' is a file, not a folder; choose another output_dir.")
+    out = _folder(folder)
     marker = read_marker(out)
     if marker is None:
         out.mkdir(parents=True, exist_ok=True)
         if write_marker(out, {"command": command}):
             return
         marker = read_marker(out) or {}  # another process was faster: check its claim
+    _same_command(out, marker, command)
+
+
+def _folder(folder: str | Path) -> Path:
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir '{out}' is a file, not a folder; choose another output_dir.")
+    return out
+
+
+def _same_command(out: Path, marker: dict[str, Any], command: str) -> None:
     if marker.get("command") != command:
         raise UserError(
             f"output_dir '{out}' holds output of {made_by(marker)}; `{command}` writes into a "
