@@ -165,6 +165,9 @@ def test_local_grid_of_two_encoders_gives_two_paired_fits_and_a_comparison(
     assert (out / "comparison" / "comparison.csv").read_text() == made
     (out / "comparison" / ".melanoma-mil.json").unlink()  # now as if you had made it
     (out / "comparison" / "comparison.csv").write_text("yours")
-    assert main(argv) == 2
+    results = (out / "sweep_results.csv").read_bytes()
+    (out / "sweep_results.csv").write_bytes(b"untouched")
+    assert main(argv) == 2  # refused before any work: not even the results table is rewritten
     assert "comparison.csv" in capsys.readouterr().err
     assert (out / "comparison" / "comparison.csv").read_text() == "yours"
+    assert (out / "sweep_results.csv").read_bytes() == b"untouched" != results

@@ -30,9 +30,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from melanoma_mil import config as C
 from melanoma_mil.errors import UserError
+from melanoma_mil.evaluation.compare import OUTPUTS as COMPARE_OUTPUTS
 from melanoma_mil.evaluation.compare import compare_runs
 from melanoma_mil.io import atomic_path, write_json
-from melanoma_mil.outdir import claim_shared, read_marker
+from melanoma_mil.outdir import claim_output, claim_shared, read_marker
 from melanoma_mil.rundir import SPLITS, load_run
 from melanoma_mil.tracking.loggers import SUMMARY_KEYS, summary_metrics
 
@@ -188,6 +189,7 @@ def run_sweep(cfg: C.SweepConfig) -> int:
     ledger_path = out / "sweep.json"
     entries = _ledger(ledger_path, spec, cfg.overwrite)
     claim_shared(out, "sweep")
+    replace_comparison = _own_comparison(out / "comparison")
     random.seed(cfg.seed)  # the engine draws random and bayes suggestions from these
     np.random.seed(cfg.seed)
     done = [e for e in entries if e["state"] == "finished"]
@@ -217,11 +219,24 @@ def run_sweep(cfg: C.SweepConfig) -> int:
             entry.update(state="failed", error=f"{type(e).__name__}: {e}")
         entries.append(entry)
         write_json(ledger_path, {"sweep": spec, "sweep_file": cfg.sweep_file, "runs": entries})
-    return _report(cfg, spec, entries, out)
+    return _report(cfg, spec, entries, out, replace_comparison)
+
+
+def _own_comparison(folder: Path) -> bool:
+    """Whether an earlier comparison of this sweep made ``folder`` (then it is replaced); a
+    folder of yours holding compare's outputs is refused here, before any fit."""
+    if (read_marker(folder) or {}).get("command") == "compare":
+        return True
+    claim_output(folder, {"command": "compare"}, False, COMPARE_OUTPUTS, write=False)
+    return False
 
 
 def _report(
-    cfg: C.SweepConfig, spec: dict[str, Any], entries: list[dict[str, Any]], out: Path
+    cfg: C.SweepConfig,
+    spec: dict[str, Any],
+    entries: list[dict[str, Any]],
+    out: Path,
+    replace_comparison: bool,
 ) -> int:
     rows = [
         {"run": e["name"], "state": e["state"], **e["params"], **e.get("metrics", {})}
@@ -238,12 +253,12 @@ def _report(
     print(table[[c for c in dict.fromkeys(shown) if c in table.columns]].to_string(index=False))
     finished = [str(out / e["name"]) for e in entries if e["state"] == "finished"]
     if len(finished) >= 2:
-        comparison = out / "comparison"
-        # replaced when an earlier comparison of this sweep made it, never a folder of yours
-        mine = (read_marker(comparison) or {}).get("command") == "compare"
         compare_runs(
             C.CompareConfig(
-                run_dirs=finished, output_dir=str(comparison), seed=cfg.seed, overwrite=mine
+                run_dirs=finished,
+                output_dir=str(out / "comparison"),
+                seed=cfg.seed,
+                overwrite=replace_comparison,
             )
         )
     failed = [e["name"] for e in entries if e["state"] != "finished"]
