@@ -17,6 +17,14 @@ from PIL import Image
 
 from melanoma_mil.demo.pyramid import write_pyramid
 
+# tiled JPEG/RGB at quality 90, no tifffile metadata: what the scanner formats below store
+JPEG_TILES = {
+    "tile": (256, 256),
+    "photometric": "rgb",
+    "compression": "jpeg",
+    "compressionargs": {"level": 90},
+    "metadata": None,
+}
 NDPI_TAGS = {"format": 65420, "lens": 65421, "x": 65422, "y": 65423, "z": 65424}
 
 
@@ -40,20 +48,12 @@ def aperio_svs(path: Path, img: np.ndarray, mpp: float, mag: int = 20) -> Path:
     with tifffile.TiffWriter(path) as tif:
         tif.write(
             img,
-            tile=(256, 256),
-            photometric="rgb",
-            compression="jpeg",
-            compressionargs={"level": 90},
-            metadata=None,
+            **JPEG_TILES,
             description=f"{head}{w}x{h} [0,0 {w}x{h}] (256x256) JPEG/RGB Q=90{meta}",
         )
         tif.write(
             small,
-            tile=(256, 256),
-            photometric="rgb",
-            compression="jpeg",
-            compressionargs={"level": 90},
-            metadata=None,
+            **JPEG_TILES,
             description=f"{head}{w}x{h} -> {small.shape[1]}x{small.shape[0]} - {meta}",
         )
     return path
@@ -119,11 +119,7 @@ def philips_tiff(path: Path, img: np.ndarray, mpp: float) -> Path:
         for i, level in enumerate((img, shrink(img))):
             tif.write(
                 level,
-                tile=(256, 256),
-                photometric="rgb",
-                compression="jpeg",
-                compressionargs={"level": 90},
-                metadata=None,
+                **JPEG_TILES,
                 subfiletype=1 if i else 0,
                 description=xml if i == 0 else None,
                 software="Philips DP v1.0" if i == 0 else None,
@@ -146,11 +142,7 @@ def ventana_bif(path: Path, img: np.ndarray, mpp: float, mag: int = 20) -> Path:
         for i, level in enumerate((img, shrink(img))):
             tif.write(
                 level,
-                tile=(256, 256),
-                photometric="rgb",
-                compression="jpeg",
-                compressionargs={"level": 90},
-                metadata=None,
+                **JPEG_TILES,
                 description=f"level={i} mag={mag // 4**i} quality=90",
             )
     return path
@@ -188,11 +180,7 @@ def leica_scn(path: Path, img: np.ndarray, mpp: float) -> Path:
         for i, level in enumerate((img, small)):
             tif.write(
                 level,
-                tile=(256, 256),
-                photometric="rgb",
-                compression="jpeg",
-                compressionargs={"level": 90},
-                metadata=None,
+                **JPEG_TILES,
                 subfiletype=1 if i else 0,
                 description=xml if i == 0 else None,
                 resolution=(1e4 / (mpp * 4**i),) * 2,
