@@ -73,10 +73,10 @@ def claim_output(
         _same_command(out, marker, command)
         if marker.get("run_id") != record.get("run_id"):
             if not overwrite:
+                this = f"run {record['run_dir']}" if record.get("run_dir") else "this call"
                 raise UserError(
-                    f"output_dir '{out}' holds output of {made_by(marker)}, not of run "
-                    f"{record.get('run_dir')}; choose another output_dir or pass overwrite=true "
-                    "to redo it for this run."
+                    f"output_dir '{out}' holds output of {made_by(marker)}, not of {this}; "
+                    "choose another output_dir or pass overwrite=true to redo it here."
                 )
             if write:
                 write_json(out / MARKER, record)

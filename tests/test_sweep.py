@@ -163,7 +163,16 @@ def test_local_grid_of_two_encoders_gives_two_paired_fits_and_a_comparison(
     (out / "comparison" / "comparison.csv").write_text("stale")
     assert main(argv) == 1
     assert (out / "comparison" / "comparison.csv").read_text() == made
-    (out / "comparison" / ".melanoma-mil.json").unlink()  # now as if you had made it
+    # Your own `compare` into that folder must ask, and is then never taken for the sweep's.
+    mine = ["compare", *map(str, dirs), f"output_dir={out / 'comparison'}", "bootstrap=100"]
+    assert main(mine) == 2
+    assert "overwrite=true" in capsys.readouterr().err
+    assert main([*mine, "overwrite=true"]) == 0
+    yours = (out / "comparison" / "comparison.md").read_text()
+    assert main(argv) == 2
+    assert "not this sweep's comparison" in capsys.readouterr().err
+    assert (out / "comparison" / "comparison.md").read_text() == yours
+    (out / "comparison" / ".melanoma-mil.json").unlink()  # as if made before markers existed
     (out / "comparison" / "comparison.csv").write_text("yours")
     results = (out / "sweep_results.csv").read_bytes()
     (out / "sweep_results.csv").write_bytes(b"untouched")

@@ -265,8 +265,11 @@ def _reference_index(runs: list[RunResult], reference: str | None) -> int:
     raise UserError(f"reference={reference!r} is none of the runs {[r.name for r in runs]}.")
 
 
-def compare_runs(cfg: CompareConfig) -> pd.DataFrame:
-    """Load, check and compare the runs; write the outputs; return the per-run table."""
+def compare_runs(cfg: CompareConfig, marker: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Load, check and compare the runs; write the outputs; return the per-run table.
+
+    ``marker`` (default ``{"command": "compare"}``) says who made the folder: `sweep` marks its
+    own comparison so that it never takes one of yours for it."""
     if len(cfg.run_dirs) < 2:
         raise UserError("compare needs at least two run dirs: compare RUN_DIR RUN_DIR ...")
     out = Path(cfg.output_dir)
@@ -282,7 +285,7 @@ def compare_runs(cfg: CompareConfig) -> pd.DataFrame:
     table, folds = comparison_tables(
         runs, _reference_index(runs, cfg.reference), cfg.bootstrap, cfg.seed
     )
-    claim_output(out, {"command": "compare"}, cfg.overwrite, OUTPUTS)
+    claim_output(out, marker or {"command": "compare"}, cfg.overwrite, OUTPUTS)
     with atomic_path(out / "comparison.csv") as tmp:
         table.to_csv(tmp, index=False)
     with atomic_path(out / "comparison_folds.csv") as tmp:

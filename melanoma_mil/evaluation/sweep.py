@@ -33,7 +33,7 @@ from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.compare import OUTPUTS as COMPARE_OUTPUTS
 from melanoma_mil.evaluation.compare import compare_runs
 from melanoma_mil.io import atomic_path, write_json
-from melanoma_mil.outdir import claim_output, claim_shared, read_marker
+from melanoma_mil.outdir import claim_shared, made_by, read_marker
 from melanoma_mil.rundir import SPLITS, load_run
 from melanoma_mil.tracking.loggers import SUMMARY_KEYS, summary_metrics
 
@@ -189,7 +189,7 @@ def run_sweep(cfg: C.SweepConfig) -> int:
     ledger_path = out / "sweep.json"
     entries = _ledger(ledger_path, spec, cfg.overwrite)
     claim_shared(out, "sweep")
-    replace_comparison = _own_comparison(out / "comparison")
+    replace_comparison = _own_comparison(out)
     random.seed(cfg.seed)  # the engine draws random and bayes suggestions from these
     np.random.seed(cfg.seed)
     done = [e for e in entries if e["state"] == "finished"]
@@ -222,12 +222,34 @@ def run_sweep(cfg: C.SweepConfig) -> int:
     return _report(cfg, spec, entries, out, replace_comparison)
 
 
-def _own_comparison(folder: Path) -> bool:
-    """Whether an earlier comparison of this sweep made ``folder`` (then it is replaced); a
-    folder of yours holding compare's outputs is refused here, before any fit."""
-    if (read_marker(folder) or {}).get("command") == "compare":
+def _comparison_marker(out: Path) -> dict[str, Any]:
+    """The marker of the sweep's own comparison: a `compare` of yours has no ``run_id``."""
+    return {"command": "compare", "run_id": "sweep", "run_dir": str(out)}
+
+
+def _own_comparison(out: Path) -> bool:
+    """Whether an earlier comparison of this sweep made ``out/comparison`` (then it is
+    replaced); anything else there (a `compare` of yours) is refused here, before any fit."""
+    folder = out / "comparison"
+    marker = read_marker(folder)
+    if (
+        marker is not None
+        and marker.get("command") == "compare"
+        and marker.get("run_id") == "sweep"
+    ):
         return True
-    claim_output(folder, {"command": "compare"}, False, COMPARE_OUTPUTS, write=False)
+    if folder.exists() and not folder.is_dir():
+        held = "a file"
+    elif marker is not None:
+        held = f"output of {made_by(marker)}"
+    else:
+        found = sorted({p.name for pattern in COMPARE_OUTPUTS for p in folder.glob(pattern)})
+        held = f"{found} from an unknown run" if found else ""
+    if held:
+        raise UserError(
+            f"'{folder}' holds {held}, not this sweep's comparison; move it away: the sweep "
+            "writes its comparison there."
+        )
     return False
 
 
@@ -259,7 +281,8 @@ def _report(
                 output_dir=str(out / "comparison"),
                 seed=cfg.seed,
                 overwrite=replace_comparison,
-            )
+            ),
+            marker=_comparison_marker(out),
         )
     failed = [e["name"] for e in entries if e["state"] != "finished"]
     if failed:
