@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from melanoma_mil.io import atomic_h5
+from melanoma_mil.io import atomic_h5, write_text
 
 
 def make_bag_cohort(
@@ -62,5 +62,5 @@ def make_bag_cohort(
                 )
             rows.append({"slide_id": slide_id, "patient_id": f"P{p:04d}", "label": classes[label]})
     labels = out / "labels.csv"
-    pd.DataFrame(rows).to_csv(labels, index=False)
+    write_text(labels, pd.DataFrame(rows).to_csv(index=False))
     return features, labels
