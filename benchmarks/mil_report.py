@@ -97,9 +97,8 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
                 ax.axvline(ref.mean(), ls="--", lw=1, color="C3")
             ax.set_yticks(range(len(methods)), methods, fontsize=7)
             ax.invert_yaxis()
-            ax.set_title(
-                f"{name}: {metric} (dots: seeds, bar: mean, dashed: reference)", fontsize=8
-            )
+            ax.set_title(f"{name}: {metric}", fontsize=9)
+    fig.suptitle("dots: seeds, bar: their mean, dashed line: the reference's mean", fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
