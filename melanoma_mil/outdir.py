@@ -1,7 +1,8 @@
 """Output folders say which command (and which trained run) made them.
 
 Each command's output folder holds a small marker, ``.melanoma-mil.json``: ``{"command": ...}``
-and, for `predict` and `heatmap`, the ``run_id`` and ``run_dir`` of the run they applied. A
+and, for `predict` and `heatmap`, the ``run_id`` and ``run_dir`` of the run they applied (a
+sweep's own comparison: ``run_id`` "sweep" and the sweep's folder). A
 command refuses a folder another command made (one would replace the other's files, or resume
 from them) and a folder of its own made for another run unless ``overwrite=true``. `fit`'s run
 folders carry the same marker with the run's identity (see `rundir`); `tile`, `extract` and
