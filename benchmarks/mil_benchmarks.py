@@ -51,7 +51,8 @@ from torch import nn
 
 from melanoma_mil.config import CLINICAL_KEYS, MODEL_NAMES, CVConfig, FitConfig, load_config
 from melanoma_mil.data.splits import make_splits
-from melanoma_mil.io import atomic_h5, write_json
+from melanoma_mil.errors import UserError
+from melanoma_mil.io import atomic_h5, check_writable, write_json
 from melanoma_mil.metrics import bag_metrics
 from melanoma_mil.training.cv import run_fit
 
@@ -287,6 +288,13 @@ def main() -> None:
     if unknown:
         choices = [REFERENCE, *MODEL_NAMES, "reference+K"]
         p.error(f"unknown model(s) {unknown}; choose from {choices}")
+    if args.plot:  # refused before any run, not after hours of them
+        if args.plot.is_dir():
+            p.error(f"--plot {args.plot} is a folder; give a .png file path")
+        try:
+            check_writable(args.plot.parent, "--plot")
+        except UserError as e:
+            p.error(str(e))
     quiet(args.threads)
     work = Path(args.work)
     wheel = None if args.report else wheel_path(args.wheel, work)
