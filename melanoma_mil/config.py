@@ -344,6 +344,8 @@ class HeatmapConfig:
     # <output_dir>/_work with the run's recorded tiling and encoder
     features_dir: str | None = None
     encoder_weights: str | None = None  # the weights file, when the run's encoder used one
+    # CSV slide_id,mpp for slides that record no resolution (tiled into <output_dir>/_work)
+    mpp_csv: str | None = None
     top_k: int = bounded(8, 1)  # montage: the k most and k least attended tiles
     thumbnail_size: int = bounded(2048, 64)  # long side (px) of the heatmap drawing
     geojson: bool = False  # tiles.geojson with scores, for QuPath

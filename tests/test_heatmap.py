@@ -101,11 +101,15 @@ def test_heatmap_files_sizes_geojson_and_rerun(pipe: Pipeline, tmp_path: Path) -
     assert ring == [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
     total = sum(f["properties"]["measurements"]["attention"] for f in gj["features"])
     assert total == pytest.approx(1.0, abs=1e-4)
-    # a rerun keeps existing heatmaps
+    # a rerun keeps existing heatmaps, and its table still holds every slide's result
     before = (out / sid / "heatmap.png").stat().st_mtime_ns
     assert run_heatmap(cfg) == 0
-    assert set(pd.read_csv(out / "heatmaps.csv")["status"]) == {"skipped"}
+    again = pd.read_csv(out / "heatmaps.csv")
+    assert set(again["status"]) == {"skipped"}
     assert (out / sid / "heatmap.png").stat().st_mtime_ns == before
+    same = ["slide_id", "n_tiles", "prob", "prob_fold_0", "prob_fold_1", "pred", "heatmap",
+            "montage", "geojson"]  # fmt: skip
+    pd.testing.assert_frame_equal(again[same], table[same])
 
 
 def test_100k_tile_slide_renders_without_a_full_resolution_canvas(tmp_path: Path) -> None:

@@ -185,8 +185,8 @@ def test_patients_csv_scores_each_patients_pooled_tiles(pipe: Pipeline, tmp_path
         shutil.copy(pipe.features / f"{sid}.h5", cache)
     (cache / "slide_003.h5").write_bytes(b"truncated")
     patients = tmp_path / "patients.csv"
-    pd.DataFrame(
-        {"slide_id": ["slide_000", "slide_001", "slide_002", "slide_003"],
+    pd.DataFrame(  # P1's slides listed out of name order: pooled in this order, as by `fit`
+        {"slide_id": ["slide_001", "slide_000", "slide_002", "slide_003"],
          "patient_id": ["P1", "P1", "P2", "P2"]}
     ).to_csv(patients, index=False)  # fmt: skip
     out = tmp_path / "pred"
@@ -196,12 +196,16 @@ def test_patients_csv_scores_each_patients_pooled_tiles(pipe: Pipeline, tmp_path
     table = pd.read_csv(out / "patient_predictions.csv").set_index("patient_id")
     assert list(table.index) == ["P1", "P2"] and list(table["n_slides"]) == [2, 1]
     assert table.loc["P2", "left_out"] == "slide_003"
+    assert table.loc["P1", "slide_ids"] == "slide_001;slide_000"
     ensemble = Ensemble(load_run(pipe.run_dir), torch.device("cpu"))
-    pooled = np.concatenate([read_bag(cache / f"slide_00{i}.h5")[0] for i in (0, 1)])
+    pooled = np.concatenate([read_bag(cache / f"slide_00{i}.h5")[0] for i in (1, 0)])
     probs, _ = ensemble(pooled)
     assert table.loc["P1", "prob"] == pytest.approx(float(probs[:, 1].mean()), abs=1e-6)
     assert table.loc["P1", "n_tiles"] == len(pooled)
     slides = pd.read_csv(out / "predictions.csv").set_index("slide_id")
+    assert slides["patient_id"].to_dict() == {
+        "slide_000": "P1", "slide_001": "P1", "slide_002": "P2", "slide_003": "P2"
+    }  # fmt: skip
     assert table.loc["P2", "prob"] == pytest.approx(slides.loc["slide_002", "prob"], abs=1e-6)
     bad = tmp_path / "bad.csv"
     bad.write_text("slide_id,label\nslide_000,x\n")

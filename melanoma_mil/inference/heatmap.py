@@ -9,11 +9,13 @@ resolution) and, with geojson=true, tiles.geojson for QuPath.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from melanoma_mil.config import HeatmapConfig
 from melanoma_mil.errors import UserError
+from melanoma_mil.ids import id_path
 from melanoma_mil.inference.analyse import (
     ATTENTION_FILE,
     FAILED,
@@ -21,13 +23,36 @@ from melanoma_mil.inference.analyse import (
     check_common,
     claim_for_run,
     made_for,
+    probability_columns,
 )
+from melanoma_mil.inference.attention import read_attention
 from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import prepare_inputs
 from melanoma_mil.io import write_text
 from melanoma_mil.tracking.loggers import log_slides
 
 OUTPUTS = (f"*/{ATTENTION_FILE}", "heatmaps.csv")
+FILES = {"heatmap": "heatmap.png", "montage": "montage.png", "geojson": "tiles.geojson"}
+
+
+def skipped_row(out: Path, slide_id: str) -> dict[str, Any] | None:
+    """heatmaps.csv's row of a slide done by an earlier call: its result read back from its
+    attention.h5 and its files, so a resumed table still holds every slide's result (None: the
+    file is unreadable, and the slide is redone)."""
+    folder = id_path(out, slide_id)
+    try:
+        amap = read_attention(folder / ATTENTION_FILE)
+    except (OSError, KeyError, ValueError):
+        return None
+    row: dict[str, Any] = {
+        "slide_id": slide_id,
+        "status": "skipped",
+        "n_tiles": len(amap.coords),
+        "reason": f"{ATTENTION_FILE} of this run exists (overwrite=true redoes it)",
+        **probability_columns(amap),
+    }
+    row.update({k: str(folder / n) for k, n in FILES.items() if (folder / n).is_file()})
+    return row
 
 
 def run_heatmap(cfg: HeatmapConfig) -> int:
@@ -38,23 +63,22 @@ def run_heatmap(cfg: HeatmapConfig) -> int:
     out = Path(cfg.output_dir)
     claim_for_run(cfg, run, "heatmap", OUTPUTS, write=False)
     found = [] if cfg.overwrite else sorted(out.glob(f"*/{ATTENTION_FILE}"))
-    done = {p.parent.name for p in found if made_for(p, run)}
-    inputs, skipped_ids = prepare_inputs(run, cfg, skip=done)
+    done = {
+        p.parent.name: row
+        for p in found
+        if made_for(p, run) and (row := skipped_row(out, p.parent.name))
+    }
+    inputs, skipped_ids = prepare_inputs(run, cfg, skip=set(done))
     claim_for_run(cfg, run, "heatmap", OUTPUTS, write=True)
-    skipped = pd.DataFrame(
-        {
-            "slide_id": skipped_ids,
-            "status": "skipped",
-            "reason": f"{ATTENTION_FILE} of this run exists (overwrite=true redoes it)",
-        }
-    )
+    skipped = pd.DataFrame([done[s] for s in skipped_ids])
     table = pd.DataFrame()
     if inputs:
         ensemble = Ensemble(run, resolve_device(cfg.device))
         table = analyse_all(inputs, ensemble, cfg, render=True, desc="heatmap")
-    table = pd.concat([table, skipped], ignore_index=True).sort_values("slide_id")
-    if table.empty:
+    frames = [t for t in (table, skipped) if not t.empty]
+    if not frames:
         raise UserError(f"no slides to draw: none found, or all already in '{out}'.")
+    table = pd.concat(frames, ignore_index=True).sort_values("slide_id")
     write_text(out / "heatmaps.csv", table.to_csv(index=False))
     log_slides(run.config, run.run_dir, table, out, "heatmap")
     counts = table["status"].value_counts().to_dict()

@@ -30,6 +30,8 @@ from melanoma_mil.features.identity import feature_identity, identity_mismatch, 
 from melanoma_mil.ids import id_path, id_problem
 from melanoma_mil.io import sha256_file, write_text
 from melanoma_mil.rundir import TrainedRun
+from melanoma_mil.tiling.coords import read_coords
+from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
 from melanoma_mil.tiling.slides import find_slides
 
 log = logging.getLogger(__name__)
@@ -164,8 +166,24 @@ def find_input_slides(cfg: HeatmapConfig, features: Path | None) -> dict[str, Pa
     if not files:
         raise UserError(f"no <slide_id>.h5 feature files in '{features}'; check features_dir.")
     recorded = {p.stem: _recorded_slide(p) for p in files}
-    found = {s: Path(p) if p and Path(p).is_file() else None for s, p in recorded.items()}
+    # exists, not is_file: a DICOM slide is a folder
+    found = {s: Path(p) if p and Path(p).exists() else None for s, p in recorded.items()}
     return _select(found, list(cfg.slide_ids), f"features_dir '{features}'")
+
+
+def slide_mismatch(slide: Path | None, features: Path) -> str | None:
+    """Why ``features`` were not made from the file at ``slide``, or None (also with no slide
+    to check): scored, they would report another slide's prediction under this slide's id."""
+    if slide is None:
+        return None
+    try:
+        recorded = str(plain(read_attrs(features).get("slide_fingerprint", "")))
+    except OSError:  # reported when the features are read
+        return None
+    why = fingerprint_mismatch(slide, recorded)
+    if why is None:
+        return None
+    return f"slide '{slide}' {why}; pass the slides that {features} was made from"
 
 
 def cached_inputs(
@@ -185,7 +203,8 @@ def cached_inputs(
             inputs.append(SlideInput(sid, slide, None, f"{path}: unreadable h5 ({e})"))
             continue
         check_features(attrs, run, path)
-        inputs.append(SlideInput(sid, slide, path))
+        why = slide_mismatch(slide, path)
+        inputs.append(SlideInput(sid, slide, None, why) if why else SlideInput(sid, slide, path))
     return inputs
 
 
@@ -195,25 +214,53 @@ def _reasons(csvs: list[Path]) -> dict[str, str]:
     for csv in csvs:
         if csv.is_file():
             df = pd.read_csv(csv, dtype={"slide_id": str}, keep_default_na=False)
-            for r in df[~df["status"].isin(["ok", "skipped"])].itertuples():
+            for r in df[~df["status"].isin(["ok", "done", "skipped"])].itertuples():
                 reasons.setdefault(str(r.slide_id), f"{r.status}: {r.reason}")
     return reasons
 
 
-def extracted_inputs(
-    run: TrainedRun, slides: dict[str, Path | None], cfg: HeatmapConfig
-) -> list[SlideInput]:
-    """Tile and extract the slides with the run's recorded settings into <output_dir>/_work."""
+def _made_from(path: Path, slide: Path, tiling: dict[str, Any]) -> bool:
+    """True if the coords or features at ``path`` were made from this very slide file (path and
+    fingerprint) with this tiling."""
+    try:
+        grid = read_coords(path)
+    except UserError:  # unreadable leftover
+        return False
+    same_path = Path(grid.slide_path).resolve() == slide.resolve()
+    same_file = fingerprint_mismatch(slide, grid.fingerprint) is None
+    return same_path and same_file and grid.tiling == tiling
+
+
+def clear_stale(work: Path, slides: dict[str, Path], tiling: TilingConfig) -> None:
+    """Delete the coords and features in ``work`` of each slide that were made from another file,
+    path or tiling, so `tile` and `extract` rebuild them (`tile` itself refuses coords of another
+    path, to protect a user's). ``work`` is this command's own cache folder."""
+    from melanoma_mil.tiling.run import resolved_tiling
+
+    wanted = resolved_tiling(tiling)
+    caches = [c for c in (work / "features").glob("*") if c.is_dir()]
+    cleared = []
+    for sid, slide in slides.items():
+        coords = id_path(work / "tiles" / "coords", sid, ".h5")
+        feats = [p for c in caches if (p := id_path(c, sid, ".h5")).is_file()]
+        files = [p for p in (coords, *feats) if p.is_file()]
+        if all(_made_from(p, slide, wanted) for p in files):
+            continue
+        for p in files:
+            p.unlink(missing_ok=True)
+        cleared.append(sid)
+    if cleared:
+        log.info("%s: rebuilding %s, made from another file or tiling", work, cleared[:5])
+
+
+def _tile_and_extract(
+    run: TrainedRun, usable: dict[str, Path], cfg: HeatmapConfig, work: Path, tiling: TilingConfig
+) -> bool:
+    """`tile` then `extract` ``usable`` into ``work``; False if no slide had tiles to extract."""
     from melanoma_mil.features.run import run_extract
     from melanoma_mil.tiling.run import run_tile
 
     encoder = encoder_config(run, cfg.encoder_weights)
-    tiling = tiling_config(run)
-    # the cache key names a folder: checked like an id, so a doctored provenance stays inside
-    work = id_path(Path(cfg.output_dir) / WORK, str(run.provenance.get("cache_key", "features")))
-    usable = {s: p for s, p in slides.items() if p is not None}
-    if not usable:
-        return [SlideInput(s, None, None, "slide file not found") for s in slides]
     manifest = work / "slides.csv"
     table = pd.DataFrame(
         {"slide_id": list(usable), "path": [str(p.resolve()) for p in usable.values()]}
@@ -225,44 +272,73 @@ def extracted_inputs(
             manifest=str(manifest),
             output_dir=str(work / "tiles"),
             workers=workers,
+            overwrite=cfg.overwrite,
+            mpp_csv=cfg.mpp_csv,
             tiling=tiling,
             extensions=list(cfg.extensions),
         )
     )
-    has_coords = any(id_path(work / "tiles" / "coords", s, ".h5").is_file() for s in usable)
-    if has_coords:
-        precision = str(run.provenance.get("precision", "auto"))
-        run_extract(
-            ExtractConfig(
-                coords_dir=str(work / "tiles"),
-                output_dir=str(work / "features"),
-                encoder=encoder,
-                batch_size=cfg.batch_size,
-                num_workers=cfg.num_workers,
-                device=cfg.device,
-                precision=precision if cfg.precision == "run" else cfg.precision,
-                dtype=str(run.provenance.get("feature_dtype", "float16")),
-                reader="fast" if run.provenance.get("read_mode") == "fast" else "auto",
-            )
+    if not any(id_path(work / "tiles" / "coords", s, ".h5").is_file() for s in usable):
+        return False
+    precision = str(run.provenance.get("precision", "auto"))
+    run_extract(
+        ExtractConfig(
+            coords_dir=str(work / "tiles"),
+            output_dir=str(work / "features"),
+            encoder=encoder,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            device=cfg.device,
+            precision=precision if cfg.precision == "run" else cfg.precision,
+            dtype=str(run.provenance.get("feature_dtype", "float16")),
+            reader="fast" if run.provenance.get("read_mode") == "fast" else "auto",
+            overwrite=cfg.overwrite,
         )
+    )
+    return True
+
+
+def extracted_inputs(
+    run: TrainedRun, slides: dict[str, Path | None], cfg: HeatmapConfig, own_masks: bool = True
+) -> list[SlideInput]:
+    """Tile and extract the slides with the run's recorded settings into <output_dir>/_work.
+
+    ``own_masks=False`` drops the run's tiling.mask_dir: its masks are named by the training
+    slides' ids, and new slides that share an id would be tiled with another slide's mask.
+    """
+    tiling = tiling_config(run)
+    if not own_masks:
+        tiling.mask_dir = None
+    # the cache key names a folder: checked like an id, so a doctored provenance stays inside
+    work = id_path(Path(cfg.output_dir) / WORK, str(run.provenance.get("cache_key", "features")))
+    usable = {s: p for s, p in slides.items() if p is not None}
+    if not usable:
+        return [SlideInput(s, None, None, "slide file not found") for s in slides]
+    clear_stale(work, usable, tiling)
+    extracted = _tile_and_extract(run, usable, cfg, work, tiling)
     caches = sorted(p for p in (work / "features").glob("*") if p.is_dir())
-    reasons = _reasons([work / "tiles" / "tiling.csv", *(c / "extract.csv" for c in caches)])
+    tables = [work / "tiles" / "tiling.csv"]
+    tables += [c / "extract.csv" for c in caches] if extracted else []
+    reasons = _reasons(tables)  # slides tile or extract failed in this call: never scored
     inputs = []
     for sid, slide in slides.items():
         found = [p for c in caches if (p := id_path(c, sid, ".h5")).is_file()]
-        if slide is None or not found:
-            why = "slide file not found" if slide is None else reasons.get(sid, "no features made")
-            inputs.append(SlideInput(sid, slide, None, why))
-            continue
-        check_features(read_attrs(found[0]), run, found[0])
-        inputs.append(SlideInput(sid, slide, found[0]))
+        why = "slide file not found" if slide is None else reasons.get(sid, "")
+        if not why and not found:
+            why = "no features made"
+        if not why:
+            check_features(read_attrs(found[0]), run, found[0])
+            why = slide_mismatch(slide, found[0]) or ""
+        features = None if why else found[0]
+        inputs.append(SlideInput(sid, slide, features, why))
     return inputs
 
 
 def prepare_inputs(
-    run: TrainedRun, cfg: HeatmapConfig, skip: set[str] | None = None
+    run: TrainedRun, cfg: HeatmapConfig, skip: set[str] | None = None, own_masks: bool = True
 ) -> tuple[list[SlideInput], list[str]]:
-    """The slides of ``cfg`` with features that match the run, and the ids left out by ``skip``."""
+    """The slides of ``cfg`` with features that match the run, and the ids left out by ``skip``;
+    ``own_masks=False``: the slides are not the run's (see :func:`extracted_inputs`)."""
     folder = _cache_folder(Path(cfg.features_dir), run) if cfg.features_dir else None
     found = find_input_slides(cfg, folder)
     skipped = sorted(set(found) & (skip or set()))
@@ -271,4 +347,4 @@ def prepare_inputs(
         return [], skipped
     if folder is not None:
         return cached_inputs(run, slides, folder), skipped
-    return extracted_inputs(run, slides, cfg), skipped
+    return extracted_inputs(run, slides, cfg, own_masks), skipped

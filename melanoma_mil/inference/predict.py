@@ -4,8 +4,9 @@ Slides are tiled and encoded exactly as the run recorded (or read from a matchin
 cache); the ensemble probability is the mean over fold models. predictions.csv holds, per slide:
 slide_id, prob (binary: the positive = last class) and prob_<class>, pred, one prob_<fold> per
 fold model (prob_<fold>_<class> for several classes), n_tiles, status and reason. With
-patients_csv, patient_predictions.csv scores each patient's scored slides pooled into one bag,
-as `fit` builds bags with data.bag_level=patient.
+patients_csv, predictions.csv also holds each slide's patient_id, and patient_predictions.csv
+scores each patient's scored slides pooled into one bag, in the CSV's row order, as `fit`
+builds bags with data.bag_level=patient.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from melanoma_mil.config import PredictConfig
 from melanoma_mil.data.bags import read_bag
 from melanoma_mil.data.cohort import read_patients
 from melanoma_mil.errors import UserError
-from melanoma_mil.evaluation.hooks import check_inputs, write_report
+from melanoma_mil.evaluation.hooks import REPORT, check_inputs, write_report
+from melanoma_mil.ids import id_path
 from melanoma_mil.inference.analyse import (
     ATTENTION_FILE,
     FAILED,
@@ -38,11 +40,15 @@ from melanoma_mil.tracking.loggers import log_slides
 log = logging.getLogger(__name__)
 
 META = ["n_tiles", "status", "reason"]
+FILE_COLUMNS = ("heatmap", "montage", "geojson")
+# a slide's files in <output_dir>/<slide_id>/ (see analyse.render_files)
+SLIDE_FILES = (ATTENTION_FILE, "heatmap.png", "montage.png", "tiles.geojson")
+PATIENTS = "patient_predictions.csv"
 
 
 def _ordered(table: pd.DataFrame) -> pd.DataFrame:
     """slide_id and prediction columns first, file paths and bookkeeping last."""
-    files = [c for c in ("heatmap", "montage", "geojson") if c in table]
+    files = [c for c in FILE_COLUMNS if c in table]
     front = [c for c in table.columns if c not in {"slide_id", *META, *files}]
     return table[["slide_id", *front, *META, *files]].sort_values("slide_id")
 
@@ -52,13 +58,16 @@ def patient_table(
 ) -> pd.DataFrame:
     """One row per patient: the ensemble on all tiles of the patient's successfully scored
     slides (slides that failed are listed in left_out, not pooled), with predictions.csv's
-    probability columns."""
+    probability columns. Slides are pooled in the patients CSV's row order, as `fit` pools them
+    (order-sensitive models, e.g. TransMIL, score another order differently)."""
     paths = {i.slide_id: i.features for i in inputs if i.features is not None}
+    row_of = {s: i for i, s in enumerate(patient_of)}
     scored = set(slides.loc[slides["status"].isin(["ok", "no_heatmap"]), "slide_id"]) & set(paths)
     rows: list[dict[str, Any]] = []
     ids = slides["slide_id"].map(lambda s: patient_of.get(s, s))  # unlisted: its own patient
     for patient, group in slides.groupby(ids, sort=True):
-        usable = [s for s in sorted(group["slide_id"]) if s in scored]
+        members = sorted(group["slide_id"], key=lambda s: row_of.get(s, -1))
+        usable = [s for s in members if s in scored]
         row: dict[str, Any] = {
             "patient_id": patient,
             "slide_ids": ";".join(usable),
@@ -78,6 +87,31 @@ def patient_table(
     return table[[*front, "n_tiles", "status", "left_out"]]
 
 
+def remove_stale(out: Path, cfg: PredictConfig, table: pd.DataFrame) -> None:
+    """With overwrite, delete this command's own outputs in ``out`` that this call did not
+    rewrite (slides not redone, patient / report files not asked for), so the folder never
+    mixes the previous call's results with this call's. Only predict's file names are touched."""
+    from melanoma_mil.evaluation.evaluate import OUTPUTS as EVALUATION_OUTPUTS
+
+    if not cfg.patients_csv:
+        (out / PATIENTS).unlink(missing_ok=True)
+    if not (cfg.clinical_csv or cfg.labels_csv):
+        (out / REPORT).unlink(missing_ok=True)
+        for name in EVALUATION_OUTPUTS:
+            (out / "evaluation" / name).unlink(missing_ok=True)
+    written = {Path(v).resolve() for c in FILE_COLUMNS if c in table for v in table[c].dropna()}
+    rendered = table.loc[table["status"] == "ok", "slide_id"] if cfg.heatmaps else []
+    written |= {(id_path(out, s) / ATTENTION_FILE).resolve() for s in rendered}
+    folders = {p.parent for p in out.glob(f"*/{ATTENTION_FILE}")}
+    folders |= {d for s in table["slide_id"] if (d := id_path(out, s)).is_dir()}
+    for folder in folders:
+        for name in SLIDE_FILES:
+            if (folder / name).resolve() not in written:
+                (folder / name).unlink(missing_ok=True)
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def run_predict(cfg: PredictConfig) -> int:
     """Predict every slide; 0 if none failed, else 1 (after finishing the others)."""
     from melanoma_mil.features.run import resolve_device
@@ -85,7 +119,7 @@ def run_predict(cfg: PredictConfig) -> int:
     out = Path(cfg.output_dir)
     target = out / "predictions.csv"
     run = check_common(cfg)
-    outputs = (target.name, "patient_predictions.csv", f"*/{ATTENTION_FILE}")
+    outputs = (target.name, PATIENTS, f"*/{ATTENTION_FILE}", REPORT, "evaluation/*")
     claim_for_run(cfg, run, "predict", outputs, write=False)
     if target.exists() and not cfg.overwrite:
         raise UserError(f"'{target}' exists; pass overwrite=true or choose another output_dir.")
@@ -96,19 +130,24 @@ def run_predict(cfg: PredictConfig) -> int:
             "one by one; pass patients_csv=CSV (slide_id, patient_id) to score patients as trained"
         )
     patient_of = read_patients(cfg.patients_csv) if cfg.patients_csv else None
-    inputs, _ = prepare_inputs(run, cfg)
+    # new slides are not the run's: its tissue masks (named by training slide ids) do not apply
+    inputs, _ = prepare_inputs(run, cfg, own_masks=False)
     if not inputs:
         raise UserError("no slides to predict: check slides_dir / manifest / slide_ids.")
     claim_for_run(cfg, run, "predict", outputs, write=True)
     ensemble = Ensemble(run, resolve_device(cfg.device))
     table = _ordered(analyse_all(inputs, ensemble, cfg, render=cfg.heatmaps, desc="predict"))
+    if patient_of is not None:  # lets `evaluate` group the slides by patient
+        table.insert(1, "patient_id", table["slide_id"].map(lambda s: patient_of.get(s, s)))
     with atomic_path(target) as tmp:
         table.to_csv(tmp, index=False)
+    if cfg.overwrite:
+        remove_stale(out, cfg, table)
     if patient_of is not None:
         patients = patient_table(patient_of, table, inputs, ensemble)
-        with atomic_path(out / "patient_predictions.csv") as tmp:
+        with atomic_path(out / PATIENTS) as tmp:
             patients.to_csv(tmp, index=False)
-        print(f"predict: {len(patients)} patients -> {out / 'patient_predictions.csv'}")
+        print(f"predict: {len(patients)} patients -> {out / PATIENTS}")
     log_slides(run.config, run.run_dir, table, out, "predict")
     ok = table[table["status"].isin(["ok", "no_heatmap"])]
     counts = ok["pred"].value_counts().to_dict() if len(ok) else {}
@@ -119,6 +158,6 @@ def run_predict(cfg: PredictConfig) -> int:
     rc = 1 if table["status"].isin(FAILED).any() else 0
     if cfg.clinical_csv or cfg.labels_csv:  # patient bags are scored as the run was trained
         pooled = patient_of is not None and run.config.data.bag_level == "patient"
-        scored = out / "patient_predictions.csv" if pooled else target
+        scored = out / PATIENTS if pooled else target
         rc = max(rc, write_report(cfg, out, scored, run.run_dir, cfg.labels_csv))
     return rc

@@ -1,0 +1,186 @@
+"""`predict` / `heatmap` never score one slide's features under another's id, and `predict`
+never mixes the previous call's outputs, or a user's files, with its own."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import Pipeline
+from PIL import Image
+
+from melanoma_mil.config import HeatmapConfig, PredictConfig, load_config
+from melanoma_mil.errors import UserError
+from melanoma_mil.inference.heatmap import run_heatmap
+from melanoma_mil.inference.inputs import find_input_slides
+from melanoma_mil.inference.predict import run_predict
+from melanoma_mil.tiling.coords import read_coords
+
+
+def predict_cfg(pipe: Pipeline, out: Path, *extra: str) -> PredictConfig:
+    keys = [f"run_dir={pipe.run_dir}", f"output_dir={out}", "device=cpu", "num_workers=0",
+            "batch_size=32", "thumbnail_size=128", "top_k=2"]  # fmt: skip
+    return load_config(PredictConfig, [], [*keys, *extra])
+
+
+def slide_folder(pipe: Pipeline, root: Path, source: str) -> Path:
+    """A folder holding one slide, named S, that is a copy of ``source``."""
+    folder = root / source
+    folder.mkdir(parents=True)
+    shutil.copy(pipe.slides / f"{source}.tiff", folder / "S.tiff")
+    return folder
+
+
+def run_with_tiling(pipe: Pipeline, root: Path, **tiling: Any) -> Path:
+    """A copy of the pipeline's run whose provenance records other tiling settings."""
+    run = root / "run"
+    shutil.copytree(pipe.run_dir, run)
+    prov = json.loads((run / "provenance.json").read_text())
+    prov["tiling"] = json.dumps({**json.loads(prov["tiling"]), **tiling}, sort_keys=True)
+    (run / "provenance.json").write_text(json.dumps(prov))
+    return run
+
+
+def test_work_files_of_another_slide_with_the_same_id_are_rebuilt(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    fit = pd.read_csv(pipe.run_dir / "predictions.csv").set_index("slide_id")
+    a, b = slide_folder(pipe, tmp_path, "slide_000"), slide_folder(pipe, tmp_path, "slide_007")
+    out = tmp_path / "pred"
+    assert run_predict(predict_cfg(pipe, out, f"slides_dir={a}", "heatmaps=false")) == 0
+    first = pd.read_csv(out / "predictions.csv").set_index("slide_id").loc["S"]
+    (out / "predictions.csv").unlink()  # the user clears the table, keeps the folder
+    assert run_predict(predict_cfg(pipe, out, f"slides_dir={b}", "heatmaps=false")) == 0
+    row = pd.read_csv(out / "predictions.csv").set_index("slide_id").loc["S"]
+    fold = fit.loc["slide_007", "fold"]  # this fold model gives fit's probability for slide_007
+    assert row[f"prob_fold_{fold}"] == pytest.approx(fit.loc["slide_007", "prob"], abs=1e-4)
+    assert row["prob"] != pytest.approx(first["prob"], abs=1e-6)
+    # the slide is replaced by a broken file: tile fails, so its old features are not scored
+    (b / "S.tiff").write_bytes(b"II*\x00 not a slide")
+    cfg = predict_cfg(pipe, out, f"slides_dir={b}", "heatmaps=false", "overwrite=true")
+    assert run_predict(cfg) == 1
+    row = pd.read_csv(out / "predictions.csv").set_index("slide_id").loc["S"]
+    assert row["status"] == "failed" and pd.isna(row.get("prob")) and "failed" in row["reason"]
+
+
+def test_overwrite_retiles_with_the_runs_new_tiling(pipe: Pipeline, tmp_path: Path) -> None:
+    a = slide_folder(pipe, tmp_path, "slide_000")
+    out = tmp_path / "pred"
+    assert run_predict(predict_cfg(pipe, out, f"slides_dir={a}", "heatmaps=false")) == 0
+    run2 = run_with_tiling(pipe, tmp_path, min_tissue=0.05)
+    cfg = predict_cfg(pipe, out, f"run_dir={run2}", f"slides_dir={a}", "heatmaps=false",
+                      "overwrite=true")  # fmt: skip
+    assert run_predict(cfg) == 0
+    key = json.loads((run2 / "provenance.json").read_text())["cache_key"]
+    grid = read_coords(out / "_work" / key / "tiles" / "coords" / "S.h5")
+    assert grid.tiling["min_tissue"] == 0.05
+    row = pd.read_csv(out / "predictions.csv").set_index("slide_id").loc["S"]
+    assert row["status"] == "ok" and row["n_tiles"] == len(grid.coords)
+
+
+def test_predict_ignores_the_runs_tissue_masks_for_new_slides(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(masks / "S.png")  # a training slide's: none
+    run = run_with_tiling(pipe, tmp_path, mask_dir=str(masks))
+    a = slide_folder(pipe, tmp_path, "slide_000")
+    cfg = predict_cfg(pipe, tmp_path / "pred", f"run_dir={run}", f"slides_dir={a}",
+                      "heatmaps=false")  # fmt: skip
+    assert run_predict(cfg) == 0
+    row = pd.read_csv(tmp_path / "pred" / "predictions.csv").set_index("slide_id").loc["S"]
+    assert row["status"] == "ok" and row["n_tiles"] > 0
+
+
+def test_cached_features_of_another_slide_fail_that_slide(pipe: Pipeline, tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(pipe.slides / "slide_007.tiff", slides / "slide_000.tiff")  # same id, other slide
+    shutil.copy(pipe.slides / "slide_001.tiff", slides / "slide_001.tiff")
+    out = tmp_path / "hm"
+    keys = [f"run_dir={pipe.run_dir}", f"slides_dir={slides}", f"output_dir={out}",
+            f"features_dir={pipe.features}", "device=cpu", "thumbnail_size=128"]  # fmt: skip
+    assert run_heatmap(load_config(HeatmapConfig, [], [*keys, "top_k=2"])) == 1
+    table = pd.read_csv(out / "heatmaps.csv").set_index("slide_id")
+    bad = table.loc["slide_000"]
+    assert bad["status"] == "failed" and pd.isna(bad["prob"])
+    assert "is not the slide that was tiled" in bad["reason"]
+    assert table.loc["slide_001", "status"] == "ok"
+
+
+def test_a_dicom_folder_recorded_by_features_is_found(tmp_path: Path) -> None:
+    dicom = tmp_path / "slides" / "S1"
+    dicom.mkdir(parents=True)
+    (dicom / "level0.dcm").write_bytes(b"DICM")
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    with h5py.File(feats / "S1.h5", "w") as f:
+        f.attrs["slide_path"] = str(dicom)
+    cfg = load_config(HeatmapConfig, [], [f"output_dir={tmp_path / 'out'}"])
+    assert find_input_slides(cfg, feats) == {"S1": dicom}
+
+
+@pytest.mark.parametrize("name", ["report.html", "evaluation/evaluation.json"])
+def test_a_users_report_in_an_unmarked_folder_is_refused(
+    pipe: Pipeline, tmp_path: Path, name: str
+) -> None:
+    out = tmp_path / "project"
+    (out / name).parent.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text("MY OWN REPORT")
+    cfg = predict_cfg(pipe, out, f"features_dir={pipe.features}", "heatmaps=false",
+                      f"labels_csv={pipe.root / 'cohort/labels.csv'}")  # fmt: skip
+    with pytest.raises(UserError, match="overwrite=true"):
+        run_predict(cfg)
+    assert (out / name).read_text() == "MY OWN REPORT"
+
+
+def test_overwrite_removes_the_previous_calls_outputs_only(pipe: Pipeline, tmp_path: Path) -> None:
+    out = tmp_path / "pred"
+    feats = f"features_dir={pipe.features}"
+    labels = pipe.root / "cohort/labels.csv"
+    first = predict_cfg(pipe, out, feats, "slide_ids=[slide_000,slide_002]", "geojson=true",
+                        f"patients_csv={labels}", f"labels_csv={labels}")  # fmt: skip
+    run_predict(first)
+    assert (out / "report.html").is_file() and (out / "slide_000" / "tiles.geojson").is_file()
+    (out / "notes.txt").write_text("mine")
+    (out / "slide_002" / "notes.txt").write_text("mine")
+    second = predict_cfg(pipe, out, feats, "slide_ids=[slide_000,slide_005]", "overwrite=true")
+    assert run_predict(second) == 0
+    assert sorted(pd.read_csv(out / "predictions.csv")["slide_id"]) == ["slide_000", "slide_005"]
+    gone = ["patient_predictions.csv", "report.html", "evaluation/evaluation.json",
+            "slide_002/attention.h5", "slide_002/heatmap.png",
+            "slide_000/tiles.geojson"]  # fmt: skip
+    assert [p for p in gone if (out / p).exists()] == []
+    kept = ["notes.txt", "slide_002/notes.txt", "slide_000/heatmap.png", "slide_005/attention.h5"]
+    assert [p for p in kept if not (out / p).is_file()] == []
+
+
+def test_a_slide_without_resolution_is_predicted_with_mpp_csv(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    import openslide
+    import tifffile
+
+    slide = openslide.OpenSlide(str(pipe.slides / "slide_000.tiff"))
+    image = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    with tifffile.TiffWriter(folder / "S.tiff") as tif:  # no resolution tags
+        tif.write(image, tile=(256, 256), photometric="rgb", compression="jpeg")
+    assert run_predict(predict_cfg(pipe, tmp_path / "a", f"slides_dir={folder}")) == 1
+    reason = pd.read_csv(tmp_path / "a" / "predictions.csv").loc[0, "reason"]
+    assert "no resolution" in reason and "mpp_csv" in reason
+
+    mpp = read_coords(pipe.root / "tiles" / "coords" / "slide_000.h5").level0_mpp
+    table = tmp_path / "mpp.csv"
+    table.write_text(f"slide_id,mpp\nS,{mpp}\n")
+    cfg = predict_cfg(pipe, tmp_path / "b", f"slides_dir={folder}", f"mpp_csv={table}")
+    assert run_predict(cfg) == 0
+    assert pd.read_csv(tmp_path / "b" / "predictions.csv").loc[0, "status"] == "ok"
