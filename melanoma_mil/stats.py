@@ -111,15 +111,20 @@ def _weighted_auc(y: NDArray[np.bool_], s: FloatArray, w: FloatArray) -> FloatAr
 def macro_auc(labels: ArrayLike, probs: ArrayLike, weights: ArrayLike | None = None) -> FloatArray:
     """Binary AUC (probs [N]) or one-vs-rest macro AUC (probs [N, C], labels = class index).
 
-    Returns one value per weight row ([B]); without weights, a single-element array.
+    Multi-class: the mean over the classes present in ``labels`` (with cases on both sides), so
+    a class no case has does not make the AUC undefined; a weight row (resample) lacking one of
+    those classes gives NaN. Returns one value per weight row ([B]); without weights, a
+    single-element array.
     """
     y = np.asarray(labels)
     p = np.asarray(probs, dtype=np.float64)
     w = np.ones((1, len(y))) if weights is None else np.asarray(weights, dtype=np.float64)
     if p.ndim == 1:
         return _weighted_auc(_binary(y), p, w)
-    per_class = [_weighted_auc(y == c, p[:, c], w) for c in range(p.shape[1])]
-    return np.mean(per_class, axis=0)
+    present = [c for c in range(p.shape[1]) if 0 < int((y == c).sum()) < len(y)]
+    if not present:
+        return np.full(len(w), np.nan)
+    return np.mean([_weighted_auc(y == c, p[:, c], w) for c in present], axis=0)
 
 
 def _cluster_weights(groups: ArrayLike, n_boot: int, rng: np.random.Generator) -> FloatArray:

@@ -17,6 +17,7 @@ from melanoma_mil.data.splits import Split
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.compare import compare_runs
 from melanoma_mil.models import build_model
+from melanoma_mil.outdir import claim_output
 
 
 def slow_delong(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -180,8 +181,9 @@ def write_run(
         )
         per_fold["balanced_accuracy"].append(balanced_accuracy_score(y, hard))
         per_fold["f1"].append(f1_score(y, hard, average="macro" if multi else "binary"))
-    for key, vals in per_fold.items():
-        summary[key] = {"mean": np.mean(vals), "std": np.std(vals, ddof=1), "per_fold": vals}
+    for key, vals in per_fold.items():  # as fit summarises: over the folds where defined
+        finite = np.asarray(vals)[np.isfinite(vals)]
+        summary[key] = {"mean": finite.mean(), "std": finite.std(ddof=1), "per_fold": vals}
     rundir.write_results(run_dir, pred, summary, lambda png: png.write_bytes(b"png"))
     return run_dir
 
@@ -263,3 +265,36 @@ def test_compare_multiclass_uses_macro_auc_and_the_bootstrap(tmp_path: Path) -> 
     assert table.pooled_auc[1] == pytest.approx(1.0) and table.p_bootstrap[1] < 1e-2
     assert table.p_delong.isna().all()  # DeLong is binary only
     assert "n/a" in (tmp_path / "o" / "comparison.md").read_text()
+
+
+def test_a_fold_without_an_auc_leaves_the_fold_comparison_defined(tmp_path: Path) -> None:
+    labels = np.repeat(np.tile([0, 1], 30), 2)
+    folds = np.repeat(np.arange(60) // 2 % 4, 2)
+    folds[(folds == 3) & (labels == 1)] = 2  # fold 3 holds one class: its AUC is undefined
+    rng = np.random.default_rng(10)
+    noise = rng.random(len(labels))
+    good = np.clip(0.5 * labels + 0.25 + rng.normal(0, 0.12, len(labels)), 0, 1)
+    with pytest.warns(UserWarning, match="Only one class"):  # sklearn, writing the fake runs
+        runs = [
+            write_run(tmp_path / n, p, labels, folds, n) for n, p in (("a", noise), ("b", good))
+        ]
+    out = tmp_path / "o"
+    table = compare_runs(CompareConfig(run_dirs=[str(r) for r in runs], output_dir=str(out)))
+    other = table.iloc[1]
+    per_fold = [np.asarray(rundir.load_run(r).summary["auc"]["per_fold"], float) for r in runs]
+    diff = (per_fold[1] - per_fold[0])[:3]
+    assert np.isnan(per_fold[0][3]) and other.folds_compared == 3 and other.folds == 4
+    assert other.fold_auc_diff_mean == pytest.approx(diff.mean())
+    assert other.fold_auc_diff_std == pytest.approx(diff.std(ddof=1))
+    assert other.folds_better == 3
+    md = (out / "comparison.md").read_text()
+    assert "nan" not in md and "(3 of 4 folds)" in md
+
+
+def test_a_wrong_output_folder_is_refused_before_any_run_is_read(tmp_path: Path) -> None:
+    out = tmp_path / "evaluation"
+    claim_output(out, {"command": "evaluate"}, False, ())  # another command's folder
+    missing = [str(tmp_path / "no_run_a"), str(tmp_path / "no_run_b")]
+    with pytest.raises(UserError, match="holds output of") as err:
+        compare_runs(CompareConfig(run_dirs=missing, output_dir=str(out)))
+    assert "not found" not in str(err.value)

@@ -76,7 +76,8 @@ def classification_metrics(
     n_boot: int,
     seed: int,
 ) -> dict[str, Any]:
-    """{metric: {value, ci_low, ci_high}} (percentile CIs over patient-bootstrap replicates)."""
+    """{metric: {value, ci_low, ci_high}} (percentile CIs over patient-bootstrap replicates),
+    and ``bootstrap_dropped``: {metric: replicates left out of its CI as undefined (NaN)}."""
     pred = predicted(probs, threshold)
     value = _scores(np.ones((1, len(y))), y, probs, pred)
     rng = np.random.default_rng(seed)
@@ -85,10 +86,13 @@ def classification_metrics(
         scores = _scores(_cluster_weights(patients, b, rng), y, probs, pred)
         for m in METRICS:
             reps[m].append(scores[m])
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"bootstrap_dropped": {}}
     for m in METRICS:
         r = np.concatenate(reps[m])
-        r = r[np.isfinite(r)]
+        finite = np.isfinite(r)
+        if not finite.all():
+            out["bootstrap_dropped"][m] = int((~finite).sum())
+        r = r[finite]
         low, high = np.quantile(r, [0.025, 0.975]) if len(r) else (np.nan, np.nan)
         out[m] = {"value": float(value[m][0]), "ci_low": float(low), "ci_high": float(high)}
     return out

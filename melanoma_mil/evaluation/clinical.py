@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from melanoma_mil.data.cohort import MISSING
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import read_text_csv
 
@@ -75,12 +76,28 @@ def _time_and_event(df: pd.DataFrame, path: str, tcol: str, ecol: str) -> pd.Dat
     return pd.DataFrame({TIME: time, EVENT: event}).where(present)
 
 
-def _covariate(values: pd.Series) -> tuple[pd.Series, str]:
-    """Numbers when every non-empty cell is one, else categories (strings); empty -> NaN."""
-    filled = values[values != ""]
-    numbers = pd.to_numeric(filled, errors="coerce")
-    if len(filled) and numbers.notna().all() and np.isfinite(numbers).all():
-        return pd.to_numeric(values.replace("", np.nan)), "numeric"
+def _blank_missing(values: pd.Series) -> pd.Series:
+    """NA spellings become '' so that they mean "unknown" like an empty cell, not a value."""
+    return values.where(~values.str.lower().isin(MISSING), "")
+
+
+def _covariate(df: pd.DataFrame, column: str, path: str) -> tuple[pd.Series, str]:
+    """Numbers when every non-empty cell is one, categories (strings) when most are not;
+    empty -> NaN. A mostly numeric column with a few other cells is an error naming them: a
+    typo there would otherwise turn the covariate into one category per value."""
+    values = df[column]
+    filled = values != ""
+    numbers = pd.to_numeric(values.where(filled), errors="coerce")
+    is_number = filled & numbers.notna() & np.isfinite(numbers)
+    if filled.any() and is_number[filled].all():
+        return numbers, "numeric"
+    bad = filled & ~is_number
+    if is_number.sum() > bad.sum():
+        raise UserError(
+            f"clinical CSV '{path}': covariate {column} is numeric but not a number in "
+            f"{_rows(df, bad)} ({sorted(set(values[bad]))[:5]}); correct those cells, or leave "
+            "them empty (or NA) when unknown."
+        )
     return values.replace("", np.nan), "categorical"
 
 
@@ -99,10 +116,12 @@ def read_clinical(
         raise UserError(f"time_column and event_column are both '{time_column}'.")
     _check_columns(df, path, ["patient_id", time_column, event_column, *covariates])
     df = df.reset_index(drop=True)
+    for c in [time_column, event_column, *covariates]:
+        df[c] = _blank_missing(df[c])
     table = _time_and_event(df, path, time_column, event_column)
     kinds: dict[str, str] = {}
     for c in covariates:
-        table[c], kinds[c] = _covariate(df[c])
+        table[c], kinds[c] = _covariate(df, c, path)
     table.index = pd.Index(df["patient_id"], name="patient_id")
     missing = table[TIME].isna()
     return Clinical(

@@ -132,6 +132,19 @@ def _fmt(mean: float, std: float) -> str:
     return f"{mean:.3f} ± {std:.3f}"
 
 
+def _fold_diffs(diff: np.ndarray) -> dict[str, Any]:
+    """Per-fold AUC differences over the folds where both AUCs are defined (a fold with one
+    class has none), and how many those are."""
+    d = diff[np.isfinite(diff)]
+    return {
+        "fold_auc_diff_mean": float(d.mean()) if len(d) else float("nan"),
+        "fold_auc_diff_std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+        "folds_better": int((d > 0).sum()),
+        "folds_compared": len(d),
+        "folds": len(diff),
+    }
+
+
 def comparison_tables(
     runs: list[RunResult], ref_index: int, n_boot: int, seed: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -153,13 +166,7 @@ def comparison_tables(
         if len(folds) != len(ref_folds):
             raise UserError(f"{run.path} has {len(folds)} folds, the reference {len(ref_folds)}.")
         diff = folds - ref_folds
-        row.update(
-            reference=ref.name,
-            is_reference=run is ref,
-            fold_auc_diff_mean=float(diff.mean()),
-            fold_auc_diff_std=float(diff.std(ddof=1)) if len(diff) > 1 else 0.0,
-            folds_better=int((diff > 0).sum()),
-        )
+        row.update(reference=ref.name, is_reference=run is ref, **_fold_diffs(diff))
         boot = stats.paired_bootstrap_test(y, run.probs(), ref.probs(), groups, n_boot, seed)
         row.update(
             pooled_auc_diff=boot.diff,
@@ -188,6 +195,8 @@ def markdown(table: pd.DataFrame, n_boot: int) -> str:
             delta, dci, pb, pd_ = "reference", "", "", ""
         else:
             delta = _fmt(r.fold_auc_diff_mean, r.fold_auc_diff_std)
+            if r.folds_compared < r.folds:  # the others have an undefined AUC
+                delta += f" ({r.folds_compared} of {r.folds} folds)"
             dci = (
                 f"{r.pooled_auc_diff:+.3f} "
                 f"[{r.pooled_auc_diff_ci_low:+.3f}, {r.pooled_auc_diff_ci_high:+.3f}]"
@@ -278,6 +287,8 @@ def compare_runs(cfg: CompareConfig, marker: dict[str, Any] | None = None) -> pd
         raise UserError(
             f"{out} already holds {existing}: pass overwrite=true or another output_dir."
         )
+    marker = marker or {"command": "compare"}
+    claim_output(out, marker, cfg.overwrite, OUTPUTS, write=False)  # before the long work
     runs = [load_result(d) for d in cfg.run_dirs]
     check_distinct(runs)
     check_paired(runs)
@@ -285,7 +296,7 @@ def compare_runs(cfg: CompareConfig, marker: dict[str, Any] | None = None) -> pd
     table, folds = comparison_tables(
         runs, _reference_index(runs, cfg.reference), cfg.bootstrap, cfg.seed
     )
-    claim_output(out, marker or {"command": "compare"}, cfg.overwrite, OUTPUTS)
+    claim_output(out, marker, cfg.overwrite, OUTPUTS)
     with atomic_path(out / "comparison.csv") as tmp:
         table.to_csv(tmp, index=False)
     with atomic_path(out / "comparison_folds.csv") as tmp:

@@ -9,14 +9,12 @@ from __future__ import annotations
 import io
 import logging
 import math
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-import melanoma_mil
 from melanoma_mil.config import EvaluateConfig, check, to_yaml
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation import classification as C
@@ -24,6 +22,7 @@ from melanoma_mil.evaluation.calibration import calibration
 from melanoma_mil.evaluation.clinical import Clinical, read_clinical
 from melanoma_mil.evaluation.report import Heatmap, RunInfo, ci, now, num, p_is, render_report
 from melanoma_mil.evaluation.tables import Scored, load_scored
+from melanoma_mil.evaluation.version import code_version
 from melanoma_mil.ids import id_path
 from melanoma_mil.io import atomic_path, write_json, write_text
 from melanoma_mil.outdir import claim_output
@@ -36,21 +35,6 @@ LEVEL_NOTES = {
     "slide": "one row per slide (bag)",
     "patient_predictions": "one row per patient: predict pooled each patient's slides into a bag",
 }
-
-
-def code_version() -> str:
-    """Package version, plus the git commit when it runs from a checkout."""
-    root = Path(melanoma_mil.__file__).resolve().parent
-    try:
-        sha = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"melanoma-mil {melanoma_mil.__version__}" + (f" (git {sha})" if sha else "")
 
 
 def find_run(cfg: EvaluateConfig) -> TrainedRun | None:
@@ -79,6 +63,27 @@ def plain(obj: Any) -> Any:
     return obj
 
 
+def _class_warnings(
+    present: list[str], classes: list[str], dropped: dict[str, int], n_boot: int
+) -> list[str]:
+    """Say when a metric is over fewer classes or fewer replicates than asked for."""
+    out = []
+    if len(present) < 2:
+        out.append(f"only class {present} among the labels: AUC and curves are undefined")
+    elif len(present) < len(classes):
+        absent = [c for c in classes if c not in present]
+        out.append(
+            f"class(es) {absent} absent from the labels: the macro AUC is over {present} only"
+        )
+    if dropped:
+        counts = ", ".join(f"{m} {n}" for m, n in dropped.items())
+        out.append(
+            f"bootstrap replicates left out of a CI as undefined (a class or prediction missing "
+            f"from the resample), of {n_boot}: {counts}"
+        )
+    return out
+
+
 def _classification(
     scored: Scored, cfg: EvaluateConfig, warnings: list[str]
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, bytes]]:
@@ -89,9 +94,7 @@ def _classification(
     probs = units[scored.prob_columns].to_numpy()
     patients = units["patient_id"].to_numpy()
     classes, pos = scored.classes, scored.classes[-1]
-    present = sorted({classes[i] for i in np.unique(y)})
-    if len(present) < 2:
-        warnings.append(f"only class {present} among the labels: AUC and curves are undefined")
+    present = [c for i, c in enumerate(classes) if (y == i).any()]
     binary = len(classes) == 2
     rule = (
         f"{pos} predicted when prob_{pos} >= {cfg.threshold:g}"
@@ -99,6 +102,7 @@ def _classification(
         else "the most probable class is predicted; metrics are one-vs-rest macro averages"
     )
     cls = C.classification_metrics(y, probs, patients, cfg.threshold, cfg.bootstrap, cfg.seed)
+    warnings += _class_warnings(present, classes, cls["bootstrap_dropped"], cfg.bootstrap)
     cls.update(
         metrics=list(C.METRICS),
         n=len(units),
@@ -189,17 +193,35 @@ def _survival(
 
 
 def _heatmap_path(cfg: EvaluateConfig, row: pd.Series) -> Path | None:
+    """The slide's heatmap: in heatmaps_dir, else the predictions' heatmap column (a relative
+    path there is tried from the cwd, then from the predictions' folder, where predict ran)."""
     if cfg.heatmaps_dir:
         try:
             return id_path(cfg.heatmaps_dir, str(row["slide_id"])) / "heatmap.png"
         except UserError:  # a patient bag's "a;b" id names no heatmap
             return None
     value = row.get("heatmap")
-    return Path(value) if isinstance(value, str) and value else None
+    if not isinstance(value, str) or not value:
+        return None
+    path = Path(value)
+    beside = Path(str(cfg.predictions)).parent / path
+    return beside if not path.is_absolute() and not path.exists() and beside.exists() else path
 
 
-def pick_heatmaps(scored: Scored, cfg: EvaluateConfig) -> list[Heatmap]:
-    """The highest and lowest scored slides' heatmaps, shrunk to JPEGs for the report."""
+def _thumbnail(path: Path) -> bytes:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((720, 720))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def pick_heatmaps(scored: Scored, cfg: EvaluateConfig, warnings: list[str]) -> list[Heatmap]:
+    """The highest and lowest scored slides' heatmaps, shrunk to JPEGs for the report; an
+    unreadable image is left out with a warning rather than losing the whole evaluation."""
     from PIL import Image
 
     if cfg.top_heatmaps == 0 or scored.slides is None:
@@ -215,12 +237,12 @@ def pick_heatmaps(scored: Scored, cfg: EvaluateConfig) -> list[Heatmap]:
     picks = found[:high] + found[high:][::-1][: cfg.top_heatmaps - high]
     out = []
     for prob, sid, path in picks:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((720, 720))
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=85)
-        out.append(Heatmap(sid, prob, buf.getvalue(), f"{sid}: prob_{pos} {prob:.3f}"))
+        try:
+            image = _thumbnail(path)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            warnings.append(f"heatmap '{path}' of {sid} is unreadable ({e}); left out")
+            continue
+        out.append(Heatmap(sid, prob, image, f"{sid}: prob_{pos} {prob:.3f}"))
     return out
 
 
@@ -290,9 +312,10 @@ def evaluate(cfg: EvaluateConfig, report: Path | None = None) -> dict[str, Any]:
         else None
     )
     if not scored.labelled and clinical is None:
+        source = f"labels CSV '{cfg.labels_csv}'" if cfg.labels_csv else "them"
         raise UserError(
-            f"nothing to evaluate: predictions '{cfg.predictions}' carry no labels and no "
-            "clinical data is given; pass labels_csv= and/or clinical_csv=."
+            f"nothing to evaluate: no prediction of '{cfg.predictions}' has a label in {source} "
+            "and no clinical data is given; pass labels_csv= with labels and/or clinical_csv=."
         )
     level_note = LEVEL_NOTES["patient_predictions" if scored.slides is None else cfg.level]
     warnings: list[str] = []
@@ -317,17 +340,19 @@ def evaluate(cfg: EvaluateConfig, report: Path | None = None) -> dict[str, Any]:
         figures.update(f)
     else:
         warnings.append("no labels: classification and calibration are not evaluated")
+    warnings += scored.warnings
     if clinical is not None:
         ev["survival"], figures["km"] = _survival(scored, clinical, cfg)
         ev["group_rule"] = ev["survival"]["group_rule"]
     ev["counts"] = _counts(scored, ev["survival"])
     ev["excluded"] = scored.excluded
+    heatmaps = pick_heatmaps(scored, cfg, warnings)
     ev = plain(ev)
     info = None
     if run is not None:
         roc = run.roc_path.read_bytes() if run.roc_path.is_file() else None
         info = RunInfo(str(run.run_dir), to_yaml(run.config), run.provenance, run.summary, roc)
-    html = render_report(ev, figures, to_yaml(cfg), info, pick_heatmaps(scored, cfg))
+    html = render_report(ev, figures, to_yaml(cfg), info, heatmaps)
     _write(out, report, ev, figures, html)
     return ev
 

@@ -16,13 +16,14 @@ import numpy as np
 import pandas as pd
 
 from melanoma_mil.config import DataConfig
-from melanoma_mil.data.cohort import map_labels, mixed_patients, read_slide_table
+from melanoma_mil.data.cohort import MISSING, map_labels, mixed_patients, read_slide_table
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import read_text_csv
 from melanoma_mil.rundir import TrainedRun
 
 SCORED = ("ok", "no_heatmap")  # predict statuses that carry a prediction
 _FOLD_COLUMN = re.compile(r"prob_(repeat_\d+_)?fold_\d+(_.+)?")  # predict's per-fold columns
+UNLABELLED, DROPPED, BLANK = -1, -2, -3  # y of slides without a class: absent, 'drop', NA
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Scored:
     patients: pd.DataFrame
     level: str
     excluded: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def prob_columns(self) -> list[str]:
@@ -107,19 +109,57 @@ def _numeric(df: pd.DataFrame, columns: list[str], path: str) -> pd.DataFrame:
     return df
 
 
-def _labels(path: str, run: TrainedRun | None, classes: list[str]) -> pd.DataFrame:
-    """labels_csv as slide_id, patient_id, y; slides whose label maps to 'drop' get y = -2."""
+def _known(ids: pd.Series) -> pd.Series:
+    """Cells that name a patient: not blank, not an NA spelling (data.cohort.MISSING)."""
+    return ~ids.str.lower().isin(MISSING)
+
+
+@dataclass
+class Labels:
+    """labels_csv as slide_id, patient_id, y (class index, DROPPED or BLANK); ``patients``:
+    whether the CSV names patients (a patient_id column with ids), not just slides."""
+
+    path: str
+    table: pd.DataFrame
+    patients: bool
+
+
+def _map_labels(
+    df: pd.DataFrame, path: str, run: TrainedRun | None, classes: list[str]
+) -> pd.DataFrame:
+    """map_labels with the run's label_map, its error's fix worded for `evaluate`."""
+    label_map = dict(run.config.data.label_map) if run is not None else {}
+    try:
+        kept, _ = map_labels(df, DataConfig(label_map=label_map, classes=classes), path)
+    except UserError as e:
+        problem = str(e).split("; ")[0].replace("data.classes", "the predictions' classes")
+        fix = (
+            f"correct the CSV to labels that run '{run.run_dir}' knows"
+            if run is not None
+            else f"correct the CSV to the classes {classes}, or pass run_dir= so that the "
+            "run's label_map applies"
+        )
+        raise UserError(f"{problem}; {fix}.") from None
+    return kept
+
+
+def _labels(path: str, run: TrainedRun | None, classes: list[str]) -> Labels:
+    """Read labels_csv; blank / NA labels (data.cohort.MISSING) leave a slide unlabelled,
+    unless the run's label_map maps them."""
     df = read_slide_table(Path(path), "labels CSV", "labels_csv", ["slide_id", "label"])
+    raw = read_text_csv(Path(path), "labels CSV", "labels_csv")
+    named = "patient_id" in raw.columns and bool(_known(raw["patient_id"]).any())
     dup = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
     if dup:
         raise UserError(f"labels CSV '{path}' lists slide(s) {dup[:5]} twice; keep one row each.")
     df = df.rename(columns={"label": "raw_label"})
-    label_map = dict(run.config.data.label_map) if run is not None else {}
-    kept, _ = map_labels(df, DataConfig(label_map=label_map, classes=classes), path)
-    dropped = df[~df["slide_id"].isin(kept["slide_id"])]  # mapped to 'drop'
-    kept = kept[["slide_id", "patient_id", "label"]].rename(columns={"label": "y"})
-    dropped = dropped[["slide_id", "patient_id"]].assign(y=-2)
-    return pd.concat([kept, dropped], ignore_index=True)
+    mapped = {str(k) for k in run.config.data.label_map} if run is not None else set()
+    blank = df["raw_label"].str.lower().isin(MISSING) & ~df["raw_label"].isin(mapped)
+    kept = _map_labels(df[~blank], path, run, classes) if (~blank).any() else df.iloc[:0]
+    kept = kept.reindex(columns=["slide_id", "patient_id", "label"]).rename(columns={"label": "y"})
+    other = df[~df["slide_id"].isin(kept["slide_id"])][["slide_id", "patient_id"]]
+    other = other.assign(y=np.where(blank[other.index], BLANK, DROPPED))
+    return Labels(path, pd.concat([kept, other], ignore_index=True), named)
 
 
 def _fit_slides(df: pd.DataFrame, probs: list[str]) -> pd.DataFrame:
@@ -144,37 +184,65 @@ def _scored_rows(df: pd.DataFrame, kind: str, scored: Scored) -> pd.DataFrame:
     return df[df["status"].isin(SCORED)].copy()
 
 
+def _no_match(labels: Labels, key: str, predicted: list[str]) -> UserError:
+    ids = labels.table[key].tolist()[:3]
+    return UserError(
+        f"labels CSV '{labels.path}': its {key}s (e.g. {ids}) match none of the predictions' "
+        f"(e.g. {predicted[:3]}); check the files, or give labels_csv a patient_id column with "
+        "the predictions' patient ids."
+    )
+
+
+def _patient_labels(rows: pd.DataFrame, labels: Labels) -> pd.Series:
+    """y per patient row: through labels_csv's patient_id, or else the row's slide_ids (a
+    patient's labelled slides must agree)."""
+    key = "patient_id" if labels.patients else "slide_id"
+    ids = rows["patient_id"] if labels.patients else rows["slide_ids"].str.split(";")
+    wanted = pd.DataFrame({"row": rows.index, key: ids}).explode(key)
+    wanted[key] = wanted[key].str.strip()
+    known = labels.table[labels.table["y"] >= 0]
+    pairs = wanted.merge(known[[key, "y"]], on=key)
+    if pairs.empty and not known.empty:
+        raise _no_match(labels, key, wanted[key].tolist())
+    per = pairs.groupby("row")["y"]
+    conflict = per.nunique()
+    conflict = rows.loc[conflict[conflict > 1].index, "patient_id"].tolist()
+    if conflict:
+        raise UserError(
+            f"labels CSV '{labels.path}': patient(s) {conflict[:5]} have slides with different "
+            "labels; patient predictions need one label per patient."
+        )
+    return per.first().reindex(rows.index, fill_value=UNLABELLED).astype(int)
+
+
 def _attach_labels(
-    slides: pd.DataFrame, labels: pd.DataFrame | None, key: str, scored: Scored
+    slides: pd.DataFrame, labels: Labels | None, key: str, scored: Scored
 ) -> pd.DataFrame:
     """Join labels (and their patient ids) onto slide rows (key slide_id) or patient rows."""
     if labels is None:
         if "y" not in slides.columns:
-            slides["y"] = -1
+            slides["y"] = UNLABELLED
         return slides
     if key == "patient_id":
-        per = labels[labels["y"] >= 0].groupby("patient_id")["y"]
-        conflict = per.nunique()
-        conflict = conflict[conflict > 1].index.tolist()
-        if conflict:
-            raise UserError(
-                f"labels CSV: patient(s) {conflict[:5]} have slides with different labels; "
-                "patient predictions need one label per patient."
-            )
-        ys = per.first()
-        slides["y"] = slides["patient_id"].map(ys).fillna(-1).astype(int)
+        slides["y"] = _patient_labels(slides, labels)
         missing = slides.loc[slides["y"] < 0, "patient_id"].tolist()
         scored.exclude(missing, "patient", "no label in labels_csv", "classification")
         return slides
-    lab = labels.set_index("slide_id")
-    slides["y"] = slides["slide_id"].map(lab["y"]).fillna(-1).astype(int)
-    from_labels = slides["slide_id"].map(lab["patient_id"])
-    slides["patient_id"] = from_labels.where(from_labels.notna(), slides["patient_id"])
-    dropped = slides.loc[slides["y"] == -2, "slide_id"].tolist()
-    scored.exclude(dropped, "slide", "label mapped to 'drop' by the run's label_map", "all")
-    missing = slides.loc[slides["y"] == -1, "slide_id"].tolist()
-    scored.exclude(missing, "slide", "no label in labels_csv", "classification")
-    return slides[slides["y"] != -2]
+    lab = labels.table.set_index("slide_id")
+    slides["y"] = slides["slide_id"].map(lab["y"]).fillna(UNLABELLED).astype(int)
+    if (slides["y"] == UNLABELLED).all() and (lab["y"] >= 0).any():
+        raise _no_match(labels, "slide_id", slides["slide_id"].tolist())
+    if labels.patients:  # else the predictions' own patient ids stand
+        from_labels = slides["slide_id"].map(lab["patient_id"])
+        slides["patient_id"] = from_labels.where(from_labels.notna(), slides["patient_id"])
+    for y, reason, analysis in (
+        (DROPPED, "label mapped to 'drop' by the run's label_map", "all"),
+        (BLANK, "blank or NA label in labels_csv", "classification"),
+        (UNLABELLED, "no label in labels_csv", "classification"),
+    ):
+        scored.exclude(slides.loc[slides["y"] == y, "slide_id"].tolist(), "slide", reason, analysis)
+    slides["y"] = slides["y"].replace(BLANK, UNLABELLED)
+    return slides[slides["y"] != DROPPED]
 
 
 def per_patient(slides: pd.DataFrame, probs: list[str]) -> pd.DataFrame:
@@ -190,6 +258,21 @@ def per_patient(slides: pd.DataFrame, probs: list[str]) -> pd.DataFrame:
     table["y"] = grouped["y"].max()  # the label where any slide has one, else -1
     table["n_slides"] = grouped.size()
     return table.reset_index()
+
+
+def _slide_patients(df: pd.DataFrame, labels: Labels | None, scored: Scored) -> pd.DataFrame:
+    """predict's rows get their patient_id column (blank: the slide id); a warning when
+    neither they nor labels_csv name any patient, so each slide counts as one."""
+    ids = df["patient_id"] if "patient_id" in df.columns else pd.Series("", index=df.index)
+    ids = ids.fillna("").astype(str).str.strip()
+    known = _known(ids)
+    if not known.any() and not (labels is not None and labels.patients):
+        scored.warnings.append(
+            "no patient ids in the predictions or labels_csv: each slide is treated as its own "
+            "patient, so CIs assume independent slides; add a patient_id column to labels_csv "
+            "(or run predict with patients_csv=)"
+        )
+    return df.assign(patient_id=ids.where(known, df["slide_id"]))
 
 
 def load_scored(
@@ -212,12 +295,12 @@ def load_scored(
     df = _numeric(df.assign(__id=df[key]), probs, predictions).drop(columns="__id")
     if kind == "fit":
         df = _fit_slides(df, probs)
-    elif "patient_id" not in df.columns:
-        df["patient_id"] = df["slide_id"]  # no patient ids yet: each slide its own patient
     labels = None
     if labels_csv:  # labels_csv wins over labels the predictions carry
         labels = _labels(labels_csv, run, classes)
         df = df.drop(columns="y", errors="ignore")
+    if kind == "predict":
+        df = _slide_patients(df, labels, scored)
     rows = _attach_labels(df, labels, key, scored)
     if kind == "patient_predictions":
         scored.patients = rows[["patient_id", "y", *probs]].assign(
