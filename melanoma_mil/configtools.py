@@ -85,7 +85,22 @@ def _merge(base: DictConfig, layer: DictConfig | Any, source: str) -> DictConfig
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "?")
         msg = str(e).splitlines()[0]
+        if msg.startswith("Key ") and "is incompatible with (str)" in msg:  # e.g. `yes: drop`
+            msg += "; quote the key in the YAML ('yes': ...)"
         raise UserError(f"bad value for '{key}' in {source}: {msg}") from None
+
+
+def _text_keys(node: Any) -> Any:
+    """Numeric YAML keys as text: ``1: immune_high`` in data.label_map means the label '1' (every
+    mapping key in the schemas is a str); booleans stay, for OmegaConf to refuse."""
+    if isinstance(node, dict):
+        return {
+            str(k) if isinstance(k, int | float) and not isinstance(k, bool) else k: _text_keys(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_text_keys(v) for v in node]
+    return node
 
 
 def load_config(
@@ -107,6 +122,8 @@ def load_config(
             layer = OmegaConf.load(path)
         except Exception as e:  # yaml errors come in many types
             raise UserError(f"config file '{file}' is not valid YAML: {e}") from None
+        if isinstance(layer, DictConfig):
+            layer = OmegaConf.create(_text_keys(OmegaConf.to_container(layer)))
         if recorded and isinstance(layer, DictConfig):
             for key in RETIRED_KEYS:
                 section, _, name = key.rpartition(".")

@@ -14,7 +14,9 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import socket
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -185,10 +187,16 @@ class Claim:
         """
         self._me = me()
         # the claim appears whole (hard link of a written file), never empty: a process killed
-        # while claiming leaves no claim without an owner for the others to wait on
-        draft = self.path.with_name(f".{self.path.name}.{os.getpid()}{DRAFT}")
+        # while claiming leaves no claim without an owner for the others to wait on. The draft's
+        # name is unique (mkstemp): claimants on two hosts may share a pid (containers' pid 1)
+        fd, name = tempfile.mkstemp(
+            prefix=f".{self.path.name}.", suffix=DRAFT, dir=self.path.parent
+        )
+        draft = Path(name)
         try:
-            draft.write_text(json.dumps(self._me))
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide the owner from peers
+                f.write(json.dumps(self._me))
             for _ in range(3):
                 try:
                     _place(draft, self.path)
@@ -217,7 +225,7 @@ class Claim:
 
     def _break(self, seen: Mapping[str, Any]) -> None:
         """Move the stale claim aside atomically; put it back if it changed hands meanwhile."""
-        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}-{secrets.token_hex(4)}")
         try:
             os.replace(self.path, aside)
         except FileNotFoundError:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -123,3 +124,31 @@ def test_a_live_but_silent_process_on_this_host_goes_stale_too(tmp_path: Path) -
     old = time.time() - 120
     os.utime(lock, (old, old))
     assert Claim(lock, stale_after=60).acquire()
+
+
+def test_claimants_sharing_a_pid_never_collide(tmp_path: Path) -> None:
+    """Threads stand for containers on two hosts sharing the folder, both pid 1: exactly one
+    takes each claim, the other sees it held; no error, no draft left behind."""
+    outcomes = []
+    for trial in range(100):
+        lock = tmp_path / f"s{trial}.lock"
+        claims = [Claim(lock), Claim(lock)]
+        start = threading.Barrier(2)
+        got: list[object] = [None, None]
+
+        def take(i: int, claims: list[Claim] = claims, start=start, got=got) -> None:
+            start.wait()
+            try:
+                got[i] = claims[i].acquire()
+            except OSError as e:
+                got[i] = e
+
+        threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        outcomes.append(sorted(map(repr, got)))
+    assert outcomes == [["False", "True"]] * 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"s{i}.lock" for i in range(100))
+    assert oct(os.stat(tmp_path / "s0.lock").st_mode & 0o777) == "0o644"  # peers can read it

@@ -97,6 +97,7 @@ def read_bag(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if not np.isfinite(feats).all():
         bad = int((~np.isfinite(feats)).any(axis=1).sum())
         raise UserError(
-            f"{path}: {bad} tiles have NaN/Inf features; re-extract (try encoder precision fp32)."
+            f"{path}: {bad} tiles have NaN/Inf features; delete it and re-run `extract` with "
+            "precision=fp32 (dtype=float32 if it already ran at fp32)."
         )
     return feats, coords

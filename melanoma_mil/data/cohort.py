@@ -47,7 +47,8 @@ def read_slide_table(path: Path, what: str, key: str, columns: list[str]) -> pd.
     for row, sid in zip(df.index, df["slide_id"], strict=True):
         check_slide_id(sid, f"{what} '{path}' row {row + 2}")
     patients = df["patient_id"] if "patient_id" in df.columns else df["slide_id"]
-    df["patient_id"] = patients.where(patients != "", df["slide_id"])
+    # a blank or NA-spelled patient id is unknown: the slide stands alone, never one shared "NA"
+    df["patient_id"] = patients.where(~patients.str.lower().isin(MISSING), df["slide_id"])
     return df
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from melanoma_mil.config import CVConfig
 from melanoma_mil.errors import UserError
+
+_CLAM = re.compile(r"splits_(\d+)\.csv")  # one fold's file in a CLAM splits folder
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,9 @@ def check_splits(splits: list[Split], bags: pd.DataFrame, source: str) -> None:
 def read_clam_splits(path: Path) -> list[Split]:
     """CLAM's splits_<k>.csv (columns train, val, test of slide ids): the folder or one file."""
     folder = path if path.is_dir() else path.parent
-    files = sorted(folder.glob("splits_*.csv"), key=lambda p: int(p.stem.split("_")[-1]))
+    # CLAM writes splits_<k>_bool.csv and splits_<k>_descriptor.csv next to each fold's file
+    numbered = {int(m[1]): p for p in folder.iterdir() if (m := _CLAM.fullmatch(p.name))}
+    files = [numbered[k] for k in sorted(numbered)]
     if not files:
         raise UserError(f"{folder}: no splits_<k>.csv files (CLAM format) found.")
     splits = []

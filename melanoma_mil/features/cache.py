@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,25 +49,53 @@ def cache_key(identity: Mapping[str, Any]) -> str:
     return f"{name}-{wtag}-{identity['tile_size']}px-{mpp}{overlap}{mode}-{digest}"
 
 
-def check_cached(path: Path, expected: Mapping[str, Any], coords: np.ndarray) -> str | None:
-    """None when ``path`` is a complete cache entry for these settings and coords, else why not."""
+@dataclass(frozen=True)
+class Unusable:
+    """Why a cached bag cannot be reused. ``worthless``: it holds nothing to protect
+    (unreadable or incomplete), so that slide alone is recomputed without asking."""
+
+    why: str
+    worthless: bool = False
+
+
+def check_cached(path: Path, expected: Mapping[str, Any], coords: np.ndarray) -> Unusable | None:
+    """None when ``path`` is a complete cache entry for these settings, coords and slide file."""
     try:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
-            feats, cached_coords = f["features"], f["coords"][:]
-            shape = feats.shape
+            cached_coords = f["coords"][:]
+            bad = _mismatch(attrs, f["features"].shape, cached_coords, expected, coords)
     except (OSError, KeyError) as e:
-        return f"unreadable or incomplete ({type(e).__name__})"
+        return Unusable(f"is unreadable or incomplete ({type(e).__name__})", worthless=True)
+    return bad
+
+
+def _mismatch(
+    attrs: Mapping[str, Any],
+    shape: tuple[int, ...],
+    cached_coords: np.ndarray,
+    expected: Mapping[str, Any],
+    coords: np.ndarray,
+) -> Unusable | None:
     key = plain(attrs.get("cache_key"))
     if key != expected["cache_key"]:
-        return f"attr cache_key={key!r}, expected {expected['cache_key']!r}"
+        return Unusable(f"has cache_key={key!r}, expected {expected['cache_key']!r}")
     why = identity_mismatch(feature_identity(attrs), feature_identity(expected))
     if why:
-        return why
+        return Unusable(why)
+    # files made before fingerprints were recorded (or by CLAM) record none: nothing to compare
+    was, now = (
+        plain(attrs.get("slide_fingerprint", "")),
+        plain(expected.get("slide_fingerprint", "")),
+    )
+    if was and now and was != now:
+        return Unusable(
+            f"was made from another slide file (fingerprint {was}; the coords record {now})"
+        )
     if shape != (len(coords), expected["embed_dim"]):
-        return f"features {shape}, expected ({len(coords)}, {expected['embed_dim']})"
+        return Unusable(f"has features {shape}, expected ({len(coords)}, {expected['embed_dim']})")
     if not np.array_equal(cached_coords, coords):
-        return "coords differ from the tile grid (tiling was re-run)"
+        return Unusable("has coords that differ from the tile grid (tiling was re-run)")
     return None
 
 

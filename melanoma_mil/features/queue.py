@@ -201,7 +201,10 @@ class SlideQueue:
         why = fingerprint_mismatch(job.slide_path, grid.fingerprint)
         if why:
             claim.release()
-            fix = "point slides_dir or manifest at the slides `tile` read, or re-run `tile`"
+            fix = (
+                "point slides_dir or manifest at the slides `tile` read, or re-run `tile` "
+                "(it re-tiles a slide that changed in place)"
+            )
             self.row(i, "failed", f"slide '{job.slide_path}' {why}; {fix}", cache_key=key)
             return None
         clean_temp_files(out.parent, job.slide_id)
@@ -215,17 +218,20 @@ class SlideQueue:
         record = read_record(out)
         recent = float(record.get("finished", 0)) >= self.since
         if out.exists() and (not self.overwrite or recent):
-            why = check_cached(out, attrs, grid.coords)
-            if why is None and recent:
+            bad = check_cached(out, attrs, grid.coords)
+            if bad is None and recent:
                 stats = {k: record.get(k) for k in ("seconds", "tiles_per_s", "reader")}
                 by = record.get("by", "another process")
                 self.row(i, "done", f"by {by}", cache_key=key, **stats)
-            elif why is None:
+            elif bad is None:
                 self.row(i, "skipped", "already extracted", cache_key=key,
                          reader=record.get("reader", ""))  # fmt: skip
-            else:
-                self.row(i, "failed", f"{out} exists but {why}; pass overwrite=true to "
-                         "recompute it", cache_key=key)  # fmt: skip
+            elif bad.worthless:  # nothing in it to keep: recompute this slide only
+                log.warning("%s %s: recomputing it", out, bad.why)
+                return False
+            else:  # maybe another cohort's bag: the user decides
+                fix = "delete it to recompute this slide (overwrite=true recomputes every slide)"
+                self.row(i, "failed", f"{out} exists but {bad.why}; {fix}", cache_key=key)
             return True
         if record.get("status") == "failed" and recent:
             self.row(i, "failed", f"{record.get('reason', '')} ({record.get('by', '')})",

@@ -2,7 +2,8 @@
 
 Resumable and shareable by any number of processes on any hosts: each claims the next slide
 (`features.queue`), a dead process's slide is taken over, and every process ends with the whole
-cohort's table (``extract.csv`` in each cache folder), exiting 0 only when every slide is done.
+cohort's table (``extract.csv`` in each cache folder), exiting 0 only when every slide is done
+(or empty: its coords hold no tile, as `tile` reported).
 Placement (GPU, reader workers, batch size, /dev/shm) is decided by `features.placement`; the
 encoding loop (`features.pipeline`) overlaps reads, forward passes and writes. A slide's h5
 appears only once complete, so a crash, a kill or a full disk never leaves a partial bag.
@@ -54,6 +55,7 @@ WIDTHS = {"slide_id": 24, "status": 8, "n_tiles": 7, "seconds": 7, "tiles_per_s"
           "reader": 15, "mpp_source": 15}  # fmt: skip
 SHM = Path("/dev/shm")  # where reader processes hand batches over (torch's shared memory)
 DONE = ("ok", "done", "skipped")
+FINE = (*DONE, "empty")  # an empty slide has no bag to make: it does not fail the run
 
 
 def resolve_device(name: str) -> torch.device:
@@ -176,6 +178,8 @@ def _finisher(queue: SlideQueue) -> Callable[[SlideWork, str], str]:
         if not error and work.filled != work.n:
             error = f"read {work.filled} tiles, expected {work.n}"
         if not error:
+            error = _non_finite(work)
+        if not error:
             try:
                 write_bag(work)
             except OSError as e:
@@ -198,27 +202,39 @@ def _finisher(queue: SlideQueue) -> Callable[[SlideWork, str], str]:
     return finish
 
 
+def _non_finite(work: SlideWork) -> str:
+    """Why the slide's features must not be stored (NaN or inf), or ""."""
+    assert work.feats is not None
+    bad = int((~np.isfinite(work.feats)).any(axis=1).sum())
+    if not bad:
+        return ""
+    fix = "precision=fp32"
+    if work.attrs["precision"] == "fp32":  # the encoder's output overflows float16 storage
+        fix = "dtype=float32"
+    return (
+        f"{bad} of {work.n} tiles gave non-finite features (NaN or inf): the encoder overflowed "
+        f"at precision {work.attrs['precision']}, dtype {work.attrs['feature_dtype']}; "
+        f"re-run with {fix}"
+    )
+
+
 def _plan(cfg: ExtractConfig) -> tuple[list[Job], list[TileGrid | str]]:
     """The slides to encode and their tile grids (an unreadable coords file: why, as text)."""
     coords = coords_files(cfg.coords_dir)
-    recorded = {}
-    if not (cfg.slides_dir or cfg.manifest):
-        for sid, p in coords.items():
-            with h5py.File(p, "r") as f:
-                recorded[sid] = str(f.attrs.get("slide_path", ""))
-    jobs = plan_jobs(coords, cfg.slides_dir, cfg.manifest, list(cfg.extensions), recorded)
-    grids: list[TileGrid | str] = []
-    for job in jobs:
+    read: dict[str, TileGrid | str] = {}
+    for sid, p in coords.items():
         try:
-            grids.append(read_coords(job.coords_path))
-        except UserError as e:
-            grids.append(str(e))
-    return jobs, grids
+            read[sid] = read_coords(p)
+        except UserError as e:  # that slide fails; the others go on
+            read[sid] = str(e)
+    recorded = {sid: g.slide_path for sid, g in read.items() if isinstance(g, TileGrid)}
+    jobs = plan_jobs(coords, cfg.slides_dir, cfg.manifest, list(cfg.extensions), recorded)
+    return jobs, [read[job.slide_id] for job in jobs]
 
 
 def run_extract(cfg: ExtractConfig) -> int:
     """Extract features for every coords file under ``cfg.coords_dir``; 1 unless every slide
-    is done (failed, or still held by another process: see the table)."""
+    is done or empty (failed, or still held by another process: see the table)."""
     check(cfg)  # also configs built in code (predict, heatmap, demo)
     jobs, grids = _plan(cfg)
     claim_shared(cfg.output_dir, "extract")
@@ -289,7 +305,7 @@ def _report(run: Run, queue: SlideQueue, jobs: list[Any]) -> int:
         wrote &= write(sub, run.out_root / key / "extract.csv")
     if not keys:
         wrote &= write(df, run.out_root / "extract.csv")
-    bad = df[~df["status"].isin(DONE)]
+    bad = df[~df["status"].isin(FINE)]
     for r in bad.itertuples():
         log.error("  %s %s: %s", r.status, r.slide_id, r.reason)
     if queue.stopped:

@@ -4,10 +4,10 @@
 read a tile back: read ``read_size`` px at pyramid level ``patch_level`` (downsample
 ``downsample``) and resize to ``tile_size`` px, giving ``target_mpp`` um/px. ``level0_size`` is
 the tile's extent in level-0 px (for drawing). ``tiling`` is the TilingConfig as JSON, so later
-stages can reproduce the exact tiling on new slides. ``slide_path`` is absolute and
-``slide_fingerprint`` identifies the file read (see `tiling.fingerprint`), so a later stage can
-refuse another file that happens to have the same name; ``mpp_source`` says where ``level0_mpp``
-came from (file, tiff resolution, objective power, mpp_csv, default).
+stages can reproduce the exact tiling on new slides. ``slide_path`` is absolute (a link is
+kept as the link) and ``slide_fingerprint`` identifies the file read (see `tiling.fingerprint`),
+so a later stage can refuse another file that happens to have the same name; ``mpp_source`` says
+where ``level0_mpp`` came from (file, tiff resolution, objective power, mpp_csv, default).
 """
 
 from __future__ import annotations

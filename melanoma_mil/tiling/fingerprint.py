@@ -3,7 +3,8 @@
 `tile` records it in each coords file; `extract` (and `predict`/`heatmap`, which tile and extract
 internally) refuse a slide whose fingerprint differs: a file of the same name in another folder,
 a re-scan, a truncated copy. It hashes each file's name, size and first 64 KiB (the TIFF/DICOM
-header and first tiles): a few reads per slide, however large, and unchanged by a copy or move.
+header and first tiles): a few reads per slide, however large. A copy or move keeps it only if
+the file keeps its name; a symbolic link counts under its own name (coords record the link).
 """
 
 from __future__ import annotations

@@ -125,7 +125,9 @@ def tile_slide(
     resolved = dataclasses.replace(cfg, tissue=resolve_tissue(cfg.tissue))
     grid = TileGrid(
         coords=coords,
-        slide_path=str(Path(slide_path).resolve()),
+        # absolute, links kept: the fingerprint hashes the file name, so a re-open must
+        # use this name, not a link's target
+        slide_path=str(Path(slide_path).absolute()),
         patch_level=choice.level,
         downsample=choice.downsample,
         read_size=choice.read_size,

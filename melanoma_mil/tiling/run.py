@@ -14,8 +14,9 @@ import json
 import logging
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from melanoma_mil.outdir import claim_shared
 from melanoma_mil.progress import progress
 from melanoma_mil.runtable import show, write
 from melanoma_mil.tiling.coords import read_coords, write_coords
+from melanoma_mil.tiling.fingerprint import slide_fingerprint
 from melanoma_mil.tiling.grid import check_tiling, tile_slide
 from melanoma_mil.tiling.qc import contact_sheet, qc_image, write_qc
 from melanoma_mil.tiling.slides import find_slides, open_slide, read_mpp_csv
@@ -124,9 +126,12 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _existing(task: Task, coords: Path, wanted: dict[str, Any], since: float) -> dict[str, Any]:
+def _existing(
+    task: Task, coords: Path, wanted: dict[str, Any], since: float
+) -> dict[str, Any] | None:
     """Row for a slide whose coords file exists: skipped, or failed if made with other settings
-    (tiling keys, or an mpp that mpp_csv now contradicts)."""
+    (tiling keys, or an mpp that mpp_csv now contradicts) or from another file; None when the
+    slide changed in place since (a re-scan): its coords, tile's own output, are remade."""
     grid = read_coords(coords)
     old, new = _flat(grid.tiling), _flat(wanted)
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
@@ -141,11 +146,41 @@ def _existing(task: Task, coords: Path, wanted: dict[str, Any], since: float) ->
         row.update(status="failed", reason=(
             f"{coords} was made with other settings ({', '.join(changes)}); "
             "use a new output_dir or overwrite=true"))  # fmt: skip
+    elif _changed(task.path, grid.fingerprint):
+        if Path(grid.slide_path).resolve() == Path(task.path).resolve():
+            log.warning("%s: the slide changed since it was tiled: tiling it again", task.slide_id)
+            return None
+        # maybe another cohort's tiling in this folder: the user decides
+        row.update(status="failed", reason=(
+            f"{coords} was made from another file ({grid.slide_path}); delete it to tile "
+            f"{task.path}, or use a new output_dir"))  # fmt: skip
     elif coords.stat().st_mtime >= since:
         row["reason"] = "tiled by another process"
     else:
         row["reason"] = "already tiled" if len(grid.coords) else "already tiled: empty"
     return row
+
+
+def _changed(path: str, recorded: str) -> bool:
+    """The slide's file is not the one a coords file recorded (files that record no
+    fingerprint, and slides that cannot be read now, are not known to have changed)."""
+    if not recorded:
+        return False
+    try:
+        return slide_fingerprint(path) != recorded
+    except OSError:
+        return False
+
+
+def _isolated(task: Task, ctx: BaseContext) -> dict[str, Any]:
+    """Tile one slide in a process of its own, so that its crash fails this slide alone."""
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        try:
+            return pool.submit(tile_one, task).result()
+        except BrokenProcessPool:
+            reason = ("its tile process died (a crash in the slide reader, or killed for "
+                      "memory): check or re-export the file")  # fmt: skip
+            return _row(task.slide_id, task.path, "failed", reason=reason)
 
 
 def _pool_rows(tasks: list[Task], workers: int, bar: tqdm) -> list[dict[str, Any]]:
@@ -161,22 +196,28 @@ def _pool_rows(tasks: list[Task], workers: int, bar: tqdm) -> list[dict[str, Any
         if row["status"] != "claimed":
             bar.update(1)
 
-    workers = max(1, min(workers, len(tasks)))
-    if workers == 1:
+    if workers <= 1:  # in this process, as asked
         for task in tasks:
             done(tile_one(task))
         return rows
+    # a pool even for one slide: a slide whose reader crashes must not take this process along
+    workers = min(workers, len(tasks))
     # spawn: the parent may hold torch/OpenMP threads (demo, notebooks) that fork would break
     ctx = multiprocessing.get_context("spawn")
+    unfinished: list[Task] = []
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         futures = {pool.submit(tile_one, task): task for task in tasks}
         for fut in as_completed(futures):
-            task = futures[fut]
             try:
                 done(fut.result())
-            except BrokenProcessPool:
-                reason = "a worker process crashed (see log above)"
-                done(_row(task.slide_id, task.path, "failed", reason=reason))
+            except BrokenProcessPool:  # one dead worker breaks every pending slide
+                unfinished.append(futures[fut])
+    if unfinished:
+        log.warning("a tile process died: tiling the %d unfinished slide(s) in a process each, "
+                    "so only the slide that kills it fails", len(unfinished))  # fmt: skip
+        with ThreadPoolExecutor(workers) as threads:
+            for row in threads.map(lambda t: _isolated(t, ctx), unfinished):
+                done(row)
     return rows
 
 
@@ -218,10 +259,12 @@ def run_tile(cfg: TileConfig) -> int:
         coords = id_path(out / "coords", sid, ".h5")
         if coords.is_file() and not cfg.overwrite:
             try:
-                rows.append(_existing(task, coords, wanted, since))
-                continue
+                row = _existing(task, coords, wanted, since)
             except UserError:  # unreadable leftover: tile it again
-                pass
+                row = None
+            if row is not None:
+                rows.append(row)
+                continue
         todo.append(task)
 
     with progress(total=len(slides), initial=len(rows), desc="tile", unit="slide") as bar:

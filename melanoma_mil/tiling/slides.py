@@ -99,7 +99,7 @@ def find_slides(
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     found = [
         p
-        for p in root.rglob("*")
+        for p in _files_under(root)
         if p.name.lower().endswith(exts) and not p.name.startswith(".") and p.is_file()
     ]
     dicom = {p.parent for p in found if p.suffix.lower() == DICOM_EXT}  # one slide per folder
@@ -111,6 +111,21 @@ def find_slides(
         )
     pairs = [(check_slide_id(p.name if p.is_dir() else slide_id_of(p), str(p)), p) for p in files]
     return _check_unique(pairs, f"'{root}'")
+
+
+def _files_under(root: Path) -> list[Path]:
+    """Every file under ``root``, into linked folders too (cohorts are often assembled from
+    links); each real folder once, so a link loop or two links to a folder list nothing twice."""
+    seen: set[str] = set()
+    files: list[Path] = []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        files += [Path(folder) / name for name in names]
+    return files
 
 
 def open_slide(path: str | os.PathLike[str]) -> SlideReader:

@@ -1,0 +1,124 @@
+"""`extract` on a cache it made before: which bags are reused, refused or recomputed, and which
+slides end the run as failures (a changed slide, an unreadable coords file, an empty slide,
+features that overflow)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from conftest import make_cohort
+
+from melanoma_mil.config import EncoderConfig, ExtractConfig
+from melanoma_mil.encoders import build_encoder
+from melanoma_mil.features.run import run_extract
+from melanoma_mil.tiling.coords import read_coords, write_coords
+from melanoma_mil.tiling.fingerprint import slide_fingerprint
+
+
+def _cfg(tiles: Path, out: Path, **kw: object) -> ExtractConfig:
+    kw.setdefault("encoder", EncoderConfig(name="resnet18_imagenet", pretrained=False))
+    return ExtractConfig(coords_dir=str(tiles), output_dir=str(out), num_workers=0,
+                         batch_size=16, device="cpu", **kw)  # type: ignore[arg-type]  # fmt: skip
+
+
+def _table(out: Path) -> pd.DataFrame:
+    (csv,) = out.glob("*/extract.csv")
+    return pd.read_csv(csv, keep_default_na=False).set_index("slide_id")
+
+
+def _fingerprinted(tiles: Path, slide: Path) -> None:
+    """Record the slide's fingerprint in its coords file, as `tile` does."""
+    coords = tiles / "coords" / f"{slide.stem}.h5"
+    write_coords(coords, replace(read_coords(coords), fingerprint=slide_fingerprint(slide)))
+
+
+def test_a_bag_of_another_slide_file_is_refused_and_kept(tmp_path: Path) -> None:
+    tiles = make_cohort(tmp_path, 2)
+    slides = tmp_path / "slides"
+    _fingerprinted(tiles, slides / "slide0.tif")
+    out = tmp_path / "features"
+    assert run_extract(_cfg(tiles, out)) == 0
+    (bag,) = out.glob("*/slide0.h5")
+    stamp = bag.stat().st_mtime_ns
+
+    # the slide is re-scanned in place and re-tiled: same grid, another file
+    shutil.copyfile(slides / "slide1.tif", slides / "slide0.tif")
+    _fingerprinted(tiles, slides / "slide0.tif")
+    assert run_extract(_cfg(tiles, out)) == 1
+    table = _table(out)
+    assert table.loc["slide0", "status"] == "failed"
+    assert "another slide file" in table.loc["slide0", "reason"]
+    assert (
+        "delete it" in table.loc["slide0", "reason"] and str(bag) in table.loc["slide0", "reason"]
+    )
+    assert table.loc["slide1", "status"] == "skipped"
+    assert bag.stat().st_mtime_ns == stamp
+
+    bag.unlink()  # the fix the reason names
+    assert run_extract(_cfg(tiles, out)) == 0
+    with h5py.File(bag, "r") as f:
+        assert f.attrs["slide_fingerprint"] == slide_fingerprint(slides / "slide0.tif")
+
+
+def test_empty_and_unreadable_coords_fail_only_what_they_must(tmp_path: Path) -> None:
+    tiles = make_cohort(tmp_path, 1)
+    grid = read_coords(tiles / "coords" / "slide0.h5")
+    write_coords(tiles / "coords" / "blank.h5", replace(grid, coords=grid.coords[:0]))
+    out = tmp_path / "features"
+    assert run_extract(_cfg(tiles, out)) == 0  # an empty slide is not a failure
+    assert dict(_table(out)["status"]) == {"slide0": "ok", "blank": "empty"}
+
+    (tiles / "coords" / "broken.h5").write_bytes(b"not an h5 file")
+    assert run_extract(_cfg(tiles, out)) == 1  # no traceback: one failed row
+    table = _table(out)
+    assert table.loc["broken", "status"] == "failed"
+    assert (
+        "broken.h5" in table.loc["broken", "reason"]
+        and "re-run `tile`" in table.loc["broken", "reason"]
+    )
+    assert table.loc["slide0", "status"] == "skipped" and table.loc["blank", "status"] == "empty"
+
+
+def test_unreadable_cached_bags_are_recomputed_alone(tmp_path: Path) -> None:
+    tiles = make_cohort(tmp_path, 3)
+    out = tmp_path / "features"
+    assert run_extract(_cfg(tiles, out)) == 0
+    bags = {p.stem: p for p in out.glob("*/*.h5")}
+    stamp = bags["slide2"].stat().st_mtime_ns
+    bags["slide0"].write_bytes(b"truncated")
+    with h5py.File(bags["slide1"], "r+") as f:  # a bag that lost its features
+        del f["features"]
+    assert run_extract(_cfg(tiles, out)) == 0
+    table = _table(out)
+    assert dict(table["status"]) == {"slide0": "ok", "slide1": "ok", "slide2": "skipped"}
+    assert bags["slide2"].stat().st_mtime_ns == stamp
+    for sid in ("slide0", "slide1"):
+        with h5py.File(bags[sid], "r") as f:
+            assert f["features"].shape == (36, 512) and np.isfinite(f["features"][:]).all()
+
+
+def test_features_that_overflow_fail_the_slide_with_the_fix(tmp_path: Path) -> None:
+    encoder = build_encoder(EncoderConfig(name="resnet18_imagenet", pretrained=False))
+    state = encoder.module.state_dict()
+    (last,) = [k for k in state if k.endswith("layer4.1.bn2.bias")]
+    state[last] = torch.full_like(state[last], 1e6)  # fine in fp32, beyond float16's 65504
+    weights = tmp_path / "loud.pt"
+    torch.save(state, weights)
+    tiles = make_cohort(tmp_path, 1)
+    loud = EncoderConfig(name="resnet18_imagenet", weights=str(weights))
+    out = tmp_path / "features"
+    assert run_extract(_cfg(tiles, out, encoder=loud, precision="fp32")) == 1
+    reason = _table(out).loc["slide0", "reason"]
+    assert "non-finite" in reason and "dtype=float32" in reason
+    assert not list(out.glob("*/*.h5")) and not list(out.rglob("*.lock"))
+
+    assert run_extract(_cfg(tiles, out, encoder=loud, precision="fp32", dtype="float32")) == 0
+    (bag,) = out.glob("*/*.h5")
+    with h5py.File(bag, "r") as f:
+        assert np.isfinite(f["features"][:]).all() and np.abs(f["features"][:]).max() > 65504

@@ -1,0 +1,119 @@
+"""`tile` re-run on a cohort that changed: a slide re-scanned in place, a same-named slide from
+elsewhere, linked slides and folders, a slide whose reader crashes its process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import tissue_image
+
+from melanoma_mil.config import EncoderConfig, ExtractConfig, TileConfig, TilingConfig
+from melanoma_mil.demo.pyramid import write_pyramid
+from melanoma_mil.features.run import run_extract
+from melanoma_mil.tiling.coords import read_coords
+from melanoma_mil.tiling.fingerprint import slide_fingerprint
+from melanoma_mil.tiling.run import run_tile
+from melanoma_mil.tiling.slides import find_slides
+
+TILING = TilingConfig(mpp=1.0, tile_size=64)
+
+
+def _tile(slides: Path, out: Path, workers: int = 1) -> int:
+    return run_tile(
+        TileConfig(slides_dir=str(slides), output_dir=str(out), workers=workers, tiling=TILING)
+    )
+
+
+def _table(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "tiling.csv", keep_default_na=False).set_index("slide_id")
+
+
+def _slide(path: Path, seed: int = 0, side: int = 768) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_pyramid(path, tissue_image(side, seed), mpp=0.5, n_levels=1)
+    return path
+
+
+def test_a_slide_rescanned_in_place_is_tiled_again_another_file_is_refused(
+    tmp_path: Path,
+) -> None:
+    slides, out = tmp_path / "slides", tmp_path / "tiles"
+    _slide(slides / "a.tiff")
+    _slide(slides / "b.tiff", seed=1)
+    assert _tile(slides, out) == 0
+    _slide(slides / "a.tiff", seed=2, side=896)  # re-scanned: same name, another file
+
+    assert _tile(slides, out) == 0
+    table = _table(out)
+    assert table.loc["a", "status"] == "ok" and table.loc["b", "status"] == "skipped"
+    assert read_coords(out / "coords" / "a.h5").fingerprint == slide_fingerprint(slides / "a.tiff")
+
+    other = _slide(tmp_path / "elsewhere" / "a.tiff", seed=3)  # another cohort's slide 'a'
+    coords = out / "coords" / "a.h5"
+    stamp = coords.stat().st_mtime_ns
+    assert _tile(other.parent, out) == 1
+    reason = _table(out).loc["a", "reason"]
+    assert str(coords) in reason and "delete it" in reason and str(slides / "a.tiff") in reason
+    assert coords.stat().st_mtime_ns == stamp
+
+
+def test_linked_folders_are_searched_each_real_folder_once(tmp_path: Path) -> None:
+    store, slides = tmp_path / "store", tmp_path / "slides"
+    _slide(store / "more" / "m.tiff")
+    _slide(slides / "plain" / "p.tiff", seed=1)
+    os.symlink(store / "more", slides / "batch2")  # a linked folder
+    os.symlink(store / "more", slides / "batch2_again")  # the same folder twice
+    os.symlink(slides, slides / "plain" / "loop")  # a loop
+    found = find_slides(slides, None, [".tiff"])
+    assert sorted(found) == ["m", "p"]
+    assert found["m"].parent.name in ("batch2", "batch2_again")
+
+
+def test_a_linked_slide_is_reopened_by_extract_without_slides_dir(tmp_path: Path) -> None:
+    target = _slide(tmp_path / "store" / "scan_0001.tiff")
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    os.symlink(target, slides / "linked.tiff")
+    out = tmp_path / "tiles"
+    assert _tile(slides, out) == 0
+    cfg = ExtractConfig(coords_dir=str(out), output_dir=str(tmp_path / "f"), num_workers=0,
+                        encoder=EncoderConfig(name="resnet18_imagenet", pretrained=False),
+                        batch_size=16, device="cpu")  # fmt: skip
+    assert run_extract(cfg) == 0  # the recorded path is re-opened: the same fingerprint
+    grid = read_coords(out / "coords" / "linked.h5")
+    assert grid.slide_path == str(slides / "linked.tiff")  # the link, not its target
+
+
+def test_a_crashing_slide_fails_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader that kills its process (a segfault in libopenslide on a corrupt file, an OOM
+    kill) must not fail the slides the other workers were tiling, in this run or the next."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "import openslide\n"
+        "_init = openslide.OpenSlide.__init__\n"
+        "def _crash(self, filename, *a, **k):\n"
+        "    if os.path.basename(str(filename)).startswith('a_crash'):\n"
+        "        os._exit(139)\n"
+        "    _init(self, filename, *a, **k)\n"
+        "openslide.OpenSlide.__init__ = _crash\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(inject))  # the tile worker processes, not this one
+    slides = tmp_path / "slides"
+    for i, sid in enumerate(("a_crash", "slide1", "slide2", "slide3")):  # crashes first
+        _slide(slides / f"{sid}.tiff", seed=i)
+    out = tmp_path / "tiles"
+    assert _tile(slides, out, workers=2) == 1
+    table = _table(out)
+    assert table.loc["a_crash", "status"] == "failed"
+    assert "process died" in table.loc["a_crash", "reason"]
+    assert {table.loc[s, "status"] for s in ("slide1", "slide2", "slide3")} == {"ok"}
+
+    assert _tile(slides, out, workers=2) == 1  # a re-run gets past it too
+    table = _table(out)
+    assert {table.loc[s, "status"] for s in ("slide1", "slide2", "slide3")} == {"skipped"}
+    assert table.loc["a_crash", "status"] == "failed"
