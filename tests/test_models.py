@@ -235,3 +235,21 @@ def test_cpu_dropout_drops_p_scales_survivors_and_is_seeded() -> None:
     assert torch.equal(drop(x), y)
     assert torch.equal(drop.eval()(x), x)
     assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x))
+
+
+def test_a_dimension_constant_in_training_is_ignored_in_new_bags() -> None:
+    """Its weights never trained: a new bag's value there must not move the prediction."""
+    torch.manual_seed(0)
+    train = [torch.randn(20, 8) for _ in range(4)]
+    for bag in train:
+        bag[:, 0] = 3.0
+    model = build_model(ModelConfig(name="gated_attention", hidden_dim=16, attention_dim=8), 8, 2)
+    feature_norm(model).fit_stats(train)
+    model.eval()
+    bag = torch.randn(10, 8)
+    with torch.no_grad():
+        bag[:, 0] = 3.0
+        expected = model(bag).logits
+        bag[0, 0] = 3.01
+        assert torch.allclose(model(bag).logits, expected)
+        assert torch.isfinite(feature_norm(model)(bag)).all()

@@ -36,14 +36,20 @@ class FeatureNorm(nn.Module):
 
     @torch.no_grad()
     def fit_stats(self, bags: list[torch.Tensor]) -> None:
-        """Mean/std over every instance of ``bags`` (the training fold only), in float64."""
+        """Mean/std over every instance of ``bags`` (the training fold only), in float64.
+
+        A dimension (near-)constant over the fold taught the model nothing, and its first-layer
+        weights never left their init: its std is set to inf, so it standardises to 0 for every
+        new bag too. (Clamping the std to a tiny value instead sent a new bag's small deviation
+        there to ~1e4 and through those untrained weights.)"""
         total = sum(b.shape[0] for b in bags)
         s = sum(b.double().sum(0) for b in bags)
         sq = sum(b.double().pow(2).sum(0) for b in bags)
         mean = s / total
         std = (sq / total - mean.pow(2)).clamp_min(0).sqrt()
+        varies = std > 1e-6 * float(std.max()) + 1e-12
         self.mean.copy_(mean)
-        self.std.copy_(std.clamp_min(1e-6 * float(std.max()) + 1e-12))
+        self.std.copy_(torch.where(varies, std, torch.full_like(std, float("inf"))))
         self.identity = False
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
