@@ -81,6 +81,9 @@ def test_predict_with_labels_and_clinical_data_writes_the_report(
     pipe: Pipeline, tmp_path: Path
 ) -> None:
     out = tmp_path / "pred"
+    # everyone has an event, so both median groups do, whichever way the model ranks them
+    clinical = pd.read_csv(pipe.root / "cohort" / "clinical.csv").assign(event=1)
+    clinical.to_csv(tmp_path / "clinical.csv", index=False)
     cfg = load_config(
         PredictConfig,
         [],
@@ -90,7 +93,7 @@ def test_predict_with_labels_and_clinical_data_writes_the_report(
             f"features_dir={pipe.features}",
             f"slides_dir={pipe.slides}",
             f"labels_csv={pipe.root / 'cohort/labels.csv'}",
-            f"clinical_csv={pipe.root / 'cohort/clinical.csv'}",
+            f"clinical_csv={tmp_path / 'clinical.csv'}",
             "groups=median",
             "device=cpu",
             "num_workers=0",

@@ -190,6 +190,15 @@ def test_unknown_model_name_is_refused_before_any_bag_is_read(tmp_path: Path) ->
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true", "64-true"])
+def test_precisions_that_cast_the_model_are_refused_at_parse_time(precision: str) -> None:
+    """`fit` feeds float32 bags: a model cast to another dtype would fail at its first step."""
+    with pytest.raises(UserError, match=r"trainer.precision=.* not one of .*bf16-mixed"):
+        load_config(FitConfig, [], [f"trainer.precision={precision}"])
+    mixed = load_config(FitConfig, [], ["trainer.precision=bf16-mixed"])  # autocast: accepted
+    assert mixed.trainer.precision == "bf16-mixed"
+
+
 def test_landmarks_are_group_means_and_pinv_matches_linalg() -> None:
     torch.manual_seed(0)
     t = torch.randn(2, 10, 3)
@@ -253,3 +262,8 @@ def test_a_dimension_constant_in_training_is_ignored_in_new_bags() -> None:
         bag[0, 0] = 3.01
         assert torch.allclose(model(bag).logits, expected)
         assert torch.isfinite(feature_norm(model)(bag)).all()
+    # weight averaging (Lightning's, with buffers) keeps the statistics finite
+    averaged = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+    averaged.update_parameters(model)
+    averaged.update_parameters(model)
+    assert torch.isfinite(feature_norm(averaged.module).std).all()

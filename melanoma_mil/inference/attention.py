@@ -25,7 +25,7 @@ class AttentionMap:
     slide_id: str
     coords: np.ndarray  # [N, 2] level-0 x, y (top-left)
     level0_size: int  # tile extent in level-0 px
-    attention: np.ndarray  # [F, N], each row sums to 1
+    attention: np.ndarray  # [F, N], each row sums to 1; of the ensemble's class (`fold_outputs`)
     probs: np.ndarray  # [F, C]
     fold_names: list[str]
     classes: list[str]

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from melanoma_mil.errors import UserError
+from melanoma_mil.models import class_scores
 from melanoma_mil.rundir import TrainedRun
 
 
@@ -31,9 +32,15 @@ class Ensemble:
                 f"expect {self.in_dim}: they come from another encoder."
             )
         x = torch.from_numpy(np.ascontiguousarray(features)).to(self.device).float()
-        probs, attention = [], []
-        for model in self.models:
-            out = model(x)
-            probs.append(torch.softmax(out.logits.float(), dim=-1))
-            attention.append(out.attention.float())
-        return torch.stack(probs).cpu().numpy(), torch.stack(attention).cpu().numpy()
+        probs, attention = fold_outputs(self.models, x)
+        return probs.cpu().numpy(), attention.cpu().numpy()
+
+
+def fold_outputs(models: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, D] -> (probabilities [F, C], attention [F, N]). Each fold's attention is its map of
+    the ensemble's class (argmax of the fold-mean probabilities) where the model has one map
+    per class: averaging each fold's own predicted class would mix classes when folds disagree."""
+    outs = [model(x) for model in models]
+    probs = torch.stack([torch.softmax(o.logits.float(), dim=-1) for o in outs])
+    cls = probs.mean(0).argmax()
+    return probs, torch.stack([class_scores(o, cls).float() for o in outs])

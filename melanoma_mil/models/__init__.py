@@ -1,6 +1,13 @@
 """MIL heads in plain torch (no Lightning), reusable outside the framework."""
 
-from melanoma_mil.models.common import MILOutput
+from melanoma_mil.models.common import MILOutput, class_scores
 from melanoma_mil.models.registry import MODELS, build_model, feature_norm, fit_feature_stats
 
-__all__ = ["MILOutput", "MODELS", "build_model", "feature_norm", "fit_feature_stats"]
+__all__ = [
+    "MILOutput",
+    "MODELS",
+    "build_model",
+    "class_scores",
+    "feature_norm",
+    "fit_feature_stats",
+]

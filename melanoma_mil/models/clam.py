@@ -7,7 +7,7 @@ attended negatives; for every other class its k most attended tiles are negative
 ``subtyping=True`` behaviour, which suits two classes that both have their own morphology, such
 as immune-high vs immune-low), averaged over classes as CLAM does.
 attention: clam_sb, the softmax attention weight of each tile; clam_mb, that of the predicted
-class's branch (as CLAM's heatmaps draw it).
+class's branch (as CLAM's heatmaps draw it), and every branch's as ``class_attention``.
 
 Deviations from mahmoodlab/CLAM: bags with fewer than 2k tiles use k = N // 2 (CLAM fails on
 them); a bag too small for any (k = 0) adds a zero that touches the instance classifiers, so DDP
@@ -22,7 +22,7 @@ from torch import nn
 
 from melanoma_mil.config import ModelConfig
 from melanoma_mil.models.attention import AttentionMIL, GatedAttention
-from melanoma_mil.models.common import MILOutput, embed, embed_tiles, touch
+from melanoma_mil.models.common import MILOutput, class_column, embed, embed_tiles, touch
 
 
 def clam_instance_loss(
@@ -96,4 +96,4 @@ class ClamMB(nn.Module):
             inst = clam_instance_loss(
                 h, a.detach(), label, self.instance_classifiers, self.k_sample
             )
-        return MILOutput(logits, a[:, int(logits.detach().argmax())], inst)
+        return MILOutput(logits, class_column(a, logits.detach().argmax()), inst, a)

@@ -3,7 +3,10 @@
 Every model maps one bag [N, D] to ``MILOutput``: bag logits [C], one score per tile [N]
 (non-negative, sums to 1: what `heatmap` draws and `predict` stores; what it means differs per
 model and is documented on each) and, in training with a label, an optional auxiliary
-instance-level loss that `training.module` mixes in with ``model.bag_weight``.
+instance-level loss that `training.module` mixes in with ``model.bag_weight``. Models with one
+attention map per class (`clam_mb`, `dsmil`) also return all of them [N, C]: their ``attention``
+is the column of their own predicted class, and an ensemble (members, folds) draws every
+model's column of the ensemble's predicted class (`class_scores`), not a mix of classes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,26 @@ class MILOutput(NamedTuple):
     logits: torch.Tensor  # [C]
     attention: torch.Tensor  # [N], float32, >= 0, sums to 1
     instance_loss: torch.Tensor | None = None
+    class_attention: torch.Tensor | None = None  # [N, C], float32, each column as attention
+
+
+def class_column(a: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """Column ``cls`` (a 0-d index tensor) of ``a`` [N, C]; picked on the device, so a training
+    step never waits for the host to read the predicted class."""
+    return a.index_select(1, cls.view(1)).squeeze(1)
+
+
+def class_scores(out: MILOutput, cls: torch.Tensor) -> torch.Tensor:
+    """The tile scores [N] an ensemble predicting class ``cls`` averages: the model's attention
+    map of ``cls`` where it has one per class, otherwise its only map."""
+    if out.class_attention is None:
+        return out.attention
+    return class_column(out.class_attention, cls)
+
+
+# the std of a dimension that never varied in training: finite, not inf, because weight
+# averaging updates buffers as p + (q - p) / n, and inf - inf is NaN
+IGNORED_STD = 1e30
 
 
 class FeatureNorm(nn.Module):
@@ -38,18 +61,20 @@ class FeatureNorm(nn.Module):
     def fit_stats(self, bags: list[torch.Tensor]) -> None:
         """Mean/std over every instance of ``bags`` (the training fold only), in float64.
 
-        A dimension (near-)constant over the fold taught the model nothing, and its first-layer
-        weights never left their init: its std is set to inf, so it standardises to 0 for every
-        new bag too. (Clamping the std to a tiny value instead sent a new bag's small deviation
-        there to ~1e4 and through those untrained weights.)"""
+        A dimension constant over the fold (std at rounding level of its own mean) taught the
+        model nothing, and its first-layer weights never left their init: its std is set to
+        ``IGNORED_STD``, so it standardises to ~0 for every new bag too. (The floor that varying
+        dimensions keep, 1e-6 of the largest std, sent a new bag's small deviation there to ~1e4
+        and through those untrained weights.)"""
         total = sum(b.shape[0] for b in bags)
         s = sum(b.double().sum(0) for b in bags)
         sq = sum(b.double().pow(2).sum(0) for b in bags)
         mean = s / total
         std = (sq / total - mean.pow(2)).clamp_min(0).sqrt()
-        varies = std > 1e-6 * float(std.max()) + 1e-12
+        constant = std <= 1e-6 * mean.abs() + 1e-12  # sq/total - mean^2 cancels to ~1e-8 |mean|
+        floor = std.clamp_min(1e-6 * float(std.max()) + 1e-12)
         self.mean.copy_(mean)
-        self.std.copy_(torch.where(varies, std, torch.full_like(std, float("inf"))))
+        self.std.copy_(torch.where(constant, torch.full_like(std, IGNORED_STD), floor))
         self.identity = False
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]

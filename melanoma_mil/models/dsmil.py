@@ -6,9 +6,10 @@ bag score, and the critical tile is that argmax. Bag stream: queries q_i = tanh-
 embedding b_c = sum_i a_ic h_i, and the bag logits come from a Conv1d(C, C, kernel H) over all
 class embeddings (as the official fcc layer). Training loss = bag_weight * CE(bag logits) +
 (1 - bag_weight) * CE(max-pooled tile logits) (DSMIL weighs them 0.5/0.5; here
-``model.bag_weight``, shared with CLAM, sets it).
+``model.bag_weight``, shared with CLAM, sets it: 0.7/0.3 by default).
 attention: the bag stream's attention of the predicted class (binary, typically the positive
-class: similarity to the most positive tile), softmax over the tiles.
+class: similarity to the most positive tile), softmax over the tiles; every class's as
+``class_attention``.
 
 Deviations from binli123/dsmil-wsi: both streams act on the shared tile embedding
 (FeatureNorm, Linear D -> hidden_dim, ReLU, Dropout) rather than the raw features, so every
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from melanoma_mil.config import ModelConfig
-from melanoma_mil.models.common import MILOutput, embed, embed_tiles
+from melanoma_mil.models.common import MILOutput, class_column, embed, embed_tiles
 
 QUERY_DIM = 128
 
@@ -54,4 +55,4 @@ class DSMIL(nn.Module):
         loss = None
         if label is not None:
             loss = F.cross_entropy(inst.max(0).values.float()[None], label.view(1).long())
-        return MILOutput(logits, a[:, int(logits.detach().argmax())], loss)
+        return MILOutput(logits, class_column(a, logits.detach().argmax()), loss, a)

@@ -5,7 +5,8 @@ to the next; the mean of a few members' probabilities has less of that variance 
 "Defaults, and why"). Each member is trained on its own loss (`member_outputs`): a loss on the
 averaged prediction would couple them and make them less diverse. Predictions (`forward`) are
 the mean of the members' probabilities, returned as log-probabilities so that a softmax, as
-every reader applies, gives that mean; the tile scores are the mean of theirs.
+every reader applies, gives that mean; the tile scores are the mean of theirs, for models with
+one map per class each member's map of the ensemble's predicted class (`class_scores`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from melanoma_mil.models.common import MILOutput
+from melanoma_mil.models.common import MILOutput, class_scores
 
 
 class Ensemble(nn.Module):
@@ -31,8 +32,12 @@ class Ensemble(nn.Module):
         outs = self.member_outputs(x, label)
         logp = torch.stack([torch.log_softmax(o.logits.float(), -1) for o in outs])
         mean_logp = torch.logsumexp(logp, 0) - math.log(len(outs))
-        attention = torch.stack([o.attention for o in outs]).mean(0)
-        return MILOutput(mean_logp, attention)
+        cls = mean_logp.detach().argmax()
+        attention = torch.stack([class_scores(o, cls) for o in outs]).mean(0)
+        per_class = None
+        if outs[0].class_attention is not None:
+            per_class = torch.stack([o.class_attention for o in outs]).mean(0)
+        return MILOutput(mean_logp, attention, None, per_class)
 
 
 def member_outputs(model: nn.Module, x: torch.Tensor, label: torch.Tensor) -> list[MILOutput]:
