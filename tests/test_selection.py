@@ -15,6 +15,7 @@ import torch
 from melanoma_mil.config import FitConfig, load_config
 from melanoma_mil.data.splits import Split
 from melanoma_mil.data.synthetic import make_bag_cohort
+from melanoma_mil.errors import UserError
 from melanoma_mil.models.ensemble import Ensemble
 from melanoma_mil.rundir import load_fold_model
 from melanoma_mil.training.cv import run_fit
@@ -22,9 +23,10 @@ from melanoma_mil.training.selection import (
     FoldSelection,
     fold_epochs,
     fold_members,
-    most_members,
+    fold_selection,
     plan_selection,
     resolve_selection,
+    run_selection,
 )
 
 
@@ -39,12 +41,13 @@ def test_auto_stops_early_only_when_every_class_has_enough_validation_bags() -> 
     cfg = FitConfig()
     assert cfg.trainer.selection == "auto" and cfg.trainer.min_val_bags == 50
     small, labels = _split(49)
-    assert resolve_selection(cfg, small, labels) == "last"
+    assert resolve_selection(cfg, [small], labels) == "last"
     large, labels = _split(50)
-    assert resolve_selection(cfg, large, labels) == "early_stopping"
+    assert resolve_selection(cfg, [large], labels) == "early_stopping"
     cfg.trainer.selection = "early_stopping"
-    assert resolve_selection(cfg, small, labels) == "early_stopping"
-    sel = plan_selection(FitConfig(), small, labels)  # last: validation bags train too
+    assert resolve_selection(cfg, [small], labels) == "early_stopping"
+    run = run_selection(FitConfig(), [small], labels, ["a", "b"])
+    sel = plan_selection(run, FitConfig(), small)  # last: validation bags train too
     assert sel.mode == "last" and sel.val == [] and set(sel.train) == set(small.train + small.val)
     assert not set(sel.train) & set(small.test)
 
@@ -152,15 +155,53 @@ def test_small_folds_train_longer_and_as_an_ensemble_only_when_left_unset(
     assert (sel.epochs, sel.averaged(cfg), sel.members) == (epochs, averaged, members)
 
 
-def test_the_memory_check_counts_the_most_members_any_fold_trains() -> None:
-    labels = {f"b{i}": i % 2 for i in range(600)}
+def _folds(sizes: list[tuple[int, int]]) -> tuple[list[Split], dict[str, int]]:
+    """Splits with (training bags, validation bags per class) each; 2 classes, alternating."""
+    labels = {f"b{i}": i % 2 for i in range(1000)}
     ids = list(labels)
-    small = Split(0, 0, ids[:90], ids[90:100], ids[100:110])  # 100 bags: epochs raised
-    large = Split(0, 1, ids[:450], ids[450:550], ids[550:])  # 550: 50 epochs, 100 val bags
-    cfg = load_config(FitConfig, [], [])
-    assert most_members(cfg, [large], labels) == 1
-    assert most_members(cfg, [large, small], labels) == 3
-    assert most_members(load_config(FitConfig, [], ["trainer.max_epochs=50"]), [small], labels) == 1
+    splits = []
+    for fold, (n_train, n_val) in enumerate(sizes):
+        val = ids[: 2 * n_val]
+        splits.append(Split(0, fold, ids[2 * n_val : 2 * n_val + n_train], val, ids[-10:]))
+    return splits, labels
+
+
+def _chosen(keys: list[str], sizes: list[tuple[int, int]]) -> list[tuple[str, int, int]]:
+    """(mode, epochs, members) of each fold."""
+    cfg = load_config(FitConfig, [], keys)
+    splits, labels = _folds(sizes)
+    run = run_selection(cfg, splits, labels, ["a", "b"])
+    return [(s.mode, s.epochs, s.members) for s in (fold_selection(run, cfg, x) for x in splits)]
+
+
+def test_folds_straddling_the_thresholds_share_one_mode_and_ensemble_size() -> None:
+    """199/200/201 bags trained (train + val under selection=last): 51, 50 and 50 epochs
+    each; alone the larger two would be single models. All three are 3-member ensembles, and
+    each still makes at least 10,000 optimizer steps."""
+    chosen = _chosen([], [(197, 1), (198, 1), (199, 1)])
+    assert chosen == [("last", 51, 3), ("last", 50, 3), ("last", 50, 3)]
+    # validation splits of 49 and 50 bags per class: no fold stops early
+    chosen = _chosen([], [(600, 50), (600, 49), (600, 50)])
+    assert [c[0] for c in chosen] == ["last"] * 3
+    # folds all on one side decide as before (each fold alone)
+    assert _chosen([], [(600, 50), (600, 51)]) == [("early_stopping", 50, 1)] * 2
+    assert _chosen([], [(400, 5), (410, 5)]) == [("last", 50, 1)] * 2
+    assert _chosen([], [(80, 1), (90, 1)]) == [("last", 122, 3), ("last", 109, 3)]
+    assert _chosen(["trainer.max_epochs=50"], [(80, 1), (300, 1)]) == [("last", 50, 1)] * 2
+    assert _chosen(["model.members=2"], [(80, 1), (300, 1)]) == [
+        ("last", 122, 2),
+        ("last", 50, 2),
+    ]
+
+
+def test_val_auc_early_stopping_on_a_validation_split_lacking_a_class_is_refused() -> None:
+    splits, labels = _folds([(40, 3), (40, 3)])
+    splits[1].val[:] = [b for b in splits[1].val if labels[b] == 0]  # fold_1: no class-1 bag
+    keys = ["trainer.selection=early_stopping", "trainer.monitor=val_auc"]
+    with pytest.raises(UserError, match=r"^fold_1: .*no 'b' bag.*trainer.selection=last"):
+        run_selection(load_config(FitConfig, [], keys), splits, labels, ["a", "b"])
+    for ok in (keys[:1], ["trainer.monitor=val_auc"]):  # val_loss is defined; auto picks last
+        assert run_selection(load_config(FitConfig, [], ok), splits, labels, ["a", "b"])
 
 
 def test_ensemble_members_train_as_they_would_alone_and_predict_their_mean_probability(
@@ -193,3 +234,52 @@ def test_ensemble_members_train_as_they_would_alone_and_predict_their_mean_proba
     assert float(torch.softmax(out.logits, -1)[1]) == pytest.approx(np.mean(member_probs), abs=1e-6)
     assert preds.loc[slide, "prob"] == pytest.approx(np.mean(member_probs), abs=1e-5)
     assert float(out.attention.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def _splits_file(path: Path, val0: list[str]) -> Path:
+    """Two folds of the 24-patient cohort: fold 0 validates on ``val0``, fold 1 on 3 bags per
+    class."""
+    ids = [f"P{p:04d}" for p in range(24)]
+    first, second = ids[:12], ids[12:]
+    folds = [
+        (second, first, val0),
+        (first, second, ids[:6]),
+    ]
+    splits = [
+        {"repeat": 0, "fold": k, "train": [b for b in rest if b not in val], "val": val,
+         "test": test}
+        for k, (rest, test, val) in enumerate(folds)
+    ]  # fmt: skip
+    path.write_text(json.dumps({"splits": splits}))
+    return path
+
+
+def test_fold_processes_choose_the_mode_over_every_fold(
+    cohort: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """min_val_bags=2: fold 1 alone (3 validation bags per class) would stop early, fold 0 (1
+    per class) would not. A process training only fold 1, and the resume that trains fold 0,
+    both train every fold on train + val."""
+    splits = _splits_file(tmp_path / "splits.json", ["P0012", "P0013"])
+    keys = (f"cv.splits_file={splits}", "trainer.min_val_bags=2", "trainer.max_epochs=2")
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="melanoma_mil"):
+        assert run_fit(_fit(*cohort, out, *keys, "cv.run_folds=[1]")) == 0
+        assert "repeat 0 fold 1: model selection none" in caplog.text
+        assert run_fit(_fit(*cohort, out, *keys)) == 0
+    assert "repeat 0 fold 0: model selection none" in caplog.text
+    assert "by early stopping" not in caplog.text
+    assert (out / "cv_summary.json").is_file()
+
+
+def test_val_auc_on_a_validation_split_without_a_class_fails_before_training(
+    cohort: tuple[Path, Path], tmp_path: Path
+) -> None:
+    splits = _splits_file(tmp_path / "splits.json", ["P0012"])  # fold 0: one class only
+    out = tmp_path / "run"
+    keys = [f"cv.splits_file={splits}", "trainer.selection=early_stopping"]
+    cfg = _fit(*cohort, out, *keys, "trainer.monitor=val_auc")
+    with pytest.raises(UserError, match="^fold_0: its validation split has no 'immune_high'"):
+        run_fit(cfg)
+    assert not (out / "folds").exists()
+    assert run_fit(_fit(*cohort, out, *keys, "trainer.max_epochs=1")) == 0  # val_loss is defined

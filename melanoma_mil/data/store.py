@@ -18,6 +18,8 @@ and read-only in practice, so the kernel keeps one copy in the page cache for al
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -30,7 +32,7 @@ import torch
 from melanoma_mil.config import FitConfig
 from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.data.memory import check_memory, estimate_for
-from melanoma_mil.data.store_build import Layout, Source, build, read_index, scan
+from melanoma_mil.data.store_build import Layout, Source, build, feature_dim, read_index, scan
 from melanoma_mil.errors import UserError
 from melanoma_mil.tiling.coords import PER_SLIDE_ATTRS
 
@@ -142,6 +144,21 @@ def _resolve(members: Members) -> tuple[dict[str, list[str]], list[Source]]:
             seen.setdefault(src.path, src)
             files.setdefault(bag_id, []).append(src.path)
     return files, list(seen.values())
+
+
+def features_identity(members: Members, features_dir: str | None) -> tuple[int, str]:
+    """(feature dim, hash of every file's path under features_dir, size and mtime): what a run
+    records of bags without a cache key, so a resume on other features is refused. Paths are
+    relative, so another mount of the same files (a cluster node) or a moved folder resumes."""
+    root = features_dir or "."
+    entries = []
+    for parts in members.values():
+        for slide_id, path in parts:
+            st = path.stat()
+            entries.append((slide_id, os.path.relpath(path, root), st.st_size, st.st_mtime_ns))
+    first = next(iter(members.values()))[0][1]
+    digest = hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()
+    return feature_dim(first), digest
 
 
 def _spans(

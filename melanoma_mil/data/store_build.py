@@ -101,6 +101,11 @@ def _file_shape(path: Path) -> tuple[tuple[int, ...], str]:
     )
 
 
+def feature_dim(path: Path) -> int:
+    """A bag file's feature dim, from its metadata."""
+    return int(_file_shape(path)[0][-1])
+
+
 def scan(sources: list[Source]) -> Layout:
     """Shapes and dtypes of every file (metadata only), checking one feature dim."""
     rows, dtypes = {}, {}

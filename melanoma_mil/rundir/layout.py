@@ -23,7 +23,7 @@ NOT_RESULTS = frozenset(
         "logger",
         "cv.run_folds",
         "cv.splits_file",  # the splits themselves are in the fingerprint
-        "data.features_dir",  # the cache key and the cohort hash are
+        "data.features_dir",  # the cache key (else feature dim and files) and cohort hash are
         "data.labels_csv",
         "data.label_column",
         "data.on_missing",

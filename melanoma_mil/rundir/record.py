@@ -48,15 +48,22 @@ def settings(cfg: FitConfig) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """What makes a run's results: config keys, splits, labelled cohort, feature cache."""
+    """What makes a run's results: config keys, splits, labelled cohort, feature cache.
+
+    Bags without a cache key (CLAM files, h5 of other tools) are identified by their feature
+    dim and files instead (`data.store.features_identity`). Those two are left out of the
+    digest when None, so runs made with a cache key keep the digest they were recorded with."""
 
     settings: dict[str, Any]
     splits_sha256: str
     cohort_sha256: str
     cache_key: str | None
+    feature_dim: int | None = None
+    features_sha256: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        return {k: v for k, v in data.items() if k not in _WITHOUT_KEY or v is not None}
 
     @property
     def digest(self) -> str:
@@ -74,7 +81,8 @@ class Fingerprint:
         ]
 
 
-_IDS = ("splits_sha256", "cohort_sha256", "cache_key")
+_WITHOUT_KEY = ("feature_dim", "features_sha256")
+_IDS = ("splits_sha256", "cohort_sha256", "cache_key", *_WITHOUT_KEY)
 
 
 def run_record(run: Path) -> dict[str, Any] | None:

@@ -32,7 +32,7 @@ from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.data.cohort import Cohort, build_cohort
 from melanoma_mil.data.datamodule import BagDataModule
 from melanoma_mil.data.splits import Split
-from melanoma_mil.data.store import BagStore, open_store
+from melanoma_mil.data.store import BagStore, features_identity, open_store
 from melanoma_mil.evaluation.hooks import check_inputs, write_report
 from melanoma_mil.features.identity import plain
 from melanoma_mil.metrics import METRICS, bag_metrics, summarise
@@ -49,7 +49,12 @@ from melanoma_mil.training.orchestrate import (
     plan_fit,
     start_fit,
 )
-from melanoma_mil.training.selection import FoldSelection, most_members, plan_selection
+from melanoma_mil.training.selection import (
+    FoldSelection,
+    RunSelection,
+    plan_selection,
+    run_selection,
+)
 from melanoma_mil.viz.roc import plot_roc
 
 log = logging.getLogger(__name__)
@@ -113,6 +118,7 @@ def _run_fold(
     name: str,
     fold_dir: Path,
     run_dir: Path,
+    chosen: RunSelection,
     rank0: bool,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Train on split.train, select on split.val, predict split.test into ``fold_dir`` (model.pt,
@@ -120,7 +126,7 @@ def _run_fold(
     seed = cfg.seed + 1000 * split.repeat + split.fold
     L.seed_everything(seed, workers=True, verbose=False)
     labels = _labels(cohort)
-    sel = plan_selection(cfg, split, labels)
+    sel = plan_selection(chosen, cfg, split)
     dm = BagDataModule(
         store,
         labels,
@@ -205,13 +211,22 @@ def _test_predictions(
     return preds
 
 
-def _train(plan: Plan, cfg: FitConfig, cohort: Cohort, store: BagStore, rank0: bool) -> None:
+def _train(
+    plan: Plan,
+    cfg: FitConfig,
+    cohort: Cohort,
+    store: BagStore,
+    chosen: RunSelection,
+    rank0: bool,
+) -> None:
     """Train the plan's folds; rank 0 commits each as soon as it is done."""
     for i in plan.todo:
         split, name = plan.splits[i], plan.names[i]
         partial = rundir.partial_dir(plan.target, name)
         try:
-            preds, metrics = _run_fold(cfg, cohort, store, split, name, partial, plan.target, rank0)
+            preds, metrics = _run_fold(
+                cfg, cohort, store, split, name, partial, plan.target, chosen, rank0
+            )
             if rank0:
                 record = {
                     "run_id": plan.run_id,
@@ -303,11 +318,16 @@ def _provenance(store: BagStore, cohort: Cohort, cfg: FitConfig, digest: str) ->
     return prov
 
 
-def _cache_key(cohort: Cohort) -> str | None:
-    """The feature cache of the cohort's bags (`open_store` checks that they all share it)."""
+def _feature_ids(cohort: Cohort, cfg: FitConfig) -> dict[str, Any]:
+    """The run fingerprint's feature identity: the cache key of the cohort's bags (`open_store`
+    checks that they all share it), else their feature dim and files (CLAM .pt, h5 without
+    the attr), so a resume on other features is refused either way."""
     path = next(iter(cohort.members.values()))[0][1]
     key = plain(read_attrs(path).get("cache_key"))
-    return None if key is None else str(key)
+    if key is not None:
+        return {"cache_key": str(key)}
+    dim, files = features_identity(cohort.members, cfg.data.features_dir)
+    return {"cache_key": None, "feature_dim": dim, "features_sha256": files}
 
 
 def _results(plan: Plan, cfg: FitConfig, classes: list[str]) -> tuple[Any, list[pd.DataFrame]]:
@@ -345,7 +365,7 @@ def run_fit(cfg: FitConfig) -> int:
     if cfg.trainer.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     cohort = build_cohort(cfg.data)
-    plan = plan_fit(cfg, cohort, _cache_key(cohort), rank0)
+    plan = plan_fit(cfg, cohort, _feature_ids(cohort, cfg), rank0)
     try:
         return _fit(plan, cfg, cohort, rank0)
     finally:
@@ -358,20 +378,23 @@ def _fit(plan: Plan, cfg: FitConfig, cohort: Cohort, rank0: bool) -> int:
     """Train the plan's folds; when every fold is done, write (or show) the run's results."""
     out = plan.out
     if plan.todo:
-        labels = _labels(cohort)
-        ensemble = most_members(cfg, [plan.splits[i] for i in plan.todo], labels)
-        store = open_store(cohort.members, cfg, ensemble)  # mmap; checks memory before loading
+        # one mode and ensemble size for every fold, from all splits (before any work)
+        chosen = run_selection(cfg, plan.splits, _labels(cohort), cohort.classes)
+        store = open_store(cohort.members, cfg, chosen.members)  # checks memory, then maps
         if rank0:
             start_fit(plan, cfg, _provenance(store, cohort, cfg, plan.splits_doc["sha256"]))
         log.info(
-            "fit: %d bags (D=%d), training %d of %d splits -> %s",
+            "fit: %d bags (D=%d), training %d of %d splits -> %s; every fold: selection %s, "
+            "%d member(s)",
             len(cohort.bags),
             store.dim,
             len(plan.todo),
             len(plan.splits),
             out,
+            chosen.mode,
+            chosen.members,
         )
-        _train(plan, cfg, cohort, store, rank0)
+        _train(plan, cfg, cohort, store, chosen, rank0)
     if not rank0:
         return 0
     write, written = _results(plan, cfg, cohort.classes)

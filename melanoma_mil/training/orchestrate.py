@@ -157,12 +157,14 @@ def _splits(
     return splits, rundir.splits_document(splits, cfg.cv, cohort_sha, None)
 
 
-def plan_fit(cfg: FitConfig, cohort: Cohort, cache_key: str | None, rank0: bool) -> Plan:
-    """Decide target, splits and the folds to train; refuse a mismatching run. Writes nothing."""
+def plan_fit(cfg: FitConfig, cohort: Cohort, features: dict[str, Any], rank0: bool) -> Plan:
+    """Decide target, splits and the folds to train; refuse a mismatching run. Writes nothing.
+
+    ``features``: the feature identity fields of `rundir.Fingerprint` (cache_key, ...)."""
     out = Path(cfg.output_dir)
     target, record = _target(out, cfg)
     splits, doc = _splits(cfg, cohort, target, record)
-    fp = rundir.Fingerprint(rundir.settings(cfg), doc["sha256"], doc["cohort_sha256"], cache_key)
+    fp = rundir.Fingerprint(rundir.settings(cfg), doc["sha256"], doc["cohort_sha256"], **features)
     same = record is not None and record.get("fingerprint") == fp.digest
     if record is not None and not same and target == out:
         raise UserError(

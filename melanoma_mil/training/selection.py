@@ -9,13 +9,18 @@ is noise, and it costs a fifth of the training patients. ``trainer.selection``:
   weights of the last ``trainer.average_fraction`` of the epochs (stochastic weight
   averaging), or the last weights when that is 0;
 - auto (default): early_stopping when every class has at least ``trainer.min_val_bags`` bags
-  in the fold's validation split, else last.
+  in every fold's validation split, else last.
 ``trainer.max_epochs`` left at None is 50, except with selection=last on a small cohort: there
 50 epochs are few optimizer steps (92 bags: 4,600), so the epochs are raised to make at least
 MIN_STEPS (MUSK2, 3 seeds: 100 epochs instead of 50 raised accuracy / AUC from 0.885 / 0.929 to
-0.901 / 0.944). A number set there is taken as given. Such a fold also trains an ensemble of
+0.901 / 0.944). A number set there is taken as given. A small cohort also trains ensembles of
 SMALL_COHORT_MEMBERS members (``model.members`` left at None; `models.ensemble`): there a model
 costs little and its seed moves accuracy most.
+The mode and the members are decided once per run, over every split (`run_selection`): a
+cohort whose folds straddle a threshold would otherwise mix early stopping with averaged
+weights, or ensembles with single models. Every process (resumed, fold-parallel, DDP rank)
+decides from the same splits.json, so they agree. The epochs stay per fold (each makes at least
+MIN_STEPS steps when raised), so a cohort whose folds all fall on one side trains as before.
 splits.json always holds the validation split, so runs that select differently stay paired
 (same splits, same digest). The test fold takes part in neither choice.
 """
@@ -36,6 +41,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from melanoma_mil import rundir
 from melanoma_mil.config import FitConfig
 from melanoma_mil.data.splits import Split
+from melanoma_mil.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +50,14 @@ MIN_STEPS = 10_000  # optimizer steps of a selection=last run when max_epochs is
 SMALL_COHORT_MEMBERS = 3  # model.members of a fold whose epochs were raised
 
 
-def resolve_selection(cfg: FitConfig, split: Split, labels: dict[str, int]) -> str:
-    """``trainer.selection`` with auto decided from the validation split's class counts."""
+def resolve_selection(cfg: FitConfig, splits: list[Split], labels: dict[str, int]) -> str:
+    """``trainer.selection`` with auto decided from the smallest class count of any split's
+    validation bags: one mode for every fold."""
     if cfg.trainer.selection != "auto":
         return cfg.trainer.selection
-    counts = Counter(labels[b] for b in split.val)
-    smallest = min(counts.get(c, 0) for c in set(labels.values()))
+    classes = set(labels.values())
+    counts = [Counter(labels[b] for b in s.val) for s in splits]
+    smallest = min(c.get(k, 0) for c in counts for k in classes)
     return "early_stopping" if smallest >= cfg.trainer.min_val_bags else "last"
 
 
@@ -147,29 +155,57 @@ def fold_epochs(cfg: FitConfig, mode: str, n_train: int) -> int:
     return max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch))
 
 
-def fold_members(cfg: FitConfig, epochs: int) -> int:
-    """``model.members``, or where None: SMALL_COHORT_MEMBERS if the fold's epochs were raised
-    (max_epochs None, more than DEFAULT_EPOCHS), else 1."""
+def fold_members(cfg: FitConfig, most_epochs: int) -> int:
+    """``model.members``, or where None: SMALL_COHORT_MEMBERS if the run's epochs were raised
+    (max_epochs None, more than DEFAULT_EPOCHS in its smallest fold), else 1."""
     if cfg.model.members is not None:
         return cfg.model.members
-    raised = cfg.trainer.max_epochs is None and epochs > DEFAULT_EPOCHS
+    raised = cfg.trainer.max_epochs is None and most_epochs > DEFAULT_EPOCHS
     return SMALL_COHORT_MEMBERS if raised else 1
 
 
-def fold_selection(cfg: FitConfig, split: Split, labels: dict[str, int]) -> FoldSelection:
-    """The fold's training bags, validation bags, epochs, members and selection mode."""
-    mode = resolve_selection(cfg, split, labels)
-    if mode == "last":
-        train, val = sorted(split.train + split.val), []
-    else:
-        train, val = split.train, split.val
-    epochs = fold_epochs(cfg, mode, len(train))
-    return FoldSelection(mode, train, val, epochs, fold_members(cfg, epochs))
+@dataclass(frozen=True)
+class RunSelection:
+    """What every fold of a run shares: the selection mode and the ensemble members."""
+
+    mode: str  # early_stopping | last
+    members: int
 
 
-def plan_selection(cfg: FitConfig, split: Split, labels: dict[str, int]) -> FoldSelection:
+def _bags(mode: str, split: Split) -> tuple[list[str], list[str]]:
+    """(training bags, validation bags): selection=last trains on the validation split too."""
+    return (sorted(split.train + split.val), []) if mode == "last" else (split.train, split.val)
+
+
+def run_selection(
+    cfg: FitConfig, splits: list[Split], labels: dict[str, int], classes: list[str]
+) -> RunSelection:
+    """The run's mode and members, decided over all its splits; a val_auc monitor on a
+    validation split lacking a class is refused (its AUC is NaN every epoch)."""
+    mode = resolve_selection(cfg, splits, labels)
+    if mode == "early_stopping" and cfg.trainer.monitor == "val_auc":
+        for name, split in zip(rundir.fold_names(splits), splits, strict=True):
+            missing = sorted(set(range(len(classes))) - {labels[b] for b in split.val})
+            if missing:
+                raise UserError(
+                    f"{name}: its validation split has no '{classes[missing[0]]}' bag, so "
+                    "val_auc is undefined and early stopping cannot select on it; use "
+                    "trainer.selection=last, trainer.monitor=val_loss, or a larger "
+                    "cv.val_fraction."
+                )
+    most = max(fold_epochs(cfg, mode, len(_bags(mode, s)[0])) for s in splits)
+    return RunSelection(mode, fold_members(cfg, most))
+
+
+def fold_selection(run: RunSelection, cfg: FitConfig, split: Split) -> FoldSelection:
+    """The fold's training bags, validation bags and epochs under the run's mode and members."""
+    train, val = _bags(run.mode, split)
+    return FoldSelection(run.mode, train, val, fold_epochs(cfg, run.mode, len(train)), run.members)
+
+
+def plan_selection(run: RunSelection, cfg: FitConfig, split: Split) -> FoldSelection:
     """`fold_selection`, logged for the fold about to train."""
-    sel = fold_selection(cfg, split, labels)
+    sel = fold_selection(run, cfg, split)
     log.info(
         "repeat %d fold %d: model selection %s (%d validation bags)",
         split.repeat,
@@ -178,8 +214,3 @@ def plan_selection(cfg: FitConfig, split: Split, labels: dict[str, int]) -> Fold
         len(split.val),
     )
     return sel
-
-
-def most_members(cfg: FitConfig, splits: list[Split], labels: dict[str, int]) -> int:
-    """The most ensemble members any of ``splits``' folds trains (the memory check's worst case)."""
-    return max((fold_selection(cfg, s, labels).members for s in splits), default=1)
