@@ -19,6 +19,8 @@ from melanoma_mil.configtools import (
 from melanoma_mil.configtools import check as check
 from melanoma_mil.configtools import describe as describe
 from melanoma_mil.configtools import load_config as load_config
+from melanoma_mil.configtools import merge_overrides as merge_overrides
+from melanoma_mil.configtools import to_checked as to_checked
 from melanoma_mil.configtools import to_yaml as to_yaml
 
 # model.name choices live here, not in the model registry, so `--help` and config errors answer
@@ -34,7 +36,9 @@ MODEL_NAMES = (
     "mean",
     "max",
 )
-PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+# weights stay float32: `fit` feeds bags as float32, so Lightning's bf16/16/64-true casts of the
+# model fail at the first step ("mat1 and mat2 must have the same dtype")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed")
 
 
 # --------------------------------------------------------------------------- clinical evaluation
@@ -144,6 +148,22 @@ class OptimConfig:
     scheduler: str = choice("none", "cosine", "none")
 
 
+# Lightning's strategy names: "auto" plus its StrategyRegistry (tests check they match), listed
+# here so a typo fails at parse time, before a run folder exists, without importing Lightning
+STRATEGIES = (
+    "auto", "ddp", "ddp_fork", "ddp_notebook", "ddp_spawn", "ddp_find_unused_parameters_false",
+    "ddp_find_unused_parameters_true", "ddp_fork_find_unused_parameters_false",
+    "ddp_fork_find_unused_parameters_true", "ddp_notebook_find_unused_parameters_false",
+    "ddp_notebook_find_unused_parameters_true", "ddp_spawn_find_unused_parameters_false",
+    "ddp_spawn_find_unused_parameters_true", "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2",
+    "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload",
+    "deepspeed_stage_3_offload_nvme", "fsdp", "fsdp_cpu_offload", "single_device", "single_tpu",
+    "single_xla", "xla", "xla_debug",
+)  # fmt: skip
+# Lightning's accelerator names: "auto", "gpu" plus its AcceleratorRegistry (tests check them)
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+
+
 @dataclass
 class TrainerConfig:
     """Lightning Trainer settings (only the ones that matter for MIL)."""
@@ -163,10 +183,10 @@ class TrainerConfig:
     patience: int = bounded(10, 1)
     # val_auc saturates on small validation sets
     monitor: str = choice("val_loss", "val_loss", "val_auc")
-    accelerator: str = choice("auto", "auto", "cpu", "gpu", "cuda", "mps", "tpu")
+    accelerator: str = choice("auto", *ACCELERATORS)
     devices: int = bounded(1, 1)
     num_nodes: int = bounded(1, 1)  # machines of a multi-node DDP job (torchrun, SLURM)
-    strategy: str = "auto"
+    strategy: str = choice("auto", *STRATEGIES)  # ddp: one process per device
     # auto: bf16-mixed on GPUs that support it, else 32-true
     precision: str = choice("auto", *PRECISIONS)
     deterministic: bool = True
@@ -180,7 +200,8 @@ class WandbConfig:
 
     project: str | None = None  # None: WANDB_PROJECT, else "melanoma-mil"
     entity: str | None = None  # None: WANDB_ENTITY, else your default entity
-    mode: str | None = None  # online | offline | disabled; None: WANDB_MODE, else offline w/o key
+    # None: WANDB_MODE, else offline without an API key
+    mode: str | None = choice(None, "online", "offline", "disabled", None)
     tags: list[str] = field(default_factory=list)
 
 

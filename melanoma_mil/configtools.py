@@ -12,16 +12,26 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
+)
 
 from melanoma_mil.errors import UserError
 
 T = TypeVar("T")
 
 
-def choice(default: str, *allowed: str) -> Any:
-    """A field whose value must be one of ``allowed`` (checked at parse time, shown by --help)."""
+def choice(default: str | None, *allowed: str | None) -> Any:
+    """A field whose value must be one of ``allowed`` (checked at parse time, shown by --help);
+    None among them lets an optional field stay unset (shown as null)."""
     return field(default=default, metadata={"choices": tuple(allowed)})
+
+
+def _choices_text(choices: tuple[str | None, ...]) -> str:
+    return "|".join("null" if c is None else c for c in choices)
 
 
 def bounded(
@@ -114,33 +124,87 @@ def load_config(
     ``recorded``: the files were written by `fit` (a run's config.yaml), maybe by an earlier
     version: RETIRED_KEYS in them are dropped instead of refused."""
     cfg: DictConfig = OmegaConf.structured(schema)
+    sources: dict[str, str] = {}  # key -> the file or override that set it last, for errors
     for file in files or []:
-        path = Path(file)
-        if not path.is_file():
-            raise UserError(f"config file '{file}' not found: check the --config path.")
-        try:
-            layer = OmegaConf.load(path)
-        except Exception as e:  # yaml errors come in many types
-            raise UserError(f"config file '{file}' is not valid YAML: {e}") from None
-        if isinstance(layer, DictConfig):
-            layer = OmegaConf.create(_text_keys(OmegaConf.to_container(layer)))
-        if recorded and isinstance(layer, DictConfig):
-            for key in RETIRED_KEYS:
-                section, _, name = key.rpartition(".")
-                node = OmegaConf.select(layer, section)
-                if isinstance(node, DictConfig) and name in node:
-                    node.pop(name)
+        layer = _file_layer(file, recorded)
         cfg = _merge(cfg, layer, f"config file '{file}'")
-    for item in dotlist or []:
+        sources.update(dict.fromkeys(_all_keys(layer), f"config file '{file}'"))
+    cfg = merge_overrides(cfg, dotlist or [], sources)
+    typed: T = to_checked(cfg, sources)
+    return typed
+
+
+def _file_layer(file: str, recorded: bool) -> DictConfig:
+    """One YAML config file as a layer; what is not a mapping of keys is refused, naming it."""
+    path = Path(file)
+    if not path.is_file():
+        raise UserError(f"config file '{file}' not found: check the --config path.")
+    try:
+        layer = OmegaConf.load(path)
+    except Exception as e:  # yaml errors come in many types
+        raise UserError(f"config file '{file}' is not valid YAML: {e}") from None
+    if not isinstance(layer, DictConfig):
+        raise UserError(
+            f"config file '{file}' holds a list, not a mapping of keys: write one "
+            "`key: value` per line (e.g. `seed: 1`, sections nested by indentation)."
+        )
+    layer = OmegaConf.create(_text_keys(OmegaConf.to_container(layer)))
+    if recorded:
+        for key in RETIRED_KEYS:
+            section, _, name = key.rpartition(".")
+            node = OmegaConf.select(layer, section)
+            if isinstance(node, DictConfig) and name in node:
+                node.pop(name)
+    return layer
+
+
+def _optional(cfg: DictConfig, key: str) -> bool:
+    section, _, name = key.rpartition(".")
+    parent = OmegaConf.select(cfg, section) if section else cfg
+    if not isinstance(parent, DictConfig) or name not in parent:
+        return False
+    node = parent._get_node(name)
+    return node is not None and bool(node._is_optional())
+
+
+def merge_overrides(
+    cfg: DictConfig,
+    dotlist: list[str],
+    sources: dict[str, str] | None = None,
+    what: str = "override",
+) -> DictConfig:
+    """``key=value`` items merged onto ``cfg`` in order. A value of exactly None (what `wandb
+    agent` passes for a null sweep value, as str(None)) unsets an optional key like null does;
+    a key that cannot be None keeps refusing it."""
+    for item in dotlist:
         if "=" not in item:
-            raise UserError(f"override '{item}' is not key=value (e.g. trainer.max_epochs=20).")
-        key = item.split("=", 1)[0].lstrip("+")
+            raise UserError(f"{what} '{item}' is not key=value (e.g. trainer.max_epochs=20).")
+        key, _, value = item.lstrip("+").partition("=")
+        if value == "None" and _optional(cfg, key):
+            value = "null"
         try:
-            layer = OmegaConf.from_dotlist([item.lstrip("+")])
+            layer = OmegaConf.from_dotlist([f"{key}={value}"])
         except OmegaConfBaseException as e:
-            raise UserError(f"cannot parse override '{item}': {e}") from None
-        cfg = _merge(cfg, layer, f"override '{key}'")
-    typed: T = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+            raise UserError(f"cannot parse {what} '{item}': {e}") from None
+        cfg = _merge(cfg, layer, f"{what} '{key}'")
+        if sources is not None:
+            sources[key] = f"{what} '{item}'"
+    return cfg
+
+
+def to_checked(cfg: DictConfig, sources: dict[str, str] | None = None) -> Any:
+    """The typed object, every declared choice and range checked. A ${...} that cannot be
+    resolved (unset environment variable, unknown key) is named with what wrote it."""
+    try:
+        typed = OmegaConf.to_object(cfg)
+    except InterpolationResolutionError as e:
+        key = str(getattr(e, "full_key", "") or "?")
+        msg = str(e).splitlines()[0]
+        where = (sources or {}).get(key, "the config")
+        raise UserError(
+            f"cannot resolve '{key}' in {where}: {msg}; set what it reads or replace the "
+            "${...} with a value."
+        ) from None
     check(typed)
     return typed
 
@@ -155,7 +219,7 @@ def _bounds_text(spec: tuple[float | None, float | None, bool, bool]) -> str:
 def _problem(value: Any, meta: Any) -> str | None:
     """Why ``value`` breaks a field's declared choices or range, or None."""
     if "choices" in meta and value not in meta["choices"]:
-        return f"is not one of {'|'.join(meta['choices'])}"
+        return f"is not one of {_choices_text(meta['choices'])}"
     if "pattern" in meta and value is not None and not re.fullmatch(meta["pattern"][0], value):
         return f"is not of the form {meta['pattern'][1]}"
     if "range" in meta and value is not None:
@@ -197,7 +261,7 @@ def describe(schema: type | Any, prefix: str = "") -> list[tuple[str, str, str]]
         else:
             kind = str(f.type)
             if "choices" in f.metadata:
-                kind = "|".join(f.metadata["choices"])
+                kind = _choices_text(f.metadata["choices"])
             elif "pattern" in f.metadata:
                 kind = f.metadata["pattern"][1]
             elif "range" in f.metadata:

@@ -20,6 +20,7 @@ from melanoma_mil.encoders import (
     get_spec,
     warn_if_random,
 )
+from melanoma_mil.encoders.build import load_trunk
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import sha256_file
 
@@ -207,3 +208,64 @@ def test_extract_help_lists_every_registry_name() -> None:
     from melanoma_mil.config import ExtractConfig
 
     assert all(name in (ExtractConfig.__doc__ or "") for name in REGISTRY)
+
+
+def test_a_virchow2_checkpoint_loads_before_its_class_token_wrapper() -> None:
+    """The hub layout (plain timm ViT keys) of the 632M-param model, on the meta device."""
+    spec = get_spec("virchow2")
+    with torch.device("meta"):
+        hub_layout = timm.create_model(spec.arch, **spec.kwargs).state_dict()
+        trunk = timm.create_model(spec.arch, **spec.kwargs)
+    model, prefix = load_trunk(spec, trunk, hub_layout, Path("virchow2.bin"))
+    assert prefix == ""
+    out = model(torch.empty(1, 3, 224, 224, device="meta"))
+    assert tuple(out.shape) == (1, spec.dim)
+
+
+def test_a_timm_model_with_a_pre_logits_layer_records_its_output_width() -> None:
+    """mobilenetv3_large_100: 960 trunk features, 1280 after its conv_head (what it outputs)."""
+    enc = build_encoder(EncoderConfig(name="timm:mobilenetv3_large_100", pretrained=False))
+    feats = enc.encode(_tile(), 256)
+    assert feats.shape[1] == enc.dim == enc.provenance["embed_dim"] == 1280
+
+
+def test_a_dino_checkpoint_loads_its_teacher_and_other_ties_are_refused(tmp_path: Path) -> None:
+    """student.backbone.* and teacher.backbone.* both hold a full ResNet-18: the teacher loads."""
+    own = timm.create_model("resnet18", num_classes=0).state_dict()
+    copies = {"student.backbone.": 1.0, "teacher.backbone.": 2.0}
+    sd = {
+        prefix + k: torch.full_like(v, fill) if v.is_floating_point() else v
+        for prefix, fill in copies.items()
+        for k, v in own.items()
+    }
+    path = tmp_path / "dino.pth"
+    torch.save({"model": sd, "iteration": 5}, path)
+    enc = build_encoder(EncoderConfig(name="resnet18_imagenet", weights=str(path)))
+    assert enc.module.conv1.weight.unique().tolist() == [2.0]
+    twins = {f"{p}{k}": v for p in ("ema_a.", "ema_b.") for k, v in own.items()}
+    torch.save(twins, path)
+    with pytest.raises(UserError, match=r"\['ema_a\.', 'ema_b\.'\]: export the state dict"):
+        build_encoder(EncoderConfig(name="resnet18_imagenet", weights=str(path)))
+
+
+def test_an_hf_dinov2_checkpoint_is_refused_naming_the_layout(tmp_path: Path) -> None:
+    """transformers' Dinov2Model keys (layer_scale, norm1, ...) are not the ViT layout converted."""
+    shapes = {
+        "embeddings.cls_token": (1, 1, 8),
+        "embeddings.position_embeddings": (1, 5, 8),
+        "embeddings.patch_embeddings.projection.weight": (8, 3, 14, 14),
+        "embeddings.patch_embeddings.projection.bias": (8,),
+        "encoder.layer.0.norm1.weight": (8,),
+        "encoder.layer.0.layer_scale1.lambda1": (8,),
+        "encoder.layer.0.attention.attention.query.weight": (8, 8),
+        "encoder.layer.0.attention.attention.query.bias": (8,),
+        "layernorm.weight": (8,),
+        "layernorm.bias": (8,),
+    }
+    dinov2 = {k: torch.zeros(shape) for k, shape in shapes.items()}
+    path = tmp_path / "dinov2.safetensors"
+    save_file(dinov2, path)
+    with pytest.raises(UserError) as err:
+        build_encoder(EncoderConfig(name="phikon", weights=str(path)))
+    msg = str(err.value)
+    assert str(path) in msg and "ViTModel layout" in msg and "timm state dict" in msg

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from conftest import CMU, make_cohort, write_grid
 
+from melanoma_mil.cli import main
 from melanoma_mil.config import EncoderConfig, ExtractConfig
 from melanoma_mil.features.run import run_extract
 from melanoma_mil.tiling.coords import TileGrid, read_coords, write_coords
@@ -175,3 +176,17 @@ def test_cli_pretrained_offline_without_cache_fails_with_the_fix(tmp_path: Path)
     assert done.returncode == 2
     assert "encoder.weights=PATH" in done.stderr and "Traceback" not in done.stderr
     assert not list((tmp_path / "f").rglob("*.h5"))
+
+
+@pytest.mark.parametrize(
+    "bad", ["encoder.name=resnet18_imagenett", "encoder.weights=no_such.pt", "device=cuda:x"]
+)
+def test_a_bad_encoder_setting_fails_before_the_output_folder_exists(
+    bad: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiles = make_cohort(tmp_path, 1, side=128)
+    out = tmp_path / "f"
+    argv = ["extract", f"coords_dir={tiles}", f"output_dir={out}", "device=cpu"]
+    assert main([*argv, "encoder.pretrained=false", bad]) == 2
+    assert bad.split("=")[1] in capsys.readouterr().err
+    assert not out.exists()

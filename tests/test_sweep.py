@@ -12,9 +12,10 @@ import yaml
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
 from melanoma_mil.cli import main, parse
+from melanoma_mil.config import ModelConfig, SweepConfig
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
-from melanoma_mil.evaluation.sweep import _engine, _sweep_run, load_sweep
+from melanoma_mil.evaluation.sweep import _engine, _sweep_run, fit_config, load_sweep, overrides
 from melanoma_mil.tracking.loggers import SWEEP_METRIC
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +60,7 @@ def test_sweep_files_validate_and_their_agent_commands_parse(
         params = {k: v["value"] for k, v in suggestion.config.items()}
         command, cfg, _ = parse(agent_argv(spec, params))
         assert command == "fit" and cfg.logger == "wandb"
+        assert cfg.data.features_dir and cfg.data.labels_csv  # what every fit reads first
         assert cfg.output_dir.endswith("/run123")
         assert not any(k.startswith("cv.") for k in params)  # every run on the same folds
         for key, value in params.items():
@@ -75,6 +77,34 @@ def test_sweep_files_validate_and_their_agent_commands_parse(
         assert "no valid samples" not in nxt.search_info["warnings"]
 
 
+def local_argv(path: Path) -> list[str]:
+    """The file's `local:` example (a comment, continued by trailing backslashes) as argv."""
+    lines = [line.lstrip("#").strip() for line in path.read_text().splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("local:"))
+    text = lines[start].removeprefix("local:")
+    for line in lines[start + 1 :]:
+        if not text.endswith("\\"):
+            break
+        text = text[:-1] + " " + line
+    argv = text.split()
+    assert argv[:3] == ["python", "-m", "melanoma_mil"], text
+    return argv[3:]
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
+def test_every_sweeps_local_example_gives_fits_with_features_and_labels(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(REPO)
+    command, cfg, _ = parse(local_argv(path))
+    assert command == "sweep" and Path(cfg.sweep_file) == Path("sweeps") / path.name
+    spec = load_sweep(path)
+    first = _engine().next_run(spec, [], validate=True)
+    params = {k: v["value"] for k, v in first.config.items()}
+    fit = fit_config(cfg, params, Path("runs/x"))
+    assert fit.data.features_dir and fit.data.labels_csv
+
+
 def test_bad_sweep_files_are_user_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"method": "grid", "parameters": {"optim.lrr": {"values": [1]}}}))
@@ -85,6 +115,48 @@ def test_bad_sweep_files_are_user_errors(tmp_path: Path) -> None:
         load_sweep(bad)
     with pytest.raises(UserError, match="not found"):
         load_sweep(tmp_path / "missing.yaml")
+
+
+def test_every_sweep_value_is_checked_before_any_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    out = tmp_path / "out"
+    for param, fix in (
+        ({"model.name": {"values": ["abmil", "abmi"]}}, "model.name='abmi' is not one of"),
+        ({"model.dropout": {"min": 0.0, "max": 1.5}}, "model.dropout=1.5 must be in [0, 1)"),
+        ({"seed": {"values": [0, None]}}, "'seed'"),
+    ):
+        bad.write_text(yaml.safe_dump({"method": "grid", "parameters": param}))
+        assert main(["sweep", str(bad), f"output_dir={out}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"sweep file '{bad}', parameter" in err and fix in err and "\n" not in err, err
+        assert not out.exists()
+
+
+def test_a_null_sweep_value_unsets_an_optional_key_here_and_under_the_agent() -> None:
+    params = {"model.hidden_dim": None, "data.max_instances": 64}
+    fit = fit_config(SweepConfig(model=ModelConfig(hidden_dim=32)), params, Path("runs/x"))
+    assert fit.model.hidden_dim is None and fit.data.max_instances == 64
+    _, cfg, _ = parse(["fit", "model.hidden_dim=32", *overrides(params)])  # `key=None`
+    assert cfg.model.hidden_dim is None and cfg.data.max_instances == 64
+
+
+def test_a_run_whose_sampled_value_is_invalid_is_recorded_and_the_sweep_goes_on(
+    tmp_path: Path,
+) -> None:
+    """Distributions are sampled at run time: a value out of range fails that run only."""
+    spec = {
+        "method": "random",
+        "parameters": {"optim.lr": {"distribution": "normal", "mu": -1.0, "sigma": 1e-6}},
+    }
+    sweep_file = tmp_path / "neg.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    assert main(["sweep", str(sweep_file), "--count", "2", f"output_dir={out}"]) == 1
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [r["state"] for r in runs] == ["failed", "failed"]
+    assert all("optim.lr=" in r["error"] and "must be > 0" in r["error"] for r in runs)
 
 
 @pytest.mark.parametrize("ledger", ["{not json", "[1, 2]", '{"sweep": {}, "runs": 3}'])

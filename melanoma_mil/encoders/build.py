@@ -200,27 +200,46 @@ def _create(spec: EncoderSpec, pretrained_hub: bool) -> nn.Module:
     return timm.create_model(source, pretrained=True, **kwargs)
 
 
-def _cut(model: nn.Module, spec: EncoderSpec) -> nn.Module:
+def _trunk(model: nn.Module, spec: EncoderSpec) -> nn.Module:
+    """The backbone whose keys a checkpoint holds (CLAM's net drops the ResNet's last stage)."""
     if spec.trunk == "layer3":
         model.layer4 = nn.Identity()  # type: ignore[assignment]
+    return model
+
+
+def _pooled(model: nn.Module, spec: EncoderSpec) -> nn.Module:
+    """Add the pooling wrapper after any load: it renames keys, so weights go in before it."""
     if spec.pooling == "cls" and spec.kwargs.get("global_pool") == "":
         return _ClsToken(model)
     return model
 
 
+def _cut(model: nn.Module, spec: EncoderSpec) -> nn.Module:
+    """Trunk and pooling for models that carry no local weights (random, meta, hub)."""
+    return _pooled(_trunk(model, spec), spec)
+
+
 def _uninitialised(spec: EncoderSpec) -> nn.Module:
-    """The architecture with allocated but uninitialised tensors, for a strict full load.
+    """The trunk with allocated but uninitialised tensors, for a strict full load.
 
     Skips the random init (tens of seconds for 1B-param ViTs). Only safe when every buffer is
     persistent, i.e. comes from the checkpoint; otherwise the module is initialised normally.
     """
     with torch.device("meta"):
-        model = _cut(_create(spec, pretrained_hub=False), spec)
+        model = _trunk(_create(spec, pretrained_hub=False), spec)
     persistent = set(model.state_dict())
     if all(name in persistent for name, _ in model.named_buffers()):
         return model.to_empty(device="cpu")
     with _seeded():
-        return _cut(_create(spec, pretrained_hub=False), spec)
+        return _trunk(_create(spec, pretrained_hub=False), spec)
+
+
+def load_trunk(
+    spec: EncoderSpec, trunk: nn.Module, sd: Mapping[str, torch.Tensor], path: Path
+) -> tuple[nn.Module, str]:
+    """Load ``sd`` strictly into the bare ``trunk``, then pool; return it and the prefix cut."""
+    prefix = load_into(trunk, sd, path, spec.name, spec.ignore_keys)
+    return _pooled(trunk, spec), prefix
 
 
 def _hub_id(model: nn.Module, spec: EncoderSpec) -> str:
@@ -262,8 +281,7 @@ def build_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> Enc
     elif cfg.weights:
         path = Path(cfg.weights).expanduser()
         sd = read_weights_file(path)
-        model = _uninitialised(spec)
-        prefix = load_into(model, sd, path, spec.name, spec.ignore_keys)
+        model, prefix = load_trunk(spec, _uninitialised(spec), sd, path)
         weights_id = sha256_file(path)
         log.info("encoder %s: weights %s (prefix '%s' stripped)", spec.name, path, prefix)
     elif cfg.pretrained:

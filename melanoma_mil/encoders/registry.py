@@ -293,7 +293,8 @@ def _timm_spec(name: str) -> EncoderSpec:
     return EncoderSpec(
         name=name,
         arch=arch,
-        dim=int(model.num_features),
+        # Models with a pre-logits layer (MobileNetV3, ...) output its width, not num_features.
+        dim=int(getattr(model, "head_hidden_size", None) or model.num_features),
         mean=tuple(cfg.get("mean", IMAGENET_MEAN)),  # type: ignore[arg-type]
         std=tuple(cfg.get("std", IMAGENET_STD)),  # type: ignore[arg-type]
         license=str(cfg.get("license", "see the timm model card")),

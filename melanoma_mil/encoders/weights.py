@@ -57,7 +57,14 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
             f"{list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__}); "
             "pass a state dict or a checkpoint with a 'state_dict' entry."
         )
-    return _from_hf_vit(sd)
+    try:
+        return _from_hf_vit(sd)
+    except KeyError as e:  # transformers' Dinov2Model, ViTMAE, ... name their tensors otherwise
+        raise UserError(
+            f"encoder.weights '{path}' has HF-transformers keys but not the ViT layout (no "
+            f"{e}): only transformers' ViTModel layout (e.g. owkin/phikon) is converted; export "
+            "a timm state dict of the model instead."
+        ) from None
 
 
 def _tensors(d: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -80,7 +87,8 @@ def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
 
 
 def _from_hf_vit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF-transformers ViT keys (e.g. owkin/phikon) -> timm VisionTransformer keys."""
+    """HF-transformers ViT keys (e.g. owkin/phikon) -> timm VisionTransformer keys; KeyError
+    for another HF layout (the caller names the file)."""
     anchor = "embeddings.patch_embeddings.projection.weight"
     base = next((k[: -len(anchor)] for k in sd if k.endswith(anchor)), None)
     if base is None:
@@ -112,8 +120,13 @@ def _from_hf_vit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _best_prefix(keys: Iterable[str], targets: set[str]) -> str:
-    """The wrapper prefix under which most of the model's keys appear ('' if none needed)."""
+def _best_prefix(keys: Iterable[str], targets: set[str], path: Path) -> str:
+    """The wrapper prefix under which most of the model's keys appear ('' if none needed).
+
+    A tie between full copies (DINO's ``student.backbone.`` and ``teacher.backbone.``) goes to
+    the one under ``teacher``, the network DINO-style training evaluates and releases; any other
+    tie is a UserError listing the prefixes, since picking one would be a guess.
+    """
     votes: Counter[str] = Counter()
     for k in keys:
         for i in [0] + [j + 1 for j, c in enumerate(k) if c == "."]:
@@ -123,7 +136,16 @@ def _best_prefix(keys: Iterable[str], targets: set[str]) -> str:
     if not votes:
         return ""
     best = max(votes.values())
-    return min((p for p, n in votes.items() if n == best), key=len)
+    tied = sorted(p for p, n in votes.items() if n == best)
+    teacher = [p for p in tied if "teacher" in p.split(".")]
+    if len(tied) == 1:
+        return tied[0]
+    if len(teacher) == 1:
+        return teacher[0]
+    raise UserError(
+        f"encoder.weights '{path}' holds the whole backbone under each of {tied}: export the "
+        "state dict of the copy you mean (its keys without the prefix)."
+    )
 
 
 def _sample(keys: Iterable[str], n: int = 4) -> str:
@@ -137,7 +159,7 @@ def load_into(
     """Load ``sd`` into ``model`` strictly (after prefix stripping); return the stripped prefix."""
     own = model.state_dict()
     targets = set(own)
-    prefix = _best_prefix(sd, targets)
+    prefix = _best_prefix(sd, targets, path)
     stripped = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     ignore = tuple(ignore)
     unexpected = [k for k in stripped if k not in targets and not k.startswith(ignore)]

@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from melanoma_mil import config as C
 from melanoma_mil.errors import UserError
@@ -73,7 +72,27 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
             close = difflib.get_close_matches(name, FIT_KEYS, n=1, cutoff=0.5)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise UserError(f"sweep file '{file}': parameter '{name}' is not a fit key.{hint}")
+    _check_values(spec, file)
     return spec
+
+
+# distributions whose min/max are exponents, not values of the key
+_EXPONENT_BOUNDS = ("log_uniform", "q_log_uniform")
+
+
+def _check_values(spec: dict[str, Any], file: Path) -> None:
+    """Every listed value and value-space bound as a fit setting, so a bad choice fails now
+    rather than hours into the grid (each alone: fit's checks are per key)."""
+    for name, param in spec["parameters"].items():
+        values = list(param.get("values", []))
+        values += [param["value"]] if "value" in param else []
+        if param.get("distribution") not in _EXPONENT_BOUNDS:
+            values += [param[b] for b in ("min", "max") if b in param]
+        for value in values:
+            try:
+                fit_config(C.SweepConfig(), {name: value}, Path("runs/check"))
+            except UserError as e:
+                raise UserError(f"sweep file '{file}', parameter '{name}': {e}") from None
 
 
 def _engine() -> Any:
@@ -107,13 +126,8 @@ def fit_config(cfg: C.SweepConfig, params: dict[str, Any], output_dir: Path) -> 
     """The sweep's fit settings + one run's parameters (parsed as the agent's dotlist would be)."""
     fit_fields = {f.name for f in dataclasses.fields(C.FitConfig)}
     base = C.FitConfig(**{k: copy.deepcopy(v) for k, v in vars(cfg).items() if k in fit_fields})
-    node = OmegaConf.structured(base)
-    for item in overrides(params):
-        try:
-            node = OmegaConf.merge(node, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
-            raise UserError(f"sweep parameter '{item}': {str(e).splitlines()[0]}") from None
-    fit: C.FitConfig = OmegaConf.to_object(node)  # type: ignore[assignment]
+    node = C.merge_overrides(OmegaConf.structured(base), overrides(params), what="sweep parameter")
+    fit: C.FitConfig = C.to_checked(node)
     fit.output_dir = str(output_dir)
     fit.experiment = f"{cfg.experiment or Path(cfg.output_dir).name}-{output_dir.name}"
     return fit
@@ -203,11 +217,11 @@ def run_sweep(cfg: C.SweepConfig) -> int:
             break
         params = {k: _plain(v["value"]) for k, v in suggestion.config.items()}
         name = run_name(len(entries), params)
-        fit = fit_config(cfg, params, out / name)
-        fit.cv.splits_file = splits_file
         log.info("sweep run %d: %s", len(entries) + 1, " ".join(overrides(params)))
         entry: dict[str, Any] = {"name": name, "params": params}
         try:
+            fit = fit_config(cfg, params, out / name)
+            fit.cv.splits_file = splits_file
             entry.update(_execute(fit, splits_sha256))
             splits_file = splits_file or str(out / name / SPLITS)
             splits_sha256 = splits_sha256 or entry["splits_sha256"]

@@ -64,10 +64,28 @@ def check_cached(path: Path, expected: Mapping[str, Any], coords: np.ndarray) ->
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
             cached_coords = f["coords"][:]
-            bad = _mismatch(attrs, f["features"].shape, cached_coords, expected, coords)
+            features = f["features"]
+            bad = _mismatch(attrs, features.shape, cached_coords, expected, coords)
+            bad = bad or _settings_mismatch(attrs, features.dtype, expected)
     except (OSError, KeyError) as e:
         return Unusable(f"is unreadable or incomplete ({type(e).__name__})", worthless=True)
     return bad
+
+
+def _settings_mismatch(
+    attrs: Mapping[str, Any], dtype: np.dtype, expected: Mapping[str, Any]
+) -> Unusable | None:
+    """A stored dtype, or an explicitly asked precision, other than the file's. Neither is in
+    the cache key (existing caches keep their folders), so reuse would hand back features made
+    otherwise than asked; precision=auto accepts whatever precision the file was made at."""
+    keep = " (a new output_dir keeps both)"
+    want = expected.get("feature_dtype")
+    if want is not None and np.dtype(dtype) != np.dtype(want):
+        return Unusable(f"stores {np.dtype(dtype)} features, not the dtype={want} asked{keep}")
+    had, asked = plain(attrs.get("precision")), expected.get("precision_requested", "auto")
+    if asked != "auto" and had is not None and had != expected["precision"]:
+        return Unusable(f"was extracted at precision={had}, not the precision={asked} asked{keep}")
+    return None
 
 
 def _mismatch(

@@ -150,6 +150,7 @@ class Run:
             **grid.attrs(),
             **self.identity_source,
             "precision": self.precision,
+            "precision_requested": self.cfg.precision,  # auto: reuse any precision's files
             "cache_key": key,
             "package_version": __version__,
             "feature_dtype": self.cfg.dtype,
@@ -232,17 +233,23 @@ def _plan(cfg: ExtractConfig) -> tuple[list[Job], list[TileGrid | str]]:
     return jobs, [read[job.slide_id] for job in jobs]
 
 
+def _encoder(cfg: ExtractConfig) -> tuple[torch.device, Encoder, str]:
+    """Device, encoder and precision, settled before the output folder is claimed: a bad
+    encoder setting (name, weights file, device) leaves nothing behind."""
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    encoder = build_encoder(cfg.encoder, device=device)
+    return device, encoder, resolve_precision(cfg.precision, encoder.spec, device)
+
+
 def run_extract(cfg: ExtractConfig) -> int:
     """Extract features for every coords file under ``cfg.coords_dir``; 1 unless every slide
     is done or empty (failed, or still held by another process: see the table)."""
     check(cfg)  # also configs built in code (predict, heatmap, demo)
     jobs, grids = _plan(cfg)
+    device, encoder, precision = _encoder(cfg)
     claim_shared(cfg.output_dir, "extract")
-    device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        keep_freed_memory()
-    encoder = build_encoder(cfg.encoder, device=device)
-    precision = resolve_precision(cfg.precision, encoder.spec, device)
     tile = max((g.tile_size for g in grids if isinstance(g, TileGrid)), default=224)
     if encoder.low_precision_weights(precision, tile):
         log.info("extract: %s matmul weights stored in %s", encoder.name, precision)

@@ -1,0 +1,70 @@
+"""Fixed config choices and config files: refused at parse time, in one line, before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.accelerators import AcceleratorRegistry
+from lightning.pytorch.strategies import StrategyRegistry
+
+from melanoma_mil import config as C
+from melanoma_mil.cli import main
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run the CLI, expect exit 2 and a single `error:` line; return that line."""
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_strategy_and_accelerator_names_are_lightnings() -> None:
+    assert set(C.STRATEGIES) == {"auto", *StrategyRegistry.available_strategies()}
+    assert set(C.ACCELERATORS) == {"auto", "gpu", *AcceleratorRegistry.available_accelerators()}
+
+
+@pytest.mark.parametrize(
+    "override", ["trainer.strategy=dpp", "trainer.accelerator=cdua", "wandb.mode=offlne"]
+)
+def test_a_misspelt_choice_is_refused_before_the_run_folder_exists(
+    override: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    err = one_line_error(capsys, "fit", f"output_dir={out}", override)
+    key, value = override.split("=")
+    assert f"{key}='{value}' is not one of" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("mode", ["online", "offline", "disabled", "null"])
+def test_every_wandb_mode_and_null_parse(mode: str) -> None:
+    cfg = C.load_config(C.FitConfig, dotlist=[f"wandb.mode={mode}", "trainer.strategy=ddp"])
+    assert cfg.wandb.mode == (None if mode == "null" else mode)
+    assert cfg.trainer.strategy == "ddp"
+
+
+def test_a_config_file_that_is_a_list_is_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- seed: 1\n- model.name: abmil\n")
+    err = one_line_error(capsys, "fit", "--config", str(listed), "--print-config")
+    assert str(listed) in err and "not a mapping" in err and "key: value" in err
+
+
+def test_an_unresolvable_interpolation_names_its_key_and_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MELANOMA_MIL_UNSET", raising=False)
+    file = tmp_path / "interp.yaml"
+    file.write_text("output_dir: ${oc.env:MELANOMA_MIL_UNSET}/runs\n")
+    err = one_line_error(capsys, "fit", "--config", str(file), "--print-config")
+    assert f"'output_dir' in config file '{file}'" in err and "MELANOMA_MIL_UNSET" in err
+    override = "data.features_dir=${no_such_key}"
+    err = one_line_error(capsys, "fit", override, "--print-config")
+    assert f"'data.features_dir' in override '{override}'" in err
+    monkeypatch.setenv("MELANOMA_MIL_UNSET", str(tmp_path))
+    cfg = C.load_config(C.FitConfig, files=[str(file)])
+    assert cfg.output_dir == f"{tmp_path}/runs"
