@@ -208,6 +208,16 @@ def test_devices_that_would_change_the_bags_per_step_are_refused(tmp_path: Path)
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_accelerator_this_machine_lacks_is_refused_before_the_run_folder(
+    tmp_path: Path,
+) -> None:
+    features, labels = make_bag_cohort(tmp_path, n_patients=6, dim=4)
+    with pytest.raises(UserError, match="trainer.accelerator=cuda: this machine has no"):
+        run_fit(fit_cfg(features, labels, tmp_path / "run", "trainer.accelerator=cuda"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_two_nodes_under_torchrun(tmp_path: Path) -> None:
     """trainer.num_nodes=2 with ranks started by torchrun (two single-process "nodes" on this
     host, gloo): each rank plans from the folder, rank 0 alone writes a complete run."""

@@ -91,6 +91,7 @@ def check_parallel(cfg: FitConfig) -> None:
         )
     if any(i < 0 for i in cfg.cv.run_folds):
         raise UserError(f"cv.run_folds={list(cfg.cv.run_folds)}: split indices are >= 0.")
+    check_accelerator(cfg.trainer.accelerator)
     world = cfg.trainer.devices * cfg.trainer.num_nodes
     if cfg.trainer.accumulate_grad_batches % world:
         raise UserError(
@@ -99,6 +100,20 @@ def check_parallel(cfg: FitConfig) -> None:
             "trainer.num_nodes; DDP puts one bag per device per step): set it to a multiple of "
             f"{world}, which matches a 1-device run with the same value, or train folds in "
             "parallel with cv.run_folds instead."
+        )
+
+
+def check_accelerator(name: str) -> None:
+    """An accelerator this machine lacks fails here, before any work: Lightning would refuse it
+    only once the run folder exists, and a corrected rerun is then refused as other settings."""
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator, XLAAccelerator
+
+    has = {"cuda": CUDAAccelerator.is_available(), "mps": MPSAccelerator.is_available()}
+    has |= {"gpu": has["cuda"] or has["mps"], "tpu": XLAAccelerator.is_available()}
+    if not has.get(name, True):
+        raise UserError(
+            f"trainer.accelerator={name}: this machine has no such device; use "
+            "trainer.accelerator=auto (or cpu), or run on a machine that has one."
         )
 
 
