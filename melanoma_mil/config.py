@@ -235,13 +235,15 @@ class TissueConfig:
     # faint: pale stain; fatty: adipose with thin septa
     preset: str = choice("default", "default", "faint", "fatty")
     thumbnail_mpp: float = positive(8.0)  # resolution of the segmentation thumbnail
-    saturation_threshold: float | None = None  # fixed HSV saturation cut; None: Otsu
-    min_saturation: float | None = None  # floor under Otsu, so blank slides yield no tissue
-    blur: int | None = None  # median blur kernel (thumbnail px)
-    close_size: int | None = None  # morphological closing (thumbnail px)
-    open_size: int | None = None  # morphological opening (thumbnail px)
+    # fixed HSV saturation cut (0-1); None: Otsu
+    saturation_threshold: float | None = bounded(None, 0.0, 1.0)
+    # floor under Otsu (0-1), so blank slides yield no tissue
+    min_saturation: float | None = bounded(None, 0.0, 1.0)
+    blur: int | None = bounded(None, 0)  # median blur kernel (thumbnail px; even: +1)
+    close_size: int | None = bounded(None, 0)  # morphological closing (thumbnail px)
+    open_size: int | None = bounded(None, 0)  # morphological opening (thumbnail px)
     fill_holes: bool | None = None
-    min_area_um2: float | None = None  # drop tissue components smaller than this
+    min_area_um2: float | None = bounded(None, 0.0)  # drop tissue components smaller than this
 
 
 @dataclass

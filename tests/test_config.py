@@ -38,6 +38,25 @@ def test_a_misspelt_choice_is_refused_before_the_run_folder_exists(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "override",
+    [
+        "tiling.tissue.saturation_threshold=2",
+        "tiling.tissue.min_saturation=-0.1",
+        "tiling.tissue.close_size=-3",
+        "tiling.tissue.blur=-1",
+        "tiling.tissue.min_area_um2=-5",
+    ],
+)
+def test_tissue_settings_out_of_range_are_refused_before_tiling(
+    override: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "tiles"
+    err = one_line_error(capsys, "tile", f"slides_dir={tmp_path}", f"output_dir={out}", override)
+    assert override.split("=")[0] in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("mode", ["online", "offline", "disabled", "null"])
 def test_every_wandb_mode_and_null_parse(mode: str) -> None:
     cfg = C.load_config(C.FitConfig, dotlist=[f"wandb.mode={mode}", "trainer.strategy=ddp"])

@@ -106,7 +106,8 @@ def tile_one(task: Task) -> dict[str, Any]:
         reason = (
             f"tissue found but no tile has tissue fraction >= {task.cfg.min_tissue}"
             if tiles.mask.any()
-            else "no tissue found (blank slide, or lower tiling.tissue.min_saturation)"
+            else "no tissue found (blank slide, or lower tiling.tissue.min_saturation, or "
+            "tiling.tissue.saturation_threshold when set)"
         )
     row.update(status="ok" if n else "empty", n_tiles=n, mpp=grid.level0_mpp, reason=reason,
                mpp_source=grid.mpp_source, seconds=time.perf_counter() - start)  # fmt: skip
