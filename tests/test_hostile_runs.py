@@ -194,6 +194,18 @@ def test_leftover_of_a_crashed_replacement_is_cleaned_by_the_next_fit(
     assert rundir.load_run(out).run_id and not (tmp_path / ".run.fit-old").exists()
 
 
+def test_a_complete_replacement_a_crash_left_unswapped_is_swapped_in(
+    cohort, serial, tmp_path
+) -> None:
+    out = copy_run(serial, tmp_path / "run")
+    assert fit(cohort, tmp_path / "b", "seed=1") == 0
+    (tmp_path / "b").rename(tmp_path / ".run.fit-new")  # results written, then killed
+    kept = snapshot(tmp_path / ".run.fit-new")
+    assert fit(cohort, out, "seed=1") == 0  # the replacement asked for, not deleted
+    assert rundir.load_run(out).config.seed == 1 and snapshot(out) == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_incomplete_stale_mixed_or_damaged_runs_are_refused(serial, tmp_path, capsys) -> None:
     def broken(name: str) -> Path:
         return copy_run(serial, tmp_path / name)

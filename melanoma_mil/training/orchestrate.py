@@ -207,7 +207,8 @@ def plan_fit(cfg: FitConfig, cohort: Cohort, features: dict[str, Any], rank0: bo
 
 def cleanup(out: Path, overwrite: bool) -> None:
     """Rank 0, first: finish a swap a crash interrupted; without overwrite, drop an idle
-    leftover of a crashed `fit overwrite=true`."""
+    leftover of a crashed `fit overwrite=true`, or swap it in if it was complete (its results
+    written, the crash came before the swap: the replacement the user asked for)."""
     rundir.recover(out)
     new = rundir.staging(out)[0]
     if overwrite or not new.is_dir():
@@ -216,7 +217,12 @@ def cleanup(out: Path, overwrite: bool) -> None:
     if lock is None:
         return  # a replacement being built right now
     lock.release()
-    if rundir.run_record(new) is not None or is_empty(new):
+    if out.is_dir() and rundir.run_record(new) is not None and (new / rundir.SUMMARY).is_file():
+        log.warning("fit: '%s': finishing its replacement by a complete run that a crash left "
+                    "in '%s'", out, new)  # fmt: skip
+        rundir.replace_run(out, new)
+        (out / REPLACE_LOCK).unlink(missing_ok=True)
+    elif rundir.run_record(new) is not None or is_empty(new):
         shutil.rmtree(new)
 
 
