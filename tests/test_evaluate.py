@@ -270,6 +270,12 @@ def test_calibration_brier_and_ece_against_textbook_loop() -> None:
 @pytest.fixture()
 def small(tmp_path: Path) -> Path:
     """40 patients, binary predictions with labels carried by a labels CSV, survival data."""
+    write_small(tmp_path)
+    return tmp_path
+
+
+def write_small(tmp_path: Path) -> np.random.Generator:
+    """`small`'s files in ``tmp_path``; returns the generator, for columns drawn after them."""
     rng = np.random.default_rng(4)
     ids = [f"s{i:02d}" for i in range(40)]
     y = np.arange(40) % 2
@@ -281,7 +287,7 @@ def small(tmp_path: Path) -> Path:
     clinical = pd.DataFrame({"patient_id": ids, "time": time, "event": rng.integers(0, 2, 40)})
     clinical["event"] = clinical["event"].where(np.arange(40) >= 4, 1)  # events in both groups
     clinical.to_csv(tmp_path / "clinical.csv", index=False)
-    return tmp_path
+    return rng
 
 
 def _args(root: Path, *extra: str) -> list[str]:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
-from test_evaluate import _args, embedded_figures, evaluate_cli, predictions_csv
+from test_evaluate import _args, embedded_figures, evaluate_cli, write_small
 
 from melanoma_mil import __version__, stats
 from melanoma_mil.evaluation.classification import classification_metrics
@@ -22,17 +22,9 @@ from melanoma_mil.evaluation.version import code_version
 
 @pytest.fixture()
 def cohort(tmp_path: Path) -> Path:
-    """40 slides (one per patient, ids s00..s39), binary labels, survival and an age column."""
-    rng = np.random.default_rng(4)
-    ids = [f"s{i:02d}" for i in range(40)]
-    y = np.arange(40) % 2
-    prob = np.clip(0.3 + 0.4 * y + rng.normal(0, 0.1, 40), 0.01, 0.99)
-    predictions_csv(tmp_path / "predictions.csv", ids, prob, ["low", "high"])
-    labels = pd.DataFrame({"slide_id": ids, "label": np.where(y, "high", "low")})
-    labels.to_csv(tmp_path / "labels.csv", index=False)
-    time = np.round(rng.exponential(np.where(y, 60, 20)), 1)
-    clinical = pd.DataFrame({"patient_id": ids, "time": time, "event": rng.integers(0, 2, 40)})
-    clinical["event"] = clinical["event"].where(np.arange(40) >= 4, 1)
+    """`test_evaluate.small`'s 40 slides (one per patient, s00..s39), plus an age column."""
+    rng = write_small(tmp_path)
+    clinical = pd.read_csv(tmp_path / "clinical.csv", dtype={"patient_id": str})
     clinical["age"] = rng.integers(30, 80, 40)
     clinical.to_csv(tmp_path / "clinical.csv", index=False)
     return tmp_path

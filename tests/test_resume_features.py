@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from test_store import _fit_cli
 
 from melanoma_mil import rundir
 from melanoma_mil.cli import main
@@ -39,21 +40,8 @@ def caches(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
 
 
 def _fit(labels: Path, features: Path, out: Path, *extra: str) -> int:
-    return main(
-        [
-            "fit",
-            f"data.features_dir={features}",
-            f"data.labels_csv={labels}",
-            f"output_dir={out}",
-            "trainer.accelerator=cpu",
-            "logger=none",
-            "cv.folds=2",
-            "trainer.max_epochs=1",
-            "model.hidden_dim=16",
-            "model.attention_dim=8",
-            *extra,
-        ]
-    )
+    small_heads = ("model.hidden_dim=16", "model.attention_dim=8")
+    return main(_fit_cli(features, labels, out, *small_heads, *extra))
 
 
 def _done(run: Path, fold: str) -> str:
