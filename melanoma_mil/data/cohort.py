@@ -21,6 +21,13 @@ log = logging.getLogger(__name__)
 DROP = "drop"
 # labels that mean "no label" (pandas' NA spellings, compared lowercased): not a class
 MISSING = frozenset({"", "nan", "na", "n/a", "null", "none", "<na>", "#n/a", "-nan"})
+
+
+def is_missing(values: pd.Series) -> pd.Series:
+    """Cells that are blank or an NA spelling (any case), as R, Excel and pandas write them."""
+    return values.str.lower().isin(MISSING)
+
+
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
@@ -48,7 +55,7 @@ def read_slide_table(path: Path, what: str, key: str, columns: list[str]) -> pd.
         check_slide_id(sid, f"{what} '{path}' row {row + 2}")
     patients = df["patient_id"] if "patient_id" in df.columns else df["slide_id"]
     # a blank or NA-spelled patient id is unknown: the slide stands alone, never one shared "NA"
-    df["patient_id"] = patients.where(~patients.str.lower().isin(MISSING), df["slide_id"])
+    df["patient_id"] = patients.where(~is_missing(patients), df["slide_id"])
     return df
 
 
@@ -96,7 +103,7 @@ def _canonical_map(label_map: dict[str, str]) -> dict[str, str]:
 
 def _missing_labels(df: pd.DataFrame, mapped: set[str], source: str) -> None:
     """Refuse blank / NaN labels that data.label_map does not map: they are not a class."""
-    missing = df["raw_label"].str.lower().isin(MISSING) & ~df["raw_label"].isin(mapped)
+    missing = is_missing(df["raw_label"]) & ~df["raw_label"].isin(mapped)
     if missing.any():
         rows = [f"{i + 2} ({s})" for i, s in df.loc[missing, "slide_id"].items()]
         values = sorted(set(df.loc[missing, "raw_label"]))

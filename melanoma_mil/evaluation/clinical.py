@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from melanoma_mil.data.cohort import MISSING
+from melanoma_mil.data.cohort import is_missing
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import read_text_csv
 
@@ -78,7 +78,7 @@ def _time_and_event(df: pd.DataFrame, path: str, tcol: str, ecol: str) -> pd.Dat
 
 def _blank_missing(values: pd.Series) -> pd.Series:
     """NA spellings become '' so that they mean "unknown" like an empty cell, not a value."""
-    return values.where(~values.str.lower().isin(MISSING), "")
+    return values.where(~is_missing(values), "")
 
 
 def _covariate(df: pd.DataFrame, column: str, path: str) -> tuple[pd.Series, str]:

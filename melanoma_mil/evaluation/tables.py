@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from melanoma_mil.config import DataConfig
-from melanoma_mil.data.cohort import MISSING, map_labels, mixed_patients, read_slide_table
+from melanoma_mil.data.cohort import is_missing, map_labels, mixed_patients, read_slide_table
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import read_text_csv
 from melanoma_mil.rundir import TrainedRun
@@ -109,11 +109,6 @@ def _numeric(df: pd.DataFrame, columns: list[str], path: str) -> pd.DataFrame:
     return df
 
 
-def _known(ids: pd.Series) -> pd.Series:
-    """Cells that name a patient: not blank, not an NA spelling (data.cohort.MISSING)."""
-    return ~ids.str.lower().isin(MISSING)
-
-
 @dataclass
 class Labels:
     """labels_csv as slide_id, patient_id, y (class index, DROPPED or BLANK); ``patients``:
@@ -148,13 +143,13 @@ def _labels(path: str, run: TrainedRun | None, classes: list[str]) -> Labels:
     unless the run's label_map maps them."""
     df = read_slide_table(Path(path), "labels CSV", "labels_csv", ["slide_id", "label"])
     raw = read_text_csv(Path(path), "labels CSV", "labels_csv")
-    named = "patient_id" in raw.columns and bool(_known(raw["patient_id"]).any())
+    named = "patient_id" in raw.columns and bool((~is_missing(raw["patient_id"])).any())
     dup = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
     if dup:
         raise UserError(f"labels CSV '{path}' lists slide(s) {dup[:5]} twice; keep one row each.")
     df = df.rename(columns={"label": "raw_label"})
     mapped = {str(k) for k in run.config.data.label_map} if run is not None else set()
-    blank = df["raw_label"].str.lower().isin(MISSING) & ~df["raw_label"].isin(mapped)
+    blank = is_missing(df["raw_label"]) & ~df["raw_label"].isin(mapped)
     kept = _map_labels(df[~blank], path, run, classes) if (~blank).any() else df.iloc[:0]
     kept = kept.reindex(columns=["slide_id", "patient_id", "label"]).rename(columns={"label": "y"})
     other = df[~df["slide_id"].isin(kept["slide_id"])][["slide_id", "patient_id"]]
@@ -265,7 +260,7 @@ def _slide_patients(df: pd.DataFrame, labels: Labels | None, scored: Scored) -> 
     neither they nor labels_csv name any patient, so each slide counts as one."""
     ids = df["patient_id"] if "patient_id" in df.columns else pd.Series("", index=df.index)
     ids = ids.fillna("").astype(str).str.strip()
-    known = _known(ids)
+    known = ~is_missing(ids)
     if not known.any() and not (labels is not None and labels.patients):
         scored.warnings.append(
             "no patient ids in the predictions or labels_csv: each slide is treated as its own "
