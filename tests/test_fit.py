@@ -17,7 +17,8 @@ from melanoma_mil.cli import main
 from melanoma_mil.config import FitConfig, ModelConfig, OptimConfig, load_config
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
-from melanoma_mil.rundir import load_run
+from melanoma_mil.fsutil import try_lock
+from melanoma_mil.rundir import DONE, FOLDS, SUMMARY, fold_lock, load_run
 from melanoma_mil.training.cv import run_fit
 from melanoma_mil.training.module import MILModule
 
@@ -218,14 +219,46 @@ def test_an_accelerator_this_machine_lacks_is_refused_before_the_run_folder(
     assert not (tmp_path / "run").exists()
 
 
-def test_two_nodes_under_torchrun(tmp_path: Path) -> None:
-    """trainer.num_nodes=2 with ranks started by torchrun (two single-process "nodes" on this
-    host, gloo): each rank plans from the folder, rank 0 alone writes a complete run."""
-    features, labels = make_bag_cohort(tmp_path, n_patients=12, dim=8, shift=5.0)
-    out = tmp_path / "run"
+def _torchrun_nodes(fit_args: list[str]) -> list[str]:
+    """`fit` on two single-process "nodes" that torchrun starts on this host (gloo); the ranks'
+    stderr, once both exit 0 (or the test fails, killing them, after 4 minutes)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
+    rendezvous = ["--master-addr=127.0.0.1", f"--master-port={port}"]
+    nodes = [
+        subprocess.Popen(
+            [*launcher, f"--node-rank={n}", *rendezvous, "-m", "melanoma_mil", "fit", *fit_args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in (0, 1)
+    ]
+    try:
+        errs = [node.communicate(timeout=240)[1] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, err in zip(nodes, errs, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    return errs
+
+
+def _done(run: Path) -> list[str]:
+    return sorted(p.parent.name for p in (run / FOLDS).glob(f"*/{DONE}"))
+
+
+def test_two_nodes_under_torchrun_train_rank_0s_folds(tmp_path: Path) -> None:
+    """trainer.num_nodes=2 with ranks started by torchrun: rank 0 alone plans, and every rank
+    trains its folds. A fold another process is training (its lock held here) is left to it by
+    both ranks (rank 1, planning alone, would train it without rank 0 and fail); then a resume
+    finishes the run, written by rank 0 alone."""
+    features, labels = make_bag_cohort(tmp_path, n_patients=12, dim=8, shift=5.0)
+    out = tmp_path / "run"
     fit_args = [
         f"data.features_dir={features}",
         f"data.labels_csv={labels}",
@@ -238,20 +271,17 @@ def test_two_nodes_under_torchrun(tmp_path: Path) -> None:
         "trainer.accumulate_grad_batches=2",
         "logger=none",
     ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
-    rendezvous = ["--master-addr=127.0.0.1", f"--master-port={port}"]
-    nodes = [
-        subprocess.Popen(
-            [*launcher, f"--node-rank={n}", *rendezvous, "-m", "melanoma_mil", "fit", *fit_args],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for n in (0, 1)
-    ]
-    for node in nodes:
-        assert node.wait(timeout=600) == 0, node.stderr.read().decode()[-3000:]
+    _torchrun_nodes([*fit_args, "cv.run_folds=[1]"])
+    assert _done(out) == ["fold_1"]
+    lock = try_lock(fold_lock(out, "fold_0"))
+    assert lock is not None
+    try:
+        errs = _torchrun_nodes(fit_args)
+    finally:
+        lock.release()
+    assert "fold_0: being trained by another process" in errs[0]
+    assert _done(out) == ["fold_1"] and not (out / SUMMARY).exists()
+    _torchrun_nodes(fit_args)
     preds = pd.read_csv(out / "predictions.csv")
     assert len(preds) == 12 and preds["slide_id"].is_unique
     assert load_run(out).fold_names() == ["fold_0", "fold_1"]

@@ -2,8 +2,8 @@
 
 The run folder (what is written where, when a run is complete) belongs to `rundir`; resuming,
 fold-parallel processes and replacing a run to `orchestrate`. Under DDP
-(``trainer.strategy=ddp``) every rank computes the same cohort, splits and folds, and only rank
-0 writes files.
+(``trainer.strategy=ddp``) every rank computes the same cohort, trains rank 0's splits and folds,
+and only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from melanoma_mil.training.orchestrate import (
     plan_fit,
     start_fit,
 )
+from melanoma_mil.training.ranks import external_ranks, rank0_plan
 from melanoma_mil.training.selection import (
     FoldSelection,
     RunSelection,
@@ -358,46 +359,62 @@ def run_fit(cfg: FitConfig) -> int:
     check_inputs(cfg)
     out = Path(cfg.output_dir)
     rank0 = rank_zero_only.rank == 0
-    if rank0:
-        cleanup(out, cfg.overwrite)
-    else:  # DDP replicas repeat rank 0's work; only rank 0 reports
+    if not rank0:  # DDP replicas repeat rank 0's work; only rank 0 reports
         logging.getLogger("melanoma_mil").setLevel(logging.WARNING)
     if cfg.trainer.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    external = external_ranks(cfg)
     cohort = build_cohort(cfg.data)
-    plan = plan_fit(cfg, cohort, _feature_ids(cohort, cfg), rank0)
+    started: list[tuple[RunSelection, BagStore]] = []
+
+    def make() -> Plan:
+        if rank0:
+            cleanup(out, cfg.overwrite)
+        plan = plan_fit(cfg, cohort, _feature_ids(cohort, cfg), rank0)
+        if plan.todo:
+            started.append(_start(plan, cfg, cohort, rank0))
+        return plan
+
+    plan = rank0_plan(make, rank0, external)
     try:
-        return _fit(plan, cfg, cohort, rank0)
+        if plan.todo:
+            chosen, store = started[0] if started else _start(plan, cfg, cohort, rank0)
+            _train(plan, cfg, cohort, store, chosen, rank0)
+        return _finish(plan, cfg, cohort.classes) if rank0 else 0
     finally:
         plan.release_all()
         if rank0:
             os.environ.pop(PLAN_ENV, None)
 
 
-def _fit(plan: Plan, cfg: FitConfig, cohort: Cohort, rank0: bool) -> int:
-    """Train the plan's folds; when every fold is done, write (or show) the run's results."""
+def _start(
+    plan: Plan, cfg: FitConfig, cohort: Cohort, rank0: bool
+) -> tuple[RunSelection, BagStore]:
+    """The run's selection and bag store; rank 0 then claims the run and locks its folds (which
+    drops folds other processes train: ``plan.todo`` may shrink)."""
+    # one mode and ensemble size for every fold, from all splits (before any work)
+    chosen = run_selection(cfg, plan.splits, _labels(cohort), cohort.classes)
+    store = open_store(cohort.members, cfg, chosen.members)  # checks memory, then maps
+    if rank0:
+        start_fit(plan, cfg, _provenance(store, cohort, cfg, plan.splits_doc["sha256"]))
+    log.info(
+        "fit: %d bags (D=%d), training %d of %d splits -> %s; every fold: selection %s, "
+        "%d member(s)",
+        len(cohort.bags),
+        store.dim,
+        len(plan.todo),
+        len(plan.splits),
+        plan.out,
+        chosen.mode,
+        chosen.members,
+    )
+    return chosen, store
+
+
+def _finish(plan: Plan, cfg: FitConfig, classes: list[str]) -> int:
+    """Rank 0: when every fold is done, write (or show) the run's results."""
     out = plan.out
-    if plan.todo:
-        # one mode and ensemble size for every fold, from all splits (before any work)
-        chosen = run_selection(cfg, plan.splits, _labels(cohort), cohort.classes)
-        store = open_store(cohort.members, cfg, chosen.members)  # checks memory, then maps
-        if rank0:
-            start_fit(plan, cfg, _provenance(store, cohort, cfg, plan.splits_doc["sha256"]))
-        log.info(
-            "fit: %d bags (D=%d), training %d of %d splits -> %s; every fold: selection %s, "
-            "%d member(s)",
-            len(cohort.bags),
-            store.dim,
-            len(plan.todo),
-            len(plan.splits),
-            out,
-            chosen.mode,
-            chosen.members,
-        )
-        _train(plan, cfg, cohort, store, chosen, rank0)
-    if not rank0:
-        return 0
-    write, written = _results(plan, cfg, cohort.classes)
+    write, written = _results(plan, cfg, classes)
     result = finish(plan, write)
     if result is None:
         return 0

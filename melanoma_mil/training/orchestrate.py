@@ -9,7 +9,7 @@
 - overwrite=true builds the new run beside the old one (``.<name>.fit-new``) and swaps it in
   only once complete: a crash leaves the old complete run plus a hidden leftover.
 - DDP replicas that Lightning launches follow rank 0's plan (passed in the environment); ranks
-  started by torchrun or SLURM compute the same plan from the folder. Only rank 0 writes.
+  started by torchrun or SLURM receive it over the process group (`ranks`). Only rank 0 writes.
 """
 
 from __future__ import annotations
