@@ -13,15 +13,18 @@ its downsample is about 4.001, as on scanners): reader=fast (direct JPEG reads a
 nearest level pixel, ``tiff-jpeg-subpx``) against OpenSlide's resampled reads, in speed, in
 pixels (mean absolute difference, next to the JPEG error of the level itself) and in features
 (cosine similarity per tile; resnet50_trunc with random weights, which responds to the same pixel
-changes a trained one does, only without meaning).
+changes a trained one does, only without meaning). Last, 10x from a 0.2527 um/px (Aperio AT2)
+slide, whose 4x level is 1.1% coarser than 10x: read there or from level 0, in read and resize
+speed and in features.
 
-    python benchmarks/read_tiles.py
+    python benchmarks/read_tiles.py [at2]   (at2: only the 0.2527 um/px case)
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -117,6 +120,55 @@ def subpixel_case(root: Path) -> None:
     )
 
 
+def at2_case(root: Path) -> None:
+    """10x (1.0 um/px, 224 px) from an Aperio AT2-like 0.2527 um/px slide: its ~4.001x level is
+    1.1% coarser than 10x. Read from there (`LEVEL_TOLERANCE` 2%) or from level 0 (1%, before)."""
+    h, w, mpp = 6001, 9002, 0.2527
+    img = tissue(h, w)
+    svs = aperio_svs(root / "at2.svs", img, mpp=mpp, mag=40)
+    with tifffile.TiffFile(svs) as tif:
+        lw, lh = tif.pages[1].imagewidth, tif.pages[1].imagelength
+    ds = (w / lw + h / lh) / 2
+    now = choose_level([1.0, ds], mpp, 1.0, 224)
+    assert now.level == 1, now
+    before = choose_level([1.0], mpp, 1.0, 224)  # the 1% tolerance left level 0 alone
+    step = now.level0_size
+    xs, ys = np.arange(0, w - step, step), np.arange(0, h - step, step)
+    coords = np.round([(x, y) for y in ys for x in xs]).astype(np.int64)
+    grids = {
+        name: TileGrid(
+            coords, str(svs), c.level, c.downsample, c.read_size, 224, mpp, 1.0, {"tile_size": 224}
+        )  # fmt: skip
+        for name, c in (("level 1", now), ("level 0", before))
+    }
+    print(f"  10x from 0.2527 um/px Aperio, {len(coords)} tiles of 224 px:")
+    for reader in ("auto", "fast"):
+        rates = {}
+        for name, grid in grids.items():
+            used = all_tiles(svs, grid, reader)[1]
+            rates[name] = read_rate(svs, grid, 64, reader, repeats=3, expect=used)
+            print(f"    reader={reader:5s} {name} (reads of {grid.read_size:3d} px) "
+                  f"{rates[name]:6.0f} tiles/s")  # fmt: skip
+        print(
+            f"    reader={reader}: level 1 / level 0 = x{rates['level 1'] / rates['level 0']:.1f}"
+        )
+    one, zero = (all_tiles(svs, g, "auto")[0] for g in grids.values())
+    enc = build_encoder(EncoderConfig(name="resnet50_trunc", pretrained=False))
+    x1, x0 = (torch.from_numpy(t).permute(0, 3, 1, 2) for t in (one, zero))
+    for name, x in (("level 1", x1), ("level 0", x0)):  # extract resizes each read to 224 px
+        start = time.perf_counter()
+        for i in range(0, len(x), 32):
+            enc.transform(x[i : i + 32], 224)
+        print(
+            f"    resize to 224 px, {name}: {len(x) / (time.perf_counter() - start):6.0f} tiles/s"
+        )
+    f1, f0 = (torch.cat([enc.encode(x[i : i + 32], 224, "fp32") for i in range(0, len(x), 32)])
+              for x in (x1, x0))  # fmt: skip
+    cos = torch.nn.functional.cosine_similarity(f1, f0).numpy()
+    print(f"    level 1 vs level 0 tiles: resnet50_trunc features (random weights, fp32) cosine "
+          f"mean {cos.mean():.5f}, min {cos.min():.5f}")  # fmt: skip
+
+
 def decodes(path: Path, grid: TileGrid) -> int:
     """JPEG tiles the direct reader decodes for one pass over ``grid``."""
     data = SlideBatches(path, grid, 64)
@@ -132,6 +184,9 @@ def decodes(path: Path, grid: TileGrid) -> int:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if sys.argv[1:] == ["at2"]:
+            at2_case(root)
+            return
         square = make_slide(root / "square", 4096)
         wide = root / "wide.tif"
         rng = np.random.default_rng(0)
@@ -155,6 +210,7 @@ def main() -> None:
                 f"{decodes(path, grid)} decodes of {jpeg_tiles} JPEG tiles"
             )
         subpixel_case(root)
+        at2_case(root)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,16 @@ def test_level_closest_without_being_coarser(target: float, level: int, read_siz
     assert choice.level0_size == pytest.approx(64 * target / 0.25, rel=0.01)
 
 
+@pytest.mark.parametrize(("mpp", "level", "read_size"), [(0.2520, 1, 222), (0.2527, 1, 222),
+                                                          (0.2575, 0, 870)])  # fmt: skip
+def test_10x_of_aperio_scans_reads_their_4x_level(mpp: float, level: int, read_size: int) -> None:
+    """AT2 scans (0.2520-0.2527 um/px) read 10x from their 4x level, 1.1% coarser at most; a
+    level 3% coarser than the target is not used."""
+    choice = choose_level([1.0, 4.0001, 16.002], mpp, 1.0, 224)
+    assert (choice.level, choice.read_size) == (level, read_size)
+    assert choice.level0_size == pytest.approx(224 / mpp, rel=0.01)
+
+
 @pytest.mark.parametrize(("target", "level", "step"), [(0.25, 0, 1), (1.0, 2, 4)])
 def test_tiles_at_right_level_and_pixel_exact(
     pyramid: tuple[Path, np.ndarray], target: float, level: int, step: int

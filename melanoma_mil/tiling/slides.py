@@ -28,8 +28,10 @@ from melanoma_mil.tiling.readers import CziReader, OmeTiffReader, OpenSlideReade
 SlideReader = OpenSlideReader | OmeTiffReader | CziReader
 
 # A level may be this much coarser than the target and still be used: pyramid downsamples of
-# odd-sized levels are not exact (e.g. 4.0007), and a 1% resize is invisible.
-LEVEL_TOLERANCE = 0.01
+# odd-sized levels are not exact (e.g. 4.0007), Aperio AT2 scans are 0.2527 um/px (so 10x is
+# their 4x level, 1.1% coarser than 1.0 um/px; at 1% they read 16x the pixels from level 0,
+# and a cohort of 0.2520 and 0.2527 scans read from two levels), and a 2% resize is invisible.
+LEVEL_TOLERANCE = 0.02
 # Resolutions outside this range are scanner defaults (72 dpi) or garbage, not a real mpp.
 PLAUSIBLE_MPP = (0.05, 50.0)
 # Thumbnails are read in chunks of this many level pixels so no full level is ever in memory.
