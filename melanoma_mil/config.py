@@ -89,8 +89,8 @@ class DataConfig:
     # RAM (GB) the memory pre-check may count on (None: what the machine or job has free)
     memory_gb: float | None = positive(None)
     standardize: bool = True  # z-score each feature dim with training-fold statistics
-    # none: plain cross-entropy; sampler: class-balanced sampling; loss: each bag's loss times
-    # its class weight (n / (classes x class count))
+    # none: plain cross-entropy; sampler: class-balanced sampling; loss: each bag's whole loss
+    # (instance loss included) times its class weight (n / (classes x class count))
     balance: str = choice("none", "none", "sampler", "loss")
     num_workers: int = bounded(0, 0)
 

@@ -287,13 +287,16 @@ def test_two_nodes_under_torchrun_train_rank_0s_folds(tmp_path: Path) -> None:
     assert load_run(out).fold_names() == ["fold_0", "fold_1"]
 
 
-def test_balance_loss_weighs_each_bag_by_its_class() -> None:
-    """One bag per step: the class weight must scale that bag's loss, not cancel out."""
+@pytest.mark.parametrize("name", ["gated_attention", "clam_sb", "dsmil"])
+def test_balance_loss_weighs_each_bag_by_its_class(name: str) -> None:
+    """One bag per step: the class weight must scale that bag's whole loss (an instance loss
+    too), not cancel out."""
     torch.manual_seed(0)
-    plain = MILModule.create(8, 2, ModelConfig(), OptimConfig(), None, 1)
-    weighted = MILModule.create(8, 2, ModelConfig(), OptimConfig(), [0.75, 1.5], 1)
-    weighted.model.load_state_dict(plain.model.state_dict())
-    out = plain.model.eval()(torch.randn(5, 8))
+    model = ModelConfig(name=name)
+    plain = MILModule.create(8, 2, model, OptimConfig(), None, 1)
+    weighted = MILModule.create(8, 2, model, OptimConfig(), [0.75, 1.5], 1)
+    out = plain.model.train()(torch.randn(20, 8), torch.tensor([1]))
+    assert (out.instance_loss is not None) == (name != "gated_attention")
     for label, weight in ((0, 0.75), (1, 1.5)):
         y = torch.tensor([label])
         assert float(weighted._loss(out, y)) == pytest.approx(weight * float(plain._loss(out, y)))

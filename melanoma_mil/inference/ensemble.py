@@ -25,7 +25,8 @@ class Ensemble:
 
     @torch.inference_mode()
     def __call__(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """features [N, D] -> (probabilities [F, C], attention [F, N]), fp32 like `fit`'s test."""
+        """features [N, D] -> (probabilities [F, C], attention [F, N]), in fp32: `fit`'s test
+        on CPU, within bf16 rounding of it where `fit` tested under GPU autocast."""
         if self.in_dim is not None and features.shape[1] != self.in_dim:
             raise UserError(
                 f"features have dimension {features.shape[1]} but the run's models "

@@ -62,13 +62,13 @@ class MILModule(L.LightningModule):
 
     def _loss(self, out: MILOutput, y: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(out.logits.float().unsqueeze(0), y)
-        if self.class_weights is not None:  # data.balance=loss
-            # a weight multiplies the bag's loss: with one bag per step, cross_entropy's own
-            # weighted *mean* would divide it back out and balance nothing
-            loss = loss * self.class_weights[y[0]]
         if out.instance_loss is not None:
             w = self.model_cfg.bag_weight
             loss = w * loss + (1 - w) * out.instance_loss
+        if self.class_weights is not None:  # data.balance=loss
+            # a weight multiplies the bag's whole loss (CLAM's / DSMIL's instance term too): with
+            # one bag per step, cross_entropy's own weighted *mean* would divide it back out
+            loss = loss * self.class_weights[y[0]]
         return loss
 
     def on_train_epoch_start(self) -> None:
