@@ -81,12 +81,21 @@ class PairedTest:
 
 
 def delong_test(labels: ArrayLike, scores_a: ArrayLike, scores_b: ArrayLike) -> PairedTest:
-    """Two-sided DeLong test of AUC(a) == AUC(b) on paired scores, with a 95% CI of the gap."""
+    """Two-sided DeLong test of AUC(a) == AUC(b) on paired scores, with a 95% CI of the gap.
+
+    p and the CI are NaN when the DeLong variance is zero but the AUCs differ (no estimate
+    of the gap's noise); identical rankings give p = 1."""
     res = delong(labels, np.vstack([scores_a, scores_b]))
     diff = float(res.auc[0] - res.auc[1])
     var = float(res.cov[0, 0] + res.cov[1, 1] - 2 * res.cov[0, 1])
-    if var <= 1e-15:  # identical rankings: no evidence of any difference
-        p, half = (1.0 if abs(diff) < 1e-12 else 0.0), 0.0
+    if var <= 1e-15:
+        # identical rankings: no evidence of any difference; a gap with zero estimated variance
+        # (e.g. a perfect vs a constant scorer on a few cases) says nothing about its noise,
+        # so neither a p-value nor a CI can be given: NaN, not a spurious p = 0
+        if abs(diff) < 1e-12:
+            p, half = 1.0, 0.0
+        else:
+            p, half = float("nan"), float("nan")
     else:
         se = np.sqrt(var)
         p, half = float(2 * norm.sf(abs(diff) / se)), float(norm.ppf(0.975) * se)

@@ -5,7 +5,10 @@ bootstrap replicates at once: a replicate is a row of case weights saying how of
 case's patient was drawn (`melanoma_mil.stats._cluster_weights`, the resampling `fit` and
 `compare` use). Binary: the positive class is the last one and is predicted when its
 probability is >= threshold. Multi-class: the predicted class is the most probable one and
-every metric is the macro average of its one-vs-rest values.
+every metric is the macro average of its one-vs-rest values over the classes that have cases,
+as scikit-learn's macro with zero_division=0 (a class never predicted has PPV 0, not left out,
+so never predicting a class is not rewarded). A bootstrap replicate lacking one of those
+classes leaves every metric undefined (NaN): it is left out of the CIs and counted.
 """
 
 from __future__ import annotations
@@ -36,35 +39,48 @@ def predicted(probs: np.ndarray, threshold: float) -> np.ndarray:
     return probs.argmax(1)
 
 
-def _one_vs_rest(w: np.ndarray, y: np.ndarray, pred: np.ndarray, c: int) -> dict[str, np.ndarray]:
+def _one_vs_rest(
+    w: np.ndarray, y: np.ndarray, pred: np.ndarray, c: int, zero_division: float
+) -> dict[str, np.ndarray]:
+    """Rates of class ``c`` against the rest. PPV / NPV are ``zero_division`` when nothing is
+    predicted on their side; the others are NaN only when the cases lack a side."""
     pos, hit = y == c, pred == c
     tp, fn = w @ (pos & hit), w @ (pos & ~hit)
     fp, tn = w @ (~pos & hit), w @ (~pos & ~hit)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return {
-            "sensitivity": tp / (tp + fn),
-            "specificity": tn / (tn + fp),
-            "ppv": tp / (tp + fp),
-            "npv": tn / (tn + fn),
-            "f1": 2 * tp / (2 * tp + fp + fn),
-        }
+
+    def ratio(num: np.ndarray, den: np.ndarray, undefined: float = np.nan) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, num / den, undefined)
+
+    return {
+        "sensitivity": ratio(tp, tp + fn),
+        "specificity": ratio(tn, tn + fp),
+        "ppv": ratio(tp, tp + fp, zero_division),
+        "npv": ratio(tn, tn + fn, zero_division),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+    }
 
 
 def _scores(w: np.ndarray, y: np.ndarray, probs: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
-    """Every metric for each row of case weights ``w`` [B, N] -> {name: [B]}."""
+    """Every metric for each row of case weights ``w`` [B, N] -> {name: [B]}; NaN in a row
+    (replicate) lacking a class that has cases, so every metric drops the replicates the
+    AUC drops (a mean over fewer classes is not the same metric)."""
     n_classes = probs.shape[1]
     score = probs[:, 1] if n_classes == 2 else probs
     out: dict[str, Any] = {"auc": macro_auc(y, score, w)}
-    if n_classes == 2:
-        rates = _one_vs_rest(w, y, pred, 1)
+    classes = np.unique(y)
+    if n_classes == 2:  # a single metric: an undefined ratio stays NaN (shown as n/a)
+        rates = _one_vs_rest(w, y, pred, 1, np.nan)
         out.update(rates)
         out["balanced_accuracy"] = (rates["sensitivity"] + rates["specificity"]) / 2
-        return out
-    per_class = [_one_vs_rest(w, y, pred, c) for c in range(n_classes)]
-    with np.errstate(invalid="ignore"):
+    else:
+        per_class = [_one_vs_rest(w, y, pred, int(c), 0.0) for c in classes]
         for name in per_class[0]:
-            out[name] = np.nanmean(np.stack([r[name] for r in per_class]), axis=0)
-    out["balanced_accuracy"] = out["sensitivity"]
+            out[name] = np.mean(np.stack([r[name] for r in per_class]), axis=0)
+        out["balanced_accuracy"] = out["sensitivity"]
+    complete = np.all([w @ (y == c) > 0 for c in classes], axis=0)
+    for name in METRICS:
+        out[name] = np.where(complete, out[name], np.nan)
     return out
 
 

@@ -228,6 +228,18 @@ def markdown(table: pd.DataFrame, n_boot: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pooled_roc_points(run: RunResult) -> tuple[np.ndarray, np.ndarray, str]:
+    """(labels, scores, legend) of the run's pooled ROC curve, the legend naming that curve's
+    own AUC. Multi-class: the micro-averaged one-vs-rest curve (every bag x class a case), so
+    its legend gives the micro AUC, not the table's macro AUC (the mean of per-class areas,
+    which no single curve has)."""
+    y, p = run.bags["y"].to_numpy(), run.probs()
+    if p.ndim == 1:
+        return y, p, f"{run.name} (AUC {stats.auc(y, p):.3f})"
+    y, p = np.eye(p.shape[1], dtype=int)[y].ravel(), p.ravel()
+    return y, p, f"{run.name} (micro AUC {stats.auc(y, p):.3f})"
+
+
 def plot(runs: list[RunResult], folds: pd.DataFrame, path: Path) -> None:
     """Per-fold AUC per run (a line per fold: the pairing) and the pooled ROC curves."""
     import matplotlib
@@ -247,14 +259,13 @@ def plot(runs: list[RunResult], folds: pd.DataFrame, path: Path) -> None:
     ax1.set_ylabel("test AUC per fold")
     ax1.set_title("per-fold AUC (lines join the same fold)")
     for i, run in enumerate(runs):
-        y, p = run.bags["y"].to_numpy(), run.probs()
-        pooled = float(stats.macro_auc(y, p)[0])
-        if p.ndim == 2:  # multi-class: micro-averaged one-vs-rest curve
-            y, p = np.eye(p.shape[1])[y].ravel(), p.ravel()
+        y, p, label = _pooled_roc_points(run)
         fpr, tpr, _ = roc_curve(y, p)
-        ax2.plot(fpr, tpr, color=f"C{i}", label=f"{run.name} ({pooled:.3f})")
+        ax2.plot(fpr, tpr, color=f"C{i}", label=label)
     ax2.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1)
-    ax2.set(xlabel="false positive rate", ylabel="true positive rate", title="pooled ROC")
+    multiclass = len(runs[0].classes) > 2  # check_paired: every run has the same classes
+    title = "pooled ROC, micro-average one-vs-rest" if multiclass else "pooled ROC"
+    ax2.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
     ax2.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
