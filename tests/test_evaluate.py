@@ -339,17 +339,6 @@ def test_bad_groups_fail_clearly(
     assert not (small / "out").exists()
 
 
-def test_group_without_events_fails_clearly(
-    small: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    clinical = pd.read_csv(small / "clinical.csv")
-    clinical.loc[clinical.index % 2 == 1, "event"] = 0  # no 'high' patient has an event
-    clinical.to_csv(small / "clinical.csv", index=False)
-    rc, err = evaluate_cli(capsys, *_args(small))
-    assert rc == 2 and "group 'high' has no events" in err
-    assert not (small / "out").exists()
-
-
 def test_patients_without_clinical_data_are_listed_not_fatal(
     small: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

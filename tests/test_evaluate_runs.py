@@ -114,11 +114,12 @@ def test_predict_with_labels_and_clinical_data_writes_the_report(
 def test_a_report_that_cannot_be_made_leaves_the_predictions_and_says_how_to_redo_it(
     pipe: Pipeline, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clinical = pd.read_csv(pipe.root / "cohort" / "clinical.csv").assign(event=0)
-    clinical.to_csv(tmp_path / "clinical.csv", index=False)  # nobody died: no hazard ratio
-    cfg = fit_cfg(pipe, tmp_path / "unused", f"clinical_csv={tmp_path / 'clinical.csv'}")
+    clinical = pd.read_csv(pipe.root / "cohort" / "clinical.csv")
+    clinical.to_csv(tmp_path / "clinical.csv", index=False)
+    clinical_csv, threshold = f"clinical_csv={tmp_path / 'clinical.csv'}", "threshold=0.9999"
+    cfg = fit_cfg(pipe, tmp_path / "unused", clinical_csv, threshold)  # one group left empty
     rc = write_report(cfg, tmp_path, pipe.run_dir / "predictions.csv", pipe.run_dir)
     assert rc == 2
-    assert "report not written" in caplog.text and "has no events" in caplog.text
+    assert "report not written" in caplog.text and "no patient falls in" in caplog.text
     assert "python -m melanoma_mil evaluate predictions=" in caplog.text
     assert list(tmp_path.iterdir()) == [tmp_path / "clinical.csv"]

@@ -20,7 +20,15 @@ from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation import classification as C
 from melanoma_mil.evaluation.calibration import calibration
 from melanoma_mil.evaluation.clinical import Clinical, read_clinical
-from melanoma_mil.evaluation.report import Heatmap, RunInfo, ci, now, num, p_is, render_report
+from melanoma_mil.evaluation.report import (
+    Heatmap,
+    RunInfo,
+    ci,
+    hr_text,
+    logrank_text,
+    now,
+    render_report,
+)
 from melanoma_mil.evaluation.tables import Scored, load_scored
 from melanoma_mil.evaluation.version import code_version
 from melanoma_mil.ids import id_path
@@ -169,6 +177,8 @@ def _survival(
     surv = analyse_survival(
         data, groups, clinical.covariates, cfg.bootstrap, cfg.seed, f"prob_{pos}"
     )
+    for patient, reason in surv.adjusted_left_out.items():
+        scored.exclude([patient], "patient", reason, "adjusted Cox")
     summary = {
         **surv.summary,
         "group_rule": groups.rule,
@@ -181,12 +191,7 @@ def _survival(
         "patients_excluded": len(missing),
         "clinical_patients_not_predicted": int((~table.index.isin(patients.index)).sum()),
     }
-    uni = summary["cox"]["univariable"]
-    annotation = (
-        f"log-rank {p_is(summary['logrank']['p'])}\n"
-        f"HR {uni['term'].removeprefix('group: ')}: {uni['hr']:.2f} "
-        f"(95% CI {uni['ci_low']:.2f}-{uni['ci_high']:.2f})"
-    )
+    annotation = f"{logrank_text(summary['logrank'])}\n{hr_text(summary['cox']['univariable'])}"
     title = f"Kaplan-Meier, {len(data)} patients"
     figure = km_figure(surv.fitters, annotation, clinical.time_column, title)
     return summary, figure
@@ -363,11 +368,9 @@ def summary_line(ev: dict[str, Any]) -> str:
         parts.append(f"AUC {ci(ev['classification']['auc'])}")
     if ev["survival"]:
         s = ev["survival"]
-        uni = s["cox"]["univariable"]
+        c_index = "not estimable" if s["c_index"]["not_estimable"] else ci(s["c_index"])
         parts.append(
-            f"log-rank {p_is(s['logrank']['p'])}, HR "
-            f"{uni['term'].removeprefix('group: ')} {num(uni['hr'], 2)} "
-            f"({num(uni['ci_low'], 2)}-{num(uni['ci_high'], 2)}), C-index {ci(s['c_index'])}"
+            f"{logrank_text(s['logrank'])}, {hr_text(s['cox']['univariable'])}, C-index {c_index}"
         )
     return "; ".join(parts) + " (95% CIs)"
 

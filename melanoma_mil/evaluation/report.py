@@ -75,6 +75,20 @@ def p_is(p: float | None) -> str:
     return f"p {text}" if text.startswith("<") else f"p = {text}"
 
 
+def logrank_text(lr: dict[str, Any]) -> str:
+    """'log-rank p = 0.012', or why there is no test (one wording for report, figure, CLI)."""
+    return "log-rank not estimable" if lr.get("not_estimable") else f"log-rank {p_is(lr['p'])}"
+
+
+def hr_text(uni: dict[str, Any]) -> str:
+    """'HR high vs low 2.10 (95% CI 1.20-3.70)' or 'HR high vs low not estimable'."""
+    contrast = uni["term"].removeprefix("group: ")
+    if uni.get("not_estimable"):
+        return f"HR {contrast} not estimable"
+    low, high = num(uni["ci_low"], 2), num(uni["ci_high"], 2)
+    return f"HR {contrast} {num(uni['hr'], 2)} (95% CI {low}-{high})"
+
+
 def ci(m: dict[str, Any] | None, digits: int = 3) -> str:
     if not m:
         return "-"
@@ -112,13 +126,10 @@ def _key_numbers(ev: dict[str, Any]) -> str:
     if cls:
         items.append(f"AUC {ci(cls['auc'])}")
     if surv:
-        uni = surv["cox"]["univariable"]
-        items.append(f"log-rank {p_is(surv['logrank']['p'])}")
-        contrast = uni["term"].removeprefix("group: ")
-        items.append(
-            f"HR {contrast} {num(uni['hr'], 2)} ({num(uni['ci_low'], 2)}-{num(uni['ci_high'], 2)})"
-        )
-        items.append(f"C-index {ci(surv['c_index'])}")
+        items.append(logrank_text(surv["logrank"]))
+        items.append(hr_text(surv["cox"]["univariable"]))
+        c_index = surv["c_index"]
+        items.append(f"C-index {'not estimable' if c_index['not_estimable'] else ci(c_index)}")
     return '<div class="key">' + "".join(f"<div>{_e(i)}</div>" for i in items) + "</div>"
 
 
@@ -248,36 +259,78 @@ def _survival(ev: dict[str, Any], figures: dict[str, bytes]) -> str:
         ]
         for g, v in surv["groups"].items()
     ]
-    lr = surv["logrank"]
+    lr, c_index = surv["logrank"], surv["c_index"]
     cox = surv["cox"]
+    logrank = (
+        f"not estimable ({lr['not_estimable']})"
+        if lr["not_estimable"]
+        else f"chi2 = {num(lr['statistic'], 2)} on {lr['df']} df, {p_is(lr['p'])}"
+    )
+    harrell = (
+        f"not estimable ({c_index['not_estimable']})"
+        if c_index["not_estimable"]
+        else f"{ci(c_index)} ({c_index['score']})"
+    )
     parts = [
         "<h2>Survival</h2>",
         f"<p>{_e(surv['patients_used'])} patients ({_e(surv['patients_excluded'])} excluded); "
         f"time: <code>{_e(surv['time_column'])}</code>, event: "
         f"<code>{_e(surv['event_column'])}</code>. Groups: {_e(surv['group_rule'])}.</p>",
         _table(["group", "patients", "events", "median survival", "95% CI low", "high"], rows),
-        f"<p>Log-rank: chi2 = {_e(num(lr['statistic'], 2))} on {_e(lr['df'])} df, "
-        f"{_e(p_is(lr['p']))}. Harrell's C of the probability: {_e(ci(surv['c_index']))} "
-        f"({_e(surv['c_index']['score'])}).</p>",
+        f"<p>Log-rank: {_e(logrank)}. Harrell's C of the probability: {_e(harrell)}.</p>",
         "<h3>Cox proportional hazards</h3>",
+        _cox_table(surv),
     ]
-    terms = {"univariable: " + cox["univariable"]["term"]: cox["univariable"]}
-    terms.update({f"adjusted: {t}": v for t, v in (cox.get("adjusted") or {}).items()})
-    rows = [
-        [t, num(v["hr"]), num(v["ci_low"]), num(v["ci_high"]), pval(v["p"])]
-        for t, v in terms.items()
-    ]
-    parts.append(_table(["term", "HR", "95% CI low", "high", "p"], rows))
+    if cox.get("adjusted") is not None:
+        left = cox["adjusted_left_out"]
+        parts.append(
+            f"<p>The adjusted model uses the {_e(cox['adjusted_n'])} of "
+            f"{_e(surv['patients_used'])} patients with every covariate; {_e(left)} "
+            f"{'lacks' if left == 1 else 'lack'} one"
+            f"{' (listed under Excluded, left out of: adjusted Cox)' if left else ''}.</p>"
+        )
     ph = cox["ph_check"]
-    parts.append(
-        f"<p class='muted'>Proportional hazards ({_e(ph['test'])}): "
-        f"{'holds for every term' if ph['ok'] else 'fails for some terms, see below'}.</p>"
+    tested = [m for m in ("univariable", "adjusted") if ph.get(m)]
+    untested = [m for m in ("univariable", "adjusted") if m in ph and not ph[m]]
+    verdict = (
+        "not tested: no Cox model could be estimated"
+        if not tested
+        else "holds for every term"
+        if ph["ok"]
+        else "fails for some terms, see below"
     )
+    if tested and untested:
+        verdict += f" (the {' and '.join(untested)} model not tested: not estimable)"
+    parts.append(f"<p class='muted'>Proportional hazards ({_e(ph['test'])}): {_e(verdict)}.</p>")
     parts.append(_notes(surv["notes"]))
     parts.append('<div class="figs">')
     parts.append(image(figures["km"], "km", "Kaplan-Meier by group, numbers at risk below"))
     parts.append("</div>")
     return "".join(parts)
+
+
+def _cox_table(surv: dict[str, Any]) -> str:
+    """Hazard ratios with the patients each model used; a model without an estimate says
+    "not estimable" in place of numbers (the reason is in the notes under the table)."""
+    cox = surv["cox"]
+    models = [("univariable", {cox["univariable"]["term"]: cox["univariable"]})]
+    if cox.get("adjusted") is not None:
+        models.append(("adjusted", cox["adjusted"]))
+    rows = []
+    for model, terms in models:
+        n = surv["patients_used"] if model == "univariable" else cox["adjusted_n"]
+        missing = (
+            cox["univariable"]["not_estimable"]
+            if model == "univariable"
+            else cox.get("adjusted_not_estimable")
+        )
+        for t, v in terms.items():
+            if missing:
+                rows.append([f"{model}: {t}", n, "not estimable", "-", "-", "-"])
+            else:
+                hr = [num(v["hr"]), num(v["ci_low"]), num(v["ci_high"]), pval(v["p"])]
+                rows.append([f"{model}: {t}", n, *hr])
+    return _table(["term", "patients", "HR", "95% CI low", "high", "p"], rows)
 
 
 def _heatmaps(heatmaps: list[Heatmap]) -> str:

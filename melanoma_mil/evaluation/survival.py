@@ -5,13 +5,19 @@ proportional-hazards assumption, and Harrell's C of the probability with a boots
 Groups are made from predicted probabilities only, never from outcomes. The first group is the
 reference: the negative class, the low half, Q1 or the first class; the univariable hazard
 ratio is the last group (positive class / high / QK) against it.
+
+A result that the data cannot give (a hazard ratio when a group has no events, a Cox model that
+does not converge, a log-rank test or C-index without any event) is NaN with the reason in
+``not_estimable`` and in the notes, rather than an error: the Kaplan-Meier curves and whatever
+else is defined still stand, and a survival problem never costs the classification outputs.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -70,19 +76,13 @@ def make_groups(probs: pd.DataFrame, classes: list[str], spec: str, threshold: f
 
 
 def check_groups(data: pd.DataFrame, groups: Groups, spec: str) -> None:
-    """A group without patients or without events makes the comparison undefined: say so."""
+    """A group without patients has no curve at all, so the split is wrong: say so before any
+    work. A group without events is analysed (its hazard ratio is marked not estimable)."""
     for g in groups.order:
-        inside = data[GROUP] == g
-        if not inside.any():
+        if not (data[GROUP] == g).any():
             raise UserError(
                 f"groups={spec}: no patient falls in group '{g}' ({groups.rule}); "
                 "try groups=median, or another threshold."
-            )
-        if not data.loc[inside, EVENT].any():
-            raise UserError(
-                f"groups={spec}: group '{g}' has no events among its {int(inside.sum())} "
-                "patients, so its hazard ratio is undefined; use fewer groups (groups=median) "
-                "or a cohort with longer follow-up."
             )
 
 
@@ -102,27 +102,65 @@ def _design(data: pd.DataFrame, order: list[str], covariates: dict[str, str]) ->
     return x
 
 
-def _fit_cox(x: pd.DataFrame, data: pd.DataFrame, notes: list[str]) -> tuple[Any, pd.DataFrame]:
+@dataclass
+class CoxFit:
+    """A Cox model on the complete cases ``data``, or (``model`` None) why it has no estimate."""
+
+    model: Any | None  # CoxPHFitter
+    data: pd.DataFrame
+    columns: list[str]
+    reason: str | None = None
+
+
+def _no_estimate(groups: pd.Series, events: pd.Series, order: list[str]) -> str | None:
+    """Why group hazard ratios have no finite estimate. Without events in a group the partial
+    likelihood keeps rising as its hazard ratio goes to 0 (infinity for the others when it is
+    the reference); lifelines then "converges" on a meaningless huge HR instead of failing."""
+    if not events.any():
+        return f"no events among the {len(events)} patients"
+    silent = [g for g in order if not events[groups == g].any()]
+    if not silent:
+        return None
+    sizes = [int((groups == g).sum()) for g in silent]
+    if len(silent) == 1:
+        who = f"group '{silent[0]}' has no events among its {sizes[0]} patients"
+    else:
+        named = ", ".join(f"'{g}' ({n} patients)" for g, n in zip(silent, sizes, strict=True))
+        who = f"groups {named} have no events"
+    return f"{who}, so a hazard ratio against it is 0 or infinite"
+
+
+def _fit_cox(x: pd.DataFrame, data: pd.DataFrame, order: list[str], notes: list[str]) -> CoxFit:
     """CoxPHFitter on the complete cases of ``x`` (lifelines: Efron ties, Wald CIs)."""
     df = x.assign(**{TIME: data[TIME], EVENT: data[EVENT]}).dropna()
+    columns = list(x.columns)
+    reason = _no_estimate(data.loc[df.index, GROUP], df[EVENT], order)
+    if reason:
+        return CoxFit(None, df, columns, reason)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             cph = CoxPHFitter().fit(df, duration_col=TIME, event_col=EVENT)
     except (ConvergenceError, ValueError, np.linalg.LinAlgError) as e:
         first = re.sub(r"\s+", " ", str(e)).strip()[:200]
-        raise UserError(
-            f"the Cox model on {list(x.columns)} did not converge ({first}); a covariate may be "
-            "constant, collinear with another or separate the groups: drop it from covariates."
-        ) from None
+        advice = (
+            "; a covariate may be constant, collinear with another or separate the groups: "
+            "drop it from covariates"
+            if len(columns) > len(order) - 1
+            else ""
+        )
+        return CoxFit(None, df, columns, f"lifelines' fit did not converge ({first}){advice}")
     for w in caught:
         if "onverg" in str(w.message) or "variance" in str(w.message):
             notes.append(re.sub(r"\s+", " ", str(w.message)).strip()[:300])
-    return cph, df
+    return CoxFit(cph, df, columns)
 
 
-def _terms(cph: Any) -> dict[str, dict[str, float]]:
-    s = cph.summary
+def _terms(fit: CoxFit) -> dict[str, dict[str, float]]:
+    """Each term's hazard ratio, 95% CI and p; NaN throughout when there is no estimate."""
+    if fit.model is None:
+        return {c: dict.fromkeys(("hr", "ci_low", "ci_high", "p"), math.nan) for c in fit.columns}
+    s = fit.model.summary
     return {
         str(t): {
             "hr": float(s.loc[t, "exp(coef)"]),
@@ -134,9 +172,12 @@ def _terms(cph: Any) -> dict[str, dict[str, float]]:
     }
 
 
-def _ph_check(cph: Any, df: pd.DataFrame) -> dict[str, Any]:
-    """Schoenfeld-residual test of each term (lifelines' proportional_hazard_test)."""
-    test = proportional_hazard_test(cph, df, time_transform="rank")
+def _ph_check(fit: CoxFit) -> dict[str, Any] | None:
+    """Schoenfeld-residual test of each term (lifelines' proportional_hazard_test); None
+    when there is no model to test."""
+    if fit.model is None:
+        return None
+    test = proportional_hazard_test(fit.model, fit.data, time_transform="rank")
     p = {str(t): float(v) for t, v in test.summary["p"].items()}
     return {"p": p, "violated": [t for t, v in p.items() if v < PH_ALPHA]}
 
@@ -158,11 +199,22 @@ def _kaplan_meier(data: pd.DataFrame, order: list[str]) -> tuple[dict[str, Any],
     return table, fitters
 
 
-def c_index(data: pd.DataFrame, n_boot: int, seed: int, score_name: str) -> dict[str, float | str]:
+def c_index(
+    data: pd.DataFrame, n_boot: int, seed: int, score_name: str
+) -> dict[str, float | str | None]:
     """Harrell's C of the score (lifelines' convention: higher = longer survival), with a
-    percentile CI over patient resamples."""
+    percentile CI over patient resamples; NaN when no pair of patients is comparable."""
     t, s, e = data[TIME].to_numpy(), data[SCORE].to_numpy(), data[EVENT].to_numpy()
-    value = concordance_index(t, s, e)
+    meaning = (
+        f"{score_name}; higher = longer survival (lifelines' convention), "
+        "so C < 0.5 means a higher probability goes with shorter survival"
+    )
+    try:
+        value = concordance_index(t, s, e)
+    except ZeroDivisionError:  # only an event makes a pair comparable
+        why = f"no comparable pair of patients: no events among the {len(t)} patients"
+        nan = math.nan
+        return {"value": nan, "ci_low": nan, "ci_high": nan, "score": meaning, "not_estimable": why}
     rng = np.random.default_rng(seed + 2)
     reps = []
     quiet = len(t) < 1000  # a bar only where it takes a while
@@ -180,8 +232,8 @@ def c_index(data: pd.DataFrame, n_boot: int, seed: int, score_name: str) -> dict
         "value": float(value),
         "ci_low": float(low),
         "ci_high": float(high),
-        "score": f"{score_name}; higher = longer survival (lifelines' convention), "
-        "so C < 0.5 means a higher probability goes with shorter survival",
+        "score": meaning,
+        "not_estimable": None,
     }
 
 
@@ -189,6 +241,34 @@ def c_index(data: pd.DataFrame, n_boot: int, seed: int, score_name: str) -> dict
 class Survival:
     summary: dict[str, Any]
     fitters: list[Any]  # KaplanMeierFitter per group, in group order
+    # patient -> why the adjusted Cox model left them out ("missing <covariate>, ...")
+    adjusted_left_out: dict[str, str] = field(default_factory=dict)
+
+
+def _left_out(data: pd.DataFrame, used: pd.Index, covariates: dict[str, str]) -> dict[str, str]:
+    """The patients the adjusted model's complete cases lack, with the covariates they lack,
+    so that the report can list them (lifelines only ever sees the complete cases)."""
+    names = list(covariates)
+    gone = data.loc[~data.index.isin(used), names].isna()
+    return {
+        str(p): "missing " + ", ".join(c for c in names if row[c]) for p, row in gone.iterrows()
+    }
+
+
+def _logrank(data: pd.DataFrame) -> dict[str, Any]:
+    """Log-rank across the groups; without any event it has no information (lifelines says
+    chi2 = 0, p = 1), so it is NaN with the reason."""
+    lr = multivariate_logrank_test(data[TIME], data[GROUP], data[EVENT])
+    df = int(lr.degrees_of_freedom)
+    if not data[EVENT].any():
+        why = f"no events among the {len(data)} patients"
+        return {"statistic": math.nan, "p": math.nan, "df": df, "not_estimable": why}
+    return {
+        "statistic": float(lr.test_statistic),
+        "p": float(lr.p_value),
+        "df": df,
+        "not_estimable": None,
+    }
 
 
 def analyse_survival(
@@ -203,26 +283,40 @@ def analyse_survival(
     order = groups.order
     notes: list[str] = []
     km, fitters = _kaplan_meier(data, order)
-    lr = multivariate_logrank_test(data[TIME], data[GROUP], data[EVENT])
-    cph, df = _fit_cox(_design(data, order, {}), data, notes)
-    uni_terms = _terms(cph)
+    logrank = _logrank(data)
+    if logrank["not_estimable"]:
+        notes.append(f"log-rank test not estimable: {logrank['not_estimable']}")
+    uni = _fit_cox(_design(data, order, {}), data, order, notes)
+    uni_terms = _terms(uni)
     last = f"group: {order[-1]} vs {order[0]}"
     cox: dict[str, Any] = {
-        "univariable": {**uni_terms[last], "term": last},
+        "univariable": {**uni_terms[last], "term": last, "not_estimable": uni.reason},
         "adjusted": None,
         "ph_check": {"test": "Schoenfeld residuals, rank(time) (lifelines)", "alpha": PH_ALPHA},
     }
+    if uni.reason:
+        notes.append(
+            f"univariable Cox: hazard ratio not estimable: {uni.reason}; the Kaplan-Meier "
+            "curves and the log-rank test do not need it."
+        )
     if len(order) > 2:
         cox["univariable_all"] = uni_terms
-    cox["ph_check"]["univariable"] = _ph_check(cph, df)
+    cox["ph_check"]["univariable"] = _ph_check(uni)
+    left_out: dict[str, str] = {}
     if covariates:
-        cph_a, df_a = _fit_cox(_design(data, order, covariates), data, notes)
-        cox["adjusted"] = _terms(cph_a)
-        cox["adjusted_n"] = len(df_a)
-        cox["ph_check"]["adjusted"] = _ph_check(cph_a, df_a)
+        adj = _fit_cox(_design(data, order, covariates), data, order, notes)
+        cox["adjusted"] = _terms(adj)
+        cox["adjusted_n"] = len(adj.data)
+        left_out = _left_out(data, adj.data.index, covariates)
+        cox["adjusted_left_out"] = len(left_out)
+        cox["adjusted_not_estimable"] = adj.reason
+        if adj.reason:
+            notes.append(f"adjusted Cox: hazard ratios not estimable: {adj.reason}.")
+        cox["ph_check"]["adjusted"] = _ph_check(adj)
     checks = [cox["ph_check"].get(k) or {} for k in ("univariable", "adjusted")]
     violated = sorted({t for c in checks for t in c.get("violated", [])})
-    cox["ph_check"]["ok"] = not violated
+    tested = any(cox["ph_check"].get(k) for k in ("univariable", "adjusted"))
+    cox["ph_check"]["ok"] = not violated if tested else None  # None: no model to test
     if violated:
         notes.append(
             f"proportional-hazards assumption fails (p < {PH_ALPHA}) for {violated}: their "
@@ -232,13 +326,11 @@ def analyse_survival(
     summary = {
         "groups": km,
         "group_order": order,
-        "logrank": {
-            "statistic": float(lr.test_statistic),
-            "p": float(lr.p_value),
-            "df": int(lr.degrees_of_freedom),
-        },
+        "logrank": logrank,
         "cox": cox,
         "c_index": c_index(data, n_boot, seed, score_name),
         "notes": notes,
     }
-    return Survival(summary, fitters)
+    if summary["c_index"]["not_estimable"]:
+        notes.append(f"C-index not estimable: {summary['c_index']['not_estimable']}")
+    return Survival(summary, fitters, left_out)

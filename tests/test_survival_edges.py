@@ -1,0 +1,184 @@
+"""`evaluate` on survival data that cannot give every number: a predicted group without events,
+no events at all, a Cox model that does not converge, and patients without a covariate. What
+the data do give (Kaplan-Meier, log-rank, classification) is still written; what they cannot
+give is marked not estimable with the reason; every patient left out of a model is listed."""
+
+from __future__ import annotations
+
+import html as htmllib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import Pipeline
+from lifelines import CoxPHFitter
+from lifelines.statistics import logrank_test
+from test_evaluate import FIGURES, _args, embedded_figures, evaluate_cli, write_small
+from test_evaluate_runs import fit_cfg
+
+from melanoma_mil.evaluation.evaluate import summary_line
+from melanoma_mil.evaluation.hooks import write_report
+
+
+def _edit_clinical(root: Path, **columns: object) -> pd.DataFrame:
+    clinical = pd.read_csv(root / "clinical.csv", dtype={"patient_id": str})
+    clinical = clinical.assign(**columns)
+    clinical.to_csv(root / "clinical.csv", index=False)
+    return clinical
+
+
+def _high(root: Path) -> np.ndarray:
+    """The patients predicted 'high' (prob_high >= 0.5, the default threshold)."""
+    return pd.read_csv(root / "predictions.csv")["prob_high"].to_numpy() >= 0.5
+
+
+def _outputs(root: Path) -> tuple[dict, str]:
+    out = root / "out"
+    assert {p.stem for p in out.glob("*.png")} == FIGURES  # classification figures too
+    assert set(embedded_figures(out / "report.html")) == FIGURES
+    return json.loads((out / "evaluation.json").read_text()), (out / "report.html").read_text()
+
+
+def _text(html: str) -> str:
+    """The page's text as a reader sees it: tags dropped, entities decoded, spaces collapsed."""
+    return re.sub(r"\s+", " ", htmllib.unescape(re.sub(r"<[^>]+>", " ", html)))
+
+
+def test_a_group_without_events_keeps_km_logrank_and_classification(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_small(tmp_path)
+    high = _high(tmp_path)
+    event = np.where(high, 0, 1)  # every event in the predicted 'low' group
+    clinical = _edit_clinical(tmp_path, event=event)
+    rc, err = evaluate_cli(capsys, *_args(tmp_path))
+    assert rc == 0, err
+    ev, html = _outputs(tmp_path)
+    surv = ev["survival"]
+    assert ev["classification"]["auc"]["value"] is not None
+    t = clinical["time"].to_numpy()
+    lr = logrank_test(t[high], t[~high], event[high], event[~high])
+    assert surv["logrank"]["p"] == pytest.approx(lr.p_value, rel=1e-9)
+    assert surv["logrank"]["not_estimable"] is None
+    assert surv["groups"]["high"] == {
+        "n": int(high.sum()),
+        "events": 0,
+        "median": None,  # never reached: the curve stays at 1
+        "median_ci_low": None,
+        "median_ci_high": None,
+    }
+    uni = surv["cox"]["univariable"]
+    assert uni["hr"] is None and uni["ci_low"] is None and uni["ci_high"] is None
+    why = f"group 'high' has no events among its {int(high.sum())} patients"
+    assert uni["not_estimable"].startswith(why)
+    assert surv["cox"]["ph_check"]["univariable"] is None and surv["cox"]["ph_check"]["ok"] is None
+    assert any(why in n for n in surv["notes"])
+    text = _text(html)
+    assert "HR high vs low not estimable" in text and why in text
+    assert "univariable: group: high vs low 40 not estimable" in text
+    line = summary_line(ev)  # what `evaluate` prints
+    assert "log-rank p " in line and "HR high vs low not estimable" in line
+
+
+def test_no_events_at_all_marks_logrank_hr_and_c_index_not_estimable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_small(tmp_path)
+    _edit_clinical(tmp_path, event=0)  # nobody died yet
+    rc, err = evaluate_cli(capsys, *_args(tmp_path))
+    assert rc == 0, err
+    ev, html = _outputs(tmp_path)
+    surv = ev["survival"]
+    assert ev["classification"]["auc"]["value"] is not None
+    why = "no events among the 40 patients"
+    assert surv["logrank"]["p"] is None and surv["logrank"]["not_estimable"] == why
+    assert surv["cox"]["univariable"]["hr"] is None
+    assert surv["cox"]["univariable"]["not_estimable"] == why
+    assert surv["c_index"]["value"] is None and why in surv["c_index"]["not_estimable"]
+    assert all(g["events"] == 0 for g in surv["groups"].values())
+    text = _text(html)
+    assert f"Log-rank: not estimable ({why})" in text
+    assert "Proportional hazards (Schoenfeld residuals, rank(time) (lifelines)): not tested" in text
+    line = summary_line(ev)
+    assert "log-rank not estimable, HR high vs low not estimable, C-index not estimable" in line
+
+
+def test_a_cox_model_that_does_not_converge_is_not_estimable_not_fatal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_small(tmp_path)
+    clinical = _edit_clinical(tmp_path, site=7.0)  # a constant covariate: lifelines fails
+    rc, err = evaluate_cli(capsys, *_args(tmp_path, "covariates=[site]"))
+    assert rc == 0, err
+    ev, html = _outputs(tmp_path)
+    cox = ev["survival"]["cox"]
+    assert cox["adjusted"] == {
+        term: {"hr": None, "ci_low": None, "ci_high": None, "p": None}
+        for term in ("group: high vs low", "site")
+    }
+    assert "did not converge" in cox["adjusted_not_estimable"]
+    assert "drop it from covariates" in cox["adjusted_not_estimable"]
+    assert cox["ph_check"]["adjusted"] is None
+    # the univariable model is unaffected and matches lifelines
+    data = clinical.assign(g=_high(tmp_path).astype(float))[["time", "event", "g"]]
+    ref = CoxPHFitter().fit(data, "time", "event").summary.loc["g"]
+    assert cox["univariable"]["hr"] == pytest.approx(ref["exp(coef)"], rel=1e-6)
+    assert cox["univariable"]["not_estimable"] is None
+    assert cox["ph_check"]["ok"] is not None
+    text = _text(html)
+    assert "adjusted: site 40 not estimable" in text
+    assert "the adjusted model not tested: not estimable" in text
+    assert any("adjusted Cox: hazard ratios not estimable" in n for n in ev["survival"]["notes"])
+
+
+def test_patients_without_a_covariate_are_listed_and_the_adjusted_n_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = write_small(tmp_path)
+    breslow = np.round(rng.gamma(2, 1.5, 40), 1).astype(object)
+    breslow[:10] = "NA"
+    stage = np.array(["I", "II", "III"], dtype=object)[np.arange(40) % 3]
+    stage[5:13] = ""
+    clinical = _edit_clinical(tmp_path, breslow=breslow, stage=stage)
+    clinical[clinical["patient_id"] != "s39"].to_csv(tmp_path / "clinical.csv", index=False)
+    rc, err = evaluate_cli(capsys, *_args(tmp_path, "covariates=[breslow,stage]"))
+    assert rc == 0, err
+    ev, html = _outputs(tmp_path)
+    surv = ev["survival"]
+    left = {x["id"]: x["reason"] for x in ev["excluded"] if x["analysis"] == "adjusted Cox"}
+    assert left == {
+        **{f"s{i:02d}": "missing breslow" for i in range(5)},
+        **{f"s{i:02d}": "missing breslow, stage" for i in range(5, 10)},
+        **{f"s{i:02d}": "missing stage" for i in range(10, 13)},
+    }
+    assert all(x["level"] == "patient" for x in ev["excluded"])
+    # s39 has no clinical row: listed once, as left out of survival, not again for the model
+    assert [x["analysis"] for x in ev["excluded"] if x["id"] == "s39"] == ["survival"]
+    cox = surv["cox"]
+    assert surv["patients_used"] == 39
+    assert cox["adjusted_n"] == 39 - len(left) == 26 and cox["adjusted_left_out"] == len(left)
+    # the n is lifelines' complete-case n
+    used = pd.read_csv(tmp_path / "clinical.csv").dropna(subset=["breslow", "stage"])
+    assert len(used) == cox["adjusted_n"]
+    text = _text(html)
+    assert (
+        "adjusted: group: high vs low 26 " in text and "univariable: group: high vs low 39 " in text
+    )
+    assert "The adjusted model uses the 26 of 39 patients with every covariate; 13 lack one" in text
+    assert text.count(" adjusted Cox missing breslow") == 10
+
+
+def test_fit_hook_writes_the_report_when_nobody_has_died(pipe: Pipeline, tmp_path: Path) -> None:
+    """fit/predict's own report: a survival problem no longer costs report.html."""
+    clinical = pd.read_csv(pipe.root / "cohort" / "clinical.csv").assign(event=0)
+    clinical.to_csv(tmp_path / "clinical.csv", index=False)
+    cfg = fit_cfg(pipe, tmp_path / "unused", f"clinical_csv={tmp_path / 'clinical.csv'}")
+    rc = write_report(cfg, tmp_path, pipe.run_dir / "predictions.csv", pipe.run_dir)
+    assert rc == 0
+    ev = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
+    assert ev["classification"]["auc"]["value"] is not None
+    assert ev["survival"]["cox"]["univariable"]["not_estimable"].startswith("no events among")
+    assert "HR" in _text((tmp_path / "report.html").read_text())
