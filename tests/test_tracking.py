@@ -28,6 +28,7 @@ class OfflineRun:
     run: Any = None  # the RunRecord: id, project, group, job_type, config, sweep_id
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    exit_code: int | None = None  # None: the run was never finished
 
     @property
     def config(self) -> dict[str, Any]:
@@ -62,6 +63,8 @@ def read_offline_run(path: Path) -> OfflineRun:
                 out.history.append({_key(i): json.loads(i.value_json) for i in rec.history.item})
             elif kind_name == "summary":
                 out.summary.update({_key(i): json.loads(i.value_json) for i in rec.summary.update})
+            elif kind_name == "exit":
+                out.exit_code = rec.exit.exit_code
     return out
 
 

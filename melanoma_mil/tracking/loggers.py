@@ -7,15 +7,20 @@ and reads the sweep metric from that run, so there all folds log into that singl
 keys prefixed by the fold name, and the summary metrics land on it too.
 
 Files go to ``<run_dir>/wandb`` (never the working directory). Without an API key runs are
-written offline, and the command says once how to upload them later.
+written offline, and the command says once how to upload them later. A fold's run id is fixed by
+the run and fold, so a fold retried after a crash resumes its W&B run (online) or replaces its
+offline files: one W&B run per fold, however often it was started.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import netrc
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -78,28 +83,48 @@ def has_api_key() -> bool:
         return False
 
 
-def resolve_mode(cfg: FitConfig, run_dir: Path) -> str:
-    """cfg.wandb.mode, else WANDB_MODE, else online with an API key and offline without."""
-    global _offline_notice_shown
+def _mode(cfg: FitConfig) -> tuple[str, str]:
+    """(mode, why): cfg.wandb.mode, else WANDB_MODE, else online with an API key and offline
+    without."""
     requested = cfg.wandb.mode or os.environ.get("WANDB_MODE")
     aliases = {"dryrun": "offline", "run": "online"}
-    if requested:
-        mode = aliases.get(requested, requested)
-        if mode not in MODES:
-            raise UserError(
-                f"W&B mode {requested!r} (wandb.mode / WANDB_MODE) is not one of {MODES}."
-            )
-        reason = "as requested"
-    else:
-        mode = "online" if has_api_key() else "offline"
-        reason = "no W&B API key found (WANDB_API_KEY or `wandb login`)"
+    if not requested:
+        if has_api_key():
+            return "online", "an API key was found"
+        return "offline", "no W&B API key found (WANDB_API_KEY or `wandb login`)"
+    mode = aliases.get(requested, requested)
+    if mode not in MODES:
+        source = "wandb.mode" if cfg.wandb.mode else "the WANDB_MODE environment variable"
+        raise UserError(
+            f"W&B mode {requested!r} from {source} is not one of {', '.join(MODES)}; "
+            "fix it (or unset it: online with an API key, else offline)."
+        )
+    return mode, "as requested"
+
+
+def check_logger(cfg: FitConfig) -> None:
+    """A bad W&B mode fails before any work, not at the first fold after the run files exist."""
+    if cfg.logger == "wandb":
+        _mode(cfg)
+
+
+def _final(run_dir: Path) -> Path:
+    """The run folder a replacement built in ``.<name>.fit-new`` becomes once swapped in."""
+    name = rundir.display_name(run_dir)
+    return Path(run_dir) if name == Path(run_dir).name else Path(run_dir).parent / name
+
+
+def resolve_mode(cfg: FitConfig, run_dir: Path) -> str:
+    """The W&B mode (see `_mode`); the first offline run says how to upload its runs."""
+    global _offline_notice_shown
+    mode, reason = _mode(cfg)
     if mode == "offline" and not _offline_notice_shown:
         _offline_notice_shown = True
         log.warning(
             "W&B: logging offline, %s; runs go to each fit's <output_dir>/wandb, "
             "upload later with e.g. `wandb sync %s/offline-run-*`",
             reason,
-            Path(run_dir) / "wandb",
+            _final(run_dir) / "wandb",
         )
     return mode
 
@@ -158,6 +183,36 @@ class _AgentWandbLogger(WandbLogger):
         self.fold = fold
 
 
+def _close_stale(name: str) -> None:
+    """Finish a run left open in this process (a crash outside `abort_fold`, a caller's own):
+    WandbLogger would log the fold into it, under its name, group and config."""
+    import wandb
+
+    if wandb.run is not None:
+        log.warning(
+            "W&B: finishing run %s, left open in this process, as failed; %s gets its own run",
+            wandb.run.name or wandb.run.id,
+            name,
+        )
+        wandb.run.finish(exit_code=1)
+
+
+def _fold_run_id(run_dir: Path, name: str) -> str | None:
+    """The fold's W&B run id, fixed by the run (its run_id) and fold; None outside a run."""
+    record = rundir.run_record(Path(run_dir))
+    if record is None or not record.get("run_id"):
+        return None
+    return hashlib.sha256(f"{record['run_id']}/{name}".encode()).hexdigest()[:16]
+
+
+def _drop_attempts(files: Path, run_id: str) -> None:
+    """Remove the offline files of an earlier, discarded attempt of this fold (a crash, a kill):
+    `wandb sync` would upload it beside the retry."""
+    for old in (files / "wandb").glob(f"offline-run-*-{run_id}"):
+        log.info("W&B: removing %s, the offline run of a discarded attempt", old)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- hooks
 def fold_logger(cfg: FitConfig, run_dir: Path, fold: int, repeat: int) -> Logger | None:
     """The Lightning logger for one fold (one W&B run per fold; CSV under run_dir/logs)."""
@@ -174,7 +229,23 @@ def fold_logger(cfg: FitConfig, run_dir: Path, fold: int, repeat: int) -> Logger
             run = wandb.run or wandb.init(**_init_kwargs(cfg, run_dir, "fit", "fit"))
         return _AgentWandbLogger(name, experiment=run, save_dir=str(run_dir))
     kwargs = _init_kwargs(cfg, run_dir, name, name)
-    return WandbLogger(save_dir=kwargs.pop("dir"), log_model=False, **kwargs)
+    run_id = _fold_run_id(run_dir, name)
+    if rank_zero_only.rank == 0:
+        _close_stale(name)
+        if run_id is not None:
+            _drop_attempts(Path(kwargs["dir"]), run_id)
+    return WandbLogger(save_dir=kwargs.pop("dir"), log_model=False, id=run_id, **kwargs)
+
+
+def abort_fold(cfg: FitConfig) -> None:
+    """Finish the W&B run of a fold that raised, as failed: left open, the next fold (or a
+    sweep's next fit) would log into it. Inside an agent its one run ends with the process."""
+    if cfg.logger != "wandb" or in_agent() or "wandb" not in sys.modules:
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.run.finish(exit_code=1)
 
 
 def finish_fold(logger: Logger | None, metrics: dict[str, float], roc_png: Path | None) -> None:
@@ -224,6 +295,17 @@ def log_summary(
     run.log(payload)
     run.summary.update(metrics)
     run.finish()
+
+
+def note_finished(cfg: FitConfig, run_dir: Path) -> None:
+    """A fit of a finished run trains and writes nothing, so logger=wandb logs nothing: say so."""
+    if cfg.logger == "wandb" and rank_zero_only.rank == 0:
+        log.warning(
+            "W&B: nothing logged: '%s' was already finished (W&B gets the folds a fit trains and "
+            "the results it writes); pass overwrite=true to train and log it again, or choose "
+            "another output_dir.",
+            run_dir,
+        )
 
 
 def _finite(value: float | None) -> float | None:

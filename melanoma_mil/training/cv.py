@@ -38,7 +38,14 @@ from melanoma_mil.features.identity import plain
 from melanoma_mil.metrics import METRICS, bag_metrics, summarise
 from melanoma_mil.models import fit_feature_stats
 from melanoma_mil.stats import bootstrap_auc_ci
-from melanoma_mil.tracking.loggers import finish_fold, fold_logger, log_summary
+from melanoma_mil.tracking.loggers import (
+    abort_fold,
+    check_logger,
+    finish_fold,
+    fold_logger,
+    log_summary,
+    note_finished,
+)
 from melanoma_mil.training.module import MILModule
 from melanoma_mil.training.orchestrate import (
     PLAN_ENV,
@@ -238,6 +245,7 @@ def _train(
                 }
                 rundir.commit_fold(plan.target, name, partial, preds, record)
         except BaseException:
+            abort_fold(cfg)  # its W&B run, else the next fold (or sweep run) logs into it
             if rank0:  # no partial fold left behind (a SIGKILL'd one is cleared by the next fit)
                 shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -357,6 +365,7 @@ def run_fit(cfg: FitConfig) -> int:
     check(cfg)  # configs built in code (demo, sweep runs) skip load_config
     check_parallel(cfg)
     check_inputs(cfg)
+    check_logger(cfg)
     out = Path(cfg.output_dir)
     rank0 = rank_zero_only.rank == 0
     if not rank0:  # DDP replicas repeat rank 0's work; only rank 0 reports
@@ -421,6 +430,8 @@ def _finish(plan: Plan, cfg: FitConfig, classes: list[str]) -> int:
     summary, wrote = result
     if wrote:
         log_summary(cfg, out, summary, written[0])
+    elif not plan.todo:
+        note_finished(cfg, out)
     print(_table(summary))
     print(f"outputs in {out}: cv_summary.json, predictions.csv, roc.png, splits.json, folds/")
     return write_report(cfg, out, out / "predictions.csv", out) if cfg.clinical_csv else 0
