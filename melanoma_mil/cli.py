@@ -138,7 +138,10 @@ def parse(argv: list[str]) -> tuple[str, Any, bool]:
         elif arg.startswith("--config="):
             files.append(arg.split("=", 1)[1])
         elif arg == "--count" and name == "sweep":  # `sweep FILE --count N`, as in wandb agent
-            dotlist.append(f"count={next(it, '')}")
+            value = next(it, None)
+            if value is None or value.startswith("--") or "=" in value:
+                raise UserError("--count needs a number of runs: sweep SWEEP.yaml --count N.")
+            dotlist.append(f"count={value}")
         elif arg.startswith("--"):
             key = arg[2:]
             if "=" in key:  # wandb agents may pass --key=value

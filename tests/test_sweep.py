@@ -117,6 +117,47 @@ def test_bad_sweep_files_are_user_errors(tmp_path: Path) -> None:
         load_sweep(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize(
+    ("key", "values", "why"),
+    [
+        ("cv.folds", [2, 3], "one set of splits"),
+        ("cv.seed", [0, 1], "one set of splits"),
+        ("cv.repeats", [1, 2], "one set of splits"),
+        ("cv.val_fraction", [0.1, 0.3], "one set of splits"),
+        ("cv.splits_file", ["a/splits.json"], "one set of splits"),
+        ("output_dir", ["elsewhere"], "<output_dir>/<NNN>_<parameters>"),
+        ("experiment", ["mine"], "named after its folder"),
+        ("overwrite", [True], "on the command line"),
+    ],
+)
+def test_parameters_the_sweep_sets_itself_are_refused_before_any_work(
+    tmp_path: Path, key: str, values: list, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every run uses the first run's splits and its own folder: such a parameter would be
+    accepted and then silently ignored."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"method": "grid", "parameters": {key: {"values": values}}}))
+    out = tmp_path / "out"
+    assert main(["sweep", str(bad), f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"parameter '{key}' cannot be swept" in err and why in err and "\n" not in err, err
+    assert not out.exists()
+
+
+def test_count_without_a_number_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"method": "grid", "parameters": {"seed": {"values": [1]}}}))
+    out = tmp_path / "out"
+    for rest in ([], ["--config", "x.yaml"], [f"output_dir={out}"]):
+        assert main(["sweep", str(grid), "--count", *rest]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "error: --count needs a number of runs: sweep SWEEP.yaml --count N.", err
+    assert parse(["sweep", str(grid), "--count", "3"])[1].count == 3
+    assert not out.exists()
+
+
 def test_every_sweep_value_is_checked_before_any_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -153,7 +194,9 @@ def test_a_run_whose_sampled_value_is_invalid_is_recorded_and_the_sweep_goes_on(
     sweep_file = tmp_path / "neg.yaml"
     sweep_file.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    assert main(["sweep", str(sweep_file), "--count", "2", f"output_dir={out}"]) == 1
+    features, labels = make_bag_cohort(tmp_path / "coh", n_patients=12, dim=16)
+    inputs = [f"data.features_dir={features}", f"data.labels_csv={labels}"]
+    assert main(["sweep", str(sweep_file), "--count", "2", f"output_dir={out}", *inputs]) == 1
     runs = json.loads((out / "sweep.json").read_text())["runs"]
     assert [r["state"] for r in runs] == ["failed", "failed"]
     assert all("optim.lr=" in r["error"] and "must be > 0" in r["error"] for r in runs)

@@ -6,7 +6,8 @@ server, so a sweep file behaves the same here and under `wandb agent`. Locally o
 key=value), as for `fit` — the file's `command` is what `wandb agent` runs.
 
 All runs share one set of splits (the first run's, or cv.splits_file), so the final comparison
-is paired. A ledger (`sweep.json`) makes an interrupted sweep resume where it stopped.
+is paired. A ledger (`sweep.json`) makes an interrupted sweep resume where it stopped: with the
+same fixed settings only, retrying failed runs, and drawing what one invocation would have.
 """
 
 from __future__ import annotations
@@ -33,12 +34,33 @@ from melanoma_mil.evaluation.compare import OUTPUTS as COMPARE_OUTPUTS
 from melanoma_mil.evaluation.compare import compare_runs
 from melanoma_mil.io import atomic_path, write_json
 from melanoma_mil.outdir import claim_shared, made_by, read_marker
-from melanoma_mil.rundir import SPLITS, load_run
-from melanoma_mil.tracking.loggers import SUMMARY_KEYS, summary_metrics
+from melanoma_mil.rundir import SPLITS, load_run, settings
+from melanoma_mil.tracking.loggers import SUMMARY_KEYS, check_logger, summary_metrics
 
 log = logging.getLogger(__name__)
 
 FIT_KEYS = [key for key, _, _ in C.describe(C.FitConfig)]
+
+# Fit keys the sweep sets for every run itself: as parameters they would be silently replaced.
+_SET_BY_SWEEP = {
+    "output_dir": "each run's folder is <output_dir>/<NNN>_<parameters>",
+    "experiment": "each run's experiment is named after its folder",
+    "overwrite": "pass overwrite=true on the command line to start the whole sweep anew",
+}
+_SPLITS_WHY = (
+    "every run uses one set of splits (the first run's, or cv.splits_file) so that runs are "
+    "compared paired; run one sweep per split setting, each into its own output_dir"
+)
+# Inputs fit identifies by content (rundir NOT_RESULTS), which a sweep must not change between
+# runs: its later runs would see other data than its earlier ones.
+_SWEEP_INPUTS = (
+    "data.features_dir",
+    "data.labels_csv",
+    "data.label_column",
+    "data.on_missing",
+    "cv.splits_file",
+)
+_PATHS = ("data.features_dir", "data.labels_csv", "cv.splits_file")
 
 
 def _plain(value: Any) -> Any:
@@ -72,6 +94,9 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
             close = difflib.get_close_matches(name, FIT_KEYS, n=1, cutoff=0.5)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise UserError(f"sweep file '{file}': parameter '{name}' is not a fit key.{hint}")
+        why = _SET_BY_SWEEP.get(name) or (_SPLITS_WHY if name.startswith("cv.") else None)
+        if why:
+            raise UserError(f"sweep file '{file}': parameter '{name}' cannot be swept: {why}.")
     _check_values(spec, file)
     return spec
 
@@ -133,8 +158,25 @@ def fit_config(cfg: C.SweepConfig, params: dict[str, Any], output_dir: Path) -> 
     return fit
 
 
-def _ledger(path: Path, spec: dict[str, Any], overwrite: bool) -> list[dict[str, Any]]:
-    """Runs of an earlier, interrupted sweep into the same folder (same file required)."""
+def fixed_settings(cfg: C.SweepConfig, spec: dict[str, Any]) -> dict[str, Any]:
+    """What every run shares and that makes results (fit's `settings`, the data read, paths
+    resolved), as JSON values: a sweep resumes only with the same, or it would compare runs
+    that differ in more than their parameters."""
+    fit = fit_config(cfg, {}, Path(cfg.output_dir))
+    node = OmegaConf.structured(fit)
+    values = settings(fit) | {key: OmegaConf.select(node, key) for key in _SWEEP_INPUTS}
+    for key in _PATHS:
+        if values[key]:
+            values[key] = str(Path(values[key]).resolve())
+    fixed = {k: v for k, v in values.items() if k not in spec["parameters"]}
+    return dict(json.loads(json.dumps(fixed, default=str)))  # as read back from sweep.json
+
+
+def _ledger(
+    path: Path, spec: dict[str, Any], fixed: dict[str, Any], overwrite: bool
+) -> list[dict[str, Any]]:
+    """Runs of an earlier, interrupted sweep into the same folder. Same file required, and the
+    same fixed settings once a run has finished (while none has, changing them may fix them)."""
     if not path.is_file() or overwrite:
         return []
     try:
@@ -150,7 +192,19 @@ def _ledger(path: Path, spec: dict[str, Any], overwrite: bool) -> list[dict[str,
         raise UserError(
             f"{path} belongs to a different sweep: use another output_dir or overwrite=true."
         )
-    return list(data.get("runs", []))
+    runs = list(data.get("runs", []))
+    recorded = data.get("fixed")
+    finished = any(e.get("state") == "finished" for e in runs)
+    if finished and recorded is None:  # a ledger from before fixed settings were recorded
+        log.warning("%s does not record its fixed settings: resuming with these.", path)
+    elif finished and recorded != fixed:
+        keys = sorted(k for k in recorded.keys() | fixed.keys() if recorded.get(k) != fixed.get(k))
+        diff = ", ".join(f"{k}={recorded.get(k)!r} (now {fixed.get(k)!r})" for k in keys[:5])
+        raise UserError(
+            f"{path} was run with other fixed settings: {diff}{' ...' if len(keys) > 5 else ''}; "
+            "pass those to resume it, or use another output_dir, or overwrite=true to start anew."
+        )
+    return runs
 
 
 def _sweep_run(entry: dict[str, Any]) -> Any:
@@ -190,6 +244,69 @@ def _check_metric(spec: dict[str, Any], file: str) -> None:
         )
 
 
+def _check_inputs(cfg: C.SweepConfig, swept: set[str]) -> None:
+    """fit's checks of its inputs, on the settings every run shares: a bad one stops the sweep
+    now (exit 2) rather than failing each run. Keys a parameter sets are left to each run."""
+    from melanoma_mil.data.cohort import find_features, map_labels, read_labels
+    from melanoma_mil.evaluation.hooks import check_inputs
+    from melanoma_mil.training.orchestrate import check_parallel
+
+    fit = fit_config(cfg, {}, Path(cfg.output_dir))
+    if not any(key.startswith("trainer.") for key in swept):
+        check_parallel(fit)
+    if not any(key == "logger" or key.startswith("wandb.") for key in swept):
+        check_logger(fit)
+    if not swept & set(C.CLINICAL_KEYS):
+        check_inputs(fit)
+    labels = {"data.labels_csv", "data.label_column", "data.label_map", "data.classes"}
+    if not swept & labels:
+        data = fit.data
+        table = read_labels(data.labels_csv, data.label_column)
+        table, _ = map_labels(table, data, str(data.labels_csv))
+        if not swept & {"data.features_dir", "data.on_missing"}:
+            find_features(table, data)
+
+
+def _suggest(spec: dict[str, Any], entries: list[dict[str, Any]], seed: int) -> Any:
+    """The engine's next run. Random and bayes draw from `random` and `np.random`, seeded here
+    from (seed, run index): a resumed sweep draws what one uninterrupted invocation would, and
+    the fits in between (which seed those generators themselves) change nothing."""
+    saved = random.getstate(), np.random.get_state()
+    a, b = np.random.SeedSequence([seed % 2**64, len(entries)]).generate_state(2)
+    random.seed(int(a))
+    np.random.seed(int(b))
+    try:
+        with warnings.catch_warnings():  # the bayes GP's convergence chatter
+            warnings.simplefilter("ignore")
+            return _engine().next_run(spec, [_sweep_run(e) for e in entries], validate=True)
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+
+
+def _run(
+    cfg: C.SweepConfig, name: str, params: dict[str, Any], paired: dict[str, str | None]
+) -> dict[str, Any]:
+    """One run as a ledger entry. A failure is recorded and the sweep goes on (as with agents);
+    the first finished run's splits become those of every later run (``paired``)."""
+    out = Path(cfg.output_dir)
+    log.info("sweep run %s: %s", name, " ".join(overrides(params)))
+    entry: dict[str, Any] = {"name": name, "params": params}
+    try:
+        fit = fit_config(cfg, params, out / name)
+        fit.cv.splits_file = paired["file"]
+        entry.update(_execute(fit, paired["sha256"]))
+        paired["file"] = paired["file"] or str(out / name / SPLITS)
+        paired["sha256"] = paired["sha256"] or entry["splits_sha256"]
+    except UserError as e:
+        log.error("sweep run %s failed: %s", name, e)
+        entry.update(state="failed", error=str(e))
+    except Exception as e:
+        log.exception("sweep run %s crashed", name)
+        entry.update(state="failed", error=f"{type(e).__name__}: {e}")
+    return entry
+
+
 def run_sweep(cfg: C.SweepConfig) -> int:
     """Plan and run the sweep's fits; write sweep.json, sweep_results.csv and the comparison."""
     if not cfg.sweep_file:
@@ -198,41 +315,36 @@ def run_sweep(cfg: C.SweepConfig) -> int:
     _check_metric(spec, cfg.sweep_file)
     if spec["method"] != "grid" and cfg.count is None:
         raise UserError(f"method '{spec['method']}' never runs out of runs: pass --count N.")
-    sweeps = _engine()
     out = Path(cfg.output_dir)
     ledger_path = out / "sweep.json"
-    entries = _ledger(ledger_path, spec, cfg.overwrite)
+    fixed = fixed_settings(cfg, spec)
+    entries = _ledger(ledger_path, spec, fixed, cfg.overwrite)
+    if read_marker(out) is not None:  # then read-only: another command's folder is named first
+        claim_shared(out, "sweep")
+    _check_inputs(cfg, set(spec["parameters"]))
     claim_shared(out, "sweep")
     replace_comparison = _own_comparison(out)
-    random.seed(cfg.seed)  # the engine draws random and bayes suggestions from these
-    np.random.seed(cfg.seed)
     done = [e for e in entries if e["state"] == "finished"]
-    splits_file = cfg.cv.splits_file or (str(out / done[0]["name"] / SPLITS) if done else None)
-    splits_sha256 = done[0]["splits_sha256"] if done else None
+    paired = {
+        "file": cfg.cv.splits_file or (str(out / done[0]["name"] / SPLITS) if done else None),
+        "sha256": done[0]["splits_sha256"] if done else None,
+    }
+
+    def record() -> None:
+        ledger = {"sweep": spec, "sweep_file": cfg.sweep_file, "fixed": fixed, "runs": entries}
+        write_json(ledger_path, ledger)
+
+    for i, entry in enumerate(entries):  # failed runs of an earlier invocation: once more
+        if entry["state"] != "finished":
+            entries[i] = _run(cfg, entry["name"], entry["params"], paired)
+            record()
     while cfg.count is None or len(entries) < cfg.count:
-        with warnings.catch_warnings():  # the bayes GP's convergence chatter
-            warnings.simplefilter("ignore")
-            suggestion = sweeps.next_run(spec, [_sweep_run(e) for e in entries], validate=True)
+        suggestion = _suggest(spec, entries, cfg.seed)
         if suggestion is None:  # grid exhausted
             break
         params = {k: _plain(v["value"]) for k, v in suggestion.config.items()}
-        name = run_name(len(entries), params)
-        log.info("sweep run %d: %s", len(entries) + 1, " ".join(overrides(params)))
-        entry: dict[str, Any] = {"name": name, "params": params}
-        try:
-            fit = fit_config(cfg, params, out / name)
-            fit.cv.splits_file = splits_file
-            entry.update(_execute(fit, splits_sha256))
-            splits_file = splits_file or str(out / name / SPLITS)
-            splits_sha256 = splits_sha256 or entry["splits_sha256"]
-        except UserError as e:
-            log.error("sweep run %s failed: %s", name, e)
-            entry.update(state="failed", error=str(e))
-        except Exception as e:  # one failed run is recorded; the sweep goes on (as with agents)
-            log.exception("sweep run %s crashed", name)
-            entry.update(state="failed", error=f"{type(e).__name__}: {e}")
-        entries.append(entry)
-        write_json(ledger_path, {"sweep": spec, "sweep_file": cfg.sweep_file, "runs": entries})
+        entries.append(_run(cfg, run_name(len(entries), params), params, paired))
+        record()
     return _report(cfg, spec, entries, out, replace_comparison)
 
 

@@ -1,0 +1,153 @@
+"""Resuming a local sweep: same fixed settings only, failed runs retried, random draws continued,
+and inputs every run shares checked before any run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from melanoma_mil.cli import main
+from melanoma_mil.data.synthetic import make_bag_cohort
+
+
+def cohort(root: Path) -> tuple[Path, Path]:
+    """12 patients (P0000..P0011, alternating labels), tiny bags: a 2-fold fit in seconds."""
+    return make_bag_cohort(root, n_patients=12, dim=16, n_instances=(4, 10), encoder=root.name)
+
+
+def sweep_file(tmp_path: Path, spec: dict) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def fast(out: Path) -> list[str]:
+    return [f"output_dir={out}", "cv.folds=2", "trainer.max_epochs=2", "logger=none"]
+
+
+def ledger(out: Path) -> list[dict]:
+    return json.loads((out / "sweep.json").read_text())["runs"]
+
+
+def test_a_resume_with_other_fixed_settings_is_refused_naming_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    features, labels = cohort(tmp_path / "coh")
+    grid = sweep_file(tmp_path, {"method": "grid", "parameters": {"seed": {"values": [0, 1]}}})
+    out = tmp_path / "out"
+    base = ["sweep", str(grid), *fast(out), f"data.features_dir={features}"]
+    base.append(f"data.labels_csv={labels}")
+    assert main([*base, "--count", "1", "optim.lr=0.01", "model.name=abmil"]) == 0
+    before = (out / "sweep.json").read_bytes()
+    capsys.readouterr()
+    assert main([*base, "optim.lr=0.0001", "model.name=transmil"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "other fixed settings" in err, err
+    assert "optim.lr=0.01 (now 0.0001)" in err and "model.name='abmil'" in err, err
+    assert (out / "sweep.json").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "000_seed-0",
+        "sweep.json",
+        "sweep_results.csv",
+    ]
+    # keys that change no result may differ; the swept key's own fixed value is not compared
+    same = [*base, "optim.lr=0.01", "model.name=abmil", "data.num_workers=1", "seed=5"]
+    assert main([*same, "--count", "1"]) == 0
+
+
+def test_a_resumed_random_sweep_continues_the_draws_of_one_invocation(tmp_path: Path) -> None:
+    """1 run, then 1 more, draw what `--count 2` draws at once (not the first value again).
+    The sampled learning rates are invalid, so each run fails at once, before any training."""
+    features, labels = cohort(tmp_path / "coh")
+    spec = {
+        "method": "random",
+        "parameters": {"optim.lr": {"distribution": "normal", "mu": -1.0, "sigma": 0.1}},
+    }
+    rand = sweep_file(tmp_path, spec)
+    fixed = [f"data.features_dir={features}", f"data.labels_csv={labels}", "logger=none"]
+    resumed, once = tmp_path / "resumed", tmp_path / "once"
+    assert main(["sweep", str(rand), "--count", "1", f"output_dir={resumed}", *fixed]) == 1
+    assert main(["sweep", str(rand), "--count", "2", f"output_dir={resumed}", *fixed]) == 1
+    assert main(["sweep", str(rand), "--count", "2", f"output_dir={once}", *fixed]) == 1
+    drawn = [r["params"]["optim.lr"] for r in ledger(resumed)]
+    assert drawn == [r["params"]["optim.lr"] for r in ledger(once)]
+    assert len(set(drawn)) == 2
+
+
+def test_while_no_run_has_finished_the_fixed_settings_may_change(tmp_path: Path) -> None:
+    """Changing them may be what fixes the failed runs; nothing finished is mixed with them."""
+    features, labels = cohort(tmp_path / "coh")
+    spec = {  # a sampled learning rate that is invalid: the run fails before any training
+        "method": "random",
+        "parameters": {"optim.lr": {"distribution": "normal", "mu": -1.0, "sigma": 0.1}},
+    }
+    rand = sweep_file(tmp_path, spec)
+    out = tmp_path / "out"
+    argv = ["sweep", str(rand), "--count", "1", *fast(out), f"data.features_dir={features}"]
+    argv.append(f"data.labels_csv={labels}")
+    assert main([*argv, "optim.weight_decay=0.0"]) == 1
+    assert main([*argv, "optim.weight_decay=0.1"]) == 1  # retried (and failed), not refused
+    assert json.loads((out / "sweep.json").read_text())["fixed"]["optim.weight_decay"] == 0.1
+
+
+def test_failed_runs_are_retried_when_the_sweep_is_resumed(tmp_path: Path) -> None:
+    """A run whose feature cache was missing finishes once the cache exists; the finished run
+    is kept, and the retried run is paired with it (same splits)."""
+    features, labels = cohort(tmp_path / "enc_a")
+    later = tmp_path / "enc_b" / "features"  # made after the first invocation
+    spec = {
+        "method": "grid",
+        "parameters": {"data.features_dir": {"values": [str(features), str(later)]}},
+    }
+    grid = sweep_file(tmp_path, spec)
+    out = tmp_path / "out"
+    argv = ["sweep", str(grid), *fast(out), f"data.labels_csv={labels}"]
+    assert main(argv) == 1
+    assert [r["state"] for r in ledger(out)] == ["finished", "failed"]
+    first = out / ledger(out)[0]["name"] / "cv_summary.json"
+    stamp = first.stat().st_mtime_ns
+    cohort(tmp_path / "enc_b")
+    assert main(argv) == 0
+    runs = ledger(out)
+    assert [r["state"] for r in runs] == ["finished", "finished"]
+    assert "error" not in runs[1] and runs[0]["splits_sha256"] == runs[1]["splits_sha256"]
+    assert first.stat().st_mtime_ns == stamp
+    assert (out / "comparison" / "comparison.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("data.labels_csv", "nope.csv", "labels CSV 'nope.csv' not found"),
+        ("data.features_dir", "nope", "features folder 'nope' not found"),
+    ],
+)
+def test_a_bad_fixed_input_stops_the_sweep_before_any_run(
+    tmp_path: Path, key: str, value: str, problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    features, labels = cohort(tmp_path / "coh")
+    grid = sweep_file(tmp_path, {"method": "grid", "parameters": {"seed": {"values": [0, 1]}}})
+    out = tmp_path / "out"
+    inputs = {"data.features_dir": str(features), "data.labels_csv": str(labels), key: value}
+    argv = ["sweep", str(grid), *fast(out), *(f"{k}={v}" for k, v in inputs.items())]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and problem in err and "\n" not in err, err
+    assert not out.exists()
+
+
+def test_a_bad_wandb_mode_stops_the_sweep_before_any_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    features, labels = cohort(tmp_path / "coh")
+    grid = sweep_file(tmp_path, {"method": "grid", "parameters": {"seed": {"values": [0, 1]}}})
+    out = tmp_path / "out"
+    monkeypatch.setenv("WANDB_MODE", "ofline")
+    inputs = [f"data.features_dir={features}", f"data.labels_csv={labels}", "logger=wandb"]
+    assert main(["sweep", str(grid), *fast(out), *inputs]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "W&B mode 'ofline' from the WANDB_MODE" in err and "\n" not in err, err
+    assert not out.exists()
