@@ -4,8 +4,15 @@ The demo writes ``demo.json`` into its output_dir before anything else, and when
 (finished, failed or interrupted) records there every file and folder it created, with each
 file's size and modification time. ``overwrite=true`` deletes only recorded files that are
 unchanged since, then recorded folders left empty: a file a user added or edited stays, and so
-does every folder holding one. A folder without ``demo.json`` is never written into or deleted.
-A demo killed outright (kill -9, power cut) records nothing; its files are then kept and named.
+does every folder holding one. A folder without ``demo.json`` is never written into or deleted,
+and nothing is deleted through a folder that has since become a link.
+
+A demo killed outright (kill -9, power cut) cannot record anything as it dies. So a running
+demo's record also holds what was there when it started, and the demo touches the record every
+``BEAT_S`` seconds and after every stage. The next demo in that folder takes as the killed one's
+every file created or changed since that start no later than the last touch, by the file's
+change time (ctime, which the kernel sets and no copy or touch can set back); files changed
+later (yours, or the killed demo's very last writes) stay unrecorded, so they are kept.
 """
 
 from __future__ import annotations
@@ -14,6 +21,9 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,26 +35,58 @@ log = logging.getLogger(__name__)
 
 MARKER = "demo.json"
 KIND = "melanoma_mil demo output"
+BEAT_S = 0.5  # a running demo touches its record this often
+STALE_S = 5.0  # a running record untouched this long was left by a demo that is gone
+
+Stat = list[int]  # [size, mtime_ns]
+State = tuple[dict[str, Stat], set[str]]  # files (relative path -> Stat) and folders
 
 
-def _stat(path: Path) -> list[int]:
+def _stat(path: Path) -> Stat:
     st = path.lstat()
     return [st.st_size, st.st_mtime_ns]
 
 
-def snapshot(root: Path) -> tuple[dict[str, list[int]], set[str]]:
-    """Files (relative path -> [size, mtime_ns]) and folders under ``root``, marker excluded."""
-    files: dict[str, list[int]] = {}
-    dirs: set[str] = set()
+def _walk(root: Path) -> tuple[dict[str, os.stat_result], dict[str, os.stat_result]]:
+    """lstat of every file and folder under ``root`` (marker aside), links not followed."""
+    files: dict[str, os.stat_result] = {}
+    dirs: dict[str, os.stat_result] = {}
     for top, subdirs, names in os.walk(root):
         rel = Path(top).relative_to(root)
-        dirs.update(str(rel / d) for d in subdirs)
-        for name in names:
-            if rel == Path(".") and name == MARKER:
-                continue
-            path = Path(top) / name
-            files[str(rel / name)] = _stat(path)
+        for found, entries in ((dirs, subdirs), (files, names)):
+            for name in entries:
+                if found is files and rel == Path(".") and name == MARKER:
+                    continue
+                with contextlib.suppress(FileNotFoundError):  # a temp file just renamed
+                    found[str(rel / name)] = (Path(top) / name).lstat()
     return files, dirs
+
+
+def snapshot(root: Path) -> State:
+    """Files (relative path -> [size, mtime_ns]) and folders under ``root``, marker excluded."""
+    files, dirs = _walk(root)
+    return {k: [st.st_size, st.st_mtime_ns] for k, st in files.items()}, set(dirs)
+
+
+def _fs_now(root: Path) -> int:
+    """The time now on the clock of ``root``'s filesystem (a server's, on NFS), in ns."""
+    try:
+        with tempfile.TemporaryFile(dir=root) as f:
+            return os.fstat(f.fileno()).st_mtime_ns
+    except OSError:
+        return time.time_ns()
+
+
+def _inside(name: object) -> str:
+    """A recorded relative path; ValueError if it leads out of the output_dir (edited)."""
+    path = Path(str(name))
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        raise ValueError(f"path {name!r} leaves the folder")
+    return str(path)
+
+
+def _files(raw: dict[str, Any]) -> dict[str, Stat]:
+    return {_inside(k): [int(v[0]), int(v[1])] for k, v in raw.items()}
 
 
 @dataclass
@@ -52,10 +94,12 @@ class Ledger:
     """The files and folders one demo output_dir holds because a demo made them."""
 
     root: Path
-    files: dict[str, list[int]] = field(default_factory=dict)
+    files: dict[str, Stat] = field(default_factory=dict)
     dirs: set[str] = field(default_factory=set)
     running: bool = False
-    before: tuple[dict[str, list[int]], set[str]] = field(default_factory=lambda: ({}, set()))
+    before: State | None = None  # what was there when the running demo started
+    _stop: threading.Event | None = field(default=None, repr=False, compare=False)
+    _beats: threading.Thread | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def read(cls, root: Path) -> Ledger | None:
@@ -67,42 +111,116 @@ class Ledger:
             data: dict[str, Any] = json.loads(marker.read_text())
             if data.get("kind") != KIND:
                 raise ValueError("not a demo marker")
-            files = {str(k): [int(v[0]), int(v[1])] for k, v in data["files"].items()}
-            dirs = {str(d) for d in data["dirs"]}
-        except (ValueError, KeyError, TypeError, IndexError):
+            files = _files(data["files"])
+            dirs = {_inside(d) for d in data["dirs"]}
+            raw = data.get("before")
+            before = (
+                None if raw is None else (_files(raw["files"]), {_inside(d) for d in raw["dirs"]})
+            )
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
             raise UserError(
                 f"'{marker}' is not a demo record (unreadable or edited); the demo will not "
                 "delete anything in that folder: delete it yourself or choose another output_dir."
             ) from None
-        return cls(root, files, dirs, bool(data.get("running")))
+        return cls(root, files, dirs, bool(data.get("running")), before)
 
     def save(self) -> None:
-        write_json(
-            self.root / MARKER,
-            {"kind": KIND, "running": self.running, "files": self.files, "dirs": sorted(self.dirs)},
-        )
+        doc: dict[str, Any] = {
+            "kind": KIND, "running": self.running, "files": self.files, "dirs": sorted(self.dirs)
+        }  # fmt: skip
+        if self.running and self.before is not None:
+            doc["before"] = {"files": self.before[0], "dirs": sorted(self.before[1])}
+        write_json(self.root / MARKER, doc)
+
+    def beat(self) -> None:
+        """Touch the record: everything written so far is this demo's, should it be killed."""
+        with contextlib.suppress(OSError):  # the record deleted by hand: nothing to mark
+            os.utime(self.root / MARKER)
+
+    def _beat_until(self, stop: threading.Event) -> None:
+        while not stop.wait(BEAT_S):
+            self.beat()
 
     def start(self) -> None:
-        """Mark the demo as running and remember what is there now."""
+        """Mark the demo as running with what is there now, and keep touching the record."""
+        self.before = snapshot(self.root)
         self.running = True
         self.save()
-        self.before = snapshot(self.root)
+        self._stop = threading.Event()
+        self._beats = threading.Thread(
+            target=self._beat_until, args=(self._stop,), name="demo-beat", daemon=True
+        )
+        self._beats.start()
 
     def finish(self) -> None:
         """Record every file and folder created or rewritten since ``start``."""
+        if self._stop is not None and self._beats is not None:
+            self._stop.set()
+            self._beats.join()
+            self._stop = self._beats = None
         files, dirs = snapshot(self.root)
-        old_files, old_dirs = self.before
+        old_files, old_dirs = self.before or ({}, set())
         for rel, stat in files.items():
             if old_files.get(rel) != stat:  # made or rewritten by this demo
                 self.files[rel] = stat
         self.files = {k: v for k, v in self.files.items() if k in files}
         self.dirs = {d for d in self.dirs | (dirs - old_dirs) if d in dirs}
-        self.running = False
+        self.running, self.before = False, None
         self.save()
+
+    def stopped(self) -> bool:
+        """Whether the demo that left this running record is gone: it has not touched the
+        record for ``STALE_S`` (waiting out the rest of that time if needed)."""
+        marker = self.root / MARKER
+        seen = marker.stat().st_mtime_ns
+        age_s = (_fs_now(self.root) - seen) / 1e9
+        if age_s < STALE_S:
+            time.sleep(min(STALE_S, STALE_S - age_s))
+        return marker.stat().st_mtime_ns == seen
+
+    def recover(self) -> list[str]:
+        """Record what a demo killed while running made (see the module docstring); return
+        the files new or changed since it started that it cannot be shown to have made."""
+        alive = (self.root / MARKER).stat().st_mtime_ns
+        files, dirs = _walk(self.root)
+        late: list[str] = []
+        made: set[str] = set()
+        if self.before is None:  # a record without its start state (older version): claim none
+            late = sorted(set(files) - set(self.files))
+        else:
+            old_files, old_dirs = self.before
+            for rel, st in sorted(files.items()):
+                stat = [st.st_size, st.st_mtime_ns]
+                if old_files.get(rel) == stat:  # there before, unchanged
+                    continue
+                if st.st_ctime_ns <= alive:
+                    self.files[rel] = stat
+                else:
+                    late.append(rel)
+            made = {d for d, st in dirs.items() if d not in old_dirs and st.st_ctime_ns <= alive}
+        self.files = {k: v for k, v in self.files.items() if k in files}
+        self.dirs = {d for d in self.dirs | made if d in dirs}
+        self.running, self.before = False, None
+        self.save()
+        return late
+
+    def _linked(self) -> Path | None:
+        """The first folder on a recorded path that is now a link (to somewhere else)."""
+        recorded = [Path(p) for p in [*self.files, *self.dirs]]
+        folders = {parent for p in recorded for parent in p.parents} - {Path(".")}
+        return next((self.root / f for f in sorted(folders) if (self.root / f).is_symlink()), None)
 
     def clear(self) -> list[str]:
         """Delete the recorded files that are unchanged, then recorded folders left empty;
-        return what was kept (files added or edited by someone else)."""
+        return what was kept (files added or edited by someone else). Nothing is deleted
+        through a link: a folder the user replaced by one stops it before any deletion."""
+        link = self._linked()
+        if link is not None:
+            raise UserError(
+                f"'{link}' is now a link to '{os.readlink(link)}', not the folder the demo made; "
+                "overwrite=true deletes nothing through links: remove the link (what it points "
+                "to stays) or choose another output_dir."
+            )
         kept: list[str] = []
         for rel, stat in sorted(self.files.items()):
             path = self.root / rel
@@ -122,7 +240,8 @@ class Ledger:
 
 def claim(root: Path, overwrite: bool) -> Ledger:
     """The ledger for a demo into ``root``: a new or empty folder, or an earlier demo's
-    (cleared first with ``overwrite``). Any other folder is refused, whatever ``overwrite``."""
+    (cleared first with ``overwrite``). Any other folder is refused, whatever ``overwrite``,
+    and so is a folder a demo is writing into now."""
     if root.exists() and not root.is_dir():
         raise UserError(f"output_dir '{root}' is a file; choose a folder for the demo.")
     ledger = Ledger.read(root) if root.is_dir() else None
@@ -134,9 +253,20 @@ def claim(root: Path, overwrite: bool) -> Ledger:
             )
         root.mkdir(parents=True, exist_ok=True)
         return Ledger(root)
+    if ledger.running:
+        if not ledger.stopped():
+            raise UserError(
+                f"a demo is writing into '{root}' now ({MARKER} keeps changing); wait for it to "
+                "end, or choose another output_dir."
+            )
+        late = ledger.recover()
+        log.warning(
+            "demo: the last demo in %s was killed; its record now holds %d file(s)%s",
+            root,
+            len(ledger.files),
+            f"; {len(late)} changed after it stopped are not: {late[:5]}" if late else "",
+        )
     if overwrite:
-        if ledger.running:
-            log.warning("demo: the last demo in %s did not finish recording its files", root)
         kept = ledger.clear()
         if kept:
             log.warning(

@@ -33,16 +33,19 @@ from melanoma_mil.evaluation.evaluate import evaluate, summary_line
 from melanoma_mil.evaluation.localisation import cohort_localisation
 from melanoma_mil.features.run import run_extract
 from melanoma_mil.inference.heatmap import run_heatmap
+from melanoma_mil.io import write_text
 from melanoma_mil.tiling.run import run_tile
 from melanoma_mil.training.cv import run_fit
 
 log = logging.getLogger(__name__)
 
 
-def _step(name: str, call: Callable[[], Any]) -> Any:
-    """Run one stage, log its time; a nonzero exit code stops the demo."""
+def _step(name: str, call: Callable[[], Any], beat: Callable[[], None]) -> Any:
+    """Run one stage, log its time and ``beat`` (so a kill right after it leaves every file of
+    the stage recorded as the demo's); a nonzero exit code stops the demo."""
     started = time.perf_counter()
     result = call()
+    beat()
     log.info("demo: %s done in %.0f s", name, time.perf_counter() - started)
     if isinstance(result, int) and result != 0:
         raise UserError(f"demo step '{name}' failed (exit {result}); see the messages above.")
@@ -112,23 +115,28 @@ def run_demo(cfg: DemoConfig) -> int:
     ledger = claim(out, cfg.overwrite)
     ledger.start()
     try:
-        return _run(cfg, out)
+        return _run(cfg, out, ledger.beat)
     finally:
         ledger.finish()
 
 
-def _run(cfg: DemoConfig, out: Path) -> int:
+def _run(cfg: DemoConfig, out: Path, beat: Callable[[], None]) -> int:
     start = time.perf_counter()
     _step(
         "generate slides",
         lambda: generate_cohort(
-            out / "cohort", n_slides=cfg.n_slides, seed=cfg.seed, size=cfg.slide_size
+            out / "cohort",
+            n_slides=cfg.n_slides,
+            seed=cfg.seed,
+            size=cfg.slide_size,
+            overwrite=cfg.overwrite,  # also remakes a cohort a killed demo left unrecorded
         ),
+        beat,
     )
     slides = str(out / "cohort" / "slides")
     tiling = TilingConfig(mpp=cfg.mpp, tile_size=cfg.tile_size)
     tile = TileConfig(slides_dir=slides, output_dir=str(out / "tiles"), tiling=tiling)
-    _step("tile", lambda: run_tile(tile))
+    _step("tile", lambda: run_tile(tile), beat)
     extract = ExtractConfig(
         slides_dir=slides,
         coords_dir=str(out / "tiles"),
@@ -136,11 +144,11 @@ def _run(cfg: DemoConfig, out: Path) -> int:
         encoder=cfg.encoder,
         batch_size=cfg.batch_size,
     )
-    _step("extract", lambda: run_extract(extract))
+    _step("extract", lambda: run_extract(extract), beat)
     features = _features_dir(out / "features")
     fit = _fit_config(cfg, out)
     fit.data.features_dir = str(features)
-    _step("fit", lambda: run_fit(fit))
+    _step("fit", lambda: run_fit(fit), beat)
     heatmaps = out / "heatmaps"
     heatmap = HeatmapConfig(
         run_dir=fit.output_dir,
@@ -148,8 +156,9 @@ def _run(cfg: DemoConfig, out: Path) -> int:
         output_dir=str(heatmaps),
         features_dir=str(features),
     )
-    _step("heatmaps", lambda: run_heatmap(heatmap))
+    _step("heatmaps", lambda: run_heatmap(heatmap), beat)
     _localisation(out, heatmaps)
+    beat()
     ev = _step(
         "evaluate",
         lambda: evaluate(
@@ -163,6 +172,7 @@ def _run(cfg: DemoConfig, out: Path) -> int:
                 seed=cfg.seed,
             )
         ),
+        beat,
     )
     print(f"survival by predicted group (planted: immune-high live longer): {summary_line(ev)}")
     print(f"demo finished in {time.perf_counter() - start:.0f} s. Outputs in {out}/:")
@@ -173,7 +183,7 @@ def _run(cfg: DemoConfig, out: Path) -> int:
 def _localisation(out: Path, heatmaps: Path) -> None:
     """Score and print how much attention falls in the planted regions (localisation.csv)."""
     scores = cohort_localisation(out / "cohort" / "cohort.csv", heatmaps)
-    scores.to_csv(out / "localisation.csv", index=False)
+    write_text(out / "localisation.csv", scores.to_csv(index=False))
     high = scores[scores["label"] == "immune_high"]["localisation"]
     print(
         f"\nlocalisation on immune-high slides (attention share in planted regions / their "

@@ -1,0 +1,210 @@
+"""`demo` after a demo killed outright (kill -9): overwrite=true replaces what the killed demo
+made and nothing else, a plain rerun resumes or fails with advice that works, no file is left
+half-written, and nothing is deleted through a link or outside output_dir.
+
+Each kill is real: the demo runs in a subprocess that calls ``os._exit`` (as kill -9: no
+``finally``, nothing recorded) at a chosen point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from melanoma_mil.demo.owned import KIND, MARKER, claim
+from melanoma_mil.errors import UserError
+
+SMALL = ["n_slides=12", "slide_size=1024", "tile_size=64", "folds=2", "max_epochs=1"]
+KILLED = 137
+
+# argv: POINT demo key=value ...; the demo dies (or hangs, or gets Ctrl-C) at POINT
+RUNNER = """
+import os, sys, time
+import melanoma_mil.demo.run as R
+import melanoma_mil.demo.synth as S
+
+def die(*args, **kwargs):
+    os._exit(137)
+
+class Bomb:  # kills the process when written out, i.e. in the middle of writing a table
+    def __str__(self):
+        die()
+
+point = sys.argv.pop(1)
+if point in ("tile", "extract"):
+    setattr(R, f"run_{point}", die)
+elif point == "tile-ctrl-c":
+    def interrupt(cfg):
+        raise KeyboardInterrupt
+    R.run_tile = interrupt
+elif point == "tile-hang":
+    R.run_tile = lambda cfg: time.sleep(600)
+elif point == "synth.json":  # right after the cohort generator wrote its settings
+    write_json = S.write_json
+    S.write_json = lambda path, obj: (write_json(path, obj), die())
+elif point == "localisation.csv":  # while the table is written
+    score = R.cohort_localisation
+    R.cohort_localisation = lambda *a: score(*a).assign(bomb=Bomb())
+from melanoma_mil.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _argv(point: str, out: Path, extra: tuple[str, ...]) -> list[str]:
+    return [sys.executable, "-c", RUNNER, point, "demo", f"output_dir={out}", *SMALL, *extra]
+
+
+def demo(point: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """The small demo into ``out`` in a subprocess stopped at ``point``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        _argv(point, out, extra), capture_output=True, text=True, env=env, timeout=900
+    )
+
+
+def one_line_error(done: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """Assert exit 2 with exactly one 'error:' line (containing ``needles``), no traceback."""
+    assert done.returncode == 2, done.stderr
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert all(n in lines[0] for n in needles), lines[0]
+    return lines[0]
+
+
+def stats(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` (links not followed, marker aside): (size, mtime_ns)."""
+    out = {}
+    for top, _, names in os.walk(root):
+        for name in names:
+            path = Path(top) / name
+            st = path.lstat()
+            out[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    out.pop(MARKER, None)
+    return out
+
+
+def seed_of(out: Path) -> int:
+    return int(json.loads((out / "cohort" / "synth.json").read_text())["seed"])
+
+
+def test_overwrite_after_a_kill_replaces_what_the_demo_made_and_keeps_yours(
+    tmp_path: Path,
+) -> None:
+    d = tmp_path / "d"
+    done = demo("tile", d, "n_slides=13")  # killed once its cohort is written
+    assert done.returncode == KILLED, done.stderr
+    first = stats(d)
+    assert "cohort/slides/slide_012.tiff" in first
+    (d / "thesis.txt").write_text("mine")
+    (d / "cohort" / "notes.txt").write_text("mine too")
+    mine = {"thesis.txt", "cohort/notes.txt"}
+    # a plain rerun with other settings changes nothing and says what works
+    one_line_error(demo("tile", d, "seed=1"), "overwrite=true")
+    assert {k: v for k, v in stats(d).items() if k not in mine} == first
+    # ... and it does: the killed demo's files are replaced, the user's stay
+    done = demo("tile", d, "seed=1", "overwrite=true")
+    assert done.returncode == KILLED, done.stderr
+    assert seed_of(d) == 1
+    now = stats(d)
+    assert not (d / "cohort" / "slides" / "slide_012.tiff").exists()  # n_slides=13's own
+    assert all(now[k] != v for k, v in first.items() if k in now)  # every one remade
+    assert (d / "thesis.txt").read_text() == "mine"
+    assert (d / "cohort" / "notes.txt").read_text() == "mine too"
+    # a plain rerun with the same settings resumes (the cohort is reused) and is killed later
+    done = demo("extract", d, "seed=1")
+    assert done.returncode == KILLED, done.stderr
+    assert stats(d / "cohort") == {k[7:]: v for k, v in now.items() if k.startswith("cohort/")}
+    assert len(list((d / "tiles" / "coords").glob("*.h5"))) == 12
+    # overwrite=true after that kill deletes what both killed demos made, tiles included
+    done = demo("tile", d, "overwrite=true", "n_slides=11")
+    assert done.returncode == KILLED, done.stderr
+    assert seed_of(d) == 0 and not (d / "tiles").exists()
+    left = set(stats(d))
+    assert sum(p.startswith("cohort/slides/") for p in left) == 11
+    assert {p for p in left if not p.startswith(("cohort/slides/", "cohort/masks/"))} == mine | {
+        "cohort/synth.json", "cohort/labels.csv", "cohort/cohort.csv", "cohort/clinical.csv"
+    }  # fmt: skip
+    assert (d / "thesis.txt").read_text() == "mine"
+
+
+def test_overwrite_after_a_kill_as_the_cohort_was_being_made(tmp_path: Path) -> None:
+    """Killed right after the cohort's settings file was written (before the record was
+    touched): that file cannot be shown to be the demo's, yet overwrite=true remakes the
+    cohort over it."""
+    d = tmp_path / "d"
+    done = demo("synth.json", d)
+    assert done.returncode == KILLED, done.stderr
+    (d / "thesis.txt").write_text("mine")
+    done = demo("tile", d, "seed=1", "overwrite=true")
+    assert done.returncode == KILLED, done.stderr
+    assert seed_of(d) == 1 and len(list((d / "cohort" / "slides").glob("*.tiff"))) == 12
+    assert (d / "thesis.txt").read_text() == "mine"
+
+
+def test_localisation_table_is_never_half_written_and_a_late_kill_is_recovered(
+    tmp_path: Path,
+) -> None:
+    d = tmp_path / "d"
+    done = demo("localisation.csv", d)  # killed while the table is being written
+    assert done.returncode == KILLED, done.stderr
+    assert (d / "heatmaps").is_dir() and not (d / "localisation.csv").exists()
+    (d / "fit" / "notes.txt").write_text("mine")
+    done = demo("tile", d, "overwrite=true")
+    assert done.returncode == KILLED, done.stderr
+    left = {p for p in stats(d) if not p.startswith("cohort/")}
+    assert left == {"fit/notes.txt"}  # tiles, features, fit, heatmaps: all the demo's, gone
+    assert (d / "fit" / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_deletes_nothing_through_a_folder_replaced_by_a_link(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    done = demo("tile-ctrl-c", d)  # interrupted: the demo records what it made
+    assert done.returncode == 130, done.stderr
+    moved = tmp_path / "elsewhere" / "cohort"
+    moved.parent.mkdir()
+    (d / "cohort").rename(moved)
+    (d / "cohort").symlink_to(moved, target_is_directory=True)
+    before = stats(moved)
+    one_line_error(demo("tile", d, "overwrite=true"), "link", str(d / "cohort"))
+    assert stats(moved) == before and (d / "cohort").is_symlink()
+
+
+def test_overwrite_waits_for_no_demo_still_running(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    running = subprocess.Popen(
+        _argv("tile-hang", d, ()), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (d / "cohort" / "clinical.csv").exists():  # its cohort's last file
+            assert running.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(1)
+        before = stats(d)
+        one_line_error(demo("tile", d, "overwrite=true"), "writing into")
+        assert stats(d) == before
+    finally:
+        running.kill()
+        running.wait()
+
+
+@pytest.mark.parametrize("where", ["../victim.txt", "{victim}"])
+def test_edited_record_cannot_point_outside_output_dir(tmp_path: Path, where: str) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    st = victim.stat()
+    d = tmp_path / "d"
+    d.mkdir()
+    files = {where.format(victim=victim): [st.st_size, st.st_mtime_ns]}
+    record = {"kind": KIND, "running": False, "files": files, "dirs": []}
+    (d / MARKER).write_text(json.dumps(record))
+    with pytest.raises(UserError, match="not a demo record"):
+        claim(d, overwrite=True)
+    assert victim.read_text() == "mine"
