@@ -190,7 +190,9 @@ def paired_bootstrap_test(
     d = d[np.isfinite(d)]
     auc_a, auc_b = float(macro_auc(y, probs_a)[0]), float(macro_auc(y, probs_b)[0])
     obs = auc_a - auc_b
-    if len(d) == 0:  # no resample held both classes
+    if len(d) == 0 or (np.ptp(d) == 0 and abs(obs) > 1e-12):
+        # no resample held both classes, or every one gave the same gap (e.g. a perfect vs a
+        # constant scorer on a few cases): no estimate of the gap's noise, as in `delong_test`
         return PairedTest(auc_a, auc_b, obs, float("nan"), float("nan"), float("nan"))
     alpha = (1 - level) / 2
     low, high = np.quantile(d, [alpha, 1 - alpha])

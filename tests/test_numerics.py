@@ -206,7 +206,8 @@ def test_binary_replicates_lacking_a_class_are_dropped_for_every_metric() -> Non
 
 
 # --------------------------------------------------------------------------- DeLong
-def test_delong_zero_variance_with_a_gap_has_no_p_value() -> None:
+def test_zero_variance_with_a_gap_has_no_p_value() -> None:
+    """DeLong and the paired bootstrap: a gap every resample repeats says nothing of its noise."""
     y = np.array([0, 0, 1, 1])
     perfect, constant = np.array([0.1, 0.2, 0.8, 0.9]), np.full(4, 0.5)
     test = stats.delong_test(y, perfect, constant)
@@ -215,3 +216,6 @@ def test_delong_zero_variance_with_a_gap_has_no_p_value() -> None:
     same = stats.delong_test(y, perfect, perfect)
     assert (same.p_value, same.ci_low, same.ci_high) == (1.0, 0.0, 0.0)
     assert np.isnan(compare._delong_p(y, perfect, constant))  # compare shows it as n/a
+    boot = stats.paired_bootstrap_test(y, perfect, constant, n_boot=200)
+    assert boot.diff == 0.5 and np.isnan(boot.p_value) and np.isnan(boot.ci_low)
+    assert stats.paired_bootstrap_test(y, perfect, perfect, n_boot=200).p_value == 1.0

@@ -201,7 +201,7 @@ def markdown(table: pd.DataFrame, n_boot: int) -> str:
                 f"{r.pooled_auc_diff:+.3f} "
                 f"[{r.pooled_auc_diff_ci_low:+.3f}, {r.pooled_auc_diff_ci_high:+.3f}]"
             )
-            pb = f"{r.p_bootstrap:.3g}"
+            pb = "n/a" if pd.isna(r.p_bootstrap) else f"{r.p_bootstrap:.3g}"
             pd_ = "n/a" if r.p_delong is None or pd.isna(r.p_delong) else f"{r.p_delong:.3g}"
         cells = [
             r.run,
