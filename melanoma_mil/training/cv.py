@@ -9,7 +9,6 @@ and only rank 0 writes files.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import sys
@@ -35,9 +34,8 @@ from melanoma_mil.data.splits import Split
 from melanoma_mil.data.store import BagStore, features_identity, open_store
 from melanoma_mil.evaluation.hooks import check_inputs, write_report
 from melanoma_mil.features.identity import plain
-from melanoma_mil.metrics import METRICS, bag_metrics, summarise
+from melanoma_mil.metrics import bag_metrics
 from melanoma_mil.models import fit_feature_stats
-from melanoma_mil.stats import bootstrap_auc_ci
 from melanoma_mil.tracking.loggers import (
     abort_fold,
     check_logger,
@@ -57,6 +55,7 @@ from melanoma_mil.training.orchestrate import (
     start_fit,
 )
 from melanoma_mil.training.ranks import external_ranks, rank0_plan
+from melanoma_mil.training.results import results_writer, table
 from melanoma_mil.training.selection import (
     FoldSelection,
     RunSelection,
@@ -252,64 +251,6 @@ def _train(
         plan.release(name)
 
 
-def _summary(
-    preds: pd.DataFrame, classes: list[str], digest: str, provenance: dict[str, Any], seed: int
-) -> dict[str, Any]:
-    prob_cols = [f"prob_{c}" for c in classes]
-    per_fold = [
-        bag_metrics(g["y"].to_numpy(), g[prob_cols].to_numpy())
-        for _, g in preds.groupby(["repeat", "fold"])
-    ]
-    # pooled out-of-fold: each bag once (its mean over repeats); CI resamples patients
-    pooled = rundir.pooled_predictions(preds, classes)
-    y, p = pooled["y"].to_numpy(), pooled[prob_cols].to_numpy()
-    value, lo, hi = bootstrap_auc_ci(
-        y,
-        p[:, 1] if p.shape[1] == 2 else p,
-        groups=pooled["patient_id"].to_numpy(),
-        n_boot=2000,
-        seed=seed,
-    )
-    return {
-        **summarise(per_fold),
-        "pooled_auc": {
-            "value": value,
-            "ci_low": lo,
-            "ci_high": hi,
-            "ci_level": 0.95,
-            "bootstrap": 2000,
-            "resampled": "patients",
-        },
-        "classes": classes,
-        "n_bags": int(len(pooled)),
-        "n_folds": int(len(per_fold)),
-        "splits_sha256": digest,
-        "encoder": provenance.get("encoder"),
-        "cache_key": provenance.get("cache_key"),
-    }
-
-
-def _table(summary: dict[str, Any]) -> str:
-    folds = len(summary["auc"]["per_fold"])
-    head = (
-        f"{'metric':<18}" + "".join(f"{'f' + str(i):>7}" for i in range(folds)) + "   mean +- std"
-    )
-    rows = [head, "-" * len(head)]
-    for m in METRICS:
-        s = summary[m]
-        rows.append(
-            f"{m:<18}"
-            + "".join(f"{v:>7.3f}" for v in s["per_fold"])
-            + f"   {s['mean']:.3f} +- {s['std']:.3f}"
-        )
-    p = summary["pooled_auc"]
-    rows.append(
-        f"pooled AUC {p['value']:.3f} (95% CI {p['ci_low']:.3f}-{p['ci_high']:.3f}), "
-        f"{summary['n_bags']} bags"
-    )
-    return "\n".join(rows)
-
-
 def _provenance(store: BagStore, cohort: Cohort, cfg: FitConfig, digest: str) -> dict[str, Any]:
     prov = dict(store.provenance)
     prov.update(
@@ -337,27 +278,6 @@ def _feature_ids(cohort: Cohort, cfg: FitConfig) -> dict[str, Any]:
         return {"cache_key": str(key)}
     dim, files = features_identity(cohort.members, cfg.data.features_dir)
     return {"cache_key": None, "feature_dim": dim, "features_sha256": files}
-
-
-def _results(plan: Plan, cfg: FitConfig, classes: list[str]) -> tuple[Any, list[pd.DataFrame]]:
-    """The writer `finish` calls once every fold is done, and the predictions it wrote."""
-    written: list[pd.DataFrame] = []
-
-    def write(target: Path) -> dict[str, Any]:
-        preds = rundir.fold_predictions(target, plan.names)
-        summary = _summary(
-            preds, classes, plan.splits_doc["sha256"], rundir.read_provenance(target), cfg.seed
-        )
-        pooled = summary["pooled_auc"]
-        label = f"pooled AUC {pooled['value']:.3f}" if not math.isnan(pooled["value"]) else "pooled"
-        title = f"{rundir.display_name(target)}: out-of-fold ROC"
-        rundir.write_results(
-            target, preds, summary, lambda png: plot_roc(preds, classes, png, title, label)
-        )
-        written.append(preds)
-        return summary
-
-    return write, written
 
 
 def run_fit(cfg: FitConfig) -> int:
@@ -423,7 +343,7 @@ def _start(
 def _finish(plan: Plan, cfg: FitConfig, classes: list[str]) -> int:
     """Rank 0: when every fold is done, write (or show) the run's results."""
     out = plan.out
-    write, written = _results(plan, cfg, classes)
+    write, written = results_writer(plan, cfg, classes)
     result = finish(plan, write)
     if result is None:
         return 0
@@ -432,6 +352,6 @@ def _finish(plan: Plan, cfg: FitConfig, classes: list[str]) -> int:
         log_summary(cfg, out, summary, written[0])
     elif not plan.todo:
         note_finished(cfg, out)
-    print(_table(summary))
+    print(table(summary))
     print(f"outputs in {out}: cv_summary.json, predictions.csv, roc.png, splits.json, folds/")
     return write_report(cfg, out, out / "predictions.csv", out) if cfg.clinical_csv else 0
