@@ -248,6 +248,24 @@ def _torchrun_nodes(fit_args: list[str]) -> list[str]:
     return errs
 
 
+def test_rank_0_of_lightnings_launcher_never_waits_for_a_plan() -> None:
+    """Lightning's launcher sets LOCAL_RANK in its rank 0 once it has launched replicas; a later
+    fit in that process (a sweep's next run) must not take itself for a torchrun rank and wait
+    for others in a broadcast (it hung)."""
+    code = (
+        "import os; from melanoma_mil.training.ranks import external_ranks; "
+        "from melanoma_mil.config import FitConfig; import torch.distributed as dist; "
+        "cfg = FitConfig(); cfg.trainer.strategy, cfg.trainer.devices = 'ddp', 2; "
+        "cfg.trainer.accelerator = 'cpu'; os.environ['LOCAL_RANK'] = '0'; "
+        "print(external_ranks(cfg), dist.is_initialized())"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False"]
+
+
 def _done(run: Path) -> list[str]:
     return sorted(p.parent.name for p in (run / FOLDS).glob(f"*/{DONE}"))
 

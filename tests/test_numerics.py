@@ -132,9 +132,9 @@ def test_compare_plot_curves_are_their_legend_aucs(
 
 # --------------------------------------------------------------------------- macro metrics
 def _macro_reference(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """scikit-learn's macro (zero_division=0) over the classes with cases; NPV and specificity
-    as the precision / recall of 'not c'."""
-    classes = np.unique(y)
+    """scikit-learn's macro (zero_division=0) over the classes with cases or predictions
+    (sensitivity: with cases); NPV and specificity as the precision / recall of 'not c'."""
+    classes, labels = np.unique(y), np.union1d(y, pred)
 
     def ovr(score: object, c: int, negative: bool) -> float:
         return score((y != c) if negative else (y == c), (pred != c) if negative else (pred == c),
@@ -143,10 +143,10 @@ def _macro_reference(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     return {
         "balanced_accuracy": balanced_accuracy_score(y, pred),
         "sensitivity": recall_score(y, pred, labels=classes, average="macro", zero_division=0),
-        "specificity": float(np.mean([ovr(recall_score, c, True) for c in classes])),
-        "ppv": precision_score(y, pred, labels=classes, average="macro", zero_division=0),
-        "npv": float(np.mean([ovr(precision_score, c, True) for c in classes])),
-        "f1": f1_score(y, pred, labels=classes, average="macro", zero_division=0),
+        "specificity": float(np.mean([ovr(recall_score, c, True) for c in labels])),
+        "ppv": precision_score(y, pred, labels=labels, average="macro", zero_division=0),
+        "npv": float(np.mean([ovr(precision_score, c, True) for c in labels])),
+        "f1": f1_score(y, pred, labels=labels, average="macro", zero_division=0),
     }
 
 
@@ -160,6 +160,20 @@ def test_multiclass_macro_metrics_count_a_never_predicted_class_as_zero() -> Non
     got = _scores(np.ones((1, len(y))), y, probs, pred)
     want = _macro_reference(y, pred)
     assert want["ppv"] == pytest.approx(5 / 12)  # class 2 counts as 0, not left out
+    for name, value in want.items():
+        assert got[name][0] == pytest.approx(value, rel=1e-12), name
+
+
+def test_multiclass_macro_metrics_count_a_class_only_predicted() -> None:
+    """Cases of classes 0 and 1 only, two of them predicted as class 2: those wrong calls cost
+    PPV and F1 (scikit-learn's macro over true and predicted labels), not nothing."""
+    y = np.array([0, 0, 0, 1, 1, 1])
+    probs = np.array([[0.8, 0.1, 0.1], [0.7, 0.2, 0.1], [0.1, 0.2, 0.7]] +
+                     [[0.1, 0.8, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]])  # fmt: skip
+    pred = probs.argmax(1)
+    got = _scores(np.ones((1, len(y))), y, probs, pred)
+    want = _macro_reference(y, pred)
+    assert want["ppv"] == pytest.approx(2 / 3) and want["f1"] == pytest.approx(8 / 15)
     for name, value in want.items():
         assert got[name][0] == pytest.approx(value, rel=1e-12), name
 

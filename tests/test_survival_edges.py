@@ -182,3 +182,15 @@ def test_fit_hook_writes_the_report_when_nobody_has_died(pipe: Pipeline, tmp_pat
     assert ev["classification"]["auc"]["value"] is not None
     assert ev["survival"]["cox"]["univariable"]["not_estimable"].startswith("no events among")
     assert "HR" in _text((tmp_path / "report.html").read_text())
+
+
+def test_c_index_without_a_comparable_pair_names_the_right_reason() -> None:
+    """The only event ends the longest follow-up: lifelines finds no admissible pair though an
+    event happened, so the reason must not say 'no events'."""
+    from melanoma_mil.evaluation.survival import EVENT, SCORE, TIME, c_index
+
+    data = pd.DataFrame({TIME: [1.0, 2.0, 3.0], EVENT: [0, 0, 1], SCORE: [0.1, 0.2, 0.3]})
+    out = c_index(data, n_boot=10, seed=0, score_name="p")
+    assert np.isnan(out["value"]) and "no event happens before" in str(out["not_estimable"])
+    none = c_index(data.assign(**{EVENT: 0}), n_boot=10, seed=0, score_name="p")
+    assert "no events among the 3 patients" in str(none["not_estimable"])

@@ -151,3 +151,19 @@ def test_a_bad_wandb_mode_stops_the_sweep_before_any_run(
     err = capsys.readouterr().err.strip()
     assert "W&B mode 'ofline' from the WANDB_MODE" in err and "\n" not in err, err
     assert not out.exists()
+
+
+def test_ddp_in_a_local_sweep_is_refused_before_any_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The local sweep runs its fits in one process, which Lightning's DDP launcher cannot
+    follow past the first fit: refused, pointing to `wandb agent`."""
+    features, labels = cohort(tmp_path / "coh")
+    grid = sweep_file(tmp_path, {"method": "grid", "parameters": {"seed": {"values": [0, 1]}}})
+    out = tmp_path / "out"
+    ddp = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+    inputs = [f"data.features_dir={features}", f"data.labels_csv={labels}", *ddp]
+    assert main(["sweep", str(grid), *fast(out), *inputs]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "wandb agent" in err and "\n" not in err, err
+    assert not out.exists()

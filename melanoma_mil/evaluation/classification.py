@@ -5,9 +5,10 @@ bootstrap replicates at once: a replicate is a row of case weights saying how of
 case's patient was drawn (`melanoma_mil.stats._cluster_weights`, the resampling `fit` and
 `compare` use). Binary: the positive class is the last one and is predicted when its
 probability is >= threshold. Multi-class: the predicted class is the most probable one and
-every metric is the macro average of its one-vs-rest values over the classes that have cases,
-as scikit-learn's macro with zero_division=0 (a class never predicted has PPV 0, not left out,
-so never predicting a class is not rewarded). A bootstrap replicate lacking one of those
+every metric is the macro average of its one-vs-rest values over the classes that have cases or
+predictions, as scikit-learn's macro with zero_division=0 (a class never predicted has PPV 0,
+one only predicted PPV and F1 0: neither is left out); sensitivity (and so balanced accuracy)
+over the classes that have cases. A bootstrap replicate lacking one of those
 classes leaves every metric undefined (NaN): it is left out of the CIs and counted.
 """
 
@@ -57,7 +58,7 @@ def _one_vs_rest(
         "specificity": ratio(tn, tn + fp),
         "ppv": ratio(tp, tp + fp, zero_division),
         "npv": ratio(tn, tn + fn, zero_division),
-        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn, zero_division),
     }
 
 
@@ -74,9 +75,13 @@ def _scores(w: np.ndarray, y: np.ndarray, probs: np.ndarray, pred: np.ndarray) -
         out.update(rates)
         out["balanced_accuracy"] = (rates["sensitivity"] + rates["specificity"]) / 2
     else:
-        per_class = [_one_vs_rest(w, y, pred, int(c), 0.0) for c in classes]
-        for name in per_class[0]:
-            out[name] = np.mean(np.stack([r[name] for r in per_class]), axis=0)
+        # as scikit-learn's macro: over the classes with cases or predictions (a class only
+        # predicted has PPV and F1 0); sensitivity, undefined without cases, over the former
+        labels = np.union1d(classes, pred)
+        per_class = {int(c): _one_vs_rest(w, y, pred, int(c), 0.0) for c in labels}
+        for name in ("specificity", "ppv", "npv", "f1"):
+            out[name] = np.mean(np.stack([r[name] for r in per_class.values()]), axis=0)
+        out["sensitivity"] = np.mean([per_class[int(c)]["sensitivity"] for c in classes], axis=0)
         out["balanced_accuracy"] = out["sensitivity"]
     complete = np.all([w @ (y == c) > 0 for c in classes], axis=0)
     for name in METRICS:

@@ -212,7 +212,11 @@ def c_index(
     try:
         value = concordance_index(t, s, e)
     except ZeroDivisionError:  # only an event makes a pair comparable
-        why = f"no comparable pair of patients: no events among the {len(t)} patients"
+        why = "no comparable pair of patients: " + (
+            f"no events among the {len(t)} patients"
+            if not e.any()
+            else "no event happens before another patient's follow-up ends"
+        )
         nan = math.nan
         return {"value": nan, "ci_low": nan, "ci_high": nan, "score": meaning, "not_estimable": why}
     rng = np.random.default_rng(seed + 2)

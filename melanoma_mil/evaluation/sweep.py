@@ -251,6 +251,13 @@ def _check_inputs(cfg: C.SweepConfig, swept: set[str]) -> None:
 
     fit = fit_config(cfg, {}, Path(cfg.output_dir))
     if not any(key.startswith("trainer.") for key in swept):
+        if fit.trainer.devices * fit.trainer.num_nodes > 1:
+            raise UserError(
+                "sweep runs its fits one after another in this process, which DDP "
+                "(trainer.devices x trainer.num_nodes > 1) cannot do: run each sweep run as a "
+                "process of its own with `wandb agent` (sweeps/README.md), or keep one device "
+                "per fit (cv.run_folds trains folds in parallel)."
+            )
         check_parallel(fit)
     if not any(key == "logger" or key.startswith("wandb.") for key in swept):
         check_logger(fit)

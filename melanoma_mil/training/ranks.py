@@ -15,10 +15,16 @@ from typing import Any
 
 import lightning as L
 import torch.distributed as dist
+from lightning.fabric.plugins.environments import LightningEnvironment
 
 from melanoma_mil.config import FitConfig
 from melanoma_mil.errors import UserError
 from melanoma_mil.training.orchestrate import PLAN_ENV, Plan
+
+# LOCAL_RANK as this process started: torchrun sets it for every rank and Lightning's launcher
+# for its replicas, but Lightning also sets it in its own rank 0 once it has launched them, so a
+# later fit in that process would otherwise take itself for a rank torchrun started.
+_LOCAL_RANK_AT_START = "LOCAL_RANK" in os.environ
 
 
 def external_ranks(cfg: FitConfig) -> bool:
@@ -37,7 +43,8 @@ def external_ranks(cfg: FitConfig) -> bool:
         enable_checkpointing=False,
     ).strategy
     env = getattr(strategy, "cluster_environment", None)
-    if env is None or not env.creates_processes_externally:
+    lightnings = isinstance(env, LightningEnvironment) and not _LOCAL_RANK_AT_START
+    if env is None or not env.creates_processes_externally or lightnings:
         return False  # rank 0 of Lightning's launcher: its replicas start at the first fit
     if not dist.is_initialized():
         strategy.setup_environment()
