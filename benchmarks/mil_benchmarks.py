@@ -231,9 +231,30 @@ def run_one(data: Path, method: str, seed: int, overrides: list[str], work: Path
         return out
     if not (out / "cv_summary.json").is_file():
         t0 = time.time()
-        run_fit(fit_config(data, method, seed, [*overrides, "overwrite=true"], out))
-        write_json(out / "timing.json", {"seconds": time.time() - t0, "overrides": overrides})
+        resumed = out.is_dir() or staging(out).is_dir()
+        fit_run(data, method, seed, overrides, out)
+        timing = {"seconds": time.time() - t0, "overrides": overrides, "resumed": resumed}
+        write_json(out / "timing.json", timing)  # resumed: seconds of this last part only
     return out
+
+
+def staging(out: Path) -> Path:
+    """Where `fit overwrite=true` builds a replacement of ``out`` (a killed one stays there)."""
+    return out.parent / f".{out.name}.fit-new"
+
+
+def fit_run(data: Path, method: str, seed: int, overrides: list[str], out: Path) -> None:
+    """An interrupted run goes on fold by fold: a replacement left in `staging` is resumed by
+    overwrite=true, a run in ``out`` by a plain fit; one made by other code (its settings
+    fingerprint differs, so fit refuses it) is replaced."""
+    if not staging(out).is_dir():
+        try:
+            run_fit(fit_config(data, method, seed, overrides, out))
+            return
+        except UserError as e:
+            if "other settings" not in str(e):
+                raise
+    run_fit(fit_config(data, method, seed, [*overrides, "overwrite=true"], out))
 
 
 def quiet(threads: int) -> None:
