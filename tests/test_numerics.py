@@ -25,7 +25,7 @@ from sklearn.metrics import (
 from melanoma_mil import stats
 from melanoma_mil.evaluation import compare
 from melanoma_mil.evaluation.classification import METRICS, _scores, classification_metrics
-from melanoma_mil.viz.roc import plot_roc
+from melanoma_mil.viz.roc import auc_label, plot_roc
 
 
 @pytest.fixture
@@ -233,3 +233,8 @@ def test_zero_variance_with_a_gap_has_no_p_value() -> None:
     boot = stats.paired_bootstrap_test(y, perfect, constant, n_boot=200)
     assert boot.diff == 0.5 and np.isnan(boot.p_value) and np.isnan(boot.ci_low)
     assert stats.paired_bootstrap_test(y, perfect, perfect, n_boot=200).p_value == 1.0
+
+
+def test_an_undefined_auc_is_labelled_not_nan() -> None:
+    assert auc_label(0.8123) == "AUC 0.812"
+    assert auc_label(float("nan"), "pooled AUC") == "pooled AUC n/a (a class has no cases)"

@@ -62,7 +62,7 @@ from melanoma_mil.training.selection import (
     plan_selection,
     run_selection,
 )
-from melanoma_mil.viz.roc import plot_roc
+from melanoma_mil.viz.roc import auc_label, plot_roc
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def _run_fold(
     metrics = bag_metrics(y, probs)
     roc_png = fold_dir / rundir.ROC if rank0 else None
     if roc_png is not None:
-        plot_roc(preds, cohort.classes, roc_png, f"{name}: test ROC", f"AUC {metrics['auc']:.3f}")
+        plot_roc(preds, cohort.classes, roc_png, f"{name}: test ROC", auc_label(metrics["auc"]))
     finish_fold(logger, metrics, roc_png)
     log.info(
         "%s: test %s (%s)",

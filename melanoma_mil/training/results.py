@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from melanoma_mil.config import FitConfig
 from melanoma_mil.metrics import METRICS, bag_metrics, summarise
 from melanoma_mil.stats import bootstrap_auc_ci
 from melanoma_mil.training.orchestrate import Plan
-from melanoma_mil.viz.roc import plot_roc
+from melanoma_mil.viz.roc import auc_label, plot_roc
 
 
 def _summary(
@@ -89,7 +88,7 @@ def results_writer(
             preds, classes, plan.splits_doc["sha256"], rundir.read_provenance(target), cfg.seed
         )
         pooled = summary["pooled_auc"]
-        label = f"pooled AUC {pooled['value']:.3f}" if not math.isnan(pooled["value"]) else "pooled"
+        label = auc_label(pooled["value"], "pooled AUC")
         title = f"{rundir.display_name(target)}: out-of-fold ROC"
         rundir.write_results(
             target, preds, summary, lambda png: plot_roc(preds, classes, png, title, label)

@@ -15,6 +15,11 @@ from melanoma_mil.io import atomic_path  # noqa: E402
 from melanoma_mil.rundir import pooled_predictions  # noqa: E402
 
 
+def auc_label(value: float, prefix: str = "AUC") -> str:
+    """A legend's AUC; a fold or cohort lacking a class has none (multi-class: NaN)."""
+    return f"{prefix} {value:.3f}" if value == value else f"{prefix} n/a (a class has no cases)"
+
+
 def plot_roc(
     predictions: pd.DataFrame, classes: list[str], path: Path, title: str, pooled_label: str
 ) -> None:
