@@ -49,6 +49,7 @@ from mil_report import REFERENCE, plot, scores, table
 from omegaconf import OmegaConf
 from torch import nn
 
+from melanoma_mil import rundir
 from melanoma_mil.config import CLINICAL_KEYS, MODEL_NAMES, CVConfig, FitConfig, load_config
 from melanoma_mil.data.splits import make_splits
 from melanoma_mil.errors import UserError
@@ -231,23 +232,18 @@ def run_one(data: Path, method: str, seed: int, overrides: list[str], work: Path
         return out
     if not (out / "cv_summary.json").is_file():
         t0 = time.time()
-        resumed = out.is_dir() or staging(out).is_dir()
+        resumed = out.is_dir() or rundir.staging(out)[0].is_dir()
         fit_run(data, method, seed, overrides, out)
         timing = {"seconds": time.time() - t0, "overrides": overrides, "resumed": resumed}
         write_json(out / "timing.json", timing)  # resumed: seconds of this last part only
     return out
 
 
-def staging(out: Path) -> Path:
-    """Where `fit overwrite=true` builds a replacement of ``out`` (a killed one stays there)."""
-    return out.parent / f".{out.name}.fit-new"
-
-
 def fit_run(data: Path, method: str, seed: int, overrides: list[str], out: Path) -> None:
-    """An interrupted run goes on fold by fold: a replacement left in `staging` is resumed by
-    overwrite=true, a run in ``out`` by a plain fit; one made by other code (its settings
-    fingerprint differs, so fit refuses it) is replaced."""
-    if not staging(out).is_dir():
+    """An interrupted run goes on fold by fold: a replacement left in `rundir.staging` is
+    resumed by overwrite=true, a run in ``out`` by a plain fit; one made by other code (its
+    settings fingerprint differs, so fit refuses it) is replaced."""
+    if not rundir.staging(out)[0].is_dir():
         try:
             run_fit(fit_config(data, method, seed, overrides, out))
             return
