@@ -20,7 +20,7 @@ from melanoma_mil.errors import UserError
 from melanoma_mil.fsutil import try_lock
 from melanoma_mil.rundir import DONE, FOLDS, SUMMARY, fold_lock, load_run
 from melanoma_mil.training.cv import run_fit
-from melanoma_mil.training.module import MILModule
+from melanoma_mil.training.module import MILModule, seed_step
 
 
 def fit_cfg(features: Path, labels: Path, out: Path, *extra: str) -> FitConfig:
@@ -196,6 +196,18 @@ def test_ddp_counts_every_test_bag_once_and_equals_one_process(tmp_path: Path) -
     one = tmp_path / "one"
     assert main([*(a.replace(str(out), str(one)) for a in args)]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(one / "predictions.csv"), preds, check_exact=True)
+
+
+def test_a_steps_draws_depend_on_its_seed_only() -> None:
+    """What the DDP test relies on, without torch.manual_seed's ~2 ms of lazy-backend seeding."""
+    cpu = torch.device("cpu")
+    seed_step(cpu, 7)
+    first = torch.rand(5)
+    torch.rand(100)  # the history before a step must not matter
+    seed_step(cpu, 7)
+    assert torch.equal(torch.rand(5), first)
+    seed_step(cpu, 8)
+    assert not torch.equal(torch.rand(5), first)
 
 
 def test_devices_that_would_change_the_bags_per_step_are_refused(tmp_path: Path) -> None:

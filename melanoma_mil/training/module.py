@@ -22,6 +22,18 @@ from melanoma_mil.models.ensemble import member_outputs
 Batch = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]  # bags [N, D], labels, indices
 
 
+def seed_step(device: torch.device, seed: int) -> None:
+    """Seed the generators a training step draws from: the CPU's and, off CPU, the device's.
+
+    Not torch.manual_seed: it also queues a lazy seed for every uninitialised backend (CUDA,
+    XPU, MTIA), capturing a stack trace for each, ~2 ms a call on CPU, a third of a small-bag
+    step (benchmarks/README.md, train_throughput.py).
+    """
+    torch.default_generator.manual_seed(seed)
+    if device.type != "cpu":
+        torch.get_device_module(device.type).manual_seed(seed)
+
+
 class MILModule(L.LightningModule):
     def __init__(
         self,
@@ -80,7 +92,7 @@ class MILModule(L.LightningModule):
         # dropout masks depend on (seed, epoch, position in the epoch's order) only, so N DDP
         # ranks draw for each bag what one process accumulating N bags per step draws
         position = batch_idx * self.trainer.world_size + self.global_rank
-        torch.manual_seed(self.hparams.seed + 1_000_003 * self.current_epoch + position)
+        seed_step(self.device, self.hparams.seed + 1_000_003 * self.current_epoch + position)
         outs = member_outputs(self.model, bags[0].float(), y)  # .float(): float16 store
         losses = torch.stack([self._loss(o, y) for o in outs])
         # summed on the device and logged once an epoch: per-step self.log costs more than a
