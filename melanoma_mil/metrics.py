@@ -24,9 +24,18 @@ def auc(y: np.ndarray, prob: np.ndarray) -> float:
     )
 
 
+def predicted(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Class index per row of ``probs`` [n, C]: binary, the last class when its probability is
+    >= threshold; multi-class, the most probable. The one rule of fit, predict, heatmap and
+    evaluate, so a bag at exactly 0.5 gets one class everywhere."""
+    if probs.shape[1] == 2:
+        return (probs[:, 1] >= threshold).astype(int)
+    return probs.argmax(1)
+
+
 def bag_metrics(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
     """AUC, accuracy, balanced accuracy and F1 (positive class; macro for multi-class)."""
-    pred = prob.argmax(1)
+    pred = predicted(prob)
     binary = prob.shape[1] == 2
     return {
         "auc": auc(y, prob),

@@ -25,6 +25,8 @@ from sklearn.metrics import (
 from melanoma_mil import stats
 from melanoma_mil.evaluation import compare
 from melanoma_mil.evaluation.classification import METRICS, _scores, classification_metrics
+from melanoma_mil.inference.analyse import ensemble_columns
+from melanoma_mil.metrics import bag_metrics
 from melanoma_mil.viz.roc import auc_label, plot_roc
 
 
@@ -238,3 +240,16 @@ def test_zero_variance_with_a_gap_has_no_p_value() -> None:
 def test_an_undefined_auc_is_labelled_not_nan() -> None:
     assert auc_label(0.8123) == "AUC 0.812"
     assert auc_label(float("nan"), "pooled AUC") == "pooled AUC n/a (a class has no cases)"
+
+
+def test_a_bag_at_exactly_one_half_gets_one_class_in_fit_predict_and_evaluate() -> None:
+    """fit's fold metrics and pred column, predict's pred and evaluate share one rule: binary,
+    the positive class when its probability is >= 0.5 (argmax picked the negative)."""
+    probs = np.array([[0.5, 0.5], [0.7, 0.3], [0.2, 0.8]])
+    y = np.array([1, 0, 1])
+    assert bag_metrics(y, probs)["accuracy"] == 1.0
+    got = classification_metrics(y, probs, np.array(["a", "b", "c"]), 0.5, n_boot=10, seed=0)
+    assert got["sensitivity"]["value"] == 1.0
+    assert ensemble_columns(probs[:1], ["fold_0"], ["low", "high"])["pred"] == "high"
+    three = np.array([[0.2, 0.5, 0.3]])
+    assert ensemble_columns(three, ["fold_0"], ["a", "b", "c"])["pred"] == "b"

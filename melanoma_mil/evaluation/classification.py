@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
 
+from melanoma_mil.metrics import predicted
 from melanoma_mil.stats import _chunks, _cluster_weights, macro_auc
 
 METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
@@ -31,13 +32,6 @@ DEFINITIONS = {
     "balanced_accuracy": "(sensitivity + specificity) / 2; multi-class: mean recall",
     "auc": "ROC AUC of the positive class; multi-class: macro one-vs-rest",
 }
-
-
-def predicted(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """Class index per case: binary by threshold on the last class, else the argmax."""
-    if probs.shape[1] == 2:
-        return (probs[:, 1] >= threshold).astype(int)
-    return probs.argmax(1)
 
 
 def _one_vs_rest(

@@ -23,6 +23,7 @@ from melanoma_mil.ids import id_path
 from melanoma_mil.inference.attention import AttentionMap, write_attention, write_geojson
 from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import SlideInput
+from melanoma_mil.metrics import predicted
 from melanoma_mil.outdir import claim_output
 from melanoma_mil.progress import progress
 from melanoma_mil.rundir import TrainedRun, load_run
@@ -171,7 +172,7 @@ def ensemble_columns(probs: np.ndarray, folds: list[str], classes: list[str]) ->
     binary = len(classes) == 2
     cols: dict[str, Any] = {"prob": float(mean[1])} if binary else {}
     cols.update({f"prob_{c}": float(p) for c, p in zip(classes, mean, strict=True)})
-    cols["pred"] = classes[int(mean.argmax())]
+    cols["pred"] = classes[int(predicted(mean[None])[0])]
     for name, p in zip(folds, probs, strict=True):
         if binary:
             cols[f"prob_{name}"] = float(p[1])

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 
 from melanoma_mil.io import atomic_h5, atomic_path
+from melanoma_mil.metrics import predicted
 from melanoma_mil.viz.render import percentile_scores
 
 
@@ -41,7 +42,7 @@ class AttentionMap:
 
     @property
     def pred(self) -> str:
-        return self.classes[int(self.mean_probs.argmax())]
+        return self.classes[int(predicted(self.mean_probs[None])[0])]
 
     def title(self) -> str:
         p = self.probs

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from melanoma_mil.errors import UserError
+from melanoma_mil.metrics import predicted
 from melanoma_mil.models import class_scores
 from melanoma_mil.rundir import TrainedRun
 
@@ -39,9 +40,10 @@ class Ensemble:
 
 def fold_outputs(models: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, D] -> (probabilities [F, C], attention [F, N]). Each fold's attention is its map of
-    the ensemble's class (argmax of the fold-mean probabilities) where the model has one map
-    per class: averaging each fold's own predicted class would mix classes when folds disagree."""
+    the ensemble's class (`metrics.predicted` of the fold-mean probabilities) where the model has
+    one map per class: averaging each fold's own predicted class would mix classes when folds
+    disagree."""
     outs = [model(x) for model in models]
     probs = torch.stack([torch.softmax(o.logits.float(), dim=-1) for o in outs])
-    cls = probs.mean(0).argmax()
+    cls = torch.as_tensor(predicted(probs.mean(0)[None].cpu().numpy())[0], device=probs.device)
     return probs, torch.stack([class_scores(o, cls).float() for o in outs])

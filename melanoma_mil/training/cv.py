@@ -34,7 +34,7 @@ from melanoma_mil.data.splits import Split
 from melanoma_mil.data.store import BagStore, features_identity, open_store
 from melanoma_mil.evaluation.hooks import check_inputs, write_report
 from melanoma_mil.features.identity import plain
-from melanoma_mil.metrics import bag_metrics
+from melanoma_mil.metrics import bag_metrics, predicted
 from melanoma_mil.models import fit_feature_stats
 from melanoma_mil.tracking.loggers import (
     abort_fold,
@@ -208,7 +208,7 @@ def _test_predictions(
             "repeat": split.repeat,
             "label": [cohort.classes[i] for i in y],
             "y": y,
-            "pred": [cohort.classes[i] for i in probs.argmax(1)],
+            "pred": [cohort.classes[i] for i in predicted(probs)],
         }
     )
     for i, c in enumerate(cohort.classes):
