@@ -30,6 +30,7 @@ from melanoma_mil.config import EvaluateConfig, load_config
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.calibration import calibration
 from melanoma_mil.evaluation.classification import classification_metrics
+from melanoma_mil.evaluation.evaluate import summary_line
 
 FIGURES = {"roc", "pr", "calibration", "km"}
 
@@ -450,12 +451,15 @@ def embedded_figures(report: Path) -> dict[str, bytes]:
 def test_report_embeds_every_figure(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, _ = evaluate_cli(capsys, *_args(small, "covariates=[]"))
     assert rc == 0
+    ev = json.loads((small / "out" / "evaluation.json").read_text())
+    assert "C-index 0." in summary_line(ev) and "higher = longer survival" in summary_line(ev)
     figures = embedded_figures(small / "out" / "report.html")
     assert set(figures) == FIGURES
     for name in FIGURES:  # the very images saved next to it
         assert figures[name] == (small / "out" / f"{name}.png").read_bytes()
     text = (small / "out" / "report.html").read_text()
-    for needle in ("balanced_accuracy", "Brier", "Log-rank", "Harrell", "evaluate config"):
+    needles = ("balanced_accuracy", "Brier", "Log-rank", "Harrell", "evaluate config")
+    for needle in (*needles, "higher = longer survival"):
         assert needle in text
 
 

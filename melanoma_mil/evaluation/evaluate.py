@@ -23,6 +23,7 @@ from melanoma_mil.evaluation.clinical import Clinical, read_clinical
 from melanoma_mil.evaluation.report import (
     Heatmap,
     RunInfo,
+    c_index_text,
     ci,
     hr_text,
     logrank_text,
@@ -368,9 +369,9 @@ def summary_line(ev: dict[str, Any]) -> str:
         parts.append(f"AUC {ci(ev['classification']['auc'])}")
     if ev["survival"]:
         s = ev["survival"]
-        c_index = "not estimable" if s["c_index"]["not_estimable"] else ci(s["c_index"])
         parts.append(
-            f"{logrank_text(s['logrank'])}, {hr_text(s['cox']['univariable'])}, C-index {c_index}"
+            f"{logrank_text(s['logrank'])}, {hr_text(s['cox']['univariable'])}, "
+            f"{c_index_text(s['c_index'])}"
         )
     return "; ".join(parts) + " (95% CIs)"
 

@@ -89,6 +89,14 @@ def hr_text(uni: dict[str, Any]) -> str:
     return f"HR {contrast} {num(uni['hr'], 2)} (95% CI {low}-{high})"
 
 
+def c_index_text(c: dict[str, Any]) -> str:
+    """'C-index 0.640 (0.55-0.72), higher = longer survival': a C of 0.36 is as strong as one of
+    0.64 with the other sign, so the convention travels with the number."""
+    if c.get("not_estimable"):
+        return "C-index not estimable"
+    return f"C-index {ci(c)}, higher = longer survival"
+
+
 def ci(m: dict[str, Any] | None, digits: int = 3) -> str:
     if not m:
         return "-"
@@ -128,8 +136,7 @@ def _key_numbers(ev: dict[str, Any]) -> str:
     if surv:
         items.append(logrank_text(surv["logrank"]))
         items.append(hr_text(surv["cox"]["univariable"]))
-        c_index = surv["c_index"]
-        items.append(f"C-index {'not estimable' if c_index['not_estimable'] else ci(c_index)}")
+        items.append(c_index_text(surv["c_index"]))
     return '<div class="key">' + "".join(f"<div>{_e(i)}</div>" for i in items) + "</div>"
 
 
