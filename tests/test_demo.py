@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from test_evaluate import FIGURES, embedded_figures
 
 from melanoma_mil.config import DemoConfig, load_config
 from melanoma_mil.demo.run import run_demo
+from melanoma_mil.errors import UserError
 
 
 def test_reduced_demo_runs_every_stage(tmp_path: Path) -> None:
@@ -47,3 +49,11 @@ def test_reduced_demo_runs_every_stage(tmp_path: Path) -> None:
     figures = embedded_figures(out / "evaluate" / "report.html")  # every image inside the file
     assert FIGURES | {"cv_roc"} <= set(figures)
     assert sum(k.startswith("heatmap:") for k in figures) == 6
+
+
+def test_a_cohort_too_small_for_its_folds_names_only_a_fix_left(tmp_path: Path) -> None:
+    """At folds=2, the minimum, 'lower folds' is no fix: only more slides are."""
+    cfg = load_config(DemoConfig, [], ["n_slides=8", "folds=2", f"output_dir={tmp_path / 'd'}"])
+    with pytest.raises(UserError, match=r"Raise n_slides\.$") as e:
+        run_demo(cfg)
+    assert "lower folds" not in str(e.value) and not (tmp_path / "d").exists()

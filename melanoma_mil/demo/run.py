@@ -94,9 +94,9 @@ def check_demo(cfg: DemoConfig) -> None:
         make_splits(bags, fit.cv, fit.cv.seed, fit.data.classes)
     except UserError as e:
         counts = plan["label"].value_counts().to_dict()
+        fix = "Raise n_slides or lower folds." if cfg.folds > 2 else "Raise n_slides."
         raise UserError(
-            f"demo folds={cfg.folds} does not fit n_slides={cfg.n_slides} ({counts}): {e} "
-            "Raise n_slides or lower folds."
+            f"demo folds={cfg.folds} does not fit n_slides={cfg.n_slides} ({counts}): {e} {fix}"
         ) from None
 
 
