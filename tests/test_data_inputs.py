@@ -1,16 +1,18 @@
 """Inputs written by other tools and people: CLAM split folders, NA-spelled patient ids,
-numeric label_map keys in YAML."""
+numeric label_map keys in YAML, labels CSVs whose slide ids miss their feature files."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from melanoma_mil.config import FitConfig, load_config
-from melanoma_mil.data.cohort import read_labels
+from melanoma_mil.config import DataConfig, FitConfig, load_config
+from melanoma_mil.data.cohort import find_features, read_labels
 from melanoma_mil.data.splits import read_clam_splits
+from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
 
 
@@ -54,3 +56,39 @@ def test_numeric_label_map_keys_in_yaml_are_labels(tmp_path: Path) -> None:
     config.write_text("data:\n  label_map:\n    yes: immune_high\n")  # YAML 1.1: a boolean
     with pytest.raises(UserError, match="quote the key"):
         load_config(FitConfig, [str(config)])
+
+
+def _labelled(ids: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"slide_id": ids, "label": [0, 1] * (len(ids) // 2)})
+
+
+def test_labelled_ids_near_unlabelled_feature_files_are_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo, a slide-file extension or another case in the labels CSV names the feature file
+    meant; ids with no near file still get the extract advice, and skip warns with the hint."""
+    features, _ = make_bag_cohort(tmp_path, n_patients=8, dim=4)
+    ids = ["P0000", "P01", "P0002.SVS", "p0003", "P0004", "P0005", "P0006", "Q9"]
+    with pytest.raises(UserError) as e:
+        find_features(_labelled(ids), DataConfig(features_dir=str(features)))
+    msg = str(e.value)
+    assert "Labels say 'P01': did you mean 'P0001'?" in msg
+    assert "Labels say 'P0002.SVS': did you mean 'P0002'?" in msg
+    assert "Labels say 'p0003': did you mean 'P0003'?" in msg  # three examples at most
+    assert "Q9" in msg and "run `extract` for them or pass data.on_missing=skip" in msg
+
+    skip = DataConfig(features_dir=str(features), on_missing="skip")
+    with caplog.at_level(logging.WARNING):
+        kept = find_features(_labelled(["P0000", "P01"]), skip)
+    assert kept["slide_id"].tolist() == ["P0000"] and "did you mean 'P0001'?" in caplog.text
+
+
+def test_no_hint_when_no_feature_file_is_near(tmp_path: Path) -> None:
+    features, _ = make_bag_cohort(tmp_path, n_patients=4, dim=4)
+    with pytest.raises(UserError, match=r"\['A1', 'B2'\]\. Run `extract` for them or pass"):
+        find_features(_labelled(["A1", "B2"]), DataConfig(features_dir=str(features)))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    skip = DataConfig(features_dir=str(empty), on_missing="skip")  # skip, but nothing is left
+    with pytest.raises(UserError, match=r"in '.*empty'.*Run `extract` for them\.$"):
+        find_features(_labelled(["A1", "B2"]), skip)

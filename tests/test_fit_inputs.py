@@ -64,6 +64,39 @@ def test_missing_feature_files_listed_or_skipped(cohort, tmp_path, capsys) -> No
     assert len(pd.read_csv(tmp_path / "b" / "predictions.csv")) == 10
 
 
+def test_the_parent_of_feature_caches_names_them(cohort, tmp_path, capsys) -> None:
+    """data.features_dir=<extract's output_dir> rather than its <cache_key> subfolder."""
+    features, labels = cohort
+    parent = tmp_path / "extracted"
+    parent.mkdir()
+    features.rename(parent / "synthetic-16-abc")  # as extract writes it
+    (parent / "uni-1024-def").mkdir()  # a cache whose slides all failed: only its table
+    (parent / "uni-1024-def" / "extract.csv").write_text("slide_id,status\n")
+    (parent / "notes").mkdir()  # not a cache
+    rc, err = run_cli(capsys, *fit_args(parent, labels, tmp_path / "a"))
+    assert_one_line_error(rc, err, f"did you mean data.features_dir={parent / 'synthetic-16-abc'}"
+                          f" or data.features_dir={parent / 'uni-1024-def'}?")  # fmt: skip
+    assert "notes" not in err and "Run `extract`" not in err
+
+
+def test_slide_id_typos_name_the_feature_files_meant(cohort, tmp_path, capsys) -> None:
+    features, labels = cohort
+    df = pd.read_csv(labels, dtype=str)
+    df["slide_id"] = df["slide_id"].replace({"P0003": "P003", "P0007": "P0007.svs"})
+    typos = tmp_path / "typos.csv"
+    df.to_csv(typos, index=False)
+    rc, err = run_cli(capsys, *fit_args(features, typos, tmp_path / "a"))
+    assert_one_line_error(rc, err, "Labels say 'P003': did you mean 'P0003'?",
+                          "Labels say 'P0007.svs': did you mean 'P0007'?",
+                          "Fix the slide ids in data.labels_csv")  # fmt: skip
+
+
+def test_a_file_as_features_dir_is_named_a_file(cohort, tmp_path, capsys) -> None:
+    features, labels = cohort
+    rc, err = run_cli(capsys, *fit_args(labels, labels, tmp_path / "a"))
+    assert_one_line_error(rc, err, f"'{labels}' is a file, not a folder", "data.features_dir")
+
+
 def test_unknown_label_values(cohort, tmp_path, capsys) -> None:
     features, labels = cohort
     df = pd.read_csv(labels)

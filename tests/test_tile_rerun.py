@@ -4,14 +4,18 @@ elsewhere, linked slides and folders, a slide whose reader crashes its process."
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import tissue_image
+from conftest import CMU, tissue_image
 
 from melanoma_mil.config import EncoderConfig, ExtractConfig, TileConfig, TilingConfig
 from melanoma_mil.demo.pyramid import write_pyramid
+from melanoma_mil.errors import UserError
 from melanoma_mil.features.run import run_extract
 from melanoma_mil.tiling.coords import read_coords
 from melanoma_mil.tiling.fingerprint import slide_fingerprint
@@ -117,3 +121,40 @@ def test_a_crashing_slide_fails_alone(tmp_path: Path, monkeypatch: pytest.Monkey
     table = _table(out)
     assert {table.loc[s, "status"] for s in ("slide1", "slide2", "slide3")} == {"skipped"}
     assert table.loc["a_crash", "status"] == "failed"
+
+
+def _files(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+
+def test_other_settings_are_refused_before_any_slide_is_touched(tmp_path: Path) -> None:
+    """A folder tiled at 1 um/px re-run at 0.5: one line and exit 2 up front, not every slide
+    'failed' and tiling.csv rewritten to say so; overwrite=true, the fix it names, works."""
+    slides, out = tmp_path / "slides", tmp_path / "tiles"
+    slides.mkdir()
+    (slides / "aperio.svs").symlink_to(CMU)  # a real Aperio scan
+    _slide(slides / "b.tiff")
+    assert _tile(slides, out) == 0
+    before, table = _files(out), (out / "tiling.csv").read_bytes()
+    kept = (out / "coords" / "aperio.h5").read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-m", "melanoma_mil", "tile", f"slides_dir={slides}",
+         f"output_dir={out}", "tiling.mpp=0.5", "tiling.tile_size=64", "workers=1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and err.count("\n") == 0 and "Traceback" not in err
+    assert f"output_dir '{out}'" in err and "tiling.mpp: 1.0 in the folder, 0.5 now" in err
+    assert "overwrite=true" in err and "another output_dir" in err
+    assert _files(out) == before and (out / "tiling.csv").read_bytes() == table
+
+    cfg = TileConfig(slides_dir=str(slides), output_dir=str(out), workers=1, overwrite=True,
+                     tiling=TilingConfig(mpp=0.5, tile_size=64))  # fmt: skip
+    assert run_tile(cfg) == 0
+    assert read_coords(out / "coords" / "aperio.h5").tiling["mpp"] == 0.5
+    (out / "coords" / "aperio.h5").write_bytes(kept)  # a folder of both: say how many differ
+    cfg.overwrite = False
+    with pytest.raises(UserError, match=r"\(1 of the 2 tiled slides: tiling.mpp: 1.0 in the"):
+        run_tile(cfg)
+    shutil.rmtree(out / "coords")  # only coords count: a folder without them is tiled
+    assert run_tile(cfg) == 0

@@ -204,10 +204,9 @@ def test_cohort_blank_corrupt_resume(
     assert table.loc["blank", "status"] == "skipped"
     assert (out / "coords" / "good.h5").stat().st_mtime_ns == mtime
 
-    cfg.tiling.min_tissue = 0.9  # other settings: refuse to mix, unless overwrite
-    run_tile(cfg)
-    reason = pd.read_csv(out / "tiling.csv").set_index("slide_id").loc["good", "reason"]
-    assert "tiling.min_tissue: 0.5 -> 0.9" in reason
+    cfg.tiling.min_tissue = 0.9  # other settings: refused before any slide, unless overwrite
+    with pytest.raises(UserError, match=r"tiling.min_tissue: 0.5 in the folder, 0.9 now"):
+        run_tile(cfg)
     cfg.overwrite = True
     run_tile(cfg)
     assert read_coords(out / "coords" / "good.h5").tiling["min_tissue"] == 0.9

@@ -17,17 +17,16 @@ from melanoma_mil.ids import id_path
 log = logging.getLogger(__name__)
 
 
+# (subfolder, suffix) of a bag, in the order looked at: <dir>/<id>.h5, CLAM's h5_files/<id>.h5
+# or pt_files/<id>.pt, or <dir>/<id>.pt (``features_dir`` is CLAM's pt_files/ itself)
+BAG_LAYOUTS = (("", ".h5"), ("h5_files", ".h5"), ("pt_files", ".pt"), ("", ".pt"))
+
+
 def bag_path(features_dir: Path, slide_id: str) -> Path | None:
-    """Where a slide's bag lives: <dir>/<id>.h5, CLAM's h5_files/<id>.h5 or pt_files/<id>.pt, or
-    <dir>/<id>.pt (``features_dir`` is CLAM's pt_files/ itself). Built with ``ids.id_path``, so a
-    bag is never looked for outside ``features_dir``."""
-    for folder, suffix in (
-        (features_dir, ".h5"),
-        (features_dir / "h5_files", ".h5"),
-        (features_dir / "pt_files", ".pt"),
-        (features_dir, ".pt"),
-    ):
-        candidate = id_path(folder, slide_id, suffix)
+    """Where a slide's bag lives (the first of BAG_LAYOUTS that exists). Built with
+    ``ids.id_path``, so a bag is never looked for outside ``features_dir``."""
+    for sub, suffix in BAG_LAYOUTS:
+        candidate = id_path(features_dir / sub, slide_id, suffix)
         if candidate.is_file():
             return candidate
     return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from dataclasses import dataclass
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from melanoma_mil.config import DataConfig
-from melanoma_mil.data.bags import bag_path
+from melanoma_mil.config import SLIDE_EXTENSIONS, DataConfig
+from melanoma_mil.data.bags import BAG_LAYOUTS, bag_path
 from melanoma_mil.errors import UserError
 from melanoma_mil.ids import check_slide_id
 from melanoma_mil.io import read_text_csv
@@ -181,21 +182,88 @@ def find_features(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     if not cfg.features_dir:
         raise UserError("data.features_dir is not set: pass the folder of <slide_id>.h5 bags.")
     root = Path(cfg.features_dir)
+    if root.exists() and not root.is_dir():
+        raise UserError(
+            f"data.features_dir '{root}' is a file, not a folder: pass the folder of "
+            "<slide_id>.h5 bags (`extract` writes <output_dir>/<cache_key>/)."
+        )
     if not root.is_dir():
         raise UserError(f"features folder '{root}' not found: check data.features_dir.")
     paths = [bag_path(root, s) for s in df["slide_id"]]
     missing = [s for s, p in zip(df["slide_id"], paths, strict=True) if p is None]
-    if missing and cfg.on_missing != "skip":
+    skip = cfg.on_missing == "skip"
+    if missing and (not skip or len(missing) == len(df)):
         raise UserError(
             f"{len(missing)} labelled slide(s) have no feature file in '{root}': "
-            f"{missing[:10]}{' ...' if len(missing) > 10 else ''}. Run `extract` for them or pass "
-            "data.on_missing=skip."
+            f"{missing[:10]}{' ...' if len(missing) > 10 else ''}. "
+            + _missing_advice(root, missing, set(df["slide_id"]), skip)
         )
-    if missing:
-        log.warning("skipping %d labelled slides without features: %s", len(missing), missing[:10])
+    if missing:  # a typo must not drop a slide unnoticed
+        typos = _near_ids(missing, sorted(_bag_ids(root) - set(df["slide_id"])))
+        log.warning("skipping %d labelled slides without features: %s %s", len(missing),
+                    missing[:10], " ".join(typos))  # fmt: skip
     _one_file_one_slide(df["slide_id"], paths, root)
     df = df.assign(path=paths)
     return df[df["path"].notna()]
+
+
+def _bag_ids(folder: Path) -> set[str]:
+    """Slide ids of the bags in ``folder``, in any layout bag_path reads."""
+    ids: set[str] = set()
+    for sub, suffix in BAG_LAYOUTS:
+        where = folder / sub
+        if where.is_dir():
+            ids |= {p.stem for p in where.glob(f"*{suffix}") if not p.name.startswith(".")}
+    return ids
+
+
+def _missing_advice(root: Path, missing: list[str], labelled: set[str], skip: bool) -> str:
+    """The fix for labelled slides without bags: the cache subfolder the user meant, the
+    feature files the ids were meant to name, or else extract / on_missing."""
+    ids = _bag_ids(root)
+    if not ids:
+        caches = [
+            str(d)
+            for d in sorted(root.iterdir())
+            if d.is_dir() and not d.name.startswith(".")
+            and (_bag_ids(d) or (d / "extract.csv").is_file())
+        ]  # fmt: skip
+        if caches:
+            meant = " or ".join(f"data.features_dir={c}" for c in caches)
+            return f"It holds no feature files, its subfolders do: did you mean {meant}?"
+    fix = "run `extract` for them" + ("." if skip else " or pass data.on_missing=skip.")
+    typos = _near_ids(missing, sorted(ids - labelled))
+    if not typos:
+        return fix[0].upper() + fix[1:]
+    if len(typos) == len(missing):
+        return f"{' '.join(typos)} Fix the slide ids in data.labels_csv."
+    return f"{' '.join(typos)} Fix those slide ids in data.labels_csv; for the others, {fix}"
+
+
+def _near_ids(missing: list[str], unlabelled: list[str], examples: int = 3) -> list[str]:
+    """A few "Labels say 's3': did you mean 's03'?" for labelled ids without bags that match an
+    unlabelled bag but for case, a slide-file extension or a small typo."""
+    if not unlabelled:
+        return []
+    by_key = {_id_key(u): u for u in unlabelled}
+    found = []
+    for sid in missing[: 20 * examples]:  # difflib is slow on big cohorts: a few examples do
+        near = by_key.get(_id_key(sid))
+        if near is None:
+            close = difflib.get_close_matches(_id_key(sid), list(by_key), n=1, cutoff=0.75)
+            near = by_key[close[0]] if close else None
+        if near is not None:
+            found.append(f"Labels say {sid!r}: did you mean {near!r}?")
+        if len(found) == examples:
+            break
+    return found
+
+
+def _id_key(slide_id: str) -> str:
+    """A slide id without case or a slide-file extension ('S03.svs' -> 's03')."""
+    key = slide_id.casefold()
+    ext = next((e for e in SLIDE_EXTENSIONS if key.endswith(e)), "")
+    return key[: len(key) - len(ext)] if ext and len(key) > len(ext) else key
 
 
 def mixed_patients(df: pd.DataFrame, label: str) -> list[str]:
@@ -209,8 +277,6 @@ def build_cohort(cfg: DataConfig) -> Cohort:
     df = read_labels(cfg.labels_csv, cfg.label_column)
     df, classes = map_labels(df, cfg, str(cfg.labels_csv))
     df = find_features(df, cfg)
-    if df.empty:
-        raise UserError(f"no labelled slide has features in '{cfg.features_dir}'.")
     if cfg.bag_level == "patient":
         conflict = mixed_patients(df, "label")
         if conflict:

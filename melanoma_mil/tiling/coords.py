@@ -107,5 +107,18 @@ def read_coords(path: str | os.PathLike[str]) -> TileGrid:
     )
 
 
+def read_tiling(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The TilingConfig a coords file was made with ({} when it records none), reading attrs
+    only, so a whole folder can be checked before any work; None if unreadable."""
+    try:
+        with h5py.File(path, "r") as f:
+            if "coords" not in f:  # read_coords refuses it too: a leftover, tiled again
+                return None
+            raw = f.attrs.get("tiling", f["coords"].attrs.get("tiling"))
+            return json.loads(_text(raw)) if raw is not None else {}
+    except (OSError, ValueError):
+        return None
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)

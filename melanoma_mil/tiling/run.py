@@ -29,7 +29,7 @@ from melanoma_mil.ids import id_path
 from melanoma_mil.outdir import claim_shared
 from melanoma_mil.progress import progress
 from melanoma_mil.runtable import show, write
-from melanoma_mil.tiling.coords import read_coords, write_coords
+from melanoma_mil.tiling.coords import read_coords, read_tiling, write_coords
 from melanoma_mil.tiling.fingerprint import slide_fingerprint
 from melanoma_mil.tiling.grid import check_tiling, tile_slide
 from melanoma_mil.tiling.qc import contact_sheet, qc_image, write_qc
@@ -127,26 +127,20 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _existing(
-    task: Task, coords: Path, wanted: dict[str, Any], since: float
-) -> dict[str, Any] | None:
-    """Row for a slide whose coords file exists: skipped, or failed if made with other settings
-    (tiling keys, or an mpp that mpp_csv now contradicts) or from another file; None when the
-    slide changed in place since (a re-scan): its coords, tile's own output, are remade."""
+def _existing(task: Task, coords: Path, since: float) -> dict[str, Any] | None:
+    """Row for a slide whose coords file exists (its tiling settings were checked up front):
+    skipped, or failed if made with an mpp that mpp_csv now contradicts or from another file;
+    None when the slide changed in place since (a re-scan): its coords, tile's own output, are
+    remade."""
     grid = read_coords(coords)
-    old, new = _flat(grid.tiling), _flat(wanted)
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    changes = [f"tiling.{k}: {old.get(k)} -> {new.get(k)}" for k in diff[:3]]
-    if task.mpp is not None and abs(grid.level0_mpp - task.mpp) > 1e-6 * task.mpp:
-        changes.append(f"level-0 mpp {grid.level0_mpp:g} -> {task.mpp:g} (mpp_csv)")
     row = _row(task.slide_id, task.path, "skipped", n_tiles=len(grid.coords),
                mpp=grid.level0_mpp, mpp_source=grid.mpp_source)  # fmt: skip
     with contextlib.suppress(OSError):  # left by a process killed right after writing it
         Claim(coords.with_suffix(".lock"), task.stale_after).clear_stale()
-    if changes:
+    if task.mpp is not None and abs(grid.level0_mpp - task.mpp) > 1e-6 * task.mpp:
         row.update(status="failed", reason=(
-            f"{coords} was made with other settings ({', '.join(changes)}); "
-            "use a new output_dir or overwrite=true"))  # fmt: skip
+            f"{coords} was made with other settings (level-0 mpp {grid.level0_mpp:g} -> "
+            f"{task.mpp:g} (mpp_csv)); use a new output_dir or overwrite=true"))  # fmt: skip
     elif _changed(task.path, grid.fingerprint):
         if Path(grid.slide_path).resolve() == Path(task.path).resolve():
             log.warning("%s: the slide changed since it was tiled: tiling it again", task.slide_id)
@@ -160,6 +154,35 @@ def _existing(
     else:
         row["reason"] = "already tiled" if len(grid.coords) else "already tiled: empty"
     return row
+
+
+def _check_settings(out: Path, slide_ids: list[str], wanted: dict[str, Any]) -> None:
+    """Refuse, before any slide is touched, an output_dir whose coords of these slides were
+    made with other tiling settings: each slide would fail, and `extract` would mix them."""
+    new = _flat(wanted)
+    olds: dict[str, set[str]] = {}
+    tiled = other = 0
+    for sid in slide_ids:
+        tiling = read_tiling(id_path(out / "coords", sid, ".h5"))
+        if tiling is None:  # not tiled yet, or an unreadable leftover: tiled again
+            continue
+        old = _flat(tiling)
+        diff = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k)]
+        tiled, other = tiled + 1, other + bool(diff)
+        for k in diff:
+            olds.setdefault(k, set()).add(repr(old.get(k)))
+    if not olds:
+        return
+    keys = sorted(olds)
+    changes = "; ".join(
+        f"tiling.{k}: {' or '.join(sorted(olds[k]))} in the folder, {new.get(k)!r} now"
+        for k in keys[:4]
+    ) + (f"; {len(keys) - 4} more" if len(keys) > 4 else "")
+    which = "" if other == tiled else f"{other} of the {tiled} tiled slides: "
+    raise UserError(
+        f"output_dir '{out}' holds coords made with other settings ({which}{changes}); pass "
+        "overwrite=true to tile every slide again, or choose another output_dir."
+    )
 
 
 def _changed(path: str, recorded: str) -> bool:
@@ -248,8 +271,9 @@ def run_tile(cfg: TileConfig) -> int:
     if unknown:
         log.warning("mpp_csv lists %d slide id(s) not found: %s", len(unknown), unknown[:5])
     out = Path(cfg.output_dir)
+    if not cfg.overwrite:
+        _check_settings(out, list(slides), resolved_tiling(cfg.tiling))
     claim_shared(out, "tile")
-    wanted = resolved_tiling(cfg.tiling)
     since = time.time()
 
     rows: list[dict[str, Any]] = []
@@ -260,7 +284,7 @@ def run_tile(cfg: TileConfig) -> int:
         coords = id_path(out / "coords", sid, ".h5")
         if coords.is_file() and not cfg.overwrite:
             try:
-                row = _existing(task, coords, wanted, since)
+                row = _existing(task, coords, since)
             except UserError:  # unreadable leftover: tile it again
                 row = None
             if row is not None:
