@@ -13,7 +13,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,20 +114,20 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
-def replace_dir(new: Path, final: Path, old: Path) -> None:
-    """Put the finished folder ``new`` at ``final``; the previous ``final`` goes to ``old`` and is
-    removed last. With an atomic exchange, ``final`` always holds a complete folder; without one
-    (e.g. NFS) there are two renames, and a crash between them is undone by `recover_dir`."""
+def swap_dir(new: Path, final: Path, old: Path) -> None:
+    """Put the finished folder ``new`` at ``final``; the previous ``final`` goes to ``old`` (the
+    caller decides what of it to keep). With an atomic exchange, ``final`` always holds a
+    complete folder; without one (e.g. NFS) there are two renames, and a crash between them is
+    undone by `recover_dir`."""
     if _exchange(new, final):
         new.rename(old)
     else:
         final.rename(old)
         new.rename(final)
-    shutil.rmtree(old)
 
 
 def recover_dir(new: Path, final: Path, old: Path, new_is_complete: bool) -> None:
-    """Finish or undo a `replace_dir` that a crash interrupted between its two renames."""
+    """Finish or undo a `swap_dir` that a crash interrupted between its two renames."""
     if final.exists() or not old.exists():
         return
     if new.exists() and new_is_complete:

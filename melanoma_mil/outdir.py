@@ -7,6 +7,10 @@ command refuses a folder another command made (one would replace the other's fil
 from them) and a folder of its own made for another run unless ``overwrite=true``. `fit`'s run
 folders carry the same marker with the run's identity (see `rundir`); `tile`, `extract` and
 `sweep` mark theirs with `claim_shared`.
+
+An output_dir may be a folder of its own inside a `fit` run folder (`fit overwrite=true` carries
+it over to the new run), but not inside the run's own entries (folds/, logs/, ...), which are
+replaced with the run: `inside_run` refuses those for every command, before any work.
 """
 
 from __future__ import annotations
@@ -67,8 +71,8 @@ def claim_output(
 
     ``outputs`` are glob patterns of the files the command writes: a folder without a marker
     that already holds some is taken over only with ``overwrite``."""
-    out = _folder(folder)
     command = record["command"]
+    out = _folder(folder, command)
     marker = read_marker(out)
     if marker is not None:
         _same_command(out, marker, command)
@@ -102,7 +106,7 @@ def claim_shared(folder: str | Path, command: str) -> None:
     resume file by file (`tile`, `extract`, `sweep`). A folder without a marker is adopted, as
     folders made before markers existed: these commands keep each slide's file and each run
     there unless ``overwrite``, and rewrite only their summary tables and QC images."""
-    out = _folder(folder)
+    out = _folder(folder, command)
     marker = read_marker(out)
     if marker is None:
         out.mkdir(parents=True, exist_ok=True)
@@ -112,11 +116,31 @@ def claim_shared(folder: str | Path, command: str) -> None:
     _same_command(out, marker, command)
 
 
-def _folder(folder: str | Path) -> Path:
+def _folder(folder: str | Path, command: str) -> Path:
     out = Path(folder)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir '{out}' is a file, not a folder; choose another output_dir.")
+    inside_run(out, command)
     return out
+
+
+def inside_run(folder: str | Path, command: str) -> None:
+    """Refuse ``folder`` inside an entry of a `fit` run that is the run's own (`rundir.run_owns`):
+    `fit overwrite=true` would delete it with the run. `fit`'s own report (`evaluate` into
+    <run>/evaluation) is the exception."""
+    from melanoma_mil.rundir.layout import WRITTEN_FOR_RUN, run_owns  # rundir imports this
+
+    out = Path(folder).resolve()
+    for run in out.parents:
+        if (read_marker(run) or {}).get("command") != "fit":
+            continue
+        parts = out.relative_to(run).parts
+        if run_owns(parts[0]) and WRITTEN_FOR_RUN.get(parts) != command:
+            raise UserError(
+                f"output_dir '{folder}' is inside '{parts[0]}' of the `fit` run '{run}', which is "
+                f"the run's own (replaced with it); choose a folder of its own, e.g. "
+                f"'{run / command}'."
+            )
 
 
 def _same_command(out: Path, marker: dict[str, Any], command: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -163,6 +164,7 @@ def test_run_folds_out_of_range_refused_before_work(cohort, tmp_path, capsys) ->
 # --------------------------------------------------------------------------- issue 10: 4
 def test_killed_overwrite_keeps_the_old_complete_run(cohort, serial, tmp_path) -> None:
     out = copy_run(serial, tmp_path / "run")
+    (out / "NOTES.txt").write_text("why this run")
     before = snapshot(out)
     proc = spawn(args(cohort, out, "overwrite=true", "seed=1"), tmp_path, kill_split=1)
     assert proc.wait(timeout=600) == -9, proc.stderr.read().decode()[-2000:]
@@ -175,6 +177,7 @@ def test_killed_overwrite_keeps_the_old_complete_run(cohort, serial, tmp_path) -
     run = rundir.load_run(out)
     assert run.config.seed == 1 and run.fold_names() == ["fold_0", "fold_1", "fold_2"]
     assert snapshot(out / rundir.FOLDS / "fold_0") == kept
+    assert (out / "NOTES.txt").read_text() == "why this run"  # carried over once replaced
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "killer.py") == ["run"]
 
 
@@ -204,6 +207,83 @@ def test_a_complete_replacement_a_crash_left_unswapped_is_swapped_in(
     assert fit(cohort, out, "seed=1") == 0  # the replacement asked for, not deleted
     assert rundir.load_run(out).config.seed == 1 and snapshot(out) == kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+# --------------------------------------------------------------------------- issue 14
+def add_user_entries(run: Path) -> dict[str, tuple[str, int]]:
+    """What a user adds to a run folder (notes, a folder of their own, a hidden folder); their
+    files' snapshot."""
+    (run / "NOTES.txt").write_text("why this run")
+    (run / "my_eval").mkdir()
+    (run / "my_eval" / "keep.txt").write_text("mine")
+    (run / ".ipynb_checkpoints").mkdir()
+    return {k: v for k, v in snapshot(run).items() if k.startswith(("NOTES", "my_eval"))}
+
+
+def logged(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level and "fit: " in r.message]
+
+
+def test_overwrite_replaces_the_run_and_keeps_what_the_user_added(
+    cohort, serial, tmp_path, caplog
+) -> None:
+    out = copy_run(serial, tmp_path / "run")
+    other = tmp_path / "other"
+    assert fit(cohort, other, "seed=4") == 0
+    assert main(["compare", str(out), str(other), f"output_dir={out / 'cmp'}"]) == 0
+    mine = {**add_user_entries(out), **{f"cmp/{k}": v for k, v in snapshot(out / "cmp").items()}}
+    (out / ".predictions.csv.k3j4h5g6.tmp").write_text("x")  # the run's: an interrupted write
+    (out / "report.html").write_text("old")  # the run's: its report (clinical_csv)
+    caplog.set_level(logging.INFO, logger="melanoma_mil")
+    assert fit(cohort, out, "overwrite=true", "seed=1") == 0
+    assert rundir.load_run(out).config.seed == 1
+    now = snapshot(out)
+    assert {k: now[k] for k in mine if k in now} == mine  # same bytes, same mtime
+    assert (out / ".ipynb_checkpoints").is_dir()
+    assert not (out / "report.html").exists() and not list(out.glob(".predictions*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "run"]
+    assert logged(caplog, logging.WARNING) == []
+    [kept] = [m for m in logged(caplog, logging.INFO) if "kept" in m]
+    assert kept.endswith(": .ipynb_checkpoints/, NOTES.txt, cmp/, my_eval/"), kept
+
+
+def test_a_crash_after_the_swap_still_carries_the_users_entries_over(
+    cohort, serial, tmp_path, caplog
+) -> None:
+    """Killed between the swap and the carry: the next `fit` finishes the carry. An entry the
+    new run folder also has is never overwritten: the old folder is kept, visible, and said."""
+    out = tmp_path / "run"
+    assert fit(cohort, out, "seed=1") == 0  # the new run, swapped in
+    old = copy_run(serial, tmp_path / ".run.fit-old")  # the replaced run, not yet retired
+    mine = add_user_entries(old)
+    (out / "NOTES.txt").write_text("about the new run")  # written since
+    caplog.set_level(logging.INFO, logger="melanoma_mil")
+    assert fit(cohort, out, "seed=1") == 0  # complete: nothing to train
+    assert snapshot(out / "my_eval") == {"keep.txt": mine["my_eval/keep.txt"]}
+    assert (out / "NOTES.txt").read_text() == "about the new run"
+    aside = tmp_path / f"run.replaced-{rundir.load_run(serial).run_id[:8]}"
+    assert (aside / "NOTES.txt").read_text() == "why this run"
+    assert rundir.load_run(aside).config.seed == 0  # the old run, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", aside.name]
+    [warning] = logged(caplog, logging.WARNING)
+    assert "NOTES.txt" in warning and str(aside) in warning, warning
+    assert fit(cohort, out, "seed=1") == 0  # a later fit leaves it alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", aside.name]
+
+
+def test_no_command_writes_into_a_runs_own_entries(cohort, serial, tmp_path, capsys) -> None:
+    """Those are replaced with the run; a folder of its own inside the run folder is fine."""
+    out = copy_run(serial, tmp_path / "run")
+    before = snapshot(out)
+    preds = out / rundir.PREDICTIONS
+    one_line_error(capsys, ["compare", str(serial), str(out), f"output_dir={out / 'folds/c'}"],
+                   "inside 'folds' of the `fit` run", "choose a folder of its own")  # fmt: skip
+    one_line_error(capsys, ["evaluate", f"predictions={preds}", f"output_dir={out / 'logs'}"],
+                   "inside 'logs'")  # fmt: skip
+    argv = ["predict", f"run_dir={serial}", f"slides_dir={tmp_path}", f"output_dir={out / 'wandb'}"]
+    one_line_error(capsys, argv, "inside 'wandb'")
+    one_line_error(capsys, args(cohort, out / "folds" / "x"), "inside 'folds'")
+    assert snapshot(out) == before and not (out / "wandb").exists()
 
 
 def test_incomplete_stale_mixed_or_damaged_runs_are_refused(serial, tmp_path, capsys) -> None:

@@ -7,6 +7,10 @@
          folds/<fold>/         model.pt, best.ckpt, roc.png, predictions.csv, done.json (last)
          predictions.csv, roc.png, cv_summary.json (last)   once every fold is done
          logs/, wandb/         loggers
+         evaluation/, report.html   the report of `evaluate`, with clinical_csv
+
+These entries, each whole, are the run's (`run_owns`); anything else in the folder is the user's
+(notes, other commands' outputs in folders of their own): `fit overwrite=true` carries it over.
 
 A run is complete when every split in splits.json has its fold folder, each with a completion
 record (done.json) made by this run (same run_id and fingerprint) whose file hashes match, and
@@ -15,12 +19,12 @@ cv_summary.json exists. `predict`, `heatmap`, `compare` and `sweep` open runs on
 one rename once complete; a replaced run is swapped in only once its successor is complete.
 
 Modules: `layout` (file names, damaged-file errors), `record` (identity, splits.json and the
-files made once), `folds` (fold folders, results, replacement, fold models), `load` (`load_run`).
+files made once), `folds` (fold folders, results, fold models), `replace` (the swap of a
+replaced run), `load` (`load_run`).
 """
 
 from melanoma_mil.rundir.folds import (
     commit_fold,
-    display_name,
     fold_lock,
     fold_name,
     fold_names,
@@ -29,27 +33,28 @@ from melanoma_mil.rundir.folds import (
     load_fold_model,
     partial_dir,
     pooled_predictions,
-    recover,
-    replace_run,
     save_fold_model,
-    staging,
     write_results,
 )
 from melanoma_mil.rundir.layout import (
     CHECKPOINT,
     CONFIG,
     DONE,
+    EVALUATION,
     FOLDS,
     LOGS,
     MODEL,
     NOT_RESULTS,
     PREDICTIONS,
     PROVENANCE,
+    REPLACE_LOCK,
+    REPORT,
     RERUN,
     ROC,
     SPLITS,
     SUMMARY,
     WANDB,
+    run_owns,
 )
 from melanoma_mil.rundir.load import (
     TrainedRun,
@@ -68,11 +73,13 @@ from melanoma_mil.rundir.record import (
     splits_problems,
     write_run_files,
 )
+from melanoma_mil.rundir.replace import display_name, recover, replace_run, staging
 
 __all__ = [
     "CHECKPOINT",
     "CONFIG",
     "DONE",
+    "EVALUATION",
     "FOLDS",
     "Fingerprint",
     "LOGS",
@@ -80,6 +87,8 @@ __all__ = [
     "NOT_RESULTS",
     "PREDICTIONS",
     "PROVENANCE",
+    "REPLACE_LOCK",
+    "REPORT",
     "RERUN",
     "ROC",
     "SPLITS",
@@ -103,6 +112,7 @@ __all__ = [
     "read_splits_file",
     "recover",
     "replace_run",
+    "run_owns",
     "run_record",
     "save_fold_model",
     "settings",

@@ -1,5 +1,5 @@
 """A run's folds: where each is trained, its completion record, the run's pooled results,
-the swap of a replaced run, and the plain-torch fold models."""
+and the plain-torch fold models."""
 
 from __future__ import annotations
 
@@ -18,10 +18,8 @@ from torch import nn
 from melanoma_mil.config import ModelConfig
 from melanoma_mil.data.splits import Split
 from melanoma_mil.errors import UserError
-from melanoma_mil.fsutil import recover_dir, replace_dir
 from melanoma_mil.io import atomic_path, sha256_file, write_json
 from melanoma_mil.models import build_model
-from melanoma_mil.outdir import read_marker
 from melanoma_mil.rundir.layout import (
     DONE,
     FOLDS,
@@ -114,33 +112,6 @@ def write_results(run: Path, preds: pd.DataFrame, summary: dict[str, Any], draw_
         preds.to_csv(tmp, index=False)
     draw_roc(run / ROC)
     write_json(run / SUMMARY, summary)
-
-
-# --------------------------------------------------------------------------- replacement
-def staging(out: Path) -> tuple[Path, Path]:
-    """(where a replacement of ``out`` is built, where the replaced run goes before removal)."""
-    return out.parent / f".{out.name}.fit-new", out.parent / f".{out.name}.fit-old"
-
-
-def display_name(run_dir: Path) -> str:
-    """The run's name, also while it is built beside the run it replaces."""
-    name = Path(run_dir).resolve().name
-    return (
-        name[1 : -len(".fit-new")] if name.startswith(".") and name.endswith(".fit-new") else name
-    )
-
-
-def recover(out: Path) -> None:
-    """Finish (or undo) a replacement a crash interrupted; drop the replaced run's leftover."""
-    new, old = staging(out)
-    recover_dir(new, out, old, new.exists() and (new / SUMMARY).is_file())
-    if old.is_dir() and (read_marker(old) or {}).get("command") == "fit":
-        shutil.rmtree(old)
-
-
-def replace_run(out: Path, new: Path) -> None:
-    """Swap the complete run ``new`` in at ``out``; the old run is removed only afterwards."""
-    replace_dir(new, out, staging(out)[1])
 
 
 # --------------------------------------------------------------------------- fold models

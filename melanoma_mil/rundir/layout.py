@@ -9,11 +9,21 @@ from typing import Any
 
 from melanoma_mil.config import FitConfig, load_config
 from melanoma_mil.errors import UserError
+from melanoma_mil.outdir import MARKER
 
 CONFIG, PROVENANCE, SPLITS = "config.yaml", "provenance.json", "splits.json"
 PREDICTIONS, SUMMARY, ROC = "predictions.csv", "cv_summary.json", "roc.png"
 FOLDS, LOGS, WANDB = "folds", "logs", "wandb"
 MODEL, CHECKPOINT, DONE = "model.pt", "best.ckpt", "done.json"
+EVALUATION, REPORT = "evaluation", "report.html"  # fit's report with clinical_csv
+REPLACE_LOCK = ".replace.lock"  # held by the process building a replacement run
+# the run's own entries, each whole: `fit overwrite=true` replaces them and carries over the rest
+RUN_ENTRIES = frozenset(
+    {MARKER, CONFIG, PROVENANCE, SPLITS, FOLDS, PREDICTIONS, ROC, SUMMARY, LOGS, WANDB}
+    | {EVALUATION, REPORT, REPLACE_LOCK}
+)
+# run entries that `fit` writes through another command, which may write them itself
+WRITTEN_FOR_RUN = {(EVALUATION,): "evaluate"}
 # config keys that change no result: a run may be resumed or joined with other values
 NOT_RESULTS = frozenset(
     {
@@ -39,6 +49,15 @@ NOT_RESULTS = frozenset(
         "threshold",
     }
 )
+
+
+def run_owns(name: str) -> bool:
+    """Whether the top-level entry ``name`` of a run folder is the run's (an entry or the temp
+    file of one's interrupted write), not the user's."""
+    temp = name.endswith(".tmp") and any(name.startswith(f".{own}.") for own in RUN_ENTRIES)
+    return name in RUN_ENTRIES or temp
+
+
 RERUN = "re-run the same `fit` command to finish it"
 
 FIX = "re-run `fit` with overwrite=true to rebuild the run"

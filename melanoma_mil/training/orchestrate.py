@@ -7,7 +7,8 @@
   they train (an advisory lock the kernel drops when its process dies, even by SIGKILL), and
   whichever finds every fold finished writes predictions.csv, roc.png and cv_summary.json.
 - overwrite=true builds the new run beside the old one (``.<name>.fit-new``) and swaps it in
-  only once complete: a crash leaves the old complete run plus a hidden leftover.
+  only once complete: a crash leaves the old complete run plus a hidden leftover. It replaces
+  the run's own files only: what the user added to the folder is carried over (`rundir.replace`).
 - DDP replicas that Lightning launches follow rank 0's plan (passed in the environment); ranks
   started by torchrun or SLURM receive it over the process group (`ranks`). Only rank 0 writes.
 """
@@ -37,12 +38,11 @@ from melanoma_mil.data.splits import (
 )
 from melanoma_mil.errors import UserError
 from melanoma_mil.fsutil import Lock, locked, try_lock
-from melanoma_mil.outdir import is_empty, made_by, read_marker
+from melanoma_mil.outdir import inside_run, is_empty, made_by, read_marker
 
 log = logging.getLogger(__name__)
 
 PLAN_ENV = "MELANOMA_MIL_FIT_PLAN"  # rank 0's target and folds, for the replicas it launches
-REPLACE_LOCK = ".replace.lock"  # held by the process building a replacement run
 
 
 @dataclass
@@ -121,6 +121,7 @@ def _target(out: Path, cfg: FitConfig) -> tuple[Path, dict[str, Any] | None]:
     """(the folder to write, the run record found there); refuses folders fit did not make."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir '{out}' is a file; choose another output_dir.")
+    inside_run(out, "fit")
     record = rundir.run_record(out) if out.is_dir() else None
     if record is None and not is_empty(out):
         marker = read_marker(out)
@@ -213,7 +214,7 @@ def cleanup(out: Path, overwrite: bool) -> None:
     new = rundir.staging(out)[0]
     if overwrite or not new.is_dir():
         return
-    lock = try_lock(new / REPLACE_LOCK)
+    lock = try_lock(new / rundir.REPLACE_LOCK)
     if lock is None:
         return  # a replacement being built right now
     lock.release()
@@ -221,7 +222,7 @@ def cleanup(out: Path, overwrite: bool) -> None:
         log.warning("fit: '%s': finishing its replacement by a complete run that a crash left "
                     "in '%s'", out, new)  # fmt: skip
         rundir.replace_run(out, new)
-        (out / REPLACE_LOCK).unlink(missing_ok=True)
+        (out / rundir.REPLACE_LOCK).unlink(missing_ok=True)
     elif rundir.run_record(new) is not None or is_empty(new):
         shutil.rmtree(new)
 
@@ -230,20 +231,20 @@ def _take_staging(plan: Plan) -> None:
     """Lock the replacement folder; a leftover made with other settings is started over."""
     new = plan.target
     if new.is_dir():
-        lock = try_lock(new / REPLACE_LOCK)
+        lock = try_lock(new / rundir.REPLACE_LOCK)
         if lock is None:
             raise UserError(f"another `fit overwrite=true` is replacing '{plan.out}' right now.")
         if plan.resumable:
-            plan.locks[REPLACE_LOCK] = lock
+            plan.locks[rundir.REPLACE_LOCK] = lock
             return
         lock.release()
         if rundir.run_record(new) is None and not is_empty(new):
             raise UserError(f"'{new}' is in the way of replacing '{plan.out}'; move it away.")
         shutil.rmtree(new)
     new.mkdir(parents=True)
-    lock = try_lock(new / REPLACE_LOCK)
+    lock = try_lock(new / rundir.REPLACE_LOCK)
     assert lock is not None
-    plan.locks[REPLACE_LOCK] = lock
+    plan.locks[rundir.REPLACE_LOCK] = lock
 
 
 def start_fit(plan: Plan, cfg: FitConfig, provenance: dict[str, Any]) -> None:
@@ -300,6 +301,6 @@ def finish(
         lock_file.unlink(missing_ok=True)
     if plan.replacing:
         rundir.replace_run(plan.out, target)
-        (plan.out / REPLACE_LOCK).unlink(missing_ok=True)
+        (plan.out / rundir.REPLACE_LOCK).unlink(missing_ok=True)
     plan.release_all()
     return summary, wrote
