@@ -127,15 +127,17 @@ def write_run(
     folds: np.ndarray,
     encoder: str,
     seed: int = 0,
+    binary_classes: list[str] | None = None,
 ) -> Path:
     """A complete fit run written through `rundir`'s writers (2 slides per patient), with given
     out-of-fold predictions and tiny untrained fold models.
 
-    ``probs`` is [N] (binary: P(high)) or [N, C] (multi-class, classes c0..c{C-1}).
+    ``probs`` is [N] (binary: P(high), or of ``binary_classes[1]``) or [N, C] (multi-class,
+    classes c0..c{C-1}).
     """
     n = len(labels)
     multi = probs.ndim == 2
-    classes = [f"c{i}" for i in range(probs.shape[1])] if multi else CLASSES
+    classes = [f"c{i}" for i in range(probs.shape[1])] if multi else binary_classes or CLASSES
     p2 = probs if multi else np.stack([1 - probs, probs], 1)
     slides = [f"s{i:03d}" for i in range(n)]
     pred = pd.DataFrame({"slide_id": slides, "patient_id": [f"p{i // 2:03d}" for i in range(n)]})
@@ -246,6 +248,21 @@ def test_compare_refuses_different_splits(tmp_path: Path, cohort, capsys) -> Non
     assert not (tmp_path / "o").exists()
     assert main(["compare", str(a), str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_compare_names_both_class_orders_and_the_fix(tmp_path: Path, cohort, capsys) -> None:
+    labels, folds = cohort
+    probs = np.random.default_rng(11).random(len(labels))
+    a = write_run(tmp_path / "a", probs, labels, folds, "resnet50")
+    b = write_run(
+        tmp_path / "b", 1 - probs, 1 - labels, folds, "uni", binary_classes=["high", "low"]
+    )
+    assert main(["compare", str(a), str(b), f"output_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert f"runs {a} and {b} have different classes, [low, high] vs [high, low]" in err
+    assert "data.classes=[low,high] or data.classes=[high,low]" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_compare_multiclass_uses_macro_auc_and_the_bootstrap(tmp_path: Path) -> None:

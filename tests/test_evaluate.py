@@ -326,7 +326,6 @@ def test_bad_clinical_csv_is_one_line_exit_2_and_writes_nothing(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["threshold=0.99"], "no patient falls in group 'high'"),
         (["groups=quantiles:1"], "is not of the form predicted|median|quantiles:K"),
         (["groups=tertiles"], "is not of the form"),
         (["level=bag"], "is not one of patient|slide"),

@@ -9,13 +9,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import Pipeline
+from PIL import Image
 from test_evaluate import FIGURES, embedded_figures
 
 from melanoma_mil.cli import main
 from melanoma_mil.config import FitConfig, PredictConfig, load_config
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.hooks import write_report
+from melanoma_mil.ids import id_path
 from melanoma_mil.inference.predict import run_predict
+from melanoma_mil.outdir import claim_output
+from melanoma_mil.rundir import load_run
 from melanoma_mil.training.cv import run_fit
 
 
@@ -114,12 +118,50 @@ def test_predict_with_labels_and_clinical_data_writes_the_report(
 def test_a_report_that_cannot_be_made_leaves_the_predictions_and_says_how_to_redo_it(
     pipe: Pipeline, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Exit 1, not 2: the work is done (exit 2 is bad input found before any work)."""
     clinical = pd.read_csv(pipe.root / "cohort" / "clinical.csv")
-    clinical.to_csv(tmp_path / "clinical.csv", index=False)
-    clinical_csv, threshold = f"clinical_csv={tmp_path / 'clinical.csv'}", "threshold=0.9999"
-    cfg = fit_cfg(pipe, tmp_path / "unused", clinical_csv, threshold)  # one group left empty
+    clinical.assign(patient_id="x" + clinical["patient_id"].astype(str)).to_csv(
+        tmp_path / "clinical.csv", index=False
+    )  # no patient of the predictions in it
+    cfg = fit_cfg(pipe, tmp_path / "unused", f"clinical_csv={tmp_path / 'clinical.csv'}")
     rc = write_report(cfg, tmp_path, pipe.run_dir / "predictions.csv", pipe.run_dir)
-    assert rc == 2
-    assert "report not written" in caplog.text and "no patient falls in" in caplog.text
+    assert rc == 1
+    assert "report not written" in caplog.text and "patient_id values must match" in caplog.text
     assert "python -m melanoma_mil evaluate predictions=" in caplog.text
     assert list(tmp_path.iterdir()) == [tmp_path / "clinical.csv"]
+
+
+def _heatmaps(folder: Path, run_id: str, run_dir: Path, slides: pd.Series) -> Path:
+    """A `heatmap` output folder as its marker records it: which run made the images."""
+    record = {"command": "heatmap", "run_id": run_id, "run_dir": str(run_dir)}
+    claim_output(folder, record, False, ())
+    for i, slide in enumerate(slides):
+        path = id_path(folder, slide) / "heatmap.png"
+        path.parent.mkdir(parents=True)
+        Image.new("RGB", (64, 48), (i * 6, 0, 0)).save(path)
+    return folder
+
+
+def test_heatmaps_of_another_run_are_refused_before_any_work(
+    pipe: Pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """They would show that run's attention under this run's probabilities."""
+    run = load_run(pipe.run_dir)
+    slides = pd.read_csv(pipe.run_dir / "predictions.csv")["slide_id"]
+    out = tmp_path / "out"
+    argv = ["evaluate", f"predictions={pipe.run_dir / 'predictions.csv'}"]
+    argv += [f"run_dir={pipe.run_dir}", f"output_dir={out}"]
+    other = _heatmaps(tmp_path / "other", "0" * 32, tmp_path / "runs" / "other", slides)
+    refit = _heatmaps(tmp_path / "refit", "1" * 32, pipe.run_dir, slides)
+    for folder, made in ((other, f"run {tmp_path / 'runs' / 'other'}"), (refit, "fit again")):
+        assert main([*argv, f"heatmaps_dir={folder}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: heatmaps_dir '{folder}' holds heatmaps made by `heatmap`")
+        assert made in err and f"heatmap run_dir={pipe.run_dir} " in err
+        assert len(err.strip().splitlines()) == 1 and not out.exists()
+    assert main([*argv, f"heatmaps_dir={tmp_path / 'nowhere'}"]) == 2
+    assert "is not a folder" in capsys.readouterr().err and not out.exists()
+    own = _heatmaps(tmp_path / "own", run.run_id, pipe.run_dir.resolve(), slides)
+    assert main([*argv, f"heatmaps_dir={own}", "top_heatmaps=4"]) == 0
+    shown = [k for k in embedded_figures(out / "report.html") if k.startswith("heatmap:")]
+    assert len(shown) == 4

@@ -16,6 +16,7 @@ import pytest
 from conftest import Pipeline
 from lifelines import CoxPHFitter
 from lifelines.statistics import logrank_test
+from lifelines.utils import concordance_index
 from test_evaluate import FIGURES, _args, embedded_figures, evaluate_cli, write_small
 from test_evaluate_runs import fit_cfg
 
@@ -194,3 +195,84 @@ def test_c_index_without_a_comparable_pair_names_the_right_reason() -> None:
     assert np.isnan(out["value"]) and "no event happens before" in str(out["not_estimable"])
     none = c_index(data.assign(**{EVENT: 0}), n_boot=10, seed=0, score_name="p")
     assert "no events among the 3 patients" in str(none["not_estimable"])
+
+
+def test_an_empty_predicted_group_leaves_only_the_group_comparison_not_estimable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A small external cohort all predicted one class: no log-rank test or hazard ratio, but
+    classification, calibration, the C-index (of the probability) and one curve still stand."""
+    rng = write_small(tmp_path)
+    clinical = _edit_clinical(tmp_path, age=rng.integers(30, 80, 40))
+    rc, err = evaluate_cli(capsys, *_args(tmp_path, "threshold=0.99", "covariates=[age]"))
+    assert rc == 0, err
+    ev, html = _outputs(tmp_path)
+    surv = ev["survival"]
+    assert ev["classification"]["auc"]["value"] is not None and ev["calibration"]["brier"] > 0
+    why = surv["logrank"]["not_estimable"]
+    assert why.startswith("no patient falls in group 'high' (predicted class: high when")
+    assert "predicted 40 low; groups=median or groups=quantiles:K" in why
+    assert surv["logrank"]["p"] is None and surv["cox"]["univariable"]["hr"] is None
+    assert surv["cox"]["univariable"]["not_estimable"] == why
+    assert surv["cox"]["adjusted_not_estimable"] == why and surv["cox"]["adjusted_n"] == 40
+    assert surv["groups"]["high"] == {
+        "n": 0,
+        "events": 0,
+        "median": None,
+        "median_ci_low": None,
+        "median_ci_high": None,
+    }
+    assert surv["groups"]["low"]["n"] == 40
+    prob = pd.read_csv(tmp_path / "predictions.csv")["prob_high"]
+    c = concordance_index(clinical["time"], prob, clinical["event"])
+    assert surv["c_index"]["value"] == pytest.approx(c, rel=1e-9)
+    assert surv["notes"] == [
+        f"groups not compared (log-rank test and hazard ratios not estimable): {why}. "
+        "The C-index uses the probability, not the groups."
+    ]
+    text = _text(html)
+    assert "high 0 0 - - -" in text and f"Log-rank: not estimable ({why})" in text
+    assert "HR high vs low not estimable" in summary_line(ev)
+
+
+@pytest.mark.parametrize(
+    ("groups", "why", "curves"),
+    [
+        ("median", "no patient falls in group 'low' (prob_high >= the cohort's median", {"high"}),
+        ("quantiles:3", "3 quantile groups cannot be cut", {"all patients"}),
+    ],
+)
+def test_groups_a_tied_cohort_cannot_make_are_not_estimable_and_never_self_suggested(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], groups: str, why: str, curves: set
+) -> None:
+    write_small(tmp_path)
+    preds = pd.read_csv(tmp_path / "predictions.csv")
+    tied = preds.assign(prob=0.6, prob_low=0.4, prob_high=0.6)
+    tied.to_csv(tmp_path / "predictions.csv", index=False)
+    rc, err = evaluate_cli(capsys, *_args(tmp_path, f"groups={groups}"))
+    assert rc == 0, err
+    surv = json.loads((tmp_path / "out" / "evaluation.json").read_text())["survival"]
+    reason = surv["logrank"]["not_estimable"]
+    assert reason.startswith(why) and reason.endswith("all 40 patients share prob_high 0.6")
+    assert f"groups={groups.split(':')[0]}" not in reason  # no advice to use what failed
+    assert surv["cox"]["univariable"]["not_estimable"] == reason
+    assert {g for g, v in surv["groups"].items() if v["n"]} == curves
+    assert surv["c_index"]["value"] == pytest.approx(0.5)  # every pair tied on the score
+    assert (tmp_path / "out" / "km.png").is_file()
+
+
+def test_fit_hook_writes_the_report_when_a_predicted_group_is_empty(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    """After training an empty group is no input error: the report is written, exit 0."""
+    clinical = pd.read_csv(pipe.root / "cohort" / "clinical.csv")
+    clinical.to_csv(tmp_path / "clinical.csv", index=False)
+    clinical_csv = f"clinical_csv={tmp_path / 'clinical.csv'}"
+    cfg = fit_cfg(pipe, tmp_path / "unused", clinical_csv, "threshold=0.9999")  # all negative
+    rc = write_report(cfg, tmp_path, pipe.run_dir / "predictions.csv", pipe.run_dir)
+    assert rc == 0
+    ev = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
+    assert ev["classification"]["auc"]["value"] is not None
+    assert "no patient falls in group" in ev["survival"]["logrank"]["not_estimable"]
+    assert ev["survival"]["c_index"]["not_estimable"] is None
+    assert "not estimable" in _text((tmp_path / "report.html").read_text())

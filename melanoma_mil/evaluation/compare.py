@@ -102,13 +102,28 @@ def check_paired(runs: list[RunResult]) -> None:
                 f"needs the same folds; re-run fit with cv.splits_file={ref.path / SPLITS}."
             )
         if run.classes != ref.classes:
-            raise UserError(f"runs {ref.path} and {run.path} have different classes.")
+            raise UserError(_different_classes(ref, run))
         same_bags = run.bags["slide_id"].tolist() == ref.bags["slide_id"].tolist()
         if not same_bags or not np.array_equal(run.bags["y"], ref.bags["y"]):
             raise UserError(
                 f"runs {ref.path} and {run.path} predicted different bags or labels: "
                 "compare runs of the same cohort and labels."
             )
+
+
+def _different_classes(ref: RunResult, run: RunResult) -> str:
+    """Both class lists and the fix: the order matters too, the last class being positive."""
+    shown = f"[{', '.join(ref.classes)}] vs [{', '.join(run.classes)}]"
+    keys = [f"data.classes=[{','.join(c)}]" for c in (ref.classes, run.classes)]
+    fix = (
+        f"fit one again in the other's order ({keys[0]} or {keys[1]})"
+        if sorted(ref.classes) == sorted(run.classes)
+        else "fit both on the same labels with the same data.classes=[...]"
+    )
+    return (
+        f"runs {ref.path} and {run.path} have different classes, {shown} (the last is the "
+        f"positive class); {fix}."
+    )
 
 
 def _unique_names(runs: list[RunResult]) -> None:

@@ -34,11 +34,12 @@ from melanoma_mil.evaluation.tables import Scored, load_scored
 from melanoma_mil.evaluation.version import code_version
 from melanoma_mil.ids import id_path
 from melanoma_mil.io import atomic_path, write_json, write_text
-from melanoma_mil.outdir import claim_output
+from melanoma_mil.outdir import claim_output, made_by, read_marker
 from melanoma_mil.rundir import TrainedRun, load_run
 
 log = logging.getLogger(__name__)
 OUTPUTS = ("evaluation.json", "roc.png", "pr.png", "calibration.png", "km.png")
+HEATMAP_COMMANDS = ("heatmap", "predict")  # their folders hold <slide_id>/heatmap.png
 LEVEL_NOTES = {
     "patient": "each patient's slides averaged: mean probability per class",
     "slide": "one row per slide (bag)",
@@ -150,7 +151,6 @@ def _survival(
         GROUP,
         SCORE,
         analyse_survival,
-        check_groups,
         make_groups,
     )
     from melanoma_mil.viz.clinical import km_figure
@@ -174,7 +174,6 @@ def _survival(
     pos = scored.classes[-1]
     groups = make_groups(cohort[scored.prob_columns], scored.classes, cfg.groups, cfg.threshold)
     data = table.loc[cohort.index].assign(**{GROUP: groups.labels, SCORE: cohort[f"prob_{pos}"]})
-    check_groups(data, groups, cfg.groups)
     surv = analyse_survival(
         data, groups, clinical.covariates, cfg.bootstrap, cfg.seed, f"prob_{pos}"
     )
@@ -193,9 +192,37 @@ def _survival(
         "clinical_patients_not_predicted": int((~table.index.isin(patients.index)).sum()),
     }
     annotation = f"{logrank_text(summary['logrank'])}\n{hr_text(summary['cox']['univariable'])}"
+    if empty := [g for g, v in surv.summary["groups"].items() if not v["n"]]:
+        annotation += f"\nno patients in {', '.join(empty)}"  # a group without a curve
     title = f"Kaplan-Meier, {len(data)} patients"
     figure = km_figure(surv.fitters, annotation, clinical.time_column, title)
     return summary, figure
+
+
+def check_heatmaps(cfg: EvaluateConfig, run: TrainedRun | None) -> None:
+    """Refuse, before any work, heatmaps_dir when its marker says another run made it: the
+    report would caption that run's attention with these predictions' probabilities."""
+    if not cfg.heatmaps_dir:
+        return
+    folder = Path(cfg.heatmaps_dir)
+    if not folder.is_dir():
+        raise UserError(
+            f"heatmaps_dir '{folder}' is not a folder; pass the output_dir of `heatmap` or "
+            "`predict`, or leave heatmaps_dir unset."
+        )
+    marker = read_marker(folder) or {}
+    if run is None or marker.get("command") not in HEATMAP_COMMANDS:
+        return
+    if marker.get("run_id") == run.run_id:
+        return
+    made = made_by(marker)
+    if Path(str(marker.get("run_dir"))).resolve() == run.run_dir.resolve():
+        made += " before it was fit again"  # same folder, other models
+    raise UserError(
+        f"heatmaps_dir '{folder}' holds heatmaps made by {made}, not by run {run.run_dir} "
+        f"that made the predictions; pass that run's heatmaps, or make them with `python -m "
+        f"melanoma_mil heatmap run_dir={run.run_dir} slides_dir=... output_dir=NEW_DIR`."
+    )
 
 
 def _heatmap_path(cfg: EvaluateConfig, row: pd.Series) -> Path | None:
@@ -311,6 +338,7 @@ def evaluate(cfg: EvaluateConfig, report: Path | None = None) -> dict[str, Any]:
     report = report or out / "report.html"
     _check_outputs(out, report, cfg.overwrite)
     run = find_run(cfg)
+    check_heatmaps(cfg, run)
     scored = load_scored(cfg.predictions, cfg.labels_csv, cfg.level, run)
     clinical = (
         read_clinical(cfg.clinical_csv, cfg.time_column, cfg.event_column, list(cfg.covariates))

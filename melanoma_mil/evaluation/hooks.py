@@ -11,9 +11,9 @@ from typing import Any
 
 from melanoma_mil.config import CLINICAL_KEYS, EvaluateConfig
 from melanoma_mil.errors import UserError
+from melanoma_mil.rundir import EVALUATION, REPORT
 
 log = logging.getLogger(__name__)
-REPORT = "report.html"
 
 
 def check_inputs(cfg: Any) -> None:
@@ -39,12 +39,13 @@ def write_report(
     cfg: Any, out: Path, predictions: Path, run_dir: str | Path, labels_csv: str | None = None
 ) -> int:
     """Evaluate ``predictions`` into out/evaluation/ and out/report.html. Returns the exit code:
-    0, or 2 after a one-line error (the predictions stand; the command to redo it is shown)."""
+    0, or 1 after a one-line error: exit 2 means bad input found before any work, and here the
+    work is done (the predictions stand; the command to redo the report is shown)."""
     from melanoma_mil.evaluation.evaluate import evaluate, summary_line
 
     ecfg = EvaluateConfig(
         predictions=str(predictions),
-        output_dir=str(out / "evaluation"),
+        output_dir=str(out / EVALUATION),
         labels_csv=labels_csv,
         run_dir=str(run_dir),
         overwrite=True,  # this command's own predictions were just written
@@ -54,6 +55,6 @@ def write_report(
         ev = evaluate(ecfg, report=out / REPORT)
     except UserError as e:
         log.error("error: report not written: %s (then: %s)", e, _command(ecfg))
-        return 2
+        return 1
     print(f"evaluate: {summary_line(ev)} -> {out / REPORT}")
     return 0

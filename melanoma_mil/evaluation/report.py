@@ -257,15 +257,7 @@ def _survival(ev: dict[str, Any], figures: dict[str, bytes]) -> str:
     surv = ev.get("survival")
     if not surv:
         return "<h2>Survival</h2><p class='muted'>No clinical data: pass clinical_csv=.</p>"
-    rows = [
-        [
-            g,
-            v["n"],
-            v["events"],
-            *(num(v[k], 1) if v[k] is not None else "not reached" for k in MEDIAN_KEYS),
-        ]
-        for g, v in surv["groups"].items()
-    ]
+    rows = [[g, v["n"], v["events"], *_medians(v)] for g, v in surv["groups"].items()]
     lr, c_index = surv["logrank"], surv["c_index"]
     cox = surv["cox"]
     logrank = (
@@ -314,6 +306,13 @@ def _survival(ev: dict[str, Any], figures: dict[str, bytes]) -> str:
     parts.append(image(figures["km"], "km", "Kaplan-Meier by group, numbers at risk below"))
     parts.append("</div>")
     return "".join(parts)
+
+
+def _medians(group: dict[str, Any]) -> list[str]:
+    """A missing median is one the curve never reached, unless the group has no patients."""
+    if not group["n"]:
+        return ["-"] * len(MEDIAN_KEYS)
+    return [num(group[k], 1) if group[k] is not None else "not reached" for k in MEDIAN_KEYS]
 
 
 def _cox_table(surv: dict[str, Any]) -> str:

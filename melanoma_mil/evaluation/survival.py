@@ -6,10 +6,11 @@ Groups are made from predicted probabilities only, never from outcomes. The firs
 reference: the negative class, the low half, Q1 or the first class; the univariable hazard
 ratio is the last group (positive class / high / QK) against it.
 
-A result that the data cannot give (a hazard ratio when a group has no events, a Cox model that
-does not converge, a log-rank test or C-index without any event) is NaN with the reason in
-``not_estimable`` and in the notes, rather than an error: the Kaplan-Meier curves and whatever
-else is defined still stand, and a survival problem never costs the classification outputs.
+A result that the data cannot give (a hazard ratio when a group has no events, a group
+comparison when a group has no patients, a Cox model that does not converge, a log-rank test or
+C-index without any event) is NaN with the reason in ``not_estimable`` and in the notes, rather
+than an error: the Kaplan-Meier curves and whatever else is defined still stand, and a survival
+problem never costs the classification outputs.
 """
 
 from __future__ import annotations
@@ -27,63 +28,96 @@ from lifelines.exceptions import ConvergenceError
 from lifelines.statistics import multivariate_logrank_test, proportional_hazard_test
 from lifelines.utils import concordance_index, median_survival_times
 
-from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.clinical import EVENT, TIME
 from melanoma_mil.progress import progress
 from melanoma_mil.stats import _chunks, _cluster_weights
 
 GROUP, SCORE = "__group", "__score"
 PH_ALPHA = 0.05
+ALL = "all patients"  # the one curve drawn when no group could be made
+MEDIANS = ("median", "median_ci_low", "median_ci_high")
 
 
 @dataclass
 class Groups:
-    labels: pd.Series  # patient_id -> group name
+    labels: pd.Series  # patient_id -> group name (None: no group could be made)
     order: list[str]  # reference first
     rule: str
+    # why the groups cannot be compared (a group without patients, quantiles not cut): the
+    # log-rank test and hazard ratios are then not estimable, the C-index still is
+    not_estimable: str | None = None
 
 
 def make_groups(probs: pd.DataFrame, classes: list[str], spec: str, threshold: float) -> Groups:
-    """Patients (rows of prob_<class> columns) -> groups by ``spec`` (see config.GROUPS_FORM)."""
-    pos = classes[-1]
-    score = probs[f"prob_{pos}"]
-    if spec == "predicted" and len(classes) == 2:
-        labels = pd.Series(np.where(score >= threshold, pos, classes[0]), index=probs.index)
-        rule = f"predicted class: {pos} when prob_{pos} >= {threshold:g}, else {classes[0]}"
-        return Groups(labels, list(classes), rule)
+    """Patients (rows of prob_<class> columns) -> groups by ``spec`` (see config.GROUPS_FORM).
+    A split the probabilities cannot give is marked not estimable, not an error: `fit` and
+    `predict` evaluate after their work, and the other results stand without groups."""
+    score = probs[f"prob_{classes[-1]}"]
     if spec == "predicted":
-        best = probs[[f"prob_{c}" for c in classes]].to_numpy().argmax(1)
-        labels = pd.Series([classes[i] for i in best], index=probs.index)
-        return Groups(labels, list(classes), "predicted class (the most probable one)")
-    if spec == "median":
+        groups = _predicted(probs, classes, threshold)
+    elif spec == "median":
         cut = float(score.median())
         labels = pd.Series(np.where(score >= cut, "high", "low"), index=probs.index)
-        rule = f"prob_{pos} >= the cohort's median {cut:.4g} (high) or below it (low)"
-        return Groups(labels, ["low", "high"], rule)
-    k = int(spec.split(":")[1])
+        rule = f"{score.name} >= the cohort's median {cut:.4g} (high) or below it (low)"
+        groups = Groups(labels, ["low", "high"], rule)
+    else:
+        groups = _quantiles(score, int(spec.split(":")[1]))
+    if groups.not_estimable is None:
+        groups.not_estimable = _empty_groups(groups, spec, score)
+    return groups
+
+
+def _predicted(probs: pd.DataFrame, classes: list[str], threshold: float) -> Groups:
+    pos, neg = classes[-1], classes[0]
+    if len(classes) == 2:
+        high = probs[f"prob_{pos}"] >= threshold
+        labels = pd.Series(np.where(high, pos, neg), index=probs.index)
+        rule = f"predicted class: {pos} when prob_{pos} >= {threshold:g}, else {neg}"
+        return Groups(labels, list(classes), rule)
+    best = probs[[f"prob_{c}" for c in classes]].to_numpy().argmax(1)
+    labels = pd.Series([classes[i] for i in best], index=probs.index)
+    return Groups(labels, list(classes), "predicted class (the most probable one)")
+
+
+def _quantiles(score: pd.Series, k: int) -> Groups:
     names = [f"Q{i + 1}" for i in range(k)]
+    rule = f"{score.name} quantile groups Q1 (lowest) .. Q{k}"
     try:
         cut, edges = pd.qcut(score, k, labels=names, retbins=True)
-    except ValueError:
-        raise UserError(
-            f"groups={spec}: too many patients share a probability to cut {k} groups of "
-            f"{len(score)} patients; use fewer quantiles or groups=median."
-        ) from None
-    rule = f"prob_{pos} quantile groups Q1 (lowest) .. Q{k}; edges " + ", ".join(
-        f"{e:.4g}" for e in edges
-    )
+    except ValueError:  # tied probabilities make two edges equal
+        why = f"{k} quantile groups cannot be cut: {_ties(score)}"
+        if score.nunique() > 1:
+            why += "; fewer quantiles or groups=median may split them"
+        return Groups(pd.Series(None, index=score.index, dtype=object), names, rule, why)
+    rule += "; edges " + ", ".join(f"{e:.4g}" for e in edges)
     return Groups(cut.astype(str), names, rule)
 
 
-def check_groups(data: pd.DataFrame, groups: Groups, spec: str) -> None:
-    """A group without patients has no curve at all, so the split is wrong: say so before any
-    work. A group without events is analysed (its hazard ratio is marked not estimable)."""
-    for g in groups.order:
-        if not (data[GROUP] == g).any():
-            raise UserError(
-                f"groups={spec}: no patient falls in group '{g}' ({groups.rule}); "
-                "try groups=median, or another threshold."
-            )
+def _ties(score: pd.Series) -> str:
+    """'7 of 9 patients share prob_x 0.5', the most shared probability."""
+    counts = score.value_counts()
+    n, value = int(counts.iloc[0]), float(counts.index[0])
+    share = f"all {n} patients share" if n == len(score) else f"{n} of {len(score)} patients share"
+    return f"{share} {score.name} {value:.4g}"
+
+
+def _empty_groups(groups: Groups, spec: str, score: pd.Series) -> str | None:
+    """Why a group without patients (it has no curve, nothing to compare) leaves the groups
+    uncompared, with a way out that is not ``spec`` itself."""
+    empty = [g for g in groups.order if not (groups.labels == g).any()]
+    if not empty:
+        return None
+    named = ", ".join(f"'{g}'" for g in empty)
+    why = f"no patient falls in group{'s' if len(empty) > 1 else ''} {named} ({groups.rule})"
+    if spec != "predicted":
+        return f"{why}: {_ties(score)}"
+    counts = ", ".join(f"{n} {g}" for g, n in groups.labels.value_counts().items())
+    advice = (
+        "groups=median or groups=quantiles:K split the cohort at its own probabilities"
+        if score.nunique() > 1
+        else f"{_ties(score)}, so no split by probability separates them"
+    )
+    return f"{why}: predicted {counts}; {advice}"
 
 
 def _design(data: pd.DataFrame, order: list[str], covariates: dict[str, str]) -> pd.DataFrame:
@@ -130,11 +164,11 @@ def _no_estimate(groups: pd.Series, events: pd.Series, order: list[str]) -> str 
     return f"{who}, so a hazard ratio against it is 0 or infinite"
 
 
-def _fit_cox(x: pd.DataFrame, data: pd.DataFrame, order: list[str], notes: list[str]) -> CoxFit:
+def _fit_cox(x: pd.DataFrame, data: pd.DataFrame, groups: Groups, notes: list[str]) -> CoxFit:
     """CoxPHFitter on the complete cases of ``x`` (lifelines: Efron ties, Wald CIs)."""
     df = x.assign(**{TIME: data[TIME], EVENT: data[EVENT]}).dropna()
-    columns = list(x.columns)
-    reason = _no_estimate(data.loc[df.index, GROUP], df[EVENT], order)
+    columns, order = list(x.columns), groups.order
+    reason = groups.not_estimable or _no_estimate(data.loc[df.index, GROUP], df[EVENT], order)
     if reason:
         return CoxFit(None, df, columns, reason)
     try:
@@ -183,9 +217,16 @@ def _ph_check(fit: CoxFit) -> dict[str, Any] | None:
 
 
 def _kaplan_meier(data: pd.DataFrame, order: list[str]) -> tuple[dict[str, Any], list[Any]]:
+    """A curve per group with patients; a group without any has a row of zeros and no curve,
+    and when no group could be made at all the whole cohort has one curve."""
+    if not data[GROUP].isin(order).any():
+        data, order = data.assign(**{GROUP: ALL}), [ALL]
     table, fitters = {}, []
     for g in order:
         d = data[data[GROUP] == g]
+        if d.empty:
+            table[g] = {"n": 0, "events": 0, **dict.fromkeys(MEDIANS, math.nan)}
+            continue
         kmf = KaplanMeierFitter(label=g).fit(d[TIME], d[EVENT])
         ci = median_survival_times(kmf.confidence_interval_)
         table[g] = {
@@ -259,38 +300,31 @@ def _left_out(data: pd.DataFrame, used: pd.Index, covariates: dict[str, str]) ->
     }
 
 
-def _logrank(data: pd.DataFrame) -> dict[str, Any]:
+def _logrank(data: pd.DataFrame, groups: Groups) -> dict[str, Any]:
     """Log-rank across the groups; without any event it has no information (lifelines says
-    chi2 = 0, p = 1), so it is NaN with the reason."""
-    lr = multivariate_logrank_test(data[TIME], data[GROUP], data[EVENT])
-    df = int(lr.degrees_of_freedom)
-    if not data[EVENT].any():
+    chi2 = 0, p = 1), so it is NaN with the reason, as it is when the groups are not all there.
+    """
+    why, df = groups.not_estimable, len(groups.order) - 1
+    if why is None and not data[EVENT].any():
         why = f"no events among the {len(data)} patients"
+    if why:
         return {"statistic": math.nan, "p": math.nan, "df": df, "not_estimable": why}
+    lr = multivariate_logrank_test(data[TIME], data[GROUP], data[EVENT])
     return {
         "statistic": float(lr.test_statistic),
         "p": float(lr.p_value),
-        "df": df,
+        "df": int(lr.degrees_of_freedom),
         "not_estimable": None,
     }
 
 
-def analyse_survival(
-    data: pd.DataFrame,
-    groups: Groups,
-    covariates: dict[str, str],
-    n_boot: int,
-    seed: int,
-    score_name: str,
-) -> Survival:
-    """``data``: index patient_id; TIME, EVENT, GROUP, SCORE and the covariates."""
-    order = groups.order
-    notes: list[str] = []
-    km, fitters = _kaplan_meier(data, order)
-    logrank = _logrank(data)
-    if logrank["not_estimable"]:
-        notes.append(f"log-rank test not estimable: {logrank['not_estimable']}")
-    uni = _fit_cox(_design(data, order, {}), data, order, notes)
+def _cox(
+    data: pd.DataFrame, groups: Groups, covariates: dict[str, str], notes: list[str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The univariable and adjusted Cox models with their proportional-hazards checks, and the
+    patients the adjusted model left out (see `_left_out`)."""
+    order, quiet = groups.order, groups.not_estimable is not None  # said once, by the caller
+    uni = _fit_cox(_design(data, order, {}), data, groups, notes)
     uni_terms = _terms(uni)
     last = f"group: {order[-1]} vs {order[0]}"
     cox: dict[str, Any] = {
@@ -298,7 +332,7 @@ def analyse_survival(
         "adjusted": None,
         "ph_check": {"test": "Schoenfeld residuals, rank(time) (lifelines)", "alpha": PH_ALPHA},
     }
-    if uni.reason:
+    if uni.reason and not quiet:
         notes.append(
             f"univariable Cox: hazard ratio not estimable: {uni.reason}; the Kaplan-Meier "
             "curves and the log-rank test do not need it."
@@ -308,13 +342,13 @@ def analyse_survival(
     cox["ph_check"]["univariable"] = _ph_check(uni)
     left_out: dict[str, str] = {}
     if covariates:
-        adj = _fit_cox(_design(data, order, covariates), data, order, notes)
+        adj = _fit_cox(_design(data, order, covariates), data, groups, notes)
         cox["adjusted"] = _terms(adj)
         cox["adjusted_n"] = len(adj.data)
         left_out = _left_out(data, adj.data.index, covariates)
         cox["adjusted_left_out"] = len(left_out)
         cox["adjusted_not_estimable"] = adj.reason
-        if adj.reason:
+        if adj.reason and not quiet:
             notes.append(f"adjusted Cox: hazard ratios not estimable: {adj.reason}.")
         cox["ph_check"]["adjusted"] = _ph_check(adj)
     checks = [cox["ph_check"].get(k) or {} for k in ("univariable", "adjusted")]
@@ -327,9 +361,32 @@ def analyse_survival(
             "hazard ratios average a hazard ratio that changes over time; read the "
             "Kaplan-Meier curves, or stratify on those covariates."
         )
+    return cox, left_out
+
+
+def analyse_survival(
+    data: pd.DataFrame,
+    groups: Groups,
+    covariates: dict[str, str],
+    n_boot: int,
+    seed: int,
+    score_name: str,
+) -> Survival:
+    """``data``: index patient_id; TIME, EVENT, GROUP, SCORE and the covariates."""
+    notes: list[str] = []
+    km, fitters = _kaplan_meier(data, groups.order)
+    logrank = _logrank(data, groups)
+    if groups.not_estimable:
+        notes.append(
+            f"groups not compared (log-rank test and hazard ratios not estimable): "
+            f"{groups.not_estimable}. The C-index uses the probability, not the groups."
+        )
+    elif logrank["not_estimable"]:
+        notes.append(f"log-rank test not estimable: {logrank['not_estimable']}")
+    cox, left_out = _cox(data, groups, covariates, notes)
     summary = {
         "groups": km,
-        "group_order": order,
+        "group_order": groups.order,
         "logrank": logrank,
         "cox": cox,
         "c_index": c_index(data, n_boot, seed, score_name),
