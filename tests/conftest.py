@@ -3,8 +3,10 @@ extract with a random ResNet18 -> 2-fold fit) and small builders used by several
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -30,6 +32,7 @@ CMU = Path(__file__).resolve().parents[2] / "shared/data/cmu_small_region.svs"
 
 SLIDE_PX = 1024  # synthetic slides: 1024 px at 0.5 um/px
 TILE = 64  # tiles: 64 px at 1.0 um/px = 128 level-0 px
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -154,3 +157,18 @@ def write_grid(tiles: Path, slide: Path, side: int, tile: int, mpp: float = 0.5)
     grid = TileGrid(coords, str(slide), 0, 1.0, tile, tile, mpp, mpp, tiling)
     write_coords(tiles / "coords" / f"{slide.stem}.h5", grid)
     return grid
+
+
+def inference_cfg(schema: type[T], pipe: Pipeline, out: Path, *extra: str) -> T:
+    """A small `predict` / `heatmap` config (``schema``) on the session's run, CPU, no workers."""
+    keys = [f"run_dir={pipe.run_dir}", f"output_dir={out}", "device=cpu", "num_workers=0",
+            "batch_size=32", "thumbnail_size=128", "top_k=2"]  # fmt: skip
+    return load_config(schema, [], [*keys, *extra])
+
+
+def slide_folder(pipe: Pipeline, root: Path, source: str) -> Path:
+    """A folder holding one slide, named S, that is a copy of the session's ``source``."""
+    folder = root / source
+    folder.mkdir(parents=True)
+    shutil.copy(pipe.slides / f"{source}.tiff", folder / "S.tiff")
+    return folder

@@ -112,6 +112,27 @@ def test_heatmap_files_sizes_geojson_and_rerun(pipe: Pipeline, tmp_path: Path) -
     pd.testing.assert_frame_equal(again[same], table[same])
 
 
+def test_failed_slides_are_explained_when_heatmap_ends(
+    pipe: Pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A feature cache without these slides fails every one (exit 1); the command names the
+    reason, a few ids and the table, not only a status count."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy(pipe.features / "slide_000.h5", cache)
+    ids = [f"slide_{i:03d}" for i in range(1, 9)]
+    out = tmp_path / "hm"
+    cfg = heatmap_cfg(pipe, out, f"features_dir={cache}", f"slide_ids={json.dumps(ids)}")
+    assert run_heatmap(cfg) == 1
+    printed = capsys.readouterr().out
+    reason = pd.read_csv(out / "heatmaps.csv")["reason"].iloc[0]
+    assert f"no features for it in '{cache}'" in reason
+    lines = [line for line in printed.splitlines() if reason in line]
+    assert len(lines) == 1, printed  # one line per reason, not per slide
+    assert "slide_001, slide_002" in lines[0] and "3 more" in lines[0]
+    assert "8 failed of 8 slides" in printed and str(out / "heatmaps.csv") in printed
+
+
 def test_100k_tile_slide_renders_without_a_full_resolution_canvas(tmp_path: Path) -> None:
     side = 317  # 100,489 tiles of 512 level-0 px: a 162,304 px wide slide
     ys, xs = np.mgrid[0:side, 0:side] * 512

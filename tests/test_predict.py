@@ -13,9 +13,16 @@ import pytest
 import torch
 from conftest import TILE, Pipeline
 
-from melanoma_mil.config import EncoderConfig, ExtractConfig, PredictConfig, load_config
+from melanoma_mil.config import (
+    EncoderConfig,
+    EvaluateConfig,
+    ExtractConfig,
+    PredictConfig,
+    load_config,
+)
 from melanoma_mil.data.bags import read_bag
 from melanoma_mil.errors import UserError
+from melanoma_mil.evaluation.evaluate import run_evaluate
 from melanoma_mil.features.run import run_extract
 from melanoma_mil.inference.analyse import probability_columns
 from melanoma_mil.inference.attention import AttentionMap
@@ -158,7 +165,7 @@ def test_multiclass_prediction_columns() -> None:
 
 
 def test_a_missing_slide_file_keeps_its_prediction_and_a_corrupt_bag_fails_alone(
-    pipe: Pipeline, tmp_path: Path
+    pipe: Pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -176,6 +183,11 @@ def test_a_missing_slide_file_keeps_its_prediction_and_a_corrupt_bag_fails_alone
     assert pred.loc["slide_004", "status"] == "failed" and pd.isna(pred.loc["slide_004", "prob"])
     assert pred.loc["slide_005", "status"] == "ok"
     assert (out / "slide_005" / "heatmap.png").is_file()
+    printed = capsys.readouterr().out  # the reasons are printed, not only written
+    for sid in ("slide_003", "slide_004"):
+        status, reason = pred.loc[sid, ["status", "reason"]]
+        assert f"  {status} {sid}: {reason}" in printed.splitlines()
+    assert f"of 3 slides; reasons (all in {out / 'predictions.csv'})" in printed
 
 
 def test_patients_csv_scores_each_patients_pooled_tiles(pipe: Pipeline, tmp_path: Path) -> None:
@@ -212,3 +224,74 @@ def test_patients_csv_scores_each_patients_pooled_tiles(pipe: Pipeline, tmp_path
     with pytest.raises(UserError, match="bad.csv.*patient_id"):
         run_predict(predict_cfg(pipe, tmp_path / "p2", f"features_dir={cache}",
                                 f"patients_csv={bad}"))  # fmt: skip
+
+
+@pytest.mark.parametrize("labelled_first", [False, True])
+def test_overwrite_keeps_the_evaluation_a_user_ran_into_the_output_folder(
+    pipe: Pipeline, tmp_path: Path, labelled_first: bool
+) -> None:
+    """The external-validation recipe: predict, then `evaluate` into <output_dir>/evaluation.
+    A later predict overwrite=true (no labels) keeps that evaluation, also when it replaced one
+    predict's own report had written there."""
+    out = tmp_path / "pred"
+    labels = pipe.root / "cohort/labels.csv"
+    keys = [f"features_dir={pipe.features}", "heatmaps=false",
+            "slide_ids=[slide_000,slide_001,slide_002,slide_003,slide_004,slide_005]"]  # fmt: skip
+    first = [f"labels_csv={labels}"] if labelled_first else []
+    assert run_predict(predict_cfg(pipe, out, *keys, *first)) == 0
+    evaluation = out / "evaluation"
+    assert (evaluation / "evaluation.json").is_file() == labelled_first
+    ecfg = load_config(EvaluateConfig, [], [
+        f"predictions={out / 'predictions.csv'}", f"labels_csv={labels}", "bootstrap=100",
+        f"output_dir={evaluation}", f"overwrite={str(labelled_first).lower()}"])  # fmt: skip
+    assert run_evaluate(ecfg) == 0
+    users = {p.name: p.read_bytes() for p in evaluation.iterdir()}
+    assert {"evaluation.json", "roc.png", "report.html"} <= set(users)
+    assert run_predict(predict_cfg(pipe, out, *keys, "overwrite=true")) == 0
+    assert {p.name: p.read_bytes() for p in evaluation.iterdir()} == users
+    assert not (out / "report.html").exists()  # predict's own report still goes
+
+
+@pytest.fixture(scope="module")
+def clam_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run `fit` trained on CLAM bags (h5_files/ with features + coords, pt_files/ alike)."""
+    from melanoma_mil.config import FitConfig
+    from melanoma_mil.data.synthetic import make_bag_cohort
+    from melanoma_mil.training.cv import run_fit
+
+    root = tmp_path_factory.mktemp("clam")
+    feats, labels = make_bag_cohort(root / "src", n_patients=8, dim=16, n_instances=(2, 6))
+    for sub in ("h5_files", "pt_files"):
+        (root / "clam" / sub).mkdir(parents=True)
+    for p in feats.glob("*.h5"):
+        with h5py.File(p) as f, h5py.File(root / "clam" / "h5_files" / p.name, "w") as g:
+            g["features"] = f["features"][:].astype("float32")
+            g["coords"] = f["coords"][:]
+            torch.save(
+                torch.from_numpy(g["features"][:]), root / "clam" / "pt_files" / f"{p.stem}.pt"
+            )
+    keys = [f"data.features_dir={root / 'clam'}", f"data.labels_csv={labels}",
+            f"output_dir={root / 'run'}", "cv.folds=2", "trainer.max_epochs=1",
+            "trainer.accelerator=cpu", "logger=none"]  # fmt: skip
+    assert run_fit(load_config(FitConfig, [], keys)) == 0
+    return root
+
+
+@pytest.mark.parametrize("bags", ["clam", "clam/h5_files", "clam/pt_files"])
+def test_clam_bags_are_scored_as_fit_scored_them(clam_run: Path, bags: str, tmp_path: Path) -> None:
+    keys = [f"run_dir={clam_run / 'run'}", f"output_dir={tmp_path / 'pred'}", "device=cpu",
+            f"features_dir={clam_run / bags}", "heatmaps=false"]  # fmt: skip
+    assert run_predict(load_config(PredictConfig, [], keys)) == 0
+    pred = pd.read_csv(tmp_path / "pred" / "predictions.csv").set_index("slide_id")
+    fit = pd.read_csv(clam_run / "run" / "predictions.csv")
+    same = [pred.loc[r.slide_id, f"prob_fold_{r.fold}"] for r in fit.itertuples()]
+    np.testing.assert_allclose(same, fit["prob"], atol=1e-4)
+
+
+def test_heatmaps_from_clam_bags_are_refused_up_front(clam_run: Path, tmp_path: Path) -> None:
+    keys = [f"run_dir={clam_run / 'run'}", f"output_dir={tmp_path / 'pred'}", "device=cpu",
+            f"features_dir={clam_run / 'clam' / 'pt_files'}"]  # fmt: skip
+    with pytest.raises(UserError, match="no tile geometry.*heatmaps=false") as e:
+        run_predict(load_config(PredictConfig, [], keys))
+    assert "delete" not in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "pred" / "predictions.csv").exists()

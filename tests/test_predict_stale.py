@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import Pipeline
+from conftest import Pipeline, inference_cfg, slide_folder
 from PIL import Image
 
 from melanoma_mil.config import HeatmapConfig, PredictConfig, load_config
@@ -24,17 +24,7 @@ from melanoma_mil.tiling.coords import read_coords
 
 
 def predict_cfg(pipe: Pipeline, out: Path, *extra: str) -> PredictConfig:
-    keys = [f"run_dir={pipe.run_dir}", f"output_dir={out}", "device=cpu", "num_workers=0",
-            "batch_size=32", "thumbnail_size=128", "top_k=2"]  # fmt: skip
-    return load_config(PredictConfig, [], [*keys, *extra])
-
-
-def slide_folder(pipe: Pipeline, root: Path, source: str) -> Path:
-    """A folder holding one slide, named S, that is a copy of ``source``."""
-    folder = root / source
-    folder.mkdir(parents=True)
-    shutil.copy(pipe.slides / f"{source}.tiff", folder / "S.tiff")
-    return folder
+    return inference_cfg(PredictConfig, pipe, out, *extra)
 
 
 def run_with_tiling(pipe: Pipeline, root: Path, **tiling: Any) -> Path:
@@ -184,3 +174,29 @@ def test_a_slide_without_resolution_is_predicted_with_mpp_csv(
     cfg = predict_cfg(pipe, tmp_path / "b", f"slides_dir={folder}", f"mpp_csv={table}")
     assert run_predict(cfg) == 0
     assert pd.read_csv(tmp_path / "b" / "predictions.csv").loc[0, "status"] == "ok"
+
+
+def work_statuses(out: Path, table: str) -> dict[str, str]:
+    """slide_id -> status in the _work tiling.csv or extract.csv of the last call."""
+    (csv,) = out.glob(f"_work/*/**/{table}")
+    return pd.read_csv(csv).set_index("slide_id")["status"].to_dict()
+
+
+def test_overwrite_reuses_work_features_of_unchanged_slides(pipe: Pipeline, tmp_path: Path) -> None:
+    fit = pd.read_csv(pipe.run_dir / "predictions.csv").set_index("slide_id")
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name, source in (("A", "slide_000"), ("B", "slide_001")):
+        shutil.copy(pipe.slides / f"{source}.tiff", slides / f"{name}.tiff")
+    out = tmp_path / "pred"
+    cfg = predict_cfg(pipe, out, f"slides_dir={slides}", "heatmaps=false", "overwrite=true")
+    assert run_predict(cfg) == 0
+    assert run_predict(cfg) == 0  # nothing changed: nothing tiled or encoded again
+    assert work_statuses(out, "tiling.csv") == {"A": "skipped", "B": "skipped"}
+    assert work_statuses(out, "extract.csv") == {"A": "skipped", "B": "skipped"}
+    shutil.copy(pipe.slides / "slide_007.tiff", slides / "B.tiff")  # B is now another slide
+    assert run_predict(cfg) == 0
+    assert work_statuses(out, "extract.csv") == {"A": "skipped", "B": "ok"}
+    row = pd.read_csv(out / "predictions.csv").set_index("slide_id").loc["B"]
+    fold = fit.loc["slide_007", "fold"]
+    assert row[f"prob_fold_{fold}"] == pytest.approx(fit.loc["slide_007", "prob"], abs=1e-4)

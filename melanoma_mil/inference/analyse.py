@@ -28,15 +28,19 @@ from melanoma_mil.outdir import claim_output
 from melanoma_mil.progress import progress
 from melanoma_mil.rundir import TrainedRun, load_run
 from melanoma_mil.tiling.coords import TileGrid, read_coords
-from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
+from melanoma_mil.tiling.fingerprint import fingerprint_mismatch, slide_fingerprint
 from melanoma_mil.tiling.slides import open_slide
 from melanoma_mil.viz.render import render_slide
 
 log = logging.getLogger(__name__)
 ATTENTION_FILE = "attention.h5"
 FAILED = ("failed", "no_heatmap")  # statuses that make the command exit 1
+SHOWN = 5  # reasons (and slide ids per reason) printed when a command ends; the table has all
 # feature-file attrs copied into attention.h5, so it says what the attention was computed on
 RECORDED_ATTRS = (*IDENTITY_FIELDS, "cache_key", "level0_mpp")
+# table columns naming a slide's drawn files, and all of a slide's files in <output_dir>/<slide_id>/
+FILE_COLUMNS = ("heatmap", "montage", "geojson")
+SLIDE_FILES = (ATTENTION_FILE, "heatmap.png", "montage.png", "tiles.geojson")
 
 
 def check_common(cfg: HeatmapConfig) -> TrainedRun:
@@ -71,21 +75,26 @@ def _failure(e: Exception) -> str:
     return f"{type(e).__name__}: {text[-1] if text else ''}"[:300]
 
 
-def _attention_map(inp: SlideInput, ensemble: Ensemble) -> tuple[AttentionMap, TileGrid]:
+def _attention_map(
+    inp: SlideInput, ensemble: Ensemble, render: bool
+) -> tuple[AttentionMap, TileGrid | None]:
+    """The ensemble on one bag; its tile geometry is read only to draw (``render``), so bags
+    without any (CLAM h5 / pt, which `fit` trains on) are still scored."""
     assert inp.features is not None
-    feats, _ = read_bag(inp.features)
-    grid = read_coords(inp.features)
-    if len(grid.coords) != len(feats):
+    feats, bag_coords = read_bag(inp.features)
+    grid = read_coords(inp.features) if render else None
+    coords = grid.coords if grid is not None else bag_coords
+    if coords is not None and len(coords) != len(feats):
         raise UserError(
-            f"{inp.features}: {len(feats)} features but {len(grid.coords)} coords;"
+            f"{inp.features}: {len(feats)} features but {len(coords)} coords;"
             " re-run `extract` for this slide."
         )
     probs, attention = ensemble(feats)
     attrs = read_attrs(inp.features)
     amap = AttentionMap(
         slide_id=inp.slide_id,
-        coords=grid.coords,
-        level0_size=grid.level0_size,
+        coords=np.zeros((0, 2), np.int64) if coords is None else coords,
+        level0_size=grid.level0_size if grid is not None else 0,
         attention=attention,
         probs=probs,
         fold_names=ensemble.fold_names,
@@ -93,7 +102,7 @@ def _attention_map(inp: SlideInput, ensemble: Ensemble) -> tuple[AttentionMap, T
         attrs={
             "run_dir": str(ensemble.run.run_dir.resolve()),
             "run_id": ensemble.run.run_id,
-            "slide_path": str(inp.slide_path or grid.slide_path),
+            "slide_path": str(inp.slide_path or (grid.slide_path if grid else "")),
             "features": str(inp.features.resolve()),
             **{k: attrs[k] for k in RECORDED_ATTRS if k in attrs},
         },
@@ -115,6 +124,8 @@ def render_files(
     if why:  # the same name in another folder: drawing on it would show another slide
         raise UserError(f"slide '{inp.slide_path}' {why}; pass the slides the features came from.")
     out = id_path(cfg.output_dir, inp.slide_id)
+    # the file drawn on, so a resumed `heatmap` redoes the slide when its file changes
+    amap.attrs["slide_fingerprint"] = slide_fingerprint(inp.slide_path)
     slide = open_slide(inp.slide_path)
     try:
         files = render_slide(
@@ -146,13 +157,13 @@ def analyse_slide(
     if inp.features is None:
         return row, None
     try:
-        amap, grid = _attention_map(inp, ensemble)
+        amap, grid = _attention_map(inp, ensemble, render)
     except Exception as e:  # one bad slide (unreadable bag...) must not stop the rest
         row["reason"] = _failure(e)
         log.warning("%s: FAILED: %s", inp.slide_id, row["reason"])
         return row, None
-    row.update(status="ok", reason="", n_tiles=len(grid.coords))
-    if render:
+    row.update(status="ok", reason="", n_tiles=amap.attention.shape[1])
+    if grid is not None:
         try:
             row.update(render_files(inp, amap, grid, cfg))
         except Exception as e:  # corrupt or missing slide file: the prediction still stands
@@ -197,3 +208,40 @@ def analyse_all(
             bar.set_postfix(tiles_per_s=f"{tiles / (time.perf_counter() - start):.0f}")
             bar.update(1)
     return pd.DataFrame(rows)
+
+
+def remove_unwritten(out: Path, table: pd.DataFrame, rendered: bool, every: bool) -> None:
+    """Delete the slide files (SLIDE_FILES) in ``out`` that this call did not write, of the
+    slides in ``table`` (those it analysed) and, with ``every``, of every slide folder: a folder
+    never mixes an earlier call's, or another slide file's, results with this call's. Only these
+    names are touched; a folder is removed only once empty."""
+    written = {Path(v).resolve() for c in FILE_COLUMNS if c in table for v in table[c].dropna()}
+    drawn = table.loc[table["status"] == "ok", "slide_id"] if rendered else []
+    written |= {(id_path(out, s) / ATTENTION_FILE).resolve() for s in drawn}
+    folders = {d for s in table["slide_id"] if (d := id_path(out, s)).is_dir()}
+    if every:
+        folders |= {p.parent for p in out.glob(f"*/{ATTENTION_FILE}")}
+    for folder in folders:
+        for name in SLIDE_FILES:
+            if (folder / name).resolve() not in written:
+                (folder / name).unlink(missing_ok=True)
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def print_failures(table: pd.DataFrame, csv: Path, command: str) -> None:
+    """Say why slides failed (a few ids per reason, the first SHOWN reasons) when the command
+    ends, so a cohort that failed, e.g. against the wrong feature cache, is explained without
+    opening the table; progress-time warnings scroll away."""
+    bad = table[table["status"].isin(FAILED)].fillna({"reason": ""})
+    if bad.empty:
+        return
+    counts = ", ".join(f"{n} {s}" for s, n in bad["status"].value_counts().items())
+    print(f"{command}: {counts} of {len(table)} slides; reasons (all in {csv}):")
+    groups = list(bad.groupby(["status", "reason"], sort=False)["slide_id"])
+    for (status, reason), ids in groups[:SHOWN]:
+        more = f" and {len(ids) - SHOWN} more" if len(ids) > SHOWN else ""
+        print(f"  {status} {', '.join(ids.iloc[:SHOWN])}{more}: {reason or 'no reason recorded'}")
+    if len(groups) > SHOWN:
+        rest = sum(len(ids) for _, ids in groups[SHOWN:])
+        print(f"  ... {rest} more slides with {len(groups) - SHOWN} other reasons")

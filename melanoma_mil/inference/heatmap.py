@@ -14,7 +14,9 @@ from typing import Any
 import pandas as pd
 
 from melanoma_mil.config import HeatmapConfig
+from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.errors import UserError
+from melanoma_mil.features.identity import plain
 from melanoma_mil.ids import id_path
 from melanoma_mil.inference.analyse import (
     ATTENTION_FILE,
@@ -23,12 +25,15 @@ from melanoma_mil.inference.analyse import (
     check_common,
     claim_for_run,
     made_for,
+    print_failures,
     probability_columns,
+    remove_unwritten,
 )
 from melanoma_mil.inference.attention import read_attention
 from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import prepare_inputs
 from melanoma_mil.io import write_text
+from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
 from melanoma_mil.tracking.loggers import log_slides
 
 OUTPUTS = (f"*/{ATTENTION_FILE}", "heatmaps.csv")
@@ -55,6 +60,20 @@ def skipped_row(out: Path, slide_id: str) -> dict[str, Any] | None:
     return row
 
 
+def unchanged(attention: Path, slide: Path | None) -> bool:
+    """True if ``slide``, the file found now for the slide, is the one ``attention`` was drawn
+    on (its recorded fingerprint); else the slide is redone, also when ``attention`` records
+    none (made before fingerprints were recorded), so a resumed call never reports another
+    file's result under this id."""
+    if slide is None:
+        return False
+    try:
+        recorded = str(plain(read_attrs(attention).get("slide_fingerprint", "")))
+    except OSError:
+        return False
+    return bool(recorded) and fingerprint_mismatch(slide, recorded) is None
+
+
 def run_heatmap(cfg: HeatmapConfig) -> int:
     """Heatmaps for every slide; 0 if none failed, else 1 (after finishing the others)."""
     from melanoma_mil.features.run import resolve_device
@@ -68,13 +87,19 @@ def run_heatmap(cfg: HeatmapConfig) -> int:
         for p in found
         if made_for(p, run) and (row := skipped_row(out, p.parent.name))
     }
-    inputs, skipped_ids = prepare_inputs(run, cfg, skip=set(done))
+
+    def finished(sid: str, slide: Path | None) -> bool:
+        return sid in done and unchanged(id_path(out, sid) / ATTENTION_FILE, slide)
+
+    inputs, skipped_ids = prepare_inputs(run, cfg, skip=finished)
     claim_for_run(cfg, run, "heatmap", OUTPUTS, write=True)
     skipped = pd.DataFrame([done[s] for s in skipped_ids])
     table = pd.DataFrame()
     if inputs:
         ensemble = Ensemble(run, resolve_device(cfg.device))
         table = analyse_all(inputs, ensemble, cfg, render=True, desc="heatmap")
+        # overwrite: no slide folder keeps an earlier call's files; else only redone ones
+        remove_unwritten(out, table, rendered=True, every=cfg.overwrite)
     frames = [t for t in (table, skipped) if not t.empty]
     if not frames:
         raise UserError(f"no slides to draw: none found, or all already in '{out}'.")
@@ -86,4 +111,5 @@ def run_heatmap(cfg: HeatmapConfig) -> int:
         f"heatmap: {counts} -> {out}/<slide_id>/ (heatmap.png, montage.png, {ATTENTION_FILE});"
         f" table {out / 'heatmaps.csv'}"
     )
+    print_failures(table, out / "heatmaps.csv", "heatmap")
     return 1 if table["status"].isin(FAILED).any() else 0

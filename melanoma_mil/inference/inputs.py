@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,12 @@ from melanoma_mil.config import (
     EncoderConfig,
     ExtractConfig,
     HeatmapConfig,
+    PredictConfig,
     TileConfig,
     TilingConfig,
     TissueConfig,
 )
-from melanoma_mil.data.bags import bag_path, read_attrs
+from melanoma_mil.data.bags import BAG_LAYOUTS, bag_path, read_attrs
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import feature_identity, identity_mismatch, plain
 from melanoma_mil.ids import id_path, id_problem
@@ -120,7 +122,7 @@ def _cache_folder(features_dir: Path, run: TrainedRun) -> Path:
     """``features_dir`` itself, or the run's cache subfolder of an `extract` output_dir."""
     if not features_dir.is_dir():
         raise UserError(f"features_dir '{features_dir}' is not a folder: check the path.")
-    if any(features_dir.glob("*.h5")) or (features_dir / "h5_files").is_dir():
+    if bag_files(features_dir):
         return features_dir
     key = str(run.provenance.get("cache_key", ""))
     if key and id_problem(key) is None and (features_dir / key).is_dir():
@@ -133,6 +135,18 @@ def _cache_folder(features_dir: Path, run: TrainedRun) -> Path:
             "extract them on the fly."
         )
     return features_dir
+
+
+def bag_files(folder: Path) -> dict[str, Path]:
+    """slide_id -> bag of every bag in ``folder``, in any of `fit`'s layouts (BAG_LAYOUTS: our
+    <id>.h5, CLAM's h5_files/ and pt_files/); the first layout holding an id wins, as in
+    `bag_path`."""
+    found: dict[str, Path] = {}
+    for sub, suffix in BAG_LAYOUTS:
+        for path in sorted((folder / sub).glob(f"*{suffix}")):
+            if path.is_file() and not path.name.startswith("."):
+                found.setdefault(path.stem, path)
+    return found
 
 
 def _select(
@@ -162,10 +176,13 @@ def find_input_slides(cfg: HeatmapConfig, features: Path | None) -> dict[str, Pa
         return _select(found, list(cfg.slide_ids), "slides_dir / manifest")
     if features is None:
         raise UserError("no slides given: set slides_dir=FOLDER or manifest=CSV.")
-    files = sorted(p for p in features.glob("*.h5") if not p.name.startswith("."))
+    files = bag_files(features)
     if not files:
-        raise UserError(f"no <slide_id>.h5 feature files in '{features}'; check features_dir.")
-    recorded = {p.stem: _recorded_slide(p) for p in files}
+        raise UserError(
+            f"no feature files (<slide_id>.h5, or CLAM's h5_files/ or pt_files/) in "
+            f"'{features}'; check features_dir."
+        )
+    recorded = {s: _recorded_slide(p) for s, p in sorted(files.items())}
     # exists, not is_file: a DICOM slide is a folder
     found = {s: Path(p) if p and Path(p).exists() else None for s, p in recorded.items()}
     return _select(found, list(cfg.slide_ids), f"features_dir '{features}'")
@@ -186,10 +203,21 @@ def slide_mismatch(slide: Path | None, features: Path) -> str | None:
     return f"slide '{slide}' {why}; pass the slides that {features} was made from"
 
 
+def no_geometry(path: Path) -> str:
+    """Why no heatmap can be drawn from the bag at ``path`` ('' if one can): CLAM bags and
+    .pt files hold no tile geometry (the attrs `tile` writes)."""
+    try:
+        read_coords(path)
+    except UserError:
+        return f"{path} holds no tile geometry (the attrs `tile` writes): no heatmap can be drawn"
+    return ""
+
+
 def cached_inputs(
-    run: TrainedRun, slides: dict[str, Path | None], folder: Path
+    run: TrainedRun, slides: dict[str, Path | None], folder: Path, render: bool
 ) -> list[SlideInput]:
-    """Inputs from a feature cache; every file is checked against the run before any work."""
+    """Inputs from a feature cache; every file is checked against the run before any work, and
+    for drawing (``render``) a cache whose bags all lack tile geometry is refused."""
     inputs = []
     for sid, slide in slides.items():
         path = bag_path(folder, sid)
@@ -203,8 +231,14 @@ def cached_inputs(
             inputs.append(SlideInput(sid, slide, None, f"{path}: unreadable h5 ({e})"))
             continue
         check_features(attrs, run, path)
-        why = slide_mismatch(slide, path)
+        why = slide_mismatch(slide, path) or (no_geometry(path) if render else "")
         inputs.append(SlideInput(sid, slide, None, why) if why else SlideInput(sid, slide, path))
+    if render and inputs and all("no tile geometry" in i.reason for i in inputs):
+        raise UserError(
+            f"{inputs[0].reason}: features_dir '{folder}' holds bags without tile geometry "
+            "(CLAM h5/pt); pass heatmaps=false to `predict` to score them, or drop features_dir "
+            "to tile and extract the slides."
+        )
     return inputs
 
 
@@ -256,7 +290,9 @@ def clear_stale(work: Path, slides: dict[str, Path], tiling: TilingConfig) -> No
 def _tile_and_extract(
     run: TrainedRun, usable: dict[str, Path], cfg: HeatmapConfig, work: Path, tiling: TilingConfig
 ) -> bool:
-    """`tile` then `extract` ``usable`` into ``work``; False if no slide had tiles to extract."""
+    """`tile` then `extract` ``usable`` into ``work``; False if no slide had tiles to extract.
+    Never with overwrite: coords and features still made from the same file and tiling are
+    reused, and `clear_stale` and extract's cache checks rebuild the others."""
     from melanoma_mil.features.run import run_extract
     from melanoma_mil.tiling.run import run_tile
 
@@ -272,7 +308,6 @@ def _tile_and_extract(
             manifest=str(manifest),
             output_dir=str(work / "tiles"),
             workers=workers,
-            overwrite=cfg.overwrite,
             mpp_csv=cfg.mpp_csv,
             tiling=tiling,
             extensions=list(cfg.extensions),
@@ -292,7 +327,6 @@ def _tile_and_extract(
             precision=precision if cfg.precision == "run" else cfg.precision,
             dtype=str(run.provenance.get("feature_dtype", "float16")),
             reader="fast" if run.provenance.get("read_mode") == "fast" else "auto",
-            overwrite=cfg.overwrite,
         )
     )
     return True
@@ -335,16 +369,21 @@ def extracted_inputs(
 
 
 def prepare_inputs(
-    run: TrainedRun, cfg: HeatmapConfig, skip: set[str] | None = None, own_masks: bool = True
+    run: TrainedRun,
+    cfg: HeatmapConfig,
+    skip: Callable[[str, Path | None], bool] | None = None,
+    own_masks: bool = True,
 ) -> tuple[list[SlideInput], list[str]]:
-    """The slides of ``cfg`` with features that match the run, and the ids left out by ``skip``;
-    ``own_masks=False``: the slides are not the run's (see :func:`extracted_inputs`)."""
+    """The slides of ``cfg`` with features that match the run, and the ids that ``skip`` (given
+    each id and the slide file found for it) leaves out; ``own_masks=False``: the slides are not
+    the run's (see :func:`extracted_inputs`)."""
     folder = _cache_folder(Path(cfg.features_dir), run) if cfg.features_dir else None
     found = find_input_slides(cfg, folder)
-    skipped = sorted(set(found) & (skip or set()))
+    skipped = sorted(s for s, p in found.items() if skip is not None and skip(s, p))
     slides = {s: p for s, p in found.items() if s not in skipped}
     if not slides:
         return [], skipped
     if folder is not None:
-        return cached_inputs(run, slides, folder), skipped
+        render = not isinstance(cfg, PredictConfig) or cfg.heatmaps
+        return cached_inputs(run, slides, folder, render), skipped
     return extracted_inputs(run, slides, cfg, own_masks), skipped

@@ -22,28 +22,30 @@ from melanoma_mil.config import PredictConfig
 from melanoma_mil.data.bags import read_bag
 from melanoma_mil.data.cohort import read_patients
 from melanoma_mil.errors import UserError
-from melanoma_mil.evaluation.hooks import REPORT, check_inputs, write_report
-from melanoma_mil.ids import id_path
+from melanoma_mil.evaluation.hooks import check_inputs, write_report
 from melanoma_mil.inference.analyse import (
     ATTENTION_FILE,
     FAILED,
+    FILE_COLUMNS,
     analyse_all,
     check_common,
     claim_for_run,
     ensemble_columns,
+    print_failures,
+    remove_unwritten,
 )
 from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import SlideInput, prepare_inputs
-from melanoma_mil.io import atomic_path
+from melanoma_mil.io import atomic_path, write_json
+from melanoma_mil.outdir import MARKER, read_marker
+from melanoma_mil.rundir import EVALUATION, REPORT, TrainedRun
 from melanoma_mil.tracking.loggers import log_slides
 
 log = logging.getLogger(__name__)
 
 META = ["n_tiles", "status", "reason"]
-FILE_COLUMNS = ("heatmap", "montage", "geojson")
-# a slide's files in <output_dir>/<slide_id>/ (see analyse.render_files)
-SLIDE_FILES = (ATTENTION_FILE, "heatmap.png", "montage.png", "tiles.geojson")
 PATIENTS = "patient_predictions.csv"
+MADE = "evaluation_files"  # key of predict's marker: the evaluation files its report wrote
 
 
 def _ordered(table: pd.DataFrame) -> pd.DataFrame:
@@ -87,10 +89,35 @@ def patient_table(
     return table[[*front, "n_tiles", "status", "left_out"]]
 
 
-def remove_stale(out: Path, cfg: PredictConfig, table: pd.DataFrame) -> None:
+def _stamp(path: Path) -> list[int]:
+    """Size, mtime and inode: any rewrite (atomic ones make a new inode) changes it."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def recorded_evaluation(out: Path) -> dict[str, Any]:
+    """The evaluation files predict's report wrote in ``out`` (see `record_evaluation`); read
+    before the folder is claimed, which rewrites the marker for another run."""
+    made = (read_marker(out) or {}).get(MADE)
+    return made if isinstance(made, dict) else {}
+
+
+def record_evaluation(out: Path) -> None:
+    """Note in predict's marker each evaluation file its report just wrote, so that overwrite
+    deletes them only while unchanged: `evaluate` run into <output_dir>/evaluation (the
+    external-validation recipe) rewrites them, and they are then the user's, never removed."""
+    from melanoma_mil.evaluation.evaluate import OUTPUTS as EVALUATION_OUTPUTS
+
+    folder = out / EVALUATION
+    made = {n: _stamp(folder / n) for n in EVALUATION_OUTPUTS if (folder / n).is_file()}
+    write_json(out / MARKER, {**(read_marker(out) or {}), MADE: made})
+
+
+def remove_stale(out: Path, cfg: PredictConfig, table: pd.DataFrame, made: dict[str, Any]) -> None:
     """With overwrite, delete this command's own outputs in ``out`` that this call did not
     rewrite (slides not redone, patient / report files not asked for), so the folder never
-    mixes the previous call's results with this call's. Only predict's file names are touched."""
+    mixes the previous call's results with this call's. Only predict's file names are touched,
+    and of the evaluation only files its report wrote (``made``) and nobody changed since."""
     from melanoma_mil.evaluation.evaluate import OUTPUTS as EVALUATION_OUTPUTS
 
     if not cfg.patients_csv:
@@ -98,18 +125,19 @@ def remove_stale(out: Path, cfg: PredictConfig, table: pd.DataFrame) -> None:
     if not (cfg.clinical_csv or cfg.labels_csv):
         (out / REPORT).unlink(missing_ok=True)
         for name in EVALUATION_OUTPUTS:
-            (out / "evaluation" / name).unlink(missing_ok=True)
-    written = {Path(v).resolve() for c in FILE_COLUMNS if c in table for v in table[c].dropna()}
-    rendered = table.loc[table["status"] == "ok", "slide_id"] if cfg.heatmaps else []
-    written |= {(id_path(out, s) / ATTENTION_FILE).resolve() for s in rendered}
-    folders = {p.parent for p in out.glob(f"*/{ATTENTION_FILE}")}
-    folders |= {d for s in table["slide_id"] if (d := id_path(out, s)).is_dir()}
-    for folder in folders:
-        for name in SLIDE_FILES:
-            if (folder / name).resolve() not in written:
-                (folder / name).unlink(missing_ok=True)
-        if not any(folder.iterdir()):
-            folder.rmdir()
+            path = out / EVALUATION / name
+            if path.is_file() and made.get(name) == _stamp(path):
+                path.unlink()
+    remove_unwritten(out, table, cfg.heatmaps, every=True)
+
+
+def _report(cfg: PredictConfig, out: Path, scored: Path, run: TrainedRun) -> int:
+    """Evaluate ``scored`` into out/evaluation/ and out/report.html (`write_report`'s exit
+    code), recording the files written as predict's own."""
+    rc = write_report(cfg, out, scored, run.run_dir, cfg.labels_csv)
+    if rc == 0:
+        record_evaluation(out)
+    return rc
 
 
 def run_predict(cfg: PredictConfig) -> int:
@@ -119,7 +147,7 @@ def run_predict(cfg: PredictConfig) -> int:
     out = Path(cfg.output_dir)
     target = out / "predictions.csv"
     run = check_common(cfg)
-    outputs = (target.name, PATIENTS, f"*/{ATTENTION_FILE}", REPORT, "evaluation/*")
+    outputs = (target.name, PATIENTS, f"*/{ATTENTION_FILE}", REPORT, f"{EVALUATION}/*")
     claim_for_run(cfg, run, "predict", outputs, write=False)
     if target.exists() and not cfg.overwrite:
         raise UserError(f"'{target}' exists; pass overwrite=true or choose another output_dir.")
@@ -134,6 +162,7 @@ def run_predict(cfg: PredictConfig) -> int:
     inputs, _ = prepare_inputs(run, cfg, own_masks=False)
     if not inputs:
         raise UserError("no slides to predict: check slides_dir / manifest / slide_ids.")
+    made = recorded_evaluation(out)
     claim_for_run(cfg, run, "predict", outputs, write=True)
     ensemble = Ensemble(run, resolve_device(cfg.device))
     table = _ordered(analyse_all(inputs, ensemble, cfg, render=cfg.heatmaps, desc="predict"))
@@ -142,7 +171,7 @@ def run_predict(cfg: PredictConfig) -> int:
     with atomic_path(target) as tmp:
         table.to_csv(tmp, index=False)
     if cfg.overwrite:
-        remove_stale(out, cfg, table)
+        remove_stale(out, cfg, table, made)
     if patient_of is not None:
         patients = patient_table(patient_of, table, inputs, ensemble)
         with atomic_path(out / PATIENTS) as tmp:
@@ -155,9 +184,9 @@ def run_predict(cfg: PredictConfig) -> int:
         f"predict: {len(ok)}/{len(table)} slides, {len(ensemble.models)} fold models, "
         f"predicted {counts} -> {target}"
     )
+    print_failures(table, target, "predict")
     rc = 1 if table["status"].isin(FAILED).any() else 0
     if cfg.clinical_csv or cfg.labels_csv:  # patient bags are scored as the run was trained
         pooled = patient_of is not None and run.config.data.bag_level == "patient"
-        scored = out / PATIENTS if pooled else target
-        rc = max(rc, write_report(cfg, out, scored, run.run_dir, cfg.labels_csv))
+        rc = max(rc, _report(cfg, out, out / PATIENTS if pooled else target, run))
     return rc

@@ -1,0 +1,70 @@
+"""A resumed or overwriting `heatmap` never reports, or leaves beside its results, another slide
+file's or an earlier call's per-slide files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import pandas as pd
+import pytest
+from conftest import Pipeline, inference_cfg, slide_folder
+
+from melanoma_mil.config import HeatmapConfig
+from melanoma_mil.inference.heatmap import run_heatmap
+
+
+def heatmap_cfg(pipe: Pipeline, out: Path, *extra: str) -> HeatmapConfig:
+    return inference_cfg(HeatmapConfig, pipe, out, *extra)
+
+
+def row_of(out: Path) -> pd.Series:
+    return pd.read_csv(out / "heatmaps.csv").set_index("slide_id").loc["S"]
+
+
+def test_a_changed_slide_with_the_same_id_is_redrawn(pipe: Pipeline, tmp_path: Path) -> None:
+    fit = pd.read_csv(pipe.run_dir / "predictions.csv").set_index("slide_id")
+    a, b = slide_folder(pipe, tmp_path, "slide_000"), slide_folder(pipe, tmp_path, "slide_007")
+    out = tmp_path / "hm"
+    assert run_heatmap(heatmap_cfg(pipe, out, f"slides_dir={a}", "geojson=true")) == 0
+    assert run_heatmap(heatmap_cfg(pipe, out, f"slides_dir={a}")) == 0
+    assert row_of(out)["status"] == "skipped"  # the same file: kept
+    assert run_heatmap(heatmap_cfg(pipe, out, f"slides_dir={b}")) == 0
+    row = row_of(out)
+    fold = fit.loc["slide_007", "fold"]  # this fold model gives fit's probability for slide_007
+    assert row["status"] == "ok"
+    assert row[f"prob_fold_{fold}"] == pytest.approx(fit.loc["slide_007", "prob"], abs=1e-4)
+    with h5py.File(out / "S" / "attention.h5") as f:
+        assert f.attrs["slide_path"] == str(b / "S.tiff")
+    assert not (out / "S" / "tiles.geojson").exists()  # slide_000's, not asked for this time
+
+
+def test_an_attention_file_without_a_fingerprint_is_redone(pipe: Pipeline, tmp_path: Path) -> None:
+    out = tmp_path / "hm"
+    cfg = heatmap_cfg(pipe, out, f"slides_dir={pipe.slides}", f"features_dir={pipe.features}",
+                      "slide_ids=[slide_000]")  # fmt: skip
+    assert run_heatmap(cfg) == 0
+    with h5py.File(out / "slide_000" / "attention.h5", "a") as f:  # as written before the change
+        del f.attrs["slide_fingerprint"]
+    assert run_heatmap(cfg) == 0
+    assert pd.read_csv(out / "heatmaps.csv")["status"].tolist() == ["ok"]
+    with h5py.File(out / "slide_000" / "attention.h5") as f:
+        assert f.attrs["slide_fingerprint"]
+
+
+def test_overwrite_removes_the_earlier_calls_slide_files_only(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    out = tmp_path / "hm"
+    given = [f"slides_dir={pipe.slides}", f"features_dir={pipe.features}"]
+    first = heatmap_cfg(pipe, out, *given, "slide_ids=[slide_000,slide_001]", "geojson=true")
+    assert run_heatmap(first) == 0
+    (out / "slide_001" / "notes.txt").write_text("mine")
+    second = heatmap_cfg(pipe, out, *given, "slide_ids=[slide_000]", "overwrite=true")
+    assert run_heatmap(second) == 0
+    assert pd.read_csv(out / "heatmaps.csv")["slide_id"].tolist() == ["slide_000"]
+    gone = ["slide_000/tiles.geojson", "slide_001/attention.h5", "slide_001/heatmap.png",
+            "slide_001/montage.png", "slide_001/tiles.geojson"]  # fmt: skip
+    assert [p for p in gone if (out / p).exists()] == []
+    kept = ["slide_000/attention.h5", "slide_000/heatmap.png", "slide_001/notes.txt"]
+    assert [p for p in kept if not (out / p).is_file()] == []
