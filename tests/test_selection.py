@@ -83,6 +83,8 @@ def test_last_trains_on_train_plus_val_and_tests_the_last_epoch(
     splits = json.loads((out / "splits.json").read_text())["splits"]
     assert all(s["val"] for s in splits)  # splits.json keeps the validation split (paired runs)
     s = splits[0]
+    n_train = len(s["train"]) + len(s["val"])  # the log counts what the fold trains on
+    assert f"{n_train} training bags" in caplog.text and "validation bags" not in caplog.text
     ckpt = torch.load(out / "folds/fold_0/best.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["epoch"] == 2  # the last of 3 epochs
     # the standardisation statistics come from train + val: they trained together
@@ -101,6 +103,7 @@ def test_early_stopping_selects_on_the_validation_split(
         assert run_fit(cfg) == 0
     assert "selected by best val_loss=" in caplog.text and "=nan" not in caplog.text
     s = json.loads((out / "splits.json").read_text())["splits"][0]
+    assert f"by early stopping on {len(s['val'])} validation bags" in caplog.text
     bags = [h5py.File(cohort[0] / f"{b}.h5", "r")["features"][:] for b in s["train"]]
     saved = torch.load(out / "folds/fold_0/model.pt", weights_only=True)["state_dict"]
     mean = np.concatenate(bags).astype(np.float64).mean(0)

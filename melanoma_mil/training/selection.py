@@ -206,11 +206,9 @@ def fold_selection(run: RunSelection, cfg: FitConfig, split: Split) -> FoldSelec
 def plan_selection(run: RunSelection, cfg: FitConfig, split: Split) -> FoldSelection:
     """`fold_selection`, logged for the fold about to train."""
     sel = fold_selection(run, cfg, split)
-    log.info(
-        "repeat %d fold %d: model selection %s (%d validation bags)",
-        split.repeat,
-        split.fold,
-        "by early stopping" if sel.mode == "early_stopping" else f"none, {sel.tested_weights(cfg)}",
-        len(split.val),
-    )
+    if sel.mode == "early_stopping":
+        how = f"by early stopping on {len(sel.val)} validation bags"
+    else:  # the validation split is trained on: saying "N validation bags" would mislead
+        how = f"none, {sel.tested_weights(cfg)}; {len(sel.train)} training bags"
+    log.info("repeat %d fold %d: model selection %s", split.repeat, split.fold, how)
     return sel
