@@ -26,6 +26,7 @@ class Command:
     summary: str
     positional: str | None = None  # config key that receives positional arguments
     positional_many: bool = False
+    resume: str = ""  # what to do after an interruption (Ctrl-C, a kill)
 
 
 COMMANDS: dict[str, Command] = {
@@ -38,21 +39,25 @@ COMMANDS: dict[str, Command] = {
         C.TileConfig,
         "melanoma_mil.tiling.run:run_tile",
         "tissue detection and a tile grid at a target resolution (mpp)",
+        resume="re-run the same command: it resumes, keeping the slides already tiled",
     ),
     "extract": Command(
         C.ExtractConfig,
         "melanoma_mil.features.run:run_extract",
         "encode tiles into cached feature bags (h5, resumable)",
+        resume="re-run the same command: it resumes, keeping the slides already encoded",
     ),
     "fit": Command(
         C.FitConfig,
         "melanoma_mil.training.cv:run_fit",
         "patient-level cross-validation of gated-attention MIL on cached bags",
+        resume="re-run the same command: it resumes at the first unfinished fold",
     ),
     "sweep": Command(
         C.SweepConfig,
         "melanoma_mil.evaluation.sweep:run_sweep",
         "run a W&B sweep file locally (each run a fit)",
+        resume="re-run the same command: it resumes, keeping the finished runs",
         positional="sweep_file",
     ),
     "compare": Command(
@@ -66,11 +71,13 @@ COMMANDS: dict[str, Command] = {
         C.HeatmapConfig,
         "melanoma_mil.inference.heatmap:run_heatmap",
         "attention heatmaps and top/bottom tile montages of a trained run",
+        resume="re-run the same command: it resumes, skipping the slides already drawn",
     ),
     "predict": Command(
         C.PredictConfig,
         "melanoma_mil.inference.predict:run_predict",
         "run a trained fold-model ensemble on new slides",
+        resume="re-run it with overwrite=true: the tiles and features made in _work are reused",
     ),
     "evaluate": Command(
         C.EvaluateConfig,
@@ -195,6 +202,7 @@ def _disk_error(e: OSError, output_dir: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     output_dir: str | None = None
+    name = ""
     try:
         name, cfg, print_config = parse(sys.argv[1:] if argv is None else argv)
         if print_config:
@@ -220,5 +228,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_disk_error(e, output_dir)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        resume = COMMANDS[name].resume if name in COMMANDS else ""
+        print(f"interrupted{': ' + resume if resume else ''}.", file=sys.stderr)
         return 130

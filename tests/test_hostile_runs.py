@@ -38,19 +38,21 @@ SETTINGS = [
     "optim.lr=1e-3",
     "logger=none",
 ]
-# Runs `fit` and SIGKILLs the process in split KILL_SPLIT at the start of its second epoch.
+# Runs `fit` and sends the process KILL_SIGNAL (SIGKILL; SIGINT is a Ctrl-C) in split KILL_SPLIT
+# at the start of its second epoch.
 KILLER = """
 import os, signal, sys
 from melanoma_mil.cli import main
 from melanoma_mil.training import cv, module
 kill_split, state = int(os.environ["KILL_SPLIT"]), {}
+sig = getattr(signal, os.environ["KILL_SIGNAL"])
 run_fold, step = cv._run_fold, module.MILModule.training_step
 def tracked(cfg, cohort, store, split, *args):
     state["split"] = split.fold
     return run_fold(cfg, cohort, store, split, *args)
 def killing(self, batch, i):
     if state.get("split") == kill_split and self.current_epoch == 1:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), sig)
     return step(self, batch, i)
 cv._run_fold, module.MILModule.training_step = tracked, killing
 sys.exit(main(sys.argv[1:]))
@@ -73,9 +75,12 @@ def fit(cohort: tuple[Path, Path], out: Path, *extra: str) -> int:
     return run_fit(load_config(FitConfig, [], args(cohort, out, *extra)[1:]))
 
 
-def spawn(argv: list[str], tmp: Path, kill_split: int | None = None) -> subprocess.Popen:
-    """`fit` in a fresh process (one that kills itself in split ``kill_split``)."""
+def spawn(
+    argv: list[str], tmp: Path, kill_split: int | None = None, sig: str = "SIGKILL"
+) -> subprocess.Popen:
+    """`fit` in a fresh process (one that sends itself ``sig`` in split ``kill_split``)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "KILL_SPLIT": str(kill_split)}
+    env["KILL_SIGNAL"] = sig
     if kill_split is None:
         cmd = [sys.executable, "-m", "melanoma_mil", *argv]
     else:
@@ -162,6 +167,19 @@ def test_run_folds_out_of_range_refused_before_work(cohort, tmp_path, capsys) ->
 
 
 # --------------------------------------------------------------------------- issue 10: 4
+def test_ctrl_c_exits_130_and_says_how_to_resume(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    """Lightning ends a Ctrl-C with exit(1), the code of a failure; fit says it was interrupted
+    and how to go on."""
+    out = tmp_path / "run"
+    proc = spawn(args(cohort, out), tmp_path, kill_split=0, sig="SIGINT")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert "interrupted: re-run the same command: it resumes at the first unfinished fold" in (
+        err.decode()
+    )
+    assert not (out / rundir.SUMMARY).exists()
+
+
 def test_killed_overwrite_keeps_the_old_complete_run(cohort, serial, tmp_path) -> None:
     out = copy_run(serial, tmp_path / "run")
     (out / "NOTES.txt").write_text("why this run")

@@ -149,8 +149,13 @@ def _run_fold(
     module = _fold_module(cfg, len(cohort.classes), store, dm, sel, seed)
     logger = fold_logger(cfg, run_dir, split.fold, split.repeat)
     trainer, ckpt = _trainer(cfg, fold_dir, logger, sel)
-    trainer.fit(module, datamodule=dm)
-    trainer.test(module, datamodule=dm, ckpt_path="best", verbose=False)
+    try:
+        trainer.fit(module, datamodule=dm)
+        trainer.test(module, datamodule=dm, ckpt_path="best", verbose=False)
+    except SystemExit:  # Lightning ends a Ctrl-C with exit(1), which reads as a failure
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
     assert module.test_output is not None
     index, y, probs = module.test_output
     if rank0:
