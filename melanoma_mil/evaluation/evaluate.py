@@ -392,9 +392,12 @@ def evaluate(cfg: EvaluateConfig, report: Path | None = None) -> dict[str, Any]:
 
 
 def summary_line(ev: dict[str, Any]) -> str:
-    parts = [f"{ev['counts']['patients_scored']} patients"]
-    if ev["classification"]:
-        parts.append(f"AUC {ci(ev['classification']['auc'])}")
+    counts, cls, level = ev["counts"], ev["classification"], ev["level"]
+    parts = [f"{counts['patients_scored']} patients"]
+    if cls:  # say so when the AUC is over fewer units than were scored (some unlabelled)
+        units = counts["slides_scored"] if level == "slide" else counts["patients_scored"]
+        over = f" on the {cls['n']} labelled {level}s" if cls["n"] != units else ""
+        parts.append(f"AUC {ci(cls['auc'])}{over}")
     if ev["survival"]:
         s = ev["survival"]
         parts.append(

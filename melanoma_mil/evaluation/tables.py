@@ -188,56 +188,63 @@ def _no_match(labels: Labels, key: str, predicted: list[str]) -> UserError:
     )
 
 
-def _patient_labels(rows: pd.DataFrame, labels: Labels) -> pd.Series:
-    """y per patient row: through labels_csv's patient_id, or else the row's slide_ids (a
-    patient's labelled slides must agree)."""
-    key = "patient_id" if labels.patients else "slide_id"
-    ids = rows["patient_id"] if labels.patients else rows["slide_ids"].str.split(";")
-    wanted = pd.DataFrame({"row": rows.index, key: ids}).explode(key)
-    wanted[key] = wanted[key].str.strip()
-    known = labels.table[labels.table["y"] >= 0]
-    pairs = wanted.merge(known[[key, "y"]], on=key)
-    if pairs.empty and not known.empty:
-        raise _no_match(labels, key, wanted[key].tolist())
-    per = pairs.groupby("row")["y"]
-    conflict = per.nunique()
-    conflict = rows.loc[conflict[conflict > 1].index, "patient_id"].tolist()
-    if conflict:
+def _bag_slides(ids: pd.Series) -> pd.Series:
+    """Each row's slide ids: itself, and for `fit`'s patient bags (data.bag_level=patient) the
+    patient's slides it joins with ';'."""
+    return ids.map(
+        lambda i: [i, *(s.strip() for s in i.split(";") if s.strip())] if ";" in i else [i]
+    )
+
+
+def _pooled_labels(ids: pd.Series, key: str, labels: Labels, names: pd.Series) -> pd.Series:
+    """y per row from the labels_csv rows whose ``key`` is among the row's ``ids``: labelled
+    slides of one patient must agree (``names`` name the patient); a class wins over 'drop',
+    'drop' over a blank label, as `fit` drops 'drop' slides before pooling a patient's bag."""
+    wanted = pd.DataFrame({"row": ids.index, key: ids}).explode(key)
+    pairs = wanted.merge(labels.table[[key, "y"]], on=key)
+    per = pairs[pairs["y"] >= 0].groupby("row")["y"].nunique()
+    mixed = names[per[per > 1].index].tolist()
+    if mixed:
         raise UserError(
-            f"labels CSV '{labels.path}': patient(s) {conflict[:5]} have slides with different "
-            "labels; patient predictions need one label per patient."
+            f"labels CSV '{labels.path}': patient(s) {mixed[:5]} have slides with different "
+            "labels, but their predictions pool the patient's slides; give each such patient's "
+            "slides one label."
         )
-    return per.first().reindex(rows.index, fill_value=UNLABELLED).astype(int)
+    rank = pairs["y"].map({BLANK: 0, DROPPED: 1}).fillna(2)
+    best = pairs.assign(rank=rank).sort_values("rank", kind="stable").groupby("row")["y"].last()
+    return best.reindex(ids.index, fill_value=UNLABELLED).astype(int)
 
 
 def _attach_labels(
-    slides: pd.DataFrame, labels: Labels | None, key: str, scored: Scored
+    rows: pd.DataFrame, labels: Labels | None, key: str, scored: Scored
 ) -> pd.DataFrame:
-    """Join labels (and their patient ids) onto slide rows (key slide_id) or patient rows."""
+    """Join labels (and their patient ids) onto slide rows (key slide_id) or patient rows
+    (through labels_csv's patient_id, else the row's slide_ids); list each row left out."""
     if labels is None:
-        if "y" not in slides.columns:
-            slides["y"] = UNLABELLED
-        return slides
-    if key == "patient_id":
-        slides["y"] = _patient_labels(slides, labels)
-        missing = slides.loc[slides["y"] < 0, "patient_id"].tolist()
-        scored.exclude(missing, "patient", "no label in labels_csv", "classification")
-        return slides
-    lab = labels.table.set_index("slide_id")
-    slides["y"] = slides["slide_id"].map(lab["y"]).fillna(UNLABELLED).astype(int)
-    if (slides["y"] == UNLABELLED).all() and (lab["y"] >= 0).any():
-        raise _no_match(labels, "slide_id", slides["slide_id"].tolist())
-    if labels.patients:  # else the predictions' own patient ids stand
-        from_labels = slides["slide_id"].map(lab["patient_id"])
-        slides["patient_id"] = from_labels.where(from_labels.notna(), slides["patient_id"])
+        if "y" not in rows.columns:
+            rows["y"] = UNLABELLED
+        return rows
+    if key == "slide_id":
+        by, ids = "slide_id", _bag_slides(rows["slide_id"])
+    elif labels.patients:
+        by, ids = "patient_id", rows["patient_id"].map(lambda p: [p])
+    else:
+        by, ids = "slide_id", _bag_slides(rows["slide_ids"].str.strip(";"))
+    rows["y"] = _pooled_labels(ids, by, labels, rows["patient_id"])
+    if (rows["y"] == UNLABELLED).all() and (labels.table["y"] >= 0).any():
+        raise _no_match(labels, by, ids.explode().tolist())
+    if key == "slide_id" and labels.patients:  # else the predictions' own patient ids stand
+        from_labels = rows["slide_id"].map(labels.table.set_index("slide_id")["patient_id"])
+        rows["patient_id"] = from_labels.where(from_labels.notna(), rows["patient_id"])
+    level = key.removesuffix("_id")
     for y, reason, analysis in (
         (DROPPED, "label mapped to 'drop' by the run's label_map", "all"),
         (BLANK, "blank or NA label in labels_csv", "classification"),
         (UNLABELLED, "no label in labels_csv", "classification"),
     ):
-        scored.exclude(slides.loc[slides["y"] == y, "slide_id"].tolist(), "slide", reason, analysis)
-    slides["y"] = slides["y"].replace(BLANK, UNLABELLED)
-    return slides[slides["y"] != DROPPED]
+        scored.exclude(rows.loc[rows["y"] == y, key].tolist(), level, reason, analysis)
+    rows["y"] = rows["y"].replace(BLANK, UNLABELLED)
+    return rows[rows["y"] != DROPPED]
 
 
 def per_patient(slides: pd.DataFrame, probs: list[str]) -> pd.DataFrame:
