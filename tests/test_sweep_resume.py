@@ -36,7 +36,9 @@ def test_a_resume_with_other_fixed_settings_is_refused_naming_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     features, labels = cohort(tmp_path / "coh")
-    grid = sweep_file(tmp_path, {"method": "grid", "parameters": {"seed": {"values": [0, 1]}}})
+    metric = {"name": "cv/auc_mean", "goal": "maximize"}
+    spec = {"method": "grid", "metric": metric, "parameters": {"seed": {"values": [0, 1]}}}
+    grid = sweep_file(tmp_path, spec)
     out = tmp_path / "out"
     base = ["sweep", str(grid), *fast(out), f"data.features_dir={features}"]
     base.append(f"data.labels_csv={labels}")
@@ -56,6 +58,10 @@ def test_a_resume_with_other_fixed_settings_is_refused_naming_them(
     # keys that change no result may differ; the swept key's own fixed value is not compared
     same = [*base, "optim.lr=0.01", "model.name=abmil", "data.num_workers=1", "seed=5"]
     assert main([*same, "--count", "1"]) == 0
+    # one column order, whether a run's metrics came from this call or from sweep.json
+    header = (out / "sweep_results.csv").read_text().splitlines()[0].split(",")
+    assert header[:4] == ["run", "state", "seed", "cv/auc_mean"], header
+    assert header[4:] == sorted(header[4:]) and len(header) > 6, header
 
 
 def test_a_resumed_random_sweep_continues_the_draws_of_one_invocation(tmp_path: Path) -> None:

@@ -63,8 +63,14 @@ def report(
         {"run": e["name"], "state": e["state"], **e["params"], **e.get("metrics", {})}
         for e in entries
     ]
-    table = pd.DataFrame(rows)
     metric = (spec.get("metric") or {}).get("name")
+    # one column order however the ledger was filled (a resumed sweep reads it back from
+    # sweep.json): the swept keys, the sweep's metric, then the other metrics by name
+    params = dict.fromkeys([*spec["parameters"], *(k for e in entries for k in e["params"])])
+    metrics = sorted(
+        sorted({k for e in entries for k in e.get("metrics", {})}), key=lambda k: k != metric
+    )
+    table = pd.DataFrame(rows, columns=["run", "state", *params, *metrics])
     if metric in table.columns:
         ascending = spec["metric"].get("goal") == "minimize"
         table = table.sort_values(metric, ascending=ascending, na_position="last")
