@@ -56,7 +56,8 @@ def test_work_files_of_another_slide_with_the_same_id_are_rebuilt(
     cfg = predict_cfg(pipe, out, f"slides_dir={b}", "heatmaps=false", "overwrite=true")
     assert run_predict(cfg) == 1
     row = pd.read_csv(out / "predictions.csv").set_index("slide_id").loc["S"]
-    assert row["status"] == "failed" and pd.isna(row.get("prob")) and "failed" in row["reason"]
+    assert row["status"] == "failed" and pd.isna(row.get("prob"))
+    assert "not a format OpenSlide reads" in row["reason"]  # tile's own reason
 
 
 def test_overwrite_retiles_with_the_runs_new_tiling(pipe: Pipeline, tmp_path: Path) -> None:
@@ -153,7 +154,7 @@ def test_overwrite_removes_the_previous_calls_outputs_only(pipe: Pipeline, tmp_p
 
 
 def test_a_slide_without_resolution_is_predicted_with_mpp_csv(
-    pipe: Pipeline, tmp_path: Path
+    pipe: Pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import openslide
     import tifffile
@@ -166,7 +167,12 @@ def test_a_slide_without_resolution_is_predicted_with_mpp_csv(
         tif.write(image, tile=(256, 256), photometric="rgb", compression="jpeg")
     assert run_predict(predict_cfg(pipe, tmp_path / "a", f"slides_dir={folder}")) == 1
     reason = pd.read_csv(tmp_path / "a" / "predictions.csv").loc[0, "reason"]
-    assert "no resolution" in reason and "mpp_csv" in reason
+    # the advice names only keys predict accepts, once, with no doubled 'failed: failed:'
+    assert "no resolution" in reason and "mpp_csv=" in reason and "tiling." not in reason
+    assert f"failed S: {reason}" in capsys.readouterr().out and "failed" not in reason
+    drawn = inference_cfg(HeatmapConfig, pipe, tmp_path / "h", f"slides_dir={folder}")
+    assert run_heatmap(drawn) == 1
+    assert pd.read_csv(tmp_path / "h" / "heatmaps.csv").loc[0, "reason"] == reason
 
     mpp = read_coords(pipe.root / "tiles" / "coords" / "slide_000.h5").level0_mpp
     table = tmp_path / "mpp.csv"

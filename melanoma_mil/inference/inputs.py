@@ -34,7 +34,7 @@ from melanoma_mil.io import sha256_file, write_text
 from melanoma_mil.rundir import TrainedRun
 from melanoma_mil.tiling.coords import read_coords
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
-from melanoma_mil.tiling.slides import find_slides
+from melanoma_mil.tiling.slides import DEFAULT_MPP_ADVICE, find_slides
 
 log = logging.getLogger(__name__)
 
@@ -243,13 +243,19 @@ def cached_inputs(
 
 
 def _reasons(csvs: list[Path]) -> dict[str, str]:
-    """slide_id -> reason, from the tiling.csv / extract.csv rows that were not ok."""
+    """slide_id -> reason, from the tiling.csv / extract.csv rows that were not ok. The row's
+    status prefixes the reason unless it is 'failed' (the slide's own status already says so);
+    tile's advice to set tiling.default_mpp is dropped: this command tiles with the run's
+    recorded tiling and takes no tiling keys, only mpp_csv."""
     reasons: dict[str, str] = {}
     for csv in csvs:
         if csv.is_file():
             df = pd.read_csv(csv, dtype={"slide_id": str}, keep_default_na=False)
             for r in df[~df["status"].isin(["ok", "done", "skipped"])].itertuples():
-                reasons.setdefault(str(r.slide_id), f"{r.status}: {r.reason}")
+                why = str(r.reason).replace(DEFAULT_MPP_ADVICE, "")
+                # never empty: a slide without a reason here would be scored
+                why = why if r.status == "failed" and why else f"{r.status}: {why}"
+                reasons.setdefault(str(r.slide_id), why)
     return reasons
 
 
@@ -298,8 +304,10 @@ def _tile_and_extract(
 
     encoder = encoder_config(run, cfg.encoder_weights)
     manifest = work / "slides.csv"
+    # absolute, not resolved: a symlinked slide is tiled under the link's own path, whose
+    # fingerprint (it hashes the file name) is the one checked when its features are scored
     table = pd.DataFrame(
-        {"slide_id": list(usable), "path": [str(p.resolve()) for p in usable.values()]}
+        {"slide_id": list(usable), "path": [str(p.absolute()) for p in usable.values()]}
     )
     write_text(manifest, table.to_csv(index=False))
     workers = max(1, 2 if cfg.num_workers is None else cfg.num_workers)

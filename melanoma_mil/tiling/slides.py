@@ -37,6 +37,9 @@ PLAUSIBLE_MPP = (0.05, 50.0)
 # Thumbnails are read in chunks of this many level pixels so no full level is ever in memory.
 _CHUNK = 4096
 DICOM_EXT = ".dcm"
+# `tile`'s other fix for a slide without resolution; predict and heatmap take no tiling keys and
+# drop it from the reasons they report (`inference.inputs`)
+DEFAULT_MPP_ADVICE = " or set tiling.default_mpp=MPP"
 # where a slide's level-0 mpp came from, as recorded in coords files and run tables
 MPP_SOURCES = ("file", "tiff resolution", "objective power", "mpp_csv", "default")
 
@@ -194,8 +197,8 @@ def slide_mpp(
         label = name or getattr(slide, "_filename", "slide")
         raise UserError(
             f"slide '{label}' records no resolution (mpp, TIFF resolution or objective power); "
-            "give it a row in mpp_csv=CSV (slide_id,mpp) or set tiling.default_mpp "
-            "(e.g. 0.5 for 20x, 0.25 for 40x)."
+            "give it a row in mpp_csv=CSV (slide_id,mpp; e.g. 0.5 for 20x, 0.25 for 40x)"
+            f"{DEFAULT_MPP_ADVICE}."
         )
     return float(mpp)
 
