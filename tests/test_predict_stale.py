@@ -179,7 +179,22 @@ def test_a_slide_without_resolution_is_predicted_with_mpp_csv(
     table.write_text(f"slide_id,mpp\nS,{mpp}\n")
     cfg = predict_cfg(pipe, tmp_path / "b", f"slides_dir={folder}", f"mpp_csv={table}")
     assert run_predict(cfg) == 0
-    assert pd.read_csv(tmp_path / "b" / "predictions.csv").loc[0, "status"] == "ok"
+    right = pd.read_csv(tmp_path / "b" / "predictions.csv").loc[0]
+    assert right["status"] == "ok"
+
+    # a typo in mpp_csv, then corrected: overwrite=true re-tiles the slide at the right mpp
+    table.write_text(f"slide_id,mpp\nS,{mpp * 0.8}\n")
+    assert (
+        run_predict(predict_cfg(pipe, tmp_path / "c", f"slides_dir={folder}", f"mpp_csv={table}"))
+        == 0
+    )
+    table.write_text(f"slide_id,mpp\nS,{mpp}\n")
+    again = predict_cfg(
+        pipe, tmp_path / "c", f"slides_dir={folder}", f"mpp_csv={table}", "overwrite=true"
+    )
+    assert run_predict(again) == 0
+    fixed = pd.read_csv(tmp_path / "c" / "predictions.csv").loc[0]
+    assert fixed["status"] == "ok" and fixed["n_tiles"] == right["n_tiles"]
 
 
 def work_statuses(out: Path, table: str) -> dict[str, str]:

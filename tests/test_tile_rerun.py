@@ -158,3 +158,26 @@ def test_other_settings_are_refused_before_any_slide_is_touched(tmp_path: Path) 
         run_tile(cfg)
     shutil.rmtree(out / "coords")  # only coords count: a folder without them is tiled
     assert run_tile(cfg) == 0
+
+
+def test_default_mpp_as_tile_advises_tiles_the_slide_without_one_and_keeps_the_others(
+    tmp_path: Path,
+) -> None:
+    """tile's fix for a slide without resolution is mpp_csv or tiling.default_mpp; the second
+    must not be refused as 'other settings' for the slides that record their own mpp."""
+    import tifffile
+
+    slides, out = tmp_path / "slides", tmp_path / "tiles"
+    _slide(slides / "a.tiff")  # records 0.5 um/px
+    with tifffile.TiffWriter(slides / "b.tiff") as tif:  # records no resolution
+        tif.write(tissue_image(768, 1), tile=(256, 256), photometric="rgb")
+    assert _tile(slides, out) == 1
+    assert "tiling.default_mpp" in _table(out).loc["b", "reason"]
+    kept = (out / "coords" / "a.h5").stat().st_mtime_ns
+    cfg = TileConfig(slides_dir=str(slides), output_dir=str(out), workers=1,
+                     tiling=TilingConfig(mpp=1.0, tile_size=64, default_mpp=0.5))  # fmt: skip
+    assert run_tile(cfg) == 0
+    table = _table(out)
+    assert table.loc["a", "status"] == "skipped" and table.loc["b", "status"] == "ok"
+    assert (out / "coords" / "a.h5").stat().st_mtime_ns == kept
+    assert read_coords(out / "coords" / "b.h5").mpp_source == "default"

@@ -235,9 +235,9 @@ def _missing_advice(root: Path, missing: list[str], labelled: set[str], skip: bo
     typos = _near_ids(missing, sorted(ids - labelled))
     if not typos:
         return fix[0].upper() + fix[1:]
-    if len(typos) == len(missing):
-        return f"{' '.join(typos)} Fix the slide ids in data.labels_csv."
-    return f"{' '.join(typos)} Fix those slide ids in data.labels_csv; for the others, {fix}"
+    # a near id may be another real slide, not yet extracted: the hint is a question, and the
+    # extract fix stays
+    return f"{' '.join(typos)} If so, fix the slide ids in data.labels_csv; otherwise {fix}"
 
 
 def _near_ids(missing: list[str], unlabelled: list[str], examples: int = 3) -> list[str]:

@@ -34,7 +34,12 @@ from melanoma_mil.io import sha256_file, write_text
 from melanoma_mil.rundir import TrainedRun
 from melanoma_mil.tiling.coords import read_coords
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
-from melanoma_mil.tiling.slides import DEFAULT_MPP_ADVICE, find_slides
+from melanoma_mil.tiling.slides import (
+    DEFAULT_MPP_ADVICE,
+    find_slides,
+    mpp_contradicts,
+    read_mpp_csv,
+)
 
 log = logging.getLogger(__name__)
 
@@ -259,22 +264,26 @@ def _reasons(csvs: list[Path]) -> dict[str, str]:
     return reasons
 
 
-def _made_from(path: Path, slide: Path, tiling: dict[str, Any]) -> bool:
+def _made_from(path: Path, slide: Path, tiling: dict[str, Any], mpp: float | None) -> bool:
     """True if the coords or features at ``path`` were made from this very slide file (path and
-    fingerprint) with this tiling."""
+    fingerprint) with this tiling, at the level-0 mpp that mpp_csv gives it now (if any)."""
     try:
         grid = read_coords(path)
     except UserError:  # unreadable leftover
         return False
     same_path = Path(grid.slide_path).resolve() == slide.resolve()
     same_file = fingerprint_mismatch(slide, grid.fingerprint) is None
-    return same_path and same_file and grid.tiling == tiling
+    same_mpp = not mpp_contradicts(grid.level0_mpp, mpp)
+    return same_path and same_file and same_mpp and grid.tiling == tiling
 
 
-def clear_stale(work: Path, slides: dict[str, Path], tiling: TilingConfig) -> None:
+def clear_stale(
+    work: Path, slides: dict[str, Path], tiling: TilingConfig, mpps: dict[str, float]
+) -> None:
     """Delete the coords and features in ``work`` of each slide that were made from another file,
-    path or tiling, so `tile` and `extract` rebuild them (`tile` itself refuses coords of another
-    path, to protect a user's). ``work`` is this command's own cache folder."""
+    path, tiling or mpp_csv value (``mpps``), so `tile` and `extract` rebuild them (`tile` itself
+    refuses coords of another path, to protect a user's). ``work`` is this command's own cache
+    folder."""
     from melanoma_mil.tiling.run import resolved_tiling
 
     wanted = resolved_tiling(tiling)
@@ -284,7 +293,7 @@ def clear_stale(work: Path, slides: dict[str, Path], tiling: TilingConfig) -> No
         coords = id_path(work / "tiles" / "coords", sid, ".h5")
         feats = [p for c in caches if (p := id_path(c, sid, ".h5")).is_file()]
         files = [p for p in (coords, *feats) if p.is_file()]
-        if all(_made_from(p, slide, wanted) for p in files):
+        if all(_made_from(p, slide, wanted, mpps.get(sid)) for p in files):
             continue
         for p in files:
             p.unlink(missing_ok=True)
@@ -356,7 +365,7 @@ def extracted_inputs(
     usable = {s: p for s, p in slides.items() if p is not None}
     if not usable:
         return [SlideInput(s, None, None, "slide file not found") for s in slides]
-    clear_stale(work, usable, tiling)
+    clear_stale(work, usable, tiling, read_mpp_csv(cfg.mpp_csv))
     extracted = _tile_and_extract(run, usable, cfg, work, tiling)
     caches = sorted(p for p in (work / "features").glob("*") if p.is_dir())
     tables = [work / "tiles" / "tiling.csv"]

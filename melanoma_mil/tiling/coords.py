@@ -107,15 +107,17 @@ def read_coords(path: str | os.PathLike[str]) -> TileGrid:
     )
 
 
-def read_tiling(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The TilingConfig a coords file was made with ({} when it records none), reading attrs
-    only, so a whole folder can be checked before any work; None if unreadable."""
+def read_tiling(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str] | None:
+    """(the TilingConfig a coords file was made with ({} when it records none), where its
+    level-0 mpp came from), reading attrs only, so a whole folder can be checked before any
+    work; None if unreadable."""
     try:
         with h5py.File(path, "r") as f:
             if "coords" not in f:  # read_coords refuses it too: a leftover, tiled again
                 return None
-            raw = f.attrs.get("tiling", f["coords"].attrs.get("tiling"))
-            return json.loads(_text(raw)) if raw is not None else {}
+            a = {**dict(f["coords"].attrs), **dict(f.attrs)}
+            tiling = json.loads(_text(a["tiling"])) if "tiling" in a else {}
+            return tiling, _text(a.get("mpp_source", ""))
     except (OSError, ValueError):
         return None
 

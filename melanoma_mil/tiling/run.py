@@ -33,7 +33,7 @@ from melanoma_mil.tiling.coords import read_coords, read_tiling, write_coords
 from melanoma_mil.tiling.fingerprint import slide_fingerprint
 from melanoma_mil.tiling.grid import check_tiling, tile_slide
 from melanoma_mil.tiling.qc import contact_sheet, qc_image, write_qc
-from melanoma_mil.tiling.slides import find_slides, open_slide, read_mpp_csv
+from melanoma_mil.tiling.slides import find_slides, mpp_contradicts, open_slide, read_mpp_csv
 from melanoma_mil.tiling.tissue import resolve_tissue
 from melanoma_mil.workshare import Claim, clear_drafts, describe
 
@@ -137,7 +137,7 @@ def _existing(task: Task, coords: Path, since: float) -> dict[str, Any] | None:
                mpp=grid.level0_mpp, mpp_source=grid.mpp_source)  # fmt: skip
     with contextlib.suppress(OSError):  # left by a process killed right after writing it
         Claim(coords.with_suffix(".lock"), task.stale_after).clear_stale()
-    if task.mpp is not None and abs(grid.level0_mpp - task.mpp) > 1e-6 * task.mpp:
+    if mpp_contradicts(grid.level0_mpp, task.mpp):
         row.update(status="failed", reason=(
             f"{coords} was made with other settings (level-0 mpp {grid.level0_mpp:g} -> "
             f"{task.mpp:g} (mpp_csv)); use a new output_dir or overwrite=true"))  # fmt: skip
@@ -163,11 +163,14 @@ def _check_settings(out: Path, slide_ids: list[str], wanted: dict[str, Any]) -> 
     olds: dict[str, set[str]] = {}
     tiled = other = 0
     for sid in slide_ids:
-        tiling = read_tiling(id_path(out / "coords", sid, ".h5"))
-        if tiling is None:  # not tiled yet, or an unreadable leftover: tiled again
+        found = read_tiling(id_path(out / "coords", sid, ".h5"))
+        if found is None:  # not tiled yet, or an unreadable leftover: tiled again
             continue
-        old = _flat(tiling)
-        diff = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k)]
+        old = _flat(found[0])
+        keys = old.keys() | new.keys()
+        if found[1] != "default":  # default_mpp shaped nothing of a slide with its own mpp
+            keys -= {"default_mpp"}
+        diff = [k for k in keys if old.get(k) != new.get(k)]
         tiled, other = tiled + 1, other + bool(diff)
         for k in diff:
             olds.setdefault(k, set()).add(repr(old.get(k)))

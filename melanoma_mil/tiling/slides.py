@@ -203,6 +203,11 @@ def slide_mpp(
     return float(mpp)
 
 
+def mpp_contradicts(level0_mpp: float, override: float | None) -> bool:
+    """Whether coords made at ``level0_mpp`` disagree with the slide's mpp_csv row now."""
+    return override is not None and abs(level0_mpp - override) > 1e-6 * override
+
+
 def read_mpp_csv(path: str | os.PathLike[str] | None) -> dict[str, float]:
     """slide_id -> level-0 mpp from a CSV with columns slide_id, mpp (checked before any work)."""
     if not path:
