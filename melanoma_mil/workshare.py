@@ -23,6 +23,18 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_STALE_S = 900.0
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+STOP_FIX = "make room (or use another output_dir) and re-run: finished slides are kept"
+
+
+def disk_full(e: BaseException) -> bool:
+    """A write failed for lack of space: every later slide would fail too, so stop claiming."""
+    return isinstance(e, OSError) and e.errno in DISK_FULL
+
+
+def disk_full_reason(e: OSError, folder: Path) -> str:
+    """The one line a slide fails with when the disk it is written to is full."""
+    return f"disk full ({e.strerror}) in {folder}"
 
 
 def _read(path: str) -> str:

@@ -190,3 +190,22 @@ def test_a_bad_encoder_setting_fails_before_the_output_folder_exists(
     assert main([*argv, "encoder.pretrained=false", bad]) == 2
     assert bad.split("=")[1] in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_slide_without_coords_is_listed_and_fails_the_run(tmp_path: Path) -> None:
+    tiles = make_cohort(tmp_path, 2, side=128, tile=64)
+    (tiles / "coords" / "slide1.h5").unlink()  # `tile` failed on it
+    cfg = cfg_for(tiles, tmp_path / "f", slides_dir=str(tmp_path / "slides"))
+    assert run_extract(cfg) == 1
+    table = report(tmp_path / "f")
+    assert table.loc["slide0", "status"] == "ok"
+    assert table.loc["slide1", "status"] == "no coords"
+    assert "see tiling.csv" in table.loc["slide1", "reason"]
+
+
+def test_a_stopped_run_fails_its_slide_with_the_reason_alone() -> None:
+    from melanoma_mil.features.pipeline import Stopped, failure
+
+    assert failure(Stopped("stopped: disk full (No space left on device) in /x")) == (
+        "stopped: disk full (No space left on device) in /x"
+    )

@@ -48,18 +48,20 @@ def coords_files(coords_dir: str | os.PathLike[str] | None) -> dict[str, Path]:
     return files
 
 
+def given_slides(
+    slides_dir: str | None, manifest: str | None, extensions: list[str]
+) -> dict[str, Path]:
+    """The slides named by slides_dir / manifest ({} when neither is set: coords name them)."""
+    return find_slides(slides_dir, manifest, extensions) if (slides_dir or manifest) else {}
+
+
 def plan_jobs(
-    coords: dict[str, Path],
-    slides_dir: str | None,
-    manifest: str | None,
-    extensions: list[str],
-    slide_paths: dict[str, str],
+    coords: dict[str, Path], found: dict[str, Path], slide_paths: dict[str, str]
 ) -> list[Job]:
-    """Pair each coords file with its slide: slides_dir / manifest if given, else its recorded
-    absolute slide_path (a relative one, from files made before paths were absolute, is refused:
-    it would resolve against whatever folder `extract` runs in). Whether the file found is the
-    slide that was tiled is checked later, against the recorded fingerprint."""
-    found = find_slides(slides_dir, manifest, extensions) if (slides_dir or manifest) else {}
+    """Pair each coords file with its slide: in ``found`` (`given_slides`) if given, else its
+    recorded absolute slide_path (a relative one, from files made before paths were absolute, is
+    refused: it would resolve against whatever folder `extract` runs in). Whether the file found
+    is the slide that was tiled is checked later, against the recorded fingerprint."""
     jobs = []
     for sid, cpath in coords.items():
         if found:

@@ -37,10 +37,16 @@ log = logging.getLogger(__name__)
 STORE = {"float16": np.float16, "float32": np.float32}
 
 
+class Stopped(Exception):
+    """The run stops (e.g. a full disk): the slide in progress fails with the run's reason."""
+
+
 def failure(e: BaseException) -> str:
-    """One line: the cause (worker errors end with it), typed unless it is a UserError."""
+    """One line: the cause (worker errors end with it), typed unless it is a UserError or the
+    run's stop (whose reason already says what happened)."""
     last = (str(e).strip().splitlines() or [""])[-1]
-    return (last if isinstance(e, UserError) else f"{type(e).__name__}: {last}")[:300]
+    plain = isinstance(e, (UserError, Stopped))
+    return (last if plain else f"{type(e).__name__}: {last}")[:300]
 
 
 class Writer:
@@ -158,7 +164,7 @@ class Engine:
             source = self._from_processes(work) if self.processes else self._from_threads(work)
             for tiles in source:
                 if self.writer.fatal:  # e.g. the disk filled up while the last slide was written
-                    raise RuntimeError(f"stopped: {self.writer.fatal}")
+                    raise Stopped(f"stopped: {self.writer.fatal}")
                 y = self.encoder.encode(tiles.permute(0, 3, 1, 2), work.grid.tile_size,
                                         self.precision)  # fmt: skip
                 self.writer.put(work, y)

@@ -11,7 +11,6 @@ left, a process waits for them, and takes over any whose process dies.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import time
@@ -29,16 +28,11 @@ from melanoma_mil.ids import id_path
 from melanoma_mil.io import write_json
 from melanoma_mil.tiling.coords import TileGrid
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
-from melanoma_mil.workshare import Claim, clear_drafts, describe, me
+from melanoma_mil.workshare import Claim, clear_drafts, describe, disk_full, disk_full_reason, me
 
 log = logging.getLogger(__name__)
 
 POLL_S = 2.0  # while only slides held by live processes are left
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def disk_full(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in DISK_FULL
 
 
 @dataclass
@@ -190,7 +184,7 @@ class SlideQueue:
         except OSError as e:
             self.row(i, "failed", f"cannot claim it in {out.parent}: {e}", cache_key=key)
             if disk_full(e):
-                self.stop(f"disk full ({e.strerror}) in {out.parent}")
+                self.stop(disk_full_reason(e, out.parent))
             return None
         if not got:
             self.busy.append((i, claim.owner))

@@ -37,15 +37,17 @@ from melanoma_mil.features.data import (
     ReaderProcesses,
     RunBatches,
     coords_files,
+    given_slides,
     plan_jobs,
 )
 from melanoma_mil.features.pipeline import Engine, Writer, failure
-from melanoma_mil.features.queue import SlideQueue, SlideWork, disk_full, write_record
+from melanoma_mil.features.queue import SlideQueue, SlideWork, write_record
 from melanoma_mil.io import h5_bytes, write_bytes
 from melanoma_mil.outdir import claim_shared
 from melanoma_mil.progress import progress
 from melanoma_mil.runtable import show, write
 from melanoma_mil.tiling.coords import TileGrid, read_coords
+from melanoma_mil.workshare import STOP_FIX, disk_full, disk_full_reason
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ WIDTHS = {"slide_id": 24, "status": 8, "n_tiles": 7, "seconds": 7, "tiles_per_s"
 SHM = Path("/dev/shm")  # where reader processes hand batches over (torch's shared memory)
 DONE = ("ok", "done", "skipped")
 FINE = (*DONE, "empty")  # an empty slide has no bag to make: it does not fail the run
+NO_COORDS = "tile failed or was not run for it: see tiling.csv"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -185,7 +188,7 @@ def _finisher(queue: SlideQueue) -> Callable[[SlideWork, str], str]:
                 write_bag(work)
             except OSError as e:
                 error = f"cannot write {work.out}: {e.strerror or e}"
-                fatal = f"disk full ({e.strerror}) in {work.out.parent}" if disk_full(e) else ""
+                fatal = disk_full_reason(e, work.out.parent) if disk_full(e) else ""
             except Exception as e:  # e.g. MemoryError building the file: this slide only
                 error = failure(e)
         work.feats = None
@@ -219,8 +222,9 @@ def _non_finite(work: SlideWork) -> str:
     )
 
 
-def _plan(cfg: ExtractConfig) -> tuple[list[Job], list[TileGrid | str]]:
-    """The slides to encode and their tile grids (an unreadable coords file: why, as text)."""
+def _plan(cfg: ExtractConfig) -> tuple[list[Job], list[TileGrid | str], dict[str, Path]]:
+    """The slides to encode and their tile grids (an unreadable coords file: why, as text), and
+    the slides of slides_dir / manifest that have no coords file (reported, never dropped)."""
     coords = coords_files(cfg.coords_dir)
     read: dict[str, TileGrid | str] = {}
     for sid, p in coords.items():
@@ -229,8 +233,10 @@ def _plan(cfg: ExtractConfig) -> tuple[list[Job], list[TileGrid | str]]:
         except UserError as e:  # that slide fails; the others go on
             read[sid] = str(e)
     recorded = {sid: g.slide_path for sid, g in read.items() if isinstance(g, TileGrid)}
-    jobs = plan_jobs(coords, cfg.slides_dir, cfg.manifest, list(cfg.extensions), recorded)
-    return jobs, [read[job.slide_id] for job in jobs]
+    found = given_slides(cfg.slides_dir, cfg.manifest, list(cfg.extensions))
+    jobs = plan_jobs(coords, found, recorded)
+    untiled = {sid: p for sid, p in found.items() if sid not in coords}
+    return jobs, [read[job.slide_id] for job in jobs], untiled
 
 
 def _encoder(cfg: ExtractConfig) -> tuple[torch.device, Encoder, str]:
@@ -247,7 +253,7 @@ def run_extract(cfg: ExtractConfig) -> int:
     """Extract features for every coords file under ``cfg.coords_dir``; 1 unless every slide
     is done or empty (failed, or still held by another process: see the table)."""
     check(cfg)  # also configs built in code (predict, heatmap, demo)
-    jobs, grids = _plan(cfg)
+    jobs, grids, untiled = _plan(cfg)
     device, encoder, precision = _encoder(cfg)
     claim_shared(cfg.output_dir, "extract")
     tile = max((g.tile_size for g in grids if isinstance(g, TileGrid)), default=224)
@@ -291,18 +297,21 @@ def run_extract(cfg: ExtractConfig) -> int:
         if processes is not None:
             processes.close()
     queue.tidy(DONE)
-    return _report(run, queue, jobs)
+    return _report(run, queue, jobs, untiled)
 
 
-def _report(run: Run, queue: SlideQueue, jobs: list[Any]) -> int:
-    """The whole cohort's table, printed and as extract.csv in each cache folder."""
+def _report(run: Run, queue: SlideQueue, jobs: list[Any], untiled: dict[str, Path]) -> int:
+    """The whole cohort's table, printed and as extract.csv in each cache folder; ``untiled``
+    slides (no coords file) are listed and fail the run, as a failed slide does."""
     rows = [queue.rows.get(j.slide_id) or {"slide_id": j.slide_id, "status": "failed",
             "reason": "not reached"} for j in jobs]  # fmt: skip
+    rows += [{"slide_id": sid, "status": "no coords", "reason": NO_COORDS, "path": str(p)}
+             for sid, p in untiled.items()]  # fmt: skip
     df = pd.DataFrame(rows)
     for col in CSV_COLUMNS:
         if col not in df:
             df[col] = np.nan
-    df["mpp_source"] = [_mpp_source(g) for g in queue.grids]
+    df["mpp_source"] = [_mpp_source(g) for g in queue.grids] + [""] * len(untiled)
     df = df[CSV_COLUMNS].sort_values("slide_id")
     show(df, f"extract {run.encoder.name}", CSV_COLUMNS[:-2], WIDTHS, (*DONE, "empty", "failed"))
     keys = sorted(df["cache_key"].dropna().unique())
@@ -316,8 +325,7 @@ def _report(run: Run, queue: SlideQueue, jobs: list[Any]) -> int:
     for r in bad.itertuples():
         log.error("  %s %s: %s", r.status, r.slide_id, r.reason)
     if queue.stopped:
-        log.error("extract stopped early: %s; make room (or use another output_dir) and re-run: "
-                  "finished slides are kept", queue.stopped)  # fmt: skip
+        log.error("extract stopped early: %s; %s", queue.stopped, STOP_FIX)
     return 1 if len(bad) or not wrote else 0
 
 

@@ -14,7 +14,15 @@ import json
 import logging
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.context import BaseContext
 from pathlib import Path
@@ -35,7 +43,14 @@ from melanoma_mil.tiling.grid import check_tiling, tile_slide
 from melanoma_mil.tiling.qc import contact_sheet, qc_image, write_qc
 from melanoma_mil.tiling.slides import find_slides, mpp_contradicts, open_slide, read_mpp_csv
 from melanoma_mil.tiling.tissue import resolve_tissue
-from melanoma_mil.workshare import Claim, clear_drafts, describe
+from melanoma_mil.workshare import (
+    STOP_FIX,
+    Claim,
+    clear_drafts,
+    describe,
+    disk_full,
+    disk_full_reason,
+)
 
 log = logging.getLogger(__name__)
 COLUMNS = ["slide_id", "status", "n_tiles", "seconds", "reader", "mpp", "mpp_source", "reason",
@@ -71,9 +86,10 @@ def _reason(e: Exception) -> str:
 
 
 def tile_one(task: Task) -> dict[str, Any]:
-    """Claim, tile and write one slide's QC image and coords; a failure becomes a 'failed' row,
-    a slide another live process holds a 'claimed' row. Coords are written last, so their
-    presence means the slide is completely done."""
+    """Claim, tile and write one slide's QC image and coords; a failure becomes a 'failed' row
+    (on a full disk with ``fatal`` set: no further slide is claimed), a slide another live
+    process holds a 'claimed' row. Coords are written last, so their presence means the slide
+    is completely done."""
     out = Path(task.out)
     coords = id_path(out / "coords", task.slide_id, ".h5")
     claim = Claim(coords.with_suffix(".lock"), task.stale_after)
@@ -84,7 +100,9 @@ def tile_one(task: Task) -> dict[str, Any]:
         if not claim.acquire():
             return _row(task.slide_id, task.path, "claimed", reason=describe(claim.owner))
         if coords.is_file() and coords.stat().st_mtime >= task.since:  # a peer just did it
-            return _row(task.slide_id, task.path, "skipped", reason="tiled by another process")
+            peer = _existing(task, coords, task.since)
+            if peer is not None:
+                return peer
         slide = open_slide(task.path)
         try:
             vendor = slide.properties.get("openslide.vendor", "")
@@ -96,6 +114,9 @@ def tile_one(task: Task) -> dict[str, Any]:
         write_coords(coords, tiles.grid)
     except Exception as e:  # a corrupt slide fails in a reader, PIL or numpy: report, go on
         row.update(reason=_reason(e), seconds=time.perf_counter() - start)
+        if isinstance(e, OSError) and disk_full(e):
+            folder = Path(e.filename).parent if e.filename else coords.parent
+            row.update(reason=disk_full_reason(e, folder), fatal=disk_full_reason(e, folder))
         return row
     finally:
         claim.release()
@@ -210,6 +231,49 @@ def _isolated(task: Task, ctx: BaseContext) -> dict[str, Any]:
             return _row(task.slide_id, task.path, "failed", reason=reason)
 
 
+def _not_started(task: Task, why: str) -> dict[str, Any]:
+    return _row(task.slide_id, task.path, "failed", reason=f"not started: {why}")
+
+
+def _stop(rows: list[dict[str, Any]]) -> str:
+    """Why no further slide may be claimed (a full disk), or ""."""
+    return next((r["fatal"] for r in rows if r.get("fatal")), "")
+
+
+def _in_pool(tasks: list[Task], workers: int, ctx: BaseContext,
+             done: Callable[[dict[str, Any]], None]) -> list[Task]:  # fmt: skip
+    """Tile ``tasks`` in a process pool, handing a worker its next slide only once it is free,
+    so that after a full disk no further slide is claimed (those left are reported as not
+    started). Returns the slides a dying worker left unfinished."""
+    todo = deque(tasks)
+    running: dict[Future[dict[str, Any]], Task] = {}
+    unfinished: list[Task] = []
+    stop = ""
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        while todo or running:
+            while todo and len(running) < workers and not stop and not unfinished:
+                task = todo.popleft()
+                running[pool.submit(tile_one, task)] = task
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                task = running.pop(fut)
+                try:
+                    row = fut.result()
+                except BrokenProcessPool:  # one dead worker breaks every slide in flight
+                    unfinished.append(task)
+                    continue
+                done(row)
+                stop = stop or row.get("fatal", "")
+    for task in todo:
+        if stop:
+            done(_not_started(task, stop))
+        else:
+            unfinished.append(task)
+    return unfinished
+
+
 def _pool_rows(tasks: list[Task], workers: int, bar: tqdm) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     start, tiles = time.perf_counter(), 0
@@ -224,22 +288,21 @@ def _pool_rows(tasks: list[Task], workers: int, bar: tqdm) -> list[dict[str, Any
             bar.update(1)
 
     if workers <= 1:  # in this process, as asked
-        for task in tasks:
+        for i, task in enumerate(tasks):
             done(tile_one(task))
+            if _stop(rows):
+                for later in tasks[i + 1 :]:
+                    done(_not_started(later, _stop(rows)))
+                break
         return rows
     # a pool even for one slide: a slide whose reader crashes must not take this process along
-    workers = min(workers, len(tasks))
     # spawn: the parent may hold torch/OpenMP threads (demo, notebooks) that fork would break
     ctx = multiprocessing.get_context("spawn")
-    unfinished: list[Task] = []
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        futures = {pool.submit(tile_one, task): task for task in tasks}
-        for fut in as_completed(futures):
-            try:
-                done(fut.result())
-            except BrokenProcessPool:  # one dead worker breaks every pending slide
-                unfinished.append(futures[fut])
-    if unfinished:
+    unfinished = _in_pool(tasks, min(workers, len(tasks)), ctx, done)
+    if unfinished and _stop(rows):
+        for task in unfinished:
+            done(_not_started(task, _stop(rows)))
+    elif unfinished:
         log.warning("a tile process died: tiling the %d unfinished slide(s) in a process each, "
                     "so only the slide that kills it fails", len(unfinished))  # fmt: skip
         with ThreadPoolExecutor(workers) as threads:
@@ -248,9 +311,10 @@ def _pool_rows(tasks: list[Task], workers: int, bar: tqdm) -> list[dict[str, Any
     return rows
 
 
-def _tile_all(tasks: list[Task], workers: int, bar: tqdm) -> list[dict[str, Any]]:
+def _tile_all(tasks: list[Task], workers: int, bar: tqdm) -> tuple[list[dict[str, Any]], str]:
     """Tile ``tasks``; slides claimed by other live processes are waited for (and taken over if
-    their process dies) until none is left."""
+    their process dies) until none is left, or the disk is full. Returns (rows, why it
+    stopped early or "")."""
     rows: list[dict[str, Any]] = []
     first = True
     while tasks:
@@ -259,10 +323,12 @@ def _tile_all(tasks: list[Task], workers: int, bar: tqdm) -> list[dict[str, Any]
         rows += [r for r in got if r["status"] != "claimed"]
         busy = {r["slide_id"] for r in got if r["status"] == "claimed"}
         tasks = [t for t in tasks if t.slide_id in busy]
+        if _stop(got):
+            return rows + [_not_started(t, _stop(got)) for t in tasks], _stop(got)
         if tasks:
             log.info("waiting for %d slide(s) other processes are tiling", len(tasks))
             time.sleep(POLL_S)
-    return rows
+    return rows, ""
 
 
 def run_tile(cfg: TileConfig) -> int:
@@ -296,7 +362,8 @@ def run_tile(cfg: TileConfig) -> int:
         todo.append(task)
 
     with progress(total=len(slides), initial=len(rows), desc="tile", unit="slide") as bar:
-        rows += _tile_all(todo, cfg.workers, bar)
+        tiled, stopped = _tile_all(todo, cfg.workers, bar)
+    rows += tiled
     for folder in {id_path(out / "coords", sid, ".h5").parent for sid in slides}:
         with contextlib.suppress(OSError):  # drafts of claims by processes killed while claiming
             clear_drafts(folder, cfg.stale_after_s)
@@ -309,6 +376,9 @@ def run_tile(cfg: TileConfig) -> int:
             log.warning("%s: FAILED: %s", r.slide_id, r.reason)
     show(table, "tile", COLUMNS[:-1], WIDTHS, ("ok", "empty", "failed", "skipped"))
     wrote = write(table, out / "tiling.csv")
+    if stopped:  # the folders may hold nothing to look at, and the sheet has no room
+        log.error("tile stopped early: %s; %s", stopped, STOP_FIX)
+        return 1
     _sheet(table, out)
     print(f"  coords: {out / 'coords'}\n  QC images: {out / 'qc'}", flush=True)
     return 1 if (table["status"] == "failed").any() or not wrote else 0
