@@ -10,7 +10,7 @@ import pytest
 from test_evaluate import FIGURES, embedded_figures
 
 from melanoma_mil.config import DemoConfig, load_config
-from melanoma_mil.demo.run import run_demo
+from melanoma_mil.demo.run import check_demo, run_demo
 from melanoma_mil.errors import UserError
 
 
@@ -52,8 +52,22 @@ def test_reduced_demo_runs_every_stage(tmp_path: Path) -> None:
 
 
 def test_a_cohort_too_small_for_its_folds_names_only_a_fix_left(tmp_path: Path) -> None:
-    """At folds=2, the minimum, 'lower folds' is no fix: only more slides are."""
+    """At folds=2, the minimum, 'lower folds' is no fix: only more slides are. The message
+    counts patients (the limit is on them) and names only the demo's keys."""
     cfg = load_config(DemoConfig, [], ["n_slides=8", "folds=2", f"output_dir={tmp_path / 'd'}"])
-    with pytest.raises(UserError, match=r"Raise n_slides\.$") as e:
+    with pytest.raises(UserError, match=r"Raise n_slides \(n_slides=11 fits\)\.$") as e:
         run_demo(cfg)
-    assert "lower folds" not in str(e.value) and not (tmp_path / "d").exists()
+    message = str(e.value)
+    assert "{'immune_high': 4, 'immune_low': 3} patients" in message
+    assert "lower folds" not in message and "cv." not in message
+    assert not (tmp_path / "d").exists()
+    cfg.n_slides = 11
+    check_demo(cfg)  # the size named fits
+
+
+def test_a_cohort_too_small_for_many_folds_names_both_fixes(tmp_path: Path) -> None:
+    cfg = load_config(DemoConfig, [], ["n_slides=8", "folds=4", f"output_dir={tmp_path / 'd'}"])
+    with pytest.raises(UserError, match=r"n_slides=9 fits\) or lower folds \(folds=3 fits\)"):
+        check_demo(cfg)
+    cfg.folds = 3
+    check_demo(cfg)

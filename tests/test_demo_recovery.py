@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from melanoma_mil.demo.owned import KIND, MARKER, claim
+from melanoma_mil.demo.run import WRITES
 from melanoma_mil.errors import UserError
 
 SMALL = ["n_slides=12", "slide_size=1024", "tile_size=64", "folds=2", "max_epochs=1"]
@@ -135,12 +136,16 @@ def test_overwrite_after_a_kill_replaces_what_the_demo_made_and_keeps_yours(
 
 def test_overwrite_after_a_kill_as_the_cohort_was_being_made(tmp_path: Path) -> None:
     """Killed right after the cohort's settings file was written (before the record was
-    touched): that file cannot be shown to be the demo's, yet overwrite=true remakes the
-    cohort over it."""
+    touched): that file cannot be shown to be the demo's, so overwrite=true refuses to write
+    over it until it is moved away."""
     d = tmp_path / "d"
     done = demo("synth.json", d)
     assert done.returncode == KILLED, done.stderr
     (d / "thesis.txt").write_text("mine")
+    before = stats(d)
+    one_line_error(demo("tile", d, "seed=1", "overwrite=true"), "cohort/synth.json", "move")
+    assert stats(d) == before  # refused before anything was deleted or written
+    (d / "cohort" / "synth.json").rename(tmp_path / "synth.json")
     done = demo("tile", d, "seed=1", "overwrite=true")
     assert done.returncode == KILLED, done.stderr
     assert seed_of(d) == 1 and len(list((d / "cohort" / "slides").glob("*.tiff"))) == 12
@@ -154,12 +159,64 @@ def test_localisation_table_is_never_half_written_and_a_late_kill_is_recovered(
     done = demo("localisation.csv", d)  # killed while the table is being written
     assert done.returncode == KILLED, done.stderr
     assert (d / "heatmaps").is_dir() and not (d / "localisation.csv").exists()
-    (d / "fit" / "notes.txt").write_text("mine")
+    (d / "notes.txt").write_text("mine")
     done = demo("tile", d, "overwrite=true")
     assert done.returncode == KILLED, done.stderr
     left = {p for p in stats(d) if not p.startswith("cohort/")}
-    assert left == {"fit/notes.txt"}  # tiles, features, fit, heatmaps: all the demo's, gone
-    assert (d / "fit" / "notes.txt").read_text() == "mine"
+    assert left == {"notes.txt"}  # tiles, features, fit, heatmaps: all the demo's, gone
+    assert (d / "notes.txt").read_text() == "mine"
+
+
+def made_by_a_demo(root: Path, files: dict[str, str]) -> None:
+    """``root`` as a demo that wrote ``files`` (relative path -> text) leaves it."""
+    root.mkdir()
+    ledger = claim(root, overwrite=False)
+    ledger.start()
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    ledger.finish()
+
+
+@pytest.mark.parametrize(
+    "edit", ["localisation.csv", "cohort/labels.csv", "fit/predictions.csv", "tiles/new.h5"]
+)
+def test_overwrite_refuses_up_front_a_file_of_yours_where_the_demo_writes(
+    tmp_path: Path, edit: str
+) -> None:
+    """An edited (or added) file the next demo would overwrite, or that would stop a stage
+    halfway, is named before anything is deleted; files elsewhere are kept."""
+    d = tmp_path / "d"
+    made = ["localisation.csv", "cohort/labels.csv", "fit/predictions.csv", "tiles/a.h5"]
+    made_by_a_demo(d, dict.fromkeys(made, "demo"))
+    with (d / edit).open("a") as f:
+        f.write("# my edit")
+    (d / "notes.txt").write_text("mine")
+    before = stats(d)
+    with pytest.raises(UserError, match="move them out of output_dir") as e:
+        claim(d, overwrite=True, writes=WRITES)
+    assert repr(edit) in str(e.value) and "notes.txt" not in str(e.value)
+    assert stats(d) == before
+
+
+def test_overwrite_keeps_files_of_yours_where_the_demo_does_not_write(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    made_by_a_demo(d, {"localisation.csv": "demo", "cohort/notes.txt": "demo"})
+    with (d / "cohort" / "notes.txt").open("a") as f:
+        f.write("# my edit")
+    claim(d, overwrite=True, writes=WRITES)
+    assert set(stats(d)) == {"cohort/notes.txt"}
+
+
+def test_overwrite_with_an_edited_cohort_table_changes_nothing(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    done = demo("extract", d)  # killed once its tiles are written
+    assert done.returncode == KILLED, done.stderr
+    with (d / "cohort" / "labels.csv").open("a") as f:
+        f.write("# my edit")
+    before = stats(d)
+    one_line_error(demo("tile", d, "overwrite=true"), "cohort/labels.csv", "move them out")
+    assert stats(d) == before
 
 
 def test_overwrite_deletes_nothing_through_a_folder_replaced_by_a_link(tmp_path: Path) -> None:

@@ -4,8 +4,10 @@ The demo writes ``demo.json`` into its output_dir before anything else, and when
 (finished, failed or interrupted) records there every file and folder it created, with each
 file's size and modification time. ``overwrite=true`` deletes only recorded files that are
 unchanged since, then recorded folders left empty: a file a user added or edited stays, and so
-does every folder holding one. A folder without ``demo.json`` is never written into or deleted,
-and nothing is deleted through a folder that has since become a link.
+does every folder holding one. Such a file where the next demo writes (it would be overwritten,
+or stop a stage halfway) refuses ``overwrite=true`` before anything is deleted. A folder
+without ``demo.json`` is never written into or deleted, and nothing is deleted through a
+folder that has since become a link.
 
 A demo killed outright (kill -9, power cut) cannot record anything as it dies. So a running
 demo's record also holds what was there when it started, and the demo touches the record every
@@ -210,10 +212,20 @@ class Ledger:
         folders = {parent for p in recorded for parent in p.parents} - {Path(".")}
         return next((self.root / f for f in sorted(folders) if (self.root / f).is_symlink()), None)
 
-    def clear(self) -> list[str]:
+    def _kept(self) -> list[str]:
+        """The files ``clear`` would keep: added or edited by someone else, or links."""
+        now = snapshot(self.root)[0]
+        return sorted(
+            rel for rel, stat in now.items()
+            if self.files.get(rel) != stat or (self.root / rel).is_symlink()
+        )  # fmt: skip
+
+    def clear(self, writes: tuple[str, ...] = ()) -> list[str]:
         """Delete the recorded files that are unchanged, then recorded folders left empty;
-        return what was kept (files added or edited by someone else). Nothing is deleted
-        through a link: a folder the user replaced by one stops it before any deletion."""
+        return what was kept (files added or edited by someone else). Refused before any
+        deletion when a kept file lies where the next demo writes (``writes``: paths, or
+        folders ending in '/'), which would overwrite it or stop a stage halfway; and when a
+        folder was replaced by a link, as nothing is deleted through one."""
         link = self._linked()
         if link is not None:
             raise UserError(
@@ -221,27 +233,37 @@ class Ledger:
                 "overwrite=true deletes nothing through links: remove the link (what it points "
                 "to stays) or choose another output_dir."
             )
-        kept: list[str] = []
+        kept = self._kept()
+        blocking = [rel for rel in kept if rel in writes or rel.startswith(_folders(writes))]
+        if blocking:
+            raise UserError(
+                f"'{self.root}' holds {len(blocking)} file(s) where the demo writes its own that "
+                "its record does not hold as the demo's (added or edited since, or written as a "
+                f"demo was killed): {blocking[:5]}{' ...' if len(blocking) > 5 else ''}; "
+                "overwrite=true would replace them or stop halfway: move them out of "
+                "output_dir, or choose another output_dir."
+            )
         for rel, stat in sorted(self.files.items()):
             path = self.root / rel
-            if path.is_symlink() or not path.is_file():
-                continue
-            if _stat(path) != stat:
-                kept.append(rel)
-                continue
-            path.unlink()
+            if not path.is_symlink() and path.is_file() and _stat(path) == stat:
+                path.unlink()
         for rel in sorted(self.dirs, key=lambda d: -len(Path(d).parts)):
             with contextlib.suppress(OSError):  # not empty (a kept file) or already gone
                 (self.root / rel).rmdir()
         self.files, self.dirs = {}, set()
         self.save()
-        return kept + sorted(set(snapshot(self.root)[0]) - set(kept))
+        return kept
 
 
-def claim(root: Path, overwrite: bool) -> Ledger:
+def _folders(writes: tuple[str, ...]) -> tuple[str, ...]:
+    """The folders among ``writes`` (ending in '/'), for ``str.startswith``."""
+    return tuple(w for w in writes if w.endswith("/"))
+
+
+def claim(root: Path, overwrite: bool, writes: tuple[str, ...] = ()) -> Ledger:
     """The ledger for a demo into ``root``: a new or empty folder, or an earlier demo's
-    (cleared first with ``overwrite``). Any other folder is refused, whatever ``overwrite``,
-    and so is a folder a demo is writing into now."""
+    (cleared first with ``overwrite``; ``writes`` as in `Ledger.clear`). Any other folder is
+    refused, whatever ``overwrite``, and so is a folder a demo is writing into now."""
     if root.exists() and not root.is_dir():
         raise UserError(f"output_dir '{root}' is a file; choose a folder for the demo.")
     ledger = Ledger.read(root) if root.is_dir() else None
@@ -267,11 +289,11 @@ def claim(root: Path, overwrite: bool) -> Ledger:
             f"; {len(late)} changed after it stopped are not: {late[:5]}" if late else "",
         )
     if overwrite:
-        kept = ledger.clear()
+        kept = ledger.clear(writes)
         if kept:
             log.warning(
                 "demo: kept %d file(s) in %s that the demo did not make or that were changed "
-                "since: %s%s",
+                "since (none where the demo writes): %s%s",
                 len(kept),
                 root,
                 kept[:5],

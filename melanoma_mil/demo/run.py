@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,13 @@ from melanoma_mil.tiling.run import run_tile
 from melanoma_mil.training.cv import run_fit
 
 log = logging.getLogger(__name__)
+
+# where the demo writes (folders end in '/'): a file of yours there stops overwrite=true
+WRITES = (
+    "cohort/slides/", "cohort/masks/", "cohort/synth.json", "cohort/labels.csv",
+    "cohort/cohort.csv", "cohort/clinical.csv", "tiles/", "features/", "fit/", "heatmaps/",
+    "evaluate/", "localisation.csv",
+)  # fmt: skip
 
 
 def _step(name: str, call: Callable[[], Any], beat: Callable[[], None]) -> Any:
@@ -88,16 +96,29 @@ def check_demo(cfg: DemoConfig) -> None:
         )
     fit = _fit_config(cfg, Path(cfg.output_dir))
     check(fit)
-    plan = plan_cohort(cfg.n_slides, cfg.seed)
+    if not _splits_fit(cfg.n_slides, cfg.folds, fit):
+        patients = plan_cohort(cfg.n_slides, cfg.seed).groupby("label")["patient_id"].nunique()
+        low = max(cfg.n_slides + 1, 2 * cfg.folds)  # each class needs a patient per fold
+        more = next((n for n in range(low, low + 64) if _splits_fit(n, cfg.folds, fit)), None)
+        fewer = [k for k in range(2, cfg.folds) if _splits_fit(cfg.n_slides, k, fit)]
+        fix = f"Raise n_slides (n_slides={more} fits)" if more else "Raise n_slides"
+        raise UserError(
+            f"demo folds={cfg.folds} does not fit n_slides={cfg.n_slides}: it makes "
+            f"{patients.to_dict()} patients (some have two slides), and each class needs a "
+            f"patient in every test fold and 2 in every training fold. {fix}"
+            + (f" or lower folds (folds={fewer[-1]} fits)." if fewer else ".")
+        )
+
+
+def _splits_fit(n_slides: int, folds: int, fit: FitConfig) -> bool:
+    """Whether fit's splits into ``folds`` can be made on the demo cohort of ``n_slides``."""
+    plan = plan_cohort(n_slides, fit.seed)
     bags = plan.assign(bag_id=plan["slide_id"], label=plan["label"].map(fit.data.classes.index))
     try:
-        make_splits(bags, fit.cv, fit.cv.seed, fit.data.classes)
-    except UserError as e:
-        counts = plan["label"].value_counts().to_dict()
-        fix = "Raise n_slides or lower folds." if cfg.folds > 2 else "Raise n_slides."
-        raise UserError(
-            f"demo folds={cfg.folds} does not fit n_slides={cfg.n_slides} ({counts}): {e} {fix}"
-        ) from None
+        make_splits(bags, replace(fit.cv, folds=folds), fit.cv.seed, fit.data.classes)
+    except UserError:
+        return False
+    return True
 
 
 def run_demo(cfg: DemoConfig) -> int:
@@ -112,7 +133,7 @@ def run_demo(cfg: DemoConfig) -> int:
             f"'{out}' already holds a finished demo; pass overwrite=true or choose "
             "another output_dir."
         )
-    ledger = claim(out, cfg.overwrite)
+    ledger = claim(out, cfg.overwrite, WRITES)
     ledger.start()
     try:
         return _run(cfg, out, ledger.beat)
