@@ -3,7 +3,9 @@ extract with a random ResNet18 -> 2-fold fit) and small builders used by several
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -172,3 +174,14 @@ def slide_folder(pipe: Pipeline, root: Path, source: str) -> Path:
     folder.mkdir(parents=True)
     shutil.copy(pipe.slides / f"{source}.tiff", folder / "S.tiff")
     return folder
+
+
+def mounted_tmpfs(path: Path, size: str) -> bool:
+    """Mount a tmpfs of ``size`` at the new folder ``path`` (a small disk to fill); False where
+    this process may not (not root, no mount)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True)  # fmt: skip
+    return done.returncode == 0

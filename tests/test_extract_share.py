@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import mounted_tmpfs
 from test_extract import ROOT, bags, cfg_for, make_cohort
 
 from melanoma_mil.demo.pyramid import write_pyramid
@@ -201,18 +202,9 @@ def test_a_same_named_slide_elsewhere_is_refused_for_that_slide_only(tmp_path: P
     assert "s2" not in bags(tmp_path / "f")
 
 
-def _mounted_tmpfs(path: Path, size: str) -> bool:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True)  # fmt: skip
-    return done.returncode == 0
-
-
 def test_a_full_disk_is_a_one_line_failure_with_no_partial_file(tmp_path: Path) -> None:
     full = tmp_path / "full"
-    if not _mounted_tmpfs(full, "2m"):
+    if not mounted_tmpfs(full, "2m"):
         pytest.skip("needs root to mount a small tmpfs")
     try:
         tiles = make_cohort(tmp_path, 3, side=288, tile=32)  # 81 x 512 float16: 83 KB a bag
@@ -235,7 +227,7 @@ def test_a_small_dev_shm_moves_reads_to_threads_with_a_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     shm = tmp_path / "shm"
-    if not _mounted_tmpfs(shm, "64k"):  # a container's /dev/shm, scaled to these tiny batches
+    if not mounted_tmpfs(shm, "64k"):  # a container's /dev/shm, scaled to these tiny batches
         pytest.skip("needs root to mount a small tmpfs")
     try:
         import melanoma_mil.features.run as extract_run

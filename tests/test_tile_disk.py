@@ -4,14 +4,13 @@ tile counts."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import tissue_image
+from conftest import mounted_tmpfs, tissue_image
 
 from melanoma_mil.config import TileConfig, TilingConfig
 from melanoma_mil.demo.pyramid import write_pyramid
@@ -30,15 +29,6 @@ def _slides(root: Path, n: int) -> Path:
     return slides
 
 
-def _mounted_tmpfs(path: Path, size: str) -> bool:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True)  # fmt: skip
-    return done.returncode == 0
-
-
 def _fill(folder: Path, room: int) -> None:
     """Fill the disk up to ``room`` bytes, as an earlier run would have."""
     filler = folder / "filler"
@@ -53,7 +43,7 @@ def _fill(folder: Path, room: int) -> None:
 
 def test_a_full_disk_fails_the_slide_in_one_line_and_stops_claiming(tmp_path: Path) -> None:
     full = tmp_path / "full"
-    if not _mounted_tmpfs(full, "2m"):
+    if not mounted_tmpfs(full, "2m"):
         pytest.skip("needs root to mount a small tmpfs")
     try:
         slides = _slides(tmp_path, 5)
