@@ -289,6 +289,20 @@ def test_a_crash_after_the_swap_still_carries_the_users_entries_over(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", aside.name]
 
 
+def test_a_kill_right_after_the_exchange_keeps_the_new_run(cohort, serial, tmp_path) -> None:
+    """The atomic exchange puts the new run in place and the replaced one in `.run.fit-new`,
+    which a rename then moves to `.run.fit-old`. Killed between the two, the next `fit` must
+    not take the replaced run for a complete replacement and swap it back in."""
+    out = tmp_path / "run"
+    assert fit(cohort, out, "seed=1") == 0  # the new run, just exchanged in
+    (out / rundir.REPLACE_LOCK).touch()  # held by the replacement until the very end
+    copy_run(serial, tmp_path / ".run.fit-new")  # the replaced run, where the exchange left it
+    new_id = rundir.load_run(out).run_id
+    assert fit(cohort, out, "seed=1") == 0  # complete: nothing to train
+    assert rundir.load_run(out).run_id == new_id and rundir.load_run(out).config.seed == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_no_command_writes_into_a_runs_own_entries(cohort, serial, tmp_path, capsys) -> None:
     """Those are replaced with the run; a folder of its own inside the run folder is fine."""
     out = copy_run(serial, tmp_path / "run")

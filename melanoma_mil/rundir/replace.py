@@ -18,7 +18,7 @@ from pathlib import Path
 
 from melanoma_mil.fsutil import recover_dir, swap_dir
 from melanoma_mil.outdir import MARKER, read_marker
-from melanoma_mil.rundir.layout import SUMMARY, run_owns
+from melanoma_mil.rundir.layout import REPLACE_LOCK, SUMMARY, run_owns
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,22 @@ def display_name(run_dir: Path) -> str:
 def recover(out: Path) -> None:
     """Finish (or undo) a replacement a crash interrupted, carrying over the user's entries."""
     new, old = staging(out)
+    if _swapped_back(new, out):  # killed between the exchange and the rename that follows
+        new.rename(old)
     recover_dir(new, out, old, new.exists() and (new / SUMMARY).is_file())
     if out.is_dir() and old.is_dir() and (read_marker(old) or {}).get("command") == "fit":
         _retire(old, out)
+
+
+def _swapped_back(new: Path, out: Path) -> bool:
+    """Whether ``new`` holds the replaced run: a replacement is built holding REPLACE_LOCK
+    until it is swapped in, so after the exchange the lock is in ``out`` and not in ``new``."""
+    return (
+        (out / REPLACE_LOCK).is_file()
+        and new.is_dir()
+        and not (new / REPLACE_LOCK).exists()
+        and (read_marker(new) or {}).get("command") == "fit"
+    )
 
 
 def replace_run(out: Path, new: Path) -> None:
