@@ -174,7 +174,13 @@ def test_demo_overwrite_deletes_only_unchanged_files_a_demo_made(
     kept = {p for p in tree(d) if p != MARKER}
     assert kept == {"cohort/labels.csv", "cohort/notes.txt", "thesis.txt"}
     assert not (d / "cohort" / "slides").exists()  # emptied demo folders are gone
-    # through the CLI: the next demo runs into the cleared folder and keeps the user's files
+    # through the CLI: the edited table sits where the demo writes, so it is named and nothing
+    # is touched; moved away, the next demo runs into the cleared folder, keeping the others
+    capsys.readouterr()
+    assert main([*args, "overwrite=true"]) == 2
+    assert "cohort/labels.csv" in capsys.readouterr().err
+    assert (d / "thesis.txt").is_file() and (d / "cohort" / "labels.csv").is_file()
+    (d / "cohort" / "labels.csv").rename(d / "labels_checked.csv")
     assert main([*args, "overwrite=true"]) == 130
     assert (d / "thesis.txt").read_text() == "mine"
     assert (d / "cohort" / "notes.txt").read_text() == "mine too"
