@@ -72,7 +72,7 @@ def claim_output(
     ``outputs`` are glob patterns of the files the command writes: a folder without a marker
     that already holds some is taken over only with ``overwrite``."""
     command = record["command"]
-    out = _folder(folder, command)
+    out = output_folder(folder, command)
     marker = read_marker(out)
     if marker is not None:
         _same_command(out, marker, command)
@@ -106,7 +106,7 @@ def claim_shared(folder: str | Path, command: str) -> None:
     resume file by file (`tile`, `extract`, `sweep`). A folder without a marker is adopted, as
     folders made before markers existed: these commands keep each slide's file and each run
     there unless ``overwrite``, and rewrite only their summary tables and QC images."""
-    out = _folder(folder, command)
+    out = output_folder(folder, command)
     marker = read_marker(out)
     if marker is None:
         out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +116,8 @@ def claim_shared(folder: str | Path, command: str) -> None:
     _same_command(out, marker, command)
 
 
-def _folder(folder: str | Path, command: str) -> Path:
+def output_folder(folder: str | Path, command: str) -> Path:
+    """``folder`` as ``command``'s output_dir: not a file, not inside a run's own entries."""
     out = Path(folder)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir '{out}' is a file, not a folder; choose another output_dir.")

@@ -32,6 +32,17 @@ def bag_path(features_dir: Path, slide_id: str) -> Path | None:
     return None
 
 
+def bag_files(folder: Path) -> dict[str, Path]:
+    """slide_id -> bag of every bag in ``folder``, in any of BAG_LAYOUTS (our <id>.h5, CLAM's
+    h5_files/ and pt_files/); the first layout holding an id wins, as in `bag_path`."""
+    found: dict[str, Path] = {}
+    for sub, suffix in BAG_LAYOUTS:
+        for path in sorted((folder / sub).glob(f"*{suffix}")):
+            if path.is_file() and not path.name.startswith("."):
+                found.setdefault(path.stem, path)
+    return found
+
+
 def read_attrs(path: Path) -> dict[str, Any]:
     """File attrs of an h5 bag as plain Python values (empty for CLAM pt files)."""
     if path.suffix != ".h5":

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from melanoma_mil.config import SLIDE_EXTENSIONS, DataConfig
-from melanoma_mil.data.bags import BAG_LAYOUTS, bag_path
+from melanoma_mil.data.bags import bag_files, bag_path
 from melanoma_mil.errors import UserError
 from melanoma_mil.ids import check_slide_id
 from melanoma_mil.io import read_text_csv
@@ -199,7 +199,7 @@ def find_features(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
             + _missing_advice(root, missing, set(df["slide_id"]), skip)
         )
     if missing:  # a typo must not drop a slide unnoticed
-        typos = _near_ids(missing, sorted(_bag_ids(root) - set(df["slide_id"])))
+        typos = _near_ids(missing, sorted(set(bag_files(root)) - set(df["slide_id"])))
         log.warning("skipping %d labelled slides without features: %s %s", len(missing),
                     missing[:10], " ".join(typos))  # fmt: skip
     _one_file_one_slide(df["slide_id"], paths, root)
@@ -207,26 +207,16 @@ def find_features(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     return df[df["path"].notna()]
 
 
-def _bag_ids(folder: Path) -> set[str]:
-    """Slide ids of the bags in ``folder``, in any layout bag_path reads."""
-    ids: set[str] = set()
-    for sub, suffix in BAG_LAYOUTS:
-        where = folder / sub
-        if where.is_dir():
-            ids |= {p.stem for p in where.glob(f"*{suffix}") if not p.name.startswith(".")}
-    return ids
-
-
 def _missing_advice(root: Path, missing: list[str], labelled: set[str], skip: bool) -> str:
     """The fix for labelled slides without bags: the cache subfolder the user meant, the
     feature files the ids were meant to name, or else extract / on_missing."""
-    ids = _bag_ids(root)
+    ids = set(bag_files(root))
     if not ids:
         caches = [
             str(d)
             for d in sorted(root.iterdir())
             if d.is_dir() and not d.name.startswith(".")
-            and (_bag_ids(d) or (d / "extract.csv").is_file())
+            and (bag_files(d) or (d / "extract.csv").is_file())
         ]  # fmt: skip
         if caches:
             meant = " or ".join(f"data.features_dir={c}" for c in caches)

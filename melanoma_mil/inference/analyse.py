@@ -125,7 +125,8 @@ def render_files(
         raise UserError(f"slide '{inp.slide_path}' {why}; pass the slides the features came from.")
     out = id_path(cfg.output_dir, inp.slide_id)
     # the file drawn on, so a resumed `heatmap` redoes the slide when its file changes
-    amap.attrs["slide_fingerprint"] = slide_fingerprint(inp.slide_path)
+    # (the recorded one when there is one: it was just checked against the file)
+    amap.attrs["slide_fingerprint"] = grid.fingerprint or slide_fingerprint(inp.slide_path)
     slide = open_slide(inp.slide_path)
     try:
         files = render_slide(

@@ -14,9 +14,7 @@ from typing import Any
 import pandas as pd
 
 from melanoma_mil.config import HeatmapConfig
-from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.errors import UserError
-from melanoma_mil.features.identity import plain
 from melanoma_mil.ids import id_path
 from melanoma_mil.inference.analyse import (
     ATTENTION_FILE,
@@ -31,7 +29,7 @@ from melanoma_mil.inference.analyse import (
 )
 from melanoma_mil.inference.attention import read_attention
 from melanoma_mil.inference.ensemble import Ensemble
-from melanoma_mil.inference.inputs import prepare_inputs
+from melanoma_mil.inference.inputs import prepare_inputs, recorded_fingerprint
 from melanoma_mil.io import write_text
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
 from melanoma_mil.tracking.loggers import log_slides
@@ -65,13 +63,8 @@ def unchanged(attention: Path, slide: Path | None) -> bool:
     on (its recorded fingerprint); else the slide is redone, also when ``attention`` records
     none (made before fingerprints were recorded), so a resumed call never reports another
     file's result under this id."""
-    if slide is None:
-        return False
-    try:
-        recorded = str(plain(read_attrs(attention).get("slide_fingerprint", "")))
-    except OSError:
-        return False
-    return bool(recorded) and fingerprint_mismatch(slide, recorded) is None
+    recorded = recorded_fingerprint(attention)
+    return slide is not None and bool(recorded) and fingerprint_mismatch(slide, recorded) is None
 
 
 def run_heatmap(cfg: HeatmapConfig) -> int:

@@ -26,7 +26,7 @@ from melanoma_mil.config import (
     TilingConfig,
     TissueConfig,
 )
-from melanoma_mil.data.bags import BAG_LAYOUTS, bag_path, read_attrs
+from melanoma_mil.data.bags import bag_files, bag_path, read_attrs
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import feature_identity, identity_mismatch, plain
 from melanoma_mil.ids import id_path, id_problem
@@ -142,18 +142,6 @@ def _cache_folder(features_dir: Path, run: TrainedRun) -> Path:
     return features_dir
 
 
-def bag_files(folder: Path) -> dict[str, Path]:
-    """slide_id -> bag of every bag in ``folder``, in any of `fit`'s layouts (BAG_LAYOUTS: our
-    <id>.h5, CLAM's h5_files/ and pt_files/); the first layout holding an id wins, as in
-    `bag_path`."""
-    found: dict[str, Path] = {}
-    for sub, suffix in BAG_LAYOUTS:
-        for path in sorted((folder / sub).glob(f"*{suffix}")):
-            if path.is_file() and not path.name.startswith("."):
-                found.setdefault(path.stem, path)
-    return found
-
-
 def _select(
     found: dict[str, Path | None], wanted: list[str], source: str
 ) -> dict[str, Path | None]:
@@ -193,16 +181,21 @@ def find_input_slides(cfg: HeatmapConfig, features: Path | None) -> dict[str, Pa
     return _select(found, list(cfg.slide_ids), f"features_dir '{features}'")
 
 
+def recorded_fingerprint(path: Path) -> str:
+    """The slide fingerprint an h5 (a bag, an attention.h5) records; '' if none or unreadable
+    (an unreadable bag is reported when it is read)."""
+    try:
+        return str(plain(read_attrs(path).get("slide_fingerprint", "")))
+    except OSError:
+        return ""
+
+
 def slide_mismatch(slide: Path | None, features: Path) -> str | None:
     """Why ``features`` were not made from the file at ``slide``, or None (also with no slide
     to check): scored, they would report another slide's prediction under this slide's id."""
     if slide is None:
         return None
-    try:
-        recorded = str(plain(read_attrs(features).get("slide_fingerprint", "")))
-    except OSError:  # reported when the features are read
-        return None
-    why = fingerprint_mismatch(slide, recorded)
+    why = fingerprint_mismatch(slide, recorded_fingerprint(features))
     if why is None:
         return None
     return f"slide '{slide}' {why}; pass the slides that {features} was made from"

@@ -116,7 +116,8 @@ def tile_one(task: Task) -> dict[str, Any]:
         row.update(reason=_reason(e), seconds=time.perf_counter() - start)
         if isinstance(e, OSError) and disk_full(e):
             folder = Path(e.filename).parent if e.filename else coords.parent
-            row.update(reason=disk_full_reason(e, folder), fatal=disk_full_reason(e, folder))
+            why = disk_full_reason(e, folder)
+            row.update(reason=why, fatal=why)
         return row
     finally:
         claim.release()
@@ -243,8 +244,8 @@ def _stop(rows: list[dict[str, Any]]) -> str:
 def _in_pool(tasks: list[Task], workers: int, ctx: BaseContext,
              done: Callable[[dict[str, Any]], None]) -> list[Task]:  # fmt: skip
     """Tile ``tasks`` in a process pool, handing a worker its next slide only once it is free,
-    so that after a full disk no further slide is claimed (those left are reported as not
-    started). Returns the slides a dying worker left unfinished."""
+    so that after a full disk no further slide is claimed. Returns the slides not tiled: those
+    a dying worker left, or all left after a full disk."""
     todo = deque(tasks)
     running: dict[Future[dict[str, Any]], Task] = {}
     unfinished: list[Task] = []
@@ -266,20 +267,17 @@ def _in_pool(tasks: list[Task], workers: int, ctx: BaseContext,
                     continue
                 done(row)
                 stop = stop or row.get("fatal", "")
-    for task in todo:
-        if stop:
-            done(_not_started(task, stop))
-        else:
-            unfinished.append(task)
-    return unfinished
+    return [*unfinished, *todo]
 
 
 def _pool_rows(tasks: list[Task], workers: int, bar: tqdm) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     start, tiles = time.perf_counter(), 0
+    stop = ""  # why no further slide may be claimed (a full disk)
 
     def done(row: dict[str, Any]) -> None:
-        nonlocal tiles
+        nonlocal tiles, stop
+        stop = stop or row.get("fatal", "")
         rows.append(row)
         tiles += row["n_tiles"]
         failed = sum(r["status"] == "failed" for r in rows)
@@ -288,20 +286,16 @@ def _pool_rows(tasks: list[Task], workers: int, bar: tqdm) -> list[dict[str, Any
             bar.update(1)
 
     if workers <= 1:  # in this process, as asked
-        for i, task in enumerate(tasks):
-            done(tile_one(task))
-            if _stop(rows):
-                for later in tasks[i + 1 :]:
-                    done(_not_started(later, _stop(rows)))
-                break
+        for task in tasks:
+            done(_not_started(task, stop) if stop else tile_one(task))
         return rows
     # a pool even for one slide: a slide whose reader crashes must not take this process along
     # spawn: the parent may hold torch/OpenMP threads (demo, notebooks) that fork would break
     ctx = multiprocessing.get_context("spawn")
     unfinished = _in_pool(tasks, min(workers, len(tasks)), ctx, done)
-    if unfinished and _stop(rows):
+    if stop:
         for task in unfinished:
-            done(_not_started(task, _stop(rows)))
+            done(_not_started(task, stop))
     elif unfinished:
         log.warning("a tile process died: tiling the %d unfinished slide(s) in a process each, "
                     "so only the slide that kills it fails", len(unfinished))  # fmt: skip
@@ -323,8 +317,9 @@ def _tile_all(tasks: list[Task], workers: int, bar: tqdm) -> tuple[list[dict[str
         rows += [r for r in got if r["status"] != "claimed"]
         busy = {r["slide_id"] for r in got if r["status"] == "claimed"}
         tasks = [t for t in tasks if t.slide_id in busy]
-        if _stop(got):
-            return rows + [_not_started(t, _stop(got)) for t in tasks], _stop(got)
+        stop = _stop(got)
+        if stop:
+            return rows + [_not_started(t, stop) for t in tasks], stop
         if tasks:
             log.info("waiting for %d slide(s) other processes are tiling", len(tasks))
             time.sleep(POLL_S)

@@ -38,7 +38,7 @@ from melanoma_mil.data.splits import (
 )
 from melanoma_mil.errors import UserError
 from melanoma_mil.fsutil import Lock, locked, try_lock
-from melanoma_mil.outdir import inside_run, is_empty, made_by, read_marker
+from melanoma_mil.outdir import is_empty, made_by, output_folder, read_marker
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,7 @@ def check_accelerator(name: str) -> None:
 
 def _target(out: Path, cfg: FitConfig) -> tuple[Path, dict[str, Any] | None]:
     """(the folder to write, the run record found there); refuses folders fit did not make."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir '{out}' is a file; choose another output_dir.")
-    inside_run(out, "fit")
+    output_folder(out, "fit")
     record = rundir.run_record(out) if out.is_dir() else None
     if record is None and not is_empty(out):
         marker = read_marker(out)
