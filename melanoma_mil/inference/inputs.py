@@ -217,6 +217,7 @@ def cached_inputs(
     """Inputs from a feature cache; every file is checked against the run before any work, and
     for drawing (``render``) a cache whose bags all lack tile geometry is refused."""
     inputs = []
+    flat = 0  # bags without tile geometry
     for sid, slide in slides.items():
         path = bag_path(folder, sid)
         if path is None:
@@ -229,9 +230,11 @@ def cached_inputs(
             inputs.append(SlideInput(sid, slide, None, f"{path}: unreadable h5 ({e})"))
             continue
         check_features(attrs, run, path)
-        why = slide_mismatch(slide, path) or (no_geometry(path) if render else "")
+        why = slide_mismatch(slide, path)
+        if not why and render and (why := no_geometry(path)):
+            flat += 1
         inputs.append(SlideInput(sid, slide, None, why) if why else SlideInput(sid, slide, path))
-    if render and inputs and all("no tile geometry" in i.reason for i in inputs):
+    if inputs and flat == len(inputs):
         raise UserError(
             f"{inputs[0].reason}: features_dir '{folder}' holds bags without tile geometry "
             "(CLAM h5/pt); pass heatmaps=false to `predict` to score them, or drop features_dir "

@@ -84,9 +84,8 @@ def read_coords(path: str | os.PathLike[str]) -> TileGrid:
         with h5py.File(p, "r") as f:
             if "coords" not in f:
                 raise UserError(f"{p}: no 'coords' dataset; re-run `tile` for this slide.")
-            ds = f["coords"]
-            a = {**dict(ds.attrs), **dict(f.attrs)}
-            coords = ds[:].astype(np.int64).reshape(-1, 2)
+            a = _attrs(f)
+            coords = f["coords"][:].astype(np.int64).reshape(-1, 2)
     except OSError as e:
         raise UserError(f"{p}: not a readable h5 file ({e}); delete it, re-run `tile`.") from None
     missing = [k for k in ("patch_level", "downsample", "read_size", "tile_size") if k not in a]
@@ -115,11 +114,16 @@ def read_tiling(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str] | No
         with h5py.File(path, "r") as f:
             if "coords" not in f:  # read_coords refuses it too: a leftover, tiled again
                 return None
-            a = {**dict(f["coords"].attrs), **dict(f.attrs)}
+            a = _attrs(f)
             tiling = json.loads(_text(a["tiling"])) if "tiling" in a else {}
             return tiling, _text(a.get("mpp_source", ""))
     except (OSError, ValueError):
         return None
+
+
+def _attrs(f: h5py.File) -> dict[str, Any]:
+    """A coords file's attrs: the file's over its dataset's (older files have only those)."""
+    return {**dict(f["coords"].attrs), **dict(f.attrs)}
 
 
 def _text(value: Any) -> str:
