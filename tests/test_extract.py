@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -176,6 +177,30 @@ def test_cli_pretrained_offline_without_cache_fails_with_the_fix(tmp_path: Path)
     assert done.returncode == 2
     assert "encoder.weights=PATH" in done.stderr and "Traceback" not in done.stderr
     assert not list((tmp_path / "f").rglob("*.h5"))
+
+
+def _hub_reachable() -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_cli_pretrained_without_network_fails_at_once_not_after_retries(tmp_path: Path) -> None:
+    """Offline but not told so (HF_HUB_OFFLINE unset), huggingface_hub retries for ~30 s."""
+    if _hub_reachable():
+        pytest.skip("huggingface.co is reachable here")
+    tiles = make_cohort(tmp_path, 1, side=128)
+    env = {k: v for k, v in os.environ.items() if "PROXY" not in k.upper()}
+    env |= {"HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    done = subprocess.run(
+        _cli(tiles, tmp_path / "f"), cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "cannot be reached" in done.stderr and "not in the HF cache" in done.stderr
+    assert "Retrying" not in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import socket
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -249,6 +252,40 @@ def _hub_id(model: nn.Module, spec: EncoderSpec) -> str:
     return str(cfg.get("hf_hub_id") or cfg.get("url") or spec.arch)
 
 
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+_WEIGHT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")
+
+
+def _hub_repo(spec: EncoderSpec) -> str | None:
+    if spec.hub and spec.hub.startswith("hf-hub:"):
+        return spec.hub.split(":", 1)[1]
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(spec.arch)
+    return getattr(cfg, "hf_hub_id", None) or None
+
+
+def _hub_unreachable(spec: EncoderSpec) -> str:
+    """Why the hub weights cannot come at all (none cached, hub host unreachable), or "".
+
+    Offline (a cluster's compute node) huggingface_hub retries for ~30 s before failing the same
+    way; a 3-s connection probe says so at once. Skipped behind a proxy, which a probe would miss.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    repo = _hub_repo(spec)
+    if repo is None or constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARS):
+        return ""
+    if any(isinstance(try_to_load_from_cache(repo, f), str) for f in _WEIGHT_FILES):
+        return ""
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as e:
+        return f"{host} cannot be reached ({e}) and {repo} is not in the HF cache"
+    return ""
+
+
 def _hub_model(spec: EncoderSpec) -> nn.Module:
     if spec.hub is None:
         raise UserError(
@@ -256,11 +293,18 @@ def _hub_model(spec: EncoderSpec) -> nn.Module:
             f"{spec.weights_url} and pass encoder.weights=PATH (or encoder.pretrained=false "
             "for random weights, tests only)."
         )
+    gated = " (gated: accept its terms on huggingface.co, set HF_TOKEN)" if spec.gated else ""
+    offline = _hub_unreachable(spec)
+    if offline:
+        raise UserError(
+            f"encoder '{spec.name}': could not get pretrained weights from {spec.hub}{gated}: "
+            f"{offline}. Download them on a machine with internet (they land in the HF cache; "
+            "copy it here and set HF_HOME), or pass encoder.weights=PATH to a local file."
+        )
     try:
         return _create(spec, pretrained_hub=True)
     except Exception as e:  # network, gated repo, offline cache miss, bad token...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        gated = " (gated: accept its terms on huggingface.co, set HF_TOKEN)" if spec.gated else ""
         raise UserError(
             f"encoder '{spec.name}': could not get pretrained weights from {spec.hub}{gated}: "
             f"{reason[:200]}. Pass encoder.weights=PATH to a local file, or "
