@@ -147,7 +147,8 @@ def analyse_slide(
     """Ensemble probabilities and attention of one slide (+ its heatmap files when ``render``).
 
     Never raises for a bad slide: status is ok, failed (no prediction) or no_heatmap (a
-    prediction, but the drawing failed), and reason says why.
+    prediction, but the drawing failed), and reason says why; an ok slide that cannot be drawn
+    by design (``inp.no_drawing``: its bag holds no tile geometry) says so in reason.
     """
     row: dict[str, Any] = {
         "slide_id": inp.slide_id,
@@ -158,12 +159,12 @@ def analyse_slide(
     if inp.features is None:
         return row, None
     try:
-        amap, grid = _attention_map(inp, ensemble, render)
+        amap, grid = _attention_map(inp, ensemble, render and not inp.no_drawing)
     except Exception as e:  # one bad slide (unreadable bag...) must not stop the rest
         row["reason"] = _failure(e)
         log.warning("%s: FAILED: %s", inp.slide_id, row["reason"])
         return row, None
-    row.update(status="ok", reason="", n_tiles=amap.attention.shape[1])
+    row.update(status="ok", reason=inp.no_drawing, n_tiles=amap.attention.shape[1])
     if grid is not None:
         try:
             row.update(render_files(inp, amap, grid, cfg))
@@ -211,13 +212,14 @@ def analyse_all(
     return pd.DataFrame(rows)
 
 
-def remove_unwritten(out: Path, table: pd.DataFrame, rendered: bool, every: bool) -> None:
+def remove_unwritten(out: Path, table: pd.DataFrame, every: bool) -> None:
     """Delete the slide files (SLIDE_FILES) in ``out`` that this call did not write, of the
     slides in ``table`` (those it analysed) and, with ``every``, of every slide folder: a folder
     never mixes an earlier call's, or another slide file's, results with this call's. Only these
     names are touched; a folder is removed only once empty."""
     written = {Path(v).resolve() for c in FILE_COLUMNS if c in table for v in table[c].dropna()}
-    drawn = table.loc[table["status"] == "ok", "slide_id"] if rendered else []
+    # attention.h5 is written last of a slide's drawing: with its heatmap, never without it
+    drawn = table.loc[table["heatmap"].notna(), "slide_id"] if "heatmap" in table else []
     written |= {(id_path(out, s) / ATTENTION_FILE).resolve() for s in drawn}
     folders = {d for s in table["slide_id"] if (d := id_path(out, s)).is_dir()}
     if every:

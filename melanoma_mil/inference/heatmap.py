@@ -92,7 +92,7 @@ def run_heatmap(cfg: HeatmapConfig) -> int:
         ensemble = Ensemble(run, resolve_device(cfg.device))
         table = analyse_all(inputs, ensemble, cfg, render=True, desc="heatmap")
         # overwrite: no slide folder keeps an earlier call's files; else only redone ones
-        remove_unwritten(out, table, rendered=True, every=cfg.overwrite)
+        remove_unwritten(out, table, every=cfg.overwrite)
     frames = [t for t in (table, skipped) if not t.empty]
     if not frames:
         raise UserError(f"no slides to draw: none found, or all already in '{out}'.")

@@ -3,7 +3,8 @@
 Slides are tiled and encoded exactly as the run recorded (or read from a matching feature
 cache); the ensemble probability is the mean over fold models. predictions.csv holds, per slide:
 slide_id, prob (binary: the positive = last class) and prob_<class>, pred, one prob_<fold> per
-fold model (prob_<fold>_<class> for several classes), n_tiles, status and reason. With
+fold model (prob_<fold>_<class> for several classes), n_tiles, status and reason (of an ok
+slide: why it has no heatmap, when its bag holds no tile geometry). With
 patients_csv, predictions.csv also holds each slide's patient_id, and patient_predictions.csv
 scores each patient's scored slides pooled into one bag, in the CSV's row order, as `fit`
 builds bags with data.bag_level=patient.
@@ -27,6 +28,7 @@ from melanoma_mil.inference.analyse import (
     ATTENTION_FILE,
     FAILED,
     FILE_COLUMNS,
+    SHOWN,
     analyse_all,
     check_common,
     claim_for_run,
@@ -113,6 +115,35 @@ def record_evaluation(out: Path) -> None:
     write_json(out / MARKER, {**(read_marker(out) or {}), MADE: made})
 
 
+def check_evaluation(out: Path, made: dict[str, Any]) -> None:
+    """Refuse, before any work, an <output_dir>/evaluation holding a file predict's report did
+    not write (``made``), or changed since: the report would replace, e.g., an `evaluate` the
+    user ran there, and overwrite=true asks to replace predict's own outputs, not a user's."""
+    folder = out / EVALUATION
+    found = sorted(folder.iterdir()) if folder.is_dir() else []
+    for path in found:
+        if path.name != MARKER and made.get(path.name) != _stamp(path):
+            raise UserError(
+                f"'{path}' was not written by predict (an `evaluate` run into {folder}, or "
+                "changed since), and this call's report would replace it; move that folder "
+                "elsewhere or choose another output_dir."
+            )
+
+
+def print_undrawn(table: pd.DataFrame, target: Path) -> None:
+    """Name the slides scored but not drawn (bags without tile geometry) when the command
+    ends: they are ok, so `print_failures` does not list them."""
+    undrawn = table.loc[(table["status"] == "ok") & table["reason"].fillna("").ne(""), "slide_id"]
+    if undrawn.empty:
+        return
+    more = f" and {len(undrawn) - SHOWN} more" if len(undrawn) > SHOWN else ""
+    print(
+        f"predict: {len(undrawn)} slides scored without a heatmap, their bags hold no tile "
+        f"geometry (reasons in {target}): {', '.join(undrawn.iloc[:SHOWN])}{more}; drop "
+        "features_dir to tile and extract them for heatmaps."
+    )
+
+
 def remove_stale(out: Path, cfg: PredictConfig, table: pd.DataFrame, made: dict[str, Any]) -> None:
     """With overwrite, delete this command's own outputs in ``out`` that this call did not
     rewrite (slides not redone, patient / report files not asked for), so the folder never
@@ -128,7 +159,7 @@ def remove_stale(out: Path, cfg: PredictConfig, table: pd.DataFrame, made: dict[
             path = out / EVALUATION / name
             if path.is_file() and made.get(name) == _stamp(path):
                 path.unlink()
-    remove_unwritten(out, table, cfg.heatmaps, every=True)
+    remove_unwritten(out, table, every=True)
 
 
 def _report(cfg: PredictConfig, out: Path, scored: Path, run: TrainedRun) -> int:
@@ -152,6 +183,9 @@ def run_predict(cfg: PredictConfig) -> int:
     if target.exists() and not cfg.overwrite:
         raise UserError(f"'{target}' exists; pass overwrite=true or choose another output_dir.")
     check_inputs(cfg)
+    made = recorded_evaluation(out)
+    if cfg.clinical_csv or cfg.labels_csv:
+        check_evaluation(out, made)
     if run.config.data.bag_level == "patient" and not cfg.patients_csv:
         log.warning(
             "this run was trained on patient bags (data.bag_level=patient) but slides are scored "
@@ -162,7 +196,6 @@ def run_predict(cfg: PredictConfig) -> int:
     inputs, _ = prepare_inputs(run, cfg, own_masks=False)
     if not inputs:
         raise UserError("no slides to predict: check slides_dir / manifest / slide_ids.")
-    made = recorded_evaluation(out)
     claim_for_run(cfg, run, "predict", outputs, write=True)
     ensemble = Ensemble(run, resolve_device(cfg.device))
     table = _ordered(analyse_all(inputs, ensemble, cfg, render=cfg.heatmaps, desc="predict"))
@@ -185,6 +218,7 @@ def run_predict(cfg: PredictConfig) -> int:
         f"predicted {counts} -> {target}"
     )
     print_failures(table, target, "predict")
+    print_undrawn(table, target)
     rc = 1 if table["status"].isin(FAILED).any() else 0
     if cfg.clinical_csv or cfg.labels_csv:  # patient bags are scored as the run was trained
         pooled = patient_of is not None and run.config.data.bag_level == "patient"

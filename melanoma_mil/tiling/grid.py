@@ -88,12 +88,15 @@ def tile_slide(
     slide_id: str,
     cfg: TilingConfig,
     mpp_override: float | None = None,
+    advise_default_mpp: bool = True,
 ) -> SlideTiles:
     """Tissue mask, pyramid level and the kept tile grid of one open slide.
 
     ``mpp_override`` (from mpp_csv) replaces what the file says; the grid records the source.
     """
-    level0_mpp = slide_mpp(slide, cfg.default_mpp, str(slide_path), mpp_override)
+    level0_mpp = slide_mpp(
+        slide, cfg.default_mpp, str(slide_path), mpp_override, advise_default_mpp
+    )
     mpp_source = find_mpp(slide, cfg.default_mpp, mpp_override)[1]
     choice = choose_level(slide.level_downsamples, level0_mpp, cfg.mpp, cfg.tile_size)
     stride = (cfg.tile_size - cfg.overlap) * choice.level0_size / cfg.tile_size

@@ -77,6 +77,7 @@ class Task:
     mpp: float | None  # mpp_csv override
     stale_after: float
     since: float  # when this run started: coords newer than that were made by a peer
+    advise_default_mpp: bool = True  # False inside predict/heatmap, which take no tiling keys
 
 
 def _reason(e: Exception) -> str:
@@ -107,7 +108,9 @@ def tile_one(task: Task) -> dict[str, Any]:
         try:
             vendor = slide.properties.get("openslide.vendor", "")
             row["reader"] = f"{slide.backend} ({vendor})" if vendor else slide.backend
-            tiles = tile_slide(slide, task.path, task.slide_id, task.cfg, task.mpp)
+            tiles = tile_slide(
+                slide, task.path, task.slide_id, task.cfg, task.mpp, task.advise_default_mpp
+            )
             write_qc(id_path(out / "qc", task.slide_id, ".png"), qc_image(tiles, task.slide_id))
         finally:
             slide.close()
@@ -326,8 +329,9 @@ def _tile_all(tasks: list[Task], workers: int, bar: tqdm) -> tuple[list[dict[str
     return rows, ""
 
 
-def run_tile(cfg: TileConfig) -> int:
-    """Tile every slide; 0 if none failed, else 1 (after finishing all the others)."""
+def run_tile(cfg: TileConfig, advise_default_mpp: bool = True) -> int:
+    """Tile every slide; 0 if none failed, else 1 (after finishing all the others).
+    ``advise_default_mpp=False``: callers that take no tiling keys (predict, heatmap)."""
     check_tiling(cfg.tiling)
     slides = find_slides(cfg.slides_dir, cfg.manifest, cfg.extensions)
     overrides = read_mpp_csv(cfg.mpp_csv)
@@ -344,7 +348,7 @@ def run_tile(cfg: TileConfig) -> int:
     todo: list[Task] = []
     for sid, path in slides.items():
         task = Task(sid, str(path), str(out), cfg.tiling, overrides.get(sid), cfg.stale_after_s,
-                    since)  # fmt: skip
+                    since, advise_default_mpp)  # fmt: skip
         coords = id_path(out / "coords", sid, ".h5")
         if coords.is_file() and not cfg.overwrite:
             try:

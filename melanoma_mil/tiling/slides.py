@@ -190,15 +190,17 @@ def slide_mpp(
     default_mpp: float | None = None,
     name: str | None = None,
     override: float | None = None,
+    advise_default_mpp: bool = True,
 ) -> float:
-    """Level-0 microns per pixel (see `find_mpp`), or a UserError with the fixes."""
+    """Level-0 microns per pixel (see `find_mpp`), or a UserError with the fixes (without
+    tiling.default_mpp for commands that take no tiling keys)."""
     mpp, _ = find_mpp(slide, default_mpp, override)
     if mpp is None:
         label = name or getattr(slide, "_filename", "slide")
         raise UserError(
             f"slide '{label}' records no resolution (mpp, TIFF resolution or objective power); "
             "give it a row in mpp_csv=CSV (slide_id,mpp; e.g. 0.5 for 20x, 0.25 for 40x)"
-            f"{DEFAULT_MPP_ADVICE}."
+            f"{DEFAULT_MPP_ADVICE if advise_default_mpp else ''}."
         )
     return float(mpp)
 

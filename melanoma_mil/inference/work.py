@@ -1,0 +1,167 @@
+"""Features made on the fly for `predict` and `heatmap`: the slides are tiled and encoded by
+`tile` and `extract` with the run's recorded settings into <output_dir>/_work, which is this
+command's own cache (stale entries are rebuilt, never a user's files)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from melanoma_mil.config import ExtractConfig, HeatmapConfig, TileConfig, TilingConfig
+from melanoma_mil.data.bags import read_attrs
+from melanoma_mil.errors import UserError
+from melanoma_mil.ids import id_path
+from melanoma_mil.inference.inputs import (
+    SlideInput,
+    check_features,
+    encoder_config,
+    slide_mismatch,
+    tiling_config,
+)
+from melanoma_mil.io import write_text
+from melanoma_mil.rundir import TrainedRun
+from melanoma_mil.tiling.coords import read_coords
+from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
+from melanoma_mil.tiling.slides import mpp_contradicts, read_mpp_csv
+
+log = logging.getLogger(__name__)
+
+WORK = "_work"
+
+
+def _reasons(csvs: list[Path]) -> dict[str, str]:
+    """slide_id -> reason, from the tiling.csv / extract.csv rows that were not ok. The row's
+    status prefixes the reason unless it is 'failed' (the slide's own status already says so)."""
+    reasons: dict[str, str] = {}
+    for csv in csvs:
+        if csv.is_file():
+            df = pd.read_csv(csv, dtype={"slide_id": str}, keep_default_na=False)
+            for r in df[~df["status"].isin(["ok", "done", "skipped"])].itertuples():
+                why = str(r.reason)
+                # never empty: a slide without a reason here would be scored
+                why = why if r.status == "failed" and why else f"{r.status}: {why}"
+                reasons.setdefault(str(r.slide_id), why)
+    return reasons
+
+
+def _made_from(path: Path, slide: Path, tiling: dict[str, Any], mpp: float | None) -> bool:
+    """True if the coords or features at ``path`` were made from this very slide file (path and
+    fingerprint) with this tiling, at the level-0 mpp that mpp_csv gives it now (if any)."""
+    try:
+        grid = read_coords(path)
+    except UserError:  # unreadable leftover
+        return False
+    same_path = Path(grid.slide_path).resolve() == slide.resolve()
+    same_file = fingerprint_mismatch(slide, grid.fingerprint) is None
+    same_mpp = not mpp_contradicts(grid.level0_mpp, mpp)
+    return same_path and same_file and same_mpp and grid.tiling == tiling
+
+
+def clear_stale(
+    work: Path, slides: dict[str, Path], tiling: TilingConfig, mpps: dict[str, float]
+) -> None:
+    """Delete the coords and features in ``work`` of each slide that were made from another file,
+    path, tiling or mpp_csv value (``mpps``), so `tile` and `extract` rebuild them (`tile` itself
+    refuses coords of another path, to protect a user's). ``work`` is this command's own cache
+    folder."""
+    from melanoma_mil.tiling.run import resolved_tiling
+
+    wanted = resolved_tiling(tiling)
+    caches = [c for c in (work / "features").glob("*") if c.is_dir()]
+    cleared = []
+    for sid, slide in slides.items():
+        coords = id_path(work / "tiles" / "coords", sid, ".h5")
+        feats = [p for c in caches if (p := id_path(c, sid, ".h5")).is_file()]
+        files = [p for p in (coords, *feats) if p.is_file()]
+        if all(_made_from(p, slide, wanted, mpps.get(sid)) for p in files):
+            continue
+        for p in files:
+            p.unlink(missing_ok=True)
+        cleared.append(sid)
+    if cleared:
+        log.info("%s: rebuilding %s, made from another file or tiling", work, cleared[:5])
+
+
+def _tile_and_extract(
+    run: TrainedRun, usable: dict[str, Path], cfg: HeatmapConfig, work: Path, tiling: TilingConfig
+) -> bool:
+    """`tile` then `extract` ``usable`` into ``work``; False if no slide had tiles to extract.
+    Never with overwrite: coords and features still made from the same file and tiling are
+    reused, and `clear_stale` and extract's cache checks rebuild the others."""
+    from melanoma_mil.features.run import run_extract
+    from melanoma_mil.tiling.run import run_tile
+
+    encoder = encoder_config(run, cfg.encoder_weights)
+    manifest = work / "slides.csv"
+    # absolute, not resolved: a symlinked slide is tiled under the link's own path, whose
+    # fingerprint (it hashes the file name) is the one checked when its features are scored
+    table = pd.DataFrame(
+        {"slide_id": list(usable), "path": [str(p.absolute()) for p in usable.values()]}
+    )
+    write_text(manifest, table.to_csv(index=False))
+    workers = max(1, 2 if cfg.num_workers is None else cfg.num_workers)
+    tile = TileConfig(
+        manifest=str(manifest),
+        output_dir=str(work / "tiles"),
+        workers=workers,
+        mpp_csv=cfg.mpp_csv,
+        tiling=tiling,
+        extensions=list(cfg.extensions),
+    )
+    run_tile(tile, advise_default_mpp=False)
+    if not any(id_path(work / "tiles" / "coords", s, ".h5").is_file() for s in usable):
+        return False
+    precision = str(run.provenance.get("precision", "auto"))
+    run_extract(
+        ExtractConfig(
+            coords_dir=str(work / "tiles"),
+            output_dir=str(work / "features"),
+            encoder=encoder,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            device=cfg.device,
+            precision=precision if cfg.precision == "run" else cfg.precision,
+            dtype=str(run.provenance.get("feature_dtype", "float16")),
+            reader="fast" if run.provenance.get("read_mode") == "fast" else "auto",
+        )
+    )
+    return True
+
+
+def extracted_inputs(
+    run: TrainedRun, slides: dict[str, Path | None], cfg: HeatmapConfig, own_masks: bool = True
+) -> list[SlideInput]:
+    """Tile and extract the slides with the run's recorded settings into <output_dir>/_work.
+
+    ``own_masks=False`` drops the run's tiling.mask_dir: its masks are named by the training
+    slides' ids, and new slides that share an id would be tiled with another slide's mask.
+    """
+    tiling = tiling_config(run)
+    if not own_masks:
+        tiling.mask_dir = None
+    # the cache key names a folder: checked like an id, so a doctored provenance stays inside
+    work = id_path(Path(cfg.output_dir) / WORK, str(run.provenance.get("cache_key", "features")))
+    usable = {s: p for s, p in slides.items() if p is not None}
+    if not usable:
+        return [SlideInput(s, None, None, "slide file not found") for s in slides]
+    clear_stale(work, usable, tiling, read_mpp_csv(cfg.mpp_csv))
+    extracted = _tile_and_extract(run, usable, cfg, work, tiling)
+    caches = sorted(p for p in (work / "features").glob("*") if p.is_dir())
+    tables = [work / "tiles" / "tiling.csv"]
+    tables += [c / "extract.csv" for c in caches] if extracted else []
+    reasons = _reasons(tables)  # slides tile or extract failed in this call: never scored
+    inputs = []
+    for sid, slide in slides.items():
+        found = [p for c in caches if (p := id_path(c, sid, ".h5")).is_file()]
+        why = "slide file not found" if slide is None else reasons.get(sid, "")
+        if not why and not found:
+            why = "no features made"
+        if not why:
+            check_features(read_attrs(found[0]), run, found[0])
+            why = slide_mismatch(slide, found[0]) or ""
+        features = None if why else found[0]
+        inputs.append(SlideInput(sid, slide, features, why))
+    return inputs

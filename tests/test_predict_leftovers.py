@@ -1,0 +1,113 @@
+"""`predict` scores bags it cannot draw, speaks in its own keys while it tiles, and never
+replaces an evaluation it did not write."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import Pipeline, inference_cfg
+
+from melanoma_mil.config import EvaluateConfig, HeatmapConfig, PredictConfig, load_config
+from melanoma_mil.errors import UserError
+from melanoma_mil.evaluation.evaluate import run_evaluate
+from melanoma_mil.inference.heatmap import run_heatmap
+from melanoma_mil.inference.predict import run_predict
+
+GEOMETRY = ("patch_level", "downsample", "read_size")  # attrs `tile` writes, read to draw
+
+
+def predict_cfg(pipe: Pipeline, out: Path, *extra: str) -> PredictConfig:
+    return inference_cfg(PredictConfig, pipe, out, *extra)
+
+
+def test_a_bag_without_tile_geometry_is_scored_without_a_heatmap(
+    pipe: Pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for sid in ("slide_003", "slide_004"):
+        shutil.copy(pipe.features / f"{sid}.h5", cache)
+    out = tmp_path / "pred"
+    assert run_predict(predict_cfg(pipe, out, f"features_dir={cache}")) == 0
+    assert (out / "slide_004" / "heatmap.png").is_file()
+    with h5py.File(cache / "slide_004.h5", "r+") as f:  # as a bag from another tool
+        for attrs in (f.attrs, f["coords"].attrs):
+            for key in GEOMETRY:
+                attrs.pop(key, None)
+    capsys.readouterr()
+    assert run_predict(predict_cfg(pipe, out, f"features_dir={cache}", "overwrite=true")) == 0
+    pred = pd.read_csv(out / "predictions.csv").set_index("slide_id")
+    flat = pred.loc["slide_004"]
+    assert flat["status"] == "ok" and 0 <= flat["prob"] <= 1 and flat["n_tiles"] > 0
+    assert "no tile geometry" in flat["reason"] and pd.isna(flat.get("heatmap"))
+    assert pred.loc["slide_003", "status"] == "ok" and pd.isna(pred.loc["slide_003", "reason"])
+    assert (out / "slide_003" / "heatmap.png").is_file()
+    assert not (out / "slide_004").exists()  # the earlier call's drawing of it is gone
+    printed = capsys.readouterr().out
+    assert "1 slides scored without a heatmap" in printed and "slide_004" in printed
+    plain = predict_cfg(pipe, tmp_path / "plain", f"features_dir={cache}", "heatmaps=false")
+    assert run_predict(plain) == 0
+    score = pd.read_csv(tmp_path / "plain" / "predictions.csv").set_index("slide_id")
+    assert flat["prob"] == pytest.approx(score.loc["slide_004", "prob"], abs=1e-6)
+    # `heatmap` exists to draw: there the slide still fails, with the same reason
+    drawn = inference_cfg(HeatmapConfig, pipe, tmp_path / "hm", f"features_dir={cache}")
+    assert run_heatmap(drawn) == 1
+    row = pd.read_csv(tmp_path / "hm" / "heatmaps.csv").set_index("slide_id").loc["slide_004"]
+    assert row["status"] == "failed" and "no tile geometry" in row["reason"]
+
+
+def test_tiling_advice_during_predict_names_only_predicts_keys(
+    pipe: Pipeline,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import openslide
+    import tifffile
+
+    slide = openslide.OpenSlide(str(pipe.slides / "slide_000.tiff"))
+    image = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    with tifffile.TiffWriter(folder / "S.tiff") as tif:  # no resolution tags
+        tif.write(image, tile=(256, 256), photometric="rgb", compression="jpeg")
+    caplog.set_level(logging.INFO)
+    assert run_predict(predict_cfg(pipe, tmp_path / "a", f"slides_dir={folder}")) == 1
+    seen = capsys.readouterr()
+    console = seen.out + seen.err + caplog.text
+    assert "records no resolution" in seen.out and "mpp_csv=" in seen.out  # tile's table
+    assert "default_mpp" not in console  # a key predict does not take
+
+
+def test_an_evaluation_predict_did_not_write_is_never_replaced(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    out = tmp_path / "pred"
+    labels = pipe.root / "cohort/labels.csv"
+    keys = [f"features_dir={pipe.features}", "heatmaps=false",
+            "slide_ids=[slide_000,slide_001,slide_002,slide_003,slide_004,slide_005]"]  # fmt: skip
+    assert run_predict(predict_cfg(pipe, out, *keys, f"labels_csv={labels}")) == 0
+    # predict's own evaluation is replaced by a rerun as before
+    again = predict_cfg(pipe, out, *keys, f"labels_csv={labels}", "overwrite=true")
+    assert run_predict(again) == 0
+    evaluation = out / "evaluation"
+    ecfg = load_config(EvaluateConfig, [], [
+        f"predictions={out / 'predictions.csv'}", f"labels_csv={labels}", "bootstrap=100",
+        f"output_dir={evaluation}", "overwrite=true"])  # fmt: skip
+    assert run_evaluate(ecfg) == 0  # the user's own evaluation, in predict's folder
+    users = {p.name: p.read_bytes() for p in evaluation.iterdir()}
+    table = (out / "predictions.csv").read_bytes()
+    for extra in (["overwrite=true"], []):
+        if not extra:
+            (out / "predictions.csv").unlink()  # no overwrite needed: still refused
+        with pytest.raises(UserError, match=f"{evaluation}.*not written by predict") as e:
+            run_predict(predict_cfg(pipe, out, *keys, f"labels_csv={labels}", *extra))
+        assert "\n" not in str(e.value) and "another output_dir" in str(e.value)
+        assert {p.name: p.read_bytes() for p in evaluation.iterdir()} == users
+        assert not extra or (out / "predictions.csv").read_bytes() == table  # before any work
