@@ -257,6 +257,7 @@ def test_groups_a_tied_cohort_cannot_make_are_not_estimable_and_never_self_sugge
     assert f"groups={groups.split(':')[0]}" not in reason  # no advice to use what failed
     assert surv["cox"]["univariable"]["not_estimable"] == reason
     assert {g for g, v in surv["groups"].items() if v["n"]} == curves
+    assert sorted(surv["group_order"]) == sorted(surv["groups"])  # used, not asked for
     assert surv["c_index"]["value"] == pytest.approx(0.5)  # every pair tied on the score
     assert (tmp_path / "out" / "km.png").is_file()
 

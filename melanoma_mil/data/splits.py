@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,16 +43,22 @@ def _check_class_counts(bags: pd.DataFrame, folds: int, classes: list[str]) -> N
             )
 
 
-def _inner_val(train: pd.DataFrame, val_fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask over ``train`` rows: a stratified, patient-grouped validation split."""
+class _OneTrainingPatient(Exception):
+    """A training part holds one patient of class ``label``: no validation split can hold it."""
+
+    def __init__(self, label: int, repeat: int, fold: int) -> None:
+        super().__init__(label, repeat, fold)
+        self.label, self.repeat, self.fold = label, repeat, fold
+
+
+def _inner_val(train: pd.DataFrame, val_fraction: float, seed: int) -> np.ndarray | int:
+    """Boolean mask over ``train`` rows: a stratified, patient-grouped validation split; or
+    the label of a class with a single patient there, which no such split can hold."""
     n_splits = max(2, round(1 / val_fraction))
-    min_patients = int(train.groupby("label")["patient_id"].nunique().min())
-    n_splits = min(n_splits, min_patients)
+    patients = train.groupby("label")["patient_id"].nunique()
+    n_splits = min(n_splits, int(patients.min()))
     if n_splits < 2:
-        raise UserError(
-            "a training fold has a class with a single patient, so no validation split can hold "
-            "it: lower cv.folds or add patients."
-        )
+        return int(patients.idxmin())
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     _, val_idx = next(sgkf.split(train, train["label"], groups=train["patient_id"]))
     mask = np.zeros(len(train), dtype=bool)
@@ -67,12 +73,23 @@ def make_splits(bags: pd.DataFrame, cv: CVConfig, seed: int, classes: list[str])
     if not 0 < cv.val_fraction < 0.5:
         raise UserError(f"cv.val_fraction={cv.val_fraction}: use a value in (0, 0.5).")
     _check_class_counts(bags, cv.folds, classes)
+    try:
+        return _folds(bags, cv, seed)
+    except _OneTrainingPatient as e:
+        raise UserError(_one_patient_message(bags, cv, seed, classes, e)) from None
+
+
+def _folds(bags: pd.DataFrame, cv: CVConfig, seed: int) -> list[Split]:
+    """The splits; `_OneTrainingPatient` names the first fold that cannot have a validation
+    split (so that `make_splits` can try other cv.folds for its advice)."""
     splits: list[Split] = []
     for r in range(cv.repeats):
         sgkf = StratifiedGroupKFold(n_splits=cv.folds, shuffle=True, random_state=seed + 7919 * r)
         for k, (tr, te) in enumerate(sgkf.split(bags, bags["label"], groups=bags["patient_id"])):
             train = bags.iloc[tr]
             val_mask = _inner_val(train, cv.val_fraction, seed + 7919 * r + k)
+            if isinstance(val_mask, int):
+                raise _OneTrainingPatient(val_mask, r, k)
             splits.append(
                 Split(
                     repeat=r,
@@ -83,6 +100,34 @@ def make_splits(bags: pd.DataFrame, cv: CVConfig, seed: int, classes: list[str])
                 )
             )
     return splits
+
+
+def _one_patient_message(
+    bags: pd.DataFrame, cv: CVConfig, seed: int, classes: list[str], e: _OneTrainingPatient
+) -> str:
+    """The error for a training part with one patient of a class, with the fix that works:
+    more folds make test folds smaller (leaving more patients to train on), so lowering
+    cv.folds never helps; more folds than the smallest class has patients cannot be made."""
+    name = classes[e.label]
+    n = int(bags[bags["label"] == e.label]["patient_id"].nunique())
+    most = int(bags.groupby("label")["patient_id"].nunique().min())
+    more = next((f for f in range(cv.folds + 1, most + 1) if _fits(bags, cv, seed, f)), None)
+    fix = f"raise cv.folds (cv.folds={more} fits: smaller test folds) or add" if more else "add"
+    return (
+        f"repeat {e.repeat} fold {e.fold}: its training part holds 1 of the {n} patient(s) of "
+        f"class '{name}', and the validation split carved from it needs 2 (one to validate, one "
+        f"to train on): {fix} patients of class '{name}' (patients come from the labels CSV's "
+        "patient_id)."
+    )
+
+
+def _fits(bags: pd.DataFrame, cv: CVConfig, seed: int, folds: int) -> bool:
+    """Whether splits into ``folds`` give every training part 2 patients of each class."""
+    try:
+        _folds(bags, replace(cv, folds=folds), seed)
+    except _OneTrainingPatient:
+        return False
+    return True
 
 
 def splits_hash(splits: list[Split]) -> str:

@@ -386,7 +386,7 @@ def analyse_survival(
     cox, left_out = _cox(data, groups, covariates, notes)
     summary = {
         "groups": km,
-        "group_order": groups.order,
+        "group_order": list(km),  # the groups used: [ALL] when none could be made
         "logrank": logrank,
         "cox": cox,
         "c_index": c_index(data, n_boot, seed, score_name),

@@ -1,0 +1,57 @@
+"""make_splits' errors name a fix that works for the cohort at hand."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from melanoma_mil.cli import main
+from melanoma_mil.config import CVConfig
+from melanoma_mil.data.splits import make_splits
+from melanoma_mil.data.synthetic import make_bag_cohort
+from melanoma_mil.errors import UserError
+
+
+def bags(n_a: int, n_b: int) -> pd.DataFrame:
+    """One bag per patient: ``n_a`` patients of class 'A' (label 0), ``n_b`` of 'B'."""
+    rows = [(f"a{i}", f"pa{i}", 0) for i in range(n_a)]
+    rows += [(f"b{i}", f"pb{i}", 1) for i in range(n_b)]
+    return pd.DataFrame(rows, columns=["bag_id", "patient_id", "label"])
+
+
+def test_one_training_patient_advises_more_folds_not_fewer() -> None:
+    """3 patients of 'A' in 2 folds leave 1 to train on in some fold: fewer folds would make
+    that worse (and 2 is the least), more folds fix it; the advice names the value that fits."""
+    cohort, cv = bags(3, 8), CVConfig(folds=2)
+    with pytest.raises(UserError) as e:
+        make_splits(cohort, cv, 0, ["A", "B"])
+    message = str(e.value)
+    assert "\n" not in message and "lower" not in message
+    assert "1 of the 3 patient(s) of class 'A'" in message
+    assert "raise cv.folds (cv.folds=3 fits" in message
+    assert "add patients of class 'A'" in message
+    assert len(make_splits(cohort, replace(cv, folds=3), 0, ["A", "B"])) == 3
+
+
+def test_one_training_patient_with_no_folds_left_advises_only_patients() -> None:
+    with pytest.raises(UserError, match=r"class 'A'.*: add patients of class 'A'") as e:
+        make_splits(bags(2, 8), CVConfig(folds=2), 0, ["A", "B"])
+    assert "cv.folds" not in str(e.value)
+    assert len(make_splits(bags(4, 8), CVConfig(folds=2), 0, ["A", "B"])) == 2
+
+
+def test_fit_names_the_fix_in_one_line_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    features, labels = make_bag_cohort(tmp_path, n_patients=6, dim=8)  # 3 patients a class
+    out = tmp_path / "run"
+    args = [f"data.features_dir={features}", f"data.labels_csv={labels}", f"output_dir={out}"]
+    rc = main(["fit", *args, "cv.folds=2", "logger=none", "trainer.accelerator=cpu"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "raise cv.folds (cv.folds=3 fits" in lines[0] and "lower" not in lines[0]
+    assert not out.exists() or not any(out.iterdir())
