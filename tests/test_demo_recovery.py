@@ -199,6 +199,39 @@ def test_overwrite_refuses_up_front_a_file_of_yours_where_the_demo_writes(
     assert stats(d) == before
 
 
+@pytest.mark.parametrize(
+    "edit", ["localisation.csv", "cohort/clinical.csv", "cohort/labels.csv", "tiles/new.h5"]
+)
+def test_plain_rerun_refuses_up_front_a_file_of_yours_where_the_demo_writes(
+    tmp_path: Path, edit: str
+) -> None:
+    """A rerun without overwrite (resuming a stopped demo) rewrites the cohort tables and
+    localisation.csv and reads the rest as its own: an edited or added file there is named
+    and nothing changes, as with overwrite=true."""
+    d = tmp_path / "d"
+    made = ["localisation.csv", "cohort/clinical.csv", "cohort/labels.csv", "tiles/a.h5"]
+    made_by_a_demo(d, dict.fromkeys(made, "demo"))
+    with (d / edit).open("a") as f:
+        f.write("# my edit")
+    (d / "notes.txt").write_text("mine")
+    before = {**stats(d), MARKER: (d / MARKER).read_text()}
+    with pytest.raises(UserError, match="rerunning the demo would overwrite them") as e:
+        claim(d, overwrite=False, writes=WRITES)
+    assert repr(edit) in str(e.value) and "notes.txt" not in str(e.value)
+    assert {**stats(d), MARKER: (d / MARKER).read_text()} == before
+
+
+def test_plain_rerun_goes_on_past_files_of_yours_elsewhere(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    made_by_a_demo(d, {"localisation.csv": "demo", "cohort/notes.txt": "demo"})
+    with (d / "cohort" / "notes.txt").open("a") as f:
+        f.write("# my edit")
+    (d / "thesis.txt").write_text("mine")
+    ledger = claim(d, overwrite=False, writes=WRITES)
+    assert set(ledger.files) == {"localisation.csv", "cohort/notes.txt"}
+    assert set(stats(d)) == {"localisation.csv", "cohort/notes.txt", "thesis.txt"}
+
+
 def test_overwrite_keeps_files_of_yours_where_the_demo_does_not_write(tmp_path: Path) -> None:
     d = tmp_path / "d"
     made_by_a_demo(d, {"localisation.csv": "demo", "cohort/notes.txt": "demo"})
@@ -216,6 +249,9 @@ def test_overwrite_with_an_edited_cohort_table_changes_nothing(tmp_path: Path) -
         f.write("# my edit")
     before = stats(d)
     one_line_error(demo("tile", d, "overwrite=true"), "cohort/labels.csv", "move them out")
+    assert stats(d) == before
+    # a plain rerun (resuming the killed demo) would rewrite or read it: refused the same way
+    one_line_error(demo("tile", d), "cohort/labels.csv", "rerunning", "move them out")
     assert stats(d) == before
 
 

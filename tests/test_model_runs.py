@@ -100,3 +100,28 @@ def test_ddp_trains_clam_mb_on_bags_too_small_for_its_instance_loss(tmp_path: Pa
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(pd.read_csv(out / "predictions.csv")) == 16
+
+
+@pytest.mark.parametrize("classes", [None, "[immune_low,immune_high]"])
+def test_topk_names_the_class_order_it_ranks_tiles_by_when_order_is_alphabetical(
+    classes: str | None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """immune_high bags hold the planted tiles, but alphabetically immune_low is the last class,
+    whose P(tile) topk ranks by: the user is told how to put the deciding class last."""
+    feats, labels = make_bag_cohort(tmp_path / "c", n_patients=8, dim=16, n_instances=(2, 4))
+    keys = [
+        f"data.features_dir={feats}", f"data.labels_csv={labels}", f"output_dir={tmp_path / 'r'}",
+        "cv.folds=2", "trainer.max_epochs=1", "logger=none", "trainer.accelerator=cpu",
+        "model.name=topk", "model.hidden_dim=16",
+    ]  # fmt: skip
+    with caplog.at_level("WARNING", logger="melanoma_mil"):
+        assert (
+            run_fit(
+                load_config(
+                    FitConfig, [], [*keys, *([f"data.classes={classes}"] if classes else [])]
+                )
+            )
+            == 0
+        )
+    warned = "data.classes=[immune_low,immune_high]" in caplog.text
+    assert warned == (classes is None)

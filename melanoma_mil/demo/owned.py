@@ -5,9 +5,10 @@ The demo writes ``demo.json`` into its output_dir before anything else, and when
 file's size and modification time. ``overwrite=true`` deletes only recorded files that are
 unchanged since, then recorded folders left empty: a file a user added or edited stays, and so
 does every folder holding one. Such a file where the next demo writes (it would be overwritten,
-or stop a stage halfway) refuses ``overwrite=true`` before anything is deleted. A folder
-without ``demo.json`` is never written into or deleted, and nothing is deleted through a
-folder that has since become a link.
+read as the demo's own, or stop a stage halfway) refuses the next demo, a plain rerun as well
+as ``overwrite=true``, before anything is written or deleted. A folder without ``demo.json``
+is never written into or deleted, and nothing is deleted through a folder that has since
+become a link.
 
 A demo killed outright (kill -9, power cut) cannot record anything as it dies. So a running
 demo's record also holds what was there when it started, and the demo touches the record every
@@ -220,12 +221,32 @@ class Ledger:
             if self.files.get(rel) != stat or (self.root / rel).is_symlink()
         )  # fmt: skip
 
+    def refuse_yours(self, writes: tuple[str, ...], overwrite: bool) -> list[str]:
+        """Refuse, before anything is written or deleted, when a file the record does not hold
+        as the demo's (unchanged) lies where the demo writes (``writes``: paths, or folders
+        ending in '/'): any run would overwrite it, read it as the demo's own or stop halfway.
+        Return the files kept (``_kept``) otherwise."""
+        kept = self._kept()
+        blocking = [rel for rel in kept if rel in writes or rel.startswith(_folders(writes))]
+        if blocking:
+            what = (
+                "overwrite=true would replace them or stop halfway"
+                if overwrite
+                else "rerunning the demo would overwrite them, use them as its own or stop halfway"
+            )
+            raise UserError(
+                f"'{self.root}' holds {len(blocking)} file(s) where the demo writes its own that "
+                "its record does not hold as the demo's (added or edited since, or written as a "
+                f"demo was killed): {blocking[:5]}{' ...' if len(blocking) > 5 else ''}; "
+                f"{what}: move them out of output_dir, or choose another output_dir."
+            )
+        return kept
+
     def clear(self, writes: tuple[str, ...] = ()) -> list[str]:
         """Delete the recorded files that are unchanged, then recorded folders left empty;
         return what was kept (files added or edited by someone else). Refused before any
-        deletion when a kept file lies where the next demo writes (``writes``: paths, or
-        folders ending in '/'), which would overwrite it or stop a stage halfway; and when a
-        folder was replaced by a link, as nothing is deleted through one."""
+        deletion as in `refuse_yours`, and when a folder was replaced by a link, as nothing is
+        deleted through one."""
         link = self._linked()
         if link is not None:
             raise UserError(
@@ -233,16 +254,7 @@ class Ledger:
                 "overwrite=true deletes nothing through links: remove the link (what it points "
                 "to stays) or choose another output_dir."
             )
-        kept = self._kept()
-        blocking = [rel for rel in kept if rel in writes or rel.startswith(_folders(writes))]
-        if blocking:
-            raise UserError(
-                f"'{self.root}' holds {len(blocking)} file(s) where the demo writes its own that "
-                "its record does not hold as the demo's (added or edited since, or written as a "
-                f"demo was killed): {blocking[:5]}{' ...' if len(blocking) > 5 else ''}; "
-                "overwrite=true would replace them or stop halfway: move them out of "
-                "output_dir, or choose another output_dir."
-            )
+        kept = self.refuse_yours(writes, overwrite=True)
         for rel, stat in sorted(self.files.items()):
             path = self.root / rel
             if not path.is_symlink() and path.is_file() and _stat(path) == stat:
@@ -262,8 +274,9 @@ def _folders(writes: tuple[str, ...]) -> tuple[str, ...]:
 
 def claim(root: Path, overwrite: bool, writes: tuple[str, ...] = ()) -> Ledger:
     """The ledger for a demo into ``root``: a new or empty folder, or an earlier demo's
-    (cleared first with ``overwrite``; ``writes`` as in `Ledger.clear`). Any other folder is
-    refused, whatever ``overwrite``, and so is a folder a demo is writing into now."""
+    (cleared first with ``overwrite``; either way refused when a file of the user's lies in
+    ``writes``, see `Ledger.refuse_yours`). Any other folder is refused, whatever
+    ``overwrite``, and so is a folder a demo is writing into now."""
     if root.exists() and not root.is_dir():
         raise UserError(f"output_dir '{root}' is a file; choose a folder for the demo.")
     ledger = Ledger.read(root) if root.is_dir() else None
@@ -288,15 +301,17 @@ def claim(root: Path, overwrite: bool, writes: tuple[str, ...] = ()) -> Ledger:
             len(ledger.files),
             f"; {len(late)} changed after it stopped are not: {late[:5]}" if late else "",
         )
-    if overwrite:
-        kept = ledger.clear(writes)
-        if kept:
-            log.warning(
-                "demo: kept %d file(s) in %s that the demo did not make or that were changed "
-                "since (none where the demo writes): %s%s",
-                len(kept),
-                root,
-                kept[:5],
-                " ..." if len(kept) > 5 else "",
-            )
+    if not overwrite:  # a plain rerun rewrites (or reads) what is there: same refusal
+        ledger.refuse_yours(writes, overwrite=False)
+        return ledger
+    kept = ledger.clear(writes)
+    if kept:
+        log.warning(
+            "demo: kept %d file(s) in %s that the demo did not make or that were changed "
+            "since (none where the demo writes): %s%s",
+            len(kept),
+            root,
+            kept[:5],
+            " ..." if len(kept) > 5 else "",
+        )
     return ledger

@@ -40,7 +40,7 @@ from melanoma_mil.training.cv import run_fit
 
 log = logging.getLogger(__name__)
 
-# where the demo writes (folders end in '/'): a file of yours there stops overwrite=true
+# where the demo writes (folders end in '/'): a file of yours there stops any rerun
 WRITES = (
     "cohort/slides/", "cohort/masks/", "cohort/synth.json", "cohort/labels.csv",
     "cohort/cohort.csv", "cohort/clinical.csv", "tiles/", "features/", "fit/", "heatmaps/",
@@ -124,8 +124,9 @@ def _splits_fit(n_slides: int, folds: int, fit: FitConfig) -> bool:
 def run_demo(cfg: DemoConfig) -> int:
     """Generate the cohort and run every stage on it; print where each output is.
 
-    Everything is checked first; output_dir must be new, empty or an earlier demo's, and
-    overwrite=true deletes only what a demo made there (see `demo.owned`)."""
+    Everything is checked first; output_dir must be new, empty or an earlier demo's,
+    overwrite=true deletes only what a demo made there, and a file of the user's where the
+    demo writes stops any rerun before it writes (see `demo.owned`)."""
     check_demo(cfg)
     out = Path(cfg.output_dir)
     if (out / "fit" / "cv_summary.json").exists() and not cfg.overwrite:

@@ -285,6 +285,19 @@ def _feature_ids(cohort: Cohort, cfg: FitConfig) -> dict[str, Any]:
     return {"cache_key": None, "feature_dim": dim, "features_sha256": files}
 
 
+def _warn_topk_order(cfg: FitConfig, classes: list[str]) -> None:
+    """topk ranks a bag's tiles by P(last class) (Campanella: P(tumour)), so it learns only when
+    the tiles that decide a slide belong to the last class; an alphabetical order chose that
+    class by name (immune_high vs immune_low puts immune_low last)."""
+    if cfg.model.name == "topk" and not cfg.data.classes and len(classes) == 2:
+        log.warning(
+            "model.name=topk ranks each bag's tiles by P(%s), the last class in alphabetical "
+            "order (data.classes unset): if the tiles that decide a slide belong to '%s', set "
+            "data.classes=[%s,%s].",
+            classes[1], classes[0], classes[1], classes[0],
+        )  # fmt: skip
+
+
 def run_fit(cfg: FitConfig) -> int:
     """Cross-validate into output_dir (resuming a run of the same settings there)."""
     check(cfg)  # configs built in code (demo, sweep runs) skip load_config
@@ -299,6 +312,8 @@ def run_fit(cfg: FitConfig) -> int:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     external = external_ranks(cfg)
     cohort = build_cohort(cfg.data)
+    if rank0:
+        _warn_topk_order(cfg, cohort.classes)
     started: list[tuple[RunSelection, BagStore]] = []
 
     def make() -> Plan:
