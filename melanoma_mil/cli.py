@@ -169,10 +169,18 @@ def parse(argv: list[str]) -> tuple[str, Any, bool]:
     return name, cfg, print_config
 
 
+def _one_line(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
+    """A warning as one line, like errors: the file, line number and source line Python adds
+    point into our code and mean nothing to a user."""
+    return f"warning: {message}\n"
+
+
 def _quiet_libraries() -> None:
-    """Our INFO lines stay; Lightning's banner lines and known upstream deprecations go."""
+    """Our INFO lines stay; Lightning's banner lines and known upstream deprecations go; other
+    warnings print as one line (`_one_line`)."""
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.formatwarning = _one_line
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*all_gather is deprecated.*")

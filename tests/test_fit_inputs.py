@@ -240,3 +240,21 @@ def test_defaults_yaml_is_what_fit_uses() -> None:
     """configs/defaults.yaml documents fit's defaults: it must not drift from the dataclass."""
     written = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "defaults.yaml"))
     assert written == OmegaConf.to_container(OmegaConf.create(to_yaml(FitConfig())))
+
+
+def test_a_warning_prints_as_one_line_without_our_source_line(tmp_path: Path) -> None:
+    """Python prints a warning with the file, line and source line that raised it: noise."""
+    feats, labels = make_bag_cohort(tmp_path / "c", n_patients=8, dim=8, n_instances=(2, 3))
+    for bag in feats.glob("*.h5"):
+        with h5py.File(bag, "a") as f:
+            f.attrs["encoder_weights"] = "random"
+    keys = [f"data.features_dir={feats}", f"data.labels_csv={labels}", "cv.folds=2",
+            f"output_dir={tmp_path / 'r'}", "trainer.max_epochs=1", "logger=none",
+            "trainer.accelerator=cpu", "model.hidden_dim=8"]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "melanoma_mil", "fit", *keys], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    warned = [ln for ln in done.stderr.splitlines() if "randomly initialised" in ln]
+    assert warned and all(ln.startswith("warning: ") for ln in warned), done.stderr
+    assert "warnings.warn(" not in done.stderr and "UserWarning" not in done.stderr
