@@ -171,8 +171,10 @@ def parse(argv: list[str]) -> tuple[str, Any, bool]:
 
 def _one_line(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
     """A warning as one line, like errors: the file, line number and source line Python adds
-    point into our code and mean nothing to a user."""
-    return f"warning: {message}\n"
+    point into our code and mean nothing to a user. A library's deprecation keeps its category,
+    so it does not read as our advice."""
+    ours = category is UserWarning or category.__module__.startswith("melanoma_mil")
+    return f"warning{'' if ours else f' ({category.__name__})'}: {message}\n"
 
 
 def _quiet_libraries() -> None:

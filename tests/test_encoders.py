@@ -269,3 +269,26 @@ def test_an_hf_dinov2_checkpoint_is_refused_naming_the_layout(tmp_path: Path) ->
         build_encoder(EncoderConfig(name="phikon", weights=str(path)))
     msg = str(err.value)
     assert str(path) in msg and "ViTModel layout" in msg and "timm state dict" in msg
+
+
+def test_the_hub_probe_dials_the_endpoints_own_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HF_ENDPOINT may name a mirror on its own port: probing 443 there would call it down."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from melanoma_mil.encoders.build import _hub_unreachable
+    from melanoma_mil.encoders.registry import get_spec
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.create_server(("127.0.0.1", 0)) as mirror:
+        port = mirror.getsockname()[1]
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        assert _hub_unreachable(get_spec("uni")) == ""
+    why = _hub_unreachable(get_spec("uni"))  # the same port, now closed
+    assert "127.0.0.1 cannot be reached" in why and "MahmoodLab/uni" in why

@@ -258,3 +258,10 @@ def test_a_warning_prints_as_one_line_without_our_source_line(tmp_path: Path) ->
     warned = [ln for ln in done.stderr.splitlines() if "randomly initialised" in ln]
     assert warned and all(ln.startswith("warning: ") for ln in warned), done.stderr
     assert "warnings.warn(" not in done.stderr and "UserWarning" not in done.stderr
+
+
+def test_a_library_warning_keeps_its_category_and_ours_reads_as_advice() -> None:
+    from melanoma_mil.cli import _one_line
+
+    assert _one_line("soon gone", FutureWarning) == "warning (FutureWarning): soon gone\n"
+    assert _one_line("random weights", UserWarning) == "warning: random weights\n"

@@ -102,26 +102,31 @@ def test_ddp_trains_clam_mb_on_bags_too_small_for_its_instance_loss(tmp_path: Pa
     assert len(pd.read_csv(out / "predictions.csv")) == 16
 
 
-@pytest.mark.parametrize("classes", [None, "[immune_low,immune_high]"])
+@pytest.mark.parametrize(
+    ("names", "order", "warns"),
+    [
+        (("immune_low", "immune_high"), None, True),
+        (("immune_low", "immune_high"), "[immune_low,immune_high]", False),
+        (("0", "1"), None, False),  # numeric labels: the conventional positive 1 is last
+    ],
+)
 def test_topk_names_the_class_order_it_ranks_tiles_by_when_order_is_alphabetical(
-    classes: str | None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    names: tuple[str, str],
+    order: str | None,
+    warns: bool,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """immune_high bags hold the planted tiles, but alphabetically immune_low is the last class,
     whose P(tile) topk ranks by: the user is told how to put the deciding class last."""
-    feats, labels = make_bag_cohort(tmp_path / "c", n_patients=8, dim=16, n_instances=(2, 4))
+    feats, labels = make_bag_cohort(
+        tmp_path / "c", n_patients=8, dim=16, n_instances=(2, 4), classes=names
+    )
     keys = [
         f"data.features_dir={feats}", f"data.labels_csv={labels}", f"output_dir={tmp_path / 'r'}",
         "cv.folds=2", "trainer.max_epochs=1", "logger=none", "trainer.accelerator=cpu",
-        "model.name=topk", "model.hidden_dim=16",
+        "model.name=topk", "model.hidden_dim=16", *([f"data.classes={order}"] if order else []),
     ]  # fmt: skip
     with caplog.at_level("WARNING", logger="melanoma_mil"):
-        assert (
-            run_fit(
-                load_config(
-                    FitConfig, [], [*keys, *([f"data.classes={classes}"] if classes else [])]
-                )
-            )
-            == 0
-        )
-    warned = "data.classes=[immune_low,immune_high]" in caplog.text
-    assert warned == (classes is None)
+        assert run_fit(load_config(FitConfig, [], keys)) == 0
+    assert ("model.name=topk ranks each bag's tiles" in caplog.text) == warns

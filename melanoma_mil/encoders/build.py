@@ -278,9 +278,11 @@ def _hub_unreachable(spec: EncoderSpec) -> str:
         return ""
     if any(isinstance(try_to_load_from_cache(repo, f), str) for f in _WEIGHT_FILES):
         return ""
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    url = urlparse(constants.ENDPOINT)  # HF_ENDPOINT may name a mirror on its own port
+    host = url.hostname or "huggingface.co"
     try:
-        socket.create_connection((host, 443), timeout=3).close()
+        port = url.port or (80 if url.scheme == "http" else 443)
+        socket.create_connection((host, port), timeout=3).close()
     except OSError as e:
         return f"{host} cannot be reached ({e}) and {repo} is not in the HF cache"
     return ""

@@ -288,8 +288,10 @@ def _feature_ids(cohort: Cohort, cfg: FitConfig) -> dict[str, Any]:
 def _warn_topk_order(cfg: FitConfig, classes: list[str]) -> None:
     """topk ranks a bag's tiles by P(last class) (Campanella: P(tumour)), so it learns only when
     the tiles that decide a slide belong to the last class; an alphabetical order chose that
-    class by name (immune_high vs immune_low puts immune_low last)."""
-    if cfg.model.name == "topk" and not cfg.data.classes and len(classes) == 2:
+    class by name (immune_high vs immune_low puts immune_low last). Numeric labels (0/1) put
+    the conventional positive last already."""
+    numeric = all(c.lstrip("+-").replace(".", "", 1).isdigit() for c in classes)  # 0/1: 1 last
+    if cfg.model.name == "topk" and not cfg.data.classes and len(classes) == 2 and not numeric:
         log.warning(
             "model.name=topk ranks each bag's tiles by P(%s), the last class in alphabetical "
             "order (data.classes unset): if the tiles that decide a slide belong to '%s', set "
