@@ -3,8 +3,11 @@ replaces an evaluation it did not write."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -50,7 +53,8 @@ def test_a_bag_without_tile_geometry_is_scored_without_a_heatmap(
     assert (out / "slide_003" / "heatmap.png").is_file()
     assert not (out / "slide_004").exists()  # the earlier call's drawing of it is gone
     printed = capsys.readouterr().out
-    assert "1 slides scored without a heatmap" in printed and "slide_004" in printed
+    assert "1 slide scored without a heatmap, its bag holds" in printed and "slide_004" in printed
+    assert "extract it for heatmaps" in printed
     plain = predict_cfg(pipe, tmp_path / "plain", f"features_dir={cache}", "heatmaps=false")
     assert run_predict(plain) == 0
     score = pd.read_csv(tmp_path / "plain" / "predictions.csv").set_index("slide_id")
@@ -111,3 +115,85 @@ def test_an_evaluation_predict_did_not_write_is_never_replaced(
         assert "\n" not in str(e.value) and "another output_dir" in str(e.value)
         assert {p.name: p.read_bytes() for p in evaluation.iterdir()} == users
         assert not extra or (out / "predictions.csv").read_bytes() == table  # before any work
+
+
+SIX = "slide_ids=[slide_000,slide_001,slide_002,slide_003,slide_004,slide_005]"
+
+
+def labelled(pipe: Pipeline, out: Path, *extra: str) -> PredictConfig:
+    """predict on six cached bags with labels_csv: it writes a report into out/evaluation."""
+    labels = pipe.root / "cohort/labels.csv"
+    keys = [f"features_dir={pipe.features}", "heatmaps=false", SIX, f"labels_csv={labels}"]
+    return predict_cfg(pipe, out, *keys, *extra)
+
+
+def test_a_report_interrupted_before_it_was_recorded_stays_predicts(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    out = tmp_path / "pred"
+    assert run_predict(labelled(pipe, out)) == 0
+    evaluation = out / "evaluation"
+    blocked = out / "report.html"  # written last: the crash comes after the evaluation's files
+    blocked.unlink()
+    (blocked / "x").mkdir(parents=True)
+    before = (evaluation / "evaluation.json").stat().st_ino
+    with pytest.raises(OSError):
+        run_predict(labelled(pipe, out, "overwrite=true"))
+    assert (evaluation / "evaluation.json").stat().st_ino != before  # rewritten, not recorded
+    shutil.rmtree(blocked)
+    # a kill -9 inside an atomic write leaves its temp file
+    fd, leftover = tempfile.mkstemp(prefix=".roc.png.", suffix=".tmp", dir=evaluation)
+    os.close(fd)
+    # a file moved in from elsewhere (older than the interrupted report) is still the user's
+    users = evaluation / "pr.png"
+    pr = users.read_bytes()
+    users.write_bytes(b"the user's figure")
+    os.utime(users, ns=(0, 3600 * 10**9))
+    with pytest.raises(UserError, match="pr.png' was not written by predict"):
+        run_predict(labelled(pipe, out, "overwrite=true"))
+    assert users.read_bytes() == b"the user's figure"
+    users.write_bytes(pr)  # put back: written now, as by the interrupted report
+    assert run_predict(labelled(pipe, out, "overwrite=true")) == 0
+    assert (out / "report.html").is_file() and Path(leftover).exists()
+    marker = json.loads((out / ".melanoma-mil.json").read_text())
+    assert "evaluation_pending" not in marker and "evaluation.json" in marker["evaluation_files"]
+    assert run_predict(labelled(pipe, out, "overwrite=true")) == 0
+
+
+def test_a_copied_output_folder_is_rerun_with_its_report(pipe: Pipeline, tmp_path: Path) -> None:
+    out, copy = tmp_path / "pred", tmp_path / "copy"
+    assert run_predict(labelled(pipe, out)) == 0
+    shutil.copytree(out, copy, symlinks=True)  # as cp -a: size and mtime kept, new inodes
+    roc = copy / "evaluation" / "roc.png"
+    whole = roc.stat().st_mtime_ns // 10**9 * 10**9  # tar and some backups keep whole seconds
+    os.utime(roc, ns=(whole, whole))
+    assert run_predict(labelled(pipe, copy, "overwrite=true")) == 0
+    assert (copy / "evaluation" / "evaluation.json").stat().st_mtime_ns > whole
+
+
+def test_a_dangling_link_in_the_evaluation_is_refused_in_one_line(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    out = tmp_path / "pred"
+    assert run_predict(labelled(pipe, out)) == 0
+    link = out / "evaluation" / "roc.png"
+    link.unlink()
+    link.symlink_to(tmp_path / "gone.png")
+    with pytest.raises(UserError, match="roc.png' .*was not written by predict") as e:
+        run_predict(labelled(pipe, out, "overwrite=true"))
+    assert "\n" not in str(e.value) and link.is_symlink()
+
+
+def test_a_folder_redone_for_another_run_keeps_its_evaluation_predicts(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    out = tmp_path / "pred"
+    assert run_predict(labelled(pipe, out)) == 0
+    path = out / ".melanoma-mil.json"
+    marker = json.loads(path.read_text())  # as made for another run of this folder
+    path.write_text(json.dumps({**marker, "run_id": "another", "run_dir": str(tmp_path / "x")}))
+    # stopped after the folder was claimed for this run, before its report (cuda:99: no such GPU)
+    with pytest.raises((UserError, RuntimeError)):
+        run_predict(labelled(pipe, out, "overwrite=true", "device=cuda:99"))
+    assert json.loads(path.read_text())["run_id"] != "another"  # claimed
+    assert run_predict(labelled(pipe, out, "overwrite=true")) == 0

@@ -13,6 +13,9 @@ builds bags with data.bag_level=patient.
 from __future__ import annotations
 
 import logging
+import re
+import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,8 @@ log = logging.getLogger(__name__)
 META = ["n_tiles", "status", "reason"]
 PATIENTS = "patient_predictions.csv"
 MADE = "evaluation_files"  # key of predict's marker: the evaluation files its report wrote
+PENDING = "evaluation_pending"  # and when a report began that was not recorded (ns, epoch)
+SECOND = 1_000_000_000
 
 
 def _ordered(table: pd.DataFrame) -> pd.DataFrame:
@@ -91,17 +96,62 @@ def patient_table(
     return table[[*front, "n_tiles", "status", "left_out"]]
 
 
-def _stamp(path: Path) -> list[int]:
-    """Size, mtime and inode: any rewrite (atomic ones make a new inode) changes it."""
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+def _stamp(path: Path) -> list[int] | None:
+    """Size, mtime and inode of a regular file (atomic rewrites make a new inode); None for
+    anything else (a symlink, dangling or not, a folder, an entry that cannot be read)."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino] if stat.S_ISREG(st.st_mode) else None
+
+
+def _same_content(recorded: Any, now: list[int] | None) -> bool:
+    """``now`` is the file stamped ``recorded``, or a copy of it (`cp -a`, rsync, a restored
+    backup keep size and mtime, to the second, but not the inode)."""
+    if now is None or not isinstance(recorded, list) or len(recorded) < 2:
+        return False
+    return recorded[0] == now[0] and abs(recorded[1] - now[1]) < SECOND
+
+
+def _leftover(name: str) -> bool:
+    """A temp file of an interrupted atomic write into the evaluation (`io.atomic_path`)."""
+    from melanoma_mil.evaluation.evaluate import OUTPUTS as EVALUATION_OUTPUTS
+
+    names = "|".join(re.escape(n) for n in (*EVALUATION_OUTPUTS, MARKER))
+    return re.fullmatch(rf"\.({names})\.\w+\.tmp", name) is not None
 
 
 def recorded_evaluation(out: Path) -> dict[str, Any]:
-    """The evaluation files predict's report wrote in ``out`` (see `record_evaluation`); read
-    before the folder is claimed, which rewrites the marker for another run."""
-    made = (read_marker(out) or {}).get(MADE)
-    return made if isinstance(made, dict) else {}
+    """Predict's record of its report in ``out``'s marker: ``evaluation_files`` (the files it
+    wrote, see `record_evaluation`) and ``evaluation_pending`` (when a report began that has not
+    been recorded). Read before the folder is claimed, which rewrites the marker for another
+    run; `keep_evaluation` puts it back."""
+    marker = read_marker(out) or {}
+    made = marker.get(MADE)
+    record: dict[str, Any] = {MADE: made if isinstance(made, dict) else {}}
+    if isinstance(marker.get(PENDING), int):
+        record[PENDING] = marker[PENDING]
+    return record
+
+
+def keep_evaluation(out: Path, record: dict[str, Any]) -> None:
+    """Put ``record`` (`recorded_evaluation`) back in the marker `claim_for_run` just wrote: a
+    folder redone for another run keeps knowing which evaluation files are predict's."""
+    marker = read_marker(out) or {}
+    kept = record.get(MADE) or PENDING in record
+    if kept and any(marker.get(k) != record.get(k) for k in (MADE, PENDING)):
+        write_json(out / MARKER, {**marker, **record})
+
+
+def _begin_report(out: Path) -> None:
+    """Note in the marker that a report begins: what a report interrupted before
+    `record_evaluation` (kill, power loss) leaves in the evaluation is still predict's."""
+    marker = read_marker(out) or {}
+    begun = marker.get(PENDING)
+    now = time.time_ns() - SECOND  # file times come from a coarser clock than time_ns
+    marker[PENDING] = min(begun, now) if isinstance(begun, int) else now
+    write_json(out / MARKER, marker)
 
 
 def record_evaluation(out: Path) -> None:
@@ -111,23 +161,45 @@ def record_evaluation(out: Path) -> None:
     from melanoma_mil.evaluation.evaluate import OUTPUTS as EVALUATION_OUTPUTS
 
     folder = out / EVALUATION
-    made = {n: _stamp(folder / n) for n in EVALUATION_OUTPUTS if (folder / n).is_file()}
-    write_json(out / MARKER, {**(read_marker(out) or {}), MADE: made})
+    stamps = {n: _stamp(folder / n) for n in EVALUATION_OUTPUTS}
+    made = {n: s for n, s in stamps.items() if s is not None}
+    marker = {k: v for k, v in (read_marker(out) or {}).items() if k != PENDING}
+    write_json(out / MARKER, {**marker, MADE: made})
 
 
-def check_evaluation(out: Path, made: dict[str, Any]) -> None:
+def check_evaluation(out: Path, record: dict[str, Any]) -> None:
     """Refuse, before any work, an <output_dir>/evaluation holding a file predict's report did
-    not write (``made``), or changed since: the report would replace, e.g., an `evaluate` the
-    user ran there, and overwrite=true asks to replace predict's own outputs, not a user's."""
+    not write (``record``, see `recorded_evaluation`), or changed since: the report would
+    replace, e.g., an `evaluate` the user ran there, and overwrite=true asks to replace
+    predict's own outputs, not a user's. Files of a report begun but not recorded (interrupted)
+    and leftovers of interrupted writes are predict's; copies of its files too (size and mtime
+    are compared, not the inode)."""
+    from melanoma_mil.evaluation.evaluate import OUTPUTS as EVALUATION_OUTPUTS
+
     folder = out / EVALUATION
-    found = sorted(folder.iterdir()) if folder.is_dir() else []
+    made, begun = record.get(MADE) or {}, record.get(PENDING)
+    try:
+        found = sorted(folder.iterdir()) if folder.is_dir() else []
+    except OSError as e:
+        raise UserError(
+            f"cannot read '{folder}' ({e.strerror or e}), where this call's report goes; fix its "
+            "permissions or choose another output_dir."
+        ) from None
     for path in found:
-        if path.name != MARKER and made.get(path.name) != _stamp(path):
-            raise UserError(
-                f"'{path}' was not written by predict (an `evaluate` run into {folder}, or "
-                "changed since), and this call's report would replace it; move that folder "
-                "elsewhere or choose another output_dir."
-            )
+        if path.name == MARKER or _leftover(path.name):
+            continue
+        now = _stamp(path)
+        if _same_content(made.get(path.name), now):
+            continue
+        pending = isinstance(begun, int) and path.name in EVALUATION_OUTPUTS
+        if pending and now is not None and now[1] >= begun:  # since an unrecorded report began
+            continue
+        kind = "" if now is not None else " (not a readable regular file)"
+        raise UserError(
+            f"'{path}'{kind} was not written by predict (an `evaluate` run into {folder}, or "
+            "changed since), and this call's report would replace it; move that folder "
+            "elsewhere or choose another output_dir."
+        )
 
 
 def print_undrawn(table: pd.DataFrame, target: Path) -> None:
@@ -137,37 +209,46 @@ def print_undrawn(table: pd.DataFrame, target: Path) -> None:
     if undrawn.empty:
         return
     more = f" and {len(undrawn) - SHOWN} more" if len(undrawn) > SHOWN else ""
+    n = len(undrawn)
     print(
-        f"predict: {len(undrawn)} slides scored without a heatmap, their bags hold no tile "
+        f"predict: {n} slide{'s' if n != 1 else ''} scored without a heatmap, "
+        f"{'their bags hold' if n != 1 else 'its bag holds'} no tile "
         f"geometry (reasons in {target}): {', '.join(undrawn.iloc[:SHOWN])}{more}; drop "
-        "features_dir to tile and extract them for heatmaps."
+        f"features_dir to tile and extract {'them' if n != 1 else 'it'} for heatmaps."
     )
 
 
-def remove_stale(out: Path, cfg: PredictConfig, table: pd.DataFrame, made: dict[str, Any]) -> None:
+def remove_stale(
+    out: Path, cfg: PredictConfig, table: pd.DataFrame, record: dict[str, Any]
+) -> None:
     """With overwrite, delete this command's own outputs in ``out`` that this call did not
     rewrite (slides not redone, patient / report files not asked for), so the folder never
     mixes the previous call's results with this call's. Only predict's file names are touched,
-    and of the evaluation only files its report wrote (``made``) and nobody changed since."""
+    and of the evaluation only files its report wrote (``record``, `recorded_evaluation`) and
+    nobody changed since: the very file (inode too), never a copy or a replacement."""
     from melanoma_mil.evaluation.evaluate import OUTPUTS as EVALUATION_OUTPUTS
 
+    made = record.get(MADE) or {}
     if not cfg.patients_csv:
         (out / PATIENTS).unlink(missing_ok=True)
     if not (cfg.clinical_csv or cfg.labels_csv):
         (out / REPORT).unlink(missing_ok=True)
         for name in EVALUATION_OUTPUTS:
             path = out / EVALUATION / name
-            if path.is_file() and made.get(name) == _stamp(path):
+            now = _stamp(path)
+            if now is not None and made.get(name) == now:
                 path.unlink()
     remove_unwritten(out, table, every=True)
 
 
 def _report(cfg: PredictConfig, out: Path, scored: Path, run: TrainedRun) -> int:
     """Evaluate ``scored`` into out/evaluation/ and out/report.html (`write_report`'s exit
-    code), recording the files written as predict's own."""
+    code), recording the files written as predict's own (also after a failed report: what it
+    wrote is predict's). The report is noted as begun first, so that one interrupted before it
+    is recorded stays predict's."""
+    _begin_report(out)
     rc = write_report(cfg, out, scored, run.run_dir, cfg.labels_csv)
-    if rc == 0:
-        record_evaluation(out)
+    record_evaluation(out)
     return rc
 
 
@@ -183,7 +264,7 @@ def run_predict(cfg: PredictConfig) -> int:
     if target.exists() and not cfg.overwrite:
         raise UserError(f"'{target}' exists; pass overwrite=true or choose another output_dir.")
     check_inputs(cfg)
-    made = recorded_evaluation(out)
+    made = recorded_evaluation(out)  # before claim_for_run rewrites the marker for another run
     if cfg.clinical_csv or cfg.labels_csv:
         check_evaluation(out, made)
     if run.config.data.bag_level == "patient" and not cfg.patients_csv:
@@ -197,6 +278,7 @@ def run_predict(cfg: PredictConfig) -> int:
     if not inputs:
         raise UserError("no slides to predict: check slides_dir / manifest / slide_ids.")
     claim_for_run(cfg, run, "predict", outputs, write=True)
+    keep_evaluation(out, made)
     ensemble = Ensemble(run, resolve_device(cfg.device))
     table = _ordered(analyse_all(inputs, ensemble, cfg, render=cfg.heatmaps, desc="predict"))
     if patient_of is not None:  # lets `evaluate` group the slides by patient
