@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from melanoma_mil.demo.owned import KIND, MARKER, claim
-from melanoma_mil.demo.run import WRITES
+from melanoma_mil.demo.run import RESUMABLE, WRITES
 from melanoma_mil.errors import UserError
 
 SMALL = ["n_slides=12", "slide_size=1024", "tile_size=64", "folds=2", "max_epochs=1"]
@@ -44,6 +44,24 @@ elif point == "tile-ctrl-c":
     def interrupt(cfg):
         raise KeyboardInterrupt
     R.run_tile = interrupt
+elif point == "heatmaps-ctrl-c":  # Ctrl-C after fit wrote cv_summary.json
+    def interrupt(cfg):
+        raise KeyboardInterrupt
+    R.run_heatmap = interrupt
+elif point == "extract-late":  # the record untouched from tile on, killed mid-extract
+    import melanoma_mil.demo.owned as O
+    import melanoma_mil.features.run as F
+    tile = R.run_tile
+    def untouched(cfg):  # as if its beats stalled: every file from here on is 'late'
+        O.MARKER = "not-the-record"  # touching it fails (silently): the record stays as is
+        return tile(cfg)
+    R.run_tile = untouched
+    write_bag, written = F.write_bag, []
+    def write_two_then_die(work):  # the third slide's claim (lock) is left behind
+        if len(written) == 2:
+            die()
+        written.append(write_bag(work))
+    F.write_bag = write_two_then_die
 elif point == "tile-hang":
     R.run_tile = lambda cfg: time.sleep(600)
 elif point == "synth.json":  # right after the cohort generator wrote its settings
@@ -301,3 +319,79 @@ def test_edited_record_cannot_point_outside_output_dir(tmp_path: Path, where: st
     with pytest.raises(UserError, match="not a demo record"):
         claim(d, overwrite=True)
     assert victim.read_text() == "mine"
+
+
+def late(out: Path, folder: str) -> list[Path]:
+    """The files under ``out/folder`` changed after the demo record was last touched."""
+    touched = (out / MARKER).stat().st_mtime_ns
+    return [p for p in (out / folder).rglob("*") if p.is_file() and p.stat().st_ctime_ns > touched]
+
+
+def test_plain_rerun_resumes_a_demo_killed_after_its_last_touch(tmp_path: Path) -> None:
+    """Killed mid-extract with its tiles and first feature files (and a slide's claim) written
+    after it last touched its record: a plain rerun takes those as the killed demo's leftovers
+    and resumes to the end; a file of yours elsewhere stays."""
+    d = tmp_path / "d"
+    done = demo("extract-late", d)
+    assert done.returncode == KILLED, done.stderr
+    assert len(late(d, "tiles/coords")) == 12 and len(late(d, "features")) >= 2
+    (d / "thesis.txt").write_text("mine")
+    done = demo("-", d)
+    assert done.returncode == 0, done.stderr
+    assert (d / "evaluate" / "report.html").is_file() and (d / "localisation.csv").is_file()
+    assert (d / "thesis.txt").read_text() == "mine"
+
+
+def test_overwrite_after_a_kill_deletes_the_killed_demos_last_writes(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    done = demo("extract-late", d)
+    assert done.returncode == KILLED, done.stderr
+    assert late(d, "tiles/coords") and late(d, "features")
+    (d / "thesis.txt").write_text("mine")
+    done = demo("tile", d, "overwrite=true", "seed=1")  # killed again once its cohort is made
+    assert done.returncode == KILLED, done.stderr
+    assert seed_of(d) == 1 and not (d / "tiles").exists() and not (d / "features").exists()
+    assert (d / "thesis.txt").read_text() == "mine"
+
+
+def test_plain_rerun_resumes_a_demo_stopped_after_fit(tmp_path: Path) -> None:
+    """Ctrl-C during heatmaps leaves fit/cv_summary.json: the demo is not finished, so a plain
+    rerun resumes it; once it has finished, a plain rerun says so."""
+    d = tmp_path / "d"
+    done = demo("heatmaps-ctrl-c", d)
+    assert done.returncode == 130, done.stderr
+    assert (d / "fit" / "cv_summary.json").is_file() and not (d / "evaluate").exists()
+    done = demo("-", d)
+    assert done.returncode == 0, done.stderr
+    assert (d / "evaluate" / "report.html").is_file()
+    before = stats(d)
+    one_line_error(demo("-", d), "already holds a finished demo", "overwrite=true")
+    assert stats(d) == before
+
+
+def test_a_killed_demos_last_writes_are_its_own_but_an_edit_of_its_files_is_yours(
+    tmp_path: Path,
+) -> None:
+    """After a kill, a file new since the killed demo started, in a folder whose stage checks
+    its own leftovers, is the demo's; a file it had recorded and that changed since is not."""
+    d = tmp_path / "d"
+    made_by_a_demo(d, {"tiles/a.h5": "demo", "cohort/labels.csv": "demo"})
+    ledger = claim(d, overwrite=False, writes=WRITES, resumable=RESUMABLE)
+    ledger.start()
+    assert ledger._stop is not None and ledger._beats is not None
+    ledger._stop.set()  # its beats stop: it is 'killed' (nothing more recorded)
+    ledger._beats.join()
+    old = (d / MARKER).stat().st_mtime_ns - 60 * 10**9  # its last touch, a minute ago
+    os.utime(d / MARKER, ns=(old, old))
+    (d / "tiles" / "b.h5").write_text("its last write")
+    (d / "features").mkdir()
+    (d / "features" / "c.lock").write_text("its claim")
+    with (d / "tiles" / "a.h5").open("a") as f:
+        f.write("# my edit")
+    with pytest.raises(UserError, match="rerunning the demo would overwrite them") as e:
+        claim(d, overwrite=False, writes=WRITES, resumable=RESUMABLE)
+    assert "'tiles/a.h5'" in str(e.value) and "b.h5" not in str(e.value)
+    assert "c.lock" not in str(e.value)
+    (d / "tiles" / "a.h5").rename(tmp_path / "a.h5")
+    ledger = claim(d, overwrite=True, writes=WRITES, resumable=RESUMABLE)
+    assert set(stats(d)) == set() and not (d / "features").exists()

@@ -14,8 +14,12 @@ A demo killed outright (kill -9, power cut) cannot record anything as it dies. S
 demo's record also holds what was there when it started, and the demo touches the record every
 ``BEAT_S`` seconds and after every stage. The next demo in that folder takes as the killed one's
 every file created or changed since that start no later than the last touch, by the file's
-change time (ctime, which the kernel sets and no copy or touch can set back); files changed
-later (yours, or the killed demo's very last writes) stay unrecorded, so they are kept.
+change time (ctime, which the kernel sets and no copy or touch can set back). Files changed
+later are the killed demo's very last writes, or yours: those created since it started in the
+folders whose stages check and redo a killed run's leftovers (``resumable``: tiles, features)
+are taken as its own (recorded, so a plain rerun resumes over them and ``overwrite=true``
+deletes them); any other (an edit of a file it wrote, a file elsewhere) stays unrecorded, so it
+is kept and, where the demo writes, refuses the next demo.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISLNK
 from typing import Any
 
 from melanoma_mil.errors import UserError
@@ -181,12 +186,17 @@ class Ledger:
             time.sleep(min(STALE_S, STALE_S - age_s))
         return marker.stat().st_mtime_ns == seen
 
-    def recover(self) -> list[str]:
-        """Record what a demo killed while running made (see the module docstring); return
-        the files new or changed since it started that it cannot be shown to have made."""
+    def recover(self, resumable: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+        """Record what a demo killed while running made (see the module docstring). Files
+        changed after its last touch are its last writes or yours: those absent when it
+        started, in ``resumable`` (folders ending in '/' whose stages check and redo their own
+        leftovers), are taken as its own, with the new folders holding them. Return (taken,
+        late): the taken files, and the files new or changed since it started that stay
+        unrecorded."""
         alive = (self.root / MARKER).stat().st_mtime_ns
         files, dirs = _walk(self.root)
         late: list[str] = []
+        taken: list[str] = []
         made: set[str] = set()
         if self.before is None:  # a record without its start state (older version): claim none
             late = sorted(set(files) - set(self.files))
@@ -198,14 +208,21 @@ class Ledger:
                     continue
                 if st.st_ctime_ns <= alive:
                     self.files[rel] = stat
+                elif rel not in old_files and _where(rel, resumable) and not _is_link(st):
+                    self.files[rel] = stat  # its last writes (a stage redoes what is half-done)
+                    taken.append(rel)
                 else:
                     late.append(rel)
-            made = {d for d, st in dirs.items() if d not in old_dirs and st.st_ctime_ns <= alive}
+            holding = {str(p) for rel in taken for p in Path(rel).parents} - {"."}
+            made = {
+                d for d, st in dirs.items()
+                if d not in old_dirs and (st.st_ctime_ns <= alive or d in holding)
+            }  # fmt: skip
         self.files = {k: v for k, v in self.files.items() if k in files}
         self.dirs = {d for d in self.dirs | made if d in dirs}
         self.running, self.before = False, None
         self.save()
-        return late
+        return taken, late
 
     def _linked(self) -> Path | None:
         """The first folder on a recorded path that is now a link (to somewhere else)."""
@@ -227,7 +244,7 @@ class Ledger:
         ending in '/'): any run would overwrite it, read it as the demo's own or stop halfway.
         Return the files kept (``_kept``) otherwise."""
         kept = self._kept()
-        blocking = [rel for rel in kept if rel in writes or rel.startswith(_folders(writes))]
+        blocking = [rel for rel in kept if _where(rel, writes)]
         if blocking:
             what = (
                 "overwrite=true would replace them or stop halfway"
@@ -267,16 +284,25 @@ class Ledger:
         return kept
 
 
-def _folders(writes: tuple[str, ...]) -> tuple[str, ...]:
-    """The folders among ``writes`` (ending in '/'), for ``str.startswith``."""
-    return tuple(w for w in writes if w.endswith("/"))
+def _where(rel: str, writes: tuple[str, ...]) -> bool:
+    """Whether ``rel`` lies where the demo writes (``writes``: paths, or folders ending in
+    '/')."""
+    return rel in writes or rel.startswith(tuple(w for w in writes if w.endswith("/")))
 
 
-def claim(root: Path, overwrite: bool, writes: tuple[str, ...] = ()) -> Ledger:
+def _is_link(st: os.stat_result) -> bool:
+    """Whether an lstat result is a link's."""
+    return S_ISLNK(st.st_mode)
+
+
+def claim(
+    root: Path, overwrite: bool, writes: tuple[str, ...] = (), resumable: tuple[str, ...] = ()
+) -> Ledger:
     """The ledger for a demo into ``root``: a new or empty folder, or an earlier demo's
     (cleared first with ``overwrite``; either way refused when a file of the user's lies in
-    ``writes``, see `Ledger.refuse_yours`). Any other folder is refused, whatever
-    ``overwrite``, and so is a folder a demo is writing into now."""
+    ``writes``, see `Ledger.refuse_yours`; a killed demo's last writes in ``resumable`` are
+    its own, see `Ledger.recover`). Any other folder is refused, whatever ``overwrite``, and
+    so is a folder a demo is writing into now."""
     if root.exists() and not root.is_dir():
         raise UserError(f"output_dir '{root}' is a file; choose a folder for the demo.")
     ledger = Ledger.read(root) if root.is_dir() else None
@@ -294,11 +320,14 @@ def claim(root: Path, overwrite: bool, writes: tuple[str, ...] = ()) -> Ledger:
                 f"a demo is writing into '{root}' now ({MARKER} keeps changing); wait for it to "
                 "end, or choose another output_dir."
             )
-        late = ledger.recover()
+        taken, late = ledger.recover(resumable)
         log.warning(
-            "demo: the last demo in %s was killed; its record now holds %d file(s)%s",
+            "demo: the last demo in %s was killed; its record now holds %d file(s)%s%s",
             root,
             len(ledger.files),
+            f", {len(taken)} of them its last writes (checked or redone by the stages)"
+            if taken
+            else "",
             f"; {len(late)} changed after it stopped are not: {late[:5]}" if late else "",
         )
     if not overwrite:  # a plain rerun rewrites (or reads) what is there: same refusal

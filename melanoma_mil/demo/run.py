@@ -47,6 +47,11 @@ WRITES = (
     "evaluate/", "localisation.csv",
 )  # fmt: skip
 
+# where the stages check and redo their own half-done work: what a killed demo wrote there
+# after its record's last touch is taken as its own (a rerun resumes over it)
+RESUMABLE = ("tiles/", "features/")
+FINAL = "evaluate/report.html"  # the last file a demo writes: recorded once it finished
+
 
 def _step(name: str, call: Callable[[], Any], beat: Callable[[], None]) -> Any:
     """Run one stage, log its time and ``beat`` (so a kill right after it leaves every file of
@@ -129,12 +134,12 @@ def run_demo(cfg: DemoConfig) -> int:
     demo writes stops any rerun before it writes (see `demo.owned`)."""
     check_demo(cfg)
     out = Path(cfg.output_dir)
-    if (out / "fit" / "cv_summary.json").exists() and not cfg.overwrite:
+    ledger = claim(out, cfg.overwrite, WRITES, RESUMABLE)
+    if not cfg.overwrite and FINAL in ledger.files:  # stopped any earlier, it resumes
         raise UserError(
             f"'{out}' already holds a finished demo; pass overwrite=true or choose "
             "another output_dir."
         )
-    ledger = claim(out, cfg.overwrite, WRITES)
     ledger.start()
     try:
         return _run(cfg, out, ledger.beat)
