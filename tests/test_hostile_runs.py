@@ -46,6 +46,8 @@ from melanoma_mil.cli import main
 from melanoma_mil.training import cv, module
 kill_split, state = int(os.environ["KILL_SPLIT"]), {}
 sig = getattr(signal, os.environ["KILL_SIGNAL"])
+if sig == signal.SIGINT:  # as a terminal's foreground job has it: a job started with & (a CI
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # runner) inherits SIGINT ignored
 run_fold, step = cv._run_fold, module.MILModule.training_step
 def tracked(cfg, cohort, store, split, *args):
     state["split"] = split.fold
