@@ -115,7 +115,11 @@ def test_a_crashing_slide_fails_alone(tmp_path: Path, monkeypatch: pytest.Monkey
     table = _table(out)
     assert table.loc["a_crash", "status"] == "failed"
     assert "process died" in table.loc["a_crash", "reason"]
-    assert {table.loc[s, "status"] for s in ("slide1", "slide2", "slide3")} == {"ok"}
+    # a worker the pool killed as it broke may have written its slide's coords just before:
+    # the retry then finds them done ("skipped: tiled by another process"), never failed
+    for sid in ("slide1", "slide2", "slide3"):
+        assert table.loc[sid, "status"] in ("ok", "skipped"), table.loc[sid, "reason"]
+        assert (out / "coords" / f"{sid}.h5").is_file()
 
     assert _tile(slides, out, workers=2) == 1  # a re-run gets past it too
     table = _table(out)
