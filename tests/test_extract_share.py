@@ -156,8 +156,12 @@ def test_a_claim_left_on_a_finished_slide_by_a_dead_process_is_removed(tmp_path:
     live_draft = first.with_name(f".{first.stem}.lock.{os.getpid()}.claiming")
     dead_draft.write_text(json.dumps(owner))
     live_draft.write_text(json.dumps(me()))
+    # and the dead one was killed while writing the slide's outcome record: its temp goes too
+    record_tmp = first.parent / ".status" / f".{first.stem}.json.x1y2z3.tmp"
+    record_tmp.write_text("{")
     assert run_extract(cfg_for(tiles, out)) == 0
     assert not first.with_suffix(".lock").exists() and not dead_draft.exists()
+    assert not record_tmp.exists()
     assert second.with_suffix(".lock").exists() and live_draft.exists()
 
 

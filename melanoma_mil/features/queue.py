@@ -11,6 +11,7 @@ left, a process waits for them, and takes over any whose process dies.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import time
@@ -70,6 +71,14 @@ def read_record(out: Path) -> dict[str, Any]:
         return json.loads(record_path(out).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def clean_record_temps(out: Path) -> None:
+    """Remove the temp files of ``out``'s record that a writer killed mid-write left (call only
+    while holding its claim, or once a dead owner's claim on the finished slide is removed)."""
+    path = record_path(out)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def write_record(out: Path, row: dict[str, Any]) -> None:
@@ -153,6 +162,7 @@ class SlideQueue:
                 try:
                     if Claim(lock, self.stale_after).clear_stale():
                         log.info("removed %s, left by a process that is gone", lock)
+                        clean_record_temps(lock.with_suffix(".h5"))
                 except OSError as e:
                     log.warning("could not remove %s: %s", lock, e)
         for folder in folders:
@@ -202,6 +212,7 @@ class SlideQueue:
             self.row(i, "failed", f"slide '{job.slide_path}' {why}; {fix}", cache_key=key)
             return None
         clean_temp_files(out.parent, job.slide_id)
+        clean_record_temps(out)
         log.info("claimed %s (%d tiles)", job.slide_id, len(grid.coords))
         return SlideWork(i, job, grid, out, attrs, claim)
 
