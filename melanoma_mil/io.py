@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +37,18 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp_path, final)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def temp_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The temp files `atomic_path` left for ``path`` when its writer died before the rename."""
+    final = Path(path)
+    return sorted(final.parent.glob(f".{glob.escape(final.name)}.*.tmp"))
+
+
+def temp_target(name: str) -> str | None:
+    """The file name an `atomic_path` temp file ``name`` was written for, or None."""
+    found = re.fullmatch(r"\.(.+)\.[a-z0-9_]+\.tmp", name)
+    return found[1] if found else None
 
 
 @contextlib.contextmanager

@@ -185,3 +185,16 @@ def mounted_tmpfs(path: Path, size: str) -> bool:
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                           capture_output=True)  # fmt: skip
     return done.returncode == 0
+
+
+def untagged_copy(slide: Path, to: Path) -> Path:
+    """``slide``'s level 0 as a tiled JPEG TIFF at ``to`` without resolution tags (no mpp)."""
+    import openslide
+    import tifffile
+
+    with openslide.OpenSlide(str(slide)) as src:
+        image = np.asarray(src.read_region((0, 0), 0, src.dimensions).convert("RGB"))
+    to.parent.mkdir(parents=True, exist_ok=True)
+    with tifffile.TiffWriter(to) as tif:
+        tif.write(image, tile=(256, 256), photometric="rgb", compression="jpeg")
+    return to

@@ -11,10 +11,9 @@ import tempfile
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pandas as pd
 import pytest
-from conftest import Pipeline, inference_cfg
+from conftest import Pipeline, inference_cfg, untagged_copy
 
 from melanoma_mil.config import EvaluateConfig, HeatmapConfig, PredictConfig, load_config
 from melanoma_mil.errors import UserError
@@ -72,15 +71,7 @@ def test_tiling_advice_during_predict_names_only_predicts_keys(
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    import openslide
-    import tifffile
-
-    slide = openslide.OpenSlide(str(pipe.slides / "slide_000.tiff"))
-    image = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
-    folder = tmp_path / "slides"
-    folder.mkdir()
-    with tifffile.TiffWriter(folder / "S.tiff") as tif:  # no resolution tags
-        tif.write(image, tile=(256, 256), photometric="rgb", compression="jpeg")
+    folder = untagged_copy(pipe.slides / "slide_000.tiff", tmp_path / "slides" / "S.tiff").parent
     caplog.set_level(logging.INFO)
     assert run_predict(predict_cfg(pipe, tmp_path / "a", f"slides_dir={folder}")) == 1
     seen = capsys.readouterr()

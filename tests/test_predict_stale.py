@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import Pipeline, inference_cfg, slide_folder
+from conftest import Pipeline, inference_cfg, slide_folder, untagged_copy
 from PIL import Image
 
 from melanoma_mil.config import HeatmapConfig, PredictConfig, load_config
@@ -156,15 +156,7 @@ def test_overwrite_removes_the_previous_calls_outputs_only(pipe: Pipeline, tmp_p
 def test_a_slide_without_resolution_is_predicted_with_mpp_csv(
     pipe: Pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import openslide
-    import tifffile
-
-    slide = openslide.OpenSlide(str(pipe.slides / "slide_000.tiff"))
-    image = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
-    folder = tmp_path / "slides"
-    folder.mkdir()
-    with tifffile.TiffWriter(folder / "S.tiff") as tif:  # no resolution tags
-        tif.write(image, tile=(256, 256), photometric="rgb", compression="jpeg")
+    folder = untagged_copy(pipe.slides / "slide_000.tiff", tmp_path / "slides" / "S.tiff").parent
     assert run_predict(predict_cfg(pipe, tmp_path / "a", f"slides_dir={folder}")) == 1
     reason = pd.read_csv(tmp_path / "a" / "predictions.csv").loc[0, "reason"]
     # the advice names only keys predict accepts, once, with no doubled 'failed: failed:'

@@ -78,10 +78,15 @@ def read_patients(path: str) -> dict[str, str]:
     return dict(zip(df["slide_id"], df["patient_id"], strict=True))
 
 
+def is_number(label: str) -> bool:
+    """Whether a label is a number (`canonical_label` writes those one way)."""
+    return _NUMBER.fullmatch(label) is not None
+
+
 def canonical_label(raw: str) -> str:
     """A label that is a number, written the one way: '1', '1.0', '+1' and '1e0' are one class
     ('1'); '0.50' is '0.5'. Spreadsheets and R write the same label both ways; others stay."""
-    if not _NUMBER.fullmatch(raw):
+    if not is_number(raw):
         return raw
     value = Decimal(raw)
     if value == value.to_integral_value():

@@ -25,6 +25,7 @@ from melanoma_mil.features.identity import (
     identity_mismatch,
     plain,
 )
+from melanoma_mil.io import temp_files
 from melanoma_mil.tiling.coords import TileGrid
 
 
@@ -120,12 +121,8 @@ def _mismatch(
 def clean_temp_files(directory: Path, slide_id: str) -> int:
     """Remove temp files a killed writer of ``slide_id`` left (call only while holding its lock)."""
     n = 0
-    for tmp in directory.glob(f".{_glob_escape(slide_id)}.h5.*.tmp"):
+    for tmp in temp_files(directory / f"{slide_id}.h5"):
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
             n += 1
     return n
-
-
-def _glob_escape(s: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", s)

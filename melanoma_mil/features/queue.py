@@ -11,7 +11,6 @@ left, a process waits for them, and takes over any whose process dies.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import time
@@ -26,7 +25,7 @@ import numpy as np
 from melanoma_mil.features.cache import cache_key, check_cached, clean_temp_files, slide_identity
 from melanoma_mil.features.data import Job
 from melanoma_mil.ids import id_path
-from melanoma_mil.io import write_json
+from melanoma_mil.io import temp_files, write_json
 from melanoma_mil.tiling.coords import TileGrid
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
 from melanoma_mil.workshare import Claim, clear_drafts, describe, disk_full, disk_full_reason, me
@@ -76,8 +75,7 @@ def read_record(out: Path) -> dict[str, Any]:
 def clean_record_temps(out: Path) -> None:
     """Remove the temp files of ``out``'s record that a writer killed mid-write left (call only
     while holding its claim, or once a dead owner's claim on the finished slide is removed)."""
-    path = record_path(out)
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+    for tmp in temp_files(record_path(out)):
         tmp.unlink(missing_ok=True)
 
 

@@ -13,7 +13,6 @@ builds bags with data.bag_level=patient.
 from __future__ import annotations
 
 import logging
-import re
 import stat
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from melanoma_mil.inference.analyse import (
 )
 from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import SlideInput, prepare_inputs
-from melanoma_mil.io import atomic_path, write_json
+from melanoma_mil.io import atomic_path, temp_target, write_json
 from melanoma_mil.outdir import MARKER, read_marker
 from melanoma_mil.rundir import EVALUATION, REPORT, TrainedRun
 from melanoma_mil.tracking.loggers import log_slides
@@ -114,14 +113,6 @@ def _same_content(recorded: Any, now: list[int] | None) -> bool:
     return recorded[0] == now[0] and abs(recorded[1] - now[1]) < SECOND
 
 
-def _leftover(name: str) -> bool:
-    """A temp file of an interrupted atomic write into the evaluation (`io.atomic_path`)."""
-    from melanoma_mil.evaluation.evaluate import OUTPUTS as EVALUATION_OUTPUTS
-
-    names = "|".join(re.escape(n) for n in (*EVALUATION_OUTPUTS, MARKER))
-    return re.fullmatch(rf"\.({names})\.\w+\.tmp", name) is not None
-
-
 def recorded_evaluation(out: Path) -> dict[str, Any]:
     """Predict's record of its report in ``out``'s marker: ``evaluation_files`` (the files it
     wrote, see `record_evaluation`) and ``evaluation_pending`` (when a report began that has not
@@ -186,8 +177,8 @@ def check_evaluation(out: Path, record: dict[str, Any]) -> None:
             "permissions or choose another output_dir."
         ) from None
     for path in found:
-        if path.name == MARKER or _leftover(path.name):
-            continue
+        if path.name == MARKER or temp_target(path.name) in (*EVALUATION_OUTPUTS, MARKER):
+            continue  # the marker, or a leftover of an interrupted write (`io.atomic_path`)
         now = _stamp(path)
         if _same_content(made.get(path.name), now):
             continue

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from melanoma_mil import rundir
 from melanoma_mil.config import FitConfig, check
 from melanoma_mil.data.bags import read_attrs
-from melanoma_mil.data.cohort import Cohort, build_cohort
+from melanoma_mil.data.cohort import Cohort, build_cohort, is_number
 from melanoma_mil.data.datamodule import BagDataModule
 from melanoma_mil.data.splits import Split
 from melanoma_mil.data.store import BagStore, features_identity, open_store
@@ -290,7 +290,7 @@ def _warn_topk_order(cfg: FitConfig, classes: list[str]) -> None:
     the tiles that decide a slide belong to the last class; an alphabetical order chose that
     class by name (immune_high vs immune_low puts immune_low last). Numeric labels (0/1) put
     the conventional positive last already."""
-    numeric = all(c.lstrip("+-").replace(".", "", 1).isdigit() for c in classes)  # 0/1: 1 last
+    numeric = all(is_number(c) for c in classes)  # 0/1: 1 last
     if cfg.model.name == "topk" and not cfg.data.classes and len(classes) == 2 and not numeric:
         log.warning(
             "model.name=topk ranks each bag's tiles by P(%s), the last class in alphabetical "
