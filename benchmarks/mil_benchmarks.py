@@ -119,7 +119,7 @@ def fit_config(data: Path, model: str, seed: int, overrides: list[str], out: Pat
 
 
 # keys added after runs were recorded: at these values a config hashes as it did before them
-LATER_KEYS = {"trainer": {"average_fraction": 0.0}, "model": {"members": 1}}
+LATER_KEYS = {"trainer": {"average_fraction": 0.0}, "model": {"members": 1, "topk_warmup": 0.0}}
 
 
 def config_key(cfg: FitConfig) -> str:
@@ -138,6 +138,8 @@ def config_key(cfg: FitConfig) -> str:
         for key, value in keys.items():
             if tree[section].get(key) == value:
                 del tree[section][key]
+    if cfg.model.name != "topk":  # the other models do not read it
+        del tree["model"]["topk_warmup"]
     return hashlib.sha256(OmegaConf.to_yaml(tree).encode()).hexdigest()[:8]
 
 

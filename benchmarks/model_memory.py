@@ -4,7 +4,9 @@ Each (model, mode) runs in a fresh subprocess. CPU: peak resident memory (ru_max
 resident memory after the bag was created, so the number is what the model adds on top of the
 bag (586 MiB in float32). CUDA (--device cuda): torch.cuda.max_memory_allocated minus the bag,
 under bf16 autocast as `fit` trains on GPUs. Modes: "infer" (inference_mode forward, what
-heatmap/predict run) and "train" (forward + backward with the label, as a `fit` step).
+heatmap/predict run) and "train" (forward + backward with the label, as a `fit` step). The
+"topk warm-up" row is topk's training step during its first `model.topk_warmup` of the epochs,
+which trains on every tile.
 
     python benchmarks/model_memory.py [--models ...] [--tiles 100000] [--dim 1536]
         [--device cpu|cuda] [--threads 1]
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from melanoma_mil.config import MODEL_NAMES, ModelConfig
-from melanoma_mil.models import build_model, feature_norm
+from melanoma_mil.models import build_model, feature_norm, set_progress
 
 
 def rss_mb() -> float:
@@ -31,10 +33,14 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+WARMUP = "topk warm-up"
+
+
 def measure(name: str, mode: str, tiles: int, dim: int, device: str) -> dict[str, float]:
     """Runs in the child: build, one forward (+ backward), report peak memory and time."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name=name), dim, 2).to(device)
+    model = build_model(ModelConfig(name=name.split()[0]), dim, 2).to(device)
+    set_progress(model, 0.0 if name == WARMUP else 1.0)
     x = torch.randn(tiles, dim, device=device)
     feature_norm(model).fit_stats([x[:1000]])  # as in `fit`: standardisation is not skipped
     cuda = device.startswith("cuda")
@@ -84,7 +90,7 @@ def main() -> None:
     print(f"{args.tiles} tiles x {args.dim} (float32 bag {bag_mb:.0f} MB), {args.device}, "
           f"{args.threads} thread(s); memory added on top of the bag:")  # fmt: skip
     print(f"{'model':<16}" + "".join(f"{m + ' MB':>12}{m + ' s':>10}" for m in args.modes))
-    for name in args.models:
+    for name in args.models + ([WARMUP] if "topk" in args.models else []):
         cells = []
         for mode in args.modes:
             cmd = [sys.executable, __file__, "--child", name, mode, "--tiles", str(args.tiles),

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import Pipeline
+from sklearn.metrics import roc_auc_score
 
 from melanoma_mil.config import MODEL_NAMES, FitConfig, PredictConfig, load_config
 from melanoma_mil.data.synthetic import make_bag_cohort
@@ -130,3 +131,17 @@ def test_topk_names_the_class_order_it_ranks_tiles_by_when_order_is_alphabetical
     with caplog.at_level("WARNING", logger="melanoma_mil"):
         assert run_fit(load_config(FitConfig, [], keys)) == 0
     assert ("model.name=topk ranks each bag's tiles" in caplog.text) == warns
+
+
+def test_topk_learns_planted_tiles_through_fit_where_its_warm_up_is_needed(tmp_path: Path) -> None:
+    """On this cohort, topk without its warm-up (model.topk_warmup=0) scored a pooled AUC of
+    0.747 (one fold 0.42: the planted tiles never ranked on top); with it, 0.994."""
+    feats, labels = make_bag_cohort(tmp_path / "c", n_patients=60, dim=32, shift=4.0, seed=5)
+    keys = [
+        f"data.features_dir={feats}", f"data.labels_csv={labels}", f"output_dir={tmp_path / 'r'}",
+        "cv.folds=3", "trainer.max_epochs=30", "logger=none", "trainer.accelerator=cpu",
+        "model.name=topk", "model.members=1", "data.classes=[immune_low,immune_high]",
+    ]  # fmt: skip
+    assert run_fit(load_config(FitConfig, [], keys)) == 0
+    table = pd.read_csv(tmp_path / "r" / "predictions.csv")
+    assert roc_auc_score(table["y"], table["prob"]) >= 0.95

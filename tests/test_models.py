@@ -16,7 +16,7 @@ from melanoma_mil.config import MODEL_NAMES, FitConfig, ModelConfig, load_config
 from melanoma_mil.data.bags import read_bag
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
-from melanoma_mil.models import MODELS, build_model, feature_norm
+from melanoma_mil.models import MODELS, build_model, feature_norm, set_progress
 from melanoma_mil.models.common import CHUNK, Dropout
 from melanoma_mil.models.transmil import NystromAttention, landmarks, pinv
 from melanoma_mil.training.cv import run_fit
@@ -54,6 +54,26 @@ def test_every_parameter_gets_a_gradient_in_a_training_step(name: str, n: int) -
     loss.backward()
     missing = [k for k, p in model.named_parameters() if p.grad is None]
     assert not missing, f"{name}: no gradient for {missing} on a {n}-tile bag"
+
+
+@pytest.mark.parametrize(("progress", "trained"), [(0.0, 40), (0.1, 1)])
+def test_topk_trains_every_tile_in_its_warm_up_then_only_the_top_one(
+    progress: float, trained: int
+) -> None:
+    """model.topk_warmup=0.1: the first tenth of the epochs trains on the mean of all tile
+    logits, so the deciding tiles can rank on top; afterwards only the top tile is trained."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="topk", topk_warmup=0.1), 16, 2).train()
+    set_progress(model, progress)
+    x = torch.randn(40, 16, requires_grad=True)
+    F.cross_entropy(model(x).logits[None], torch.tensor([1])).backward()
+    assert int((x.grad.abs().sum(1) > 0).sum()) == trained
+    model.eval()  # prediction is the top tile's, warm-up or not
+    set_progress(model, 0.0)
+    with torch.no_grad():
+        top = model(x.detach()).logits
+        set_progress(model, 1.0)
+        assert torch.equal(top, model(x.detach()).logits)
 
 
 @pytest.fixture(scope="module")

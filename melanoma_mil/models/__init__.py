@@ -1,6 +1,6 @@
 """MIL heads in plain torch (no Lightning), reusable outside the framework."""
 
-from melanoma_mil.models.common import MILOutput, class_scores
+from melanoma_mil.models.common import MILOutput, class_scores, set_progress
 from melanoma_mil.models.registry import MODELS, build_model, feature_norm, fit_feature_stats
 
 __all__ = [
@@ -10,4 +10,5 @@ __all__ = [
     "class_scores",
     "feature_norm",
     "fit_feature_stats",
+    "set_progress",
 ]

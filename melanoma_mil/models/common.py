@@ -156,3 +156,11 @@ def touch(*modules: nn.Module) -> torch.Tensor:
     tiles for an instance loss): DDP then still sees a gradient for every parameter."""
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     return sum((p.sum() * 0.0 for p in params), torch.zeros((), device=params[0].device))
+
+
+def set_progress(model: nn.Module, fraction: float) -> None:
+    """Tell each part of ``model`` whose training changes over a run (topk's warm-up) the
+    fraction of the epochs done; the others have no ``set_progress``."""
+    for module in model.modules():
+        if hasattr(module, "set_progress"):
+            module.set_progress(fraction)

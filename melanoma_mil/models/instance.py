@@ -7,15 +7,18 @@ All embed tiles like the attention models (FeatureNorm, Linear, ReLU, Dropout).
 - topk: a tile classifier trained on each bag's k tiles with the most evidence for a
   non-first class (binary: the highest P(positive)); the bag logits are the mean logits of
   those k tiles, so with k = 1 (the default) training is Campanella's "top-1 tile takes the
-  slide label" and the slide score is its top tile's probability.
+  slide label" and the slide score is its top tile's probability. The first
+  `model.topk_warmup` of the epochs train on the mean of all tile logits instead: from a random
+  init the deciding tiles are rarely on top, and a fold where they never got there learnt
+  nothing about them (benchmarks/README.md, "topk through fit on planted cohorts").
 For max and topk, attention is each tile's share of the bag's summed tile probabilities of a
 non-first class (binary: P(positive) of the tile classifier, normalised to sum to 1).
 
 topk deviations from MSKCC-Computational-Pathology/MIL-nature-medicine-2019: it trains a head on
 frozen tile features instead of fine-tuning a ResNet-34 on pixels, and re-selects the top tiles
 at every step (a bag at a time) instead of once per epoch for a tile mini-batch; selection scores
-every tile without dropout, in chunks, without building a graph, so a 100,000-tile bag costs
-only its k tiles' activations in training.
+every tile without dropout, in chunks, without building a graph, so after the warm-up a
+100,000-tile bag costs only its k tiles' activations in training (during it, as `max`).
 """
 
 from __future__ import annotations
@@ -61,8 +64,14 @@ class TopKMIL(nn.Module):
     def __init__(self, in_dim: int, n_classes: int, cfg: ModelConfig) -> None:
         super().__init__()
         self.k = cfg.top_k
+        self.warmup = cfg.topk_warmup
+        self.warming = False  # set by set_progress; False outside `fit` (pure top-k)
         self.embed = embed(in_dim, cfg.hidden_dim, cfg.dropout)
         self.classifier = nn.Linear(cfg.hidden_dim, n_classes)
+
+    def set_progress(self, fraction: float) -> None:
+        """Called at each training epoch's start with the fraction of the epochs done."""
+        self.warming = fraction < self.warmup
 
     @torch.no_grad()
     def tile_evidence(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +80,9 @@ class TopKMIL(nn.Module):
         return torch.cat([evidence(score(c)) for c in x.split(CHUNK)])
 
     def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
+        if self.training and self.warming:
+            scores = self.classifier(embed_tiles(self.embed, x))
+            return MILOutput(scores.mean(0), probability_share(evidence(scores.detach())))
         ev = self.tile_evidence(x)
         top = torch.topk(ev, min(self.k, x.shape[0])).indices
         logits = self.classifier(self.embed(x[top])).mean(0)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from melanoma_mil.config import ModelConfig, OptimConfig
 from melanoma_mil.metrics import bag_metrics
-from melanoma_mil.models import MILOutput, build_model
+from melanoma_mil.models import MILOutput, build_model, set_progress
 from melanoma_mil.models.ensemble import member_outputs
 
 Batch = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]  # bags [N, D], labels, indices
@@ -84,6 +84,7 @@ class MILModule(L.LightningModule):
         return loss
 
     def on_train_epoch_start(self) -> None:
+        set_progress(self.model, self.current_epoch / self.hparams.max_epochs)
         self._loss_sum = torch.zeros((), device=self.device)
         self._steps = 0
 
