@@ -139,7 +139,7 @@ def config_key(cfg: FitConfig) -> str:
             if tree[section].get(key) == value:
                 del tree[section][key]
     if cfg.model.name != "topk":  # the other models do not read it
-        del tree["model"]["topk_warmup"]
+        tree["model"].pop("topk_warmup", None)
     return hashlib.sha256(OmegaConf.to_yaml(tree).encode()).hexdigest()[:8]
 
 

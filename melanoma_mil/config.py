@@ -124,8 +124,8 @@ class ModelConfig:
     # clam_sb/clam_mb/dsmil: bag loss weight, (1 - w) the instance loss
     bag_weight: float = bounded(0.7, 0.0, 1.0)
     top_k: int = bounded(1, 1)  # topk: tiles per bag that make its prediction (Campanella: 1)
-    # topk: this fraction of the epochs first trains on the mean of all tile logits, so that the
-    # tiles that decide a bag can rank on top before only the top tiles are trained on (0: none)
+    # topk: the first floor(topk_warmup x epochs) epochs train on the mean of all tile logits, so
+    # that the tiles that decide a bag can rank on top before only top tiles are trained (0: none)
     topk_warmup: float = bounded(0.1, 0.0, 0.5)
     # an ensemble of this many independently initialised copies, trained side by side on the
     # same bags, predicting with the mean of their probabilities; None: 3 where trainer.max_epochs

@@ -9,16 +9,27 @@ import sys
 from pathlib import Path
 
 import h5py
+import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import Pipeline
 from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader
 
-from melanoma_mil.config import MODEL_NAMES, FitConfig, PredictConfig, load_config
+from melanoma_mil.config import (
+    MODEL_NAMES,
+    FitConfig,
+    ModelConfig,
+    OptimConfig,
+    PredictConfig,
+    load_config,
+)
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.inference.predict import run_predict
 from melanoma_mil.training.cv import run_fit
+from melanoma_mil.training.module import MILModule
 
 SLIDE = "slide_000"
 
@@ -145,3 +156,29 @@ def test_topk_learns_planted_tiles_through_fit_where_its_warm_up_is_needed(tmp_p
     assert run_fit(load_config(FitConfig, [], keys)) == 0
     table = pd.read_csv(tmp_path / "r" / "predictions.csv")
     assert roc_auc_score(table["y"], table["prob"]) >= 0.95
+
+
+class _Warming(L.Callback):
+    """Records, at each training step, whether the topk model is in its warm-up."""
+
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        self.seen.append(module.model.warming)
+
+
+@pytest.mark.parametrize(("epochs", "warm"), [(30, 3), (9, 0)])
+def test_training_warms_topk_up_in_its_first_tenth_of_epochs(epochs: int, warm: int) -> None:
+    """The LightningModule tells the model each epoch's number: floor(0.1 x epochs) warm-up
+    epochs, then top tiles only (a run under 10 epochs has none, so it trains on top tiles)."""
+    torch.manual_seed(0)
+    module = MILModule.create(8, 2, ModelConfig(name="topk"), OptimConfig(), None, epochs)
+    bag = ([torch.randn(5, 8)], torch.tensor([1]), torch.tensor([0]))
+    spy = _Warming()
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[spy],
+    )  # fmt: skip
+    trainer.fit(module, DataLoader([0], batch_size=None, collate_fn=lambda _: bag))
+    assert spy.seen == [True] * warm + [False] * (epochs - warm)

@@ -56,23 +56,25 @@ def test_every_parameter_gets_a_gradient_in_a_training_step(name: str, n: int) -
     assert not missing, f"{name}: no gradient for {missing} on a {n}-tile bag"
 
 
-@pytest.mark.parametrize(("progress", "trained"), [(0.0, 40), (0.1, 1)])
+@pytest.mark.parametrize(
+    ("epoch", "epochs", "trained"), [(0, 30, 40), (2, 30, 40), (3, 30, 1), (0, 9, 1)]
+)
 def test_topk_trains_every_tile_in_its_warm_up_then_only_the_top_one(
-    progress: float, trained: int
+    epoch: int, epochs: int, trained: int
 ) -> None:
-    """model.topk_warmup=0.1: the first tenth of the epochs trains on the mean of all tile
+    """model.topk_warmup=0.1: the first floor(0.1 x epochs) epochs train on the mean of all tile
     logits, so the deciding tiles can rank on top; afterwards only the top tile is trained."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="topk", topk_warmup=0.1), 16, 2).train()
-    set_progress(model, progress)
+    set_progress(model, epoch, epochs)
     x = torch.randn(40, 16, requires_grad=True)
     F.cross_entropy(model(x).logits[None], torch.tensor([1])).backward()
     assert int((x.grad.abs().sum(1) > 0).sum()) == trained
     model.eval()  # prediction is the top tile's, warm-up or not
-    set_progress(model, 0.0)
+    set_progress(model, 0, 30)
     with torch.no_grad():
         top = model(x.detach()).logits
-        set_progress(model, 1.0)
+        set_progress(model, 29, 30)
         assert torch.equal(top, model(x.detach()).logits)
 
 

@@ -13,6 +13,7 @@ from test_store import _fit_cli
 
 from melanoma_mil import rundir
 from melanoma_mil.cli import main
+from melanoma_mil.config import FitConfig, load_config
 from melanoma_mil.rundir import load_run
 
 
@@ -97,3 +98,21 @@ def test_runs_with_a_cache_key_keep_their_recorded_fingerprint() -> None:
     d16 = rundir.Fingerprint(settings, "splits", "cohort", None, 16, "f" * 64)
     assert d8.digest != d16.digest
     assert sorted(d8.as_dict()) == sorted([*old, "feature_dim", "features_sha256"])
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "kept"),
+    [
+        ("gated_attention", [], False),
+        ("gated_attention", ["model.topk_warmup=0.3"], False),
+        ("topk", ["model.topk_warmup=0"], False),
+        ("topk", [], True),
+    ],
+)
+def test_topk_warmup_is_in_a_runs_settings_only_where_it_changes_training(
+    name: str, extra: list[str], kept: bool
+) -> None:
+    """model.topk_warmup came after runs were recorded without it: only topk reads it, and 0
+    trains as before, so those runs keep their fingerprint and still resume."""
+    cfg = load_config(FitConfig, [], [f"model.name={name}", *extra])
+    assert ("model.topk_warmup" in rundir.settings(cfg)) == kept

@@ -158,9 +158,9 @@ def touch(*modules: nn.Module) -> torch.Tensor:
     return sum((p.sum() * 0.0 for p in params), torch.zeros((), device=params[0].device))
 
 
-def set_progress(model: nn.Module, fraction: float) -> None:
-    """Tell each part of ``model`` whose training changes over a run (topk's warm-up) the
-    fraction of the epochs done; the others have no ``set_progress``."""
+def set_progress(model: nn.Module, epoch: int, epochs: int) -> None:
+    """Tell each part of ``model`` whose training changes over a run (topk's warm-up) which of
+    the run's ``epochs`` starts (0-based); the others have no ``set_progress``."""
     for module in model.modules():
         if hasattr(module, "set_progress"):
-            module.set_progress(fraction)
+            module.set_progress(epoch, epochs)

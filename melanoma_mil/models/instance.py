@@ -23,6 +23,8 @@ every tile without dropout, in chunks, without building a graph, so after the wa
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -69,9 +71,10 @@ class TopKMIL(nn.Module):
         self.embed = embed(in_dim, cfg.hidden_dim, cfg.dropout)
         self.classifier = nn.Linear(cfg.hidden_dim, n_classes)
 
-    def set_progress(self, fraction: float) -> None:
-        """Called at each training epoch's start with the fraction of the epochs done."""
-        self.warming = fraction < self.warmup
+    def set_progress(self, epoch: int, epochs: int) -> None:
+        """At each training epoch's start: warm up in the first floor(warmup x epochs) (none
+        in a run of under 1 / warmup epochs, so that it trains on top tiles too)."""
+        self.warming = epoch < math.floor(self.warmup * epochs + 1e-9)
 
     @torch.no_grad()
     def tile_evidence(self, x: torch.Tensor) -> torch.Tensor:

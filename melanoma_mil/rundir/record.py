@@ -43,7 +43,15 @@ def settings(cfg: FitConfig) -> dict[str, Any]:
 
     assert isinstance(tree, dict)
     walk(tree, "")
+    for key, (model, before) in ADDED_LATER.items():
+        if flat["model.name"] != model or flat[key] == before:
+            del flat[key]
     return {k: v for k, v in flat.items() if k not in NOT_RESULTS and not k.startswith("wandb.")}
+
+
+# keys added after runs were recorded, read by one model only: left out of a run's settings for
+# the other models, and at the value that trains as before the key, so those runs still resume
+ADDED_LATER = {"model.topk_warmup": ("topk", 0.0)}
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ class MILModule(L.LightningModule):
         return loss
 
     def on_train_epoch_start(self) -> None:
-        set_progress(self.model, self.current_epoch / self.hparams.max_epochs)
+        set_progress(self.model, self.current_epoch, self.hparams.max_epochs)
         self._loss_sum = torch.zeros((), device=self.device)
         self._steps = 0
 
