@@ -183,17 +183,19 @@ class _AgentWandbLogger(WandbLogger):
         self.fold = fold
 
 
-def _close_stale(name: str) -> None:
-    """Finish a run left open in this process (a crash outside `abort_fold`, a caller's own):
-    WandbLogger would log the fold into it, under its name, group and config."""
+def _finish_open_run(next_run: str | None = None) -> None:
+    """Finish the run open in this process, as failed: WandbLogger would log the next fold into
+    it, under its name, group and config. ``next_run``: say so (a run nobody closed: a crash
+    outside `abort_fold`, a caller's own)."""
     import wandb
 
     if wandb.run is not None:
-        log.warning(
-            "W&B: finishing run %s, left open in this process, as failed; %s gets its own run",
-            wandb.run.name or wandb.run.id,
-            name,
-        )
+        if next_run is not None:
+            log.warning(
+                "W&B: finishing run %s, left open in this process, as failed; %s gets its own run",
+                wandb.run.name or wandb.run.id,
+                next_run,
+            )
         wandb.run.finish(exit_code=1)
 
 
@@ -231,7 +233,7 @@ def fold_logger(cfg: FitConfig, run_dir: Path, fold: int, repeat: int) -> Logger
     kwargs = _init_kwargs(cfg, run_dir, name, name)
     run_id = _fold_run_id(run_dir, name)
     if rank_zero_only.rank == 0:
-        _close_stale(name)
+        _finish_open_run(name)
         if run_id is not None:
             _drop_attempts(Path(kwargs["dir"]), run_id)
     return WandbLogger(save_dir=kwargs.pop("dir"), log_model=False, id=run_id, **kwargs)
@@ -242,10 +244,7 @@ def abort_fold(cfg: FitConfig) -> None:
     sweep's next fit) would log into it. Inside an agent its one run ends with the process."""
     if cfg.logger != "wandb" or in_agent() or "wandb" not in sys.modules:
         return
-    import wandb
-
-    if wandb.run is not None:
-        wandb.run.finish(exit_code=1)
+    _finish_open_run()
 
 
 def finish_fold(logger: Logger | None, metrics: dict[str, float], roc_png: Path | None) -> None:
