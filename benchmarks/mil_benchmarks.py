@@ -138,8 +138,11 @@ def config_key(cfg: FitConfig) -> str:
         for key, value in keys.items():
             if tree[section].get(key) == value:
                 del tree[section][key]
-    if cfg.model.name != "topk":  # the other models do not read it
-        tree["model"].pop("topk_warmup", None)
+    # keys only one model reads (rundir.record.ADDED_LATER) do not shape the others' training
+    for dotted, (model, _) in rundir.record.ADDED_LATER.items():
+        section, key = dotted.split(".")
+        if cfg.model.name != model:
+            tree[section].pop(key, None)
     return hashlib.sha256(OmegaConf.to_yaml(tree).encode()).hexdigest()[:8]
 
 

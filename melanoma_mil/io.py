@@ -45,6 +45,14 @@ def temp_files(path: str | os.PathLike[str]) -> list[Path]:
     return sorted(final.parent.glob(f".{glob.escape(final.name)}.*.tmp"))
 
 
+def remove_temp_files(*paths: str | os.PathLike[str]) -> None:
+    """Remove what writers of ``paths`` killed before the rename left (call only while no live
+    writer can be renaming one: holding the file's claim or lock)."""
+    for path in paths:
+        for tmp in temp_files(path):
+            tmp.unlink(missing_ok=True)
+
+
 def temp_target(name: str) -> str | None:
     """The file name an `atomic_path` temp file ``name`` was written for, or None."""
     found = re.fullmatch(r"\.(.+)\.[a-z0-9_]+\.tmp", name)

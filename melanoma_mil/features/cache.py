@@ -7,7 +7,6 @@ Processes sharing a cache folder claim slides with `workshare.Claim`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
@@ -25,7 +24,6 @@ from melanoma_mil.features.identity import (
     identity_mismatch,
     plain,
 )
-from melanoma_mil.io import temp_files
 from melanoma_mil.tiling.coords import TileGrid
 
 
@@ -116,13 +114,3 @@ def _mismatch(
     if not np.array_equal(cached_coords, coords):
         return Unusable("has coords that differ from the tile grid (tiling was re-run)")
     return None
-
-
-def clean_temp_files(directory: Path, slide_id: str) -> int:
-    """Remove temp files a killed writer of ``slide_id`` left (call only while holding its lock)."""
-    n = 0
-    for tmp in temp_files(directory / f"{slide_id}.h5"):
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-            n += 1
-    return n

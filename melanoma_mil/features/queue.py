@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from melanoma_mil.features.cache import cache_key, check_cached, clean_temp_files, slide_identity
+from melanoma_mil.features.cache import cache_key, check_cached, slide_identity
 from melanoma_mil.features.data import Job
 from melanoma_mil.ids import id_path
-from melanoma_mil.io import temp_files, write_json
+from melanoma_mil.io import remove_temp_files, write_json
 from melanoma_mil.tiling.coords import TileGrid
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
 from melanoma_mil.workshare import Claim, clear_drafts, describe, disk_full, disk_full_reason, me
@@ -70,13 +70,6 @@ def read_record(out: Path) -> dict[str, Any]:
         return json.loads(record_path(out).read_text())
     except (OSError, ValueError):
         return {}
-
-
-def clean_record_temps(out: Path) -> None:
-    """Remove the temp files of ``out``'s record that a writer killed mid-write left (call only
-    while holding its claim, or once a dead owner's claim on the finished slide is removed)."""
-    for tmp in temp_files(record_path(out)):
-        tmp.unlink(missing_ok=True)
 
 
 def write_record(out: Path, row: dict[str, Any]) -> None:
@@ -160,7 +153,8 @@ class SlideQueue:
                 try:
                     if Claim(lock, self.stale_after).clear_stale():
                         log.info("removed %s, left by a process that is gone", lock)
-                        clean_record_temps(lock.with_suffix(".h5"))
+                        # it may have died writing the slide's outcome record
+                        remove_temp_files(record_path(lock.with_suffix(".h5")))
                 except OSError as e:
                     log.warning("could not remove %s: %s", lock, e)
         for folder in folders:
@@ -209,8 +203,7 @@ class SlideQueue:
             )
             self.row(i, "failed", f"slide '{job.slide_path}' {why}; {fix}", cache_key=key)
             return None
-        clean_temp_files(out.parent, job.slide_id)
-        clean_record_temps(out)
+        remove_temp_files(out, record_path(out))  # a killed writer's bag and record
         log.info("claimed %s (%d tiles)", job.slide_id, len(grid.coords))
         return SlideWork(i, job, grid, out, attrs, claim)
 
