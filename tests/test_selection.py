@@ -147,6 +147,15 @@ def test_average_fraction_tests_the_mean_of_the_last_epochs_weights(
         (("trainer.average_fraction=0",), "last", 493, 50, 1, 1),
         (("model.members=2",), "last", 493, 50, 25, 2),  # and so is a number of members
         (("model.members=1",), "last", 92, 109, 55, 1),
+        (("model.name=topk", "trainer.average_fraction=1"), "last", 493, 50, 45, 1),  # warm-up
+        (
+            ("model.name=topk", "trainer.average_fraction=1", "model.topk_warmup=0"),
+            "last",
+            493,
+            50,
+            50,
+            1,
+        ),
     ],
 )
 def test_small_folds_train_longer_and_as_an_ensemble_only_when_left_unset(
@@ -156,6 +165,29 @@ def test_small_folds_train_longer_and_as_an_ensemble_only_when_left_unset(
     n = fold_epochs(cfg, mode, n_train)
     sel = FoldSelection(mode, [f"b{i}" for i in range(n_train)], [], n, fold_members(cfg, n))
     assert (sel.epochs, sel.averaged(cfg), sel.members) == (epochs, averaged, members)
+
+
+@pytest.mark.parametrize(
+    ("keys", "min_epochs", "first_averaged"),
+    [
+        (("model.name=topk", "trainer.max_epochs=200"), 30, 20),  # 20 warm-up + patience 10
+        (("model.name=topk", "trainer.max_epochs=20"), 12, 2),  # 2 + 10
+        (("model.name=topk", "trainer.max_epochs=200", "model.topk_warmup=0"), 5, 0),
+        (("trainer.max_epochs=200",), 5, 0),  # no warm-up: trainer.min_epochs as set
+    ],
+)
+def test_no_warm_up_epoch_is_averaged_and_early_stopping_waits_past_it(
+    keys: tuple[str, ...], min_epochs: int, first_averaged: int, tmp_path: Path
+) -> None:
+    """topk's warm-up epochs train another pooling than the one tested: selection=last never
+    averages their weights, and early stopping gives the top-tile training trainer.patience
+    epochs before it may stop."""
+    cfg = load_config(FitConfig, [], [*keys, "trainer.average_fraction=1"])
+    stopping = FoldSelection("early_stopping", ["b0"], ["b1"], cfg.trainer.max_epochs, 1)
+    assert stopping.callbacks(cfg, tmp_path)[2]["min_epochs"] == min_epochs
+    last = FoldSelection("last", ["b0"], [], cfg.trainer.max_epochs, 1)
+    average = next(c for c in last.callbacks(cfg, tmp_path)[1] if hasattr(c, "first"))
+    assert average.first == first_averaged
 
 
 def _folds(sizes: list[tuple[int, int]]) -> tuple[list[Split], dict[str, int]]:

@@ -1,7 +1,13 @@
 """MIL heads in plain torch (no Lightning), reusable outside the framework."""
 
 from melanoma_mil.models.common import MILOutput, class_scores, set_progress
-from melanoma_mil.models.registry import MODELS, build_model, feature_norm, fit_feature_stats
+from melanoma_mil.models.registry import (
+    MODELS,
+    build_model,
+    feature_norm,
+    fit_feature_stats,
+    warmup_epochs,
+)
 
 __all__ = [
     "MILOutput",
@@ -11,4 +17,5 @@ __all__ = [
     "feature_norm",
     "fit_feature_stats",
     "set_progress",
+    "warmup_epochs",
 ]

@@ -62,6 +62,12 @@ class MaxMIL(nn.Module):
         return MILOutput(scores.max(0).values, probability_share(evidence(scores.detach())))
 
 
+def _warmup_count(fraction: float, epochs: int) -> int:
+    """floor(fraction x epochs): none in a run of under 1 / fraction epochs, so that a short
+    run trains on top tiles too."""
+    return math.floor(fraction * epochs + 1e-9)
+
+
 class TopKMIL(nn.Module):
     def __init__(self, in_dim: int, n_classes: int, cfg: ModelConfig) -> None:
         super().__init__()
@@ -71,10 +77,14 @@ class TopKMIL(nn.Module):
         self.embed = embed(in_dim, cfg.hidden_dim, cfg.dropout)
         self.classifier = nn.Linear(cfg.hidden_dim, n_classes)
 
+    @staticmethod
+    def warmup_epochs(cfg: ModelConfig, epochs: int) -> int:
+        """How many of a run's first ``epochs`` warm up (`models.warmup_epochs`)."""
+        return _warmup_count(cfg.topk_warmup, epochs)
+
     def set_progress(self, epoch: int, epochs: int) -> None:
-        """At each training epoch's start: warm up in the first floor(warmup x epochs) (none
-        in a run of under 1 / warmup epochs, so that it trains on top tiles too)."""
-        self.warming = epoch < math.floor(self.warmup * epochs + 1e-9)
+        """At each training epoch's start: warm up in the first `warmup_epochs`."""
+        self.warming = epoch < _warmup_count(self.warmup, epochs)
 
     @torch.no_grad()
     def tile_evidence(self, x: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,13 @@ def build_model(cfg: ModelConfig, in_dim: int, n_classes: int) -> nn.Module:
     return Ensemble([builder(in_dim, n_classes, sized) for _ in range(members)])
 
 
+def warmup_epochs(cfg: ModelConfig, epochs: int) -> int:
+    """How many first epochs of a run of ``epochs`` train differently from the rest (topk's
+    warm-up; 0 for the other models), so that `fit` neither averages nor selects them."""
+    counter = getattr(MODELS.get(cfg.name), "warmup_epochs", None)
+    return counter(cfg, epochs) if counter is not None else 0
+
+
 def feature_norm(model: nn.Module) -> FeatureNorm:
     """The input standardisation layer of any model built here (an ensemble's first member's)."""
     return next(m for m in model.modules() if isinstance(m, FeatureNorm))

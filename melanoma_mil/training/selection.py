@@ -4,10 +4,12 @@ Early stopping and checkpoint choice on a validation split carved from the train
 sound when that split is large; on a small cohort it is a handful of bags per class, whose loss
 is noise, and it costs a fifth of the training patients. ``trainer.selection``:
 - early_stopping: train on split.train, stop when ``trainer.monitor`` on split.val has not
-  improved for ``trainer.patience`` epochs, test the best epoch's weights;
+  improved for ``trainer.patience`` epochs (and not before that many past a warm-up), test
+  the best epoch's weights;
 - last: train on split.train + split.val for ``trainer.max_epochs`` and test the mean of the
   weights of the last ``trainer.average_fraction`` of the epochs (stochastic weight
-  averaging), or the last weights when that is 0;
+  averaging), or the last weights when that is 0; never a warm-up epoch's
+  (`models.warmup_epochs`: topk's first epochs train another pooling than the one tested);
 - auto (default): early_stopping when every class has at least ``trainer.min_val_bags`` bags
   in every fold's validation split, else last.
 ``trainer.max_epochs`` left at None is 50, except with selection=last on a small cohort: there
@@ -42,6 +44,7 @@ from melanoma_mil import rundir
 from melanoma_mil.config import FitConfig
 from melanoma_mil.data.splits import Split
 from melanoma_mil.errors import UserError
+from melanoma_mil.models import warmup_epochs
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +94,10 @@ class FoldSelection:
     members: int
 
     def averaged(self, cfg: FitConfig) -> int:
-        """How many final epochs' weights selection=last averages (1: the last epoch alone)."""
-        return max(1, math.ceil(round(cfg.trainer.average_fraction * self.epochs, 6)))
+        """How many final epochs' weights selection=last averages (1: the last epoch alone),
+        never a warm-up epoch (topk's: its weights were trained for another pooling)."""
+        wanted = math.ceil(round(cfg.trainer.average_fraction * self.epochs, 6))
+        return max(1, min(wanted, self.epochs - warmup_epochs(cfg.model, self.epochs)))
 
     def tested_weights(self, cfg: FitConfig) -> str:
         """Which weights selection=last tests, for log lines."""
@@ -133,8 +138,16 @@ class FoldSelection:
             enable_version_counter=False,
         )
         stop = EarlyStopping(monitor=cfg.trainer.monitor, mode=mode, patience=cfg.trainer.patience)
-        min_epochs = min(cfg.trainer.min_epochs, self.epochs)
+        min_epochs = min(self._min_epochs(cfg), self.epochs)
         return ckpt, [ckpt, stop], {"min_epochs": min_epochs}
+
+    def _min_epochs(self, cfg: FitConfig) -> int:
+        """``trainer.min_epochs``, or after a warm-up at least ``trainer.patience`` epochs past
+        it: otherwise a run could stop before it trained the way it is tested."""
+        warmup = warmup_epochs(cfg.model, self.epochs)
+        if warmup == 0:
+            return cfg.trainer.min_epochs
+        return max(cfg.trainer.min_epochs, warmup + cfg.trainer.patience)
 
     def describe(self, cfg: FitConfig, ckpt: ModelCheckpoint) -> str:
         """How the tested weights were chosen, for the fold's log line."""
