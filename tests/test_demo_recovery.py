@@ -2,17 +2,21 @@
 made and nothing else, a plain rerun resumes or fails with advice that works, no file is left
 half-written, and nothing is deleted through a link or outside output_dir.
 
-Each kill is real: the demo runs in a subprocess that calls ``os._exit`` (as kill -9: no
-``finally``, nothing recorded) at a chosen point.
+Each kill is real: the demo runs in a process of its own that calls ``os._exit`` (as kill -9:
+no ``finally``, nothing recorded) at a chosen point.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
-import subprocess
 import sys
+import tempfile
 import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import pytest
@@ -24,70 +28,115 @@ from melanoma_mil.errors import UserError
 SMALL = ["n_slides=12", "slide_size=1024", "tile_size=64", "folds=2", "max_epochs=1"]
 KILLED = 137
 
-# argv: POINT demo key=value ...; the demo dies (or hangs, or gets Ctrl-C) at POINT
-RUNNER = """
-import os, sys, time
-import melanoma_mil.demo.run as R
-import melanoma_mil.demo.synth as S
+# Each demo runs in a process forked from one server that imported the package once: a fresh
+# interpreter per call spent ~6 s of each on imports, most of this module's time.
+FORKS = multiprocessing.get_context("forkserver")
+FORKS.set_forkserver_preload(["melanoma_mil.cli", "melanoma_mil.demo.run"])
 
-def die(*args, **kwargs):
-    os._exit(137)
+
+def die(*args: object, **kwargs: object) -> None:
+    os._exit(KILLED)
+
 
 class Bomb:  # kills the process when written out, i.e. in the middle of writing a table
-    def __str__(self):
+    def __str__(self) -> str:
         die()
+        return ""
 
-point = sys.argv.pop(1)
-if point in ("tile", "extract"):
-    setattr(R, f"run_{point}", die)
-elif point == "tile-ctrl-c":
-    def interrupt(cfg):
-        raise KeyboardInterrupt
-    R.run_tile = interrupt
-elif point == "heatmaps-ctrl-c":  # Ctrl-C after fit wrote cv_summary.json
-    def interrupt(cfg):
-        raise KeyboardInterrupt
-    R.run_heatmap = interrupt
-elif point == "extract-late":  # the record untouched from tile on, killed mid-extract
+
+def interrupt(cfg: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_at(point: str) -> None:
+    """Make the demo die (as kill -9: no ``finally``, nothing recorded), hang or get Ctrl-C at
+    ``point``; "-" runs it to the end."""
     import melanoma_mil.demo.owned as O
+    import melanoma_mil.demo.run as R
+    import melanoma_mil.demo.synth as S
     import melanoma_mil.features.run as F
-    tile = R.run_tile
-    def untouched(cfg):  # as if its beats stalled: every file from here on is 'late'
-        O.MARKER = "not-the-record"  # touching it fails (silently): the record stays as is
-        return tile(cfg)
-    R.run_tile = untouched
-    write_bag, written = F.write_bag, []
-    def write_two_then_die(work):  # the third slide's claim (lock) is left behind
-        if len(written) == 2:
-            die()
-        written.append(write_bag(work))
-    F.write_bag = write_two_then_die
-elif point == "tile-hang":
-    R.run_tile = lambda cfg: time.sleep(600)
-elif point == "synth.json":  # right after the cohort generator wrote its settings
-    write_json = S.write_json
-    S.write_json = lambda path, obj: (write_json(path, obj), die())
-elif point == "localisation.csv":  # while the table is written
-    score = R.cohort_localisation
-    R.cohort_localisation = lambda *a: score(*a).assign(bomb=Bomb())
-from melanoma_mil.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+
+    if point in ("tile", "extract"):
+        setattr(R, f"run_{point}", die)
+    elif point == "tile-ctrl-c":
+        R.run_tile = interrupt
+    elif point == "heatmaps-ctrl-c":  # Ctrl-C after fit wrote cv_summary.json
+        R.run_heatmap = interrupt
+    elif point == "extract-late":  # the record untouched from tile on, killed mid-extract
+        tile = R.run_tile
+
+        def untouched(cfg: object) -> object:  # as if its beats stalled: all files now 'late'
+            O.MARKER = "not-the-record"  # touching it fails (silently): the record stays as is
+            return tile(cfg)
+
+        R.run_tile = untouched
+        write_bag, written = F.write_bag, []
+
+        def write_two_then_die(work: object) -> None:  # the third slide's claim stays behind
+            if len(written) == 2:
+                die()
+            written.append(write_bag(work))
+
+        F.write_bag = write_two_then_die
+    elif point == "tile-hang":
+        R.run_tile = lambda cfg: time.sleep(600)
+    elif point == "synth.json":  # right after the cohort generator wrote its settings
+        write_json = S.write_json
+        S.write_json = lambda path, obj: (write_json(path, obj), die())
+    elif point == "localisation.csv":  # while the table is written
+        score = R.cohort_localisation
+        R.cohort_localisation = lambda *a: score(*a).assign(bomb=Bomb())
 
 
-def _argv(point: str, out: Path, extra: tuple[str, ...]) -> list[str]:
-    return [sys.executable, "-c", RUNNER, point, "demo", f"output_dir={out}", *SMALL, *extra]
+def child(point: str, argv: list[str], out: str, err: str) -> None:
+    """The forked process: `python -m melanoma_mil` with ``argv``, stopped at ``point``."""
+    import torch
+
+    from melanoma_mil.cli import main
+
+    for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    torch.set_num_threads(1)
+    code = 1
+    try:
+        stop_at(point)
+        code = main(argv)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
-def demo(point: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    """The small demo into ``out`` in a subprocess stopped at ``point``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        _argv(point, out, extra), capture_output=True, text=True, env=env, timeout=900
-    )
+@dataclass
+class Done:
+    returncode: int
+    stderr: str
 
 
-def one_line_error(done: subprocess.CompletedProcess[str], *needles: str) -> str:
+def start(point: str, out: Path, extra: tuple[str, ...]) -> tuple[BaseProcess, Path]:
+    """The small demo into ``out``, started in a forked process stopped at ``point``."""
+    logs = Path(tempfile.mkdtemp(prefix="demo-", dir=out.parent))
+    argv = ["demo", f"output_dir={out}", *SMALL, *extra]
+    process = FORKS.Process(target=child, args=(point, argv, str(logs / "out"), str(logs / "err")))
+    process.start()
+    return process, logs
+
+
+def demo(point: str, out: Path, *extra: str) -> Done:
+    """The small demo into ``out``, stopped at ``point``, to its end."""
+    process, logs = start(point, out, extra)
+    process.join(900)
+    if process.exitcode is None:
+        process.kill()
+        pytest.fail(f"demo {point} {extra} still running after 900 s")
+    return Done(process.exitcode, (logs / "err").read_text())
+
+
+def one_line_error(done: Done, *needles: str) -> str:
     """Assert exit 2 with exactly one 'error:' line (containing ``needles``), no traceback."""
     assert done.returncode == 2, done.stderr
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
@@ -288,14 +337,11 @@ def test_overwrite_deletes_nothing_through_a_folder_replaced_by_a_link(tmp_path:
 
 def test_overwrite_waits_for_no_demo_still_running(tmp_path: Path) -> None:
     d = tmp_path / "d"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    running = subprocess.Popen(
-        _argv("tile-hang", d, ()), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    running, _ = start("tile-hang", d, ())
     try:
         deadline = time.monotonic() + 300
         while not (d / "cohort" / "clinical.csv").exists():  # its cohort's last file
-            assert running.poll() is None and time.monotonic() < deadline
+            assert running.is_alive() and time.monotonic() < deadline
             time.sleep(0.2)
         time.sleep(1)
         before = stats(d)
@@ -303,7 +349,7 @@ def test_overwrite_waits_for_no_demo_still_running(tmp_path: Path) -> None:
         assert stats(d) == before
     finally:
         running.kill()
-        running.wait()
+        running.join()
 
 
 @pytest.mark.parametrize("where", ["../victim.txt", "{victim}"])
