@@ -180,7 +180,9 @@ class TrainerConfig:
     selection: str = choice("auto", "auto", "early_stopping", "last")
     min_val_bags: int = bounded(50, 1)
     # selection=last: test the mean of the weights at the end of this final fraction of the
-    # epochs (stochastic weight averaging, Izmailov et al. 2018); 0 tests the last epoch's
+    # epochs (stochastic weight averaging, Izmailov et al. 2018); 0 tests the last epoch's.
+    # Neither this nor min_epochs reaches into topk's warm-up: no warm-up epoch is averaged,
+    # and early stopping waits at least `patience` epochs past it
     average_fraction: float = bounded(0.5, 0.0, 1.0)
     min_epochs: int = bounded(5, 0)
     patience: int = bounded(10, 1)

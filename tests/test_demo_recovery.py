@@ -99,10 +99,13 @@ def child(point: str, argv: list[str], out: str, err: str) -> None:
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # and for the demo's own worker processes
     code = 1
     try:
         stop_at(point)
         code = main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
     except BaseException:
         traceback.print_exc()
     finally:
@@ -122,7 +125,15 @@ def start(point: str, out: Path, extra: tuple[str, ...]) -> tuple[BaseProcess, P
     logs = Path(tempfile.mkdtemp(prefix="demo-", dir=out.parent))
     argv = ["demo", f"output_dir={out}", *SMALL, *extra]
     process = FORKS.Process(target=child, args=(point, argv, str(logs / "out"), str(logs / "err")))
-    process.start()
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # for the server too, if this call starts it
+    try:
+        process.start()
+    finally:
+        if before is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
     return process, logs
 
 
@@ -132,6 +143,7 @@ def demo(point: str, out: Path, *extra: str) -> Done:
     process.join(900)
     if process.exitcode is None:
         process.kill()
+        process.join()
         pytest.fail(f"demo {point} {extra} still running after 900 s")
     return Done(process.exitcode, (logs / "err").read_text())
 

@@ -50,8 +50,11 @@ def build_model(cfg: ModelConfig, in_dim: int, n_classes: int) -> nn.Module:
 
 def warmup_epochs(cfg: ModelConfig, epochs: int) -> int:
     """How many first epochs of a run of ``epochs`` train differently from the rest (topk's
-    warm-up; 0 for the other models), so that `fit` neither averages nor selects them."""
-    counter = getattr(MODELS.get(cfg.name), "warmup_epochs", None)
+    warm-up; 0 for the other models): `fit` averages no weights of theirs, and early stopping
+    waits `trainer.patience` epochs past them (a warm-up epoch may still be the one selected:
+    validation scores it with the pooling that is tested)."""
+    builder = MODELS.get(cfg.name)
+    counter = getattr(getattr(builder, "func", builder), "warmup_epochs", None)  # or a partial's
     return counter(cfg, epochs) if counter is not None else 0
 
 
