@@ -61,6 +61,7 @@ def test_sweep_files_validate_and_their_agent_commands_parse(
         command, cfg, _ = parse(agent_argv(spec, params))
         assert command == "fit" and cfg.logger == "wandb"
         assert cfg.data.features_dir and cfg.data.labels_csv  # what every fit reads first
+        assert list(cfg.data.classes) == ["immune_low", "immune_high"]  # topk ranks by the last
         assert cfg.output_dir.endswith("/run123")
         assert not any(k.startswith("cv.") for k in params)  # every run on the same folds
         for key, value in params.items():
