@@ -181,8 +181,8 @@ class TrainerConfig:
     min_val_bags: int = bounded(50, 1)
     # selection=last: test the mean of the weights at the end of this final fraction of the
     # epochs (stochastic weight averaging, Izmailov et al. 2018); 0 tests the last epoch's.
-    # Neither this nor min_epochs reaches into topk's warm-up: no warm-up epoch is averaged,
-    # and early stopping waits at least `patience` epochs past it
+    # topk: no warm-up epoch is averaged, and early stopping runs at least `patience` epochs
+    # past the warm-up (min_epochs is raised to that where lower)
     average_fraction: float = bounded(0.5, 0.0, 1.0)
     min_epochs: int = bounded(5, 0)
     patience: int = bounded(10, 1)
