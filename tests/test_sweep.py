@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import pandas as pd
@@ -87,7 +88,7 @@ def local_argv(path: Path) -> list[str]:
         if not text.endswith("\\"):
             break
         text = text[:-1] + " " + line
-    argv = text.split()
+    argv = shlex.split(text)  # as a shell reads it: quotes removed
     assert argv[:3] == ["python", "-m", "melanoma_mil"], text
     return argv[3:]
 
@@ -104,6 +105,7 @@ def test_every_sweeps_local_example_gives_fits_with_features_and_labels(
     params = {k: v["value"] for k, v in first.config.items()}
     fit = fit_config(cfg, params, Path("runs/x"))
     assert fit.data.features_dir and fit.data.labels_csv
+    assert list(fit.data.classes) == ["immune_low", "immune_high"]  # topk ranks by the last
 
 
 def test_bad_sweep_files_are_user_errors(tmp_path: Path) -> None:
