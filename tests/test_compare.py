@@ -261,7 +261,7 @@ def test_compare_names_both_class_orders_and_the_fix(tmp_path: Path, cohort, cap
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert f"runs {a} and {b} have different classes, [low, high] vs [high, low]" in err
-    assert "data.classes=[low,high] or data.classes=[high,low]" in err
+    assert '"data.classes=[low,high]" or "data.classes=[high,low]"' in err  # quoted for zsh
     assert not (tmp_path / "o").exists()
 
 

@@ -107,7 +107,15 @@ def test_unknown_label_values(cohort, tmp_path, capsys) -> None:
     rc, err = run_cli(
         capsys, *fit_args(features, labels, tmp_path / "a"), "data.classes=[immune_low,immune_high]"
     )
-    assert_one_line_error(rc, err, "immune_hihg", str(labels))
+    assert_one_line_error(rc, err, "immune_hihg", str(labels), "add them to data.classes")
+
+
+def test_labels_data_classes_does_not_name_at_all(cohort, tmp_path, capsys) -> None:
+    """A sweep file's data.classes=[immune_low,immune_high] on a cohort labelled 0/1: the fix is
+    to replace the list, not to extend it."""
+    features, labels = cohort
+    rc, err = run_cli(capsys, *fit_args(features, labels, tmp_path / "a"), "data.classes=[no,yes]")
+    assert_one_line_error(rc, err, str(labels), "none of its labels", "set data.classes to your")
 
 
 def test_h5_without_features(cohort, tmp_path, capsys) -> None:

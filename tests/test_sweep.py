@@ -48,7 +48,7 @@ def test_sweep_files_validate_and_their_agent_commands_parse(
 ) -> None:
     spec = load_sweep(path)  # W&B's schema + every parameter is a fit key
     base = REPO / "configs" / "godson2022.yaml"
-    assert base.is_file(), f"{path.name}'s command uses {base} (the paper's setting, issue 2)"
+    assert base.is_file(), f"{base} (the paper's setting, issue 2) is missing"
     assert spec["metric"] == {"name": SWEEP_METRIC, "goal": "maximize"}
     sweeps = _engine()
     monkeypatch.chdir(REPO)  # the agent runs from the repository (configs/ paths are relative)

@@ -146,6 +146,12 @@ def map_labels(df: pd.DataFrame, cfg: DataConfig, source: str) -> tuple[pd.DataF
     named = list(cfg.classes) if label_map else [canonical_label(c) for c in cfg.classes]
     classes = named or sorted(df["label_name"].unique())
     unknown = sorted(set(df["label_name"]) - set(classes))
+    if unknown and not set(df["label_name"]) & set(classes):  # data.classes names other labels
+        raise UserError(
+            f"labels CSV '{source}': none of its labels {unknown} is in data.classes {classes}; "
+            "set data.classes to your labels, the positive class last (a sweep file's command "
+            "sets it for wandb agent), or map them with data.label_map."
+        )
     if unknown:
         raise UserError(
             f"labels CSV '{source}': label value(s) {unknown} are not in data.classes {classes}; "

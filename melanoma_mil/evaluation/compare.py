@@ -114,7 +114,7 @@ def check_paired(runs: list[RunResult]) -> None:
 def _different_classes(ref: RunResult, run: RunResult) -> str:
     """Both class lists and the fix: the order matters too, the last class being positive."""
     shown = f"[{', '.join(ref.classes)}] vs [{', '.join(run.classes)}]"
-    keys = [f"data.classes=[{','.join(c)}]" for c in (ref.classes, run.classes)]
+    keys = [f'"data.classes=[{",".join(c)}]"' for c in (ref.classes, run.classes)]
     fix = (
         f"fit one again in the other's order ({keys[0]} or {keys[1]})"
         if sorted(ref.classes) == sorted(run.classes)

@@ -294,8 +294,8 @@ def _warn_topk_order(cfg: FitConfig, classes: list[str]) -> None:
     if cfg.model.name == "topk" and not cfg.data.classes and len(classes) == 2 and not numeric:
         log.warning(
             "model.name=topk ranks each bag's tiles by P(%s), the last class in alphabetical "
-            "order (data.classes unset): if the tiles that decide a slide belong to '%s', set "
-            "data.classes=[%s,%s].",
+            "order (data.classes unset): if the tiles that decide a slide belong to '%s', pass "
+            "\"data.classes=[%s,%s]\" (quoted for zsh).",
             classes[1], classes[0], classes[1], classes[0],
         )  # fmt: skip
 
