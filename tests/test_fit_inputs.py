@@ -107,7 +107,9 @@ def test_unknown_label_values(cohort, tmp_path, capsys) -> None:
     rc, err = run_cli(
         capsys, *fit_args(features, labels, tmp_path / "a"), "data.classes=[immune_low,immune_high]"
     )
-    assert_one_line_error(rc, err, "immune_hihg", str(labels), "add them to data.classes")
+    assert_one_line_error(
+        rc, err, "['immune_hihg'] are not in data.classes", str(labels), "add them to data.classes"
+    )
 
 
 def test_labels_data_classes_does_not_name_at_all(cohort, tmp_path, capsys) -> None:

@@ -146,16 +146,20 @@ def map_labels(df: pd.DataFrame, cfg: DataConfig, source: str) -> tuple[pd.DataF
     named = list(cfg.classes) if label_map else [canonical_label(c) for c in cfg.classes]
     classes = named or sorted(df["label_name"].unique())
     unknown = sorted(set(df["label_name"]) - set(classes))
-    if unknown and not set(df["label_name"]) & set(classes):  # data.classes names other labels
-        raise UserError(
-            f"labels CSV '{source}': none of its labels {unknown} is in data.classes {classes}; "
-            "set data.classes to your labels, the positive class last (a sweep file's command "
-            "sets it for wandb agent), or map them with data.label_map."
-        )
     if unknown:
+        some_known = bool(set(df["label_name"]) & set(classes))
+        what, fix = (
+            (f"label value(s) {unknown} are not", "fix the CSV, add them to data.classes")
+            if some_known  # a typo or an extra class
+            else (  # data.classes names other labels, e.g. a sweep file's on a 0/1 cohort
+                f"none of its labels {unknown} is",
+                "set data.classes to your labels, the positive class last (a sweep file's "
+                "command sets it for wandb agent)",
+            )
+        )
         raise UserError(
-            f"labels CSV '{source}': label value(s) {unknown} are not in data.classes {classes}; "
-            "fix the CSV, add them to data.classes, or map them with data.label_map."
+            f"labels CSV '{source}': {what} in data.classes {classes}; {fix}, or map them with "
+            "data.label_map."
         )
     if len(classes) < 2:
         raise UserError(f"labels CSV '{source}': only class(es) {classes} present; need >= 2.")
