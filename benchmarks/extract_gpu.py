@@ -5,9 +5,11 @@ forward on random tensors at the batch `extract` chooses (the ceiling), then `ru
 synthetic JPEG-tiled slide (reader processes, writer thread, bf16 weights, all defaults), while
 a thread samples GPU utilisation (NVML through torch, else nvidia-smi). Prints extract/forward
 (the pipeline's overhead: 1.0 = the GPU never waits for reads, copies or writes) and the mean
-utilisation during extraction. Without CUDA it says so and exits 0.
+utilisation during extraction, with reader processes reading chunks of a batch (the default)
+and whole batches (as before), and the slide's read rate on one core. Without CUDA it says so
+and exits 0.
 
-    python benchmarks/extract_gpu.py [--size 8192] [--encoders resnet50_trunc uni]
+    python benchmarks/extract_gpu.py [--size 8192] [--encoders resnet50_trunc uni] [--seconds 10]
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from extract_throughput import TILE, make_slide
 
 from melanoma_mil.config import EncoderConfig, ExtractConfig
 from melanoma_mil.encoders import build_encoder, resolve_precision
+from melanoma_mil.features import placement
+from melanoma_mil.features.data import SlideBatches
 from melanoma_mil.features.run import choose_batch, run_extract
+from melanoma_mil.tiling.coords import read_coords
 
 
 def utilisation() -> float | None:
@@ -61,7 +66,7 @@ class Sampler(threading.Thread):
                 self.samples.append(u)
 
 
-def forward_rate(name: str, batch: int, seconds: float = 10.0) -> tuple[float, str]:
+def forward_rate(name: str, batch: int, seconds: float) -> tuple[float, str]:
     enc = build_encoder(EncoderConfig(name=name, pretrained=False), device="cuda")
     precision = resolve_precision("auto", enc.spec, enc.device)
     enc.low_precision_weights(precision, TILE)
@@ -76,10 +81,34 @@ def forward_rate(name: str, batch: int, seconds: float = 10.0) -> tuple[float, s
     return n / (time.perf_counter() - start), precision
 
 
+def read_rate(root: Path) -> float:
+    """tiles/s of reading the slide in this process, one core: a reader process's ceiling."""
+    grid = read_coords(root / "tiles" / "coords" / "bench.h5")  # as make_slide wrote it
+    data = SlideBatches(root / "slides" / "bench.tif", grid, 256)
+    data.open()
+    start = time.perf_counter()
+    n = sum(len(data.read(i)) for i in range(len(data)))
+    data.close()
+    return n / (time.perf_counter() - start)
+
+
+def extract_rate(cfg: ExtractConfig, root: Path, name: str) -> tuple[float, float, str]:
+    """(tiles/s of the slide as `extract` reports it, mean GPU utilisation, reader)."""
+    sampler = Sampler()
+    sampler.start()
+    assert run_extract(cfg) == 0
+    sampler.done.set()
+    sampler.join()
+    row = pd.read_csv(next((root / "f").glob(f"{name}-*/extract.csv"))).iloc[0]
+    util = sum(sampler.samples) / len(sampler.samples) if sampler.samples else float("nan")
+    return row["n_tiles"] / row["seconds"], util, row["reader"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=8192, help="slide side in px (256-px tiles)")
     ap.add_argument("--encoders", nargs="+", default=["resnet50_trunc", "uni"])
+    ap.add_argument("--seconds", type=float, default=10.0, help="of the forward alone")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("extract_gpu: no CUDA device here, nothing measured (run it on a GPU machine).")
@@ -88,6 +117,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_slide(root, args.size)
+        print(f"  reading alone: {read_rate(root):.0f} tiles/s on one core")
         for name in args.encoders:
             cfg = ExtractConfig(coords_dir=str(root / "tiles"), output_dir=str(root / "f"),
                                 encoder=EncoderConfig(name=name, pretrained=False),
@@ -97,20 +127,17 @@ def main() -> None:
             batch = choose_batch(cfg, probe, precision, TILE)
             del probe
             torch.cuda.empty_cache()
-            fwd, precision = forward_rate(name, batch)
-            sampler = Sampler()
-            sampler.start()
-            assert run_extract(cfg) == 0
-            sampler.done.set()
-            sampler.join()
-            row = pd.read_csv(next((root / "f").glob(f"{name}-*/extract.csv"))).iloc[0]
-            rate = row["n_tiles"] / row["seconds"]
-            util = sum(sampler.samples) / len(sampler.samples) if sampler.samples else float("nan")
-            print(
-                f"  {name} ({precision}, batch {batch}): forward {fwd:.0f} tiles/s, extract "
-                f"{rate:.0f} tiles/s, extract/forward {rate / fwd:.2f}, GPU utilisation "
-                f"{util:.0f}% over {len(sampler.samples)} samples, reader {row['reader']}"
-            )
+            fwd, precision = forward_rate(name, batch, args.seconds)
+            print(f"  {name} ({precision}, batch {batch}): forward {fwd:.0f} tiles/s")
+            chunk = placement.read_chunk(batch, TILE * TILE * 3)
+            default = placement.READ_CHUNK_BYTES
+            for label, most in ((f"chunks of {chunk}", default), ("whole batches", 1 << 62)):
+                placement.READ_CHUNK_BYTES = most  # whole batches: how reads were split before
+                rate, util, reader = extract_rate(cfg, root, name)
+                print(f"    extract, reader processes read {label:<15}: {rate:6.0f} tiles/s, "
+                      f"extract/forward {rate / fwd:.2f}, GPU utilisation {util:3.0f}%, "
+                      f"reader {reader}")  # fmt: skip
+            placement.READ_CHUNK_BYTES = default
 
 
 if __name__ == "__main__":

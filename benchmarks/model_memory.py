@@ -100,7 +100,12 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", name, mode, "--tiles", str(args.tiles),
                    "--dim", str(args.dim), "--device", args.device,
                    "--threads", str(args.threads)]  # fmt: skip
-            res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode:  # say why and go on: one failing model must not hide the others
+                print(f"{name} {mode} failed:\n{run.stderr[-2000:]}", flush=True)
+                cells.append(f"{'failed':>12}{'-':>10}")
+                continue
+            res = json.loads(run.stdout)
             cells.append(f"{res['added_mb']:>12.0f}{res['seconds']:>10.1f}")
         print(f"{name:<16}" + "".join(cells), flush=True)
 

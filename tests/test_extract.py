@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import CMU, make_cohort, write_grid
 
 from melanoma_mil.cli import main
@@ -159,6 +161,36 @@ def test_bad_slides_are_reported_and_skipped_without_partial_files(
     assert "not found" in rep.loc["missing", "reason"]
     assert sorted(bags(out)) == ["slide0"]
     assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.lock"))
+
+
+def test_reader_processes_read_chunks_that_join_into_the_same_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU batch is read as equal chunks by several processes and joined again before the
+    forward: the features are those of in-process reads of whole batches, bit for bit."""
+    from melanoma_mil.features import placement
+    from melanoma_mil.features.pipeline import Engine
+
+    tiles = make_cohort(tmp_path, 2)  # 36 tiles of 64 px a slide
+    monkeypatch.setattr(placement, "READ_CHUNK_BYTES", 5 * 64 * 64 * 3)
+    assert placement.read_chunk(16, 64 * 64 * 3) == 4  # 9 chunks a slide
+    sizes: list[int] = []
+    batches = Engine._from_processes
+
+    def counted(self: Engine, work: object) -> Iterator[torch.Tensor]:
+        for tiles in batches(self, work):  # type: ignore[arg-type]
+            sizes.append(len(tiles))
+            yield tiles
+
+    monkeypatch.setattr(Engine, "_from_processes", counted)
+    chunked, whole = tmp_path / "chunked", tmp_path / "whole"
+    assert run_extract(cfg_for(tiles, chunked, num_workers=2)) == 0
+    assert sizes == [16, 16, 4] * 2  # the chunks joined into the batches asked for
+    assert run_extract(cfg_for(tiles, whole)) == 0
+    for sid, path in bags(whole).items():
+        with h5py.File(path, "r") as fa, h5py.File(bags(chunked)[sid], "r") as fb:
+            assert fa["features"].shape == (36, 512)
+            np.testing.assert_array_equal(fa["features"][:], fb["features"][:])
 
 
 def _cli(tiles: Path, out: Path, *extra: str) -> list[str]:

@@ -110,6 +110,19 @@ def test_reader_workers_share_the_node_and_shm_is_checked_first() -> None:
     assert docker.workers == 0 and "threads" in docker.note
 
 
+@pytest.mark.parametrize(
+    ("batch", "side", "chunk"),
+    [(1024, 256, 78), (64, 256, 64), (1024, 512, 20), (16, 4096, 1), (7, 64, 7)],
+)
+def test_read_chunks_split_a_batch_equally_under_the_byte_cap(
+    batch: int, side: int, chunk: int
+) -> None:
+    tile = side * side * 3
+    assert placement.read_chunk(batch, tile) == chunk
+    assert chunk * tile <= max(tile, placement.READ_CHUNK_BYTES)  # one item stays small
+    assert (batch // chunk) * chunk <= batch  # the joined chunks never exceed the batch
+
+
 def test_batch_size_for_the_device() -> None:
     assert placement.batch_size("cpu") == 64
     gb = 1 << 30

@@ -1,8 +1,9 @@
 """What to extract (coords files matched to slides) and how tiles are read, batch by batch.
 
-A dataset item is a whole batch of tiles as uint8 [B, S, S, 3], read in a DataLoader worker
-with its own OpenSlide handle: one IPC message per batch, and the float conversion, resize and
-normalisation happen later as batched tensor ops on the compute device. JPEG-tiled TIFF / SVS
+A dataset item is a chunk of tiles as uint8 [C, S, S, 3] (a batch, or an equal part of a GPU
+batch: `placement.read_chunk`), read in a DataLoader worker with its own OpenSlide handle: one
+IPC message per chunk, and the float conversion, resize and normalisation happen later as
+batched tensor ops on the compute device. JPEG-tiled TIFF / SVS
 levels are decoded directly where verified against OpenSlide (see `tiffjpeg`).
 """
 
@@ -173,15 +174,15 @@ class SlideBatches:
 
 
 class RunBatches(Dataset[tuple[torch.Tensor, str]]):
-    """Batches of every slide of a run, keyed (slide index, batch index), for reader processes
+    """Chunks of every slide of a run, keyed (slide index, chunk index), for reader processes
     that live for the whole run: forking per slide costs ~0.1-3 s (copy-on-write of the
     parent's heap), once per run it is paid once. A worker loads a slide's grid from its coords
-    file when the slide's first batch arrives and closes the slide it read before. Each item
+    file when the slide's first chunk arrives and closes the slide it read before. Each item
     is (tiles, reader name), so the run table can say which reader served the slide."""
 
-    def __init__(self, slides: list[tuple[Path, Path]], batch_size: int, reader: str) -> None:
+    def __init__(self, slides: list[tuple[Path, Path]], chunk: int, reader: str) -> None:
         self.slides = slides  # (slide path, coords h5 path)
-        self.batch_size = batch_size
+        self.chunk = chunk  # tiles per item
         self.reader = reader
         self._open: tuple[int, SlideBatches] | None = None
 
@@ -195,7 +196,7 @@ class RunBatches(Dataset[tuple[torch.Tensor, str]]):
                 self._open[1].close()
             path, coords = self.slides[s]
             grid = read_coords(coords)
-            self._open = (s, SlideBatches(path, grid, self.batch_size, self.reader))
+            self._open = (s, SlideBatches(path, grid, self.chunk, self.reader))
         data = self._open[1]
         return data.read(b), data.reader
 

@@ -140,6 +140,7 @@ class Engine:
     pool: ThreadPoolExecutor | None = None  # reader threads (no reader processes)
     threads: int = 1
     processes: ReaderProcesses | None = None
+    chunk: int = 0  # tiles per reader-process item (`placement.read_chunk`); 0: batch_size
     _ahead: SlideWork | None = field(default=None, init=False)  # claimed next, already queued
 
     def run(self) -> None:
@@ -154,8 +155,9 @@ class Engine:
                 return
             work = ahead if ahead is not None else self.queue.next(wait=True)
 
-    def batches(self, work: SlideWork) -> int:
-        return math.ceil(work.n / self.batch_size)
+    def chunks(self, work: SlideWork) -> int:
+        """Items the reader processes read for ``work``."""
+        return math.ceil(work.n / (self.chunk or self.batch_size))
 
     def _encode(self, work: SlideWork) -> SlideWork | None:
         """Encode ``work``; returns the slide claimed ahead (reader processes), if any."""
@@ -178,7 +180,7 @@ class Engine:
             if self.processes is not None:  # a worker may have died with the slide
                 self.processes.close()
                 if self._ahead is not None:
-                    self.processes.add(self._ahead.index, self.batches(self._ahead))
+                    self.processes.add(self._ahead.index, self.chunks(self._ahead))
         ahead, self._ahead = self._ahead, None
         return ahead
 
@@ -194,20 +196,26 @@ class Engine:
             data.close()
 
     def _from_processes(self, work: SlideWork) -> Iterator[torch.Tensor]:
-        """The slide's batches from the reader processes; the next slide is claimed and queued
-        when the loader's read-ahead reaches this slide's end, so reads never pause."""
+        """The slide's batches, joined on the compute device from the chunks the reader
+        processes read; the next slide is claimed and queued when the loader's read-ahead
+        reaches this slide's end, so reads never pause."""
         p = self.processes
         assert p is not None
-        n = self.batches(work)
+        n = self.chunks(work)
+        per = max(1, self.batch_size // (self.chunk or self.batch_size))  # chunks per forward
         if not work.queued:
             p.add(work.index, n)
         asked = False
+        group: list[torch.Tensor] = []
         for b in range(n):
             if not asked and n - b <= p.window:
                 asked = True
                 self._ahead = self.queue.next(wait=False)
                 if self._ahead is not None:
                     self._ahead.queued = True
-                    p.add(self._ahead.index, self.batches(self._ahead))
+                    p.add(self._ahead.index, self.chunks(self._ahead))
             tiles, work.reader = p.next()
-            yield tiles
+            group.append(tiles.to(self.encoder.device, non_blocking=True))
+            if len(group) == per or b == n - 1:
+                yield group[0] if len(group) == 1 else torch.cat(group)
+                group = []

@@ -55,7 +55,7 @@ CSV_COLUMNS = ["slide_id", "status", "n_tiles", "seconds", "tiles_per_s", "reade
                "reason", "path", "cache_key"]  # fmt: skip
 WIDTHS = {"slide_id": 24, "status": 8, "n_tiles": 7, "seconds": 7, "tiles_per_s": 7,
           "reader": 15, "mpp_source": 15}  # fmt: skip
-SHM = Path("/dev/shm")  # where reader processes hand batches over (torch's shared memory)
+SHM = Path("/dev/shm")  # where reader processes hand tiles over (torch's shared memory)
 DONE = ("ok", "done", "skipped")
 FINE = (*DONE, "empty")  # an empty slide has no bag to make: it does not fail the run
 NO_COORDS = "tile failed or was not run for it: see tiling.csv"
@@ -112,13 +112,13 @@ def choose_batch(cfg: ExtractConfig, encoder: Encoder, precision: str, tile: int
     return placement.batch_size("cuda", free, _probe_tile_bytes(encoder, tile, precision))
 
 
-def choose_workers(cfg: ExtractConfig, device: torch.device, batch_bytes: int) -> placement.ShmPlan:
+def choose_workers(cfg: ExtractConfig, device: torch.device, item_bytes: int) -> placement.ShmPlan:
     """Reader processes: asked for, or this rank's share of the CPUs on a GPU; then fitted to
     the free /dev/shm (fewer, or threads instead), with the reason logged."""
     workers = cfg.num_workers
     if workers is None:
         if device.type == "cpu":
-            return placement.shm_plan(0, batch_bytes, None)
+            return placement.shm_plan(0, item_bytes, None)
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         workers = placement.reader_workers(
             cpus, os.cpu_count() or cpus, placement.local_world(os.environ)
@@ -127,7 +127,7 @@ def choose_workers(cfg: ExtractConfig, device: torch.device, batch_bytes: int) -
         free: int | None = shutil.disk_usage(SHM).free
     except OSError:
         free = None
-    plan = placement.shm_plan(workers, batch_bytes, free)
+    plan = placement.shm_plan(workers, item_bytes, free)
     if plan.note:
         log.warning("extract: %s", plan.note)
     return plan
@@ -261,7 +261,8 @@ def run_extract(cfg: ExtractConfig) -> int:
         log.info("extract: %s matmul weights stored in %s", encoder.name, precision)
     batch = choose_batch(cfg, encoder, precision, tile)
     read = max((g.read_size for g in grids if isinstance(g, TileGrid)), default=tile)
-    plan = choose_workers(cfg, device, batch * read * read * 3)
+    chunk = placement.read_chunk(batch, read * read * 3)
+    plan = choose_workers(cfg, device, chunk * read * read * 3)
     workers = plan.workers
     run = Run(cfg, encoder, precision, Path(cfg.output_dir))
     queue = SlideQueue(jobs, grids, run.out_root, run.identity_source, run.attrs, cfg.overwrite,
@@ -277,7 +278,7 @@ def run_extract(cfg: ExtractConfig) -> int:
     if workers:
         slides = [(job.slide_path or Path(), job.coords_path) for job in jobs]
         processes = ReaderProcesses(
-            RunBatches(slides, batch, cfg.reader), workers, pin_memory=device.type == "cuda",
+            RunBatches(slides, chunk, cfg.reader), workers, pin_memory=device.type == "cuda",
             prefetch=plan.prefetch,
         )  # fmt: skip
     threads = max(1, torch.get_num_threads())
@@ -289,7 +290,7 @@ def run_extract(cfg: ExtractConfig) -> int:
             ) as bar,  # fmt: skip
         ):
             engine = Engine(encoder, precision, batch, cfg.dtype, cfg.reader, queue, writer, bar,
-                            pool, threads, processes)  # fmt: skip
+                            pool, threads, processes, chunk)  # fmt: skip
             engine.run()
             writer.close()
     finally:
