@@ -5,7 +5,7 @@ forward on random tensors at the batch `extract` chooses (the ceiling), then `ru
 synthetic JPEG-tiled slide (reader processes, writer thread, bf16 weights, all defaults), while
 a thread samples GPU utilisation (NVML through torch, else nvidia-smi). Prints extract/forward
 (the pipeline's overhead: 1.0 = the GPU never waits for reads, copies or writes) and the mean
-utilisation during extraction, with reader processes reading chunks of a batch (the default)
+utilisation during extraction, with reader processes reading parts of a batch (the default)
 and whole batches (as before), and the slide's read rate on one core. Without CUDA it says so
 and exits 0.
 
@@ -129,9 +129,9 @@ def main() -> None:
             torch.cuda.empty_cache()
             fwd, precision = forward_rate(name, batch, args.seconds)
             print(f"  {name} ({precision}, batch {batch}): forward {fwd:.0f} tiles/s")
-            chunk = placement.read_chunk(batch, TILE * TILE * 3)
+            parts = len(placement.read_parts(batch, TILE * TILE * 3))
             default = placement.READ_CHUNK_BYTES
-            for label, most in ((f"chunks of {chunk}", default), ("whole batches", 1 << 62)):
+            for label, most in ((f"{parts} parts a batch", default), ("whole batches", 1 << 62)):
                 placement.READ_CHUNK_BYTES = most  # whole batches: how reads were split before
                 rate, util, reader = extract_rate(cfg, root, name)
                 print(f"    extract, reader processes read {label:<15}: {rate:6.0f} tiles/s, "

@@ -133,9 +133,13 @@ def test_real_aperio_slide_with_slides_dir_and_a_vit(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_bad_slides_are_reported_and_skipped_without_partial_files(
-    tmp_path: Path, workers: int
+    tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Bad slides come first (sorted ids): reader processes must recover for slide0."""
+    """Bad slides come first (sorted ids): reader processes must recover for slide0 (reading
+    each batch in 3 parts, so the slide claimed ahead is queued again part by part)."""
+    from melanoma_mil.features import placement
+
+    monkeypatch.setattr(placement, "READ_CHUNK_BYTES", 6 * 64 * 64 * 3)
     tiles = make_cohort(tmp_path, 1)
     slides = tmp_path / "slides"
     good = (slides / "slide0.tif").read_bytes()
@@ -163,17 +167,17 @@ def test_bad_slides_are_reported_and_skipped_without_partial_files(
     assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.lock"))
 
 
-def test_reader_processes_read_chunks_that_join_into_the_same_batches(
+def test_reader_processes_read_parts_that_join_into_the_same_batches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A GPU batch is read as equal chunks by several processes and joined again before the
-    forward: the features are those of in-process reads of whole batches, bit for bit."""
+    """A GPU batch is read in parts by several processes and joined again before the forward:
+    the same batches, so the features of in-process reads of whole batches, bit for bit."""
     from melanoma_mil.features import placement
     from melanoma_mil.features.pipeline import Engine
 
     tiles = make_cohort(tmp_path, 2)  # 36 tiles of 64 px a slide
-    monkeypatch.setattr(placement, "READ_CHUNK_BYTES", 5 * 64 * 64 * 3)
-    assert placement.read_chunk(16, 64 * 64 * 3) == 4  # 9 chunks a slide
+    monkeypatch.setattr(placement, "READ_CHUNK_BYTES", 6 * 64 * 64 * 3)  # 16 = 5 + 5 + 6
+    assert placement.read_parts(16, 64 * 64 * 3) == [(0, 5), (5, 10), (10, 16)]
     sizes: list[int] = []
     batches = Engine._from_processes
 
@@ -183,12 +187,12 @@ def test_reader_processes_read_chunks_that_join_into_the_same_batches(
             yield tiles
 
     monkeypatch.setattr(Engine, "_from_processes", counted)
-    chunked, whole = tmp_path / "chunked", tmp_path / "whole"
-    assert run_extract(cfg_for(tiles, chunked, num_workers=2)) == 0
-    assert sizes == [16, 16, 4] * 2  # the chunks joined into the batches asked for
+    parted, whole = tmp_path / "parted", tmp_path / "whole"
+    assert run_extract(cfg_for(tiles, parted, num_workers=2)) == 0
+    assert sizes == [16, 16, 4] * 2  # the parts joined into the batches asked for
     assert run_extract(cfg_for(tiles, whole)) == 0
     for sid, path in bags(whole).items():
-        with h5py.File(path, "r") as fa, h5py.File(bags(chunked)[sid], "r") as fb:
+        with h5py.File(path, "r") as fa, h5py.File(bags(parted)[sid], "r") as fb:
             assert fa["features"].shape == (36, 512)
             np.testing.assert_array_equal(fa["features"][:], fb["features"][:])
 

@@ -111,16 +111,19 @@ def test_reader_workers_share_the_node_and_shm_is_checked_first() -> None:
 
 
 @pytest.mark.parametrize(
-    ("batch", "side", "chunk"),
-    [(1024, 256, 78), (64, 256, 64), (1024, 512, 20), (16, 4096, 1), (7, 64, 7)],
+    ("batch", "side", "parts"),
+    [(1024, 256, 13), (64, 256, 1), (1024, 224, 10), (1000, 512, 48), (16, 4096, 16), (7, 64, 1)],
 )
-def test_read_chunks_split_a_batch_equally_under_the_byte_cap(
-    batch: int, side: int, chunk: int
+def test_read_parts_split_a_batch_exactly_under_the_byte_cap(
+    batch: int, side: int, parts: int
 ) -> None:
     tile = side * side * 3
-    assert placement.read_chunk(batch, tile) == chunk
-    assert chunk * tile <= max(tile, placement.READ_CHUNK_BYTES)  # one item stays small
-    assert (batch // chunk) * chunk <= batch  # the joined chunks never exceed the batch
+    got = placement.read_parts(batch, tile)
+    sizes = [b - a for a, b in got]
+    assert len(got) == parts and got[0][0] == 0 and got[-1][1] == batch  # the whole batch
+    assert all(got[i][1] == got[i + 1][0] for i in range(len(got) - 1))  # in order, no gap
+    assert max(sizes) - min(sizes) <= 1  # equal parts
+    assert max(sizes) * tile <= max(tile, placement.READ_CHUNK_BYTES)  # one item stays small
 
 
 def test_batch_size_for_the_device() -> None:

@@ -1,9 +1,9 @@
 """What to extract (coords files matched to slides) and how tiles are read, batch by batch.
 
-A dataset item is a chunk of tiles as uint8 [C, S, S, 3] (a batch, or an equal part of a GPU
-batch: `placement.read_chunk`), read in a DataLoader worker with its own OpenSlide handle: one
-IPC message per chunk, and the float conversion, resize and normalisation happen later as
-batched tensor ops on the compute device. JPEG-tiled TIFF / SVS
+A reader process's item is a range of a slide's tiles as uint8 [R, S, S, 3] (a forward batch,
+or a part of one: `placement.read_parts`), read in a DataLoader worker with its own OpenSlide
+handle: one IPC message per range, and the float conversion, resize and normalisation happen
+later as batched tensor ops on the compute device. JPEG-tiled TIFF / SVS
 levels are decoded directly where verified against OpenSlide (see `tiffjpeg`).
 """
 
@@ -25,6 +25,8 @@ from melanoma_mil.errors import UserError
 from melanoma_mil.features.tiffjpeg import FastTiles, open_fast_tiles
 from melanoma_mil.tiling.coords import TileGrid, read_coords
 from melanoma_mil.tiling.slides import SlideReader, find_slides, open_slide
+
+Range = tuple[int, int]  # [start, stop) of a slide's tiles
 
 
 @dataclass(frozen=True)
@@ -143,9 +145,15 @@ class SlideBatches:
     ) -> torch.Tensor:
         """Batch ``i``; with a pool, ``threads`` tasks read its tiles concurrently (OpenSlide is
         thread-safe and its reads release the GIL)."""
+        return self.rows((i * self.batch_size, (i + 1) * self.batch_size), pool, threads)
+
+    def rows(
+        self, span: Range, pool: ThreadPoolExecutor | None = None, threads: int = 1
+    ) -> torch.Tensor:
+        """Tiles ``span`` of the grid, as :meth:`read` reads a batch."""
         slide = self.open()
         fast = self._fast
-        xy = self.coords[i * self.batch_size : (i + 1) * self.batch_size]
+        xy = self.coords[span[0] : span[1]]
         out = np.empty((len(xy), self.size, self.size, 3), np.uint8)
 
         def fill(rows: range) -> None:
@@ -174,55 +182,54 @@ class SlideBatches:
 
 
 class RunBatches(Dataset[tuple[torch.Tensor, str]]):
-    """Chunks of every slide of a run, keyed (slide index, chunk index), for reader processes
+    """Tile ranges of every slide of a run, keyed (slide index, start, stop), for reader processes
     that live for the whole run: forking per slide costs ~0.1-3 s (copy-on-write of the
     parent's heap), once per run it is paid once. A worker loads a slide's grid from its coords
-    file when the slide's first chunk arrives and closes the slide it read before. Each item
+    file when the slide's first range arrives and closes the slide it read before. Each item
     is (tiles, reader name), so the run table can say which reader served the slide."""
 
-    def __init__(self, slides: list[tuple[Path, Path]], chunk: int, reader: str) -> None:
+    def __init__(self, slides: list[tuple[Path, Path]], reader: str) -> None:
         self.slides = slides  # (slide path, coords h5 path)
-        self.chunk = chunk  # tiles per item
         self.reader = reader
         self._open: tuple[int, SlideBatches] | None = None
 
     def __len__(self) -> int:
         return len(self.slides)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, str]:
-        s, b = key
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, str]:
+        s, start, stop = key
         if self._open is None or self._open[0] != s:
             if self._open is not None:
                 self._open[1].close()
             path, coords = self.slides[s]
             grid = read_coords(coords)
-            self._open = (s, SlideBatches(path, grid, self.chunk, self.reader))
+            self._open = (s, SlideBatches(path, grid, stop - start, self.reader))  # read by rows
         data = self._open[1]
-        return data.read(b), data.reader
+        return data.rows((start, stop)), data.reader
 
 
-class SlideStream(Sampler[tuple[int, int]]):
-    """Yields the batches of the slides queued on it, one slide after another, so reader
-    processes read the next slide's first batches while this one's last are encoded."""
+class SlideStream(Sampler[tuple[int, int, int]]):
+    """Yields the tile ranges of the slides queued on it, one slide after another, so reader
+    processes read the next slide's first tiles while this one's last are encoded."""
 
     def __init__(self) -> None:
-        self.queue: deque[tuple[int, int]] = deque()  # (slide index, batches)
+        self.queue: deque[tuple[int, list[Range]]] = deque()  # (slide index, its ranges)
         self.dry = True  # this iteration ran out of slides: later ones need a new iteration
-        self.total = 0  # batches of the slides this iteration took from the queue
+        self.total = 0  # ranges of the slides this iteration took from the queue
 
-    def add(self, slide: int, batches: int) -> None:
-        self.queue.append((slide, batches))
+    def add(self, slide: int, ranges: list[Range]) -> None:
+        self.queue.append((slide, ranges))
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         self.dry, self.total = False, 0
         while self.queue:
-            slide, batches = self.queue.popleft()
-            self.total += batches
-            yield from ((slide, b) for b in range(batches))
+            slide, ranges = self.queue.popleft()
+            self.total += len(ranges)
+            yield from ((slide, a, b) for a, b in ranges)
         self.dry = True
 
     def __len__(self) -> int:
-        return sum(n for _, n in self.queue)
+        return sum(len(r) for _, r in self.queue)
 
 
 class ReaderProcesses:
@@ -234,11 +241,11 @@ class ReaderProcesses:
         self.stream = SlideStream()
         self.loader: DataLoader[tuple[torch.Tensor, str]] | None = None
         self._it: Iterator[tuple[torch.Tensor, str]] | None = None
-        self._consumed = 0  # batches taken from the current iteration
+        self._consumed = 0  # items taken from the current iteration
         self._start()
 
     def _start(self) -> None:
-        """Fork the workers now, with no batch to read (before any slide is open)."""
+        """Fork the workers now, with nothing to read (before any slide is open)."""
         self.stream = SlideStream()
         self.loader = DataLoader(
             self.data,
@@ -253,18 +260,18 @@ class ReaderProcesses:
 
     @property
     def window(self) -> int:
-        """Batches the loader reads ahead: the next slide is queued when this many are left."""
+        """Items the loader reads ahead: the next slide is queued when this many are left."""
         return self.workers * self.prefetch
 
-    def add(self, slide: int, batches: int) -> None:
-        """Queue a slide's batches; they follow the queued ones without a gap."""
+    def add(self, slide: int, ranges: list[Range]) -> None:
+        """Queue a slide's tile ranges; they follow the queued ones without a gap."""
         if self.loader is None:
             self._start()
-        self.stream.add(slide, batches)
+        self.stream.add(slide, ranges)
 
     def next(self) -> tuple[torch.Tensor, str]:
-        """The next batch of the queued slides, in order. A slide queued after the stream ran
-        dry starts a new iteration once every batch of the current one has been taken."""
+        """The next item (tiles, reader) of the queued slides, in order. A slide queued after the
+        stream ran dry starts a new iteration once every item of the current one was taken."""
         drained = self.stream.dry and self._consumed == self.stream.total
         if self._it is None or drained:
             assert self.loader is not None

@@ -15,7 +15,6 @@ failing inside a half-written file (which segfaults the interpreter at exit).
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -29,7 +28,8 @@ from tqdm import tqdm
 
 from melanoma_mil.encoders import Encoder
 from melanoma_mil.errors import UserError
-from melanoma_mil.features.data import ReaderProcesses, SlideBatches
+from melanoma_mil.features import placement
+from melanoma_mil.features.data import Range, ReaderProcesses, SlideBatches
 from melanoma_mil.features.queue import SlideQueue, SlideWork
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,6 @@ class Engine:
     pool: ThreadPoolExecutor | None = None  # reader threads (no reader processes)
     threads: int = 1
     processes: ReaderProcesses | None = None
-    chunk: int = 0  # tiles per reader-process item (`placement.read_chunk`); 0: batch_size
     _ahead: SlideWork | None = field(default=None, init=False)  # claimed next, already queued
 
     def run(self) -> None:
@@ -155,9 +154,17 @@ class Engine:
                 return
             work = ahead if ahead is not None else self.queue.next(wait=True)
 
-    def chunks(self, work: SlideWork) -> int:
-        """Items the reader processes read for ``work``."""
-        return math.ceil(work.n / (self.chunk or self.batch_size))
+    def reads(self, work: SlideWork) -> list[list[Range]]:
+        """The tile ranges reader processes read for ``work``, grouped by forward batch."""
+        tile, size = work.grid.read_size**2 * 3, self.batch_size
+        return [
+            [(s + a, s + b) for a, b in placement.read_parts(min(size, work.n - s), tile)]
+            for s in range(0, work.n, size)
+        ]
+
+    def queue_reads(self, work: SlideWork) -> None:
+        assert self.processes is not None
+        self.processes.add(work.index, [r for batch in self.reads(work) for r in batch])
 
     def _encode(self, work: SlideWork) -> SlideWork | None:
         """Encode ``work``; returns the slide claimed ahead (reader processes), if any."""
@@ -180,7 +187,7 @@ class Engine:
             if self.processes is not None:  # a worker may have died with the slide
                 self.processes.close()
                 if self._ahead is not None:
-                    self.processes.add(self._ahead.index, self.chunks(self._ahead))
+                    self.queue_reads(self._ahead)
         ahead, self._ahead = self._ahead, None
         return ahead
 
@@ -196,26 +203,28 @@ class Engine:
             data.close()
 
     def _from_processes(self, work: SlideWork) -> Iterator[torch.Tensor]:
-        """The slide's batches, joined on the compute device from the chunks the reader
+        """The slide's batches, each joined on the compute device from the parts the reader
         processes read; the next slide is claimed and queued when the loader's read-ahead
         reaches this slide's end, so reads never pause."""
         p = self.processes
         assert p is not None
-        n = self.chunks(work)
-        per = max(1, self.batch_size // (self.chunk or self.batch_size))  # chunks per forward
+        batches = self.reads(work)
+        left = sum(len(b) for b in batches)  # items of this slide not yet taken
         if not work.queued:
-            p.add(work.index, n)
+            self.queue_reads(work)
         asked = False
-        group: list[torch.Tensor] = []
-        for b in range(n):
-            if not asked and n - b <= p.window:
-                asked = True
-                self._ahead = self.queue.next(wait=False)
-                if self._ahead is not None:
-                    self._ahead.queued = True
-                    p.add(self._ahead.index, self.chunks(self._ahead))
-            tiles, work.reader = p.next()
-            group.append(tiles.to(self.encoder.device, non_blocking=True))
-            if len(group) == per or b == n - 1:
-                yield group[0] if len(group) == 1 else torch.cat(group)
-                group = []
+        for batch in batches:
+            parts = []
+            for _ in batch:
+                if not asked and left <= p.window:
+                    asked = True
+                    self._ahead = self.queue.next(wait=False)
+                    if self._ahead is not None:
+                        self._ahead.queued = True
+                        self.queue_reads(self._ahead)
+                tiles, work.reader = p.next()
+                left -= 1
+                parts.append(tiles.to(self.encoder.device, non_blocking=tiles.is_pinned()))
+            joined = parts[0] if len(parts) == 1 else torch.cat(parts)
+            del parts  # the parts' device memory is free while the batch is encoded
+            yield joined

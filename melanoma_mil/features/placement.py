@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 MAX_READERS = 12
-PREFETCH = 4  # items (read chunks) in flight per reader process
-READ_CHUNK_BYTES = 16 << 20  # most tile bytes one reader process reads as one item
+PREFETCH = 4  # items (tile ranges) in flight per reader process
+READ_CHUNK_BYTES = 16 << 20  # most tile bytes of one reader-process item (`read_parts`)
 SHM_MARGIN = 1.5  # pinned copies, the item being collated, fragmentation
 CPU_BATCH = 64
 GPU_BATCH_RANGE = (16, 1024)
@@ -108,10 +108,16 @@ def batch_size(
     return min(high, 1 << (fit.bit_length() - 1))
 
 
-def read_chunk(batch: int, tile_bytes: int) -> int:
-    """Tiles a reader process reads as one item: the batch, split into equal chunks of at most
-    READ_CHUNK_BYTES that the forward joins again. Whole GPU batches (1024 tiles, 200 MB) kept
-    a 9-batch slide on 9 of 12 readers and the first forward waiting for a whole batch's reads:
-    on an H200, chunks doubled resnet50's extract rate (benchmarks/extract_gpu.py)."""
-    most = max(1, READ_CHUNK_BYTES // max(1, tile_bytes))
-    return batch // math.ceil(batch / most)
+def read_parts(tiles: int, tile_bytes: int) -> list[tuple[int, int]]:
+    """How reader processes split one forward batch of ``tiles``: contiguous ranges of at most
+    READ_CHUNK_BYTES whose sizes differ by at most one tile, joined again before the forward.
+    A whole GPU batch as one item (1024 tiles of 256 px, 192 MiB) kept a 9-batch slide on 9 of
+    12 readers and the first forward waiting for a whole batch's reads: on an H200, splitting
+    doubled resnet50's extract rate (benchmarks/extract_gpu.py)."""
+    k = math.ceil(tiles / max_part(tile_bytes))
+    return [(tiles * p // k, tiles * (p + 1) // k) for p in range(k)]
+
+
+def max_part(tile_bytes: int) -> int:
+    """The most tiles of one reader-process item (at least one tile)."""
+    return max(1, READ_CHUNK_BYTES // max(1, tile_bytes))

@@ -261,8 +261,8 @@ def run_extract(cfg: ExtractConfig) -> int:
         log.info("extract: %s matmul weights stored in %s", encoder.name, precision)
     batch = choose_batch(cfg, encoder, precision, tile)
     read = max((g.read_size for g in grids if isinstance(g, TileGrid)), default=tile)
-    chunk = placement.read_chunk(batch, read * read * 3)
-    plan = choose_workers(cfg, device, chunk * read * read * 3)
+    item = min(batch, placement.max_part(read * read * 3)) * read * read * 3  # largest item
+    plan = choose_workers(cfg, device, item)
     workers = plan.workers
     run = Run(cfg, encoder, precision, Path(cfg.output_dir))
     queue = SlideQueue(jobs, grids, run.out_root, run.identity_source, run.attrs, cfg.overwrite,
@@ -278,7 +278,7 @@ def run_extract(cfg: ExtractConfig) -> int:
     if workers:
         slides = [(job.slide_path or Path(), job.coords_path) for job in jobs]
         processes = ReaderProcesses(
-            RunBatches(slides, chunk, cfg.reader), workers, pin_memory=device.type == "cuda",
+            RunBatches(slides, cfg.reader), workers, pin_memory=device.type == "cuda",
             prefetch=plan.prefetch,
         )  # fmt: skip
     threads = max(1, torch.get_num_threads())
@@ -290,7 +290,7 @@ def run_extract(cfg: ExtractConfig) -> int:
             ) as bar,  # fmt: skip
         ):
             engine = Engine(encoder, precision, batch, cfg.dtype, cfg.reader, queue, writer, bar,
-                            pool, threads, processes, chunk)  # fmt: skip
+                            pool, threads, processes)  # fmt: skip
             engine.run()
             writer.close()
     finally:
