@@ -130,14 +130,14 @@ def main() -> None:
             fwd, precision = forward_rate(name, batch, args.seconds)
             print(f"  {name} ({precision}, batch {batch}): forward {fwd:.0f} tiles/s")
             parts = len(placement.read_parts(batch, TILE * TILE * 3))
-            default = placement.READ_CHUNK_BYTES
+            default = placement.READ_PART_BYTES
             for label, most in ((f"{parts} parts a batch", default), ("whole batches", 1 << 62)):
-                placement.READ_CHUNK_BYTES = most  # whole batches: how reads were split before
+                placement.READ_PART_BYTES = most  # whole batches: how reads were split before
                 rate, util, reader = extract_rate(cfg, root, name)
-                print(f"    extract, reader processes read {label:<15}: {rate:6.0f} tiles/s, "
+                print(f"    extract, reader processes read {label:<16}: {rate:6.0f} tiles/s, "
                       f"extract/forward {rate / fwd:.2f}, GPU utilisation {util:3.0f}%, "
                       f"reader {reader}")  # fmt: skip
-            placement.READ_CHUNK_BYTES = default
+            placement.READ_PART_BYTES = default
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def test_bad_slides_are_reported_and_skipped_without_partial_files(
     each batch in 3 parts, so the slide claimed ahead is queued again part by part)."""
     from melanoma_mil.features import placement
 
-    monkeypatch.setattr(placement, "READ_CHUNK_BYTES", 6 * 64 * 64 * 3)
+    monkeypatch.setattr(placement, "READ_PART_BYTES", 6 * 64 * 64 * 3)
     tiles = make_cohort(tmp_path, 1)
     slides = tmp_path / "slides"
     good = (slides / "slide0.tif").read_bytes()
@@ -176,7 +176,7 @@ def test_reader_processes_read_parts_that_join_into_the_same_batches(
     from melanoma_mil.features.pipeline import Engine
 
     tiles = make_cohort(tmp_path, 2)  # 36 tiles of 64 px a slide
-    monkeypatch.setattr(placement, "READ_CHUNK_BYTES", 6 * 64 * 64 * 3)  # 16 = 5 + 5 + 6
+    monkeypatch.setattr(placement, "READ_PART_BYTES", 6 * 64 * 64 * 3)  # 16 = 5 + 5 + 6
     assert placement.read_parts(16, 64 * 64 * 3) == [(0, 5), (5, 10), (10, 16)]
     sizes: list[int] = []
     batches = Engine._from_processes

@@ -123,7 +123,10 @@ def test_read_parts_split_a_batch_exactly_under_the_byte_cap(
     assert len(got) == parts and got[0][0] == 0 and got[-1][1] == batch  # the whole batch
     assert all(got[i][1] == got[i + 1][0] for i in range(len(got) - 1))  # in order, no gap
     assert max(sizes) - min(sizes) <= 1  # equal parts
-    assert max(sizes) * tile <= max(tile, placement.READ_CHUNK_BYTES)  # one item stays small
+    assert max(sizes) * tile <= max(tile, placement.READ_PART_BYTES)  # one item stays small
+    for smaller in range(32, side + 1, 32):  # /dev/shm is planned for the run's largest tile
+        part = max(b - a for a, b in placement.read_parts(batch, smaller * smaller * 3))
+        assert part * smaller * smaller * 3 <= placement.largest_item(batch, tile)
 
 
 def test_batch_size_for_the_device() -> None:

@@ -97,11 +97,11 @@ def to_rgb(rgba: np.ndarray) -> np.ndarray:
 
 
 class SlideBatches:
-    """Batches of one slide's tiles, read in the process that made it (reader processes make
-    their own through :class:`RunBatches`); the slide is opened at the first read."""
+    """Batches (or any ``rows``) of one slide's tiles, read in the process that made it (reader
+    processes make their own through :class:`RunBatches`); the slide is opened at first read."""
 
     def __init__(
-        self, slide_path: Path, grid: TileGrid, batch_size: int, reader: str = "auto"
+        self, slide_path: Path, grid: TileGrid, batch_size: int = 1, reader: str = "auto"
     ) -> None:
         self.slide_path = slide_path
         self.coords = grid.coords
@@ -203,7 +203,7 @@ class RunBatches(Dataset[tuple[torch.Tensor, str]]):
                 self._open[1].close()
             path, coords = self.slides[s]
             grid = read_coords(coords)
-            self._open = (s, SlideBatches(path, grid, stop - start, self.reader))  # read by rows
+            self._open = (s, SlideBatches(path, grid, reader=self.reader))
         data = self._open[1]
         return data.rows((start, stop)), data.reader
 

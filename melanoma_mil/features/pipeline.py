@@ -2,7 +2,7 @@
 
 On a GPU the forward of batch k+1 is queued while batch k is copied back on a side stream and
 stored by a writer thread, so the GPU never waits for ``y.cpu()`` or the h5 write; reader
-processes read the next slide's first batches while this one's last are encoded (the next slide
+processes read the next slide's first tiles while this one's last are encoded (the next slide
 is claimed as soon as the loader's read-ahead reaches this one's end). On CPU, reader threads
 fill each batch between forward passes (they share the cores), and the writer thread stores
 and writes the slide while the next one is read.
@@ -212,10 +212,10 @@ class Engine:
         left = sum(len(b) for b in batches)  # items of this slide not yet taken
         if not work.queued:
             self.queue_reads(work)
-        asked = False
+        asked, device = False, self.encoder.device
         for batch in batches:
-            parts = []
-            for _ in batch:
+            joined: torch.Tensor | None = None  # the batch, filled part by part on the device
+            for a, b in batch:
                 if not asked and left <= p.window:
                     asked = True
                     self._ahead = self.queue.next(wait=False)
@@ -224,7 +224,14 @@ class Engine:
                         self.queue_reads(self._ahead)
                 tiles, work.reader = p.next()
                 left -= 1
-                parts.append(tiles.to(self.encoder.device, non_blocking=tiles.is_pinned()))
-            joined = parts[0] if len(parts) == 1 else torch.cat(parts)
-            del parts  # the parts' device memory is free while the batch is encoded
+                pinned = tiles.is_pinned()
+                if len(batch) == 1:
+                    joined = tiles.to(device, non_blocking=pinned)
+                    continue
+                if joined is None:
+                    shape = (batch[-1][1] - batch[0][0], *tiles.shape[1:])
+                    joined = torch.empty(shape, dtype=tiles.dtype, device=device)
+                start = batch[0][0]
+                joined[a - start : b - start].copy_(tiles, non_blocking=pinned)
+            assert joined is not None
             yield joined

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 MAX_READERS = 12
 PREFETCH = 4  # items (tile ranges) in flight per reader process
-READ_CHUNK_BYTES = 16 << 20  # most tile bytes of one reader-process item (`read_parts`)
+READ_PART_BYTES = 16 << 20  # most tile bytes of one reader-process item (`read_parts`)
 SHM_MARGIN = 1.5  # pinned copies, the item being collated, fragmentation
 CPU_BATCH = 64
 GPU_BATCH_RANGE = (16, 1024)
@@ -110,14 +110,15 @@ def batch_size(
 
 def read_parts(tiles: int, tile_bytes: int) -> list[tuple[int, int]]:
     """How reader processes split one forward batch of ``tiles``: contiguous ranges of at most
-    READ_CHUNK_BYTES whose sizes differ by at most one tile, joined again before the forward.
+    READ_PART_BYTES whose sizes differ by at most one tile, joined again before the forward.
     A whole GPU batch as one item (1024 tiles of 256 px, 192 MiB) kept a 9-batch slide on 9 of
     12 readers and the first forward waiting for a whole batch's reads: on an H200, splitting
     doubled resnet50's extract rate (benchmarks/extract_gpu.py)."""
-    k = math.ceil(tiles / max_part(tile_bytes))
+    k = math.ceil(tiles / max(1, READ_PART_BYTES // max(1, tile_bytes)))
     return [(tiles * p // k, tiles * (p + 1) // k) for p in range(k)]
 
 
-def max_part(tile_bytes: int) -> int:
-    """The most tiles of one reader-process item (at least one tile)."""
-    return max(1, READ_CHUNK_BYTES // max(1, tile_bytes))
+def largest_item(batch: int, tile_bytes: int) -> int:
+    """Bytes of the largest reader-process item of a run whose tiles take at most ``tile_bytes``
+    (a batch, capped at READ_PART_BYTES or one tile): what /dev/shm must hold per item."""
+    return min(batch * tile_bytes, max(tile_bytes, READ_PART_BYTES))

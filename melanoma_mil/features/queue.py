@@ -50,7 +50,7 @@ class SlideWork:
     feats: np.ndarray | None = None  # filled batch by batch, written when complete
     filled: int = 0
     error: str = ""  # set by the writer when storing a batch failed
-    queued: bool = False  # its batches are already queued on the reader processes
+    queued: bool = False  # its tile ranges are already queued on the reader processes
 
     @property
     def slide_id(self) -> str:

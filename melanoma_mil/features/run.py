@@ -261,8 +261,7 @@ def run_extract(cfg: ExtractConfig) -> int:
         log.info("extract: %s matmul weights stored in %s", encoder.name, precision)
     batch = choose_batch(cfg, encoder, precision, tile)
     read = max((g.read_size for g in grids if isinstance(g, TileGrid)), default=tile)
-    item = min(batch, placement.max_part(read * read * 3)) * read * read * 3  # largest item
-    plan = choose_workers(cfg, device, item)
+    plan = choose_workers(cfg, device, placement.largest_item(batch, read * read * 3))
     workers = plan.workers
     run = Run(cfg, encoder, precision, Path(cfg.output_dir))
     queue = SlideQueue(jobs, grids, run.out_root, run.identity_source, run.attrs, cfg.overwrite,
