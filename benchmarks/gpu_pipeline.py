@@ -23,7 +23,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-SHOWN = ("GPU available", "device", "cuda", "bf16", "precision")  # log lines worth printing
+SHOWN = (
+    "trained on",
+    "fold models on",
+    "device",
+    "cuda",
+    "bf16",
+    "precision",
+)  # log lines worth printing
 
 
 def cli(args: list[str], log: Path) -> float:
@@ -40,8 +47,13 @@ def cli(args: list[str], log: Path) -> float:
 
 def device_lines(log: Path) -> list[str]:
     """The log lines that say which device and precision a command used."""
-    lines = log.read_text().splitlines()
-    return sorted({ln.strip()[:160] for ln in lines if any(k in ln for k in SHOWN)})
+    lines = [ln.strip() for ln in log.read_text().splitlines() if any(k in ln for k in SHOWN)]
+    folds = {
+        "fit folds " + ln[ln.index("trained on") :].rstrip(")")
+        for ln in lines
+        if "trained on" in ln
+    }
+    return sorted(folds | {ln[:160] for ln in lines if "trained on" not in ln})
 
 
 def main() -> None:
@@ -66,7 +78,7 @@ def main() -> None:
         accelerator = "cpu" if device == "cpu" else "gpu"
         walls[f"fit {device}"] = cli(
             ["fit", "--config", str(demo / "fit" / "config.yaml"), f"output_dir={fit}",
-             f"trainer.accelerator={accelerator}"],
+             f"trainer.accelerator={accelerator}", "overwrite=true"],
             a.out / f"{fit.name}.log",
         )  # fmt: skip
         aucs[device] = [ln for ln in (a.out / f"{fit.name}.log").read_text().splitlines()

@@ -164,6 +164,8 @@ def test_label_map_drops_and_counts(tmp_path: Path, caplog: pytest.LogCaptureFix
     with caplog.at_level("INFO"):
         assert run_fit(cfg) == 0
     assert "kept 20 slides" in caplog.text and "dropped 10" in caplog.text
+    # each fold says where and at which precision it trained (auto on CPU: fp32)
+    assert caplog.text.count("trained on cpu, precision 32-true") == 3  # 3 folds
     assert set(pd.read_csv(out / "predictions.csv")["label"]) == {"immune_low", "immune_high"}
 
 

@@ -287,8 +287,8 @@ def run_predict(cfg: PredictConfig) -> int:
     ok = table[table["status"].isin(["ok", "no_heatmap"])]
     counts = ok["pred"].value_counts().to_dict() if len(ok) else {}
     print(
-        f"predict: {len(ok)}/{len(table)} slides, {len(ensemble.models)} fold models, "
-        f"predicted {counts} -> {target}"
+        f"predict: {len(ok)}/{len(table)} slides, {len(ensemble.models)} fold models on "
+        f"{ensemble.device}, predicted {counts} -> {target}"
     )
     print_failures(table, target, "predict")
     print_undrawn(table, target)

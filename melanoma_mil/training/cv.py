@@ -169,10 +169,12 @@ def _run_fold(
         plot_roc(preds, cohort.classes, roc_png, f"{name}: test ROC", auc_label(metrics["auc"]))
     finish_fold(logger, metrics, roc_png)
     log.info(
-        "%s: test %s (%s)",
+        "%s: test %s (%s; trained on %s, precision %s)",
         name,
         " ".join(f"{k}={v:.3f}" for k, v in metrics.items()),
         sel.describe(cfg, ckpt),
+        trainer.strategy.root_device,
+        trainer.precision,
     )
     return preds, metrics
 
