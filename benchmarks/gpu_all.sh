@@ -1,12 +1,23 @@
 #!/bin/bash
 # Every GPU benchmark in one go, each under its own time limit, for a short GPU lease:
-#   bash benchmarks/gpu_all.sh [LOG_DIR [STEP ...]]   (logs: LOG_DIR/<step>.log, default /tmp/gpu_bench)
-# STEP: gpu_pipeline model_memory extract_gpu fit_gpu (default: all, ~11 min at most, so over two
+#   bash benchmarks/gpu_all.sh [LOG_DIR] [STEP ...]   (logs: LOG_DIR/<step>.log, default /tmp/gpu_bench)
+# STEP: gpu_pipeline model_memory extract_gpu fit_gpu (default: all, ~13 min at most, so over two
 # calls where one call may run 10 min). A step that runs out of time is cut and the next one
 # runs; the printed rc says which.
 set -u
-log=${1:-/tmp/gpu_bench}
-steps=" ${*:2} "
+known=" gpu_pipeline model_memory extract_gpu fit_gpu "
+log=/tmp/gpu_bench
+if [[ $# -gt 0 && "$known" != *" $1 "* ]]; then
+    log=$1
+    shift
+fi
+for name in "$@"; do
+    if [[ "$known" != *" $name "* ]]; then
+        echo "gpu_all.sh: unknown step '$name'; steps:$known" >&2
+        exit 2
+    fi
+done
+steps=" $* "
 mkdir -p "$log"
 here=$(cd "$(dirname "$0")" && pwd)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$here/..:$here:${PYTHONPATH:-}"
@@ -23,7 +34,7 @@ if ! python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; th
     exit 0
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-step 200 gpu_pipeline gpu_pipeline.py --out "$log/pipeline"
+step 300 gpu_pipeline gpu_pipeline.py --out "$log/pipeline"
 step 180 model_memory model_memory.py --device cuda --threads 4
 step 150 extract_gpu extract_gpu.py --size 16384 --seconds 5
 step 150 fit_gpu fit_gpu.py --bags 600 --rounds 2

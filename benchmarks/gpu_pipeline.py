@@ -3,9 +3,10 @@ left on auto), then on the demo's feature cache `fit` (its config, trainer.accel
 `predict` with heatmaps, each on --device and on the CPU, to show that the GPU paths run and
 agree with the CPU's.
 
-Prints each command's wall seconds, the CPU / --device time ratios, both fits' pooled AUC, the
-largest difference in any probability between the two predicts of the demo's run, whether every
-predicted class agrees, and the log lines that name a device or precision. Without CUDA it says so
+Prints each command's wall seconds and the log lines that name a device or precision as it goes
+(both fits' pooled AUC too), then the largest difference in any probability between the two
+predicts of the demo's run, whether every predicted class agrees, and the CPU / --device time
+ratios. Without CUDA it says so
 and exits 0, unless --device cpu is given (a check of this script, nothing measured).
 
     python benchmarks/gpu_pipeline.py [--out DIR] [--device cuda|cpu] [--demo key=value ...]
@@ -22,38 +23,38 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from omegaconf import OmegaConf
 
-SHOWN = (
-    "trained on",
-    "fold models on",
-    "device",
-    "cuda",
-    "bf16",
-    "precision",
-)  # log lines worth printing
+# log lines that name a device or precision (not output paths, which hold "cuda" here)
+SHOWN = ("trained on", "fold models on", " on cuda", " on cpu", "bf16", "precision")
 
 
 def cli(args: list[str], log: Path) -> float:
-    """`python -m melanoma_mil ARGS`, output into ``log``: wall seconds (exits on a failure)."""
+    """`python -m melanoma_mil ARGS`, output into ``log``: wall seconds, printed at once (so a
+    run cut by a time limit keeps what it measured); exits on a failure."""
     start = time.perf_counter()
     with log.open("w") as out:
         rc = subprocess.call([sys.executable, "-m", "melanoma_mil", *args], stdout=out, stderr=out)
     wall = time.perf_counter() - start
+    print(f"{args[0]} ({log.stem}): {wall:.1f} s wall, exit {rc}", flush=True)
     if rc != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         sys.exit(f"gpu_pipeline.py: '{args[0]}' exited {rc} after {wall:.0f} s ({log}):\n{tail}")
     return wall
 
 
-def device_lines(log: Path) -> list[str]:
-    """The log lines that say which device and precision a command used."""
-    lines = [ln.strip() for ln in log.read_text().splitlines() if any(k in ln for k in SHOWN)]
+def show(log: Path, *starts: str) -> None:
+    """Print the log's lines that name a device or precision (a fit's folds as one line), and
+    those that begin with any of ``starts``."""
+    lines = [ln.strip() for ln in log.read_text().splitlines()]
+    picked = {ln[:160] for ln in lines if any(k in ln for k in SHOWN) and "trained on" not in ln}
     folds = {
         "fit folds " + ln[ln.index("trained on") :].rstrip(")")
         for ln in lines
         if "trained on" in ln
     }
-    return sorted(folds | {ln[:160] for ln in lines if "trained on" not in ln})
+    for line in [*sorted(folds | picked), *(ln for ln in lines if ln.startswith(starts))]:
+        print(f"  {line}")
 
 
 def main() -> None:
@@ -71,8 +72,9 @@ def main() -> None:
     demo = a.out / "demo"
     settings = ["demo", f"output_dir={demo}", "overwrite=true", *a.demo]
     walls = {"demo": cli(settings, a.out / "demo.log")}
-    (cache,) = [p for p in (demo / "features").iterdir() if p.is_dir()]
-    tables, aucs = {}, {}
+    show(a.out / "demo.log")
+    cache = OmegaConf.load(demo / "fit" / "config.yaml").data.features_dir  # the demo fit's
+    tables = {}
     for device in dict.fromkeys([a.device, "cpu"]):
         fit = a.out / f"fit_{device}"
         accelerator = "cpu" if device == "cpu" else "gpu"
@@ -81,23 +83,17 @@ def main() -> None:
              f"trainer.accelerator={accelerator}", "overwrite=true"],
             a.out / f"{fit.name}.log",
         )  # fmt: skip
-        aucs[device] = [ln for ln in (a.out / f"{fit.name}.log").read_text().splitlines()
-                        if ln.startswith("pooled AUC")]  # fmt: skip
+        show(a.out / f"{fit.name}.log", "pooled AUC")
         out = a.out / f"predict_{device}"
         walls[f"predict {device}"] = cli(
             ["predict", f"run_dir={demo / 'fit'}", f"slides_dir={demo / 'cohort' / 'slides'}",
              f"features_dir={cache}", f"output_dir={out}", f"device={device}", "overwrite=true"],
             a.out / f"{out.name}.log",
         )  # fmt: skip
+        show(a.out / f"{out.name}.log")
         tables[device] = pd.read_csv(out / "predictions.csv").set_index("slide_id").sort_index()
         drawn = len(list(out.glob("*/heatmap.png")))
-        print(f"predict {device}: {len(tables[device])} slides, {drawn} heatmaps drawn")
-    for name, wall in walls.items():
-        print(f"{name}: {wall:.1f} s wall")
-    for name in ("demo", *(f"{c}_{a.device}" for c in ("fit", "predict"))):
-        print(f"{name} device lines:", *device_lines(a.out / f"{name}.log"), sep="\n  ")
-    for device, lines in aucs.items():
-        print(f"fit {device}:", *lines)
+        print(f"  {len(tables[device])} slides, {drawn} heatmaps drawn", flush=True)
     gpu, cpu = tables[a.device], tables["cpu"]
     probs = [c for c in gpu.columns if c.startswith("prob")]
     gap = (gpu[probs] - cpu[probs]).abs().to_numpy().max()

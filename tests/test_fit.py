@@ -164,7 +164,7 @@ def test_label_map_drops_and_counts(tmp_path: Path, caplog: pytest.LogCaptureFix
     with caplog.at_level("INFO"):
         assert run_fit(cfg) == 0
     assert "kept 20 slides" in caplog.text and "dropped 10" in caplog.text
-    # each fold says where and at which precision it trained (auto on CPU: fp32)
+    # each fold says where and at which precision it trained (precision auto on CPU: fp32)
     assert caplog.text.count("trained on cpu, precision 32-true") == 3  # 3 folds
     assert set(pd.read_csv(out / "predictions.csv")["label"]) == {"immune_low", "immune_high"}
 
@@ -192,6 +192,8 @@ def test_ddp_counts_every_test_bag_once_and_equals_one_process(tmp_path: Path) -
     cmd = [sys.executable, "-m", "melanoma_mil", *ddp]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # rank 0 alone logs each fold, naming the ranks
+    assert (proc.stdout + proc.stderr).count("trained on cpu (rank 0 of 2), precision") == 3
     preds = pd.read_csv(out / "predictions.csv")
     assert len(preds) == 23 and preds["slide_id"].is_unique
     assert sorted(preds.groupby("fold").size()) == [7, 8, 8]

@@ -188,7 +188,7 @@ def test_a_missing_slide_file_keeps_its_prediction_and_a_corrupt_bag_fails_alone
         status, reason = pred.loc[sid, ["status", "reason"]]
         assert f"  {status} {sid}: {reason}" in printed.splitlines()
     assert f"of 3 slides; reasons (all in {out / 'predictions.csv'})" in printed
-    assert "fold models on cpu, predicted" in printed  # device auto, no GPU here
+    assert "fold models on cpu, predicted" in printed  # predict_cfg: device=cpu
 
 
 def test_patients_csv_scores_each_patients_pooled_tiles(pipe: Pipeline, tmp_path: Path) -> None:

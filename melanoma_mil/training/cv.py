@@ -173,10 +173,16 @@ def _run_fold(
         name,
         " ".join(f"{k}={v:.3f}" for k, v in metrics.items()),
         sel.describe(cfg, ckpt),
-        trainer.strategy.root_device,
+        _where(trainer),
         trainer.precision,
     )
     return preds, metrics
+
+
+def _where(trainer: L.Trainer) -> str:
+    """Rank 0's device, and how many ranks trained (only rank 0 logs)."""
+    ranks = f" (rank 0 of {trainer.world_size})" if trainer.world_size > 1 else ""
+    return f"{trainer.strategy.root_device}{ranks}"
 
 
 def _fold_module(
