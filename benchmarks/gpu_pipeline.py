@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
+
+from melanoma_mil import rundir
 
 # log lines that name a device or precision (not output paths, which hold "cuda" here)
 SHOWN = ("trained on", "fold models on", " on cuda", " on cpu", "bf16", "precision")
@@ -43,17 +44,19 @@ def cli(args: list[str], log: Path) -> float:
     return wall
 
 
+def brief(line: str) -> str:
+    """A fit's fold line as its device part (the same for every fold), other lines capped."""
+    if "trained on" in line:
+        return "fit folds " + line[line.index("trained on") :].rstrip(")")
+    return line[:160]
+
+
 def show(log: Path, *starts: str) -> None:
-    """Print the log's lines that name a device or precision (a fit's folds as one line), and
-    those that begin with any of ``starts``."""
+    """Print the log's lines that name a device or precision, once each, then those that begin
+    with any of ``starts``."""
     lines = [ln.strip() for ln in log.read_text().splitlines()]
-    picked = {ln[:160] for ln in lines if any(k in ln for k in SHOWN) and "trained on" not in ln}
-    folds = {
-        "fit folds " + ln[ln.index("trained on") :].rstrip(")")
-        for ln in lines
-        if "trained on" in ln
-    }
-    for line in [*sorted(folds | picked), *(ln for ln in lines if ln.startswith(starts))]:
+    named = sorted({brief(ln) for ln in lines if any(k in ln for k in SHOWN)})
+    for line in [*named, *(ln for ln in lines if ln.startswith(starts))]:
         print(f"  {line}")
 
 
@@ -65,7 +68,7 @@ def main() -> None:
     )
     ap.add_argument("--demo", nargs="*", default=[], help="extra demo key=value settings")
     a = ap.parse_args()
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
+    if a.device == "cuda" and not torch.cuda.is_available():
         print("gpu_pipeline.py: no CUDA device here, nothing measured (--device cpu: a check).")
         return
     a.out.mkdir(parents=True, exist_ok=True)
@@ -73,21 +76,22 @@ def main() -> None:
     settings = ["demo", f"output_dir={demo}", "overwrite=true", *a.demo]
     walls = {"demo": cli(settings, a.out / "demo.log")}
     show(a.out / "demo.log")
-    cache = OmegaConf.load(demo / "fit" / "config.yaml").data.features_dir  # the demo fit's
+    run = rundir.load_run(demo / "fit")  # the demo's fit: its settings and feature cache
     tables = {}
     for device in dict.fromkeys([a.device, "cpu"]):
         fit = a.out / f"fit_{device}"
         accelerator = "cpu" if device == "cpu" else "gpu"
         walls[f"fit {device}"] = cli(
-            ["fit", "--config", str(demo / "fit" / "config.yaml"), f"output_dir={fit}",
+            ["fit", "--config", str(run.run_dir / rundir.CONFIG), f"output_dir={fit}",
              f"trainer.accelerator={accelerator}", "overwrite=true"],
             a.out / f"{fit.name}.log",
         )  # fmt: skip
         show(a.out / f"{fit.name}.log", "pooled AUC")
         out = a.out / f"predict_{device}"
         walls[f"predict {device}"] = cli(
-            ["predict", f"run_dir={demo / 'fit'}", f"slides_dir={demo / 'cohort' / 'slides'}",
-             f"features_dir={cache}", f"output_dir={out}", f"device={device}", "overwrite=true"],
+            ["predict", f"run_dir={run.run_dir}", f"slides_dir={demo / 'cohort' / 'slides'}",
+             f"features_dir={run.config.data.features_dir}", f"output_dir={out}",
+             f"device={device}", "overwrite=true"],
             a.out / f"{out.name}.log",
         )  # fmt: skip
         show(a.out / f"{out.name}.log")

@@ -212,26 +212,37 @@ class Engine:
         left = sum(len(b) for b in batches)  # items of this slide not yet taken
         if not work.queued:
             self.queue_reads(work)
-        asked, device = False, self.encoder.device
+        asked = False
         for batch in batches:
+            start, rows = batch[0][0], batch[-1][1] - batch[0][0]
             joined: torch.Tensor | None = None  # the batch, filled part by part on the device
-            for a, b in batch:
+            for a, _ in batch:
                 if not asked and left <= p.window:
                     asked = True
-                    self._ahead = self.queue.next(wait=False)
-                    if self._ahead is not None:
-                        self._ahead.queued = True
-                        self.queue_reads(self._ahead)
+                    self._claim_ahead()
                 tiles, work.reader = p.next()
                 left -= 1
-                pinned = tiles.is_pinned()
-                if len(batch) == 1:
-                    joined = tiles.to(device, non_blocking=pinned)
-                    continue
-                if joined is None:
-                    shape = (batch[-1][1] - batch[0][0], *tiles.shape[1:])
-                    joined = torch.empty(shape, dtype=tiles.dtype, device=device)
-                start = batch[0][0]
-                joined[a - start : b - start].copy_(tiles, non_blocking=pinned)
+                joined = fill(joined, tiles, a - start, rows, self.encoder.device)
             assert joined is not None
             yield joined
+
+    def _claim_ahead(self) -> None:
+        """Claim the next slide and queue its reads behind this one's."""
+        self._ahead = self.queue.next(wait=False)
+        if self._ahead is not None:
+            self._ahead.queued = True
+            self.queue_reads(self._ahead)
+
+
+def fill(
+    batch: torch.Tensor | None, part: torch.Tensor, offset: int, rows: int, device: torch.device
+) -> torch.Tensor:
+    """``part`` copied into rows ``offset...`` of a ``rows``-tile batch on ``device`` (made at
+    the first part; a batch read as one part is that part, moved without another copy)."""
+    pinned = part.is_pinned()
+    if len(part) == rows:
+        return part.to(device, non_blocking=pinned)
+    if batch is None:
+        batch = torch.empty((rows, *part.shape[1:]), dtype=part.dtype, device=device)
+    batch[offset : offset + len(part)].copy_(part, non_blocking=pinned)
+    return batch
