@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -84,6 +85,18 @@ def test_a_run_without_cache_key_resumes_on_the_same_files(
     assert load_run(run).folds == ["fold_0", "fold_1"]
     record = json.loads((run / ".melanoma-mil.json").read_text())
     assert record["feature_dim"] == 8 and record["cache_key"] is None
+
+
+def test_a_fold_subset_counts_only_finished_folds_as_resumed(
+    caches: tuple[Path, Path, Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Folds left to other processes (outside cv.run_folds) are not 'already finished'."""
+    labels, a = caches[0], caches[1]
+    run = tmp_path / "run"
+    assert _fit(labels, a, run, "cv.folds=3", "cv.run_folds=[0]") == 0
+    caplog.set_level(logging.INFO, logger="melanoma_mil")
+    assert _fit(labels, a, run, "cv.folds=3", "cv.run_folds=[1]") == 0
+    assert "(1 fold(s) already finished)" in caplog.text  # fold 0; fold 2 is not done
 
 
 def test_runs_with_a_cache_key_keep_their_recorded_fingerprint() -> None:

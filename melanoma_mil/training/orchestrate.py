@@ -254,9 +254,10 @@ def start_fit(plan: Plan, cfg: FitConfig, provenance: dict[str, Any]) -> None:
         cfg, overwrite=False, cv=dataclasses.replace(cfg.cv, run_folds=[])
     )
     rundir.write_run_files(plan.target, to_yaml(saved), provenance, plan.splits_doc)
-    finished = [n for i, n in enumerate(plan.names) if i not in plan.todo]
-    if finished and plan.resumable:
-        log.info("fit: resuming %s (%d fold(s) already finished)", plan.out, len(finished))
+    if plan.resumable:  # folds outside cv.run_folds are not finished, only not ours
+        finished = len(plan.names) - len(plan.unfinished())
+        if finished:
+            log.info("fit: resuming %s (%d fold(s) already finished)", plan.out, finished)
     todo = []
     for i in plan.todo:
         name = plan.names[i]
