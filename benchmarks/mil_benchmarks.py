@@ -19,6 +19,8 @@ order), to show how far the reference moves with nothing but its seed.
         [--override key=value ...] [--wheel PATH] [--work DIR] [--threads 1] [--jobs 1]
         [--report] [--plot FILE.png]
     (--jobs N: N runs at a time, each in its own process with --threads torch threads)
+    (--folds 0 1 2 3 4: only those folds of each run, e.g. beside a process given --folds 5 6
+     7 8 9 on the same --work; the last to finish writes the run's results)
     (--models also takes reference+K, e.g. reference+1000)
 """
 
@@ -225,8 +227,11 @@ def run_dir(data: Path, method: str, seed: int, overrides: list[str], work: Path
     return work / "runs" / data.name / f"{method}-{config_key(probe)}" / f"seed{seed}"
 
 
-def run_one(data: Path, method: str, seed: int, overrides: list[str], work: Path) -> Path:
-    """Run (or find) one method x seed on one set; returns its folder."""
+def run_one(
+    data: Path, method: str, seed: int, overrides: list[str], work: Path, folds: list[int]
+) -> Path:
+    """Run (or find) one method x seed on one set; returns its folder. With ``folds`` only those
+    splits (cv.run_folds): the run is finished by whichever process trains its last fold."""
     out = run_dir(data, method, seed, overrides, work)
     offset = reference_offset(method)
     if offset is not None:
@@ -238,9 +243,12 @@ def run_one(data: Path, method: str, seed: int, overrides: list[str], work: Path
     if not (out / "cv_summary.json").is_file():
         t0 = time.time()
         resumed = out.is_dir() or rundir.staging(out)[0].is_dir()
-        fit_run(data, method, seed, overrides, out)
-        timing = {"seconds": time.time() - t0, "overrides": overrides, "resumed": resumed}
-        write_json(out / "timing.json", timing)  # resumed: seconds of this last part only
+        subset = [f"cv.run_folds=[{','.join(map(str, folds))}]"] if folds else []
+        fit_run(data, method, seed, [*overrides, *subset], out)
+        if (out / "cv_summary.json").is_file():  # not while other processes train its folds
+            seconds, resumed = time.time() - t0, resumed or bool(folds)
+            timing = {"seconds": seconds, "overrides": overrides, "resumed": resumed}
+            write_json(out / "timing.json", timing)  # resumed: seconds of this last part only
     return out
 
 
@@ -266,10 +274,10 @@ def quiet(threads: int) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def run_unit(unit: Unit, overrides: list[str], work: Path, threads: int) -> Path:
+def run_unit(unit: Unit, overrides: list[str], work: Path, threads: int, folds: list[int]) -> Path:
     """One set x method x seed, in this process or a worker's (--jobs)."""
     quiet(threads)
-    return run_one(*unit, overrides, work)
+    return run_one(*unit, overrides, work, folds)
 
 
 def outs(units: list[Unit], args: argparse.Namespace, work: Path) -> Iterator[Path]:
@@ -277,7 +285,9 @@ def outs(units: list[Unit], args: argparse.Namespace, work: Path) -> Iterator[Pa
     if args.report:
         yield from (run_dir(*unit, args.override, work) for unit in units)
         return
-    run = partial(run_unit, overrides=args.override, work=work, threads=args.threads)
+    run = partial(
+        run_unit, overrides=args.override, work=work, threads=args.threads, folds=args.folds
+    )
     if args.jobs == 1:
         yield from map(run, units)
         return
@@ -303,6 +313,13 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/melanoma_mil_bench_mil")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads a run (1)")
     p.add_argument("--jobs", type=positive_int, default=1, help="runs at a time, each a process")
+    p.add_argument(
+        "--folds",
+        nargs="+",
+        type=int,
+        default=[],
+        help="train only these of each run's 10 folds (0-9): processes sharing a run (same key)",
+    )
     p.add_argument("--report", action="store_true", help="only print the table of finished runs")
     p.add_argument("--plot", type=Path, help="also draw the table's runs into this PNG")
     args = p.parse_args()
@@ -310,6 +327,8 @@ def main() -> None:
     if unknown:
         choices = [REFERENCE, *MODEL_NAMES, "reference+K"]
         p.error(f"unknown model(s) {unknown}; choose from {choices}")
+    if any(not 0 <= f < 10 for f in args.folds):
+        p.error(f"--folds {args.folds}: each run has 10 folds, 0-9")
     if args.plot:  # refused before any run, not after hours of them
         if args.plot.is_dir():
             p.error(f"--plot {args.plot} is a folder; give a .png file path")
