@@ -69,6 +69,12 @@ def test_folds_draw_their_map_of_the_fold_mean_class_when_they_disagree(name: st
     torch.testing.assert_close(attention, want)
     assert not torch.allclose(attention, torch.stack([o.attention for o in outs]))
     torch.testing.assert_close(probs, torch.stack([o.logits.softmax(-1) for o in outs]))
+    for threshold in (1e-9, 1 - 1e-9):  # predict threshold=T moves the ensemble's class
+        _, attention = fold_outputs(folds, x, threshold)
+        cls = int(probs.mean(0)[1] >= threshold)
+        torch.testing.assert_close(
+            attention, torch.stack([o.class_attention[:, cls] for o in outs])
+        )
 
 
 @pytest.mark.parametrize("name", ["gated_attention", "clam_sb", "transmil", "topk"])

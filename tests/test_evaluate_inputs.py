@@ -133,6 +133,40 @@ def test_no_patient_ids_anywhere_is_a_warning(
     assert not any("patient ids" in w for w in ev["warnings"])
 
 
+def test_blank_patient_ids_in_labels_keep_the_predictions_patients(
+    cohort: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """labels_csv names the patients of some slides only: the others keep the patient ids the
+    predictions carry (predict's patients_csv=), for slide and for patient predictions."""
+    _pair_labels(cohort)
+    labels = pd.read_csv(cohort / "labels.csv")
+    labels["patient_id"] = labels["slide_id"].map(PATIENT_OF).where(labels.index >= 6, "")
+    labels.to_csv(cohort / "labels.csv", index=False)  # p00-p02 have no patient id there
+    preds = pd.read_csv(cohort / "predictions.csv")
+    preds.insert(1, "patient_id", preds["slide_id"].map(PATIENT_OF))
+    preds.to_csv(cohort / "predictions.csv", index=False)
+    rc, err = evaluate_cli(capsys, *_args(cohort, "clinical_csv="))
+    assert rc == 0, err
+    assert _evaluation(cohort)["counts"]["patients_scored"] == 20  # not 23: p00-p02 kept whole
+    _patient_predictions(cohort)
+    whole = f"predictions={cohort / 'patient_predictions.csv'}"
+    rc, err = evaluate_cli(capsys, *_args(cohort, whole, "clinical_csv=", "overwrite=true"))
+    assert rc == 0, err
+    ev = _evaluation(cohort)
+    assert ev["classification"]["n"] == 20, ev["excluded"]  # p00-p02 labelled by their slides
+
+
+def test_a_slide_listed_twice_in_predictions_is_refused(
+    cohort: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    preds = pd.read_csv(cohort / "predictions.csv")
+    pd.concat([preds, preds.iloc[[3]]]).to_csv(cohort / "predictions.csv", index=False)
+    rc, err = evaluate_cli(capsys, *_args(cohort, "clinical_csv="))
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "predictions.csv" in err and "['s03'] more than once" in err
+    assert not (cohort / "out").exists()
+
+
 # --------------------------------------------------------------------------- 3: patient rows
 def _patient_predictions(root: Path) -> pd.DataFrame:
     """predict's patient_predictions.csv: one row per patient p00..p19 with its slide_ids."""

@@ -225,6 +225,11 @@ def test_patients_csv_scores_each_patients_pooled_tiles(pipe: Pipeline, tmp_path
     with pytest.raises(UserError, match="bad.csv.*patient_id"):
         run_predict(predict_cfg(pipe, tmp_path / "p2", f"features_dir={cache}",
                                 f"patients_csv={bad}"))  # fmt: skip
+    bad.write_text("slide_id,patient_id\nslide_000,P1\nslide_001,P1\nslide_000,P2\n")
+    with pytest.raises(UserError, match=r"bad.csv.*\['slide_000'\] more than once"):
+        run_predict(predict_cfg(pipe, tmp_path / "p3", f"features_dir={cache}",
+                                f"patients_csv={bad}"))  # fmt: skip
+    assert not (tmp_path / "p3").exists()  # refused before any work
 
 
 @pytest.mark.parametrize("labelled_first", [False, True])
@@ -296,3 +301,20 @@ def test_heatmaps_from_clam_bags_are_refused_up_front(clam_run: Path, tmp_path: 
         run_predict(load_config(PredictConfig, [], keys))
     assert "delete" not in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "pred" / "predictions.csv").exists()
+
+
+def test_threshold_decides_pred_everywhere(pipe: Pipeline, tmp_path: Path) -> None:
+    """predict threshold=T: the pred column and attention.h5 predict the positive (last) class
+    from probability T on, as its report does."""
+    from melanoma_mil.inference.attention import read_attention
+
+    classes = load_run(pipe.run_dir).classes
+    keys = [f"features_dir={pipe.features}", "slide_ids=[slide_000,slide_001,slide_002]"]
+    for threshold, expected in ((1e-9, classes[1]), (1 - 1e-9, classes[0])):
+        out = tmp_path / f"t{threshold}"
+        assert run_predict(predict_cfg(pipe, out, *keys, f"threshold={threshold}")) == 0
+        table = pd.read_csv(out / "predictions.csv")
+        assert (table["pred"] == expected).all() and (table["prob"] > 1e-9).all()
+        maps = [read_attention(p) for p in sorted(out.rglob("attention.h5"))]
+        assert len(maps) == 3 and {m.pred for m in maps} == {expected}
+        assert all(m.threshold == threshold for m in maps)

@@ -118,6 +118,24 @@ def labelled(pipe: Pipeline, out: Path, *extra: str) -> PredictConfig:
     return predict_cfg(pipe, out, *keys, *extra)
 
 
+def test_labels_the_run_does_not_know_are_refused_before_any_work(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    """predict's report maps labels_csv to the run's classes: that mapping is checked first, not
+    after every slide is scored (and so are repeated slides)."""
+    out = tmp_path / "pred"
+    bad = tmp_path / "labels.csv"
+    for rows, problem in (
+        ("slide_000,melanoma\nslide_001,benign\n", "none of its labels"),
+        ("slide_000,immune_low\nslide_000,immune_high\n", "twice"),
+    ):
+        bad.write_text("slide_id,label\n" + rows)
+        keys = [f"features_dir={pipe.features}", "heatmaps=false", SIX, f"labels_csv={bad}"]
+        with pytest.raises(UserError, match=f"{bad}.*{problem}") as e:
+            run_predict(predict_cfg(pipe, out, *keys))
+        assert "\n" not in str(e.value) and not out.exists()
+
+
 def test_a_report_interrupted_before_it_was_recorded_stays_predicts(
     pipe: Pipeline, tmp_path: Path
 ) -> None:

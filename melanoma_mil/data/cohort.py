@@ -75,6 +75,11 @@ def read_labels(path: str | None, label_column: str = "label") -> pd.DataFrame:
 def read_patients(path: str) -> dict[str, str]:
     """slide_id -> patient_id from a CSV with those columns (a labels CSV will do)."""
     df = read_slide_table(Path(path), "patients_csv", "patients_csv", ["slide_id", "patient_id"])
+    dup = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
+    if dup:
+        raise UserError(
+            f"patients_csv '{path}' lists slide(s) {dup[:5]} more than once; keep one row each."
+        )
     return dict(zip(df["slide_id"], df["patient_id"], strict=True))
 
 

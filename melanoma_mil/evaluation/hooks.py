@@ -16,13 +16,13 @@ from melanoma_mil.rundir import EVALUATION, REPORT
 log = logging.getLogger(__name__)
 
 
-def check_inputs(cfg: Any) -> None:
-    """Read the clinical CSV (and predict's labels_csv) now, so a bad one fails before
-    training or prediction."""
-    if getattr(cfg, "labels_csv", None):
-        from melanoma_mil.data.cohort import read_slide_table
+def check_inputs(cfg: Any, run: Any = None) -> None:
+    """Read the clinical CSV (and predict's labels_csv, mapped to ``run``'s classes as its
+    report will) now, so a bad one fails before training or prediction."""
+    if getattr(cfg, "labels_csv", None) and run is not None:
+        from melanoma_mil.evaluation.tables import labels_table
 
-        read_slide_table(Path(cfg.labels_csv), "labels CSV", "labels_csv", ["slide_id", "label"])
+        labels_table(cfg.labels_csv, run, run.classes)
     if cfg.clinical_csv:
         from melanoma_mil.evaluation.clinical import read_clinical
 

@@ -9,7 +9,7 @@ carry a status and reason) and `predict`'s patient_predictions.csv (one row per 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -138,12 +138,14 @@ def _map_labels(
     return kept
 
 
-def _labels(path: str, run: TrainedRun | None, classes: list[str]) -> Labels:
+def labels_table(path: str, run: TrainedRun | None, classes: list[str]) -> Labels:
     """Read labels_csv; blank / NA labels (data.cohort.MISSING) leave a slide unlabelled,
     unless the run's label_map maps them."""
     df = read_slide_table(Path(path), "labels CSV", "labels_csv", ["slide_id", "label"])
     raw = read_text_csv(Path(path), "labels CSV", "labels_csv")
     named = "patient_id" in raw.columns and bool((~is_missing(raw["patient_id"])).any())
+    if named:  # a blank patient id names no patient: the predictions' own grouping stands
+        df["patient_id"] = df["patient_id"].where(~is_missing(raw["patient_id"]))
     dup = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
     if dup:
         raise UserError(f"labels CSV '{path}' lists slide(s) {dup[:5]} twice; keep one row each.")
@@ -231,6 +233,12 @@ def _attach_labels(
     else:
         by, ids = "slide_id", _bag_slides(rows["slide_ids"].str.strip(";"))
     rows["y"] = _pooled_labels(ids, by, labels, rows["patient_id"])
+    unnamed = labels.table["patient_id"].isna()
+    if by == "patient_id" and unnamed.any():  # label rows without a patient id: by slide
+        left = rows["y"] == UNLABELLED
+        slides = _bag_slides(rows.loc[left, "slide_ids"].str.strip(";"))
+        by_slide = replace(labels, table=labels.table[unnamed])
+        rows.loc[left, "y"] = _pooled_labels(slides, "slide_id", by_slide, rows["patient_id"])
     if (rows["y"] == UNLABELLED).all() and (labels.table["y"] >= 0).any():
         raise _no_match(labels, by, ids.explode().tolist())
     if key == "slide_id" and labels.patients:  # else the predictions' own patient ids stand
@@ -292,14 +300,20 @@ def load_scored(
             f"predictions '{predictions}' score whole patients (patient_predictions.csv); "
             "level=slide needs predict's predictions.csv."
         )
-    if kind != "fit":
+    if kind != "fit":  # fit's out-of-fold rows repeat a slide once per CV repeat, on purpose
+        dup = df[key][df[key].duplicated()].unique().tolist()
+        if dup:
+            raise UserError(
+                f"predictions '{predictions}' list {key} {dup[:5]} more than once (two predict "
+                "outputs joined?); keep one row each, or evaluate each output on its own."
+            )
         df = _scored_rows(df, kind, scored)
     df = _numeric(df.assign(__id=df[key]), probs, predictions).drop(columns="__id")
     if kind == "fit":
         df = _fit_slides(df, probs)
     labels = None
     if labels_csv:  # labels_csv wins over labels the predictions carry
-        labels = _labels(labels_csv, run, classes)
+        labels = labels_table(labels_csv, run, classes)
         df = df.drop(columns="y", errors="ignore")
     if kind == "predict":
         df = _slide_patients(df, labels, scored)

@@ -99,6 +99,7 @@ def _attention_map(
         probs=probs,
         fold_names=ensemble.fold_names,
         classes=ensemble.classes,
+        threshold=ensemble.threshold,
         attrs={
             "run_dir": str(ensemble.run.run_dir.resolve()),
             "run_id": ensemble.run.run_id,
@@ -176,16 +177,18 @@ def analyse_slide(
 
 def probability_columns(amap: AttentionMap) -> dict[str, Any]:
     """prob (binary: positive = last class) / prob_<class>, pred, per-fold prob_<fold>[_<class>]."""
-    return ensemble_columns(amap.probs, amap.fold_names, amap.classes)
+    return ensemble_columns(amap.probs, amap.fold_names, amap.classes, amap.threshold)
 
 
-def ensemble_columns(probs: np.ndarray, folds: list[str], classes: list[str]) -> dict[str, Any]:
+def ensemble_columns(
+    probs: np.ndarray, folds: list[str], classes: list[str], threshold: float = 0.5
+) -> dict[str, Any]:
     """The columns of :func:`probability_columns` from fold probabilities [F, C] of one bag."""
     mean = probs.mean(0)
     binary = len(classes) == 2
     cols: dict[str, Any] = {"prob": float(mean[1])} if binary else {}
     cols.update({f"prob_{c}": float(p) for c, p in zip(classes, mean, strict=True)})
-    cols["pred"] = classes[int(predicted(mean[None])[0])]
+    cols["pred"] = classes[int(predicted(mean[None], threshold)[0])]
     for name, p in zip(folds, probs, strict=True):
         if binary:
             cols[f"prob_{name}"] = float(p[1])

@@ -31,6 +31,7 @@ class AttentionMap:
     fold_names: list[str]
     classes: list[str]
     attrs: dict[str, Any] = field(default_factory=dict)  # slide_path, run_dir, encoder, ...
+    threshold: float = 0.5  # binary: the positive class is predicted from this probability on
 
     @property
     def mean_attention(self) -> np.ndarray:
@@ -42,7 +43,7 @@ class AttentionMap:
 
     @property
     def pred(self) -> str:
-        return self.classes[int(predicted(self.mean_probs[None])[0])]
+        return self.classes[int(predicted(self.mean_probs[None], self.threshold)[0])]
 
     def title(self) -> str:
         p = self.probs
@@ -78,6 +79,7 @@ def write_attention(path: Path, amap: AttentionMap) -> None:
             fold_names=_h5_strings(amap.fold_names),
             classes=_h5_strings(amap.classes),
             pred=amap.pred,
+            threshold=amap.threshold,
             probs=amap.mean_probs.astype(np.float64),
         )
         if len(amap.classes) == 2:
@@ -100,6 +102,7 @@ def read_attention(path: str | Path) -> AttentionMap:
             probs=f["probs_folds"][:],
             fold_names=_strings(attrs.pop("fold_names")),
             classes=_strings(attrs.pop("classes")),
+            threshold=float(attrs.pop("threshold", 0.5)),  # files written before it: 0.5
             attrs=attrs,
         )
 

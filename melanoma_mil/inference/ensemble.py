@@ -15,9 +15,10 @@ from melanoma_mil.rundir import TrainedRun
 class Ensemble:
     """The run's fold models on one device; one forward per model gives probs and attention."""
 
-    def __init__(self, run: TrainedRun, device: torch.device) -> None:
+    def __init__(self, run: TrainedRun, device: torch.device, threshold: float = 0.5) -> None:
         self.run = run
         self.device = device
+        self.threshold = threshold  # binary: the positive class from this probability on
         self.models: list[nn.Module] = run.fold_models(device)
         self.fold_names = run.fold_names()
         self.classes = run.classes
@@ -34,16 +35,19 @@ class Ensemble:
                 f"expect {self.in_dim}: they come from another encoder."
             )
         x = torch.from_numpy(np.ascontiguousarray(features)).to(self.device).float()
-        probs, attention = fold_outputs(self.models, x)
+        probs, attention = fold_outputs(self.models, x, self.threshold)
         return probs.cpu().numpy(), attention.cpu().numpy()
 
 
-def fold_outputs(models: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_outputs(
+    models: list[nn.Module], x: torch.Tensor, threshold: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, D] -> (probabilities [F, C], attention [F, N]). Each fold's attention is its map of
     the ensemble's class (`metrics.predicted` of the fold-mean probabilities) where the model has
     one map per class: averaging each fold's own predicted class would mix classes when folds
     disagree."""
     outs = [model(x) for model in models]
     probs = torch.stack([torch.softmax(o.logits.float(), dim=-1) for o in outs])
-    cls = torch.as_tensor(predicted(probs.mean(0)[None].cpu().numpy())[0], device=probs.device)
+    mean = probs.mean(0)[None].cpu().numpy()
+    cls = torch.as_tensor(predicted(mean, threshold)[0], device=probs.device)
     return probs, torch.stack([class_scores(o, cls).float() for o in outs])

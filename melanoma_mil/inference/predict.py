@@ -85,7 +85,8 @@ def patient_table(
         if usable:
             feats = np.concatenate([read_bag(paths[s])[0] for s in usable])
             probs, _ = ensemble(feats)
-            row.update(ensemble_columns(probs, ensemble.fold_names, ensemble.classes))
+            e = ensemble
+            row.update(ensemble_columns(probs, e.fold_names, e.classes, e.threshold))
             row.update(n_tiles=len(feats), status="ok")
         else:
             row.update(n_tiles=0, status="failed")
@@ -254,7 +255,7 @@ def run_predict(cfg: PredictConfig) -> int:
     claim_for_run(cfg, run, "predict", outputs, write=False)
     if target.exists() and not cfg.overwrite:
         raise UserError(f"'{target}' exists; pass overwrite=true or choose another output_dir.")
-    check_inputs(cfg)
+    check_inputs(cfg, run)
     made = recorded_evaluation(out)  # before claim_for_run rewrites the marker for another run
     if cfg.clinical_csv or cfg.labels_csv:
         check_evaluation(out, made)
@@ -270,7 +271,7 @@ def run_predict(cfg: PredictConfig) -> int:
         raise UserError("no slides to predict: check slides_dir / manifest / slide_ids.")
     claim_for_run(cfg, run, "predict", outputs, write=True)
     keep_evaluation(out, made)
-    ensemble = Ensemble(run, resolve_device(cfg.device))
+    ensemble = Ensemble(run, resolve_device(cfg.device), cfg.threshold)
     table = _ordered(analyse_all(inputs, ensemble, cfg, render=cfg.heatmaps, desc="predict"))
     if patient_of is not None:  # lets `evaluate` group the slides by patient
         table.insert(1, "patient_id", table["slide_id"].map(lambda s: patient_of.get(s, s)))
