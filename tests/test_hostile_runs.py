@@ -25,6 +25,7 @@ from melanoma_mil.config import FitConfig, load_config
 from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
+from melanoma_mil.fsutil import try_lock
 from melanoma_mil.outdir import MARKER
 from melanoma_mil.training.cv import run_fit
 
@@ -168,6 +169,23 @@ def test_run_folds_out_of_range_refused_before_work(cohort, tmp_path, capsys) ->
     assert not out.exists()
 
 
+def test_run_folds_repeats_and_other_settings(cohort, serial, tmp_path, capsys, caplog) -> None:
+    """A fold named twice is trained once, by this process (not 'left to another process'); a
+    fold process meeting a run made otherwise is told what works (not overwrite=true)."""
+    out = copy_run(serial, tmp_path / "run")
+    shutil.rmtree(out / rundir.FOLDS / "fold_1")
+    (out / rundir.SUMMARY).unlink()
+    caplog.set_level(logging.INFO, logger="melanoma_mil")
+    assert fit(cohort, out, "cv.run_folds=[1,1]") == 0
+    assert "another process" not in caplog.text and (out / rundir.SUMMARY).is_file()
+    capsys.readouterr()
+    for other in ("seed=5", "cv.seed=5"):  # other settings; other splits
+        assert main(args(cohort, out, "cv.run_folds=[1]", other)) == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert "made" in line and "remove that run" in line and "never replaces" in line, line
+        assert "overwrite=true" not in line
+
+
 # --------------------------------------------------------------------------- issue 10: 4
 def test_ctrl_c_exits_130_and_says_how_to_resume(cohort: tuple[Path, Path], tmp_path: Path) -> None:
     """Lightning ends a Ctrl-C with exit(1), the code of a failure; fit says it was interrupted
@@ -182,7 +200,7 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(cohort: tuple[Path, Path], tmp_
     assert not (out / rundir.SUMMARY).exists()
 
 
-def test_killed_overwrite_keeps_the_old_complete_run(cohort, serial, tmp_path) -> None:
+def test_killed_overwrite_keeps_the_old_complete_run(cohort, serial, tmp_path, caplog) -> None:
     out = copy_run(serial, tmp_path / "run")
     (out / "NOTES.txt").write_text("why this run")
     before = snapshot(out)
@@ -193,7 +211,9 @@ def test_killed_overwrite_keeps_the_old_complete_run(cohort, serial, tmp_path) -
     leftover = tmp_path / ".run.fit-new"
     assert (leftover / rundir.FOLDS / "fold_0" / rundir.DONE).is_file()
     kept = snapshot(leftover / rundir.FOLDS / "fold_0")
+    caplog.set_level(logging.INFO, logger="melanoma_mil")
     assert fit(cohort, out, "overwrite=true", "seed=1") == 0  # resumes the replacement
+    assert f"resuming the replacement of {out} (1 fold(s) already finished)" in caplog.text
     run = rundir.load_run(out)
     assert run.config.seed == 1 and run.fold_names() == ["fold_0", "fold_1", "fold_2"]
     assert snapshot(out / rundir.FOLDS / "fold_0") == kept
@@ -227,6 +247,40 @@ def test_a_complete_replacement_a_crash_left_unswapped_is_swapped_in(
     assert fit(cohort, out, "seed=1") == 0  # the replacement asked for, not deleted
     assert rundir.load_run(out).config.seed == 1 and snapshot(out) == kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_run_a_process_still_trains_is_not_replaced_under_it(
+    cohort, serial, tmp_path, capsys, caplog
+) -> None:
+    """While a process trains a fold of a run (it holds the fold's lock), `overwrite=true` is
+    refused and a complete replacement waits: swapped in, that process would write its fold
+    into the new run."""
+    out = copy_run(serial, tmp_path / "run")
+    before = snapshot(out)
+    training = try_lock(rundir.fold_lock(out, "fold_1"))  # as a live `fit` process holds it
+    one_line_error(capsys, args(cohort, out, "overwrite=true", "seed=1"), "fold_1", "right now")
+    assert fit(cohort, tmp_path / "b", "seed=1") == 0
+    (tmp_path / "b").rename(tmp_path / ".run.fit-new")  # complete, left unswapped by a crash
+    caplog.set_level(logging.WARNING, logger="melanoma_mil")
+    assert fit(cohort, out, "cv.run_folds=[1]") == 0  # the old run's fold 1: left to its process
+    assert "fold_1 of the run there is still being trained" in caplog.text
+    assert snapshot(out) == before and (tmp_path / ".run.fit-new").is_dir()
+    training.release()
+    assert fit(cohort, out, "seed=1") == 0  # now swapped in
+    assert rundir.load_run(out).config.seed == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_fold_is_never_committed_into_a_run_that_replaced_its_own(serial, tmp_path) -> None:
+    run = copy_run(serial, tmp_path / "run")
+    fold = run / rundir.FOLDS / "fold_0"
+    before = snapshot(fold)
+    partial = rundir.partial_dir(run, "fold_0")
+    shutil.copytree(fold, partial)
+    preds = pd.read_csv(fold / rundir.PREDICTIONS)
+    with pytest.raises(UserError, match="replaced by another run while this process trained"):
+        rundir.commit_fold(run, "fold_0", partial, preds, {"run_id": "the replaced run"})
+    assert snapshot(fold) == before
 
 
 # --------------------------------------------------------------------------- issue 14
@@ -302,6 +356,27 @@ def test_a_kill_right_after_the_exchange_keeps_the_new_run(cohort, serial, tmp_p
     new_id = rundir.load_run(out).run_id
     assert fit(cohort, out, "seed=1") == 0  # complete: nothing to train
     assert rundir.load_run(out).run_id == new_id and rundir.load_run(out).config.seed == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_lock_a_crash_left_in_a_run_never_swaps_an_old_run_back(cohort, serial, tmp_path) -> None:
+    """Killed after the swap but before its lock was removed, a replacement leaves the lock in
+    the run. Once recovered, the lock must be gone: else, when that run is replaced in turn and
+    the next kill comes right after the exchange, it reads as a replacement and is swapped back
+    over the newer run."""
+    out = tmp_path / "run"
+    assert fit(cohort, out, "seed=1") == 0  # B, just swapped in
+    (out / rundir.REPLACE_LOCK).touch()  # the kill left its lock behind
+    copy_run(serial, tmp_path / ".run.fit-old")  # A, not yet retired
+    assert fit(cohort, out, "seed=1") == 0  # recovers: A retired
+    assert not (out / rundir.REPLACE_LOCK).exists()
+    assert fit(cohort, tmp_path / "c", "seed=2") == 0  # C replaces B, killed after the exchange:
+    out.rename(tmp_path / ".run.fit-new")  # B where the exchange put it
+    (tmp_path / "c").rename(out)
+    (out / rundir.REPLACE_LOCK).touch()  # C was built holding the lock
+    new_id = rundir.load_run(out).run_id
+    assert fit(cohort, out, "seed=2") == 0
+    assert rundir.load_run(out).run_id == new_id and rundir.load_run(out).config.seed == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 

@@ -24,6 +24,7 @@ replaced run), `load` (`load_run`).
 """
 
 from melanoma_mil.rundir.folds import (
+    busy_folds,
     commit_fold,
     fold_lock,
     fold_name,
@@ -76,6 +77,7 @@ from melanoma_mil.rundir.record import (
 from melanoma_mil.rundir.replace import display_name, recover, replace_run, staging
 
 __all__ = [
+    "busy_folds",
     "CHECKPOINT",
     "CONFIG",
     "DONE",

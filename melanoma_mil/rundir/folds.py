@@ -18,6 +18,7 @@ from torch import nn
 from melanoma_mil.config import ModelConfig
 from melanoma_mil.data.splits import Split
 from melanoma_mil.errors import UserError
+from melanoma_mil.fsutil import try_lock
 from melanoma_mil.io import atomic_path, sha256_file, write_json
 from melanoma_mil.models import build_model
 from melanoma_mil.rundir.layout import (
@@ -29,6 +30,7 @@ from melanoma_mil.rundir.layout import (
     SUMMARY,
     damaged,
 )
+from melanoma_mil.rundir.record import run_record
 
 
 # --------------------------------------------------------------------------- folds
@@ -51,6 +53,20 @@ def fold_lock(run: Path, name: str) -> Path:
     return run / FOLDS / f".{name}.lock"
 
 
+def busy_folds(run: Path) -> list[str]:
+    """The folds of ``run`` that a live process is training now (it holds their lock)."""
+    busy = []
+    for path in sorted((run / FOLDS).glob(".*.lock")):
+        if path.name == ".finish.lock" or not path.is_file():
+            continue
+        lock = try_lock(path)
+        if lock is None:
+            busy.append(path.name[1 : -len(".lock")])
+        else:
+            lock.release()
+    return busy
+
+
 def commit_fold(
     run: Path, name: str, partial: Path, preds: pd.DataFrame, record: dict[str, Any]
 ) -> None:
@@ -60,6 +76,12 @@ def commit_fold(
         preds.to_csv(tmp, index=False)
     files = {f: sha256_file(partial / f) for f in (MODEL, PREDICTIONS)}
     write_json(partial / DONE, {**record, "name": name, "files": files})
+    current = (run_record(run) or {}).get("run_id")
+    if current != record["run_id"]:  # `fit overwrite=true` swapped another run in meanwhile
+        raise UserError(
+            f"'{run}' was replaced by another run while this process trained {name}; its "
+            f"{name} is dropped (the new run is kept)."
+        )
     final = run / FOLDS / name
     if final.exists():  # a stale or foreign fold: moved aside, then dropped
         stale = run / FOLDS / f".{name}.stale-{uuid.uuid4().hex[:8]}"

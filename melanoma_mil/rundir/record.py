@@ -103,17 +103,18 @@ def run_record(run: Path) -> dict[str, Any] | None:
     return marker
 
 
-def claim_run(run: Path, fp: Fingerprint) -> str:
-    """Make ``run`` a run of ``fp`` or join the run already there with the same; its run_id."""
+REPLACE_HINT = "pass overwrite=true to replace it, or choose another output_dir"
+
+
+def claim_run(run: Path, fp: Fingerprint, hint: str = REPLACE_HINT) -> str:
+    """Make ``run`` a run of ``fp`` or join the run already there with the same; its run_id.
+    ``hint``: how to go on when the run there has other settings."""
     record = {"command": "fit", "run_id": uuid.uuid4().hex, "fingerprint": fp.digest}
     write_marker(run, {**record, **fp.as_dict()})
     current = run_record(run) or {}
     if current.get("fingerprint") != fp.digest:
         diff = "; ".join(fp.differences(current)[:4])
-        raise UserError(
-            f"'{run}' holds a run made with other settings ({diff}); pass overwrite=true to "
-            "replace it or choose another output_dir."
-        )
+        raise UserError(f"'{run}' holds a run made with other settings ({diff}); {hint}.")
     return str(current["run_id"])
 
 

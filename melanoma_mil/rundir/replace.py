@@ -44,6 +44,8 @@ def recover(out: Path) -> None:
     recover_dir(new, out, old, new.exists() and (new / SUMMARY).is_file())
     if out.is_dir() and old.is_dir() and (read_marker(old) or {}).get("command") == "fit":
         _retire(old, out)
+    if not new.exists():  # no swap under way: a lock a crash left in the run would make the
+        (out / REPLACE_LOCK).unlink(missing_ok=True)  # next swap's crash read as swapped back
 
 
 def _swapped_back(new: Path, out: Path) -> bool:
@@ -62,6 +64,7 @@ def replace_run(out: Path, new: Path) -> None:
     has one, else two renames that `recover` completes), then retire the old run."""
     old = staging(out)[1]
     swap_dir(new, out, old)
+    (out / REPLACE_LOCK).unlink(missing_ok=True)  # swapped: the lock marks a run being built
     _retire(old, out)
 
 

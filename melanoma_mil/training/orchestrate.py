@@ -81,6 +81,16 @@ class Plan:
             self.release(name)
 
 
+def replace_hint(cfg: FitConfig) -> str:
+    """How to go on from a run made otherwise: fold processes cannot replace a run."""
+    if cfg.cv.run_folds:
+        return (
+            "remove that run (or choose another output_dir) and start the fold processes again; "
+            "cv.run_folds never replaces a run"
+        )
+    return rundir.record.REPLACE_HINT
+
+
 def check_parallel(cfg: FitConfig) -> None:
     """Fold-parallel and multi-device keys, checked before any work."""
     if cfg.cv.run_folds and cfg.overwrite:
@@ -164,8 +174,7 @@ def _splits(
         if target == Path(cfg.output_dir):
             raise UserError(
                 f"'{target}' holds a run whose {rundir.SPLITS} was made otherwise "
-                f"({'; '.join(problems)}); pass overwrite=true to replace the run, or choose "
-                "another output_dir."
+                f"({'; '.join(problems)}); {replace_hint(cfg)}."
             )
     splits = make_splits(cohort.bags, cfg.cv, cfg.cv.seed, cohort.classes)
     return splits, rundir.splits_document(splits, cfg.cv, cohort_sha, None)
@@ -183,9 +192,9 @@ def plan_fit(cfg: FitConfig, cohort: Cohort, features: dict[str, Any], rank0: bo
     if record is not None and not same and target == out:
         raise UserError(
             f"'{out}' holds a run made with other settings ({'; '.join(fp.differences(record)[:4])}"
-            "); pass overwrite=true to replace it, or choose another output_dir."
+            f"); {replace_hint(cfg)}."
         )
-    requested = list(cfg.cv.run_folds) or list(range(len(splits)))
+    requested = list(dict.fromkeys(cfg.cv.run_folds)) or list(range(len(splits)))
     if max(requested) >= len(splits):
         raise UserError(
             f"cv.run_folds={list(cfg.cv.run_folds)}: this run has {len(splits)} splits "
@@ -215,33 +224,78 @@ def cleanup(out: Path, overwrite: bool) -> None:
     lock = try_lock(new / rundir.REPLACE_LOCK)
     if lock is None:
         return  # a replacement being built right now
-    lock.release()
-    if out.is_dir() and rundir.run_record(new) is not None and (new / rundir.SUMMARY).is_file():
-        log.warning("fit: '%s': finishing its replacement by a complete run that a crash left "
-                    "in '%s'", out, new)  # fmt: skip
-        rundir.replace_run(out, new)
-        (out / rundir.REPLACE_LOCK).unlink(missing_ok=True)
-    elif rundir.run_record(new) is not None or is_empty(new):
-        shutil.rmtree(new)
+    try:  # decided and done under the lock: processes starting together act once
+        if out.is_dir() and rundir.run_record(new) is not None and _complete(new):
+            if not _swap_when_idle(out, new):
+                return
+            log.warning("fit: '%s': finished its replacement by a complete run that a crash "
+                        "left in '%s'", out, new)  # fmt: skip
+        elif rundir.run_record(new) is not None or is_empty(new):
+            _discard(new)
+    finally:
+        lock.release()
+
+
+def _complete(run: Path) -> bool:
+    return (run / rundir.SUMMARY).is_file()
+
+
+def _discard(folder: Path) -> None:
+    """Delete a leftover replacement: renamed away first, so no other process finds it half
+    deleted (or deletes it twice)."""
+    gone = folder.with_name(f"{folder.name}.drop-{os.getpid()}")
+    try:
+        folder.rename(gone)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def _swap_when_idle(out: Path, new: Path) -> bool:
+    """Swap the complete replacement ``new`` in, unless a process still trains a fold of the
+    run in ``out`` (it would write that fold into the new run): then it waits in ``new`` for
+    the next `fit`."""
+    busy = rundir.busy_folds(out)
+    if busy:
+        log.warning(
+            "fit: the replacement of '%s' is complete in '%s', but %s of the run there is still "
+            "being trained by another process; the next `fit` with these settings swaps it in",
+            out,
+            new,
+            ", ".join(busy),
+        )
+        return False
+    rundir.replace_run(out, new)
+    return True
 
 
 def _take_staging(plan: Plan) -> None:
     """Lock the replacement folder; a leftover made with other settings is started over."""
     new = plan.target
+    busy = rundir.busy_folds(plan.out)
+    if busy:
+        raise UserError(
+            f"'{plan.out}': {', '.join(busy)} of its run is being trained by another process "
+            "right now; replace the run once that process has ended."
+        )
+    busy_msg = f"another `fit overwrite=true` is replacing '{plan.out}' right now."
     if new.is_dir():
         lock = try_lock(new / rundir.REPLACE_LOCK)
         if lock is None:
-            raise UserError(f"another `fit overwrite=true` is replacing '{plan.out}' right now.")
+            raise UserError(busy_msg)
         if plan.resumable:
             plan.locks[rundir.REPLACE_LOCK] = lock
             return
-        lock.release()
-        if rundir.run_record(new) is None and not is_empty(new):
-            raise UserError(f"'{new}' is in the way of replacing '{plan.out}'; move it away.")
-        shutil.rmtree(new)
-    new.mkdir(parents=True)
+        try:
+            if rundir.run_record(new) is None and not is_empty(new):
+                raise UserError(f"'{new}' is in the way of replacing '{plan.out}'; move it away.")
+            _discard(new)
+        finally:
+            lock.release()
+    new.mkdir(parents=True, exist_ok=True)
     lock = try_lock(new / rundir.REPLACE_LOCK)
-    assert lock is not None
+    if lock is None:  # another replacement took the folder meanwhile
+        raise UserError(busy_msg)
     plan.locks[rundir.REPLACE_LOCK] = lock
 
 
@@ -249,7 +303,7 @@ def start_fit(plan: Plan, cfg: FitConfig, provenance: dict[str, Any]) -> None:
     """Rank 0: claim the target, write the run files once, lock the folds this process trains."""
     if plan.replacing:
         _take_staging(plan)
-    plan.run_id = rundir.claim_run(plan.target, plan.fingerprint)
+    plan.run_id = rundir.claim_run(plan.target, plan.fingerprint, replace_hint(cfg))
     saved = dataclasses.replace(  # the run as one command: no fold subset, nothing to replace
         cfg, overwrite=False, cv=dataclasses.replace(cfg.cv, run_folds=[])
     )
@@ -257,7 +311,8 @@ def start_fit(plan: Plan, cfg: FitConfig, provenance: dict[str, Any]) -> None:
     if plan.resumable:  # folds outside cv.run_folds are not finished, only not ours
         finished = len(plan.names) - len(plan.unfinished())
         if finished:
-            log.info("fit: resuming %s (%d fold(s) already finished)", plan.out, finished)
+            what = f"the replacement of {plan.out}" if plan.replacing else str(plan.out)
+            log.info("fit: resuming %s (%d fold(s) already finished)", what, finished)
     todo = []
     for i in plan.todo:
         name = plan.names[i]
@@ -282,7 +337,8 @@ def finish(
     plan: Plan, write: Callable[[Path], dict[str, Any]]
 ) -> tuple[dict[str, Any], bool] | None:
     """Once every fold is finished: (the run's summary, whether this process wrote the results
-    with ``write(folder)``); a replacement is then swapped in. None while folds are missing."""
+    with ``write(folder)``); a replacement is then swapped in. None while folds are missing, or
+    while a process still trains a fold of the run a replacement is to replace."""
     missing = plan.unfinished()
     if missing:
         log.warning(
@@ -298,8 +354,7 @@ def finish(
         summary = write(target) if wrote else rundir.load_run(target).summary
     for lock_file in (target / rundir.FOLDS).glob(".*.lock"):
         lock_file.unlink(missing_ok=True)
-    if plan.replacing:
-        rundir.replace_run(plan.out, target)
-        (plan.out / rundir.REPLACE_LOCK).unlink(missing_ok=True)
+    if plan.replacing and not _swap_when_idle(plan.out, target):
+        return None
     plan.release_all()
     return summary, wrote
