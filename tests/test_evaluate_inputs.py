@@ -241,20 +241,27 @@ def test_truncated_heatmap_is_skipped_and_relative_paths_resolve(
     cohort: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     preds = pd.read_csv(cohort / "predictions.csv")
-    preds["heatmap"] = [f"heatmaps/{s}/heatmap.png" for s in preds["slide_id"]]  # as predict
-    preds.to_csv(cohort / "predictions.csv", index=False)
+    preds["heatmap"] = [f"heatmaps/{s}/heatmap.png" for s in preds["slide_id"]]
     for i, rel in enumerate(preds["heatmap"]):
         path = cohort / rel
         path.parent.mkdir(parents=True)
         Image.new("RGB", (64, 48), (i * 6, 0, 0)).save(path)
+    # predict run elsewhere with output_dir=old/place: <output_dir>/<slide>/heatmap.png, moved
     top = preds.loc[preds["prob_high"].idxmax(), "slide_id"]
+    moved = preds["slide_id"][preds["slide_id"] != top].iloc[-2:]
+    preds.loc[moved.index, "heatmap"] = [f"old/place/{s}/heatmap.png" for s in moved]
+    for s in moved:
+        (cohort / s).mkdir()
+        (cohort / f"heatmaps/{s}/heatmap.png").rename(cohort / s / "heatmap.png")
+    preds.to_csv(cohort / "predictions.csv", index=False)
     png = (cohort / f"heatmaps/{top}/heatmap.png").read_bytes()
     (cohort / f"heatmaps/{top}/heatmap.png").write_bytes(png[: len(png) // 2])  # truncated
     assert not Path(preds.loc[0, "heatmap"]).exists()  # not from the cwd: beside predictions
-    rc, err = evaluate_cli(capsys, *_args(cohort, "top_heatmaps=4"))
+    rc, err = evaluate_cli(capsys, *_args(cohort, "top_heatmaps=40"))
     assert rc == 0, err
     shown = {k for k in embedded_figures(cohort / "out" / "report.html") if "heatmap" in k}
-    assert len(shown) == 3 and f"heatmap:{top}" not in shown
+    assert len(shown) == 39 and f"heatmap:{top}" not in shown
+    assert {f"heatmap:{s}" for s in moved} <= shown
     warnings = _evaluation(cohort)["warnings"]
     assert any(f"heatmaps/{top}/heatmap.png" in w and "unreadable" in w for w in warnings)
 

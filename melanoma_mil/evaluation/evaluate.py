@@ -186,7 +186,8 @@ def _survival(
         "time_column": clinical.time_column,
         "event_column": clinical.event_column,
         "covariates": clinical.covariates,
-        "level": "patient (each patient's slides averaged)",
+        "level": "patient (each patient's slides "
+        + ("pooled into one bag by predict)" if scored.slides is None else "averaged)"),
         "patients_used": len(data),
         "patients_excluded": len(missing),
         "clinical_patients_not_predicted": int((~table.index.isin(patients.index)).sum()),
@@ -227,7 +228,7 @@ def check_heatmaps(cfg: EvaluateConfig, run: TrainedRun | None) -> None:
 
 def _heatmap_path(cfg: EvaluateConfig, row: pd.Series) -> Path | None:
     """The slide's heatmap: in heatmaps_dir, else the predictions' heatmap column (a relative
-    path there is tried from the cwd, then from the predictions' folder, where predict ran)."""
+    path there is tried from the cwd, then from the predictions' folder)."""
     if cfg.heatmaps_dir:
         try:
             return id_path(cfg.heatmaps_dir, str(row["slide_id"])) / "heatmap.png"
@@ -237,8 +238,13 @@ def _heatmap_path(cfg: EvaluateConfig, row: pd.Series) -> Path | None:
     if not isinstance(value, str) or not value:
         return None
     path = Path(value)
-    beside = Path(str(cfg.predictions)).parent / path
-    return beside if not path.is_absolute() and not path.exists() and beside.exists() else path
+    folder = Path(str(cfg.predictions)).parent
+    # as written, beside the predictions, or where predict drew it (<folder>/<slide>/heatmap.png:
+    # the folder moved, or predict ran from another cwd with a relative output_dir)
+    for candidate in (path, folder / path, folder / path.parent.name / path.name):
+        if candidate.exists():
+            return candidate
+    return path
 
 
 def _thumbnail(path: Path) -> bytes:
