@@ -384,4 +384,7 @@ def _finish(plan: Plan, cfg: FitConfig, classes: list[str]) -> int:
         note_finished(cfg, out)
     print(table(summary))
     print(f"outputs in {out}: cv_summary.json, predictions.csv, roc.png, splits.json, folds/")
-    return write_report(cfg, out, out / "predictions.csv", out) if cfg.clinical_csv else 0
+    # one report: by the process that wrote the results (a fold process finishing beside it
+    # would write the same files at the same time), or by a rerun of the finished run
+    report = cfg.clinical_csv and (wrote or not plan.todo)
+    return write_report(cfg, out, out / "predictions.csv", out) if report else 0
