@@ -247,6 +247,25 @@ def test_a_complete_replacement_a_crash_left_unswapped_is_swapped_in(
     assert fit(cohort, out, "seed=1") == 0  # the replacement asked for, not deleted
     assert rundir.load_run(out).config.seed == 1 and snapshot(out) == kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    shutil.rmtree(out)  # the run it was to replace, removed by the user since
+    copy_run(serial, tmp_path / ".run.fit-new")
+    kept = snapshot(tmp_path / ".run.fit-new")
+    assert fit(cohort, out) == 0  # it is the run now: kept, not deleted
+    assert snapshot(out) == kept and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_removing_an_unfinished_replacement_is_said(cohort, serial, tmp_path, caplog) -> None:
+    out = copy_run(serial, tmp_path / "run")
+    leftover = copy_run(serial, tmp_path / ".run.fit-new")  # killed after fold_0 and fold_2
+    for name in (rundir.SUMMARY, rundir.PREDICTIONS):
+        (leftover / name).unlink()
+    shutil.rmtree(leftover / rundir.FOLDS / "fold_1")
+    caplog.set_level(logging.WARNING, logger="melanoma_mil")
+    assert fit(cohort, out) == 0
+    assert f"removed the unfinished replacement of '{out}' (finished: fold_0, fold_2)" in (
+        caplog.text
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_a_run_a_process_still_trains_is_not_replaced_under_it(

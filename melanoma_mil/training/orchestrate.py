@@ -225,12 +225,25 @@ def cleanup(out: Path, overwrite: bool) -> None:
     if lock is None:
         return  # a replacement being built right now
     try:  # decided and done under the lock: processes starting together act once
-        if out.is_dir() and rundir.run_record(new) is not None and _complete(new):
-            if not _swap_when_idle(out, new):
+        made = rundir.run_record(new) is not None
+        if made and _complete(new):
+            if not out.exists():  # the run it replaces was removed since: it is the run now
+                new.rename(out)
+                (out / rundir.REPLACE_LOCK).unlink(missing_ok=True)
+            elif not _swap_when_idle(out, new):
                 return
             log.warning("fit: '%s': finished its replacement by a complete run that a crash "
                         "left in '%s'", out, new)  # fmt: skip
-        elif rundir.run_record(new) is not None or is_empty(new):
+        elif made or is_empty(new):
+            done = [p.parent.name for p in (new / rundir.FOLDS).glob(f"*/{rundir.DONE}")]
+            if done:
+                log.warning(
+                    "fit: removed the unfinished replacement of '%s' (finished: %s) that a "
+                    "crashed `fit overwrite=true` left in '%s'",
+                    out,
+                    ", ".join(sorted(done)),
+                    new,
+                )
             _discard(new)
     finally:
         lock.release()
@@ -352,7 +365,7 @@ def finish(
     with locked(target / rundir.FOLDS / ".finish.lock"):
         wrote = not (target / rundir.SUMMARY).is_file()
         summary = write(target) if wrote else rundir.load_run(target).summary
-    for lock_file in (target / rundir.FOLDS).glob(".*.lock"):
+    for lock_file in (target / rundir.FOLDS).glob(".fold*.lock"):  # .finish.lock stays
         lock_file.unlink(missing_ok=True)
     if plan.replacing and not _swap_when_idle(plan.out, target):
         return None
