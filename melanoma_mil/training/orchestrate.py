@@ -365,7 +365,7 @@ def finish(
     with locked(target / rundir.FOLDS / ".finish.lock"):
         wrote = not (target / rundir.SUMMARY).is_file()
         summary = write(target) if wrote else rundir.load_run(target).summary
-    for lock_file in (target / rundir.FOLDS).glob(".fold*.lock"):  # .finish.lock stays
+    for lock_file in (target / rundir.FOLDS).glob(".*.lock"):
         lock_file.unlink(missing_ok=True)
     if plan.replacing and not _swap_when_idle(plan.out, target):
         return None
