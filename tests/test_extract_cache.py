@@ -11,11 +11,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from conftest import make_cohort
 
 from melanoma_mil.config import EncoderConfig, ExtractConfig
 from melanoma_mil.encoders import build_encoder
+from melanoma_mil.errors import UserError
 from melanoma_mil.features.run import run_extract
 from melanoma_mil.tiling.coords import read_coords, write_coords
 from melanoma_mil.tiling.fingerprint import slide_fingerprint
@@ -47,8 +49,15 @@ def test_a_bag_of_another_slide_file_is_refused_and_kept(tmp_path: Path) -> None
     (bag,) = out.glob("*/slide0.h5")
     stamp = bag.stat().st_mtime_ns
 
-    # the slide is re-scanned in place and re-tiled: same grid, another file
+    # the slide is re-scanned in place, not yet re-tiled: its bag is not reused
     shutil.copyfile(slides / "slide1.tif", slides / "slide0.tif")
+    assert run_extract(_cfg(tiles, out)) == 1
+    table = _table(out)
+    assert table.loc["slide0", "status"] == "failed", table.loc["slide0", "reason"]
+    assert "re-run `tile`" in table.loc["slide0", "reason"]
+    assert table.loc["slide1", "status"] == "skipped" and bag.stat().st_mtime_ns == stamp
+
+    # then re-tiled: same grid, another file
     _fingerprinted(tiles, slides / "slide0.tif")
     assert run_extract(_cfg(tiles, out)) == 1
     table = _table(out)
@@ -144,3 +153,12 @@ def test_a_rerun_asking_another_precision_or_dtype_refuses_the_cached_bag(tmp_pa
     assert run_extract(_cfg(tiles, out, dtype="float32")) == 0
     with h5py.File(bag, "r") as f:
         assert f["features"].dtype == np.float32
+
+
+def test_a_coords_file_named_no_valid_slide_id_is_refused_before_work(tmp_path: Path) -> None:
+    tiles = make_cohort(tmp_path, 2)
+    shutil.copyfile(tiles / "coords" / "slide1.h5", tiles / "coords" / " slide1.h5")
+    out = tmp_path / "features"
+    with pytest.raises(UserError, match=r"coords file '.* slide1\.h5'.*rename it"):
+        run_extract(_cfg(tiles, out))
+    assert not out.exists()

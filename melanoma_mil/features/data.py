@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.tiffjpeg import FastTiles, open_fast_tiles
+from melanoma_mil.ids import check_slide_id
 from melanoma_mil.tiling.coords import TileGrid, read_coords
 from melanoma_mil.tiling.slides import SlideReader, find_slides, open_slide
 
@@ -46,6 +47,8 @@ def coords_files(coords_dir: str | os.PathLike[str] | None) -> dict[str, Path]:
         raise UserError(f"coords_dir '{root}' is not a folder: point it at a `tile` output_dir.")
     folder = root / "coords" if (root / "coords").is_dir() else root
     files = {p.stem: p for p in sorted(folder.glob("*.h5")) if not p.name.startswith(".")}
+    for sid, p in files.items():
+        check_slide_id(sid, f"coords file '{p}' (rename it to <slide_id>.h5 or remove it)")
     if not files:
         raise UserError(f"no coords .h5 files in '{folder}': run `tile` first (output_dir=...).")
     return files

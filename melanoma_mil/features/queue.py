@@ -215,6 +215,13 @@ class SlideQueue:
         recent = float(record.get("finished", 0)) >= self.since
         if out.exists() and (not self.overwrite or recent):
             bad = check_cached(out, attrs, grid.coords)
+            path = self.jobs[i].slide_path
+            why = fingerprint_mismatch(path, grid.fingerprint) if bad is None and path else None
+            if why:  # the bag matches its coords, but the slide file is no longer that slide
+                self.row(i, "failed", f"slide '{path}' {why}; re-run `tile` (it re-tiles a "
+                         "slide that changed in place), then delete the slide's bag",
+                         cache_key=key)  # fmt: skip
+                return True
             if bad is None and recent:
                 stats = {k: record.get(k) for k in ("seconds", "tiles_per_s", "reader")}
                 by = record.get("by", "another process")
