@@ -16,6 +16,8 @@ replaced with the run: `inside_run` refuses those for every command, before any 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +116,24 @@ def claim_shared(folder: str | Path, command: str) -> None:
             return
         marker = read_marker(out) or {}  # another process was faster: check its claim
     _same_command(out, marker, command)
+
+
+def refuse_linked(folder: str | Path, command: str, names: Iterable[str] | None = None) -> None:
+    """Refuse a link among the folders ``command`` writes into inside ``folder`` (``names``;
+    None: every folder in it): its writes would go through and replace files elsewhere. A
+    linked output_dir itself, or a linked file in it, is fine (a file is replaced, not
+    written through)."""
+    root = Path(folder)
+    if names is None:
+        names = [p.name for p in root.iterdir()] if root.is_dir() else []
+    for name in names:
+        path = root / name
+        if path.is_symlink() and path.is_dir():
+            raise UserError(
+                f"'{path}' is a link to '{os.readlink(path)}': `{command}` writes into it, so "
+                f"files outside output_dir '{root}' would be replaced; replace the link by a "
+                "folder, or choose another output_dir."
+            )
 
 
 def output_folder(folder: str | Path, command: str) -> Path:

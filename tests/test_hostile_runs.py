@@ -399,6 +399,14 @@ def test_a_lock_a_crash_left_in_a_run_never_swaps_an_old_run_back(cohort, serial
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_fit_refuses_a_run_whose_folds_folder_is_a_link(cohort, serial, tmp_path) -> None:
+    out = copy_run(serial, tmp_path / "run")
+    shutil.move(out / "folds", tmp_path / "elsewhere")
+    (out / "folds").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="folds' is a link"):
+        fit(cohort, out)
+
+
 def test_no_command_writes_into_a_runs_own_entries(cohort, serial, tmp_path, capsys) -> None:
     """Those are replaced with the run; a folder of its own inside the run folder is fine."""
     out = copy_run(serial, tmp_path / "run")

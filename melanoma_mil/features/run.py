@@ -43,7 +43,7 @@ from melanoma_mil.features.data import (
 from melanoma_mil.features.pipeline import Engine, Writer, failure
 from melanoma_mil.features.queue import SlideQueue, SlideWork, write_record
 from melanoma_mil.io import h5_bytes, write_bytes
-from melanoma_mil.outdir import claim_shared
+from melanoma_mil.outdir import claim_shared, refuse_linked
 from melanoma_mil.progress import progress
 from melanoma_mil.runtable import show, write
 from melanoma_mil.tiling.coords import TileGrid, read_coords
@@ -254,6 +254,7 @@ def run_extract(cfg: ExtractConfig) -> int:
     is done or empty (failed, or still held by another process: see the table)."""
     check(cfg)  # also configs built in code (predict, heatmap, demo)
     jobs, grids, untiled = _plan(cfg)
+    refuse_linked(cfg.output_dir, "extract")  # its folders are the cache keys
     device, encoder, precision = _encoder(cfg)
     claim_shared(cfg.output_dir, "extract")
     tile = max((g.tile_size for g in grids if isinstance(g, TileGrid)), default=224)

@@ -24,7 +24,7 @@ from melanoma_mil.inference.attention import AttentionMap, write_attention, writ
 from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import SlideInput
 from melanoma_mil.metrics import predicted
-from melanoma_mil.outdir import claim_output
+from melanoma_mil.outdir import claim_output, refuse_linked
 from melanoma_mil.progress import progress
 from melanoma_mil.rundir import TrainedRun, load_run
 from melanoma_mil.tiling.coords import TileGrid, read_coords
@@ -57,6 +57,7 @@ def claim_for_run(
     """Make output_dir this command's folder for this run, or refuse it (see `outdir`);
     ``write=False`` checks before any work, ``True`` marks the folder before its outputs."""
     record = {"command": command, "run_id": run.run_id, "run_dir": str(run.run_dir.resolve())}
+    refuse_linked(cfg.output_dir, command)  # its folders: one per slide, _work, evaluation
     claim_output(cfg.output_dir, record, cfg.overwrite, outputs, write)
 
 

@@ -38,7 +38,7 @@ from melanoma_mil.data.splits import (
 )
 from melanoma_mil.errors import UserError
 from melanoma_mil.fsutil import Lock, locked, try_lock
-from melanoma_mil.outdir import is_empty, made_by, output_folder, read_marker
+from melanoma_mil.outdir import is_empty, made_by, output_folder, read_marker, refuse_linked
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def check_accelerator(name: str) -> None:
 def _target(out: Path, cfg: FitConfig) -> tuple[Path, dict[str, Any] | None]:
     """(the folder to write, the run record found there); refuses folders fit did not make."""
     output_folder(out, "fit")
+    refuse_linked(out, "fit", [rundir.FOLDS, rundir.LOGS, rundir.WANDB, rundir.EVALUATION])
     record = rundir.run_record(out) if out.is_dir() else None
     if record is None and not is_empty(out):
         marker = read_marker(out)

@@ -1,0 +1,71 @@
+"""No command writes through a linked folder inside its output folder: the writes would land
+outside it and replace files there. A linked output_dir itself is fine."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import Pipeline, make_cohort
+from test_predict import predict_cfg
+
+from melanoma_mil.config import EncoderConfig, ExtractConfig, TileConfig, TilingConfig
+from melanoma_mil.errors import UserError
+from melanoma_mil.features.run import run_extract
+from melanoma_mil.inference.predict import run_predict
+from melanoma_mil.tiling.run import run_tile
+
+
+def _mine(root: Path, name: str) -> Path:
+    """A user's folder elsewhere, holding a file a command would write under that name."""
+    mine = root / "mine"
+    mine.mkdir()
+    (mine / name).write_bytes(b"mine")
+    return mine
+
+
+def test_tile_refuses_a_linked_qc_folder_and_takes_a_linked_output_dir(tmp_path: Path) -> None:
+    make_cohort(tmp_path, 1)
+    out = tmp_path / "tiles_out"
+    out.mkdir()
+    mine = _mine(tmp_path, "slide0.png")
+    (out / "qc").symlink_to(mine)
+    cfg = TileConfig(slides_dir=str(tmp_path / "slides"), output_dir=str(out), workers=1,
+                     tiling=TilingConfig(mpp=0.5, tile_size=64))  # fmt: skip
+    with pytest.raises(UserError, match=r"qc' is a link to .*mine.*replace the link by a folder"):
+        run_tile(cfg)
+    assert (mine / "slide0.png").read_bytes() == b"mine" and [p.name for p in out.iterdir()] == [
+        "qc"
+    ]
+    (out / "qc").unlink()
+    linked = tmp_path / "linked"
+    linked.symlink_to(out, target_is_directory=True)
+    run_tile(replace(cfg, output_dir=str(linked)))
+    assert (out / "coords" / "slide0.h5").is_file()
+
+
+def test_extract_refuses_a_linked_folder_in_its_output(tmp_path: Path) -> None:
+    tiles = make_cohort(tmp_path, 1)
+    out = tmp_path / "features"
+    out.mkdir()
+    (out / "cache").symlink_to(_mine(tmp_path, "slide0.h5"))
+    encoder = EncoderConfig(name="resnet18_imagenet", pretrained=False)
+    cfg = ExtractConfig(
+        coords_dir=str(tiles), output_dir=str(out), num_workers=0, device="cpu", encoder=encoder
+    )
+    with pytest.raises(UserError, match="cache' is a link"):
+        run_extract(cfg)
+    assert [p.name for p in out.iterdir()] == ["cache"]
+
+
+def test_predict_refuses_a_linked_slide_folder(pipe: Pipeline, tmp_path: Path) -> None:
+    out = tmp_path / "pred"
+    out.mkdir()
+    mine = _mine(tmp_path, "heatmap.png")
+    (out / "slide_000").symlink_to(mine)
+    cfg = predict_cfg(pipe, out, f"features_dir={pipe.features}", "slide_ids=[slide_000]")
+    with pytest.raises(UserError, match="slide_000' is a link"):
+        run_predict(cfg)
+    assert (mine / "heatmap.png").read_bytes() == b"mine"
+    assert [p.name for p in out.iterdir()] == ["slide_000"]
