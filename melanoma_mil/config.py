@@ -23,6 +23,8 @@ from melanoma_mil.configtools import merge_overrides as merge_overrides
 from melanoma_mil.configtools import to_checked as to_checked
 from melanoma_mil.configtools import to_yaml as to_yaml
 
+# numpy and Lightning take seeds in [0, 2**32): room for the offsets of repeats and folds
+SEED_MAX = 2**31 - 1
 # model.name choices live here, not in the model registry, so `--help` and config errors answer
 # without importing torch; tests check that the registry holds exactly these names.
 MODEL_NAMES = (
@@ -100,7 +102,8 @@ class CVConfig:
     """Patient-level stratified k-fold with an inner validation split for model selection."""
 
     folds: int = bounded(5, 2)
-    seed: int = 0  # splits only (model init uses the top-level seed), so seed sweeps share folds
+    # splits only (model init uses the top-level seed), so seed sweeps share folds
+    seed: int = bounded(0, 0, SEED_MAX)
     # share of each training fold's patients used for validation
     val_fraction: float = bounded(0.2, 0, 0.5, open_low=True, open_high=True)
     repeats: int = bounded(1, 1)  # repeated CV with new split seeds
@@ -217,7 +220,7 @@ class FitConfig(ClinicalKeys):
 
     output_dir: str = "runs/fit"
     experiment: str | None = None  # W&B group; default: output_dir's name
-    seed: int = 0
+    seed: int = bounded(0, 0, SEED_MAX)
     overwrite: bool = False
     logger: str = choice("csv", "wandb", "csv", "none")
     data: DataConfig = field(default_factory=DataConfig)

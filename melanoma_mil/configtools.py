@@ -184,6 +184,7 @@ def merge_overrides(
             value = "null"
         try:
             layer = OmegaConf.from_dotlist([f"{key}={value}"])
+            layer = OmegaConf.create(_text_keys(OmegaConf.to_container(layer)))  # as in YAML
         except OmegaConfBaseException as e:
             raise UserError(f"cannot parse {what} '{item}': {e}") from None
         cfg = _merge(cfg, layer, f"{what} '{key}'")
@@ -212,8 +213,14 @@ def to_checked(cfg: DictConfig, sources: dict[str, str] | None = None) -> Any:
 def _bounds_text(spec: tuple[float | None, float | None, bool, bool]) -> str:
     low, high, open_low, open_high = spec
     if high is None:
-        return f"{'>' if open_low else '>='} {low:g}"
-    return f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        return f"{'>' if open_low else '>='} {_number(low)}"
+    ends = f"{_number(low)}, {_number(high)}"
+    return f"in {'(' if open_low else '['}{ends}{')' if open_high else ']'}"
+
+
+def _number(value: float | None) -> str:
+    """An integer bound in full (2147483647, not 2.14748e+09), others short."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def _problem(value: Any, meta: Any) -> str | None:

@@ -57,6 +57,16 @@ def test_tissue_settings_out_of_range_are_refused_before_tiling(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("override", ["seed=-1", "cv.seed=4294967296"])
+def test_seeds_numpy_and_lightning_refuse_are_refused_before_the_run_folder(
+    override: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    err = one_line_error(capsys, "fit", f"output_dir={out}", override)
+    assert f"{override} must be in [0, 2147483647]" in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("mode", ["online", "offline", "disabled", "null"])
 def test_every_wandb_mode_and_null_parse(mode: str) -> None:
     cfg = C.load_config(C.FitConfig, dotlist=[f"wandb.mode={mode}", "trainer.strategy=ddp"])

@@ -53,6 +53,10 @@ def test_numeric_label_map_keys_in_yaml_are_labels(tmp_path: Path) -> None:
     cfg = load_config(FitConfig, [str(config)])
     assert cfg.data.label_map == {"1": "immune_high", "2.0": "immune_low", "3": "drop"}
 
+    # the same map as `wandb agent` passes it (${args_no_hyphens}), or typed on a command line
+    cfg = load_config(FitConfig, [], ["data.label_map={1: immune_high, 2.0: immune_low, 3: drop}"])
+    assert cfg.data.label_map == {"1": "immune_high", "2.0": "immune_low", "3": "drop"}
+
     config.write_text("data:\n  label_map:\n    yes: immune_high\n")  # YAML 1.1: a boolean
     with pytest.raises(UserError, match="quote the key"):
         load_config(FitConfig, [str(config)])

@@ -120,6 +120,13 @@ def test_labels_data_classes_does_not_name_at_all(cohort, tmp_path, capsys) -> N
     assert_one_line_error(rc, err, str(labels), "none of its labels", "set data.classes to your")
 
 
+def test_a_class_named_twice_is_refused(cohort, tmp_path, capsys) -> None:
+    features, labels = cohort
+    args = fit_args(features, labels, tmp_path / "a")
+    rc, err = run_cli(capsys, *args, "data.classes=[0,1,1]")
+    assert_one_line_error(rc, err, "names ['1'] more than once")
+
+
 def test_h5_without_features(cohort, tmp_path, capsys) -> None:
     features, labels = cohort
     with h5py.File(features / "P0002.h5", "w") as f:

@@ -149,6 +149,12 @@ def map_labels(df: pd.DataFrame, cfg: DataConfig, source: str) -> tuple[pd.DataF
     df = df.loc[keep].assign(label_name=mapped[keep])
     # without a label_map, data.classes names raw labels: compare them as numbers too
     named = list(cfg.classes) if label_map else [canonical_label(c) for c in cfg.classes]
+    twice = sorted({c for c in named if named.count(c) > 1})
+    if twice:
+        raise UserError(
+            f"data.classes={list(cfg.classes)} names {twice} more than once; name each class "
+            "once, the positive class last."
+        )
     classes = named or sorted(df["label_name"].unique())
     unknown = sorted(set(df["label_name"]) - set(classes))
     if unknown:
