@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -222,6 +223,46 @@ def test_a_damaged_sweep_ledger_is_refused_before_any_fit(
     assert "is not a sweep ledger" in capsys.readouterr().err
     assert (out / "sweep.json").read_text() == ledger
     assert sorted(p.name for p in out.iterdir()) == ["sweep.json"]
+
+
+def test_a_metric_without_goal_is_refused(tmp_path: Path, capsys) -> None:
+    """The sweeps engine (as wandb) minimizes a metric without goal; the table would rank it
+    the other way: both must agree, so the goal is asked for."""
+    spec = {
+        "method": "grid",
+        "metric": {"name": "cv/auc_mean"},
+        "parameters": {"seed": {"values": [1]}},
+    }
+    sweep_file = tmp_path / "grid.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    assert main(["sweep", str(sweep_file), f"output_dir={out}"]) == 2
+    assert "needs goal: maximize or goal: minimize" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_folder_of_yours_is_not_taken_over(tmp_path: Path, capsys) -> None:
+    """A folder without a sweep's marker holding a sweep_results.csv, or a comparison/ that is
+    not the sweep's: refused before any fit, and nothing written into it."""
+    features, labels = make_bag_cohort(tmp_path / "c", n_patients=8, dim=4)
+    sweep_file = tmp_path / "grid.yaml"
+    sweep_file.write_text(
+        yaml.safe_dump({"method": "grid", "parameters": {"seed": {"values": [1, 2]}}})
+    )
+    out = tmp_path / "out"
+    (out / "comparison").mkdir(parents=True)
+    (out / "comparison" / "comparison.csv").write_text("mine")
+    argv = ["sweep", str(sweep_file), f"output_dir={out}", f"data.features_dir={features}",
+            f"data.labels_csv={labels}"]  # fmt: skip
+    assert main(argv) == 2
+    assert "not this sweep's comparison" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["comparison"]  # no marker written
+    (out / "sweep_results.csv").write_text("mine")
+    shutil.rmtree(out / "comparison")
+    assert main(argv) == 2
+    assert "sweep_results.csv from an unknown sweep" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["sweep_results.csv"]
+    assert (out / "sweep_results.csv").read_text() == "mine"
 
 
 def test_local_grid_of_two_encoders_gives_two_paired_fits_and_a_comparison(

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 
 from melanoma_mil import config as C
 from melanoma_mil.errors import UserError
-from melanoma_mil.evaluation.sweep_report import own_comparison, report
+from melanoma_mil.evaluation.sweep_report import RESULTS, own_comparison, report
 from melanoma_mil.io import write_json
 from melanoma_mil.outdir import claim_shared, read_marker
 from melanoma_mil.rundir import SPLITS, load_run, settings
@@ -235,10 +235,15 @@ def _execute(fit: C.FitConfig, splits_sha256: str | None) -> dict[str, Any]:
 
 
 def _check_metric(spec: dict[str, Any], file: str) -> None:
-    name = (spec.get("metric") or {}).get("name")
+    metric = spec.get("metric") or {}
+    name = metric.get("name")
     if name is not None and name not in SUMMARY_KEYS:
         raise UserError(
             f"sweep file '{file}': metric '{name}' is not logged by fit; use one of {SUMMARY_KEYS}."
+        )
+    if name is not None and metric.get("goal") not in ("maximize", "minimize"):
+        raise UserError(  # the sweeps engine (and wandb) would minimize it, the table maximize
+            f"sweep file '{file}': metric '{name}' needs goal: maximize or goal: minimize."
         )
 
 
@@ -326,9 +331,14 @@ def run_sweep(cfg: C.SweepConfig) -> int:
     entries = _ledger(ledger_path, spec, fixed, cfg.overwrite)
     if read_marker(out) is not None:  # then read-only: another command's folder is named first
         claim_shared(out, "sweep")
+    elif (out / RESULTS).exists() and not ledger_path.is_file() and not cfg.overwrite:
+        raise UserError(
+            f"output_dir '{out}' already holds {RESULTS} from an unknown sweep; pass "
+            "overwrite=true to replace it, or choose another output_dir."
+        )
     _check_inputs(cfg, set(spec["parameters"]))
+    replace_comparison = own_comparison(out)  # refused before the folder is marked
     claim_shared(out, "sweep")
-    replace_comparison = own_comparison(out)
     done = [e for e in entries if e["state"] == "finished"]
     paired = {
         "file": cfg.cv.splits_file or (str(out / done[0]["name"] / SPLITS) if done else None),

@@ -16,6 +16,7 @@ from melanoma_mil.evaluation.compare import compare_runs
 from melanoma_mil.io import atomic_path
 from melanoma_mil.outdir import made_by, read_marker
 
+RESULTS = "sweep_results.csv"
 log = logging.getLogger(__name__)
 
 
@@ -74,7 +75,7 @@ def report(
     if metric in table.columns:
         ascending = spec["metric"].get("goal") == "minimize"
         table = table.sort_values(metric, ascending=ascending, na_position="last")
-    with atomic_path(out / "sweep_results.csv") as tmp:
+    with atomic_path(out / RESULTS) as tmp:
         table.to_csv(tmp, index=False)
     shown = ["run", "state", *spec["parameters"], metric, "cv/pooled_auc"]
     print(table[[c for c in dict.fromkeys(shown) if c in table.columns]].to_string(index=False))
