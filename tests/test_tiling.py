@@ -131,10 +131,21 @@ def test_find_slides(tmp_path: Path) -> None:
     manifest.write_text("slide_id,file\nx,a/s1.svs\n")
     with pytest.raises(UserError, match="lacks column"):
         find_slides(None, manifest, [])
-    manifest.write_text("slide_id,path\nx,a/s1.svs\n")
+    manifest.write_text("slide_id,path\nx,a/s1.svs\n,\n")  # a blank row is spacing
     assert find_slides(None, manifest, []) == {"x": tmp_path / "a" / "s1.svs"}
+    manifest.write_text("slide_id,path\nx,a/s1.svs\ny, \n")  # a slide left out by mistake
+    with pytest.raises(UserError, match=r"m\.csv' row 3 has a slide_id or a path but not both"):
+        find_slides(None, manifest, [])
     with pytest.raises(UserError, match="not a folder"):
         find_slides(tmp_path / "nope", None, [".svs"])
+
+
+def test_a_mask_dir_that_is_no_folder_is_refused_before_any_slide(tmp_path: Path) -> None:
+    out = tmp_path / "tiles"
+    tiling = TilingConfig(mask_dir=str(tmp_path / "masks"))
+    with pytest.raises(UserError, match=r"tiling.mask_dir '.*masks' is not a folder"):
+        run_tile(TileConfig(slides_dir=str(tmp_path), output_dir=str(out), tiling=tiling))
+    assert not out.exists()
 
 
 def test_real_aperio_slide(tmp_path: Path) -> None:

@@ -46,6 +46,11 @@ def check_tiling(cfg: TilingConfig) -> None:
     check(cfg, "tiling.")
     if cfg.overlap >= cfg.tile_size:
         raise UserError(f"tiling.overlap={cfg.overlap} must be < tile_size={cfg.tile_size}.")
+    if cfg.mask_dir and not Path(cfg.mask_dir).is_dir():
+        raise UserError(
+            f"tiling.mask_dir '{cfg.mask_dir}' is not a folder; point it at your masks "
+            "(<slide_id>.png or .geojson), or leave it unset."
+        )
     resolve_tissue(cfg.tissue)
 
 

@@ -84,7 +84,14 @@ def find_slides(
             raise UserError(
                 f"manifest '{mpath}' lacks column(s) {sorted(missing)}; it needs slide_id,path."
             )
-        df = df[(df["slide_id"] != "") & (df["path"] != "")]
+        sid_blank, path_blank = (df[c].str.strip() == "" for c in ("slide_id", "path"))
+        half = df.index[sid_blank ^ path_blank].tolist()
+        if half:  # a blank row is spacing; a half-filled one is a slide left out by mistake
+            raise UserError(
+                f"manifest '{mpath}' row {half[0] + 2} has a slide_id or a path but not both; "
+                "fill in the other, or remove the row."
+            )
+        df = df[~sid_blank]
         if df.empty:
             raise UserError(f"manifest '{mpath}' lists no slides.")
         base = Path(slides_dir) if slides_dir else mpath.parent
