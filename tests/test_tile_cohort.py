@@ -66,6 +66,11 @@ def test_mpp_csv_sources_zero_tiles_table_and_contact_sheet(tmp_path: Path, caps
     table = pd.read_csv(out / "tiling.csv").set_index("slide_id")
     assert table.loc["tagged", "status"] == "skipped"
     assert "level-0 mpp 0.5 -> 0.25 (mpp_csv)" in table.loc["bare", "reason"]
+    mpp_csv.write_text("slide_id,mpp\nblank,0.5\n")  # bare's row gone: its coords stay its
+    assert run_tile(cfg) == 1
+    table = pd.read_csv(out / "tiling.csv").set_index("slide_id")
+    assert table.loc["bare", "status"] == "failed"
+    assert "from an mpp_csv row this run does not have" in table.loc["bare", "reason"]
 
     bad = subprocess.run([sys.executable, "-m", "melanoma_mil", "tile",
                           f"slides_dir={slides}", f"output_dir={tmp_path / 'x'}",

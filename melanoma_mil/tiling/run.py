@@ -166,6 +166,11 @@ def _existing(task: Task, coords: Path, since: float) -> dict[str, Any] | None:
         row.update(status="failed", reason=(
             f"{coords} was made with other settings (level-0 mpp {grid.level0_mpp:g} -> "
             f"{task.mpp:g} (mpp_csv)); use a new output_dir or overwrite=true"))  # fmt: skip
+    elif grid.mpp_source == "mpp_csv" and task.mpp is None:
+        row.update(status="failed", reason=(
+            f"{coords} was made with level-0 mpp {grid.level0_mpp:g} from an mpp_csv row this "
+            "run does not have; pass that mpp_csv again, or use a new output_dir or "
+            "overwrite=true to tile it with the slide's own mpp"))  # fmt: skip
     elif _changed(task.path, grid.fingerprint):
         if Path(grid.slide_path).resolve() == Path(task.path).resolve():
             log.warning("%s: the slide changed since it was tiled: tiling it again", task.slide_id)
