@@ -252,6 +252,34 @@ def test_user_masks_replace_automatic(tmp_path: Path, pyramid: tuple[Path, np.nd
     }
 
 
+def test_an_edited_added_or_removed_mask_tiles_the_slide_again(
+    tmp_path: Path, pyramid: tuple[Path, np.ndarray]
+) -> None:
+    path, _ = pyramid
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    out = tmp_path / "tiles"
+    cfg = TileConfig(slides_dir=str(path.parent), output_dir=str(out), workers=1,
+                     tiling=TilingConfig(mpp=1.0, tile_size=64, mask_dir=str(masks)))  # fmt: skip
+
+    def tiled() -> tuple[str, int]:
+        assert run_tile(cfg) == 0
+        status = pd.read_csv(out / "tiling.csv").set_index("slide_id").loc["syn", "status"]
+        return status, len(read_coords(out / "coords" / "syn.h5").coords)
+
+    auto = tiled()[1]  # no mask yet: tissue detected
+    half = np.zeros((10, 20), np.uint8)
+    half[:, :10] = 255
+    Image.fromarray(half).save(masks / "syn.png")  # added
+    assert tiled() == ("ok", 4 * 8)
+    assert tiled() == ("skipped", 4 * 8)
+    half[:, :5] = 0
+    Image.fromarray(half).save(masks / "syn.png")  # edited
+    assert tiled() == ("ok", 2 * 8)
+    (masks / "syn.png").unlink()  # removed
+    assert tiled() == ("ok", auto)
+
+
 def test_cli_tile_and_user_error(tmp_path: Path, pyramid: tuple[Path, np.ndarray]) -> None:
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "melanoma_mil", "tile"]

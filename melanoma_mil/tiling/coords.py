@@ -26,7 +26,7 @@ from melanoma_mil.io import h5_bytes, write_bytes
 
 # attrs that describe one slide's file rather than the cohort's features: a run's provenance,
 # copied from one feature file, leaves them out
-PER_SLIDE_ATTRS = ("slide_path", "slide_fingerprint", "mpp_source", "reader")
+PER_SLIDE_ATTRS = ("slide_path", "slide_fingerprint", "mpp_source", "reader", "mask_fingerprint")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class TileGrid:
     tiling: dict[str, Any]  # the TilingConfig used, as a plain dict
     fingerprint: str = ""  # of the slide file(s) read; "" in files made before it was recorded
     mpp_source: str = ""  # where level0_mpp came from
+    # the user mask tiled with ("" none: tissue detected); None in files made before it
+    mask_fingerprint: str | None = None
 
     @property
     def level0_size(self) -> int:
@@ -62,6 +64,9 @@ class TileGrid:
             "tiling": json.dumps(self.tiling, sort_keys=True),
             "slide_fingerprint": self.fingerprint,
             "mpp_source": self.mpp_source,
+            **(
+                {} if self.mask_fingerprint is None else {"mask_fingerprint": self.mask_fingerprint}
+            ),
         }
 
 
@@ -103,6 +108,7 @@ def read_coords(path: str | os.PathLike[str]) -> TileGrid:
         tiling=json.loads(a["tiling"]) if "tiling" in a else {},
         fingerprint=_text(a.get("slide_fingerprint", "")),
         mpp_source=_text(a.get("mpp_source", "")),
+        mask_fingerprint=_text(a["mask_fingerprint"]) if "mask_fingerprint" in a else None,
     )
 
 

@@ -20,7 +20,12 @@ from melanoma_mil.tiling.slides import (
     read_thumbnail,
     slide_mpp,
 )
-from melanoma_mil.tiling.tissue import load_user_mask, resolve_tissue, segment_tissue
+from melanoma_mil.tiling.tissue import (
+    load_user_mask,
+    mask_fingerprint,
+    resolve_tissue,
+    segment_tissue,
+)
 
 # A tile must span at least this many mask pixels per side for its tissue fraction to mean much.
 MIN_MASK_PX_PER_TILE = 4
@@ -145,5 +150,6 @@ def tile_slide(
         tiling=dataclasses.asdict(resolved),
         fingerprint=slide_fingerprint(slide_path),
         mpp_source=mpp_source,
+        mask_fingerprint=mask_fingerprint(cfg.mask_dir, slide_id),
     )
     return SlideTiles(grid, view, w0 / view.shape[1], mask, mask_ds, source)

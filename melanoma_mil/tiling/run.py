@@ -37,12 +37,12 @@ from melanoma_mil.ids import id_path
 from melanoma_mil.outdir import claim_shared, refuse_linked
 from melanoma_mil.progress import progress
 from melanoma_mil.runtable import show, write
-from melanoma_mil.tiling.coords import read_coords, read_tiling, write_coords
+from melanoma_mil.tiling.coords import TileGrid, read_coords, read_tiling, write_coords
 from melanoma_mil.tiling.fingerprint import slide_fingerprint
 from melanoma_mil.tiling.grid import check_tiling, tile_slide
 from melanoma_mil.tiling.qc import contact_sheet, qc_image, write_qc
 from melanoma_mil.tiling.slides import find_slides, mpp_contradicts, open_slide, read_mpp_csv
-from melanoma_mil.tiling.tissue import resolve_tissue
+from melanoma_mil.tiling.tissue import mask_fingerprint, resolve_tissue
 from melanoma_mil.workshare import (
     STOP_FIX,
     Claim,
@@ -179,6 +179,9 @@ def _existing(task: Task, coords: Path, since: float) -> dict[str, Any] | None:
         row.update(status="failed", reason=(
             f"{coords} was made from another file ({grid.slide_path}); delete it to tile "
             f"{task.path}, or use a new output_dir"))  # fmt: skip
+    elif _mask_changed(task, grid):
+        log.warning("%s: its mask changed since it was tiled: tiling it again", task.slide_id)
+        return None
     elif coords.stat().st_mtime >= since:
         row["reason"] = "tiled by another process"
     else:
@@ -216,6 +219,14 @@ def _check_settings(out: Path, slide_ids: list[str], wanted: dict[str, Any]) -> 
         f"output_dir '{out}' holds coords made with other settings ({which}{changes}); pass "
         "overwrite=true to tile every slide again, or choose another output_dir."
     )
+
+
+def _mask_changed(task: Task, grid: TileGrid) -> bool:
+    """Whether the user mask (tiling.mask_dir) was edited, added or removed since the slide was
+    tiled; coords from before masks were recorded are not known to have changed."""
+    if grid.mask_fingerprint is None:
+        return False
+    return mask_fingerprint(task.cfg.mask_dir, task.slide_id) != grid.mask_fingerprint
 
 
 def _changed(path: str, recorded: str) -> bool:

@@ -8,6 +8,7 @@ always splits *something*); the morphology and minimum area remove dust and pen 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -147,6 +148,18 @@ def _rasterize_geojson(path: Path, shape: tuple[int, int], downsample: float) ->
             if len(pts) >= 3:
                 draw.polygon(pts, fill=0 if i else 1)
     return np.asarray(canvas, dtype=bool)
+
+
+def mask_fingerprint(mask_dir: str | os.PathLike[str] | None, slide_id: str) -> str:
+    """The user mask a slide is tiled with, as '<file name>:<sha256>' ("" for none), so that an
+    edited, added or removed mask tiles the slide again."""
+    if not mask_dir:
+        return ""
+    for suffix in (".png", ".geojson"):  # load_user_mask's order
+        path = id_path(mask_dir, slide_id, suffix)
+        if path.is_file():
+            return f"{path.name}:{hashlib.sha256(path.read_bytes()).hexdigest()}"
+    return ""
 
 
 def load_user_mask(
