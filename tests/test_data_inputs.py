@@ -11,7 +11,7 @@ import pytest
 
 from melanoma_mil.config import DataConfig, FitConfig, load_config
 from melanoma_mil.data.cohort import find_features, read_labels
-from melanoma_mil.data.splits import read_clam_splits
+from melanoma_mil.data.splits import Split, check_covers, read_clam_splits
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
 
@@ -34,6 +34,20 @@ def test_a_real_clam_splits_folder_reads_only_the_fold_files(tmp_path: Path) -> 
         (0, ["a", "b"], ["c"], ["d"]),
         (1, ["c", "d"], ["a"], ["b"]),
     ]
+
+
+def test_test_folds_that_do_not_partition_the_cohort_are_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CLAM's Monte Carlo splits may test a bag twice, or never: the pooled results differ."""
+    bags = pd.DataFrame({"bag_id": list("abcd")})
+    monte_carlo = [Split(0, 0, ["a", "b"], [], ["c"]), Split(0, 1, ["a", "d"], [], ["c"])]
+    check_covers(monte_carlo, bags, "splits_x")
+    assert "tested in no fold (['a', 'b', 'd']), 1 in more than one (['c'])" in caplog.text
+    caplog.clear()
+    check_covers([Split(0, 0, ["a", "b"], [], ["c", "d"]), Split(0, 1, ["c", "d"], [], ["a", "b"])],
+                 bags, "splits_y")  # fmt: skip
+    assert "partition" not in caplog.text
 
 
 def test_na_spelled_patient_ids_are_unknown_not_one_patient(tmp_path: Path) -> None:

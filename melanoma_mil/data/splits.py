@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from melanoma_mil.config import CVConfig
 from melanoma_mil.errors import UserError
 
 _CLAM = re.compile(r"splits_(\d+)\.csv")  # one fold's file in a CLAM splits folder
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,9 @@ def read_clam_splits(path: Path) -> list[Split]:
 
 
 def check_covers(splits: list[Split], bags: pd.DataFrame, source: str) -> None:
-    """Every labelled bag of the cohort appears in the splits: none is silently left out."""
+    """Every labelled bag of the cohort appears in the splits: none is silently left out. Test
+    folds that do not partition the cohort (Monte Carlo splits, as CLAM's) are said: the pooled
+    out-of-fold results then leave out the untested bags and average the twice-tested ones."""
     seen = {b for s in splits for b in (*s.train, *s.val, *s.test)}
     left_out = sorted(set(bags["bag_id"]) - seen)
     if left_out:
@@ -189,6 +193,22 @@ def check_covers(splits: list[Split], bags: pd.DataFrame, source: str) -> None:
             f"({left_out[:5]}{' ...' if len(left_out) > 5 else ''}); drop them from the labels "
             "CSV (or map them to 'drop') to use these splits, or make new splits."
         )
+    for repeat in sorted({s.repeat for s in splits}):
+        tested = pd.Series([b for s in splits if s.repeat == repeat for b in s.test])
+        never = sorted(set(bags["bag_id"]) - set(tested))
+        twice = sorted(set(tested[tested.duplicated()]))
+        if never or twice:
+            log.warning(
+                "%s: its test folds%s do not partition the cohort: %d bag(s) tested in no fold "
+                "(%s), %d in more than one (%s); the pooled out-of-fold predictions and AUC "
+                "leave out the first and average the others, the per-fold metrics are as usual",
+                source,
+                f" (repeat {repeat})" if repeat else "",
+                len(never),
+                never[:3],
+                len(twice),
+                twice[:3],
+            )
 
 
 def cohort_sha256(bags: pd.DataFrame, classes: list[str]) -> str:
