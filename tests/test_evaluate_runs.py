@@ -13,7 +13,7 @@ from PIL import Image
 from test_evaluate import FIGURES, embedded_figures
 
 from melanoma_mil.cli import main
-from melanoma_mil.config import FitConfig, PredictConfig, load_config
+from melanoma_mil.config import EvaluateConfig, FitConfig, PredictConfig, load_config
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.hooks import write_report
 from melanoma_mil.ids import id_path
@@ -165,3 +165,13 @@ def test_heatmaps_of_another_run_are_refused_before_any_work(
     assert main([*argv, f"heatmaps_dir={own}", "top_heatmaps=4"]) == 0
     shown = [k for k in embedded_figures(out / "report.html") if k.startswith("heatmap:")]
     assert len(shown) == 4
+
+
+def test_the_command_that_redoes_a_report_names_only_the_keys_given() -> None:
+    from melanoma_mil.evaluation.hooks import _command
+
+    given = EvaluateConfig(predictions="p.csv", output_dir="o", time_column="os", threshold=0.3)
+    assert _command(given) == (
+        "python -m melanoma_mil evaluate predictions=p.csv time_column=os threshold=0.3 "
+        "output_dir=o"
+    )

@@ -30,8 +30,14 @@ def check_inputs(cfg: Any, run: Any = None) -> None:
 
 
 def _command(ecfg: EvaluateConfig) -> str:
+    """The `evaluate` command that redoes the report: the keys given, not the defaults."""
     keys = ["predictions", "labels_csv", "run_dir", *CLINICAL_KEYS, "output_dir"]
-    args = [f"{k}={getattr(ecfg, k)}" for k in keys if getattr(ecfg, k) not in (None, [], "")]
+    default = EvaluateConfig()
+    args = [
+        f"{k}={getattr(ecfg, k)}"
+        for k in keys
+        if getattr(ecfg, k) not in (None, [], "") and getattr(ecfg, k) != getattr(default, k)
+    ]
     return "python -m melanoma_mil evaluate " + " ".join(shlex.quote(a) for a in args)
 
 
