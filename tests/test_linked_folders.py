@@ -7,10 +7,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import Pipeline, make_cohort
-from test_predict import predict_cfg
+from conftest import Pipeline, inference_cfg, make_cohort
 
-from melanoma_mil.config import EncoderConfig, ExtractConfig, TileConfig, TilingConfig
+from melanoma_mil.config import (
+    EncoderConfig,
+    ExtractConfig,
+    PredictConfig,
+    TileConfig,
+    TilingConfig,
+)
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.run import run_extract
 from melanoma_mil.inference.predict import run_predict
@@ -64,7 +69,8 @@ def test_predict_refuses_a_linked_slide_folder(pipe: Pipeline, tmp_path: Path) -
     out.mkdir()
     mine = _mine(tmp_path, "heatmap.png")
     (out / "slide_000").symlink_to(mine)
-    cfg = predict_cfg(pipe, out, f"features_dir={pipe.features}", "slide_ids=[slide_000]")
+    keys = (f"features_dir={pipe.features}", "slide_ids=[slide_000]")
+    cfg = inference_cfg(PredictConfig, pipe, out, *keys)
     with pytest.raises(UserError, match="slide_000' is a link"):
         run_predict(cfg)
     assert (mine / "heatmap.png").read_bytes() == b"mine"
