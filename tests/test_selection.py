@@ -142,7 +142,10 @@ def test_average_fraction_tests_the_mean_of_the_last_epochs_weights(
         ((), "last", 92, 109, 55, 3),  # MUSK2's fold: 50 epochs would be 4,600 steps
         ((), "last", 493, 50, 25, 1),  # enough steps at 50 epochs
         ((), "early_stopping", 92, 50, 25, 1),  # early stopping ends runs; 50 is only its cap
-        (("trainer.accumulate_grad_batches=4",), "last", 493, 81, 41, 3),  # 124 steps an epoch
+        (("trainer.accumulate_grad_batches=4",), "last", 493, 82, 41, 3),  # 123 steps an epoch
+        (("trainer.accumulate_grad_batches=5",), "last", 12, 5000, 2500, 3),  # 2 (2 bags left)
+        (("trainer.accumulate_grad_batches=5", "data.balance=sampler"), "last", 12, 3334, 1667, 3),
+        (("trainer.accumulate_grad_batches=5",), "last", 3, 10000, 5000, 3),  # 1 partial step
         (("trainer.max_epochs=3",), "last", 92, 3, 2, 1),  # a number is taken as given
         (("trainer.average_fraction=0",), "last", 493, 50, 1, 1),
         (("model.members=2",), "last", 493, 50, 25, 2),  # and so is a number of members

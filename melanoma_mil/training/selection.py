@@ -164,8 +164,17 @@ def fold_epochs(cfg: FitConfig, mode: str, n_train: int) -> int:
         return cfg.trainer.max_epochs
     if mode != "last":
         return DEFAULT_EPOCHS
-    steps_per_epoch = max(1, math.ceil(n_train / cfg.trainer.accumulate_grad_batches))
-    return max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch))
+    return max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch(cfg, n_train)))
+
+
+def steps_per_epoch(cfg: FitConfig, n_train: int) -> int:
+    """Optimizer steps one epoch makes: the epoch order (`datamodule.EpochOrder`) drops the bags
+    short of a full step, unless there are fewer than one step's; the balanced sampler draws
+    ``n_train`` bags and Lightning steps on the last partial accumulation too."""
+    acc = cfg.trainer.accumulate_grad_batches
+    if cfg.data.balance == "sampler" or n_train < acc:
+        return max(1, math.ceil(n_train / acc))
+    return n_train // acc
 
 
 def fold_members(cfg: FitConfig, most_epochs: int) -> int:
