@@ -113,7 +113,9 @@ class EpochWeighted(WeightedRandomSampler):
     """Class-balanced draws (data.balance=sampler) from (seed, epoch) only, told to `BagDataset`
     with the epoch. Under DDP Lightning deals one list of draws out to the ranks (its
     DistributedSamplerWrapper forwards `set_epoch`), so every rank must draw the same list: the
-    global generator would not do, as `training_step` reseeds it per rank."""
+    global generator would not do, as `training_step` reseeds it per rank. That wrapper
+    reshuffles the list before dealing it, so N ranks see the bags one process accumulating N
+    per step sees, in another order (unlike `EpochOrder`)."""
 
     epoch = 0
 
