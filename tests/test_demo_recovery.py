@@ -300,6 +300,20 @@ def test_plain_rerun_refuses_up_front_a_file_of_yours_where_the_demo_writes(
     assert {**stats(d), MARKER: (d / MARKER).read_text()} == before
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_linked_folder_where_the_demo_writes_is_refused(tmp_path: Path, overwrite: bool) -> None:
+    """tiles -> a folder of yours: a rerun would write its tables and QC images there."""
+    d = tmp_path / "d"
+    made_by_a_demo(d, {"localisation.csv": "demo"})
+    mine = tmp_path / "mytiles"
+    mine.mkdir()
+    (mine / "tiling.csv").write_text("mine")
+    (d / "tiles").symlink_to(mine, target_is_directory=True)
+    with pytest.raises(UserError, match=r"tiles' is a link to .*mytiles.*remove the link"):
+        claim(d, overwrite=overwrite, writes=WRITES)
+    assert (mine / "tiling.csv").read_text() == "mine" and (d / "localisation.csv").exists()
+
+
 def test_plain_rerun_goes_on_past_files_of_yours_elsewhere(tmp_path: Path) -> None:
     d = tmp_path / "d"
     made_by_a_demo(d, {"localisation.csv": "demo", "cohort/notes.txt": "demo"})

@@ -295,6 +295,21 @@ def _is_link(st: os.stat_result) -> bool:
     return S_ISLNK(st.st_mode)
 
 
+def _refuse_links(root: Path, writes: tuple[str, ...]) -> None:
+    """A link on the way to where the demo writes (``tiles`` -> a folder of yours) would take
+    its writes outside ``root``: refused, as a plain rerun and with overwrite."""
+    for write in writes:
+        parts = Path(write.rstrip("/")).parts
+        for depth in range(1, len(parts) + 1):
+            path = root.joinpath(*parts[:depth])
+            if path.is_symlink():
+                raise UserError(
+                    f"'{path}' is a link to '{os.readlink(path)}': the demo writes there, so "
+                    f"files outside '{root}' would be replaced; remove the link, or choose "
+                    "another output_dir."
+                )
+
+
 def claim(
     root: Path, overwrite: bool, writes: tuple[str, ...] = (), resumable: tuple[str, ...] = ()
 ) -> Ledger:
@@ -305,6 +320,7 @@ def claim(
     so is a folder a demo is writing into now."""
     if root.exists() and not root.is_dir():
         raise UserError(f"output_dir '{root}' is a file; choose a folder for the demo.")
+    _refuse_links(root, writes)
     ledger = Ledger.read(root) if root.is_dir() else None
     if ledger is None:
         if root.is_dir() and any(root.iterdir()):
