@@ -206,3 +206,19 @@ def test_a_folder_redone_for_another_run_keeps_its_evaluation_predicts(
         run_predict(labelled(pipe, out, "overwrite=true", "device=cuda:99"))
     assert json.loads(path.read_text())["run_id"] != "another"  # claimed
     assert run_predict(labelled(pipe, out, "overwrite=true")) == 0
+
+
+def test_a_bad_wandb_mode_for_the_runs_slides_fails_before_any_work(
+    pipe: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run recorded with logger=wandb gets its slides logged once they are done: a bad W&B
+    mode is refused before the first slide, not after the last."""
+    run = tmp_path / "run"
+    shutil.copytree(pipe.run_dir, run)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("logger: none", "logger: wandb"))
+    monkeypatch.setenv("WANDB_MODE", "cloudy")
+    out = tmp_path / "pred"
+    with pytest.raises(UserError, match="not one of"):
+        run_predict(predict_cfg(pipe, out, f"run_dir={run}", f"features_dir={pipe.features}"))
+    assert not out.exists()
