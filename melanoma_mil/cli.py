@@ -10,6 +10,7 @@ import errno
 import importlib
 import logging
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -90,6 +91,10 @@ COMMANDS: dict[str, Command] = {
 USAGE = "usage: python -m melanoma_mil CMD [--config FILE ...] [--print-config] [key=value ...]"
 
 
+# key=value: a dotted key (a leading + as Hydra writes it), not a path such as runs/lr=1
+_OVERRIDE = re.compile(r"\+?[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
+
+
 def _top_help() -> str:
     lines = [USAGE, "", "commands:"]
     lines += [f"  {name:<9} {cmd.summary}" for name, cmd in COMMANDS.items()]
@@ -155,9 +160,9 @@ def parse(argv: list[str]) -> tuple[str, Any, bool]:
                 dotlist.append(key)
             else:
                 raise UserError(f"unknown option '{arg}'. Options: --config FILE, --print-config.")
-        elif "=" in arg:
+        elif "=" in arg and (_OVERRIDE.match(arg) or not cmd.positional):
             dotlist.append(arg)
-        elif cmd.positional:
+        elif cmd.positional:  # also a path holding '=' (runs/lr=1): no key has a '/'
             positional.append(arg)
         else:
             raise UserError(f"unexpected argument '{arg}': overrides are key=value.")

@@ -97,3 +97,13 @@ def test_an_unresolvable_interpolation_names_its_key_and_source(
     monkeypatch.setenv("MELANOMA_MIL_UNSET", str(tmp_path))
     cfg = C.load_config(C.FitConfig, files=[str(file)])
     assert cfg.output_dir == f"{tmp_path}/runs"
+
+
+def test_paths_holding_an_equals_sign_are_positional_not_overrides() -> None:
+    """Run folders named by their setting (runs/lr=1) are common; no config key has a '/'."""
+    from melanoma_mil.cli import parse
+
+    _, cfg, _ = parse(["compare", "runs/lr=1", "runs/lr=2", "output_dir=cmp"])
+    assert cfg.run_dirs == ["runs/lr=1", "runs/lr=2"] and cfg.output_dir == "cmp"
+    _, cfg, _ = parse(["evaluate", "runs/lr=1/predictions.csv", "bootstrap=200"])
+    assert cfg.predictions == "runs/lr=1/predictions.csv" and cfg.bootstrap == 200
