@@ -86,6 +86,12 @@ def _unknown_key_error(schema: DictConfig, key: str, source: str) -> UserError:
     return UserError(f"unknown config key '{key}' in {source}.{hint}")
 
 
+def _items(layer: DictConfig | Any) -> list[tuple[Any, Any]]:
+    """The top-level entries of a config layer, as plain values."""
+    plain = OmegaConf.to_container(layer) if OmegaConf.is_config(layer) else layer
+    return list(plain.items()) if isinstance(plain, dict) else []
+
+
 def _merge(base: DictConfig, layer: DictConfig | Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, layer)  # type: ignore[return-value]
@@ -93,11 +99,24 @@ def _merge(base: DictConfig, layer: DictConfig | Any, source: str) -> DictConfig
         key = getattr(e, "full_key", None) or str(e)
         raise _unknown_key_error(base, str(key), source) from None
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", "?")
+        key = getattr(e, "full_key", None)
         msg = str(e).splitlines()[0]
         if msg.startswith("Key ") and "is incompatible with (str)" in msg:  # e.g. `yes: drop`
             msg += "; quote the key in the YAML ('yes': ...)"
-        raise UserError(f"bad value for '{key}' in {source}: {msg}") from None
+        if not key and msg.startswith("Merge error:"):  # a whole section given one value
+            name = next(
+                (
+                    str(k)
+                    for k, v in _items(layer)
+                    if k in base and OmegaConf.is_dict(base[k]) and not isinstance(v, dict)
+                ),
+                "a section",
+            )
+            raise UserError(
+                f"{source}: '{name}' is a group of keys, not a value; set one of its keys "
+                f"({name}.KEY=value, see --help)."
+            ) from None
+        raise UserError(f"bad value for '{key or '?'}' in {source}: {msg}") from None
 
 
 def _text_keys(node: Any) -> Any:

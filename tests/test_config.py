@@ -107,3 +107,14 @@ def test_paths_holding_an_equals_sign_are_positional_not_overrides() -> None:
     assert cfg.run_dirs == ["runs/lr=1", "runs/lr=2"] and cfg.output_dir == "cmp"
     _, cfg, _ = parse(["evaluate", "runs/lr=1/predictions.csv", "bootstrap=200"])
     assert cfg.predictions == "runs/lr=1/predictions.csv" and cfg.bootstrap == 200
+
+
+def test_a_section_given_one_value_names_it_and_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = one_line_error(capsys, "fit", "wandb=offline")
+    assert "'wandb' is a group of keys, not a value" in err and "wandb.KEY=value" in err
+    config = tmp_path / "run.yaml"
+    config.write_text("trainer:\n  max_epochs: 3\ncv: 5\n")
+    err = one_line_error(capsys, "fit", "--config", str(config))
+    assert str(config) in err and "'cv' is a group of keys" in err
