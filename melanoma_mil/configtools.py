@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 from dataclasses import field
 from pathlib import Path
@@ -225,8 +226,26 @@ def to_checked(cfg: DictConfig, sources: dict[str, str] | None = None) -> Any:
             f"cannot resolve '{key}' in {where}: {msg}; set what it reads or replace the "
             "${...} with a value."
         ) from None
+    expand_home(typed)
     check(typed)
     return typed
+
+
+def expand_home(node: Any) -> None:
+    """'~/...' in any path of a config means the home folder, as a shell would make it: YAML
+    files and dotted keys (data.features_dir=~/x) are not expanded by the shell."""
+    if not dataclasses.is_dataclass(node):
+        return
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if isinstance(value, str) and (value == "~" or value.startswith("~/")):
+            setattr(node, f.name, os.path.expanduser(value))
+        elif isinstance(value, list) and any(isinstance(v, str) for v in value):
+            home = [os.path.expanduser(v) if isinstance(v, str) and v.startswith("~/") else v
+                    for v in value]  # fmt: skip
+            setattr(node, f.name, home)
+        else:
+            expand_home(value)
 
 
 def _bounds_text(spec: tuple[float | None, float | None, bool, bool]) -> str:

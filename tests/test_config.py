@@ -118,3 +118,19 @@ def test_a_section_given_one_value_names_it_and_the_fix(
     config.write_text("trainer:\n  max_epochs: 3\ncv: 5\n")
     err = one_line_error(capsys, "fit", "--config", str(config))
     assert str(config) in err and "'cv' is a group of keys" in err
+
+
+def test_a_home_folder_in_a_path_is_expanded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shell expands ~ only at the start of a word: not in a.b=~/x, nor in a YAML file."""
+    from melanoma_mil.config import CompareConfig, FitConfig, load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = tmp_path / "run.yaml"
+    config.write_text("output_dir: ~/runs/a\n")
+    cfg = load_config(FitConfig, [str(config)], ["data.features_dir=~/features"])
+    assert (
+        cfg.output_dir == f"{tmp_path}/runs/a" and cfg.data.features_dir == f"{tmp_path}/features"
+    )
+    assert load_config(CompareConfig, [], ["run_dirs=[~/a,b]"]).run_dirs == [f"{tmp_path}/a", "b"]
