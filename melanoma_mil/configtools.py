@@ -154,6 +154,13 @@ def load_config(
     return typed
 
 
+def yaml_problem(e: Exception) -> str:
+    """A YAML parse error in one line: what is wrong and where (line, column)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def _file_layer(file: str, recorded: bool) -> DictConfig:
     """One YAML config file as a layer; what is not a mapping of keys is refused, naming it."""
     path = Path(file)
@@ -161,8 +168,10 @@ def _file_layer(file: str, recorded: bool) -> DictConfig:
         raise UserError(f"config file '{file}' not found: check the --config path.")
     try:
         layer = OmegaConf.load(path)
+    except OSError as e:
+        raise UserError(f"config file '{file}' cannot be read ({e.strerror}).") from None
     except Exception as e:  # yaml errors come in many types
-        raise UserError(f"config file '{file}' is not valid YAML: {e}") from None
+        raise UserError(f"config file '{file}' is not valid YAML: {yaml_problem(e)}.") from None
     if not isinstance(layer, DictConfig):
         raise UserError(
             f"config file '{file}' holds a list, not a mapping of keys: write one "

@@ -134,3 +134,12 @@ def test_a_home_folder_in_a_path_is_expanded(
         cfg.output_dir == f"{tmp_path}/runs/a" and cfg.data.features_dir == f"{tmp_path}/features"
     )
     assert load_config(CompareConfig, [], ["run_dirs=[~/a,b]"]).run_dirs == [f"{tmp_path}/a", "b"]
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("trainer:\n  max_epochs: [3\n")
+    err = one_line_error(capsys, "fit", "--config", str(config))
+    assert f"config file '{config}' is not valid YAML:" in err and "at line 3, column 1" in err

@@ -28,6 +28,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from melanoma_mil import config as C
+from melanoma_mil.configtools import yaml_problem
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.sweep_report import RESULTS, own_comparison, report
 from melanoma_mil.io import write_json
@@ -80,7 +81,7 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     try:
         spec = yaml.safe_load(file.read_text())
     except yaml.YAMLError as e:
-        raise UserError(f"sweep file '{file}' is not valid YAML: {e}") from None
+        raise UserError(f"sweep file '{file}' is not valid YAML: {yaml_problem(e)}.") from None
     sweeps = _engine()
     try:
         sweeps.SweepConfig(spec)
