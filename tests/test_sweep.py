@@ -132,6 +132,9 @@ def test_bad_sweep_files_are_user_errors(tmp_path: Path) -> None:
         ("output_dir", ["elsewhere"], "<output_dir>/<NNN>_<parameters>"),
         ("experiment", ["mine"], "named after its folder"),
         ("overwrite", [True], "on the command line"),
+        ("data.bag_level", ["slide", "patient"], "same bags and labels"),
+        ("data.label_map", [{"0": "low"}], "same bags and labels"),
+        ("data.label_column", ["a", "b"], "same bags and labels"),
     ],
 )
 def test_parameters_the_sweep_sets_itself_are_refused_before_any_work(

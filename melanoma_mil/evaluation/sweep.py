@@ -50,6 +50,13 @@ _SPLITS_WHY = (
     "every run uses one set of splits (the first run's, or cv.splits_file) so that runs are "
     "compared paired; run one sweep per split setting, each into its own output_dir"
 )
+# what a bag is and which label it has: runs are compared paired, bag by bag, on one labelling
+_LABEL_KEYS = ("data.labels_csv", "data.label_column", "data.label_map", "data.classes",
+               "data.bag_level")  # fmt: skip
+_LABELS_WHY = (
+    "runs are compared paired on the same bags and labels (and the first run's splits); run "
+    "one sweep per labelling, each into its own output_dir"
+)
 # Inputs fit identifies by content (rundir NOT_RESULTS), which a sweep must not change between
 # runs: its later runs would see other data than its earlier ones.
 _SWEEP_INPUTS = (
@@ -93,7 +100,11 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
             close = difflib.get_close_matches(name, FIT_KEYS, n=1, cutoff=0.5)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise UserError(f"sweep file '{file}': parameter '{name}' is not a fit key.{hint}")
-        why = _SET_BY_SWEEP.get(name) or (_SPLITS_WHY if name.startswith("cv.") else None)
+        why = (
+            _SET_BY_SWEEP.get(name)
+            or (_SPLITS_WHY if name.startswith("cv.") else None)
+            or (_LABELS_WHY if name in _LABEL_KEYS else None)
+        )
         if why:
             raise UserError(f"sweep file '{file}': parameter '{name}' cannot be swept: {why}.")
     _check_values(spec, file)
