@@ -147,7 +147,15 @@ def test_blank_patient_ids_in_labels_keep_the_predictions_patients(
     preds.to_csv(cohort / "predictions.csv", index=False)
     rc, err = evaluate_cli(capsys, *_args(cohort, "clinical_csv="))
     assert rc == 0, err
-    assert _evaluation(cohort)["counts"]["patients_scored"] == 20  # not 23: p00-p02 kept whole
+    ev = _evaluation(cohort)
+    assert ev["counts"]["patients_scored"] == 20  # not 23: p00-p02 kept whole
+    assert not any("other patients" in w for w in ev["warnings"])
+    labels.loc[39, "patient_id"] = "p99"  # s39: p19 in the predictions
+    labels.to_csv(cohort / "labels.csv", index=False)
+    rc, err = evaluate_cli(capsys, *_args(cohort, "clinical_csv=", "overwrite=true"))
+    assert rc == 0, err
+    [warning] = [w for w in _evaluation(cohort)["warnings"] if "other patients" in w]
+    assert "1 slide(s) (e.g. s39: p99 in labels_csv, p19 in the predictions)" in warning
     _patient_predictions(cohort)
     whole = f"predictions={cohort / 'patient_predictions.csv'}"
     rc, err = evaluate_cli(capsys, *_args(cohort, whole, "clinical_csv=", "overwrite=true"))

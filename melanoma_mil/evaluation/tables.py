@@ -243,6 +243,15 @@ def _attach_labels(
         raise _no_match(labels, by, ids.explode().tolist())
     if key == "slide_id" and labels.patients:  # else the predictions' own patient ids stand
         from_labels = rows["slide_id"].map(labels.table.set_index("slide_id")["patient_id"])
+        own = rows["patient_id"] != rows["slide_id"]  # named by predict's patients_csv
+        other = rows.loc[from_labels.notna() & own & (from_labels != rows["patient_id"])]
+        if len(other):
+            scored.warnings.append(
+                f"labels_csv names other patients than the predictions for {len(other)} "
+                f"slide(s) (e.g. {other['slide_id'].iloc[0]}: "
+                f"{from_labels[other.index[0]]} in labels_csv, {other['patient_id'].iloc[0]} "
+                "in the predictions); the labels' patients are used"
+            )
         rows["patient_id"] = from_labels.where(from_labels.notna(), rows["patient_id"])
     level = key.removesuffix("_id")
     for y, reason, analysis in (
