@@ -35,6 +35,7 @@ COMMANDS: dict[str, Command] = {
         C.DemoConfig,
         "melanoma_mil.demo.run:run_demo",
         "synthetic cohort -> tile -> extract -> fit -> heatmaps, end to end",
+        resume="re-run the same command: it resumes, keeping what the demo made",
     ),
     "tile": Command(
         C.TileConfig,
@@ -51,7 +52,7 @@ COMMANDS: dict[str, Command] = {
     "fit": Command(
         C.FitConfig,
         "melanoma_mil.training.cv:run_fit",
-        "patient-level cross-validation of gated-attention MIL on cached bags",
+        "patient-level cross-validation of a MIL model on cached bags",
         resume="re-run the same command: it resumes at the first unfinished fold",
     ),
     "sweep": Command(

@@ -352,6 +352,7 @@ def test_overwrite_deletes_nothing_through_a_folder_replaced_by_a_link(tmp_path:
     d = tmp_path / "d"
     done = demo("tile-ctrl-c", d)  # interrupted: the demo records what it made
     assert done.returncode == 130, done.stderr
+    assert "interrupted: re-run the same command: it resumes" in done.stderr
     moved = tmp_path / "elsewhere" / "cohort"
     moved.parent.mkdir()
     (d / "cohort").rename(moved)
