@@ -93,7 +93,7 @@ USAGE = "usage: python -m melanoma_mil CMD [--config FILE ...] [--print-config] 
 
 
 # key=value: a dotted key (a leading + as Hydra writes it), not a path such as runs/lr=1
-_OVERRIDE = re.compile(r"\+?[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
+_OVERRIDE = re.compile(r"\+?[A-Za-z_][A-Za-z0-9_]*(\.[^=/\\]+)*=")  # data.label_map.in-situ=
 
 
 def _top_help() -> str:
@@ -161,7 +161,10 @@ def parse(argv: list[str]) -> tuple[str, Any, bool]:
                 dotlist.append(key)
             else:
                 raise UserError(f"unknown option '{arg}'. Options: --config FILE, --print-config.")
-        elif "=" in arg and (_OVERRIDE.match(arg) or not cmd.positional):
+        # an existing file or folder (lr=1) is a path too
+        elif "=" in arg and (
+            not cmd.positional or _OVERRIDE.match(arg) and not os.path.exists(arg)
+        ):
             dotlist.append(arg)
         elif cmd.positional:  # also a path holding '=' (runs/lr=1): no key has a '/'
             positional.append(arg)

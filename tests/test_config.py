@@ -99,12 +99,17 @@ def test_an_unresolvable_interpolation_names_its_key_and_source(
     assert cfg.output_dir == f"{tmp_path}/runs"
 
 
-def test_paths_holding_an_equals_sign_are_positional_not_overrides() -> None:
+def test_paths_holding_an_equals_sign_are_positional_not_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Run folders named by their setting (runs/lr=1) are common; no config key has a '/'."""
     from melanoma_mil.cli import parse
 
     _, cfg, _ = parse(["compare", "runs/lr=1", "runs/lr=2", "output_dir=cmp"])
     assert cfg.run_dirs == ["runs/lr=1", "runs/lr=2"] and cfg.output_dir == "cmp"
+    (tmp_path / "lr=3").mkdir()  # an existing folder named like an override
+    monkeypatch.chdir(tmp_path)
+    assert parse(["compare", "lr=3", "runs/lr=2"])[1].run_dirs == ["lr=3", "runs/lr=2"]
     _, cfg, _ = parse(["evaluate", "runs/lr=1/predictions.csv", "bootstrap=200"])
     assert cfg.predictions == "runs/lr=1/predictions.csv" and cfg.bootstrap == 200
 
@@ -143,3 +148,12 @@ def test_a_yaml_syntax_error_is_one_line_with_its_place(
     config.write_text("trainer:\n  max_epochs: [3\n")
     err = one_line_error(capsys, "fit", "--config", str(config))
     assert f"config file '{config}' is not valid YAML:" in err and "at line 3, column 1" in err
+
+
+def test_an_override_of_a_key_with_a_hyphen_stays_an_override(tmp_path: Path) -> None:
+    """Only a '/' (or '\\') before the '=' makes an argument a path: label names may hold '-'."""
+    from melanoma_mil.cli import parse
+
+    sweep = tmp_path / "s.yaml"
+    _, cfg, _ = parse(["sweep", str(sweep), "data.label_map.in-situ=melanoma"])
+    assert cfg.sweep_file == str(sweep) and cfg.data.label_map == {"in-situ": "melanoma"}

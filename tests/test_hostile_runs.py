@@ -405,6 +405,12 @@ def test_fit_refuses_a_run_whose_folds_folder_is_a_link(cohort, serial, tmp_path
     (out / "folds").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(UserError, match="folds' is a link"):
         fit(cohort, out)
+    shutil.move(tmp_path / "elsewhere", tmp_path / "x")
+    (out / "folds").unlink()
+    shutil.move(tmp_path / "x", out / "folds")
+    (out / "wandb").symlink_to(tmp_path, target_is_directory=True)  # logger=none: not written
+    assert fit(cohort, out) == 0
+    assert fit(cohort, out, "overwrite=true", "seed=1") == 0  # built apart, then swapped in
 
 
 def test_no_command_writes_into_a_runs_own_entries(cohort, serial, tmp_path, capsys) -> None:

@@ -3,6 +3,7 @@ outside it and replace files there. A linked output_dir itself is fine."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,9 +60,13 @@ def test_extract_refuses_a_linked_folder_in_its_output(tmp_path: Path) -> None:
     cfg = ExtractConfig(
         coords_dir=str(tiles), output_dir=str(out), num_workers=0, device="cpu", encoder=encoder
     )
-    with pytest.raises(UserError, match="cache' is a link"):
+    assert run_extract(cfg) == 0  # another encoder's cache, linked in: not written, no bother
+    (key,) = [p for p in out.iterdir() if p.is_dir() and not p.is_symlink()]
+    shutil.rmtree(key)
+    key.symlink_to(tmp_path / "mine", target_is_directory=True)  # the cache it writes, linked
+    with pytest.raises(UserError, match=f"{key.name}' is a link"):
         run_extract(cfg)
-    assert [p.name for p in out.iterdir()] == ["cache"]
+    assert [p.read_bytes() for p in (tmp_path / "mine").iterdir()] == [b"mine"]
 
 
 def test_predict_refuses_a_linked_slide_folder(pipe: Pipeline, tmp_path: Path) -> None:
@@ -75,3 +80,8 @@ def test_predict_refuses_a_linked_slide_folder(pipe: Pipeline, tmp_path: Path) -
         run_predict(cfg)
     assert (mine / "heatmap.png").read_bytes() == b"mine"
     assert [p.name for p in out.iterdir()] == ["slide_000"]
+    (out / "slide_000").unlink()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (out / "_work").symlink_to(scratch)  # on-the-fly tiles and features on a scratch disk
+    assert run_predict(cfg) == 0

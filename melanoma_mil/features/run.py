@@ -32,6 +32,7 @@ from melanoma_mil.config import ExtractConfig, check
 from melanoma_mil.encoders import Encoder, build_encoder, resolve_precision
 from melanoma_mil.errors import UserError
 from melanoma_mil.features import placement
+from melanoma_mil.features.cache import cache_key, slide_identity
 from melanoma_mil.features.data import (
     Job,
     ReaderProcesses,
@@ -254,8 +255,12 @@ def run_extract(cfg: ExtractConfig) -> int:
     is done or empty (failed, or still held by another process: see the table)."""
     check(cfg)  # also configs built in code (predict, heatmap, demo)
     jobs, grids, untiled = _plan(cfg)
-    refuse_linked(cfg.output_dir, "extract")  # its folders are the cache keys
     device, encoder, precision = _encoder(cfg)
+    run = Run(cfg, encoder, precision, Path(cfg.output_dir))
+    keys = {
+        cache_key(slide_identity(run.identity_source, g)) for g in grids if isinstance(g, TileGrid)
+    }
+    refuse_linked(cfg.output_dir, "extract", sorted(keys))  # the cache folders it writes
     claim_shared(cfg.output_dir, "extract")
     tile = max((g.tile_size for g in grids if isinstance(g, TileGrid)), default=224)
     if encoder.low_precision_weights(precision, tile):
@@ -264,7 +269,6 @@ def run_extract(cfg: ExtractConfig) -> int:
     read = max((g.read_size for g in grids if isinstance(g, TileGrid)), default=tile)
     plan = choose_workers(cfg, device, placement.largest_item(batch, read * read * 3))
     workers = plan.workers
-    run = Run(cfg, encoder, precision, Path(cfg.output_dir))
     queue = SlideQueue(jobs, grids, run.out_root, run.identity_source, run.attrs, cfg.overwrite,
                        cfg.stale_after_s)  # fmt: skip
     log.info(

@@ -23,6 +23,7 @@ from melanoma_mil.ids import id_path
 from melanoma_mil.inference.attention import AttentionMap, write_attention, write_geojson
 from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import SlideInput
+from melanoma_mil.inference.work import WORK
 from melanoma_mil.metrics import predicted
 from melanoma_mil.outdir import claim_output, refuse_linked
 from melanoma_mil.progress import progress
@@ -60,7 +61,11 @@ def claim_for_run(
     """Make output_dir this command's folder for this run, or refuse it (see `outdir`);
     ``write=False`` checks before any work, ``True`` marks the folder before its outputs."""
     record = {"command": command, "run_id": run.run_id, "run_dir": str(run.run_dir.resolve())}
-    refuse_linked(cfg.output_dir, command)  # its folders: one per slide, _work, evaluation
+    out = Path(cfg.output_dir)
+    # its folders: one per slide, evaluation; _work (tiles and features made on the fly) may be
+    # a link to scratch space: only `tile` and `extract` write there, into folders of their own
+    linked = [p.name for p in out.iterdir() if p.name != WORK] if out.is_dir() else []
+    refuse_linked(out, command, linked)
     claim_output(cfg.output_dir, record, cfg.overwrite, outputs, write)
 
 

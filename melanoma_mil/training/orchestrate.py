@@ -127,10 +127,17 @@ def check_accelerator(name: str) -> None:
         )
 
 
+def _written(cfg: FitConfig) -> list[str]:
+    """The run's folders this `fit` writes into (a linked one would take its writes away)."""
+    logger = {"csv": [rundir.LOGS], "wandb": [rundir.WANDB]}.get(cfg.logger, [])
+    return [rundir.FOLDS, *logger, *([rundir.EVALUATION] if cfg.clinical_csv else [])]
+
+
 def _target(out: Path, cfg: FitConfig) -> tuple[Path, dict[str, Any] | None]:
     """(the folder to write, the run record found there); refuses folders fit did not make."""
     output_folder(out, "fit")
-    refuse_linked(out, "fit", [rundir.FOLDS, rundir.LOGS, rundir.WANDB, rundir.EVALUATION])
+    if not cfg.overwrite:  # a replacement is built in a folder of its own
+        refuse_linked(out, "fit", _written(cfg))
     record = rundir.run_record(out) if out.is_dir() else None
     if record is None and not is_empty(out):
         marker = read_marker(out)
