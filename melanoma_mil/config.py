@@ -23,8 +23,9 @@ from melanoma_mil.configtools import merge_overrides as merge_overrides
 from melanoma_mil.configtools import to_checked as to_checked
 from melanoma_mil.configtools import to_yaml as to_yaml
 
-# numpy and Lightning take seeds in [0, 2**32): room for the offsets of repeats and folds
-SEED_MAX = 2**31 - 1
+# numpy and Lightning take seeds in [0, 2**32) (Lightning silently draws a random one outside):
+# room left for the offsets of repeats and folds (seed + 1000 x repeat + fold)
+SEED_MAX = 4_000_000_000
 # model.name choices live here, not in the model registry, so `--help` and config errors answer
 # without importing torch; tests check that the registry holds exactly these names.
 MODEL_NAMES = (

@@ -63,7 +63,7 @@ def test_seeds_numpy_and_lightning_refuse_are_refused_before_the_run_folder(
 ) -> None:
     out = tmp_path / "run"
     err = one_line_error(capsys, "fit", f"output_dir={out}", override)
-    assert f"{override} must be in [0, 2147483647]" in err
+    assert f"{override} must be in [0, 4000000000]" in err
     assert not out.exists()
 
 
