@@ -241,8 +241,9 @@ def to_checked(cfg: DictConfig, sources: dict[str, str] | None = None) -> Any:
 
 
 def expand_home(node: Any) -> None:
-    """'~/...' in any path of a config means the home folder, as a shell would make it: YAML
-    files and dotted keys (data.features_dir=~/x) are not expanded by the shell."""
+    """'~/...' in a text setting (a path, in practice: no name or label starts so) is the home
+    folder, as a shell makes it: YAML files and dotted keys (data.features_dir=~/x) are not
+    expanded by the shell."""
     if not dataclasses.is_dataclass(node):
         return
     for f in dataclasses.fields(node):
