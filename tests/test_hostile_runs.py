@@ -229,6 +229,7 @@ def test_leftover_of_a_crashed_replacement_is_cleaned_by_the_next_fit(
     copy_run(serial, tmp_path / ".run.fit-old")  # as a kill after the swap leaves it
     user = tmp_path / ".run.notes"
     user.write_text("mine")
+    (tmp_path / ".run.fit-new.drop-123" / "folds").mkdir(parents=True)  # a delete killed midway
     assert fit(cohort, out) == 0  # complete, same settings: nothing to train
     assert sorted(p.name for p in tmp_path.iterdir()) == [".run.notes", "run"]
     # a crash between the two renames of a swap without RENAME_EXCHANGE

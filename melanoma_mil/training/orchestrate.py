@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -227,6 +228,8 @@ def cleanup(out: Path, overwrite: bool) -> None:
     written, the crash came before the swap: the replacement the user asked for)."""
     rundir.recover(out)
     new = rundir.staging(out)[0]
+    for dropped in out.parent.glob(f"{glob.escape(new.name)}.drop-*"):  # a killed _discard's
+        shutil.rmtree(dropped, ignore_errors=True)
     if overwrite or not new.is_dir():
         return
     lock = try_lock(new / rundir.REPLACE_LOCK)
