@@ -267,7 +267,7 @@ def _bounds_text(spec: tuple[float | None, float | None, bool, bool]) -> str:
 
 
 def _number(value: float | None) -> str:
-    """An integer bound in full (2147483647, not 2.14748e+09), others short."""
+    """An integer bound in full (4000000000, not 4e+09), others short."""
     return str(value) if isinstance(value, int) else f"{value:g}"
 
 
