@@ -124,6 +124,9 @@ def test_find_slides(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"x")
     found = find_slides(tmp_path, None, [".svs", ".tiff"])
     assert list(found) == ["s1", "s2"] and slide_id_of("x/s2.ome.tiff") == "s2"
+    (tmp_path / ".snapshot" / "hourly").mkdir(parents=True)  # a file server's copies: skipped
+    (tmp_path / ".snapshot" / "hourly" / "s1.svs").write_bytes(b"x")
+    assert list(find_slides(tmp_path, None, [".svs", ".tiff"])) == ["s1", "s2"]
     (tmp_path / "a" / "b" / "s1.tiff").write_bytes(b"x")
     with pytest.raises(UserError, match=r"duplicate slide id 's1'.*s1\.tiff and .*s1\.svs"):
         find_slides(tmp_path, None, [".svs", ".tiff"])

@@ -127,7 +127,8 @@ def find_slides(
 
 def _files_under(root: Path) -> list[Path]:
     """Every file under ``root``, into linked folders too (cohorts are often assembled from
-    links); each real folder once, so a link loop or two links to a folder list nothing twice."""
+    links), hidden folders left out; each real folder once, so a link loop or two links to a
+    folder list nothing twice."""
     seen: set[str] = set()
     files: list[Path] = []
     for folder, dirs, names in os.walk(root, followlinks=True):
@@ -136,6 +137,7 @@ def _files_under(root: Path) -> list[Path]:
             dirs.clear()
             continue
         seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .snapshot/, .Trash: not slides
         files += [Path(folder) / name for name in names]
     return files
 
