@@ -39,6 +39,17 @@ def test_a_changed_slide_with_the_same_id_is_redrawn(pipe: Pipeline, tmp_path: P
     assert not (out / "S" / "tiles.geojson").exists()  # slide_000's, not asked for this time
 
 
+def test_a_rerun_asking_for_geojson_draws_it(pipe: Pipeline, tmp_path: Path) -> None:
+    out = tmp_path / "hm"
+    given = [f"slides_dir={pipe.slides}", f"features_dir={pipe.features}", "slide_ids=[slide_000]"]
+    assert run_heatmap(heatmap_cfg(pipe, out, *given)) == 0
+    assert run_heatmap(heatmap_cfg(pipe, out, *given, "geojson=true")) == 0
+    assert pd.read_csv(out / "heatmaps.csv")["status"].tolist() == ["ok"]  # not skipped
+    assert (out / "slide_000" / "tiles.geojson").is_file()
+    assert run_heatmap(heatmap_cfg(pipe, out, *given, "geojson=true")) == 0
+    assert pd.read_csv(out / "heatmaps.csv")["status"].tolist() == ["skipped"]
+
+
 def test_an_attention_file_without_a_fingerprint_is_redone(pipe: Pipeline, tmp_path: Path) -> None:
     out = tmp_path / "hm"
     cfg = heatmap_cfg(pipe, out, f"slides_dir={pipe.slides}", f"features_dir={pipe.features}",

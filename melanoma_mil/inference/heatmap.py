@@ -82,7 +82,9 @@ def run_heatmap(cfg: HeatmapConfig) -> int:
     }
 
     def finished(sid: str, slide: Path | None) -> bool:
-        return sid in done and unchanged(id_path(out, sid) / ATTENTION_FILE, slide)
+        folder = id_path(out, sid)
+        asked = not cfg.geojson or (folder / FILES["geojson"]).is_file()  # geojson=true added
+        return sid in done and asked and unchanged(folder / ATTENTION_FILE, slide)
 
     inputs, skipped_ids = prepare_inputs(run, cfg, skip=finished)
     claim_for_run(cfg, run, "heatmap", OUTPUTS, write=True)
