@@ -118,14 +118,11 @@ def claim_shared(folder: str | Path, command: str) -> None:
     _same_command(out, marker, command)
 
 
-def refuse_linked(folder: str | Path, command: str, names: Iterable[str] | None = None) -> None:
-    """Refuse a link among the folders ``command`` writes into inside ``folder`` (``names``;
-    None: every folder in it): its writes would go through and replace files elsewhere. A
-    linked output_dir itself, or a linked file in it, is fine (a file is replaced, not
-    written through)."""
+def refuse_linked(folder: str | Path, command: str, names: Iterable[str]) -> None:
+    """Refuse a link among the folders ``command`` writes into inside ``folder`` (``names``):
+    its writes would go through and replace files elsewhere. A linked output_dir itself, or a
+    linked file in it, is fine (a file is replaced, not written through)."""
     root = Path(folder)
-    if names is None:
-        names = [p.name for p in root.iterdir()] if root.is_dir() else []
     for name in names:
         path = root / name
         if path.is_symlink() and path.is_dir():

@@ -309,7 +309,9 @@ def test_a_linked_folder_where_the_demo_writes_is_refused(tmp_path: Path, overwr
     mine.mkdir()
     (mine / "tiling.csv").write_text("mine")
     (d / "tiles").symlink_to(mine, target_is_directory=True)
-    with pytest.raises(UserError, match=r"tiles' is a link to .*mytiles.*remove the link"):
+    with pytest.raises(
+        UserError, match=r"tiles' is a link to .*mytiles.*replace the link by a folder"
+    ):
         claim(d, overwrite=overwrite, writes=WRITES)
     assert (mine / "tiling.csv").read_text() == "mine" and (d / "localisation.csv").exists()
 

@@ -41,6 +41,11 @@ class Cohort:
     members: dict[str, list[tuple[str, Path]]]  # bag_id -> [(slide_id, feature path)]
 
 
+def repeated(values: pd.Series) -> list[str]:
+    """The values listed more than once, each once, in first-seen order."""
+    return values[values.duplicated()].unique().tolist()
+
+
 def read_slide_table(path: Path, what: str, key: str, columns: list[str]) -> pd.DataFrame:
     """A CSV of slides as stripped strings with ``columns`` (patient_id defaults to slide_id),
     or a UserError naming the file and the fix."""
@@ -66,7 +71,7 @@ def read_labels(path: str | None, label_column: str = "label") -> pd.DataFrame:
         raise UserError("data.labels_csv is not set: pass data.labels_csv=PATH/labels.csv.")
     p = Path(path)
     df = read_slide_table(p, "labels CSV", "data.labels_csv", ["slide_id", label_column])
-    dup = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
+    dup = repeated(df["slide_id"])
     if dup:
         raise UserError(f"labels CSV '{p}' lists slide(s) {dup[:5]} twice; keep one row each.")
     return df.rename(columns={label_column: "raw_label"})[["slide_id", "patient_id", "raw_label"]]
@@ -75,7 +80,7 @@ def read_labels(path: str | None, label_column: str = "label") -> pd.DataFrame:
 def read_patients(path: str) -> dict[str, str]:
     """slide_id -> patient_id from a CSV with those columns (a labels CSV will do)."""
     df = read_slide_table(Path(path), "patients_csv", "patients_csv", ["slide_id", "patient_id"])
-    dup = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
+    dup = repeated(df["slide_id"])
     if dup:
         raise UserError(
             f"patients_csv '{path}' lists slide(s) {dup[:5]} more than once; keep one row each."

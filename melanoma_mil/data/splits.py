@@ -18,6 +18,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from melanoma_mil.config import CVConfig
+from melanoma_mil.data.cohort import repeated
 from melanoma_mil.errors import UserError
 
 _CLAM = re.compile(r"splits_(\d+)\.csv")  # one fold's file in a CLAM splits folder
@@ -196,7 +197,7 @@ def check_covers(splits: list[Split], bags: pd.DataFrame, source: str) -> None:
     for repeat in sorted({s.repeat for s in splits}):
         tested = pd.Series([b for s in splits if s.repeat == repeat for b in s.test])
         never = sorted(set(bags["bag_id"]) - set(tested))
-        twice = sorted(set(tested[tested.duplicated()]))
+        twice = sorted(repeated(tested))
         if never or twice:
             log.warning(
                 "%s: its test folds%s do not partition the cohort: %d bag(s) tested in no fold "

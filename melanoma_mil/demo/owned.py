@@ -38,6 +38,7 @@ from typing import Any
 
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import write_json
+from melanoma_mil.outdir import refuse_linked
 
 log = logging.getLogger(__name__)
 
@@ -298,16 +299,8 @@ def _is_link(st: os.stat_result) -> bool:
 def _refuse_links(root: Path, writes: tuple[str, ...]) -> None:
     """A link on the way to where the demo writes (``tiles`` -> a folder of yours) would take
     its writes outside ``root``: refused, as a plain rerun and with overwrite."""
-    for write in writes:
-        parts = Path(write.rstrip("/")).parts
-        for depth in range(1, len(parts) + 1):
-            path = root.joinpath(*parts[:depth])
-            if path.is_symlink():
-                raise UserError(
-                    f"'{path}' is a link to '{os.readlink(path)}': the demo writes there, so "
-                    f"files outside '{root}' would be replaced; remove the link, or choose "
-                    "another output_dir."
-                )
+    ways = {Path(*p.parts[:d]) for p in map(Path, writes) for d in range(1, len(p.parts) + 1)}
+    refuse_linked(root, "demo", sorted(map(str, ways)))
 
 
 def claim(

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from melanoma_mil.data.cohort import is_missing
+from melanoma_mil.data.cohort import is_missing, repeated
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import read_text_csv
 
@@ -44,7 +44,7 @@ def _check_columns(df: pd.DataFrame, path: str, needed: list[str]) -> None:
             f"clinical CSV '{path}' lacks column(s) {missing} (has {list(df.columns)}); it needs "
             "patient_id and the columns named by time_column, event_column and covariates."
         )
-    dup = df["patient_id"][df["patient_id"].duplicated()].unique().tolist()
+    dup = repeated(df["patient_id"])
     if dup:
         raise UserError(f"clinical CSV '{path}' lists patient(s) {dup[:5]} twice; keep one row.")
     empty = df["patient_id"] == ""

@@ -16,7 +16,13 @@ import numpy as np
 import pandas as pd
 
 from melanoma_mil.config import DataConfig
-from melanoma_mil.data.cohort import is_missing, map_labels, mixed_patients, read_slide_table
+from melanoma_mil.data.cohort import (
+    is_missing,
+    map_labels,
+    mixed_patients,
+    read_slide_table,
+    repeated,
+)
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import read_text_csv
 from melanoma_mil.rundir import TrainedRun
@@ -146,7 +152,7 @@ def labels_table(path: str, run: TrainedRun | None, classes: list[str]) -> Label
     named = "patient_id" in raw.columns and bool((~is_missing(raw["patient_id"])).any())
     if named:  # a blank patient id names no patient: the predictions' own grouping stands
         df["patient_id"] = df["patient_id"].where(~is_missing(raw["patient_id"]))
-    dup = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
+    dup = repeated(df["slide_id"])
     if dup:
         raise UserError(f"labels CSV '{path}' lists slide(s) {dup[:5]} twice; keep one row each.")
     df = df.rename(columns={"label": "raw_label"})
@@ -310,7 +316,7 @@ def load_scored(
             "level=slide needs predict's predictions.csv."
         )
     if kind != "fit":  # fit's out-of-fold rows repeat a slide once per CV repeat, on purpose
-        dup = df[key][df[key].duplicated()].unique().tolist()
+        dup = repeated(df[key])
         if dup:
             raise UserError(
                 f"predictions '{predictions}' list {key} {dup[:5]} more than once (two predict "

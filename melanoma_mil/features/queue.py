@@ -175,6 +175,14 @@ class SlideQueue:
             self.row(i, "empty", "no tiles in the coords file (see tile's table)")
             return None
         key = cache_key(slide_identity(self.provenance, grid))
+        why = fingerprint_mismatch(job.slide_path, grid.fingerprint)
+        if why:  # neither a bag made before (of the old file) nor a new one would be this slide's
+            fix = (
+                "point slides_dir or manifest at the slides `tile` read, or re-run `tile` "
+                "(it re-tiles a slide that changed in place)"
+            )
+            self.row(i, "failed", f"slide '{job.slide_path}' {why}; {fix}", cache_key=key)
+            return None
         out = id_path(self.out_root / key, job.slide_id, ".h5")
         attrs = self.attrs_for(grid, key)
         if self._settled(i, out, attrs, grid):
@@ -194,15 +202,6 @@ class SlideQueue:
         if self._settled(i, out, attrs, grid):  # a peer finished it meanwhile
             claim.release()
             return None
-        why = fingerprint_mismatch(job.slide_path, grid.fingerprint)
-        if why:
-            claim.release()
-            fix = (
-                "point slides_dir or manifest at the slides `tile` read, or re-run `tile` "
-                "(it re-tiles a slide that changed in place)"
-            )
-            self.row(i, "failed", f"slide '{job.slide_path}' {why}; {fix}", cache_key=key)
-            return None
         remove_temp_files(out, record_path(out))  # a killed writer's bag and record
         log.info("claimed %s (%d tiles)", job.slide_id, len(grid.coords))
         return SlideWork(i, job, grid, out, attrs, claim)
@@ -215,13 +214,6 @@ class SlideQueue:
         recent = float(record.get("finished", 0)) >= self.since
         if out.exists() and (not self.overwrite or recent):
             bad = check_cached(out, attrs, grid.coords)
-            path = self.jobs[i].slide_path
-            why = fingerprint_mismatch(path, grid.fingerprint) if bad is None and path else None
-            if why:  # the bag matches its coords, but the slide file is no longer that slide
-                self.row(i, "failed", f"slide '{path}' {why}; re-run `tile` (it re-tiles a "
-                         "slide that changed in place), then delete the slide's bag",
-                         cache_key=key)  # fmt: skip
-                return True
             if bad is None and recent:
                 stats = {k: record.get(k) for k in ("seconds", "tiles_per_s", "reader")}
                 by = record.get("by", "another process")

@@ -58,6 +58,7 @@ class Plan:
     resumable: bool  # the target holds this very run (same fingerprint)
     run_id: str = ""
     todo: list[int] = field(default_factory=list)
+    finished: int = 0  # folds found finished when planned (resuming)
     locks: dict[str, Lock] = field(default_factory=dict)
 
     @property
@@ -219,6 +220,7 @@ def plan_fit(cfg: FitConfig, cohort: Cohort, features: dict[str, Any], rank0: bo
     else:
         todo = set(plan.unfinished()) if same else set(plan.names)
         plan.todo = [i for i in requested if plan.names[i] in todo]
+        plan.finished = len(plan.names) - len(todo)  # not the folds left to other processes
     return plan
 
 
@@ -237,7 +239,7 @@ def cleanup(out: Path, overwrite: bool) -> None:
         return  # a replacement being built right now
     try:  # decided and done under the lock: processes starting together act once
         made = rundir.run_record(new) is not None
-        if made and _complete(new):
+        if made and (new / rundir.SUMMARY).is_file():
             if not out.exists():  # the run it replaces was removed since: it is the run now
                 new.rename(out)
                 (out / rundir.REPLACE_LOCK).unlink(missing_ok=True)
@@ -258,10 +260,6 @@ def cleanup(out: Path, overwrite: bool) -> None:
             _discard(new)
     finally:
         lock.release()
-
-
-def _complete(run: Path) -> bool:
-    return (run / rundir.SUMMARY).is_file()
 
 
 def _discard(folder: Path) -> None:
@@ -332,11 +330,9 @@ def start_fit(plan: Plan, cfg: FitConfig, provenance: dict[str, Any]) -> None:
         cfg, overwrite=False, cv=dataclasses.replace(cfg.cv, run_folds=[])
     )
     rundir.write_run_files(plan.target, to_yaml(saved), provenance, plan.splits_doc)
-    if plan.resumable:  # folds outside cv.run_folds are not finished, only not ours
-        finished = len(plan.names) - len(plan.unfinished())
-        if finished:
-            what = f"the replacement of {plan.out}" if plan.replacing else str(plan.out)
-            log.info("fit: resuming %s (%d fold(s) already finished)", what, finished)
+    if plan.finished:
+        what = f"the replacement of {plan.out}" if plan.replacing else str(plan.out)
+        log.info("fit: resuming %s (%d fold(s) already finished)", what, plan.finished)
     todo = []
     for i in plan.todo:
         name = plan.names[i]
