@@ -10,6 +10,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -137,11 +138,27 @@ def read_text_csv(path: Path, what: str, key: str) -> pd.DataFrame:
     given by config ``key``) and the fix."""
     if not path.is_file():
         raise UserError(f"{what} '{path}' not found: check {key}.")
+    read = {"dtype": str, "keep_default_na": False, "index_col": False}
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        # index_col=False: rows with one cell more than the header (a trailing comma, an extra
+        # value) must not turn the first column into the index, shifting every value one column
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_csv(path, **read)
+        header = pd.read_csv(path, header=None, nrows=1, **read).iloc[0].tolist()
+    except pd.errors.ParserWarning:
+        raise UserError(
+            f"{what} '{path}' has rows with more cells than its header has columns; give each "
+            "extra column a name in the header, or remove the extra cells."
+        ) from None
     except (OSError, pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{what} '{path}' is unreadable ({msg}); save it as UTF-8 CSV.") from None
+    names = [str(h).strip() for h in header]
+    twice = sorted({n for n in names if n and names.count(n) > 1})
+    if twice:  # pandas would rename the second 'label' to 'label.1' and the first would be used
+        raise UserError(f"{what} '{path}' has column(s) {twice} more than once; keep one of each.")
+    df.columns = [str(c).strip() for c in df.columns]  # cells are stripped, names too
     seps = [name for sep, name in ((";", "semicolons"), ("\t", "tabs")) if sep in df.columns[0]]
     if len(df.columns) == 1 and seps:  # e.g. a spreadsheet's export in a comma-decimal locale
         raise UserError(

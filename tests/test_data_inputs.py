@@ -110,3 +110,34 @@ def test_no_hint_when_no_feature_file_is_near(tmp_path: Path) -> None:
     skip = DataConfig(features_dir=str(empty), on_missing="skip")  # skip, but nothing is left
     with pytest.raises(UserError, match=r"in '.*empty'.*Run `extract` for them\.$"):
         find_features(_labelled(["A1", "B2"]), skip)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("slide_id,label,label\ns1,0,1\ns2,1,0\n", "more than once"),  # pandas: 'label.1'
+        ("slide_id,label,Label \ns1,0,1\ns2,1,0\n", None),  # different names: fine
+        ("slide_id,label\ns1,0,x\ns2,1,y\n", "more cells than its header"),  # an unnamed column
+    ],
+)
+def test_labels_csv_columns_are_named_once(tmp_path: Path, text: str, problem: str | None) -> None:
+    """A second 'label' column or unnamed extra cells were read silently: pandas renamed the
+    duplicate (the first one won) or made slide_id the index (every value one column over)."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text(text)
+    if problem is None:
+        assert read_labels(str(labels))["raw_label"].tolist() == ["0", "1"]
+        return
+    with pytest.raises(UserError, match=f"{labels}.*{problem}"):
+        read_labels(str(labels))
+
+
+def test_labels_csv_trailing_commas_and_spaced_header(tmp_path: Path) -> None:
+    """Rows ending in a comma (spreadsheet exports) and ' label ' in the header read as meant;
+    the rows' trailing commas crashed with a TypeError (the slide ids became the index)."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\ufeffslide_id, label ,patient_id\ns1,0,P1,\ns2,1,P2,\n", encoding="utf-8")
+    df = read_labels(str(labels))
+    assert df.to_dict("list") == {
+        "slide_id": ["s1", "s2"], "patient_id": ["P1", "P2"], "raw_label": ["0", "1"],
+    }  # fmt: skip
