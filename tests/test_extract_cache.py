@@ -112,6 +112,29 @@ def test_unreadable_cached_bags_are_recomputed_alone(tmp_path: Path) -> None:
             assert f["features"].shape == (36, 512) and np.isfinite(f["features"][:]).all()
 
 
+def test_a_cached_file_with_groups_fails_its_slide_only(tmp_path: Path) -> None:
+    """'features' or 'coords' as an h5 group (or a scalar) in a cached file crashed the whole run
+    with a traceback (AttributeError / TypeError in check_cached): it fails that slide alone,
+    and the file, which `extract` never writes, is kept."""
+    tiles = make_cohort(tmp_path, 3)
+    out = tmp_path / "features"
+    assert run_extract(_cfg(tiles, out)) == 0
+    bags = {p.stem: p for p in out.glob("*/*.h5")}
+    with h5py.File(bags["slide0"], "r+") as f:
+        del f["features"]
+        f.create_group("features")
+    with h5py.File(bags["slide1"], "r+") as f:
+        del f["coords"]
+        f.create_dataset("coords", data=0)
+    stamps = {sid: p.stat().st_mtime_ns for sid, p in bags.items()}
+    assert run_extract(_cfg(tiles, out)) == 1
+    table = _table(out)
+    assert dict(table["status"]) == {"slide0": "failed", "slide1": "failed", "slide2": "skipped"}
+    assert "holds 'features' as Group" in table.loc["slide0", "reason"]
+    assert "holds 'coords' as a scalar" in table.loc["slide1", "reason"]
+    assert {sid: p.stat().st_mtime_ns for sid, p in bags.items()} == stamps
+
+
 def test_features_that_overflow_fail_the_slide_with_the_fix(tmp_path: Path) -> None:
     encoder = build_encoder(EncoderConfig(name="resnet18_imagenet", pretrained=False))
     state = encoder.module.state_dict()

@@ -62,6 +62,11 @@ def check_cached(path: Path, expected: Mapping[str, Any], coords: np.ndarray) ->
     try:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
+            for name in ("features", "coords"):  # a group or a scalar there: not our bag
+                node = f[name]
+                if not isinstance(node, h5py.Dataset) or not node.shape:
+                    what = "a scalar" if isinstance(node, h5py.Dataset) else type(node).__name__
+                    return Unusable(f"holds '{name}' as {what}, not an array")
             cached_coords = f["coords"][:]
             features = f["features"]
             bad = _mismatch(attrs, features.shape, cached_coords, expected, coords)
