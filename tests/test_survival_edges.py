@@ -283,3 +283,23 @@ def test_fit_hook_writes_the_report_when_a_predicted_group_is_empty(
     assert "no patient falls in group" in ev["survival"]["logrank"]["not_estimable"]
     assert ev["survival"]["c_index"]["not_estimable"] is None
     assert "not estimable" in _text((tmp_path / "report.html").read_text())
+
+
+@pytest.mark.parametrize("value", ["", "NA", "III"], ids=["empty", "na", "one-level"])
+def test_a_covariate_that_adjusts_for_nothing_is_not_estimable_not_silently_dropped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """A covariate without values, or a categorical one with a single level, gives the design
+    matrix no column: the 'adjusted' model was the univariable one, reported as adjusted."""
+    write_small(tmp_path)
+    _edit_clinical(tmp_path, stage=value)
+    rc, err = evaluate_cli(capsys, *_args(tmp_path, "covariates=[stage]"))
+    assert rc == 0, err
+    assert "FutureWarning" not in err
+    ev, html = _outputs(tmp_path)
+    cox = ev["survival"]["cox"]
+    assert cox["univariable"]["hr"] is not None
+    assert cox["adjusted"]["group: high vs low"]["hr"] is None
+    assert "covariate 'stage'" in cox["adjusted_not_estimable"]
+    assert "drop it from covariates" in cox["adjusted_not_estimable"]
+    assert any("adjusted Cox: hazard ratios not estimable" in n for n in ev["survival"]["notes"])

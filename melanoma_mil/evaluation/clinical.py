@@ -98,7 +98,7 @@ def _covariate(df: pd.DataFrame, column: str, path: str) -> tuple[pd.Series, str
             f"{_rows(df, bad)} ({sorted(set(values[bad]))[:5]}); correct those cells, or leave "
             "them empty (or NA) when unknown."
         )
-    return values.replace("", np.nan), "categorical"
+    return values.where(filled), "categorical"  # where: no downcast of an all-empty column
 
 
 def read_clinical(

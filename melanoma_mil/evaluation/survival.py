@@ -164,11 +164,40 @@ def _no_estimate(groups: pd.Series, events: pd.Series, order: list[str]) -> str 
     return f"{who}, so a hazard ratio against it is 0 or infinite"
 
 
-def _fit_cox(x: pd.DataFrame, data: pd.DataFrame, groups: Groups, notes: list[str]) -> CoxFit:
-    """CoxPHFitter on the complete cases of ``x`` (lifelines: Efron ties, Wald CIs)."""
+def _inert_covariates(data: pd.DataFrame, covariates: dict[str, str]) -> str | None:
+    """Why the adjusted model cannot adjust for every covariate: one without any value among
+    the patients, or a categorical one with a single level. Such a covariate gives no column
+    (no dummy), so the "adjusted" hazard ratio would silently be the univariable one. (A
+    constant numeric one keeps its column and lifelines refuses it.)"""
+    problems = []
+    for c, kind in covariates.items():
+        values = data[c].dropna()
+        if values.empty:
+            problems.append(f"covariate '{c}' has no value for any of the {len(data)} patients")
+        elif kind == "categorical" and values.nunique() < 2:
+            problems.append(
+                f"covariate '{c}' has one value ({values.iloc[0]!r}) for all {len(values)} "
+                "patients with it, so it adjusts for nothing"
+            )
+    if not problems:
+        return None
+    return "; ".join(problems) + ": drop it from covariates or correct clinical_csv"
+
+
+def _fit_cox(
+    x: pd.DataFrame,
+    data: pd.DataFrame,
+    groups: Groups,
+    notes: list[str],
+    inert: str | None = None,
+) -> CoxFit:
+    """CoxPHFitter on the complete cases of ``x`` (lifelines: Efron ties, Wald CIs); ``inert``:
+    why the covariates cannot be adjusted for (see `_inert_covariates`)."""
     df = x.assign(**{TIME: data[TIME], EVENT: data[EVENT]}).dropna()
     columns, order = list(x.columns), groups.order
-    reason = groups.not_estimable or _no_estimate(data.loc[df.index, GROUP], df[EVENT], order)
+    reason = (
+        groups.not_estimable or inert or _no_estimate(data.loc[df.index, GROUP], df[EVENT], order)
+    )
     if reason:
         return CoxFit(None, df, columns, reason)
     try:
@@ -342,7 +371,8 @@ def _cox(
     cox["ph_check"]["univariable"] = _ph_check(uni)
     left_out: dict[str, str] = {}
     if covariates:
-        adj = _fit_cox(_design(data, order, covariates), data, groups, notes)
+        inert = _inert_covariates(data, covariates)
+        adj = _fit_cox(_design(data, order, covariates), data, groups, notes, inert)
         cox["adjusted"] = _terms(adj)
         cox["adjusted_n"] = len(adj.data)
         left_out = _left_out(data, adj.data.index, covariates)
