@@ -342,3 +342,18 @@ def test_code_version_names_only_the_packages_own_checkout(tmp_path: Path) -> No
     assert code_version(own / "melanoma_mil").endswith("(git v9.9-dirty)")
     (own / "pyproject.toml").write_text('[project]\nname = "other"\n')
     assert "git" not in code_version(own / "melanoma_mil")
+
+
+def test_a_probability_on_a_bin_edge_falls_in_the_bin_that_starts_there() -> None:
+    """Reliability bins are [low, high): 0.3, 0.6 and 0.7 (edges linspace puts a hair above
+    the decimal) belong to the bins starting there, as their low / high in the JSON say."""
+    from melanoma_mil.evaluation.calibration import calibration
+
+    p1 = np.array([0.3, 0.6, 0.7, 0.05, 0.95, 1.0])
+    y = np.array([1, 0, 1, 0, 1, 1])
+    cal = calibration(y, np.c_[1 - p1, p1], 10)
+    for b in cal["reliability"]:
+        low, high = b["low"], b["high"]
+        inside = (p1 >= low) & ((p1 < high) if high < 1 else (p1 <= high))
+        assert b["n"] == int(inside.sum()), b
+        assert str(high) == f"{high:.1f}"  # 0.3, not 0.30000000000000004

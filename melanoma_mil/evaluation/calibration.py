@@ -22,7 +22,9 @@ def calibration(y: np.ndarray, probs: np.ndarray, n_bins: int) -> dict[str, Any]
     else:
         p, hit = probs.max(1), (probs.argmax(1) == y).astype(float)
         brier = float(np.mean(((probs - np.eye(probs.shape[1])[y]) ** 2).sum(1)))
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # i / n_bins is the float nearest each edge (linspace gives 0.30000000000000004, so a
+    # probability of 0.3 would fall in the bin reported as [0.2, 0.3))
+    edges = np.arange(n_bins + 1) / n_bins
     idx = np.clip(np.digitize(p, edges[1:-1], right=False), 0, n_bins - 1)
     bins, ece = [], 0.0
     for b in range(n_bins):
