@@ -268,7 +268,8 @@ def plot(runs: list[RunResult], folds: pd.DataFrame, path: Path) -> None:
     x = np.arange(len(runs))
     for _, fold_aucs in wide.iterrows():
         ax1.plot(x, fold_aucs.to_numpy(), color="0.7", lw=1, marker="o", ms=4, zorder=1)
-    ax1.errorbar(x, wide.mean(), yerr=wide.std(), fmt="D", color="C3", capsize=4, zorder=2)
+    spread = wide.std().fillna(0.0)  # one usable fold: 0, as comparison.csv says, not NaN
+    ax1.errorbar(x, wide.mean(), yerr=spread, fmt="D", color="C3", capsize=4, zorder=2)
     ax1.set_xticks(x, [r.name for r in runs], rotation=20, ha="right")
     ax1.set_xlim(-0.5, len(runs) - 0.5)
     ax1.set_ylabel("test AUC per fold")
