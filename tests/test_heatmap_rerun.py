@@ -9,6 +9,7 @@ import h5py
 import pandas as pd
 import pytest
 from conftest import Pipeline, inference_cfg, slide_folder
+from PIL import Image
 
 from melanoma_mil.config import HeatmapConfig
 from melanoma_mil.inference.heatmap import run_heatmap
@@ -48,6 +49,32 @@ def test_a_rerun_asking_for_geojson_draws_it(pipe: Pipeline, tmp_path: Path) -> 
     assert (out / "slide_000" / "tiles.geojson").is_file()
     assert run_heatmap(heatmap_cfg(pipe, out, *given, "geojson=true")) == 0
     assert pd.read_csv(out / "heatmaps.csv")["status"].tolist() == ["skipped"]
+
+
+def test_a_rerun_with_other_drawing_settings_redraws(pipe: Pipeline, tmp_path: Path) -> None:
+    out = tmp_path / "hm"
+    given = [f"slides_dir={pipe.slides}", f"features_dir={pipe.features}", "slide_ids=[slide_000]"]
+
+    def sizes(*extra: str) -> tuple[str, tuple[int, int], tuple[int, int]]:
+        assert run_heatmap(heatmap_cfg(pipe, out, *given, *extra)) == 0
+        status = pd.read_csv(out / "heatmaps.csv")["status"].tolist()
+        folder = out / "slide_000"
+        with Image.open(folder / "heatmap.png") as heat, Image.open(folder / "montage.png") as mt:
+            return status[0], heat.size, mt.size
+
+    status, heat, montage = sizes("top_k=1", "thumbnail_size=128")
+    assert status == "ok"
+    (out / "slide_000" / "notes.txt").write_text("mine")
+    assert sizes("top_k=1", "thumbnail_size=128") == ("skipped", heat, montage)
+    status, heat2, montage2 = sizes("top_k=2", "thumbnail_size=128")  # a wider montage
+    assert (status, heat2) == ("ok", heat) and montage2[0] > montage[0]
+    status, heat3, montage3 = sizes("top_k=2", "thumbnail_size=256")  # a larger heatmap
+    assert (status, montage3) == ("ok", montage2) and heat3[0] > heat[0]
+    assert sizes("top_k=2", "thumbnail_size=256") == ("skipped", heat3, montage3)
+    with h5py.File(out / "slide_000" / "attention.h5", "a") as f:  # as written before the record
+        del f.attrs["drawing"]
+    assert sizes("top_k=2", "thumbnail_size=256")[0] == "ok"
+    assert (out / "slide_000" / "notes.txt").read_text() == "mine"
 
 
 def test_an_attention_file_without_a_fingerprint_is_redone(pipe: Pipeline, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ prediction, but its drawing failed), with the reason.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -43,6 +44,14 @@ RECORDED_ATTRS = (*IDENTITY_FIELDS, "cache_key", "level0_mpp")
 # table columns naming a slide's drawn files, and all of a slide's files in <output_dir>/<slide_id>/
 FILE_COLUMNS = ("heatmap", "montage", "geojson")
 SLIDE_FILES = (ATTENTION_FILE, "heatmap.png", "montage.png", "tiles.geojson")
+# attention.h5 attr recording the settings its heatmap.png / montage.png were drawn with
+DRAWING_ATTR = "drawing"
+
+
+def drawing_settings(cfg: HeatmapConfig) -> str:
+    """The settings that change a slide's drawn files, as recorded in its attention.h5: a
+    resumed `heatmap` redraws a slide drawn with others rather than keep the old pictures."""
+    return json.dumps({"top_k": cfg.top_k, "thumbnail_size": cfg.thumbnail_size}, sort_keys=True)
 
 
 def check_common(cfg: HeatmapConfig) -> TrainedRun:
@@ -137,6 +146,7 @@ def render_files(
     # the file drawn on, so a resumed `heatmap` redoes the slide when its file changes
     # (the recorded one when there is one: it was just checked against the file)
     amap.attrs["slide_fingerprint"] = grid.fingerprint or slide_fingerprint(inp.slide_path)
+    amap.attrs[DRAWING_ATTR] = drawing_settings(cfg)
     slide = open_slide(inp.slide_path)
     try:
         files = render_slide(

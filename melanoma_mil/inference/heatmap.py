@@ -14,14 +14,18 @@ from typing import Any
 import pandas as pd
 
 from melanoma_mil.config import HeatmapConfig
+from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.errors import UserError
+from melanoma_mil.features.identity import plain
 from melanoma_mil.ids import id_path
 from melanoma_mil.inference.analyse import (
     ATTENTION_FILE,
+    DRAWING_ATTR,
     FAILED,
     analyse_all,
     check_common,
     claim_for_run,
+    drawing_settings,
     made_for,
     print_failures,
     probability_columns,
@@ -67,6 +71,17 @@ def unchanged(attention: Path, slide: Path | None) -> bool:
     return slide is not None and bool(recorded) and fingerprint_mismatch(slide, recorded) is None
 
 
+def drawn_alike(attention: Path, cfg: HeatmapConfig) -> bool:
+    """True if ``attention``'s slide was drawn with this call's drawing settings (top_k,
+    thumbnail_size); else it is redrawn, also when it records none (an older version's), so a
+    rerun with other settings never keeps pictures made with the old ones."""
+    try:
+        recorded = plain(read_attrs(attention).get(DRAWING_ATTR, ""))
+    except OSError:
+        return False
+    return recorded == drawing_settings(cfg)
+
+
 def run_heatmap(cfg: HeatmapConfig) -> int:
     """Heatmaps for every slide; 0 if none failed, else 1 (after finishing the others)."""
     from melanoma_mil.features.run import resolve_device
@@ -84,7 +99,8 @@ def run_heatmap(cfg: HeatmapConfig) -> int:
     def finished(sid: str, slide: Path | None) -> bool:
         folder = id_path(out, sid)
         asked = not cfg.geojson or (folder / FILES["geojson"]).is_file()  # geojson=true added
-        return sid in done and asked and unchanged(folder / ATTENTION_FILE, slide)
+        attention = folder / ATTENTION_FILE
+        return sid in done and asked and drawn_alike(attention, cfg) and unchanged(attention, slide)
 
     inputs, skipped_ids = prepare_inputs(run, cfg, skip=finished)
     claim_for_run(cfg, run, "heatmap", OUTPUTS, write=True)
