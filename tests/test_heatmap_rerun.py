@@ -77,6 +77,20 @@ def test_a_rerun_with_other_drawing_settings_redraws(pipe: Pipeline, tmp_path: P
     assert (out / "slide_000" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("removed", ["heatmap.png", "montage.png"])
+def test_a_removed_drawing_is_drawn_again(pipe: Pipeline, tmp_path: Path, removed: str) -> None:
+    out = tmp_path / "hm"
+    cfg = heatmap_cfg(pipe, out, f"slides_dir={pipe.slides}", f"features_dir={pipe.features}",
+                      "slide_ids=[slide_000]")  # fmt: skip
+    assert run_heatmap(cfg) == 0
+    (out / "slide_000" / removed).unlink()
+    assert run_heatmap(cfg) == 0
+    table = pd.read_csv(out / "heatmaps.csv")
+    assert table["status"].tolist() == ["ok"]
+    assert (out / "slide_000" / removed).is_file()
+    assert table.loc[0, removed.removesuffix(".png")] == str(out / "slide_000" / removed)
+
+
 def test_an_attention_file_without_a_fingerprint_is_redone(pipe: Pipeline, tmp_path: Path) -> None:
     out = tmp_path / "hm"
     cfg = heatmap_cfg(pipe, out, f"slides_dir={pipe.slides}", f"features_dir={pipe.features}",

@@ -99,6 +99,8 @@ def run_heatmap(cfg: HeatmapConfig) -> int:
     def finished(sid: str, slide: Path | None) -> bool:
         folder = id_path(out, sid)
         asked = not cfg.geojson or (folder / FILES["geojson"]).is_file()  # geojson=true added
+        # a drawing removed since (to have it redrawn) is drawn again, never reported skipped
+        asked = asked and all((folder / FILES[k]).is_file() for k in ("heatmap", "montage"))
         attention = folder / ATTENTION_FILE
         return sid in done and asked and drawn_alike(attention, cfg) and unchanged(attention, slide)
 
