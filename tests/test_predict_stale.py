@@ -213,3 +213,20 @@ def test_overwrite_reuses_work_features_of_unchanged_slides(pipe: Pipeline, tmp_
     row = pd.read_csv(out / "predictions.csv").set_index("slide_id").loc["B"]
     fold = fit.loc["slide_007", "fold"]
     assert row[f"prob_fold_{fold}"] == pytest.approx(fit.loc["slide_007", "prob"], abs=1e-4)
+
+
+def test_work_features_of_another_precision_are_re_extracted(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    recorded = json.loads((pipe.run_dir / "provenance.json").read_text())["precision"]
+    other = "fp32" if recorded != "fp32" else "bf16"
+    slides = slide_folder(pipe, tmp_path, "slide_000")
+    out = tmp_path / "pred"
+    cfg = predict_cfg(pipe, out, f"slides_dir={slides}", "heatmaps=false", "overwrite=true")
+    assert run_predict(cfg) == 0
+    again = predict_cfg(pipe, out, f"slides_dir={slides}", "heatmaps=false", "overwrite=true",
+                        f"precision={other}")  # fmt: skip
+    assert run_predict(again) == 0  # _work is predict's own cache: rebuilt, not failed
+    assert work_statuses(out, "tiling.csv") == {"S": "skipped"}  # the coords are kept
+    assert work_statuses(out, "extract.csv") == {"S": "ok"}
+    assert pd.read_csv(out / "predictions.csv")["status"].tolist() == ["ok"]

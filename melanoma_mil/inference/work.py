@@ -8,11 +8,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import h5py
+import numpy as np
 import pandas as pd
 
 from melanoma_mil.config import ExtractConfig, HeatmapConfig, TileConfig, TilingConfig
 from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.errors import UserError
+from melanoma_mil.features.identity import plain
 from melanoma_mil.ids import id_path
 from melanoma_mil.inference.inputs import (
     SlideInput,
@@ -60,13 +63,38 @@ def _made_from(path: Path, slide: Path, tiling: dict[str, Any], mpp: float | Non
     return same_path and same_file and same_mpp and grid.tiling == tiling
 
 
+def extract_settings(run: TrainedRun, cfg: HeatmapConfig) -> tuple[str, str]:
+    """The precision and stored dtype `extract` is asked for in ``_work``."""
+    precision = str(run.provenance.get("precision", "auto"))
+    dtype = str(run.provenance.get("feature_dtype", "float16"))
+    return (precision if cfg.precision == "run" else cfg.precision), dtype
+
+
+def _stored_otherwise(path: Path, precision: str, dtype: str) -> bool:
+    """True if the features at ``path`` were stored at another dtype, or extracted at another
+    precision than the one asked (auto takes any): `extract` refuses to reuse them and fails the
+    slide, which in this command's own cache must be rebuilt instead."""
+    try:
+        with h5py.File(path, "r") as f:
+            had, stored = plain(f.attrs.get("precision")), f["features"].dtype
+    except (OSError, KeyError):  # extract recomputes an unreadable entry itself
+        return False
+    other_precision = precision != "auto" and had is not None and had != precision
+    return np.dtype(stored) != np.dtype(dtype) or other_precision
+
+
 def clear_stale(
-    work: Path, slides: dict[str, Path], tiling: TilingConfig, mpps: dict[str, float]
+    work: Path,
+    slides: dict[str, Path],
+    tiling: TilingConfig,
+    mpps: dict[str, float],
+    settings: tuple[str, str],
 ) -> None:
     """Delete the coords and features in ``work`` of each slide that were made from another file,
-    path, tiling or mpp_csv value (``mpps``), so `tile` and `extract` rebuild them (`tile` itself
-    refuses coords of another path, to protect a user's). ``work`` is this command's own cache
-    folder."""
+    path, tiling or mpp_csv value (``mpps``), and the features extracted at another precision or
+    stored at another dtype than ``settings`` (`extract_settings`), so `tile` and `extract`
+    rebuild them (`tile` itself refuses coords of another path, to protect a user's). ``work``
+    is this command's own cache folder."""
     from melanoma_mil.tiling.run import resolved_tiling
 
     wanted = resolved_tiling(tiling)
@@ -77,12 +105,16 @@ def clear_stale(
         feats = [p for c in caches if (p := id_path(c, sid, ".h5")).is_file()]
         files = [p for p in (coords, *feats) if p.is_file()]
         if all(_made_from(p, slide, wanted, mpps.get(sid)) for p in files):
-            continue
+            files = [p for p in feats if _stored_otherwise(p, *settings)]  # re-extract only
+            if not files:
+                continue
         for p in files:
             p.unlink(missing_ok=True)
         cleared.append(sid)
     if cleared:
-        log.info("%s: rebuilding %s, made from another file or tiling", work, cleared[:5])
+        log.info(
+            "%s: rebuilding %s, made from another file, tiling or precision", work, cleared[:5]
+        )
 
 
 def _tile_and_extract(
@@ -114,7 +146,7 @@ def _tile_and_extract(
     run_tile(tile, advise_default_mpp=False)
     if not any(id_path(work / "tiles" / "coords", s, ".h5").is_file() for s in usable):
         return False
-    precision = str(run.provenance.get("precision", "auto"))
+    precision, dtype = extract_settings(run, cfg)
     run_extract(
         ExtractConfig(
             coords_dir=str(work / "tiles"),
@@ -123,8 +155,8 @@ def _tile_and_extract(
             batch_size=cfg.batch_size,
             num_workers=cfg.num_workers,
             device=cfg.device,
-            precision=precision if cfg.precision == "run" else cfg.precision,
-            dtype=str(run.provenance.get("feature_dtype", "float16")),
+            precision=precision,
+            dtype=dtype,
             reader="fast" if run.provenance.get("read_mode") == "fast" else "auto",
         )
     )
@@ -147,7 +179,7 @@ def extracted_inputs(
     usable = {s: p for s, p in slides.items() if p is not None}
     if not usable:
         return [SlideInput(s, None, None, "slide file not found") for s in slides]
-    clear_stale(work, usable, tiling, read_mpp_csv(cfg.mpp_csv))
+    clear_stale(work, usable, tiling, read_mpp_csv(cfg.mpp_csv), extract_settings(run, cfg))
     extracted = _tile_and_extract(run, usable, cfg, work, tiling)
     caches = sorted(p for p in (work / "features").glob("*") if p.is_dir())
     tables = [work / "tiles" / "tiling.csv"]
