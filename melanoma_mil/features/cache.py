@@ -70,13 +70,13 @@ def check_cached(path: Path, expected: Mapping[str, Any], coords: np.ndarray) ->
             cached_coords = f["coords"][:]
             features = f["features"]
             bad = _mismatch(attrs, features.shape, cached_coords, expected, coords)
-            bad = bad or _settings_mismatch(attrs, features.dtype, expected)
+            bad = bad or settings_mismatch(attrs, features.dtype, expected)
     except (OSError, KeyError) as e:
         return Unusable(f"is unreadable or incomplete ({type(e).__name__})", worthless=True)
     return bad
 
 
-def _settings_mismatch(
+def settings_mismatch(
     attrs: Mapping[str, Any], dtype: np.dtype, expected: Mapping[str, Any]
 ) -> Unusable | None:
     """A stored dtype, or an explicitly asked precision, other than the file's. Neither is in

@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import numpy as np
 import pandas as pd
 
 from melanoma_mil.config import ExtractConfig, HeatmapConfig, TileConfig, TilingConfig
 from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.errors import UserError
-from melanoma_mil.features.identity import plain
+from melanoma_mil.features.cache import settings_mismatch
 from melanoma_mil.ids import id_path
 from melanoma_mil.inference.inputs import (
     SlideInput,
@@ -71,16 +70,16 @@ def extract_settings(run: TrainedRun, cfg: HeatmapConfig) -> tuple[str, str]:
 
 
 def _stored_otherwise(path: Path, precision: str, dtype: str) -> bool:
-    """True if the features at ``path`` were stored at another dtype, or extracted at another
-    precision than the one asked (auto takes any): `extract` refuses to reuse them and fails the
-    slide, which in this command's own cache must be rebuilt instead."""
+    """True if `extract` would refuse the features at ``path`` for another stored dtype or
+    precision (its own rule, `settings_mismatch`) and so fail the slide: in this command's own
+    cache they are rebuilt instead."""
     try:
         with h5py.File(path, "r") as f:
-            had, stored = plain(f.attrs.get("precision")), f["features"].dtype
+            attrs, stored = dict(f.attrs), f["features"].dtype
     except (OSError, KeyError):  # extract recomputes an unreadable entry itself
         return False
-    other_precision = precision != "auto" and had is not None and had != precision
-    return np.dtype(stored) != np.dtype(dtype) or other_precision
+    asked = {"feature_dtype": dtype, "precision_requested": precision, "precision": precision}
+    return settings_mismatch(attrs, stored, asked) is not None
 
 
 def clear_stale(
