@@ -230,3 +230,15 @@ def test_work_features_of_another_precision_are_re_extracted(
     assert work_statuses(out, "tiling.csv") == {"S": "skipped"}  # the coords are kept
     assert work_statuses(out, "extract.csv") == {"S": "ok"}
     assert pd.read_csv(out / "predictions.csv")["status"].tolist() == ["ok"]
+
+
+def test_a_missing_mpp_csv_is_refused_even_beside_features_dir(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    """With features_dir, mpp_csv is unused; a path to no file is still a mistake to say, not
+    to ignore (the user believes the resolutions were given)."""
+    out = tmp_path / "pred"
+    cfg = predict_cfg(pipe, out, f"features_dir={pipe.features}", f"mpp_csv={tmp_path / 'no.csv'}")
+    with pytest.raises(UserError, match="mpp_csv .*no.csv' not found"):
+        run_predict(cfg)
+    assert not out.exists()  # before any work

@@ -31,7 +31,7 @@ from melanoma_mil.progress import progress
 from melanoma_mil.rundir import TrainedRun, load_run
 from melanoma_mil.tiling.coords import TileGrid, read_coords
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch, slide_fingerprint
-from melanoma_mil.tiling.slides import open_slide
+from melanoma_mil.tiling.slides import open_slide, read_mpp_csv
 from melanoma_mil.tracking.loggers import check_logger
 from melanoma_mil.viz.render import render_slide
 
@@ -59,6 +59,7 @@ def check_common(cfg: HeatmapConfig) -> TrainedRun:
     if not cfg.run_dir:
         raise UserError("run_dir is not set: pass run_dir=PATH to a `fit` output folder.")
     check(cfg)
+    read_mpp_csv(cfg.mpp_csv)  # checked even when features_dir leaves it unused: a typo is said
     run = load_run(cfg.run_dir)
     check_logger(run.config)  # the run's W&B mode, used to log the slides once they are done
     return run
