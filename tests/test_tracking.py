@@ -16,6 +16,7 @@ import wandb
 from PIL import Image
 from wandb.proto import wandb_internal_pb2 as pb
 
+from melanoma_mil.cli import main
 from melanoma_mil.config import FitConfig, load_config
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
@@ -190,3 +191,24 @@ def test_mode_resolution_and_single_offline_notice(
     cfg.wandb.mode = "cloud"
     with pytest.raises(UserError, match="not one of"):
         loggers.resolve_mode(cfg, run_dir)
+
+
+@pytest.mark.parametrize("how", ["wandb.mode=online", "WANDB_MODE=online"])
+def test_online_without_an_api_key_is_refused_before_any_work(
+    tmp_path: Path, fresh_wandb: None, monkeypatch: pytest.MonkeyPatch, capsys, how: str
+) -> None:
+    """wandb.init would raise at the first fold (a traceback, after the run folder is made)."""
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    monkeypatch.delenv("WANDB_IDENTITY_TOKEN_FILE", raising=False)
+    features, labels = make_bag_cohort(tmp_path / "cohort", n_patients=8, dim=4)
+    out = tmp_path / "run"
+    argv = ["fit", f"data.features_dir={features}", f"data.labels_csv={labels}",
+            f"output_dir={out}", "logger=wandb", "cv.folds=2", "trainer.max_epochs=1"]  # fmt: skip
+    if how.startswith("WANDB_MODE"):
+        monkeypatch.setenv("WANDB_MODE", "online")
+    else:
+        argv.append(how)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs an API key" in err and "wandb login" in err and "\n" not in err, err
+    assert not out.exists()

@@ -72,8 +72,9 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- W&B settings
 def has_api_key() -> bool:
-    """A key in WANDB_API_KEY or a netrc entry for the W&B host (what `wandb login` writes)."""
-    if os.environ.get("WANDB_API_KEY"):
+    """A key in WANDB_API_KEY (or an identity token file) or a netrc entry for the W&B host
+    (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     path = os.environ.get("NETRC") or str(Path.home() / ".netrc")
@@ -98,6 +99,14 @@ def _mode(cfg: FitConfig) -> tuple[str, str]:
         raise UserError(
             f"W&B mode {requested!r} from {source} is not one of {', '.join(MODES)}; "
             "fix it (or unset it: online with an API key, else offline)."
+        )
+    if mode == "online" and not has_api_key() and not in_agent():
+        # wandb.init would fail at the first fold (a traceback, the run folder already made)
+        source = "wandb.mode" if cfg.wandb.mode else "the WANDB_MODE environment variable"
+        raise UserError(
+            f"W&B mode 'online' from {source} needs an API key and none was found "
+            "(WANDB_API_KEY or `wandb login`): run `wandb login`, or log offline with "
+            "wandb.mode=offline and upload later with `wandb sync`."
         )
     return mode, "as requested"
 
