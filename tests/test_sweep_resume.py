@@ -173,3 +173,31 @@ def test_ddp_in_a_local_sweep_is_refused_before_any_run(
     err = capsys.readouterr().err.strip()
     assert "wandb agent" in err and "\n" not in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("fixed", "problem"),
+    [
+        (["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"], "wandb agent"),
+        (["logger=wandb"], "W&B mode 'ofline'"),  # WANDB_MODE=ofline
+    ],
+)
+def test_fixed_keys_are_checked_when_other_keys_of_their_section_are_swept(
+    tmp_path: Path,
+    fixed: list[str],
+    problem: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Sweeping trainer.patience (or wandb.tags) leaves trainer.devices (wandb.mode) fixed: still
+    refused before any run, not by every run once its folder exists."""
+    monkeypatch.setenv("WANDB_MODE", "ofline")
+    features, labels = cohort(tmp_path / "coh")
+    params = {"trainer.patience": {"values": [1, 2]}, "wandb.tags": {"values": [["a"], ["b"]]}}
+    grid = sweep_file(tmp_path, {"method": "grid", "parameters": params})
+    out = tmp_path / "out"
+    inputs = [f"data.features_dir={features}", f"data.labels_csv={labels}", *fixed]
+    assert main(["sweep", str(grid), *fast(out), *inputs]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and problem in err and "\n" not in err, err
+    assert not out.exists()

@@ -67,6 +67,13 @@ _SWEEP_INPUTS = (
     "cv.splits_file",
 )
 _PATHS = ("data.features_dir", "data.labels_csv", "cv.splits_file")
+# what fit's check_parallel reads (cv.* cannot be swept)
+_PARALLEL_KEYS = (
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.accumulate_grad_batches",
+)
 
 
 def _plain(value: Any) -> Any:
@@ -267,16 +274,18 @@ def _check_inputs(cfg: C.SweepConfig, swept: set[str]) -> None:
     from melanoma_mil.training.orchestrate import check_parallel
 
     fit = fit_config(cfg, {}, Path(cfg.output_dir))
-    if not any(key.startswith("trainer.") for key in swept):
-        if fit.trainer.devices * fit.trainer.num_nodes > 1:
-            raise UserError(
-                "sweep runs its fits one after another in this process, which DDP "
-                "(trainer.devices x trainer.num_nodes > 1) cannot do: run each sweep run as a "
-                "process of its own with `wandb agent` (sweeps/README.md), or keep one device "
-                "per fit (cv.run_folds trains folds in parallel)."
-            )
+    # each check is skipped only when a key it reads is swept (not any key of its section)
+    ddp = fit.trainer.devices * fit.trainer.num_nodes > 1
+    if ddp and not swept & {"trainer.devices", "trainer.num_nodes"}:
+        raise UserError(
+            "sweep runs its fits one after another in this process, which DDP "
+            "(trainer.devices x trainer.num_nodes > 1) cannot do: run each sweep run as a "
+            "process of its own with `wandb agent` (sweeps/README.md), or keep one device "
+            "per fit (cv.run_folds trains folds in parallel)."
+        )
+    if not swept & set(_PARALLEL_KEYS):
         check_parallel(fit)
-    if not any(key == "logger" or key.startswith("wandb.") for key in swept):
+    if not swept & {"logger", "wandb.mode"}:
         check_logger(fit)
     if not swept & set(C.CLINICAL_KEYS):
         check_inputs(fit)
