@@ -119,6 +119,12 @@ def test_bad_sweep_files_are_user_errors(tmp_path: Path) -> None:
         load_sweep(bad)
     with pytest.raises(UserError, match="not found"):
         load_sweep(tmp_path / "missing.yaml")
+    bad.write_text("method: grid\nparameters: [seed]\n")  # the engine's schema accepts it
+    with pytest.raises(UserError, match="parameters is not a mapping"):
+        load_sweep(bad)
+    bad.write_text("method: grid\nparameters:\n  1: {values: [2]}\n")
+    with pytest.raises(UserError, match="parameter '1' is not a fit key"):
+        load_sweep(bad)
 
 
 @pytest.mark.parametrize(

@@ -96,6 +96,11 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
         spec = yaml.safe_load(file.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"sweep file '{file}' is not valid YAML: {yaml_problem(e)}.") from None
+    if isinstance(spec, dict) and not isinstance(spec.get("parameters", {}), dict):
+        raise UserError(  # the engine's own check fails on it with an AttributeError
+            f"sweep file '{file}': parameters is not a mapping: write one `KEY:` per parameter, "
+            "each with values, value or a distribution. See sweeps/README.md."
+        )
     sweeps = _engine()
     try:
         sweeps.SweepConfig(spec)
@@ -103,8 +108,8 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
         msg = str(e).splitlines()[0]
         raise UserError(f"sweep file '{file}' is invalid: {msg}. See sweeps/README.md.") from None
     for name in spec["parameters"]:
-        if name not in FIT_KEYS:
-            close = difflib.get_close_matches(name, FIT_KEYS, n=1, cutoff=0.5)
+        if not isinstance(name, str) or name not in FIT_KEYS:
+            close = difflib.get_close_matches(str(name), FIT_KEYS, n=1, cutoff=0.5)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise UserError(f"sweep file '{file}': parameter '{name}' is not a fit key.{hint}")
         why = (
