@@ -157,6 +157,20 @@ def test_parameters_the_sweep_sets_itself_are_refused_before_any_work(
     assert not out.exists()
 
 
+def test_a_method_the_engine_cannot_plan_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """W&B's schema accepts `method: custom`; the engine raised ValueError at the first run,
+    the output folder already claimed."""
+    custom = tmp_path / "custom.yaml"
+    custom.write_text(yaml.safe_dump({"method": "custom", "parameters": {"seed": {"values": [1]}}}))
+    out = tmp_path / "out"
+    assert main(["sweep", str(custom), "--count", "1", f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"'{custom}': method 'custom'" in err and "grid, random, bayes" in err, err
+    assert "\n" not in err and not out.exists()
+
+
 def test_count_without_a_number_is_an_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

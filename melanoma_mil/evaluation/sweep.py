@@ -39,6 +39,7 @@ from melanoma_mil.tracking.loggers import SUMMARY_KEYS, check_logger, summary_me
 log = logging.getLogger(__name__)
 
 FIT_KEYS = [key for key, _, _ in C.describe(C.FitConfig)]
+LOCAL_METHODS = ("grid", "random", "bayes")  # what the sweeps engine plans
 
 # Fit keys the sweep sets for every run itself: as parameters they would be silently replaced.
 _SET_BY_SWEEP = {
@@ -107,6 +108,11 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     except (jsonschema.ValidationError, ValueError) as e:
         msg = str(e).splitlines()[0]
         raise UserError(f"sweep file '{file}' is invalid: {msg}. See sweeps/README.md.") from None
+    if spec["method"] not in LOCAL_METHODS:  # W&B's schema also takes `custom`
+        raise UserError(
+            f"sweep file '{file}': method '{spec['method']}' needs a controller of your own; "
+            f"the local sweep runs method: {', '.join(LOCAL_METHODS)}."
+        )
     for name in spec["parameters"]:
         if not isinstance(name, str) or name not in FIT_KEYS:
             close = difflib.get_close_matches(str(name), FIT_KEYS, n=1, cutoff=0.5)
