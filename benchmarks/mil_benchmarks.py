@@ -37,7 +37,7 @@ import warnings
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
@@ -166,8 +166,9 @@ class GatedAttentionReference(nn.Module):
         return self.classifier((a * h).sum(0))
 
 
-def reference_fold(bags, y, train, test, seed: int, epochs: int = 50) -> dict[str, float]:
-    """z-score with training statistics, Adam lr 5e-4 wd 1e-4, 50 epochs, last weights."""
+def reference_probs(bags, y, train, test, seed: int, epochs: int = 50) -> np.ndarray:
+    """z-score with training statistics, Adam lr 5e-4 wd 1e-4, 50 epochs, last weights: the
+    test bags' class probabilities."""
     torch.manual_seed(seed)
     stack = torch.cat([bags[i] for i in train])
     mean, std = stack.mean(0), stack.std(0).clamp_min(1e-6)
@@ -182,7 +183,7 @@ def reference_fold(bags, y, train, test, seed: int, epochs: int = 50) -> dict[st
             opt.step()
     with torch.no_grad():
         probs = torch.stack([torch.softmax(model((bags[j] - mean) / std), 0) for j in test])
-    return bag_metrics(np.array([y[j] for j in test]), probs.numpy())
+    return probs.numpy()
 
 
 def reference_offset(method: str) -> int | None:
@@ -193,28 +194,49 @@ def reference_offset(method: str) -> int | None:
     return int(k) if head == REFERENCE and k.isdigit() else None
 
 
-def run_reference(data: Path, seed: int, out: Path, offset: int = 0) -> None:
+@dataclass(frozen=True)
+class LoadedSet:
+    """A set's bags in memory, as the reference trains on them."""
+
+    table: pd.DataFrame  # bag_id, patient_id (= bag_id), label (class index)
+    classes: list[str]
+    bags: list[torch.Tensor]
+
+    @property
+    def y(self) -> list[int]:
+        return self.table["label"].tolist()
+
+    def folds(self, seed: int) -> Iterator[tuple[list[str], list[int], list[int]]]:
+        """(test bag ids, train indices, test indices) of seed's 10 folds, as `fit` splits
+        them; the reference trains on each fold's train + validation bags."""
+        index = {b: i for i, b in enumerate(self.table["bag_id"])}
+        for s in make_splits(self.table, CVConfig(folds=10), seed, self.classes):
+            yield s.test, [index[b] for b in s.train + s.val], [index[b] for b in s.test]
+
+
+def load_set(data: Path) -> LoadedSet:
     labels = pd.read_csv(data / "labels.csv", dtype=str)
     classes = sorted(labels["label"].unique())
-    bags_df = pd.DataFrame(
+    table = pd.DataFrame(
         {
             "bag_id": labels["slide_id"],
             "patient_id": labels["slide_id"],
             "label": labels["label"].map(classes.index),
         }
     )
-    index = {b: i for i, b in enumerate(bags_df["bag_id"])}
     bags = []
-    for b in bags_df["bag_id"]:
+    for b in table["bag_id"]:
         with h5py.File(data / "features" / f"{b}.h5", "r") as f:
             bags.append(torch.from_numpy(f["features"][:]))
-    y = bags_df["label"].tolist()
-    splits = make_splits(bags_df, CVConfig(folds=10), seed, [str(c) for c in classes])
-    per_fold = []
-    for s in splits:
-        train = [index[b] for b in s.train + s.val]
-        test = [index[b] for b in s.test]
-        per_fold.append(reference_fold(bags, y, train, test, seed + offset))
+    return LoadedSet(table, [str(c) for c in classes], bags)
+
+
+def run_reference(data: Path, seed: int, out: Path, offset: int = 0) -> None:
+    loaded = load_set(data)
+    y, per_fold = loaded.y, []
+    for _, train, test in loaded.folds(seed):
+        probs = reference_probs(loaded.bags, y, train, test, seed + offset)
+        per_fold.append(bag_metrics(np.array([y[j] for j in test]), probs))
     write_json(out / "reference_summary.json", {m: [f[m] for f in per_fold] for m in per_fold[0]})
 
 
