@@ -298,3 +298,27 @@ def test_cli_tile_and_user_error(tmp_path: Path, pyramid: tuple[Path, np.ndarray
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "missing" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_target_finer_than_the_slide_fails_that_slide_only(
+    tmp_path: Path, pyramid: tuple[Path, np.ndarray]
+) -> None:
+    """A 0.5 um/px scan in a cohort tiled at 0.25 um/px would be upsampled 2x (blur posing as
+    detail): that slide fails with the fix, the 0.25 um/px one is tiled."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "fine.tiff").symlink_to(pyramid[0])
+    write_pyramid(slides / "coarse.tiff", pyramid[1][::2, ::2].copy(), mpp=0.5, n_levels=2)
+    out = tmp_path / "out"
+    cfg = TileConfig(slides_dir=str(slides), output_dir=str(out), workers=1,
+                     tiling=TilingConfig(mpp=0.25, tile_size=64))  # fmt: skip
+    assert run_tile(cfg) == 1
+    table = pd.read_csv(out / "tiling.csv").set_index("slide_id")
+    assert table.loc["fine", "status"] == "ok"
+    assert table.loc["coarse", "status"] == "failed"
+    assert "scanned at 0.5 um/px, coarser than the target 0.25" in table.loc["coarse", "reason"]
+    assert not (out / "coords" / "coarse.h5").exists()
+    # a few percent finer (0.263 um/px 40x scans tiled at 0.25) is still tiled
+    slide = open_slide(pyramid[0])
+    grid = tile_slide(slide, pyramid[0], "fine", TilingConfig(mpp=0.23, tile_size=64)).grid
+    assert grid.patch_level == 0 and grid.read_size == 59

@@ -15,6 +15,7 @@ from melanoma_mil.tiling.coords import TileGrid
 from melanoma_mil.tiling.fingerprint import slide_fingerprint
 from melanoma_mil.tiling.slides import (
     SlideReader,
+    check_reachable,
     choose_level,
     find_mpp,
     read_thumbnail,
@@ -108,6 +109,7 @@ def tile_slide(
         slide, cfg.default_mpp, str(slide_path), mpp_override, advise_default_mpp
     )
     mpp_source = find_mpp(slide, cfg.default_mpp, mpp_override)[1]
+    check_reachable(level0_mpp, cfg.mpp, str(slide_path))
     choice = choose_level(slide.level_downsamples, level0_mpp, cfg.mpp, cfg.tile_size)
     stride = (cfg.tile_size - cfg.overlap) * choice.level0_size / cfg.tile_size
     w0, h0 = slide.dimensions

@@ -32,6 +32,9 @@ SlideReader = OpenSlideReader | OmeTiffReader | CziReader
 # their 4x level, 1.1% coarser than 1.0 um/px; at 1% they read 16x the pixels from level 0,
 # and a cohort of 0.2520 and 0.2527 scans read from two levels), and a 2% resize is invisible.
 LEVEL_TOLERANCE = 0.02
+# A target this much finer than level 0 is still tiled (40x scans are 0.22-0.263 um/px, and an
+# objective-power mpp is ~10% off); beyond it tiles would be upsampled, blur posing as detail.
+UPSAMPLE_TOLERANCE = 0.15
 # Resolutions outside this range are scanner defaults (72 dpi) or garbage, not a real mpp.
 PLAUSIBLE_MPP = (0.05, 50.0)
 # Thumbnails are read in chunks of this many level pixels so no full level is ever in memory.
@@ -265,6 +268,18 @@ def choose_level(
     ds = float(level_downsamples[level])
     read_size = max(1, round(tile_size * target_ds / ds))
     return LevelChoice(level, ds, read_size, read_size * ds)
+
+
+def check_reachable(level0_mpp: float, target_mpp: float, name: str) -> None:
+    """Refuse a target finer than the slide was scanned at: its tiles would be upsampled, and
+    in a mixed cohort (20x among 40x scans) look alike to the encoder while holding less."""
+    if target_mpp * (1 + UPSAMPLE_TOLERANCE) < level0_mpp:
+        raise UserError(
+            f"slide '{name}' is scanned at {level0_mpp:g} um/px, coarser than the target "
+            f"{target_mpp:g} um/px (its tiles would be upsampled {level0_mpp / target_mpp:.2g}x); "
+            f"tile at tiling.mpp >= {level0_mpp:g}, leave the slide out, or correct its "
+            "resolution in mpp_csv if the file's is wrong."
+        )
 
 
 def _to_rgb(region: Image.Image) -> np.ndarray:
