@@ -19,6 +19,7 @@ from PIL import Image
 from slide_writers import SCN_OFFSET, WRITERS, write_slide
 
 from melanoma_mil.config import EncoderConfig, ExtractConfig, TileConfig, TilingConfig
+from melanoma_mil.errors import UserError
 from melanoma_mil.features.run import run_extract
 from melanoma_mil.tiling.run import run_tile
 from melanoma_mil.tiling.slides import find_mpp, find_slides, open_slide
@@ -111,3 +112,15 @@ def test_every_format_is_tiled_at_a_target_mpp_and_extracted(
         # Leica: OpenSlide places the image on the reduced level 1 px off the others (its level
         # downsample, 3.9992, comes from the collection area around the image)
         assert cos.mean() > (0.9 if sid == "leica" else 0.98), (sid, cos.mean())
+
+
+def test_a_truncated_ome_tiff_is_reported_as_truncated(tmp_path: Path) -> None:
+    """A cut-off OME-TIFF copy loses its XML (so its mpp) and its last tiles: it fails as
+    truncated, not as 'records no resolution' (whose fix, an mpp_csv row, then failed with
+    'Jpeg8Error: Empty input file')."""
+    slide = write_slide("ome-tiff", tmp_path, tissue_image(1024))
+    cut = tmp_path / "cut.ome.tiff"
+    cut.write_bytes(slide.read_bytes()[: slide.stat().st_size // 2])
+    with pytest.raises(UserError, match=r"cut.ome.tiff' is truncated .*copy or re-export"):
+        open_slide(cut)
+    assert find_mpp(open_slide(slide))[0] == pytest.approx(0.5)

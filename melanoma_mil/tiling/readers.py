@@ -114,6 +114,12 @@ def _ome_mpp(xml: str | None) -> dict[str, str]:
     return {MPP_X: repr(x), MPP_Y: repr(y)}
 
 
+def _data_end(page: tifffile.TiffPage) -> int:
+    """The byte just past a page's last stored tile."""
+    ends = [int(o) + int(c) for o, c in zip(page.dataoffsets, page.databytecounts, strict=True)]
+    return max(ends, default=0)
+
+
 class OmeTiffReader(_Pyramid):
     """An OME-TIFF pyramid (SubIFDs or pages), read tile by tile with `TiffTiles`."""
 
@@ -128,6 +134,12 @@ class OmeTiffReader(_Pyramid):
                 raise UserError(
                     f"slide '{path}': OME-TIFF level {bad[0]} is not a tiled 8-bit RGB image "
                     "(e.g. separate channel planes); re-export it as tiled RGB (bfconvert/QuPath)."
+                )
+            size, end = path.stat().st_size, max(_data_end(p) for p in pages)
+            if end > size:  # a cut-off copy: its XML (mpp) and last tiles are missing
+                raise UserError(
+                    f"slide '{path}' is truncated (its tiles end at byte {end}, the file has "
+                    f"{size}); copy or re-export it again."
                 )
             self.levels = [TiffTiles(path, p) for p in pages]
             self.dims = [(int(p.imagewidth), int(p.imagelength)) for p in pages]
