@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 from conftest import tissue_image
 from PIL import Image
 from slide_writers import SCN_OFFSET, WRITERS, write_slide
@@ -124,3 +125,19 @@ def test_a_truncated_ome_tiff_is_reported_as_truncated(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"cut.ome.tiff' is truncated .*copy or re-export"):
         open_slide(cut)
     assert find_mpp(open_slide(slide))[0] == pytest.approx(0.5)
+
+
+def test_a_single_level_ome_tif_keeps_the_mpp_of_its_xml(tmp_path: Path) -> None:
+    """An OME-TIFF of one level named .tif went to OpenSlide, which reads no OME XML: 'records
+    no resolution'. Its XML's size, also in the Greek mu some writers use, gives the mpp."""
+    img = tissue_image(512)
+    for name, unit in (("plain.tif", "\u00b5m"), ("greek.tif", "\u03bcm")):
+        meta = {"PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25, "axes": "YXS",
+                "PhysicalSizeXUnit": unit, "PhysicalSizeYUnit": unit}  # fmt: skip
+        with tifffile.TiffWriter(tmp_path / name, ome=True) as tif:
+            tif.write(img, tile=(256, 256), photometric="rgb", compression="jpeg", metadata=meta)
+        slide = open_slide(tmp_path / name)
+        assert slide.backend == "tifffile"
+        assert find_mpp(slide) == (pytest.approx(0.25), "file")
+        region = np.asarray(slide.read_region((192, 192), 0, (64, 64)))[..., :3]
+        assert np.abs(region.astype(int) - img[192:256, 192:256]).mean() < 8  # JPEG noise

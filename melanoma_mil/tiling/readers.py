@@ -31,8 +31,8 @@ from melanoma_mil.tiling.tiffpages import TiffTiles, is_rgb8
 
 MPP_X, MPP_Y = openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y
 VENDOR, POWER = openslide.PROPERTY_NAME_VENDOR, openslide.PROPERTY_NAME_OBJECTIVE_POWER
-# microns per OME length unit
-_OME_UNITS = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+# microns per OME length unit (micro sign as the schema spells it, or the Greek mu)
+_OME_UNITS = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
 
 class OpenSlideReader(openslide.OpenSlide):
@@ -225,7 +225,7 @@ def is_ome_tiff(path: Path) -> bool:
         return False
     try:
         with tifffile.TiffFile(path) as tif:
-            return bool(tif.is_ome) and len(tif.series[0].levels) > 1
+            return bool(tif.is_ome)  # even one level: OpenSlide would see no mpp in its XML
     except (tifffile.TiffFileError, OSError, ValueError):
         return False
 
