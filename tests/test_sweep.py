@@ -171,6 +171,31 @@ def test_a_method_the_engine_cannot_plan_is_refused_before_any_work(
     assert "\n" not in err and not out.exists()
 
 
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ({"method": "grid", "parameters": {"optim.lr": {"min": 0.1, "max": 0.2}}}, "grid search"),
+        ({"method": "bayes", "parameters": {"optim.lr": {"min": 0.1, "max": 0.2}}}, "metric"),
+    ],
+    ids=["grid-of-a-distribution", "bayes-without-metric"],
+)
+def test_a_sweep_the_engine_cannot_plan_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], spec: dict, problem: str
+) -> None:
+    """Valid for W&B's schema, but the engine raised ValueError at the first run, the output
+    folder already claimed."""
+    features, labels = make_bag_cohort(tmp_path / "c", n_patients=8, dim=4)
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    argv = ["sweep", str(sweep_file), "--count", "1", f"output_dir={out}",
+            f"data.features_dir={features}", f"data.labels_csv={labels}"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"sweep file '{sweep_file}' cannot be planned" in err and problem in err, err
+    assert "\n" not in err and not out.exists()
+
+
 def test_count_without_a_number_is_an_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -126,6 +126,15 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
         if why:
             raise UserError(f"sweep file '{file}': parameter '{name}' cannot be swept: {why}.")
     _check_values(spec, file)
+    # what only planning finds (a grid of a distribution, bayes without a metric) fails here,
+    # not at the first run with the folder claimed; after the names, which the engine asserts on
+    try:
+        _suggest(spec, [], 0)
+    except ValueError as e:
+        msg = str(e).splitlines()[0].rstrip(".")
+        raise UserError(
+            f"sweep file '{file}' cannot be planned: {msg}. See sweeps/README.md."
+        ) from None
     return spec
 
 
