@@ -227,6 +227,28 @@ def test_every_sweep_value_is_checked_before_any_run(
         assert not out.exists()
 
 
+@pytest.mark.parametrize(("value", "became"), [("007", "'7'"), ("yes", "'True'"), ("a #b", "'a'")])
+def test_a_text_value_the_agent_would_change_is_refused_before_any_work(
+    tmp_path: Path, value: str, became: str
+) -> None:
+    """The agent passes `key=value` unquoted, read as YAML: '007' trained as wandb.project='7'
+    (here and under the agent) while the file, ledger and results table said '007'."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        yaml.safe_dump({"method": "grid", "parameters": {"wandb.project": {"values": [value]}}})
+    )
+    with pytest.raises(UserError, match=f"value '{value}' reaches fit as {became}"):
+        load_sweep(bad)
+    quoted = f"'{value}'"  # the fix the error names: the same value here and under the agent
+    bad.write_text(
+        yaml.safe_dump({"method": "grid", "parameters": {"wandb.project": {"values": [quoted]}}})
+    )
+    load_sweep(bad)
+    params = {"wandb.project": quoted}
+    assert fit_config(SweepConfig(), params, Path("runs/x")).wandb.project == value
+    assert parse(["fit", *overrides(params)])[1].wandb.project == value
+
+
 def test_a_null_sweep_value_unsets_an_optional_key_here_and_under_the_agent() -> None:
     params = {"model.hidden_dim": None, "data.max_instances": 64}
     fit = fit_config(SweepConfig(model=ModelConfig(hidden_dim=32)), params, Path("runs/x"))

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from melanoma_mil import config as C
 from melanoma_mil.configtools import yaml_problem
@@ -152,9 +153,32 @@ def _check_values(spec: dict[str, Any], file: Path) -> None:
             values += [param[b] for b in ("min", "max") if b in param]
         for value in values:
             try:
-                fit_config(C.SweepConfig(), {name: value}, Path("runs/check"))
+                fit = fit_config(C.SweepConfig(), {name: value}, Path("runs/check"))
             except UserError as e:
                 raise UserError(f"sweep file '{file}', parameter '{name}': {e}") from None
+            _check_text(file, name, value, fit)
+
+
+def _check_text(file: Path, name: str, value: Any, fit: C.FitConfig) -> None:
+    """A text value that the agent's `key=value` (read as YAML) turns into another ('007' -> 7,
+    'yes' -> True, 'a #b' -> 'a') would train with a value the file does not say."""
+    if not isinstance(value, str) or value == "None":  # None: the agent's null, on purpose
+        return
+    if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":  # quoted on purpose
+        return
+    node = OmegaConf.structured(C.FitConfig())
+    try:
+        OmegaConf.update(node, name, value, merge=True)
+    except OmegaConfBaseException:  # not a text key: fit_config has checked the value
+        return
+    meant = OmegaConf.select(node, name)
+    got = OmegaConf.select(OmegaConf.structured(fit), name)
+    if got != meant:
+        raise UserError(
+            f"sweep file '{file}', parameter '{name}': value {value!r} reaches fit as {got!r} "
+            f"(wandb agent passes {name}={value}, which is read as YAML); quote it inside the "
+            f"text to keep it: \"'{value}'\"."
+        )
 
 
 def _engine() -> Any:
