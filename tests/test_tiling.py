@@ -151,6 +151,19 @@ def test_a_mask_dir_that_is_no_folder_is_refused_before_any_slide(tmp_path: Path
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("key", "value"), [("mpp", 0.0005), ("default_mpp", 500.0)])
+def test_an_implausible_mpp_setting_is_refused_before_any_slide(
+    tmp_path: Path, pyramid: tuple[Path, np.ndarray], key: str, value: float
+) -> None:
+    """As mpp_csv rows are: default_mpp=500 was taken as a slide's level-0 mpp, and mpp=0.0005
+    tiled every slide into 1-px reads (2000x finer than a scanner's) before any check."""
+    out = tmp_path / "tiles"
+    tiling = TilingConfig(**{key: value})
+    with pytest.raises(UserError, match=rf"tiling.{key}={value:g} is not a resolution in 0.05-50"):
+        run_tile(TileConfig(slides_dir=str(pyramid[0].parent), output_dir=str(out), tiling=tiling))
+    assert not out.exists()
+
+
 def test_real_aperio_slide(tmp_path: Path) -> None:
     if not CMU.is_file():
         pytest.skip(f"real test slide {CMU} not present (CI clones the repo beside shared/)")
