@@ -212,3 +212,39 @@ def test_online_without_an_api_key_is_refused_before_any_work(
     err = capsys.readouterr().err.strip()
     assert "needs an API key" in err and "wandb login" in err and "\n" not in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("netrc_name", "machine", "settings"),
+    [
+        (".netrc", "api.forge.coreweave.com", None),  # `wandb login` with wandb >= 0.31
+        (".netrc", "wandb.example.org", "https://wandb.example.org"),  # `wandb login --host`
+        ("_netrc", "api.wandb.ai", None),  # wandb reads ~/_netrc too (Windows)
+    ],
+)
+def test_a_key_wandb_itself_finds_is_found(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    netrc_name: str,
+    machine: str,
+    settings: str | None,
+) -> None:
+    """wandb.mode=online is refused without a key: never for a key that wandb uses."""
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "NETRC", "WANDB_CONFIG_DIR",
+                "WANDB_IDENTITY_TOKEN_FILE"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    key = tmp_path / netrc_name
+    key.write_text(f"machine {machine} login user password not-a-real-key\n")
+    key.chmod(0o600)
+    if settings:
+        folder = tmp_path / ".config" / "wandb"
+        folder.mkdir(parents=True)
+        (folder / "settings").write_text(f"[default]\nbase_url = {settings}\n")
+    cfg = FitConfig(logger="wandb")
+    cfg.wandb.mode = "online"
+    assert loggers.has_api_key()
+    loggers.check_logger(cfg)  # no UserError
+    key.unlink()
+    with pytest.raises(UserError, match="needs an API key"):
+        loggers.check_logger(cfg)

@@ -14,6 +14,7 @@ offline files: one W&B run per fold, however often it was started.
 
 from __future__ import annotations
 
+import configparser
 import hashlib
 import logging
 import math
@@ -71,17 +72,44 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- W&B settings
+# hosts `wandb login` writes to netrc when no base_url is set: api.wandb.ai, and
+# api.forge.coreweave.com, wandb >= 0.31's default base_url
+_DEFAULT_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
+
+
+def _wandb_hosts() -> list[str]:
+    """The W&B host(s) the key would be for: WANDB_BASE_URL, else the base_url that
+    `wandb login --host` keeps in W&B's settings file, else the default hosts."""
+    url = os.environ.get("WANDB_BASE_URL")
+    if not url:
+        folder = os.environ.get("WANDB_CONFIG_DIR") or str(Path.home() / ".config" / "wandb")
+        settings = configparser.ConfigParser()
+        try:
+            settings.read(Path(folder) / "settings")
+            url = settings.get("default", "base_url", fallback=None)
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            url = None
+    host = urlparse(url).hostname if url else None
+    return [host] if host else list(_DEFAULT_HOSTS)
+
+
 def has_api_key() -> bool:
     """A key in WANDB_API_KEY (or an identity token file) or a netrc entry for the W&B host
-    (what `wandb login` writes)."""
+    (what `wandb login` writes: ~/.netrc, or ~/_netrc, which wandb also reads)."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    path = os.environ.get("NETRC") or str(Path.home() / ".netrc")
-    try:
-        return netrc.netrc(path).authenticators(host or "") is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
+    if os.environ.get("NETRC"):
+        paths = [os.path.expanduser(os.environ["NETRC"])]
+    else:
+        paths = [str(Path.home() / ".netrc"), str(Path.home() / "_netrc")]
+    for path in paths:
+        try:
+            entries = netrc.netrc(path)
+        except (OSError, netrc.NetrcParseError):
+            continue
+        if any(entries.authenticators(host) is not None for host in _wandb_hosts()):
+            return True
+    return False
 
 
 def _mode(cfg: FitConfig) -> tuple[str, str]:
