@@ -249,6 +249,21 @@ def test_a_text_value_the_agent_would_change_is_refused_before_any_work(
     assert parse(["fit", *overrides(params)])[1].wandb.project == value
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("data.features_dir", "~/features/uni"), ("data.store_dir", "~/store"),
+     ("optim.lr", "5e-4"), ("data.features_dir", "features/uni-1 2")],
+)  # fmt: skip
+def test_a_text_value_fit_reads_as_written_is_accepted(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    """'~/x' reaches fit as the home folder's x, as it does from the command line or a config
+    file: fit's own reading, not the agent's YAML, so not a changed value."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"method": "grid", "parameters": {key: {"values": [value]}}}))
+    load_sweep(sweep)
+
+
 def test_a_null_sweep_value_unsets_an_optional_key_here_and_under_the_agent() -> None:
     params = {"model.hidden_dim": None, "data.max_instances": 64}
     fit = fit_config(SweepConfig(model=ModelConfig(hidden_dim=32)), params, Path("runs/x"))

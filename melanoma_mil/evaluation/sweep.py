@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from melanoma_mil import config as C
-from melanoma_mil.configtools import yaml_problem
+from melanoma_mil.configtools import expand_home, yaml_problem
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.sweep_report import RESULTS, own_comparison, report
 from melanoma_mil.io import write_json
@@ -171,7 +171,9 @@ def _check_text(file: Path, name: str, value: Any, fit: C.FitConfig) -> None:
         OmegaConf.update(node, name, value, merge=True)
     except OmegaConfBaseException:  # not a text key: fit_config has checked the value
         return
-    meant = OmegaConf.select(node, name)
+    typed = OmegaConf.to_object(node)
+    expand_home(typed)  # as fit does to any text setting: '~/x' means the home folder's x
+    meant = OmegaConf.select(OmegaConf.structured(typed), name)
     got = OmegaConf.select(OmegaConf.structured(fit), name)
     if got != meant:
         raise UserError(
