@@ -7,11 +7,12 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import h5py
 import pandas as pd
 
 from melanoma_mil.errors import UserError
+
+log = logging.getLogger(__name__)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -133,9 +136,13 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def read_text_csv(path: Path, what: str, key: str) -> pd.DataFrame:
+def read_text_csv(
+    path: Path, what: str, key: str, used: Collection[str] | None = None
+) -> pd.DataFrame:
     """A CSV as stripped strings (empty cells ''), or a UserError naming the file (``what``
-    given by config ``key``) and the fix."""
+    given by config ``key``) and the fix. A column name given twice is refused when the caller
+    reads it (``used``; None: every column), else both copies are left out: exports often
+    repeat the names of columns nobody reads."""
     if not path.is_file():
         raise UserError(f"{what} '{path}' not found: check {key}.")
     read = {"dtype": str, "keep_default_na": False, "index_col": False}
@@ -156,9 +163,13 @@ def read_text_csv(path: Path, what: str, key: str) -> pd.DataFrame:
         raise UserError(f"{what} '{path}' is unreadable ({msg}); save it as UTF-8 CSV.") from None
     names = [str(h).strip() for h in header]
     twice = sorted({n for n in names if n and names.count(n) > 1})
-    if twice:  # pandas would rename the second 'label' to 'label.1' and the first would be used
-        raise UserError(f"{what} '{path}' has column(s) {twice} more than once; keep one of each.")
+    read = [n for n in twice if used is None or n in used]
+    if read:  # pandas would rename the second 'label' to 'label.1' and the first would be used
+        raise UserError(f"{what} '{path}' has column(s) {read} more than once; keep one of each.")
+    if twice:
+        log.warning("%s '%s': column(s) %s appear more than once; not read", what, path, twice)
     df.columns = [str(c).strip() for c in df.columns]  # cells are stripped, names too
+    df = df.iloc[:, [i for i, n in enumerate(names) if n not in twice]]
     seps = [name for sep, name in ((";", "semicolons"), ("\t", "tabs")) if sep in df.columns[0]]
     if len(df.columns) == 1 and seps:  # e.g. a spreadsheet's export in a comma-decimal locale
         raise UserError(

@@ -117,6 +117,8 @@ def test_no_hint_when_no_feature_file_is_near(tmp_path: Path) -> None:
     [
         ("slide_id,label,label\ns1,0,1\ns2,1,0\n", "more than once"),  # pandas: 'label.1'
         ("slide_id,label,Label \ns1,0,1\ns2,1,0\n", None),  # different names: fine
+        ("slide_id,note,label,note\ns1,a,0,b\ns2,c,1,d\n", None),  # an unread name twice: fine
+        ("slide_id,patient_id,label,patient_id\ns1,P1,0,P2\ns2,P2,1,P1\n", "more than once"),
         ("slide_id,label\ns1,0,x\ns2,1,y\n", "more cells than its header"),  # an unnamed column
     ],
 )

@@ -49,7 +49,7 @@ def repeated(values: pd.Series) -> list[str]:
 def read_slide_table(path: Path, what: str, key: str, columns: list[str]) -> pd.DataFrame:
     """A CSV of slides as stripped strings with ``columns`` (patient_id defaults to slide_id),
     or a UserError naming the file and the fix."""
-    df = read_text_csv(path, what, key)
+    df = read_text_csv(path, what, key, [*columns, "patient_id"])
     missing = [c for c in columns if c not in df.columns]
     if missing:
         optional = "" if "patient_id" in columns else "[, patient_id]"

@@ -105,7 +105,8 @@ def read_clinical(
     path: str, time_column: str, event_column: str, covariates: list[str]
 ) -> Clinical:
     """Read and check the clinical CSV (see the module docstring)."""
-    df = read_text_csv(Path(path), "clinical CSV", "clinical_csv")
+    used = ["patient_id", time_column, event_column, *covariates]
+    df = read_text_csv(Path(path), "clinical CSV", "clinical_csv", used)
     clash = {time_column, event_column, "patient_id"} & set(covariates)
     if clash:
         raise UserError(

@@ -148,7 +148,7 @@ def labels_table(path: str, run: TrainedRun | None, classes: list[str]) -> Label
     """Read labels_csv; blank / NA labels (data.cohort.MISSING) leave a slide unlabelled,
     unless the run's label_map maps them."""
     df = read_slide_table(Path(path), "labels CSV", "labels_csv", ["slide_id", "label"])
-    raw = read_text_csv(Path(path), "labels CSV", "labels_csv")
+    raw = read_text_csv(Path(path), "labels CSV", "labels_csv", ["slide_id", "label", "patient_id"])
     named = "patient_id" in raw.columns and bool((~is_missing(raw["patient_id"])).any())
     if named:  # a blank patient id names no patient: the predictions' own grouping stands
         df["patient_id"] = df["patient_id"].where(~is_missing(raw["patient_id"]))

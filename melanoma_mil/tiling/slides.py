@@ -81,7 +81,7 @@ def find_slides(
     """
     if manifest:
         mpath = Path(manifest)
-        df = read_text_csv(mpath, "manifest", "manifest")
+        df = read_text_csv(mpath, "manifest", "manifest", ["slide_id", "path"])
         missing = {"slide_id", "path"} - set(df.columns)
         if missing:
             raise UserError(
@@ -227,7 +227,7 @@ def read_mpp_csv(path: str | os.PathLike[str] | None) -> dict[str, float]:
     if not path:
         return {}
     p = Path(path)
-    df = read_text_csv(p, "mpp_csv", "mpp_csv")
+    df = read_text_csv(p, "mpp_csv", "mpp_csv", ["slide_id", "mpp"])
     if not {"slide_id", "mpp"} <= set(df.columns):
         raise UserError(f"mpp_csv '{p}' needs columns slide_id,mpp; it has {list(df.columns)}.")
     out: dict[str, float] = {}
