@@ -76,7 +76,7 @@ def _stored_otherwise(path: Path, precision: str, dtype: str) -> bool:
     try:
         with h5py.File(path, "r") as f:
             attrs, stored = dict(f.attrs), f["features"].dtype
-    except (OSError, KeyError):  # extract recomputes an unreadable entry itself
+    except (OSError, KeyError, AttributeError):  # unreadable, or no array: extract says so
         return False
     asked = {"feature_dtype": dtype, "precision_requested": precision, "precision": precision}
     return settings_mismatch(attrs, stored, asked) is not None

@@ -19,6 +19,7 @@ from melanoma_mil.tiling.slides import (
     check_reachable,
     choose_level,
     find_mpp,
+    plausible,
     read_thumbnail,
     slide_mpp,
 )
@@ -53,7 +54,7 @@ def check_tiling(cfg: TilingConfig) -> None:
     check(cfg, "tiling.")
     for key, mpp in (("mpp", cfg.mpp), ("default_mpp", cfg.default_mpp)):
         # as mpp_csv rows are checked: a typo (0.0005) asked for tiles of millions of pixels
-        if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+        if mpp is not None and plausible(mpp) is None:
             raise UserError(
                 f"tiling.{key}={mpp:g} is not a resolution in {PLAUSIBLE_MPP[0]}-"
                 f"{PLAUSIBLE_MPP[1]} um/px; fix the value (0.5 for 20x, 0.25 for 40x)."

@@ -161,7 +161,8 @@ def open_slide(path: str | os.PathLike[str]) -> SlideReader:
         raise UserError(f"slide '{p}' is corrupt or truncated ({e}); re-export it.") from None
 
 
-def _plausible(mpp: float | None) -> float | None:
+def plausible(mpp: float | None) -> float | None:
+    """``mpp`` if it is a resolution a scanner makes, else None (72 dpi defaults, typos)."""
     if mpp is None or not math.isfinite(mpp):
         return None
     return mpp if PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else None
@@ -182,15 +183,15 @@ def find_mpp(
     if override is not None:
         return override, "mpp_csv"
     props = slide.properties
-    mpp = _plausible(_float(props, openslide.PROPERTY_NAME_MPP_X))
+    mpp = plausible(_float(props, openslide.PROPERTY_NAME_MPP_X))
     if mpp is not None:
         return mpp, "file"
     xres, unit = _float(props, "tiff.XResolution"), props.get("tiff.ResolutionUnit", "")
     per_unit_um = {"centimeter": 1e4, "inch": 25400.0}.get(unit.lower())
-    if xres and per_unit_um and (mpp := _plausible(per_unit_um / xres)) is not None:
+    if xres and per_unit_um and (mpp := plausible(per_unit_um / xres)) is not None:
         return mpp, "tiff resolution"
     power = _float(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
-    if power and (mpp := _plausible(10.0 / power)) is not None:
+    if power and (mpp := plausible(10.0 / power)) is not None:
         return mpp, "objective power"
     if default_mpp is not None and default_mpp > 0:
         return default_mpp, "default"
@@ -235,7 +236,7 @@ def read_mpp_csv(path: str | os.PathLike[str] | None) -> dict[str, float]:
         where = f"mpp_csv '{p}' row {row + 2}"
         sid = check_slide_id(str(sid).strip(), where)
         mpp = pd.to_numeric(raw, errors="coerce")
-        if _plausible(float(mpp)) is None:
+        if plausible(float(mpp)) is None:
             raise UserError(
                 f"{where}: mpp {raw!r} for '{sid}' is not a resolution in "
                 f"{PLAUSIBLE_MPP[0]}-{PLAUSIBLE_MPP[1]} um/px; fix the value."
@@ -277,8 +278,8 @@ def check_reachable(level0_mpp: float, target_mpp: float, name: str) -> None:
         raise UserError(
             f"slide '{name}' is scanned at {level0_mpp:g} um/px, coarser than the target "
             f"{target_mpp:g} um/px (its tiles would be upsampled {level0_mpp / target_mpp:.2g}x); "
-            f"tile at tiling.mpp >= {level0_mpp:g}, leave the slide out, or correct its "
-            "resolution in mpp_csv if the file's is wrong."
+            "leave the slide out, correct its resolution in mpp_csv if the file's is wrong, "
+            f"or tile the cohort at tiling.mpp >= {level0_mpp:g}."
         )
 
 
