@@ -17,7 +17,13 @@ from melanoma_mil.cli import main, parse
 from melanoma_mil.config import ModelConfig, SweepConfig
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
-from melanoma_mil.evaluation.sweep import _engine, _sweep_run, fit_config, load_sweep, overrides
+from melanoma_mil.evaluation.sweep_plan import (
+    _engine,
+    _sweep_run,
+    fit_config,
+    load_sweep,
+    overrides,
+)
 from melanoma_mil.tracking.loggers import SWEEP_METRIC
 
 REPO = Path(__file__).resolve().parents[1]

@@ -147,12 +147,8 @@ def _classification(
 def _survival(
     scored: Scored, clinical: Clinical, cfg: EvaluateConfig
 ) -> tuple[dict[str, Any], bytes]:
-    from melanoma_mil.evaluation.survival import (
-        GROUP,
-        SCORE,
-        analyse_survival,
-        make_groups,
-    )
+    from melanoma_mil.evaluation.survival import analyse_survival
+    from melanoma_mil.evaluation.survival_groups import GROUP, SCORE, make_groups
     from melanoma_mil.viz.clinical import km_figure
 
     patients = scored.patients.set_index("patient_id")
