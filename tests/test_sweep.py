@@ -131,6 +131,10 @@ def test_bad_sweep_files_are_user_errors(tmp_path: Path) -> None:
     bad.write_text("method: grid\nparameters:\n  1: {values: [2]}\n")
     with pytest.raises(UserError, match="parameter '1' is not a fit key"):
         load_sweep(bad)
+    nested = {"optim": {"parameters": {"lr": {"values": [1]}}}}
+    bad.write_text(yaml.safe_dump({"method": "grid", "parameters": nested}))
+    with pytest.raises(UserError, match="'optim' nests parameters.* e.g. 'optim.lr:'"):
+        load_sweep(bad)  # W&B's nested form: was "not a fit key. Did you mean 'optim.lr'?"
 
 
 @pytest.mark.parametrize(

@@ -79,7 +79,13 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
             f"sweep file '{file}': method '{spec['method']}' needs a controller of your own; "
             f"the local sweep runs method: {', '.join(LOCAL_METHODS)}."
         )
-    for name in spec["parameters"]:
+    for name, param in spec["parameters"].items():
+        inner = param.get("parameters") if isinstance(param, dict) else None
+        if name not in FIT_KEYS and isinstance(inner, dict) and inner:
+            raise UserError(  # W&B's nested form: the agent would pass optim={'lr': ...}
+                f"sweep file '{file}': parameter '{name}' nests parameters; write each as a "
+                f"dotted fit key instead, e.g. '{name}.{next(iter(inner))}:' with its values."
+            )
         if not isinstance(name, str) or name not in FIT_KEYS:
             close = difflib.get_close_matches(str(name), FIT_KEYS, n=1, cutoff=0.5)
             hint = f" Did you mean '{close[0]}'?" if close else ""
