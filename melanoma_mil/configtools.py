@@ -12,6 +12,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
@@ -152,6 +153,28 @@ def load_config(
     cfg = merge_overrides(cfg, dotlist or [], sources)
     typed: T = to_checked(cfg, sources)
     return typed
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (as OmegaConf does for
+    config files), rather than silently keeping the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: list[Any] = []
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r}", key_node.start_mark,
+                )  # fmt: skip
+            seen.append(key)
+        return super().construct_mapping(node, deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """YAML ``text`` as Python values, a key repeated within a mapping being an error."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
 
 
 def yaml_problem(e: Exception) -> str:

@@ -135,6 +135,9 @@ def test_bad_sweep_files_are_user_errors(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump({"method": "grid", "parameters": nested}))
     with pytest.raises(UserError, match="'optim' nests parameters.* e.g. 'optim.lr:'"):
         load_sweep(bad)  # W&B's nested form: was "not a fit key. Did you mean 'optim.lr'?"
+    bad.write_text("method: grid\nparameters:\n  seed: {values: [1]}\n  seed: {values: [2]}\n")
+    with pytest.raises(UserError, match="not valid YAML: found duplicate key 'seed' at line 4"):
+        load_sweep(bad)  # yaml.safe_load kept the last 'seed' silently
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from melanoma_mil import config as C
-from melanoma_mil.configtools import expand_home, yaml_problem
+from melanoma_mil.configtools import expand_home, safe_load_unique, yaml_problem
 from melanoma_mil.errors import UserError
 from melanoma_mil.tracking.loggers import SUMMARY_KEYS
 
@@ -60,7 +60,7 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise UserError(f"sweep file '{file}' not found.")
     try:
-        spec = yaml.safe_load(file.read_text())
+        spec = safe_load_unique(file.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"sweep file '{file}' is not valid YAML: {yaml_problem(e)}.") from None
     if isinstance(spec, dict) and not isinstance(spec.get("parameters", {}), dict):
