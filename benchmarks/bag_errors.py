@@ -23,7 +23,9 @@ from mil_benchmarks import SETS, load_set, reference_probs, run_dir
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
-def bag_table(work: Path, name: str, model: str, seeds: list[int], overrides: list[str]):
+def bag_table(
+    work: Path, name: str, model: str, seeds: list[int], overrides: list[str]
+) -> pd.DataFrame:
     """One row per seed x test bag: y, the reference's and the model's P(second class)."""
     data = work / "data" / name
     loaded = load_set(data)

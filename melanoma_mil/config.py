@@ -255,13 +255,17 @@ class TissueConfig:
     min_area_um2: float | None = bounded(None, 0.0)  # drop tissue components smaller than this
 
 
+# Resolutions outside this range (um/px) are scanner defaults (72 dpi), typos or garbage.
+PLAUSIBLE_MPP = (0.05, 50.0)
+
+
 @dataclass
 class TilingConfig:
-    mpp: float = positive(0.5)  # target microns per pixel (0.5 ~ 20x, 1.0 ~ 10x)
+    mpp: float = bounded(0.5, *PLAUSIBLE_MPP)  # target microns per pixel (0.5 ~ 20x, 1.0 ~ 10x)
     tile_size: int = bounded(256, 8)  # pixels at the target mpp
     overlap: int = bounded(0, 0)  # pixels at the target mpp shared by neighbouring tiles
     min_tissue: float = bounded(0.5, 0.0, 1.0)  # keep a tile when this fraction is tissue
-    default_mpp: float | None = positive(None)  # used when a slide records no resolution
+    default_mpp: float | None = bounded(None, *PLAUSIBLE_MPP)  # when a slide records none
     mask_dir: str | None = None  # user masks <slide_id>.png / .geojson replace the automatic one
     tissue: TissueConfig = field(default_factory=TissueConfig)
 

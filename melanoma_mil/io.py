@@ -145,14 +145,14 @@ def read_text_csv(
     repeat the names of columns nobody reads."""
     if not path.is_file():
         raise UserError(f"{what} '{path}' not found: check {key}.")
-    read = {"dtype": str, "keep_default_na": False, "index_col": False}
+    options = {"dtype": str, "keep_default_na": False, "index_col": False}
     try:
         # index_col=False: rows with one cell more than the header (a trailing comma, an extra
         # value) must not turn the first column into the index, shifting every value one column
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            df = pd.read_csv(path, **read)
-        header = pd.read_csv(path, header=None, nrows=1, **read).iloc[0].tolist()
+            df = pd.read_csv(path, **options)
+        header = pd.read_csv(path, header=None, nrows=1, **options).iloc[0].tolist()
     except pd.errors.ParserWarning:
         raise UserError(
             f"{what} '{path}' has rows with more cells than its header has columns; give each "
@@ -163,9 +163,9 @@ def read_text_csv(
         raise UserError(f"{what} '{path}' is unreadable ({msg}); save it as UTF-8 CSV.") from None
     names = [str(h).strip() for h in header]
     twice = sorted({n for n in names if n and names.count(n) > 1})
-    read = [n for n in twice if used is None or n in used]
-    if read:  # pandas would rename the second 'label' to 'label.1' and the first would be used
-        raise UserError(f"{what} '{path}' has column(s) {read} more than once; keep one of each.")
+    clash = [n for n in twice if used is None or n in used]
+    if clash:  # pandas would rename the second 'label' to 'label.1' and the first would be used
+        raise UserError(f"{what} '{path}' has column(s) {clash} more than once; keep one of each.")
     if twice:
         log.warning("%s '%s': column(s) %s appear more than once; not read", what, path, twice)
     df.columns = [str(c).strip() for c in df.columns]  # cells are stripped, names too

@@ -159,7 +159,7 @@ def test_an_implausible_mpp_setting_is_refused_before_any_slide(
     tiled every slide into 1-px reads (2000x finer than a scanner's) before any check."""
     out = tmp_path / "tiles"
     tiling = TilingConfig(**{key: value})
-    with pytest.raises(UserError, match=rf"tiling.{key}={value:g} is not a resolution in 0.05-50"):
+    with pytest.raises(UserError, match=rf"tiling.{key}={value!r} must be in \[0.05, 50\]"):
         run_tile(TileConfig(slides_dir=str(pyramid[0].parent), output_dir=str(out), tiling=tiling))
     assert not out.exists()
 

@@ -93,16 +93,16 @@ def run_heatmap(cfg: HeatmapConfig) -> int:
     done = {
         p.parent.name: row
         for p in found
-        if made_for(p, run) and (row := skipped_row(out, p.parent.name))
+        if made_for(p, run) and drawn_alike(p, cfg) and (row := skipped_row(out, p.parent.name))
     }
+    # every file this call draws: one removed since (to have it redrawn), or a geojson=true
+    # added, is drawn again, never reported skipped
+    drawn = ["heatmap", "montage", *(["geojson"] if cfg.geojson else [])]
 
     def finished(sid: str, slide: Path | None) -> bool:
         folder = id_path(out, sid)
-        asked = not cfg.geojson or (folder / FILES["geojson"]).is_file()  # geojson=true added
-        # a drawing removed since (to have it redrawn) is drawn again, never reported skipped
-        asked = asked and all((folder / FILES[k]).is_file() for k in ("heatmap", "montage"))
-        attention = folder / ATTENTION_FILE
-        return sid in done and asked and drawn_alike(attention, cfg) and unchanged(attention, slide)
+        present = all((folder / FILES[k]).is_file() for k in drawn)
+        return sid in done and present and unchanged(folder / ATTENTION_FILE, slide)
 
     inputs, skipped_ids = prepare_inputs(run, cfg, skip=finished)
     claim_for_run(cfg, run, "heatmap", OUTPUTS, write=True)

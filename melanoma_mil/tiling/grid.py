@@ -14,12 +14,10 @@ from melanoma_mil.errors import UserError
 from melanoma_mil.tiling.coords import TileGrid
 from melanoma_mil.tiling.fingerprint import slide_fingerprint
 from melanoma_mil.tiling.slides import (
-    PLAUSIBLE_MPP,
     SlideReader,
     check_reachable,
     choose_level,
     find_mpp,
-    plausible,
     read_thumbnail,
     slide_mpp,
 )
@@ -52,13 +50,6 @@ class SlideTiles:
 def check_tiling(cfg: TilingConfig) -> None:
     """Reject settings that cannot make a grid, before any slide is opened."""
     check(cfg, "tiling.")
-    for key, mpp in (("mpp", cfg.mpp), ("default_mpp", cfg.default_mpp)):
-        # as mpp_csv rows are checked: a typo (0.0005) asked for tiles of millions of pixels
-        if mpp is not None and plausible(mpp) is None:
-            raise UserError(
-                f"tiling.{key}={mpp:g} is not a resolution in {PLAUSIBLE_MPP[0]}-"
-                f"{PLAUSIBLE_MPP[1]} um/px; fix the value (0.5 for 20x, 0.25 for 40x)."
-            )
     if cfg.overlap >= cfg.tile_size:
         raise UserError(f"tiling.overlap={cfg.overlap} must be < tile_size={cfg.tile_size}.")
     if cfg.mask_dir and not Path(cfg.mask_dir).is_dir():

@@ -19,6 +19,7 @@ import pandas as pd
 import tifffile
 from PIL import Image
 
+from melanoma_mil.config import PLAUSIBLE_MPP
 from melanoma_mil.errors import UserError
 from melanoma_mil.ids import check_slide_id
 from melanoma_mil.io import read_text_csv
@@ -35,8 +36,6 @@ LEVEL_TOLERANCE = 0.02
 # A target this much finer than level 0 is still tiled (40x scans are 0.22-0.263 um/px, and an
 # objective-power mpp is ~10% off); beyond it tiles would be upsampled, blur posing as detail.
 UPSAMPLE_TOLERANCE = 0.15
-# Resolutions outside this range are scanner defaults (72 dpi) or garbage, not a real mpp.
-PLAUSIBLE_MPP = (0.05, 50.0)
 # Thumbnails are read in chunks of this many level pixels so no full level is ever in memory.
 _CHUNK = 4096
 DICOM_EXT = ".dcm"
