@@ -201,3 +201,27 @@ def test_fixed_keys_are_checked_when_other_keys_of_their_section_are_swept(
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and problem in err and "\n" not in err, err
     assert not out.exists()
+
+
+def test_a_sweep_with_a_reworded_description_resumes_but_other_runs_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    features, labels = cohort(tmp_path / "coh")
+    spec = {
+        "name": "seeds",
+        "description": "first wording",
+        "method": "grid",
+        "metric": {"name": "cv/auc_mean", "goal": "maximize"},
+        "parameters": {"seed": {"values": [0, 1]}},
+    }
+    out = tmp_path / "out"
+    fixed = [*fast(out), f"data.features_dir={features}", f"data.labels_csv={labels}"]
+    assert main(["sweep", str(sweep_file(tmp_path, spec)), "--count", "1", *fixed]) == 0
+    reworded = spec | {"name": "seeds v2", "description": "second wording"}
+    assert main(["sweep", str(sweep_file(tmp_path, reworded)), *fixed]) == 0
+    assert [e["state"] for e in ledger(out)] == ["finished", "finished"]
+    assert json.loads((out / "sweep.json").read_text())["sweep"]["description"] == "second wording"
+    capsys.readouterr()
+    other = reworded | {"parameters": {"seed": {"values": [0, 2]}}}
+    assert main(["sweep", str(sweep_file(tmp_path, other)), *fixed]) == 2
+    assert "belongs to a different sweep" in capsys.readouterr().err

@@ -86,11 +86,24 @@ def fixed_settings(cfg: C.SweepConfig, spec: dict[str, Any]) -> dict[str, Any]:
     return dict(json.loads(json.dumps(fixed, default=str)))  # as read back from sweep.json
 
 
+# Keys that shape no local run and no ranking (`program`/`command` are for `wandb agent`).
+_LABELS_ONLY = ("name", "description", "project", "entity", "program", "command")
+
+
+def _runs_shaping(spec: Any) -> Any:
+    """The sweep file as it decides runs and ranking: a reworded name or description still
+    resumes the same sweep."""
+    if not isinstance(spec, dict):
+        return spec
+    return {k: v for k, v in spec.items() if k not in _LABELS_ONLY}
+
+
 def _ledger(
     path: Path, spec: dict[str, Any], fixed: dict[str, Any], overwrite: bool
 ) -> list[dict[str, Any]]:
-    """Runs of an earlier, interrupted sweep into the same folder. Same file required, and the
-    same fixed settings once a run has finished (while none has, changing them may fix them)."""
+    """Runs of an earlier, interrupted sweep into the same folder. The file's runs and metric
+    must be the same (its name, description or agent command may change), and the fixed
+    settings too once a run has finished (while none has, changing them may fix them)."""
     if not path.is_file() or overwrite:
         return []
     try:
@@ -102,7 +115,7 @@ def _ledger(
             f"{path} is not a sweep ledger (unreadable or damaged): use another output_dir, or "
             "overwrite=true to start the sweep anew."
         )
-    if data.get("sweep") != spec:
+    if _runs_shaping(data.get("sweep")) != _runs_shaping(spec):
         raise UserError(
             f"{path} belongs to a different sweep: use another output_dir or overwrite=true."
         )
