@@ -8,6 +8,7 @@ covered: no library writes it (README, "Slide formats").
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
@@ -141,3 +142,23 @@ def test_a_single_level_ome_tif_keeps_the_mpp_of_its_xml(tmp_path: Path) -> None
         assert find_mpp(slide) == (pytest.approx(0.25), "file")
         region = np.asarray(slide.read_region((192, 192), 0, (64, 64)))[..., :3]
         assert np.abs(region.astype(int) - img[192:256, 192:256]).mean() < 8  # JPEG noise
+
+
+def _open_fds(path: Path) -> int:
+    """How many of this process's file descriptors point at ``path`` (Linux /proc)."""
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(path.resolve()))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
+def test_a_refused_czi_is_closed(tmp_path: Path) -> None:
+    """A grey (not Bgr24) CZI is refused, and closed: the refusal held the file open for as
+    long as its error was kept (its traceback keeps the half-made reader)."""
+    czi = pytest.importorskip("pylibCZIrw.czi")
+    path = tmp_path / "grey.czi"
+    with czi.create_czi(str(path), exist_ok=True) as w:
+        w.write(data=np.full((600, 700), 128, np.uint8), location=(0, 0))
+    with pytest.raises(UserError, match=r"grey.czi': CZI pixel type\(s\) \['Gray8'\]") as refused:
+        open_slide(path)
+    assert refused.value is not None  # the error, and the reader's frame with it, still held
+    assert _open_fds(path) == 0

@@ -167,20 +167,24 @@ class CziReader(_Pyramid):
                 "pip install pylibCZIrw (or melanoma-mil[formats]) to read it."
             ) from None
         self._czi = czi.CziReader(os.fspath(path))
-        self._lock = threading.Lock()  # one reader object, reads one at a time
-        box = self._czi.total_bounding_rectangle
-        self.origin = (box.x, box.y)
-        self.dims = [(box.w, box.h)]
-        while min(self.dims[-1]) // 4 >= 256:
-            w, h = self.dims[-1]
-            self.dims.append((w // 4, h // 4))
-        types = set(self._czi.pixel_types.values())
-        if types - {"Bgr24"}:
-            raise UserError(
-                f"slide '{path}': CZI pixel type(s) {sorted(types)}; only 8-bit colour (Bgr24) "
-                "brightfield slides are read."
-            )
-        self.props = {VENDOR: "zeiss-czi", **self._czi_props()}
+        try:
+            self._lock = threading.Lock()  # one reader object, reads one at a time
+            box = self._czi.total_bounding_rectangle
+            self.origin = (box.x, box.y)
+            self.dims = [(box.w, box.h)]
+            while min(self.dims[-1]) // 4 >= 256:
+                w, h = self.dims[-1]
+                self.dims.append((w // 4, h // 4))
+            types = set(self._czi.pixel_types.values())
+            if types - {"Bgr24"}:
+                raise UserError(
+                    f"slide '{path}': CZI pixel type(s) {sorted(types)}; only 8-bit colour "
+                    "(Bgr24) brightfield slides are read."
+                )
+            self.props = {VENDOR: "zeiss-czi", **self._czi_props()}
+        except BaseException:  # refused or unreadable: the caller gets no reader to close
+            self._czi.close()
+            raise
 
     def _czi_props(self) -> dict[str, str]:
         meta: Any = self._czi.metadata.get("ImageDocument", {}).get("Metadata", {})
