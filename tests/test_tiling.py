@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-from conftest import CMU
+from conftest import CMU, tissue_image
 from PIL import Image
 
 from melanoma_mil.config import TileConfig, TilingConfig
@@ -335,3 +335,29 @@ def test_a_target_finer_than_the_slide_fails_that_slide_only(
     slide = open_slide(pyramid[0])
     grid = tile_slide(slide, pyramid[0], "fine", TilingConfig(mpp=0.23, tile_size=64)).grid
     assert grid.patch_level == 0 and grid.read_size == 59
+
+
+@pytest.mark.parametrize(("target", "level"), [(0.735, 1), (1.74, 2)])
+def test_edge_tiles_at_a_reduced_level_end_inside_the_slide(
+    tmp_path: Path, target: float, level: int
+) -> None:
+    """Odd-sized slides have reduced levels with non-integer downsamples (768 x 641 of
+    1537 x 1283: 2.0014) whose sizes are rounded down; the last row of tiles ended up to 0.3
+    level px past the level's edge, a line of white (transparent) pixels in each such tile."""
+    path = tmp_path / "odd.tiff"
+    write_pyramid(path, tissue_image(1537)[:1283], mpp=0.25, n_levels=3)
+    slide = open_slide(path)
+    cfg = TilingConfig(mpp=target, tile_size=100, overlap=16, min_tissue=0.0)
+    grid = tile_slide(slide, path, "odd", cfg).grid
+    assert grid.patch_level == level and grid.downsample % 1 != 0
+    stride = 84 * grid.read_size * grid.downsample / 100
+    n = [int((side - grid.read_size * grid.downsample) // stride) + 1 for side in (1537, 1283)]
+    assert len(grid.coords) == n[0] * n[1]  # moved back to fit, none dropped
+    lw, lh = slide.level_dimensions[level]
+    assert (grid.coords / grid.downsample + grid.read_size <= [lw, lh]).all()
+    assert (grid.coords + grid.read_size * grid.downsample <= slide.dimensions).all()
+    last = (grid.coords == grid.coords.max(0)).any(1)  # the last column and row of tiles
+    for x, y in grid.coords[last]:
+        region = slide.read_region((int(x), int(y)), level, (grid.read_size,) * 2)
+        # 254 where four TIFF tiles meet: OpenSlide blends them at a fractional offset
+        assert np.asarray(region)[..., 3].min() >= 254

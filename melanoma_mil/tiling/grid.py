@@ -60,12 +60,16 @@ def check_tiling(cfg: TilingConfig) -> None:
     resolve_tissue(cfg.tissue)
 
 
-def grid_positions(extent: int, size: float, stride: float) -> np.ndarray:
-    """Level-0 starts of tiles of ``size`` every ``stride`` px that fit inside ``extent``."""
+def grid_positions(extent: int, size: float, stride: float, end: float | None = None) -> np.ndarray:
+    """Level-0 starts of tiles of ``size`` every ``stride`` px that fit inside ``extent``. A
+    start that rounding, or a read level ending sooner (at level-0 ``end``: its size was
+    rounded down), would take past the edge is moved back to fit: its read would end in a
+    line of white from beyond the slide."""
     if extent < size:
         return np.zeros(0, np.int64)
     n = int(np.floor((extent - size) / stride + 1e-9)) + 1
-    return np.round(np.arange(n) * stride).astype(np.int64)
+    last = max(0.0, np.floor((extent if end is None else min(extent, end)) - size + 1e-6))
+    return np.minimum(np.round(np.arange(n) * stride), last).astype(np.int64)
 
 
 def tissue_fraction(
@@ -131,8 +135,9 @@ def tile_slide(
     if mask is None:
         mask = segment_tissue(thumb, level0_mpp * mask_ds, cfg.tissue)
 
-    xs = grid_positions(w0, choice.level0_size, stride)
-    ys = grid_positions(h0, choice.level0_size, stride)
+    lw, lh = slide.level_dimensions[choice.level]
+    xs = grid_positions(w0, choice.level0_size, stride, lw * choice.downsample)
+    ys = grid_positions(h0, choice.level0_size, stride, lh * choice.downsample)
     frac = tissue_fraction(mask, mask_ds, xs, ys, choice.level0_size)
     iy, ix = np.nonzero(frac >= cfg.min_tissue)
     coords = np.stack([xs[ix], ys[iy]], axis=1).astype(np.int64).reshape(-1, 2)
