@@ -1,5 +1,6 @@
 """No command writes through a linked folder inside its output folder: the writes would land
-outside it and replace files there. A linked output_dir itself is fine."""
+outside it and replace files there. A linked output_dir itself is fine (`fit overwrite=true`
+replaces the run where it points)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,22 @@ from pathlib import Path
 import pytest
 from conftest import Pipeline, inference_cfg, make_cohort
 
+from melanoma_mil import rundir
 from melanoma_mil.config import (
     EncoderConfig,
     ExtractConfig,
+    FitConfig,
     PredictConfig,
     TileConfig,
     TilingConfig,
+    load_config,
 )
+from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.run import run_extract
 from melanoma_mil.inference.predict import run_predict
 from melanoma_mil.tiling.run import run_tile
+from melanoma_mil.training.cv import run_fit
 
 
 def _mine(root: Path, name: str) -> Path:
@@ -85,3 +91,34 @@ def test_predict_refuses_a_linked_slide_folder(pipe: Pipeline, tmp_path: Path) -
     scratch.mkdir()
     (out / "_work").symlink_to(scratch)  # on-the-fly tiles and features on a scratch disk
     assert run_predict(cfg) == 0
+
+
+def test_fit_overwrite_replaces_a_linked_or_dot_output_dir_where_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replacement is built beside the run the link points to and swapped in there, the
+    user's link kept (the link swapped would move the run off the linked disk, and crash); the
+    same for 'output_dir=.' (its replacement was built inside the run, then failed to swap)."""
+    features, labels = make_bag_cohort(tmp_path / "cohort", n_patients=12, dim=8, shift=4.0)
+
+    def fit(out: Path, *extra: str) -> int:
+        keys = [f"data.features_dir={features}", f"data.labels_csv={labels}", f"output_dir={out}"]
+        keys += ["cv.folds=2", "trainer.max_epochs=1", "trainer.accelerator=cpu", "logger=none"]
+        return run_fit(load_config(FitConfig, [], [*keys, "model.hidden_dim=8", *extra]))
+
+    real = tmp_path / "scratch" / "run é x"
+    assert fit(real) == 0
+    (real / "NOTES.txt").write_text("mine")
+    link = tmp_path / "runs" / "run"
+    link.parent.mkdir()
+    link.symlink_to(real, target_is_directory=True)
+    assert fit(link, "overwrite=true", "seed=1") == 0
+    assert link.is_symlink() and link.resolve() == real
+    assert rundir.load_run(real).config.seed == 1 and (real / "NOTES.txt").read_text() == "mine"
+    assert [p.name for p in link.parent.iterdir()] == ["run"]
+    assert [p.name for p in real.parent.iterdir()] == [real.name]
+    monkeypatch.chdir(real)
+    assert fit(Path("."), "overwrite=true", "seed=2") == 0
+    assert rundir.load_run(real).config.seed == 2 and (real / "NOTES.txt").read_text() == "mine"
+    assert not [p.name for p in real.iterdir() if p.name.endswith((".fit-new", ".fit-old"))]
+    assert [p.name for p in real.parent.iterdir()] == [real.name]

@@ -74,7 +74,7 @@ from melanoma_mil.rundir.record import (
     splits_problems,
     write_run_files,
 )
-from melanoma_mil.rundir.replace import display_name, recover, replace_run, staging
+from melanoma_mil.rundir.replace import display_name, recover, replace_run, run_path, staging
 
 __all__ = [
     "busy_folds",
@@ -115,6 +115,7 @@ __all__ = [
     "recover",
     "replace_run",
     "run_owns",
+    "run_path",
     "run_record",
     "save_fold_model",
     "settings",

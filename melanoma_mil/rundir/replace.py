@@ -23,9 +23,18 @@ from melanoma_mil.rundir.layout import REPLACE_LOCK, SUMMARY, run_owns
 log = logging.getLogger(__name__)
 
 
+def run_path(out: Path) -> Path:
+    """The folder a replacement swaps: ``out`` with links and '.'/'..' resolved. A linked
+    output_dir is the user's link: the run is replaced where it points and the link kept (the
+    link itself swapped would move the run off that disk); 'output_dir=.' has no name to build
+    a replacement beside."""
+    return Path(os.path.realpath(out))
+
+
 def staging(out: Path) -> tuple[Path, Path]:
     """(where a replacement of ``out`` is built, where the replaced run goes before removal)."""
-    return out.parent / f".{out.name}.fit-new", out.parent / f".{out.name}.fit-old"
+    real = run_path(out)
+    return real.parent / f".{real.name}.fit-new", real.parent / f".{real.name}.fit-old"
 
 
 def display_name(run_dir: Path) -> str:
@@ -38,6 +47,7 @@ def display_name(run_dir: Path) -> str:
 
 def recover(out: Path) -> None:
     """Finish (or undo) a replacement a crash interrupted, carrying over the user's entries."""
+    out = run_path(out)
     new, old = staging(out)
     if _swapped_back(new, out):  # killed between the exchange and the rename that follows
         new.rename(old)
@@ -62,6 +72,7 @@ def _swapped_back(new: Path, out: Path) -> bool:
 def replace_run(out: Path, new: Path) -> None:
     """Swap the complete run ``new`` in at ``out`` (one atomic exchange where the filesystem
     has one, else two renames that `recover` completes), then retire the old run."""
+    out = run_path(out)
     old = staging(out)[1]
     swap_dir(new, out, old)
     (out / REPLACE_LOCK).unlink(missing_ok=True)  # swapped: the lock marks a run being built

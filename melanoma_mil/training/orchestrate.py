@@ -230,7 +230,7 @@ def cleanup(out: Path, overwrite: bool) -> None:
     written, the crash came before the swap: the replacement the user asked for)."""
     rundir.recover(out)
     new = rundir.staging(out)[0]
-    for dropped in out.parent.glob(f"{glob.escape(new.name)}.drop-*"):  # a killed _discard's
+    for dropped in new.parent.glob(f"{glob.escape(new.name)}.drop-*"):  # a killed _discard's
         shutil.rmtree(dropped, ignore_errors=True)
     if overwrite or not new.is_dir():
         return
@@ -241,7 +241,7 @@ def cleanup(out: Path, overwrite: bool) -> None:
         made = rundir.run_record(new) is not None
         if made and (new / rundir.SUMMARY).is_file():
             if not out.exists():  # the run it replaces was removed since: it is the run now
-                new.rename(out)
+                new.rename(rundir.run_path(out))
                 (out / rundir.REPLACE_LOCK).unlink(missing_ok=True)
             elif not _swap_when_idle(out, new):
                 return
