@@ -3,6 +3,7 @@ and the plain-torch fold models."""
 
 from __future__ import annotations
 
+import glob
 import json
 import shutil
 import uuid
@@ -19,7 +20,7 @@ from melanoma_mil.config import ModelConfig
 from melanoma_mil.data.splits import Split
 from melanoma_mil.errors import UserError
 from melanoma_mil.fsutil import try_lock
-from melanoma_mil.io import atomic_path, sha256_file, write_json
+from melanoma_mil.io import atomic_path, remove_temp_files, sha256_file, write_json
 from melanoma_mil.models import build_model
 from melanoma_mil.rundir.layout import (
     DONE,
@@ -83,6 +84,8 @@ def commit_fold(
             f"{name} is dropped (the new run is kept)."
         )
     final = run / FOLDS / name
+    for left in (run / FOLDS).glob(f".{glob.escape(name)}.stale-*"):  # of a commit killed midway
+        shutil.rmtree(left, ignore_errors=True)
     if final.exists():  # a stale or foreign fold: moved aside, then dropped
         stale = run / FOLDS / f".{name}.stale-{uuid.uuid4().hex[:8]}"
         final.rename(stale)
@@ -129,7 +132,9 @@ def pooled_predictions(preds: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
 
 
 def write_results(run: Path, preds: pd.DataFrame, summary: dict[str, Any], draw_roc: Any) -> None:
-    """predictions.csv, roc.png (``draw_roc(path)``), then cv_summary.json: the run is complete."""
+    """predictions.csv, roc.png (``draw_roc(path)``), then cv_summary.json: the run is complete.
+    Called under the run's finish lock, so temp files of these are a killed writer's: removed."""
+    remove_temp_files(run / PREDICTIONS, run / ROC, run / SUMMARY)
     with atomic_path(run / PREDICTIONS) as tmp:
         preds.to_csv(tmp, index=False)
     draw_roc(run / ROC)
