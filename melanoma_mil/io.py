@@ -114,6 +114,11 @@ def check_writable(path: str | os.PathLike[str], key: str = "output_dir") -> Non
     probe = target
     while not (probe.exists() or probe.is_symlink()) and probe.parent != probe:
         probe = probe.parent
+    if probe.is_symlink() and not probe.exists():
+        raise UserError(
+            f"{key} '{target}' needs '{probe}', a link to '{os.readlink(probe)}', which does not "
+            f"exist; make that folder, or choose another {key}."
+        )
     if not probe.is_dir():
         what = "is" if probe == target else f"cannot be made: '{probe}' is"
         raise UserError(f"{key} '{target}' {what} a file, not a folder; choose another {key}.")

@@ -98,7 +98,8 @@ def test_fit_overwrite_replaces_a_linked_or_dot_output_dir_where_it_is(
 ) -> None:
     """The replacement is built beside the run the link points to and swapped in there, the
     user's link kept (the link swapped would move the run off the linked disk, and crash); the
-    same for 'output_dir=.' (its replacement was built inside the run, then failed to swap)."""
+    same for a relative output_dir. From inside the run (e.g. 'output_dir=.') it is refused: the
+    old run, the shell's working folder, is deleted once replaced."""
     features, labels = make_bag_cohort(tmp_path / "cohort", n_patients=12, dim=8, shift=4.0)
 
     def fit(out: Path, *extra: str) -> int:
@@ -117,8 +118,30 @@ def test_fit_overwrite_replaces_a_linked_or_dot_output_dir_where_it_is(
     assert rundir.load_run(real).config.seed == 1 and (real / "NOTES.txt").read_text() == "mine"
     assert [p.name for p in link.parent.iterdir()] == ["run"]
     assert [p.name for p in real.parent.iterdir()] == [real.name]
-    monkeypatch.chdir(real)
-    assert fit(Path("."), "overwrite=true", "seed=2") == 0
+    for here in (real, real / "folds"):  # the old run is deleted once replaced: refused
+        monkeypatch.chdir(here)
+        with pytest.raises(UserError, match="working folder"):
+            fit(Path("."), "overwrite=true", "seed=2")
+        with pytest.raises(UserError, match="working folder"):
+            fit(link, "overwrite=true", "seed=2")
+    assert rundir.load_run(real).config.seed == 1
+    monkeypatch.chdir(real.parent)
+    assert fit(Path(real.name), "overwrite=true", "seed=2") == 0
     assert rundir.load_run(real).config.seed == 2 and (real / "NOTES.txt").read_text() == "mine"
-    assert not [p.name for p in real.iterdir() if p.name.endswith((".fit-new", ".fit-old"))]
     assert [p.name for p in real.parent.iterdir()] == [real.name]
+
+
+def test_a_dangling_link_as_output_dir_is_named_a_dangling_link(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from melanoma_mil.cli import main
+
+    features, labels = make_bag_cohort(tmp_path / "cohort", n_patients=12, dim=8, shift=4.0)
+    link = tmp_path / "run"
+    link.symlink_to(tmp_path / "gone", target_is_directory=True)
+    keys = [f"data.features_dir={features}", f"data.labels_csv={labels}", "logger=none"]
+    for out in (link, link / "sub"):
+        assert main(["fit", f"output_dir={out}", *keys]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "which does not exist" in err and "a file" not in err, err
+    assert not (tmp_path / "gone").exists()

@@ -101,6 +101,13 @@ def check_parallel(cfg: FitConfig) -> None:
             "remove the old run folder (or choose a new output_dir) and start them without "
             "overwrite."
         )
+    real, here = rundir.run_path(Path(cfg.output_dir)), Path.cwd().resolve()
+    if cfg.overwrite and (here == real or real in here.parents):
+        raise UserError(
+            f"output_dir '{cfg.output_dir}' with overwrite=true is this shell's working folder "
+            f"(or holds it): the old run is deleted once replaced; cd out of '{real}' and pass "
+            "its path."
+        )
     if any(i < 0 for i in cfg.cv.run_folds):
         raise UserError(f"cv.run_folds={list(cfg.cv.run_folds)}: split indices are >= 0.")
     check_accelerator(cfg.trainer.accelerator)
