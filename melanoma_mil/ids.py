@@ -52,3 +52,21 @@ def id_path(root: str | os.PathLike[str], slide_id: str, suffix: str = "") -> Pa
     a folder, and writes replace a link rather than write through it (see ``io.atomic_path``).
     """
     return Path(root) / f"{check_slide_id(slide_id, f'a file name under {str(root)!r}')}{suffix}"
+
+
+def _id_key(value: str) -> str:
+    """An id as files and spreadsheets vary it: case, a float's '.0', leading zeros."""
+    value = re.sub(r"\.0+$", "", value.lower())
+    return re.sub(r"\d+", lambda m: str(int(m.group())), value)
+
+
+def unmatched_ids(what: str, ids: list[str], known: list[str], fix: str) -> str | None:
+    """A warning that ``ids`` (``what``: '3 slides of labels_csv') name no prediction, naming
+    the prediction id each differs from only in case, a '.0' or leading zeros: rows left out
+    this way are otherwise unseen, and a near miss is almost always a spelling, not a slide."""
+    if not ids:
+        return None
+    near = {_id_key(k): k for k in known}
+    alike = [f"{i!r} ~ {near[_id_key(i)]!r}" for i in ids if _id_key(i) in near]
+    spelled = f"; spelled differently? {', '.join(alike[:5])}" if alike else ""
+    return f"{what} match no prediction and are left out (e.g. {ids[:5]}){spelled}; {fix}"

@@ -24,6 +24,7 @@ from melanoma_mil.data.cohort import (
     repeated,
 )
 from melanoma_mil.errors import UserError
+from melanoma_mil.ids import unmatched_ids
 from melanoma_mil.io import read_text_csv
 from melanoma_mil.rundir import TrainedRun
 
@@ -172,6 +173,24 @@ def _fit_slides(df: pd.DataFrame, probs: list[str]) -> pd.DataFrame:
     return df.groupby("slide_id", sort=True).agg(agg).reset_index()
 
 
+def _unmatched_labels(labels: Labels, df: pd.DataFrame, kind: str) -> str | None:
+    """The warning for labelled rows of labels_csv that no row of the predictions names (any
+    status: a slide predict failed is listed on its own)."""
+    slides = {s for c in ("slide_id", "slide_ids", "left_out") if c in df for v in df[c]
+              for s in str(v).split(";") if s}  # fmt: skip
+    table = labels.table[labels.table["y"] >= 0]
+    used = table["slide_id"].isin(slides)
+    if kind == "patient_predictions" and labels.patients:
+        used |= table["patient_id"].isin(set(df["patient_id"]))
+    n = int((~used).sum())
+    return unmatched_ids(
+        f"{n} labelled slide(s) of labels_csv '{labels.path}'",
+        table.loc[~used, "slide_id"].tolist(),
+        sorted(slides),
+        "check that they were predicted (slides_dir / manifest) and spelled as the slide files",
+    )
+
+
 def _scored_rows(df: pd.DataFrame, kind: str, scored: Scored) -> pd.DataFrame:
     """predict rows that carry a prediction; the others are listed as excluded."""
     level = "patient" if kind == "patient_predictions" else "slide"
@@ -305,6 +324,7 @@ def load_scored(
 ) -> Scored:
     """Read, label and aggregate the predictions; see the module docstring."""
     df = read_text_csv(Path(predictions), "predictions", "predictions")
+    every = df  # all rows, scored or not: what labels_csv may name
     kind = predictions_kind(df, predictions)
     classes = prediction_classes(df, predictions, run)
     scored = Scored(kind, classes, None, pd.DataFrame(), level)
@@ -330,6 +350,8 @@ def load_scored(
     if labels_csv:  # labels_csv wins over labels the predictions carry
         labels = labels_table(labels_csv, run, classes)
         df = df.drop(columns="y", errors="ignore")
+        if note := _unmatched_labels(labels, every, kind):
+            scored.warnings.append(note)
     if kind == "predict":
         df = _slide_patients(df, labels, scored)
     rows = _attach_labels(df, labels, key, scored)

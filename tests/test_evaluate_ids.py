@@ -1,0 +1,31 @@
+"""`evaluate` (and predict's report) on ids that do not match between the predictions, labels_csv
+and clinical_csv: every row left out is said, with the near misses (case, '.0', leading zeros)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_evaluate import _args, evaluate_cli, write_small
+
+
+def _evaluation(root: Path) -> dict:
+    return json.loads((root / "out" / "evaluation.json").read_text())
+
+
+def test_labelled_slides_without_a_prediction_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A labels row for a slide predict never scored, or spelled otherwise, is said, not lost."""
+    write_small(tmp_path)
+    labels = pd.read_csv(tmp_path / "labels.csv", dtype=str)
+    labels.loc[3, "slide_id"] = "S03"  # case
+    labels.loc[len(labels)] = ["s77", "high"]  # a slide that was not predicted
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    rc, err = evaluate_cli(capsys, *_args(tmp_path, "clinical_csv="))
+    assert rc == 0, err
+    [note] = [w for w in _evaluation(tmp_path)["warnings"] if "match no prediction" in w]
+    assert note.startswith("2 labelled slide(s) of labels_csv")
+    assert "['S03', 's77']" in note and "'S03' ~ 's03'" in note and "'s77' ~" not in note
