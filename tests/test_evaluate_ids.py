@@ -29,3 +29,23 @@ def test_labelled_slides_without_a_prediction_are_named(
     [note] = [w for w in _evaluation(tmp_path)["warnings"] if "match no prediction" in w]
     assert note.startswith("2 labelled slide(s) of labels_csv")
     assert "['S03', 's77']" in note and "'S03' ~ 's03'" in note and "'s77' ~" not in note
+
+
+def test_clinical_patients_without_a_prediction_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """clinical_csv rows no prediction names were only a count in evaluation.json."""
+    write_small(tmp_path)
+    clinical = pd.read_csv(tmp_path / "clinical.csv", dtype=str)
+    clinical.loc[5, "patient_id"] = "S05"  # case
+    clinical.loc[7, "patient_id"] = "s7"  # leading zero lost in a spreadsheet
+    clinical.loc[len(clinical)] = ["x99", "12.0", "1"]
+    clinical.to_csv(tmp_path / "clinical.csv", index=False)
+    rc, err = evaluate_cli(capsys, *_args(tmp_path))
+    assert rc == 0, err
+    ev = _evaluation(tmp_path)
+    [note] = [n for n in ev["survival"]["notes"] if "match no prediction" in n]
+    assert note.startswith("3 patient(s) of clinical_csv") and "['S05', 's7', 'x99']" in note
+    assert "'S05' ~ 's05', 's7' ~ 's07'" in note and "'x99' ~" not in note
+    assert ev["survival"]["patients_used"] == 38
+    assert "S05" in (tmp_path / "out" / "report.html").read_text()

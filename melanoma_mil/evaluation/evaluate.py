@@ -32,7 +32,7 @@ from melanoma_mil.evaluation.report import (
 )
 from melanoma_mil.evaluation.tables import Scored, load_scored
 from melanoma_mil.evaluation.version import code_version
-from melanoma_mil.ids import id_path
+from melanoma_mil.ids import id_path, unmatched_ids
 from melanoma_mil.io import atomic_path, write_json, write_text
 from melanoma_mil.outdir import claim_output, made_by, read_marker
 from melanoma_mil.rundir import TrainedRun, load_run
@@ -188,6 +188,11 @@ def _survival(
         "patients_excluded": len(missing),
         "clinical_patients_not_predicted": int((~table.index.isin(patients.index)).sum()),
     }
+    unused = table.index[~table.index.isin(patients.index)].tolist()
+    what = f"{len(unused)} patient(s) of clinical_csv '{cfg.clinical_csv}'"
+    fix = "check that their slides were predicted and their patient_id is the predictions' one"
+    if note := unmatched_ids(what, unused, patients.index.tolist(), fix):
+        summary["notes"].append(note)
     annotation = f"{logrank_text(summary['logrank'])}\n{hr_text(summary['cox']['univariable'])}"
     if empty := [g for g, v in surv.summary["groups"].items() if not v["n"]]:
         annotation += f"\nno patients in {', '.join(empty)}"  # a group without a curve
