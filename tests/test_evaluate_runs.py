@@ -167,6 +167,31 @@ def test_heatmaps_of_another_run_are_refused_before_any_work(
     assert len(shown) == 4
 
 
+def test_predictions_of_another_run_are_refused_before_any_work(
+    pipe: Pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """run_dir names the classes, label_map and CV table the report applies to the predictions;
+    a `predict` folder (or a `fit` run) records the run that made them."""
+    run = load_run(pipe.run_dir)
+    preds = pipe.run_dir / "predictions.csv"
+    for made, run_id, named in (("other", "0" * 32, "other"), ("refit", "1" * 32, "fit again")):
+        folder = tmp_path / made
+        where = tmp_path / "runs" / "other" if made == "other" else run.run_dir
+        record = {"command": "predict", "run_id": run_id, "run_dir": str(where)}
+        claim_output(folder, record, False, ())
+        (folder / "predictions.csv").write_bytes(preds.read_bytes())
+        argv = [f"predictions={folder / 'predictions.csv'}", f"run_dir={pipe.run_dir}"]
+        assert main(["evaluate", *argv, f"output_dir={tmp_path / 'out'}"]) == 2
+        err = capsys.readouterr().err
+        assert f"were made by run '{where}'" in err and named in err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    own = tmp_path / "own"
+    claim_output(own, {"command": "predict", "run_id": run.run_id}, False, ())
+    (own / "predictions.csv").write_bytes(preds.read_bytes())
+    argv = [f"predictions={own / 'predictions.csv'}", f"run_dir={pipe.run_dir}"]
+    assert main(["evaluate", *argv, f"output_dir={tmp_path / 'out'}"]) == 0
+
+
 def test_the_command_that_redoes_a_report_names_only_the_keys_given() -> None:
     from melanoma_mil.evaluation.hooks import _command
 

@@ -49,9 +49,19 @@ LEVEL_NOTES = {
 
 def find_run(cfg: EvaluateConfig) -> TrainedRun | None:
     """run_dir, else the predictions' own folder when it is a finished `fit` run."""
-    if cfg.run_dir:
-        return load_run(cfg.run_dir)
     folder = Path(str(cfg.predictions)).parent
+    if cfg.run_dir:
+        run = load_run(cfg.run_dir)
+        marker = read_marker(folder) or {}
+        made = marker.get("command") in ("fit", "predict") and marker.get("run_id")
+        if made and made != run.run_id:  # its classes, label_map and CV would be another's
+            maker = Path(str(marker.get("run_dir") or folder))
+            again = " before it was fit again" if maker.resolve() == run.run_dir.resolve() else ""
+            raise UserError(
+                f"predictions '{cfg.predictions}' were made by run '{maker}'{again}, not by "
+                f"run_dir '{run.run_dir}'; pass the run that made them as run_dir."
+            )
+        return run
     if (folder / "cv_summary.json").is_file() and (folder / "config.yaml").is_file():
         try:
             return load_run(folder)
