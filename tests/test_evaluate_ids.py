@@ -4,11 +4,16 @@ and clinical_csv: every row left out is said, with the near misses (case, '.0', 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import Pipeline, inference_cfg
 from test_evaluate import _args, evaluate_cli, write_small
+
+from melanoma_mil.config import PredictConfig
+from melanoma_mil.inference.predict import run_predict
 
 
 def _evaluation(root: Path) -> dict:
@@ -49,3 +54,25 @@ def test_clinical_patients_without_a_prediction_are_named(
     assert "'S05' ~ 's05', 's7' ~ 's07'" in note and "'x99' ~" not in note
     assert ev["survival"]["patients_used"] == 38
     assert "S05" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_predict_names_slides_patients_csv_leaves_alone_or_misspells(
+    pipe: Pipeline, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A predicted slide patients_csv does not list is scored as a patient of its own, and a
+    listed slide spelled otherwise is not pooled: both are said, not only seen in the table."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for sid in ("slide_000", "slide_001", "slide_002"):
+        shutil.copy(pipe.features / f"{sid}.h5", cache)
+    patients = tmp_path / "patients.csv"
+    patients.write_text("slide_id,patient_id\nslide_000,P1\nSlide_001,P1\n")
+    cfg = inference_cfg(PredictConfig, pipe, tmp_path / "pred", f"features_dir={cache}",
+                        "heatmaps=false", f"patients_csv={patients}")  # fmt: skip
+    assert run_predict(cfg) == 0
+    table = pd.read_csv(tmp_path / "pred" / "patient_predictions.csv")
+    assert sorted(table["patient_id"]) == ["P1", "slide_001", "slide_002"]
+    assert "does not list 2 predicted slide(s) (e.g. ['slide_001', 'slide_002'])" in caplog.text
+    assert (
+        "1 slide(s) of patients_csv" in caplog.text and "'Slide_001' ~ 'slide_001'" in caplog.text
+    )

@@ -26,6 +26,7 @@ from melanoma_mil.data.bags import read_bag
 from melanoma_mil.data.cohort import read_patients
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.hooks import check_inputs, write_report
+from melanoma_mil.ids import unmatched_ids
 from melanoma_mil.inference.analyse import (
     ATTENTION_FILE,
     FAILED,
@@ -94,6 +95,25 @@ def patient_table(
     table = pd.DataFrame(rows)
     front = [c for c in table.columns if c not in {"left_out", "n_tiles", "status"}]
     return table[[*front, "n_tiles", "status", "left_out"]]
+
+
+def warn_unlisted(patient_of: dict[str, str], slides: list[str], path: str) -> None:
+    """Say which predicted slides patients_csv does not list (each is scored as a patient of
+    its own, not pooled) and which of its slides were not predicted (e.g. 'S03' for s03)."""
+    alone = [s for s in slides if s not in patient_of]
+    if alone:
+        log.warning(
+            "patients_csv '%s' does not list %d predicted slide(s) (e.g. %s): each is scored "
+            "as a patient of its own",
+            path,
+            len(alone),
+            alone[:5],
+        )
+    absent = [s for s in patient_of if s not in set(slides)]
+    what = f"{len(absent)} slide(s) of patients_csv '{path}'"
+    fix = "check slides_dir / manifest and the slide ids"
+    if note := unmatched_ids(what, absent, slides, fix):
+        log.warning("%s", note)
 
 
 def _stamp(path: Path) -> list[int] | None:
@@ -280,6 +300,7 @@ def run_predict(cfg: PredictConfig) -> int:
     if cfg.overwrite:
         remove_stale(out, cfg, table, made)
     if patient_of is not None:
+        warn_unlisted(patient_of, table["slide_id"].tolist(), str(cfg.patients_csv))
         patients = patient_table(patient_of, table, inputs, ensemble)
         with atomic_path(out / PATIENTS) as tmp:
             patients.to_csv(tmp, index=False)
