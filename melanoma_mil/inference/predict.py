@@ -109,7 +109,8 @@ def warn_unlisted(patient_of: dict[str, str], slides: list[str], path: str) -> N
             len(alone),
             alone[:5],
         )
-    absent = [s for s in patient_of if s not in set(slides)]
+    listed = set(slides)
+    absent = [s for s in patient_of if s not in listed]
     what = f"{len(absent)} slide(s) of patients_csv '{path}'"
     fix = "check slides_dir / manifest and the slide ids"
     if note := unmatched_ids(what, absent, slides, fix):
