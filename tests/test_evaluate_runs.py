@@ -15,6 +15,7 @@ from test_evaluate import FIGURES, embedded_figures
 from melanoma_mil.cli import main
 from melanoma_mil.config import EvaluateConfig, FitConfig, PredictConfig, load_config
 from melanoma_mil.errors import UserError
+from melanoma_mil.evaluation.evaluate import evaluate
 from melanoma_mil.evaluation.hooks import write_report
 from melanoma_mil.ids import id_path
 from melanoma_mil.inference.predict import run_predict
@@ -200,3 +201,32 @@ def test_the_command_that_redoes_a_report_names_only_the_keys_given() -> None:
         "python -m melanoma_mil evaluate predictions=p.csv time_column=os threshold=0.3 "
         "output_dir=o"
     )
+
+
+def test_an_external_cohort_scored_with_another_threshold_than_the_runs_report_is_warned(
+    pipe: Pipeline, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """fit's report used threshold=0.3: predict / evaluate of new slides with the default 0.5
+    say so (the external and internal reports would apply two rules); with 0.3, nothing."""
+    run = tmp_path / "run"
+    clinical = pipe.root / "cohort" / "clinical.csv"
+    assert run_fit(fit_cfg(pipe, run, f"clinical_csv={clinical}", "threshold=0.3")) == 0
+    own = json.loads((run / "evaluation" / "evaluation.json").read_text())["warnings"]
+    assert not [w for w in own if "threshold" in w], own
+    keys = [f"run_dir={run}", f"features_dir={pipe.features}", f"slides_dir={pipe.slides}"]
+    keys += [f"labels_csv={pipe.root / 'cohort/labels.csv'}", "device=cpu", "heatmaps=false"]
+    out = tmp_path / "pred"
+    assert run_predict(load_config(PredictConfig, [], [*keys, f"output_dir={out}"])) == 0
+    note = f"run '{run}' reported its own predictions with threshold=0.3; these use threshold=0.5"
+    assert note in caplog.text
+    warnings = json.loads((out / "evaluation" / "evaluation.json").read_text())["warnings"]
+    assert any(note in w for w in warnings), warnings
+    for threshold, warned in (("0.5", True), ("0.3", False)):
+        keys = [
+            f"predictions={out / 'predictions.csv'}",
+            f"run_dir={run}",
+            f"threshold={threshold}",
+            f"labels_csv={pipe.root / 'cohort/labels.csv'}",
+        ]
+        cfg = load_config(EvaluateConfig, [], [*keys, f"output_dir={tmp_path / threshold}"])
+        assert any(note[:40] in w for w in evaluate(cfg)["warnings"]) == warned, threshold

@@ -370,6 +370,8 @@ def evaluate(cfg: EvaluateConfig, report: Path | None = None) -> dict[str, Any]:
         )
     level_note = LEVEL_NOTES["patient_predictions" if scored.slides is None else cfg.level]
     warnings: list[str] = []
+    if run and run.run_dir.resolve() != Path(str(cfg.predictions)).parent.resolve():
+        warnings += filter(None, [run.threshold_note(cfg.threshold)])  # an external cohort's
     ev: dict[str, Any] = {
         "predictions": str(cfg.predictions),
         "kind": scored.kind,

@@ -277,6 +277,8 @@ def run_predict(cfg: PredictConfig) -> int:
     if target.exists() and not cfg.overwrite:
         raise UserError(f"'{target}' exists; pass overwrite=true or choose another output_dir.")
     check_inputs(cfg, run)
+    if note := run.threshold_note(cfg.threshold):
+        log.warning("%s", note)
     made = recorded_evaluation(out)  # before claim_for_run rewrites the marker for another run
     if cfg.clinical_csv or cfg.labels_csv:
         check_evaluation(out, made)

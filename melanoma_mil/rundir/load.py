@@ -17,6 +17,7 @@ from melanoma_mil.outdir import MARKER
 from melanoma_mil.rundir.folds import fold_names, fold_problem, load_fold_model
 from melanoma_mil.rundir.layout import (
     CONFIG,
+    EVALUATION,
     FIX,
     FOLDS,
     MODEL,
@@ -64,6 +65,22 @@ class TrainedRun:
     def roc_path(self) -> Path:
         """The run's ROC figure (each test fold and the pooled curve)."""
         return self.run_dir / ROC
+
+    def threshold_note(self, threshold: float) -> str | None:
+        """A warning when the run's own report (`fit clinical_csv=`) predicted the positive class
+        from another probability than ``threshold``: an external cohort scored with another
+        rule than the internal report would be compared on two different rules."""
+        try:
+            used = read_json(self.run_dir / EVALUATION / "evaluation.json")["classification"]
+            used = float(used["threshold"])
+        except (UserError, KeyError, TypeError, ValueError):  # no report, or a multi-class one
+            return None
+        if used == threshold:
+            return None
+        return (
+            f"run '{self.run_dir}' reported its own predictions with threshold={used:g}; these "
+            f"use threshold={threshold:g}: pass threshold={used:g} to apply the same rule"
+        )
 
     @cached_property
     def predictions(self) -> pd.DataFrame:
