@@ -159,9 +159,12 @@ def test_a_claim_left_on_a_finished_slide_by_a_dead_process_is_removed(tmp_path:
     # and the dead one was killed while writing the slide's outcome record: its temp goes too
     record_tmp = first.parent / ".status" / f".{first.stem}.json.x1y2z3.tmp"
     record_tmp.write_text("{")
+    # or while writing the slide's bag again (overwrite=true): that partial bag goes too
+    bag_tmp = first.with_name(f".{first.name}.a1b2c3.tmp")
+    bag_tmp.write_bytes(b"\x89HDF\r\n")
     assert run_extract(cfg_for(tiles, out)) == 0
     assert not first.with_suffix(".lock").exists() and not dead_draft.exists()
-    assert not record_tmp.exists()
+    assert not record_tmp.exists() and not bag_tmp.exists()
     assert second.with_suffix(".lock").exists() and live_draft.exists()
 
 

@@ -153,8 +153,9 @@ class SlideQueue:
                 try:
                     if Claim(lock, self.stale_after).clear_stale():
                         log.info("removed %s, left by a process that is gone", lock)
-                        # it may have died writing the slide's outcome record
-                        remove_temp_files(record_path(lock.with_suffix(".h5")))
+                        # it may have died writing the slide's bag (overwrite) or its record
+                        bag = lock.with_suffix(".h5")
+                        remove_temp_files(bag, record_path(bag))
                 except OSError as e:
                     log.warning("could not remove %s: %s", lock, e)
         for folder in folders:
