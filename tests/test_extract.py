@@ -87,6 +87,21 @@ def test_generated_slides_give_bags_with_contract_attrs_and_a_rerun_skips(tmp_pa
         assert f["features"].shape == (18, 512)
 
 
+def test_a_resumed_run_reports_progress_over_the_slides_left_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The bar's total leaves out cached slides: a run resuming a nearly finished cohort ends at
+    100% and its ETA is for what is left, not for tiles it will never encode."""
+    tiles = make_cohort(tmp_path, 3)
+    out = tmp_path / "features"
+    assert run_extract(cfg_for(tiles, out)) == 0
+    bags(out)["slide1"].unlink()
+    capsys.readouterr()
+    assert run_extract(cfg_for(tiles, out)) == 0
+    last = [line for line in capsys.readouterr().err.splitlines() if "tile/s" in line][-1]
+    assert "36/36" in last and "100%" in last, last
+
+
 def test_changed_encoder_or_tile_size_never_reuses_the_cache(tmp_path: Path) -> None:
     tiles = make_cohort(tmp_path, 1)
     out = tmp_path / "features"

@@ -141,9 +141,11 @@ class Engine:
     threads: int = 1
     processes: ReaderProcesses | None = None
     _ahead: SlideWork | None = field(default=None, init=False)  # claimed next, already queued
+    _total: float = field(default=0, init=False)  # the bar's total: every slide's tiles
 
     def run(self) -> None:
-        work = self.queue.next(wait=True)
+        self._total = self.bar.total or 0
+        work = self._next(wait=True)
         while work is not None:
             ahead = self._encode(work)
             if self.writer.fatal:
@@ -152,7 +154,14 @@ class Engine:
                 self.writer.close()  # the slides in flight fail too; then nothing more
                 self.queue.stop(self.writer.fatal)
                 return
-            work = ahead if ahead is not None else self.queue.next(wait=True)
+            work = ahead if ahead is not None else self._next(wait=True)
+
+    def _next(self, wait: bool) -> SlideWork | None:
+        """The queue's next slide; the bar counts only tiles this process may still encode, so
+        a resumed run or one shared with peers ends at 100% and its rate and ETA are its own."""
+        work = self.queue.next(wait)
+        self.bar.total = self._total - self.queue.passed
+        return work
 
     def reads(self, work: SlideWork) -> list[list[Range]]:
         """The tile ranges reader processes read for ``work``, grouped by forward batch."""
@@ -228,7 +237,7 @@ class Engine:
 
     def _claim_ahead(self) -> None:
         """Claim the next slide and queue its reads behind this one's."""
-        self._ahead = self.queue.next(wait=False)
+        self._ahead = self._next(wait=False)
         if self._ahead is not None:
             self._ahead.queued = True
             self.queue_reads(self._ahead)

@@ -101,6 +101,7 @@ class SlideQueue:
         self.overwrite, self.stale_after = overwrite, stale_after
         self.since = time.time()
         self.rows: dict[str, dict[str, Any]] = {}
+        self.passed = 0  # tiles of the slides settled without this process encoding them
         self.stopped = ""  # why no further slide is claimed (a full disk)
         sizes = [len(g.coords) if isinstance(g, TileGrid) else 0 for g in grids]
         order = sorted(range(len(jobs)), key=lambda i: (-sizes[i], jobs[i].slide_id))
@@ -124,6 +125,9 @@ class SlideQueue:
                 work = self._try(i)
                 if work is not None:
                     return work
+                grid = self.grids[i]
+                if self.jobs[i].slide_id in self.rows and isinstance(grid, TileGrid):
+                    self.passed += len(grid.coords)  # cached, done by a peer, or failed
             if not self.busy or not wait:
                 return None
             held = ", ".join(f"{self.jobs[i].slide_id} ({describe(o)})" for i, o in self.busy)
