@@ -212,6 +212,30 @@ def test_reader_processes_read_parts_that_join_into_the_same_batches(
             np.testing.assert_array_equal(fa["features"][:], fb["features"][:])
 
 
+def test_a_coords_file_rewritten_during_the_run_fails_its_slide_not_mislabels_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reader processes read a slide's grid from its coords file when they reach it, maybe hours
+    after extract planned it: tiles of a grid `tile` rewrote meanwhile never go into a bag that
+    records the planned coords."""
+    import melanoma_mil.features.run as extract_run
+
+    tiles = make_cohort(tmp_path, 2)
+    coords = tiles / "coords" / "slide1.h5"
+    planned = extract_run._encoder
+
+    def retiled_after_planning(cfg: ExtractConfig) -> object:
+        grid = read_coords(coords)  # same tiles in another order: only the rows differ
+        write_coords(coords, replace(grid, coords=grid.coords[::-1].copy()))
+        return planned(cfg)
+
+    monkeypatch.setattr(extract_run, "_encoder", retiled_after_planning)
+    out = tmp_path / "features"
+    assert run_extract(cfg_for(tiles, out, num_workers=1)) == 1
+    assert "rewritten while extract ran" in report(out).loc["slide1", "reason"]
+    assert sorted(bags(out)) == ["slide0"]
+
+
 def _cli(tiles: Path, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "melanoma_mil", "extract", f"coords_dir={tiles}",

@@ -28,6 +28,7 @@ from melanoma_mil.tiling.coords import TileGrid, read_coords
 from melanoma_mil.tiling.slides import SlideReader, find_slides, open_slide
 
 Range = tuple[int, int]  # [start, stop) of a slide's tiles
+Item = tuple[torch.Tensor, str, torch.Tensor]  # a reader process's tiles, reader, their coords
 
 
 @dataclass(frozen=True)
@@ -184,12 +185,13 @@ class SlideBatches:
         self._slide = self._fast = None
 
 
-class RunBatches(Dataset[tuple[torch.Tensor, str]]):
+class RunBatches(Dataset[Item]):
     """Tile ranges of every slide of a run, keyed (slide index, start, stop), for reader processes
     that live for the whole run: forking per slide costs ~0.1-3 s (copy-on-write of the
     parent's heap), once per run it is paid once. A worker loads a slide's grid from its coords
     file when the slide's first range arrives and closes the slide it read before. Each item
-    is (tiles, reader name), so the run table can say which reader served the slide."""
+    is (tiles, reader name, the coords read), so the run table can say which reader served the
+    slide and the engine can refuse tiles of a coords file rewritten since it was planned."""
 
     def __init__(self, slides: list[tuple[Path, Path]], reader: str) -> None:
         self.slides = slides  # (slide path, coords h5 path)
@@ -199,7 +201,7 @@ class RunBatches(Dataset[tuple[torch.Tensor, str]]):
     def __len__(self) -> int:
         return len(self.slides)
 
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, str]:
+    def __getitem__(self, key: tuple[int, int, int]) -> Item:
         s, start, stop = key
         if self._open is None or self._open[0] != s:
             if self._open is not None:
@@ -208,7 +210,7 @@ class RunBatches(Dataset[tuple[torch.Tensor, str]]):
             grid = read_coords(coords)
             self._open = (s, SlideBatches(path, grid, reader=self.reader))
         data = self._open[1]
-        return data.rows((start, stop)), data.reader
+        return data.rows((start, stop)), data.reader, torch.from_numpy(data.coords[start:stop])
 
 
 class SlideStream(Sampler[tuple[int, int, int]]):
@@ -242,8 +244,8 @@ class ReaderProcesses:
         self.data, self.workers, self.pin_memory = data, workers, pin_memory
         self.prefetch = prefetch
         self.stream = SlideStream()
-        self.loader: DataLoader[tuple[torch.Tensor, str]] | None = None
-        self._it: Iterator[tuple[torch.Tensor, str]] | None = None
+        self.loader: DataLoader[Item] | None = None
+        self._it: Iterator[Item] | None = None
         self._consumed = 0  # items taken from the current iteration
         self._start()
 
@@ -272,9 +274,10 @@ class ReaderProcesses:
             self._start()
         self.stream.add(slide, ranges)
 
-    def next(self) -> tuple[torch.Tensor, str]:
-        """The next item (tiles, reader) of the queued slides, in order. A slide queued after the
-        stream ran dry starts a new iteration once every item of the current one was taken."""
+    def next(self) -> Item:
+        """The next item (tiles, reader, coords) of the queued slides, in order. A slide queued
+        after the stream ran dry starts a new iteration once every item of the current one was
+        taken."""
         drained = self.stream.dry and self._consumed == self.stream.total
         if self._it is None or drained:
             assert self.loader is not None

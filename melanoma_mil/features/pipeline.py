@@ -225,12 +225,17 @@ class Engine:
         for batch in batches:
             start, rows = batch[0][0], batch[-1][1] - batch[0][0]
             joined: torch.Tensor | None = None  # the batch, filled part by part on the device
-            for a, _ in batch:
+            for a, b in batch:
                 if not asked and left <= p.window:
                     asked = True
                     self._claim_ahead()
-                tiles, work.reader = p.next()
+                tiles, work.reader, xy = p.next()
                 left -= 1
+                if not np.array_equal(xy.numpy(), work.grid.coords[a:b]):  # re-read by the worker
+                    raise UserError(
+                        f"{work.job.coords_path} was rewritten while extract ran (`tile` again?): "
+                        "re-run extract to encode the new tiles"
+                    )
                 joined = fill(joined, tiles, a - start, rows, self.encoder.device)
             assert joined is not None
             yield joined
