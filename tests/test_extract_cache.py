@@ -5,6 +5,9 @@ features that overflow)."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import make_cohort
+from test_extract import ROOT
 
 from melanoma_mil.config import EncoderConfig, ExtractConfig
 from melanoma_mil.encoders import build_encoder
@@ -154,6 +158,34 @@ def test_features_that_overflow_fail_the_slide_with_the_fix(tmp_path: Path) -> N
     (bag,) = out.glob("*/*.h5")
     with h5py.File(bag, "r") as f:
         assert np.isfinite(f["features"][:]).all() and np.abs(f["features"][:]).max() > 65504
+
+
+def test_a_slide_too_large_for_memory_fails_alone(tmp_path: Path) -> None:
+    """Its features are assembled in memory before the write: a slide that cannot get that
+    memory fails with the reason, and the cohort's other slides are encoded."""
+    tiles = make_cohort(tmp_path, 2)
+    coords = tiles / "coords" / "slide0.h5"  # 2M tiles x 512 float32: 4 GB of features
+    write_coords(coords, replace(read_coords(coords), coords=np.zeros((2_000_000, 2), np.int64)))
+    out = tmp_path / "features"
+    script = textwrap.dedent(f"""
+        import resource
+        from melanoma_mil.config import EncoderConfig, ExtractConfig
+        from melanoma_mil.features.run import run_extract
+        status = open("/proc/self/status").read().split("VmSize:")[1]
+        used = int(status.split()[0]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (used + (1 << 30), resource.RLIM_INFINITY))
+        cfg = ExtractConfig(coords_dir={str(tiles)!r}, output_dir={str(out)!r}, num_workers=0,
+            encoder=EncoderConfig(name="resnet18_imagenet", pretrained=False), device="cpu",
+            batch_size=16, dtype="float32")
+        raise SystemExit(run_extract(cfg))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    table = _table(out)
+    assert table.loc["slide1", "status"] == "ok" and table.loc["slide0", "status"] == "failed"
+    assert "MemoryError" in table.loc["slide0", "reason"]
+    assert not list(out.rglob("*.lock"))
 
 
 def test_a_rerun_asking_another_precision_or_dtype_refuses_the_cached_bag(tmp_path: Path) -> None:

@@ -177,8 +177,8 @@ class Engine:
 
     def _encode(self, work: SlideWork) -> SlideWork | None:
         """Encode ``work``; returns the slide claimed ahead (reader processes), if any."""
-        work.feats = np.empty((work.n, self.encoder.dim), STORE[self.dtype])
-        try:
+        try:  # a slide too large for this machine's memory fails alone
+            work.feats = np.empty((work.n, self.encoder.dim), STORE[self.dtype])
             source = self._from_processes(work) if self.processes else self._from_threads(work)
             for tiles in source:
                 if self.writer.fatal:  # e.g. the disk filled up while the last slide was written
