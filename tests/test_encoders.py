@@ -188,6 +188,9 @@ def test_mismatched_checkpoint_fails_clearly(tmp_path: Path) -> None:
         build_encoder(EncoderConfig(name="resnet18_imagenet", weights=str(garbage)))
     with pytest.raises(UserError, match="not found"):
         build_encoder(EncoderConfig(name="resnet18_imagenet", weights=str(tmp_path / "no.pt")))
+    (tmp_path / "uni").mkdir()  # a downloaded model repository, not its weights file
+    with pytest.raises(UserError, match=r"is a folder: pass the weights file in it"):
+        build_encoder(EncoderConfig(name="resnet18_imagenet", weights=str(tmp_path / "uni")))
 
 
 def test_pretrained_without_a_hub_copy_asks_for_weights() -> None:

@@ -29,6 +29,11 @@ _EXTRA_BUFFERS = ("num_batches_tracked",)  # absent from some checkpoints, harml
 
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """The tensor dict inside a weights file (safetensors, torch state dict or checkpoint)."""
+    if path.is_dir():  # e.g. a downloaded model repository
+        raise UserError(
+            f"encoder.weights '{path}' is a folder: pass the weights file in it (e.g. its "
+            "model.safetensors or pytorch_model.bin)."
+        )
     if not path.is_file():
         raise UserError(f"encoder.weights '{path}' not found: check the path.")
     try:
