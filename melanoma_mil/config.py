@@ -295,6 +295,9 @@ class EncoderConfig:
     name: str = "resnet50_trunc"  # melanoma_mil.encoders.REGISTRY name, or timm:<model>
     weights: str | None = None  # local weights file (state dict / checkpoint / safetensors)
     pretrained: bool = True  # hub / HF cache; false = random weights (recorded as "random")
+    # load a weights file that pickles Python objects (e.g. a Lightning checkpoint's
+    # hyper-parameters): unpickling runs code from the file, so only one you trust
+    trust_weights: bool = False
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,35 @@ def test_ciga_checkpoint_loads_and_changes_the_features(tmp_path: Path) -> None:
     assert loaded.provenance["encoder_pretrained"] is True
 
 
+class _Hostile:
+    """Unpickling this runs code: it writes the file named in its state."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (exec, (f"open({str(self.target)!r}, 'w').write('ran')",))
+
+
+def test_a_checkpoint_holding_pickled_objects_loads_only_when_trusted(tmp_path: Path) -> None:
+    """A Lightning checkpoint pickles hyper-parameter objects; unpickling runs code the file
+    names, so a weights file from a stranger is refused unless the user says it is trusted."""
+    torch.manual_seed(123)
+    trained = timm.create_model("resnet18", num_classes=0).eval()
+    ran = tmp_path / "ran.txt"
+    ckpt = tmp_path / "downloaded.ckpt"
+    torch.save(_ciga_layout(trained) | {"hyper_parameters": _Hostile(ran)}, ckpt)
+    cfg = EncoderConfig(name="ciga_simclr_resnet18", weights=str(ckpt))
+    with pytest.raises(UserError) as err:
+        build_encoder(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and "encoder.trust_weights=true" in msg and str(ckpt) in msg, msg
+    assert not ran.exists()  # nothing of the file ran
+    trusted = build_encoder(replace(cfg, trust_weights=True))
+    assert ran.read_text() == "ran"  # the user's call: the file is loaded fully
+    assert trusted.provenance["encoder_weights"] == sha256_file(ckpt)
+
+
 def test_safetensors_with_module_prefix_loads(tmp_path: Path) -> None:
     torch.manual_seed(7)
     src = timm.create_model("resnet18", num_classes=0).eval()
@@ -183,9 +213,11 @@ def test_mismatched_checkpoint_fails_clearly(tmp_path: Path) -> None:
         build_encoder(EncoderConfig(name="resnet18_imagenet", weights=str(cut)))
 
     garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="not a readable weights file"):
-        build_encoder(EncoderConfig(name="resnet18_imagenet", weights=str(garbage)))
+    for junk in (b"not a checkpoint", bytes(range(256)) * 4, b""):
+        garbage.write_bytes(junk)
+        with pytest.raises(UserError, match="not a readable weights file") as err:
+            build_encoder(EncoderConfig(name="resnet18_imagenet", weights=str(garbage)))
+        assert "\n" not in str(err.value) and "weights_only" not in str(err.value), err.value
     with pytest.raises(UserError, match="not found"):
         build_encoder(EncoderConfig(name="resnet18_imagenet", weights=str(tmp_path / "no.pt")))
     (tmp_path / "uni").mkdir()  # a downloaded model repository, not its weights file

@@ -326,7 +326,7 @@ def build_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> Enc
             model = _cut(_create(spec, pretrained_hub=False), spec)
     elif cfg.weights:
         path = Path(cfg.weights).expanduser()
-        sd = read_weights_file(path)
+        sd = read_weights_file(path, cfg.trust_weights)
         model, prefix = load_trunk(spec, _uninitialised(spec), sd, path)
         weights_id = sha256_file(path)
         log.info("encoder %s: weights %s (prefix '%s' stripped)", spec.name, path, prefix)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -27,8 +28,10 @@ _NESTED = ("state_dict", "model", "teacher", "model_state_dict", "module", "net"
 _EXTRA_BUFFERS = ("num_batches_tracked",)  # absent from some checkpoints, harmless at eval
 
 
-def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """The tensor dict inside a weights file (safetensors, torch state dict or checkpoint)."""
+def read_weights_file(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """The tensor dict inside a weights file (safetensors, torch state dict or checkpoint).
+    Pickled objects beside the tensors are loaded only when ``trust``: unpickling a file runs
+    code it names, and weights are often downloaded from strangers."""
     if path.is_dir():  # e.g. a downloaded model repository
         raise UserError(
             f"encoder.weights '{path}' is a folder: pass the weights file in it (e.g. its "
@@ -44,16 +47,25 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         else:
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError:
+            except pickle.UnpicklingError as e:
                 # Lightning checkpoints pickle hyper-parameter objects next to the tensors.
-                log.warning("%s stores pickled objects; loading it fully (trust the file).", path)
+                if not re.search(r"GLOBAL \S+", str(e)):
+                    raise  # not a refused object: a damaged or foreign file (below)
+                if not trust:
+                    raise UserError(
+                        f"encoder.weights '{path}' stores pickled Python objects besides tensors "
+                        f"({_pickled(e)}); loading them runs code from the file: pass "
+                        "encoder.trust_weights=true if you trust it, or save its state dict "
+                        "alone (or as .safetensors) and pass that."
+                    ) from None
+                log.warning("%s stores pickled objects; loading it fully (trusted).", path)
                 obj = torch.load(path, map_location="cpu", weights_only=False)
     except UserError:
         raise
     except Exception as e:  # corrupt zip, truncated file, unknown pickle class...
         raise UserError(
             f"encoder.weights '{path}' is not a readable weights file ({type(e).__name__}: "
-            f"{e}); pass a .pt/.pth/.ckpt/.bin state dict or a .safetensors file."
+            f"{_reason(e)}); pass a .pt/.pth/.ckpt/.bin state dict or a .safetensors file."
         ) from None
     sd = _unwrap(obj)
     if not sd:
@@ -70,6 +82,19 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
             f"{e}): only transformers' ViTModel layout (e.g. owkin/phikon) is converted; export "
             "a timm state dict of the model instead."
         ) from None
+
+
+def _reason(e: Exception) -> str:
+    """One line of a load error: torch's weights-only messages put the cause among advice."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    cause = [x for x in lines if x.startswith("Unsupported")]
+    return (cause or lines or ["empty or truncated file"])[0][:200]
+
+
+def _pickled(e: Exception) -> str:
+    """The object torch's weights-only load refused (its message is pages of advice)."""
+    found = re.search(r"GLOBAL (\S+)", str(e))
+    return f"e.g. {found[1] if found else '?'}"
 
 
 def _tensors(d: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -89,7 +89,8 @@ def encoder_config(run: TrainedRun, weights: str | None) -> EncoderConfig:
             f"encoder_weights '{path}' has sha256 {digest[:12]}... but run '{run.run_dir}' "
             f"recorded {str(recorded)[:12]}...; pass the weights file its features were made with."
         )
-    return EncoderConfig(name=name, weights=str(path), pretrained=False)
+    # the very file the run's features were made from (its sha256): trusted then
+    return EncoderConfig(name=name, weights=str(path), pretrained=False, trust_weights=True)
 
 
 def tiling_config(run: TrainedRun) -> TilingConfig:
