@@ -262,3 +262,35 @@ def test_low_precision_weights_keep_the_features_bit_identical() -> None:
     assert enc.module.conv1.weight.dtype == torch.bfloat16
     assert torch.equal(enc.encode(tiles, 32, "bf16"), before)
     assert not enc.low_precision_weights("fp32", 32)  # nothing to store in fp32
+
+
+def test_waiting_for_a_live_peers_slide_is_logged_once_not_every_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A slide held by a live process is polled every 2 s (a dead host's lock for 900 s):
+    the unchanged wait is said once (then once a minute), not 450 times. The queue's clock is
+    replaced so that exactly 40 polls pass before the peer lets go; the encoder is real."""
+    import types
+
+    from melanoma_mil.features import queue
+
+    tiles = make_cohort(tmp_path, 1, side=160, tile=32)
+    out = tmp_path / "f"
+    assert run_extract(cfg_for(tiles, out)) == 0
+    (bag,) = bags(out).values()
+    bag.unlink()  # to be made again, while a live process (this one, as a peer) holds it
+    lock = bag.with_suffix(".lock")
+    lock.write_text(json.dumps(me()))
+    polls: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        polls.append(seconds)
+        if len(polls) == 40:  # the peer let go without writing it: ours to do
+            lock.unlink()
+
+    clock = types.SimpleNamespace(time=time.time, monotonic=time.monotonic, sleep=sleep)
+    monkeypatch.setattr(queue, "time", clock)
+    with caplog.at_level("INFO", logger="melanoma_mil"):
+        assert run_extract(cfg_for(tiles, out)) == 0
+    assert len(polls) == 40 and bag.is_file()
+    assert caplog.text.count("waiting for 1 slide(s) held by other processes") == 1

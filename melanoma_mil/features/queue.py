@@ -33,6 +33,7 @@ from melanoma_mil.workshare import Claim, clear_drafts, describe, disk_full, dis
 log = logging.getLogger(__name__)
 
 POLL_S = 2.0  # while only slides held by live processes are left
+SAY_WAITING_S = 60.0  # the same wait is logged this often (a dead host's lock takes 900 s)
 
 
 @dataclass
@@ -103,6 +104,7 @@ class SlideQueue:
         self.rows: dict[str, dict[str, Any]] = {}
         self.passed = 0  # tiles of the slides settled without this process encoding them
         self.stopped = ""  # why no further slide is claimed (a full disk)
+        self._said = ("", 0.0)  # the last wait logged, and when (time.monotonic)
         sizes = [len(g.coords) if isinstance(g, TileGrid) else 0 for g in grids]
         order = sorted(range(len(jobs)), key=lambda i: (-sizes[i], jobs[i].slide_id))
         self.pending: deque[int] = deque(order)
@@ -131,7 +133,11 @@ class SlideQueue:
             if not self.busy or not wait:
                 return None
             held = ", ".join(f"{self.jobs[i].slide_id} ({describe(o)})" for i, o in self.busy)
-            log.info("waiting for %d slide(s) held by other processes: %s", len(self.busy), held)
+            if held != self._said[0] or time.monotonic() - self._said[1] >= SAY_WAITING_S:
+                log.info(
+                    "waiting for %d slide(s) held by other processes: %s", len(self.busy), held
+                )
+                self._said = (held, time.monotonic())
             time.sleep(POLL_S)
             self.pending.extend(i for i, _ in self.busy)
             self.busy = []
