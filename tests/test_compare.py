@@ -315,3 +315,21 @@ def test_a_wrong_output_folder_is_refused_before_any_run_is_read(tmp_path: Path)
     with pytest.raises(UserError, match="holds output of") as err:
         compare_runs(CompareConfig(run_dirs=missing, output_dir=str(out)))
     assert "not found" not in str(err.value)
+
+
+def test_runs_alike_in_their_last_two_folders_get_names_that_tell_them_apart(
+    tmp_path: Path, cohort
+) -> None:
+    """a/x/run and b/x/run were both named 'x/run': the figure's per-fold table could not be
+    built (traceback) after comparison.csv and .md were written."""
+    labels, folds = cohort
+    rng = np.random.default_rng(12)
+    runs = [
+        write_run(tmp_path / f"{top}/x/run", rng.random(len(labels)), labels, folds, top)
+        for top in ("a", "b")
+    ]
+    out = tmp_path / "o"
+    table = compare_runs(CompareConfig(run_dirs=[str(r) for r in runs], output_dir=str(out)))
+    assert list(table.run) == ["a/x/run", "b/x/run"]
+    assert (out / "comparison.png").is_file()
+    assert "| b/x/run | b |" in (out / "comparison.md").read_text()

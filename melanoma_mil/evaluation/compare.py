@@ -127,10 +127,16 @@ def _different_classes(ref: RunResult, run: RunResult) -> str:
 
 
 def _unique_names(runs: list[RunResult]) -> None:
+    """Runs sharing a folder name are named by as many trailing path parts as tell them apart
+    (a/x/run, b/x/run): the table, its rows and the figure's columns are keyed by name."""
     names = [r.name for r in runs]
-    for r in runs:
-        if names.count(r.name) > 1:
-            r.name = f"{r.path.parent.name}/{r.path.name}"
+    clashing = [r for r in runs if names.count(r.name) > 1]
+    parts = [r.path.absolute().parts for r in clashing]
+    depth = 2
+    while len({p[-depth:] for p in parts}) < len(parts):  # ends: check_distinct, paths differ
+        depth += 1
+    for run, p in zip(clashing, parts, strict=True):
+        run.name = "/".join(p[-depth:])
 
 
 def _delong_p(y: np.ndarray, probs: np.ndarray, ref_probs: np.ndarray) -> float | None:
