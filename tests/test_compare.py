@@ -128,9 +128,10 @@ def write_run(
     encoder: str,
     seed: int = 0,
     binary_classes: list[str] | None = None,
+    patients: list[str] | None = None,
 ) -> Path:
     """A complete fit run written through `rundir`'s writers (2 slides per patient), with given
-    out-of-fold predictions and tiny untrained fold models.
+    out-of-fold predictions and tiny untrained fold models (``patients``: one per slide).
 
     ``probs`` is [N] (binary: P(high), or of ``binary_classes[1]``) or [N, C] (multi-class,
     classes c0..c{C-1}).
@@ -140,7 +141,8 @@ def write_run(
     classes = [f"c{i}" for i in range(probs.shape[1])] if multi else binary_classes or CLASSES
     p2 = probs if multi else np.stack([1 - probs, probs], 1)
     slides = [f"s{i:03d}" for i in range(n)]
-    pred = pd.DataFrame({"slide_id": slides, "patient_id": [f"p{i // 2:03d}" for i in range(n)]})
+    patients = patients or [f"p{i // 2:03d}" for i in range(n)]
+    pred = pd.DataFrame({"slide_id": slides, "patient_id": patients})
     pred = pred.assign(fold=folds, repeat=0, label=[classes[k] for k in labels], y=labels)
     pred = pred.assign(pred=[classes[k] for k in p2.argmax(1)])
     pred = pred.assign(**{f"prob_{c}": p2[:, i] for i, c in enumerate(classes)})
@@ -333,3 +335,21 @@ def test_runs_alike_in_their_last_two_folders_get_names_that_tell_them_apart(
     assert list(table.run) == ["a/x/run", "b/x/run"]
     assert (out / "comparison.png").is_file()
     assert "| b/x/run | b |" in (out / "comparison.md").read_text()
+
+
+def test_runs_grouping_the_same_bags_into_other_patients_are_refused(
+    tmp_path: Path, cohort, capsys
+) -> None:
+    """One run with patients, one whose labels_csv had none (a patient per slide) on the same
+    pinned splits: the CIs and the bootstrap p resampled whichever run came first's patients,
+    so swapping the two changed them."""
+    labels, folds = cohort
+    rng = np.random.default_rng(13)
+    a = write_run(tmp_path / "a", rng.random(len(labels)), labels, folds, "resnet50")
+    slides = [f"s{i:03d}" for i in range(len(labels))]
+    b = write_run(tmp_path / "b", rng.random(len(labels)), labels, folds, "uni", patients=slides)
+    assert main(["compare", str(a), str(b), f"output_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"runs {a} and {b} put bags in different patients (120 bags" in err
+    assert "s000: patient p000 vs s000" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

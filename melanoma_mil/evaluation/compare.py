@@ -109,6 +109,22 @@ def check_paired(runs: list[RunResult]) -> None:
                 f"runs {ref.path} and {run.path} predicted different bags or labels: "
                 "compare runs of the same cohort and labels."
             )
+        _check_same_patients(ref, run)
+
+
+def _check_same_patients(ref: RunResult, run: RunResult) -> None:
+    """The bootstrap resamples the reference's patients: runs whose labels_csv grouped the same
+    bags into other patients (e.g. splits pinned with cv.splits_file) are of another cohort."""
+    differs = run.bags["patient_id"].to_numpy() != ref.bags["patient_id"].to_numpy()
+    if differs.any():
+        i = int(np.flatnonzero(differs)[0])
+        slide, theirs = ref.bags["slide_id"].iloc[i], run.bags["patient_id"].iloc[i]
+        raise UserError(
+            f"runs {ref.path} and {run.path} put bags in different patients ({differs.sum()} "
+            f"bags, e.g. {slide}: patient {ref.bags['patient_id'].iloc[i]} vs {theirs}), so "
+            "their CIs and tests would depend on the reference; fit both with the same "
+            "labels_csv patient_id column."
+        )
 
 
 def _different_classes(ref: RunResult, run: RunResult) -> str:
