@@ -129,6 +129,7 @@ def write_run(
     seed: int = 0,
     binary_classes: list[str] | None = None,
     patients: list[str] | None = None,
+    bag_level: str = "slide",
 ) -> Path:
     """A complete fit run written through `rundir`'s writers (2 slides per patient), with given
     out-of-fold predictions and tiny untrained fold models (``patients``: one per slide).
@@ -156,7 +157,7 @@ def write_run(
         test = [s for s, f in zip(slides, folds, strict=True) if f == k]
         splits.append(Split(repeat=0, fold=int(k), train=rest[2:], val=rest[:2], test=test))
     cfg = FitConfig(output_dir=str(run_dir), seed=seed)
-    cfg.data.classes = classes
+    cfg.data.classes, cfg.data.bag_level = classes, bag_level
     doc = rundir.splits_document(splits, cfg.cv, "cohort", None)
     fp = rundir.Fingerprint(rundir.settings(cfg), doc["sha256"], "cohort", "ck")
     run_id = rundir.claim_run(run_dir, fp)
@@ -250,6 +251,12 @@ def test_compare_refuses_different_splits(tmp_path: Path, cohort, capsys) -> Non
     assert not (tmp_path / "o").exists()
     assert main(["compare", str(a), str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
+    # patient bags vs slide bags: no cv.splits_file pairs them, so that is not the fix
+    c = write_run(tmp_path / "c", probs, labels, (folds + 1) % 4, "uni", bag_level="patient")
+    assert main(["compare", str(a), str(c), f"output_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{a} (data.bag_level=slide) and {c} (data.bag_level=patient)" in err
+    assert "same data.bag_level" in err and "splits_file" not in err
 
 
 def test_compare_names_both_class_orders_and_the_fix(tmp_path: Path, cohort, capsys) -> None:

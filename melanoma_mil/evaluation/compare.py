@@ -43,6 +43,7 @@ class RunResult:
     classes: list[str]
     splits_key: str
     run_id: str
+    bag_level: str  # data.bag_level: a bag is a slide or a patient
     bags: pd.DataFrame  # one row per bag: slide_id, patient_id, y (class index), probs...
     prob_columns: list[str]
 
@@ -76,6 +77,7 @@ def load_result(run_dir: str | Path) -> RunResult:
         classes=classes,
         splits_key=run.splits_sha256,
         run_id=run.run_id,
+        bag_level=run.config.data.bag_level,
         bags=bags,
         prob_columns=cols,
     )
@@ -96,6 +98,12 @@ def check_paired(runs: list[RunResult]) -> None:
     """Refuse runs that were not evaluated on the same splits, bags, labels and classes."""
     ref = runs[0]
     for run in runs[1:]:
+        if run.splits_key != ref.splits_key and run.bag_level != ref.bag_level:
+            raise UserError(  # no cv.splits_file fits both: one names patients, one slides
+                f"runs {ref.path} (data.bag_level={ref.bag_level}) and {run.path} "
+                f"(data.bag_level={run.bag_level}) predicted different bags; compare runs "
+                "fitted with the same data.bag_level."
+            )
         if run.splits_key != ref.splits_key:
             raise UserError(
                 f"runs {ref.path} and {run.path} used different splits: a paired comparison "
