@@ -225,3 +225,21 @@ def test_a_sweep_with_a_reworded_description_resumes_but_other_runs_are_refused(
     other = reworded | {"parameters": {"seed": {"values": [0, 2]}}}
     assert main(["sweep", str(sweep_file(tmp_path, other)), *fixed]) == 2
     assert "belongs to a different sweep" in capsys.readouterr().err
+
+
+def test_a_sweep_started_anew_leaves_no_comparison_of_the_earlier_runs(tmp_path: Path) -> None:
+    """overwrite=true with a sweep of one run kept comparison/ of the two earlier runs beside a
+    sweep_results.csv that no longer lists them."""
+    features, labels = cohort(tmp_path / "coh")
+    metric = {"name": "cv/auc_mean", "goal": "maximize"}
+    out = tmp_path / "out"
+    inputs = [*fast(out), f"data.features_dir={features}", f"data.labels_csv={labels}"]
+    two = {"method": "grid", "metric": metric, "parameters": {"seed": {"values": [0, 1]}}}
+    assert main(["sweep", str(sweep_file(tmp_path, two)), *inputs]) == 0
+    assert (out / "comparison" / "comparison.md").is_file()
+    (out / "comparison" / "notes.txt").write_text("mine")
+    one = {"method": "grid", "metric": metric, "parameters": {"seed": {"values": [5]}}}
+    assert main(["sweep", str(sweep_file(tmp_path, one)), *inputs, "overwrite=true"]) == 0
+    assert [r["name"] for r in ledger(out)] == ["000_seed-5"]
+    left = sorted(p.name for p in (out / "comparison").iterdir())
+    assert left == [".melanoma-mil.json", "notes.txt"]

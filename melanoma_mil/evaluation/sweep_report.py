@@ -90,6 +90,10 @@ def report(
             ),
             marker=_comparison_marker(out),
         )
+    elif replace_comparison:  # an earlier sweep's (overwrite=true): not of these runs
+        for name in COMPARE_OUTPUTS:
+            (out / "comparison" / name).unlink(missing_ok=True)
+        log.info("%s: the earlier sweep's comparison removed (under 2 finished runs)", out)
     failed = [e["name"] for e in entries if e["state"] != "finished"]
     if failed:
         log.error("%d sweep run(s) failed: %s (see %s)", len(failed), failed, out / "sweep.json")
