@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
     ConfigKeyError,
@@ -94,9 +94,31 @@ def _items(layer: DictConfig | Any) -> list[tuple[Any, Any]]:
     return list(plain.items()) if isinstance(plain, dict) else []
 
 
+def _clash(base: Any, layer: Any, prefix: str = "") -> tuple[str, str, str] | None:
+    """(key, given, wanted) of the first list given where the schema has a mapping, or the
+    reverse: OmegaConf's merge fails on it with a bare TypeError naming no key."""
+    for k, v in _items(layer):
+        node = base._get_node(k) if k in base else None
+        if isinstance(node, DictConfig) and isinstance(v, list):
+            return f"{prefix}{k}", "a list", "a mapping ({key: value})"
+        if isinstance(node, ListConfig) and isinstance(v, dict):
+            return f"{prefix}{k}", "a mapping", "a list ([a, b])"
+        found = _clash(node, v, f"{prefix}{k}.") if isinstance(node, DictConfig) else None
+        if found:
+            return found
+    return None
+
+
 def _merge(base: DictConfig, layer: DictConfig | Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+    except TypeError:
+        found = _clash(base, layer)
+        if found is None:
+            raise
+        key, given, wanted = found
+        why = f"{given} where {wanted} is expected"
+        raise UserError(f"bad value for '{key}' in {source}: {why}.") from None
     except (ConfigKeyError, ConfigAttributeError) as e:
         key = getattr(e, "full_key", None) or str(e)
         raise _unknown_key_error(base, str(key), source) from None

@@ -157,3 +157,25 @@ def test_an_override_of_a_key_with_a_hyphen_stays_an_override(tmp_path: Path) ->
     sweep = tmp_path / "s.yaml"
     _, cfg, _ = parse(["sweep", str(sweep), "data.label_map.in-situ=melanoma"])
     assert cfg.sweep_file == str(sweep) and cfg.data.label_map == {"in-situ": "melanoma"}
+
+
+@pytest.mark.parametrize(
+    ("command", "given", "key"),
+    [
+        ("fit", "cv.run_folds={a: 1}", "cv.run_folds"),
+        ("fit", "data.label_map=[a, b]", "data.label_map"),
+        ("tile", "extensions:\n  svs: 1\n", "extensions"),  # in a config file
+    ],
+)
+def test_a_list_given_for_a_mapping_or_the_reverse_is_one_line_naming_the_key(
+    command: str, given: str, key: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """OmegaConf's merge raised a bare TypeError (a traceback, exit 1) naming no key."""
+    out = tmp_path / "out"
+    args = [given]
+    if "\n" in given:
+        (tmp_path / "c.yaml").write_text(given)
+        args = ["--config", str(tmp_path / "c.yaml")]
+    err = one_line_error(capsys, command, f"output_dir={out}", *args)
+    assert f"'{key}'" in err and "is expected" in err
+    assert not out.exists()
