@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 from dataclasses import field
@@ -324,9 +325,11 @@ def _problem(value: Any, meta: Any) -> str | None:
         return f"is not of the form {meta['pattern'][1]}"
     if "range" in meta and value is not None:
         low, high, open_low, open_high = meta["range"]
+        if not math.isfinite(value):  # inf passed a range open at the top, yet no key means it
+            return f"must be a finite number {_bounds_text(meta['range'])}"
         below = low is not None and (value <= low if open_low else value < low)
         above = high is not None and (value >= high if open_high else value > high)
-        if below or above or value != value:  # the last: NaN
+        if below or above:
             return f"must be {_bounds_text(meta['range'])}"
     return None
 

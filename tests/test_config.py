@@ -179,3 +179,23 @@ def test_a_list_given_for_a_mapping_or_the_reverse_is_one_line_naming_the_key(
     err = one_line_error(capsys, command, f"output_dir={out}", *args)
     assert f"'{key}'" in err and "is expected" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "override"),
+    [
+        ("fit", "optim.lr=inf"),
+        ("fit", "optim.weight_decay=inf"),
+        ("fit", "data.memory_gb=inf"),
+        ("tile", "tiling.tissue.thumbnail_mpp=inf"),
+        ("demo", "mpp=inf"),
+    ],
+)
+def test_a_number_that_is_not_finite_is_refused_where_a_range_is_declared(
+    command: str, override: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """inf passed every range without an upper end (lr=inf trained on NaN losses)."""
+    out = tmp_path / "out"
+    err = one_line_error(capsys, command, f"output_dir={out}", override)
+    assert f"{override} must be a finite number" in err
+    assert not out.exists()
