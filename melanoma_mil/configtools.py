@@ -320,7 +320,10 @@ def _number(value: float | None) -> str:
 def _problem(value: Any, meta: Any) -> str | None:
     """Why ``value`` breaks a field's declared choices or range, or None."""
     if "choices" in meta and value not in meta["choices"]:
-        return f"is not one of {_choices_text(meta['choices'])}"
+        named = {c.lower(): c for c in meta["choices"] if c is not None}
+        close = difflib.get_close_matches(str(value).lower(), named, n=1, cutoff=0.6)
+        hint = f" (did you mean '{named[close[0]]}'?)" if close else ""
+        return f"is not one of {_choices_text(meta['choices'])}{hint}"
     if "pattern" in meta and value is not None and not re.fullmatch(meta["pattern"][0], value):
         return f"is not of the form {meta['pattern'][1]}"
     if "range" in meta and value is not None:

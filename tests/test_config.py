@@ -26,15 +26,22 @@ def test_strategy_and_accelerator_names_are_lightnings() -> None:
 
 
 @pytest.mark.parametrize(
-    "override", ["trainer.strategy=dpp", "trainer.accelerator=cdua", "wandb.mode=offlne"]
+    ("override", "meant"),
+    [
+        ("trainer.strategy=dpp", "ddp"),
+        ("trainer.accelerator=cdua", "cuda"),
+        ("wandb.mode=offlne", "offline"),
+        ("model.name=ABMIL", "abmil"),
+        ("data.balance=samplr", "sampler"),
+    ],
 )
 def test_a_misspelt_choice_is_refused_before_the_run_folder_exists(
-    override: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    override: str, meant: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "run"
     err = one_line_error(capsys, "fit", f"output_dir={out}", override)
     key, value = override.split("=")
-    assert f"{key}='{value}' is not one of" in err
+    assert f"{key}='{value}' is not one of" in err and f"did you mean '{meant}'?" in err
     assert not out.exists()
 
 
