@@ -361,7 +361,7 @@ class CompareConfig:
     output_dir: str = "runs/compare"
     # patient-level bootstrap replicates (CIs and the paired test)
     bootstrap: int = bounded(2000, 100)
-    seed: int = 0
+    seed: int = bounded(0, 0)  # numpy's generators refuse negative seeds
     overwrite: bool = False
 
 
@@ -437,7 +437,7 @@ class EvaluateConfig(ClinicalKeys):
     top_heatmaps: int = bounded(6, 0)  # the highest and lowest scored slides' heatmaps
     bootstrap: int = bounded(2000, 100)  # patient bootstrap replicates for the 95% CIs
     calibration_bins: int = bounded(10, 2)
-    seed: int = 0
+    seed: int = bounded(0, 0)  # numpy's generators refuse negative seeds
     overwrite: bool = False
 
 
@@ -448,7 +448,7 @@ class DemoConfig:
     output_dir: str = "demo_output"
     n_slides: int = bounded(24, 2)
     slide_size: int = bounded(5632, 1024)  # level-0 px (0.5 um/px) of each synthetic slide
-    seed: int = 0
+    seed: int = bounded(0, 0, SEED_MAX)  # also fit's seed
     overwrite: bool = False
     mpp: float = positive(1.0)  # tiling resolution (10x, the follow-up paper's best)
     tile_size: int = bounded(224, 8)

@@ -10,6 +10,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from melanoma_mil import config as C
 from melanoma_mil.cli import main
+from melanoma_mil.errors import UserError
 
 
 def one_line_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
@@ -206,3 +207,16 @@ def test_a_number_that_is_not_finite_is_refused_where_a_range_is_declared(
     err = one_line_error(capsys, command, f"output_dir={out}", override)
     assert f"{override} must be a finite number" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["compare", "evaluate", "demo"])
+def test_a_negative_seed_is_refused_at_parse_time(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """compare and evaluate crashed with numpy's 'expected non-negative integer' traceback
+    after reading the runs; demo refused it only after importing its whole pipeline."""
+    from melanoma_mil.cli import parse
+
+    with pytest.raises(UserError, match=r"seed=-1 must be"):
+        parse([command, f"output_dir={tmp_path / 'out'}", "seed=-1"])
+    assert parse([command, "seed=7"])[1].seed == 7
