@@ -211,7 +211,8 @@ def _file_layer(file: str, recorded: bool) -> DictConfig:
     """One YAML config file as a layer; what is not a mapping of keys is refused, naming it."""
     path = Path(file)
     if not path.is_file():
-        raise UserError(f"config file '{file}' not found: check the --config path.")
+        found = "is a folder, not a YAML file" if path.is_dir() else "not found"
+        raise UserError(f"config file '{file}' {found}: check the --config path.")
     try:
         layer = OmegaConf.load(path)
     except OSError as e:

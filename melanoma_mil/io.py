@@ -149,7 +149,8 @@ def read_text_csv(
     reads it (``used``; None: every column), else both copies are left out: exports often
     repeat the names of columns nobody reads."""
     if not path.is_file():
-        raise UserError(f"{what} '{path}' not found: check {key}.")
+        found = "is a folder, not a CSV file" if path.is_dir() else "not found"
+        raise UserError(f"{what} '{path}' {found}: check {key}.")
     options = {"dtype": str, "keep_default_na": False, "index_col": False}
     try:
         # index_col=False: rows with one cell more than the header (a trailing comma, an extra

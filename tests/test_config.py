@@ -91,6 +91,19 @@ def test_a_config_file_that_is_a_list_is_one_line_naming_it(
     assert str(listed) in err and "not a mapping" in err and "key: value" in err
 
 
+def test_a_folder_given_for_a_file_is_named_a_folder_not_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    err = one_line_error(capsys, "fit", "--config", str(folder), "--print-config")
+    assert f"'{folder}' is a folder, not a YAML file" in err, err
+    keys = [f"data.labels_csv={folder}", f"data.features_dir={tmp_path}", "logger=none"]
+    err = one_line_error(capsys, "fit", *keys, f"output_dir={tmp_path / 'run'}")
+    assert f"'{folder}' is a folder, not a CSV file: check data.labels_csv" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_unresolvable_interpolation_names_its_key_and_source(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
