@@ -100,7 +100,17 @@ def _run(name: str, y: np.ndarray, probs: np.ndarray, classes: list[str]) -> com
     for c, col in enumerate(cols):
         bags[col] = probs[:, -1] if len(classes) == 2 else probs[:, c]
     return compare.RunResult(
-        Path(name), name, "enc", "key", {}, classes, "splits", name, bags, cols
+        path=Path(name),
+        name=name,
+        encoder="enc",
+        cache_key="key",
+        summary={},
+        classes=classes,
+        splits_key="splits",
+        run_id=name,
+        bag_level="slide",
+        bags=bags,
+        prob_columns=cols,
     )
 
 
