@@ -16,6 +16,7 @@ bag by how often its patient was drawn, and a weighted AUC over one sort serves 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,9 +187,41 @@ def paired_bootstrap_test(
     for b in _chunks(n_boot, len(y)):
         w = _cluster_weights(g, b, rng)
         diffs.append(macro_auc(y, probs_a, w) - macro_auc(y, probs_b, w))
-    d = np.concatenate(diffs)
-    d = d[np.isfinite(d)]
     auc_a, auc_b = float(macro_auc(y, probs_a)[0]), float(macro_auc(y, probs_b)[0])
+    return _paired_result(np.concatenate(diffs), auc_a, auc_b, level)
+
+
+def paired_bootstrap_seeds_test(
+    labels: ArrayLike,
+    probs_a: Sequence[ArrayLike],
+    probs_b: Sequence[ArrayLike],
+    groups: ArrayLike | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> PairedTest:
+    """`paired_bootstrap_test` of two settings, each run with several seeds on the same bags:
+    mean over a's runs of the AUC - the same over b's (the counts may differ). Each replicate
+    scores every run on one patient resample, so all stay paired; the CI is that of the
+    seed-averaged gap over patients (the spread over seeds is not resampled)."""
+    y = np.asarray(labels)
+    g = np.arange(len(y)) if groups is None else np.asarray(groups)
+    rng = np.random.default_rng(seed)
+
+    def mean_auc(runs: Sequence[ArrayLike], w: FloatArray | None) -> FloatArray:
+        return np.mean([macro_auc(y, p, w) for p in runs], axis=0)
+
+    diffs: list[FloatArray] = []
+    for b in _chunks(n_boot, len(y)):
+        w = _cluster_weights(g, b, rng)
+        diffs.append(mean_auc(probs_a, w) - mean_auc(probs_b, w))
+    auc_a, auc_b = float(mean_auc(probs_a, None)[0]), float(mean_auc(probs_b, None)[0])
+    return _paired_result(np.concatenate(diffs), auc_a, auc_b, level)
+
+
+def _paired_result(d: FloatArray, auc_a: float, auc_b: float, level: float) -> PairedTest:
+    """CI and two-sided p of the observed gap from its bootstrap replicates ``d``."""
+    d = d[np.isfinite(d)]
     obs = auc_a - auc_b
     if len(d) == 0 or (np.ptp(d) == 0 and abs(obs) > 1e-12):
         # no resample held both classes, or every one gave the same gap (e.g. a perfect vs a

@@ -130,9 +130,12 @@ def write_run(
     binary_classes: list[str] | None = None,
     patients: list[str] | None = None,
     bag_level: str = "slide",
+    model: str = "gated_attention",
+    cache_key: str = "ck",
 ) -> Path:
     """A complete fit run written through `rundir`'s writers (2 slides per patient), with given
-    out-of-fold predictions and tiny untrained fold models (``patients``: one per slide).
+    out-of-fold predictions and tiny untrained fold models (``patients``: one per slide);
+    ``model`` and ``cache_key`` are recorded settings only (the fold models are all `mean`).
 
     ``probs`` is [N] (binary: P(high), or of ``binary_classes[1]``) or [N, C] (multi-class,
     classes c0..c{C-1}).
@@ -157,13 +160,13 @@ def write_run(
         test = [s for s, f in zip(slides, folds, strict=True) if f == k]
         splits.append(Split(repeat=0, fold=int(k), train=rest[2:], val=rest[:2], test=test))
     cfg = FitConfig(output_dir=str(run_dir), seed=seed)
-    cfg.data.classes, cfg.data.bag_level = classes, bag_level
+    cfg.data.classes, cfg.data.bag_level, cfg.model.name = classes, bag_level, model
     doc = rundir.splits_document(splits, cfg.cv, "cohort", None)
-    fp = rundir.Fingerprint(rundir.settings(cfg), doc["sha256"], "cohort", "ck")
+    fp = rundir.Fingerprint(rundir.settings(cfg), doc["sha256"], "cohort", cache_key)
     run_id = rundir.claim_run(run_dir, fp)
     prov = {
         "encoder": encoder,
-        "cache_key": "ck",
+        "cache_key": cache_key,
         "classes": classes,
         "splits_sha256": doc["sha256"],
     }

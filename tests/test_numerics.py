@@ -111,6 +111,8 @@ def _run(name: str, y: np.ndarray, probs: np.ndarray, classes: list[str]) -> com
         bag_level="slide",
         bags=bags,
         prob_columns=cols,
+        setting={},
+        seed=0,
     )
 
 

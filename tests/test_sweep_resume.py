@@ -237,6 +237,7 @@ def test_a_sweep_started_anew_leaves_no_comparison_of_the_earlier_runs(tmp_path:
     two = {"method": "grid", "metric": metric, "parameters": {"seed": {"values": [0, 1]}}}
     assert main(["sweep", str(sweep_file(tmp_path, two)), *inputs]) == 0
     assert (out / "comparison" / "comparison.md").is_file()
+    assert (out / "comparison" / "comparison_settings.csv").is_file()  # seeds 0, 1: one setting
     (out / "comparison" / "notes.txt").write_text("mine")
     one = {"method": "grid", "metric": metric, "parameters": {"seed": {"values": [5]}}}
     assert main(["sweep", str(sweep_file(tmp_path, one)), *inputs, "overwrite=true"]) == 0

@@ -5,7 +5,8 @@ difference in AUC mixes the representation with the luck of the split. So the sp
 checked first and a mismatch is refused. Per-fold AUC differences are shown (folds are paired),
 but the p-values come from the pooled out-of-fold predictions (paired patient bootstrap and
 DeLong), because per-fold differences share training data and a t-test on them is
-anti-conservative.
+anti-conservative. Runs that differ only in `seed` are also summarised by setting
+(`compare_settings`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pandas as pd
 from melanoma_mil import stats
 from melanoma_mil.config import CompareConfig
 from melanoma_mil.errors import UserError
+from melanoma_mil.evaluation.compare_settings import setting_of, settings_markdown, settings_table
 from melanoma_mil.io import atomic_path, write_text
 from melanoma_mil.outdir import claim_output
 from melanoma_mil.rundir import SPLITS, SUMMARY, load_run, pooled_predictions
@@ -28,7 +30,14 @@ from melanoma_mil.rundir import SPLITS, SUMMARY, load_run, pooled_predictions
 log = logging.getLogger(__name__)
 
 TABLE_METRICS = ("auc", "balanced_accuracy", "f1")
-OUTPUTS = ("comparison.csv", "comparison_folds.csv", "comparison.md", "comparison.png")
+SETTINGS_CSV = "comparison_settings.csv"  # only when some runs differ only in seed
+OUTPUTS = (
+    "comparison.csv",
+    "comparison_folds.csv",
+    "comparison.md",
+    "comparison.png",
+    SETTINGS_CSV,
+)
 
 
 @dataclass
@@ -46,6 +55,8 @@ class RunResult:
     bag_level: str  # data.bag_level: a bag is a slide or a patient
     bags: pd.DataFrame  # one row per bag: slide_id, patient_id, y (class index), probs...
     prob_columns: list[str]
+    setting: dict[str, Any]  # what makes its results, seed aside (`compare_settings`)
+    seed: int
 
     def metric(self, key: str) -> dict[str, Any]:
         value = self.summary.get(key)
@@ -80,6 +91,8 @@ def load_result(run_dir: str | Path) -> RunResult:
         bag_level=run.config.data.bag_level,
         bags=bags,
         prob_columns=cols,
+        setting=setting_of(run),
+        seed=run.config.seed,
     )
 
 
@@ -350,19 +363,28 @@ def compare_runs(cfg: CompareConfig, marker: dict[str, Any] | None = None) -> pd
     check_distinct(runs)
     check_paired(runs)
     _unique_names(runs)
-    table, folds = comparison_tables(
-        runs, _reference_index(runs, cfg.reference), cfg.bootstrap, cfg.seed
-    )
+    ref_index = _reference_index(runs, cfg.reference)
+    table, folds = comparison_tables(runs, ref_index, cfg.bootstrap, cfg.seed)
+    by_setting = settings_table(runs, ref_index, cfg.bootstrap, cfg.seed)
     claim_output(out, marker, cfg.overwrite, OUTPUTS)
     with atomic_path(out / "comparison.csv") as tmp:
         table.to_csv(tmp, index=False)
     with atomic_path(out / "comparison_folds.csv") as tmp:
         folds.to_csv(tmp, index=False)
     md = markdown(table, cfg.bootstrap)
+    if by_setting is None:  # an earlier comparison's (overwrite=true) is not of these runs
+        (out / SETTINGS_CSV).unlink(missing_ok=True)
+    else:
+        with atomic_path(out / SETTINGS_CSV) as tmp:
+            by_setting.to_csv(tmp, index=False)
+        md += "\n" + settings_markdown(by_setting, cfg.bootstrap)
     write_text(out / "comparison.md", md)
     plot(runs, folds, out / "comparison.png")
     print(md, end="")
-    log.info("comparison written to %s (comparison.csv, comparison.md, comparison.png)", out)
+    written = "" if by_setting is None else f", {SETTINGS_CSV}"
+    log.info(
+        "comparison written to %s (comparison.csv, comparison.md%s, comparison.png)", out, written
+    )
     return table
 
 

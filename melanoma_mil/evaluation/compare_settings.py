@@ -1,0 +1,142 @@
+"""`compare`'s table by setting: runs that differ only in `seed` are one setting.
+
+A sweep runs each setting with several seeds on the same splits; one seed pair decides nothing
+("encoder A beats B" may be one lucky initialisation), so such runs are summarised together:
+mean ± std over seeds, and the gap to the reference setting as the mean over seeds of each
+side's pooled AUC, tested with one paired patient bootstrap over all their runs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from melanoma_mil import stats
+from melanoma_mil.rundir import TrainedRun, run_record, settings
+
+if TYPE_CHECKING:
+    from melanoma_mil.evaluation.compare import RunResult
+
+FEATURES = "features"  # the setting key of the feature cache (data.features_dir is no setting)
+
+
+def setting_of(run: TrainedRun) -> dict[str, Any]:
+    """What makes the run's results, `seed` aside: its config's settings and its features (the
+    cache key its fit recorded, else the features' hash)."""
+    record = run_record(run.run_dir) or {}
+    features = record.get("cache_key") or record.get("features_sha256") or "?"
+    setting = {k: v for k, v in settings(run.config).items() if k != "seed"}
+    return {**setting, FEATURES: str(features)}
+
+
+def group_settings(runs: list[RunResult]) -> list[list[RunResult]]:
+    """The runs by setting, in the order each setting first appears."""
+    groups: dict[str, list[RunResult]] = {}
+    for run in runs:
+        groups.setdefault(json.dumps(run.setting, sort_keys=True, default=str), []).append(run)
+    return list(groups.values())
+
+
+def _labels(groups: list[list[RunResult]]) -> list[str]:
+    """Each setting named by the keys whose values differ between settings (model.name=abmil)
+    among those it has (a key one model reads is absent from the others'); the first run's name
+    when none do."""
+    firsts = [g[0].setting for g in groups]
+    keys = sorted({k for s in firsts for k in s if any(s.get(k) != t.get(k) for t in firsts)})
+    return [
+        ", ".join(f"{k}={s[k]}" for k in keys if k in s) or g[0].name
+        for s, g in zip(firsts, groups, strict=True)
+    ]
+
+
+def _spread(values: list[float]) -> tuple[float, float]:
+    """Mean and std over seeds; the std is undefined (NaN) for one seed."""
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else float("nan")
+
+
+def settings_table(
+    runs: list[RunResult], ref_index: int, n_boot: int, seed: int
+) -> pd.DataFrame | None:
+    """One row per setting against the reference run's setting; None when no setting has two
+    runs (then compare writes what it always did)."""
+    groups = group_settings(runs)
+    if all(len(g) < 2 for g in groups):
+        return None
+    ref = runs[ref_index]
+    y, patients = ref.bags["y"].to_numpy(), ref.bags["patient_id"].to_numpy()
+    labels = _labels(groups)
+    ref_group = next(i for i, g in enumerate(groups) if any(r is ref for r in g))
+    ref_probs = [r.probs() for r in groups[ref_group]]
+    rows = []
+    for i, (label, group) in enumerate(zip(labels, groups, strict=True)):
+        probs = [r.probs() for r in group]
+        pooled = _spread([float(stats.macro_auc(y, p)[0]) for p in probs])
+        per_fold = _spread([float(r.metric("auc")["mean"]) for r in group])
+        boot = stats.paired_bootstrap_seeds_test(y, probs, ref_probs, patients, n_boot, seed)
+        rows.append(
+            {
+                "setting": label,
+                "encoder": group[0].encoder,
+                "runs": ";".join(r.name for r in group),
+                "seeds": ";".join(str(r.seed) for r in group),
+                "n_seeds": len(group),
+                "pooled_auc_mean": pooled[0],
+                "pooled_auc_std": pooled[1],
+                "auc_mean": per_fold[0],
+                "auc_std": per_fold[1],
+                "reference": labels[ref_group],
+                "is_reference": i == ref_group,
+                "pooled_auc_diff": boot.diff,
+                "pooled_auc_diff_ci_low": boot.ci_low,
+                "pooled_auc_diff_ci_high": boot.ci_high,
+                "p_bootstrap": boot.p_value,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _fmt(mean: float, std: float) -> str:
+    return f"{mean:.3f}" if np.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def settings_markdown(table: pd.DataFrame, n_boot: int) -> str:
+    """The second table of comparison.md: one row per setting, over its seeds."""
+    lines = [
+        "## By setting, over seeds",
+        "",
+        "| setting | runs | seeds | pooled AUC | AUC per fold | Δ pooled AUC [95% CI] "
+        "| p (bootstrap) |",
+        "|" + "---|" * 7,
+    ]
+    for r in table.itertuples():
+        if r.is_reference:
+            delta, p = "reference", ""
+        else:
+            delta = (
+                f"{r.pooled_auc_diff:+.3f} "
+                f"[{r.pooled_auc_diff_ci_low:+.3f}, {r.pooled_auc_diff_ci_high:+.3f}]"
+            )
+            p = "n/a" if pd.isna(r.p_bootstrap) else f"{r.p_bootstrap:.3g}"
+        cells = [
+            r.setting,
+            r.runs.replace(";", ", "),
+            r.seeds.replace(";", ", "),
+            _fmt(r.pooled_auc_mean, r.pooled_auc_std),
+            _fmt(r.auc_mean, r.auc_std),
+            delta,
+            p,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "A setting is the runs that differ only in `seed`. Mean ± std over its seeds of the "
+        "pooled AUC and of the mean AUC over folds. Δ = mean over seeds of the pooled AUC - the "
+        "same for the reference's setting, with a paired patient bootstrap "
+        f"({n_boot} replicates: each resamples patients once and scores every run of both "
+        "settings on it); its CI is over patients, the spread over seeds is the ± std.",
+    ]
+    return "\n".join(lines) + "\n"
