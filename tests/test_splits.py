@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
@@ -55,3 +56,36 @@ def test_fit_names_the_fix_in_one_line_before_any_work(
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert "raise cv.folds (cv.folds=3 fits" in lines[0] and "lower" not in lines[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        ({"fold": 0}, "repeat 0 fold 0 is listed twice"),  # its run folder is the first's
+        ({"test": []}, "repeat 0 fold 1 has no test bags"),
+        ({"train": []}, "repeat 0 fold 1 has no train bags"),
+        ({"val": "P0000"}, "'val' must be a list of bag ids"),
+    ],
+)
+def test_a_malformed_user_splits_file_is_one_line_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: dict[str, object], needle: str
+) -> None:
+    """A second fold 0 was silently never trained (left out of predictions.csv); an empty
+    test part crashed after training, an empty train part trained on the validation bags."""
+    features, labels = make_bag_cohort(tmp_path, n_patients=12, dim=8)
+    made = make_splits(pd.read_csv(labels).assign(bag_id=lambda d: d["slide_id"],
+                                                  label=lambda d: d["label"].factorize()[0]),
+                       CVConfig(folds=3), 0, ["A", "B"])  # fmt: skip
+    doc = [asdict(s) for s in made]
+    doc[1].update(edit)
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"splits": doc}))
+    out = tmp_path / "run"
+    args = [f"data.features_dir={features}", f"data.labels_csv={labels}", f"output_dir={out}",
+            f"cv.splits_file={splits}", "trainer.max_epochs=1"]  # fmt: skip
+    rc = main(["fit", *args, "logger=none", "trainer.accelerator=cpu"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert needle in lines[0] and str(splits) in lines[0]
+    assert not (out / "folds").exists()

@@ -139,8 +139,29 @@ def splits_hash(splits: list[Split]) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def _check_shape(splits: list[Split], source: str) -> None:
+    """Each split a list of bag ids per part, training and test bags, one (repeat, fold) each:
+    a repeated fold shares its run folder with the first and is silently never trained."""
+    seen: set[tuple[object, object]] = set()
+    for s in splits:
+        where = f"{source}: repeat {s.repeat} fold {s.fold}"
+        for name in ("train", "val", "test"):
+            ids = getattr(s, name)
+            if not isinstance(ids, list) or not all(isinstance(b, str) for b in ids):
+                raise UserError(f"{where}: '{name}' must be a list of bag ids (strings).")
+        for name in ("train", "test"):
+            if not getattr(s, name):
+                raise UserError(
+                    f"{where} has no {name} bags; every split needs training and test bags."
+                )
+        if (s.repeat, s.fold) in seen:
+            raise UserError(f"{where} is listed twice; number each repeat's folds once.")
+        seen.add((s.repeat, s.fold))
+
+
 def check_splits(splits: list[Split], bags: pd.DataFrame, source: str) -> None:
     """No patient in two partitions of a fold; every split bag belongs to the cohort."""
+    _check_shape(splits, source)
     patient = dict(zip(bags["bag_id"], bags["patient_id"], strict=True))
     for s in splits:
         unknown = sorted(set(s.train + s.val + s.test) - set(patient))
