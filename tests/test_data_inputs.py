@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from melanoma_mil.config import DataConfig, FitConfig, load_config
-from melanoma_mil.data.cohort import find_features, read_labels
+from melanoma_mil.data.cohort import find_features, map_labels, read_labels
 from melanoma_mil.data.splits import Split, check_covers, read_clam_splits
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
@@ -143,3 +143,17 @@ def test_labels_csv_trailing_commas_and_spaced_header(tmp_path: Path) -> None:
     assert df.to_dict("list") == {
         "slide_id": ["s1", "s2"], "patient_id": ["P1", "P2"], "raw_label": ["0", "1"],
     }  # fmt: skip
+
+
+def test_labels_spelled_in_two_cases_are_refused_unless_named(tmp_path: Path) -> None:
+    """'Pos' and 'pos' were silently two classes: a binary cohort trained as 3-class."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\ns1,pos\ns2,Pos\ns3,neg\ns4,neg\n")
+    df = read_labels(str(labels))
+    with pytest.raises(UserError, match=r"labels \['Pos', 'pos'\] differ only in case") as e:
+        map_labels(df, DataConfig(), str(labels))
+    assert str(labels) in str(e.value) and "data.label_map" in str(e.value)
+    _, classes = map_labels(df, DataConfig(classes=["neg", "Pos", "pos"]), str(labels))
+    assert classes == ["neg", "Pos", "pos"]  # named both: the user's choice
+    mapped = DataConfig(label_map={"pos": "pos", "Pos": "pos", "neg": "neg"})
+    assert map_labels(df, mapped, str(labels))[1] == ["neg", "pos"]

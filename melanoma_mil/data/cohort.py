@@ -130,6 +130,21 @@ def _missing_labels(df: pd.DataFrame, mapped: set[str], source: str) -> None:
         )
 
 
+def _case_variants(raw: pd.Series, classes: list[str], source: str) -> None:
+    """Refuse labels spelled in two cases ('Pos', 'pos') that data.classes does not name both:
+    they would silently be two classes (a binary cohort trained as a multi-class one)."""
+    spellings: dict[str, list[str]] = {}
+    for label in raw.unique():
+        spellings.setdefault(label.casefold(), []).append(label)
+    for names in map(sorted, spellings.values()):
+        if len(names) > 1 and not set(names) <= set(classes):
+            raise UserError(
+                f"labels CSV '{source}': labels {names} differ only in case and would be "
+                f"{len(names)} classes; write them one way, or map them with data.label_map "
+                f"(e.g. {{{', '.join(f'{n}: {names[0]}' for n in names)}}})."
+            )
+
+
 def map_labels(df: pd.DataFrame, cfg: DataConfig, source: str) -> tuple[pd.DataFrame, list[str]]:
     """Apply data.label_map and data.classes; print counts of kept and dropped slides.
 
@@ -148,6 +163,7 @@ def map_labels(df: pd.DataFrame, cfg: DataConfig, source: str) -> tuple[pd.DataF
             )
         mapped = raw.map(label_map)
     else:
+        _case_variants(raw, [canonical_label(c) for c in cfg.classes], source)
         mapped = raw
     keep = mapped != DROP
     dropped = df.loc[~keep, "raw_label"].value_counts().to_dict()
