@@ -157,3 +157,15 @@ def test_labels_spelled_in_two_cases_are_refused_unless_named(tmp_path: Path) ->
     assert classes == ["neg", "Pos", "pos"]  # named both: the user's choice
     mapped = DataConfig(label_map={"pos": "pos", "Pos": "pos", "neg": "neg"})
     assert map_labels(df, mapped, str(labels))[1] == ["neg", "pos"]
+
+
+def test_numeric_label_map_classes_are_compared_as_numbers(tmp_path: Path) -> None:
+    """{a: 1.0, c: 1} made classes '1' and '1.0': a binary cohort trained as 3-class."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\ns1,a\ns2,b\ns3,c\ns4,b\n")
+    df = read_labels(str(labels))
+    cfg = DataConfig(label_map={"a": "1.0", "b": "0", "c": "1"})
+    kept, classes = map_labels(df, cfg, str(labels))
+    assert classes == ["0", "1"] and kept["label"].tolist() == [1, 0, 1, 0]
+    cfg = DataConfig(label_map={"a": "1", "b": "0", "c": "+1"}, classes=["0.0", "1.0"])
+    assert map_labels(df, cfg, str(labels))[1] == ["0", "1"]

@@ -105,10 +105,12 @@ def canonical_label(raw: str) -> str:
 
 
 def _canonical_map(label_map: dict[str, str]) -> dict[str, str]:
-    """data.label_map with numeric keys written as canonical_label writes the labels."""
+    """data.label_map with numeric keys and classes written as canonical_label writes the
+    labels: {a: 1.0, b: 1} maps both to class '1', not to two classes."""
     out: dict[str, str] = {}
-    for key, value in label_map.items():
+    for key, raw_value in label_map.items():
         canon = canonical_label(str(key))
+        value = raw_value if raw_value == DROP else canonical_label(str(raw_value))
         if out.setdefault(canon, value) != value:
             raise UserError(
                 f"data.label_map maps the same label {canon!r} to {out[canon]!r} and {value!r}; "
@@ -168,8 +170,8 @@ def map_labels(df: pd.DataFrame, cfg: DataConfig, source: str) -> tuple[pd.DataF
     keep = mapped != DROP
     dropped = df.loc[~keep, "raw_label"].value_counts().to_dict()
     df = df.loc[keep].assign(label_name=mapped[keep])
-    # without a label_map, data.classes names raw labels: compare them as numbers too
-    named = list(cfg.classes) if label_map else [canonical_label(c) for c in cfg.classes]
+    # data.classes names raw labels or label_map's classes: compare them as numbers too
+    named = [canonical_label(c) for c in cfg.classes]
     twice = sorted({c for c in named if named.count(c) > 1})
     if twice:
         raise UserError(
