@@ -169,3 +169,16 @@ def test_numeric_label_map_classes_are_compared_as_numbers(tmp_path: Path) -> No
     assert classes == ["0", "1"] and kept["label"].tolist() == [1, 0, 1, 0]
     cfg = DataConfig(label_map={"a": "1", "b": "0", "c": "+1"}, classes=["0.0", "1.0"])
     assert map_labels(df, cfg, str(labels))[1] == ["0", "1"]
+
+
+def test_yes_no_classes_read_by_yaml_as_booleans_are_told_to_be_quoted(tmp_path: Path) -> None:
+    """data.classes=[no,yes] reaches fit as ['False', 'True'] (YAML 1.1): say to quote them."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\ns1,yes\ns2,no\ns3,yes\ns4,no\n")
+    df = read_labels(str(labels))
+    cfg = load_config(FitConfig, [], ["data.classes=[no,yes]"]).data
+    assert list(cfg.classes) == ["False", "True"]
+    with pytest.raises(UserError, match=r"quote them, e\.g\. \"data\.classes=\['no','yes'\]\""):
+        map_labels(df, cfg, str(labels))
+    quoted = load_config(FitConfig, [], ["data.classes=['no','yes']"]).data
+    assert map_labels(df, quoted, str(labels))[1] == ["no", "yes"]

@@ -191,9 +191,16 @@ def map_labels(df: pd.DataFrame, cfg: DataConfig, source: str) -> tuple[pd.DataF
                 "command sets it for wandb agent)",
             )
         )
+        booleans = {"True", "False"} & set(classes)  # YAML's reading of yes / no / on / off
+        quote = (
+            f" (data.classes {sorted(booleans)} may be YAML's reading of unquoted yes / no / "
+            "on / off: quote them, e.g. \"data.classes=['no','yes']\")"
+            if booleans
+            else ""
+        )
         raise UserError(
-            f"labels CSV '{source}': {what} in data.classes {classes}; {fix}, or map them with "
-            "data.label_map."
+            f"labels CSV '{source}': {what} in data.classes {classes}{quote}; {fix}, or map "
+            "them with data.label_map."
         )
     if len(classes) < 2:
         raise UserError(f"labels CSV '{source}': only class(es) {classes} present; need >= 2.")
