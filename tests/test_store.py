@@ -117,6 +117,24 @@ def test_store_dir_is_used(cohort, tmp_path: Path) -> None:
     assert store.folder.parent == tmp_path / "stores" and not (features / STORES).exists()
 
 
+def test_lock_drafts_of_a_killed_builder_are_removed_when_a_store_is_built(
+    cohort: tuple[Path, Path],
+) -> None:
+    """A builder killed between writing its lock draft and linking it leaves the draft; the
+    next build removes it (a live claimant's draft stays)."""
+    features, labels = cohort
+    root = features / STORES
+    root.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = root / ".anystore.lock.abc123.claiming"
+    gone.write_text(json.dumps({**me(), "pid": dead.pid, "start": None}))
+    live = root / ".anystore.lock.def456.claiming"
+    live.write_text(json.dumps(me()))
+    store_of(features, labels)
+    assert not gone.exists() and live.exists()
+
+
 RACE = """
 import sys
 from melanoma_mil.config import FitConfig, load_config

@@ -23,7 +23,7 @@ from melanoma_mil.data.bags import features_entry, read_attrs, read_bag
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import feature_identity, identity_mismatch, plain
 from melanoma_mil.progress import progress
-from melanoma_mil.workshare import Claim
+from melanoma_mil.workshare import Claim, clear_drafts
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,7 @@ def build(root: Path, sources: list[Source], layout: Layout, dtype: str) -> Path
             )
         for stale in root.glob(f".{name}.*.tmp"):  # left by a killed builder
             shutil.rmtree(stale, ignore_errors=True)
+        clear_drafts(root)  # lock drafts of claimants killed while claiming
         nbytes = sum(layout.rows.values()) * layout.dim * np.dtype(dtype).itemsize
         _check_disk(root, nbytes)
         tmp = root / f".{name}.{os.getpid()}.tmp"
