@@ -89,3 +89,24 @@ def test_a_malformed_user_splits_file_is_one_line_before_any_work(
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert needle in lines[0] and str(splits) in lines[0]
     assert not (out / "folds").exists()
+
+
+def test_slide_splits_for_patient_bags_name_the_bag_level() -> None:
+    """A CLAM splits folder names slides; with data.bag_level=patient the bags are patients,
+    and 'missing features or labels' sent the user after files that are there."""
+    from melanoma_mil.data.splits import Split, check_splits
+
+    bags = pd.DataFrame(
+        {
+            "bag_id": ["p1", "p2", "p3"],
+            "patient_id": ["p1", "p2", "p3"],
+            "slide_ids": ["s1;s2", "s3", "s4;s5"],
+            "label": [0, 1, 0],
+        }
+    )
+    by_slide = [Split(0, 0, ["s1", "s2"], ["s3"], ["s4", "s5"])]
+    with pytest.raises(UserError, match=r"data\.bag_level=patient makes one bag per patient"):
+        check_splits(by_slide, bags, "splits/")
+    with pytest.raises(UserError, match="not in the cohort"):  # a really unknown bag
+        check_splits([Split(0, 0, ["p1", "x9"], ["p2"], ["p3"])], bags, "splits/")
+    check_splits([Split(0, 0, ["p1"], ["p2"], ["p3"])], bags, "splits/")

@@ -165,6 +165,13 @@ def check_splits(splits: list[Split], bags: pd.DataFrame, source: str) -> None:
     patient = dict(zip(bags["bag_id"], bags["patient_id"], strict=True))
     for s in splits:
         unknown = sorted(set(s.train + s.val + s.test) - set(patient))
+        slides = {x for ids in bags["slide_ids"] for x in str(ids).split(";")}
+        if unknown and set(unknown) <= slides - set(patient):  # patient bags, split by slide
+            raise UserError(
+                f"{source}: split names slides ({unknown[:3]}, ...) but data.bag_level=patient "
+                "makes one bag per patient; list patient ids in the splits, or fit with "
+                "data.bag_level=slide."
+            )
         if unknown:
             raise UserError(
                 f"{source}: split references bag(s) {unknown[:5]} that are not in the cohort "
