@@ -103,6 +103,10 @@ def test_subsamples_depend_on_seed_epoch_and_bag_only(cohort) -> None:
         return [(i, bag) for bag, _, i in (data[k] for k in order)]
 
     one = drawn(EpochOrder(data, seed=7, bags_per_step=2), 3)
+    for i, bag in one:  # a subset in the bag's order (transmil's grid is laid out in sequence)
+        start, n = store.spans[ids[i]]
+        rows = [int(torch.nonzero((store.features[start : start + n] == t).all(1))[0]) for t in bag]
+        assert rows == sorted(rows) and len(set(rows)) == 5, rows
     ranks = []
     for r in (0, 1):
         order = EpochOrder(data, seed=7, bags_per_step=2)

@@ -67,7 +67,9 @@ class BagDataset(Dataset[Item]):
         if self.max_instances and n > self.max_instances:
             mix = np.random.SeedSequence([self.seed % 2**63, epoch, i]).generate_state(1, np.uint64)
             g = torch.Generator().manual_seed(int(mix[0]) & (2**63 - 1))
-            bag = bag[torch.randperm(n, generator=g)[: self.max_instances]]
+            # in the bag's own order: transmil lays tiles out on its grid in sequence, as it
+            # sees every bag at test time
+            bag = bag[torch.randperm(n, generator=g)[: self.max_instances].sort().values]
         return bag, self.labels[i], i
 
 
