@@ -34,7 +34,7 @@ COMMANDS: dict[str, Command] = {
     "demo": Command(
         C.DemoConfig,
         "melanoma_mil.demo.run:run_demo",
-        "synthetic cohort -> tile -> extract -> fit -> heatmaps, end to end",
+        "synthetic cohort -> tile -> extract -> fit -> heatmaps -> evaluate, end to end",
         resume="re-run the same command: it resumes, keeping what the demo made",
     ),
     "tile": Command(

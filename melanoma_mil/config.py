@@ -443,7 +443,7 @@ class EvaluateConfig(ClinicalKeys):
 
 @dataclass
 class DemoConfig:
-    """`demo`: synthetic cohort -> tile -> extract -> fit -> heatmaps, end to end."""
+    """`demo`: synthetic cohort -> tile -> extract -> fit -> heatmaps -> evaluate, end to end."""
 
     output_dir: str = "demo_output"
     n_slides: int = bounded(24, 2)

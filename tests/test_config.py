@@ -233,3 +233,13 @@ def test_a_negative_seed_is_refused_at_parse_time(
     with pytest.raises(UserError, match=r"seed=-1 must be"):
         parse([command, f"output_dir={tmp_path / 'out'}", "seed=-1"])
     assert parse([command, "seed=7"])[1].seed == 7
+
+
+def test_the_demo_help_names_every_stage_it_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo ends with `evaluate` (report.html); both helps said it ended with heatmaps."""
+    for argv in (["--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        out = capsys.readouterr().out
+        line = next(x for x in out.splitlines() if "synthetic cohort" in x)
+        assert "fit -> heatmaps -> evaluate" in line, line
