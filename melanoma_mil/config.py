@@ -423,8 +423,8 @@ class EvaluateConfig(ClinicalKeys):
 
     predictions: fit's predictions.csv (out of fold), predict's predictions.csv or
     patient_predictions.csv. Rows are scored per patient (a patient's slides averaged) unless
-    level=slide. Writes evaluation.json, roc.png, pr.png, calibration.png, km.png and a
-    self-contained report.html into output_dir.
+    level=slide. Writes evaluation.json, roc.png, pr.png, calibration.png, km.png (with
+    clinical_csv) and a self-contained report.html into output_dir.
     """
 
     predictions: str | None = None
