@@ -127,8 +127,8 @@ def test_weights_file_must_match_the_recorded_sha(pipe: Pipeline, tmp_path: Path
         encoder_config(sha_run, str(weights))
     digest = sha256_file(weights)
     ok_run = dataclasses.replace(run, provenance={**run.provenance, "encoder_weights": digest})
-    assert encoder_config(ok_run, str(weights)) == EncoderConfig(
-        name="resnet18_imagenet", weights=str(weights), pretrained=False
+    assert encoder_config(ok_run, str(weights)) == EncoderConfig(  # the run's own file: trusted
+        name="resnet18_imagenet", weights=str(weights), pretrained=False, trust_weights=True
     )
     assert encoder_config(run, None) == EncoderConfig(name="resnet18_imagenet", pretrained=False)
     with pytest.raises(UserError, match="drop encoder_weights"):
