@@ -98,8 +98,12 @@ def test_a_resumed_run_reports_progress_over_the_slides_left_only(
     bags(out)["slide1"].unlink()
     capsys.readouterr()
     assert run_extract(cfg_for(tiles, out)) == 0
-    last = [line for line in capsys.readouterr().err.splitlines() if "tile/s" in line][-1]
+    said = capsys.readouterr()
+    last = [line for line in said.err.splitlines() if "tile/s" in line][-1]
     assert "36/36" in last and "100%" in last, last
+    # the cache folder fit takes, on a line of its own at the end (README: "it prints it")
+    (key,) = {p.parent.name for p in bags(out).values()}
+    assert said.out.rstrip().endswith(f"features: data.features_dir={out / key}"), said.out
 
 
 def test_changed_encoder_or_tile_size_never_reuses_the_cache(tmp_path: Path) -> None:

@@ -326,6 +326,8 @@ def _report(run: Run, queue: SlideQueue, jobs: list[Any], untiled: dict[str, Pat
         wrote &= write(sub, run.out_root / key / "extract.csv")
     if not keys:
         wrote &= write(df, run.out_root / "extract.csv")
+    for key in keys:  # what fit, predict and heatmap take
+        print(f"features: data.features_dir={run.out_root / key}", flush=True)
     bad = df[~df["status"].isin(FINE)]
     for r in bad.itertuples():
         log.error("  %s %s: %s", r.status, r.slide_id, r.reason)
