@@ -242,3 +242,20 @@ def test_a_missing_mpp_csv_is_refused_even_beside_features_dir(
     with pytest.raises(UserError, match="mpp_csv .*no.csv' not found"):
         run_predict(cfg)
     assert not out.exists()  # before any work
+
+
+def test_overwrite_retiles_a_slide_whose_mpp_csv_row_was_dropped(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    slides = slide_folder(pipe, tmp_path, "slide_000")
+    own = len(read_coords(pipe.root / "tiles" / "coords" / "slide_000.h5").coords)
+    table = tmp_path / "mpp.csv"
+    table.write_text("slide_id,mpp\nS,0.25\n")  # a wrong row: the file says 0.5
+    out = tmp_path / "pred"
+    given = [f"slides_dir={slides}", "heatmaps=false"]
+    assert run_predict(predict_cfg(pipe, out, *given, f"mpp_csv={table}")) == 0
+    assert pd.read_csv(out / "predictions.csv").loc[0, "n_tiles"] != own
+    # the row dropped: _work, predict's own cache, is tiled again at the slide's own mpp
+    assert run_predict(predict_cfg(pipe, out, *given, "overwrite=true")) == 0
+    row = pd.read_csv(out / "predictions.csv").loc[0]
+    assert row["status"] == "ok" and row["n_tiles"] == own

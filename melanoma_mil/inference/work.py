@@ -27,7 +27,7 @@ from melanoma_mil.io import write_text
 from melanoma_mil.rundir import TrainedRun
 from melanoma_mil.tiling.coords import read_coords
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
-from melanoma_mil.tiling.slides import mpp_contradicts, read_mpp_csv
+from melanoma_mil.tiling.slides import mpp_outdated, read_mpp_csv
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,15 @@ def _reasons(csvs: list[Path]) -> dict[str, str]:
 
 def _made_from(path: Path, slide: Path, tiling: dict[str, Any], mpp: float | None) -> bool:
     """True if the coords or features at ``path`` were made from this very slide file (path and
-    fingerprint) with this tiling, at the level-0 mpp that mpp_csv gives it now (if any)."""
+    fingerprint) with this tiling, at the level-0 mpp that mpp_csv gives it now (the slide's own
+    when it gives none: coords from a dropped mpp_csv row are rebuilt, never failed by `tile`)."""
     try:
         grid = read_coords(path)
     except UserError:  # unreadable leftover
         return False
     same_path = Path(grid.slide_path).resolve() == slide.resolve()
     same_file = fingerprint_mismatch(slide, grid.fingerprint) is None
-    same_mpp = not mpp_contradicts(grid.level0_mpp, mpp)
+    same_mpp = not mpp_outdated(grid.level0_mpp, grid.mpp_source, mpp)
     return same_path and same_file and same_mpp and grid.tiling == tiling
 
 

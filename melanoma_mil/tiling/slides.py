@@ -222,6 +222,13 @@ def mpp_contradicts(level0_mpp: float, override: float | None) -> bool:
     return override is not None and abs(level0_mpp - override) > 1e-6 * override
 
 
+def mpp_outdated(level0_mpp: float, source: str, override: float | None) -> bool:
+    """Whether what was made at ``level0_mpp`` (from ``source``, see MPP_SOURCES) is not what
+    the slide's mpp_csv row ``override`` (None: no row) makes now: another mpp, or an mpp_csv
+    row since dropped (the slide's own mpp applies again)."""
+    return mpp_contradicts(level0_mpp, override) or (source == "mpp_csv" and override is None)
+
+
 def read_mpp_csv(path: str | os.PathLike[str] | None) -> dict[str, float]:
     """slide_id -> level-0 mpp from a CSV with columns slide_id, mpp (checked before any work)."""
     if not path:
