@@ -40,6 +40,22 @@ def test_a_changed_slide_with_the_same_id_is_redrawn(pipe: Pipeline, tmp_path: P
     assert not (out / "S" / "tiles.geojson").exists()  # slide_000's, not asked for this time
 
 
+def test_a_rerun_with_another_mpp_csv_row_is_redrawn(pipe: Pipeline, tmp_path: Path) -> None:
+    slides, out, table = slide_folder(pipe, tmp_path, "slide_000"), tmp_path / "hm", tmp_path / "m"
+    table.write_text("slide_id,mpp\nS,0.25\n")  # the file says 0.5: tiled 4x coarser with it
+
+    def drawn(*extra: str) -> tuple[str, int]:
+        assert run_heatmap(heatmap_cfg(pipe, out, f"slides_dir={slides}", *extra)) == 0
+        return row_of(out)["status"], int(row_of(out)["n_tiles"])
+
+    status, own = drawn()
+    assert status == "ok"
+    status, n = drawn(f"mpp_csv={table}")
+    assert status == "ok" and n != own
+    assert drawn(f"mpp_csv={table}") == ("skipped", n)
+    assert drawn() == ("ok", own)  # the row dropped: the slide's own mpp again
+
+
 def test_a_rerun_asking_for_geojson_draws_it(pipe: Pipeline, tmp_path: Path) -> None:
     out = tmp_path / "hm"
     given = [f"slides_dir={pipe.slides}", f"features_dir={pipe.features}", "slide_ids=[slide_000]"]
