@@ -371,8 +371,8 @@ class HeatmapConfig:
     """`heatmap`: per-tile attention of every fold model, drawn on the slide.
 
     Writes <output_dir>/<slide_id>/{attention.h5, heatmap.png, montage.png[, tiles.geojson]}
-    and heatmaps.csv; slides whose attention.h5 exists (same slide file, mpp_csv row, top_k
-    and thumbnail_size) are skipped unless overwrite=true.
+    and heatmaps.csv; slides whose attention.h5 exists (same slide file, mpp_csv row,
+    precision, top_k and thumbnail_size) are skipped unless overwrite=true.
     """
 
     run_dir: str | None = None  # a `fit` output folder

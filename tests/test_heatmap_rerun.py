@@ -3,6 +3,7 @@ file's or an earlier call's per-slide files."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -54,6 +55,23 @@ def test_a_rerun_with_another_mpp_csv_row_is_redrawn(pipe: Pipeline, tmp_path: P
     assert status == "ok" and n != own
     assert drawn(f"mpp_csv={table}") == ("skipped", n)
     assert drawn() == ("ok", own)  # the row dropped: the slide's own mpp again
+
+
+def test_a_rerun_at_another_precision_is_redrawn(pipe: Pipeline, tmp_path: Path) -> None:
+    recorded = json.loads((pipe.run_dir / "provenance.json").read_text())["precision"]
+    other = "fp32" if recorded != "fp32" else "bf16"
+    slides, out = slide_folder(pipe, tmp_path, "slide_000"), tmp_path / "hm"
+
+    def status(*extra: str) -> str:
+        assert run_heatmap(heatmap_cfg(pipe, out, f"slides_dir={slides}", *extra)) == 0
+        return str(row_of(out)["status"])
+
+    assert status() == "ok"
+    assert status(f"precision={other}") == "ok"  # its features re-extracted: drawn from them
+    with h5py.File(out / "S" / "attention.h5") as f:
+        assert f.attrs["precision"] == other
+    assert status(f"precision={other}") == "skipped"
+    assert status("precision=auto") == "skipped"  # any precision will do
 
 
 def test_a_rerun_asking_for_geojson_draws_it(pipe: Pipeline, tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ ATTENTION_FILE = "attention.h5"
 FAILED = ("failed", "no_heatmap")  # statuses that make the command exit 1
 SHOWN = 5  # reasons (and slide ids per reason) printed when a command ends; the table has all
 # feature-file attrs copied into attention.h5, so it says what the attention was computed on
-RECORDED_ATTRS = (*IDENTITY_FIELDS, "cache_key", "level0_mpp", "mpp_source")
+RECORDED_ATTRS = (*IDENTITY_FIELDS, "cache_key", "level0_mpp", "mpp_source", "precision")
 # table columns naming a slide's drawn files, and all of a slide's files in <output_dir>/<slide_id>/
 FILE_COLUMNS = ("heatmap", "montage", "geojson")
 SLIDE_FILES = (ATTENTION_FILE, "heatmap.png", "montage.png", "tiles.geojson")

@@ -34,6 +34,7 @@ from melanoma_mil.inference.analyse import (
 from melanoma_mil.inference.attention import read_attention
 from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import prepare_inputs, recorded_fingerprint
+from melanoma_mil.inference.work import extract_settings
 from melanoma_mil.io import write_text
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
 from melanoma_mil.tiling.slides import mpp_outdated, read_mpp_csv
@@ -63,11 +64,14 @@ def skipped_row(out: Path, slide_id: str) -> dict[str, Any] | None:
     return row
 
 
-def unchanged(attention: Path, slide: Path | None, mpp: float | None) -> bool:
+def unchanged(
+    attention: Path, slide: Path | None, mpp: float | None, precision: str = "auto"
+) -> bool:
     """True if ``slide``, the file found now for the slide, is the one ``attention`` was drawn
-    on (its recorded fingerprint), at the level-0 mpp its mpp_csv row ``mpp`` gives now; else
-    the slide is redone, also when ``attention`` records no fingerprint (made before they were
-    recorded), so a resumed call never reports another file's, or another mpp's, result."""
+    on (its recorded fingerprint), at the level-0 mpp its mpp_csv row ``mpp`` gives now and
+    from features extracted at ``precision`` (auto: any, as `extract` reuses them); else the
+    slide is redone, also when ``attention`` records no fingerprint (made before they were
+    recorded), so a resumed call never reports another file's, or other settings', result."""
     recorded = recorded_fingerprint(attention)
     if slide is None or not recorded or fingerprint_mismatch(slide, recorded) is not None:
         return False
@@ -76,7 +80,10 @@ def unchanged(attention: Path, slide: Path | None, mpp: float | None) -> bool:
     except OSError:
         return False
     made = float(attrs.get("level0_mpp", float("nan")))
-    return not mpp_outdated(made, str(plain(attrs.get("mpp_source", ""))), mpp)
+    if mpp_outdated(made, str(plain(attrs.get("mpp_source", ""))), mpp):
+        return False
+    had = plain(attrs.get("precision"))
+    return precision == "auto" or had is None or had == precision
 
 
 def drawn_alike(attention: Path, cfg: HeatmapConfig) -> bool:
@@ -106,13 +113,18 @@ def run_heatmap(cfg: HeatmapConfig) -> int:
     # every file this call draws: one removed since (to have it redrawn), or a geojson=true
     # added, is drawn again, never reported skipped
     drawn = ["heatmap", "montage", *(["geojson"] if cfg.geojson else [])]
-    # mpp_csv rows tile slides into _work; a features_dir's bags are used as they are
+    # mpp_csv rows and precision make the features in _work; a features_dir's are used as they are
     mpps = {} if cfg.features_dir else read_mpp_csv(cfg.mpp_csv)
+    precision = "auto" if cfg.features_dir else extract_settings(run, cfg)[0]
 
     def finished(sid: str, slide: Path | None) -> bool:
         folder = id_path(out, sid)
         present = all((folder / FILES[k]).is_file() for k in drawn)
-        return sid in done and present and unchanged(folder / ATTENTION_FILE, slide, mpps.get(sid))
+        return (
+            sid in done
+            and present
+            and unchanged(folder / ATTENTION_FILE, slide, mpps.get(sid), precision)
+        )
 
     inputs, skipped_ids = prepare_inputs(run, cfg, skip=finished)
     claim_for_run(cfg, run, "heatmap", OUTPUTS, write=True)
