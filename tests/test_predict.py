@@ -318,3 +318,21 @@ def test_threshold_decides_pred_everywhere(pipe: Pipeline, tmp_path: Path) -> No
         maps = [read_attention(p) for p in sorted(out.rglob("attention.h5"))]
         assert len(maps) == 3 and {m.pred for m in maps} == {expected}
         assert all(m.threshold == threshold for m in maps)
+
+
+def test_tilings_advice_in_a_slides_reason_says_how_predict_users_act_on_it(
+    tmp_path: Path,
+) -> None:
+    """`tile` advises lowering tiling.tissue.* keys, which predict and heatmap do not take."""
+    from melanoma_mil.inference.work import _reasons
+
+    table = tmp_path / "tiling.csv"
+    reason = "no tissue found (blank slide, or lower tiling.tissue.min_saturation)"
+    pd.DataFrame(
+        {"slide_id": ["blank", "tiny"], "status": ["empty", "empty"],
+         "reason": [reason, "slide smaller than one tile (100 x 100 level-0 px)"]}
+    ).to_csv(table, index=False)  # fmt: skip
+    why = _reasons([table])
+    assert why["blank"].startswith(f"empty: {reason}; predict and heatmap tile with the run's")
+    assert "pass features_dir=" in why["blank"]
+    assert why["tiny"] == "empty: slide smaller than one tile (100 x 100 level-0 px)"

@@ -45,6 +45,11 @@ def _reasons(csvs: list[Path]) -> dict[str, str]:
                 why = str(r.reason)
                 # never empty: a slide without a reason here would be scored
                 why = why if r.status == "failed" and why else f"{r.status}: {why}"
+                if "tiling." in why:  # tile's advice names keys these commands do not take
+                    why += (
+                        "; predict and heatmap tile with the run's tiling settings: to change "
+                        "them, run `tile` and `extract` yourself and pass features_dir="
+                    )
                 reasons.setdefault(str(r.slide_id), why)
     return reasons
 
