@@ -97,20 +97,3 @@ def test_a_dead_tile_process_claim_is_taken_over(tmp_path: Path) -> None:
     assert read_coords(out / "coords" / "tagged.h5").coords.shape[0] > 0
     assert not list((out / "coords").glob("*.lock"))
     assert not dead_draft.exists() and live_draft.exists()
-
-
-def test_a_slide_smaller_than_one_tile_is_said_so_not_no_tissue(tmp_path: Path) -> None:
-    """A 100 px slide tiled with 64 px tiles at 1 um/px (128 level-0 px at 0.5): no tile fits,
-    whatever its tissue; 'no tissue found, lower min_saturation' sent the user astray."""
-    slides = tmp_path / "slides"
-    slides.mkdir()
-    write_pyramid(slides / "tiny.tiff", tissue_image(100), mpp=0.5, n_levels=1)
-    write_pyramid(slides / "blank.tiff", np.full((512, 512, 3), 243, np.uint8), 0.5, 1)
-    out = tmp_path / "tiles"
-    cfg = TileConfig(slides_dir=str(slides), output_dir=str(out), workers=1,
-                     tiling=TilingConfig(mpp=1.0, tile_size=64))  # fmt: skip
-    assert run_tile(cfg) == 0
-    table = pd.read_csv(out / "tiling.csv").set_index("slide_id")
-    assert table.loc["tiny", "status"] == "empty"
-    assert table.loc["tiny", "reason"].startswith("slide smaller than one tile (100 x 100"), table
-    assert "no tissue found" in table.loc["blank", "reason"]

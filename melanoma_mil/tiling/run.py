@@ -127,13 +127,7 @@ def tile_one(task: Task) -> dict[str, Any]:
     grid = tiles.grid
     n = len(grid.coords)
     reason = ""
-    w0, h0 = (side * tiles.mask_downsample for side in tiles.mask.shape[::-1])
-    if n == 0 and min(w0, h0) < grid.level0_size - 0.5:  # no tile fits, tissue or not
-        reason = (
-            f"slide smaller than one tile ({w0:.0f} x {h0:.0f} level-0 px; a {grid.tile_size} px "
-            f"tile at {grid.target_mpp:g} um/px spans {grid.level0_size})"
-        )
-    elif n == 0:
+    if n == 0:
         reason = (
             f"tissue found but no tile has tissue fraction >= {task.cfg.min_tissue}"
             if tiles.mask.any()
