@@ -15,6 +15,7 @@ import tifffile
 from conftest import tissue_image
 from PIL import Image
 
+from melanoma_mil import progress
 from melanoma_mil.config import TileConfig, TilingConfig
 from melanoma_mil.demo.pyramid import write_pyramid
 from melanoma_mil.tiling.coords import read_coords
@@ -97,3 +98,16 @@ def test_a_dead_tile_process_claim_is_taken_over(tmp_path: Path) -> None:
     assert read_coords(out / "coords" / "tagged.h5").coords.shape[0] > 0
     assert not list((out / "coords").glob("*.lock"))
     assert not dead_draft.exists() and live_draft.exists()
+
+
+def test_a_log_gets_no_progress_line_per_slide(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 1e6)  # no redraw falls due while it runs
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i in range(8):
+        write_pyramid(slides / f"s{i}.tiff", np.full((256, 256, 3), 243, np.uint8), 0.5, 1)
+    cfg = TileConfig(slides_dir=str(slides), output_dir=str(tmp_path / "tiles"), workers=1,
+                     tiling=TilingConfig(mpp=1.0, tile_size=64))  # fmt: skip
+    assert run_tile(cfg) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("tile: ")]
+    assert len(lines) <= 2 and "8/8" in lines[-1]  # the first and the last, not one per slide

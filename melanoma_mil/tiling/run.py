@@ -300,7 +300,10 @@ def _pool_rows(tasks: list[Task], workers: int, bar: tqdm) -> list[dict[str, Any
         rows.append(row)
         tiles += row["n_tiles"]
         failed = sum(r["status"] == "failed" for r in rows)
-        bar.set_postfix(tiles_per_s=f"{tiles / (time.perf_counter() - start):.0f}", failed=failed)
+        # refresh=False: redraw when tqdm would (off a terminal: once per LOG_INTERVAL_S), not
+        # once per slide, which filled a log with a line per slide of a cohort
+        bar.set_postfix(tiles_per_s=f"{tiles / (time.perf_counter() - start):.0f}",
+                        failed=failed, refresh=False)  # fmt: skip
         if row["status"] != "claimed":
             bar.update(1)
 
