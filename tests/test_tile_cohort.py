@@ -16,7 +16,7 @@ from conftest import tissue_image
 from PIL import Image
 
 from melanoma_mil import progress
-from melanoma_mil.config import TileConfig, TilingConfig
+from melanoma_mil.config import TileConfig, TilingConfig, TissueConfig
 from melanoma_mil.demo.pyramid import write_pyramid
 from melanoma_mil.tiling.coords import read_coords
 from melanoma_mil.tiling.fingerprint import slide_fingerprint
@@ -111,3 +111,16 @@ def test_a_log_gets_no_progress_line_per_slide(tmp_path: Path, capsys, monkeypat
     assert run_tile(cfg) == 0
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("tile: ")]
     assert len(lines) <= 2 and "8/8" in lines[-1]  # the first and the last, not one per slide
+
+
+def test_a_slide_smaller_than_one_tile_says_so(tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_pyramid(slides / "crop.tiff", tissue_image(1024)[412:612, 360:560], 0.5, 1)  # all tissue
+    cfg = TileConfig(slides_dir=str(slides), output_dir=str(tmp_path / "tiles"), workers=1,
+                     tiling=TilingConfig(mpp=0.5, tile_size=256, tissue=TissueConfig(
+                         min_area_um2=0)))  # fmt: skip
+    assert run_tile(cfg) == 0
+    row = pd.read_csv(tmp_path / "tiles" / "tiling.csv").iloc[0]
+    assert row["status"] == "empty" and "min_tissue" not in row["reason"]  # lowering it: no use
+    assert "(200x200 px) is smaller than one tile (256 level-0 px" in row["reason"]

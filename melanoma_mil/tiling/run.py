@@ -39,7 +39,7 @@ from melanoma_mil.progress import progress
 from melanoma_mil.runtable import show, write
 from melanoma_mil.tiling.coords import TileGrid, read_coords, read_tiling, write_coords
 from melanoma_mil.tiling.fingerprint import slide_fingerprint
-from melanoma_mil.tiling.grid import check_tiling, tile_slide
+from melanoma_mil.tiling.grid import SlideTiles, check_tiling, tile_slide
 from melanoma_mil.tiling.qc import contact_sheet, qc_image, write_qc
 from melanoma_mil.tiling.slides import find_slides, mpp_contradicts, open_slide, read_mpp_csv
 from melanoma_mil.tiling.tissue import mask_fingerprint, resolve_tissue
@@ -108,6 +108,7 @@ def tile_one(task: Task) -> dict[str, Any]:
         try:
             vendor = slide.properties.get("openslide.vendor", "")
             row["reader"] = f"{slide.backend} ({vendor})" if vendor else slide.backend
+            dims = slide.dimensions
             tiles = tile_slide(
                 slide, task.path, task.slide_id, task.cfg, task.mpp, task.advise_default_mpp
             )
@@ -126,17 +127,27 @@ def tile_one(task: Task) -> dict[str, Any]:
         claim.release()
     grid = tiles.grid
     n = len(grid.coords)
-    reason = ""
-    if n == 0:
-        reason = (
-            f"tissue found but no tile has tissue fraction >= {task.cfg.min_tissue}"
-            if tiles.mask.any()
-            else "no tissue found (blank slide, or lower tiling.tissue.min_saturation, or "
-            "tiling.tissue.saturation_threshold when set)"
-        )
+    reason = _empty_reason(tiles, dims, task.cfg) if n == 0 else ""
     row.update(status="ok" if n else "empty", n_tiles=n, mpp=grid.level0_mpp, reason=reason,
                mpp_source=grid.mpp_source, seconds=time.perf_counter() - start)  # fmt: skip
     return row
+
+
+def _empty_reason(tiles: SlideTiles, dims: tuple[int, int], cfg: TilingConfig) -> str:
+    """Why a slide got no tile, with the setting that would change it."""
+    extent = tiles.grid.read_size * tiles.grid.downsample  # one tile, in level-0 px
+    if min(dims) < extent:  # no grid fits: no tissue setting would help
+        return (
+            f"the slide ({dims[0]}x{dims[1]} px) is smaller than one tile ({extent:g} level-0 "
+            f"px: {cfg.tile_size} px at {cfg.mpp:g} um/px); leave it out, or tile the cohort "
+            "with a smaller tiling.tile_size"
+        )
+    if tiles.mask.any():
+        return f"tissue found but no tile has tissue fraction >= {cfg.min_tissue}"
+    return (
+        "no tissue found (blank slide, or lower tiling.tissue.min_saturation, or "
+        "tiling.tissue.saturation_threshold when set)"
+    )
 
 
 def resolved_tiling(cfg: TilingConfig) -> dict[str, Any]:
