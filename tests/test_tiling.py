@@ -361,3 +361,25 @@ def test_edge_tiles_at_a_reduced_level_end_inside_the_slide(
         region = slide.read_region((int(x), int(y)), level, (grid.read_size,) * 2)
         # 254 where four TIFF tiles meet: OpenSlide blends them at a fractional offset
         assert np.asarray(region)[..., 3].min() >= 254
+
+
+def test_a_palette_or_transparent_mask_reads_its_labels(
+    tmp_path: Path, pyramid: tuple[Path, np.ndarray]
+) -> None:
+    path, _ = pyramid
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    labels = np.zeros((10, 20), np.uint8)
+    labels[:, :10] = 1  # tissue (label 1) on the left half, shown black on white (inverted LUT)
+    mask = Image.fromarray(labels, "L").convert("P")
+    mask.putpalette([255, 255, 255, 0, 0, 0])
+    mask.save(masks / "syn.png")
+    cfg = TilingConfig(mpp=1.0, tile_size=64, mask_dir=str(masks))
+    with open_slide(path) as slide:
+        coords = tile_slide(slide, path, "syn", cfg).grid.coords
+        assert len(coords) == 4 * 8 and (coords[:, 0] < 1024).all()
+        painted = np.full((10, 20, 4), (255, 255, 255, 0), np.uint8)  # transparent: not tissue
+        painted[:, :10] = (200, 0, 0, 255)  # tissue painted red on the left half
+        Image.fromarray(painted, "RGBA").save(masks / "syn.png")
+        coords = tile_slide(slide, path, "syn", cfg).grid.coords
+        assert len(coords) == 4 * 8 and (coords[:, 0] < 1024).all()

@@ -167,7 +167,8 @@ def load_user_mask(
 ) -> np.ndarray | None:
     """The user's mask for ``slide_id`` at thumbnail ``shape``, or None when there is none.
 
-    ``<slide_id>.png``: non-zero = tissue, any size (stretched over the slide).
+    ``<slide_id>.png``: non-zero = tissue, any size (stretched over the slide); in a palette
+    image its index (a label image's label, whatever colour shows it), and transparent = not.
     ``<slide_id>.geojson``: polygons in level-0 pixels (QuPath export), holes honoured.
     """
     root = Path(mask_dir)
@@ -177,10 +178,13 @@ def load_user_mask(
     if png.is_file():
         try:
             with Image.open(png) as im:
-                small = im.convert("L").resize((shape[1], shape[0]), Image.NEAREST)
+                # a palette's colours would read a label 0 shown white (ImageJ's inverted LUT)
+                # as tissue everywhere; LA: a mask painted on a transparent layer
+                values = im if im.mode == "P" else im.convert("LA")
+                small = np.asarray(values.resize((shape[1], shape[0]), Image.NEAREST))
         except OSError as e:
             raise UserError(f"mask '{png}' is not a readable image ({e}).") from None
-        return np.asarray(small) > 0
+        return small > 0 if small.ndim == 2 else (small > 0).all(axis=-1)
     if geo.is_file():
         return _rasterize_geojson(geo, shape, downsample)
     return None
