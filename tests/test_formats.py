@@ -144,6 +144,18 @@ def test_a_single_level_ome_tif_keeps_the_mpp_of_its_xml(tmp_path: Path) -> None
         assert np.abs(region.astype(int) - img[192:256, 192:256]).mean() < 8  # JPEG noise
 
 
+def test_an_ome_size_written_with_a_comma_or_blank_opens(tmp_path: Path) -> None:
+    """PhysicalSizeX="0,5" (a comma-decimal locale) or "" failed the slide with 'ValueError:
+    could not convert string to float', an mpp_csv row for it too: it could not be opened."""
+    slide = write_slide("ome-tiff", tmp_path, tissue_image(1024))
+    xml = tifffile.tiffcomment(slide)
+    assert 'PhysicalSizeX="0.5"' in xml
+    for size, mpp in (("0,5", 0.5), ("", None)):
+        tifffile.tiffcomment(slide, xml.replace('PhysicalSizeX="0.5"', f'PhysicalSizeX="{size}"'))
+        with open_slide(slide) as reader:
+            assert find_mpp(reader)[0] == (pytest.approx(mpp) if mpp else None)
+
+
 def _open_fds(path: Path) -> int:
     """How many of this process's file descriptors point at ``path`` (Linux /proc)."""
     fds = Path("/proc/self/fd")

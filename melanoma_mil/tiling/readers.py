@@ -107,11 +107,20 @@ def _ome_mpp(xml: str | None) -> dict[str, str]:
     if pixels is None or pixels.get("PhysicalSizeX") is None:
         return {}
     unit = _OME_UNITS.get(pixels.get("PhysicalSizeXUnit", "µm"))
-    if unit is None:
+    x = _ome_number(pixels.get("PhysicalSizeX"))
+    y = _ome_number(pixels.get("PhysicalSizeY")) or x
+    if unit is None or x is None or y is None:  # no usable mpp: mpp_csv or default_mpp may give it
         return {}
-    x = float(pixels.get("PhysicalSizeX", "nan")) * unit
-    y = float(pixels.get("PhysicalSizeY", pixels.get("PhysicalSizeX", "nan"))) * unit
-    return {MPP_X: repr(x), MPP_Y: repr(y)}
+    return {MPP_X: repr(x * unit), MPP_Y: repr(y * unit)}
+
+
+def _ome_number(text: str | None) -> float | None:
+    """A PhysicalSize as written, comma decimals too (exporters in some locales), or None: a
+    slide whose size cannot be read is a slide without mpp, not one that cannot be opened."""
+    try:
+        return float((text or "").strip().replace(",", "."))
+    except ValueError:
+        return None
 
 
 def _data_end(page: tifffile.TiffPage) -> int:
