@@ -92,12 +92,17 @@ def test_a_dead_tile_process_claim_is_taken_over(tmp_path: Path) -> None:
     dead_draft.write_text(json.dumps({**me(), "pid": dead.pid}))
     live_draft = out / "coords" / f".other.lock.{os.getpid()}.claiming"
     live_draft.write_text(json.dumps(me()))
+    (out / "qc").mkdir()  # and the half-written files of the slide it was writing
+    halves = [out / "coords" / ".tagged.h5.k1ll3d.tmp", out / "qc" / ".tagged.png.k1ll3d.tmp"]
+    for half in halves:
+        half.write_bytes(b"\x89HDF")
     cfg = TileConfig(slides_dir=str(slides), output_dir=str(out), workers=1,
                      tiling=TilingConfig(mpp=1.0, tile_size=64, default_mpp=0.5))  # fmt: skip
     assert run_tile(cfg) == 0
     assert read_coords(out / "coords" / "tagged.h5").coords.shape[0] > 0
     assert not list((out / "coords").glob("*.lock"))
     assert not dead_draft.exists() and live_draft.exists()
+    assert not any(half.exists() for half in halves)
 
 
 def test_a_log_gets_no_progress_line_per_slide(tmp_path: Path, capsys, monkeypatch) -> None:

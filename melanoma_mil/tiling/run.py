@@ -34,6 +34,7 @@ from tqdm import tqdm
 from melanoma_mil.config import TileConfig, TilingConfig
 from melanoma_mil.errors import UserError
 from melanoma_mil.ids import id_path
+from melanoma_mil.io import remove_temp_files
 from melanoma_mil.outdir import claim_shared, refuse_linked
 from melanoma_mil.progress import progress
 from melanoma_mil.runtable import show, write
@@ -93,6 +94,7 @@ def tile_one(task: Task) -> dict[str, Any]:
     is completely done."""
     out = Path(task.out)
     coords = id_path(out / "coords", task.slide_id, ".h5")
+    qc = id_path(out / "qc", task.slide_id, ".png")
     claim = Claim(coords.with_suffix(".lock"), task.stale_after)
     row = _row(task.slide_id, task.path, "failed")
     start = time.perf_counter()
@@ -100,6 +102,7 @@ def tile_one(task: Task) -> dict[str, Any]:
         coords.parent.mkdir(parents=True, exist_ok=True)
         if not claim.acquire():
             return _row(task.slide_id, task.path, "claimed", reason=describe(claim.owner))
+        remove_temp_files(coords, qc)  # a killed writer's (the claim was its)
         if coords.is_file() and coords.stat().st_mtime >= task.since:  # a peer just did it
             peer = _existing(task, coords, task.since)
             if peer is not None:
@@ -112,7 +115,7 @@ def tile_one(task: Task) -> dict[str, Any]:
             tiles = tile_slide(
                 slide, task.path, task.slide_id, task.cfg, task.mpp, task.advise_default_mpp
             )
-            write_qc(id_path(out / "qc", task.slide_id, ".png"), qc_image(tiles, task.slide_id))
+            write_qc(qc, qc_image(tiles, task.slide_id))
         finally:
             slide.close()
         write_coords(coords, tiles.grid)
