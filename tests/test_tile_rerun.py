@@ -96,6 +96,7 @@ def test_a_crashing_slide_fails_alone(tmp_path: Path, monkeypatch: pytest.Monkey
     kill) must not fail the slides the other workers were tiling, in this run or the next."""
     inject = tmp_path / "inject"
     inject.mkdir()
+    opens = tmp_path / "opens.txt"  # the process that opened each slide
     (inject / "sitecustomize.py").write_text(
         "import os\n"
         "import openslide\n"
@@ -103,12 +104,15 @@ def test_a_crashing_slide_fails_alone(tmp_path: Path, monkeypatch: pytest.Monkey
         "def _crash(self, filename, *a, **k):\n"
         "    if os.path.basename(str(filename)).startswith('a_crash'):\n"
         "        os._exit(139)\n"
+        f"    with open({str(opens)!r}, 'a') as f:\n"
+        "        f.write(f'{os.getpid()}\\n')\n"
         "    _init(self, filename, *a, **k)\n"
         "openslide.OpenSlide.__init__ = _crash\n"
     )
     monkeypatch.setenv("PYTHONPATH", str(inject))  # the tile worker processes, not this one
     slides = tmp_path / "slides"
-    for i, sid in enumerate(("a_crash", "slide1", "slide2", "slide3")):  # crashes first
+    others = [f"slide{i}" for i in range(1, 9)]
+    for i, sid in enumerate(("a_crash", *others)):  # crashes first
         _slide(slides / f"{sid}.tiff", seed=i)
     out = tmp_path / "tiles"
     assert _tile(slides, out, workers=2) == 1
@@ -117,13 +121,16 @@ def test_a_crashing_slide_fails_alone(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "process died" in table.loc["a_crash", "reason"]
     # a worker the pool killed as it broke may have written its slide's coords just before:
     # the retry then finds them done ("skipped: tiled by another process"), never failed
-    for sid in ("slide1", "slide2", "slide3"):
+    for sid in others:
         assert table.loc[sid, "status"] in ("ok", "skipped"), table.loc[sid, "reason"]
         assert (out / "coords" / f"{sid}.h5").is_file()
+    # a process each only for the slide in flight beside it (not for every slide after it:
+    # a spawn per slide for the rest of a cohort); the others in a new pool of 2
+    assert len(set(opens.read_text().split())) <= 1 + 1 + 2
 
     assert _tile(slides, out, workers=2) == 1  # a re-run gets past it too
     table = _table(out)
-    assert {table.loc[s, "status"] for s in ("slide1", "slide2", "slide3")} == {"skipped"}
+    assert {table.loc[s, "status"] for s in others} == {"skipped"}
     assert table.loc["a_crash", "status"] == "failed"
 
 

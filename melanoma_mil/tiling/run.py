@@ -275,10 +275,10 @@ def _stop(rows: list[dict[str, Any]]) -> str:
 
 
 def _in_pool(tasks: list[Task], workers: int, ctx: BaseContext,
-             done: Callable[[dict[str, Any]], None]) -> list[Task]:  # fmt: skip
+             done: Callable[[dict[str, Any]], None]) -> tuple[list[Task], list[Task]]:  # fmt: skip
     """Tile ``tasks`` in a process pool, handing a worker its next slide only once it is free,
-    so that after a full disk no further slide is claimed. Returns the slides not tiled: those
-    a dying worker left, or all left after a full disk."""
+    so that after a full disk no further slide is claimed. Returns the slides not tiled: (those
+    in flight when a worker died, those not yet handed out)."""
     todo = deque(tasks)
     running: dict[Future[dict[str, Any]], Task] = {}
     unfinished: list[Task] = []
@@ -300,7 +300,7 @@ def _in_pool(tasks: list[Task], workers: int, ctx: BaseContext,
                     continue
                 done(row)
                 stop = stop or row.get("fatal", "")
-    return [*unfinished, *todo]
+    return unfinished, list(todo)
 
 
 def _pool_rows(tasks: list[Task], workers: int, bar: tqdm) -> list[dict[str, Any]]:
@@ -328,16 +328,18 @@ def _pool_rows(tasks: list[Task], workers: int, bar: tqdm) -> list[dict[str, Any
     # a pool even for one slide: a slide whose reader crashes must not take this process along
     # spawn: the parent may hold torch/OpenMP threads (demo, notebooks) that fork would break
     ctx = multiprocessing.get_context("spawn")
-    unfinished = _in_pool(tasks, min(workers, len(tasks)), ctx, done)
-    if stop:
-        for task in unfinished:
-            done(_not_started(task, stop))
-    elif unfinished:
-        log.warning("a tile process died: tiling the %d unfinished slide(s) in a process each, "
-                    "so only the slide that kills it fails", len(unfinished))  # fmt: skip
-        with ThreadPoolExecutor(workers) as threads:
-            for row in threads.map(lambda t: _isolated(t, ctx), unfinished):
-                done(row)
+    while tasks and not stop:
+        broken, tasks = _in_pool(tasks, min(workers, len(tasks)), ctx, done)
+        if stop:
+            tasks = [*broken, *tasks]
+        elif broken:  # only these need a process each; the rest go on in a new pool
+            log.warning("a tile process died: tiling the %d slide(s) in flight in a process each, "
+                        "so only the slide that kills it fails", len(broken))  # fmt: skip
+            with ThreadPoolExecutor(workers) as threads:
+                for row in threads.map(lambda t: _isolated(t, ctx), broken):
+                    done(row)
+    for task in tasks:  # left after a full disk
+        done(_not_started(task, stop))
     return rows
 
 
