@@ -3,6 +3,7 @@ elsewhere, linked slides and folders, a slide whose reader crashes its process."
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -21,8 +22,10 @@ from melanoma_mil.tiling.coords import read_coords
 from melanoma_mil.tiling.fingerprint import slide_fingerprint
 from melanoma_mil.tiling.run import run_tile
 from melanoma_mil.tiling.slides import find_slides
+from melanoma_mil.workshare import me, process_start
 
 TILING = TilingConfig(mpp=1.0, tile_size=64)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tile(slides: Path, out: Path, workers: int = 1) -> int:
@@ -91,12 +94,11 @@ def test_a_linked_slide_is_reopened_by_extract_without_slides_dir(tmp_path: Path
     assert grid.slide_path == str(slides / "linked.tiff")  # the link, not its target
 
 
-def test_a_crashing_slide_fails_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A reader that kills its process (a segfault in libopenslide on a corrupt file, an OOM
-    kill) must not fail the slides the other workers were tiling, in this run or the next."""
+def _crasher(tmp_path: Path, opens: Path) -> Path:
+    """A sitecustomize folder: OpenSlide kills its process on slides named a_crash*, and
+    appends its pid to ``opens`` on each other slide."""
     inject = tmp_path / "inject"
     inject.mkdir()
-    opens = tmp_path / "opens.txt"  # the process that opened each slide
     (inject / "sitecustomize.py").write_text(
         "import os\n"
         "import openslide\n"
@@ -109,6 +111,14 @@ def test_a_crashing_slide_fails_alone(tmp_path: Path, monkeypatch: pytest.Monkey
         "    _init(self, filename, *a, **k)\n"
         "openslide.OpenSlide.__init__ = _crash\n"
     )
+    return inject
+
+
+def test_a_crashing_slide_fails_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader that kills its process (a segfault in libopenslide on a corrupt file, an OOM
+    kill) must not fail the slides the other workers were tiling, in this run or the next."""
+    opens = tmp_path / "opens.txt"  # the process that opened each slide
+    inject = _crasher(tmp_path, opens)
     monkeypatch.setenv("PYTHONPATH", str(inject))  # the tile worker processes, not this one
     slides = tmp_path / "slides"
     others = [f"slide{i}" for i in range(1, 9)]
@@ -195,3 +205,33 @@ def test_default_mpp_as_tile_advises_tiles_the_slide_without_one_and_keeps_the_o
     assert table.loc["a", "status"] == "skipped" and table.loc["b", "status"] == "ok"
     assert (out / "coords" / "a.h5").stat().st_mtime_ns == kept
     assert read_coords(out / "coords" / "b.h5").mpp_source == "default"
+
+
+def test_a_crashing_slide_taken_over_from_a_dead_peer_fails_alone(tmp_path: Path) -> None:
+    """A peer killed by a slide left its claim; taking the slide over in-process (as the wait
+    for peers' slides did, whatever `workers` said) killed this process too: no table."""
+    inject = _crasher(tmp_path, tmp_path / "opens.txt")
+    slides, out = tmp_path / "slides", tmp_path / "tiles"
+    for i, sid in enumerate(("a_crash", "slide1")):
+        _slide(slides / f"{sid}.tiff", seed=i)
+    (out / "coords").mkdir(parents=True)
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    owner = {**me(), "pid": peer.pid, "start": process_start(peer.pid)}
+    (out / "coords" / "a_crash.lock").write_text(json.dumps(owner))
+    tile = subprocess.Popen(
+        [sys.executable, "-m", "melanoma_mil", "tile", f"slides_dir={slides}",
+         f"output_dir={out}", "workers=2", "tiling.mpp=1.0", "tiling.tile_size=64"],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(inject), str(ROOT)])},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert tile.stderr is not None
+    for line in tile.stderr:  # the peer dies once tile waits for its slide
+        if "waiting for 1 slide(s)" in line:
+            break
+    peer.kill()
+    peer.wait()
+    tile.stderr.read()
+    assert tile.wait() == 1
+    table = _table(out)
+    assert table.loc["slide1", "status"] == "ok"
+    assert "process died" in table.loc["a_crash", "reason"]

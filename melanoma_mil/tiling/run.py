@@ -343,6 +343,12 @@ def _pool_rows(tasks: list[Task], workers: int, bar: tqdm) -> list[dict[str, Any
     return rows
 
 
+def _takeable(task: Task) -> bool:
+    """Whether no live process holds the slide's claim now."""
+    lock = id_path(Path(task.out) / "coords", task.slide_id, ".lock")
+    return Claim(lock, task.stale_after).live_owner() is None
+
+
 def _tile_all(tasks: list[Task], workers: int, bar: tqdm) -> tuple[list[dict[str, Any]], str]:
     """Tile ``tasks``; slides claimed by other live processes are waited for (and taken over if
     their process dies) until none is left, or the disk is full. Returns (rows, why it
@@ -350,11 +356,14 @@ def _tile_all(tasks: list[Task], workers: int, bar: tqdm) -> tuple[list[dict[str
     rows: list[dict[str, Any]] = []
     first = True
     while tasks:
-        got = _pool_rows(tasks, workers if first else 1, bar)
+        # a slide taken over from a process that died may be what killed it: tiled as asked
+        # (in a pool with workers > 1), and a pool started only for slides free to take
+        ready = tasks if first else [t for t in tasks if _takeable(t)]
+        got = _pool_rows(ready, workers, bar)
         first = False
         rows += [r for r in got if r["status"] != "claimed"]
-        busy = {r["slide_id"] for r in got if r["status"] == "claimed"}
-        tasks = [t for t in tasks if t.slide_id in busy]
+        settled = {r["slide_id"] for r in got if r["status"] != "claimed"}
+        tasks = [t for t in tasks if t.slide_id not in settled]
         stop = _stop(got)
         if stop:
             return rows + [_not_started(t, stop) for t in tasks], stop
