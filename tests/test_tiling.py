@@ -383,3 +383,20 @@ def test_a_palette_or_transparent_mask_reads_its_labels(
         Image.fromarray(painted, "RGBA").save(masks / "syn.png")
         coords = tile_slide(slide, path, "syn", cfg).grid.coords
         assert len(coords) == 4 * 8 and (coords[:, 0] < 1024).all()
+
+
+def test_a_user_mask_outside_the_slide_is_named_as_the_reason(tmp_path: Path) -> None:
+    """A GeoJSON in microns (or another slide's) marks nothing: the reason said 'no tissue
+    found ... lower tiling.tissue.min_saturation', a setting no user mask listens to."""
+    slides, masks = tmp_path / "slides", tmp_path / "masks"
+    slides.mkdir()
+    masks.mkdir()
+    write_pyramid(slides / "s.tiff", tissue_image(1024), mpp=0.5, n_levels=1)
+    far = [[[5000, 5000], [6000, 5000], [6000, 6000], [5000, 5000]]]
+    (masks / "s.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": far}))
+    cfg = TileConfig(slides_dir=str(slides), output_dir=str(tmp_path / "tiles"), workers=1,
+                     tiling=TilingConfig(mpp=1.0, tile_size=64, mask_dir=str(masks)))  # fmt: skip
+    assert run_tile(cfg) == 0
+    reason = pd.read_csv(tmp_path / "tiles" / "tiling.csv")["reason"][0]
+    assert "min_saturation" not in reason
+    assert f"user mask in {masks} marks no tissue inside the slide's 1024x1024 px" in reason

@@ -147,6 +147,11 @@ def _empty_reason(tiles: SlideTiles, dims: tuple[int, int], cfg: TilingConfig) -
         )
     if tiles.mask.any():
         return f"tissue found but no tile has tissue fraction >= {cfg.min_tissue}"
+    if tiles.mask_source != "auto":  # no tissue setting applies to a user's mask
+        return (
+            f"its {tiles.mask_source} marks no tissue inside the slide's {dims[0]}x{dims[1]} "
+            "px (a .geojson is in level-0 pixels); fix the mask, or remove it to detect tissue"
+        )
     return (
         "no tissue found (blank slide, or lower tiling.tissue.min_saturation, or "
         "tiling.tissue.saturation_threshold when set)"
