@@ -134,6 +134,9 @@ def test_find_slides(tmp_path: Path) -> None:
     manifest.write_text("slide_id,file\nx,a/s1.svs\n")
     with pytest.raises(UserError, match="lacks column"):
         find_slides(None, manifest, [])
+    manifest.write_text("slide_id,path\nx,a/s1.svs\nx,a/b/s1.tiff\n")  # the ids are the CSV's
+    with pytest.raises(UserError, match=r"'x'.*give one of them another slide_id"):
+        find_slides(None, manifest, [])
     manifest.write_text("slide_id,path\nx,a/s1.svs\n,\n")  # a blank row is spacing
     assert find_slides(None, manifest, []) == {"x": tmp_path / "a" / "s1.svs"}
     manifest.write_text("slide_id,path\nx,a/s1.svs\ny, \n")  # a slide left out by mistake

@@ -56,13 +56,15 @@ def slide_id_of(path: str | os.PathLike[str]) -> str:
     return Path(name).stem
 
 
-def _check_unique(pairs: list[tuple[str, Path]], source: str) -> dict[str, Path]:
+def _check_unique(
+    pairs: list[tuple[str, Path]], source: str, fix: str = "rename one of the files"
+) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for sid, path in pairs:
         if sid in found:
             raise UserError(
                 f"duplicate slide id '{sid}' in {source}: {found[sid]} and {path}; "
-                "rename one of the files (slide ids must be unique)."
+                f"{fix} (slide ids must be unique)."
             )
         found[sid] = path
     return dict(sorted(found.items()))
@@ -104,7 +106,7 @@ def find_slides(
             )
             for row, sid, raw in zip(df.index, df["slide_id"], df["path"], strict=True)
         ]
-        return _check_unique(pairs, f"manifest '{mpath}'")
+        return _check_unique(pairs, f"manifest '{mpath}'", "give one of them another slide_id")
     if not slides_dir:
         raise UserError("no slides given: set slides_dir=FOLDER or manifest=CSV.")
     root = Path(slides_dir)
