@@ -336,3 +336,18 @@ def test_tilings_advice_in_a_slides_reason_says_how_predict_users_act_on_it(
     assert why["blank"].startswith(f"empty: {reason}; predict and heatmap tile with the run's")
     assert "pass features_dir=" in why["blank"]
     assert why["tiny"] == "empty: slide smaller than one tile (100 x 100 level-0 px)"
+
+
+def test_a_log_gets_no_progress_line_per_slide(
+    pipe: Pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    """Off a terminal (a SLURM log) the bar redraws once per LOG_INTERVAL_S, not per slide."""
+    from conftest import inference_cfg
+
+    from melanoma_mil import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 1e6)  # no redraw falls due while it runs
+    cfg = inference_cfg(PredictConfig, pipe, tmp_path / "p", f"features_dir={pipe.features}")
+    assert run_predict(dataclasses.replace(cfg, heatmaps=False)) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("predict: ")]
+    assert 1 <= len(lines) <= 2 and "12/12" in lines[-1], lines

@@ -230,7 +230,10 @@ def analyse_all(
                 row.update(probability_columns(amap))
             rows.append(row)
             tiles += row["n_tiles"]
-            bar.set_postfix(tiles_per_s=f"{tiles / (time.perf_counter() - start):.0f}")
+            # refresh=False: off a terminal, a line per LOG_INTERVAL_S, not one per slide
+            bar.set_postfix(
+                tiles_per_s=f"{tiles / (time.perf_counter() - start):.0f}", refresh=False
+            )
             bar.update(1)
     return pd.DataFrame(rows)
 
