@@ -15,7 +15,8 @@ from conftest import mounted_tmpfs, tissue_image
 from melanoma_mil.config import TileConfig, TilingConfig
 from melanoma_mil.demo.pyramid import write_pyramid
 from melanoma_mil.tiling.coords import read_coords
-from melanoma_mil.tiling.run import Task, run_tile, tile_one
+from melanoma_mil.tiling.job import Task, tile_one
+from melanoma_mil.tiling.run import run_tile
 
 ROOT = Path(__file__).resolve().parents[1]
 TILING = TilingConfig(mpp=1.0, tile_size=64)
