@@ -403,3 +403,19 @@ def test_a_user_mask_outside_the_slide_is_named_as_the_reason(tmp_path: Path) ->
     reason = pd.read_csv(tmp_path / "tiles" / "tiling.csv")["reason"][0]
     assert "min_saturation" not in reason
     assert f"user mask in {masks} marks no tissue inside the slide's 1024x1024 px" in reason
+
+
+def test_a_mask_too_large_for_pillow_is_one_line_saying_to_downsample_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full-resolution mask PNG (over ~179 Mpx) failed with Pillow's DecompressionBombError;
+    Pillow's limit is lowered here so that a 40x40 mask stands for one."""
+    from PIL import Image
+
+    from melanoma_mil.tiling.tissue import load_user_mask
+
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.full((40, 40), 255, np.uint8)).save(tmp_path / "masks" / "s.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(UserError, match=r"too large for Pillow to open safely; save it down"):
+        load_user_mask(tmp_path / "masks", "s", (10, 10), 4.0)

@@ -182,6 +182,11 @@ def load_user_mask(
                 # as tissue everywhere; LA: a mask painted on a transparent layer
                 values = im if im.mode == "P" else im.convert("LA")
                 small = np.asarray(values.resize((shape[1], shape[0]), Image.NEAREST))
+        except Image.DecompressionBombError:
+            raise UserError(
+                f"mask '{png}' is too large for Pillow to open safely; save it downsampled "
+                "(any size is stretched over the slide)."
+            ) from None
         except OSError as e:
             raise UserError(f"mask '{png}' is not a readable image ({e}).") from None
         return small > 0 if small.ndim == 2 else (small > 0).all(axis=-1)
