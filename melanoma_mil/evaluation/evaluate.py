@@ -159,6 +159,7 @@ def _survival(
     )
     for patient, reason in surv.adjusted_left_out.items():
         scored.exclude([patient], "patient", reason, "adjusted Cox")
+    unused = table.index[~table.index.isin(patients.index)].tolist()  # no prediction names them
     summary = {
         **surv.summary,
         "group_rule": groups.rule,
@@ -170,9 +171,8 @@ def _survival(
         + ("pooled into one bag by predict)" if scored.slides is None else "averaged)"),
         "patients_used": len(data),
         "patients_excluded": len(missing),
-        "clinical_patients_not_predicted": int((~table.index.isin(patients.index)).sum()),
+        "clinical_patients_not_predicted": len(unused),
     }
-    unused = table.index[~table.index.isin(patients.index)].tolist()
     what = f"{len(unused)} patient(s) of clinical_csv '{cfg.clinical_csv}'"
     fix = "check that their slides were predicted and their patient_id is the predictions' one"
     if note := unmatched_ids(what, unused, patients.index.tolist(), fix):
@@ -260,7 +260,8 @@ def evaluate(cfg: EvaluateConfig, report: Path | None = None) -> dict[str, Any]:
     level_note = LEVEL_NOTES["patient_predictions" if scored.slides is None else cfg.level]
     warnings: list[str] = []
     if run and run.run_dir.resolve() != Path(str(cfg.predictions)).parent.resolve():
-        warnings += filter(None, [run.threshold_note(cfg.threshold)])  # an external cohort's
+        note = run.threshold_note(cfg.threshold)  # an external cohort's, scored otherwise?
+        warnings += [note] if note else []
     ev: dict[str, Any] = {
         "predictions": str(cfg.predictions),
         "kind": scored.kind,

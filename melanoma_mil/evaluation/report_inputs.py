@@ -30,11 +30,11 @@ def find_run(cfg: EvaluateConfig) -> TrainedRun | None:
         marker = read_marker(folder) or {}
         made = marker.get("command") in ("fit", "predict") and marker.get("run_id")
         if made and made != run.run_id:  # its classes, label_map and CV would be another's
-            maker = Path(str(marker.get("run_dir") or folder))
-            again = " before it was fit again" if maker.resolve() == run.run_dir.resolve() else ""
+            maker = marker.get("run_dir") or folder
             raise UserError(
-                f"predictions '{cfg.predictions}' were made by run '{maker}'{again}, not by "
-                f"run_dir '{run.run_dir}'; pass the run that made them as run_dir."
+                f"predictions '{cfg.predictions}' were made by run '{maker}'"
+                f"{_again(maker, run)}, not by run_dir '{run.run_dir}'; pass the run that made "
+                "them as run_dir."
             )
         return run
     if (folder / "cv_summary.json").is_file() and (folder / "config.yaml").is_file():
@@ -43,6 +43,13 @@ def find_run(cfg: EvaluateConfig) -> TrainedRun | None:
         except UserError as e:
             log.warning("evaluate: not reading run metadata: %s", e)
     return None
+
+
+def _again(maker: object, run: TrainedRun) -> str:
+    """' before it was fit again' when ``maker``, the run folder another output names, is
+    ``run``'s own folder: the same path, other models."""
+    same = maker is not None and Path(str(maker)).resolve() == run.run_dir.resolve()
+    return " before it was fit again" if same else ""
 
 
 def check_heatmaps(cfg: EvaluateConfig, run: TrainedRun | None) -> None:
@@ -61,9 +68,7 @@ def check_heatmaps(cfg: EvaluateConfig, run: TrainedRun | None) -> None:
         return
     if marker.get("run_id") == run.run_id:
         return
-    made = made_by(marker)
-    if Path(str(marker.get("run_dir"))).resolve() == run.run_dir.resolve():
-        made += " before it was fit again"  # same folder, other models
+    made = made_by(marker) + _again(marker.get("run_dir"), run)
     raise UserError(
         f"heatmaps_dir '{folder}' holds heatmaps made by {made}, not by run {run.run_dir} "
         f"that made the predictions; pass that run's heatmaps, or make them with `python -m "

@@ -71,8 +71,8 @@ class TrainedRun:
         from another probability than ``threshold``: an external cohort scored with another
         rule than the internal report would be compared on two different rules."""
         try:
-            used = read_json(self.run_dir / EVALUATION / "evaluation.json")["classification"]
-            used = float(used["threshold"])
+            report = read_json(self.run_dir / EVALUATION / "evaluation.json")
+            used = float(report["classification"]["threshold"])
         except (UserError, KeyError, TypeError, ValueError):  # no report, or a multi-class one
             return None
         if used == threshold:
