@@ -8,6 +8,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -137,6 +138,7 @@ def test_lock_drafts_of_a_killed_builder_are_removed_when_a_store_is_built(
 
 RACE = """
 import sys
+import time
 from melanoma_mil.config import FitConfig, load_config
 from melanoma_mil.data.cohort import build_cohort
 from melanoma_mil.data.store import open_store
@@ -253,6 +255,7 @@ def test_memory_budget_key_is_honoured(cohort, tmp_path, capsys) -> None:
 
 SHARE = """
 import sys
+import time
 from pathlib import Path
 from melanoma_mil.config import FitConfig, load_config
 from melanoma_mil.data.cohort import build_cohort
@@ -332,3 +335,56 @@ def test_read_only_cache_needs_store_dir(tmp_path: Path) -> None:
         assert store.folder.parent == tmp_path / "stores" and store.bags["P0001"].shape[1] == 8
     finally:
         subprocess.run(["umount", str(ro)], check=False)
+
+
+def test_an_edit_whose_mtime_was_set_back_gets_its_own_store(cohort) -> None:
+    """`cp -p` or `touch -r` restores the mtime; the kernel-set ctime still tells the edit."""
+    features, labels = cohort
+    path = features / "P0003.h5"
+    before = path.stat()
+    first = store_of(features, labels).folder
+    with h5py.File(path, "a") as f:
+        f["features"][0, 0] = 42.0
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+    changed = store_of(features, labels)
+    assert changed.folder != first
+    assert float(changed.bags["P0003"][0, 0]) == 42.0
+
+
+def _age(store: Path, days: float) -> None:
+    then = time.time() - days * 86400
+    os.utime(store / "index.json", (then, then))
+
+
+def test_stores_that_can_never_be_reused_go_once_unused_for_a_day(cohort, tmp_path) -> None:
+    features, labels = cohort
+    old = store_of(features, labels).folder
+    other_labels = tmp_path / "other.csv"  # another cohort's store, in the same folder
+    pd.read_csv(labels).iloc[:4].to_csv(other_labels, index=False)
+    with h5py.File(features / "P0009.h5", "a") as f:
+        f["features"][0, 0] = 7.0
+    other = store_of(features, other_labels, "data.dtype=float32").folder  # no P0009 in it
+    legacy = old.parent / "float16-3slides-0123456789ab"
+    shutil.copytree(old, legacy)
+    index = json.loads((legacy / "index.json").read_text())
+    (legacy / "index.json").write_text(json.dumps({**index, "format": 1}))
+    new = store_of(features, labels).folder
+    assert old.is_dir() and legacy.is_dir()  # opened within the day: kept
+    for folder in (old, other, legacy):
+        _age(folder, 2)
+    assert store_of(features, labels).folder == new
+    assert not old.exists() and not legacy.exists()
+    assert other.is_dir() and new.is_dir() and len({old, other, new}) == 3
+    assert not [p for p in old.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_stale_store_whose_lock_is_held_is_left(cohort) -> None:
+    features, labels = cohort
+    old = store_of(features, labels).folder
+    with h5py.File(features / "P0001.h5", "a") as f:
+        f["features"][0, 0] = 7.0
+    _age(old, 2)
+    (old.parent / f".{old.name}.lock").write_text(json.dumps(me()))  # a live peer's claim
+    store_of(features, labels)
+    assert old.is_dir()

@@ -3,12 +3,15 @@
 `fit` used to read every bag into each process's RAM as float32: N DDP ranks held N copies,
 and every sweep run re-read the cache. The store is one ``features.npy`` ([tiles, D], every
 bag a contiguous row range) plus ``index.json`` (which file each range came from, with its
-size and mtime). Every fold, rank, concurrent fold process and later run maps it copy-on-write
-and read-only in practice, so the kernel keeps one copy in the page cache for all of them.
+size, mtime and ctime). Every fold, rank, concurrent fold process and later run maps it
+copy-on-write and read-only in practice, so the kernel keeps one copy in the page cache for
+all of them.
 
 - Where: ``<features_dir>/.bag_stores/<name>/``, or ``data.store_dir`` when set (a read-only
   cache needs it). A store is reused by any cohort whose files it covers unchanged (same
-  path, size and mtime), with each of the cohort's bags contiguous in it.
+  path, size, mtime and ctime), with each of the cohort's bags contiguous in it.
+- Pruned: a store that can never be reused again (a file it holds has changed since, or an
+  older store format) is removed once no process has opened it for a day (`prune`).
 - dtype: ``data.dtype=auto`` keeps float16 when every feature file is float16 (what `extract`
   writes; float16 -> float32 is exact, so training sees the same numbers as from float32 RAM),
   else float32. ``float16`` is the explicit, lossy choice for float32 features.
@@ -32,7 +35,16 @@ import torch
 from melanoma_mil.config import FitConfig
 from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.data.memory import check_memory, estimate_for
-from melanoma_mil.data.store_build import Layout, Source, build, feature_dim, read_index, scan
+from melanoma_mil.data.store_build import (
+    Layout,
+    Source,
+    build,
+    feature_dim,
+    mark_used,
+    prune,
+    read_index,
+    scan,
+)
 from melanoma_mil.errors import UserError
 from melanoma_mil.tiling.coords import PER_SLIDE_ATTRS
 
@@ -78,6 +90,7 @@ class BagStore:
 
     def _open(self) -> None:
         # mode "c": private copy-on-write mapping; clean pages stay shared in the page cache
+        mark_used(self.folder)
         array = np.load(self.folder / "features.npy", mmap_mode="c")
         self.features = torch.from_numpy(array)
         self.device_features: dict[str, torch.Tensor] = {}
@@ -188,7 +201,7 @@ def _find(
         index = read_index(folder)
         if index is None:
             continue
-        recorded = {(r["path"], r["size"], r["mtime_ns"]): r for r in index["files"]}
+        recorded = {(r["path"], r["size"], r["mtime_ns"], r["ctime_ns"]): r for r in index["files"]}
         if not need <= recorded.keys():
             continue
         rows = [recorded[s.key()] for s in sources]
@@ -228,6 +241,7 @@ def open_store(members: Members, cfg: FitConfig, model_members: int = 1) -> BagS
                         members=model_members)  # fmt: skip
     if _local_rank() == 0:  # once per machine: later ranks would count the first one twice
         check_memory(need, cfg.data.memory_gb)
+        prune(root, sources)
     if found:
         folder, _, spans = found
         log.info("bag store: %s (reused)", folder)

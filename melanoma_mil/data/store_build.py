@@ -3,6 +3,7 @@ written under a temp name and renamed (`build`), serialised by a lock file. See 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,26 +28,30 @@ from melanoma_mil.workshare import Claim, clear_drafts
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: files keyed on ctime too (1 missed an edit whose mtime was set back)
 WAIT_S = 1.0
+UNUSED_S = 24 * 3600.0  # a store nobody opened for this long, and never reusable, is removed
 
 
 @dataclass(frozen=True)
 class Source:
-    """One feature file as the store records it: a changed file never matches again."""
+    """One feature file as the store records it: a changed file never matches again. The
+    ctime is in the key because a copy or an edit can set the mtime back (``cp -p``,
+    ``touch -r``), while the kernel sets the ctime on every change and nothing sets it back."""
 
     slide_id: str
     path: str
     size: int
     mtime_ns: int
+    ctime_ns: int
 
     @classmethod
     def of(cls, slide_id: str, path: Path) -> Source:
         st = path.stat()
-        return cls(slide_id, str(path.resolve()), st.st_size, st.st_mtime_ns)
+        return cls(slide_id, str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
-    def key(self) -> tuple[str, int, int]:
-        return (self.path, self.size, self.mtime_ns)
+    def key(self) -> tuple[str, int, int, int]:
+        return (self.path, self.size, self.mtime_ns, self.ctime_ns)
 
 
 @dataclass(frozen=True)
@@ -236,3 +241,54 @@ def build(root: Path, sources: list[Source], layout: Layout, dtype: str) -> Path
         return final
     finally:
         lock.release()
+
+
+def mark_used(folder: Path) -> None:
+    """Stamp the store as in use (index.json's mtime), so `prune` leaves it for a day."""
+    with contextlib.suppress(OSError):  # a read-only copy: nothing prunes there either
+        os.utime(folder / "index.json")
+
+
+def _superseded(index: dict[str, Any] | None, current: dict[str, tuple[Any, ...]]) -> bool:
+    """An older format, or a file this cohort also holds that has changed since the build."""
+    if index is None or index.get("format") != FORMAT:
+        return True
+    for r in index.get("files", []):
+        now = current.get(r.get("path"))
+        if now is not None and now != (r["path"], r["size"], r["mtime_ns"], r["ctime_ns"]):
+            return True
+    return False
+
+
+def prune(root: Path, sources: list[Source], unused_s: float = UNUSED_S) -> None:
+    """Remove the stores beside this cohort's that can never be reused (an older format, or a
+    file of this cohort changed since they were built) and no process opened for ``unused_s``.
+
+    Every re-extraction would otherwise leave a whole cohort's copy behind. Stores of other
+    cohorts' files are kept; one being built or removed by a peer (its lock held) is skipped.
+    """
+    if not root.is_dir():
+        return
+    current = {s.path: s.key() for s in sources}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            index = json.loads((folder / "index.json").read_text())
+            age = time.time() - (folder / "index.json").stat().st_mtime
+        except (OSError, ValueError):
+            continue  # damaged or half-removed: named by whoever needs it, never guessed at
+        if age < unused_s or not _superseded(index if isinstance(index, dict) else None, current):
+            continue
+        lock = Claim(root / f".{folder.name}.lock")
+        if not lock.acquire():
+            continue
+        try:
+            trash = root / f".{folder.name}.{os.getpid()}.tmp"
+            os.replace(folder, trash)  # gone at once for readers; the bytes go next
+            shutil.rmtree(trash, ignore_errors=True)
+            log.info("removed bag store %s: none of its uses can come back (its feature files "
+                     "changed, or an older format) and no run opened it for %.0f h",
+                     folder, age / 3600)  # fmt: skip
+        except OSError as e:
+            log.warning("could not remove the stale bag store %s: %s", folder, e)
+        finally:
+            lock.release()
