@@ -7,7 +7,8 @@
          folds/<fold>/         model.pt, best.ckpt, roc.png, predictions.csv, done.json (last)
          predictions.csv, roc.png, cv_summary.json (last)   once every fold is done
          logs/, wandb/         loggers
-         evaluation/, report.html   the report of `evaluate`, with clinical_csv
+         evaluation/, report.html   the report of `evaluate`, with clinical_csv; removed
+                                    when predictions.csv is remade with other predictions
 
 These entries, each whole, are the run's (`run_owns`); anything else in the folder is the user's
 (notes, other commands' outputs in folders of their own): `fit overwrite=true` carries it over.

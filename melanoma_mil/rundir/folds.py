@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import shutil
 import uuid
 from dataclasses import asdict
@@ -23,15 +24,19 @@ from melanoma_mil.fsutil import try_lock
 from melanoma_mil.io import atomic_path, remove_temp_files, sha256_file, write_json
 from melanoma_mil.models import build_model
 from melanoma_mil.rundir.layout import (
+    DERIVED,
     DONE,
     FOLDS,
     MODEL,
     PREDICTIONS,
     ROC,
     SUMMARY,
+    aside,
     damaged,
 )
 from melanoma_mil.rundir.record import run_record
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- folds
@@ -133,12 +138,44 @@ def pooled_predictions(preds: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
 
 def write_results(run: Path, preds: pd.DataFrame, summary: dict[str, Any], draw_roc: Any) -> None:
     """predictions.csv, roc.png (``draw_roc(path)``), then cv_summary.json: the run is complete.
-    Called under the run's finish lock, so temp files of these are a killed writer's: removed."""
+    Called under the run's finish lock, so temp files of these are a killed writer's: removed.
+    What was made from other predictions (`DERIVED`) goes before the new ones appear."""
     remove_temp_files(run / PREDICTIONS, run / ROC, run / SUMMARY)
+    for left in (p for name in DERIVED for p in run.glob(f"{glob.escape(aside(name))}*")):
+        _delete(left)  # moved aside by a killed finisher
     with atomic_path(run / PREDICTIONS) as tmp:
         preds.to_csv(tmp, index=False)
+        old = run / PREDICTIONS
+        if not old.is_file() or sha256_file(old) != sha256_file(tmp):
+            _drop_derived(run)
     draw_roc(run / ROC)
     write_json(run / SUMMARY, summary)
+
+
+def _drop_derived(run: Path) -> None:
+    """Delete the run's entries made from its earlier predictions, each renamed aside first so
+    that none is seen half deleted."""
+    dropped = []
+    for name in DERIVED:
+        path = run / name
+        if path.exists():
+            dropped.append(name + ("/" if path.is_dir() else ""))
+            moved = path.rename(run / f"{aside(name)}{uuid.uuid4().hex[:8]}")
+            _delete(moved)
+    if dropped:
+        log.warning(
+            "fit: '%s': removed %s, made from the predictions the run had before (a `fit` with "
+            "clinical_csv=, or `evaluate`, makes them for the new ones)",
+            run,
+            ", ".join(dropped),
+        )
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 # --------------------------------------------------------------------------- fold models

@@ -24,6 +24,9 @@ RUN_ENTRIES = frozenset(
 )
 # run entries that `fit` writes through another command, which may write them itself
 WRITTEN_FOR_RUN = {(EVALUATION,): "evaluate"}
+# run entries made from predictions.csv (by `evaluate`): dropped when the predictions change,
+# or they would describe predictions the run no longer has
+DERIVED = (EVALUATION, REPORT)
 # config keys that change no result: a run may be resumed or joined with other values
 NOT_RESULTS = frozenset(
     {
@@ -52,10 +55,16 @@ NOT_RESULTS = frozenset(
 
 
 def run_owns(name: str) -> bool:
-    """Whether the top-level entry ``name`` of a run folder is the run's (an entry or the temp
-    file of one's interrupted write), not the user's."""
+    """Whether the top-level entry ``name`` of a run folder is the run's (an entry, the temp
+    file of one's interrupted write, or one moved aside to be dropped), not the user's."""
     temp = name.endswith(".tmp") and any(name.startswith(f".{own}.") for own in RUN_ENTRIES)
-    return name in RUN_ENTRIES or temp
+    return name in RUN_ENTRIES or temp or any(name.startswith(aside(own)) for own in DERIVED)
+
+
+def aside(name: str) -> str:
+    """The prefix of the name an entry ``name`` is renamed to before it is deleted, so that it
+    disappears at once (a kill midway leaves it under this name, for the next finisher)."""
+    return f".{name}.stale-"
 
 
 RERUN = "re-run the same `fit` command to finish it"
