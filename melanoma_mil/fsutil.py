@@ -30,18 +30,31 @@ _RENAME_EXCHANGE = 2
 def create_once(path: Path, data: bytes) -> bool:
     """Write ``path`` only if it does not exist, complete or not at all; True if this call made it.
 
-    Racing callers: exactly one wins, the others see the winner's complete file."""
+    Racing callers: exactly one wins, the others see the winner's complete file. The temp file
+    is left if the process is killed; a cleaner (the holder of the folder's lock) may remove it
+    then, even under a live call, which writes a new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        made = _link_new(path, data)
+        if made is not None:
+            return made
+    raise OSError(errno.ENOENT, "temp file removed while linking it, three times", str(path))
+
+
+def _link_new(path: Path, data: bytes) -> bool | None:
+    """One try of `create_once`: None if its temp file was removed before the link."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)
         try:
+            os.chmod(tmp, 0o666 & ~_UMASK)
             os.link(tmp, path)
             return True
         except FileExistsError:
             return False
+        except FileNotFoundError:
+            return None
         except OSError as e:  # a filesystem without hard links: exclusive create instead
             if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
                 raise

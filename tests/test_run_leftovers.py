@@ -5,6 +5,7 @@ deterministic by leaving the files such a kill leaves (see `io.atomic_path`, `ru
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from melanoma_mil import rundir
 from melanoma_mil.config import FitConfig, load_config
 from melanoma_mil.data.synthetic import make_bag_cohort
+from melanoma_mil.fsutil import create_once
 from melanoma_mil.training.cv import run_fit
 
 
@@ -51,3 +53,32 @@ def test_a_fit_killed_writing_results_or_committing_a_fold_leaves_nothing(cohort
     assert rundir.load_run(out).fold_names() == ["fold_0", "fold_1"]
     assert (out / rundir.SUMMARY).read_bytes() == expected
     assert hidden(out) == []
+
+
+def test_a_fit_killed_writing_a_file_made_once_leaves_nothing(cohort, tmp_path) -> None:
+    out = tmp_path / "run"
+    assert fit(cohort, out) == 0
+    # killed between writing a file made once (`fsutil.create_once`) and linking it in
+    made_once = (rundir.SPLITS, rundir.PROVENANCE, rundir.CONFIG, ".melanoma-mil.json")
+    for name in made_once:
+        (out / f".{name}.q1w2e3r4.tmp").write_text("half")
+    assert fit(cohort, out) == 0  # the run was complete: its rerun finishes nothing, yet cleans
+    assert hidden(out) == []
+    rundir.load_run(out)
+
+
+def test_a_file_made_once_is_made_when_the_cleaner_removes_its_temp_file(tmp_path, monkeypatch):
+    """A live writer's temp file removed by the finisher, taking it for a killed one's."""
+    real_link = os.link
+    calls: list[str] = []
+
+    def cleaner_first(src: str, dst: str) -> None:
+        if not calls:
+            Path(src).unlink()
+        calls.append(src)
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", cleaner_first)
+    assert create_once(tmp_path / "splits.json", b"{}") is True
+    assert len(calls) == 2 and (tmp_path / "splits.json").read_bytes() == b"{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["splits.json"]

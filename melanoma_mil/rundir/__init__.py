@@ -27,6 +27,7 @@ replaced run), `load` (`load_run`).
 from melanoma_mil.rundir.folds import (
     busy_folds,
     commit_fold,
+    finishing,
     fold_lock,
     fold_name,
     fold_names,
@@ -105,6 +106,7 @@ __all__ = [
     "fold_name",
     "fold_names",
     "fold_predictions",
+    "finishing",
     "fold_problem",
     "load_fold_model",
     "load_run",

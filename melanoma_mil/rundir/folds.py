@@ -3,11 +3,13 @@ and the plain-torch fold models."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,15 +22,19 @@ from torch import nn
 from melanoma_mil.config import ModelConfig
 from melanoma_mil.data.splits import Split
 from melanoma_mil.errors import UserError
-from melanoma_mil.fsutil import try_lock
+from melanoma_mil.fsutil import locked, try_lock
 from melanoma_mil.io import atomic_path, remove_temp_files, sha256_file, write_json
 from melanoma_mil.models import build_model
+from melanoma_mil.outdir import MARKER
 from melanoma_mil.rundir.layout import (
     DERIVED,
     DONE,
+    FINISH_LOCK,
     FOLDS,
+    MADE_ONCE,
     MODEL,
     PREDICTIONS,
+    RESULTS,
     ROC,
     SUMMARY,
     aside,
@@ -63,7 +69,7 @@ def busy_folds(run: Path) -> list[str]:
     """The folds of ``run`` that a live process is training now (it holds their lock)."""
     busy = []
     for path in sorted((run / FOLDS).glob(".*.lock")):
-        if path.name == ".finish.lock" or not path.is_file():
+        if path.name == FINISH_LOCK or not path.is_file():
             continue
         lock = try_lock(path)
         if lock is None:
@@ -136,13 +142,23 @@ def pooled_predictions(preds: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     return preds.groupby("slide_id", sort=True).agg(agg)
 
 
+@contextlib.contextmanager
+def finishing(run: Path) -> Iterator[None]:
+    """Hold the run's finish lock (one process at a time checks and writes its results) and
+    first remove what killed writers left at the run's top: temp files of its files (those
+    made once by `fsutil.create_once`, which retries a temp removed under it, and the results)
+    and entries moved aside to be dropped."""
+    with locked(run / FOLDS / FINISH_LOCK):
+        remove_temp_files(*(run / name for name in (MARKER, *MADE_ONCE, *RESULTS)))
+        for left in (p for name in DERIVED for p in run.glob(f"{glob.escape(aside(name))}*")):
+            _delete(left)
+        yield
+
+
 def write_results(run: Path, preds: pd.DataFrame, summary: dict[str, Any], draw_roc: Any) -> None:
     """predictions.csv, roc.png (``draw_roc(path)``), then cv_summary.json: the run is complete.
-    Called under the run's finish lock, so temp files of these are a killed writer's: removed.
-    What was made from other predictions (`DERIVED`) goes before the new ones appear."""
-    remove_temp_files(run / PREDICTIONS, run / ROC, run / SUMMARY)
-    for left in (p for name in DERIVED for p in run.glob(f"{glob.escape(aside(name))}*")):
-        _delete(left)  # moved aside by a killed finisher
+    Called in `finishing`. What was made from other predictions (`DERIVED`) goes before the
+    new ones appear."""
     with atomic_path(run / PREDICTIONS) as tmp:
         preds.to_csv(tmp, index=False)
         old = run / PREDICTIONS

@@ -17,6 +17,9 @@ FOLDS, LOGS, WANDB = "folds", "logs", "wandb"
 MODEL, CHECKPOINT, DONE = "model.pt", "best.ckpt", "done.json"
 EVALUATION, REPORT = "evaluation", "report.html"  # fit's report with clinical_csv
 REPLACE_LOCK = ".replace.lock"  # held by the process building a replacement run
+FINISH_LOCK = ".finish.lock"  # in folds/: held by the process checking and writing the results
+MADE_ONCE = (SPLITS, PROVENANCE, CONFIG)  # by the first process of the run (`create_once`)
+RESULTS = (PREDICTIONS, ROC, SUMMARY)  # by the process that finds every fold done
 # the run's own entries, each whole: `fit overwrite=true` replaces them and carries over the rest
 RUN_ENTRIES = frozenset(
     {MARKER, CONFIG, PROVENANCE, SPLITS, FOLDS, PREDICTIONS, ROC, SUMMARY, LOGS, WANDB}

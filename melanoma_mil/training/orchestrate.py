@@ -38,7 +38,7 @@ from melanoma_mil.data.splits import (
     read_clam_splits,
 )
 from melanoma_mil.errors import UserError
-from melanoma_mil.fsutil import Lock, locked, try_lock
+from melanoma_mil.fsutil import Lock, try_lock
 from melanoma_mil.outdir import is_empty, made_by, output_folder, read_marker, refuse_linked
 
 log = logging.getLogger(__name__)
@@ -376,7 +376,7 @@ def finish(
         )
         return None
     target = plan.target
-    with locked(target / rundir.FOLDS / ".finish.lock"):
+    with rundir.finishing(target):
         wrote = not (target / rundir.SUMMARY).is_file()
         summary = write(target) if wrote else rundir.load_run(target).summary
     for lock_file in (target / rundir.FOLDS).glob(".*.lock"):
