@@ -21,6 +21,7 @@ from omegaconf.errors import (
     InterpolationResolutionError,
     OmegaConfBaseException,
 )
+from omegaconf.nodes import BooleanNode
 
 from melanoma_mil.errors import UserError
 
@@ -110,7 +111,28 @@ def _clash(base: Any, layer: Any, prefix: str = "") -> tuple[str, str, str] | No
     return None
 
 
+def _loose_bool(base: Any, layer: Any, prefix: str = "") -> tuple[str, Any] | None:
+    """(key, value) of the first boolean key given a number other than 0 or 1 (as a number or
+    text): OmegaConf takes any non-zero integer as true, and overwrite=2 is more likely a slip."""
+    for k, v in _items(layer):
+        node = base._get_node(k) if isinstance(base, DictConfig) and k in base else None
+        if isinstance(node, BooleanNode) and not isinstance(v, bool):
+            text = str(v).strip()
+            if re.fullmatch(r"[+-]?\d+", text) and text not in ("0", "1"):
+                return f"{prefix}{k}", v
+        found = _loose_bool(node, v, f"{prefix}{k}.") if isinstance(node, DictConfig) else None
+        if found:
+            return found
+    return None
+
+
 def _merge(base: DictConfig, layer: DictConfig | Any, source: str) -> DictConfig:
+    loose = _loose_bool(base, layer)
+    if loose:
+        raise UserError(
+            f"bad value for '{loose[0]}' in {source}: {loose[1]!r} is not a boolean; give true or "
+            "false (or 1 / 0)."
+        )
     try:
         return OmegaConf.merge(base, layer)  # type: ignore[return-value]
     except TypeError:

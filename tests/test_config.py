@@ -243,3 +243,35 @@ def test_the_demo_help_names_every_stage_it_runs(capsys: pytest.CaptureFixture[s
         out = capsys.readouterr().out
         line = next(x for x in out.splitlines() if "synthetic cohort" in x)
         assert "fit -> heatmaps -> evaluate" in line, line
+
+
+@pytest.mark.parametrize(
+    ("command", "override"),
+    [("fit", "overwrite=2"), ("fit", "data.standardize=5"), ("fit", "overwrite=-1"),
+     ("tile", "tiling.tissue.fill_holes=2"), ("fit", "trainer.deterministic='3'")],
+)  # fmt: skip
+def test_a_boolean_given_another_number_is_refused(
+    command: str, override: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """OmegaConf takes any non-zero integer as true: 2 is more likely a slip than a yes."""
+    out = tmp_path / "out"
+    err = one_line_error(capsys, command, f"output_dir={out}", override)
+    assert f"'{override.split('=')[0]}'" in err and "true or false" in err
+    assert not out.exists()
+
+
+def test_a_boolean_in_a_config_file_given_another_number_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("data:\n  standardize: 2\n")
+    with pytest.raises(UserError, match="'data.standardize' in config file .*true or false"):
+        C.load_config(C.FitConfig, [str(tmp_path / "c.yaml")])
+
+
+@pytest.mark.parametrize(
+    ("override", "value"),
+    [("overwrite=true", True), ("overwrite=False", False), ("overwrite=1", True),
+     ("overwrite=0", False), ("overwrite=yes", True), ("data.standardize=off", False)],
+)  # fmt: skip
+def test_a_boolean_takes_true_false_and_0_1_as_before(override: str, value: bool) -> None:
+    cfg = C.load_config(C.FitConfig, [], [override])
+    key = override.split("=")[0]
+    assert (cfg.overwrite if key == "overwrite" else cfg.data.standardize) is value
