@@ -257,12 +257,19 @@ class TissueConfig:
 
 # Resolutions outside this range (um/px) are scanner defaults (72 dpi), typos or garbage.
 PLAUSIBLE_MPP = (0.05, 50.0)
+# A tile is one encoder input: most encoders shrink it to 224 px (a huge tile loses the detail
+# the target mpp asked for) and CNNs run it whole (a batch's memory grows with its area).
+MAX_TILE = 4096
+MAX_TILE_WHY = (
+    "a tile is one encoder input, most shrink it to 224 px; for a wider field of view per tile "
+    "raise tiling.mpp instead"
+)
 
 
 @dataclass
 class TilingConfig:
     mpp: float = bounded(0.5, *PLAUSIBLE_MPP)  # target microns per pixel (0.5 ~ 20x, 1.0 ~ 10x)
-    tile_size: int = bounded(256, 8)  # pixels at the target mpp
+    tile_size: int = bounded(256, 8, MAX_TILE, why=MAX_TILE_WHY)  # pixels at the target mpp
     overlap: int = bounded(0, 0)  # pixels at the target mpp shared by neighbouring tiles
     min_tissue: float = bounded(0.5, 0.0, 1.0)  # keep a tile when this fraction is tissue
     default_mpp: float | None = bounded(None, *PLAUSIBLE_MPP)  # when a slide records none
@@ -451,7 +458,7 @@ class DemoConfig:
     seed: int = bounded(0, 0, SEED_MAX)  # also fit's seed
     overwrite: bool = False
     mpp: float = positive(1.0)  # tiling resolution (10x, the follow-up paper's best)
-    tile_size: int = bounded(224, 8)
+    tile_size: int = bounded(224, 8, MAX_TILE, why=MAX_TILE_WHY.replace("tiling.mpp", "mpp"))
     # no weights can be bundled: the demo uses a randomly initialised encoder, recorded as such
     encoder: EncoderConfig = field(
         default_factory=lambda: EncoderConfig(name="resnet18_imagenet", pretrained=False)

@@ -44,10 +44,13 @@ def bounded(
     high: float | None = None,
     open_low: bool = False,
     open_high: bool = False,
+    why: str | None = None,
 ) -> Any:
     """A numeric field in [low, high] (an end excluded with ``open_low`` / ``open_high``); None
-    stays allowed for optional fields."""
-    return field(default=default, metadata={"range": (low, high, open_low, open_high)})
+    stays allowed for optional fields. ``why``: said when a value is out of range, where the
+    bound alone would leave a user guessing."""
+    meta: dict[str, Any] = {"range": (low, high, open_low, open_high)}
+    return field(default=default, metadata={**meta, "why": why} if why else meta)
 
 
 def positive(default: Any) -> Any:
@@ -356,7 +359,8 @@ def _problem(value: Any, meta: Any) -> str | None:
         below = low is not None and (value <= low if open_low else value < low)
         above = high is not None and (value >= high if open_high else value > high)
         if below or above:
-            return f"must be {_bounds_text(meta['range'])}"
+            why = f" ({meta['why']})" if "why" in meta else ""
+            return f"must be {_bounds_text(meta['range'])}{why}"
     return None
 
 

@@ -275,3 +275,13 @@ def test_a_boolean_takes_true_false_and_0_1_as_before(override: str, value: bool
     cfg = C.load_config(C.FitConfig, [], [override])
     key = override.split("=")[0]
     assert (cfg.overwrite if key == "overwrite" else cfg.data.standardize) is value
+
+
+def test_a_tile_size_no_encoder_could_take_is_refused_saying_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "tiles"
+    err = one_line_error(capsys, "tile", f"output_dir={out}", "tiling.tile_size=100000")
+    assert "tiling.tile_size=100000 must be in [8, 4096]" in err and "tiling.mpp" in err
+    assert C.load_config(C.TileConfig, [], ["tiling.tile_size=4096"]).tiling.tile_size == 4096
+    assert not out.exists()
