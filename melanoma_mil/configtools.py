@@ -21,8 +21,8 @@ from omegaconf.errors import (
     InterpolationResolutionError,
     OmegaConfBaseException,
 )
-from omegaconf.nodes import BooleanNode
 
+from melanoma_mil.configvalues import layer_items, refuse_loose_bool, refuse_unset_text
 from melanoma_mil.errors import UserError
 
 T = TypeVar("T")
@@ -93,16 +93,10 @@ def _unknown_key_error(schema: DictConfig, key: str, source: str) -> UserError:
     return UserError(f"unknown config key '{key}' in {source}.{hint}")
 
 
-def _items(layer: DictConfig | Any) -> list[tuple[Any, Any]]:
-    """The top-level entries of a config layer, as plain values."""
-    plain = OmegaConf.to_container(layer) if OmegaConf.is_config(layer) else layer
-    return list(plain.items()) if isinstance(plain, dict) else []
-
-
 def _clash(base: Any, layer: Any, prefix: str = "") -> tuple[str, str, str] | None:
     """(key, given, wanted) of the first list given where the schema has a mapping, or the
     reverse: OmegaConf's merge fails on it with a bare TypeError naming no key."""
-    for k, v in _items(layer):
+    for k, v in layer_items(layer):
         node = base._get_node(k) if k in base else None
         if isinstance(node, DictConfig) and isinstance(v, list):
             return f"{prefix}{k}", "a list", "a mapping ({key: value})"
@@ -114,28 +108,8 @@ def _clash(base: Any, layer: Any, prefix: str = "") -> tuple[str, str, str] | No
     return None
 
 
-def _loose_bool(base: Any, layer: Any, prefix: str = "") -> tuple[str, Any] | None:
-    """(key, value) of the first boolean key given a number other than 0 or 1 (as a number or
-    text): OmegaConf takes any non-zero integer as true, and overwrite=2 is more likely a slip."""
-    for k, v in _items(layer):
-        node = base._get_node(k) if isinstance(base, DictConfig) and k in base else None
-        if isinstance(node, BooleanNode) and not isinstance(v, bool):
-            text = str(v).strip()
-            if re.fullmatch(r"[+-]?\d+", text) and text not in ("0", "1"):
-                return f"{prefix}{k}", v
-        found = _loose_bool(node, v, f"{prefix}{k}.") if isinstance(node, DictConfig) else None
-        if found:
-            return found
-    return None
-
-
 def _merge(base: DictConfig, layer: DictConfig | Any, source: str) -> DictConfig:
-    loose = _loose_bool(base, layer)
-    if loose:
-        raise UserError(
-            f"bad value for '{loose[0]}' in {source}: {loose[1]!r} is not a boolean; give true or "
-            "false (or 1 / 0)."
-        )
+    refuse_loose_bool(base, layer, source)
     try:
         return OmegaConf.merge(base, layer)  # type: ignore[return-value]
     except TypeError:
@@ -157,7 +131,7 @@ def _merge(base: DictConfig, layer: DictConfig | Any, source: str) -> DictConfig
             name = next(
                 (
                     str(k)
-                    for k, v in _items(layer)
+                    for k, v in layer_items(layer)
                     if k in base and OmegaConf.is_dict(base[k]) and not isinstance(v, dict)
                 ),
                 "a section",
@@ -196,6 +170,8 @@ def load_config(
     sources: dict[str, str] = {}  # key -> the file or override that set it last, for errors
     for file in files or []:
         layer = _file_layer(file, recorded)
+        if not recorded:  # a run's config.yaml is read as it was written
+            refuse_unset_text(cfg, layer, f"config file '{file}'")
         cfg = _merge(cfg, layer, f"config file '{file}'")
         sources.update(dict.fromkeys(_all_keys(layer), f"config file '{file}'"))
     cfg = merge_overrides(cfg, dotlist or [], sources)
@@ -288,6 +264,7 @@ def merge_overrides(
             layer = OmegaConf.create(_text_keys(OmegaConf.to_container(layer)))  # as in YAML
         except OmegaConfBaseException as e:
             raise UserError(f"cannot parse {what} '{item}': {e}") from None
+        refuse_unset_text(cfg, layer, f"{what} '{key}'")
         cfg = _merge(cfg, layer, f"{what} '{key}'")
         if sources is not None:
             sources[key] = f"{what} '{item}'"

@@ -285,3 +285,27 @@ def test_a_tile_size_no_encoder_could_take_is_refused_saying_why(
     assert "tiling.tile_size=100000 must be in [8, 4096]" in err and "tiling.mpp" in err
     assert C.load_config(C.TileConfig, [], ["tiling.tile_size=4096"]).tiling.tile_size == 4096
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "override", ["output_dir=None", "output_dir=null", "data.label_column=None", "logger=None"]
+)
+def test_a_text_key_that_cannot_be_unset_refuses_none(
+    override: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """None was taken as the text 'None' (output_dir=None wrote the run into ./None)."""
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(capsys, "fit", override)
+    assert f"'{override.split('=')[0]}'" in err and "cannot be unset" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_none_unsets_an_optional_text_key_and_a_config_file_none_is_refused(tmp_path: Path):
+    cfg = C.load_config(C.FitConfig, [], ["experiment=x", "experiment=None", "wandb.mode=None"])
+    assert cfg.experiment is None and cfg.wandb.mode is None
+    (tmp_path / "c.yaml").write_text("data:\n  label_column: None\n")
+    with pytest.raises(UserError, match="'data.label_column' in config file .*cannot be unset"):
+        C.load_config(C.FitConfig, [str(tmp_path / "c.yaml")])
