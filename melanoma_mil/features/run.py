@@ -41,6 +41,7 @@ from melanoma_mil.features.data import (
     given_slides,
     plan_jobs,
 )
+from melanoma_mil.features.folder import folder_precision
 from melanoma_mil.features.pipeline import Engine, Writer, failure
 from melanoma_mil.features.queue import SlideQueue, SlideWork, write_record
 from melanoma_mil.io import h5_bytes, write_bytes
@@ -262,6 +263,10 @@ def run_extract(cfg: ExtractConfig) -> int:
     }
     refuse_linked(cfg.output_dir, "extract", sorted(keys))  # the cache folders it writes
     claim_shared(cfg.output_dir, "extract")
+    folders = [run.out_root / key for key in sorted(keys)]
+    run.precision = precision = folder_precision(
+        folders, cfg.precision, precision, cfg.overwrite, device
+    )
     tile = max((g.tile_size for g in grids if isinstance(g, TileGrid)), default=224)
     if encoder.low_precision_weights(precision, tile):
         log.info("extract: %s matmul weights stored in %s", encoder.name, precision)

@@ -15,6 +15,7 @@ from melanoma_mil.config import ExtractConfig, HeatmapConfig, TileConfig, Tiling
 from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.cache import settings_mismatch
+from melanoma_mil.features.folder import PRECISION_FILE, read_json
 from melanoma_mil.ids import id_path
 from melanoma_mil.inference.inputs import (
     SlideInput,
@@ -88,6 +89,21 @@ def _stored_otherwise(path: Path, precision: str, dtype: str) -> bool:
     return settings_mismatch(attrs, stored, asked) is not None
 
 
+def _other_precision(cache: Path, precision: str, dtype: str) -> list[str]:
+    """Every slide's features in ``cache`` made at another precision than the one asked, and
+    the folder's precision record with them: extract keeps one precision per folder
+    (`features.folder`), so in this command's own cache a new one rebuilds it all."""
+    record = cache / PRECISION_FILE
+    had = read_json(record).get("precision")
+    if precision == "auto" or had in (None, precision):
+        return []
+    bags = [p for p in sorted(cache.glob("[!.]*.h5")) if _stored_otherwise(p, precision, dtype)]
+    for p in bags:
+        p.unlink(missing_ok=True)
+    record.unlink(missing_ok=True)
+    return [p.stem for p in bags]
+
+
 def clear_stale(
     work: Path,
     slides: dict[str, Path],
@@ -104,7 +120,7 @@ def clear_stale(
 
     wanted = resolved_tiling(tiling)
     caches = [c for c in (work / "features").glob("*") if c.is_dir()]
-    cleared = []
+    cleared = [sid for c in caches for sid in _other_precision(c, *settings)]
     for sid, slide in slides.items():
         coords = id_path(work / "tiles" / "coords", sid, ".h5")
         feats = [p for c in caches if (p := id_path(c, sid, ".h5")).is_file()]

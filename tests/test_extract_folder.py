@@ -1,0 +1,53 @@
+"""What a cache folder records for all its bags: the precision every `extract` process on it
+uses, and the overwrite=true rebuild that processes started at different times share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+from conftest import make_cohort
+from test_extract_cache import _cfg, _table
+
+from melanoma_mil.encoders import build_encoder, resolve_precision
+from melanoma_mil.errors import UserError
+from melanoma_mil.features.run import run_extract
+
+
+def _precisions(out: Path) -> dict[str, str]:
+    found = {}
+    for bag in sorted(out.glob("*/*.h5")):
+        with h5py.File(bag, "r") as f:
+            found[bag.stem] = str(f.attrs["precision"])
+    return found
+
+
+def test_auto_workers_adopt_the_precision_the_folder_was_started_at(tmp_path: Path) -> None:
+    tiles = make_cohort(tmp_path, 2)
+    later = tmp_path / "slide1.h5"
+    (tiles / "coords" / "slide1.h5").rename(later)  # the first worker sees slide0 only
+    enc = build_encoder(_cfg(tiles, tmp_path).encoder, device=torch.device("cpu"))
+    here = resolve_precision("auto", enc.spec, torch.device("cpu"))
+    other = "fp32" if here == "bf16" else "bf16"  # what another machine's auto resolves to
+    out = tmp_path / "features"
+    assert run_extract(_cfg(tiles, out, precision=other)) == 0
+
+    later.rename(tiles / "coords" / "slide1.h5")
+    assert run_extract(_cfg(tiles, out)) == 0  # precision=auto, on a machine preferring `here`
+    assert _precisions(out) == {"slide0": other, "slide1": other}
+    assert _table(out).loc["slide0", "status"] == "skipped"
+
+    with pytest.raises(UserError, match=rf"precision={other}.*precision={here} asked"):
+        run_extract(_cfg(tiles, out, precision=here))
+    assert _precisions(out) == {"slide0": other, "slide1": other}
+
+    (next(out.glob("*/.precision.json"))).unlink()  # a folder made before the record existed
+    assert run_extract(_cfg(tiles, out)) == 0  # recorded again from its bags
+    assert _precisions(out) == {"slide0": other, "slide1": other}
+
+    assert run_extract(_cfg(tiles, out, precision=here, overwrite=True)) == 0  # the fix it names
+    assert _precisions(out) == {"slide0": here, "slide1": here}
+    assert run_extract(_cfg(tiles, out)) == 0
+    assert _table(out).loc["slide1", "status"] == "skipped"
