@@ -51,3 +51,26 @@ def test_auto_workers_adopt_the_precision_the_folder_was_started_at(tmp_path: Pa
     assert _precisions(out) == {"slide0": here, "slide1": here}
     assert run_extract(_cfg(tiles, out)) == 0
     assert _table(out).loc["slide1", "status"] == "skipped"
+
+
+def test_a_later_overwrite_worker_keeps_the_bags_rebuilt_in_the_same_overwrite(
+    tmp_path: Path,
+) -> None:
+    tiles = make_cohort(tmp_path, 2)
+    out = tmp_path / "features"
+    assert run_extract(_cfg(tiles, out)) == 0
+    slide1, aside = tmp_path / "slides" / "slide1.tif", tmp_path / "slide1.tif"
+    slide1.rename(aside)  # the first overwrite worker rebuilds slide0, then stops short
+    assert run_extract(_cfg(tiles, out, overwrite=True)) == 1
+    (bag0,) = out.glob("*/slide0.h5")
+    stamp = bag0.stat().st_mtime_ns
+
+    aside.rename(slide1)
+    assert run_extract(_cfg(tiles, out, overwrite=True)) == 0  # a worker started later joins
+    table = _table(out)
+    assert table.loc["slide0", "status"] == "done" and table.loc["slide1", "status"] == "ok"
+    assert bag0.stat().st_mtime_ns == stamp
+    assert not list(out.glob("*/.overwrite.json"))  # every slide rebuilt: that overwrite ended
+
+    assert run_extract(_cfg(tiles, out, overwrite=True)) == 0  # so this one starts a new one
+    assert set(_table(out)["status"]) == {"ok"} and bag0.stat().st_mtime_ns != stamp

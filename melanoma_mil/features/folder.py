@@ -7,13 +7,24 @@ encoder comparison would compare precisions too. So a folder's bags share one pr
 first process to write into the folder records the one it uses (a folder made before the record
 existed: that of a bag already in it); a later precision=auto process adopts it whatever its own
 hardware prefers, and an explicitly asked other precision is refused before any work
-(overwrite=true with an explicit precision records that one instead: it rebuilds every bag).
+(overwrite=true records its own instead: it rebuilds every bag).
+
+Overwrite (``<cache>/.overwrite.json``): overwrite=true rebuilds every bag once, however many
+processes share it and whenever each starts. The first overwrite process records a rebuild (id,
+start time, precision); one started with overwrite=true while that rebuild is unfinished joins
+it, keeping the bags written since it began and taking its precision. The rebuild ends when a
+process finishes with every slide of its cohort done (exit 0); the next overwrite=true starts a
+new one. Deleting the file starts a new one at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import secrets
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -30,6 +41,7 @@ from melanoma_mil.workshare import create_new, describe, me
 log = logging.getLogger(__name__)
 
 PRECISION_FILE = ".precision.json"
+OVERWRITE_FILE = ".overwrite.json"
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -53,33 +65,55 @@ def _bag_precision(folder: Path) -> str | None:
     return None
 
 
-def _record(folder: Path, precision: str, replace: bool) -> dict[str, Any]:
+def _record(folder: Path, precision: str, overwrite: bool) -> dict[str, Any]:
     """The folder's recorded precision, recording ``precision`` if none is (the first process
-    wins), or in its place (``replace``: overwrite=true with an explicit precision)."""
-    path = folder / PRECISION_FILE
+    wins); with ``overwrite``, the unfinished rebuild's, or a new rebuild's at ``precision``."""
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"precision": precision, "by": describe(me())}
-    if replace:
-        write_json(path, record)
-        return record
-    if not path.exists():  # the first process, or a folder made before the record existed
+    path = folder / (OVERWRITE_FILE if overwrite else PRECISION_FILE)
+    record = {"precision": precision, "by": describe(me()), "started": time.time()}
+    if overwrite:
+        record["id"] = secrets.token_hex(4)
+    elif not path.exists():  # the first process, or a folder made before the record existed
         record["precision"] = _bag_precision(folder) or precision
     if path.exists() or not create_new(path, json.dumps(record)):  # a peer's record wins
         record = read_json(path)
+    elif overwrite:
+        write_json(folder / PRECISION_FILE, record)  # what the bags will all be made at
+        log.info("extract: overwrite %s of '%s' started: processes started with "
+                 "overwrite=true before it ends join it", record["id"], folder)  # fmt: skip
     if not isinstance(record.get("precision"), str):
         raise UserError(f"'{path}' is unreadable; delete it (it is recorded again from the bags).")
+    if overwrite and record.get("by") != describe(me()):
+        log.info("extract: joining overwrite %s of '%s' (%s): bags it rebuilt are kept",
+                 record.get("id"), folder, record["by"])  # fmt: skip
     return record
+
+
+def end_rebuild(folder: Path, started: float) -> None:
+    """End the folder's rebuild (this process's cohort is all done): the next overwrite=true
+    starts afresh. A rebuild started by another since is put back."""
+    path = folder / OVERWRITE_FILE
+    aside = folder / f".overwrite-ended-{secrets.token_hex(4)}.json"
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return
+    if read_json(aside).get("started") != started:
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)
+    aside.unlink(missing_ok=True)
 
 
 def folder_precision(
     folders: Iterable[Path], asked: str, resolved: str, overwrite: bool, device: torch.device
-) -> str:
+) -> tuple[str, dict[str, float]]:
     """The precision this process extracts at: its folders' (``asked``: the config's, auto or
-    explicit; ``resolved``: what auto gives on this machine). An explicit precision other than a
-    folder's, folders that disagree, or a GPU that cannot run the folder's are refused."""
+    explicit; ``resolved``: what auto gives on this machine), and with ``overwrite`` when each
+    folder's rebuild started (by folder name). An explicit precision other than a folder's,
+    folders that disagree, or a GPU that cannot run the folder's are refused."""
     wanted = resolved if asked == "auto" else asked
-    replace = overwrite and asked != "auto"
-    records = {folder: _record(folder, wanted, replace) for folder in folders}
+    records = {folder: _record(folder, wanted, overwrite) for folder in folders}
+    started = {f.name: float(r["started"]) for f, r in records.items() if overwrite}
     had = {str(r["precision"]) for r in records.values()}
     if len(had) > 1:
         raise UserError(
@@ -87,19 +121,22 @@ def folder_precision(
             f"{', '.join(map(str, records))}; extract them with separate output_dirs."
         )
     if not had:
-        return wanted
+        return wanted, started
     (precision,) = had
     folder, record = next(iter(records.items()))
     where = f"'{folder}' holds features extracted at precision={precision} ({record.get('by')})"
     if asked not in ("auto", precision):
         raise UserError(
-            f"{where}, not the precision={asked} asked; use precision=auto, another output_dir, "
-            f"or overwrite=true to rebuild every bag at precision={asked}."
+            f"{where}, not the precision={asked} asked; use precision=auto or another output_dir"
+            f" (or, once the folder's overwrite ends, overwrite=true to rebuild at {asked})."
+            if overwrite
+            else f"{where}, not the precision={asked} asked; use precision=auto, another "
+            f"output_dir, or overwrite=true to rebuild every bag at precision={asked}."
         )
     if precision != resolved:
         _check_runs(precision, device, where)
         log.info("extract: %s; extracting at it (auto here would be %s)", where, resolved)
-    return precision
+    return precision, started
 
 
 def _check_runs(precision: str, device: torch.device, where: str) -> None:

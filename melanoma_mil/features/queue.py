@@ -5,8 +5,9 @@ Slides are taken largest first (most tiles), each process claiming the next one 
 about one small slide of each other. A finished slide leaves a status record
 (``<cache>/.status/<id>.json``: ok or failed, tiles, seconds, reader, by whom), from which every
 process reports the whole cohort; a failure recorded by a peer after this process started is
-not retried in this run (a later run retries it). When only slides held by live processes are
-left, a process waits for them, and takes over any whose process dies.
+not retried in this run (a later run retries it); with overwrite=true, a bag written since the
+folder's rebuild began (`features.folder`) is kept, whoever wrote it. When only slides held
+by live processes are left, a process waits for them, and takes over any whose process dies.
 """
 
 from __future__ import annotations
@@ -94,12 +95,13 @@ class SlideQueue:
         out_root: Path,
         provenance: dict[str, Any],
         attrs_for: Callable[[TileGrid, str], dict[str, Any]],
-        overwrite: bool,
+        rebuilds: dict[str, float],
         stale_after: float,
     ) -> None:
         self.jobs, self.grids, self.out_root = jobs, grids, out_root
         self.provenance, self.attrs_for = provenance, attrs_for
-        self.overwrite, self.stale_after = overwrite, stale_after
+        # overwrite=true: when each cache folder's rebuild started (`features.folder`)
+        self.rebuilds, self.stale_after = rebuilds, stale_after
         self.since = time.time()
         self.rows: dict[str, dict[str, Any]] = {}
         self.passed = 0  # tiles of the slides settled without this process encoding them
@@ -222,10 +224,12 @@ class SlideQueue:
         before, or a peer's), a bag we must not touch, or a failure a peer had in this run."""
         key = attrs["cache_key"]
         record = read_record(out)
-        recent = float(record.get("finished", 0)) >= self.since
-        if out.exists() and (not self.overwrite or recent):
+        finished = float(record.get("finished", 0))
+        recent = finished >= self.since
+        fresh = finished >= self.rebuilds.get(key, self.since)  # made in this run or rebuild
+        if out.exists() and (not self.rebuilds or fresh):
             bad = check_cached(out, attrs, grid.coords)
-            if bad is None and recent:
+            if bad is None and fresh:
                 stats = {k: record.get(k) for k in ("seconds", "tiles_per_s", "reader")}
                 by = record.get("by", "another process")
                 self.row(i, "done", f"by {by}", cache_key=key, **stats)

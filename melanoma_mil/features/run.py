@@ -41,7 +41,7 @@ from melanoma_mil.features.data import (
     given_slides,
     plan_jobs,
 )
-from melanoma_mil.features.folder import folder_precision
+from melanoma_mil.features.folder import end_rebuild, folder_precision
 from melanoma_mil.features.pipeline import Engine, Writer, failure
 from melanoma_mil.features.queue import SlideQueue, SlideWork, write_record
 from melanoma_mil.io import h5_bytes, write_bytes
@@ -264,9 +264,8 @@ def run_extract(cfg: ExtractConfig) -> int:
     refuse_linked(cfg.output_dir, "extract", sorted(keys))  # the cache folders it writes
     claim_shared(cfg.output_dir, "extract")
     folders = [run.out_root / key for key in sorted(keys)]
-    run.precision = precision = folder_precision(
-        folders, cfg.precision, precision, cfg.overwrite, device
-    )
+    precision, rebuilds = folder_precision(folders, cfg.precision, precision, cfg.overwrite, device)
+    run.precision = precision
     tile = max((g.tile_size for g in grids if isinstance(g, TileGrid)), default=224)
     if encoder.low_precision_weights(precision, tile):
         log.info("extract: %s matmul weights stored in %s", encoder.name, precision)
@@ -274,7 +273,7 @@ def run_extract(cfg: ExtractConfig) -> int:
     read = max((g.read_size for g in grids if isinstance(g, TileGrid)), default=tile)
     plan = choose_workers(cfg, device, placement.largest_item(batch, read * read * 3))
     workers = plan.workers
-    queue = SlideQueue(jobs, grids, run.out_root, run.identity_source, run.attrs, cfg.overwrite,
+    queue = SlideQueue(jobs, grids, run.out_root, run.identity_source, run.attrs, rebuilds,
                        cfg.stale_after_s)  # fmt: skip
     log.info(
         "extract: %d slides, encoder %s on %s (%s), batch %d, %s", len(jobs), encoder.name,
@@ -307,7 +306,10 @@ def run_extract(cfg: ExtractConfig) -> int:
         if processes is not None:
             processes.close()
     queue.tidy(DONE)
-    return _report(run, queue, jobs, untiled)
+    code = _report(run, queue, jobs, untiled)
+    for key, started in rebuilds.items() if code == 0 else ():  # every slide rebuilt
+        end_rebuild(run.out_root / key, started)
+    return code
 
 
 def _report(run: Run, queue: SlideQueue, jobs: list[Any], untiled: dict[str, Path]) -> int:
