@@ -131,23 +131,6 @@ def _place(draft: Path, path: Path) -> None:
 DRAFT = ".claiming"  # suffix of the hidden draft a claim is written to before it is linked
 
 
-def create_new(path: Path, text: str) -> bool:
-    """Create ``path`` holding ``text`` unless it exists (False then): whole at once, so of
-    processes racing to create it exactly one wins and the others read what it wrote."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=DRAFT, dir=path.parent)
-    draft = Path(name)
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(text)
-        _place(draft, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        draft.unlink(missing_ok=True)
-
-
 def _stale(owner: Mapping[str, Any], age: float | None, stale_after: float) -> bool:
     """No file (age None), a provably gone owner, or no heartbeat for ``stale_after``."""
     return age is None or owner_gone(owner) is True or age > stale_after

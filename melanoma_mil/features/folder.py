@@ -35,8 +35,9 @@ import torch
 from melanoma_mil.encoders.build import cpu_has_bf16
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import plain
+from melanoma_mil.fsutil import create_once
 from melanoma_mil.io import write_json
-from melanoma_mil.workshare import create_new, describe, me
+from melanoma_mil.workshare import describe, me
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def _record(folder: Path, precision: str, overwrite: bool) -> dict[str, Any]:
         record["id"] = secrets.token_hex(4)
     elif not path.exists():  # the first process, or a folder made before the record existed
         record["precision"] = _bag_precision(folder) or precision
-    if path.exists() or not create_new(path, json.dumps(record)):  # a peer's record wins
+    if path.exists() or not create_once(path, json.dumps(record).encode()):  # a peer's record wins
         record = read_json(path)
     elif overwrite:
         write_json(folder / PRECISION_FILE, record)  # what the bags will all be made at
@@ -84,8 +85,10 @@ def _record(folder: Path, precision: str, overwrite: bool) -> dict[str, Any]:
     if not isinstance(record.get("precision"), str):
         raise UserError(f"'{path}' is unreadable; delete it (it is recorded again from the bags).")
     if overwrite and record.get("by") != describe(me()):
-        log.info("extract: joining overwrite %s of '%s' (%s): bags it rebuilt are kept",
-                 record.get("id"), folder, record["by"])  # fmt: skip
+        hours = (time.time() - float(record.get("started", time.time()))) / 3600
+        log.info("extract: joining overwrite %s of '%s' (%s, %.1f h ago, not yet ended: a slide "
+                 "is left to rebuild): the bags it rebuilt are kept; delete %s to rebuild them "
+                 "all again", record.get("id"), folder, record["by"], hours, path)  # fmt: skip
     return record
 
 
