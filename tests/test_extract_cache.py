@@ -160,6 +160,26 @@ def test_features_that_overflow_fail_the_slide_with_the_fix(tmp_path: Path) -> N
         assert np.isfinite(f["features"][:]).all() and np.abs(f["features"][:]).max() > 65504
 
 
+def test_features_that_overflow_only_the_stored_dtype_ask_for_dtype_not_precision(
+    tmp_path: Path,
+) -> None:
+    """bf16 (auto's choice on GPUs) computes 1e6 fine; only float16 storage overflows, so the
+    fix is dtype=float32: precision=fp32 would fail the same way."""
+    encoder = build_encoder(EncoderConfig(name="resnet18_imagenet", pretrained=False))
+    state = encoder.module.state_dict()
+    (last,) = [k for k in state if k.endswith("layer4.1.bn2.bias")]
+    state[last] = torch.full_like(state[last], 1e6)
+    weights = tmp_path / "loud.pt"
+    torch.save(state, weights)
+    tiles = make_cohort(tmp_path, 1)
+    loud = EncoderConfig(name="resnet18_imagenet", weights=str(weights))
+    out = tmp_path / "features"
+    assert run_extract(_cfg(tiles, out, encoder=loud, precision="bf16")) == 1
+    reason = _table(out).loc["slide0", "reason"]
+    assert "non-finite" in reason and "dtype=float32" in reason
+    assert "precision=fp32" not in reason
+
+
 def test_a_slide_too_large_for_memory_fails_alone(tmp_path: Path) -> None:
     """Its features are assembled in memory before the write: a slide that cannot get that
     memory fails with the reason, and the cohort's other slides are encoded."""

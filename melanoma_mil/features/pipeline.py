@@ -119,6 +119,7 @@ class Writer:
             if not work.error:
                 assert work.feats is not None
                 arr = host.numpy()
+                work.computed_non_finite |= not np.isfinite(arr).all()
                 work.feats[work.filled : work.filled + len(arr)] = arr
                 work.filled += len(arr)
         except Exception as e:  # the slide fails at its end, the run goes on

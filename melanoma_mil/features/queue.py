@@ -52,6 +52,8 @@ class SlideWork:
     feats: np.ndarray | None = None  # filled batch by batch, written when complete
     filled: int = 0
     error: str = ""  # set by the writer when storing a batch failed
+    # the encoder's own output had NaN / inf (else non-finite stored values overflowed dtype)
+    computed_non_finite: bool = False
     queued: bool = False  # its tile ranges are already queued on the reader processes
 
     @property

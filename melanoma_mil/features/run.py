@@ -214,14 +214,15 @@ def _non_finite(work: SlideWork) -> str:
     bad = int((~np.isfinite(work.feats)).any(axis=1).sum())
     if not bad:
         return ""
-    fix = "precision=fp32"
-    if work.attrs["precision"] == "fp32":  # the encoder's output overflows float16 storage
-        fix = "dtype=float32"
-    return (
-        f"{bad} of {work.n} tiles gave non-finite features (NaN or inf): the encoder overflowed "
-        f"at precision {work.attrs['precision']}, dtype {work.attrs['feature_dtype']}; "
-        f"re-run with {fix}"
-    )
+    precision, dtype = work.attrs["precision"], work.attrs["feature_dtype"]
+    if not work.computed_non_finite:  # finite output, beyond what the stored dtype holds
+        why, fix = f"overflowed dtype {dtype} when stored", "re-run with dtype=float32"
+    elif precision != "fp32":
+        why, fix = f"overflowed at precision {precision}", "re-run with precision=fp32"
+    else:
+        why, fix = "gave NaN or inf at precision fp32", "check encoder.weights"
+    head = f"{bad} of {work.n} tiles gave non-finite features (NaN or inf)"
+    return f"{head}: the encoder {why}; {fix}"
 
 
 def _plan(cfg: ExtractConfig) -> tuple[list[Job], list[TileGrid | str], dict[str, Path]]:
