@@ -51,15 +51,6 @@ class EncoderSpec:
     trunk: str | None = None  # "layer3": drop the ResNet's last stage (CLAM's truncated net)
     ignore_keys: tuple[str, ...] = HEAD_KEYS  # checkpoint keys that may go unused
 
-    def transform_dict(self) -> dict[str, Any]:
-        return {
-            "resize": self.resize,
-            "crop": self.crop,
-            "interpolation": self.interpolation,
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
-
 
 def _cnn(name: str, arch: str, dim: int, **kw: Any) -> EncoderSpec:
     kw.setdefault("mean", IMAGENET_MEAN)
