@@ -316,7 +316,8 @@ class ExtractConfig:
     slide is taken over; every process ends with the whole cohort's table, extract.csv, and
     exits 0 only when every slide is done). encoder.name: resnet50_trunc
     (CLAM), resnet18_imagenet, vit_s16_imagenet, ciga_simclr_resnet18, retccl_resnet50,
-    lunit_dino_vits16, uni, uni2_h, h_optimus_0, virchow2, phikon, gigapath, or timm:<model>.
+    lunit_dino_vits16, uni, uni2_h, h_optimus_0, virchow2, virchow2_concat, phikon, gigapath,
+    or timm:<model>.
     """
 
     slides_dir: str | None = None  # default: each coords file's recorded slide_path

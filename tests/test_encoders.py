@@ -21,7 +21,7 @@ from melanoma_mil.encoders import (
     get_spec,
     warn_if_random,
 )
-from melanoma_mil.encoders.build import load_trunk
+from melanoma_mil.encoders.build import _pooled, load_trunk
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import sha256_file
 
@@ -255,6 +255,29 @@ def test_a_virchow2_checkpoint_loads_before_its_class_token_wrapper() -> None:
     assert prefix == ""
     out = model(torch.empty(1, 3, 224, 224, device="meta"))
     assert tuple(out.shape) == (1, spec.dim)
+
+
+def test_virchow2_concat_joins_the_class_token_and_the_mean_patch_token() -> None:
+    """The card's 2560-d embedding, register tokens left out of the mean; checked on the meta
+    device at full size and with numbers on a small ViT of the same layout."""
+    spec = get_spec("virchow2_concat")
+    with torch.device("meta"):
+        hub_layout = timm.create_model(spec.arch, **spec.kwargs).state_dict()
+        trunk = timm.create_model(spec.arch, **spec.kwargs)
+    model, _ = load_trunk(spec, trunk, hub_layout, Path("virchow2.bin"))
+    assert tuple(model(torch.empty(1, 3, 224, 224, device="meta")).shape) == (1, 2560)
+
+    small = {**spec.kwargs, "img_size": 32, "embed_dim": 16, "depth": 1, "num_heads": 2,
+             "mlp_ratio": 4}  # fmt: skip
+    vit = timm.create_model("vit_tiny_patch16_224", patch_size=8, **small).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = vit(x)  # [2, 1 class + 4 register + 16 patch tokens, 16]
+        out = _pooled(vit, spec)(x)
+    assert tokens.shape[1] == 21
+    want = torch.cat([tokens[:, 0], tokens[:, 5:].mean(dim=1)], dim=-1)
+    assert torch.equal(out, want)
+    assert torch.equal(_pooled(vit, get_spec("virchow2"))(x), tokens[:, 0])
 
 
 def test_a_timm_model_with_a_pre_logits_layer_records_its_output_width() -> None:

@@ -96,14 +96,20 @@ class TileTransform:
 
 
 class _ClsToken(nn.Module):
-    """Class token of a ViT that returns its whole token sequence (Virchow2: global_pool='')."""
+    """Class token of a ViT that returns its whole token sequence (Virchow2: global_pool=''),
+    with ``patch_mean`` joined by the mean of its patch tokens (register tokens left out)."""
 
-    def __init__(self, vit: nn.Module) -> None:
+    def __init__(self, vit: nn.Module, patch_mean: bool = False) -> None:
         super().__init__()
         self.vit = vit
+        self.patch_mean = patch_mean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vit(x)[:, 0]
+        tokens = self.vit(x)
+        if not self.patch_mean:
+            return tokens[:, 0]
+        patches = tokens[:, int(getattr(self.vit, "num_prefix_tokens", 1)) :]
+        return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)
 
 
 @dataclass
@@ -212,8 +218,8 @@ def _trunk(model: nn.Module, spec: EncoderSpec) -> nn.Module:
 
 def _pooled(model: nn.Module, spec: EncoderSpec) -> nn.Module:
     """Add the pooling wrapper after any load: it renames keys, so weights go in before it."""
-    if spec.pooling == "cls" and spec.kwargs.get("global_pool") == "":
-        return _ClsToken(model)
+    if spec.pooling in ("cls", "cls_mean") and spec.kwargs.get("global_pool") == "":
+        return _ClsToken(model, patch_mean=spec.pooling == "cls_mean")
     return model
 
 

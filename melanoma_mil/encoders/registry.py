@@ -45,7 +45,7 @@ class EncoderSpec:
     resize: int | None = None  # None: the tile at its own size (CNNs); else square side
     crop: int | None = None  # center crop after resize
     interpolation: str = "bilinear"
-    pooling: str = "avg"  # avg (global average) | cls (class token)
+    pooling: str = "avg"  # avg (global average) | cls (class token) | cls_mean (CLS + patch mean)
     precision: str = "bf16"  # preferred autocast dtype on accelerators: bf16 | fp16 | fp32
     gated: bool = False  # hub access needs an approved account + HF token
     trunk: str | None = None  # "layer3": drop the ResNet's last stage (CLAM's truncated net)
@@ -65,6 +65,36 @@ def _vit(name: str, arch: str, dim: int, **kw: Any) -> EncoderSpec:
     kw.setdefault("resize", 224)
     kw.setdefault("pooling", "cls")
     return EncoderSpec(name=name, arch=arch, dim=dim, **kw)
+
+
+def _virchow2(name: str, dim: int, pooling: str, which: str) -> EncoderSpec:
+    """Virchow2, whose card embeds a tile as its CLS token joined with its patch tokens' mean
+    (register tokens left out); CLS alone is the card's lighter option."""
+    return _vit(
+        name,
+        "vit_huge_patch14_224",
+        dim,
+        kwargs={
+            "img_size": 224,
+            "init_values": 1e-5,
+            "num_classes": 0,
+            "mlp_ratio": 5.3375,
+            "reg_tokens": 4,
+            "global_pool": "",
+            "dynamic_img_size": True,
+            "mlp_layer": SwiGLUPacked,
+            "act_layer": torch.nn.SiLU,
+        },
+        pooling=pooling,
+        interpolation="bicubic",
+        crop=224,
+        precision="fp16",
+        hub="hf-hub:paige-ai/Virchow2",
+        gated=True,
+        license=_NC_ND,
+        citation="Zimmermann E et al. Virchow2: scaling self-supervised mixed magnification "
+        f"models in pathology. arXiv:2408.00738, 2024. ({which})",
+    )
 
 
 _UNI_CITE = (
@@ -203,29 +233,12 @@ REGISTRY: dict[str, EncoderSpec] = {
             citation="Saillard C et al. H-optimus-0. Bioptimus, 2024. "
             "https://github.com/bioptimus/releases",
         ),
-        _vit(
-            "virchow2",
-            "vit_huge_patch14_224",
-            1280,
-            kwargs={
-                "img_size": 224,
-                "init_values": 1e-5,
-                "num_classes": 0,
-                "mlp_ratio": 5.3375,
-                "reg_tokens": 4,
-                "global_pool": "",
-                "dynamic_img_size": True,
-                "mlp_layer": SwiGLUPacked,
-                "act_layer": torch.nn.SiLU,
-            },
-            interpolation="bicubic",
-            crop=224,
-            precision="fp16",
-            hub="hf-hub:paige-ai/Virchow2",
-            gated=True,
-            license=_NC_ND,
-            citation="Zimmermann E et al. Virchow2: scaling self-supervised mixed magnification "
-            "models in pathology. arXiv:2408.00738, 2024. (CLS token only, 1280-d)",
+        _virchow2("virchow2", 1280, "cls", "CLS token only, 1280-d"),
+        _virchow2(
+            "virchow2_concat",
+            2560,
+            "cls_mean",
+            "the model card's embedding: CLS token and mean patch token, 2560-d",
         ),
         _vit(
             "phikon",
