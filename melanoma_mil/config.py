@@ -293,6 +293,11 @@ class TileConfig:
     # a claim on a slide (<output_dir>/coords/<id>.lock) whose process is gone, or whose
     # heartbeat is older than this on another host, is taken over
     stale_after_s: float = positive(900.0)
+    # a slide still being tiled after this many seconds (a read that never returns: a dead
+    # network mount, a FIFO) has its process stopped and fails alone, so the cohort goes on;
+    # 0 or null: no limit. Only where slides are tiled in worker processes (workers > 1).
+    # Not under tiling: it shapes no coords (tiling.* settings are recorded in each coords file)
+    slide_timeout_s: float | None = bounded(3600.0, 0)
     tiling: TilingConfig = field(default_factory=TilingConfig)
 
 

@@ -18,7 +18,7 @@ import secrets
 import socket
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -264,3 +264,14 @@ class Claim:
             with contextlib.suppress(OSError):
                 self.path.unlink(missing_ok=True)
         self.held = False
+
+
+def held_by(path: Path, pids: Collection[int]) -> dict[str, Any] | None:
+    """The owner of the claim at ``path`` when one of ``pids`` on this machine holds it (a
+    caller's worker processes, whose slide the caller watches); None when the claim is not
+    theirs (none yet, or a peer's)."""
+    owner = Claim(path).read()
+    here = me()
+    if owner.get("pid") not in pids or any(owner.get(k) != here[k] for k in ("host", "machine")):
+        return None
+    return owner

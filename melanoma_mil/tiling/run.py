@@ -13,6 +13,8 @@ import dataclasses
 import json
 import logging
 import multiprocessing
+import os
+import signal
 import time
 from collections import deque
 from collections.abc import Callable
@@ -43,6 +45,7 @@ from melanoma_mil.tiling.job import Task, existing_row, slide_row, tile_one
 from melanoma_mil.tiling.qc import contact_sheet
 from melanoma_mil.tiling.slides import find_slides, read_mpp_csv
 from melanoma_mil.tiling.tissue import resolve_tissue
+from melanoma_mil.tiling.watch import Late, Watch, lock_path
 from melanoma_mil.workshare import (
     STOP_FIX,
     Claim,
@@ -102,15 +105,31 @@ def _check_settings(out: Path, slide_ids: list[str], wanted: dict[str, Any]) -> 
     )
 
 
-def _isolated(task: Task, ctx: BaseContext) -> dict[str, Any]:
+def _isolated(task: Task, ctx: BaseContext, watch: Watch) -> dict[str, Any]:
     """Tile one slide in a process of its own, so that its crash fails this slide alone."""
-    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
-        try:
-            return pool.submit(tile_one, task).result()
-        except BrokenProcessPool:
-            reason = ("its tile process died (a crash in the slide reader, or killed for "
-                      "memory): check or re-export the file")  # fmt: skip
-            return slide_row(task.slide_id, task.path, "failed", reason=reason)
+    rows: list[dict[str, Any]] = []
+    if _in_pool([task], 1, ctx, rows.append, watch)[0]:
+        reason = ("its tile process died (a crash in the slide reader, or killed for "
+                  "memory): check or re-export the file")  # fmt: skip
+        return slide_row(task.slide_id, task.path, "failed", reason=reason)
+    return rows[0]
+
+
+def _workers(pool: ProcessPoolExecutor) -> set[int]:
+    """The pids of the pool's processes (the executor has no public way to tell them)."""
+    return set(getattr(pool, "_processes", None) or ())
+
+
+def _stop_late(pool: ProcessPoolExecutor, running: dict[Future[Any], Task],
+               watch: Watch) -> list[Late]:  # fmt: skip
+    """Kill the workers of the slides past the time limit and stop waiting on those slides; the
+    pool breaks, so the others in flight come back as slides of a dead process."""
+    late = watch.check(running.values(), _workers(pool))
+    for item in late:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(item.pid, signal.SIGKILL)
+        running.pop(next(f for f, t in running.items() if t is item.task))
+    return late
 
 
 def _not_started(task: Task, why: str) -> dict[str, Any]:
@@ -123,22 +142,25 @@ def _stop(rows: list[dict[str, Any]]) -> str:
 
 
 def _in_pool(tasks: list[Task], workers: int, ctx: BaseContext,
-             done: Callable[[dict[str, Any]], None]) -> tuple[list[Task], list[Task]]:  # fmt: skip
+             done: Callable[[dict[str, Any]], None], watch: Watch,
+             ) -> tuple[list[Task], list[Task]]:  # fmt: skip
     """Tile ``tasks`` in a process pool, handing a worker its next slide only once it is free,
-    so that after a full disk no further slide is claimed. Returns the slides not tiled: (those
-    in flight when a worker died, those not yet handed out)."""
+    so that after a full disk no further slide is claimed; a slide past the time limit fails
+    (its worker killed). Returns the slides not tiled: (those in flight when a worker died,
+    those not yet handed out)."""
     todo = deque(tasks)
     running: dict[Future[dict[str, Any]], Task] = {}
     unfinished: list[Task] = []
+    late: list[Late] = []
     stop = ""
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         while todo or running:
-            while todo and len(running) < workers and not stop and not unfinished:
+            while todo and len(running) < workers and not stop and not unfinished and not late:
                 task = todo.popleft()
                 running[pool.submit(tile_one, task)] = task
             if not running:
                 break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            finished, _ = wait(running, timeout=watch.every, return_when=FIRST_COMPLETED)
             for fut in finished:
                 task = running.pop(fut)
                 try:
@@ -148,10 +170,15 @@ def _in_pool(tasks: list[Task], workers: int, ctx: BaseContext,
                     continue
                 done(row)
                 stop = stop or row.get("fatal", "")
+            late += _stop_late(pool, running, watch)
+    for item in late:  # its process is gone: so is its claim
+        with contextlib.suppress(OSError):
+            Claim(lock_path(item.task), item.task.stale_after).clear_stale()
+        done(watch.timed_out(item))
     return unfinished, list(todo)
 
 
-def _pool_rows(tasks: list[Task], workers: int, bar: tqdm) -> list[dict[str, Any]]:
+def _pool_rows(tasks: list[Task], workers: int, bar: tqdm, watch: Watch) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     start, tiles = time.perf_counter(), 0
     stop = ""  # why no further slide may be claimed (a full disk)
@@ -171,20 +198,20 @@ def _pool_rows(tasks: list[Task], workers: int, bar: tqdm) -> list[dict[str, Any
 
     if workers <= 1:  # in this process, as asked
         for task in tasks:
-            done(_not_started(task, stop) if stop else tile_one(task))
+            done(_not_started(task, stop) if stop else watch.in_process(task))
         return rows
     # a pool even for one slide: a slide whose reader crashes must not take this process along
     # spawn: the parent may hold torch/OpenMP threads (demo, notebooks) that fork would break
     ctx = multiprocessing.get_context("spawn")
     while tasks and not stop:
-        broken, tasks = _in_pool(tasks, min(workers, len(tasks)), ctx, done)
+        broken, tasks = _in_pool(tasks, min(workers, len(tasks)), ctx, done, watch)
         if stop:
             tasks = [*broken, *tasks]
         elif broken:  # only these need a process each; the rest go on in a new pool
             log.warning("a tile process died: tiling the %d slide(s) in flight in a process each, "
                         "so only the slide that kills it fails", len(broken))  # fmt: skip
             with ThreadPoolExecutor(workers) as threads:
-                for row in threads.map(lambda t: _isolated(t, ctx), broken):
+                for row in threads.map(lambda t: _isolated(t, ctx, watch), broken):
                     done(row)
     for task in tasks:  # left after a full disk
         done(_not_started(task, stop))
@@ -193,11 +220,11 @@ def _pool_rows(tasks: list[Task], workers: int, bar: tqdm) -> list[dict[str, Any
 
 def _takeable(task: Task) -> bool:
     """Whether no live process holds the slide's claim now."""
-    lock = id_path(Path(task.out) / "coords", task.slide_id, ".lock")
-    return Claim(lock, task.stale_after).live_owner() is None
+    return Claim(lock_path(task), task.stale_after).live_owner() is None
 
 
-def _tile_all(tasks: list[Task], workers: int, bar: tqdm) -> tuple[list[dict[str, Any]], str]:
+def _tile_all(tasks: list[Task], workers: int, bar: tqdm,
+              watch: Watch) -> tuple[list[dict[str, Any]], str]:  # fmt: skip
     """Tile ``tasks``; slides claimed by other live processes are waited for (and taken over if
     their process dies) until none is left, or the disk is full. Returns (rows, why it
     stopped early or "")."""
@@ -207,7 +234,7 @@ def _tile_all(tasks: list[Task], workers: int, bar: tqdm) -> tuple[list[dict[str
         # a slide taken over from a process that died may be what killed it: tiled as asked
         # (in a pool with workers > 1), and a pool started only for slides free to take
         ready = tasks if first else [t for t in tasks if _takeable(t)]
-        got = _pool_rows(ready, workers, bar)
+        got = _pool_rows(ready, workers, bar, watch)
         first = False
         rows += [r for r in got if r["status"] != "claimed"]
         settled = {r["slide_id"] for r in got if r["status"] != "claimed"}
@@ -254,7 +281,8 @@ def run_tile(cfg: TileConfig, advise_default_mpp: bool = True) -> int:
         todo.append(task)
 
     with progress(total=len(slides), initial=len(rows), desc="tile", unit="slide") as bar:
-        tiled, stopped = _tile_all(todo, cfg.workers, bar)
+        watch = Watch(cfg.slide_timeout_s, cfg.stale_after_s)
+        tiled, stopped = _tile_all(todo, cfg.workers, bar, watch)
     rows += tiled
     for folder in {id_path(out / "coords", sid, ".h5").parent for sid in slides}:
         with contextlib.suppress(OSError):  # drafts of claims by processes killed while claiming

@@ -1,0 +1,101 @@
+"""The slides in flight, watched by the `tile` process that hands them out: a slide whose read
+never returns (a dead network mount, a FIFO named .svs) would otherwise hold its worker, and
+the whole run, forever without a word. A slow slide is named in the log once per
+LOG_INTERVAL_S, and past ``slide_timeout_s`` its worker is stopped so that it fails alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Collection, Iterable
+from pathlib import Path
+from typing import Any
+
+from melanoma_mil import progress
+from melanoma_mil.ids import id_path
+from melanoma_mil.tiling.job import Task, slide_row, tile_one
+from melanoma_mil.workshare import held_by
+
+log = logging.getLogger(__name__)
+
+
+def lock_path(task: Task) -> Path:
+    """The slide's claim, which its worker holds (and dates) while it tiles the slide."""
+    return id_path(Path(task.out) / "coords", task.slide_id, ".lock")
+
+
+@dataclasses.dataclass(frozen=True)
+class Late:
+    """A slide past the time limit, and the worker process tiling it."""
+
+    task: Task
+    pid: int
+    seconds: float
+
+
+class Watch:
+    """Looks at the slides in flight every ``every`` seconds (the caller's wait timeout)."""
+
+    def __init__(self, timeout_s: float | None, stale_after: float) -> None:
+        self.timeout_s = timeout_s or None
+        self.every = min(1.0, stale_after / 5)
+        self._named: dict[str, float] = {}  # slide id -> when the log last named it
+
+    def check(self, tasks: Iterable[Task], pids: Collection[int]) -> list[Late]:
+        """Name the slides of ``tasks`` that ``pids`` have been tiling for a while; return those
+        past the time limit. A slide's clock starts when its worker claims it (the claim records
+        when), not when it is queued behind a worker's start-up."""
+        late: list[Late] = []
+        now = time.time()
+        for task in tasks:
+            owner = held_by(lock_path(task), pids)
+            since = owner.get("since") if owner else None
+            if owner is None or not isinstance(since, (int, float)):
+                continue  # not started yet
+            took = now - since
+            self._name(task, took, now)
+            if self.timeout_s is not None and took > self.timeout_s:
+                late.append(Late(task, owner["pid"], took))
+        return late
+
+    def _name(self, task: Task, took: float, now: float) -> None:
+        interval = progress.LOG_INTERVAL_S
+        if took >= interval and now - self._named.get(task.slide_id, -interval) >= interval:
+            self._named[task.slide_id] = now
+            log.info("still tiling %s after %.0f s (%s)", task.slide_id, took, task.path)
+
+    def timed_out(self, late: Late) -> dict[str, Any]:
+        """The failed row of a slide whose worker was stopped at the time limit."""
+        reason = (
+            f"still being read after slide_timeout_s={self.timeout_s:g} s (a read that never "
+            "returns: a dead network mount, a FIFO, a failing disk), so its process was "
+            f"stopped; check '{late.task.path}', or raise slide_timeout_s (0: no limit)"
+        )
+        return slide_row(late.task.slide_id, late.task.path, "failed", reason=reason,
+                         seconds=late.seconds)  # fmt: skip
+
+    def in_process(self, task: Task) -> dict[str, Any]:
+        """``tile_one(task)`` in this process (workers=1), named in the log while slow; past the
+        time limit only a warning: nothing can stop a read in this very process."""
+        done = threading.Event()
+
+        def look() -> None:
+            warned = False
+            while not done.wait(self.every):
+                if self.check([task], {os.getpid()}) and not warned:
+                    warned = True
+                    log.warning("%s: still tiling after slide_timeout_s=%g s, in this process "
+                                "(workers=1), which cannot stop it; check '%s', or tile with "
+                                "workers=2 to fail it alone", task.slide_id, self.timeout_s,
+                                task.path)  # fmt: skip
+
+        thread = threading.Thread(target=look, daemon=True)
+        thread.start()
+        try:
+            return tile_one(task)
+        finally:
+            done.set()
+            thread.join()
