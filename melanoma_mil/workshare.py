@@ -275,3 +275,11 @@ def held_by(path: Path, pids: Collection[int]) -> dict[str, Any] | None:
     if owner.get("pid") not in pids or any(owner.get(k) != here[k] for k in ("host", "machine")):
         return None
     return owner
+
+
+def beat(path: Path, every: float) -> None:
+    """Refresh the heartbeat of the claim at ``path`` once it is older than ``every`` s: done by
+    the process that watches its owner, a worker busy in a slide reader that beats nothing."""
+    with contextlib.suppress(OSError):  # gone meanwhile: released, or taken over as stale
+        if time.time() - path.stat().st_mtime > every:
+            os.utime(path)

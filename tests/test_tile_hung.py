@@ -3,8 +3,12 @@ mount): it is named while slow, fails alone at tile's time limit, and the cohort
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -15,8 +19,10 @@ from melanoma_mil import progress
 from melanoma_mil.config import TileConfig, TilingConfig
 from melanoma_mil.demo.pyramid import write_pyramid
 from melanoma_mil.tiling.run import run_tile
+from melanoma_mil.workshare import Claim
 
 TILING = TilingConfig(mpp=1.0, tile_size=64)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cohort(tmp_path: Path, n: int) -> Path:
@@ -50,3 +56,45 @@ def test_a_hung_slide_fails_alone_at_the_time_limit(
     assert "slide_timeout_s=4 s" in reason and str(tmp_path / "slides" / "hung.svs") in reason
     assert "still tiling hung after" in caplog.text  # named while it was slow
     assert not (out / "coords" / "hung.lock").exists()  # its killed process's claim is cleared
+
+
+def _until(ready: object, what: str, limit_s: float = 60.0) -> None:
+    """Poll ``ready()`` (a deadline against a hang, not a measured duration)."""
+    deadline = time.monotonic() + limit_s
+    while not ready():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def _unblock(fifo: Path, tile: subprocess.Popen[bytes]) -> None:
+    """Give the FIFO's reader end-of-file (it then fails as not a slide) until tile ends."""
+    while tile.poll() is None:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError as e:  # no reader at this instant
+            assert e.errno == errno.ENXIO
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_slide_tiling_past_stale_after_keeps_its_claim(tmp_path: Path, workers: int) -> None:
+    """A claim whose heartbeat is older than stale_after_s is taken over by a peer: a slide
+    tiling for longer (a slow mount, a huge scan) was tiled twice. Its claim is now kept fresh
+    by the process waiting on it, with a worker pool (workers=2) or in-process (workers=1)."""
+    manifest, out = _cohort(tmp_path, 0), tmp_path / "tiles"
+    tile = subprocess.Popen(
+        [sys.executable, "-m", "melanoma_mil", "tile", f"manifest={manifest}",
+         f"output_dir={out}", f"workers={workers}", "stale_after_s=5", "slide_timeout_s=0"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    lock = out / "coords" / "hung.lock"
+    try:
+        _until(lock.exists, "the FIFO slide was never claimed")
+        old = time.time() - 60  # as if the last beat were long past stale_after_s
+        os.utime(lock, (old, old))
+        _until(lambda: time.time() - lock.stat().st_mtime < 5, "no heartbeat", limit_s=20)
+        assert not Claim(lock, stale_after=5).acquire()  # a peer leaves the live claim alone
+    finally:
+        _unblock(tmp_path / "slides" / "hung.svs", tile)
+    assert tile.wait() == 1

@@ -1,7 +1,9 @@
 """The slides in flight, watched by the `tile` process that hands them out: a slide whose read
 never returns (a dead network mount, a FIFO named .svs) would otherwise hold its worker, and
 the whole run, forever without a word. A slow slide is named in the log once per
-LOG_INTERVAL_S, and past ``slide_timeout_s`` its worker is stopped so that it fails alone."""
+LOG_INTERVAL_S, and past ``slide_timeout_s`` its worker is stopped so that it fails alone.
+Meanwhile its claim's heartbeat is kept (the worker, inside a reader, cannot), so a slide
+tiling for longer than ``stale_after_s`` is not taken over and tiled twice by a peer."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any
 from melanoma_mil import progress
 from melanoma_mil.ids import id_path
 from melanoma_mil.tiling.job import Task, slide_row, tile_one
-from melanoma_mil.workshare import held_by
+from melanoma_mil.workshare import beat, held_by
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +44,22 @@ class Watch:
     def __init__(self, timeout_s: float | None, stale_after: float) -> None:
         self.timeout_s = timeout_s or None
         self.every = min(1.0, stale_after / 5)
+        self.heartbeat_s = min(30.0, stale_after / 5)  # as a claim's own (workshare.Claim)
         self._named: dict[str, float] = {}  # slide id -> when the log last named it
 
     def check(self, tasks: Iterable[Task], pids: Collection[int]) -> list[Late]:
-        """Name the slides of ``tasks`` that ``pids`` have been tiling for a while; return those
-        past the time limit. A slide's clock starts when its worker claims it (the claim records
-        when), not when it is queued behind a worker's start-up."""
+        """Keep the claims of the slides of ``tasks`` that ``pids`` tile alive, name those tiling
+        for a while; return those past the time limit. A slide's clock starts when its worker
+        claims it (the claim records when), not when it is queued behind a worker's start-up."""
         late: list[Late] = []
         now = time.time()
         for task in tasks:
-            owner = held_by(lock_path(task), pids)
+            lock = lock_path(task)
+            owner = held_by(lock, pids)
             since = owner.get("since") if owner else None
             if owner is None or not isinstance(since, (int, float)):
                 continue  # not started yet
+            beat(lock, self.heartbeat_s)
             took = now - since
             self._name(task, took, now)
             if self.timeout_s is not None and took > self.timeout_s:
