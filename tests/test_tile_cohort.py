@@ -20,6 +20,7 @@ from melanoma_mil.config import TileConfig, TilingConfig, TissueConfig
 from melanoma_mil.demo.pyramid import write_pyramid
 from melanoma_mil.tiling.coords import read_coords
 from melanoma_mil.tiling.fingerprint import slide_fingerprint
+from melanoma_mil.tiling.qc import contact_sheet, write_qc
 from melanoma_mil.tiling.run import run_tile
 from melanoma_mil.workshare import me
 
@@ -129,3 +130,36 @@ def test_a_slide_smaller_than_one_tile_says_so(tmp_path: Path) -> None:
     row = pd.read_csv(tmp_path / "tiles" / "tiling.csv").iloc[0]
     assert row["status"] == "empty" and "min_tissue" not in row["reason"]  # lowering it: no use
     assert "(200x200 px) is smaller than one tile (256 level-0 px" in row["reason"]
+
+
+def test_the_contact_sheet_reuses_each_slides_cell(tmp_path: Path) -> None:
+    """A rerun's sheet decodes only new or changed QC images (each cell is kept in
+    .qc_cells), and is pixel for pixel the sheet made from every QC image again."""
+    out = tmp_path / "tiles"
+    cfg = TileConfig(slides_dir=str(_cohort(tmp_path)), output_dir=str(out), workers=1,
+                     tiling=TilingConfig(mpp=1.0, tile_size=64, default_mpp=0.5))  # fmt: skip
+    sheet = out / "qc_contact_sheet.png"
+
+    def uncached() -> np.ndarray:
+        table = pd.read_csv(out / "tiling.csv")
+        cells = [(r.slide_id, out / "qc" / f"{r.slide_id}.png", f"{r.n_tiles}")
+                 for r in table.itertuples()]  # fmt: skip
+        return np.asarray(contact_sheet(cells, tmp_path / "plain.png"))
+
+    assert run_tile(cfg) == 0
+    first = np.asarray(Image.open(sheet))
+    assert np.array_equal(first, uncached())
+    assert len(list((out / ".qc_cells").glob("*.png"))) == 4
+
+    qc = out / "qc" / "tagged.png"  # garbage of the same size and mtime: kept cell used as is
+    stat = qc.stat()
+    qc.write_bytes(b"\0" * stat.st_size)
+    os.utime(qc, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    sheet.unlink()
+    assert run_tile(cfg) == 0
+    assert np.array_equal(np.asarray(Image.open(sheet)), first)
+
+    write_qc(qc, Image.new("RGB", (300, 200), (255, 0, 0)))  # a changed QC image: made again
+    assert run_tile(cfg) == 0
+    again = np.asarray(Image.open(sheet))
+    assert np.array_equal(again, uncached()) and not np.array_equal(again, first)

@@ -6,12 +6,13 @@ are the tiles where the tissue is.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, PngImagePlugin
 from scipy import ndimage
 
 from melanoma_mil.io import atomic_path
@@ -20,6 +21,8 @@ from melanoma_mil.tiling.grid import SlideTiles
 MAX_SIDE = 2048  # px, long side of the QC image
 _HEADER = 18  # px band for the caption
 CELL_PX = 256  # contact sheet: px per slide at most
+CELLS = ".qc_cells"  # in the tile output: each slide's contact sheet cell, for the next sheet
+_KEY = "melanoma_mil.cell"  # PNG text of a kept cell: what it was made from
 
 
 def qc_image(tiles: SlideTiles, slide_id: str, max_side: int = MAX_SIDE) -> Image.Image:
@@ -63,13 +66,40 @@ def write_qc(path: str | os.PathLike[str], image: Image.Image) -> None:
         image.save(tmp, format="PNG", compress_level=3)
 
 
+def _thumb(qc: Path, cell: int, cache: Path | None) -> Image.Image:
+    """``qc`` shrunk to fit a sheet cell. Decoding the 2048 px QC PNGs is most of a sheet's time
+    (~5 min at 10k slides), so each is kept in ``cache`` (None: not kept), made again only when
+    its QC file's size or mtime, or the cell size, changed."""
+    st = qc.stat()
+    key = f"{st.st_size}:{st.st_mtime_ns}:{cell}"
+    kept = cache / qc.name if cache is not None else None
+    if kept is not None:
+        with contextlib.suppress(OSError, SyntaxError), Image.open(kept) as im:  # none, or torn
+            if im.info.get(_KEY) == key:
+                return im.convert("RGB")
+    with Image.open(qc) as im:
+        im.draft("RGB", (cell, cell))
+        thumb = im.convert("RGB")
+    thumb.thumbnail((cell - 4, cell - 4), Image.BOX)
+    if kept is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(_KEY, key)
+        with contextlib.suppress(OSError), atomic_path(kept) as tmp:  # read-only: not kept
+            thumb.save(tmp, format="PNG", pnginfo=info, compress_level=1)
+    return thumb
+
+
 def contact_sheet(
-    cells: list[tuple[str, Path | None, str]], path: Path, cell: int = CELL_PX
+    cells: list[tuple[str, Path | None, str]],
+    path: Path,
+    cell: int = CELL_PX,
+    cache: Path | None = None,
 ) -> Image.Image:
     """One picture of every slide's QC image, so a cohort's tissue masks are checked at once.
 
     ``cells``: (slide id, QC PNG or None, caption); a slide without a QC image (failed) gets a
     grey cell with its caption. Cells shrink for large cohorts so the sheet stays < ~9k px wide.
+    ``cache``: a folder where each slide's cell is kept for the next sheet.
     """
     cols = max(1, math.ceil(math.sqrt(len(cells))))
     cell = max(64, min(cell, 9000 // cols))
@@ -80,11 +110,7 @@ def contact_sheet(
     for i, (sid, qc, caption) in enumerate(cells):
         left, top = (i % cols) * cell, (i // cols) * (cell + label)
         if qc is not None and qc.is_file():
-            with Image.open(qc) as im:
-                im.draft("RGB", (cell, cell))
-                thumb = im.convert("RGB")
-            thumb.thumbnail((cell - 4, cell - 4), Image.BOX)
-            sheet.paste(thumb, (left + 2, top + label))
+            sheet.paste(_thumb(qc, cell, cache), (left + 2, top + label))
         else:
             draw.rectangle([left + 2, top + label, left + cell - 3, top + label + cell - 3],
                            fill=(200, 200, 200))  # fmt: skip

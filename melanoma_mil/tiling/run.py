@@ -42,7 +42,7 @@ from melanoma_mil.runtable import show, write
 from melanoma_mil.tiling.coords import read_tiling
 from melanoma_mil.tiling.grid import check_tiling
 from melanoma_mil.tiling.job import Task, existing_row, slide_row, tile_one
-from melanoma_mil.tiling.qc import contact_sheet
+from melanoma_mil.tiling.qc import CELLS, contact_sheet
 from melanoma_mil.tiling.slides import find_slides, read_mpp_csv
 from melanoma_mil.tiling.tissue import resolve_tissue
 from melanoma_mil.tiling.watch import Late, Watch, lock_path
@@ -312,7 +312,7 @@ def _sheet(table: pd.DataFrame, out: Path) -> None:
     ]  # fmt: skip
     path = out / "qc_contact_sheet.png"
     try:
-        contact_sheet(cells, path)
+        contact_sheet(cells, path, cache=out / CELLS)
     except OSError as e:
         log.error("could not write the contact sheet %s: %s", path, e)
         return
