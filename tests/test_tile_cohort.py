@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from melanoma_mil.config import TileConfig, TilingConfig, TissueConfig
 from melanoma_mil.demo.pyramid import write_pyramid
 from melanoma_mil.tiling.coords import read_coords
 from melanoma_mil.tiling.fingerprint import slide_fingerprint
-from melanoma_mil.tiling.qc import contact_sheet, write_qc
+from melanoma_mil.tiling.qc import CELL_PX, contact_sheet, write_qc
 from melanoma_mil.tiling.run import run_tile
 from melanoma_mil.workshare import me
 
@@ -163,3 +164,20 @@ def test_the_contact_sheet_reuses_each_slides_cell(tmp_path: Path) -> None:
     assert run_tile(cfg) == 0
     again = np.asarray(Image.open(sheet))
     assert np.array_equal(again, uncached()) and not np.array_equal(again, first)
+
+
+def test_an_unreadable_qc_image_greys_its_cell_not_the_whole_sheet(tmp_path: Path) -> None:
+    out = tmp_path / "tiles"
+    cfg = TileConfig(slides_dir=str(_cohort(tmp_path)), output_dir=str(out), workers=1,
+                     tiling=TilingConfig(mpp=1.0, tile_size=64, default_mpp=0.5))  # fmt: skip
+    assert run_tile(cfg) == 0
+    shutil.rmtree(out / ".qc_cells")
+    (out / "qc" / "tagged.png").write_bytes(b"not a png")  # torn by a full disk, say
+    (out / "qc_contact_sheet.png").unlink()
+    assert run_tile(cfg) == 0
+    sheet = np.asarray(Image.open(out / "qc_contact_sheet.png"))
+    cells = pd.read_csv(out / "tiling.csv")["slide_id"].tolist()
+    i, cols, cell, label = cells.index("tagged"), 2, CELL_PX, 12  # 4 slides: 2 x 2 cells
+    left, top = (i % cols) * cell, (i // cols) * (cell + label)
+    grey = sheet[top + label + 10 : top + label + cell - 10, left + 10 : left + cell - 10]
+    assert (grey == 200).all()

@@ -7,6 +7,7 @@ are the tiles where the tissue is.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from pathlib import Path
@@ -17,6 +18,8 @@ from scipy import ndimage
 
 from melanoma_mil.io import atomic_path
 from melanoma_mil.tiling.grid import SlideTiles
+
+log = logging.getLogger(__name__)
 
 MAX_SIDE = 2048  # px, long side of the QC image
 _HEADER = 18  # px band for the caption
@@ -89,6 +92,18 @@ def _thumb(qc: Path, cell: int, cache: Path | None) -> Image.Image:
     return thumb
 
 
+def _readable_thumb(qc: Path | None, cell: int, cache: Path | None) -> Image.Image | None:
+    """The slide's cell, or None (a grey cell) without a QC image or with one that cannot be
+    read (a torn or damaged file): one bad picture must not cost the cohort its sheet."""
+    if qc is None or not qc.is_file():
+        return None
+    try:
+        return _thumb(qc, cell, cache)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        log.warning("contact sheet: %s is unreadable (%s); its cell is left grey", qc, e)
+        return None
+
+
 def contact_sheet(
     cells: list[tuple[str, Path | None, str]],
     path: Path,
@@ -109,11 +124,13 @@ def contact_sheet(
     draw = ImageDraw.Draw(sheet)
     for i, (sid, qc, caption) in enumerate(cells):
         left, top = (i % cols) * cell, (i // cols) * (cell + label)
-        if qc is not None and qc.is_file():
-            sheet.paste(_thumb(qc, cell, cache), (left + 2, top + label))
+        thumb = _readable_thumb(qc, cell, cache)
+        if thumb is not None:
+            sheet.paste(thumb, (left + 2, top + label))
         else:
             draw.rectangle([left + 2, top + label, left + cell - 3, top + label + cell - 3],
                            fill=(200, 200, 200))  # fmt: skip
+            caption = caption if qc is None or not qc.exists() else "QC image unreadable"
         draw.text((left + 2, top), f"{sid} {caption}"[: cell // 6], fill=(0, 0, 0))
     write_qc(path, sheet)
     return sheet
