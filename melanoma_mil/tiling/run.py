@@ -208,8 +208,9 @@ def _pool_rows(tasks: list[Task], workers: int, bar: tqdm, watch: Watch) -> list
         if stop:
             tasks = [*broken, *tasks]
         elif broken:  # only these need a process each; the rest go on in a new pool
-            log.warning("a tile process died: tiling the %d slide(s) in flight in a process each, "
-                        "so only the slide that kills it fails", len(broken))  # fmt: skip
+            log.warning("a tile process died (or was stopped at slide_timeout_s): tiling the %d "
+                        "slide(s) in flight in a process each, so only the slide that kills it "
+                        "fails", len(broken))  # fmt: skip
             with ThreadPoolExecutor(workers) as threads:
                 for row in threads.map(lambda t: _isolated(t, ctx, watch), broken):
                     done(row)
