@@ -4,6 +4,7 @@ file, an override) before it is merged, naming the key and where it was given.""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -18,23 +19,40 @@ def layer_items(layer: DictConfig | Any) -> list[tuple[Any, Any]]:
     return list(plain.items()) if isinstance(plain, dict) else []
 
 
-def _loose_bool(base: Any, layer: Any, prefix: str = "") -> tuple[str, Any] | None:
-    """(key, value) of the first boolean key given a number other than 0 or 1 (as a number or
-    text): OmegaConf takes any non-zero integer as true, and overwrite=2 is more likely a slip."""
+def _first(
+    base: Any, layer: Any, bad: Callable[[Any, Any], bool], prefix: str = ""
+) -> tuple[str, Any] | None:
+    """(dotted key, value) of the first entry of ``layer`` whose node in ``base`` and value
+    ``bad`` flags, nested sections included."""
     for k, v in layer_items(layer):
         node = base._get_node(k) if isinstance(base, DictConfig) and k in base else None
-        if isinstance(node, BooleanNode) and not isinstance(v, bool):
-            text = str(v).strip()
-            if re.fullmatch(r"[+-]?\d+", text) and text not in ("0", "1"):
-                return f"{prefix}{k}", v
-        found = _loose_bool(node, v, f"{prefix}{k}.") if isinstance(node, DictConfig) else None
+        if bad(node, v):
+            return f"{prefix}{k}", v
+        found = _first(node, v, bad, f"{prefix}{k}.") if isinstance(node, DictConfig) else None
         if found:
             return found
     return None
 
 
+def _loose_bool(node: Any, value: Any) -> bool:
+    """A boolean key given a number other than 0 or 1 (as a number or text): OmegaConf takes
+    any non-zero integer as true, and overwrite=2 is more likely a slip."""
+    if not isinstance(node, BooleanNode) or isinstance(value, bool):
+        return False
+    text = str(value).strip()
+    return re.fullmatch(r"[+-]?\d+", text) is not None and text not in ("0", "1")
+
+
+def _unset_text(node: Any, value: Any) -> bool:
+    """A text key that cannot be None given null or the text None / null: taken as text,
+    output_dir=None would write into ./None. (`merge_overrides` has made None null for the
+    keys that may be None.)"""
+    optional = isinstance(node, StringNode) and node._is_optional()
+    return isinstance(node, StringNode) and not optional and value in (None, "None", "null")
+
+
 def refuse_loose_bool(base: DictConfig, layer: Any, source: str) -> None:
-    loose = _loose_bool(base, layer)
+    loose = _first(base, layer, _loose_bool)
     if loose:
         raise UserError(
             f"bad value for '{loose[0]}' in {source}: {loose[1]!r} is not a boolean; give true or "
@@ -42,24 +60,10 @@ def refuse_loose_bool(base: DictConfig, layer: Any, source: str) -> None:
         )
 
 
-def _unset_text(base: Any, layer: Any, prefix: str = "") -> str | None:
-    """The first text key that cannot be None given null or the text None / null: taken as
-    text, output_dir=None would write into ./None. (`merge_overrides` has made None null for
-    the keys that may be None.)"""
-    for k, v in layer_items(layer):
-        node = base._get_node(k) if isinstance(base, DictConfig) and k in base else None
-        if isinstance(node, StringNode) and not node._is_optional() and v in (None, "None", "null"):
-            return f"{prefix}{k}"
-        found = _unset_text(node, v, f"{prefix}{k}.") if isinstance(node, DictConfig) else None
-        if found:
-            return found
-    return None
-
-
 def refuse_unset_text(base: DictConfig, layer: Any, source: str) -> None:
-    key = _unset_text(base, layer)
-    if key:
+    unset = _first(base, layer, _unset_text)
+    if unset:
         raise UserError(
-            f"bad value for '{key}' in {source}: this key cannot be unset (null / None); give it "
-            "a value (see --help)."
+            f"bad value for '{unset[0]}' in {source}: this key cannot be unset (null / None); give "
+            "it a value (see --help)."
         )
