@@ -3,6 +3,7 @@ uses, and the overwrite=true rebuild that processes started at different times s
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import h5py
@@ -74,3 +75,20 @@ def test_a_later_overwrite_worker_keeps_the_bags_rebuilt_in_the_same_overwrite(
 
     assert run_extract(_cfg(tiles, out, overwrite=True)) == 0  # so this one starts a new one
     assert set(_table(out)["status"]) == {"ok"} and bag0.stat().st_mtime_ns != stamp
+
+
+def test_another_precision_during_an_unended_overwrite_names_the_file_to_delete(
+    tmp_path: Path,
+) -> None:
+    tiles = make_cohort(tmp_path, 2)
+    out = tmp_path / "features"
+    slide1, aside = tmp_path / "slides" / "slide1.tif", tmp_path / "slide1.tif"
+    slide1.rename(aside)  # a slide that fails keeps the rebuild open
+    assert run_extract(_cfg(tiles, out, precision="fp32", overwrite=True)) == 1
+    aside.rename(slide1)
+    (record,) = out.glob("*/.overwrite.json")
+    with pytest.raises(UserError, match=rf"delete '{re.escape(str(record))}'"):
+        run_extract(_cfg(tiles, out, precision="bf16", overwrite=True))
+    record.unlink()  # the fix it names
+    assert run_extract(_cfg(tiles, out, precision="bf16", overwrite=True)) == 0
+    assert _precisions(out) == {"slide0": "bf16", "slide1": "bf16"}

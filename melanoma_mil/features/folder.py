@@ -130,8 +130,9 @@ def folder_precision(
     where = f"'{folder}' holds features extracted at precision={precision} ({record.get('by')})"
     if asked not in ("auto", precision):
         raise UserError(
-            f"{where}, not the precision={asked} asked; use precision=auto or another output_dir"
-            f" (or, once the folder's overwrite ends, overwrite=true to rebuild at {asked})."
+            f"{where}, not the precision={asked} asked, in an overwrite not yet ended; use "
+            f"precision=auto, another output_dir, or delete '{folder / OVERWRITE_FILE}' to "
+            f"rebuild every bag at precision={asked}."
             if overwrite
             else f"{where}, not the precision={asked} asked; use precision=auto, another "
             f"output_dir, or overwrite=true to rebuild every bag at precision={asked}."
