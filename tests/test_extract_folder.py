@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
-from conftest import make_cohort
+from conftest import make_cohort, write_grid
 from test_extract_cache import _cfg, _table
 
 from melanoma_mil.encoders import build_encoder, resolve_precision
@@ -92,3 +92,23 @@ def test_another_precision_during_an_unended_overwrite_names_the_file_to_delete(
     record.unlink()  # the fix it names
     assert run_extract(_cfg(tiles, out, precision="bf16", overwrite=True)) == 0
     assert _precisions(out) == {"slide0": "bf16", "slide1": "bf16"}
+
+
+def test_a_new_cache_folder_takes_the_precision_of_the_runs_existing_one(tmp_path: Path) -> None:
+    tiles = make_cohort(tmp_path, 2)
+    later = tmp_path / "slide1.h5"
+    (tiles / "coords" / "slide1.h5").rename(later)
+    enc = build_encoder(_cfg(tiles, tmp_path).encoder, device=torch.device("cpu"))
+    here = resolve_precision("auto", enc.spec, torch.device("cpu"))
+    other = "fp32" if here == "bf16" else "bf16"
+    out = tmp_path / "features"
+    assert run_extract(_cfg(tiles, out, precision=other)) == 0  # made on another machine
+
+    write_grid(tiles, tmp_path / "slides" / "slide1.tif", 384, 32)  # a new tile size: new folder
+    later.unlink()
+    with pytest.raises(UserError, match=rf"precision={other}.*precision={here} asked"):
+        run_extract(_cfg(tiles, out, precision=here))
+    assert len(list(out.glob("*/.precision.json"))) == 1  # the refused run recorded nothing
+    assert run_extract(_cfg(tiles, out)) == 0  # auto: the new folder takes the run's precision
+    assert _precisions(out) == {"slide0": other, "slide1": other}
+    assert len(list(out.glob("*/.precision.json"))) == 2

@@ -25,7 +25,6 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -108,25 +107,54 @@ def end_rebuild(folder: Path, started: float) -> None:
 
 
 def folder_precision(
-    folders: Iterable[Path], asked: str, resolved: str, overwrite: bool, device: torch.device
+    folders: list[Path], asked: str, resolved: str, overwrite: bool, device: torch.device
 ) -> tuple[str, dict[str, float]]:
     """The precision this process extracts at: its folders' (``asked``: the config's, auto or
     explicit; ``resolved``: what auto gives on this machine), and with ``overwrite`` when each
     folder's rebuild started (by folder name). An explicit precision other than a folder's,
     folders that disagree, or a GPU that cannot run the folder's are refused."""
     wanted = resolved if asked == "auto" else asked
-    records = {folder: _record(folder, wanted, overwrite) for folder in folders}
-    started = {f.name: float(r["started"]) for f, r in records.items() if overwrite}
+    # folders with a precision already first: a new one (another tile size) takes theirs, and
+    # is recorded only once this process is known to extract at it
+    held = [f for f in folders if _has_precision(f, overwrite)]
+    records = {folder: _record(folder, wanted, overwrite) for folder in held}
+    precision = _one_precision(records) or wanted
+    if records:
+        _check_asked(*next(iter(records.items())), asked, precision, resolved, overwrite, device)
+    records |= {f: _record(f, precision, overwrite) for f in folders if f not in records}
+    _one_precision(records)  # a peer may have recorded another in a new folder meanwhile
+    return precision, {f.name: float(r["started"]) for f, r in records.items() if overwrite}
+
+
+def _one_precision(records: dict[Path, dict[str, Any]]) -> str | None:
+    """The one precision the folders' records hold (None: no record); refused if several."""
     had = {str(r["precision"]) for r in records.values()}
     if len(had) > 1:
         raise UserError(
             f"the cache folders of this run hold features at different precisions ({had}): "
             f"{', '.join(map(str, records))}; extract them with separate output_dirs."
         )
-    if not had:
-        return wanted, started
-    (precision,) = had
-    folder, record = next(iter(records.items()))
+    return next(iter(had), None)
+
+
+def _has_precision(folder: Path, overwrite: bool) -> bool:
+    """Whether ``folder`` already has a precision for this process: a record, or (without
+    ``overwrite``, which rebuilds every bag) a bag."""
+    if (folder / (OVERWRITE_FILE if overwrite else PRECISION_FILE)).exists():
+        return True
+    return not overwrite and _bag_precision(folder) is not None
+
+
+def _check_asked(
+    folder: Path,
+    record: dict[str, Any],
+    asked: str,
+    precision: str,
+    resolved: str,
+    overwrite: bool,
+    device: torch.device,
+) -> None:
+    """Refuse an explicit precision other than the folder's, or one this device cannot run."""
     where = f"'{folder}' holds features extracted at precision={precision} ({record.get('by')})"
     if asked not in ("auto", precision):
         raise UserError(
@@ -140,7 +168,6 @@ def folder_precision(
     if precision != resolved:
         _check_runs(precision, device, where)
         log.info("extract: %s; extracting at it (auto here would be %s)", where, resolved)
-    return precision, started
 
 
 def _check_runs(precision: str, device: torch.device, where: str) -> None:
