@@ -388,3 +388,17 @@ def test_a_stale_store_whose_lock_is_held_is_left(cohort) -> None:
     (old.parent / f".{old.name}.lock").write_text(json.dumps(me()))  # a live peer's claim
     store_of(features, labels)
     assert old.is_dir()
+
+
+def test_a_store_of_a_newer_format_is_left_to_the_version_that_made_it(cohort) -> None:
+    """Two package versions may share a store_dir: the older one cannot tell whether a newer
+    format's store is still reusable, so it must not remove it."""
+    features, labels = cohort
+    first = store_of(features, labels).folder
+    newer = first.parent / "float16-3slides-newer0000000"
+    shutil.copytree(first, newer)
+    index = json.loads((newer / "index.json").read_text())
+    (newer / "index.json").write_text(json.dumps({**index, "format": index["format"] + 1}))
+    _age(newer, 2)
+    store_of(features, labels)
+    assert newer.is_dir()

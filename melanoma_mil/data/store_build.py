@@ -250,9 +250,13 @@ def mark_used(folder: Path) -> None:
 
 
 def _superseded(index: dict[str, Any] | None, current: dict[str, tuple[Any, ...]]) -> bool:
-    """An older format, or a file this cohort also holds that has changed since the build."""
-    if index is None or index.get("format") != FORMAT:
+    """An older format, or a file this cohort also holds that has changed since the build. A
+    newer format (another package version sharing the folder) is that version's to judge."""
+    version = index.get("format") if index is not None else None
+    if not isinstance(version, int) or version < FORMAT:
         return True
+    if version > FORMAT:
+        return False
     for r in index.get("files", []):
         now = current.get(r.get("path"))
         if now is not None and now != (r["path"], r["size"], r["mtime_ns"], r["ctime_ns"]):
