@@ -3,7 +3,11 @@ uses, and the overwrite=true rebuild that processes started at different times s
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+import shutil
+import time
 from pathlib import Path
 
 import h5py
@@ -112,3 +116,54 @@ def test_a_new_cache_folder_takes_the_precision_of_the_runs_existing_one(tmp_pat
     assert run_extract(_cfg(tiles, out)) == 0  # auto: the new folder takes the run's precision
     assert _precisions(out) == {"slide0": other, "slide1": other}
     assert len(list(out.glob("*/.precision.json"))) == 2
+
+
+def test_a_bag_of_the_old_precision_finished_during_a_rebuild_is_rebuilt(tmp_path: Path) -> None:
+    """A run begun before the rebuild (at the folder's old precision) that finishes a slide
+    after it began must not have that bag taken for a rebuilt one."""
+    tiles = make_cohort(tmp_path, 2)
+    out = tmp_path / "features"
+    assert run_extract(_cfg(tiles, out, precision="fp32")) == 0
+    slide1, aside = tmp_path / "slides" / "slide1.tif", tmp_path / "slide1.tif"
+    slide1.rename(aside)
+    assert run_extract(_cfg(tiles, out, precision="bf16", overwrite=True)) == 1  # rebuild open
+    aside.rename(slide1)
+    (status,) = out.glob("*/.status/slide1.json")  # the older run finishing slide1 at fp32 now
+    record = json.loads(status.read_text())
+    status.write_text(json.dumps({**record, "status": "ok", "finished": time.time()}))
+
+    assert run_extract(_cfg(tiles, out, overwrite=True)) == 0  # joins the rebuild
+    assert _table(out).loc["slide1", "status"] == "ok"
+    assert _precisions(out) == {"slide0": "bf16", "slide1": "bf16"}
+
+
+def test_a_folder_whose_old_bags_disagree_says_so_when_first_recorded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tiles = make_cohort(tmp_path, 2)
+    later = tmp_path / "slide1.h5"
+    (tiles / "coords" / "slide1.h5").rename(later)
+    out, other = tmp_path / "features", tmp_path / "other"
+    assert run_extract(_cfg(tiles, out, precision="fp32")) == 0
+    later.rename(tiles / "coords" / "slide1.h5")
+    assert run_extract(_cfg(tiles, other, precision="bf16")) == 0
+    (cache,) = out.glob("*/")
+    shutil.copy(next(other.glob("*/slide1.h5")), cache / "slide1.h5")  # mixed, as before records
+    (cache / ".precision.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="melanoma_mil.features.folder"):
+        assert run_extract(_cfg(tiles, out)) == 0
+    assert "several precisions ({'fp32': 1, 'bf16': 1})" in caplog.text
+
+
+def test_a_work_cache_from_before_records_is_rebuilt_at_a_new_precision(tmp_path: Path) -> None:
+    """predict/heatmap's own `_work` cache: bags from before folders recorded a precision are
+    read for theirs, so a new precision clears them (extract would refuse them)."""
+    from melanoma_mil.inference.work import _other_precision
+
+    tiles = make_cohort(tmp_path, 2)
+    out = tmp_path / "features"
+    assert run_extract(_cfg(tiles, out, precision="bf16")) == 0
+    (cache,) = out.glob("*/")
+    (cache / ".precision.json").unlink()
+    assert _other_precision(cache, "fp32", "float16") == ["slide0", "slide1"]
+    assert not list(cache.glob("*.h5"))

@@ -25,6 +25,7 @@ import logging
 import os
 import secrets
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +53,41 @@ def read_json(path: Path) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
+def made_at(bag: Path) -> str | None:
+    """The precision the bag ``bag`` was extracted at (None: unreadable, or not recorded)."""
+    try:
+        with h5py.File(bag, "r") as f:
+            had = plain(f.attrs.get("precision"))
+    except OSError:
+        return None
+    return had if isinstance(had, str) else None
+
+
+def _bags(folder: Path) -> list[Path]:
+    return sorted(folder.glob("[!.]*.h5"))
+
+
 def _bag_precision(folder: Path) -> str | None:
     """The precision a bag already in ``folder`` was made at (None: no readable bag)."""
-    for bag in sorted(folder.glob("[!.]*.h5")):
-        try:
-            with h5py.File(bag, "r") as f:
-                had = plain(f.attrs.get("precision"))
-        except OSError:
-            continue
-        if isinstance(had, str):
-            return had
-    return None
+    return next((had for bag in _bags(folder) if (had := made_at(bag))), None)
+
+
+def _first_record(folder: Path) -> str | None:
+    """`_bag_precision` for the record of a folder made before records existed, whose bags may
+    already disagree (made on mixed hardware): then say so, as nothing else would."""
+    made = Counter(had for bag in _bags(folder) if (had := made_at(bag)))
+    first = _bag_precision(folder)
+    if len(made) > 1:
+        log.warning("extract: '%s' holds bags made at several precisions (%s), before folders "
+                    "recorded one; recording %s for the bags made from now on; overwrite=true "
+                    "rebuilds every bag at one", folder, dict(made), first)  # fmt: skip
+    return first
+
+
+def folder_precision_of(folder: Path) -> str | None:
+    """The precision ``folder``'s bags are made at: its record's, else its first bag's."""
+    had = read_json(folder / PRECISION_FILE).get("precision")
+    return had if isinstance(had, str) else _bag_precision(folder)
 
 
 def _record(folder: Path, precision: str, overwrite: bool) -> dict[str, Any]:
@@ -74,7 +99,7 @@ def _record(folder: Path, precision: str, overwrite: bool) -> dict[str, Any]:
     if overwrite:
         record["id"] = secrets.token_hex(4)
     elif not path.exists():  # the first process, or a folder made before the record existed
-        record["precision"] = _bag_precision(folder) or precision
+        record["precision"] = _first_record(folder) or precision
     if path.exists() or not create_once(path, json.dumps(record).encode()):  # a peer's record wins
         record = read_json(path)
     elif overwrite:
@@ -85,7 +110,7 @@ def _record(folder: Path, precision: str, overwrite: bool) -> dict[str, Any]:
         raise UserError(f"'{path}' is unreadable; delete it (it is recorded again from the bags).")
     if overwrite and record.get("by") != describe(me()):
         hours = (time.time() - float(record.get("started", time.time()))) / 3600
-        log.info("extract: joining overwrite %s of '%s' (%s, %.1f h ago, not yet ended: a slide "
+        log.warning("extract: joining overwrite %s of '%s' (%s, %.1f h ago, not yet ended: a slide "
                  "is left to rebuild): the bags it rebuilt are kept; delete %s to rebuild them "
                  "all again", record.get("id"), folder, record["by"], hours, path)  # fmt: skip
     return record

@@ -25,6 +25,7 @@ import numpy as np
 
 from melanoma_mil.features.cache import cache_key, check_cached, slide_identity
 from melanoma_mil.features.data import Job
+from melanoma_mil.features.folder import made_at
 from melanoma_mil.ids import id_path
 from melanoma_mil.io import remove_temp_files, write_json
 from melanoma_mil.tiling.coords import TileGrid
@@ -229,6 +230,8 @@ class SlideQueue:
         finished = float(record.get("finished", 0))
         recent = finished >= self.since
         fresh = finished >= self.rebuilds.get(key, self.since)  # made in this run or rebuild
+        if self.rebuilds and fresh and out.exists():  # a run begun before the rebuild, at another
+            fresh = made_at(out) == attrs["precision"]  # precision, may have finished it since
         if out.exists() and (not self.rebuilds or fresh):
             bad = check_cached(out, attrs, grid.coords)
             if bad is None and fresh:

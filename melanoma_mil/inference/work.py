@@ -15,7 +15,7 @@ from melanoma_mil.config import ExtractConfig, HeatmapConfig, TileConfig, Tiling
 from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.cache import settings_mismatch
-from melanoma_mil.features.folder import PRECISION_FILE, read_json
+from melanoma_mil.features.folder import PRECISION_FILE, folder_precision_of
 from melanoma_mil.ids import id_path
 from melanoma_mil.inference.inputs import (
     SlideInput,
@@ -94,7 +94,7 @@ def _other_precision(cache: Path, precision: str, dtype: str) -> list[str]:
     the folder's precision record with them: extract keeps one precision per folder
     (`features.folder`), so in this command's own cache a new one rebuilds it all."""
     record = cache / PRECISION_FILE
-    had = read_json(record).get("precision")
+    had = folder_precision_of(cache)  # a _work cache from before records: its bags' precision
     if precision == "auto" or had in (None, precision):
         return []
     bags = [p for p in sorted(cache.glob("[!.]*.h5")) if _stored_otherwise(p, precision, dtype)]
