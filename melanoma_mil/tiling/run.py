@@ -121,15 +121,29 @@ def _workers(pool: ProcessPoolExecutor) -> set[int]:
 
 
 def _stop_late(pool: ProcessPoolExecutor, running: dict[Future[Any], Task],
-               watch: Watch) -> list[Late]:  # fmt: skip
+               watch: Watch) -> list[tuple[Late, Future[Any]]]:  # fmt: skip
     """Kill the workers of the slides past the time limit and stop waiting on those slides; the
     pool breaks, so the others in flight come back as slides of a dead process."""
-    late = watch.check(running.values(), _workers(pool))
-    for item in late:
+    stopped = []
+    for item in watch.check(running.values(), _workers(pool)):
+        fut = next(f for f, t in running.items() if t is item.task)
+        if fut.done():  # finished since the last wait: collected as usual
+            continue
         with contextlib.suppress(ProcessLookupError):
             os.kill(item.pid, signal.SIGKILL)
-        running.pop(next(f for f, t in running.items() if t is item.task))
-    return late
+        running.pop(fut)
+        stopped.append((item, fut))
+    return stopped
+
+
+def _late_row(item: Late, fut: Future[Any], watch: Watch) -> dict[str, Any]:
+    """The row of a slide stopped at the time limit, or its own row when it finished in the
+    instant before its worker was killed (its coords are written: not a failure)."""
+    if not fut.cancelled() and fut.exception() is None:
+        return fut.result()
+    with contextlib.suppress(OSError):  # its process is gone: so is its claim
+        Claim(lock_path(item.task), item.task.stale_after).clear_stale()
+    return watch.timed_out(item)
 
 
 def _not_started(task: Task, why: str) -> dict[str, Any]:
@@ -151,7 +165,7 @@ def _in_pool(tasks: list[Task], workers: int, ctx: BaseContext,
     todo = deque(tasks)
     running: dict[Future[dict[str, Any]], Task] = {}
     unfinished: list[Task] = []
-    late: list[Late] = []
+    late: list[tuple[Late, Future[Any]]] = []
     stop = ""
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         while todo or running:
@@ -171,10 +185,8 @@ def _in_pool(tasks: list[Task], workers: int, ctx: BaseContext,
                 done(row)
                 stop = stop or row.get("fatal", "")
             late += _stop_late(pool, running, watch)
-    for item in late:  # its process is gone: so is its claim
-        with contextlib.suppress(OSError):
-            Claim(lock_path(item.task), item.task.stale_after).clear_stale()
-        done(watch.timed_out(item))
+    for item, fut in late:  # every future is settled once the pool has shut down
+        done(_late_row(item, fut, watch))
     return unfinished, list(todo)
 
 
