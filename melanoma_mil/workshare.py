@@ -6,6 +6,12 @@ stale when its owner is provably gone (same machine: the pid is dead, or now bel
 process that started at another time, as happens when containers recycle pids), or when its
 heartbeat (the file's mtime) is older than ``stale_after`` seconds (another host that died, a
 hung process). A stale claim is taken over.
+
+Breakers of a claim take turns through a gate, ``.<claim>.breaking``, placed like a claim and
+stale after ``GATE_STALE_S`` (or at once where its process is provably gone), and remove the claim
+only if it still is the stale one they saw. Without the gate, a breaker late to a claim another
+had already broken and retaken could move that fresh claim aside, fail to put it back (a third
+process had claimed the empty path meanwhile), and so leave two processes holding one slide.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import secrets
 import socket
 import tempfile
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +135,58 @@ def _place(draft: Path, path: Path) -> None:
 
 
 DRAFT = ".claiming"  # suffix of the hidden draft a claim is written to before it is linked
+GATE = ".breaking"  # suffix of the hidden gate breakers of a claim take turns through
+# a gate is held for a read and a rename: older than this, its breaker died or hangs (another
+# host; on this one a dead pid frees it at once). Kept short: a stale claim waits for it
+GATE_STALE_S = 30.0
+
+
+def _owner_of(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _age(path: Path) -> float | None:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def _drafted(path: Path, owner: Mapping[str, Any]) -> Iterator[Path]:
+    """A hidden draft of ``owner`` beside ``path``, to be placed there whole (`_place`). Its
+    name is unique (mkstemp): claimants on two hosts may share a pid (containers' pid 1)."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=DRAFT, dir=path.parent)
+    draft = Path(name)
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide the owner from peers
+            f.write(json.dumps(owner))
+        yield draft
+    finally:
+        draft.unlink(missing_ok=True)
+
+
+def _remove_if(path: Path, seen: Mapping[str, Any]) -> None:
+    """Remove ``path`` if it holds ``seen``. Checked before it is moved aside (atomic), and
+    checked again after: put back if it changed hands in between."""
+    if _owner_of(path) != dict(seen):
+        return
+    aside = path.with_name(f"{path.name}.stale-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return
+    try:
+        if _owner_of(aside) != dict(seen):
+            with contextlib.suppress(FileExistsError):
+                _place(aside, path)
+    except OSError:
+        pass
+    aside.unlink(missing_ok=True)
 
 
 def _stale(owner: Mapping[str, Any], age: float | None, stale_after: float) -> bool:
@@ -137,12 +195,12 @@ def _stale(owner: Mapping[str, Any], age: float | None, stale_after: float) -> b
 
 
 def clear_drafts(folder: Path, stale_after: float = DEFAULT_STALE_S) -> None:
-    """Remove the claim drafts in ``folder`` (see `Claim.acquire`) of owners that are gone or
-    silent: left by a process killed between writing a draft and linking it. One listing of the
-    folder, however many claims it holds."""
+    """Remove the claim drafts and breakers' gates in ``folder`` (see `Claim.acquire`) of owners
+    that are gone or silent: left by a process killed between writing a draft and linking it, or
+    while breaking a claim. One listing of the folder, however many claims it holds."""
     try:
         with os.scandir(folder) as listing:
-            entries = [e for e in listing if e.name[0] == "." and e.name.endswith(DRAFT)]
+            entries = [e for e in listing if e.name[0] == "." and e.name.endswith((DRAFT, GATE))]
     except FileNotFoundError:
         return
     for entry in entries:
@@ -151,7 +209,11 @@ def clear_drafts(folder: Path, stale_after: float = DEFAULT_STALE_S) -> None:
             age = time.time() - entry.stat().st_mtime
         except (OSError, ValueError):
             continue
-        if _stale(owner, age, stale_after):
+        if not _stale(owner, age, stale_after):
+            continue
+        if entry.name.endswith(GATE):
+            _remove_if(Path(entry.path), owner)  # a breaker may have just placed a new one
+        else:
             Path(entry.path).unlink(missing_ok=True)
 
 
@@ -163,23 +225,18 @@ class Claim:
         self.path = path
         self.stale_after = stale_after
         self.heartbeat_s = min(30.0, stale_after / 5)
+        self.gate_stale_s = min(GATE_STALE_S, stale_after)
         self.held = False
         self.owner: dict[str, Any] = {}
         self._touched = 0.0
         self._me: dict[str, Any] = {}
 
     def read(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
+        return _owner_of(self.path)
 
     def age(self) -> float | None:
         """Seconds since the last heartbeat, None when there is no claim file."""
-        try:
-            return time.time() - self.path.stat().st_mtime
-        except FileNotFoundError:
-            return None
+        return _age(self.path)
 
     def stale(self, owner: Mapping[str, Any]) -> bool:
         """Its process is gone, or its heartbeat stopped (a dead host, or a hung process)."""
@@ -199,16 +256,8 @@ class Claim:
         """
         self._me = me()
         # the claim appears whole (hard link of a written file), never empty: a process killed
-        # while claiming leaves no claim without an owner for the others to wait on. The draft's
-        # name is unique (mkstemp): claimants on two hosts may share a pid (containers' pid 1)
-        fd, name = tempfile.mkstemp(
-            prefix=f".{self.path.name}.", suffix=DRAFT, dir=self.path.parent
-        )
-        draft = Path(name)
-        try:
-            with os.fdopen(fd, "w") as f:
-                os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide the owner from peers
-                f.write(json.dumps(self._me))
+        # while claiming leaves no claim without an owner for the others to wait on
+        with _drafted(self.path, self._me) as draft:
             for _ in range(3):
                 try:
                     _place(draft, self.path)
@@ -220,9 +269,7 @@ class Claim:
                     continue
                 self.held, self._touched, self.owner = True, time.time(), dict(self._me)
                 return True
-            return False
-        finally:
-            draft.unlink(missing_ok=True)
+        return False
 
     def clear_stale(self) -> bool:
         """Remove a claim whose owner is gone (e.g. killed between writing its work and
@@ -236,19 +283,29 @@ class Claim:
         return not self.path.exists()
 
     def _break(self, seen: Mapping[str, Any]) -> None:
-        """Move the stale claim aside atomically; put it back if it changed hands meanwhile."""
-        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}-{secrets.token_hex(4)}")
+        """Remove the stale claim ``seen`` if it still is that one and still stale, holding the
+        gate, so that no breaker moves a claim another has just retaken; a breaker already at
+        it (a live gate) is left to it: the claim will be free when our caller tries again."""
+        gate = self.path.with_name(f".{self.path.name}{GATE}")
+        mine = me()
+        with _drafted(gate, mine) as draft:
+            for _ in range(2):  # the second try follows the removal of a dead breaker's gate
+                try:
+                    _place(draft, gate)
+                    break
+                except FileExistsError:
+                    held = _owner_of(gate)
+                    age = _age(gate)
+                    if age is not None and not _stale(held, age, self.gate_stale_s):
+                        return
+                    _remove_if(gate, held)
+            else:
+                return
         try:
-            os.replace(self.path, aside)
-        except FileNotFoundError:
-            return
-        try:
-            if json.loads(aside.read_text() or "{}") != dict(seen):
-                with contextlib.suppress(FileExistsError):
-                    os.link(aside, self.path)  # a fresh claim was taken meanwhile: restore it
-        except (OSError, ValueError):
-            pass
-        aside.unlink(missing_ok=True)
+            if self.stale(seen):  # its owner may have beaten again since it was seen
+                _remove_if(self.path, seen)
+        finally:
+            _remove_if(gate, mine)  # not if a peer took it over from us as stale
 
     def heartbeat(self) -> None:
         """Refresh the mtime (at most every ``heartbeat_s``) so no one takes the claim over."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from melanoma_mil.features import placement
-from melanoma_mil.workshare import Claim, me, owner_gone, process_start
+from melanoma_mil.workshare import GATE_STALE_S, Claim, clear_drafts, me, owner_gone, process_start
 
 
 def _write_owner(path: Path, **changes: object) -> None:
@@ -171,3 +171,75 @@ def test_claimants_sharing_a_pid_never_collide(tmp_path: Path) -> None:
     assert outcomes == [["False", "True"]] * 100
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"s{i}.lock" for i in range(100))
     assert oct(os.stat(tmp_path / "s0.lock").st_mode & 0o777) == "0o644"  # peers can read it
+
+
+def _stale_claim(lock: Path) -> None:
+    """A claim left by a process that is gone (its pid is dead)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _write_owner(lock, pid=dead.pid, start=None)
+
+
+def test_a_late_breaker_never_drops_the_claim_that_replaced_the_stale_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B saw the stale claim; A broke it first and holds; B breaks late, and C claims the
+    moment the path is free. One thread drives the three; C steps in right after any move of
+    the claim away (the real rename runs), so no timing decides the order."""
+    lock = tmp_path / "s.lock"
+    _stale_claim(lock)
+    a, b, c = Claim(lock), Claim(lock), Claim(lock)
+    seen = b.read()
+    assert b.stale(seen)  # B sees the stale claim ...
+    assert a.acquire()  # ... A breaks it first and holds
+    real_replace = os.replace
+    c_tried: list[bool] = []
+
+    def replace_then_c_claims(src: object, dst: object) -> None:
+        real_replace(src, dst)  # type: ignore[arg-type]
+        if Path(str(src)) == lock and not c_tried:
+            c_tried.append(c.acquire())
+
+    monkeypatch.setattr(os, "replace", replace_then_c_claims)
+    b._break(seen)  # B, late, breaks what it saw
+    monkeypatch.setattr(os, "replace", real_replace)
+    c_tried.append(c.acquire())
+    assert [x.held for x in (a, b, c)] == [True, False, False]
+    assert json.loads(lock.read_text()) == a.owner  # A's claim is where it was
+    a.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no gate or aside left
+
+
+def test_a_claim_whose_heartbeat_resumed_after_it_was_seen_stale_is_kept(tmp_path: Path) -> None:
+    """A hung owner on another host beats again before a breaker gets to it: not taken."""
+    lock = tmp_path / "s.lock"
+    _write_owner(lock, host="node-b", machine="other")
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    breaker = Claim(lock, stale_after=60)
+    seen = breaker.read()
+    assert breaker.stale(seen)
+    os.utime(lock)  # its owner's heartbeat
+    breaker._break(seen)
+    assert json.loads(lock.read_text()) == seen and not breaker.acquire()
+
+
+def test_a_breakers_gate_holds_off_others_only_while_its_breaker_lives(tmp_path: Path) -> None:
+    """A peer breaking the stale claim (its gate fresh) is left to it; a gate whose breaker
+    is gone (dead pid, or silent past GATE_STALE_S on another host) is removed and the claim
+    taken; clear_drafts tidies a gate left behind."""
+    lock, gate = tmp_path / "s.lock", tmp_path / ".s.lock.breaking"
+    _stale_claim(lock)
+    _write_owner(gate, host="node-b", machine="other")
+    mine = Claim(lock)
+    assert not mine.acquire() and lock.exists()  # node-b is breaking it: left to node-b
+    old = time.time() - GATE_STALE_S - 1
+    os.utime(gate, (old, old))
+    assert mine.acquire() and not gate.exists()  # node-b died meanwhile
+    mine.release()
+    _stale_claim(lock)
+    _stale_claim(gate)
+    assert Claim(lock).clear_stale() and not gate.exists()  # dead on this host: at once
+    _stale_claim(gate)
+    clear_drafts(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
