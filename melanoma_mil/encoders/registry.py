@@ -145,7 +145,7 @@ REGISTRY: dict[str, EncoderSpec] = {
             std=HALF,
             weights_url="https://github.com/ozanciga/self-supervised-histopathology/releases"
             " (tenpercent_resnet18.ckpt; keys under model.resnet.)",
-            license="research use (no licence file in the release repository)",
+            license="MIT (LICENSE of github.com/ozanciga/self-supervised-histopathology)",
             citation="Ciga O, Xu T, Martel AL. Self supervised contrastive learning for digital "
             "histopathology. Mach Learn Appl 2022;7:100198 (arXiv:2011.13971).",
         ),
