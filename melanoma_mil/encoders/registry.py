@@ -154,7 +154,7 @@ REGISTRY: dict[str, EncoderSpec] = {
             "resnet50",
             2048,
             weights_url="https://github.com/Xiyue-Wang/RetCCL (best_ckpt.pth)",
-            license="research use (see the RetCCL repository)",
+            license="GPLv3, non-commercial academic use (RetCCL README)",
             citation="Wang X et al. RetCCL: clustering-guided contrastive learning for whole-slide "
             "image retrieval. Med Image Anal 2023;83:102645.",
         ),
