@@ -224,7 +224,7 @@ class Claim:
     def __init__(self, path: Path, stale_after: float = DEFAULT_STALE_S) -> None:
         self.path = path
         self.stale_after = stale_after
-        self.heartbeat_s = min(30.0, stale_after / 5)
+        self.heartbeat_s = heartbeat_every(stale_after)
         self.gate_stale_s = min(GATE_STALE_S, stale_after)
         self.held = False
         self.owner: dict[str, Any] = {}
@@ -323,12 +323,16 @@ class Claim:
         self.held = False
 
 
-def held_by(path: Path, pids: Collection[int]) -> dict[str, Any] | None:
-    """The owner of the claim at ``path`` when one of ``pids`` on this machine holds it (a
-    caller's worker processes, whose slide the caller watches); None when the claim is not
-    theirs (none yet, or a peer's)."""
-    owner = Claim(path).read()
-    here = me()
+def heartbeat_every(stale_after: float) -> float:
+    """Seconds between a claim's heartbeats: often enough that a live one never looks stale."""
+    return min(30.0, stale_after / 5)
+
+
+def held_by(path: Path, pids: Collection[int], here: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The owner of the claim at ``path`` when one of ``pids`` on the machine of ``here`` (`me`)
+    holds it (a caller's worker processes, whose slide the caller watches); None when the claim
+    is not theirs (none yet, or a peer's)."""
+    owner = _owner_of(path)
     if owner.get("pid") not in pids or any(owner.get(k) != here[k] for k in ("host", "machine")):
         return None
     return owner
@@ -337,6 +341,7 @@ def held_by(path: Path, pids: Collection[int]) -> dict[str, Any] | None:
 def beat(path: Path, every: float) -> None:
     """Refresh the heartbeat of the claim at ``path`` once it is older than ``every`` s: done by
     the process that watches its owner, a worker busy in a slide reader that beats nothing."""
-    with contextlib.suppress(OSError):  # gone meanwhile: released, or taken over as stale
-        if time.time() - path.stat().st_mtime > every:
+    age = _age(path)
+    if age is not None and age > every:
+        with contextlib.suppress(OSError):  # gone meanwhile: released, or taken over as stale
             os.utime(path)

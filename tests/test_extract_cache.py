@@ -139,15 +139,19 @@ def test_a_cached_file_with_groups_fails_its_slide_only(tmp_path: Path) -> None:
     assert {sid: p.stat().st_mtime_ns for sid, p in bags.items()} == stamps
 
 
-def test_features_that_overflow_fail_the_slide_with_the_fix(tmp_path: Path) -> None:
+def _loud_encoder(tmp_path: Path) -> EncoderConfig:
+    """A resnet18 whose features are about 1e6: fine in fp32 and bf16, beyond float16's 65504."""
     encoder = build_encoder(EncoderConfig(name="resnet18_imagenet", pretrained=False))
     state = encoder.module.state_dict()
     (last,) = [k for k in state if k.endswith("layer4.1.bn2.bias")]
-    state[last] = torch.full_like(state[last], 1e6)  # fine in fp32, beyond float16's 65504
+    state[last] = torch.full_like(state[last], 1e6)
     weights = tmp_path / "loud.pt"
     torch.save(state, weights)
-    tiles = make_cohort(tmp_path, 1)
-    loud = EncoderConfig(name="resnet18_imagenet", weights=str(weights))
+    return EncoderConfig(name="resnet18_imagenet", weights=str(weights))
+
+
+def test_features_that_overflow_fail_the_slide_with_the_fix(tmp_path: Path) -> None:
+    tiles, loud = make_cohort(tmp_path, 1), _loud_encoder(tmp_path)
     out = tmp_path / "features"
     assert run_extract(_cfg(tiles, out, encoder=loud, precision="fp32")) == 1
     reason = _table(out).loc["slide0", "reason"]
@@ -165,14 +169,7 @@ def test_features_that_overflow_only_the_stored_dtype_ask_for_dtype_not_precisio
 ) -> None:
     """bf16 (auto's choice on GPUs) computes 1e6 fine; only float16 storage overflows, so the
     fix is dtype=float32: precision=fp32 would fail the same way."""
-    encoder = build_encoder(EncoderConfig(name="resnet18_imagenet", pretrained=False))
-    state = encoder.module.state_dict()
-    (last,) = [k for k in state if k.endswith("layer4.1.bn2.bias")]
-    state[last] = torch.full_like(state[last], 1e6)
-    weights = tmp_path / "loud.pt"
-    torch.save(state, weights)
-    tiles = make_cohort(tmp_path, 1)
-    loud = EncoderConfig(name="resnet18_imagenet", weights=str(weights))
+    tiles, loud = make_cohort(tmp_path, 1), _loud_encoder(tmp_path)
     out = tmp_path / "features"
     assert run_extract(_cfg(tiles, out, encoder=loud, precision="bf16")) == 1
     reason = _table(out).loc["slide0", "reason"]

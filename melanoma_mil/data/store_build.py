@@ -275,9 +275,9 @@ def prune(root: Path, sources: list[Source], unused_s: float = UNUSED_S) -> None
         return
     current = {s.path: s.key() for s in sources}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        try:
-            index = json.loads((folder / "index.json").read_text())
+        try:  # the age first: a store in use is not read again (`_find` has just read it)
             age = time.time() - (folder / "index.json").stat().st_mtime
+            index = json.loads((folder / "index.json").read_text()) if age >= unused_s else None
         except (OSError, ValueError):
             continue  # damaged or half-removed: named by whoever needs it, never guessed at
         if age < unused_s or not _superseded(index if isinstance(index, dict) else None, current):

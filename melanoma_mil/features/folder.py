@@ -75,8 +75,8 @@ def _bag_precision(folder: Path) -> str | None:
 def _first_record(folder: Path) -> str | None:
     """`_bag_precision` for the record of a folder made before records existed, whose bags may
     already disagree (made on mixed hardware): then say so, as nothing else would."""
-    made = Counter(had for bag in _bags(folder) if (had := made_at(bag)))
-    first = _bag_precision(folder)
+    each = [had for bag in _bags(folder) if (had := made_at(bag))]
+    made, first = Counter(each), next(iter(each), None)
     if len(made) > 1:
         log.warning("extract: '%s' holds bags made at several precisions (%s), before folders "
                     "recorded one; recording %s for the bags made from now on; overwrite=true "

@@ -33,7 +33,7 @@ from melanoma_mil.inference.analyse import (
 )
 from melanoma_mil.inference.attention import read_attention
 from melanoma_mil.inference.ensemble import Ensemble
-from melanoma_mil.inference.inputs import prepare_inputs, recorded_fingerprint
+from melanoma_mil.inference.inputs import prepare_inputs
 from melanoma_mil.inference.work import extract_settings
 from melanoma_mil.io import write_text
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
@@ -72,12 +72,12 @@ def unchanged(
     from features extracted at ``precision`` (auto: any, as `extract` reuses them); else the
     slide is redone, also when ``attention`` records no fingerprint (made before they were
     recorded), so a resumed call never reports another file's, or other settings', result."""
-    recorded = recorded_fingerprint(attention)
-    if slide is None or not recorded or fingerprint_mismatch(slide, recorded) is not None:
-        return False
     try:
-        attrs = read_attrs(attention)
+        attrs = read_attrs(attention)  # once: a rerun reads every slide's attention.h5
     except OSError:
+        return False
+    recorded = str(plain(attrs.get("slide_fingerprint", "")))
+    if slide is None or not recorded or fingerprint_mismatch(slide, recorded) is not None:
         return False
     made = float(attrs.get("level0_mpp", float("nan")))
     if mpp_outdated(made, str(plain(attrs.get("mpp_source", ""))), mpp):

@@ -46,6 +46,11 @@ class Task:
     advise_default_mpp: bool = True  # False inside predict/heatmap, which take no tiling keys
 
 
+def lock_path(task: Task) -> Path:
+    """The slide's claim, which its worker holds (and dates) while it tiles the slide."""
+    return id_path(Path(task.out) / "coords", task.slide_id, ".lock")
+
+
 def _reason(e: Exception) -> str:
     if isinstance(e, UserError):
         return str(e)
@@ -60,7 +65,7 @@ def tile_one(task: Task) -> dict[str, Any]:
     out = Path(task.out)
     coords = id_path(out / "coords", task.slide_id, ".h5")
     qc = id_path(out / "qc", task.slide_id, ".png")
-    claim = Claim(coords.with_suffix(".lock"), task.stale_after)
+    claim = Claim(lock_path(task), task.stale_after)
     row = slide_row(task.slide_id, task.path, "failed")
     start = time.perf_counter()
     try:
@@ -132,7 +137,7 @@ def existing_row(task: Task, coords: Path, since: float) -> dict[str, Any] | Non
     row = slide_row(task.slide_id, task.path, "skipped", n_tiles=len(grid.coords),
                mpp=grid.level0_mpp, mpp_source=grid.mpp_source)  # fmt: skip
     with contextlib.suppress(OSError):  # left by a process killed right after writing it
-        Claim(coords.with_suffix(".lock"), task.stale_after).clear_stale()
+        Claim(lock_path(task), task.stale_after).clear_stale()
     if mpp_contradicts(grid.level0_mpp, task.mpp):
         row.update(status="failed", reason=(
             f"{coords} was made with other settings (level-0 mpp {grid.level0_mpp:g} -> "

@@ -41,11 +41,11 @@ from melanoma_mil.progress import progress
 from melanoma_mil.runtable import show, write
 from melanoma_mil.tiling.coords import read_tiling
 from melanoma_mil.tiling.grid import check_tiling
-from melanoma_mil.tiling.job import Task, existing_row, slide_row, tile_one
+from melanoma_mil.tiling.job import Task, existing_row, lock_path, slide_row, tile_one
 from melanoma_mil.tiling.qc import CELLS, contact_sheet
 from melanoma_mil.tiling.slides import find_slides, read_mpp_csv
 from melanoma_mil.tiling.tissue import resolve_tissue
-from melanoma_mil.tiling.watch import Late, Watch, lock_path
+from melanoma_mil.tiling.watch import Late, Watch
 from melanoma_mil.workshare import (
     STOP_FIX,
     Claim,

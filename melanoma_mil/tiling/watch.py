@@ -13,20 +13,13 @@ import os
 import threading
 import time
 from collections.abc import Collection, Iterable
-from pathlib import Path
 from typing import Any
 
 from melanoma_mil import progress
-from melanoma_mil.ids import id_path
-from melanoma_mil.tiling.job import Task, slide_row, tile_one
-from melanoma_mil.workshare import beat, held_by
+from melanoma_mil.tiling.job import Task, lock_path, slide_row, tile_one
+from melanoma_mil.workshare import beat, heartbeat_every, held_by, me
 
 log = logging.getLogger(__name__)
-
-
-def lock_path(task: Task) -> Path:
-    """The slide's claim, which its worker holds (and dates) while it tiles the slide."""
-    return id_path(Path(task.out) / "coords", task.slide_id, ".lock")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +37,8 @@ class Watch:
     def __init__(self, timeout_s: float | None, stale_after: float) -> None:
         self.timeout_s = timeout_s or None
         self.every = min(1.0, stale_after / 5)
-        self.heartbeat_s = min(30.0, stale_after / 5)  # as a claim's own (workshare.Claim)
+        self.heartbeat_s = heartbeat_every(stale_after)  # as a claim's own
+        self._here = me()  # this machine, which the watched workers share
         self._named: dict[str, float] = {}  # slide id -> when the log last named it
 
     def check(self, tasks: Iterable[Task], pids: Collection[int]) -> list[Late]:
@@ -55,7 +49,7 @@ class Watch:
         now = time.time()
         for task in tasks:
             lock = lock_path(task)
-            owner = held_by(lock, pids)
+            owner = held_by(lock, pids, self._here)
             since = owner.get("since") if owner else None
             if owner is None or not isinstance(since, (int, float)):
                 continue  # not started yet
