@@ -258,6 +258,46 @@ def test_cli_pretrained_offline_without_cache_fails_with_the_fix(tmp_path: Path)
     assert not list((tmp_path / "f").rglob("*.h5"))
 
 
+def _hf_cache_with_resnet18(home: Path, commit: str) -> str:
+    """An HF cache holding timm/resnet18.tv_in1k at ``commit``, laid out as huggingface_hub does."""
+    import hashlib
+
+    import timm
+    from safetensors.torch import save_file
+
+    repo = home / "hub" / "models--timm--resnet18.tv_in1k"
+    snap, blobs = repo / "snapshots" / commit, repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    weights = timm.create_model("resnet18.tv_in1k", pretrained=False).state_dict()
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(blobs / "new"))
+    sha = hashlib.sha256((blobs / "new").read_bytes()).hexdigest()
+    (blobs / "new").rename(blobs / sha)
+    (snap / "model.safetensors").symlink_to(f"../../blobs/{sha}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return sha
+
+
+def test_hub_weights_record_the_revision_and_blob_they_were_loaded_from(tmp_path: Path) -> None:
+    """A hub repo can be updated under one name: the bags say which weights made them."""
+    tiles = make_cohort(tmp_path, 1, side=128)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    sha = _hf_cache_with_resnet18(tmp_path / "hf", commit)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    out = tmp_path / "f"
+    done = subprocess.run(
+        _cli(tiles, out, "encoder.pretrained=true"), cwd=ROOT, env=env, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (bag,) = bags(out).values()
+    with h5py.File(bag) as f:
+        assert f.attrs["encoder_weights"] == "hub:timm/resnet18.tv_in1k"
+        assert f.attrs["encoder_hub_revision"] == commit
+        assert f.attrs["encoder_weights_sha256"] == sha
+
+
 def _hub_reachable() -> bool:
     try:
         socket.create_connection(("huggingface.co", 443), timeout=3).close()

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import warnings
 from collections.abc import Iterator, Mapping
@@ -259,7 +260,8 @@ def _hub_id(model: nn.Module, spec: EncoderSpec) -> str:
 
 
 _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-_WEIGHT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")
+_WEIGHT_BLOBS = ("model.safetensors", "pytorch_model.bin")  # timm's order of preference
+_WEIGHT_FILES = ("config.json", *_WEIGHT_BLOBS)
 
 
 def _hub_repo(spec: EncoderSpec) -> str | None:
@@ -269,6 +271,24 @@ def _hub_repo(spec: EncoderSpec) -> str | None:
 
     cfg = timm.models.get_pretrained_cfg(spec.arch)
     return getattr(cfg, "hf_hub_id", None) or None
+
+
+def _hub_snapshot(spec: EncoderSpec) -> dict[str, str]:
+    """The HF-cache revision (commit) and weight blob (sha256) the hub weights were loaded from.
+
+    A hub repository can be updated under the same name, so these record which weights made a
+    cache's features. Provenance only: in the identity they would change every hub cache key.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = _hub_repo(spec)
+    for name in _WEIGHT_BLOBS if repo else ():
+        path = try_to_load_from_cache(repo, name)
+        if isinstance(path, str):
+            blob = Path(os.path.realpath(path)).name  # an LFS blob is named by its sha256
+            sha = {"encoder_weights_sha256": blob} if re.fullmatch("[0-9a-f]{64}", blob) else {}
+            return {"encoder_hub_revision": Path(path).parent.name, **sha}
+    return {}
 
 
 def _hub_unreachable(spec: EncoderSpec) -> str:
@@ -325,6 +345,7 @@ def build_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> Enc
     spec = get_spec(cfg.name)
     device = torch.device(device)
     weights_id, prefix = RANDOM, None
+    snapshot: dict[str, str] = {}
     if device.type == "meta":
         if cfg.weights or cfg.pretrained:
             raise UserError("a meta-device encoder has no weights: use pretrained=false.")
@@ -339,6 +360,7 @@ def build_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> Enc
     elif cfg.pretrained:
         raw = _hub_model(spec)
         weights_id = f"hub:{_hub_id(raw, spec)}"
+        snapshot = _hub_snapshot(spec)
         model = _cut(raw, spec)
     else:
         with _seeded():
@@ -361,6 +383,7 @@ def build_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> Enc
         "encoder_arch": spec.arch,
         "encoder_pooling": spec.pooling,
         "encoder_license": spec.license,
+        **snapshot,
     }
     if cfg.weights:
         provenance["encoder_weights_file"] = str(Path(cfg.weights).expanduser().resolve())
