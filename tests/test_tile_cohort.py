@@ -166,6 +166,30 @@ def test_the_contact_sheet_reuses_each_slides_cell(tmp_path: Path) -> None:
     assert np.array_equal(again, uncached()) and not np.array_equal(again, first)
 
 
+def test_kept_cells_go_with_their_qc_image_and_killed_writers_temps_after_a_day(
+    tmp_path: Path,
+) -> None:
+    """A cell is kept while its slide's QC image is: a slide left out of this run (another
+    array task's share) keeps it, one whose QC image the user removed loses it."""
+    out = tmp_path / "tiles"
+    slides = _cohort(tmp_path)
+    cfg = TileConfig(slides_dir=str(slides), output_dir=str(out), workers=1,
+                     tiling=TilingConfig(mpp=1.0, tile_size=64, default_mpp=0.5))  # fmt: skip
+    assert run_tile(cfg) == 0
+    cells = out / ".qc_cells"
+    (slides / "bare.tiff").unlink()  # out of this run; its QC image stays
+    (slides / "blank.tiff").unlink()
+    (out / "qc" / "blank.png").unlink()  # removed by its user
+    old, new = cells / ".tagged.png.x1y2.tmp", cells / ".unknown.png.a3b4.tmp"
+    old.write_bytes(b"torn")
+    new.write_bytes(b"being written")
+    os.utime(old, (1e9, 1e9))
+    assert run_tile(cfg) == 0
+    assert sorted(p.name for p in cells.iterdir()) == [
+        ".unknown.png.a3b4.tmp", "bare.png", "tagged.png", "unknown.png"
+    ]  # fmt: skip
+
+
 def test_an_unreadable_qc_image_greys_its_cell_not_the_whole_sheet(tmp_path: Path) -> None:
     out = tmp_path / "tiles"
     cfg = TileConfig(slides_dir=str(_cohort(tmp_path)), output_dir=str(out), workers=1,

@@ -10,13 +10,14 @@ import contextlib
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, PngImagePlugin
 from scipy import ndimage
 
-from melanoma_mil.io import atomic_path
+from melanoma_mil.io import atomic_path, temp_target
 from melanoma_mil.tiling.grid import SlideTiles
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ _HEADER = 18  # px band for the caption
 CELL_PX = 256  # contact sheet: px per slide at most
 CELLS = ".qc_cells"  # in the tile output: each slide's contact sheet cell, for the next sheet
 _KEY = "melanoma_mil.cell"  # PNG text of a kept cell: what it was made from
+_TEMP_AGE_S = 86400  # a cell's temp file this old was left by a killed writer
 
 
 def qc_image(tiles: SlideTiles, slide_id: str, max_side: int = MAX_SIDE) -> Image.Image:
@@ -134,3 +136,20 @@ def contact_sheet(
         draw.text((left + 2, top), f"{sid} {caption}"[: cell // 6], fill=(0, 0, 0))
     write_qc(path, sheet)
     return sheet
+
+
+def prune_cells(cache: Path, qc_dir: Path) -> None:
+    """Remove kept cells whose QC image is gone, and temps of writers killed a day ago.
+
+    A cell is made from its slide's QC PNG, so it is kept exactly as long as that PNG: slides
+    left out of this run's manifest (another array task's share) keep theirs.
+    """
+    with contextlib.suppress(OSError):  # no cache yet, or read-only: nothing to prune
+        for entry in os.scandir(cache):
+            if temp_target(entry.name) is not None:
+                stale = time.time() - entry.stat().st_mtime > _TEMP_AGE_S
+            else:
+                stale = entry.name.endswith(".png") and not (qc_dir / entry.name).exists()
+            if stale:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)

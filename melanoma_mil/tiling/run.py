@@ -42,7 +42,7 @@ from melanoma_mil.runtable import show, write
 from melanoma_mil.tiling.coords import read_tiling
 from melanoma_mil.tiling.grid import check_tiling
 from melanoma_mil.tiling.job import Task, existing_row, lock_path, slide_row, tile_one
-from melanoma_mil.tiling.qc import CELLS, contact_sheet
+from melanoma_mil.tiling.qc import CELLS, contact_sheet, prune_cells
 from melanoma_mil.tiling.slides import find_slides, read_mpp_csv
 from melanoma_mil.tiling.tissue import resolve_tissue
 from melanoma_mil.tiling.watch import Late, Watch
@@ -329,4 +329,5 @@ def _sheet(table: pd.DataFrame, out: Path) -> None:
     except OSError as e:
         log.error("could not write the contact sheet %s: %s", path, e)
         return
+    prune_cells(out / CELLS, out / "qc")
     print(f"  contact sheet: {path}", flush=True)
