@@ -8,6 +8,7 @@ from __future__ import annotations
 import html as htmllib
 import json
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pandas as pd
 import pytest
 from conftest import Pipeline
 from lifelines import CoxPHFitter
+from lifelines.exceptions import ConvergenceError
 from lifelines.statistics import logrank_test
 from lifelines.utils import concordance_index
 from test_evaluate import FIGURES, _args, embedded_figures, evaluate_cli, write_small
@@ -22,6 +24,7 @@ from test_evaluate_runs import fit_cfg
 
 from melanoma_mil.evaluation.evaluate import summary_line
 from melanoma_mil.evaluation.hooks import write_report
+from melanoma_mil.evaluation.survival import _no_estimate
 
 
 def _edit_clinical(root: Path, **columns: object) -> pd.DataFrame:
@@ -303,3 +306,50 @@ def test_a_covariate_that_adjusts_for_nothing_is_not_estimable_not_silently_drop
     assert "covariate 'stage'" in cox["adjusted_not_estimable"]
     assert "drop it from covariates" in cox["adjusted_not_estimable"]
     assert any("adjusted Cox: hazard ratios not estimable" in n for n in ev["survival"]["notes"])
+
+
+def test_groups_followed_apart_have_no_hazard_ratio_though_each_has_events(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every 'high' event comes after the last 'low' patient left follow-up: those events
+    compare no 'low' patient, and lifelines "converged" on an HR of about 1e-8."""
+    write_small(tmp_path)
+    high = _high(tmp_path)
+    time = np.where(high, 11 + np.arange(40) % 10, 1 + np.arange(40) % 10).astype(float)
+    _edit_clinical(tmp_path, time=time, event=1)
+    rc, err = evaluate_cli(capsys, *_args(tmp_path))
+    assert rc == 0, err
+    ev, html = _outputs(tmp_path)
+    uni = ev["survival"]["cox"]["univariable"]
+    why = "no patient of 'low' is still followed at any event of 'high' (last follow-up 10, first"
+    assert uni["hr"] is None and uni["not_estimable"].startswith(why)
+    assert ev["survival"]["logrank"]["p"] is not None  # the curves still compare
+    assert why in _text(html)
+
+
+def test_hazard_ratios_are_marked_not_estimable_exactly_when_lifelines_diverges() -> None:
+    """Against lifelines itself on random cohorts of 2 and 3 groups, some followed apart: the
+    reason is given iff lifelines' fit fails or ends on a coefficient beyond |8| (HR 3000)."""
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(120):
+        k, n = int(rng.integers(2, 4)), int(rng.integers(6, 30))
+        g = rng.integers(0, k, n)
+        shift = rng.uniform(0, 12, k) * (rng.random() < 0.6)
+        t = np.round(rng.uniform(0, 5, n) + shift[g], int(rng.integers(0, 2)))
+        e = (rng.random(n) < rng.uniform(0.2, 0.9)).astype(int)
+        if len(set(g)) < k or not all(e[g == i].any() for i in range(k)):
+            continue  # groups without events: covered above
+        order = [f"g{i}" for i in range(k)]
+        why = _no_estimate(pd.Series([order[i] for i in g]), pd.Series(t), pd.Series(e), order)
+        x = pd.DataFrame({f"d{i}": (g == i).astype(float) for i in range(1, k)})
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fit = CoxPHFitter().fit(x.assign(t=t, e=e), "t", "e")
+            diverged = bool(fit.params_.abs().max() > 8)
+        except ConvergenceError:
+            diverged = True
+        assert (why is not None) == diverged, (g, t, e, why)
+        seen.add(diverged)
+    assert seen == {True, False}

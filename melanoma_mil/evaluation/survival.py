@@ -6,11 +6,12 @@ Groups are made from predicted probabilities only, never from outcomes. The firs
 reference: the negative class, the low half, Q1 or the first class; the univariable hazard
 ratio is the last group (positive class / high / QK) against it.
 
-A result that the data cannot give (a hazard ratio when a group has no events, a group
-comparison when a group has no patients, a Cox model that does not converge, a log-rank test or
-C-index without any event) is NaN with the reason in ``not_estimable`` and in the notes, rather
-than an error: the Kaplan-Meier curves and whatever else is defined still stand, and a survival
-problem never costs the classification outputs.
+A result that the data cannot give (a hazard ratio when a group has no events or its patients
+all left follow-up before another group's first event, a group comparison when a group has no
+patients, a Cox model that does not converge, a log-rank test or C-index without any event) is
+NaN with the reason in ``not_estimable`` and in the notes, rather than an error: the Kaplan-Meier
+curves and whatever else is defined still stand, and a survival problem never costs the
+classification outputs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from lifelines import CoxPHFitter, KaplanMeierFitter
 from lifelines.exceptions import ConvergenceError
 from lifelines.statistics import multivariate_logrank_test, proportional_hazard_test
 from lifelines.utils import concordance_index, median_survival_times
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
 
 from melanoma_mil.evaluation.clinical import EVENT, TIME
 from melanoma_mil.evaluation.survival_groups import GROUP, SCORE, Groups
@@ -64,7 +67,9 @@ class CoxFit:
     reason: str | None = None
 
 
-def _no_estimate(groups: pd.Series, events: pd.Series, order: list[str]) -> str | None:
+def _no_estimate(
+    groups: pd.Series, times: pd.Series, events: pd.Series, order: list[str]
+) -> str | None:
     """Why group hazard ratios have no finite estimate. Without events in a group the partial
     likelihood keeps rising as its hazard ratio goes to 0 (infinity for the others when it is
     the reference); lifelines then "converges" on a meaningless huge HR instead of failing."""
@@ -72,7 +77,7 @@ def _no_estimate(groups: pd.Series, events: pd.Series, order: list[str]) -> str 
         return f"no events among the {len(events)} patients"
     silent = [g for g in order if not events[groups == g].any()]
     if not silent:
-        return None
+        return _apart(groups, times, events, order)
     sizes = [int((groups == g).sum()) for g in silent]
     if len(silent) == 1:
         who = f"group '{silent[0]}' has no events among its {sizes[0]} patients"
@@ -80,6 +85,33 @@ def _no_estimate(groups: pd.Series, events: pd.Series, order: list[str]) -> str 
         named = ", ".join(f"'{g}' ({n} patients)" for g, n in zip(silent, sizes, strict=True))
         who = f"groups {named} have no events"
     return f"{who}, so a hazard ratio against it is 0 or infinite"
+
+
+def _apart(groups: pd.Series, times: pd.Series, events: pd.Series, order: list[str]) -> str | None:
+    """Why group hazard ratios diverge although every group has events: some groups' patients
+    are all out of follow-up before the other groups' first event. Those events then compare
+    no patient of the first groups, and the likelihood keeps rising as the hazard ratio
+    between the two sets goes to 0 or infinity. Exact for group terms: with a dummy per group
+    the estimate is finite iff the graph "a patient of A is at risk at an event of B" joins
+    every group to every other (strongly connected); a covariate cannot make it finite."""
+    present = [g for g in order if (groups == g).any()]
+    last = {g: times[groups == g].max() for g in present}
+    first = {g: times[(groups == g) & events.astype(bool)].min() for g in present}
+    at_risk = [[a != b and first[b] <= last[a] for b in present] for a in present]
+    n, labels = connected_components(csr_matrix(np.array(at_risk)), connection="strong")
+    if n == 1:
+        return None
+    # a set no arrow leaves: its patients are at risk at none of the others' events
+    leaves = {int(labels[i]) for i, row in enumerate(at_risk) for j, on in enumerate(row)
+              if on and labels[j] != labels[i]}  # fmt: skip
+    early = [g for i, g in enumerate(present) if labels[i] not in leaves]
+    late = [g for g in present if g not in early]
+    quoted = [", ".join(f"'{g}'" for g in gs) for gs in (early, late)]
+    return (
+        f"no patient of {quoted[0]} is still followed at any event of {quoted[1]} "
+        f"(last follow-up {max(last[g] for g in early):g}, first event "
+        f"{min(first[g] for g in late):g}), so a hazard ratio between them is 0 or infinite"
+    )
 
 
 def _inert_covariates(data: pd.DataFrame, covariates: dict[str, str]) -> str | None:
@@ -114,7 +146,9 @@ def _fit_cox(
     df = x.assign(**{TIME: data[TIME], EVENT: data[EVENT]}).dropna()
     columns, order = list(x.columns), groups.order
     reason = (
-        groups.not_estimable or inert or _no_estimate(data.loc[df.index, GROUP], df[EVENT], order)
+        groups.not_estimable
+        or inert
+        or _no_estimate(data.loc[df.index, GROUP], df[TIME], df[EVENT], order)
     )
     if reason:
         return CoxFit(None, df, columns, reason)
