@@ -271,6 +271,26 @@ def test_user_masks_replace_automatic(tmp_path: Path, pyramid: tuple[Path, np.nd
     }
 
 
+def test_a_mask_of_another_aspect_ratio_is_named_as_stretched(
+    tmp_path: Path, pyramid: tuple[Path, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crop or a rotated export of a mask would mark the wrong tissue without an error."""
+    path, _ = pyramid  # a square slide
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    cfg = TilingConfig(mpp=1.0, tile_size=64, mask_dir=str(masks))
+    warned = []
+    for w, h in [(37, 37), (300, 299), (60, 30), (100, 90)]:
+        Image.fromarray(np.full((h, w), 255, np.uint8)).save(masks / "syn.png")
+        caplog.clear()
+        tile_slide(open_slide(path), path, "syn", cfg)
+        warned += [(w, h)] if "is stretched over the whole slide" in caplog.text else []
+    assert warned == [(60, 30), (100, 90)]
+    assert f"mask '{masks / 'syn.png'}' is 100x90 px, aspect 1.11, but its slide's aspect is 1" in (
+        caplog.text
+    )
+
+
 def test_an_edited_added_or_removed_mask_tiles_the_slide_again(
     tmp_path: Path, pyramid: tuple[Path, np.ndarray]
 ) -> None:

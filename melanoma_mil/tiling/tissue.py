@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from scipy import ndimage
 from melanoma_mil.config import TissueConfig
 from melanoma_mil.errors import UserError
 from melanoma_mil.ids import id_path
+
+log = logging.getLogger(__name__)
 
 # Named parameter sets; any key set explicitly in the config wins over its preset.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -162,6 +165,20 @@ def mask_fingerprint(mask_dir: str | os.PathLike[str] | None, slide_id: str) -> 
     return ""
 
 
+def _warn_if_other_shape(png: Path, size: tuple[int, int], shape: tuple[int, int]) -> None:
+    """A mask of another aspect ratio than its slide (a crop, a rotated or padded export) is
+    stretched over the slide and so marks the wrong tissue: tiles would come from the wrong
+    places with no error. Rounding of either image's size by a pixel is tolerated."""
+    (w, h), (sh, sw) = size, shape
+    tolerance = 0.01 + 1 / min(w, h) + 1 / min(sw, sh)
+    if abs((w / h) / (sw / sh) - 1) > tolerance:
+        log.warning(
+            "mask '%s' is %dx%d px, aspect %.3g, but its slide's aspect is %.3g: it is "
+            "stretched over the whole slide; export it from the whole, unrotated slide",
+            png, w, h, w / h, sw / sh,
+        )  # fmt: skip
+
+
 def load_user_mask(
     mask_dir: str | os.PathLike[str], slide_id: str, shape: tuple[int, int], downsample: float
 ) -> np.ndarray | None:
@@ -180,6 +197,7 @@ def load_user_mask(
             with Image.open(png) as im:
                 # a palette's colours would read a label 0 shown white (ImageJ's inverted LUT)
                 # as tissue everywhere; LA: a mask painted on a transparent layer
+                _warn_if_other_shape(png, im.size, shape)
                 values = im if im.mode == "P" else im.convert("LA")
                 small = np.asarray(values.resize((shape[1], shape[0]), Image.NEAREST))
         except Image.DecompressionBombError:
