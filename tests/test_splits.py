@@ -44,6 +44,20 @@ def test_one_training_patient_with_no_folds_left_advises_only_patients() -> None
     assert len(make_splits(bags(4, 8), CVConfig(folds=2), 0, ["A", "B"])) == 2
 
 
+def test_too_few_patients_for_the_folds_advises_only_folds_that_fit() -> None:
+    """A class of 2 patients fits no cv.folds (2 folds leave 1 of them to train and validate
+    on): the advice is to add patients, not 'cv.folds <= 2', which then fails in turn."""
+    with pytest.raises(UserError) as e:
+        make_splits(bags(2, 8), CVConfig(folds=3), 0, ["A", "B"])
+    advice = str(e.value).split(": ", 1)[1]  # after "fewer than cv.folds=3"
+    assert "cv.folds" not in advice and "add patients" in advice.lower()
+    with pytest.raises(UserError, match="class 'A'"):  # what 'cv.folds <= 2' would lead to
+        make_splits(bags(2, 8), CVConfig(folds=2), 0, ["A", "B"])
+    with pytest.raises(UserError, match=r"Lower cv.folds to <= 3 or add patients") as e:
+        make_splits(bags(3, 8), CVConfig(folds=4), 0, ["A", "B"])
+    assert len(make_splits(bags(3, 8), CVConfig(folds=3), 0, ["A", "B"])) == 3  # and it fits
+
+
 def test_fit_names_the_fix_in_one_line_before_any_work(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

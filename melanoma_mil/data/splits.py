@@ -35,11 +35,17 @@ class Split:
 
 
 def _check_class_counts(bags: pd.DataFrame, folds: int, classes: list[str]) -> None:
+    """Each class in every test fold. Fewer folds are advised only where they can work: a class
+    needs 3 patients (one to test, two in the training part: one of them validates)."""
     patients = bags.groupby("label")["patient_id"].nunique()
     for idx, name in enumerate(classes):
         n = int(patients.get(idx, 0))
         if n < folds:
-            fix = f"Lower cv.folds to <= {n} or add patients" if n >= 2 else "Add patients"
+            fix = (
+                f"Lower cv.folds to <= {n} or add patients"
+                if n >= 3
+                else "Add patients (each class needs 3: one to test, two to train and validate)"
+            )
             raise UserError(
                 f"class '{name}' has {n} patient(s), fewer than cv.folds={folds}: every test fold "
                 f"needs each class. {fix} (patients come from the labels CSV's patient_id)."
