@@ -105,6 +105,34 @@ def test_a_malformed_user_splits_file_is_one_line_before_any_work(
     assert not (out / "folds").exists()
 
 
+def test_a_user_splits_file_without_validation_bags_trains_when_no_selection_needs_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Splits with an empty val part (CLAM's with val_frac=0, plain k-fold files) were refused
+    as 'needed for model selection', even where the run selects nothing (selection=last, or
+    auto, which then trains on train + val); only early stopping needs them."""
+    features, labels = make_bag_cohort(tmp_path, n_patients=12, dim=8)
+    made = make_splits(pd.read_csv(labels).assign(bag_id=lambda d: d["slide_id"],
+                                                  label=lambda d: d["label"].factorize()[0]),
+                       CVConfig(folds=3), 0, ["A", "B"])  # fmt: skip
+    doc = [{**asdict(s), "train": sorted(s.train + s.val), "val": []} for s in made]
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"splits": doc}))
+    base = [f"data.features_dir={features}", f"data.labels_csv={labels}", "logger=none",
+            f"cv.splits_file={splits}", "trainer.max_epochs=1",
+            "trainer.accelerator=cpu"]  # fmt: skip
+    assert main(["fit", *base, f"output_dir={tmp_path / 'auto'}"]) == 0
+    assert (tmp_path / "auto" / "cv_summary.json").is_file()
+    out = tmp_path / "early"
+    rc = main(["fit", *base, f"output_dir={out}", "trainer.selection=early_stopping"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "fold_0: its validation split is empty" in lines[0]
+    assert "trainer.selection=last" in lines[0]
+    assert not (out / "folds").exists()
+
+
 def test_slide_splits_for_patient_bags_name_the_bag_level() -> None:
     """A CLAM splits folder names slides; with data.bag_level=patient the bags are patients,
     and 'missing features or labels' sent the user after files that are there."""

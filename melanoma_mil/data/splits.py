@@ -166,7 +166,8 @@ def _check_shape(splits: list[Split], source: str) -> None:
 
 
 def check_splits(splits: list[Split], bags: pd.DataFrame, source: str) -> None:
-    """No patient in two partitions of a fold; every split bag belongs to the cohort."""
+    """No patient in two partitions of a fold; every split bag belongs to the cohort. An empty
+    validation part is allowed: only early stopping needs one (`selection.run_selection`)."""
     _check_shape(splits, source)
     patient = dict(zip(bags["bag_id"], bags["patient_id"], strict=True))
     for s in splits:
@@ -192,10 +193,6 @@ def check_splits(splits: list[Split], bags: pd.DataFrame, source: str) -> None:
                     f"{source}: repeat {s.repeat} fold {s.fold} has patient(s) "
                     f"{sorted(shared)[:5]} in both {a} and {b}; splits must be by patient."
                 )
-        if not s.val:
-            raise UserError(
-                f"{source}: fold {s.fold} has no validation bags (needed for model selection)."
-            )
 
 
 def read_clam_splits(path: Path) -> list[Split]:

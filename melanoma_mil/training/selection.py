@@ -202,11 +202,28 @@ def _bags(mode: str, split: Split) -> tuple[list[str], list[str]]:
 def run_selection(
     cfg: FitConfig, splits: list[Split], labels: dict[str, int], classes: list[str]
 ) -> RunSelection:
-    """The run's mode and members, decided over all its splits; a val_auc monitor on a
-    validation split lacking a class is refused (its AUC is NaN every epoch)."""
+    """The run's mode and members, decided over all its splits; early stopping on an empty
+    validation split, or with val_auc on one lacking a class (NaN every epoch), is refused."""
     mode = resolve_selection(cfg, splits, labels)
-    if mode == "early_stopping" and cfg.trainer.monitor == "val_auc":
-        for name, split in zip(rundir.fold_names(splits), splits, strict=True):
+    if mode == "early_stopping":
+        _check_validation_splits(cfg, splits, labels, classes)
+    most = max(fold_epochs(cfg, mode, len(_bags(mode, s)[0])) for s in splits)
+    return RunSelection(mode, fold_members(cfg, most))
+
+
+def _check_validation_splits(
+    cfg: FitConfig, splits: list[Split], labels: dict[str, int], classes: list[str]
+) -> None:
+    """Early stopping needs validation bags in every fold (a user's splits file may have none),
+    and with val_auc every class among them."""
+    for name, split in zip(rundir.fold_names(splits), splits, strict=True):
+        if not split.val:
+            raise UserError(
+                f"{name}: its validation split is empty (cv.splits_file), so early stopping "
+                "cannot select on it; use trainer.selection=last (trains on its training "
+                "bags), or a splits file with validation bags."
+            )
+        if cfg.trainer.monitor == "val_auc":
             missing = sorted(set(range(len(classes))) - {labels[b] for b in split.val})
             if missing:
                 raise UserError(
@@ -215,8 +232,6 @@ def run_selection(
                     "trainer.selection=last, trainer.monitor=val_loss, or a larger "
                     "cv.val_fraction."
                 )
-    most = max(fold_epochs(cfg, mode, len(_bags(mode, s)[0])) for s in splits)
-    return RunSelection(mode, fold_members(cfg, most))
 
 
 def fold_selection(run: RunSelection, cfg: FitConfig, split: Split) -> FoldSelection:
