@@ -44,6 +44,9 @@ RECORDED_ATTRS = (*IDENTITY_FIELDS, "cache_key", "level0_mpp", "mpp_source", "pr
 # table columns naming a slide's drawn files, and all of a slide's files in <output_dir>/<slide_id>/
 FILE_COLUMNS = ("heatmap", "montage", "geojson")
 SLIDE_FILES = (ATTENTION_FILE, "heatmap.png", "montage.png", "tiles.geojson")
+# claim_output patterns: an unmarked folder holding any of them is taken only with overwrite, as
+# a slide's files are replaced (or, if not redrawn, removed) whoever made them
+SLIDE_OUTPUTS = tuple(f"*/{name}" for name in SLIDE_FILES)
 # attention.h5 attr recording the settings its heatmap.png / montage.png were drawn with
 DRAWING_ATTR = "drawing"
 

@@ -22,6 +22,7 @@ from melanoma_mil.inference.analyse import (
     ATTENTION_FILE,
     DRAWING_ATTR,
     FAILED,
+    SLIDE_OUTPUTS,
     analyse_all,
     check_common,
     claim_for_run,
@@ -40,7 +41,7 @@ from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
 from melanoma_mil.tiling.slides import mpp_outdated, read_mpp_csv
 from melanoma_mil.tracking.loggers import log_slides
 
-OUTPUTS = (f"*/{ATTENTION_FILE}", "heatmaps.csv")
+OUTPUTS = (*SLIDE_OUTPUTS, "heatmaps.csv")
 FILES = {"heatmap": "heatmap.png", "montage": "montage.png", "geojson": "tiles.geojson"}
 
 

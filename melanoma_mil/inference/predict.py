@@ -28,10 +28,10 @@ from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.hooks import check_inputs, write_report
 from melanoma_mil.ids import unmatched_ids
 from melanoma_mil.inference.analyse import (
-    ATTENTION_FILE,
     FAILED,
     FILE_COLUMNS,
     SHOWN,
+    SLIDE_OUTPUTS,
     analyse_all,
     check_common,
     claim_for_run,
@@ -272,7 +272,7 @@ def run_predict(cfg: PredictConfig) -> int:
     out = Path(cfg.output_dir)
     target = out / "predictions.csv"
     run = check_common(cfg)
-    outputs = (target.name, PATIENTS, f"*/{ATTENTION_FILE}", REPORT, f"{EVALUATION}/*")
+    outputs = (target.name, PATIENTS, *SLIDE_OUTPUTS, REPORT, f"{EVALUATION}/*")
     claim_for_run(cfg, run, "predict", outputs, write=False)
     if target.exists() and not cfg.overwrite:
         raise UserError(f"'{target}' exists; pass overwrite=true or choose another output_dir.")

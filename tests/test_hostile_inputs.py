@@ -1,0 +1,33 @@
+"""Careless inputs to the commands: folders a user made that hold files with an output's name,
+and files in shapes the readers did not expect. Each is refused with one line before any work,
+and nothing of the user's is replaced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import Pipeline
+from test_config import one_line_error
+
+from melanoma_mil.cli import main
+
+
+@pytest.mark.parametrize("command", ["heatmap", "predict"])
+def test_a_users_heatmap_pictures_are_not_replaced_without_overwrite(
+    pipe: Pipeline, tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "pictures"  # e.g. another tool's heatmaps, one folder per slide
+    (out / "slide_000").mkdir(parents=True)
+    mine = {name: f"mine {name}" for name in ("heatmap.png", "montage.png")}
+    for name, text in mine.items():
+        (out / "slide_000" / name).write_text(text)
+    argv = [command, f"run_dir={pipe.run_dir}", f"output_dir={out}", f"slides_dir={pipe.slides}",
+            f"features_dir={pipe.features}", "slide_ids=[slide_000]", "device=cpu",
+            "thumbnail_size=128", "top_k=2"]  # fmt: skip
+    err = one_line_error(capsys, *argv)
+    assert "heatmap.png" in err and "overwrite=true" in err
+    assert {p.name for p in out.rglob("*")} == {"slide_000", *mine}
+    assert all((out / "slide_000" / n).read_text() == t for n, t in mine.items())
+    assert main([*argv, "overwrite=true"]) == 0  # asked: replaced
+    assert (out / "slide_000" / "heatmap.png").read_bytes().startswith(b"\x89PNG")
