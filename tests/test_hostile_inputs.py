@@ -11,6 +11,7 @@ from conftest import Pipeline
 from test_config import one_line_error
 
 from melanoma_mil.cli import main
+from melanoma_mil.data.synthetic import make_bag_cohort
 
 
 @pytest.mark.parametrize("command", ["heatmap", "predict"])
@@ -31,3 +32,23 @@ def test_a_users_heatmap_pictures_are_not_replaced_without_overwrite(
     assert all((out / "slide_000" / n).read_text() == t for n, t in mine.items())
     assert main([*argv, "overwrite=true"]) == 0  # asked: replaced
     assert (out / "slide_000" / "heatmap.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(b"", "No columns to parse"), (b"train,val,test\n\xe9,b,c\n", "save it as UTF-8 CSV")],
+)
+def test_an_empty_or_non_utf8_clam_splits_file_is_one_line_before_the_run_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, problem: str
+) -> None:
+    features, labels = make_bag_cohort(tmp_path, n_patients=8, dim=8)
+    folder = tmp_path / "clam_splits"
+    folder.mkdir()
+    (folder / "splits_0.csv").write_text("train,val,test\nP0000,P0001,P0002\n")
+    (folder / "splits_1.csv").write_bytes(content)  # a fold file cut short, or saved as Latin-1
+    out = tmp_path / "run"
+    err = one_line_error(capsys, "fit", f"data.features_dir={features}",
+                         f"data.labels_csv={labels}", f"output_dir={out}",
+                         f"cv.splits_file={folder}", "logger=none")  # fmt: skip
+    assert str(folder / "splits_1.csv") in err and problem in err
+    assert not out.exists()

@@ -20,6 +20,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from melanoma_mil.config import CVConfig
 from melanoma_mil.data.cohort import repeated
 from melanoma_mil.errors import UserError
+from melanoma_mil.io import read_text_csv
 
 _CLAM = re.compile(r"splits_(\d+)\.csv")  # one fold's file in a CLAM splits folder
 log = logging.getLogger(__name__)
@@ -205,8 +206,8 @@ def read_clam_splits(path: Path) -> list[Split]:
         raise UserError(f"{folder}: no splits_<k>.csv files (CLAM format) found.")
     splits = []
     for k, f in enumerate(files):
-        df = pd.read_csv(f, dtype=str)
-        cols = {c: df[c].dropna().tolist() for c in ("train", "val", "test") if c in df}
+        df = read_text_csv(f, "CLAM splits file", "cv.splits_file", ("train", "val", "test"))
+        cols = {c: df[c][df[c] != ""].tolist() for c in ("train", "val", "test") if c in df}
         if set(cols) != {"train", "val", "test"}:
             raise UserError(f"{f}: CLAM splits need columns train, val, test.")
         splits.append(Split(repeat=0, fold=k, **{c: sorted(v) for c, v in cols.items()}))
