@@ -133,6 +133,20 @@ def refuse_linked(folder: str | Path, command: str, names: Iterable[str]) -> Non
             )
 
 
+def refuse_in_the_way(folder: str | Path, command: str, names: Iterable[str]) -> None:
+    """`refuse_linked`, and refuse a file at one of ``names``, the folders ``command`` makes in
+    ``folder``: else every slide would fail on it (or a traceback end the run) after the work."""
+    refuse_linked(folder, command, names)
+    root = Path(folder)
+    for name in names:
+        path = root / name
+        if path.exists() and not path.is_dir():
+            raise UserError(
+                f"'{path}' is a file, and `{command}` makes a folder of that name in output_dir "
+                f"'{root}'; move the file away, or choose another output_dir."
+            )
+
+
 def output_folder(folder: str | Path, command: str) -> Path:
     """``folder`` as ``command``'s output_dir: not a file, not inside a run's own entries."""
     out = Path(folder)

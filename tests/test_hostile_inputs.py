@@ -4,10 +4,11 @@ and nothing of the user's is replaced."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
-from conftest import Pipeline
+from conftest import Pipeline, make_cohort
 from test_config import one_line_error
 
 from melanoma_mil.cli import main
@@ -52,3 +53,29 @@ def test_an_empty_or_non_utf8_clam_splits_file_is_one_line_before_the_run_folder
                          f"cv.splits_file={folder}", "logger=none")  # fmt: skip
     assert str(folder / "splits_1.csv") in err and problem in err
     assert not out.exists()
+
+
+def test_a_file_where_tile_or_extract_makes_a_folder_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiles = make_cohort(tmp_path, 1)
+    out = tmp_path / "tiles_out"
+    out.mkdir()
+    (out / "coords").write_text("mine")  # e.g. a list of coordinates of yours
+    err = one_line_error(capsys, "tile", f"slides_dir={tmp_path / 'slides'}", f"output_dir={out}",
+                         "workers=1", "tiling.mpp=0.5", "tiling.tile_size=64")  # fmt: skip
+    assert f"'{out / 'coords'}' is a file" in err and "move the file away" in err
+    assert [p.name for p in out.iterdir()] == ["coords"] and (out / "coords").read_text() == "mine"
+
+    feats = tmp_path / "features"
+    extract = ["extract", f"coords_dir={tiles}", f"output_dir={feats}", "num_workers=0",
+               "device=cpu", "encoder.name=resnet18_imagenet",
+               "encoder.pretrained=false"]  # fmt: skip
+    assert main(extract) == 0
+    capsys.readouterr()
+    (key,) = [p for p in feats.iterdir() if p.is_dir()]
+    shutil.rmtree(key)
+    key.write_text("mine")  # a file named as the cache folder extract writes
+    err = one_line_error(capsys, *extract)
+    assert f"'{key}' is a file" in err
+    assert key.read_text() == "mine"

@@ -45,7 +45,7 @@ from melanoma_mil.features.folder import end_rebuild, folder_precision
 from melanoma_mil.features.pipeline import Engine, Writer, failure
 from melanoma_mil.features.queue import SlideQueue, SlideWork, write_record
 from melanoma_mil.io import h5_bytes, write_bytes
-from melanoma_mil.outdir import claim_shared, refuse_linked
+from melanoma_mil.outdir import claim_shared, refuse_in_the_way
 from melanoma_mil.progress import progress
 from melanoma_mil.runtable import show, write
 from melanoma_mil.tiling.coords import TileGrid, read_coords
@@ -262,7 +262,7 @@ def run_extract(cfg: ExtractConfig) -> int:
     keys = {
         cache_key(slide_identity(run.identity_source, g)) for g in grids if isinstance(g, TileGrid)
     }
-    refuse_linked(cfg.output_dir, "extract", sorted(keys))  # the cache folders it writes
+    refuse_in_the_way(cfg.output_dir, "extract", sorted(keys))  # the cache folders it writes
     claim_shared(cfg.output_dir, "extract")
     folders = [run.out_root / key for key in sorted(keys)]
     precision, rebuilds = folder_precision(folders, cfg.precision, precision, cfg.overwrite, device)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from melanoma_mil.config import TileConfig, TilingConfig
 from melanoma_mil.errors import UserError
 from melanoma_mil.ids import id_path
-from melanoma_mil.outdir import claim_shared, refuse_linked
+from melanoma_mil.outdir import claim_shared, refuse_in_the_way
 from melanoma_mil.progress import progress
 from melanoma_mil.runtable import show, write
 from melanoma_mil.tiling.coords import read_tiling
@@ -273,7 +273,7 @@ def run_tile(cfg: TileConfig, advise_default_mpp: bool = True) -> int:
     out = Path(cfg.output_dir)
     if not cfg.overwrite:
         _check_settings(out, list(slides), resolved_tiling(cfg.tiling))
-    refuse_linked(out, "tile", ["coords", "qc"])
+    refuse_in_the_way(out, "tile", ["coords", "qc"])
     claim_shared(out, "tile")
     since = time.time()
 
