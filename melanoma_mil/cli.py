@@ -218,6 +218,12 @@ def _disk_error(e: OSError, output_dir: str | None) -> str:
     return f"{os.strerror(e.errno or 0)}{where}; {DISK_ERRORS[e.errno or 0]}."
 
 
+def _printable(text: str) -> str:
+    """``text`` on one line: a control character (a newline in a file name) is written as its
+    escape, so an error stays the one `error:` line that scripts and users read."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     output_dir: str | None = None
@@ -236,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()  # after the import: Lightning resets its log level when imported
         return int(runner(cfg) or 0)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_printable(str(e))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `--help | head`: the reader left; nothing more to say
         sys.stderr.close()
@@ -244,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.errno not in DISK_ERRORS:  # anything else is a bug: keep its traceback
             raise
-        print(f"error: {_disk_error(e, output_dir)}", file=sys.stderr)
+        print(f"error: {_printable(_disk_error(e, output_dir))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         resume = COMMANDS[name].resume if name in COMMANDS else ""

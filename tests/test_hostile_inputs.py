@@ -79,3 +79,15 @@ def test_a_file_where_tile_or_extract_makes_a_folder_is_refused_before_any_work(
     err = one_line_error(capsys, *extract)
     assert f"'{key}' is a file" in err
     assert key.read_text() == "mine"
+
+
+def test_a_newline_in_a_slide_file_name_keeps_the_error_on_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_cohort(tmp_path, 1)
+    slides = tmp_path / "slides"
+    (slides / "slide0.tif").rename(slides / "slide\n0.tif")  # a name pasted with its newline
+    out = tmp_path / "tiled"
+    err = one_line_error(capsys, "tile", f"slides_dir={slides}", f"output_dir={out}", "workers=1")
+    assert "slide\\n0.tif" in err and "control character" in err
+    assert not out.exists()
