@@ -4,12 +4,15 @@ and nothing of the user's is replaced."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 from conftest import Pipeline, make_cohort
 from test_config import one_line_error
+from test_store import store_of
 
 from melanoma_mil.cli import main
 from melanoma_mil.data.synthetic import make_bag_cohort
@@ -91,3 +94,17 @@ def test_a_newline_in_a_slide_file_name_keeps_the_error_on_one_line(
     err = one_line_error(capsys, "tile", f"slides_dir={slides}", f"output_dir={out}", "workers=1")
     assert "slide\\n0.tif" in err and "control character" in err
     assert not out.exists()
+
+
+def test_a_store_dir_of_yours_keeps_its_folders_holding_an_index_json(tmp_path: Path) -> None:
+    features, labels = make_bag_cohort(tmp_path, n_patients=6, dim=8)
+    stores = tmp_path / "scratch"  # data.store_dir: your scratch folder, holding other things
+    site = stores / "site"  # a folder of yours with an index.json, as websites and datasets have
+    site.mkdir(parents=True)
+    for name, text in (("index.json", '{"pages": []}'), ("index.html", "<html>")):
+        (site / name).write_text(text)
+    days_ago = time.time() - 3 * 86400
+    os.utime(site / "index.json", (days_ago, days_ago))
+    store = store_of(features, labels, f"data.store_dir={stores}")
+    assert store.folder.parent == stores
+    assert sorted(p.name for p in site.iterdir()) == ["index.html", "index.json"]

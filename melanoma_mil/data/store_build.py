@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import socket
 import time
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 FORMAT = 2  # 2: files keyed on ctime too (1 missed an edit whose mtime was set back)
 WAIT_S = 1.0
 UNUSED_S = 24 * 3600.0  # a store nobody opened for this long, and never reusable, is removed
+# what `_name` makes (`bags` before stores were named by slide count): data.store_dir may be a
+# folder of yours, and only folders named so are ever pruned there
+STORE_NAME = re.compile(r"float(16|32)-\d+(slides|bags)-[0-9a-f]{12}")
 
 
 @dataclass(frozen=True)
@@ -274,13 +278,15 @@ def prune(root: Path, sources: list[Source], unused_s: float = UNUSED_S) -> None
     if not root.is_dir():
         return
     current = {s.path: s.key() for s in sources}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and STORE_NAME.fullmatch(p.name)):
         try:  # the age first: a store in use is not read again (`_find` has just read it)
             age = time.time() - (folder / "index.json").stat().st_mtime
             index = json.loads((folder / "index.json").read_text()) if age >= unused_s else None
         except (OSError, ValueError):
             continue  # damaged or half-removed: named by whoever needs it, never guessed at
-        if age < unused_s or not _superseded(index if isinstance(index, dict) else None, current):
+        if not isinstance(index, dict) or not isinstance(index.get("files"), list):
+            continue  # in use, or not a store's index: never guessed at
+        if not _superseded(index, current):
             continue
         lock = Claim(root / f".{folder.name}.lock")
         if not lock.acquire():
