@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import Pipeline, make_cohort
 from test_config import one_line_error
 from test_store import store_of
@@ -108,3 +109,22 @@ def test_a_store_dir_of_yours_keeps_its_folders_holding_an_index_json(tmp_path: 
     store = store_of(features, labels, f"data.store_dir={stores}")
     assert store.folder.parent == stores
     assert sorted(p.name for p in site.iterdir()) == ["index.html", "index.json"]
+
+
+def test_a_missing_swept_feature_folder_is_named_before_the_first_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    features, labels = make_bag_cohort(tmp_path, n_patients=8, dim=8)
+    typo = tmp_path / "featurse"  # the first cache of an encoder sweep, misspelt
+    sweep_file = tmp_path / "enc.yaml"
+    values = {"values": [str(typo), str(features)]}
+    sweep_file.write_text(
+        yaml.safe_dump({"method": "grid", "parameters": {"data.features_dir": values}})
+    )
+    argv = ["sweep", str(sweep_file), f"data.labels_csv={labels}", f"output_dir={tmp_path / 'sw'}",
+            "logger=none", "cv.folds=2", "trainer.max_epochs=1",
+            "trainer.accelerator=cpu"]  # fmt: skip
+    assert main(argv) == 1  # the run fails (a cache may be made later: a resume retries it)
+    said = [r.getMessage() for r in caplog.records]
+    first = next(i for i, m in enumerate(said) if m.startswith("sweep run "))
+    assert any(f"'{typo}' not found" in m and "its run will fail" in m for m in said[:first])

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from omegaconf import OmegaConf
 
 from melanoma_mil import config as C
@@ -151,13 +152,15 @@ def _execute(fit: C.FitConfig, splits_sha256: str | None) -> dict[str, Any]:
     return {"state": "finished", "metrics": summary_metrics(summary), "splits_sha256": digest}
 
 
-def _check_inputs(cfg: C.SweepConfig, swept: set[str]) -> None:
+def _check_inputs(cfg: C.SweepConfig, spec: dict[str, Any]) -> None:
     """fit's checks of its inputs, on the settings every run shares: a bad one stops the sweep
-    now (exit 2) rather than failing each run. Keys a parameter sets are left to each run."""
+    now (exit 2) rather than failing each run. Keys a parameter sets are left to each run
+    (feature folders listed are looked at: `_check_feature_folders`)."""
     from melanoma_mil.data.cohort import find_features, map_labels, read_labels
     from melanoma_mil.evaluation.hooks import check_inputs
     from melanoma_mil.training.orchestrate import check_parallel
 
+    swept = set(spec["parameters"])
     fit = fit_config(cfg, {}, Path(cfg.output_dir))
     # each check is skipped only when a key it reads is swept (not any key of its section)
     ddp = fit.trainer.devices * fit.trainer.num_nodes > 1
@@ -181,6 +184,23 @@ def _check_inputs(cfg: C.SweepConfig, swept: set[str]) -> None:
         table, _ = map_labels(table, data, str(data.labels_csv))
         if not swept & {"data.features_dir", "data.on_missing"}:
             find_features(table, data)
+        elif "data.on_missing" not in swept:
+            _check_feature_folders(cfg, spec["parameters"]["data.features_dir"], table)
+
+
+def _check_feature_folders(cfg: C.SweepConfig, param: dict[str, Any], table: pd.DataFrame) -> None:
+    """Say now which swept data.features_dir cannot give its run the labelled slides' bags: a
+    typo in the last one would otherwise show only after the others have trained. A warning:
+    a cache may still be in the making (its run fails and is retried on resume)."""
+    from melanoma_mil.data.cohort import find_features
+
+    values = list(param.get("values", [])) + ([param["value"]] if "value" in param else [])
+    for value in values:
+        try:
+            find_features(table, fit_config(cfg, {"data.features_dir": value}, Path()).data)
+        except UserError as e:
+            log.warning("sweep file '%s', data.features_dir: %s; its run will fail unless this "
+                        "is fixed before it starts", cfg.sweep_file, e)  # fmt: skip
 
 
 def _run(
@@ -225,7 +245,7 @@ def run_sweep(cfg: C.SweepConfig) -> int:
             f"output_dir '{out}' already holds {RESULTS} from an unknown sweep; pass "
             "overwrite=true to replace it, or choose another output_dir."
         )
-    _check_inputs(cfg, set(spec["parameters"]))
+    _check_inputs(cfg, spec)
     replace_comparison = own_comparison(out)  # refused before the folder is marked
     claim_shared(out, "sweep")
     done = [e for e in entries if e["state"] == "finished"]
