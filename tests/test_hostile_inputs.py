@@ -128,3 +128,18 @@ def test_a_missing_swept_feature_folder_is_named_before_the_first_run(
     said = [r.getMessage() for r in caplog.records]
     first = next(i for i, m in enumerate(said) if m.startswith("sweep run "))
     assert any(f"'{typo}' not found" in m and "its run will fail" in m for m in said[:first])
+
+
+def test_one_slide_file_under_two_ids_is_refused_before_tiling(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_cohort(tmp_path, 2)
+    slides, out = tmp_path / "slides", tmp_path / "tiled"
+    manifest = tmp_path / "m.csv"  # a row copied for a new slide whose path was not changed
+    manifest.write_text(f"slide_id,path\nA,{slides / 'slide0.tif'}\nB,{slides / 'slide0.tif'}\n")
+    err = one_line_error(capsys, "tile", f"manifest={manifest}", f"output_dir={out}")
+    assert "slides 'A' and 'B'" in err and "are one file" in err
+    (slides / "again.tif").symlink_to(slides / "slide1.tif")  # a cohort of links, one twice
+    err = one_line_error(capsys, "tile", f"slides_dir={slides}", f"output_dir={out}")
+    assert "slides 'again' and 'slide1'" in err and "are one file" in err
+    assert not out.exists()

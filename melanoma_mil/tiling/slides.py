@@ -60,13 +60,20 @@ def _check_unique(
     pairs: list[tuple[str, Path]], source: str, fix: str = "rename one of the files"
 ) -> dict[str, Path]:
     found: dict[str, Path] = {}
+    files: dict[str, str] = {}  # the real file -> its first slide id (links followed)
     for sid, path in pairs:
         if sid in found:
             raise UserError(
                 f"duplicate slide id '{sid}' in {source}: {found[sid]} and {path}; "
                 f"{fix} (slide ids must be unique)."
             )
-        found[sid] = path
+        real = os.path.realpath(path)
+        if real in files:  # one scan under two ids would be two bags: in two folds, a leak
+            raise UserError(
+                f"slides '{files[real]}' and '{sid}' in {source} are one file ('{real}'); "
+                "list each slide once."
+            )
+        found[sid], files[real] = path, sid
     return dict(sorted(found.items()))
 
 
