@@ -143,3 +143,19 @@ def test_one_slide_file_under_two_ids_is_refused_before_tiling(
     err = one_line_error(capsys, "tile", f"slides_dir={slides}", f"output_dir={out}")
     assert "slides 'again' and 'slide1'" in err and "are one file" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["heatmap", "predict"])
+def test_a_bad_device_is_refused_before_tiling_or_claiming_the_folder(
+    pipe: Pipeline, tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    for device in ("gpu", "mps"):  # a name of another tool; a device torch knows but we do not
+        err = one_line_error(capsys, command, f"run_dir={pipe.run_dir}", f"output_dir={out}",
+                             f"slides_dir={pipe.slides}", "slide_ids=[slide_000]",
+                             f"device={device}")  # fmt: skip
+        assert f"device '{device}' unknown" in err
+        assert not out.exists()  # no _work tiles, no marker
+    err = one_line_error(capsys, "extract", f"coords_dir={pipe.root / 'tiles'}",
+                         f"output_dir={out}", "device=mps")  # fmt: skip
+    assert "device 'mps' unknown" in err  # was a RuntimeError traceback

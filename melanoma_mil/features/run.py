@@ -70,9 +70,11 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("cpu")
         return torch.device("cuda", placement.gpu_index(os.environ, torch.cuda.device_count()))
     try:
-        device = torch.device(name)
+        device: torch.device | None = torch.device(name)
     except RuntimeError:
-        raise UserError(f"device '{name}' unknown; use auto, cpu, cuda or cuda:N.") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # mps, xla: torch knows, we do not
+        raise UserError(f"device '{name}' unknown; use auto, cpu, cuda or cuda:N.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{name}' requested but CUDA is not available; use device=cpu.")
     return device

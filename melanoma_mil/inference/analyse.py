@@ -62,6 +62,9 @@ def check_common(cfg: HeatmapConfig) -> TrainedRun:
     if not cfg.run_dir:
         raise UserError("run_dir is not set: pass run_dir=PATH to a `fit` output folder.")
     check(cfg)
+    from melanoma_mil.features.run import resolve_device  # as the runners import it: lazily
+
+    resolve_device(cfg.device)  # a bad one is said now, not once the slides have been tiled
     read_mpp_csv(cfg.mpp_csv)  # checked even when features_dir leaves it unused: a typo is said
     run = load_run(cfg.run_dir)
     check_logger(run.config)  # the run's W&B mode, used to log the slides once they are done
