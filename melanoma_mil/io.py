@@ -109,9 +109,11 @@ def check_writable(path: str | os.PathLike[str], key: str = "output_dir") -> Non
     disk, no permission): otherwise a command learns it only when its first result is due.
 
     A missing folder is fine when its nearest existing parent is a writable folder. The probe is
-    an anonymous temp file (O_TMPFILE where supported), so nothing is left behind."""
+    an anonymous temp file (O_TMPFILE where supported), so nothing is left behind. A '..' is
+    followed as making the folder would (``missing/../x`` is ``x``, ``link/..`` the link's
+    target's parent), so the folder checked is the one that would be made."""
     target = Path(path)
-    probe = target
+    probe = Path(os.path.realpath(target)) if ".." in target.parts else target
     while not (probe.exists() or probe.is_symlink()) and probe.parent != probe:
         probe = probe.parent
     if probe.is_symlink() and not probe.exists():

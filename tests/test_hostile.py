@@ -361,6 +361,9 @@ def test_unwritable_output_dir_is_refused_before_any_work(
     a_file.write_text("user's")
     one_line_error(*cli(capsys, *args, f"output_dir={a_file}"), str(a_file), "not a folder")
     one_line_error(*cli(capsys, *args, f"output_dir={a_file / 'sub'}"), "is a file")
+    roundabout = tmp_path / "missing" / ".." / a_file.name  # the file, once missing/ is made
+    one_line_error(*cli(capsys, *args, f"output_dir={roundabout}"), "not a folder")
+    assert not (tmp_path / "missing").exists()
     assert a_file.read_text() == "user's"
     one_line_error(*cli(capsys, *args, f"output_dir={readonly_dir / 'out'}"), "cannot be written")
     assert list(readonly_dir.iterdir()) == []
