@@ -138,6 +138,30 @@ def test_a_cox_model_that_does_not_converge_is_not_estimable_not_fatal(
     assert any("adjusted Cox: hazard ratios not estimable" in n for n in ev["survival"]["notes"])
 
 
+def test_a_cox_fit_lifelines_stops_unconverged_reports_no_hazard_ratios(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """lifelines does not raise when Newton-Raphson stops short: it warns and returns the last
+    step's coefficients (on a 7-patient cohort, HR 1e-4 with a CI of 1e-195 to 1e186). Those
+    must read "not estimable", as a fit that raises does."""
+    write_small(tmp_path)
+    clinical = pd.read_csv(tmp_path / "clinical.csv")
+    _edit_clinical(tmp_path, marker=-clinical["time"])  # earlier failure, higher marker
+    rc, err = evaluate_cli(capsys, *_args(tmp_path, "covariates=[marker]"))
+    assert rc == 0, err
+    ev, html = _outputs(tmp_path)
+    cox = ev["survival"]["cox"]
+    assert cox["adjusted"] == {
+        term: {"hr": None, "ci_low": None, "ci_high": None, "p": None}
+        for term in ("group: high vs low", "marker")
+    }
+    assert "did not converge (Newton-Raphson failed" in cox["adjusted_not_estimable"]
+    assert "drop it from covariates" in cox["adjusted_not_estimable"]
+    assert cox["ph_check"]["adjusted"] is None
+    assert cox["univariable"]["not_estimable"] is None and cox["univariable"]["hr"] is not None
+    assert "adjusted: marker 40 not estimable" in _text(html)
+
+
 def test_patients_without_a_covariate_are_listed_and_the_adjusted_n_shown(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

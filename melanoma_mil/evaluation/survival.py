@@ -57,6 +57,9 @@ def _design(data: pd.DataFrame, order: list[str], covariates: dict[str, str]) ->
     return x
 
 
+_UNCONVERGED = "Newton-Raphson failed to converge sufficiently"
+
+
 @dataclass
 class CoxFit:
     """A Cox model on the complete cases ``data``, or (``model`` None) why it has no estimate."""
@@ -152,22 +155,28 @@ def _fit_cox(
     )
     if reason:
         return CoxFit(None, df, columns, reason)
+    advice = (
+        "; a covariate may be constant, collinear with another or separate the groups: "
+        "drop it from covariates"
+        if len(columns) > len(order) - 1
+        else ""
+    )
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             cph = CoxPHFitter().fit(df, duration_col=TIME, event_col=EVENT)
     except (ConvergenceError, ValueError, np.linalg.LinAlgError) as e:
         first = re.sub(r"\s+", " ", str(e)).strip()[:200]
-        advice = (
-            "; a covariate may be constant, collinear with another or separate the groups: "
-            "drop it from covariates"
-            if len(columns) > len(order) - 1
-            else ""
-        )
         return CoxFit(None, df, columns, f"lifelines' fit did not converge ({first}){advice}")
-    for w in caught:
-        if "onverg" in str(w.message) or "variance" in str(w.message):
-            notes.append(re.sub(r"\s+", " ", str(w.message)).strip()[:300])
+    said = [re.sub(r"\s+", " ", str(w.message)).strip() for w in caught]
+    unconverged = [m for m in said if m.startswith(_UNCONVERGED)]
+    kept = [m for m in said if ("onverg" in m or "variance" in m) and m not in unconverged]
+    notes.extend(m[:300] for m in kept)
+    # lifelines only warns when Newton-Raphson stops unconverged, and returns the last step's
+    # coefficients (hazard ratios such as 1e-4 with a CI of 1e-195 to 1e186): no estimate.
+    if unconverged:
+        why = f"lifelines' fit did not converge ({_UNCONVERGED}){advice}"
+        return CoxFit(None, df, columns, why)
     return CoxFit(cph, df, columns)
 
 
