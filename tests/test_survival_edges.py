@@ -199,8 +199,11 @@ def test_patients_without_a_covariate_are_listed_and_the_adjusted_n_shown(
     assert text.count(" adjusted Cox missing breslow") == 10
 
 
-def test_fit_hook_writes_the_report_when_nobody_has_died(pipe: Pipeline, tmp_path: Path) -> None:
-    """fit/predict's own report: a survival problem no longer costs report.html."""
+def test_fit_hook_writes_the_report_when_nobody_has_died(
+    pipe: Pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """fit/predict's own report: a survival problem no longer costs report.html, and their
+    output says why a number is missing, as `evaluate`'s does."""
     clinical = pd.read_csv(pipe.root / "cohort" / "clinical.csv").assign(event=0)
     clinical.to_csv(tmp_path / "clinical.csv", index=False)
     cfg = fit_cfg(pipe, tmp_path / "unused", f"clinical_csv={tmp_path / 'clinical.csv'}")
@@ -210,6 +213,7 @@ def test_fit_hook_writes_the_report_when_nobody_has_died(pipe: Pipeline, tmp_pat
     assert ev["classification"]["auc"]["value"] is not None
     assert ev["survival"]["cox"]["univariable"]["not_estimable"].startswith("no events among")
     assert "HR" in _text((tmp_path / "report.html").read_text())
+    assert "  note: log-rank test not estimable: no events among" in capsys.readouterr().out
 
 
 def test_c_index_without_a_comparable_pair_names_the_right_reason() -> None:

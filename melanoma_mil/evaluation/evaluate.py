@@ -316,11 +316,16 @@ def summary_line(ev: dict[str, Any]) -> str:
     return "; ".join(parts) + " (95% CIs)"
 
 
+def print_notes(ev: dict[str, Any]) -> None:
+    """The warnings and survival notes under the summary line: why a number is missing."""
+    for w in ev["warnings"] + ((ev["survival"] or {}).get("notes") or []):
+        print(f"  note: {w}")
+
+
 def run_evaluate(cfg: EvaluateConfig) -> int:
     """The `evaluate` command: print the key numbers and where the report is."""
     ev = evaluate(cfg)
     print(f"evaluate: {summary_line(ev)}")
-    for w in ev["warnings"] + ((ev["survival"] or {}).get("notes") or []):
-        print(f"  note: {w}")
+    print_notes(ev)
     print(f"outputs in {cfg.output_dir}: report.html, evaluation.json, figures")
     return 0

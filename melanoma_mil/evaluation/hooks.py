@@ -47,7 +47,7 @@ def write_report(
     """Evaluate ``predictions`` into out/evaluation/ and out/report.html. Returns the exit code:
     0, or 1 after a one-line error: exit 2 means bad input found before any work, and here the
     work is done (the predictions stand; the command to redo the report is shown)."""
-    from melanoma_mil.evaluation.evaluate import evaluate, summary_line
+    from melanoma_mil.evaluation.evaluate import evaluate, print_notes, summary_line
 
     ecfg = EvaluateConfig(
         predictions=str(predictions),
@@ -63,4 +63,5 @@ def write_report(
         log.error("error: report not written: %s (then: %s)", e, _command(ecfg))
         return 1
     print(f"evaluate: {summary_line(ev)} -> {out / REPORT}")
+    print_notes(ev)  # as `evaluate` does: why a number is not estimable
     return 0
