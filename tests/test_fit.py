@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -167,6 +168,22 @@ def test_label_map_drops_and_counts(tmp_path: Path, caplog: pytest.LogCaptureFix
     # each fold says where and at which precision it trained (precision auto on CPU: fp32)
     assert caplog.text.count("trained on cpu, precision 32-true") == 3  # 3 folds
     assert set(pd.read_csv(out / "predictions.csv")["label"]) == {"immune_low", "immune_high"}
+
+
+def test_a_fold_in_a_log_says_which_epoch_it_is_at(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off a terminal (a SLURM log) Lightning's bar is off; each fold still writes epoch lines,
+    at least its last, and they leave no state in the checkpoint."""
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file, not a terminal
+    features, labels = make_bag_cohort(tmp_path, n_patients=12, dim=8)
+    out = tmp_path / "run"
+    with caplog.at_level("INFO"):
+        assert run_fit(fit_cfg(features, labels, out, "trainer.max_epochs=3")) == 0
+    for fold in range(3):
+        assert f"fold_{fold}: epoch 3/3 (" in caplog.text
+    ckpt = torch.load(out / FOLDS / "fold_0" / "best.ckpt", weights_only=False)
+    assert not any("EpochLines" in key for key in ckpt.get("callbacks", {}))
 
 
 def test_ddp_counts_every_test_bag_once_and_equals_one_process(tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ from melanoma_mil.tracking.loggers import (
     log_summary,
     note_finished,
 )
+from melanoma_mil.training.epochs import EpochLines
 from melanoma_mil.training.module import MILModule
 from melanoma_mil.training.orchestrate import (
     PLAN_ENV,
@@ -83,13 +84,16 @@ def _class_weights(dm: BagDataModule, n_classes: int, balance: str) -> list[floa
 
 
 def _trainer(
-    cfg: FitConfig, fold_dir: Path, logger: Logger | None, sel: FoldSelection
+    cfg: FitConfig, fold_dir: Path, logger: Logger | None, sel: FoldSelection, name: str
 ) -> tuple[L.Trainer, ModelCheckpoint]:
-    """One fold's Trainer and the checkpoint callback whose "best" weights are tested.
+    """One fold's Trainer and the checkpoint callback whose "best" weights are tested; its
+    progress is Lightning's bar on a terminal, else a line every few seconds (`EpochLines`).
 
     trainer.accumulate_grad_batches counts bags per optimizer step over all devices: DDP adds
     one bag per device to each step, so each device accumulates its share."""
     ckpt, callbacks, selection_kwargs = sel.callbacks(cfg, fold_dir)
+    bar = sys.stderr.isatty()
+    callbacks = callbacks if bar else [*callbacks, EpochLines(name)]
     world = cfg.trainer.devices * cfg.trainer.num_nodes
     trainer = L.Trainer(
         max_epochs=sel.epochs,
@@ -106,7 +110,7 @@ def _trainer(
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches // world,
         default_root_dir=str(fold_dir),
         log_every_n_steps=1,
-        enable_progress_bar=sys.stderr.isatty(),
+        enable_progress_bar=bar,
         **selection_kwargs,
     )
     return trainer, ckpt
@@ -148,7 +152,7 @@ def _run_fold(
     )
     module = _fold_module(cfg, len(cohort.classes), store, dm, sel, seed)
     logger = fold_logger(cfg, run_dir, split.fold, split.repeat)
-    trainer, ckpt = _trainer(cfg, fold_dir, logger, sel)
+    trainer, ckpt = _trainer(cfg, fold_dir, logger, sel, name)
     try:
         trainer.fit(module, datamodule=dm)
         trainer.test(module, datamodule=dm, ckpt_path="best", verbose=False)
