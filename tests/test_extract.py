@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -336,11 +337,15 @@ def test_a_bad_encoder_setting_fails_before_the_output_folder_exists(
     assert not out.exists()
 
 
-def test_a_slide_without_coords_is_listed_and_fails_the_run(tmp_path: Path) -> None:
+def test_a_slide_without_coords_is_listed_and_fails_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     tiles = make_cohort(tmp_path, 2, side=128, tile=64)
     (tiles / "coords" / "slide1.h5").unlink()  # `tile` failed on it
     cfg = cfg_for(tiles, tmp_path / "f", slides_dir=str(tmp_path / "slides"))
     assert run_extract(cfg) == 1
+    # the printed table spells the status out (it read "no coor…"; tile's "not started" too)
+    assert re.search(r"^slide1 +no coords +", capsys.readouterr().out, re.MULTILINE)
     table = report(tmp_path / "f")
     assert table.loc["slide0", "status"] == "ok"
     assert table.loc["slide1", "status"] == "no coords"

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ["slide_id", "status", "n_tiles", "seconds", "tiles_per_s", "reader", "mpp_source",
                "reason", "path", "cache_key"]  # fmt: skip
-WIDTHS = {"slide_id": 24, "status": 8, "n_tiles": 7, "seconds": 7, "tiles_per_s": 7,
+WIDTHS = {"slide_id": 24, "status": 11, "n_tiles": 7, "seconds": 7, "tiles_per_s": 7,
           "reader": 15, "mpp_source": 15}  # fmt: skip
 SHM = Path("/dev/shm")  # where reader processes hand tiles over (torch's shared memory)
 DONE = ("ok", "done", "skipped")

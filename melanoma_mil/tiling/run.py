@@ -55,7 +55,7 @@ from melanoma_mil.workshare import (
 log = logging.getLogger(__name__)
 COLUMNS = ["slide_id", "status", "n_tiles", "seconds", "reader", "mpp", "mpp_source", "reason",
            "path"]  # fmt: skip
-WIDTHS = {"slide_id": 24, "status": 8, "n_tiles": 7, "seconds": 7, "reader": 22, "mpp": 6,
+WIDTHS = {"slide_id": 24, "status": 11, "n_tiles": 7, "seconds": 7, "reader": 22, "mpp": 6,
           "mpp_source": 15}  # fmt: skip
 POLL_S = 2.0  # while other processes hold the last slides
 
