@@ -208,12 +208,26 @@ def yaml_problem(e: Exception) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
+def _not_found(file: str) -> str:
+    """Why --config FILE is refused. The README's `--config configs/godson2022.yaml` is a path
+    in the clone, so run from a cohort's folder it names the clone's file in full."""
+    clone = Path(__file__).resolve().parents[1] / file
+    if not Path(file).is_absolute() and clone.is_file():
+        return (
+            f"config file '{file}' not found in {Path.cwd()}: the repository's is --config {clone}"
+        )
+    return f"config file '{file}' not found: check the --config path."
+
+
 def _file_layer(file: str, recorded: bool) -> DictConfig:
     """One YAML config file as a layer; what is not a mapping of keys is refused, naming it."""
     path = Path(file)
+    if path.is_dir():
+        raise UserError(
+            f"config file '{file}' is a folder, not a YAML file: check the --config path."
+        )
     if not path.is_file():
-        found = "is a folder, not a YAML file" if path.is_dir() else "not found"
-        raise UserError(f"config file '{file}' {found}: check the --config path.")
+        raise UserError(_not_found(file))
     try:
         layer = OmegaConf.load(path)
     except OSError as e:

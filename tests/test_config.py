@@ -91,6 +91,19 @@ def test_a_config_file_that_is_a_list_is_one_line_naming_it(
     assert str(listed) in err and "not a mapping" in err and "key: value" in err
 
 
+def test_the_readmes_config_path_run_from_a_cohort_folder_names_the_repositorys_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's `--config configs/godson2022.yaml` is relative to the clone; run from a
+    cohort's folder the error gives the full path of the clone's file."""
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(capsys, "fit", "--config", "configs/godson2022.yaml", "--print-config")
+    clone = Path(__file__).resolve().parents[1] / "configs" / "godson2022.yaml"
+    assert f"not found in {tmp_path}: the repository's is --config {clone}" in err, err
+    err = one_line_error(capsys, "fit", "--config", "configs/nothing.yaml", "--print-config")
+    assert "'configs/nothing.yaml' not found: check the --config path" in err, err
+
+
 def test_a_folder_given_for_a_file_is_named_a_folder_not_missing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
