@@ -208,11 +208,18 @@ def yaml_problem(e: Exception) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
-def _not_found(file: str) -> str:
-    """Why --config FILE is refused. The README's `--config configs/godson2022.yaml` is a path
-    in the clone, so run from a cohort's folder it names the clone's file in full."""
+def in_clone(file: str | Path) -> Path | None:
+    """The repository's own file at a relative path (`configs/...`, `sweeps/...`), when one
+    exists: the README's commands give these from the clone's root, and a user runs them from
+    a cohort's folder."""
     clone = Path(__file__).resolve().parents[1] / file
-    if not Path(file).is_absolute() and clone.is_file():
+    return clone if not Path(file).is_absolute() and clone.is_file() else None
+
+
+def _not_found(file: str) -> str:
+    """Why --config FILE is refused, naming the repository's file of that path if there is one."""
+    clone = in_clone(file)
+    if clone is not None:
         return (
             f"config file '{file}' not found in {Path.cwd()}: the repository's is --config {clone}"
         )

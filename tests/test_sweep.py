@@ -115,6 +115,17 @@ def test_every_sweeps_local_example_gives_fits_with_features_and_labels(
     assert list(fit.data.classes) == ["immune_low", "immune_high"]  # topk ranks by the last
 
 
+def test_the_readmes_sweep_path_run_from_a_cohort_folder_names_the_repositorys_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sweep sweeps/models.yaml` is relative to the clone (as sweeps/README's commands are);
+    run from a cohort's folder the error gives the full path of the clone's file."""
+    monkeypatch.chdir(tmp_path)
+    clone = Path(__file__).resolve().parents[1] / "sweeps" / "models.yaml"
+    with pytest.raises(UserError, match=f"not found in {tmp_path}: the repository's is {clone}"):
+        load_sweep("sweeps/models.yaml")
+
+
 def test_bad_sweep_files_are_user_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"method": "grid", "parameters": {"optim.lrr": {"values": [1]}}}))

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from melanoma_mil import config as C
-from melanoma_mil.configtools import expand_home, safe_load_unique, yaml_problem
+from melanoma_mil.configtools import expand_home, in_clone, safe_load_unique, yaml_problem
 from melanoma_mil.errors import UserError
 from melanoma_mil.tracking.loggers import SUMMARY_KEYS
 
@@ -58,7 +58,9 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
 
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"sweep file '{file}' not found.")
+        clone = in_clone(path)
+        hint = f" in {Path.cwd()}: the repository's is {clone}" if clone else ""
+        raise UserError(f"sweep file '{file}' not found{hint}.")
     try:
         spec = safe_load_unique(file.read_text())
     except yaml.YAMLError as e:
