@@ -233,6 +233,8 @@ def _file_layer(file: str, recorded: bool) -> DictConfig:
         raise UserError(
             f"config file '{file}' is a folder, not a YAML file: check the --config path."
         )
+    if path.exists() and not path.is_file():
+        raise UserError(f"config file '{file}' is not a regular file: check the --config path.")
     if not path.is_file():
         raise UserError(_not_found(file))
     try:

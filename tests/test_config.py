@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,13 @@ def test_a_folder_given_for_a_file_is_named_a_folder_not_missing(
     folder.mkdir()
     err = one_line_error(capsys, "fit", "--config", str(folder), "--print-config")
     assert f"'{folder}' is a folder, not a YAML file" in err, err
+    err = one_line_error(capsys, "fit", "--config", os.devnull, "--print-config")
+    assert f"'{os.devnull}' is not a regular file" in err, err
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("x")
+    err = one_line_error(capsys, "compare", f"run_dirs=[{a_file},{a_file}]",
+                         f"output_dir={tmp_path / 'cmp'}")  # fmt: skip
+    assert f"run_dir '{a_file}' is a file: pass the output_dir" in err, err
     keys = [f"data.labels_csv={folder}", f"data.features_dir={tmp_path}", "logger=none"]
     err = one_line_error(capsys, "fit", *keys, f"output_dir={tmp_path / 'run'}")
     assert f"'{folder}' is a folder, not a CSV file: check data.labels_csv" in err, err

@@ -95,7 +95,8 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     """Open a complete, consistent `fit` run; a one-line error naming what is missing or mixed."""
     root = Path(run_dir)
     if not root.is_dir():
-        raise UserError(f"run_dir '{root}' not found: pass the output_dir of a `fit` run.")
+        found = "is a file" if root.exists() else "not found"
+        raise UserError(f"run_dir '{root}' {found}: pass the output_dir of a `fit` run.")
     record = run_record(root)
     if record is None:
         old = " (made by an older version: re-run `fit` into a new output_dir)"
