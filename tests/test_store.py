@@ -365,7 +365,7 @@ def test_stores_that_can_never_be_reused_go_once_unused_for_a_day(cohort, tmp_pa
     with h5py.File(features / "P0009.h5", "a") as f:
         f["features"][0, 0] = 7.0
     other = store_of(features, other_labels, "data.dtype=float32").folder  # no P0009 in it
-    legacy = old.parent / "float16-3slides-0123456789ab"
+    legacy = old.parent / "float16-3bags-0123456789ab"  # as named before slide counts
     shutil.copytree(old, legacy)
     index = json.loads((legacy / "index.json").read_text())
     (legacy / "index.json").write_text(json.dumps({**index, "format": 1}))
@@ -395,7 +395,7 @@ def test_a_store_of_a_newer_format_is_left_to_the_version_that_made_it(cohort) -
     format's store is still reusable, so it must not remove it."""
     features, labels = cohort
     first = store_of(features, labels).folder
-    newer = first.parent / "float16-3slides-newer0000000"
+    newer = first.parent / "float16-3slides-fedcba987654"  # named as `prune` looks for
     shutil.copytree(first, newer)
     index = json.loads((newer / "index.json").read_text())
     (newer / "index.json").write_text(json.dumps({**index, "format": index["format"] + 1}))
