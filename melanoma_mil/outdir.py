@@ -88,8 +88,11 @@ def claim_output(
             if write:
                 write_json(out / MARKER, record)
         return
+    # as paths under output_dir: a slide's file is named with its folder, where the user finds it
     found = (
-        sorted({p.name for pattern in outputs for p in out.glob(pattern)}) if out.exists() else []
+        sorted({p.relative_to(out).as_posix() for pattern in outputs for p in out.glob(pattern)})
+        if out.exists()
+        else []
     )
     if found and not overwrite:
         raise UserError(

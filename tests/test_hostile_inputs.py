@@ -32,7 +32,7 @@ def test_a_users_heatmap_pictures_are_not_replaced_without_overwrite(
             f"features_dir={pipe.features}", "slide_ids=[slide_000]", "device=cpu",
             "thumbnail_size=128", "top_k=2"]  # fmt: skip
     err = one_line_error(capsys, *argv)
-    assert "heatmap.png" in err and "overwrite=true" in err
+    assert "'slide_000/heatmap.png'" in err and "overwrite=true" in err  # where it is
     assert {p.name for p in out.rglob("*")} == {"slide_000", *mine}
     assert all((out / "slide_000" / n).read_text() == t for n, t in mine.items())
     assert main([*argv, "overwrite=true"]) == 0  # asked: replaced
