@@ -127,7 +127,8 @@ def test_a_missing_swept_feature_folder_is_named_before_the_first_run(
     assert main(argv) == 1  # the run fails (a cache may be made later: a resume retries it)
     said = [r.getMessage() for r in caplog.records]
     first = next(i for i, m in enumerate(said) if m.startswith("sweep run "))
-    assert any(f"'{typo}' not found" in m and "its run will fail" in m for m in said[:first])
+    warned = [m for m in said[:first] if f"'{typo}' not found" in m]
+    assert len(warned) == 1 and "data.features_dir; its run will fail" in warned[0], warned
 
 
 def test_one_slide_file_under_two_ids_is_refused_before_tiling(

@@ -199,8 +199,9 @@ def _check_feature_folders(cfg: C.SweepConfig, param: dict[str, Any], table: pd.
         try:
             find_features(table, fit_config(cfg, {"data.features_dir": value}, Path()).data)
         except UserError as e:
+            why = str(e).rstrip(".")  # the sentence goes on
             log.warning("sweep file '%s', data.features_dir: %s; its run will fail unless this "
-                        "is fixed before it starts", cfg.sweep_file, e)  # fmt: skip
+                        "is fixed before it starts", cfg.sweep_file, why)  # fmt: skip
 
 
 def _run(
