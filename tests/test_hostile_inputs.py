@@ -143,6 +143,11 @@ def test_one_slide_file_under_two_ids_is_refused_before_tiling(
     (slides / "again.tif").symlink_to(slides / "slide1.tif")  # a cohort of links, one twice
     err = one_line_error(capsys, "tile", f"slides_dir={slides}", f"output_dir={out}")
     assert "slides 'again' and 'slide1'" in err and "are one file" in err
+    (slides / "again.tif").unlink()
+    os.link(slides / "slide1.tif", slides / "hard.tif")  # `ln` without -s: a hard link
+    err = one_line_error(capsys, "tile", f"slides_dir={slides}", f"output_dir={out}")
+    assert "slides 'hard' and 'slide1'" in err and "are one file" in err
+    assert str(slides / "slide1.tif") in err  # the other name of the file is said too
     assert not out.exists()
 
 

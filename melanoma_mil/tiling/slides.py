@@ -56,24 +56,37 @@ def slide_id_of(path: str | os.PathLike[str]) -> str:
     return Path(name).stem
 
 
+def _file_key(path: Path) -> tuple[int, int] | str:
+    """What ``path`` is on disk: its device and inode (a symbolic or hard link is the file it
+    links to), or for a file not there (a manifest row, failed later) its real path."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return (st.st_dev, st.st_ino)
+
+
 def _check_unique(
     pairs: list[tuple[str, Path]], source: str, fix: str = "rename one of the files"
 ) -> dict[str, Path]:
     found: dict[str, Path] = {}
-    files: dict[str, str] = {}  # the real file -> its first slide id (links followed)
+    files: dict[tuple[int, int] | str, str] = {}  # a file on disk -> its first slide id
     for sid, path in pairs:
         if sid in found:
             raise UserError(
                 f"duplicate slide id '{sid}' in {source}: {found[sid]} and {path}; "
                 f"{fix} (slide ids must be unique)."
             )
-        real = os.path.realpath(path)
-        if real in files:  # one scan under two ids would be two bags: in two folds, a leak
+        key = _file_key(path)
+        if key in files:  # one scan under two ids would be two bags: in two folds, a leak
+            first, real = files[key], os.path.realpath(path)
+            also = os.path.realpath(found[first])
+            names = f"'{also}'" + (f", also named '{real}'" if real != also else "")
             raise UserError(
-                f"slides '{files[real]}' and '{sid}' in {source} are one file ('{real}'); "
+                f"slides '{first}' and '{sid}' in {source} are one file ({names}); "
                 "list each slide once."
             )
-        found[sid], files[real] = path, sid
+        found[sid], files[key] = path, sid
     return dict(sorted(found.items()))
 
 
