@@ -36,6 +36,15 @@ def test_a_real_clam_splits_folder_reads_only_the_fold_files(tmp_path: Path) -> 
     ]
 
 
+def test_a_clam_splits_file_written_by_r_has_no_bag_named_na(tmp_path: Path) -> None:
+    """R's write.csv spells the empty cells of a short column NA: no bag, as pandas' blank."""
+    (tmp_path / "splits_0.csv").write_text(
+        '"","train","val","test"\n"1","a","c","d"\n"2","b",NA,"e"\n"3","f",NA,NA\n'
+    )
+    (split,) = read_clam_splits(tmp_path)
+    assert (split.train, split.val, split.test) == (["a", "b", "f"], ["c"], ["d", "e"])
+
+
 def test_test_folds_that_do_not_partition_the_cohort_are_said(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

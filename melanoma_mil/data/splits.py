@@ -18,7 +18,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from melanoma_mil.config import CVConfig
-from melanoma_mil.data.cohort import repeated
+from melanoma_mil.data.cohort import is_missing, repeated
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import read_text_csv
 
@@ -207,7 +207,8 @@ def read_clam_splits(path: Path) -> list[Split]:
     splits = []
     for k, f in enumerate(files):
         df = read_text_csv(f, "CLAM splits file", "cv.splits_file", ("train", "val", "test"))
-        cols = {c: df[c][df[c] != ""].tolist() for c in ("train", "val", "test") if c in df}
+        # a shorter column's cells are blank (pandas) or NA (R's write.csv): no bag
+        cols = {c: df[c][~is_missing(df[c])].tolist() for c in ("train", "val", "test") if c in df}
         if set(cols) != {"train", "val", "test"}:
             raise UserError(f"{f}: CLAM splits need columns train, val, test.")
         splits.append(Split(repeat=0, fold=k, **{c: sorted(v) for c, v in cols.items()}))
