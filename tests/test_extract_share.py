@@ -187,7 +187,11 @@ def test_features_equal_for_any_batch_size_with_or_without_the_writer_thread(
     first = feats[(64, True)]
     assert first.shape == (324, 512)
     for key, other in feats.items():
-        np.testing.assert_array_equal(other, first, err_msg=str(key))
+        if key[0] == 1:  # oneDNN runs batches of one with other kernels on some CPUs (AVX2):
+            # equal up to float32 summation order, seen as one float16 step where it rounds
+            np.testing.assert_allclose(other, first, rtol=2**-9, atol=1e-6, err_msg=str(key))
+        else:
+            np.testing.assert_array_equal(other, first, err_msg=str(key))
 
 
 def test_a_same_named_slide_elsewhere_is_refused_for_that_slide_only(tmp_path: Path) -> None:
