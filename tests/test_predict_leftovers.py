@@ -194,16 +194,21 @@ def test_a_dangling_link_in_the_evaluation_is_refused_in_one_line(
 
 
 def test_a_folder_redone_for_another_run_keeps_its_evaluation_predicts(
-    pipe: Pipeline, tmp_path: Path
+    pipe: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "pred"
     assert run_predict(labelled(pipe, out)) == 0
     path = out / ".melanoma-mil.json"
     marker = json.loads(path.read_text())  # as made for another run of this folder
     path.write_text(json.dumps({**marker, "run_id": "another", "run_dir": str(tmp_path / "x")}))
-    # stopped after the folder was claimed for this run, before its report (cuda:99: no such GPU)
-    with pytest.raises((UserError, RuntimeError)):
-        run_predict(labelled(pipe, out, "overwrite=true", "device=cuda:99"))
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C while the slides are scored
+
+    # stopped after the folder was claimed for this run, before its report
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr("melanoma_mil.inference.predict.analyse_all", killed)
+        run_predict(labelled(pipe, out, "overwrite=true"))
     assert json.loads(path.read_text())["run_id"] != "another"  # claimed
     assert run_predict(labelled(pipe, out, "overwrite=true")) == 0
 
