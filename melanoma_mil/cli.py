@@ -219,9 +219,10 @@ def _disk_error(e: OSError, output_dir: str | None) -> str:
 
 
 def _printable(text: str) -> str:
-    """``text`` on one line: a control character (a newline in a file name) is written as its
-    escape, so an error stays the one `error:` line that scripts and users read."""
-    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+    """``text`` on one line: a control character (a newline in a file name) or a Unicode line
+    break (NEL, U+2028, U+2029: lines to ``str.splitlines`` and many terminals and log viewers)
+    is written as its escape, so an error stays the one `error:` line scripts and users read."""
+    return re.sub(r"[\x00-\x1f\x7f\x85\u2028\u2029]", lambda m: repr(m.group())[1:-1], text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,6 +97,19 @@ def test_a_newline_in_a_slide_file_name_keeps_the_error_on_one_line(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("brk", ["\x85", "\u2028", "\u2029"])
+def test_a_unicode_line_break_in_a_slide_file_name_keeps_the_error_on_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], brk: str
+) -> None:
+    make_cohort(tmp_path, 1)
+    slides = tmp_path / "slides"  # NEL and the line/paragraph separators: lines to splitlines
+    (slides / "slide0.tif").rename(slides / f"slide{brk}0.tif")  # and to many log viewers
+    os.link(slides / f"slide{brk}0.tif", slides / "hard.tif")  # refused: one file, two ids
+    err = one_line_error(capsys, "tile", f"slides_dir={slides}", f"output_dir={tmp_path / 'o'}")
+    assert len(err.splitlines()) == 1, err
+    assert f"slide{repr(brk)[1:-1]}0" in err  # written as its escape, e.g. slide\u20280
+
+
 def test_a_store_dir_of_yours_keeps_its_folders_holding_an_index_json(tmp_path: Path) -> None:
     features, labels = make_bag_cohort(tmp_path, n_patients=6, dim=8)
     stores = tmp_path / "scratch"  # data.store_dir: your scratch folder, holding other things
