@@ -35,9 +35,30 @@ class _Lines(io.TextIOBase):
         self.stream.flush()
 
 
+class _LogBar(tqdm):
+    """A bar off a terminal: closing redraws the last line, which on a terminal overwrites
+    itself but in a log is a second line, so it is left out when the last line shown (a last
+    update that fell due) already says the end: the same count, total and postfix."""
+
+    _shown: tuple[Any, ...] | None = None
+
+    def _state(self) -> tuple[Any, ...]:
+        return (self.n, self.total, self.postfix)
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> Any:
+        self._shown = self._state()
+        return super().display(msg, pos)
+
+    def close(self) -> None:
+        if not self.disable and self._shown == self._state():
+            self.leave = False  # clearing writes nothing to `_Lines`
+        super().close()
+
+
 def progress(iterable: Iterable[T] | None = None, *, desc: str, unit: str, **kwargs: Any) -> tqdm:
     """A tqdm bar on a terminal; off one, a status line every LOG_INTERVAL_S seconds."""
     stream = sys.stderr
-    if not stream.isatty():
-        kwargs = {**kwargs, "mininterval": LOG_INTERVAL_S, "file": _Lines(stream), "ncols": 100}
-    return tqdm(iterable, desc=desc, unit=unit, **kwargs)
+    if stream.isatty():
+        return tqdm(iterable, desc=desc, unit=unit, **kwargs)
+    kwargs = {**kwargs, "mininterval": LOG_INTERVAL_S, "file": _Lines(stream), "ncols": 100}
+    return _LogBar(iterable, desc=desc, unit=unit, **kwargs)

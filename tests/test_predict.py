@@ -351,3 +351,22 @@ def test_a_log_gets_no_progress_line_per_slide(
     assert run_predict(dataclasses.replace(cfg, heatmaps=False)) == 0
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("predict: ")]
     assert 1 <= len(lines) <= 2 and "12/12" in lines[-1], lines
+
+
+@pytest.mark.parametrize("command", ["heatmap", "predict"])
+def test_a_log_gets_the_bars_last_line_once(
+    pipe: Pipeline, tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    """A last slide that ends as a redraw falls due (as slides over LOG_INTERVAL_S do) printed
+    the 100% line, and closing the bar printed it again."""
+    from melanoma_mil import progress
+    from melanoma_mil.cli import main
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)  # every redraw falls due
+    argv = [command, f"run_dir={pipe.run_dir}", f"output_dir={tmp_path / 'o'}",
+            f"slides_dir={pipe.slides}", f"features_dir={pipe.features}", "device=cpu",
+            "slide_ids=[slide_000,slide_001]", "thumbnail_size=128", "top_k=2"]  # fmt: skip
+    assert main(argv) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith(f"{command}: ")]
+    assert [ln.split("|")[0] for ln in lines] == [f"{command}:   0%", f"{command}:  50%",
+                                                  f"{command}: 100%"], lines  # fmt: skip
