@@ -85,6 +85,26 @@ def test_a_file_where_tile_or_extract_makes_a_folder_is_refused_before_any_work(
     assert key.read_text() == "mine"
 
 
+@pytest.mark.parametrize(("command", "cached"), [("heatmap", True), ("predict", True),
+                                                 ("predict", False)])  # fmt: skip
+def test_a_file_named_as_a_slides_folder_is_refused_before_any_work(
+    pipe: Pipeline, tmp_path: Path, command: str, cached: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "slide_001").write_text("mine")  # e.g. notes on that slide, saved without a suffix
+    argv = [command, f"run_dir={pipe.run_dir}", f"output_dir={out}", f"slides_dir={pipe.slides}",
+            "slide_ids=[slide_000,slide_001]", "device=cpu", "thumbnail_size=128", "top_k=2",
+            *([f"features_dir={pipe.features}"] if cached else [])]  # fmt: skip
+    err = one_line_error(capsys, *argv)
+    assert f"'{out / 'slide_001'}' is a file" in err and "move the file away" in err
+    assert {p.name for p in out.iterdir()} == {"slide_001"}  # no marker, no _work: no work done
+    assert (out / "slide_001").read_text() == "mine"
+    if command == "predict" and cached:  # scored only: no folder of that name is made
+        assert main([*argv, "heatmaps=false"]) == 0
+        assert (out / "slide_001").read_text() == "mine"
+
+
 def test_a_newline_in_a_slide_file_name_keeps_the_error_on_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

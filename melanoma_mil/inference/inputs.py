@@ -28,6 +28,7 @@ from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import feature_identity, identity_mismatch, plain
 from melanoma_mil.ids import id_problem
 from melanoma_mil.io import sha256_file
+from melanoma_mil.outdir import refuse_in_the_way
 from melanoma_mil.rundir import TrainedRun
 from melanoma_mil.tiling.coords import read_coords
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
@@ -257,10 +258,21 @@ def prepare_inputs(
     slides = {s: p for s, p in found.items() if s not in skipped}
     if not slides:
         return [], skipped
+    render = not isinstance(cfg, PredictConfig) or cfg.heatmaps
     if folder is not None:
-        render = not isinstance(cfg, PredictConfig) or cfg.heatmaps
         must_draw = not isinstance(cfg, PredictConfig)  # `heatmap` exists to draw
-        return cached_inputs(run, slides, folder, render, must_draw), skipped
+        inputs = cached_inputs(run, slides, folder, render, must_draw)
+        drawn = [i.slide_id for i in inputs if i.features is not None and not i.no_drawing]
+        _refuse_files_at_folders(cfg, drawn if render else [])
+        return inputs, skipped
     from melanoma_mil.inference.work import extracted_inputs  # it builds on this module
 
+    _refuse_files_at_folders(cfg, list(slides) if render else [])  # before tiling them
     return extracted_inputs(run, slides, cfg, own_masks), skipped
+
+
+def _refuse_files_at_folders(cfg: HeatmapConfig, drawn: list[str]) -> None:
+    """Refuse a file of the user's named as the folder of a slide this call draws, before any
+    work: else that slide fails on it after its features are made (`outdir.refuse_in_the_way`)."""
+    command = "predict" if isinstance(cfg, PredictConfig) else "heatmap"
+    refuse_in_the_way(cfg.output_dir, command, drawn)
