@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import shutil
 from pathlib import Path
@@ -124,6 +125,18 @@ def test_the_readmes_sweep_path_run_from_a_cohort_folder_names_the_repositorys_f
     clone = Path(__file__).resolve().parents[1] / "sweeps" / "models.yaml"
     with pytest.raises(UserError, match=f"not found in {tmp_path}: the repository's is {clone}"):
         load_sweep("sweeps/models.yaml")
+
+
+def test_a_sweep_folder_or_device_given_for_the_file_is_named_so_not_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`sweep sweeps/` (a tab-completed folder) said 'not found' beside the folder; it is named
+    a folder, with its sweep files, and /dev/null is not a regular file, as for --config."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    with pytest.raises(UserError, match=r"'sweeps' is a folder, not a YAML file: .*models\.yaml"):
+        load_sweep("sweeps/")
+    with pytest.raises(UserError, match=f"'{os.devnull}' is not a regular file"):
+        load_sweep(os.devnull)
 
 
 def test_bad_sweep_files_are_user_errors(tmp_path: Path) -> None:

@@ -52,15 +52,28 @@ def plain(value: Any) -> Any:
     return value
 
 
+def _not_a_file(path: str | Path) -> str:
+    """Why ``path`` is no sweep file: a folder (`sweep sweeps/`), a device or FIFO, or nothing
+    there (then the repository's file of that path, for a command run from elsewhere)."""
+    file = Path(path)
+    if file.is_dir():
+        names = sorted(p.name for p in file.glob("*.yaml"))[:5]
+        fix = f"name one of its files {names}" if names else "give the path of a YAML file"
+        return f"sweep file '{file}' is a folder, not a YAML file: {fix}."
+    if file.exists():
+        return f"sweep file '{file}' is not a regular file: give the path of a YAML file."
+    clone = in_clone(path)
+    hint = f" in {Path.cwd()}: the repository's is {clone}" if clone else ""
+    return f"sweep file '{file}' not found{hint}."
+
+
 def load_sweep(path: str | Path) -> dict[str, Any]:
     """Read and validate a sweep file with the W&B engine; parameter names must be fit keys."""
     import jsonschema
 
     file = Path(path)
     if not file.is_file():
-        clone = in_clone(path)
-        hint = f" in {Path.cwd()}: the repository's is {clone}" if clone else ""
-        raise UserError(f"sweep file '{file}' not found{hint}.")
+        raise UserError(_not_a_file(path))
     try:
         spec = safe_load_unique(file.read_text())
     except yaml.YAMLError as e:
