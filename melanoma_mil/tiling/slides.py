@@ -57,11 +57,14 @@ def slide_id_of(path: str | os.PathLike[str]) -> str:
 
 
 def _file_key(path: Path) -> tuple[int, int] | str:
-    """What ``path`` is on disk: its device and inode (a symbolic or hard link is the file it
-    links to), or for a file not there (a manifest row, failed later) its real path."""
+    """What ``path`` is on disk: its real path (a symbolic link is the file it links to), or for
+    a hard-linked file its device and inode. Only then: a file system without stable inodes
+    (some network and FUSE mounts number files 0, or alike) must not make two scans one."""
     try:
         st = os.stat(path)
     except OSError:
+        return os.path.realpath(path)
+    if st.st_ino == 0 or st.st_nlink < 2:
         return os.path.realpath(path)
     return (st.st_dev, st.st_ino)
 
