@@ -144,12 +144,15 @@ def prune_cells(cache: Path, qc_dir: Path) -> None:
     A cell is made from its slide's QC PNG, so it is kept exactly as long as that PNG: slides
     left out of this run's manifest (another array task's share) keep theirs.
     """
-    with contextlib.suppress(OSError):  # no cache yet, or read-only: nothing to prune
-        for entry in os.scandir(cache):
+    try:
+        entries = list(os.scandir(cache))
+    except OSError:  # no cache yet, or unreadable: nothing to prune
+        return
+    for entry in entries:
+        with contextlib.suppress(OSError):  # gone meanwhile (a writer's rename): the rest go on
             if temp_target(entry.name) is not None:
                 stale = time.time() - entry.stat().st_mtime > _TEMP_AGE_S
             else:
                 stale = entry.name.endswith(".png") and not (qc_dir / entry.name).exists()
             if stale:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
+                os.unlink(entry.path)
