@@ -208,7 +208,7 @@ def yaml_problem(e: Exception) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
-def in_clone(file: str | Path) -> Path | None:
+def _in_clone(file: str | Path) -> Path | None:
     """The repository's own file at a relative path (`configs/...`, `sweeps/...`), when one
     exists: the README's commands give these from the clone's root, and a user runs them from
     a cohort's folder."""
@@ -216,27 +216,31 @@ def in_clone(file: str | Path) -> Path | None:
     return clone if not Path(file).is_absolute() and clone.is_file() else None
 
 
-def _not_found(file: str) -> str:
-    """Why --config FILE is refused, naming the repository's file of that path if there is one."""
-    clone = in_clone(file)
+def yaml_file_problem(path: str | Path, what: str, flag: str = "") -> str | None:
+    """Why ``path`` is no YAML file to read (None when it is a file): a folder (`sweep sweeps/`,
+    named with its YAML files), a device or FIFO, or nothing there, then with the repository's
+    file of that path (a README command run from a cohort's folder). ``flag``: how the path is
+    given, e.g. "--config "."""
+    file = Path(path)
+    if file.is_file():
+        return None
+    if file.is_dir():
+        names = sorted(p.name for p in file.glob("*.yaml"))[:5]
+        fix = f"name one of its files {names}" if names else "give the path of a YAML file"
+        return f"{what} '{file}' is a folder, not a YAML file: {fix}."
+    if file.exists():
+        return f"{what} '{file}' is not a regular file: give the path of a YAML file."
+    clone = _in_clone(path)
     if clone is not None:
-        return (
-            f"config file '{file}' not found in {Path.cwd()}: the repository's is --config {clone}"
-        )
-    return f"config file '{file}' not found: check the --config path."
+        return f"{what} '{file}' not found in {Path.cwd()}: the repository's is {flag}{clone}"
+    return f"{what} '{file}' not found: check the {flag}path."
 
 
 def _file_layer(file: str, recorded: bool) -> DictConfig:
     """One YAML config file as a layer; what is not a mapping of keys is refused, naming it."""
     path = Path(file)
-    if path.is_dir():
-        raise UserError(
-            f"config file '{file}' is a folder, not a YAML file: check the --config path."
-        )
-    if path.exists() and not path.is_file():
-        raise UserError(f"config file '{file}' is not a regular file: check the --config path.")
-    if not path.is_file():
-        raise UserError(_not_found(file))
+    if problem := yaml_file_problem(file, "config file", "--config "):
+        raise UserError(problem)
     try:
         layer = OmegaConf.load(path)
     except OSError as e:

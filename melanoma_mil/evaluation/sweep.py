@@ -26,6 +26,7 @@ from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.sweep_plan import (
     check_metric,
     fit_config,
+    listed_values,
     load_sweep,
     overrides,
     plain,
@@ -194,8 +195,7 @@ def _check_feature_folders(cfg: C.SweepConfig, param: dict[str, Any], table: pd.
     a cache may still be in the making (its run fails and is retried on resume)."""
     from melanoma_mil.data.cohort import find_features
 
-    values = list(param.get("values", [])) + ([param["value"]] if "value" in param else [])
-    for value in values:
+    for value in listed_values(param):
         try:
             find_features(table, fit_config(cfg, {"data.features_dir": value}, Path()).data)
         except UserError as e:

@@ -17,7 +17,12 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from melanoma_mil import config as C
-from melanoma_mil.configtools import expand_home, in_clone, safe_load_unique, yaml_problem
+from melanoma_mil.configtools import (
+    expand_home,
+    safe_load_unique,
+    yaml_file_problem,
+    yaml_problem,
+)
 from melanoma_mil.errors import UserError
 from melanoma_mil.tracking.loggers import SUMMARY_KEYS
 
@@ -52,28 +57,13 @@ def plain(value: Any) -> Any:
     return value
 
 
-def _not_a_file(path: str | Path) -> str:
-    """Why ``path`` is no sweep file: a folder (`sweep sweeps/`), a device or FIFO, or nothing
-    there (then the repository's file of that path, for a command run from elsewhere)."""
-    file = Path(path)
-    if file.is_dir():
-        names = sorted(p.name for p in file.glob("*.yaml"))[:5]
-        fix = f"name one of its files {names}" if names else "give the path of a YAML file"
-        return f"sweep file '{file}' is a folder, not a YAML file: {fix}."
-    if file.exists():
-        return f"sweep file '{file}' is not a regular file: give the path of a YAML file."
-    clone = in_clone(path)
-    hint = f" in {Path.cwd()}: the repository's is {clone}" if clone else ""
-    return f"sweep file '{file}' not found{hint}."
-
-
 def load_sweep(path: str | Path) -> dict[str, Any]:
     """Read and validate a sweep file with the W&B engine; parameter names must be fit keys."""
     import jsonschema
 
     file = Path(path)
-    if not file.is_file():
-        raise UserError(_not_a_file(path))
+    if problem := yaml_file_problem(path, "sweep file"):
+        raise UserError(problem)
     try:
         spec = safe_load_unique(file.read_text())
     except yaml.YAMLError as e:
@@ -125,6 +115,11 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     return spec
 
 
+def listed_values(param: dict[str, Any]) -> list[Any]:
+    """A sweep parameter's values written out (``values`` or ``value``; not a distribution's)."""
+    return list(param.get("values", [])) + ([param["value"]] if "value" in param else [])
+
+
 # distributions whose min/max are exponents, not values of the key
 _EXPONENT_BOUNDS = ("log_uniform", "q_log_uniform")
 
@@ -133,8 +128,7 @@ def _check_values(spec: dict[str, Any], file: Path) -> None:
     """Every listed value and value-space bound as a fit setting, so a bad choice fails now
     rather than hours into the grid (each alone: fit's checks are per key)."""
     for name, param in spec["parameters"].items():
-        values = list(param.get("values", []))
-        values += [param["value"]] if "value" in param else []
+        values = listed_values(param)
         if param.get("distribution") not in _EXPONENT_BOUNDS:
             values += [param[b] for b in ("min", "max") if b in param]
         for value in values:
