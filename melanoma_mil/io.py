@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 import pandas as pd
 
 from melanoma_mil.errors import UserError
@@ -92,10 +94,29 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         f.write(data)
 
 
+def json_safe(obj: Any) -> Any:
+    """JSON-safe: NaN and infinities become null, numpy scalars Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON of ``obj``, a missing number (NaN, infinity) written as null: Python writes
+    NaN by default, which jq, JavaScript and most JSON readers refuse."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write JSON atomically (indented, sorted keys) so readers never see half a file."""
+    """Write strict JSON atomically (indented, sorted keys) so readers never see half a file."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json_text(obj, indent=2, sort_keys=True) + "\n")
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -24,6 +24,7 @@ import torch
 from melanoma_mil.data.bags import features_entry, read_attrs, read_bag
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import feature_identity, identity_mismatch, plain
+from melanoma_mil.io import json_text
 from melanoma_mil.progress import progress
 from melanoma_mil.workshare import Claim, clear_drafts
 
@@ -185,7 +186,7 @@ def _write(tmp: Path, sources: list[Source], layout: Layout, dtype: str, lock: C
         "built": {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()},
         "files": files,
     }
-    (tmp / "index.json").write_text(json.dumps(index) + "\n")
+    (tmp / "index.json").write_text(json_text(index) + "\n")
 
 
 def _name(sources: list[Source], dtype: str) -> str:

@@ -7,11 +7,9 @@ last), so a bad input never leaves a half-written folder.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from melanoma_mil.config import EvaluateConfig, check, to_yaml
@@ -32,7 +30,7 @@ from melanoma_mil.evaluation.report_inputs import check_heatmaps, find_run, pick
 from melanoma_mil.evaluation.tables import Scored, load_scored
 from melanoma_mil.evaluation.version import code_version
 from melanoma_mil.ids import unmatched_ids
-from melanoma_mil.io import atomic_path, write_json, write_text
+from melanoma_mil.io import atomic_path, json_safe, write_json, write_text
 from melanoma_mil.outdir import claim_output
 
 log = logging.getLogger(__name__)
@@ -42,19 +40,6 @@ LEVEL_NOTES = {
     "slide": "one row per slide (bag)",
     "patient_predictions": "one row per patient: predict pooled each patient's slides into a bag",
 }
-
-
-def plain(obj: Any) -> Any:
-    """JSON-safe: NaN and infinities become null, numpy scalars Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _class_warnings(
@@ -290,7 +275,7 @@ def evaluate(cfg: EvaluateConfig, report: Path | None = None) -> dict[str, Any]:
     ev["counts"] = _counts(scored, ev["survival"])
     ev["excluded"] = scored.excluded
     heatmaps = pick_heatmaps(scored, cfg, warnings)
-    ev = plain(ev)
+    ev = json_safe(ev)
     info = None
     if run is not None:
         roc = run.roc_path.read_bytes() if run.roc_path.is_file() else None

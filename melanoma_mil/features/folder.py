@@ -36,7 +36,7 @@ from melanoma_mil.encoders.build import cpu_has_bf16
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import plain
 from melanoma_mil.fsutil import create_once
-from melanoma_mil.io import write_json
+from melanoma_mil.io import json_text, write_json
 from melanoma_mil.workshare import describe, me
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def _record(folder: Path, precision: str, overwrite: bool) -> dict[str, Any]:
         record["id"] = secrets.token_hex(4)
     elif not path.exists():  # the first process, or a folder made before the record existed
         record["precision"] = _first_record(folder) or precision
-    if path.exists() or not create_once(path, json.dumps(record).encode()):  # a peer's record wins
+    if path.exists() or not create_once(path, json_text(record).encode()):  # a peer's record wins
         record = read_json(path)
     elif overwrite:
         write_json(folder / PRECISION_FILE, record)  # what the bags will all be made at

@@ -6,7 +6,6 @@ probabilities; `heatmap` draws it, `predict` tabulates it, the demo scores its l
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from melanoma_mil.io import atomic_h5, atomic_path
+from melanoma_mil.io import atomic_h5, atomic_path, json_text
 from melanoma_mil.metrics import predicted
 from melanoma_mil.viz.render import percentile_scores
 
@@ -131,5 +130,5 @@ def write_geojson(path: Path, amap: AttentionMap) -> None:
                     "measurements": measurements,
                 },
             }
-            f.write(("," if i else "") + json.dumps(feature) + "\n")
+            f.write(("," if i else "") + json_text(feature) + "\n")
         f.write("]}\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -58,8 +59,10 @@ class TrainedRun:
 
     @cached_property
     def summary(self) -> dict[str, Any]:
-        """cv_summary.json: per-fold metrics, pooled out-of-fold AUC with its CI."""
-        return read_json(self.run_dir / SUMMARY)
+        """cv_summary.json: per-fold metrics, pooled out-of-fold AUC with its CI; a missing
+        number (null, or NaN in a run written before null) is NaN, as it was computed."""
+        summary = read_json(self.run_dir / SUMMARY)
+        return {k: _missing_as_nan(v) if isinstance(v, dict) else v for k, v in summary.items()}
 
     @property
     def roc_path(self) -> Path:
@@ -89,6 +92,18 @@ class TrainedRun:
             return pd.read_csv(path, dtype={"slide_id": str, "patient_id": str, "label": str})
         except (OSError, ValueError) as e:
             raise damaged(path, f"is unreadable ({e})") from None
+
+
+_NUMBERS = ("mean", "std", "value", "ci_low", "ci_high")
+
+
+def _missing_as_nan(entry: dict[str, Any]) -> dict[str, Any]:
+    """A metric's or the pooled AUC's numbers with null as NaN: an AUC of a test fold with
+    one class is undefined, and every reader (fit's table, compare, report) handles NaN."""
+    out = {k: math.nan if k in _NUMBERS and v is None else v for k, v in entry.items()}
+    if isinstance(out.get("per_fold"), list):
+        out["per_fold"] = [math.nan if v is None else v for v in out["per_fold"]]
+    return out
 
 
 def load_run(run_dir: str | Path) -> TrainedRun:
