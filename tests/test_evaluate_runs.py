@@ -204,10 +204,14 @@ def test_the_command_that_redoes_a_report_names_only_the_keys_given() -> None:
 
 
 def test_an_external_cohort_scored_with_another_threshold_than_the_runs_report_is_warned(
-    pipe: Pipeline, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    pipe: Pipeline,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """fit's report used threshold=0.3: predict / evaluate of new slides with the default 0.5
-    say so (the external and internal reports would apply two rules); with 0.3, nothing."""
+    say so (the external and internal reports would apply two rules); with 0.3, nothing.
+    predict with labels says it once, under its report's numbers."""
     run = tmp_path / "run"
     clinical = pipe.root / "cohort" / "clinical.csv"
     assert run_fit(fit_cfg(pipe, run, f"clinical_csv={clinical}", "threshold=0.3")) == 0
@@ -218,6 +222,11 @@ def test_an_external_cohort_scored_with_another_threshold_than_the_runs_report_i
     out = tmp_path / "pred"
     assert run_predict(load_config(PredictConfig, [], [*keys, f"output_dir={out}"])) == 0
     note = f"run '{run}' reported its own predictions with threshold=0.3; these use threshold=0.5"
+    printed = capsys.readouterr().out
+    assert f"  note: {note}" in printed and note not in caplog.text
+    assert printed.count(note) == 1
+    keys = [k for k in keys if not k.startswith("labels_csv=")]  # no report: said before the work
+    assert run_predict(load_config(PredictConfig, [], [*keys, f"output_dir={out}_bare"])) == 0
     assert note in caplog.text
     warnings = json.loads((out / "evaluation" / "evaluation.json").read_text())["warnings"]
     assert any(note in w for w in warnings), warnings

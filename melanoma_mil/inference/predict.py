@@ -277,10 +277,12 @@ def run_predict(cfg: PredictConfig) -> int:
     if target.exists() and not cfg.overwrite:
         raise UserError(f"'{target}' exists; pass overwrite=true or choose another output_dir.")
     check_inputs(cfg, run)
-    if note := run.threshold_note(cfg.threshold):
+    report = bool(cfg.clinical_csv or cfg.labels_csv)
+    # with a report, the note is printed under its numbers (whose accuracy it qualifies)
+    if not report and (note := run.threshold_note(cfg.threshold)):
         log.warning("%s", note)
     made = recorded_evaluation(out)  # before claim_for_run rewrites the marker for another run
-    if cfg.clinical_csv or cfg.labels_csv:
+    if report:
         check_evaluation(out, made)
     if run.config.data.bag_level == "patient" and not cfg.patients_csv:
         log.warning(
@@ -318,7 +320,7 @@ def run_predict(cfg: PredictConfig) -> int:
     print_failures(table, target, "predict")
     print_undrawn(table, target)
     rc = 1 if table["status"].isin(FAILED).any() else 0
-    if cfg.clinical_csv or cfg.labels_csv:  # patient bags are scored as the run was trained
+    if report:  # patient bags are scored as the run was trained
         pooled = patient_of is not None and run.config.data.bag_level == "patient"
         rc = max(rc, _report(cfg, out, out / PATIENTS if pooled else target, run))
     return rc
