@@ -8,10 +8,10 @@ ratio is the last group (positive class / high / QK) against it.
 
 A result that the data cannot give (a hazard ratio when a group has no events or its patients
 all left follow-up before another group's first event, a group comparison when a group has no
-patients, a Cox model that does not converge, a log-rank test or C-index without any event) is
-NaN with the reason in ``not_estimable`` and in the notes, rather than an error: the Kaplan-Meier
-curves and whatever else is defined still stand, and a survival problem never costs the
-classification outputs.
+patients, a Cox model that does not converge, a log-rank test or C-index without any event, a
+log-rank test without variance: `logrank`) is NaN with the reason in ``not_estimable`` and in
+the notes, rather than an error: the Kaplan-Meier curves and whatever else is defined still
+stand, and a survival problem never costs the classification outputs.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ import numpy as np
 import pandas as pd
 from lifelines import CoxPHFitter, KaplanMeierFitter
 from lifelines.exceptions import ConvergenceError
-from lifelines.statistics import multivariate_logrank_test, proportional_hazard_test
+from lifelines.statistics import proportional_hazard_test
 from lifelines.utils import concordance_index, median_survival_times
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from melanoma_mil.evaluation.clinical import EVENT, TIME
+from melanoma_mil.evaluation.logrank import group_logrank
 from melanoma_mil.evaluation.survival_groups import GROUP, SCORE, Groups
 from melanoma_mil.progress import progress
 from melanoma_mil.stats import _chunks, _cluster_weights
@@ -290,24 +291,6 @@ def _left_out(data: pd.DataFrame, used: pd.Index, covariates: dict[str, str]) ->
     }
 
 
-def _logrank(data: pd.DataFrame, groups: Groups) -> dict[str, Any]:
-    """Log-rank across the groups; without any event it has no information (lifelines says
-    chi2 = 0, p = 1), so it is NaN with the reason, as it is when the groups are not all there.
-    """
-    why, df = groups.not_estimable, len(groups.order) - 1
-    if why is None and not data[EVENT].any():
-        why = f"no events among the {len(data)} patients"
-    if why:
-        return {"statistic": math.nan, "p": math.nan, "df": df, "not_estimable": why}
-    lr = multivariate_logrank_test(data[TIME], data[GROUP], data[EVENT])
-    return {
-        "statistic": float(lr.test_statistic),
-        "p": float(lr.p_value),
-        "df": int(lr.degrees_of_freedom),
-        "not_estimable": None,
-    }
-
-
 def _cox(
     data: pd.DataFrame, groups: Groups, covariates: dict[str, str], notes: list[str]
 ) -> tuple[dict[str, Any], dict[str, str]]:
@@ -366,7 +349,7 @@ def analyse_survival(
     """``data``: index patient_id; TIME, EVENT, GROUP, SCORE and the covariates."""
     notes: list[str] = []
     km, fitters = _kaplan_meier(data, groups.order)
-    logrank = _logrank(data, groups)
+    logrank = group_logrank(data, groups)
     if groups.not_estimable:
         notes.append(
             f"groups not compared (log-rank test and hazard ratios not estimable): "
