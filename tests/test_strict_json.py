@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,9 @@ def test_an_undefined_fold_auc_is_null_and_read_as_nan(
     assert all(isinstance(v, float) for v in summary_metrics(summary).values())
     capsys.readouterr()
     assert _fit(tmp_path, out) == 0  # the finished run: its table printed from the file
-    assert "auc                   nan" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "auc                   n/a  " in printed and not re.search(r"\bnan\b", printed)
+    assert "n/a: a test fold lacking a class has no AUC" in printed
 
 
 def test_a_run_written_with_nan_is_still_read(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +64,21 @@ def table(summary: dict[str, Any]) -> str:
     rows = [head, "-" * len(head)]
     for m in METRICS:
         s = summary[m]
-        rows.append(
-            f"{m:<18}"
-            + "".join(f"{v:>7.3f}" for v in s["per_fold"])
-            + f"   {s['mean']:.3f} +- {s['std']:.3f}"
-        )
+        mean = f"{s['mean']:.3f} +- {s['std']:.3f}" if math.isfinite(s["mean"]) else "n/a"
+        rows.append(f"{m:<18}" + "".join(f"{_cell(v):>7}" for v in s["per_fold"]) + "   " + mean)
+    if any(not math.isfinite(v) for v in summary["auc"]["per_fold"]):
+        rows.append("n/a: a test fold lacking a class has no AUC; mean +- std over the others")
     p = summary["pooled_auc"]
     rows.append(
         f"pooled AUC {p['value']:.3f} (95% CI {p['ci_low']:.3f}-{p['ci_high']:.3f}), "
         f"{summary['n_bags']} bags"
     )
     return "\n".join(rows)
+
+
+def _cell(value: float) -> str:
+    """A fold's metric as `fit` prints it: 'n/a' where it is undefined (not 'nan')."""
+    return f"{value:.3f}" if math.isfinite(value) else "n/a"
 
 
 def results_writer(
