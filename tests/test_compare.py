@@ -320,6 +320,23 @@ def test_a_fold_without_an_auc_leaves_the_fold_comparison_defined(tmp_path: Path
     assert "nan" not in md and "(3 of 4 folds)" in md
 
 
+def test_numbers_without_an_estimate_are_n_a_in_the_table_not_nan(tmp_path: Path) -> None:
+    """Every test fold holds one class (no fold AUC, so no mean), and a perfect scorer against
+    an inverted one differs by -1 in every bootstrap replicate (no CI)."""
+    labels = np.repeat(np.tile([0, 1], 30), 2)
+    folds = labels.copy()  # fold 0: class 0 only, fold 1: class 1 only
+    probs = {"a": 0.2 + 0.6 * labels, "b": 0.8 - 0.6 * labels}
+    with pytest.warns(UserWarning, match="Only one class"):  # sklearn, writing the fake runs
+        runs = [write_run(tmp_path / n, p, labels, folds, n) for n, p in probs.items()]
+    out = tmp_path / "o"
+    table = compare_runs(CompareConfig(run_dirs=[str(r) for r in runs], output_dir=str(out)))
+    assert table.auc_mean.isna().all() and np.isnan(table.pooled_auc_diff_ci_low[1])
+    md = (out / "comparison.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| b |"))
+    assert "nan" not in md and "| n/a (0 of 2 folds) | -1.000 [CI n/a] |" in row
+    assert row.split(" | ")[2] == "n/a"  # the AUC column
+
+
 def test_a_wrong_output_folder_is_refused_before_any_run_is_read(tmp_path: Path) -> None:
     out = tmp_path / "evaluation"
     claim_output(out, {"command": "evaluate"}, False, ())  # another command's folder

@@ -22,7 +22,13 @@ import pandas as pd
 from melanoma_mil import stats
 from melanoma_mil.config import CompareConfig
 from melanoma_mil.errors import UserError
-from melanoma_mil.evaluation.compare_settings import setting_of, settings_markdown, settings_table
+from melanoma_mil.evaluation.compare_settings import (
+    diff_text,
+    setting_of,
+    settings_markdown,
+    settings_table,
+    spread_text,
+)
 from melanoma_mil.io import atomic_path, write_text
 from melanoma_mil.outdir import claim_output
 from melanoma_mil.rundir import SPLITS, SUMMARY, load_run, pooled_predictions
@@ -186,10 +192,6 @@ def _delong_p(y: np.ndarray, probs: np.ndarray, ref_probs: np.ndarray) -> float 
         return None
 
 
-def _fmt(mean: float, std: float) -> str:
-    return f"{mean:.3f} ± {std:.3f}"
-
-
 def _fold_diffs(diff: np.ndarray) -> dict[str, Any]:
     """Per-fold AUC differences over the folds where both AUCs are defined (a fold with one
     class has none), and how many those are."""
@@ -252,21 +254,18 @@ def markdown(table: pd.DataFrame, n_boot: int) -> str:
         if r.is_reference:
             delta, dci, pb, pd_ = "reference", "", "", ""
         else:
-            delta = _fmt(r.fold_auc_diff_mean, r.fold_auc_diff_std)
+            delta = spread_text(r.fold_auc_diff_mean, r.fold_auc_diff_std)
             if r.folds_compared < r.folds:  # the others have an undefined AUC
                 delta += f" ({r.folds_compared} of {r.folds} folds)"
-            dci = (
-                f"{r.pooled_auc_diff:+.3f} "
-                f"[{r.pooled_auc_diff_ci_low:+.3f}, {r.pooled_auc_diff_ci_high:+.3f}]"
-            )
+            dci = diff_text(r.pooled_auc_diff, r.pooled_auc_diff_ci_low, r.pooled_auc_diff_ci_high)
             pb = "n/a" if pd.isna(r.p_bootstrap) else f"{r.p_bootstrap:.3g}"
             pd_ = "n/a" if r.p_delong is None or pd.isna(r.p_delong) else f"{r.p_delong:.3g}"
         cells = [
             r.run,
             r.encoder,
-            _fmt(r.auc_mean, r.auc_std),
-            _fmt(r.balanced_accuracy_mean, r.balanced_accuracy_std),
-            _fmt(r.f1_mean, r.f1_std),
+            spread_text(r.auc_mean, r.auc_std),
+            spread_text(r.balanced_accuracy_mean, r.balanced_accuracy_std),
+            spread_text(r.f1_mean, r.f1_std),
             ci,
             delta,
             dci,

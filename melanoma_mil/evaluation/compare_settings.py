@@ -99,8 +99,18 @@ def settings_table(
     return pd.DataFrame(rows)
 
 
-def _fmt(mean: float, std: float) -> str:
+def spread_text(mean: float, std: float) -> str:
+    """'0.812 ± 0.031'; the mean alone when the std is undefined (one seed), 'n/a' when the
+    mean is (every test fold lacks a class): a table shows no 'nan'."""
+    if np.isnan(mean):
+        return "n/a"
     return f"{mean:.3f}" if np.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def diff_text(diff: float, low: float, high: float) -> str:
+    """'+0.041 [-0.010, +0.090]'; '[CI n/a]' when the bootstrap gives no CI (every replicate
+    the same gap, or none with both classes: `stats._paired_result`)."""
+    return f"{diff:+.3f} " + ("[CI n/a]" if np.isnan(low) else f"[{low:+.3f}, {high:+.3f}]")
 
 
 def settings_markdown(table: pd.DataFrame, n_boot: int) -> str:
@@ -116,17 +126,16 @@ def settings_markdown(table: pd.DataFrame, n_boot: int) -> str:
         if r.is_reference:
             delta, p = "reference", ""
         else:
-            delta = (
-                f"{r.pooled_auc_diff:+.3f} "
-                f"[{r.pooled_auc_diff_ci_low:+.3f}, {r.pooled_auc_diff_ci_high:+.3f}]"
+            delta = diff_text(
+                r.pooled_auc_diff, r.pooled_auc_diff_ci_low, r.pooled_auc_diff_ci_high
             )
             p = "n/a" if pd.isna(r.p_bootstrap) else f"{r.p_bootstrap:.3g}"
         cells = [
             r.setting,
             r.runs.replace(";", ", "),
             r.seeds.replace(";", ", "),
-            _fmt(r.pooled_auc_mean, r.pooled_auc_std),
-            _fmt(r.auc_mean, r.auc_std),
+            spread_text(r.pooled_auc_mean, r.pooled_auc_std),
+            spread_text(r.auc_mean, r.auc_std),
             delta,
             p,
         ]
