@@ -107,10 +107,11 @@ def claim_output(
 
 
 def claim_shared(folder: str | Path, command: str) -> None:
-    """Make ``folder`` ``command``'s or refuse it, for commands that many processes share and
-    resume file by file (`tile`, `extract`, `sweep`). A folder without a marker is adopted, as
-    folders made before markers existed: these commands keep each slide's file and each run
-    there unless ``overwrite``, and rewrite only their summary tables and QC images."""
+    """Make ``folder`` ``command``'s or refuse it, for commands that resume file by file and
+    that many processes share (`tile`, `extract`; `sweep` one at a time). A folder without a
+    marker is adopted, as folders made before markers existed: these commands keep each
+    slide's file and each run there unless ``overwrite``, and rewrite only their summary tables
+    and QC images."""
     out = output_folder(folder, command)
     marker = read_marker(out)
     if marker is None:

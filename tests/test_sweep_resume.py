@@ -11,6 +11,8 @@ import yaml
 
 from melanoma_mil.cli import main
 from melanoma_mil.data.synthetic import make_bag_cohort
+from melanoma_mil.evaluation.sweep import LOCK
+from melanoma_mil.fsutil import try_lock
 
 
 def cohort(root: Path) -> tuple[Path, Path]:
@@ -244,3 +246,30 @@ def test_a_sweep_started_anew_leaves_no_comparison_of_the_earlier_runs(tmp_path:
     assert [r["name"] for r in ledger(out)] == ["000_seed-5"]
     left = sorted(p.name for p in (out / "comparison").iterdir())
     assert left == [".melanoma-mil.json", "notes.txt"]
+
+
+def test_a_second_sweep_into_a_folder_in_use_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two sweeps in one folder planned the same next run (one failed it: its folds were
+    locked) and wrote their ledgers and comparisons over each other's. While one holds the
+    folder, another is refused with one line; once it has ended, the same command resumes."""
+    features, labels = cohort(tmp_path / "coh")
+    spec = {"method": "grid", "parameters": {"seed": {"values": [0, 1]}}}
+    grid = sweep_file(tmp_path, spec)
+    out = tmp_path / "out"
+    argv = ["sweep", str(grid), *fast(out), f"data.features_dir={features}"]
+    argv.append(f"data.labels_csv={labels}")
+    assert main([*argv, "--count", "1"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    other = try_lock(out / LOCK)  # the running sweep's lock (an flock: per open file)
+    assert other is not None
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "in use by another `sweep`" in err and str(out) in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert [r["state"] for r in ledger(out)] == ["finished"]
+    other.release()
+    assert main(argv) == 0
+    assert [r["state"] for r in ledger(out)] == ["finished", "finished"]

@@ -33,12 +33,14 @@ from melanoma_mil.evaluation.sweep_plan import (
     suggest,
 )
 from melanoma_mil.evaluation.sweep_report import RESULTS, own_comparison, report
+from melanoma_mil.fsutil import Lock, try_lock
 from melanoma_mil.io import write_json
-from melanoma_mil.outdir import claim_shared, read_marker
+from melanoma_mil.outdir import claim_shared, output_folder, read_marker
 from melanoma_mil.rundir import SPLITS, load_run, settings
 from melanoma_mil.tracking.loggers import check_logger, summary_metrics
 
 log = logging.getLogger(__name__)
+LOCK = ".sweep.lock"  # held by the one `sweep` process that plans and records a folder's runs
 
 # Inputs fit identifies by content (rundir NOT_RESULTS), which a sweep must not change between
 # runs: its later runs would see other data than its earlier ones.
@@ -227,6 +229,37 @@ def _run(
     return entry
 
 
+def _hold(out: Path) -> Lock:
+    """The folder's sweep lock, or a refusal: two sweeps in one folder would both plan the same
+    next run (one of them fails it, its folds being locked) and each write its own ledger and
+    comparison over the other's."""
+    lock = try_lock(output_folder(out, "sweep") / LOCK)
+    if lock is None:
+        raise UserError(
+            f"output_dir '{out}' is in use by another `sweep` (it holds {out / LOCK}); wait for "
+            "it to end, then re-run this command to resume, or sweep into another output_dir "
+            "(parallel runs of one sweep: `wandb agent`, sweeps/README.md)."
+        )
+    return lock
+
+
+def _folder_state(
+    cfg: C.SweepConfig, spec: dict[str, Any], fixed: dict[str, Any], out: Path
+) -> tuple[list[dict[str, Any]], bool]:
+    """The earlier runs recorded in ``out`` and whether its comparison is this sweep's own, or a
+    refusal of a folder that is not this sweep's."""
+    ledger_path = out / "sweep.json"
+    entries = _ledger(ledger_path, spec, fixed, cfg.overwrite)
+    if read_marker(out) is not None:  # then read-only: another command's folder is named first
+        claim_shared(out, "sweep")
+    elif (out / RESULTS).exists() and not ledger_path.is_file() and not cfg.overwrite:
+        raise UserError(
+            f"output_dir '{out}' already holds {RESULTS} from an unknown sweep; pass "
+            "overwrite=true to replace it, or choose another output_dir."
+        )
+    return entries, own_comparison(out)
+
+
 def run_sweep(cfg: C.SweepConfig) -> int:
     """Plan and run the sweep's fits; write sweep.json, sweep_results.csv and the comparison."""
     if not cfg.sweep_file:
@@ -236,19 +269,28 @@ def run_sweep(cfg: C.SweepConfig) -> int:
     if spec["method"] != "grid" and cfg.count is None:
         raise UserError(f"method '{spec['method']}' never runs out of runs: pass --count N.")
     out = Path(cfg.output_dir)
-    ledger_path = out / "sweep.json"
     fixed = fixed_settings(cfg, spec)
-    entries = _ledger(ledger_path, spec, fixed, cfg.overwrite)
-    if read_marker(out) is not None:  # then read-only: another command's folder is named first
-        claim_shared(out, "sweep")
-    elif (out / RESULTS).exists() and not ledger_path.is_file() and not cfg.overwrite:
-        raise UserError(
-            f"output_dir '{out}' already holds {RESULTS} from an unknown sweep; pass "
-            "overwrite=true to replace it, or choose another output_dir."
-        )
+    _folder_state(cfg, spec, fixed, out)  # its refusals first, before the inputs are read
     _check_inputs(cfg, spec)
-    replace_comparison = own_comparison(out)  # refused before the folder is marked
-    claim_shared(out, "sweep")
+    lock = _hold(out)
+    try:  # read again under the lock: a sweep that ended meanwhile may have added runs
+        entries, replace_comparison = _folder_state(cfg, spec, fixed, out)
+        claim_shared(out, "sweep")
+        return _sweep(cfg, spec, fixed, entries, replace_comparison)
+    finally:
+        lock.release()
+
+
+def _sweep(
+    cfg: C.SweepConfig,
+    spec: dict[str, Any],
+    fixed: dict[str, Any],
+    entries: list[dict[str, Any]],
+    replace_comparison: bool,
+) -> int:
+    """The runs not yet finished, then the report; with the folder's sweep lock held."""
+    out = Path(cfg.output_dir)
+    ledger_path = out / "sweep.json"
     done = [e for e in entries if e["state"] == "finished"]
     paired = {
         "file": cfg.cv.splits_file or (str(out / done[0]["name"] / SPLITS) if done else None),
