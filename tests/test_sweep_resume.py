@@ -4,8 +4,10 @@ and inputs every run shares checked before any run."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -273,3 +275,23 @@ def test_a_second_sweep_into_a_folder_in_use_is_refused_before_any_work(
     other.release()
     assert main(argv) == 0
     assert [r["state"] for r in ledger(out)] == ["finished", "finished"]
+
+
+def test_a_finished_run_whose_folder_is_gone_runs_again_on_resume(tmp_path: Path) -> None:
+    """A run folder deleted to be redone was still ranked from the ledger's metrics, and the
+    comparison failed on it (exit 2) after every other fit; it now runs again, as a failed
+    run does, and the comparison is of runs that exist."""
+    features, labels = cohort(tmp_path / "coh")
+    spec = {"method": "grid", "parameters": {"seed": {"values": [0, 1]}}}
+    grid = sweep_file(tmp_path, spec)
+    out = tmp_path / "out"
+    argv = ["sweep", str(grid), *fast(out), f"data.features_dir={features}"]
+    argv.append(f"data.labels_csv={labels}")
+    assert main(argv) == 0
+    gone = out / ledger(out)[1]["name"]
+    shutil.rmtree(gone)
+    assert main(argv) == 0
+    assert [r["state"] for r in ledger(out)] == ["finished", "finished"]
+    assert (gone / "predictions.csv").is_file()
+    table = pd.read_csv(out / "comparison" / "comparison.csv")
+    assert sorted(table["run"]) == sorted(r["name"] for r in ledger(out))

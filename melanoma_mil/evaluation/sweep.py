@@ -229,6 +229,26 @@ def _run(
     return entry
 
 
+def _recheck_finished(out: Path, entries: list[dict[str, Any]]) -> None:
+    """A run the ledger calls finished whose folder is gone or no longer complete (deleted to
+    be redone, a `fit` of yours into it) is run again, as a failed one is: else its stale
+    metrics would be ranked and the comparison would fail after every other fit."""
+    for entry in entries:
+        if entry["state"] != "finished":
+            continue
+        try:
+            digest = load_run(out / entry["name"]).splits_sha256
+            problem = None if digest == entry.get("splits_sha256") else "refitted on other splits"
+        except UserError as e:
+            problem = str(e).rstrip(".")
+        if problem:
+            log.warning(
+                "sweep run %s is no longer finished (%s): it runs again", entry["name"], problem
+            )
+            entry.update(state="failed", error=problem)
+            entry.pop("metrics", None)
+
+
 def _hold(out: Path) -> Lock:
     """The folder's sweep lock, or a refusal: two sweeps in one folder would both plan the same
     next run (one of them fails it, its folds being locked) and each write its own ledger and
@@ -291,6 +311,7 @@ def _sweep(
     """The runs not yet finished, then the report; with the folder's sweep lock held."""
     out = Path(cfg.output_dir)
     ledger_path = out / "sweep.json"
+    _recheck_finished(out, entries)
     done = [e for e in entries if e["state"] == "finished"]
     paired = {
         "file": cfg.cv.splits_file or (str(out / done[0]["name"] / SPLITS) if done else None),
