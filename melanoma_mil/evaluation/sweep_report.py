@@ -74,7 +74,8 @@ def report(
     table = pd.DataFrame(rows, columns=["run", "state", *params, *metrics])
     if metric in table.columns:
         ascending = spec["metric"].get("goal") == "minimize"
-        table = table.sort_values(metric, ascending=ascending, na_position="last")
+        # stable: tied runs (AUCs tie often on small cohorts) keep their run order
+        table = table.sort_values(metric, ascending=ascending, na_position="last", kind="stable")
     with atomic_path(out / RESULTS) as tmp:
         table.to_csv(tmp, index=False)
     shown = ["run", "state", *spec["parameters"], metric, "cv/pooled_auc"]
