@@ -295,3 +295,27 @@ def test_a_finished_run_whose_folder_is_gone_runs_again_on_resume(tmp_path: Path
     assert (gone / "predictions.csv").is_file()
     table = pd.read_csv(out / "comparison" / "comparison.csv")
     assert sorted(table["run"]) == sorted(r["name"] for r in ledger(out))
+
+
+def test_a_finished_run_refitted_with_other_settings_is_not_ranked_from_the_ledger(
+    tmp_path: Path,
+) -> None:
+    """A `fit overwrite=true` of yours into a sweep run's folder left the ledger's metrics of the
+    earlier run in sweep_results.csv beside a comparison of the new one; the run is now run
+    again on resume, which fit refuses (other settings), so it is listed as failed."""
+    features, labels = cohort(tmp_path / "coh")
+    spec = {"method": "grid", "parameters": {"seed": {"values": [0, 1]}}}
+    grid = sweep_file(tmp_path, spec)
+    out = tmp_path / "out"
+    data = [f"data.features_dir={features}", f"data.labels_csv={labels}"]
+    argv = ["sweep", str(grid), *fast(out), *data]
+    assert main(argv) == 0
+    first, second = (out / r["name"] for r in ledger(out))
+    refit = ["fit", *fast(second), *data, "seed=1", "optim.lr=0.01", "overwrite=true"]
+    assert main([*refit, f"cv.splits_file={first / 'splits.json'}"]) == 0
+    assert main(argv) == 1
+    assert [r["state"] for r in ledger(out)] == ["finished", "failed"]
+    assert "other settings" in ledger(out)[1]["error"]
+    table = pd.read_csv(out / "sweep_results.csv")
+    assert table.set_index("run")["state"][second.name] == "failed"
+    assert table.set_index("run")["cv/auc_mean"].isna()[second.name]

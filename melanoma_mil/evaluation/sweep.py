@@ -230,15 +230,20 @@ def _run(
 
 
 def _recheck_finished(out: Path, entries: list[dict[str, Any]]) -> None:
-    """A run the ledger calls finished whose folder is gone or no longer complete (deleted to
-    be redone, a `fit` of yours into it) is run again, as a failed one is: else its stale
-    metrics would be ranked and the comparison would fail after every other fit."""
+    """A run the ledger calls finished whose folder is gone, no longer complete (deleted to be
+    redone) or holds other results (a `fit overwrite=true` of yours into it) is run again, as a
+    failed one is: else its stale metrics would be ranked beside the comparison of what the
+    folder holds, or the comparison would fail after every other fit."""
     for entry in entries:
         if entry["state"] != "finished":
             continue
         try:
-            digest = load_run(out / entry["name"]).splits_sha256
-            problem = None if digest == entry.get("splits_sha256") else "refitted on other splits"
+            run = load_run(out / entry["name"])
+            problem = None
+            if run.splits_sha256 != entry.get("splits_sha256"):
+                problem = "refitted on other splits"
+            elif summary_metrics(run.summary) != entry.get("metrics"):
+                problem = "refitted: its results are not those recorded in the ledger"
         except UserError as e:
             problem = str(e).rstrip(".")
         if problem:
