@@ -151,3 +151,26 @@ def test_runs_without_seed_groups_write_what_compare_always_wrote(tmp_path: Path
     expected, _ = comparison_tables(results, 0, 2000, 0)
     assert (fresh / "comparison.csv").read_text() == expected.to_csv(index=False)
     assert (fresh / "comparison.md").read_text() == markdown(table, 2000)
+
+
+def test_a_rerun_of_a_setting_and_seed_counts_as_one_seed(tmp_path: Path, cohort) -> None:
+    """Two sweeps holding one model x cache x seed (study2024 and models.yaml at one cache)
+    gave that setting 'seeds 0;0;1', its seed 0 counted twice; a repeat is now left out of the
+    table by setting, and named there (the per-run table keeps every run)."""
+    labels, folds = cohort
+    rng = np.random.default_rng(23)
+    made = [("a0", "abmil", 0), ("m0", "mean", 0), ("a1", "abmil", 1), ("a0_again", "abmil", 0)]
+    runs = [
+        write_run(tmp_path / n, _scores(labels, 0.4, rng), labels, folds, "ck", seed=s, model=m)
+        for n, m, s in made
+    ]
+    out = tmp_path / "o"
+    compare_runs(CompareConfig(run_dirs=[str(r) for r in runs], output_dir=str(out)))
+    table = pd.read_csv(out / "comparison_settings.csv", keep_default_na=False)
+    assert list(table.seeds) == ["0;1", "0"]
+    assert list(table.n_seeds) == [2, 1]
+    assert list(table.repeats_left_out) == ["a0_again", ""]
+    pooled = [_pooled_auc(r) for r in runs[:3:2]]
+    assert float(table.pooled_auc_mean[0]) == pytest.approx(np.mean(pooled))
+    assert "repeats of a seed their setting already has" in (out / "comparison.md").read_text()
+    assert len(pd.read_csv(out / "comparison.csv")) == 4

@@ -9,6 +9,7 @@ side's pooled AUC, tested with one paired patient bootstrap over all their runs.
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from melanoma_mil.rundir import TrainedRun, run_record, settings
 if TYPE_CHECKING:
     from melanoma_mil.evaluation.compare import RunResult
 
+log = logging.getLogger(__name__)
 FEATURES = "features"  # the setting key of the feature cache (data.features_dir is no setting)
 
 
@@ -32,12 +34,24 @@ def setting_of(run: TrainedRun) -> dict[str, Any]:
     return {**setting, FEATURES: str(features)}
 
 
-def group_settings(runs: list[RunResult]) -> list[list[RunResult]]:
-    """The runs by setting, in the order each setting first appears."""
+def _key(run: RunResult) -> str:
+    return json.dumps(run.setting, sort_keys=True, default=str)
+
+
+def group_settings(runs: list[RunResult]) -> tuple[list[list[RunResult]], dict[str, str]]:
+    """The runs by setting, in the order each setting first appears, and the runs left out as
+    repeats of a seed their setting already has (a re-run, e.g. the same model and cache in two
+    sweeps: one seed, not two), each with the run it repeats."""
     groups: dict[str, list[RunResult]] = {}
+    repeats: dict[str, str] = {}
     for run in runs:
-        groups.setdefault(json.dumps(run.setting, sort_keys=True, default=str), []).append(run)
-    return list(groups.values())
+        group = groups.setdefault(_key(run), [])
+        same = next((r for r in group if r.seed == run.seed), None)
+        if same is None:
+            group.append(run)
+        else:
+            repeats[run.name] = same.name
+    return list(groups.values()), repeats
 
 
 def _labels(groups: list[list[RunResult]]) -> list[str]:
@@ -63,17 +77,21 @@ def settings_table(
 ) -> pd.DataFrame | None:
     """One row per setting against the reference run's setting; None when no setting has two
     runs (then compare writes what it always did)."""
-    groups = group_settings(runs)
+    groups, repeats = group_settings(runs)
+    for run, same in repeats.items():
+        why = "same setting and seed: one seed, left out of the table by setting"
+        log.warning("compare: run %s repeats run %s (%s)", run, same, why)
     if all(len(g) < 2 for g in groups):
         return None
     ref = runs[ref_index]
     y, patients = ref.bags["y"].to_numpy(), ref.bags["patient_id"].to_numpy()
     labels = _labels(groups)
-    ref_group = next(i for i, g in enumerate(groups) if any(r is ref for r in g))
+    ref_group = next(i for i, g in enumerate(groups) if _key(g[0]) == _key(ref))
     ref_probs = [r.probs() for r in groups[ref_group]]
     rows = []
     for i, (label, group) in enumerate(zip(labels, groups, strict=True)):
         probs = [r.probs() for r in group]
+        names = {r.name for r in group}
         pooled = _spread([float(stats.macro_auc(y, p)[0]) for p in probs])
         per_fold = _spread([float(r.metric("auc")["mean"]) for r in group])
         boot = stats.paired_bootstrap_seeds_test(y, probs, ref_probs, patients, n_boot, seed)
@@ -84,6 +102,7 @@ def settings_table(
                 "runs": ";".join(r.name for r in group),
                 "seeds": ";".join(str(r.seed) for r in group),
                 "n_seeds": len(group),
+                "repeats_left_out": ";".join(k for k, v in repeats.items() if v in names),
                 "pooled_auc_mean": pooled[0],
                 "pooled_auc_std": pooled[1],
                 "auc_mean": per_fold[0],
@@ -148,4 +167,10 @@ def settings_markdown(table: pd.DataFrame, n_boot: int) -> str:
         f"({n_boot} replicates: each resamples patients once and scores every run of both "
         "settings on it); its CI is over patients, the spread over seeds is the ± std.",
     ]
+    left_out = [r for r in table["repeats_left_out"] if r]
+    if left_out:
+        lines.append(
+            "Left out here as repeats of a seed their setting already has (same setting and "
+            f"seed): {', '.join(';'.join(left_out).split(';'))}."
+        )
     return "\n".join(lines) + "\n"
