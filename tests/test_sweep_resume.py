@@ -319,3 +319,24 @@ def test_a_finished_run_refitted_with_other_settings_is_not_ranked_from_the_ledg
     table = pd.read_csv(out / "sweep_results.csv")
     assert table.set_index("run")["state"][second.name] == "failed"
     assert table.set_index("run")["cv/auc_mean"].isna()[second.name]
+
+
+def test_a_ledger_recording_fewer_metrics_is_resumed_without_rerunning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A finished run is checked against the metrics its ledger recorded, on those keys only: a
+    ledger of an older version (no cv/n_bags) must not make every finished run look refitted."""
+    features, labels = cohort(tmp_path / "coh")
+    spec = {"method": "grid", "parameters": {"seed": {"values": [0, 1]}}}
+    grid = sweep_file(tmp_path, spec)
+    out = tmp_path / "out"
+    argv = ["sweep", str(grid), *fast(out), f"data.features_dir={features}"]
+    argv.append(f"data.labels_csv={labels}")
+    assert main([*argv, "--count", "1"]) == 0
+    data = json.loads((out / "sweep.json").read_text())
+    del data["runs"][0]["metrics"]["cv/n_bags"]
+    (out / "sweep.json").write_text(json.dumps(data))
+    caplog.clear()
+    assert main(argv) == 0
+    assert "no longer finished" not in caplog.text
+    assert "cv/n_bags" not in ledger(out)[0]["metrics"]  # kept as recorded, not run again

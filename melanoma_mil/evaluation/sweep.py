@@ -229,6 +229,14 @@ def _run(
     return entry
 
 
+def _same_metrics(now: dict[str, float], recorded: dict[str, float]) -> bool:
+    """The run's metrics are those recorded: as JSON (NaN equals NaN, as in sweep.json), on the
+    keys recorded (a ledger of an older version may lack some)."""
+    return json.dumps({k: now.get(k) for k in recorded}, sort_keys=True) == json.dumps(
+        recorded, sort_keys=True
+    )
+
+
 def _recheck_finished(out: Path, entries: list[dict[str, Any]]) -> None:
     """A run the ledger calls finished whose folder is gone, no longer complete (deleted to be
     redone) or holds other results (a `fit overwrite=true` of yours into it) is run again, as a
@@ -242,7 +250,7 @@ def _recheck_finished(out: Path, entries: list[dict[str, Any]]) -> None:
             problem = None
             if run.splits_sha256 != entry.get("splits_sha256"):
                 problem = "refitted on other splits"
-            elif summary_metrics(run.summary) != entry.get("metrics"):
+            elif not _same_metrics(summary_metrics(run.summary), entry.get("metrics") or {}):
                 problem = "refitted: its results are not those recorded in the ledger"
         except UserError as e:
             problem = str(e).rstrip(".")
