@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from sklearn.metrics import (
     auc,
@@ -265,3 +266,24 @@ def test_a_bag_at_exactly_one_half_gets_one_class_in_fit_predict_and_evaluate() 
     assert ensemble_columns(probs[:1], ["fold_0"], ["low", "high"])["pred"] == "high"
     three = np.array([[0.2, 0.5, 0.3]])
     assert ensemble_columns(three, ["fold_0"], ["a", "b", "c"])["pred"] == "b"
+
+
+def test_compare_plot_of_a_sweep_grid_gives_each_run_its_colour_and_a_legend_beside(
+    tmp_path: Path, figures: list[Figure]
+) -> None:
+    """A grid of 12 runs (81 in the 2024 study) drew the 11th run in the 1st run's colour and
+    its legend over the ROC curves; each run now has a colour of its own, and the legend sits
+    beside the ROC axes."""
+    rng = np.random.default_rng(7)
+    y = np.r_[np.zeros(40, int), np.ones(40, int)]
+    names = [f"{i:03d}_features_dir-uni-10x_name-model{i}" for i in range(12)]
+    runs = [_run(n, y, rng.random((80, 2)), ["low", "high"]) for n in names]
+    folds = pd.DataFrame({"run": names, "fold": 0, "auc": 0.5})
+    compare.plot(runs, folds, tmp_path / "comparison.png")
+    fig = figures[0]
+    roc = fig.axes[1]
+    colours = {tuple(np.round(to_rgba(line.get_color()), 3)) for line in roc.lines[:-1]}
+    assert len(colours) == len(runs)
+    renderer = fig.canvas.get_renderer()
+    legend = roc.get_legend().get_window_extent(renderer)
+    assert legend.x0 >= roc.get_window_extent(renderer).x1  # not over the curves

@@ -22,6 +22,7 @@ import pandas as pd
 from melanoma_mil import stats
 from melanoma_mil.config import CompareConfig
 from melanoma_mil.errors import UserError
+from melanoma_mil.evaluation.compare_plot import plot
 from melanoma_mil.evaluation.compare_settings import (
     diff_text,
     setting_of,
@@ -283,52 +284,6 @@ def markdown(table: pd.DataFrame, n_boot: int) -> str:
         "as independent, so prefer the bootstrap when patients have several slides).",
     ]
     return "\n".join(lines) + "\n"
-
-
-def _pooled_roc_points(run: RunResult) -> tuple[np.ndarray, np.ndarray, str]:
-    """(labels, scores, legend) of the run's pooled ROC curve, the legend naming that curve's
-    own AUC. Multi-class: the micro-averaged one-vs-rest curve (every bag x class a case), so
-    its legend gives the micro AUC, not the table's macro AUC (the mean of per-class areas,
-    which no single curve has)."""
-    y, p = run.bags["y"].to_numpy(), run.probs()
-    if p.ndim == 1:
-        return y, p, f"{run.name} (AUC {stats.auc(y, p):.3f})"
-    y, p = np.eye(p.shape[1], dtype=int)[y].ravel(), p.ravel()
-    return y, p, f"{run.name} (micro AUC {stats.auc(y, p):.3f})"
-
-
-def plot(runs: list[RunResult], folds: pd.DataFrame, path: Path) -> None:
-    """Per-fold AUC per run (a line per fold: the pairing) and the pooled ROC curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    wide = folds.pivot(index="fold", columns="run", values="auc")[[r.name for r in runs]]
-    x = np.arange(len(runs))
-    for _, fold_aucs in wide.iterrows():
-        ax1.plot(x, fold_aucs.to_numpy(), color="0.7", lw=1, marker="o", ms=4, zorder=1)
-    spread = wide.std().fillna(0.0)  # one usable fold: 0, as comparison.csv says, not NaN
-    ax1.errorbar(x, wide.mean(), yerr=spread, fmt="D", color="C3", capsize=4, zorder=2)
-    ax1.set_xticks(x, [r.name for r in runs], rotation=20, ha="right")
-    ax1.set_xlim(-0.5, len(runs) - 0.5)
-    ax1.set_ylabel("test AUC per fold")
-    ax1.set_title("per-fold AUC (lines join the same fold)")
-    for i, run in enumerate(runs):
-        y, p, label = _pooled_roc_points(run)
-        fpr, tpr, _ = roc_curve(y, p)
-        ax2.plot(fpr, tpr, color=f"C{i}", label=label)
-    ax2.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1)
-    multiclass = len(runs[0].classes) > 2  # check_paired: every run has the same classes
-    title = "pooled ROC, micro-average one-vs-rest" if multiclass else "pooled ROC"
-    ax2.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
-    ax2.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
 
 
 def _reference_index(runs: list[RunResult], reference: str | None) -> int:
