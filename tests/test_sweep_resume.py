@@ -340,3 +340,28 @@ def test_a_ledger_recording_fewer_metrics_is_resumed_without_rerunning(
     assert main(argv) == 0
     assert "no longer finished" not in caplog.text
     assert "cv/n_bags" not in ledger(out)[0]["metrics"]  # kept as recorded, not run again
+
+
+def test_a_finished_run_with_a_missing_metric_is_resumed_without_rerunning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A metric a run could not compute (an AUC of a fold lacking a class) is NaN in the run and
+    null in the strict JSON of sweep.json: the two are one value, not a sign of a refit."""
+    features, labels = cohort(tmp_path / "coh")
+    spec = {"method": "grid", "parameters": {"seed": {"values": [0, 1]}}}
+    grid = sweep_file(tmp_path, spec)
+    out = tmp_path / "out"
+    argv = ["sweep", str(grid), *fast(out), f"data.features_dir={features}"]
+    argv.append(f"data.labels_csv={labels}")
+    assert main([*argv, "--count", "1"]) == 0
+    data = json.loads((out / "sweep.json").read_text())
+    run = out / data["runs"][0]["name"]
+    summary = json.loads((run / "cv_summary.json").read_text())
+    summary["auc"]["std"] = None  # as a run lacking a class in a fold writes it
+    (run / "cv_summary.json").write_text(json.dumps(summary))
+    data["runs"][0]["metrics"]["cv/auc_std"] = None
+    (out / "sweep.json").write_text(json.dumps(data))
+    caplog.clear()
+    assert main(argv) == 0
+    assert "no longer finished" not in caplog.text
+    assert ledger(out)[0]["metrics"]["cv/auc_std"] is None

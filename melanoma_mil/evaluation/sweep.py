@@ -34,7 +34,7 @@ from melanoma_mil.evaluation.sweep_plan import (
 )
 from melanoma_mil.evaluation.sweep_report import RESULTS, own_comparison, report
 from melanoma_mil.fsutil import Lock, try_lock
-from melanoma_mil.io import write_json
+from melanoma_mil.io import json_text, write_json
 from melanoma_mil.outdir import claim_shared, output_folder, read_marker
 from melanoma_mil.rundir import SPLITS, load_run, settings
 from melanoma_mil.tracking.loggers import check_logger, summary_metrics
@@ -230,11 +230,10 @@ def _run(
 
 
 def _same_metrics(now: dict[str, float], recorded: dict[str, float]) -> bool:
-    """The run's metrics are those recorded: as JSON (NaN equals NaN, as in sweep.json), on the
-    keys recorded (a ledger of an older version may lack some)."""
-    return json.dumps({k: now.get(k) for k in recorded}, sort_keys=True) == json.dumps(
-        recorded, sort_keys=True
-    )
+    """The run's metrics are those recorded: as strict JSON, as sweep.json holds them (a NaN
+    metric is null there), on the keys recorded (a ledger of an older version may lack some)."""
+    now_text = json_text({k: now.get(k) for k in recorded}, sort_keys=True)
+    return now_text == json_text(recorded, sort_keys=True)
 
 
 def _recheck_finished(out: Path, entries: list[dict[str, Any]]) -> None:
