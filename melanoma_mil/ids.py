@@ -14,6 +14,8 @@ from pathlib import Path
 
 from melanoma_mil.errors import UserError
 
+# in bytes as the file system counts them (UTF-8): a name may hold 255, and the longest name
+# made from an id (a claim's draft, `.<id>.lock.<random>.claiming`) adds 24 to 28
 MAX_LENGTH = 200
 _BAD_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")
 
@@ -28,8 +30,8 @@ def id_problem(slide_id: str) -> str | None:
         return "starts with '.' (hidden files, temp files and '..' are not slide ids)"
     if slide_id != slide_id.strip():
         return "starts or ends with whitespace"
-    if len(slide_id) > MAX_LENGTH:
-        return f"is longer than {MAX_LENGTH} characters"
+    if len(os.fsencode(slide_id)) > MAX_LENGTH:
+        return f"is longer than {MAX_LENGTH} bytes (UTF-8), too long to name files: shorten it"
     return None
 
 

@@ -198,3 +198,16 @@ def test_a_bad_device_is_refused_before_tiling_or_claiming_the_folder(
     err = one_line_error(capsys, "extract", f"coords_dir={pipe.root / 'tiles'}",
                          f"output_dir={out}", "device=mps")  # fmt: skip
     assert "device 'mps' unknown" in err  # was a RuntimeError traceback
+
+
+def test_a_slide_id_too_long_in_bytes_is_refused_before_tiling(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """80 characters, 240 bytes: a valid file name, but its coords' claim draft
+    (`.<id>.lock.<random>.claiming`) is not; the slide failed with ENAMETOOLONG once tiling."""
+    make_cohort(tmp_path, 1)
+    slides, out = tmp_path / "slides", tmp_path / "tiled"
+    (slides / "slide0.tif").rename(slides / f"{'€' * 80}.tif")
+    err = one_line_error(capsys, "tile", f"slides_dir={slides}", f"output_dir={out}")
+    assert "is longer than 200 bytes" in err and "shorten it" in err
+    assert not out.exists()
