@@ -25,6 +25,7 @@ from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.run import run_extract
 from melanoma_mil.inference.predict import run_predict
+from melanoma_mil.tiling.qc import CELLS
 from melanoma_mil.tiling.run import run_tile
 from melanoma_mil.training.cv import run_fit
 
@@ -145,3 +146,19 @@ def test_a_dangling_link_as_output_dir_is_named_a_dangling_link(
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "which does not exist" in err and "a file" not in err, err
     assert not (tmp_path / "gone").exists()
+
+
+def test_tile_refuses_a_linked_contact_sheet_cache(tmp_path: Path) -> None:
+    """The cells kept for the next contact sheet are pruned (each whose QC image is gone): a
+    link there pruned the user's own PNGs where it points."""
+    make_cohort(tmp_path, 1)
+    out = tmp_path / "tiles_out"
+    out.mkdir()
+    mine = _mine(tmp_path, "holiday.png")
+    (out / CELLS).symlink_to(mine)
+    cfg = TileConfig(slides_dir=str(tmp_path / "slides"), output_dir=str(out), workers=1,
+                     tiling=TilingConfig(mpp=0.5, tile_size=64))  # fmt: skip
+    with pytest.raises(UserError, match=r"qc_cells' is a link to .*mine.*replace the link"):
+        run_tile(cfg)
+    assert [p.name for p in mine.iterdir()] == ["holiday.png"]
+    assert [p.name for p in out.iterdir()] == [CELLS]

@@ -273,7 +273,7 @@ def run_tile(cfg: TileConfig, advise_default_mpp: bool = True) -> int:
     out = Path(cfg.output_dir)
     if not cfg.overwrite:
         _check_settings(out, list(slides), resolved_tiling(cfg.tiling))
-    refuse_in_the_way(out, "tile", ["coords", "qc"])
+    refuse_in_the_way(out, "tile", ["coords", "qc", CELLS])  # CELLS is pruned: never a link
     claim_shared(out, "tile")
     since = time.time()
 
