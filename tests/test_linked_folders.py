@@ -162,3 +162,26 @@ def test_tile_refuses_a_linked_contact_sheet_cache(tmp_path: Path) -> None:
         run_tile(cfg)
     assert [p.name for p in mine.iterdir()] == ["holiday.png"]
     assert [p.name for p in out.iterdir()] == [CELLS]
+
+
+@pytest.mark.parametrize("linked", ["tiles", "features/other_encoder"])
+def test_predict_refuses_a_link_inside_its_work_cache(
+    pipe: Pipeline, tmp_path: Path, linked: str
+) -> None:
+    """A user's tiling (or feature cache) linked into _work/<key>/ to be reused: its files of a
+    slide made from another file were deleted and remade, its tiling.csv replaced."""
+    mine = tmp_path / "mine"
+    shutil.copytree(pipe.root / "tiles" if linked == "tiles" else pipe.features, mine)
+    kept = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    other = tmp_path / "other"  # the same slide id, another file
+    other.mkdir()
+    shutil.copy(pipe.slides / "slide_000.tiff", other)
+    out = tmp_path / "pred"
+    link = out / "_work" / pipe.features.name / linked
+    link.parent.mkdir(parents=True)
+    link.symlink_to(mine)
+    cfg = inference_cfg(PredictConfig, pipe, out, f"slides_dir={other}")
+    with pytest.raises(UserError, match=f"{linked}' is a link"):
+        run_predict(cfg)
+    assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == kept
+    assert [p.name for p in out.iterdir()] == ["_work"]

@@ -11,7 +11,13 @@ from typing import Any
 import h5py
 import pandas as pd
 
-from melanoma_mil.config import ExtractConfig, HeatmapConfig, TileConfig, TilingConfig
+from melanoma_mil.config import (
+    ExtractConfig,
+    HeatmapConfig,
+    PredictConfig,
+    TileConfig,
+    TilingConfig,
+)
 from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.cache import settings_mismatch
@@ -25,6 +31,7 @@ from melanoma_mil.inference.inputs import (
     tiling_config,
 )
 from melanoma_mil.io import write_text
+from melanoma_mil.outdir import refuse_linked
 from melanoma_mil.rundir import TrainedRun
 from melanoma_mil.tiling.coords import read_coords
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
@@ -184,6 +191,18 @@ def _tile_and_extract(
     return True
 
 
+def _refuse_links(work: Path, command: str) -> None:
+    """Refuse a link at this command's cache ``work``, at its tiles/ or features/, or at an
+    encoder's cache in features/: `clear_stale` deletes coords and features there, and `tile`
+    rewrites tiling.csv, so a user's tiling or features where a link points would be replaced.
+    A linked _work itself (scratch space) is fine."""
+    refuse_linked(work.parent, command, [work.name])
+    refuse_linked(work, command, ["tiles", "features"])
+    features = work / "features"
+    caches = [p.name for p in features.iterdir()] if features.is_dir() else []
+    refuse_linked(features, command, caches)
+
+
 def extracted_inputs(
     run: TrainedRun, slides: dict[str, Path | None], cfg: HeatmapConfig, own_masks: bool = True
 ) -> list[SlideInput]:
@@ -197,6 +216,7 @@ def extracted_inputs(
         tiling.mask_dir = None
     # the cache key names a folder: checked like an id, so a doctored provenance stays inside
     work = id_path(Path(cfg.output_dir) / WORK, str(run.provenance.get("cache_key", "features")))
+    _refuse_links(work, "predict" if isinstance(cfg, PredictConfig) else "heatmap")
     usable = {s: p for s, p in slides.items() if p is not None}
     if not usable:
         return [SlideInput(s, None, None, "slide file not found") for s in slides]
