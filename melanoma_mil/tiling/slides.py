@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,10 +70,16 @@ def _file_key(path: Path) -> tuple[int, int] | str:
     return (st.st_dev, st.st_ino)
 
 
+def _spelling(slide_id: str) -> str:
+    """An id as case-insensitive file systems (macOS, Windows, SMB shares) compare names."""
+    return unicodedata.normalize("NFC", slide_id).casefold()
+
+
 def _check_unique(
     pairs: list[tuple[str, Path]], source: str, fix: str = "rename one of the files"
 ) -> dict[str, Path]:
     found: dict[str, Path] = {}
+    spelled: dict[str, str] = {}  # an id's `_spelling` -> the first id spelled so
     files: dict[tuple[int, int] | str, str] = {}  # a file on disk -> its first slide id
     for sid, path in pairs:
         if sid in found:
@@ -88,6 +95,16 @@ def _check_unique(
             raise UserError(
                 f"slides '{first}' and '{sid}' in {source} are one file ({names}); "
                 "list each slide once."
+            )
+        twin = spelled.setdefault(_spelling(sid), sid)
+        if twin != sid:  # their coords, bags and heatmap folders would be one file there
+            nfc = [unicodedata.normalize("NFC", i) for i in (twin, sid)]
+            alike = nfc[0] == nfc[1]  # then they print alike: show their code points
+            ids = f"{ascii(twin)} and {ascii(sid)}" if alike else f"'{twin}' and '{sid}'"
+            raise UserError(
+                f"slide ids {ids} in {source} differ only in case or Unicode form (accents "
+                f"composed or not), so their files are one on macOS and Windows file systems; "
+                f"{fix}."
             )
         found[sid], files[key] = path, sid
     return dict(sorted(found.items()))
