@@ -234,3 +234,25 @@ def test_slide_ids_one_file_on_macos_or_windows_are_refused_before_tiling(
     assert f"slide ids {said}" in err and "differ only in case or Unicode form" in err
     assert "give one of them another slide_id" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [("predict", "predictions.csv"), ("predict", "Evaluation"), ("heatmap", "heatmaps.csv")],
+)
+def test_a_slide_named_as_the_commands_own_entry_is_refused_before_any_work(
+    pipe: Pipeline, tmp_path: Path, command: str, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """'predictions.csv.tiff': its heatmap folder took the table's name, and the call ended in
+    a traceback after every slide was done; 'Evaluation' is the report's folder on macOS."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(pipe.slides / "slide_000.tiff", slides / f"{name}.tiff")
+    out = tmp_path / "out"
+    err = one_line_error(capsys, command, f"run_dir={pipe.run_dir}", f"output_dir={out}",
+                         f"slides_dir={slides}", "device=cpu", "thumbnail_size=128", "top_k=2",
+                         f"labels_csv={pipe.root / 'cohort/labels.csv'}"
+                         if command == "predict" else "top_k=2")  # fmt: skip
+    assert f"slide '{name}': its folder in output_dir would be '{out / name}'" in err
+    assert "rename the slide file" in err
+    assert not out.exists()

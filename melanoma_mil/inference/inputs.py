@@ -29,12 +29,20 @@ from melanoma_mil.features.identity import feature_identity, identity_mismatch, 
 from melanoma_mil.ids import id_problem
 from melanoma_mil.io import sha256_file
 from melanoma_mil.outdir import refuse_in_the_way
-from melanoma_mil.rundir import TrainedRun
+from melanoma_mil.rundir import EVALUATION, REPORT, TrainedRun
 from melanoma_mil.tiling.coords import read_coords
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
 from melanoma_mil.tiling.slides import find_slides
 
 log = logging.getLogger(__name__)
+
+WORK = "_work"  # the tiles and features a call makes on the fly (`inference.work`)
+PATIENTS = "patient_predictions.csv"
+# what each command makes in output_dir beside the slides' folders: no slide's folder
+OWN_ENTRIES = {
+    "predict": ("predictions.csv", PATIENTS, REPORT, EVALUATION, WORK),
+    "heatmap": ("heatmaps.csv", WORK),
+}
 
 
 @dataclass(frozen=True)
@@ -272,7 +280,17 @@ def prepare_inputs(
 
 
 def _refuse_files_at_folders(cfg: HeatmapConfig, drawn: list[str]) -> None:
-    """Refuse a file of the user's named as the folder of a slide this call draws, before any
-    work: else that slide fails on it after its features are made (`outdir.refuse_in_the_way`)."""
+    """Refuse a slide this call draws whose folder would be one of the command's own entries
+    (`OWN_ENTRIES`: 'predictions.csv.svs' crashed the call after all its work), and a file of
+    the user's named as such a folder, before any work: else that slide fails on it after its
+    features are made (`outdir.refuse_in_the_way`)."""
     command = "predict" if isinstance(cfg, PredictConfig) else "heatmap"
+    own = {name.casefold(): name for name in OWN_ENTRIES[command]}  # case: macOS, Windows
+    for sid in drawn:
+        if sid.casefold() in own:
+            raise UserError(
+                f"slide '{sid}': its folder in output_dir would be '{Path(cfg.output_dir) / sid}'"
+                f", where `{command}` writes its {own[sid.casefold()]}; rename the slide file, "
+                "or list it under another slide_id in a manifest."
+            )
     refuse_in_the_way(cfg.output_dir, command, drawn)

@@ -40,7 +40,7 @@ from melanoma_mil.inference.analyse import (
     remove_unwritten,
 )
 from melanoma_mil.inference.ensemble import Ensemble
-from melanoma_mil.inference.inputs import SlideInput, prepare_inputs
+from melanoma_mil.inference.inputs import PATIENTS, SlideInput, prepare_inputs
 from melanoma_mil.io import atomic_path, temp_target, write_json
 from melanoma_mil.outdir import MARKER, read_marker
 from melanoma_mil.rundir import EVALUATION, REPORT, TrainedRun
@@ -49,7 +49,6 @@ from melanoma_mil.tracking.loggers import log_slides
 log = logging.getLogger(__name__)
 
 META = ["n_tiles", "status", "reason"]
-PATIENTS = "patient_predictions.csv"
 MADE = "evaluation_files"  # key of predict's marker: the evaluation files its report wrote
 PENDING = "evaluation_pending"  # and when a report began that was not recorded (ns, epoch)
 SECOND = 1_000_000_000

@@ -24,6 +24,7 @@ from melanoma_mil.features.cache import settings_mismatch
 from melanoma_mil.features.folder import PRECISION_FILE, folder_precision_of
 from melanoma_mil.ids import id_path
 from melanoma_mil.inference.inputs import (
+    WORK,
     SlideInput,
     check_features,
     encoder_config,
@@ -38,8 +39,6 @@ from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
 from melanoma_mil.tiling.slides import mpp_outdated, read_mpp_csv
 
 log = logging.getLogger(__name__)
-
-WORK = "_work"
 
 
 def _reasons(csvs: list[Path]) -> dict[str, str]:
