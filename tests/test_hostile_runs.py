@@ -414,6 +414,29 @@ def test_fit_refuses_a_run_whose_folds_folder_is_a_link(cohort, serial, tmp_path
     assert fit(cohort, out, "overwrite=true", "seed=1") == 0  # built apart, then swapped in
 
 
+@pytest.mark.parametrize("target", ["a fold of the user's", "gone"])
+def test_a_linked_fold_that_is_retrained_replaces_the_link_only(
+    cohort, serial, tmp_path, target: str
+) -> None:
+    """folds/fold_0 a link (to a copy kept elsewhere, or dangling): the fold is not this run's,
+    so it is retrained; committing it ended in a traceback after the training (rmtree refuses a
+    link; a folder is not renamed onto one). The link goes, never what it points to."""
+    out = copy_run(serial, tmp_path / "run")
+    mine = tmp_path / "mine"
+    shutil.move(out / "folds" / "fold_0", mine)
+    (mine / "done.json").write_text("{}")  # another run's, or damaged
+    kept = {p.name: p.read_bytes() for p in mine.iterdir()}
+    if target == "gone":
+        shutil.rmtree(mine)
+    (out / "folds" / "fold_0").symlink_to(mine, target_is_directory=True)
+    assert fit(cohort, out) == 0
+    fold = out / "folds" / "fold_0"
+    assert fold.is_dir() and not fold.is_symlink() and (fold / "done.json").stat().st_size > 2
+    assert not list((out / "folds").glob(".fold_0.stale-*"))
+    if target != "gone":
+        assert {p.name: p.read_bytes() for p in mine.iterdir()} == kept
+
+
 def test_no_command_writes_into_a_runs_own_entries(cohort, serial, tmp_path, capsys) -> None:
     """Those are replaced with the run; a folder of its own inside the run folder is fine."""
     out = copy_run(serial, tmp_path / "run")

@@ -7,6 +7,7 @@ import contextlib
 import glob
 import json
 import logging
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -96,11 +97,14 @@ def commit_fold(
         )
     final = run / FOLDS / name
     for left in (run / FOLDS).glob(f".{glob.escape(name)}.stale-*"):  # of a commit killed midway
-        shutil.rmtree(left, ignore_errors=True)
-    if final.exists():  # a stale or foreign fold: moved aside, then dropped
+        if left.is_symlink():
+            left.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(left, ignore_errors=True)
+    if os.path.lexists(final):  # a stale or foreign fold, or a link: moved aside, then dropped
         stale = run / FOLDS / f".{name}.stale-{uuid.uuid4().hex[:8]}"
         final.rename(stale)
-        shutil.rmtree(stale)
+        _delete(stale)  # a link only: never what it points to
     partial.rename(final)
 
 
