@@ -113,10 +113,25 @@ def json_text(obj: Any, **kwargs: Any) -> str:
     return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
 
 
+def write_together(files: dict[Path, bytes]) -> None:
+    """Write several files as one result: each to its temp name, then all renamed (in reverse
+    order: the first named is the last to appear). A failed write (a full disk) replaces none,
+    so an earlier result is never left mixed with part of the new one."""
+    with contextlib.ExitStack() as stack:
+        temps = {path: stack.enter_context(atomic_path(path)) for path in files}
+        for path, tmp in temps.items():
+            tmp.write_bytes(files[path])
+
+
+def json_file_text(obj: Any) -> str:
+    """Strict JSON as every result file holds it: indented, sorted keys, a final newline."""
+    return json_text(obj, indent=2, sort_keys=True) + "\n"
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write strict JSON atomically (indented, sorted keys) so readers never see half a file."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json_text(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json_file_text(obj))
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -4,12 +4,14 @@ patient-level predictions, unlabelled slides, broken heatmaps; and one-line erro
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import mounted_tmpfs
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 from test_evaluate import _args, embedded_figures, evaluate_cli, write_small
@@ -357,3 +359,28 @@ def test_a_probability_on_a_bin_edge_falls_in_the_bin_that_starts_there() -> Non
         inside = (p1 >= low) & ((p1 < high) if high < 1 else (p1 <= high))
         assert b["n"] == int(inside.sum()), b
         assert str(high) == f"{high:.1f}"  # 0.3, not 0.30000000000000004
+
+
+def test_a_full_disk_midway_leaves_the_earlier_evaluation_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """overwrite=true on a nearly full disk: the figures and evaluation.json were replaced and
+    report.html then failed, leaving the new numbers beside the old report."""
+    disk = tmp_path / "disk"
+    if not mounted_tmpfs(disk, "2m"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        write_small(tmp_path)
+        args = _args(tmp_path, f"output_dir={disk / 'ev'}")
+        assert evaluate_cli(capsys, *args)[0] == 0
+        before = {p.name: p.read_bytes() for p in (disk / "ev").iterdir()}
+        # room for any one file but the report, which is written last (it embeds the figures)
+        largest = max(len(b) for n, b in before.items() if n != "report.html")
+        room = (largest + len(before["report.html"])) // 2
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(bytes(free - room))
+        rc, err = evaluate_cli(capsys, *args, "overwrite=true", "seed=1")  # other CIs
+        assert rc == 2 and "No space left on device" in err
+        assert {p.name: p.read_bytes() for p in (disk / "ev").iterdir()} == before
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -30,7 +30,11 @@ from melanoma_mil.evaluation.report_inputs import check_heatmaps, find_run, pick
 from melanoma_mil.evaluation.tables import Scored, load_scored
 from melanoma_mil.evaluation.version import code_version
 from melanoma_mil.ids import unmatched_ids
-from melanoma_mil.io import atomic_path, json_safe, write_json, write_text
+from melanoma_mil.io import (
+    json_file_text,
+    json_safe,
+    write_together,
+)
 from melanoma_mil.outdir import claim_output
 
 log = logging.getLogger(__name__)
@@ -209,15 +213,13 @@ def _write(
     out: Path, report: Path, ev: dict[str, Any], figures: dict[str, bytes], html: str
 ) -> None:
     claim_output(out, {"command": "evaluate"}, True, OUTPUTS)  # checked before: mark it
+    files = {report: html.encode(), out / "evaluation.json": json_file_text(ev).encode()}
+    files |= {out / f"{name}.png": data for name, data in figures.items()}
+    write_together(files)  # a full disk midway leaves the earlier evaluation whole
     for name in ("roc", "pr", "calibration", "km"):
         stale = out / f"{name}.png"
-        if name in figures:
-            with atomic_path(stale) as tmp:
-                tmp.write_bytes(figures[name])
-        elif stale.exists():  # overwrite=true: no figure of an older evaluation stays behind
+        if name not in figures and stale.exists():  # overwrite=true: none of an older one stays
             stale.unlink()
-    write_json(out / "evaluation.json", ev)
-    write_text(report, html)
 
 
 def evaluate(cfg: EvaluateConfig, report: Path | None = None) -> dict[str, Any]:
