@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import mounted_tmpfs
 from scipy.stats import norm
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
@@ -380,3 +384,29 @@ def test_runs_grouping_the_same_bags_into_other_patients_are_refused(
     assert f"runs {a} and {b} put bags in different patients (120 bags" in err
     assert "s000: patient p000 vs s000" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_a_full_disk_midway_leaves_the_earlier_comparison_whole(tmp_path: Path, cohort) -> None:
+    """overwrite=true on a nearly full disk: the tables were replaced and the figure then
+    failed, leaving the new comparison beside the old figure."""
+    disk = tmp_path / "disk"
+    if not mounted_tmpfs(disk, "2m"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        labels, folds = cohort
+        rng = np.random.default_rng(6)
+        runs = [str(write_run(tmp_path / name, rng.random(len(labels)), labels, folds, name))
+                for name in ("a", "b")]  # fmt: skip
+        cfg = CompareConfig(run_dirs=runs, output_dir=str(disk / "cmp"), bootstrap=100)
+        compare_runs(cfg)
+        before = {p.name: p.read_bytes() for p in (disk / "cmp").iterdir()}
+        # room for any one table, not for the figure, which is written last
+        largest = max(len(b) for n, b in before.items() if n != "comparison.png")
+        room = (largest + len(before["comparison.png"])) // 2
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(bytes(free - room))
+        with pytest.raises(OSError, match="No space left"):
+            compare_runs(dataclasses.replace(cfg, overwrite=True, reference="b"))
+        assert {p.name: p.read_bytes() for p in (disk / "cmp").iterdir()} == before
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -30,7 +30,7 @@ from melanoma_mil.evaluation.compare_settings import (
     settings_table,
     spread_text,
 )
-from melanoma_mil.io import atomic_path, write_text
+from melanoma_mil.io import write_together
 from melanoma_mil.outdir import claim_output
 from melanoma_mil.rundir import SPLITS, SUMMARY, load_run, pooled_predictions
 
@@ -321,19 +321,16 @@ def compare_runs(cfg: CompareConfig, marker: dict[str, Any] | None = None) -> pd
     table, folds = comparison_tables(runs, ref_index, cfg.bootstrap, cfg.seed)
     by_setting = settings_table(runs, ref_index, cfg.bootstrap, cfg.seed)
     claim_output(out, marker, cfg.overwrite, OUTPUTS)
-    with atomic_path(out / "comparison.csv") as tmp:
-        table.to_csv(tmp, index=False)
-    with atomic_path(out / "comparison_folds.csv") as tmp:
-        folds.to_csv(tmp, index=False)
     md = markdown(table, cfg.bootstrap)
+    files = {out / "comparison.csv": table, out / "comparison_folds.csv": folds}
+    if by_setting is not None:
+        files[out / SETTINGS_CSV] = by_setting
+        md += "\n" + settings_markdown(by_setting, cfg.bootstrap)
+    blobs = {path: df.to_csv(index=False).encode() for path, df in files.items()}
+    blobs |= {out / "comparison.md": md.encode(), out / "comparison.png": plot(runs, folds)}
+    write_together(blobs)  # a full disk midway leaves the earlier comparison whole
     if by_setting is None:  # an earlier comparison's (overwrite=true) is not of these runs
         (out / SETTINGS_CSV).unlink(missing_ok=True)
-    else:
-        with atomic_path(out / SETTINGS_CSV) as tmp:
-            by_setting.to_csv(tmp, index=False)
-        md += "\n" + settings_markdown(by_setting, cfg.bootstrap)
-    write_text(out / "comparison.md", md)
-    plot(runs, folds, out / "comparison.png")
     print(md, end="")
     written = "" if by_setting is None else f", {SETTINGS_CSV}"
     log.info(

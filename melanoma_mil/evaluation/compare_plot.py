@@ -3,14 +3,13 @@ for a whole sweep grid (the 2024 study's 81 runs), not only for a handful of run
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from melanoma_mil import stats
-from melanoma_mil.io import atomic_path
 
 if TYPE_CHECKING:
     from melanoma_mil.evaluation.compare import RunResult
@@ -41,7 +40,7 @@ def _colours(n: int) -> list[Any]:
     return [matplotlib.colormaps["turbo"](v) for v in np.linspace(0.05, 0.95, n)]
 
 
-def plot(runs: list[RunResult], folds: pd.DataFrame, path: Path) -> None:
+def plot(runs: list[RunResult], folds: pd.DataFrame) -> bytes:
     """Per-fold AUC per run (a line per fold: the pairing) and the pooled ROC curves; the
     figure widens with the runs, and a long legend sits beside the ROC axes."""
     import matplotlib
@@ -78,6 +77,7 @@ def plot(runs: list[RunResult], folds: pd.DataFrame, path: Path) -> None:
         columns = int(np.ceil(n / 30))
         ax2.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, ncol=columns)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+    return buffer.getvalue()
