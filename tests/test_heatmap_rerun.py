@@ -154,3 +154,21 @@ def test_overwrite_removes_the_earlier_calls_slide_files_only(
     assert [p for p in gone if (out / p).exists()] == []
     kept = ["slide_000/attention.h5", "slide_000/heatmap.png", "slide_001/notes.txt"]
     assert [p for p in kept if not (out / p).is_file()] == []
+
+
+def test_a_call_on_other_slides_keeps_the_earlier_slides_in_the_table(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    """heatmaps.csv was rewritten with the last call's slides only: slide_000 and slide_001,
+    drawn before and still in output_dir, were no longer listed (without overwrite=true)."""
+    out = tmp_path / "hm"
+    given = [f"slides_dir={pipe.slides}", f"features_dir={pipe.features}"]
+    assert run_heatmap(heatmap_cfg(pipe, out, *given, "slide_ids=[slide_000,slide_001]")) == 0
+    first = pd.read_csv(out / "heatmaps.csv").set_index("slide_id")
+    assert run_heatmap(heatmap_cfg(pipe, out, *given, "slide_ids=[slide_002]")) == 0
+    table = pd.read_csv(out / "heatmaps.csv").set_index("slide_id")
+    assert table.index.tolist() == ["slide_000", "slide_001", "slide_002"]
+    pd.testing.assert_frame_equal(table.loc[first.index, first.columns], first)
+    (out / "slide_001" / "attention.h5").unlink()  # removed since: no longer listed
+    assert run_heatmap(heatmap_cfg(pipe, out, *given, "slide_ids=[slide_002]")) == 0
+    assert pd.read_csv(out / "heatmaps.csv")["slide_id"].tolist() == ["slide_000", "slide_002"]

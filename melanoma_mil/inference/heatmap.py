@@ -17,7 +17,7 @@ from melanoma_mil.config import HeatmapConfig
 from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import plain
-from melanoma_mil.ids import id_path
+from melanoma_mil.ids import id_path, id_problem
 from melanoma_mil.inference.analyse import (
     ATTENTION_FILE,
     DRAWING_ATTR,
@@ -37,6 +37,7 @@ from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import prepare_inputs
 from melanoma_mil.inference.work import extract_settings
 from melanoma_mil.io import write_text
+from melanoma_mil.rundir import TrainedRun
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
 from melanoma_mil.tiling.slides import mpp_outdated, read_mpp_csv
 from melanoma_mil.tracking.loggers import log_slides
@@ -63,6 +64,22 @@ def skipped_row(out: Path, slide_id: str) -> dict[str, Any] | None:
     }
     row.update({k: str(folder / n) for k, n in FILES.items() if (folder / n).is_file()})
     return row
+
+
+def earlier_rows(out: Path, run: TrainedRun, called: set[str]) -> pd.DataFrame:
+    """heatmaps.csv's rows of earlier calls for the slides this call leaves alone whose
+    attention.h5 (of this run) is still there: a call on a few slides rewrote the table with
+    theirs only, and the other slides drawn in output_dir were no longer listed."""
+    try:
+        earlier = pd.read_csv(out / "heatmaps.csv", dtype={"slide_id": str})
+    except (OSError, ValueError):  # none, or unreadable: this call's rows make it anew
+        return pd.DataFrame()
+    ids = earlier["slide_id"].astype(str) if "slide_id" in earlier else pd.Series(dtype=str)
+    keep = [
+        sid not in called and not id_problem(sid) and made_for(out / sid / ATTENTION_FILE, run)
+        for sid in ids
+    ]
+    return earlier[keep] if keep else pd.DataFrame()
 
 
 def unchanged(
@@ -140,9 +157,13 @@ def run_heatmap(cfg: HeatmapConfig) -> int:
     if not frames:
         raise UserError(f"no slides to draw: none found, or all already in '{out}'.")
     table = pd.concat(frames, ignore_index=True).sort_values("slide_id")
-    write_text(out / "heatmaps.csv", table.to_csv(index=False))
-    log_slides(run.config, run.run_dir, table, out, "heatmap")
     counts = table["status"].value_counts().to_dict()
+    called = {i.slide_id for i in inputs} | set(skipped_ids)
+    # with overwrite the other slides' files are gone (`remove_unwritten`), and so their rows
+    earlier = pd.DataFrame() if cfg.overwrite else earlier_rows(out, run, called)
+    listed = table if earlier.empty else pd.concat([table, earlier]).sort_values("slide_id")
+    write_text(out / "heatmaps.csv", listed.to_csv(index=False))
+    log_slides(run.config, run.run_dir, table, out, "heatmap")
     print(
         f"heatmap: {counts} -> {out}/<slide_id>/ (heatmap.png, montage.png, {ATTENTION_FILE});"
         f" table {out / 'heatmaps.csv'}"
