@@ -12,6 +12,7 @@ import pytest
 from conftest import Pipeline, inference_cfg, make_cohort
 
 from melanoma_mil import rundir
+from melanoma_mil.cli import main
 from melanoma_mil.config import (
     EncoderConfig,
     ExtractConfig,
@@ -185,3 +186,24 @@ def test_predict_refuses_a_link_inside_its_work_cache(
         run_predict(cfg)
     assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == kept
     assert [p.name for p in out.iterdir()] == ["_work"]
+
+
+def test_sweep_refuses_a_linked_comparison_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The sweep's comparison was written where the link pointed, outside the sweep's folder
+    (and replaced there by the next sweep with overwrite=true)."""
+    features, labels = make_bag_cohort(tmp_path / "c", n_patients=8, dim=4)
+    sweep_file = tmp_path / "grid.yaml"
+    sweep_file.write_text("method: grid\nparameters:\n  seed:\n    values: [1, 2]\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = _mine(tmp_path, "notes.txt")
+    (out / "comparison").symlink_to(mine)
+    argv = ["sweep", str(sweep_file), f"output_dir={out}", f"data.features_dir={features}",
+            f"data.labels_csv={labels}", "cv.folds=2", "trainer.max_epochs=1", "logger=none",
+            "trainer.accelerator=cpu", "trainer.min_val_bags=1"]  # fmt: skip
+    assert main(argv) == 2
+    assert "comparison' is a link" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert [p.name for p in out.iterdir()] == ["comparison"]  # no fit, no marker

@@ -14,7 +14,7 @@ from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.compare import OUTPUTS as COMPARE_OUTPUTS
 from melanoma_mil.evaluation.compare import compare_runs
 from melanoma_mil.io import atomic_path
-from melanoma_mil.outdir import made_by, read_marker
+from melanoma_mil.outdir import made_by, read_marker, refuse_linked
 
 RESULTS = "sweep_results.csv"
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ def own_comparison(out: Path) -> bool:
     """Whether an earlier comparison of this sweep made ``out/comparison`` (then it is
     replaced); anything else there (a `compare` of yours) is refused here, before any fit."""
     folder = out / "comparison"
+    refuse_linked(out, "sweep", [folder.name])  # else written, and later replaced, elsewhere
     marker = read_marker(folder)
     if (
         marker is not None
