@@ -23,7 +23,7 @@ from typing import Any
 
 from melanoma_mil.errors import UserError
 from melanoma_mil.fsutil import create_once
-from melanoma_mil.io import json_text, write_json
+from melanoma_mil.io import json_file_text, write_json
 
 MARKER = ".melanoma-mil.json"
 
@@ -46,7 +46,7 @@ def write_marker(folder: Path, record: dict[str, Any]) -> bool:
 
 
 def _encode(record: dict[str, Any]) -> bytes:
-    return (json_text(record, indent=2, sort_keys=True) + "\n").encode()
+    return json_file_text(record).encode()
 
 
 def made_by(marker: dict[str, Any]) -> str:

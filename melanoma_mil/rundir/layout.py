@@ -9,7 +9,7 @@ from typing import Any
 
 from melanoma_mil.config import FitConfig, load_config
 from melanoma_mil.errors import UserError
-from melanoma_mil.io import json_text
+from melanoma_mil.io import json_file_text
 from melanoma_mil.outdir import MARKER
 
 CONFIG, PROVENANCE, SPLITS = "config.yaml", "provenance.json", "splits.json"
@@ -98,4 +98,4 @@ def read_config(path: Path) -> FitConfig:
 
 
 def json_bytes(obj: Any) -> bytes:
-    return (json_text(obj, indent=2, sort_keys=True) + "\n").encode()
+    return json_file_text(obj).encode()
