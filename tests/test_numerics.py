@@ -130,7 +130,7 @@ def test_compare_plot_curves_are_their_legend_aucs(
         probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
         runs.append(_run(name, y, probs, classes))
     folds = pd.DataFrame({"run": ["one", "two"], "fold": [0, 0], "auc": [0.8, 0.7]})
-    compare.plot(runs, folds, tmp_path / "comparison.png")
+    compare.plot(runs, folds)
     lines = figures[0].axes[1].lines[:-1]  # the last is the chance diagonal
     assert len(lines) == 2
     for run, line in zip(runs, lines, strict=True):
@@ -279,7 +279,7 @@ def test_compare_plot_of_a_sweep_grid_gives_each_run_its_colour_and_a_legend_bes
     names = [f"{i:03d}_features_dir-uni-10x_name-model{i}" for i in range(12)]
     runs = [_run(n, y, rng.random((80, 2)), ["low", "high"]) for n in names]
     folds = pd.DataFrame({"run": names, "fold": 0, "auc": 0.5})
-    compare.plot(runs, folds, tmp_path / "comparison.png")
+    compare.plot(runs, folds)
     fig = figures[0]
     roc = fig.axes[1]
     colours = {tuple(np.round(to_rgba(line.get_color()), 3)) for line in roc.lines[:-1]}
