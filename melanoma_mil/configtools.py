@@ -22,7 +22,12 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
-from melanoma_mil.configvalues import layer_items, refuse_loose_bool, refuse_unset_text
+from melanoma_mil.configvalues import (
+    layer_items,
+    refuse_loose_bool,
+    refuse_unset_text,
+    type_error,
+)
 from melanoma_mil.errors import UserError
 
 T = TypeVar("T")
@@ -108,7 +113,14 @@ def _clash(base: Any, layer: Any, prefix: str = "") -> tuple[str, str, str] | No
     return None
 
 
-def _merge(base: DictConfig, layer: DictConfig | Any, source: str) -> DictConfig:
+def _merge(
+    base: DictConfig,
+    layer: DictConfig | Any,
+    source: str,
+    fix: str = "set it to e.g. {example}",
+    given: str | None = None,
+) -> DictConfig:
+    """``layer`` merged onto ``base``; a value it cannot take is refused naming ``source``."""
     refuse_loose_bool(base, layer, source)
     try:
         return OmegaConf.merge(base, layer)  # type: ignore[return-value]
@@ -140,7 +152,8 @@ def _merge(base: DictConfig, layer: DictConfig | Any, source: str) -> DictConfig
                 f"{source}: '{name}' is a group of keys, not a value; set one of its keys "
                 f"({name}.KEY=value, see --help)."
             ) from None
-        raise UserError(f"bad value for '{key or '?'}' in {source}: {msg}") from None
+        typed = type_error(base, layer, str(key), source, fix, given) if key else None
+        raise typed or UserError(f"bad value for '{key or '?'}' in {source}: {msg}") from None
 
 
 def _text_keys(node: Any) -> Any:
@@ -292,7 +305,8 @@ def merge_overrides(
         except OmegaConfBaseException as e:
             raise UserError(f"cannot parse {what} '{item}': {e}") from None
         refuse_unset_text(cfg, layer, f"{what} '{key}'")
-        cfg = _merge(cfg, layer, f"{what} '{key}'")
+        fix = "pass e.g. {pair}" if what == "override" else "use e.g. {example} instead"
+        cfg = _merge(cfg, layer, f"{what} '{key}'", fix, value)
         if sources is not None:
             sources[key] = f"{what} '{item}'"
     return cfg
