@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
+import shlex
 from dataclasses import field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -304,6 +306,14 @@ def merge_overrides(
             layer = OmegaConf.create(_text_keys(OmegaConf.to_container(layer)))  # as in YAML
         except OmegaConfBaseException as e:
             raise UserError(f"cannot parse {what} '{item}': {e}") from None
+        except yaml.YAMLError as e:  # a value YAML reads as syntax: @x, `x, [x, {a:[1]}
+            quoted = json.dumps(value)
+            fix = f"pass {shlex.quote(f'{key}={quoted}')}"
+            if what != "override":  # a sweep file's value, passed on by the agent as key=value
+                fix = f"quote it inside the value: {quoted!r}"
+            raise UserError(
+                f"cannot parse {what} '{item}': {yaml_problem(e)}; to give it as text, {fix}."
+            ) from None
         refuse_unset_text(cfg, layer, f"{what} '{key}'")
         fix = "pass e.g. {pair}" if what == "override" else "use e.g. {example} instead"
         cfg = _merge(cfg, layer, f"{what} '{key}'", fix, value)

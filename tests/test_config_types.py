@@ -71,3 +71,15 @@ def test_a_wrong_type_in_a_sweep_file_names_the_file_and_fix(
         "0 instead."
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["@x", "[a", "`x"])
+def test_a_value_yaml_reads_as_syntax_is_one_line_with_the_quoted_form(
+    value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A path starting with @, ` or [ crashed the parse with a yaml ScannerError traceback."""
+    out = tmp_path / "out"
+    err = one_line_error(capsys, "fit", f"output_dir={out}", f"data.labels_csv={value}")
+    assert f"cannot parse override 'data.labels_csv={value}'" in err
+    assert f"""pass 'data.labels_csv="{value}"'.""" in err
+    assert not out.exists()
