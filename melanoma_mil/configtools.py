@@ -248,7 +248,22 @@ def yaml_file_problem(path: str | Path, what: str, flag: str = "") -> str | None
     clone = _in_clone(path)
     if clone is not None:
         return f"{what} '{file}' not found in {Path.cwd()}: the repository's is {flag}{clone}"
-    return f"{what} '{file}' not found: check the {flag}path."
+    return f"{what} '{file}' not found: {_nearest_yaml(file, flag)}"
+
+
+def _nearest_yaml(file: Path, flag: str) -> str:
+    """The fix for a YAML path not found: its folder's file of the closest name, else the
+    folder's YAML files, else the folder that is missing."""
+    folder = file.parent
+    if not folder.is_dir():
+        return f"check the {flag}path (there is no folder '{folder}')."
+    names = sorted(p.name for p in folder.glob("*.yaml"))
+    close = difflib.get_close_matches(file.name, names, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {flag}{folder / close[0]}?"
+    if names:
+        return f"{folder} holds {names[:5]}: name one of them."
+    return f"check the {flag}path ({folder} holds no YAML file)."
 
 
 def _file_layer(file: str, recorded: bool) -> DictConfig:

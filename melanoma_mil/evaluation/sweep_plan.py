@@ -48,6 +48,16 @@ _LABELS_WHY = (
 )
 
 
+# the sweeps engine's messages (its schema errors carry no path) -> the fix to say with them
+_PARAM_FORMS = "give each parameter values: [a, b], value: x, or a distribution with min and max"
+_ENGINE_FIXES = (
+    ("is a required property", "add that key (see sweeps/README.md)"),
+    ("is not one of", "use one of those"),
+    ("is not valid under any of the given schemas", _PARAM_FORMS),
+    ("Invalid configuration for hyperparameter", _PARAM_FORMS),
+)
+
+
 def plain(value: Any) -> Any:
     """numpy scalars from the engine -> Python values (YAML, JSON and OmegaConf need these)."""
     if isinstance(value, np.generic):
@@ -73,12 +83,19 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
             f"sweep file '{file}': parameters is not a mapping: write one `KEY:` per parameter, "
             "each with values, value or a distribution. See sweeps/README.md."
         )
+    if not isinstance(spec, dict):  # the engine: "Sweep config must be parsable as a JSON object."
+        held = "nothing" if spec is None else f"a {'list' if isinstance(spec, list) else 'value'}"
+        raise UserError(
+            f"sweep file '{file}' holds {held}, not a mapping of keys: write `method: grid` and "
+            "`parameters:` with one fit key each (values: [...]), as sweeps/models.yaml does."
+        )
     sweeps = _engine()
     try:
         sweeps.SweepConfig(spec)
     except (jsonschema.ValidationError, ValueError) as e:
-        msg = str(e).splitlines()[0]
-        raise UserError(f"sweep file '{file}' is invalid: {msg}. See sweeps/README.md.") from None
+        msg = str(e).splitlines()[0].rstrip(".")
+        fix = next((f for form, f in _ENGINE_FIXES if form in msg), "see sweeps/README.md")
+        raise UserError(f"sweep file '{file}' is invalid: {msg}; {fix}.") from None
     if spec["method"] not in LOCAL_METHODS:  # W&B's schema also takes `custom`
         raise UserError(
             f"sweep file '{file}': method '{spec['method']}' needs a controller of your own; "

@@ -14,7 +14,7 @@ from torch import nn
 
 from melanoma_mil.config import FitConfig
 from melanoma_mil.errors import UserError
-from melanoma_mil.outdir import MARKER
+from melanoma_mil.outdir import MARKER, made_by, read_marker
 from melanoma_mil.rundir.folds import fold_names, fold_problem, load_fold_model
 from melanoma_mil.rundir.layout import (
     CONFIG,
@@ -106,19 +106,24 @@ def _missing_as_nan(entry: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_PASS_RUN = f"pass the output_dir of a `fit` run instead (the folder holding {SUMMARY})"
+
+
 def load_run(run_dir: str | Path) -> TrainedRun:
     """Open a complete, consistent `fit` run; a one-line error naming what is missing or mixed."""
     root = Path(run_dir)
     if not root.is_dir():
         found = "is a file" if root.exists() else "not found"
-        raise UserError(f"run_dir '{root}' {found}: pass the output_dir of a `fit` run.")
+        raise UserError(f"run_dir '{root}' {found}: {_PASS_RUN}.")
+    marker = read_marker(root)
+    if marker is not None and marker.get("command") != "fit":  # e.g. extract's or tile's folder
+        raise UserError(f"run_dir '{root}' holds output of {made_by(marker)}: {_PASS_RUN}.")
     record = run_record(root)
     if record is None:
-        old = " (made by an older version: re-run `fit` into a new output_dir)"
-        raise UserError(
-            f"run_dir '{root}' is not a `fit` run (no {MARKER})"
-            f"{old if (root / SUMMARY).exists() else ''}."
-        )
+        fix = _PASS_RUN  # a feature or tile folder, an empty one...
+        if (root / SUMMARY).exists():
+            fix = "it was made by an older version: re-run `fit` into a new output_dir"
+        raise UserError(f"run_dir '{root}' is not a `fit` run (no {MARKER}): {fix}.")
     doc = read_splits_document(root)
     if doc is None:
         raise UserError(f"run '{root}' is incomplete: no {SPLITS}; {RERUN}.")
