@@ -227,3 +227,30 @@ def test_a_bad_wandb_mode_for_the_runs_slides_fails_before_any_work(
     with pytest.raises(UserError, match="not one of"):
         run_predict(predict_cfg(pipe, out, f"run_dir={run}", f"features_dir={pipe.features}"))
     assert not out.exists()
+
+
+def test_a_failed_patient_table_write_leaves_the_earlier_predictions_whole(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    """overwrite=true with patients_csv replaced predictions.csv, then failed writing
+    patient_predictions.csv, leaving the new slide table beside the old (or no) patient one."""
+    patients = tmp_path / "patients.csv"
+    pd.DataFrame({"slide_id": ["slide_000", "slide_001", "slide_002"],
+                  "patient_id": ["P1", "P1", "P2"]}).to_csv(patients, index=False)  # fmt: skip
+    out = tmp_path / "pred"
+    keys = (f"features_dir={pipe.features}", "heatmaps=false", f"patients_csv={patients}")
+    assert run_predict(predict_cfg(pipe, out, *keys, "slide_ids=[slide_000,slide_001]")) == 0
+    before = (out / "predictions.csv").read_bytes()
+    (out / "patient_predictions.csv").unlink()
+    (out / "patient_predictions.csv").mkdir()  # in the way of the patient table's rename
+    with pytest.raises(IsADirectoryError):
+        run_predict(predict_cfg(pipe, out, *keys, "slide_ids=[slide_000,slide_002]",
+                                "overwrite=true"))  # fmt: skip
+    assert (out / "predictions.csv").read_bytes() == before
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    (out / "patient_predictions.csv").rmdir()
+    assert run_predict(predict_cfg(pipe, out, *keys, "slide_ids=[slide_000,slide_002]",
+                                   "overwrite=true")) == 0  # fmt: skip
+    slides = pd.read_csv(out / "predictions.csv")
+    assert list(slides["slide_id"]) == ["slide_000", "slide_002"]
+    assert list(pd.read_csv(out / "patient_predictions.csv")["patient_id"]) == ["P1", "P2"]

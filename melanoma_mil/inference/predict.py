@@ -41,7 +41,7 @@ from melanoma_mil.inference.analyse import (
 )
 from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import PATIENTS, SlideInput, prepare_inputs
-from melanoma_mil.io import atomic_path, temp_target, write_json
+from melanoma_mil.io import temp_target, write_json, write_together
 from melanoma_mil.outdir import MARKER, read_marker
 from melanoma_mil.rundir import EVALUATION, REPORT, TrainedRun
 from melanoma_mil.tracking.loggers import log_slides
@@ -299,16 +299,16 @@ def run_predict(cfg: PredictConfig) -> int:
     table = _ordered(analyse_all(inputs, ensemble, cfg, render=cfg.heatmaps, desc="predict"))
     if patient_of is not None:  # lets `evaluate` group the slides by patient
         table.insert(1, "patient_id", table["slide_id"].map(lambda s: patient_of.get(s, s)))
-    with atomic_path(target) as tmp:
-        table.to_csv(tmp, index=False)
+    tables = {target: table}
+    if patient_of is not None:
+        warn_unlisted(patient_of, table["slide_id"].tolist(), str(cfg.patients_csv))
+        tables[out / PATIENTS] = patient_table(patient_of, table, inputs, ensemble)
+    # one result: a failed write (a full disk) leaves the earlier pair whole, never mixed
+    write_together({path: t.to_csv(index=False).encode() for path, t in tables.items()})
     if cfg.overwrite:
         remove_stale(out, cfg, table, made)
     if patient_of is not None:
-        warn_unlisted(patient_of, table["slide_id"].tolist(), str(cfg.patients_csv))
-        patients = patient_table(patient_of, table, inputs, ensemble)
-        with atomic_path(out / PATIENTS) as tmp:
-            patients.to_csv(tmp, index=False)
-        print(f"predict: {len(patients)} patients -> {out / PATIENTS}")
+        print(f"predict: {len(tables[out / PATIENTS])} patients -> {out / PATIENTS}")
     log_slides(run.config, run.run_dir, table, out, "predict")
     ok = table[table["status"].isin(["ok", "no_heatmap"])]
     counts = ok["pred"].value_counts().to_dict() if len(ok) else {}
