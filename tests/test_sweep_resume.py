@@ -321,6 +321,35 @@ def test_a_finished_run_refitted_with_other_settings_is_not_ranked_from_the_ledg
     assert table.set_index("run")["cv/auc_mean"].isna()[second.name]
 
 
+def test_a_run_fit_refuses_for_other_settings_says_how_to_redo_that_run_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The refusal was fit's "pass overwrite=true to replace it", which for a sweep starts
+    every run over; it now names the run's folder to delete, which the resumed sweep redoes."""
+    features, labels = cohort(tmp_path / "coh")
+    grid = sweep_file(tmp_path, {"method": "grid", "parameters": {"seed": {"values": [0, 1]}}})
+    out = tmp_path / "out"
+    data = [f"data.features_dir={features}", f"data.labels_csv={labels}"]
+    argv = ["sweep", str(grid), *fast(out), *data]
+    assert main(argv) == 0
+    first, second = (out / r["name"] for r in ledger(out))
+    refit = ["fit", *fast(second), *data, "seed=1", "optim.lr=0.01", "overwrite=true"]
+    assert main([*refit, f"cv.splits_file={first / 'splits.json'}"]) == 0
+    assert main(argv) == 1
+    error = ledger(out)[1]["error"]
+    assert error.startswith(f"'{second}' holds a run made with other settings (optim.lr: ")
+    assert error.endswith(
+        "; to redo this run, delete that folder and re-run this sweep (it "
+        "resumes), or pass overwrite=true to start the whole sweep over."
+    )
+    assert f"sweep run {second.name} failed: {error}" in caplog.messages
+    kept = (first / ".melanoma-mil.json").read_bytes()  # its run_id: a refit makes another
+    shutil.rmtree(second)
+    assert main(argv) == 0  # that run redone alone, the first kept
+    assert [r["state"] for r in ledger(out)] == ["finished", "finished"]
+    assert (first / ".melanoma-mil.json").read_bytes() == kept
+
+
 def test_a_ledger_recording_fewer_metrics_is_resumed_without_rerunning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -22,7 +22,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from melanoma_mil import config as C
-from melanoma_mil.errors import UserError
+from melanoma_mil.errors import OtherRun, UserError
 from melanoma_mil.evaluation.sweep_plan import (
     check_metric,
     fit_config,
@@ -221,6 +221,11 @@ def _run(
         paired["file"] = paired["file"] or str(out / name / SPLITS)
         paired["sha256"] = paired["sha256"] or entry["splits_sha256"]
     except UserError as e:
+        if isinstance(e, OtherRun):  # fit's overwrite=true would, for a sweep, redo every run
+            e = UserError(
+                f"'{e.run}' holds a run {e.what}; to redo this run, delete that folder and re-run "
+                "this sweep (it resumes), or pass overwrite=true to start the whole sweep over."
+            )
         log.error("sweep run %s failed: %s", name, e)
         entry.update(state="failed", error=str(e))
     except Exception as e:

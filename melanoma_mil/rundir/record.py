@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from melanoma_mil.config import CVConfig, FitConfig
 from melanoma_mil.data.splits import Split, splits_hash
-from melanoma_mil.errors import UserError
+from melanoma_mil.errors import OtherRun, UserError
 from melanoma_mil.fsutil import create_once
 from melanoma_mil.outdir import made_by, read_marker, write_marker
 from melanoma_mil.rundir.layout import (
@@ -114,7 +114,7 @@ def claim_run(run: Path, fp: Fingerprint, hint: str = REPLACE_HINT) -> str:
     current = run_record(run) or {}
     if current.get("fingerprint") != fp.digest:
         diff = "; ".join(fp.differences(current)[:4])
-        raise UserError(f"'{run}' holds a run made with other settings ({diff}); {hint}.")
+        raise OtherRun(run, f"made with other settings ({diff})", hint)
     return str(current["run_id"])
 
 

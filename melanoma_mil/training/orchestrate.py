@@ -37,7 +37,7 @@ from melanoma_mil.data.splits import (
     make_splits,
     read_clam_splits,
 )
-from melanoma_mil.errors import UserError
+from melanoma_mil.errors import OtherRun, UserError
 from melanoma_mil.fsutil import Lock, try_lock
 from melanoma_mil.outdir import is_empty, made_by, output_folder, read_marker, refuse_linked
 
@@ -189,10 +189,8 @@ def _splits(
             log.info("splits: reusing %s (%d splits)", target / rundir.SPLITS, len(splits))
             return splits, doc
         if target == Path(cfg.output_dir):
-            raise UserError(
-                f"'{target}' holds a run whose {rundir.SPLITS} was made otherwise "
-                f"({'; '.join(problems)}); {replace_hint(cfg)}."
-            )
+            what = f"whose {rundir.SPLITS} was made otherwise ({'; '.join(problems)})"
+            raise OtherRun(target, what, replace_hint(cfg))
     splits = make_splits(cohort.bags, cfg.cv, cfg.cv.seed, cohort.classes)
     return splits, rundir.splits_document(splits, cfg.cv, cohort_sha, None)
 
@@ -207,10 +205,8 @@ def plan_fit(cfg: FitConfig, cohort: Cohort, features: dict[str, Any], rank0: bo
     fp = rundir.Fingerprint(rundir.settings(cfg), doc["sha256"], doc["cohort_sha256"], **features)
     same = record is not None and record.get("fingerprint") == fp.digest
     if record is not None and not same and target == out:
-        raise UserError(
-            f"'{out}' holds a run made with other settings ({'; '.join(fp.differences(record)[:4])}"
-            f"); {replace_hint(cfg)}."
-        )
+        what = f"made with other settings ({'; '.join(fp.differences(record)[:4])})"
+        raise OtherRun(out, what, replace_hint(cfg))
     requested = list(dict.fromkeys(cfg.cv.run_folds)) or list(range(len(splits)))
     if max(requested) >= len(splits):
         raise UserError(
