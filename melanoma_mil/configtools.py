@@ -419,6 +419,17 @@ def check(cfg: Any, prefix: str = "") -> None:
         why = _problem(value, f.metadata)
         if why:
             raise UserError(f"{prefix}{f.name}={value!r} {why}; fix the override or config file.")
+        nested = (
+            [k for k, v in value.items() if isinstance(v, list | dict)]
+            if isinstance(value, dict)
+            else []
+        )  # OmegaConf lets a list or mapping into a dict[str, str] (data.label_map)
+        if nested:
+            key = f"{prefix}{f.name}.{nested[0]}"
+            given = json.dumps(value[nested[0]], separators=(",", ":"))
+            raise UserError(
+                f"{key}={given}: expected text, one value per key; give e.g. {key}={nested[0]}."
+            )
 
 
 def to_yaml(cfg: Any) -> str:

@@ -83,3 +83,16 @@ def test_a_value_yaml_reads_as_syntax_is_one_line_with_the_quoted_form(
     assert f"cannot parse override 'data.labels_csv={value}'" in err
     assert f"""pass 'data.labels_csv="{value}"'.""" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("given", ["[1]", "{b: c}"])
+def test_a_list_or_mapping_as_a_label_maps_value_is_refused_at_parse_time(
+    given: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """OmegaConf let it into dict[str, str]: fit read the cohort, then crashed with a
+    ValidationError traceback ("Cannot convert 'list' to string") while planning the run."""
+    out = tmp_path / "out"
+    err = one_line_error(capsys, "fit", f"output_dir={out}", f"data.label_map.low={given}")
+    assert err.startswith("error: data.label_map.low=")
+    assert err.endswith(": expected text, one value per key; give e.g. data.label_map.low=low.")
+    assert not out.exists()
