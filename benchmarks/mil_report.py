@@ -29,11 +29,13 @@ def scores(out: Path) -> dict[str, object] | None:
         return None
     timing = out / "timing.json"
     minutes = json.loads(timing.read_text())["seconds"] / 60 if timing.is_file() else math.nan
+    # float arrays: an undefined fold AUC (a test fold with one class) is null in the files
+    acc, auc = np.array(acc_f, float), np.array(auc_f, float)
     return {
-        "accuracy": float(np.mean(acc_f)),
-        "auc": float(np.nanmean(auc_f)),
+        "accuracy": float(np.mean(acc)),
+        "auc": float(np.nanmean(auc)),
         "minutes": minutes,
-        "folds": {"accuracy": np.array(acc_f, float), "auc": np.array(auc_f, float)},
+        "folds": {"accuracy": acc, "auc": auc},
     }
 
 
