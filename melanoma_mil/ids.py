@@ -14,9 +14,10 @@ from pathlib import Path
 
 from melanoma_mil.errors import UserError
 
+MAX_LENGTH = 200  # characters
 # in bytes as the file system counts them (UTF-8): a name may hold 255, and the longest name
-# made from an id (a claim's draft, `.<id>.lock.<random>.claiming`) adds 24 to 28
-MAX_LENGTH = 200
+# made from an id (a claim's draft, `.<id>.lock.<8 random>.claiming`) adds 24; 4 to spare
+MAX_BYTES = 255 - 28
 _BAD_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")
 
 
@@ -30,8 +31,12 @@ def id_problem(slide_id: str) -> str | None:
         return "starts with '.' (hidden files, temp files and '..' are not slide ids)"
     if slide_id != slide_id.strip():
         return "starts or ends with whitespace"
-    if len(os.fsencode(slide_id)) > MAX_LENGTH:
-        return f"is longer than {MAX_LENGTH} bytes (UTF-8), too long to name files: shorten it"
+    size = len(os.fsencode(slide_id))
+    if len(slide_id) > MAX_LENGTH or size > MAX_BYTES:
+        return (
+            f"is too long to name files ({len(slide_id)} characters, {size} bytes in UTF-8; "
+            f"at most {MAX_LENGTH} and {MAX_BYTES}): shorten it"
+        )
     return None
 
 
