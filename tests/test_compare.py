@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import mounted_tmpfs
 from scipy.stats import norm
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
@@ -324,23 +320,6 @@ def test_a_fold_without_an_auc_leaves_the_fold_comparison_defined(tmp_path: Path
     assert "nan" not in md and "(3 of 4 folds)" in md
 
 
-def test_numbers_without_an_estimate_are_n_a_in_the_table_not_nan(tmp_path: Path) -> None:
-    """Every test fold holds one class (no fold AUC, so no mean), and a perfect scorer against
-    an inverted one differs by -1 in every bootstrap replicate (no CI)."""
-    labels = np.repeat(np.tile([0, 1], 30), 2)
-    folds = labels.copy()  # fold 0: class 0 only, fold 1: class 1 only
-    probs = {"a": 0.2 + 0.6 * labels, "b": 0.8 - 0.6 * labels}
-    with pytest.warns(UserWarning, match="Only one class"):  # sklearn, writing the fake runs
-        runs = [write_run(tmp_path / n, p, labels, folds, n) for n, p in probs.items()]
-    out = tmp_path / "o"
-    table = compare_runs(CompareConfig(run_dirs=[str(r) for r in runs], output_dir=str(out)))
-    assert table.auc_mean.isna().all() and np.isnan(table.pooled_auc_diff_ci_low[1])
-    md = (out / "comparison.md").read_text()
-    row = next(line for line in md.splitlines() if line.startswith("| b |"))
-    assert "nan" not in md and "| n/a (0 of 2 folds) | -1.000 [CI n/a] |" in row
-    assert row.split(" | ")[2] == "n/a"  # the AUC column
-
-
 def test_a_wrong_output_folder_is_refused_before_any_run_is_read(tmp_path: Path) -> None:
     out = tmp_path / "evaluation"
     claim_output(out, {"command": "evaluate"}, False, ())  # another command's folder
@@ -384,29 +363,3 @@ def test_runs_grouping_the_same_bags_into_other_patients_are_refused(
     assert f"runs {a} and {b} put bags in different patients (120 bags" in err
     assert "s000: patient p000 vs s000" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
-
-
-def test_a_full_disk_midway_leaves_the_earlier_comparison_whole(tmp_path: Path, cohort) -> None:
-    """overwrite=true on a nearly full disk: the tables were replaced and the figure then
-    failed, leaving the new comparison beside the old figure."""
-    disk = tmp_path / "disk"
-    if not mounted_tmpfs(disk, "2m"):
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
-        labels, folds = cohort
-        rng = np.random.default_rng(6)
-        runs = [str(write_run(tmp_path / name, rng.random(len(labels)), labels, folds, name))
-                for name in ("a", "b")]  # fmt: skip
-        cfg = CompareConfig(run_dirs=runs, output_dir=str(disk / "cmp"), bootstrap=100)
-        compare_runs(cfg)
-        before = {p.name: p.read_bytes() for p in (disk / "cmp").iterdir()}
-        # room for any one table, not for the figure, which is written last
-        largest = max(len(b) for n, b in before.items() if n != "comparison.png")
-        room = (largest + len(before["comparison.png"])) // 2
-        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-        (disk / "filler").write_bytes(bytes(free - room))
-        with pytest.raises(OSError, match="No space left"):
-            compare_runs(dataclasses.replace(cfg, overwrite=True, reference="b"))
-        assert {p.name: p.read_bytes() for p in (disk / "cmp").iterdir()} == before
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
