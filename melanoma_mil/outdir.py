@@ -122,18 +122,21 @@ def claim_shared(folder: str | Path, command: str) -> None:
     _same_command(out, marker, command)
 
 
-def refuse_linked(folder: str | Path, command: str, names: Iterable[str]) -> None:
+def refuse_linked(
+    folder: str | Path, command: str, names: Iterable[str], output_dir: str | Path | None = None
+) -> None:
     """Refuse a link among the folders ``command`` writes into inside ``folder`` (``names``):
     its writes would go through and replace files elsewhere. A linked output_dir itself, or a
-    linked file in it, is fine (a file is replaced, not written through)."""
+    linked file in it, is fine (a file is replaced, not written through). ``output_dir``, the
+    one the message names, when ``folder`` is a folder inside it."""
     root = Path(folder)
     for name in names:
         path = root / name
         if path.is_symlink() and path.is_dir():
             raise UserError(
                 f"'{path}' is a link to '{os.readlink(path)}': `{command}` writes into it, so "
-                f"files outside output_dir '{root}' would be replaced; replace the link by a "
-                "folder, or choose another output_dir."
+                f"files outside output_dir '{output_dir or root}' would be replaced; replace the "
+                "link by a folder, or choose another output_dir."
             )
 
 

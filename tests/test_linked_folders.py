@@ -182,8 +182,9 @@ def test_predict_refuses_a_link_inside_its_work_cache(
     link.parent.mkdir(parents=True)
     link.symlink_to(mine)
     cfg = inference_cfg(PredictConfig, pipe, out, f"slides_dir={other}")
-    with pytest.raises(UserError, match=f"{linked}' is a link"):
+    with pytest.raises(UserError, match=f"{linked}' is a link") as refused:
         run_predict(cfg)
+    assert f"outside output_dir '{out}' would" in str(refused.value)  # not a folder in _work
     assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == kept
     assert [p.name for p in out.iterdir()] == ["_work"]
 

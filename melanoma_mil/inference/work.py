@@ -195,11 +195,12 @@ def _refuse_links(work: Path, command: str) -> None:
     encoder's cache in features/: `clear_stale` deletes coords and features there, and `tile`
     rewrites tiling.csv, so a user's tiling or features where a link points would be replaced.
     A linked _work itself (scratch space) is fine."""
-    refuse_linked(work.parent, command, [work.name])
-    refuse_linked(work, command, ["tiles", "features"])
+    out = work.parent.parent  # output_dir, whose _work holds ``work``
+    refuse_linked(work.parent, command, [work.name], out)
+    refuse_linked(work, command, ["tiles", "features"], out)
     features = work / "features"
     caches = [p.name for p in features.iterdir()] if features.is_dir() else []
-    refuse_linked(features, command, caches)
+    refuse_linked(features, command, caches, out)
 
 
 def extracted_inputs(
