@@ -14,7 +14,7 @@ from conftest import mounted_tmpfs
 from test_compare import write_run
 
 from melanoma_mil.config import CompareConfig
-from melanoma_mil.evaluation.compare import compare_runs
+from melanoma_mil.evaluation.compare import compare_runs, markdown
 
 
 def _cohort() -> tuple[np.ndarray, np.ndarray]:
@@ -37,6 +37,9 @@ def test_numbers_without_an_estimate_are_n_a_in_the_table_not_nan(tmp_path: Path
     row = next(line for line in md.splitlines() if line.startswith("| b |"))
     assert "nan" not in md and "| n/a (0 of 2 folds) | -1.000 [CI n/a] |" in row
     assert row.split(" | ")[2] == "n/a"  # the AUC column
+    table.loc[1, ["pooled_auc_ci_low", "pooled_auc_ci_high"]] = np.nan  # no replicate usable
+    row = next(line for line in markdown(table, 100).splitlines() if line.startswith("| b |"))
+    assert "nan" not in row and f"| {table.pooled_auc[1]:.3f} [CI n/a] |" in row
 
 
 def test_a_full_disk_midway_leaves_the_earlier_comparison_whole(tmp_path: Path) -> None:

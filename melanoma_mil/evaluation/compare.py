@@ -251,7 +251,11 @@ def markdown(table: pd.DataFrame, n_boot: int) -> str:
     )
     lines = [head, "|" + "---|" * 10]
     for r in table.itertuples():
-        ci = f"{r.pooled_auc:.3f} [{r.pooled_auc_ci_low:.3f}, {r.pooled_auc_ci_high:.3f}]"
+        ci = f"{r.pooled_auc:.3f} " + (
+            "[CI n/a]"
+            if np.isnan(r.pooled_auc_ci_low)
+            else f"[{r.pooled_auc_ci_low:.3f}, {r.pooled_auc_ci_high:.3f}]"
+        )  # no replicate with both classes: no CI, as in the Δ column
         if r.is_reference:
             delta, dci, pb, pd_ = "reference", "", "", ""
         else:
