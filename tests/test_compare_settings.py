@@ -174,3 +174,21 @@ def test_a_rerun_of_a_setting_and_seed_counts_as_one_seed(tmp_path: Path, cohort
     assert float(table.pooled_auc_mean[0]) == pytest.approx(np.mean(pooled))
     assert "repeats of a seed their setting already has" in (out / "comparison.md").read_text()
     assert len(pd.read_csv(out / "comparison.csv")) == 4
+
+
+def test_a_repeat_is_not_said_left_out_of_a_table_by_setting_that_is_not_written(
+    tmp_path: Path, cohort, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the repeat left out no setting has two runs, so no table by setting is written:
+    no warning may say the repeat was left out of it."""
+    labels, folds = cohort
+    rng = np.random.default_rng(24)
+    made = [("a0", "abmil", 0), ("m0", "mean", 0), ("a0_again", "abmil", 0)]
+    runs = [
+        write_run(tmp_path / n, _scores(labels, 0.4, rng), labels, folds, "ck", seed=s, model=m)
+        for n, m, s in made
+    ]
+    out = tmp_path / "o"
+    compare_runs(CompareConfig(run_dirs=[str(r) for r in runs], output_dir=str(out)))
+    assert not (out / "comparison_settings.csv").exists()
+    assert "left out of the table by setting" not in caplog.text

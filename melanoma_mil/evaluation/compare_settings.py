@@ -78,11 +78,11 @@ def settings_table(
     """One row per setting against the reference run's setting; None when no setting has two
     runs (then compare writes what it always did)."""
     groups, repeats = group_settings(runs)
+    if all(len(g) < 2 for g in groups):
+        return None
     for run, same in repeats.items():
         why = "same setting and seed: one seed, left out of the table by setting"
         log.warning("compare: run %s repeats run %s (%s)", run, same, why)
-    if all(len(g) < 2 for g in groups):
-        return None
     ref = runs[ref_index]
     y, patients = ref.bags["y"].to_numpy(), ref.bags["patient_id"].to_numpy()
     labels = _labels(groups)
