@@ -8,11 +8,13 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from conftest import one_thread_env, one_torch_thread
 
 from melanoma_mil.cli import main
 from melanoma_mil.config import FitConfig, ModelConfig, OptimConfig, load_config
@@ -35,6 +37,13 @@ def fit_cfg(features: Path, labels: Path, out: Path, *extra: str) -> FitConfig:
         "optim.lr=1e-3",
     ]
     return load_config(FitConfig, [], [*base, *extra])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Every test here trains tiny models, its module-scoped fits included (one_torch_thread)."""
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +214,8 @@ def test_ddp_counts_every_test_bag_once_and_equals_one_process(tmp_path: Path) -
         "logger=none",
     ]
     ddp = [*args, "trainer.devices=2", "trainer.strategy=ddp"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "melanoma_mil", *ddp]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=one_thread_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # rank 0 alone logs each fold, naming the ranks
     assert (proc.stdout + proc.stderr).count("trained on cpu (rank 0 of 2), precision") == 3
@@ -258,13 +266,12 @@ def _torchrun_nodes(fit_args: list[str]) -> list[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
     rendezvous = ["--master-addr=127.0.0.1", f"--master-port={port}"]
     nodes = [
         subprocess.Popen(
             [*launcher, f"--node-rank={n}", *rendezvous, "-m", "melanoma_mil", "fit", *fit_args],
-            env=env,
+            env=one_thread_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

@@ -3,7 +3,6 @@ with heatmaps on a slide (attention.h5, heatmap.png, predictions.csv); DDP with 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import Pipeline
+from conftest import Pipeline, one_thread_env
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
@@ -108,8 +107,7 @@ def test_ddp_trains_clam_mb_on_bags_too_small_for_its_instance_loss(tmp_path: Pa
         "model.hidden_dim=16",
         "model.attention_dim=8",
     ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=one_thread_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(pd.read_csv(out / "predictions.csv")) == 16
 
@@ -144,7 +142,9 @@ def test_topk_names_the_class_order_it_ranks_tiles_by_when_order_is_alphabetical
     assert ("model.name=topk ranks each bag's tiles" in caplog.text) == warns
 
 
-def test_topk_learns_planted_tiles_through_fit_where_its_warm_up_is_needed(tmp_path: Path) -> None:
+def test_topk_learns_planted_tiles_through_fit_where_its_warm_up_is_needed(
+    tmp_path: Path, one_thread: None
+) -> None:
     """On this cohort, topk without its warm-up (model.topk_warmup=0) scored a pooled AUC of
     0.747 (one fold 0.42: the planted tiles never ranked on top); with it, 0.994."""
     feats, labels = make_bag_cohort(tmp_path / "c", n_patients=60, dim=32, shift=4.0, seed=5)

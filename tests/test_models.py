@@ -95,16 +95,6 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[list, list, list,
     return bags[:80], y[:80], bags[80:], y[80:]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny steps gain nothing from intra-op threads, and on a loaded machine two spinning
-    OpenMP threads make them ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_each_model_learns_planted_key_instances(name: str, planted, one_thread) -> None:
     """A short plain-torch training (the loss `fit` uses) reaches AUC >= 0.95 on held-out bags."""
