@@ -36,6 +36,15 @@ def ledger(out: Path) -> list[dict]:
     return json.loads((out / "sweep.json").read_text())["runs"]
 
 
+def two_seed_sweep(tmp_path: Path) -> tuple[list[str], Path, list[str]]:
+    """A grid sweep over seeds 0 and 1 on a small cohort: its argv, output_dir and data keys."""
+    features, labels = cohort(tmp_path / "coh")
+    grid = sweep_file(tmp_path, {"method": "grid", "parameters": {"seed": {"values": [0, 1]}}})
+    out = tmp_path / "out"
+    data = [f"data.features_dir={features}", f"data.labels_csv={labels}"]
+    return ["sweep", str(grid), *fast(out), *data], out, data
+
+
 def test_a_resume_with_other_fixed_settings_is_refused_naming_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -256,12 +265,7 @@ def test_a_second_sweep_into_a_folder_in_use_is_refused_before_any_work(
     """Two sweeps in one folder planned the same next run (one failed it: its folds were
     locked) and wrote their ledgers and comparisons over each other's. While one holds the
     folder, another is refused with one line; once it has ended, the same command resumes."""
-    features, labels = cohort(tmp_path / "coh")
-    spec = {"method": "grid", "parameters": {"seed": {"values": [0, 1]}}}
-    grid = sweep_file(tmp_path, spec)
-    out = tmp_path / "out"
-    argv = ["sweep", str(grid), *fast(out), f"data.features_dir={features}"]
-    argv.append(f"data.labels_csv={labels}")
+    argv, out, _ = two_seed_sweep(tmp_path)
     assert main([*argv, "--count", "1"]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     other = try_lock(out / LOCK)  # the running sweep's lock (an flock: per open file)
@@ -281,12 +285,7 @@ def test_a_finished_run_whose_folder_is_gone_runs_again_on_resume(tmp_path: Path
     """A run folder deleted to be redone was still ranked from the ledger's metrics, and the
     comparison failed on it (exit 2) after every other fit; it now runs again, as a failed
     run does, and the comparison is of runs that exist."""
-    features, labels = cohort(tmp_path / "coh")
-    spec = {"method": "grid", "parameters": {"seed": {"values": [0, 1]}}}
-    grid = sweep_file(tmp_path, spec)
-    out = tmp_path / "out"
-    argv = ["sweep", str(grid), *fast(out), f"data.features_dir={features}"]
-    argv.append(f"data.labels_csv={labels}")
+    argv, out, _ = two_seed_sweep(tmp_path)
     assert main(argv) == 0
     gone = out / ledger(out)[1]["name"]
     shutil.rmtree(gone)
@@ -297,45 +296,24 @@ def test_a_finished_run_whose_folder_is_gone_runs_again_on_resume(tmp_path: Path
     assert sorted(table["run"]) == sorted(r["name"] for r in ledger(out))
 
 
-def test_a_finished_run_refitted_with_other_settings_is_not_ranked_from_the_ledger(
-    tmp_path: Path,
+def test_a_run_refitted_with_other_settings_is_not_ranked_and_says_how_to_redo_it_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A `fit overwrite=true` of yours into a sweep run's folder left the ledger's metrics of the
     earlier run in sweep_results.csv beside a comparison of the new one; the run is now run
-    again on resume, which fit refuses (other settings), so it is listed as failed."""
-    features, labels = cohort(tmp_path / "coh")
-    spec = {"method": "grid", "parameters": {"seed": {"values": [0, 1]}}}
-    grid = sweep_file(tmp_path, spec)
-    out = tmp_path / "out"
-    data = [f"data.features_dir={features}", f"data.labels_csv={labels}"]
-    argv = ["sweep", str(grid), *fast(out), *data]
+    again on resume, which fit refuses (other settings), so it is listed as failed. The refusal
+    was fit's "pass overwrite=true to replace it", which for a sweep starts every run over; it
+    now names the run's folder to delete, which the resumed sweep redoes."""
+    argv, out, data = two_seed_sweep(tmp_path)
     assert main(argv) == 0
     first, second = (out / r["name"] for r in ledger(out))
     refit = ["fit", *fast(second), *data, "seed=1", "optim.lr=0.01", "overwrite=true"]
     assert main([*refit, f"cv.splits_file={first / 'splits.json'}"]) == 0
     assert main(argv) == 1
     assert [r["state"] for r in ledger(out)] == ["finished", "failed"]
-    assert "other settings" in ledger(out)[1]["error"]
     table = pd.read_csv(out / "sweep_results.csv")
     assert table.set_index("run")["state"][second.name] == "failed"
     assert table.set_index("run")["cv/auc_mean"].isna()[second.name]
-
-
-def test_a_run_fit_refuses_for_other_settings_says_how_to_redo_that_run_alone(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The refusal was fit's "pass overwrite=true to replace it", which for a sweep starts
-    every run over; it now names the run's folder to delete, which the resumed sweep redoes."""
-    features, labels = cohort(tmp_path / "coh")
-    grid = sweep_file(tmp_path, {"method": "grid", "parameters": {"seed": {"values": [0, 1]}}})
-    out = tmp_path / "out"
-    data = [f"data.features_dir={features}", f"data.labels_csv={labels}"]
-    argv = ["sweep", str(grid), *fast(out), *data]
-    assert main(argv) == 0
-    first, second = (out / r["name"] for r in ledger(out))
-    refit = ["fit", *fast(second), *data, "seed=1", "optim.lr=0.01", "overwrite=true"]
-    assert main([*refit, f"cv.splits_file={first / 'splits.json'}"]) == 0
-    assert main(argv) == 1
     error = ledger(out)[1]["error"]
     assert error.startswith(f"'{second}' holds a run made with other settings (optim.lr: ")
     assert error.endswith(
@@ -355,12 +333,7 @@ def test_a_ledger_recording_fewer_metrics_is_resumed_without_rerunning(
 ) -> None:
     """A finished run is checked against the metrics its ledger recorded, on those keys only: a
     ledger of an older version (no cv/n_bags) must not make every finished run look refitted."""
-    features, labels = cohort(tmp_path / "coh")
-    spec = {"method": "grid", "parameters": {"seed": {"values": [0, 1]}}}
-    grid = sweep_file(tmp_path, spec)
-    out = tmp_path / "out"
-    argv = ["sweep", str(grid), *fast(out), f"data.features_dir={features}"]
-    argv.append(f"data.labels_csv={labels}")
+    argv, out, _ = two_seed_sweep(tmp_path)
     assert main([*argv, "--count", "1"]) == 0
     data = json.loads((out / "sweep.json").read_text())
     del data["runs"][0]["metrics"]["cv/n_bags"]
@@ -376,12 +349,7 @@ def test_a_finished_run_with_a_missing_metric_is_resumed_without_rerunning(
 ) -> None:
     """A metric a run could not compute (an AUC of a fold lacking a class) is NaN in the run and
     null in the strict JSON of sweep.json: the two are one value, not a sign of a refit."""
-    features, labels = cohort(tmp_path / "coh")
-    spec = {"method": "grid", "parameters": {"seed": {"values": [0, 1]}}}
-    grid = sweep_file(tmp_path, spec)
-    out = tmp_path / "out"
-    argv = ["sweep", str(grid), *fast(out), f"data.features_dir={features}"]
-    argv.append(f"data.labels_csv={labels}")
+    argv, out, _ = two_seed_sweep(tmp_path)
     assert main([*argv, "--count", "1"]) == 0
     data = json.loads((out / "sweep.json").read_text())
     run = out / data["runs"][0]["name"]
