@@ -348,11 +348,9 @@ def check(cfg: Any, prefix: str = "") -> None:
         why = _problem(value, f.metadata)
         if why:
             raise UserError(f"{prefix}{f.name}={value!r} {why}; fix the override or config file.")
-        nested = (
-            [k for k, v in value.items() if isinstance(v, list | dict)]
-            if isinstance(value, dict)
-            else []
-        )  # OmegaConf lets a list or mapping into a dict[str, str] (data.label_map)
+        items = value.items() if isinstance(value, dict) else ()
+        # OmegaConf lets a list or mapping into a dict[str, str] (data.label_map)
+        nested = [k for k, v in items if isinstance(v, list | dict)]
         if nested:
             key = f"{prefix}{f.name}.{nested[0]}"
             given = json.dumps(value[nested[0]], separators=(",", ":"))

@@ -11,5 +11,9 @@ class OtherRun(UserError):
     sweep's run is redone by deleting its folder, not by fit's overwrite=true."""
 
     def __init__(self, run: object, what: str, hint: str) -> None:
-        super().__init__(f"'{run}' holds a run {what}; {hint}.")
         self.run, self.what = str(run), what
+        super().__init__(self.saying(hint))
+
+    def saying(self, hint: str) -> str:
+        """The refusal with ``hint`` as its way out."""
+        return f"'{self.run}' holds a run {self.what}; {hint}."

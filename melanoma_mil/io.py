@@ -113,6 +113,11 @@ def json_text(obj: Any, **kwargs: Any) -> str:
     return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
 
 
+def json_file_text(obj: Any) -> str:
+    """Strict JSON as every result file holds it: indented, sorted keys, a final newline."""
+    return json_text(obj, indent=2, sort_keys=True) + "\n"
+
+
 def write_together(files: dict[Path, bytes]) -> None:
     """Write several files as one result: each to its temp name, then all renamed (in reverse
     order: the first named is the last to appear). A failed write (a full disk) replaces none,
@@ -121,11 +126,6 @@ def write_together(files: dict[Path, bytes]) -> None:
         temps = {path: stack.enter_context(atomic_path(path)) for path in files}
         for path, tmp in temps.items():
             tmp.write_bytes(files[path])
-
-
-def json_file_text(obj: Any) -> str:
-    """Strict JSON as every result file holds it: indented, sorted keys, a final newline."""
-    return json_text(obj, indent=2, sort_keys=True) + "\n"
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

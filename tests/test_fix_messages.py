@@ -31,15 +31,20 @@ def test_compare_given_a_feature_folder_says_what_to_pass_instead(
     assert not out.exists()
 
 
+def _sweep_error(text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, str]:
+    """A sweep file holding ``text``, and the one-line error `sweep` gives for it."""
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(text)
+    return sweep, one_line_error(capsys, "sweep", str(sweep), f"output_dir={tmp_path / 'out'}")
+
+
 @pytest.mark.parametrize(("text", "held"), [("- a\n- b\n", "a list"), ("grid\n", "a value"),
                                             ("", "nothing")])  # fmt: skip
 def test_a_sweep_file_that_is_no_mapping_says_how_to_write_one(
     text: str, held: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The engine's "Sweep config must be parsable as a JSON object.." (sic), with no fix."""
-    sweep = tmp_path / "s.yaml"
-    sweep.write_text(text)
-    err = one_line_error(capsys, "sweep", str(sweep), f"output_dir={tmp_path / 'out'}")
+    sweep, err = _sweep_error(text, tmp_path, capsys)
     assert err == (
         f"error: sweep file '{sweep}' holds {held}, not a mapping of keys: write `method: grid` "
         "and `parameters:` with one fit key each (values: [...]), as sweeps/models.yaml does."
@@ -58,9 +63,7 @@ def test_a_sweep_file_that_is_no_mapping_says_how_to_write_one(
 def test_a_sweep_file_the_engine_refuses_says_the_fix_once(
     text: str, fix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sweep = tmp_path / "s.yaml"
-    sweep.write_text(text)
-    err = one_line_error(capsys, "sweep", str(sweep), f"output_dir={tmp_path / 'out'}")
+    sweep, err = _sweep_error(text, tmp_path, capsys)
     assert err.startswith(f"error: sweep file '{sweep}' is invalid: ") and fix in err
     assert ".." not in err and ". See" not in err
 

@@ -24,6 +24,7 @@ from melanoma_mil.config import CompareConfig
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.compare_plot import plot
 from melanoma_mil.evaluation.compare_settings import (
+    ci_text,
     diff_text,
     setting_of,
     settings_markdown,
@@ -251,11 +252,7 @@ def markdown(table: pd.DataFrame, n_boot: int) -> str:
     )
     lines = [head, "|" + "---|" * 10]
     for r in table.itertuples():
-        ci = f"{r.pooled_auc:.3f} " + (
-            "[CI n/a]"
-            if np.isnan(r.pooled_auc_ci_low)
-            else f"[{r.pooled_auc_ci_low:.3f}, {r.pooled_auc_ci_high:.3f}]"
-        )  # no replicate with both classes: no CI, as in the Δ column
+        ci = ci_text(r.pooled_auc, r.pooled_auc_ci_low, r.pooled_auc_ci_high)
         if r.is_reference:
             delta, dci, pb, pd_ = "reference", "", "", ""
         else:

@@ -126,10 +126,17 @@ def spread_text(mean: float, std: float) -> str:
     return f"{mean:.3f}" if np.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
+def ci_text(value: float, low: float, high: float, signed: bool = False) -> str:
+    """'0.812 [0.760, 0.860]' (signed: '+0.041 [-0.010, +0.090]'); '[CI n/a]' when the bootstrap
+    gives no CI (every replicate the same gap, or none with both classes)."""
+    f = "+.3f" if signed else ".3f"
+    ci = "[CI n/a]" if np.isnan(low) else f"[{low:{f}}, {high:{f}}]"
+    return f"{value:{f}} {ci}"
+
+
 def diff_text(diff: float, low: float, high: float) -> str:
-    """'+0.041 [-0.010, +0.090]'; '[CI n/a]' when the bootstrap gives no CI (every replicate
-    the same gap, or none with both classes: `stats._paired_result`)."""
-    return f"{diff:+.3f} " + ("[CI n/a]" if np.isnan(low) else f"[{low:+.3f}, {high:+.3f}]")
+    """A difference with its CI: `ci_text`, signed."""
+    return ci_text(diff, low, high, signed=True)
 
 
 def settings_markdown(table: pd.DataFrame, n_boot: int) -> str:

@@ -30,11 +30,7 @@ from melanoma_mil.evaluation.report_inputs import check_heatmaps, find_run, pick
 from melanoma_mil.evaluation.tables import Scored, load_scored
 from melanoma_mil.evaluation.version import code_version
 from melanoma_mil.ids import unmatched_ids
-from melanoma_mil.io import (
-    json_file_text,
-    json_safe,
-    write_together,
-)
+from melanoma_mil.io import json_file_text, json_safe, write_together
 from melanoma_mil.outdir import claim_output
 
 log = logging.getLogger(__name__)

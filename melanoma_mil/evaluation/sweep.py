@@ -221,13 +221,14 @@ def _run(
         paired["file"] = paired["file"] or str(out / name / SPLITS)
         paired["sha256"] = paired["sha256"] or entry["splits_sha256"]
     except UserError as e:
+        error = str(e)
         if isinstance(e, OtherRun):  # fit's overwrite=true would, for a sweep, redo every run
-            e = UserError(
-                f"'{e.run}' holds a run {e.what}; to redo this run, delete that folder and re-run "
-                "this sweep (it resumes), or pass overwrite=true to start the whole sweep over."
+            error = e.saying(
+                "to redo this run, delete that folder and re-run this sweep (it resumes), or "
+                "pass overwrite=true to start the whole sweep over"
             )
-        log.error("sweep run %s failed: %s", name, e)
-        entry.update(state="failed", error=str(e))
+        log.error("sweep run %s failed: %s", name, error)
+        entry.update(state="failed", error=error)
     except Exception as e:
         log.exception("sweep run %s crashed", name)
         entry.update(state="failed", error=f"{type(e).__name__}: {e}")

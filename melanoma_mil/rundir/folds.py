@@ -97,10 +97,8 @@ def commit_fold(
         )
     final = run / FOLDS / name
     for left in (run / FOLDS).glob(f".{glob.escape(name)}.stale-*"):  # of a commit killed midway
-        if left.is_symlink():
-            left.unlink(missing_ok=True)
-        else:
-            shutil.rmtree(left, ignore_errors=True)
+        with contextlib.suppress(OSError):  # a peer's cleanup may have taken it
+            _delete(left)
     if os.path.lexists(final):  # a stale or foreign fold, or a link: moved aside, then dropped
         stale = run / FOLDS / f".{name}.stale-{uuid.uuid4().hex[:8]}"
         final.rename(stale)
