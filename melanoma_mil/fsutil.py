@@ -13,8 +13,11 @@ import contextlib
 import ctypes
 import errno
 import os
+import secrets
 import tempfile
+import unicodedata
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 try:
@@ -108,6 +111,48 @@ def locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class Folding:
+    """What a file system ignores when it looks a name up: letter case (macOS, Windows, SMB
+    shares, FAT), and whether accents are composed or not (macOS)."""
+
+    case: bool
+    form: bool
+
+
+def name_folding(folder: str | os.PathLike[str]) -> Folding:
+    """How the file system of ``folder`` (not made yet: of its nearest existing parent, where it
+    will be) looks names up, probed with a new file there found by its other spelling, then
+    removed. A probe that cannot be made counts as folding: the caller stays on the safe side."""
+    where = Path(folder).absolute()
+    while not where.is_dir() and where != where.parent:
+        where = where.parent
+    name = f".melanoma-mil-probe-{secrets.token_hex(8)}-Xy\u00e9"  # Xy: letters, whatever the hex
+    return Folding(
+        case=_found_as(where / name, name.swapcase()),
+        form=_found_as(where / name, unicodedata.normalize("NFD", name)),
+    )
+
+
+def _found_as(probe: Path, other: str) -> bool:
+    """Whether a new file ``probe`` is found under the name ``other`` beside it (no link
+    followed: the probe is made exclusively, and ``other`` looked up as itself)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        os.close(os.open(probe, flags, 0o600))
+    except OSError:  # read-only, or names it cannot hold
+        return True
+    try:
+        os.lstat(probe.parent / other)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.unlink(missing_ok=True)
+    return True
 
 
 def _exchange(a: Path, b: Path) -> bool:

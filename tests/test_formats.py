@@ -47,7 +47,7 @@ def test_each_format_opens_with_its_resolution_and_pixels(
     cohort: tuple[Path, np.ndarray], fmt: str
 ) -> None:
     folder, img = cohort
-    slides = find_slides(folder, None, TileConfig().extensions)
+    slides = find_slides(folder, None, TileConfig().extensions, folder)
     slide = open_slide(slides[fmt])
     try:
         assert slide.properties["openslide.vendor"] == fmt

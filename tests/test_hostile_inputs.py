@@ -225,29 +225,6 @@ def test_a_slide_id_of_many_bytes_whose_names_fit_is_tiled(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize(
-    ("first", "second", "said"),
-    [("S1", "s1", "'S1' and 's1'"), ("caf\u00e9", "cafe\u0301", r"'caf\xe9' and 'cafe\u0301'")],
-)
-def test_slide_ids_one_file_on_macos_or_windows_are_refused_before_tiling(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], first: str, second: str, said: str
-) -> None:
-    """Two scans whose ids differ in case or in composed/decomposed accents: on a
-    case-insensitive file system (macOS, Windows, an SMB share) their coords/<id>.h5, bags and
-    heatmap folders are one file, and one slide's tiles would stand for the other's."""
-    make_cohort(tmp_path, 2)
-    slides, out = tmp_path / "slides", tmp_path / "tiled"
-    manifest = tmp_path / "m.csv"
-    manifest.write_text(
-        f"slide_id,path\n{first},{slides / 'slide0.tif'}\n{second},{slides / 'slide1.tif'}\n",
-        encoding="utf-8",
-    )
-    err = one_line_error(capsys, "tile", f"manifest={manifest}", f"output_dir={out}")
-    assert f"slide ids {said}" in err and "differ only in case or Unicode form" in err
-    assert "give one of them another slide_id" in err
-    assert not out.exists()
-
-
-@pytest.mark.parametrize(
     ("command", "name"),
     [("predict", "predictions.csv"), ("predict", "Evaluation"), ("heatmap", "heatmaps.csv")],
 )

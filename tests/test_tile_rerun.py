@@ -74,7 +74,7 @@ def test_linked_folders_are_searched_each_real_folder_once(tmp_path: Path) -> No
     os.symlink(store / "more", slides / "batch2")  # a linked folder
     os.symlink(store / "more", slides / "batch2_again")  # the same folder twice
     os.symlink(slides, slides / "plain" / "loop")  # a loop
-    found = find_slides(slides, None, [".tiff"])
+    found = find_slides(slides, None, [".tiff"], slides)
     assert sorted(found) == ["m", "p"]
     assert found["m"].parent.name in ("batch2", "batch2_again")
 

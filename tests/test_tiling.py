@@ -122,28 +122,28 @@ def test_find_slides(tmp_path: Path) -> None:
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("a/s1.svs", "a/b/s2.ome.tiff", "a/notes.txt", "a/.s3.svs.tmp"):
         (tmp_path / name).write_bytes(b"x")
-    found = find_slides(tmp_path, None, [".svs", ".tiff"])
+    found = find_slides(tmp_path, None, [".svs", ".tiff"], tmp_path)
     assert list(found) == ["s1", "s2"] and slide_id_of("x/s2.ome.tiff") == "s2"
     (tmp_path / ".snapshot" / "hourly").mkdir(parents=True)  # a file server's copies: skipped
     (tmp_path / ".snapshot" / "hourly" / "s1.svs").write_bytes(b"x")
-    assert list(find_slides(tmp_path, None, [".svs", ".tiff"])) == ["s1", "s2"]
+    assert list(find_slides(tmp_path, None, [".svs", ".tiff"], tmp_path)) == ["s1", "s2"]
     (tmp_path / "a" / "b" / "s1.tiff").write_bytes(b"x")
     with pytest.raises(UserError, match=r"duplicate slide id 's1'.*s1\.tiff and .*s1\.svs"):
-        find_slides(tmp_path, None, [".svs", ".tiff"])
+        find_slides(tmp_path, None, [".svs", ".tiff"], tmp_path)
     manifest = tmp_path / "m.csv"
     manifest.write_text("slide_id,file\nx,a/s1.svs\n")
     with pytest.raises(UserError, match="lacks column"):
-        find_slides(None, manifest, [])
+        find_slides(None, manifest, [], tmp_path)
     manifest.write_text("slide_id,path\nx,a/s1.svs\nx,a/b/s1.tiff\n")  # the ids are the CSV's
     with pytest.raises(UserError, match=r"'x'.*give one of them another slide_id"):
-        find_slides(None, manifest, [])
+        find_slides(None, manifest, [], tmp_path)
     manifest.write_text("slide_id,path\nx,a/s1.svs\n,\n")  # a blank row is spacing
-    assert find_slides(None, manifest, []) == {"x": tmp_path / "a" / "s1.svs"}
+    assert find_slides(None, manifest, [], tmp_path) == {"x": tmp_path / "a" / "s1.svs"}
     manifest.write_text("slide_id,path\nx,a/s1.svs\ny, \n")  # a slide left out by mistake
     with pytest.raises(UserError, match=r"m\.csv' row 3 has a slide_id or a path but not both"):
-        find_slides(None, manifest, [])
+        find_slides(None, manifest, [], tmp_path)
     with pytest.raises(UserError, match="not a folder"):
-        find_slides(tmp_path / "nope", None, [".svs"])
+        find_slides(tmp_path / "nope", None, [".svs"], tmp_path)
 
 
 def test_a_mask_dir_that_is_no_folder_is_refused_before_any_slide(tmp_path: Path) -> None:

@@ -56,10 +56,11 @@ def coords_files(coords_dir: str | os.PathLike[str] | None) -> dict[str, Path]:
 
 
 def given_slides(
-    slides_dir: str | None, manifest: str | None, extensions: list[str]
+    slides_dir: str | None, manifest: str | None, extensions: list[str], out: str
 ) -> dict[str, Path]:
-    """The slides named by slides_dir / manifest ({} when neither is set: coords name them)."""
-    return find_slides(slides_dir, manifest, extensions) if (slides_dir or manifest) else {}
+    """The slides named by slides_dir / manifest ({} when neither is set: coords name them),
+    for output folder ``out``."""
+    return find_slides(slides_dir, manifest, extensions, out) if (slides_dir or manifest) else {}
 
 
 def plan_jobs(

@@ -238,7 +238,7 @@ def _plan(cfg: ExtractConfig) -> tuple[list[Job], list[TileGrid | str], dict[str
         except UserError as e:  # that slide fails; the others go on
             read[sid] = str(e)
     recorded = {sid: g.slide_path for sid, g in read.items() if isinstance(g, TileGrid)}
-    found = given_slides(cfg.slides_dir, cfg.manifest, list(cfg.extensions))
+    found = given_slides(cfg.slides_dir, cfg.manifest, list(cfg.extensions), cfg.output_dir)
     jobs = plan_jobs(coords, found, recorded)
     untiled = {sid: p for sid, p in found.items() if sid not in coords}
     return jobs, [read[job.slide_id] for job in jobs], untiled

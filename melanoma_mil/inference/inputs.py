@@ -166,7 +166,7 @@ def find_input_slides(cfg: HeatmapConfig, features: Path | None) -> dict[str, Pa
     """slide_id -> slide file: slides_dir / manifest, else the paths a feature cache recorded."""
     if cfg.slides_dir or cfg.manifest:
         found: dict[str, Path | None] = dict(
-            find_slides(cfg.slides_dir, cfg.manifest, cfg.extensions)
+            find_slides(cfg.slides_dir, cfg.manifest, cfg.extensions, cfg.output_dir)
         )
         return _select(found, list(cfg.slide_ids), "slides_dir / manifest")
     if features is None:

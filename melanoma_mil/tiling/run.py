@@ -265,7 +265,7 @@ def run_tile(cfg: TileConfig, advise_default_mpp: bool = True) -> int:
     """Tile every slide; 0 if none failed, else 1 (after finishing all the others).
     ``advise_default_mpp=False``: callers that take no tiling keys (predict, heatmap)."""
     check_tiling(cfg.tiling)
-    slides = find_slides(cfg.slides_dir, cfg.manifest, cfg.extensions)
+    slides = find_slides(cfg.slides_dir, cfg.manifest, cfg.extensions, cfg.output_dir)
     overrides = read_mpp_csv(cfg.mpp_csv)
     unknown = sorted(set(overrides) - set(slides))
     if unknown:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from melanoma_mil.config import PLAUSIBLE_MPP
 from melanoma_mil.errors import UserError
+from melanoma_mil.fsutil import Folding, name_folding
 from melanoma_mil.ids import check_slide_id
 from melanoma_mil.io import read_text_csv
 from melanoma_mil.tiling.coords import TileGrid
@@ -70,16 +71,20 @@ def _file_key(path: Path) -> tuple[int, int] | str:
     return (st.st_dev, st.st_ino)
 
 
-def _spelling(slide_id: str) -> str:
-    """An id as case-insensitive file systems (macOS, Windows, SMB shares) compare names."""
-    return unicodedata.normalize("NFC", slide_id).casefold()
+def _spelling(slide_id: str, folding: Folding) -> str:
+    """An id as a file system that folds names so compares it."""
+    spelled = unicodedata.normalize("NFC", slide_id) if folding.form else slide_id
+    return spelled.casefold() if folding.case else spelled
 
 
 def _check_unique(
-    pairs: list[tuple[str, Path]], source: str, fix: str = "rename one of the files"
+    pairs: list[tuple[str, Path]],
+    source: str,
+    out: str | os.PathLike[str],
+    fix: str = "rename one of the files",
+    folding: Folding | None = None,
 ) -> dict[str, Path]:
     found: dict[str, Path] = {}
-    spelled: dict[str, str] = {}  # an id's `_spelling` -> the first id spelled so
     files: dict[tuple[int, int] | str, str] = {}  # a file on disk -> its first slide id
     for sid, path in pairs:
         if sid in found:
@@ -96,29 +101,46 @@ def _check_unique(
                 f"slides '{first}' and '{sid}' in {source} are one file ({names}); "
                 "list each slide once."
             )
-        twin = spelled.setdefault(_spelling(sid), sid)
-        if twin != sid:  # their coords, bags and heatmap folders would be one file there
+        found[sid], files[key] = path, sid
+    _check_spellings(list(found), source, out, fix, folding)
+    return dict(sorted(found.items()))
+
+
+def _check_spellings(
+    ids: list[str], source: str, out: str | os.PathLike[str], fix: str, folding: Folding | None
+) -> None:
+    """Refuse two ids whose coords, bags and heatmap folders would be one file in ``out``: ids
+    that differ only in case or Unicode form, where its file system folds names (`folding`, for
+    tests: as if probed). Probed only when there are such ids: Linux keeps them apart."""
+    if len({_spelling(s, Folding(case=True, form=True)) for s in ids}) == len(ids):
+        return
+    folding = folding or name_folding(out)
+    spelled: dict[str, str] = {}  # an id's `_spelling` -> the first id spelled so
+    for sid in ids:
+        twin = spelled.setdefault(_spelling(sid, folding), sid)
+        if twin != sid:
             nfc = [unicodedata.normalize("NFC", i) for i in (twin, sid)]
             alike = nfc[0] == nfc[1]  # then they print alike: show their code points
-            ids = f"{ascii(twin)} and {ascii(sid)}" if alike else f"'{twin}' and '{sid}'"
+            said = f"{ascii(twin)} and {ascii(sid)}" if alike else f"'{twin}' and '{sid}'"
             raise UserError(
-                f"slide ids {ids} in {source} differ only in case or Unicode form (accents "
-                f"composed or not), so their files are one on macOS and Windows file systems; "
-                f"{fix}."
+                f"slide ids {said} in {source} differ only in case or Unicode form (accents "
+                f"composed or not), so their files would be one in output_dir '{out}', whose "
+                f"file system does not tell such names apart; {fix}."
             )
-        found[sid], files[key] = path, sid
-    return dict(sorted(found.items()))
 
 
 def find_slides(
     slides_dir: str | os.PathLike[str] | None,
     manifest: str | os.PathLike[str] | None,
     extensions: Sequence[str],
+    out: str | os.PathLike[str],
+    folding: Folding | None = None,
 ) -> dict[str, Path]:
     """Slide id -> path, from a manifest CSV (slide_id, path) or a recursive folder search.
 
     Relative manifest paths resolve against ``slides_dir`` when given, else the manifest's folder.
-    Files named in a manifest are not checked here: a missing one fails that slide only.
+    Files named in a manifest are not checked here: a missing one fails that slide only. ``out``
+    is the command's output folder, where files named by the ids go (see `_check_spellings`).
     """
     if manifest:
         mpath = Path(manifest)
@@ -146,7 +168,8 @@ def find_slides(
             )
             for row, sid, raw in zip(df.index, df["slide_id"], df["path"], strict=True)
         ]
-        return _check_unique(pairs, f"manifest '{mpath}'", "give one of them another slide_id")
+        fix = "give one of them another slide_id"
+        return _check_unique(pairs, f"manifest '{mpath}'", out, fix, folding)
     if not slides_dir:
         raise UserError("no slides given: set slides_dir=FOLDER or manifest=CSV.")
     root = Path(slides_dir)
@@ -166,7 +189,7 @@ def find_slides(
             "check slides_dir or set extensions=[...]."
         )
     pairs = [(check_slide_id(p.name if p.is_dir() else slide_id_of(p), str(p)), p) for p in files]
-    return _check_unique(pairs, f"'{root}'")
+    return _check_unique(pairs, f"'{root}'", out, folding=folding)
 
 
 def _files_under(root: Path) -> list[Path]:

@@ -1,0 +1,111 @@
+"""Slide ids that differ only in case or Unicode form (`S1`/`s1`, composed/decomposed `café`):
+two slides where the output folder's file system keeps such names apart (ext4, tmpfs), refused
+before any work only where it would make their files one (macOS, Windows, SMB, FAT)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import make_cohort
+from test_config import one_line_error
+
+from melanoma_mil.cli import main
+from melanoma_mil.errors import UserError
+from melanoma_mil.fsutil import Folding
+from melanoma_mil.tiling.slides import find_slides
+
+PAIRS = [("S1", "s1"), ("caf\u00e9", "cafe\u0301")]
+
+
+def _manifest(tmp_path: Path, first: str, second: str) -> Path:
+    """Two generated slides listed under ``first`` and ``second``."""
+    make_cohort(tmp_path, 2)
+    slides, manifest = tmp_path / "slides", tmp_path / "m.csv"
+    manifest.write_text(
+        f"slide_id,path\n{first},{slides / 'slide0.tif'}\n{second},{slides / 'slide1.tif'}\n",
+        encoding="utf-8",
+    )
+    return manifest
+
+
+@pytest.mark.parametrize(("first", "second"), PAIRS)
+def test_ids_differing_in_case_or_form_are_tiled_and_extracted_apart_on_ext4(
+    tmp_path: Path, first: str, second: str
+) -> None:
+    manifest = _manifest(tmp_path, first, second)
+    tiled, feats = tmp_path / "tiled", tmp_path / "features"
+    assert main(["tile", f"manifest={manifest}", f"output_dir={tiled}"]) == 0
+    assert main(["extract", f"coords_dir={tiled}", f"manifest={manifest}", f"output_dir={feats}",
+                 "encoder.name=resnet18_imagenet", "encoder.pretrained=false", "device=cpu",
+                 "num_workers=0"]) == 0  # fmt: skip
+    bags = {p.name: p for p in feats.glob("*/*.h5")}
+    assert set(bags) == {f"{first}.h5", f"{second}.h5"}
+    with h5py.File(bags[f"{first}.h5"]) as a, h5py.File(bags[f"{second}.h5"]) as b:
+        assert a.attrs["slide_path"].endswith("slide0.tif")
+        assert b.attrs["slide_path"].endswith("slide1.tif")
+        assert not np.array_equal(a["features"][:], b["features"][:])
+    assert {p.name for p in tiled.iterdir()} >= {"coords"}  # no probe left behind
+    assert not [p for p in [*tiled.rglob(".*"), *feats.rglob(".*")] if "probe" in p.name]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "said", "folding"),
+    [
+        ("S1", "s1", "'S1' and 's1'", Folding(case=True, form=False)),
+        ("caf\u00e9", "cafe\u0301", r"'caf\xe9' and 'cafe\u0301'", Folding(case=False, form=True)),
+    ],
+)
+def test_ids_one_file_where_names_fold_are_refused_naming_both_the_source_and_the_fix(
+    tmp_path: Path, first: str, second: str, said: str, folding: Folding
+) -> None:
+    """As the output folder's file system were probed to fold them (macOS, Windows, SMB)."""
+    manifest = _manifest(tmp_path, first, second)
+    out = tmp_path / "tiled"
+    with pytest.raises(UserError) as e:
+        find_slides(None, manifest, [], out, folding)
+    err = str(e.value)
+    assert f"slide ids {said} in manifest '{manifest}'" in err
+    assert "differ only in case or Unicode form" in err and str(out) in err
+    assert err.endswith("give one of them another slide_id.")
+    other = Folding(case=not folding.case, form=not folding.form)  # folds only the other way
+    assert list(find_slides(None, manifest, [], out, other)) == sorted([first, second])
+    assert not out.exists()
+
+
+@pytest.fixture
+def fat_folder(tmp_path: Path) -> Iterator[Path]:
+    """A real FAT file system (case-insensitive, as on a USB disk or SD card), mounted through
+    FUSE (fusefat: the kernel here has no vfat); skipped where it cannot be had."""
+    tools = [shutil.which(t) for t in ("mkfs.vfat", "fusefat")]
+    if os.geteuid() != 0 or not Path("/dev/fuse").exists() or None in tools:
+        pytest.skip("needs root, /dev/fuse, mkfs.vfat and fusefat")
+    image, mnt = tmp_path / "fat.img", tmp_path / "fat"
+    with image.open("wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run(["mkfs.vfat", str(image)], check=True, capture_output=True)
+    mnt.mkdir()
+    if subprocess.run(
+        ["fusefat", "-o", "rw+", str(image), str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("fusefat could not mount")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_ids_differing_in_case_are_refused_before_tiling_onto_a_real_fat_disk(
+    tmp_path: Path, fat_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = _manifest(tmp_path, "S1", "s1")
+    out = fat_folder / "tiled"
+    err = one_line_error(capsys, "tile", f"manifest={manifest}", f"output_dir={out}")
+    assert "slide ids 'S1' and 's1'" in err and "give one of them another slide_id" in err
+    assert os.listdir(fat_folder) == []  # no output folder, no probe left
