@@ -381,3 +381,40 @@ def test_hazard_ratios_are_marked_not_estimable_exactly_when_lifelines_diverges(
         assert (why is not None) == diverged, (g, t, e, why)
         seen.add(diverged)
     assert seen == {True, False}
+
+
+def test_everyone_at_risk_dying_at_the_one_event_time_gives_no_hazard_ratio(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """All events at one time that ends everyone's follow-up: the exact partial likelihood is
+    then constant, yet lifelines (Efron ties) said HR 1.00 (0.54-1.86), p = 1."""
+    write_small(tmp_path)
+    time = np.where(np.arange(40) < 6, 2.0, 30.0)  # 6 censored early, the rest die at 30
+    _edit_clinical(tmp_path, time=time, event=(time == 30).astype(int))
+    rc, err = evaluate_cli(capsys, *_args(tmp_path))
+    assert rc == 0, err
+    ev, html = _outputs(tmp_path)
+    uni = ev["survival"]["cox"]["univariable"]
+    why = "no patient is still followed after any event"
+    assert uni["hr"] is None and uni["p"] is None and uni["not_estimable"].startswith(why)
+    assert "hazard ratio" in uni["not_estimable"]
+    assert ev["survival"]["logrank"]["p"] is None  # as the log-rank test already said
+    assert any(why in n and "Cox" in n for n in ev["survival"]["notes"])
+    assert "HR high vs low not estimable" in _text(html)
+
+
+def test_a_last_event_time_that_ends_follow_up_still_leaves_an_estimable_hazard_ratio() -> None:
+    """Only the last event time has everyone at risk dying; the earlier ones order patients,
+    so lifelines' HR stands, while one event time for everyone has none."""
+    g = pd.Series(["a", "b"] * 5)
+    order = ["a", "b"]
+    one = (pd.Series([4.0] * 10), pd.Series([1] * 10))
+    mixed = (pd.Series([1, 2, 3, 3, 5, 6, 7, 8, 9, 9.0]), pd.Series([1, 1, 0, 1, 1, 0, 1, 1, 1, 1]))
+    fits = {}
+    for name, (t, e) in {"one": one, "mixed": mixed}.items():
+        x = pd.DataFrame({"b": (g == "b").astype(float), "t": t, "e": e})
+        fits[name] = CoxPHFitter().fit(x, "t", "e").summary.loc["b"]
+    assert fits["one"]["exp(coef)"] == pytest.approx(1.0) and fits["one"]["p"] == pytest.approx(1)
+    assert _no_estimate(g, *one, order).startswith("no patient is still followed after any event")
+    assert fits["mixed"]["exp(coef)"] != pytest.approx(1.0, abs=0.05)
+    assert _no_estimate(g, *mixed, order) is None

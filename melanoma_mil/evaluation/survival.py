@@ -7,11 +7,12 @@ reference: the negative class, the low half, Q1 or the first class; the univaria
 ratio is the last group (positive class / high / QK) against it.
 
 A result that the data cannot give (a hazard ratio when a group has no events or its patients
-all left follow-up before another group's first event, a group comparison when a group has no
-patients, a Cox model that does not converge, a log-rank test or C-index without any event, a
-log-rank test without variance: `logrank`) is NaN with the reason in ``not_estimable`` and in
-the notes, rather than an error: the Kaplan-Meier curves and whatever else is defined still
-stand, and a survival problem never costs the classification outputs.
+all left follow-up before another group's first event, or when no patient outlives any event;
+a group comparison when a group has no patients, a Cox model that does not converge, a log-rank
+test or C-index without any event, a log-rank test without variance: `logrank`) is NaN with
+the reason in ``not_estimable`` and in the notes, rather than an error: the Kaplan-Meier curves
+and whatever else is defined still stand, and a survival problem never costs the
+classification outputs.
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ def _no_estimate(
     the reference); lifelines then "converges" on a meaningless huge HR instead of failing."""
     if not events.any():
         return f"no events among the {len(events)} patients"
+    if not _outlived(times, events):
+        return (
+            "no patient is still followed after any event (each event time is the last "
+            "follow-up of everyone at risk), so the partial likelihood has no information on "
+            "a hazard ratio"
+        )
     silent = [g for g in order if not events[groups == g].any()]
     if not silent:
         return _apart(groups, times, events, order)
@@ -89,6 +96,15 @@ def _no_estimate(
         named = ", ".join(f"'{g}' ({n} patients)" for g, n in zip(silent, sizes, strict=True))
         who = f"groups {named} have no events"
     return f"{who}, so a hazard ratio against it is 0 or infinite"
+
+
+def _outlived(times: pd.Series, events: pd.Series) -> bool:
+    """Whether some event time has a patient at risk who outlives it. Where everyone at risk
+    has the event, the exact partial likelihood of that time is 1 whatever the hazard ratio,
+    but Efron's (and Breslow's) approximation still pulls it to 1: with no other event time,
+    lifelines said HR 1.00 (0.54-1.86), p = 1, as if the groups' hazards were shown alike."""
+    t, e = times.to_numpy(float), events.to_numpy(bool)
+    return any((t >= u).sum() > (e & (t == u)).sum() for u in np.unique(t[e]))
 
 
 def _apart(groups: pd.Series, times: pd.Series, events: pd.Series, order: list[str]) -> str | None:
