@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from melanoma_mil.errors import UserError
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; concurrent writers are not supported there
@@ -28,6 +30,7 @@ except ImportError:  # Windows: no advisory locks; concurrent writers are not su
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _RENAME_EXCHANGE = 2
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not on Windows
 
 
 def create_once(path: Path, data: bytes) -> bool:
@@ -84,10 +87,29 @@ class Lock:
             self._fd = None
 
 
+def _open_lock(path: Path) -> int:
+    """The lock file at ``path``, created if missing, never through a link: one planted there
+    would have us make a file where it points, outside the output folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o666 & ~_UMASK)
+    except OSError:
+        refuse_link(path)
+        raise
+
+
+def refuse_link(path: Path) -> None:
+    """A one-line refusal of a symbolic link where a lock or claim file goes."""
+    if path.is_symlink():
+        raise UserError(
+            f"'{path}' is a symbolic link where a lock file goes (to '{os.readlink(path)}'); "
+            "remove the link: only this program makes files there."
+        )
+
+
 def try_lock(path: Path) -> Lock | None:
     """The lock on ``path`` (created if missing), or None when another process holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    fd = _open_lock(path)
     if fcntl is None:
         return Lock(fd)
     try:
@@ -103,8 +125,7 @@ def try_lock(path: Path) -> Lock | None:
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Hold the lock on ``path`` for a block, waiting for other holders first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    fd = _open_lock(path)
     try:
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)

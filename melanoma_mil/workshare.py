@@ -28,6 +28,8 @@ from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from melanoma_mil.fsutil import refuse_link
+
 DEFAULT_STALE_S = 900.0
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 STOP_FIX = "make room (or use another output_dir) and re-run: finished slides are kept"
@@ -286,6 +288,7 @@ class Claim:
         """Remove the stale claim ``seen`` if it still is that one and still stale, holding the
         gate, so that no breaker moves a claim another has just retaken; a breaker already at
         it (a live gate) is left to it: the claim will be free when our caller tries again."""
+        refuse_link(self.path)  # it reads as a claim without an owner: stale, and removed
         gate = self.path.with_name(f".{self.path.name}{GATE}")
         mine = me()
         with _drafted(gate, mine) as draft:

@@ -9,11 +9,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from melanoma_mil.errors import UserError
 from melanoma_mil.features import placement
+from melanoma_mil.fsutil import locked, try_lock
 from melanoma_mil.workshare import GATE_STALE_S, Claim, clear_drafts, me, owner_gone, process_start
 
 
@@ -243,3 +246,37 @@ def test_a_breakers_gate_holds_off_others_only_while_its_breaker_lives(tmp_path:
     _stale_claim(gate)
     clear_drafts(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("take", [lambda p: try_lock(p), lambda p: locked(p).__enter__()])
+def test_a_lock_file_planted_as_a_dangling_link_is_refused_and_nothing_made_where_it_points(
+    tmp_path: Path, take: Callable[[Path], object]
+) -> None:
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    lock = out / ".sweep.lock"
+    lock.symlink_to(elsewhere / "made")
+    with pytest.raises(UserError) as e:
+        take(lock)
+    assert str(lock) in str(e.value) and "symbolic link" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert list(elsewhere.iterdir()) == [] and lock.is_symlink()
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_claim_planted_as_a_link_is_refused_not_broken_as_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_links: bool
+) -> None:
+    """O_EXCL and link() never write where a link points; but the link read as a claim without
+    an owner, and was removed as a stale one: the user's link is kept, and named."""
+    if not hard_links:
+        monkeypatch.setattr(os, "link", lambda *_: (_ for _ in ()).throw(OSError(errno.EPERM, "")))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    claim = tmp_path / "s.lock"
+    claim.symlink_to(elsewhere / "made")
+    with pytest.raises(UserError, match=f"'{claim}' is a symbolic link"):
+        Claim(claim).acquire()
+    assert list(elsewhere.iterdir()) == [] and claim.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "s.lock"]  # no draft left
