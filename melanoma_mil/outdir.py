@@ -154,6 +154,19 @@ def refuse_in_the_way(folder: str | Path, command: str, names: Iterable[str]) ->
             )
 
 
+def refuse_folders_at(folder: str | Path, command: str, names: Iterable[str]) -> None:
+    """Refuse a folder at one of ``names``, the files ``command`` writes (or, with overwrite,
+    removes) in ``folder``: else the call fails on it after all its work."""
+    root = Path(folder)
+    for name in names:
+        path = root / name
+        if path.is_dir():
+            raise UserError(
+                f"'{path}' is a folder, and `{command}` writes its file of that name in "
+                f"output_dir '{root}'; move it away, or choose another output_dir."
+            )
+
+
 def output_folder(folder: str | Path, command: str) -> Path:
     """``folder`` as ``command``'s output_dir: not a file, not inside a run's own entries."""
     out = Path(folder)

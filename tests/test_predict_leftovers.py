@@ -7,13 +7,15 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
 import h5py
 import pandas as pd
 import pytest
-from conftest import Pipeline, inference_cfg, untagged_copy
+from conftest import Pipeline, inference_cfg, mounted_tmpfs, untagged_copy
+from test_config import one_line_error
 
 from melanoma_mil.config import EvaluateConfig, HeatmapConfig, PredictConfig, load_config
 from melanoma_mil.errors import UserError
@@ -136,20 +138,31 @@ def test_labels_the_run_does_not_know_are_refused_before_any_work(
         assert "\n" not in str(e.value) and not out.exists()
 
 
+def _immutable(path: Path, on: bool) -> bool:
+    """Set or clear ``path``'s immutable attribute (root, a file system that has it, as
+    ext4): a rename over it then fails, as a crash between a write's renames would leave it."""
+    if os.geteuid() != 0 or shutil.which("chattr") is None:
+        return False
+    done = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True)
+    return done.returncode == 0
+
+
 def test_a_report_interrupted_before_it_was_recorded_stays_predicts(
     pipe: Pipeline, tmp_path: Path
 ) -> None:
     out = tmp_path / "pred"
     assert run_predict(labelled(pipe, out)) == 0
     evaluation = out / "evaluation"
-    blocked = out / "report.html"  # written last: the crash comes after the evaluation's files
-    blocked.unlink()
-    (blocked / "x").mkdir(parents=True)
-    before = (evaluation / "evaluation.json").stat().st_ino
-    with pytest.raises(OSError):
-        run_predict(labelled(pipe, out, "overwrite=true"))
+    blocked = out / "report.html"  # renamed last: the crash comes after the evaluation's files
+    if not _immutable(blocked, True):
+        pytest.skip("needs root and chattr on a file system with the immutable attribute")
+    try:
+        before = (evaluation / "evaluation.json").stat().st_ino
+        with pytest.raises(OSError):
+            run_predict(labelled(pipe, out, "overwrite=true"))
+    finally:
+        _immutable(blocked, False)
     assert (evaluation / "evaluation.json").stat().st_ino != before  # rewritten, not recorded
-    shutil.rmtree(blocked)
     # a kill -9 inside an atomic write leaves its temp file
     fd, leftover = tempfile.mkstemp(prefix=".roc.png.", suffix=".tmp", dir=evaluation)
     os.close(fd)
@@ -233,24 +246,60 @@ def test_a_failed_patient_table_write_leaves_the_earlier_predictions_whole(
     pipe: Pipeline, tmp_path: Path
 ) -> None:
     """overwrite=true with patients_csv replaced predictions.csv, then failed writing
-    patient_predictions.csv, leaving the new slide table beside the old (or no) patient one."""
+    patient_predictions.csv, leaving the new slide table beside the old (or no) patient one.
+    The patient table's write fails on a real full disk (a small tmpfs, one page left)."""
+    disk = tmp_path / "disk"
+    if not mounted_tmpfs(disk, "2m"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        patients = tmp_path / "patients.csv"
+        pd.DataFrame({"slide_id": ["slide_000", "slide_001", "slide_002"],
+                      "patient_id": ["P1", "P1", "P2"]}).to_csv(patients, index=False)  # fmt: skip
+        out = disk / "pred"
+        keys = (f"features_dir={pipe.features}", "heatmaps=false", f"patients_csv={patients}")
+        assert run_predict(predict_cfg(pipe, out, *keys, "slide_ids=[slide_000,slide_001]")) == 0
+        before = (out / "predictions.csv").read_bytes()
+        (out / "patient_predictions.csv").unlink()
+        # room for the slide table's temp file (one page, the first written), not the patients'
+        stat = os.statvfs(disk)
+        filler = disk / "filler"
+        filler.write_bytes(bytes((stat.f_bavail - 1) * stat.f_frsize))
+        with pytest.raises(OSError, match="No space left") as e:
+            run_predict(predict_cfg(pipe, out, *keys, "slide_ids=[slide_000,slide_002]",
+                                    "overwrite=true"))  # fmt: skip
+        assert "write_together" in [entry.name for entry in e.traceback]  # after scoring
+        assert (out / "predictions.csv").read_bytes() == before
+        assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+        filler.unlink()
+        assert run_predict(predict_cfg(pipe, out, *keys, "slide_ids=[slide_000,slide_002]",
+                                       "overwrite=true")) == 0  # fmt: skip
+        slides = pd.read_csv(out / "predictions.csv")
+        assert list(slides["slide_id"]) == ["slide_000", "slide_002"]
+        assert list(pd.read_csv(out / "patient_predictions.csv")["patient_id"]) == ["P1", "P2"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [("predict", "predictions.csv"), ("predict", "patient_predictions.csv"),
+     ("predict", "report.html"), ("heatmap", "heatmaps.csv")],
+)  # fmt: skip
+def test_a_folder_at_one_of_the_commands_file_names_is_refused_before_any_work(
+    pipe: Pipeline, tmp_path: Path, command: str, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder of the user's where the command writes (or, with overwrite, removes) a file:
+    the call failed on it only after every slide was scored."""
     patients = tmp_path / "patients.csv"
-    pd.DataFrame({"slide_id": ["slide_000", "slide_001", "slide_002"],
-                  "patient_id": ["P1", "P1", "P2"]}).to_csv(patients, index=False)  # fmt: skip
+    pd.DataFrame({"slide_id": ["slide_000"], "patient_id": ["P1"]}).to_csv(patients, index=False)
     out = tmp_path / "pred"
-    keys = (f"features_dir={pipe.features}", "heatmaps=false", f"patients_csv={patients}")
-    assert run_predict(predict_cfg(pipe, out, *keys, "slide_ids=[slide_000,slide_001]")) == 0
-    before = (out / "predictions.csv").read_bytes()
-    (out / "patient_predictions.csv").unlink()
-    (out / "patient_predictions.csv").mkdir()  # in the way of the patient table's rename
-    with pytest.raises(IsADirectoryError):
-        run_predict(predict_cfg(pipe, out, *keys, "slide_ids=[slide_000,slide_002]",
-                                "overwrite=true"))  # fmt: skip
-    assert (out / "predictions.csv").read_bytes() == before
-    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
-    (out / "patient_predictions.csv").rmdir()
-    assert run_predict(predict_cfg(pipe, out, *keys, "slide_ids=[slide_000,slide_002]",
-                                   "overwrite=true")) == 0  # fmt: skip
-    slides = pd.read_csv(out / "predictions.csv")
-    assert list(slides["slide_id"]) == ["slide_000", "slide_002"]
-    assert list(pd.read_csv(out / "patient_predictions.csv")["patient_id"]) == ["P1", "P2"]
+    (out / name).mkdir(parents=True)
+    (out / name / "mine.txt").write_text("mine")
+    keys = [f"run_dir={pipe.run_dir}", f"output_dir={out}", f"features_dir={pipe.features}",
+            "device=cpu", "slide_ids=[slide_000]", "overwrite=true"]  # fmt: skip
+    if command == "predict":
+        keys += ["heatmaps=false", f"patients_csv={patients}"]
+    err = one_line_error(capsys, command, *keys)
+    assert f"'{out / name}' is a folder" in err and "move it away" in err
+    made = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert made == [name, f"{name}/mine.txt"]

@@ -37,6 +37,7 @@ from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import prepare_inputs
 from melanoma_mil.inference.work import extract_settings
 from melanoma_mil.io import write_text
+from melanoma_mil.outdir import refuse_folders_at
 from melanoma_mil.rundir import TrainedRun
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
 from melanoma_mil.tiling.slides import mpp_outdated, read_mpp_csv
@@ -121,6 +122,7 @@ def run_heatmap(cfg: HeatmapConfig) -> int:
 
     run = check_common(cfg)
     out = Path(cfg.output_dir)
+    refuse_folders_at(out, "heatmap", ("heatmaps.csv",))  # a user's folder
     claim_for_run(cfg, run, "heatmap", OUTPUTS, write=False)
     found = [] if cfg.overwrite else sorted(out.glob(f"*/{ATTENTION_FILE}"))
     done = {

@@ -42,7 +42,7 @@ from melanoma_mil.inference.analyse import (
 from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import PATIENTS, SlideInput, prepare_inputs
 from melanoma_mil.io import temp_target, write_json, write_together
-from melanoma_mil.outdir import MARKER, read_marker
+from melanoma_mil.outdir import MARKER, read_marker, refuse_folders_at
 from melanoma_mil.rundir import EVALUATION, REPORT, TrainedRun
 from melanoma_mil.tracking.loggers import log_slides
 
@@ -272,6 +272,7 @@ def run_predict(cfg: PredictConfig) -> int:
     target = out / "predictions.csv"
     run = check_common(cfg)
     outputs = (target.name, PATIENTS, *SLIDE_OUTPUTS, REPORT, f"{EVALUATION}/*")
+    refuse_folders_at(out, "predict", (target.name, PATIENTS, REPORT))  # a user's folder
     claim_for_run(cfg, run, "predict", outputs, write=False)
     if target.exists() and not cfg.overwrite:
         raise UserError(f"'{target}' exists; pass overwrite=true or choose another output_dir.")
