@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shlex
+from collections.abc import Mapping
 from dataclasses import field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -261,8 +262,8 @@ def merge_overrides(
         refuse_unset_text(cfg, layer, f"{what} '{key}'")
         fix = "pass e.g. {pair}" if what == "override" else "use e.g. {example} instead"
         cfg = _merge(cfg, layer, f"{what} '{key}'", fix, value)
-        if sources is not None:
-            sources[key] = f"{what} '{item}'"
+        if sources is not None:  # a section's keys too (``cv={seed: 1}``), as files' are
+            sources.update(dict.fromkeys(_all_keys(layer), f"{what} '{item}'"))
     return cfg
 
 
@@ -280,7 +281,7 @@ def to_checked(cfg: DictConfig, sources: dict[str, str] | None = None) -> Any:
             "${...} with a value."
         ) from None
     expand_home(typed)
-    check(typed)
+    check(typed, sources=sources)
     return typed
 
 
@@ -336,18 +337,28 @@ def _problem(value: Any, meta: Any) -> str | None:
     return None
 
 
-def check(cfg: Any, prefix: str = "") -> None:
+def _fix(key: str, sources: Mapping[str, str]) -> str:
+    """Where to fix ``key``: the override or config file that set it last, if known."""
+    where = sources.get(key)
+    if where is None:
+        return "fix the override or config file"
+    return f"fix the {where}" if where.startswith("override") else f"fix it in {where}"
+
+
+def check(cfg: Any, prefix: str = "", sources: Mapping[str, str] | None = None) -> None:
     """Every declared choice and range of ``cfg``'s fields, recursively: one error, before work.
+    ``sources``: key -> the override or config file that set it (`load_config`), to name.
 
     Called by `load_config`, and by code that builds configs itself (sweep runs)."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            check(value, f"{prefix}{f.name}.")
+            check(value, f"{prefix}{f.name}.", sources)
             continue
         why = _problem(value, f.metadata)
         if why:
-            raise UserError(f"{prefix}{f.name}={value!r} {why}; fix the override or config file.")
+            fix = _fix(f"{prefix}{f.name}", sources or {})
+            raise UserError(f"{prefix}{f.name}={value!r} {why}; {fix}.")
         items = value.items() if isinstance(value, dict) else ()
         # OmegaConf lets a list or mapping into a dict[str, str] (data.label_map)
         nested = [k for k, v in items if isinstance(v, list | dict)]

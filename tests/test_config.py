@@ -330,3 +330,19 @@ def test_none_unsets_an_optional_text_key_and_a_config_file_none_is_refused(tmp_
     (tmp_path / "c.yaml").write_text("data:\n  label_column: None\n")
     with pytest.raises(UserError, match="'data.label_column' in config file .*cannot be unset"):
         C.load_config(C.FitConfig, [str(tmp_path / "c.yaml")])
+
+
+def test_a_value_out_of_range_names_the_override_or_file_it_came_from(tmp_path: Path) -> None:
+    """The error said "fix the override or config file" whichever had set the value."""
+    from melanoma_mil.config import FitConfig, load_config
+
+    file = tmp_path / "fit.yaml"
+    file.write_text("cv:\n  seed: 4294967296\n")
+    with pytest.raises(
+        UserError, match=rf"cv.seed=4294967296 must be .*; fix it in config file '{file}'\.$"
+    ):
+        load_config(FitConfig, [str(file)], [])
+    with pytest.raises(UserError, match=r"seed=-1 must be .*; fix the override 'seed=-1'\.$"):
+        load_config(FitConfig, [str(file)], ["seed=-1", "cv.seed=1"])
+    with pytest.raises(UserError, match=r"; fix the override 'cv=\{seed: -2\}'\.$"):
+        load_config(FitConfig, [str(file)], ["cv={seed: -2}"])  # a whole section
