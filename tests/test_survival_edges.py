@@ -418,3 +418,45 @@ def test_a_last_event_time_that_ends_follow_up_still_leaves_an_estimable_hazard_
     assert _no_estimate(g, *one, order).startswith("no patient is still followed after any event")
     assert fits["mixed"]["exp(coef)"] != pytest.approx(1.0, abs=0.05)
     assert _no_estimate(g, *mixed, order) is None
+
+
+def test_c_index_bootstrap_matches_lifelines_on_every_resample(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The vectorised bootstrap gives lifelines' concordance_index of each resample bit for bit,
+    with tied times, tied scores, censoring at a death's time and resamples without a pair; so
+    does the per-resample loop kept for cohorts above VECTORISED_CASES."""
+    from melanoma_mil.evaluation import survival
+    from melanoma_mil.evaluation.survival import EVENT, SCORE, TIME, c_index, concordance_sums
+    from melanoma_mil.stats import _chunks, _cluster_weights
+
+    rng = np.random.default_rng(3)
+    n = 60
+    t = rng.integers(1, 12, n).astype(float)  # many tied times
+    s = rng.integers(0, 8, n) / 8  # many tied scores
+    e = rng.integers(0, 2, n)
+    w = _cluster_weights(np.arange(n), 300, rng)
+    w[0] = 0
+    w[0, :2] = 1  # a resample of two patients: maybe no comparable pair
+    pairs, concordant = concordance_sums(t, s, e, w)
+    for row, p, c in zip(w.astype(int), pairs, concordant, strict=True):
+        idx = np.repeat(np.arange(n), row)
+        try:
+            expected = concordance_index(t[idx], s[idx], e[idx])
+        except ZeroDivisionError:
+            assert p == 0
+            continue
+        assert c / p == expected
+
+    # and the CI over resamples is the one the per-resample loop gave
+    data = pd.DataFrame({TIME: t, EVENT: e, SCORE: s})
+    boot = np.random.default_rng(0 + 2)
+    reps = []
+    for b in _chunks(200, n):
+        for row in _cluster_weights(np.arange(n), b, boot).astype(int):
+            idx = np.repeat(np.arange(n), row)
+            reps.append(concordance_index(t[idx], s[idx], e[idx]))
+    out = c_index(data, n_boot=200, seed=0, score_name="p")
+    assert [out["ci_low"], out["ci_high"]] == np.quantile(reps, [0.025, 0.975]).tolist()
+    monkeypatch.setattr(survival, "VECTORISED_CASES", 0)
+    assert c_index(data, n_boot=200, seed=0, score_name="p") == out
