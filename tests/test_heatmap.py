@@ -31,7 +31,12 @@ from melanoma_mil.evaluation.localisation import (
     slide_localisation,
     tile_fractions,
 )
-from melanoma_mil.inference.attention import AttentionMap, read_attention, write_attention
+from melanoma_mil.inference.attention import (
+    AttentionMap,
+    read_attention,
+    write_attention,
+    write_geojson,
+)
 from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.heatmap import run_heatmap
 from melanoma_mil.rundir import load_run
@@ -153,6 +158,27 @@ def test_100k_tile_slide_renders_without_a_full_resolution_canvas(tmp_path: Path
     assert raster[500, 0] == pytest.approx(0.0, abs=0.01)
     assert raster[500, 1023] == pytest.approx(1.0, abs=0.01)
     assert raster[500, 512] == pytest.approx(0.5, abs=0.01)
+
+
+def test_geojson_writes_a_nan_as_null_and_numpy_sizes_as_numbers(tmp_path: Path) -> None:
+    """Each feature is strict JSON: a NaN attention is null (QuPath and jq refuse NaN) and a
+    tile size read back from h5 (a numpy integer) is written as a plain number."""
+    att = np.array([[0.25, np.nan, 0.75], [0.5, 0.25, 0.25]], np.float32)
+    coords = np.array([[0, 0], [256, 0], [0, 256]], np.int64)
+    amap = AttentionMap(
+        "s", coords, np.int64(256), att, np.full((2, 2), 0.5), ["a", "b"], ["x", "y"]
+    )
+    write_geojson(tmp_path / "t.geojson", amap)
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in the GeoJSON")
+
+    gj = json.loads((tmp_path / "t.geojson").read_text(), parse_constant=refuse)
+    first, second = (f["properties"]["measurements"] for f in gj["features"][:2])
+    assert first == {"attention": 0.375, "attention_percentile": None, "attention_a": 0.25,
+                     "attention_b": 0.5}  # fmt: skip
+    assert second["attention"] is None and second["attention_a"] is None
+    assert gj["features"][2]["geometry"]["coordinates"][0][2] == [256, 512]
 
 
 def test_score_raster_averages_overlaps_and_leaves_gaps_empty() -> None:
