@@ -4,12 +4,14 @@ file's or an earlier call's per-slide files."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import h5py
 import pandas as pd
 import pytest
-from conftest import Pipeline, inference_cfg, slide_folder
+from conftest import Pipeline, inference_cfg, mounted_tmpfs, slide_folder
 from PIL import Image
 
 from melanoma_mil.config import HeatmapConfig
@@ -172,3 +174,38 @@ def test_a_call_on_other_slides_keeps_the_earlier_slides_in_the_table(
     (out / "slide_001" / "attention.h5").unlink()  # removed since: no longer listed
     assert run_heatmap(heatmap_cfg(pipe, out, *given, "slide_ids=[slide_002]")) == 0
     assert pd.read_csv(out / "heatmaps.csv")["slide_id"].tolist() == ["slide_000", "slide_002"]
+
+
+def test_a_full_disk_stops_the_slides_after_it_and_a_rerun_resumes(
+    pipe: Pipeline, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every slide after the disk filled was drawn anyway, each failing with a bare
+    'OSError: [Errno 28]' that named no folder and no fix."""
+    disk = tmp_path / "disk"
+    if not mounted_tmpfs(disk, "2m"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        given = [f"slides_dir={pipe.slides}", f"features_dir={pipe.features}"]
+        one = tmp_path / "one"
+        assert run_heatmap(heatmap_cfg(pipe, one, *given, "slide_ids=[slide_000]")) == 0
+        size = sum(p.stat().st_size for p in (one / "slide_000").iterdir())
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(bytes(free - size * 3 // 2 - 16384))  # 1.5 slides' room
+        out = disk / "hm"
+        cfg = heatmap_cfg(pipe, out, *given, "slide_ids=[slide_000,slide_001,slide_002,slide_003]")
+        assert run_heatmap(cfg) == 1
+        table = pd.read_csv(out / "heatmaps.csv").set_index("slide_id")
+        assert table.loc["slide_000", "status"] == "ok"
+        full = f"disk full (No space left on device) in {out / 'slide_001'}"
+        assert table.loc["slide_001", "reason"] == full
+        later = table.loc[["slide_002", "slide_003"]]
+        assert later["reason"].tolist() == [f"not drawn: {full}"] * 2  # scored, not drawn
+        assert later["status"].tolist() == ["no_heatmap"] * 2 and later["prob"].notna().all()
+        assert f"heatmap stopped early: {full}; make room" in caplog.text
+        assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp")]
+        (disk / "filler").unlink()
+        assert run_heatmap(cfg) == 0
+        table = pd.read_csv(out / "heatmaps.csv")
+        assert table["status"].tolist() == ["skipped", "ok", "ok", "ok"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -2,7 +2,8 @@
 probabilities and attention, the heatmap files, and one table row that says what happened.
 
 A bad slide never stops the others: its row says failed (no prediction) or no_heatmap (a
-prediction, but its drawing failed), with the reason.
+prediction, but its drawing failed), with the reason. A full disk stops the drawing (every
+later drawing would fail too), not the predictions, which need no room; a re-run resumes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from melanoma_mil.tiling.fingerprint import fingerprint_mismatch, slide_fingerpr
 from melanoma_mil.tiling.slides import open_slide, read_mpp_csv
 from melanoma_mil.tracking.loggers import check_logger
 from melanoma_mil.viz.render import render_slide
+from melanoma_mil.workshare import disk_full, disk_full_reason
 
 log = logging.getLogger(__name__)
 ATTENTION_FILE = "attention.h5"
@@ -170,8 +172,9 @@ def render_files(
 
 def analyse_slide(
     inp: SlideInput, ensemble: Ensemble, cfg: HeatmapConfig, render: bool
-) -> tuple[dict[str, Any], AttentionMap | None]:
-    """Ensemble probabilities and attention of one slide (+ its heatmap files when ``render``).
+) -> tuple[dict[str, Any], AttentionMap | None, str]:
+    """Ensemble probabilities and attention of one slide (+ its heatmap files when ``render``),
+    and why no further slide can be drawn ("": the disk did not fill up).
 
     Never raises for a bad slide: status is ok, failed (no prediction) or no_heatmap (a
     prediction, but the drawing failed), and reason says why; an ok slide that cannot be drawn
@@ -184,21 +187,24 @@ def analyse_slide(
         "reason": inp.reason,
     }
     if inp.features is None:
-        return row, None
+        return row, None, ""
     try:
         amap, grid = _attention_map(inp, ensemble, render and not inp.no_drawing)
     except Exception as e:  # one bad slide (unreadable bag...) must not stop the rest
         row["reason"] = _failure(e)
         log.warning("%s: FAILED: %s", inp.slide_id, row["reason"])
-        return row, None
+        return row, None, ""
     row.update(status="ok", reason=inp.no_drawing, n_tiles=amap.attention.shape[1])
+    stop = ""
     if grid is not None:
         try:
             row.update(render_files(inp, amap, grid, cfg))
         except Exception as e:  # corrupt or missing slide file: the prediction still stands
-            row.update(status="no_heatmap", reason=_failure(e))
+            if disk_full(e):
+                stop = disk_full_reason(e, id_path(cfg.output_dir, inp.slide_id))
+            row.update(status="no_heatmap", reason=stop or _failure(e))
             log.warning("%s: no heatmap: %s", inp.slide_id, row["reason"])
-    return row, amap
+    return row, amap, stop
 
 
 def probability_columns(amap: AttentionMap) -> dict[str, Any]:
@@ -225,13 +231,19 @@ def ensemble_columns(
 
 def analyse_all(
     inputs: list[SlideInput], ensemble: Ensemble, cfg: HeatmapConfig, render: bool, desc: str
-) -> pd.DataFrame:
-    """analyse_slide over all inputs with a progress bar; one row per slide."""
+) -> tuple[pd.DataFrame, str]:
+    """analyse_slide over all inputs with a progress bar: one row per slide, and why drawing
+    stopped early ("": it did not). After a full disk the slides are scored, not drawn."""
     rows = []
     start, tiles = time.perf_counter(), 0
+    stop = ""
     with progress(total=len(inputs), desc=desc, unit="slide") as bar:
         for inp in inputs:
-            row, amap = analyse_slide(inp, ensemble, cfg, render)
+            drawn = render and not stop
+            row, amap, full = analyse_slide(inp, ensemble, cfg, drawn)
+            if render and not drawn and row["status"] == "ok" and not inp.no_drawing:
+                row.update(status="no_heatmap", reason=f"not drawn: {stop}")
+            stop = stop or full
             if amap is not None:
                 row.update(probability_columns(amap))
             rows.append(row)
@@ -241,7 +253,7 @@ def analyse_all(
                 tiles_per_s=f"{tiles / (time.perf_counter() - start):.0f}", refresh=False
             )
             bar.update(1)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), stop
 
 
 def remove_unwritten(out: Path, table: pd.DataFrame, every: bool) -> None:

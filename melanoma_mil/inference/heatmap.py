@@ -8,6 +8,7 @@ resolution) and, with geojson=true, tiles.geojson for QuPath.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,10 @@ from melanoma_mil.rundir import TrainedRun
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
 from melanoma_mil.tiling.slides import mpp_outdated, read_mpp_csv
 from melanoma_mil.tracking.loggers import log_slides
+from melanoma_mil.workshare import STOP_FIX
 
 OUTPUTS = (*SLIDE_OUTPUTS, "heatmaps.csv")
+log = logging.getLogger(__name__)
 FILES = {"heatmap": "heatmap.png", "montage": "montage.png", "geojson": "tiles.geojson"}
 
 
@@ -149,10 +152,10 @@ def run_heatmap(cfg: HeatmapConfig) -> int:
     inputs, skipped_ids = prepare_inputs(run, cfg, skip=finished)
     claim_for_run(cfg, run, "heatmap", OUTPUTS, write=True)
     skipped = pd.DataFrame([done[s] for s in skipped_ids])
-    table = pd.DataFrame()
+    table, stop = pd.DataFrame(), ""
     if inputs:
         ensemble = Ensemble(run, resolve_device(cfg.device))
-        table = analyse_all(inputs, ensemble, cfg, render=True, desc="heatmap")
+        table, stop = analyse_all(inputs, ensemble, cfg, render=True, desc="heatmap")
         # overwrite: no slide folder keeps an earlier call's files; else only redone ones
         remove_unwritten(out, table, every=cfg.overwrite)
     frames = [t for t in (table, skipped) if not t.empty]
@@ -171,4 +174,6 @@ def run_heatmap(cfg: HeatmapConfig) -> int:
         f" table {out / 'heatmaps.csv'}"
     )
     print_failures(table, out / "heatmaps.csv", "heatmap")
+    if stop:
+        log.error("heatmap stopped early: %s; %s", stop, STOP_FIX)
     return 1 if table["status"].isin(FAILED).any() else 0

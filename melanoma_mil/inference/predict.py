@@ -297,7 +297,8 @@ def run_predict(cfg: PredictConfig) -> int:
     claim_for_run(cfg, run, "predict", outputs, write=True)
     keep_evaluation(out, made)
     ensemble = Ensemble(run, resolve_device(cfg.device), cfg.threshold)
-    table = _ordered(analyse_all(inputs, ensemble, cfg, render=cfg.heatmaps, desc="predict"))
+    table, stop = analyse_all(inputs, ensemble, cfg, render=cfg.heatmaps, desc="predict")
+    table = _ordered(table)
     if patient_of is not None:  # lets `evaluate` group the slides by patient
         table.insert(1, "patient_id", table["slide_id"].map(lambda s: patient_of.get(s, s)))
     tables = {target: table}
@@ -319,6 +320,9 @@ def run_predict(cfg: PredictConfig) -> int:
     )
     print_failures(table, target, "predict")
     print_undrawn(table, target)
+    if stop:  # every slide is scored: only the drawing stopped
+        log.error("predict stopped drawing heatmaps: %s; make room (or use another output_dir) "
+                  "and re-run with overwrite=true to draw them", stop)  # fmt: skip
     rc = 1 if table["status"].isin(FAILED).any() else 0
     if report:  # patient bags are scored as the run was trained
         pooled = patient_of is not None and run.config.data.bag_level == "patient"
