@@ -31,7 +31,9 @@ os.umask(_UMASK)
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temp path next to ``path``; rename it onto ``path`` only if the block succeeds.
+    A failed write of the temp file (a full disk: the write call names no file) is reported as
+    one of ``path``, the file the user knows."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
@@ -41,6 +43,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be shareable
         os.replace(tmp_path, final)
+    except OSError as e:
+        if e.filename not in (None, tmp) or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(final)) from e
     finally:
         tmp_path.unlink(missing_ok=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from melanoma_mil.config import ModelConfig
 from melanoma_mil.data.splits import Split
 from melanoma_mil.errors import UserError
 from melanoma_mil.fsutil import locked, try_lock
-from melanoma_mil.io import atomic_path, remove_temp_files, sha256_file, write_json
+from melanoma_mil.io import atomic_path, remove_temp_files, sha256_file, write_bytes, write_json
 from melanoma_mil.models import build_model
 from melanoma_mil.outdir import MARKER
 from melanoma_mil.rundir.layout import (
@@ -207,8 +208,16 @@ def save_fold_model(
         "in_dim": in_dim,
         "classes": classes,
     }
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
+    save_torch(path, blob)
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    """``torch.save`` to ``path`` atomically. Serialised in memory first: torch's own file
+    writer fails on a full disk with a RuntimeError ('unexpected pos ...') that names no file,
+    where a plain write raises ENOSPC with its path (one line from the CLI)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def load_fold_model(path: Path, device: str | torch.device = "cpu") -> nn.Module:

@@ -1,0 +1,51 @@
+"""`fit` on a full disk: one line naming the run's folder, and checkpoints written in the run's
+own folder, never through the system temp folder (a real tmpfs; skipped without root)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import mounted_tmpfs
+
+from melanoma_mil.cli import main
+from melanoma_mil.data.synthetic import make_bag_cohort
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["cv.folds=2", "trainer.max_epochs=1", "logger=none", "trainer.accelerator=cpu",
+        "model.hidden_dim=512"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """fit's data keys for a small bag cohort."""
+    features, labels = make_bag_cohort(tmp_path_factory.mktemp("cohort"), n_patients=12, dim=8)
+    return [f"data.features_dir={features}", f"data.labels_csv={labels}"]
+
+
+def test_a_disk_that_fills_while_a_fold_model_is_saved_is_one_line(
+    cohort: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torch.save on a full disk raises RuntimeError ('unexpected pos ...'), not OSError: fit
+    ended in a traceback naming no file."""
+    disk = tmp_path / "disk"
+    if not mounted_tmpfs(disk, "16m"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        assert main(["fit", *cohort, *FAST, f"output_dir={tmp_path / 'one'}"]) == 0
+        fold = tmp_path / "one" / "folds" / "fold_0"
+        ckpt, model = ((fold / n).stat().st_size for n in ("best.ckpt", "model.pt"))
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(bytes(free - ckpt - model // 2 - 64 * 1024))
+        capsys.readouterr()
+        out = disk / "run"
+        assert main(["fit", *cohort, *FAST, f"output_dir={out}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: No space left on device"), err
+        assert f"'{out / 'folds'}" in err and ".tmp" not in err, err
+        assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp")]
+        assert not list((out / "folds").glob("fold_*"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
