@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,24 @@ def test_a_disk_that_fills_while_a_fold_model_is_saved_is_one_line(
         assert not list((out / "folds").glob("fold_*"))
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_checkpoints_do_not_pass_through_the_system_temp_folder(
+    cohort: list[str], tmp_path: Path
+) -> None:
+    """Lightning's own save writes each checkpoint to $TMPDIR, then copies it over: a full /tmp
+    failed a fit whose output_dir had room, naming output_dir."""
+    small = tmp_path / "tmp"
+    if not mounted_tmpfs(small, "256k"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        out = tmp_path / "run"
+        done = subprocess.run(
+            [sys.executable, "-m", "melanoma_mil", "fit", *cohort, *FAST, f"output_dir={out}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=600,
+            env={**os.environ, "TMPDIR": str(small)},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert (out / "folds" / "fold_1" / "best.ckpt").is_file()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -44,6 +44,7 @@ from melanoma_mil.tracking.loggers import (
     log_summary,
     note_finished,
 )
+from melanoma_mil.training.checkpoint_io import FolderCheckpointIO
 from melanoma_mil.training.epochs import EpochLines
 from melanoma_mil.training.module import MILModule
 from melanoma_mil.training.orchestrate import (
@@ -105,6 +106,7 @@ def _trainer(
         deterministic=cfg.trainer.deterministic,
         logger=logger or False,
         callbacks=callbacks,
+        plugins=[FolderCheckpointIO()],
         num_sanity_val_steps=0,
         enable_model_summary=False,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches // world,
