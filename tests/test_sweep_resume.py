@@ -4,12 +4,15 @@ and inputs every run shares checked before any run."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from conftest import mounted_tmpfs
 
 from melanoma_mil.cli import main
 from melanoma_mil.data.synthetic import make_bag_cohort
@@ -362,3 +365,40 @@ def test_a_finished_run_with_a_missing_metric_is_resumed_without_rerunning(
     assert main(argv) == 0
     assert "no longer finished" not in caplog.text
     assert ledger(out)[0]["metrics"]["cv/auc_std"] is None
+
+
+def test_a_full_disk_stops_the_sweep_in_one_line_and_a_rerun_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each run after the disk filled was started anyway, and each failed with a traceback."""
+    disk = tmp_path / "disk"
+    if not mounted_tmpfs(disk, "8m"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        features, labels = cohort(tmp_path / "coh")
+        seeds = {"method": "grid", "parameters": {"seed": {"values": [0, 1, 2]}}}
+        data = [f"data.features_dir={features}", f"data.labels_csv={labels}"]
+        argv = ["sweep", str(sweep_file(tmp_path, seeds)), *fast(disk / "sw"), *data]
+        one = tmp_path / "one"
+        assert main(["sweep", str(sweep_file(tmp_path, seeds)), *fast(one), *data,
+                     "--count", "1"]) == 0  # fmt: skip
+        size = sum(p.stat().st_size for p in one.rglob("*") if p.is_file())
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(bytes(free - size * 3 // 2))  # room for 1.5 runs
+        capsys.readouterr()
+        caplog.clear()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: No space left on device"), err
+        assert str(disk / "sw") in err, err
+        assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+        runs = ledger(disk / "sw")
+        assert [r["state"] for r in runs] == ["finished", "failed"]  # the third never started
+        assert "No space left on device" in runs[1]["error"]
+        assert not (disk / "sw" / "002_seed-2").exists()
+        assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp")]
+        (disk / "filler").unlink()
+        assert main(argv) == 0
+        assert [r["state"] for r in ledger(disk / "sw")] == ["finished"] * 3
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

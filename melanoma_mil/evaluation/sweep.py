@@ -38,6 +38,7 @@ from melanoma_mil.io import json_text, write_json
 from melanoma_mil.outdir import claim_shared, output_folder, read_marker
 from melanoma_mil.rundir import SPLITS, load_run, settings
 from melanoma_mil.tracking.loggers import check_logger, summary_metrics
+from melanoma_mil.workshare import disk_full
 
 log = logging.getLogger(__name__)
 LOCK = ".sweep.lock"  # held by the one `sweep` process that plans and records a folder's runs
@@ -208,9 +209,10 @@ def _check_feature_folders(cfg: C.SweepConfig, param: dict[str, Any], table: pd.
 
 def _run(
     cfg: C.SweepConfig, name: str, params: dict[str, Any], paired: dict[str, str | None]
-) -> dict[str, Any]:
-    """One run as a ledger entry. A failure is recorded and the sweep goes on (as with agents);
-    the first finished run's splits become those of every later run (``paired``)."""
+) -> tuple[dict[str, Any], OSError | None]:
+    """One run as a ledger entry. A failure is recorded and the sweep goes on (as with agents),
+    but for a full disk, returned too: every later run would fail on it as well. The first
+    finished run's splits become those of every later run (``paired``)."""
     out = Path(cfg.output_dir)
     log.info("sweep run %s: %s", name, " ".join(overrides(params)))
     entry: dict[str, Any] = {"name": name, "params": params}
@@ -230,9 +232,11 @@ def _run(
         log.error("sweep run %s failed: %s", name, error)
         entry.update(state="failed", error=error)
     except Exception as e:
-        log.exception("sweep run %s crashed", name)
         entry.update(state="failed", error=f"{type(e).__name__}: {e}")
-    return entry
+        if isinstance(e, OSError) and disk_full(e):  # said by the CLI, in one line
+            return entry, e
+        log.exception("sweep run %s crashed", name)
+    return entry, None
 
 
 def _same_metrics(now: dict[str, float], recorded: dict[str, float]) -> bool:
@@ -336,19 +340,27 @@ def _sweep(
         "sha256": done[0]["splits_sha256"] if done else None,
     }
 
-    def record() -> None:
+    def record(i: int, name: str, params: dict[str, Any]) -> None:
+        """Run entry ``i`` (or the next), write the ledger; a full disk ends the sweep, with
+        the run recorded as failed (a re-run retries it) where the ledger still fits."""
+        entry, full = _run(cfg, name, params, paired)
+        entries[i : i + 1] = [entry]
         ledger = {"sweep": spec, "sweep_file": cfg.sweep_file, "fixed": fixed, "runs": entries}
-        write_json(ledger_path, ledger)
+        try:
+            write_json(ledger_path, ledger)
+        except OSError:
+            if full is None:
+                raise
+        if full is not None:
+            raise full
 
     for i, entry in enumerate(entries):  # failed runs of an earlier invocation: once more
         if entry["state"] != "finished":
-            entries[i] = _run(cfg, entry["name"], entry["params"], paired)
-            record()
+            record(i, entry["name"], entry["params"])
     while cfg.count is None or len(entries) < cfg.count:
         suggestion = suggest(spec, entries, cfg.seed)
         if suggestion is None:  # grid exhausted
             break
         params = {k: plain(v["value"]) for k, v in suggestion.config.items()}
-        entries.append(_run(cfg, run_name(len(entries), params), params, paired))
-        record()
+        record(len(entries), run_name(len(entries), params), params)
     return report(cfg, spec, entries, out, replace_comparison)
