@@ -32,11 +32,14 @@ os.umask(_UMASK)
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path next to ``path``; rename it onto ``path`` only if the block succeeds.
-    A failed write of the temp file (a full disk: the write call names no file) is reported as
-    one of ``path``, the file the user knows."""
+    A temp file that cannot be made (a read-only folder) or written (a full disk: the write call
+    names no file) is reported as ``path``, the file the user knows."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    except OSError as e:  # mkstemp names the random temp name it tried
+        raise OSError(e.errno, e.strerror, str(final)) from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:

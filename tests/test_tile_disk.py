@@ -86,3 +86,24 @@ def test_a_slide_a_peer_just_tiled_is_reported_with_its_tiles(tmp_path: Path) ->
     assert row["mpp"] == 0.5 and row["mpp_source"]
     assert pd.read_csv(out / "tiling.csv").loc[0, "n_tiles"] == n
     assert not list((out / "coords").glob("*.lock"))
+
+
+def test_a_read_only_qc_folder_is_named_not_a_temp_file_in_it(tmp_path: Path) -> None:
+    """The slides' reasons named '.s0.png.<random>.tmp', a file that never exists."""
+    slides = _slides(tmp_path, 1)
+    out = tmp_path / "tiles"
+    qc = out / "qc"
+    qc.mkdir(parents=True)
+    if os.geteuid() != 0:
+        pytest.skip("needs root to bind-mount a read-only folder")
+    done = subprocess.run(["mount", "--bind", str(qc), str(qc)], capture_output=True)
+    try:
+        ro = subprocess.run(["mount", "-o", "remount,bind,ro", str(qc)], capture_output=True)
+        if done.returncode or ro.returncode:
+            pytest.skip("cannot bind-mount a read-only folder here")
+        cfg = TileConfig(slides_dir=str(slides), output_dir=str(out), workers=1, tiling=TILING)
+        assert run_tile(cfg) == 1
+        reason = pd.read_csv(out / "tiling.csv").loc[0, "reason"]
+        assert reason == f"OSError: [Errno 30] Read-only file system: '{qc / 's0.png'}'"
+    finally:
+        subprocess.run(["umount", str(qc)], check=False)
