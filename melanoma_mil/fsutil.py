@@ -49,7 +49,10 @@ def create_once(path: Path, data: bytes) -> bool:
 
 def _link_new(path: Path, data: bytes) -> bool | None:
     """One try of `create_once`: None if its temp file was removed before the link."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # a read-only folder: name the file, not the temp name mkstemp tried
+        raise OSError(e.errno, e.strerror, str(path)) from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
