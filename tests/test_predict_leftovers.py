@@ -303,3 +303,30 @@ def test_a_folder_at_one_of_the_commands_file_names_is_refused_before_any_work(
     assert f"'{out / name}' is a folder" in err and "move it away" in err
     made = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
     assert made == [name, f"{name}/mine.txt"]
+
+
+def test_a_full_disk_stops_the_drawing_not_the_predictions(
+    pipe: Pipeline, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each slide after the disk filled was drawn anyway, failing with a bare OSError."""
+    disk = tmp_path / "disk"
+    if not mounted_tmpfs(disk, "2m"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        given = [f"slides_dir={pipe.slides}", f"features_dir={pipe.features}"]
+        one = tmp_path / "one"
+        assert run_predict(predict_cfg(pipe, one, *given, "slide_ids=[slide_000]")) == 0
+        size = sum(p.stat().st_size for p in (one / "slide_000").iterdir())
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(bytes(free - size * 3 // 2 - 16384))  # 1.5 slides' room
+        out = disk / "pred"
+        four = "slide_ids=[slide_000,slide_001,slide_002,slide_003]"
+        assert run_predict(predict_cfg(pipe, out, *given, four)) == 1
+        table = pd.read_csv(out / "predictions.csv").set_index("slide_id")
+        full = f"disk full (No space left on device) in {out / 'slide_001'}"
+        assert table["reason"].fillna("").tolist() == ["", full, *[f"not drawn: {full}"] * 2]
+        assert table["prob"].notna().all()  # every slide scored
+        assert f"predict stopped drawing heatmaps: {full}; make room" in caplog.text
+        assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
