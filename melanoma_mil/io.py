@@ -134,7 +134,11 @@ def write_together(files: dict[Path, bytes]) -> None:
     with contextlib.ExitStack() as stack:
         temps = {path: stack.enter_context(atomic_path(path)) for path in files}
         for path, tmp in temps.items():
-            tmp.write_bytes(files[path])
+            try:
+                tmp.write_bytes(files[path])
+            except OSError as e:  # the write names no file: every open context would claim it
+                e.filename = e.filename or str(tmp)  # this one's context names it ``path``
+                raise
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
