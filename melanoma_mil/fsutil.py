@@ -52,6 +52,8 @@ def _link_new(path: Path, data: bytes) -> bool | None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:  # a read-only folder: name the file, not the temp name mkstemp tried
+        if e.errno == errno.ENAMETOOLONG:  # unless it is the temp name that is too long
+            raise
         raise OSError(e.errno, e.strerror, str(path)) from e
     try:
         with os.fdopen(fd, "wb") as f:

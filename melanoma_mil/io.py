@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import io
@@ -39,6 +40,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     except OSError as e:  # mkstemp names the random temp name it tried
+        if e.errno == errno.ENAMETOOLONG:  # the temp name is what is too long: show it
+            raise
         raise OSError(e.errno, e.strerror, str(final)) from e
     os.close(fd)
     tmp_path = Path(tmp)
