@@ -71,3 +71,21 @@ def test_checkpoints_do_not_pass_through_the_system_temp_folder(
         assert (out / "folds" / "fold_1" / "best.ckpt").is_file()
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_strategy_with_a_checkpoint_writer_of_its_own_keeps_it() -> None:
+    """XLA strategies refuse any writer but theirs: passed as a Trainer plugin, the folder
+    writer made every TPU fit fail. Only Lightning's plain torch writer is replaced."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from melanoma_mil.training.checkpoint_io import FolderCheckpointIO, own_checkpoint_io
+
+    class TheirOwn(TorchCheckpointIO):
+        """A strategy's own writer (as XLACheckpointIO is)."""
+
+    plain, special = SingleDeviceStrategy("cpu"), SingleDeviceStrategy("cpu")
+    special.checkpoint_io = mine = TheirOwn()
+    own_checkpoint_io(plain)
+    own_checkpoint_io(special)
+    assert type(plain.checkpoint_io) is FolderCheckpointIO and special.checkpoint_io is mine

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.strategies import Strategy
 
 from melanoma_mil.rundir.folds import save_torch
 
@@ -22,3 +23,11 @@ class FolderCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"storage_options are not supported by {type(self).__name__}")
         save_torch(Path(path), checkpoint)
+
+
+def own_checkpoint_io(strategy: Strategy) -> None:
+    """Write ``strategy``'s checkpoints with `FolderCheckpointIO` where it would use Lightning's
+    plain torch writer. Strategies with a writer of their own keep it: XLA's refuses any other
+    (a plugin passed to the Trainer made every TPU fit fail), DeepSpeed writes folders."""
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = FolderCheckpointIO()

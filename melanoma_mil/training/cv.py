@@ -44,7 +44,7 @@ from melanoma_mil.tracking.loggers import (
     log_summary,
     note_finished,
 )
-from melanoma_mil.training.checkpoint_io import FolderCheckpointIO
+from melanoma_mil.training.checkpoint_io import own_checkpoint_io
 from melanoma_mil.training.epochs import EpochLines
 from melanoma_mil.training.module import MILModule
 from melanoma_mil.training.orchestrate import (
@@ -106,7 +106,6 @@ def _trainer(
         deterministic=cfg.trainer.deterministic,
         logger=logger or False,
         callbacks=callbacks,
-        plugins=[FolderCheckpointIO()],
         num_sanity_val_steps=0,
         enable_model_summary=False,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches // world,
@@ -115,6 +114,7 @@ def _trainer(
         enable_progress_bar=bar,
         **selection_kwargs,
     )
+    own_checkpoint_io(trainer.strategy)
     return trainer, ckpt
 
 
