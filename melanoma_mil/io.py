@@ -156,32 +156,36 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
         tmp.write_text(text)
 
 
-def check_writable(path: str | os.PathLike[str], key: str = "output_dir") -> None:
+def check_writable(
+    path: str | os.PathLike[str], key: str = "output_dir", name: str | None = None
+) -> None:
     """Refuse, before any work, an output folder that is a file or cannot be written (read-only
     disk, no permission): otherwise a command learns it only when its first result is due.
+    ``name``: how the message names the folder (default ``key``), for a folder inside ``key``.
 
     A missing folder is fine when its nearest existing parent is a writable folder. The probe is
     an anonymous temp file (O_TMPFILE where supported), so nothing is left behind. A '..' is
     followed as making the folder would (``missing/../x`` is ``x``, ``link/..`` the link's
     target's parent), so the folder checked is the one that would be made."""
     target = Path(path)
+    name = name or key
     probe = Path(os.path.realpath(target)) if ".." in target.parts else target
     while not (probe.exists() or probe.is_symlink()) and probe.parent != probe:
         probe = probe.parent
     if probe.is_symlink() and not probe.exists():
         raise UserError(
-            f"{key} '{target}' needs '{probe}', a link to '{os.readlink(probe)}', which does not "
+            f"{name} '{target}' needs '{probe}', a link to '{os.readlink(probe)}', which does not "
             f"exist; make that folder, or choose another {key}."
         )
     if not probe.is_dir():
         what = "is" if probe == target else f"cannot be made: '{probe}' is"
-        raise UserError(f"{key} '{target}' {what} a file, not a folder; choose another {key}.")
+        raise UserError(f"{name} '{target}' {what} a file, not a folder; choose another {key}.")
     try:
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as e:
         raise UserError(
-            f"{key} '{target}' cannot be written ({e.strerror} in '{probe}'); choose another "
+            f"{name} '{target}' cannot be written ({e.strerror} in '{probe}'); choose another "
             f"{key} or fix its permissions."
         ) from None
 

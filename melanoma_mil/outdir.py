@@ -23,7 +23,7 @@ from typing import Any
 
 from melanoma_mil.errors import UserError
 from melanoma_mil.fsutil import create_once
-from melanoma_mil.io import json_file_text, write_json
+from melanoma_mil.io import check_writable, json_file_text, write_json
 
 MARKER = ".melanoma-mil.json"
 
@@ -142,7 +142,9 @@ def refuse_linked(
 
 def refuse_in_the_way(folder: str | Path, command: str, names: Iterable[str]) -> None:
     """`refuse_linked`, and refuse a file at one of ``names``, the folders ``command`` makes in
-    ``folder``: else every slide would fail on it (or a traceback end the run) after the work."""
+    ``folder``, or such a folder it cannot write: else every slide would fail on it (or a
+    traceback end the run) after the work."""
+    names = list(names)
     refuse_linked(folder, command, names)
     root = Path(folder)
     for name in names:
@@ -152,6 +154,16 @@ def refuse_in_the_way(folder: str | Path, command: str, names: Iterable[str]) ->
                 f"'{path}' is a file, and `{command}` makes a folder of that name in output_dir "
                 f"'{root}'; move the file away, or choose another output_dir."
             )
+    refuse_unwritable([root / name for name in names], command)
+
+
+def refuse_unwritable(folders: Iterable[Path], command: str) -> None:
+    """Refuse an existing folder among ``folders``, those ``command`` writes into in this call,
+    that cannot be written (a read-only mount, another user's folder): else every slide fails
+    on it, each after its tiling or encoding. A missing one is made in a folder checked too."""
+    for folder in folders:
+        if folder.is_dir():
+            check_writable(folder, name=f"`{command}`'s folder")
 
 
 def refuse_folders_at(folder: str | Path, command: str, names: Iterable[str]) -> None:

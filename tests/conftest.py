@@ -222,6 +222,27 @@ def mounted_tmpfs(path: Path, size: str) -> bool:
     return done.returncode == 0
 
 
+@contextmanager
+def read_only_bind(folder: Path) -> Iterator[None]:
+    """``folder`` (made if missing) read-only for the block, by a read-only bind mount of itself:
+    root ignores permission bits, so only a mount refuses root a write. Skips the test where
+    this process may not mount."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to bind-mount a read-only folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    bound = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True)
+    try:
+        if bound.returncode == 0:
+            ro = subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)],
+                                capture_output=True)  # fmt: skip
+        if bound.returncode or ro.returncode:
+            pytest.skip("cannot bind-mount a read-only folder here")
+        yield
+    finally:
+        if bound.returncode == 0:
+            subprocess.run(["umount", str(folder)], check=False)
+
+
 def untagged_copy(slide: Path, to: Path) -> Path:
     """``slide``'s level 0 as a tiled JPEG TIFF at ``to`` without resolution tags (no mpp)."""
     import openslide

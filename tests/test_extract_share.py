@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import mounted_tmpfs
+from conftest import mounted_tmpfs, read_only_bind
 from test_extract import ROOT, bags, cfg_for, make_cohort
 
 from melanoma_mil.demo.pyramid import write_pyramid
@@ -301,23 +301,16 @@ def test_waiting_for_a_live_peers_slide_is_logged_once_not_every_poll(
 
 
 def test_a_read_only_cache_folder_is_named_not_a_temp_file_in_it(tmp_path: Path) -> None:
-    """The one line named '..precision.json.<random>.tmp', a file that never exists."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to bind-mount a read-only folder")
+    """The one line named '..precision.json.<random>.tmp', a file that never exists; now the
+    folder is refused before any slide is claimed."""
     tiles = make_cohort(tmp_path, 1, side=96, tile=32)
     first = subprocess.run(cli(tiles, tmp_path / "one"), cwd=ROOT, capture_output=True)
     assert first.returncode == 0, first.stderr[-2000:]
     (key,) = [p.name for p in (tmp_path / "one").iterdir() if p.is_dir()]
     cache = tmp_path / "features" / key
-    cache.mkdir(parents=True)
-    done = subprocess.run(["mount", "--bind", str(cache), str(cache)], capture_output=True)
-    try:
-        ro = subprocess.run(["mount", "-o", "remount,bind,ro", str(cache)], capture_output=True)
-        if done.returncode or ro.returncode:
-            pytest.skip("cannot bind-mount a read-only folder here")
+    with read_only_bind(cache):
         run = subprocess.run(cli(tiles, tmp_path / "features"), cwd=ROOT, capture_output=True,
                              text=True, timeout=300)  # fmt: skip
-        assert run.returncode == 2, run.stderr[-2000:]
-        assert f"error: Read-only file system ('{cache / '.precision.json'}')" in run.stderr
-    finally:
-        subprocess.run(["umount", str(cache)], check=False)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert f"error: `extract`'s folder '{cache}' cannot be written (Read-only" in run.stderr
+    assert ".tmp" not in run.stderr

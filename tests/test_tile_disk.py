@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import mounted_tmpfs, tissue_image
+from conftest import mounted_tmpfs, read_only_bind, tissue_image
 
 from melanoma_mil.config import TileConfig, TilingConfig
 from melanoma_mil.demo.pyramid import write_pyramid
@@ -89,21 +89,11 @@ def test_a_slide_a_peer_just_tiled_is_reported_with_its_tiles(tmp_path: Path) ->
 
 
 def test_a_read_only_qc_folder_is_named_not_a_temp_file_in_it(tmp_path: Path) -> None:
-    """The slides' reasons named '.s0.png.<random>.tmp', a file that never exists."""
+    """The slides' reasons named '.s0.png.<random>.tmp', a file that never exists. (`tile`
+    refuses a read-only qc/ before any work: this is a folder made read-only while it runs.)"""
     slides = _slides(tmp_path, 1)
     out = tmp_path / "tiles"
     qc = out / "qc"
-    qc.mkdir(parents=True)
-    if os.geteuid() != 0:
-        pytest.skip("needs root to bind-mount a read-only folder")
-    done = subprocess.run(["mount", "--bind", str(qc), str(qc)], capture_output=True)
-    try:
-        ro = subprocess.run(["mount", "-o", "remount,bind,ro", str(qc)], capture_output=True)
-        if done.returncode or ro.returncode:
-            pytest.skip("cannot bind-mount a read-only folder here")
-        cfg = TileConfig(slides_dir=str(slides), output_dir=str(out), workers=1, tiling=TILING)
-        assert run_tile(cfg) == 1
-        reason = pd.read_csv(out / "tiling.csv").loc[0, "reason"]
-        assert reason == f"OSError: [Errno 30] Read-only file system: '{qc / 's0.png'}'"
-    finally:
-        subprocess.run(["umount", str(qc)], check=False)
+    with read_only_bind(qc):
+        row = tile_one(Task("s0", str(slides / "s0.tiff"), str(out), TILING, None, 900.0, 0.0))
+    assert row["reason"] == f"OSError: [Errno 30] Read-only file system: '{qc / 's0.png'}'"

@@ -32,10 +32,11 @@ from melanoma_mil.inference.inputs import (
     tiling_config,
 )
 from melanoma_mil.io import write_text
-from melanoma_mil.outdir import refuse_linked
+from melanoma_mil.outdir import refuse_linked, refuse_unwritable
 from melanoma_mil.rundir import TrainedRun
 from melanoma_mil.tiling.coords import read_coords
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
+from melanoma_mil.tiling.qc import CELLS
 from melanoma_mil.tiling.slides import mpp_outdated, read_mpp_csv
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,15 @@ def _refuse_links(work: Path, command: str) -> None:
     refuse_linked(features, command, caches, out)
 
 
+def _written(work: Path) -> list[Path]:
+    """The folders `tile` and `extract` write in ``work``, with ``work`` and _work: checked
+    before any slide is tiled (`extract` checks its cache folders only once they are)."""
+    tiles, features = work / "tiles", work / "features"
+    caches = sorted(p for p in features.iterdir() if p.is_dir()) if features.is_dir() else []
+    made = [tiles / name for name in ("coords", "qc", CELLS)]
+    return [work.parent, work, tiles, *made, features, *caches]
+
+
 def extracted_inputs(
     run: TrainedRun, slides: dict[str, Path | None], cfg: HeatmapConfig, own_masks: bool = True
 ) -> list[SlideInput]:
@@ -216,7 +226,9 @@ def extracted_inputs(
         tiling.mask_dir = None
     # the cache key names a folder: checked like an id, so a doctored provenance stays inside
     work = id_path(Path(cfg.output_dir) / WORK, str(run.provenance.get("cache_key", "features")))
-    _refuse_links(work, "predict" if isinstance(cfg, PredictConfig) else "heatmap")
+    command = "predict" if isinstance(cfg, PredictConfig) else "heatmap"
+    _refuse_links(work, command)
+    refuse_unwritable(_written(work), command)
     usable = {s: p for s, p in slides.items() if p is not None}
     if not usable:
         return [SlideInput(s, None, None, "slide file not found") for s in slides]
