@@ -4,6 +4,7 @@ written under a temp name and renamed (`build`), serialised by a lock file. See 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -144,12 +145,26 @@ def _identity(path: Path) -> dict[str, Any]:
     return {**feature_identity(attrs), "cache_key": plain(attrs.get("cache_key"))}
 
 
+def _reserve(path: Path) -> None:
+    """Allocate the whole of ``path`` before any of its memory map is written: a disk that
+    fills meanwhile (another process writing) kills a process writing through a map with
+    SIGBUS, no message; reserved, it is an OSError naming the file, said in one line. A file
+    system without fallocate is written as before."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise OSError(e.errno, e.strerror, str(path)) from None
+
+
 def _write(tmp: Path, sources: list[Source], layout: Layout, dtype: str, lock: Claim) -> None:
     """Every source's features, checked, into tmp/features.npy; then tmp/index.json."""
     total = sum(layout.rows.values())
     out = np.lib.format.open_memmap(
         tmp / "features.npy", mode="w+", dtype=np.dtype(dtype), shape=(total, layout.dim)
     )
+    _reserve(tmp / "features.npy")
     first: tuple[Source, dict[str, Any]] | None = None
     files, start = [], 0
     for s in progress(sources, desc="building bag store", unit="bag", leave=False):

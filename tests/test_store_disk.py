@@ -1,0 +1,57 @@
+"""The bag store on a disk that fills while it is built: an error naming the file, not a
+process killed by SIGBUS. A real small tmpfs (root only)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import mounted_tmpfs
+
+from melanoma_mil.data.store_build import Source, scan
+from melanoma_mil.data.synthetic import make_bag_cohort
+
+WRITE = """
+import sys
+from pathlib import Path
+from melanoma_mil.data.store_build import Source, _write, scan
+from melanoma_mil.workshare import Claim
+features, tmp, lock = Path(sys.argv[1]), Path(sys.argv[2]), Claim(Path(sys.argv[3]))
+sources = [Source.of(p.stem, p) for p in sorted(features.glob("*.h5"))]
+assert lock.acquire()
+try:
+    _write(tmp, sources, scan(sources), "float32", lock)
+except OSError as e:
+    print(e.errno, e.filename)
+    sys.exit(3)
+"""
+
+
+def test_a_disk_that_fills_after_the_check_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    """features.npy is written through a memory map: a disk that filled after `build`'s
+    free-space check (another process writing) killed the process with SIGBUS, no message, its
+    temp folder left. `_write` runs here as `build` runs it once that check has passed, on a
+    tmpfs with less room than the store needs."""
+    features, _ = make_bag_cohort(tmp_path, n_patients=10, dim=256)
+    disk = tmp_path / "disk"
+    if not mounted_tmpfs(disk, "256k"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        tmp = disk / ".store.tmp"
+        tmp.mkdir()
+        layout = scan([Source.of(p.stem, p) for p in features.glob("*.h5")])
+        assert sum(layout.rows.values()) * layout.dim * 4 > shutil.disk_usage(disk).free
+        done = subprocess.run(
+            [sys.executable, "-c", WRITE, str(features), str(tmp), str(tmp_path / ".lock")],
+            capture_output=True, text=True, timeout=300,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )  # fmt: skip
+        assert done.returncode == 3, (done.returncode, done.stderr[-2000:])
+        assert done.stdout.split() == [str(errno.ENOSPC), str(tmp / "features.npy")]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
