@@ -314,3 +314,24 @@ def test_a_read_only_cache_folder_is_named_not_a_temp_file_in_it(tmp_path: Path)
     assert run.returncode == 2, run.stderr[-2000:]
     assert f"error: `extract`'s folder '{cache}' cannot be written (Read-only" in run.stderr
     assert ".tmp" not in run.stderr
+
+
+def test_a_claim_planted_as_a_link_fails_its_slide_and_the_others_are_extracted(
+    tmp_path: Path,
+) -> None:
+    """A link where a slide's claim goes is refused (never removed as a stale claim): that slide
+    fails with the reason, as in `tile`, rather than the whole run stopping midway with exit 2."""
+    tiles = make_cohort(tmp_path, 3)
+    out, elsewhere = tmp_path / "features", tmp_path / "elsewhere"
+    assert run_extract(cfg_for(tiles, out)) == 0
+    cache = bags(out)["slide1"].parent
+    for bag in bags(out).values():
+        bag.unlink()
+    link = cache / "slide1.lock"
+    link.symlink_to(elsewhere)
+    assert run_extract(cfg_for(tiles, out)) == 1
+    assert sorted(bags(out)) == ["slide0", "slide2"]
+    rows = pd.read_csv(cache / "extract.csv").set_index("slide_id")
+    assert rows.loc["slide1", "status"] == "failed"
+    assert f"'{link}' is a symbolic link" in rows.loc["slide1", "reason"]
+    assert link.is_symlink() and not elsewhere.exists()

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from melanoma_mil.errors import UserError
 from melanoma_mil.features.cache import cache_key, check_cached, slide_identity
 from melanoma_mil.features.data import Job
 from melanoma_mil.features.folder import made_at
@@ -211,6 +212,9 @@ class SlideQueue:
             self.row(i, "failed", f"cannot claim it in {out.parent}: {e}", cache_key=key)
             if disk_full(e):
                 self.stop(disk_full_reason(e, out.parent))
+            return None
+        except UserError as e:  # a link planted at its claim: this slide's reason, as in tile
+            self.row(i, "failed", str(e), cache_key=key)
             return None
         if not got:
             self.busy.append((i, claim.owner))
