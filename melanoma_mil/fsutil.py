@@ -155,10 +155,11 @@ def name_folding(folder: str | os.PathLike[str]) -> Folding:
     where = Path(folder).absolute()
     while not where.is_dir() and where != where.parent:
         where = where.parent
-    name = f".melanoma-mil-probe-{secrets.token_hex(8)}-Xy\u00e9"  # Xy: letters, whatever the hex
-    return Folding(
+    name = f".melanoma-mil-probe-{secrets.token_hex(8)}-Xy"  # Xy: letters, whatever the hex
+    accented = f"{name}\u00e9"
+    return Folding(  # case with an ASCII name: Linux vfat folds ASCII case alone
         case=_found_as(where / name, name.swapcase()),
-        form=_found_as(where / name, unicodedata.normalize("NFD", name)),
+        form=_found_as(where / accented, unicodedata.normalize("NFD", accented)),
     )
 
 
