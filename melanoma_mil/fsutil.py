@@ -182,6 +182,24 @@ def _found_as(probe: Path, other: str) -> bool:
     return True
 
 
+def reserve(fd: int, size: int) -> bool:
+    """Allocate the first ``size`` bytes of open file ``fd`` with the kernel's fallocate (Linux);
+    False where the platform or file system has none (NFSv3, some FUSE mounts). Not
+    os.posix_fallocate: glibc emulates that there by writing every block, slow for a store of
+    many GB on a network disk."""
+    try:
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return False
+    fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    if fallocate(fd, 0, 0, size) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
     try:

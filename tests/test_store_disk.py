@@ -55,3 +55,17 @@ def test_a_disk_that_fills_after_the_check_is_an_error_naming_the_file(tmp_path:
         assert done.stdout.split() == [str(errno.ENOSPC), str(tmp / "features.npy")]
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_reserve_allocates_every_block_of_a_sparse_file(tmp_path: Path) -> None:
+    """The kernel's fallocate, not glibc's block-by-block emulation: a sparse file has its whole
+    size allocated after it (or reserve says the file system has none)."""
+    from melanoma_mil.fsutil import reserve
+
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.truncate(8 << 20)
+        assert os.fstat(f.fileno()).st_blocks * 512 < 8 << 20
+        if not reserve(f.fileno(), 8 << 20):
+            pytest.skip("this file system has no fallocate")
+        assert os.fstat(f.fileno()).st_blocks * 512 >= 8 << 20

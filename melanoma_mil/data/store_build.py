@@ -4,7 +4,6 @@ written under a temp name and renamed (`build`), serialised by a lock file. See 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -25,6 +24,7 @@ import torch
 from melanoma_mil.data.bags import features_entry, read_attrs, read_bag
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import feature_identity, identity_mismatch, plain
+from melanoma_mil.fsutil import reserve
 from melanoma_mil.io import json_text
 from melanoma_mil.progress import progress
 from melanoma_mil.workshare import Claim, clear_drafts
@@ -152,10 +152,9 @@ def _reserve(path: Path) -> None:
     system without fallocate is written as before."""
     with open(path, "r+b") as f:
         try:
-            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            reserve(f.fileno(), os.fstat(f.fileno()).st_size)
         except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise OSError(e.errno, e.strerror, str(path)) from None
+            raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def _write(tmp: Path, sources: list[Source], layout: Layout, dtype: str, lock: Claim) -> None:
