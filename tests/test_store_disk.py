@@ -20,22 +20,24 @@ WRITE = """
 import sys
 from pathlib import Path
 from melanoma_mil.data.store_build import Source, _write, scan
+from melanoma_mil.errors import UserError
 from melanoma_mil.workshare import Claim
 features, tmp, lock = Path(sys.argv[1]), Path(sys.argv[2]), Claim(Path(sys.argv[3]))
 sources = [Source.of(p.stem, p) for p in sorted(features.glob("*.h5"))]
 assert lock.acquire()
 try:
     _write(tmp, sources, scan(sources), "float32", lock)
-except OSError as e:
-    print(e.errno, e.filename)
+except UserError as e:
+    print(e)
     sys.exit(3)
 """
 
 
-def test_a_disk_that_fills_after_the_check_is_an_error_naming_the_file(tmp_path: Path) -> None:
+def test_a_disk_that_fills_after_the_check_is_one_line_naming_the_folder(tmp_path: Path) -> None:
     """features.npy is written through a memory map: a disk that filled after `build`'s
     free-space check (another process writing) killed the process with SIGBUS, no message, its
-    temp folder left. `_write` runs here as `build` runs it once that check has passed, on a
+    temp folder left. Now one line naming the store's folder and data.store_dir, not the temp
+    file (removed by then). `_write` runs here as `build` runs it once that check has passed, on a
     tmpfs with less room than the store needs."""
     features, _ = make_bag_cohort(tmp_path, n_patients=10, dim=256)
     disk = tmp_path / "disk"
@@ -52,7 +54,10 @@ def test_a_disk_that_fills_after_the_check_is_an_error_naming_the_file(tmp_path:
             env={**os.environ, "PYTHONWARNINGS": "ignore"},
         )  # fmt: skip
         assert done.returncode == 3, (done.returncode, done.stderr[-2000:])
-        assert done.stdout.split() == [str(errno.ENOSPC), str(tmp / "features.npy")]
+        said = done.stdout.strip()
+        assert len(said.splitlines()) == 1 and f"in '{disk}', which filled" in said
+        assert os.strerror(errno.ENOSPC) in said and "data.store_dir=PATH" in said
+        assert ".tmp" not in said
     finally:
         subprocess.run(["umount", str(disk)], check=False)
 

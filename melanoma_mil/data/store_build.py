@@ -4,6 +4,7 @@ written under a temp name and renamed (`build`), serialised by a lock file. See 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -36,6 +37,10 @@ WAIT_S = 1.0
 UNUSED_S = 24 * 3600.0  # a store nobody opened for this long, and never reusable, is removed
 # what `_name` makes (`bags` before stores were named by slide count): data.store_dir may be a
 # folder of yours, and only folders named so are ever pruned there
+ROOM_FIX = (
+    "free space there, pass data.store_dir=PATH on a disk with room, or data.dtype=float16 "
+    "(half the size)."
+)
 STORE_NAME = re.compile(r"float(16|32)-\d+(slides|bags)-[0-9a-f]{12}")
 
 
@@ -148,12 +153,20 @@ def _identity(path: Path) -> dict[str, Any]:
 def _reserve(path: Path) -> None:
     """Allocate the whole of ``path`` before any of its memory map is written: a disk that
     fills meanwhile (another process writing) kills a process writing through a map with
-    SIGBUS, no message; reserved, it is an OSError naming the file, said in one line. A file
-    system without fallocate is written as before."""
+    SIGBUS, no message; reserved, it is one line naming the store's folder (data.store_dir, or
+    its default) and the fix, or an OSError naming the file. A file system without fallocate is
+    written as before."""
     with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
         try:
-            reserve(f.fileno(), os.fstat(f.fileno()).st_size)
+            reserve(f.fileno(), size)
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                root = path.parent.parent  # the temp folder is removed: name where it was
+                raise UserError(
+                    f"the bag store needs {size / 1e9:.2f} GB in '{root}', which filled while it "
+                    f"was built ({e.strerror}): {ROOM_FIX}"
+                ) from None
             raise OSError(e.errno, e.strerror, str(path)) from None
 
 
@@ -213,8 +226,7 @@ def _check_disk(root: Path, need: int) -> None:
     if need > free * 0.95:
         raise UserError(
             f"the bag store needs {need / 1e9:.2f} GB but '{root}' has {free / 1e9:.2f} GB free: "
-            "free space there, pass data.store_dir=PATH on a disk with room, or "
-            "data.dtype=float16 (half the size)."
+            f"{ROOM_FIX}"
         )
 
 
