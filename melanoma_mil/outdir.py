@@ -140,10 +140,13 @@ def refuse_linked(
             )
 
 
-def refuse_in_the_way(folder: str | Path, command: str, names: Iterable[str]) -> None:
+def refuse_in_the_way(
+    folder: str | Path, command: str, names: Iterable[str], written: Iterable[str] | None = None
+) -> None:
     """`refuse_linked`, and refuse a file at one of ``names``, the folders ``command`` makes in
-    ``folder``, or such a folder it cannot write: else every slide would fail on it (or a
-    traceback end the run) after the work."""
+    ``folder``, or one of ``written`` (default: all ``names``), those it writes into in this
+    call, that it cannot write: else every slide would fail on it (or a traceback end the run)
+    after the work. A read-only folder it only reads (all its slides done) is fine."""
     names = list(names)
     refuse_linked(folder, command, names)
     root = Path(folder)
@@ -154,7 +157,7 @@ def refuse_in_the_way(folder: str | Path, command: str, names: Iterable[str]) ->
                 f"'{path}' is a file, and `{command}` makes a folder of that name in output_dir "
                 f"'{root}'; move the file away, or choose another output_dir."
             )
-    refuse_unwritable([root / name for name in names], command)
+    refuse_unwritable([root / name for name in (names if written is None else written)], command)
 
 
 def refuse_unwritable(folders: Iterable[Path], command: str) -> None:

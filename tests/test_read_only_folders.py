@@ -4,6 +4,7 @@ one by one, each after its tiling or encoding. Real read-only bind mounts (root 
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
@@ -13,10 +14,11 @@ from test_config import one_line_error
 from test_extract_cache import _cfg
 from test_tile_disk import _slides
 
-from melanoma_mil.config import PredictConfig
+from melanoma_mil.config import PredictConfig, TileConfig, TilingConfig
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.run import run_extract
 from melanoma_mil.inference.predict import run_predict
+from melanoma_mil.tiling.run import run_tile
 
 
 def _refused(folder: Path, command: str) -> str:
@@ -84,3 +86,67 @@ def test_predict_refuses_a_read_only_folder_in_work_before_tiling(
             run_predict(cfg)
         assert _refused(folder, "predict") in str(e.value)
         assert not list(work.rglob("slide_001*"))  # neither tiled nor encoded
+
+
+def test_tile_reads_read_only_coords_and_qc_when_every_slide_is_tiled(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A finished tiling on a read-only share is only read again: not refused."""
+    slides = _slides(tmp_path, 2)
+    out = tmp_path / "tiles"
+    cfg = TileConfig(slides_dir=str(slides), output_dir=str(out), workers=1,
+                     tiling=TilingConfig(mpp=1.0, tile_size=64))  # fmt: skip
+    assert run_tile(cfg) == 0
+    made = {p: p.stat().st_mtime_ns for p in out.rglob("*.h5")}
+    with read_only_bind(out / "coords"), read_only_bind(out / "qc"):
+        assert run_tile(cfg) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.h5")} == made
+
+
+def test_extract_reads_a_complete_read_only_cache_folder(tmp_path: Path) -> None:
+    """Every slide encoded: the read-only cache is not refused, no bag is touched; only its
+    table cannot be rewritten (exit 1, as for any table that cannot be written)."""
+    tiles = make_cohort(tmp_path, 2)
+    out = tmp_path / "features"
+    assert run_extract(_cfg(tiles, out)) == 0
+    (cache,) = (p for p in out.iterdir() if p.is_dir())
+    made = {p: p.stat().st_mtime_ns for p in cache.glob("*.h5")}
+    with read_only_bind(cache):
+        assert run_extract(_cfg(tiles, out)) == 1
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*.h5")} == made
+
+
+def test_predict_scores_from_a_read_only_complete_work_cache(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    out = tmp_path / "pred"
+    given = (f"slides_dir={pipe.slides}", "heatmaps=false", "slide_ids=[slide_000]")
+    assert run_predict(inference_cfg(PredictConfig, pipe, out, *given)) == 0
+    first = pd.read_csv(out / "predictions.csv")
+    (work,) = (out / "_work").iterdir()
+    (cache,) = (p for p in (work / "features").iterdir() if p.is_dir())
+    with ExitStack() as stack:
+        for folder in (work / "tiles" / "coords", work / "tiles" / "qc", cache):
+            stack.enter_context(read_only_bind(folder))
+        cfg = inference_cfg(PredictConfig, pipe, out, *given, "overwrite=true")
+        assert run_predict(cfg) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / "predictions.csv"), first)
+
+
+def test_predict_refuses_a_read_only_work_folder_holding_stale_files_before_deleting_any(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    """Coords made at another mpp sit in a read-only coords folder: one line before any stale
+    file is deleted (it was a traceback midway, after deleting the slide's features)."""
+    out, table = tmp_path / "pred", tmp_path / "mpp.csv"
+    table.write_text("slide_id,mpp\nslide_000,0.25\n")  # the file says 0.5: its coords go stale
+    given = (f"slides_dir={pipe.slides}", "heatmaps=false", "slide_ids=[slide_000]")
+    assert run_predict(inference_cfg(PredictConfig, pipe, out, *given)) == 0
+    (work,) = (out / "_work").iterdir()
+    coords = work / "tiles" / "coords"
+    kept = sorted(work.rglob("slide_000*.h5"))
+    cfg = inference_cfg(PredictConfig, pipe, out, *given, f"mpp_csv={table}", "overwrite=true")
+    with read_only_bind(coords), pytest.raises(UserError, match="cannot be written") as e:
+        run_predict(cfg)
+    assert _refused(coords, "predict") in str(e.value)
+    assert sorted(work.rglob("slide_000*.h5")) == kept and len(kept) == 2

@@ -44,6 +44,7 @@ from melanoma_mil.features.data import (
 from melanoma_mil.features.folder import end_rebuild, folder_precision
 from melanoma_mil.features.pipeline import Engine, Writer, failure
 from melanoma_mil.features.queue import SlideQueue, SlideWork, write_record
+from melanoma_mil.ids import id_path
 from melanoma_mil.io import h5_bytes, write_bytes
 from melanoma_mil.outdir import claim_shared, refuse_in_the_way
 from melanoma_mil.progress import progress
@@ -261,10 +262,20 @@ def run_extract(cfg: ExtractConfig) -> int:
     jobs, grids, untiled = _plan(cfg)
     device, encoder, precision = _encoder(cfg)
     run = Run(cfg, encoder, precision, Path(cfg.output_dir))
-    keys = {
-        cache_key(slide_identity(run.identity_source, g)) for g in grids if isinstance(g, TileGrid)
+    keyed = {
+        job.slide_id: cache_key(slide_identity(run.identity_source, g))
+        for job, g in zip(jobs, grids, strict=True)
+        if isinstance(g, TileGrid)
     }
-    refuse_in_the_way(cfg.output_dir, "extract", sorted(keys))  # the cache folders it writes
+    keys = set(keyed.values())
+    # the cache folders it writes into: those with a slide left to encode (a complete
+    # read-only cache, e.g. a lab's shared one, is only read)
+    left = {
+        k
+        for sid, k in keyed.items()
+        if cfg.overwrite or not id_path(run.out_root / k, sid, ".h5").is_file()
+    }
+    refuse_in_the_way(cfg.output_dir, "extract", sorted(keys), sorted(left))
     claim_shared(cfg.output_dir, "extract")
     folders = [run.out_root / key for key in sorted(keys)]
     precision, rebuilds = folder_precision(folders, cfg.precision, precision, cfg.overwrite, device)

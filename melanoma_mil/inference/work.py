@@ -5,6 +5,7 @@ command's own cache (stale entries are rebuilt, never a user's files)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -96,52 +97,52 @@ def _stored_otherwise(path: Path, precision: str, dtype: str) -> bool:
     return settings_mismatch(attrs, stored, asked) is not None
 
 
-def _other_precision(cache: Path, precision: str, dtype: str) -> list[str]:
+def _other_precision(cache: Path, precision: str, dtype: str) -> list[Path]:
     """Every slide's features in ``cache`` made at another precision than the one asked, and
     the folder's precision record with them: extract keeps one precision per folder
     (`features.folder`), so in this command's own cache a new one rebuilds it all."""
-    record = cache / PRECISION_FILE
     had = folder_precision_of(cache)  # a _work cache from before records: its bags' precision
     if precision == "auto" or had in (None, precision):
         return []
     bags = [p for p in sorted(cache.glob("[!.]*.h5")) if _stored_otherwise(p, precision, dtype)]
-    for p in bags:
-        p.unlink(missing_ok=True)
-    record.unlink(missing_ok=True)
-    return [p.stem for p in bags]
+    return [*bags, cache / PRECISION_FILE]
 
 
-def clear_stale(
+def stale_files(
     work: Path,
     slides: dict[str, Path],
     tiling: TilingConfig,
     mpps: dict[str, float],
     settings: tuple[str, str],
-) -> None:
-    """Delete the coords and features in ``work`` of each slide that were made from another file,
+) -> list[Path]:
+    """The coords and features in ``work`` of each slide that were made from another file,
     path, tiling or mpp_csv value (``mpps``), and the features extracted at another precision or
-    stored at another dtype than ``settings`` (`extract_settings`), so `tile` and `extract`
-    rebuild them (`tile` itself refuses coords of another path, to protect a user's). ``work``
-    is this command's own cache folder."""
+    stored at another dtype than ``settings`` (`extract_settings`): `clear_stale` deletes them
+    so `tile` and `extract` rebuild them (`tile` itself refuses coords of another path, to
+    protect a user's). Found before any is deleted, so their folders are checked first."""
     from melanoma_mil.tiling.run import resolved_tiling
 
     wanted = resolved_tiling(tiling)
     caches = [c for c in (work / "features").glob("*") if c.is_dir()]
-    cleared = [sid for c in caches for sid in _other_precision(c, *settings)]
+    files = [p for c in caches for p in _other_precision(c, *settings)]
     for sid, slide in slides.items():
         coords = id_path(work / "tiles" / "coords", sid, ".h5")
         feats = [p for c in caches if (p := id_path(c, sid, ".h5")).is_file()]
-        files = [p for p in (coords, *feats) if p.is_file()]
-        if all(_made_from(p, slide, wanted, mpps.get(sid)) for p in files):
-            files = [p for p in feats if _stored_otherwise(p, *settings)]  # re-extract only
-            if not files:
-                continue
-        for p in files:
-            p.unlink(missing_ok=True)
-        cleared.append(sid)
-    if cleared:
+        made = [p for p in (coords, *feats) if p.is_file()]
+        if all(_made_from(p, slide, wanted, mpps.get(sid)) for p in made):
+            made = [p for p in feats if _stored_otherwise(p, *settings)]  # re-extract only
+        files += made
+    return list(dict.fromkeys(files))
+
+
+def clear_stale(work: Path, files: list[Path]) -> None:
+    """Delete `stale_files` from ``work``, this command's own cache folder."""
+    for p in files:
+        p.unlink(missing_ok=True)
+    rebuilt = sorted({p.stem for p in files if p.suffix == ".h5"})
+    if rebuilt:
         log.info(
-            "%s: rebuilding %s, made from another file, tiling or precision", work, cleared[:5]
+            "%s: rebuilding %s, made from another file, tiling or precision", work, rebuilt[:5]
         )
 
 
@@ -204,13 +205,21 @@ def _refuse_links(work: Path, command: str) -> None:
     refuse_linked(features, command, caches, out)
 
 
-def _written(work: Path) -> list[Path]:
-    """The folders `tile` and `extract` write in ``work``, with ``work`` and _work: checked
-    before any slide is tiled (`extract` checks its cache folders only once they are)."""
+def _written(work: Path, slides: Iterable[str], stale: list[Path]) -> list[Path]:
+    """The folders `tile` and `extract` write in ``work`` for ``slides``, with ``work`` and
+    _work: checked before any slide is tiled (`extract` checks its cache folders only once they
+    are). coords and qc only if a slide is left to tile, features if one is left to encode
+    (a ``stale`` file is deleted, and so is left): a complete read-only cache is only read."""
     tiles, features = work / "tiles", work / "features"
     caches = sorted(p for p in features.iterdir() if p.is_dir()) if features.is_dir() else []
-    made = [tiles / name for name in ("coords", "qc", CELLS)]
-    return [work.parent, work, tiles, *made, features, *caches]
+
+    def kept(path: Path) -> bool:
+        return path.is_file() and path not in stale
+
+    untiled = [s for s in slides if not kept(id_path(tiles / "coords", s, ".h5"))]
+    unencoded = [s for s in slides if not any(kept(id_path(c, s, ".h5")) for c in caches)]
+    made = [tiles / name for name in ("coords", "qc", CELLS)] if untiled else []
+    return [work.parent, work, tiles, *made, *([features, *caches] if unencoded else [])]
 
 
 def extracted_inputs(
@@ -228,11 +237,12 @@ def extracted_inputs(
     work = id_path(Path(cfg.output_dir) / WORK, str(run.provenance.get("cache_key", "features")))
     command = "predict" if isinstance(cfg, PredictConfig) else "heatmap"
     _refuse_links(work, command)
-    refuse_unwritable(_written(work), command)
     usable = {s: p for s, p in slides.items() if p is not None}
     if not usable:
         return [SlideInput(s, None, None, "slide file not found") for s in slides]
-    clear_stale(work, usable, tiling, read_mpp_csv(cfg.mpp_csv), extract_settings(run, cfg))
+    stale = stale_files(work, usable, tiling, read_mpp_csv(cfg.mpp_csv), extract_settings(run, cfg))
+    refuse_unwritable(_written(work, usable, stale), command)
+    clear_stale(work, stale)
     extracted = _tile_and_extract(run, usable, cfg, work, tiling)
     caches = sorted(p for p in (work / "features").glob("*") if p.is_dir())
     tables = [work / "tiles" / "tiling.csv"]

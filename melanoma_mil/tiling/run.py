@@ -36,7 +36,7 @@ from tqdm import tqdm
 from melanoma_mil.config import TileConfig, TilingConfig
 from melanoma_mil.errors import UserError
 from melanoma_mil.ids import id_path
-from melanoma_mil.outdir import claim_shared, refuse_in_the_way
+from melanoma_mil.outdir import claim_shared, refuse_in_the_way, refuse_unwritable
 from melanoma_mil.progress import progress
 from melanoma_mil.runtable import show, write
 from melanoma_mil.tiling.coords import read_tiling
@@ -273,7 +273,8 @@ def run_tile(cfg: TileConfig, advise_default_mpp: bool = True) -> int:
     out = Path(cfg.output_dir)
     if not cfg.overwrite:
         _check_settings(out, list(slides), resolved_tiling(cfg.tiling))
-    refuse_in_the_way(out, "tile", ["coords", "qc", CELLS])  # CELLS is pruned: never a link
+    made = ["coords", "qc", CELLS]  # CELLS is pruned: never a link
+    refuse_in_the_way(out, "tile", made, written=[])  # written into only if a slide is left
     claim_shared(out, "tile")
     since = time.time()
 
@@ -292,6 +293,8 @@ def run_tile(cfg: TileConfig, advise_default_mpp: bool = True) -> int:
                 rows.append(row)
                 continue
         todo.append(task)
+    if todo:  # all tiled: read-only coords and qc folders are only read
+        refuse_unwritable([out / name for name in made], "tile")
 
     with progress(total=len(slides), initial=len(rows), desc="tile", unit="slide") as bar:
         watch = Watch(cfg.slide_timeout_s, cfg.stale_after_s)
