@@ -223,6 +223,26 @@ def mounted_tmpfs(path: Path, size: str) -> bool:
 
 
 @contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """`mounted_tmpfs` at ``path`` for the block, unmounted after it; skips the test where this
+    process may not mount."""
+    if not mounted_tmpfs(path, size):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def room_for_one_and_a_half(disk: Path, drawn: Path) -> None:
+    """Fill ``disk`` (a small tmpfs) but room for 1.5 times the slide folder ``drawn``, as an
+    earlier run would have: the second slide drawn there fills it."""
+    size = sum(p.stat().st_size for p in drawn.iterdir())
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    (disk / "filler").write_bytes(bytes(free - size * 3 // 2 - 16384))
+
+
+@contextmanager
 def read_only_bind(folder: Path) -> Iterator[None]:
     """``folder`` (made if missing) read-only for the block, by a read-only bind mount of itself:
     root ignores permission bits, so only a mount refuses root a write. Skips the test where

@@ -4,14 +4,18 @@ file's or an earlier call's per-slide files."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import h5py
 import pandas as pd
 import pytest
-from conftest import Pipeline, inference_cfg, mounted_tmpfs, slide_folder
+from conftest import (
+    Pipeline,
+    inference_cfg,
+    room_for_one_and_a_half,
+    slide_folder,
+    small_disk,
+)
 from PIL import Image
 
 from melanoma_mil.config import HeatmapConfig
@@ -181,16 +185,11 @@ def test_a_full_disk_stops_the_slides_after_it_and_a_rerun_resumes(
 ) -> None:
     """Every slide after the disk filled was drawn anyway, each failing with a bare
     'OSError: [Errno 28]' that named no folder and no fix."""
-    disk = tmp_path / "disk"
-    if not mounted_tmpfs(disk, "2m"):
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
+    with small_disk(tmp_path / "disk", "2m") as disk:
         given = [f"slides_dir={pipe.slides}", f"features_dir={pipe.features}"]
         one = tmp_path / "one"
         assert run_heatmap(heatmap_cfg(pipe, one, *given, "slide_ids=[slide_000]")) == 0
-        size = sum(p.stat().st_size for p in (one / "slide_000").iterdir())
-        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-        (disk / "filler").write_bytes(bytes(free - size * 3 // 2 - 16384))  # 1.5 slides' room
+        room_for_one_and_a_half(disk, one / "slide_000")
         out = disk / "hm"
         cfg = heatmap_cfg(pipe, out, *given, "slide_ids=[slide_000,slide_001,slide_002,slide_003]")
         assert run_heatmap(cfg) == 1
@@ -207,5 +206,3 @@ def test_a_full_disk_stops_the_slides_after_it_and_a_rerun_resumes(
         assert run_heatmap(cfg) == 0
         table = pd.read_csv(out / "heatmaps.csv")
         assert table["status"].tolist() == ["skipped", "ok", "ok", "ok"]
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)

@@ -14,7 +14,14 @@ from pathlib import Path
 import h5py
 import pandas as pd
 import pytest
-from conftest import Pipeline, inference_cfg, mounted_tmpfs, untagged_copy
+from conftest import (
+    Pipeline,
+    inference_cfg,
+    mounted_tmpfs,
+    room_for_one_and_a_half,
+    small_disk,
+    untagged_copy,
+)
 from test_config import one_line_error
 
 from melanoma_mil.config import EvaluateConfig, HeatmapConfig, PredictConfig, load_config
@@ -309,16 +316,11 @@ def test_a_full_disk_stops_the_drawing_not_the_predictions(
     pipe: Pipeline, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Each slide after the disk filled was drawn anyway, failing with a bare OSError."""
-    disk = tmp_path / "disk"
-    if not mounted_tmpfs(disk, "2m"):
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
+    with small_disk(tmp_path / "disk", "2m") as disk:
         given = [f"slides_dir={pipe.slides}", f"features_dir={pipe.features}"]
         one = tmp_path / "one"
         assert run_predict(predict_cfg(pipe, one, *given, "slide_ids=[slide_000]")) == 0
-        size = sum(p.stat().st_size for p in (one / "slide_000").iterdir())
-        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-        (disk / "filler").write_bytes(bytes(free - size * 3 // 2 - 16384))  # 1.5 slides' room
+        room_for_one_and_a_half(disk, one / "slide_000")
         out = disk / "pred"
         four = "slide_ids=[slide_000,slide_001,slide_002,slide_003]"
         assert run_predict(predict_cfg(pipe, out, *given, four)) == 1
@@ -328,5 +330,3 @@ def test_a_full_disk_stops_the_drawing_not_the_predictions(
         assert table["prob"].notna().all()  # every slide scored
         assert f"predict stopped drawing heatmaps: {full}; make room" in caplog.text
         assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp")]
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
