@@ -12,6 +12,9 @@ conservative. Two paired tests are offered:
 
 The bootstrap is vectorised: resampling patients with replacement is the same as weighting each
 bag by how often its patient was drawn, and a weighted AUC over one sort serves every replicate.
+
+Many runs tested against one reference make some p < 0.05 by chance; `holm` adjusts a family
+of p-values so that the chance of any false "differs" stays at the nominal level.
 """
 
 from __future__ import annotations
@@ -232,3 +235,21 @@ def _paired_result(d: FloatArray, auc_a: float, auc_b: float, level: float) -> P
     extreme = int((np.abs(d - obs) >= abs(obs) - 1e-12).sum())
     p = (1 + extreme) / (1 + len(d))
     return PairedTest(auc_a, auc_b, obs, float(low), float(high), float(p))
+
+
+def holm(p_values: ArrayLike) -> FloatArray:
+    """Holm (1979) step-down adjusted p-values: rejecting where adjusted < alpha keeps the
+    family-wise error at alpha under any dependence (runs tested against one reference are
+    correlated). The family is the p-values present: NaN (or None: no test) stays NaN and does
+    not count. Ascending p_(i) becomes max over j <= i of min(1, (m - j + 1) p_(j))."""
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.ndim != 1:
+        raise ValueError("holm takes a 1-D sequence of p-values")
+    present = np.flatnonzero(~np.isnan(p))
+    if ((p[present] < 0) | (p[present] > 1)).any():
+        raise ValueError("p-values must lie in [0, 1]")
+    order = present[np.argsort(p[present], kind="stable")]
+    m = len(order)
+    adjusted = np.full(len(p), np.nan)
+    adjusted[order] = np.minimum(np.maximum.accumulate(p[order] * (m - np.arange(m))), 1.0)
+    return adjusted

@@ -116,6 +116,43 @@ def test_paired_tests_identical_and_perfect_vs_random() -> None:
         assert far.ci_low > 0
 
 
+def slow_holm(p: list[float | None]) -> list[float]:
+    """Holm 1979 by the textbook: drop the missing, sort ascending, p_(i) * (m - i + 1),
+    running maximum, clip at 1, back in the original order."""
+    present = sorted((v, i) for i, v in enumerate(p) if v is not None and not np.isnan(v))
+    out, running = [float("nan")] * len(p), 0.0
+    for rank, (v, i) in enumerate(present, start=1):
+        running = max(running, v * (len(present) - rank + 1))
+        out[i] = min(running, 1.0)
+    return out
+
+
+def test_holm_matches_the_textbook_on_random_vectors_with_ties_and_missing() -> None:
+    # Holm's worked example: sorted 0.005, 0.01, 0.03, 0.04 x 4, 3, 2, 1, then the running max
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]).tolist() == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([]).shape == (0,) and np.isnan(stats.holm([None, np.nan])).all()
+    rng = np.random.default_rng(14)
+    for _ in range(2000):
+        m = int(rng.integers(1, 25))
+        p = rng.random(m) ** 3  # many small p-values, where the adjustment matters
+        p[rng.random(m) < 0.3] = rng.choice([0.0, 0.01, 0.05, 1.0])  # ties, and the ends
+        p = np.round(p, int(rng.integers(1, 5)))  # more ties
+        given: list[float | None] = list(p)
+        for i in np.flatnonzero(rng.random(m) < 0.2):  # no test: NaN (float) or None (DeLong)
+            given[i] = None if rng.random() < 0.5 else float("nan")
+        fast = stats.holm(given)
+        np.testing.assert_allclose(fast, slow_holm(given), rtol=1e-12, equal_nan=True)
+        kept = ~np.isnan(fast)
+        family = int(kept.sum())
+        assert (np.isnan(np.array(given, dtype=float)) == ~kept).all()
+        raw = np.array(given, dtype=float)[kept]  # never below raw, never above Bonferroni
+        assert (raw <= fast[kept]).all() and (
+            fast[kept] <= np.minimum(1, family * raw) + 1e-15
+        ).all()
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        stats.holm([0.2, 1.5])
+
+
 # --------------------------------------------------------------------------- compare
 CLASSES = ["low", "high"]
 
@@ -242,6 +279,46 @@ def test_compare_identical_runs_and_reference_choice(tmp_path: Path, cohort) -> 
     assert (table.p_delong == 1.0).all() and (table.p_bootstrap == 1.0).all()
 
 
+def test_a_chance_win_in_a_grid_is_not_one_after_holm(tmp_path: Path, cohort) -> None:
+    """Six runs of one model's noise (equally good by construction): against the first, two
+    'differ' at raw p < 0.05, neither after Holm over the five runs against the reference. The
+    Holm columns come after every existing one, and follow the reference, not the position."""
+    labels, folds = cohort
+    rng = np.random.default_rng(17)
+    base = 0.3 * labels + rng.normal(0, 0.2, len(labels))  # shared: runs are correlated
+    runs = [
+        str(write_run(tmp_path / f"r{i}", np.clip(0.35 + base + rng.normal(0, 0.15, len(labels)),
+                      0, 1), labels, folds, "uni"))
+        for i in range(6)
+    ]  # fmt: skip
+    out = tmp_path / "o"
+    table = compare_runs(CompareConfig(run_dirs=runs, output_dir=str(out), bootstrap=500))
+    assert list(table.columns[-3:]) == ["run_dir", "p_bootstrap_holm", "p_delong_holm"]
+    assert table.loc[0, ["p_bootstrap_holm", "p_delong_holm"]].isna().all()  # the reference
+    for col in ("p_bootstrap", "p_delong"):
+        expected = slow_holm(list(table[col][1:]))
+        np.testing.assert_allclose(table[f"{col}_holm"][1:], expected, rtol=1e-12)
+    chance = table.p_bootstrap < 0.05
+    assert chance.sum() == 2 and (table.p_bootstrap_holm[chance] >= 0.05).all()
+    saved = pd.read_csv(out / "comparison.csv")
+    np.testing.assert_allclose(saved.p_bootstrap_holm, table.p_bootstrap_holm, equal_nan=True)
+    md = (out / "comparison.md").read_text()
+    for r in table[1:].itertuples():
+        row = next(line for line in md.splitlines() if line.startswith(f"| {r.run} |"))
+        assert row.endswith(
+            f"| {r.p_bootstrap:.3g} (Holm {r.p_bootstrap_holm:.3g}) "
+            f"| {r.p_delong:.3g} (Holm {r.p_delong_holm:.3g}) |"
+        )
+    assert "over the family of this comparison's 5 runs tested against its reference" in md
+    other = compare_runs(
+        CompareConfig(run_dirs=runs, output_dir=str(out), bootstrap=500, reference=runs[3],
+                      overwrite=True)
+    )  # fmt: skip
+    assert other.p_bootstrap_holm.isna().tolist() == [False, False, False, True, False, False]
+    kept = other.drop(index=3)
+    np.testing.assert_allclose(kept.p_bootstrap_holm, slow_holm(list(kept.p_bootstrap)))
+
+
 def test_compare_refuses_different_splits(tmp_path: Path, cohort, capsys) -> None:
     labels, folds = cohort
     probs = np.random.default_rng(8).random(len(labels))
@@ -293,7 +370,10 @@ def test_compare_multiclass_uses_macro_auc_and_the_bootstrap(tmp_path: Path) -> 
     )
     assert table.pooled_auc[1] == pytest.approx(1.0) and table.p_bootstrap[1] < 1e-2
     assert table.p_delong.isna().all()  # DeLong is binary only
-    assert "n/a" in (tmp_path / "o" / "comparison.md").read_text()
+    assert table.p_delong_holm.isna().all() and np.isnan(table.p_bootstrap_holm[0])
+    assert table.p_bootstrap_holm[1] == table.p_bootstrap[1]  # a family of one
+    md = (tmp_path / "o" / "comparison.md").read_text()
+    assert "| n/a |" in md and "nan" not in md and "comparison's 1 run tested" in md
 
 
 def test_a_fold_without_an_auc_leaves_the_fold_comparison_defined(tmp_path: Path) -> None:

@@ -24,10 +24,12 @@ def _cohort() -> tuple[np.ndarray, np.ndarray]:
 
 def test_numbers_without_an_estimate_are_n_a_in_the_table_not_nan(tmp_path: Path) -> None:
     """Every test fold holds one class (no fold AUC, so no mean), and a perfect scorer against
-    an inverted one differs by -1 in every bootstrap replicate (no CI)."""
+    an inverted one differs by -1 in every bootstrap replicate (no CI, no p: left out of the
+    Holm family, which is then c alone)."""
     labels = np.repeat(np.tile([0, 1], 30), 2)
     folds = labels.copy()  # fold 0: class 0 only, fold 1: class 1 only
-    probs = {"a": 0.2 + 0.6 * labels, "b": 0.8 - 0.6 * labels}
+    noisy = np.clip(0.3 + 0.4 * labels + np.random.default_rng(1).normal(0, 0.2, 120), 0, 1)
+    probs = {"a": 0.2 + 0.6 * labels, "b": 0.8 - 0.6 * labels, "c": noisy}
     with pytest.warns(UserWarning, match="Only one class"):  # sklearn, writing the fake runs
         runs = [write_run(tmp_path / n, p, labels, folds, n) for n, p in probs.items()]
     out = tmp_path / "o"
@@ -37,6 +39,13 @@ def test_numbers_without_an_estimate_are_n_a_in_the_table_not_nan(tmp_path: Path
     row = next(line for line in md.splitlines() if line.startswith("| b |"))
     assert "nan" not in md and "| n/a (0 of 2 folds) | -1.000 [CI n/a] |" in row
     assert row.split(" | ")[2] == "n/a"  # the AUC column
+    assert (
+        row.endswith("| n/a | n/a |")
+        and table.loc[1, ["p_bootstrap_holm", "p_delong_holm"]].isna().all()
+    )
+    assert table.p_bootstrap_holm[2] == table.p_bootstrap[2] < 1  # c's family: c
+    assert table.p_delong_holm[2] == table.p_delong[2] < 1
+    assert "comparison's 1 run tested" in md
     table.loc[1, ["pooled_auc_ci_low", "pooled_auc_ci_high"]] = np.nan  # no replicate usable
     row = next(line for line in markdown(table, 100).splitlines() if line.startswith("| b |"))
     assert "nan" not in row and f"| {table.pooled_auc[1]:.3f} [CI n/a] |" in row

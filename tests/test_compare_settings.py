@@ -3,16 +3,19 @@ bootstrap of seed-averaged AUCs."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
-from test_compare import write_run
+from test_compare import slow_holm, write_run
 
 from melanoma_mil import stats
+from melanoma_mil.cli import main
 from melanoma_mil.config import CompareConfig
+from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.evaluation.compare import compare_runs, comparison_tables, load_result, markdown
 
 
@@ -122,7 +125,15 @@ def test_runs_differing_only_in_seed_are_one_setting(tmp_path: Path, cohort) -> 
     assert table.pooled_auc_diff_ci_low[1] > 0 and table.p_bootstrap[1] < 0.01
     assert table.pooled_auc_diff[0] == 0 and table.p_bootstrap[0] == 1
     assert np.isnan(table.pooled_auc_std[2])  # one seed: no spread
+    # Holm over the three settings against the reference's, apart from the per-run family
+    assert table.columns[-1] == "p_bootstrap_holm" and np.isnan(table.p_bootstrap_holm[0])
+    np.testing.assert_allclose(table.p_bootstrap_holm[1:], slow_holm(list(table.p_bootstrap[1:])))
+    assert (table.p_bootstrap_holm[1:] > table.p_bootstrap[1:]).any()
     md = (out / "comparison.md").read_text()
+    p, holm = table.p_bootstrap[1], table.p_bootstrap_holm[1]
+    assert f"| {p:.3g} (Holm {holm:.3g}) |" in md.split("## By setting")[1]
+    assert "this comparison's 3 settings tested against its reference" in md
+    assert "this comparison's 5 runs tested against its reference" in md
     assert "| abmil_0_ck | ck |" in md  # the per-run table stays
     assert "## By setting, over seeds" in md
     assert "| features=ck, model.name=abmil | abmil_0_ck, abmil_1_ck | 0, 1 |" in md
@@ -192,3 +203,32 @@ def test_a_repeat_is_not_said_left_out_of_a_table_by_setting_that_is_not_written
     compare_runs(CompareConfig(run_dirs=[str(r) for r in runs], output_dir=str(out)))
     assert not (out / "comparison_settings.csv").exists()
     assert "left out of the table by setting" not in caplog.text
+
+
+def test_real_fits_get_holm_over_their_runs_and_over_their_settings(
+    tmp_path: Path, one_thread: None
+) -> None:
+    """`fit` twice per model (seeds 0, 1) for two models and once for a third, then `compare`:
+    each table's Holm family is its own rows against the reference (4 runs, 2 settings)."""
+    features, labels = make_bag_cohort(
+        tmp_path / "coh", n_patients=12, dim=16, n_instances=(4, 10), slides_per_patient=2
+    )
+    runs = []
+    for model, seed in (("mean", 0), ("mean", 1), ("max", 0), ("max", 1), ("abmil", 0)):
+        runs.append(str(tmp_path / f"{model}_{seed}"))
+        args = [f"data.features_dir={features}", f"data.labels_csv={labels}", "cv.folds=2"]
+        args += ["trainer.max_epochs=2", "logger=none", f"model.name={model}", f"seed={seed}"]
+        assert main(["fit", *args, f"output_dir={runs[-1]}"]) == 0
+    out = tmp_path / "cmp"
+    assert main(["compare", *runs, f"output_dir={out}", "bootstrap=200"]) == 0
+    table = pd.read_csv(out / "comparison.csv")
+    for col in ("p_bootstrap", "p_delong"):
+        assert np.isnan(table[f"{col}_holm"][0])
+        np.testing.assert_allclose(table[f"{col}_holm"][1:], slow_holm(list(table[col][1:])))
+    by_setting = pd.read_csv(out / "comparison_settings.csv")
+    assert list(by_setting.n_seeds) == [2, 2, 1] and np.isnan(by_setting.p_bootstrap_holm[0])
+    expected = slow_holm(list(by_setting.p_bootstrap[1:]))
+    np.testing.assert_allclose(by_setting.p_bootstrap_holm[1:], expected)
+    md = (out / "comparison.md").read_text()
+    assert "comparison's 4 runs tested" in md and "comparison's 2 settings tested" in md
+    assert len(re.findall(r"\(Holm [0-9.e+-]+\)", md)) == 4 * 2 + 2  # every p beside its Holm

@@ -6,7 +6,8 @@ checked first and a mismatch is refused. Per-fold AUC differences are shown (fol
 but the p-values come from the pooled out-of-fold predictions (paired patient bootstrap and
 DeLong), because per-fold differences share training data and a t-test on them is
 anti-conservative. Runs that differ only in `seed` are also summarised by setting
-(`compare_settings`).
+(`compare_settings`). With many runs some p < 0.05 by chance, so each p is also given
+Holm-adjusted over the runs tested against the reference (`with_holm`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ from melanoma_mil.evaluation.compare_plot import plot
 from melanoma_mil.evaluation.compare_settings import (
     ci_text,
     diff_text,
+    holm_note,
+    p_text,
     setting_of,
     settings_markdown,
     settings_table,
     spread_text,
+    with_holm,
 )
 from melanoma_mil.io import write_together
 from melanoma_mil.outdir import claim_output
@@ -241,7 +245,7 @@ def comparison_tables(
         rows.append(row)
         for k, (auc, d) in enumerate(zip(folds, diff, strict=True)):
             fold_rows.append({"run": run.name, "fold": k, "auc": auc, "auc_diff_vs_ref": d})
-    return pd.DataFrame(rows), pd.DataFrame(fold_rows)
+    return with_holm(pd.DataFrame(rows), ["p_bootstrap", "p_delong"]), pd.DataFrame(fold_rows)
 
 
 def markdown(table: pd.DataFrame, n_boot: int) -> str:
@@ -260,8 +264,8 @@ def markdown(table: pd.DataFrame, n_boot: int) -> str:
             if r.folds_compared < r.folds:  # the others have an undefined AUC
                 delta += f" ({r.folds_compared} of {r.folds} folds)"
             dci = diff_text(r.pooled_auc_diff, r.pooled_auc_diff_ci_low, r.pooled_auc_diff_ci_high)
-            pb = "n/a" if pd.isna(r.p_bootstrap) else f"{r.p_bootstrap:.3g}"
-            pd_ = "n/a" if r.p_delong is None or pd.isna(r.p_delong) else f"{r.p_delong:.3g}"
+            pb = p_text(r.p_bootstrap, r.p_bootstrap_holm)
+            pd_ = p_text(r.p_delong, r.p_delong_holm)
         cells = [
             r.run,
             r.encoder,
@@ -282,9 +286,17 @@ def markdown(table: pd.DataFrame, n_boot: int) -> str:
         f"({first.n_patients} patients) with a {n_boot}-replicate patient bootstrap CI. "
         "Δ = run - reference on identical splits; p-values compare the pooled AUCs with a "
         "paired patient bootstrap and DeLong's test (Sun & Xu 2014; binary only, treats bags "
-        "as independent, so prefer the bootstrap when patients have several slides).",
+        "as independent, so prefer the bootstrap when patients have several slides)."
+        + _holm_note(table),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _holm_note(table: pd.DataFrame) -> str:
+    """`holm_note` of the runs with a bootstrap p, and of those with a DeLong p if fewer."""
+    n_boot, n_delong = (int(table[f"{c}_holm"].notna().sum()) for c in ("p_bootstrap", "p_delong"))
+    detail = "" if n_delong in (0, n_boot) else f" ({n_delong} for DeLong)"
+    return holm_note(n_boot, "run", detail)
 
 
 def _reference_index(runs: list[RunResult], reference: str | None) -> int:

@@ -4,6 +4,9 @@ A sweep runs each setting with several seeds on the same splits; one seed pair d
 ("encoder A beats B" may be one lucky initialisation), so such runs are summarised together:
 mean ± std over seeds, and the gap to the reference setting as the mean over seeds of each
 side's pooled AUC, tested with one paired patient bootstrap over all their runs.
+
+Each table's p-values are also Holm-adjusted over its rows against the reference (`with_holm`):
+a grid of dozens of runs has some p < 0.05 by chance.
 """
 
 from __future__ import annotations
@@ -115,7 +118,40 @@ def settings_table(
                 "p_bootstrap": boot.p_value,
             }
         )
-    return pd.DataFrame(rows)
+    return with_holm(pd.DataFrame(rows), ["p_bootstrap"])
+
+
+def with_holm(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """``table`` with a ``{column}_holm`` for each p-value column, appended last (the columns
+    before keep their places): `stats.holm` over the rows against the reference, the family
+    this table tests; the reference's own row (itself vs itself) and n/a p-values are NaN."""
+    others = ~table["is_reference"].to_numpy(bool)
+    for column in columns:
+        adjusted = np.full(len(table), np.nan)
+        adjusted[others] = stats.holm(table.loc[others, column].to_numpy(np.float64))
+        table[f"{column}_holm"] = adjusted
+    return table
+
+
+def p_text(raw: float | None, holm: float) -> str:
+    """'0.012 (Holm 0.036)': the raw p beside its Holm-adjusted one; 'n/a' without a test."""
+    if raw is None or pd.isna(raw):
+        return "n/a"
+    return f"{raw:.3g} (Holm {holm:.3g})"
+
+
+def holm_note(family: int, unit: str, detail: str = "") -> str:
+    """The footnote's sentence naming the Holm family: its ``family`` rows (of ``unit``, e.g.
+    'run') with a p-value; none when no row has one (no Holm p is shown)."""
+    if family == 0:
+        return ""
+    return (
+        " Holm: the p-value adjusted for multiple comparisons (Holm 1979, family-wise error) "
+        f"over the family of this comparison's {family} {unit}{'' if family == 1 else 's'}{detail} "
+        "tested against its reference (n/a ones left out). Quote it, not the raw p, when one of "
+        "several differs from the reference, and only with its family: other runs or another "
+        "reference make another."
+    )
 
 
 def spread_text(mean: float, std: float) -> str:
@@ -155,7 +191,7 @@ def settings_markdown(table: pd.DataFrame, n_boot: int) -> str:
             delta = diff_text(
                 r.pooled_auc_diff, r.pooled_auc_diff_ci_low, r.pooled_auc_diff_ci_high
             )
-            p = "n/a" if pd.isna(r.p_bootstrap) else f"{r.p_bootstrap:.3g}"
+            p = p_text(r.p_bootstrap, r.p_bootstrap_holm)
         cells = [
             r.setting,
             r.runs.replace(";", ", "),
@@ -172,7 +208,8 @@ def settings_markdown(table: pd.DataFrame, n_boot: int) -> str:
         "pooled AUC and of the mean AUC over folds. Δ = mean over seeds of the pooled AUC - the "
         "same for the reference's setting, with a paired patient bootstrap "
         f"({n_boot} replicates: each resamples patients once and scores every run of both "
-        "settings on it); its CI is over patients, the spread over seeds is the ± std.",
+        "settings on it); its CI is over patients, the spread over seeds is the ± std."
+        + holm_note(int(table["p_bootstrap_holm"].notna().sum()), "setting"),
     ]
     left_out = [r for r in table["repeats_left_out"] if r]
     if left_out:
