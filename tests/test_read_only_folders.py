@@ -4,12 +4,14 @@ one by one, each after its tiling or encoding. Real read-only bind mounts (root 
 
 from __future__ import annotations
 
+import shutil
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import Pipeline, inference_cfg, make_cohort, read_only_bind
+from conftest import Pipeline, inference_cfg, make_cohort, read_only_bind, write_grid
 from test_config import one_line_error
 from test_extract_cache import _cfg
 from test_tile_disk import _slides
@@ -18,6 +20,7 @@ from melanoma_mil.config import PredictConfig, TileConfig, TilingConfig
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.run import run_extract
 from melanoma_mil.inference.predict import run_predict
+from melanoma_mil.tiling.coords import write_coords
 from melanoma_mil.tiling.run import run_tile
 
 
@@ -150,3 +153,27 @@ def test_predict_refuses_a_read_only_work_folder_holding_stale_files_before_dele
         run_predict(cfg)
     assert _refused(coords, "predict") in str(e.value)
     assert sorted(work.rglob("slide_000*.h5")) == kept and len(kept) == 2
+
+
+@pytest.mark.parametrize("why", ["zero tiles", "no slide file"])
+def test_extract_reads_a_complete_read_only_cache_with_a_slide_it_cannot_encode(
+    tmp_path: Path, why: str
+) -> None:
+    """A slide with no bag that extract never encodes (a blank slide's empty coords, a slide
+    whose file is gone) leaves nothing to write: the complete cache is not refused for it."""
+    tiles = make_cohort(tmp_path, 2)
+    slide = tmp_path / "slides" / "slide2.tif"
+    shutil.copy(tmp_path / "slides" / "slide0.tif", slide)
+    grid = write_grid(tiles, slide, 384, 64)
+    if why == "zero tiles":
+        write_coords(tiles / "coords" / "slide2.h5", replace(grid, coords=grid.coords[:0]))
+    else:
+        slide.unlink()
+    out = tmp_path / "features"
+    run_extract(_cfg(tiles, out))
+    (cache,) = (p for p in out.iterdir() if p.is_dir())
+    made = {p: p.stat().st_mtime_ns for p in cache.glob("*.h5")}
+    assert sorted(p.stem for p in made) == ["slide0", "slide1"]
+    with read_only_bind(cache):
+        assert run_extract(_cfg(tiles, out)) == 1  # its table only cannot be rewritten
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*.h5")} == made

@@ -269,11 +269,18 @@ def run_extract(cfg: ExtractConfig) -> int:
     }
     keys = set(keyed.values())
     # the cache folders it writes into: those with a slide left to encode (a complete
-    # read-only cache, e.g. a lab's shared one, is only read)
+    # read-only cache, e.g. a lab's shared one, is only read; a slide with no tiles or no
+    # slide file is never encoded, so its missing bag leaves nothing to write)
+    encodable = {
+        job.slide_id
+        for job, g in zip(jobs, grids, strict=True)
+        if isinstance(g, TileGrid) and len(g.coords) and job.slide_path is not None
+    }
     left = {
         k
         for sid, k in keyed.items()
-        if cfg.overwrite or not id_path(run.out_root / k, sid, ".h5").is_file()
+        if cfg.overwrite
+        or (sid in encodable and not id_path(run.out_root / k, sid, ".h5").is_file())
     }
     refuse_in_the_way(cfg.output_dir, "extract", sorted(keys), sorted(left))
     claim_shared(cfg.output_dir, "extract")
