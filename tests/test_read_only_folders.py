@@ -9,6 +9,7 @@ from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import Pipeline, inference_cfg, make_cohort, read_only_bind, write_grid
@@ -17,6 +18,7 @@ from test_extract_cache import _cfg
 from test_tile_disk import _slides
 
 from melanoma_mil.config import PredictConfig, TileConfig, TilingConfig
+from melanoma_mil.demo.pyramid import write_pyramid
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.run import run_extract
 from melanoma_mil.inference.predict import run_predict
@@ -177,3 +179,25 @@ def test_extract_reads_a_complete_read_only_cache_with_a_slide_it_cannot_encode(
     with read_only_bind(cache):
         assert run_extract(_cfg(tiles, out)) == 1  # its table only cannot be rewritten
     assert {p: p.stat().st_mtime_ns for p in cache.glob("*.h5")} == made
+
+
+def test_predict_scores_from_a_read_only_work_cache_with_a_blank_slide(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    """A blank slide (zero tiles) never has a bag: the complete _work cache is only read."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(pipe.slides / "slide_000.tiff", slides / "slide_000.tiff")
+    write_pyramid(slides / "blank.tiff", np.full((512, 512, 3), 245, np.uint8), mpp=0.5,
+                  n_levels=1)  # fmt: skip
+    out = tmp_path / "pred"
+    given = (f"slides_dir={slides}", "heatmaps=false")
+    run_predict(inference_cfg(PredictConfig, pipe, out, *given))
+    first = pd.read_csv(out / "predictions.csv")
+    assert first["slide_id"].tolist() == ["blank", "slide_000"]  # blank: failed, empty
+    (work,) = (out / "_work").iterdir()
+    (cache,) = (p for p in (work / "features").iterdir() if p.is_dir())
+    with read_only_bind(cache):
+        run_predict(inference_cfg(PredictConfig, pipe, out, *given, "overwrite=true"))
+    again = pd.read_csv(out / "predictions.csv")  # the blank one's reason now cites the cache
+    pd.testing.assert_frame_equal(again.drop(columns="reason"), first.drop(columns="reason"))

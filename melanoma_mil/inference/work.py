@@ -205,19 +205,33 @@ def _refuse_links(work: Path, command: str) -> None:
     refuse_linked(features, command, caches, out)
 
 
+def _has_tiles(coords: Path) -> bool:
+    """Whether the kept coords file ``coords`` (read by `stale_files` already) has tiles."""
+    try:
+        return len(read_coords(coords).coords) > 0
+    except UserError:  # unreadable since: tiled and encoded again
+        return True
+
+
 def _written(work: Path, slides: Iterable[str], stale: list[Path]) -> list[Path]:
     """The folders `tile` and `extract` write in ``work`` for ``slides``, with ``work`` and
     _work: checked before any slide is tiled (`extract` checks its cache folders only once they
     are). coords and qc only if a slide is left to tile, features if one is left to encode
-    (a ``stale`` file is deleted, and so is left): a complete read-only cache is only read."""
+    (a ``stale`` file is deleted, and so is left; a slide tiled with zero tiles never has a
+    bag): a complete read-only cache is only read."""
     tiles, features = work / "tiles", work / "features"
     caches = sorted(p for p in features.iterdir() if p.is_dir()) if features.is_dir() else []
 
     def kept(path: Path) -> bool:
         return path.is_file() and path not in stale
 
-    untiled = [s for s in slides if not kept(id_path(tiles / "coords", s, ".h5"))]
-    unencoded = [s for s in slides if not any(kept(id_path(c, s, ".h5")) for c in caches)]
+    untiled = {s for s in slides if not kept(id_path(tiles / "coords", s, ".h5"))}
+    unencoded = [
+        s
+        for s in slides
+        if not any(kept(id_path(c, s, ".h5")) for c in caches)
+        and (s in untiled or _has_tiles(id_path(tiles / "coords", s, ".h5")))
+    ]
     made = [tiles / name for name in ("coords", "qc", CELLS)] if untiled else []
     return [work.parent, work, tiles, *made, *([features, *caches] if unencoded else [])]
 
