@@ -201,3 +201,19 @@ def test_predict_scores_from_a_read_only_work_cache_with_a_blank_slide(
         run_predict(inference_cfg(PredictConfig, pipe, out, *given, "overwrite=true"))
     again = pd.read_csv(out / "predictions.csv")  # the blank one's reason now cites the cache
     pd.testing.assert_frame_equal(again.drop(columns="reason"), first.drop(columns="reason"))
+
+
+def test_extract_refuses_a_read_only_cache_folder_holding_a_bag_it_recomputes(
+    tmp_path: Path,
+) -> None:
+    """A torn bag (a copy cut short) is recomputed: its read-only folder is refused in one
+    line before any encoding, not failed slide by slide when each is claimed."""
+    tiles = make_cohort(tmp_path, 2)
+    out = tmp_path / "features"
+    assert run_extract(_cfg(tiles, out)) == 0
+    (bag,) = out.glob("*/slide1.h5")
+    bag.write_bytes(bag.read_bytes()[:1000])
+    with read_only_bind(bag.parent), pytest.raises(UserError, match="cannot be written") as e:
+        run_extract(_cfg(tiles, out))
+    assert _refused(bag.parent, "extract") in str(e.value)
+    assert bag.stat().st_size == 1000

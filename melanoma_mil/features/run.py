@@ -32,7 +32,7 @@ from melanoma_mil.config import ExtractConfig, check
 from melanoma_mil.encoders import Encoder, build_encoder, resolve_precision
 from melanoma_mil.errors import UserError
 from melanoma_mil.features import placement
-from melanoma_mil.features.cache import cache_key, slide_identity
+from melanoma_mil.features.cache import cache_key, check_cached, slide_identity
 from melanoma_mil.features.data import (
     Job,
     ReaderProcesses,
@@ -255,6 +255,30 @@ def _encoder(cfg: ExtractConfig) -> tuple[torch.device, Encoder, str]:
     return device, encoder, resolve_precision(cfg.precision, encoder.spec, device)
 
 
+def _written(
+    run: Run, jobs: list[Job], grids: list[TileGrid | str], keyed: dict[str, str]
+) -> set[str]:
+    """The cache folders (``keyed``: slide -> key) this call writes into: those with a slide
+    left to encode, all with overwrite. A complete read-only cache (a lab's shared one) is only
+    read; a slide with no tiles or no slide file is never encoded. A torn bag is encoded again
+    (`SlideQueue`): looked for only in a folder that cannot be written, as it opens each bag."""
+    if run.cfg.overwrite:
+        return set(keyed.values())
+    left: set[str] = set()
+    for job, grid in zip(jobs, grids, strict=True):
+        if not isinstance(grid, TileGrid) or not len(grid.coords) or job.slide_path is None:
+            continue
+        key = keyed[job.slide_id]
+        bag = id_path(run.out_root / key, job.slide_id, ".h5")
+        if not bag.is_file() or (
+            not os.access(bag.parent, os.W_OK)
+            and (bad := check_cached(bag, run.attrs(grid, key), grid.coords)) is not None
+            and bad.worthless
+        ):
+            left.add(key)
+    return left
+
+
 def run_extract(cfg: ExtractConfig) -> int:
     """Extract features for every coords file under ``cfg.coords_dir``; 1 unless every slide
     is done or empty (failed, or still held by another process: see the table)."""
@@ -268,20 +292,7 @@ def run_extract(cfg: ExtractConfig) -> int:
         if isinstance(g, TileGrid)
     }
     keys = set(keyed.values())
-    # the cache folders it writes into: those with a slide left to encode (a complete
-    # read-only cache, e.g. a lab's shared one, is only read; a slide with no tiles or no
-    # slide file is never encoded, so its missing bag leaves nothing to write)
-    encodable = {
-        job.slide_id
-        for job, g in zip(jobs, grids, strict=True)
-        if isinstance(g, TileGrid) and len(g.coords) and job.slide_path is not None
-    }
-    left = {
-        k
-        for sid, k in keyed.items()
-        if cfg.overwrite
-        or (sid in encodable and not id_path(run.out_root / k, sid, ".h5").is_file())
-    }
+    left = _written(run, jobs, grids, keyed)
     refuse_in_the_way(cfg.output_dir, "extract", sorted(keys), sorted(left))
     claim_shared(cfg.output_dir, "extract")
     folders = [run.out_root / key for key in sorted(keys)]
