@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import mounted_tmpfs
+from test_tile_disk import _fill
 
 from melanoma_mil.data.store_build import Source, scan
 from melanoma_mil.data.synthetic import make_bag_cohort
@@ -33,12 +34,16 @@ except UserError as e:
 """
 
 
-def test_a_disk_that_fills_after_the_check_is_one_line_naming_the_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("full", [False, True])
+def test_a_disk_that_fills_after_the_check_is_one_line_naming_the_folder(
+    tmp_path: Path, full: bool
+) -> None:
     """features.npy is written through a memory map: a disk that filled after `build`'s
     free-space check (another process writing) killed the process with SIGBUS, no message, its
     temp folder left. Now one line naming the store's folder and data.store_dir, not the temp
     file (removed by then). `_write` runs here as `build` runs it once that check has passed, on a
-    tmpfs with less room than the store needs."""
+    tmpfs with less room than the store needs, or (``full``) none at all: then the file's header
+    fails first, which named no file at all, so the CLI blamed output_dir."""
     features, _ = make_bag_cohort(tmp_path, n_patients=10, dim=256)
     disk = tmp_path / "disk"
     if not mounted_tmpfs(disk, "256k"):
@@ -46,6 +51,8 @@ def test_a_disk_that_fills_after_the_check_is_one_line_naming_the_folder(tmp_pat
     try:
         tmp = disk / ".store.tmp"
         tmp.mkdir()
+        if full:
+            _fill(disk, 0)
         layout = scan([Source.of(p.stem, p) for p in features.glob("*.h5")])
         assert sum(layout.rows.values()) * layout.dim * 4 > shutil.disk_usage(disk).free
         done = subprocess.run(

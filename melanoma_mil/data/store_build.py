@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -153,24 +154,40 @@ def _identity(path: Path) -> dict[str, Any]:
 def _reserve(path: Path) -> None:
     """Allocate the whole of ``path`` before any of its memory map is written: a disk that
     fills meanwhile (another process writing) kills a process writing through a map with
-    SIGBUS, no message; reserved, it is one line naming the store's folder (data.store_dir, or
-    its default) and the fix, or an OSError naming the file. A file system without fallocate is
-    written as before."""
+    SIGBUS, no message; reserved, it is an OSError (`_no_room` says a full disk in one line).
+    A file system without fallocate is written as before."""
     with open(path, "r+b") as f:
-        size = os.fstat(f.fileno()).st_size
         try:
-            reserve(f.fileno(), size)
+            reserve(f.fileno(), os.fstat(f.fileno()).st_size)
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                root = path.parent.parent  # the temp folder is removed: name where it was
-                raise UserError(
-                    f"the bag store needs {size / 1e9:.2f} GB in '{root}', which filled while it "
-                    f"was built ({e.strerror}): {ROOM_FIX}"
-                ) from None
             raise OSError(e.errno, e.strerror, str(path)) from None
 
 
+@contextlib.contextmanager
+def _no_room(root: Path, need: int) -> Iterator[None]:
+    """A disk (or quota) that fills while the store is built, said in one line naming the
+    store's folder (data.store_dir, or its default) and the fix: the temp folder an OSError
+    names is removed by then, and one raised writing the file's header names no file at all
+    (the CLI would blame output_dir, which does not move a bag store)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(
+            f"the bag store needs {need / 1e9:.2f} GB in '{root}', which filled while it was "
+            f"built ({e.strerror}): {ROOM_FIX}"
+        ) from None
+
+
 def _write(tmp: Path, sources: list[Source], layout: Layout, dtype: str, lock: Claim) -> None:
+    """`_write_all`, a disk that fills meanwhile said by `_no_room`."""
+    need = sum(layout.rows.values()) * layout.dim * np.dtype(dtype).itemsize
+    with _no_room(tmp.parent, need):
+        _write_all(tmp, sources, layout, dtype, lock)
+
+
+def _write_all(tmp: Path, sources: list[Source], layout: Layout, dtype: str, lock: Claim) -> None:
     """Every source's features, checked, into tmp/features.npy; then tmp/index.json."""
     total = sum(layout.rows.values())
     out = np.lib.format.open_memmap(
