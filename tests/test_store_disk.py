@@ -81,3 +81,16 @@ def test_reserve_allocates_every_block_of_a_sparse_file(tmp_path: Path) -> None:
         if not reserve(f.fileno(), 8 << 20):
             pytest.skip("this file system has no fallocate")
         assert os.fstat(f.fileno()).st_blocks * 512 >= 8 << 20
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_store_without_room_suggests_float16_only_where_it_halves_it(
+    tmp_path: Path, dtype: str
+) -> None:
+    """A float16 store was told to pass data.dtype=float16 (half the size) too."""
+    from melanoma_mil.data.store_build import _check_disk
+    from melanoma_mil.errors import UserError
+
+    with pytest.raises(UserError, match="data.store_dir=PATH on a disk with room") as e:
+        _check_disk(tmp_path, 10**18, dtype)
+    assert ("data.dtype=float16" in str(e.value)) == (dtype == "float32")

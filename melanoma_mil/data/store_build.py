@@ -38,10 +38,6 @@ WAIT_S = 1.0
 UNUSED_S = 24 * 3600.0  # a store nobody opened for this long, and never reusable, is removed
 # what `_name` makes (`bags` before stores were named by slide count): data.store_dir may be a
 # folder of yours, and only folders named so are ever pruned there
-ROOM_FIX = (
-    "free space there, pass data.store_dir=PATH on a disk with room, or data.dtype=float16 "
-    "(half the size)."
-)
 STORE_NAME = re.compile(r"float(16|32)-\d+(slides|bags)-[0-9a-f]{12}")
 
 
@@ -163,8 +159,19 @@ def _reserve(path: Path) -> None:
             raise OSError(e.errno, e.strerror, str(path)) from None
 
 
+def _room_fix(dtype: str) -> str:
+    """The fix for a disk without room for a store of ``dtype`` (float16 only where it halves
+    the store)."""
+    if dtype == "float16":
+        return "free space there or pass data.store_dir=PATH on a disk with room."
+    return (
+        "free space there, pass data.store_dir=PATH on a disk with room, or data.dtype=float16 "
+        "(half the size)."
+    )
+
+
 @contextlib.contextmanager
-def _no_room(root: Path, need: int) -> Iterator[None]:
+def _no_room(root: Path, need: int, dtype: str) -> Iterator[None]:
     """A disk (or quota) that fills while the store is built, said in one line naming the
     store's folder (data.store_dir, or its default) and the fix: the temp folder an OSError
     names is removed by then, and one raised writing the file's header names no file at all
@@ -176,14 +183,14 @@ def _no_room(root: Path, need: int) -> Iterator[None]:
             raise
         raise UserError(
             f"the bag store needs {need / 1e9:.2f} GB in '{root}', which filled while it was "
-            f"built ({e.strerror}): {ROOM_FIX}"
+            f"built ({e.strerror}): {_room_fix(dtype)}"
         ) from None
 
 
 def _write(tmp: Path, sources: list[Source], layout: Layout, dtype: str, lock: Claim) -> None:
     """`_write_all`, a disk that fills meanwhile said by `_no_room`."""
     need = sum(layout.rows.values()) * layout.dim * np.dtype(dtype).itemsize
-    with _no_room(tmp.parent, need):
+    with _no_room(tmp.parent, need, dtype):
         _write_all(tmp, sources, layout, dtype, lock)
 
 
@@ -238,12 +245,12 @@ def _name(sources: list[Source], dtype: str) -> str:
     return f"{dtype}-{len(sources)}slides-{digest.hexdigest()[:12]}"
 
 
-def _check_disk(root: Path, need: int) -> None:
+def _check_disk(root: Path, need: int, dtype: str) -> None:
     free = shutil.disk_usage(root).free
     if need > free * 0.95:
         raise UserError(
             f"the bag store needs {need / 1e9:.2f} GB but '{root}' has {free / 1e9:.2f} GB free: "
-            f"{ROOM_FIX}"
+            f"{_room_fix(dtype)}"
         )
 
 
@@ -275,7 +282,7 @@ def build(root: Path, sources: list[Source], layout: Layout, dtype: str) -> Path
             shutil.rmtree(stale, ignore_errors=True)
         clear_drafts(root)  # lock drafts of claimants killed while claiming
         nbytes = sum(layout.rows.values()) * layout.dim * np.dtype(dtype).itemsize
-        _check_disk(root, nbytes)
+        _check_disk(root, nbytes, dtype)
         tmp = root / f".{name}.{os.getpid()}.tmp"
         tmp.mkdir()
         try:
