@@ -166,7 +166,7 @@ def name_folding(folder: str | os.PathLike[str]) -> Folding:
 def _found_as(probe: Path, other: str) -> bool:
     """Whether a new file ``probe`` is found under the name ``other`` beside it (no link
     followed: the probe is made exclusively, and ``other`` looked up as itself)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW
     try:
         os.close(os.open(probe, flags, 0o600))
     except OSError:  # read-only, or names it cannot hold
