@@ -22,6 +22,8 @@ from melanoma_mil.fsutil import Folding
 from melanoma_mil.tiling.slides import find_slides
 
 PAIRS = [("S1", "s1"), ("caf\u00e9", "cafe\u0301")]
+ENCODER = ["encoder.name=resnet18_imagenet", "encoder.pretrained=false", "device=cpu",
+           "num_workers=0"]  # fmt: skip
 
 
 def _manifest(tmp_path: Path, first: str, second: str) -> Path:
@@ -42,9 +44,8 @@ def test_ids_differing_in_case_or_form_are_tiled_and_extracted_apart_on_ext4(
     manifest = _manifest(tmp_path, first, second)
     tiled, feats = tmp_path / "tiled", tmp_path / "features"
     assert main(["tile", f"manifest={manifest}", f"output_dir={tiled}"]) == 0
-    assert main(["extract", f"coords_dir={tiled}", f"manifest={manifest}", f"output_dir={feats}",
-                 "encoder.name=resnet18_imagenet", "encoder.pretrained=false", "device=cpu",
-                 "num_workers=0"]) == 0  # fmt: skip
+    given = [f"coords_dir={tiled}", f"manifest={manifest}", f"output_dir={feats}"]
+    assert main(["extract", *given, *ENCODER]) == 0
     bags = {p.name: p for p in feats.glob("*/*.h5")}
     assert set(bags) == {f"{first}.h5", f"{second}.h5"}
     with h5py.File(bags[f"{first}.h5"]) as a, h5py.File(bags[f"{second}.h5"]) as b:
@@ -108,4 +109,34 @@ def test_ids_differing_in_case_are_refused_before_tiling_onto_a_real_fat_disk(
     out = fat_folder / "tiled"
     err = one_line_error(capsys, "tile", f"manifest={manifest}", f"output_dir={out}")
     assert "slide ids 'S1' and 's1'" in err and "give one of them another slide_id" in err
+    assert os.listdir(fat_folder) == []  # no output folder, no probe left
+
+
+def _coords(tmp_path: Path, first: str, second: str) -> Path:
+    """Coords of two generated slides named ``first`` and ``second``, as `tile` writes them;
+    their folder holds nothing else, so coords alone name the slides."""
+    coords = make_cohort(tmp_path, 2) / "coords"
+    for i, sid in enumerate((first, second)):
+        (coords / f"slide{i}.h5").rename(coords / f"{sid}.h5")
+    return coords
+
+
+@pytest.mark.parametrize(("first", "second"), PAIRS)
+def test_coords_alone_differing_in_case_or_form_are_extracted_apart_on_ext4(
+    tmp_path: Path, first: str, second: str
+) -> None:
+    coords, feats = _coords(tmp_path, first, second), tmp_path / "features"
+    assert main(["extract", f"coords_dir={coords}", f"output_dir={feats}", *ENCODER]) == 0
+    assert {p.name for p in feats.glob("*/*.h5")} == {f"{first}.h5", f"{second}.h5"}
+
+
+def test_coords_alone_differing_in_case_are_refused_before_extracting_onto_a_real_fat_disk(
+    tmp_path: Path, fat_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No slides_dir or manifest: the coords files name the slides, and two of them would write
+    one bag there (the second slide failed on the first one's bag, after encoding it)."""
+    coords, out = _coords(tmp_path, "S1", "s1"), fat_folder / "features"
+    err = one_line_error(capsys, "extract", f"coords_dir={coords}", f"output_dir={out}", *ENCODER)
+    assert f"slide ids 'S1' and 's1' in coords_dir '{coords}'" in err and str(out) in err
+    assert "rename one of the coords files" in err
     assert os.listdir(fat_folder) == []  # no output folder, no probe left

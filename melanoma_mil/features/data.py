@@ -25,7 +25,7 @@ from melanoma_mil.errors import UserError
 from melanoma_mil.features.tiffjpeg import FastTiles, open_fast_tiles
 from melanoma_mil.ids import check_slide_id
 from melanoma_mil.tiling.coords import TileGrid, read_coords
-from melanoma_mil.tiling.slides import SlideReader, find_slides, open_slide
+from melanoma_mil.tiling.slides import SlideReader, check_spellings, find_slides, open_slide
 
 Range = tuple[int, int]  # [start, stop) of a slide's tiles
 Item = tuple[torch.Tensor, str, torch.Tensor]  # a reader process's tiles, reader, their coords
@@ -56,11 +56,23 @@ def coords_files(coords_dir: str | os.PathLike[str] | None) -> dict[str, Path]:
 
 
 def given_slides(
-    slides_dir: str | None, manifest: str | None, extensions: list[str], out: str
+    slides_dir: str | None,
+    manifest: str | None,
+    extensions: list[str],
+    out: str,
+    coords: dict[str, Path],
 ) -> dict[str, Path]:
-    """The slides named by slides_dir / manifest ({} when neither is set: coords name them),
-    for output folder ``out``."""
-    return find_slides(slides_dir, manifest, extensions, out) if (slides_dir or manifest) else {}
+    """The slides named by slides_dir / manifest, for output folder ``out``; {} when neither is
+    set: then the ``coords`` file names are the slide ids, checked against ``out`` as theirs."""
+    if slides_dir or manifest:
+        return find_slides(slides_dir, manifest, extensions, out)
+    folder = next(iter(coords.values())).parent
+    fix = (
+        "rename one of the coords files (its name is the slide id), or write to an output_dir "
+        "on a file system that tells them apart (Linux ext4, xfs)"
+    )
+    check_spellings(list(coords), f"coords_dir '{folder}'", out, fix)
+    return {}
 
 
 def plan_jobs(

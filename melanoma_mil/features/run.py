@@ -232,6 +232,7 @@ def _plan(cfg: ExtractConfig) -> tuple[list[Job], list[TileGrid | str], dict[str
     """The slides to encode and their tile grids (an unreadable coords file: why, as text), and
     the slides of slides_dir / manifest that have no coords file (reported, never dropped)."""
     coords = coords_files(cfg.coords_dir)
+    found = given_slides(cfg.slides_dir, cfg.manifest, list(cfg.extensions), cfg.output_dir, coords)
     read: dict[str, TileGrid | str] = {}
     for sid, p in coords.items():
         try:
@@ -239,7 +240,6 @@ def _plan(cfg: ExtractConfig) -> tuple[list[Job], list[TileGrid | str], dict[str
         except UserError as e:  # that slide fails; the others go on
             read[sid] = str(e)
     recorded = {sid: g.slide_path for sid, g in read.items() if isinstance(g, TileGrid)}
-    found = given_slides(cfg.slides_dir, cfg.manifest, list(cfg.extensions), cfg.output_dir)
     jobs = plan_jobs(coords, found, recorded)
     untiled = {sid: p for sid, p in found.items() if sid not in coords}
     return jobs, [read[job.slide_id] for job in jobs], untiled

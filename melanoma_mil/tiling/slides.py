@@ -102,12 +102,16 @@ def _check_unique(
                 "list each slide once."
             )
         found[sid], files[key] = path, sid
-    _check_spellings(list(found), source, out, fix, folding)
+    check_spellings(list(found), source, out, fix, folding)
     return dict(sorted(found.items()))
 
 
-def _check_spellings(
-    ids: list[str], source: str, out: str | os.PathLike[str], fix: str, folding: Folding | None
+def check_spellings(
+    ids: list[str],
+    source: str,
+    out: str | os.PathLike[str],
+    fix: str,
+    folding: Folding | None = None,
 ) -> None:
     """Refuse two ids whose coords, bags and heatmap folders would be one file in ``out``: ids
     that differ only in case or Unicode form, where its file system folds names (`folding`, for
@@ -140,7 +144,7 @@ def find_slides(
 
     Relative manifest paths resolve against ``slides_dir`` when given, else the manifest's folder.
     Files named in a manifest are not checked here: a missing one fails that slide only. ``out``
-    is the command's output folder, where files named by the ids go (see `_check_spellings`).
+    is the command's output folder, where files named by the ids go (see `check_spellings`).
     """
     if manifest:
         mpath = Path(manifest)
