@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import make_cohort
+from conftest import Pipeline, make_cohort
 from test_config import one_line_error
 
 from melanoma_mil.cli import main
@@ -140,3 +140,35 @@ def test_coords_alone_differing_in_case_are_refused_before_extracting_onto_a_rea
     assert f"slide ids 'S1' and 's1' in coords_dir '{coords}'" in err and str(out) in err
     assert "rename one of the coords files" in err
     assert os.listdir(fat_folder) == []  # no output folder, no probe left
+
+
+def _bags(pipe: Pipeline, tmp_path: Path, first: str, second: str) -> Path:
+    """A feature folder of two of the session's bags named ``first`` and ``second``."""
+    feats = tmp_path / "features"
+    feats.mkdir()
+    for i, sid in enumerate((first, second)):
+        shutil.copy(pipe.features / f"slide_{i:03d}.h5", feats / f"{sid}.h5")
+    return feats
+
+
+def test_bags_differing_in_case_are_drawn_apart_on_ext4(pipe: Pipeline, tmp_path: Path) -> None:
+    feats, out = _bags(pipe, tmp_path, "S1", "s1"), tmp_path / "heat"
+    given = [f"run_dir={pipe.run_dir}", f"features_dir={feats}", f"output_dir={out}"]
+    assert main(["heatmap", *given, "device=cpu", "num_workers=0", "thumbnail_size=128"]) == 0
+    assert {p.name for p in out.iterdir() if p.is_dir()} >= {"S1", "s1"}
+
+
+@pytest.mark.parametrize("command", ["heatmap", "predict"])
+def test_bags_differing_in_case_are_refused_before_drawing_onto_a_real_fat_disk(
+    pipe: Pipeline,
+    tmp_path: Path,
+    fat_folder: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    """features_dir alone names the slides: their heatmap folders would be one there."""
+    feats, out = _bags(pipe, tmp_path, "S1", "s1"), fat_folder / command
+    given = [f"run_dir={pipe.run_dir}", f"features_dir={feats}", f"output_dir={out}"]
+    err = one_line_error(capsys, command, *given, "device=cpu", "num_workers=0")
+    assert f"slide ids 'S1' and 's1' in features_dir '{feats}'" in err and str(out) in err
+    assert os.listdir(fat_folder) == []

@@ -115,7 +115,7 @@ def test_a_dicom_folder_recorded_by_features_is_found(tmp_path: Path) -> None:
     with h5py.File(feats / "S1.h5", "w") as f:
         f.attrs["slide_path"] = str(dicom)
     cfg = load_config(HeatmapConfig, [], [f"output_dir={tmp_path / 'out'}"])
-    assert find_input_slides(cfg, feats) == {"S1": dicom}
+    assert find_input_slides(cfg, feats, render=True) == {"S1": dicom}
 
 
 @pytest.mark.parametrize("name", ["report.html", "evaluation/evaluation.json"])

@@ -32,7 +32,7 @@ from melanoma_mil.outdir import refuse_in_the_way
 from melanoma_mil.rundir import EVALUATION, REPORT, TrainedRun
 from melanoma_mil.tiling.coords import read_coords
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
-from melanoma_mil.tiling.slides import find_slides
+from melanoma_mil.tiling.slides import check_spellings, find_slides
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,12 @@ def _recorded_slide(path: Path) -> str:
         return ""
 
 
-def find_input_slides(cfg: HeatmapConfig, features: Path | None) -> dict[str, Path | None]:
-    """slide_id -> slide file: slides_dir / manifest, else the paths a feature cache recorded."""
+def find_input_slides(
+    cfg: HeatmapConfig, features: Path | None, render: bool
+) -> dict[str, Path | None]:
+    """slide_id -> slide file: slides_dir / manifest, else the paths a feature cache recorded,
+    whose file names are then the slide ids, checked as a manifest's against output_dir where
+    each slide gets a folder (``render``)."""
     if cfg.slides_dir or cfg.manifest:
         found: dict[str, Path | None] = dict(
             find_slides(cfg.slides_dir, cfg.manifest, cfg.extensions, cfg.output_dir)
@@ -180,7 +184,15 @@ def find_input_slides(cfg: HeatmapConfig, features: Path | None) -> dict[str, Pa
     recorded = {s: _recorded_slide(p) for s, p in sorted(files.items())}
     # exists, not is_file: a DICOM slide is a folder
     found = {s: Path(p) if p and Path(p).exists() else None for s, p in recorded.items()}
-    return _select(found, list(cfg.slide_ids), f"features_dir '{features}'")
+    source = f"features_dir '{features}'"
+    chosen = _select(found, list(cfg.slide_ids), source)
+    if render:
+        fix = (
+            "rename one of the feature files (its name is the slide id), or write to an "
+            "output_dir on a file system that tells them apart (Linux ext4, xfs)"
+        )
+        check_spellings(list(chosen), source, cfg.output_dir, fix)
+    return chosen
 
 
 def recorded_fingerprint(path: Path) -> str:
@@ -261,12 +273,12 @@ def prepare_inputs(
     each id and the slide file found for it) leaves out; ``own_masks=False``: the slides are not
     the run's (see :func:`extracted_inputs`)."""
     folder = _cache_folder(Path(cfg.features_dir), run) if cfg.features_dir else None
-    found = find_input_slides(cfg, folder)
+    render = not isinstance(cfg, PredictConfig) or cfg.heatmaps
+    found = find_input_slides(cfg, folder, render)
     skipped = sorted(s for s, p in found.items() if skip is not None and skip(s, p))
     slides = {s: p for s, p in found.items() if s not in skipped}
     if not slides:
         return [], skipped
-    render = not isinstance(cfg, PredictConfig) or cfg.heatmaps
     if folder is not None:
         must_draw = not isinstance(cfg, PredictConfig)  # `heatmap` exists to draw
         inputs = cached_inputs(run, slides, folder, render, must_draw)
