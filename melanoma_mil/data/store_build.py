@@ -4,7 +4,6 @@ written under a temp name and renamed (`build`), serialised by a lock file. See 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -29,7 +28,7 @@ from melanoma_mil.features.identity import feature_identity, identity_mismatch, 
 from melanoma_mil.fsutil import reserve
 from melanoma_mil.io import json_text
 from melanoma_mil.progress import progress
-from melanoma_mil.workshare import Claim, clear_drafts
+from melanoma_mil.workshare import Claim, clear_drafts, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +68,10 @@ class Layout:
     rows: dict[str, int]  # slide path -> tiles
     dim: int
     dtypes: dict[str, str]  # slide path -> numpy dtype name of the file's features
+
+    def nbytes(self, dtype: str) -> int:
+        """The size of features.npy's data for a store of ``dtype``."""
+        return sum(self.rows.values()) * self.dim * np.dtype(dtype).itemsize
 
     def store_dtype(self, wanted: str) -> str:
         """auto: float16 only when every file is float16 (then the store is lossless)."""
@@ -179,7 +182,7 @@ def _no_room(root: Path, need: int, dtype: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not disk_full(e):
             raise
         raise UserError(
             f"the bag store needs {need / 1e9:.2f} GB in '{root}', which filled while it was "
@@ -189,8 +192,7 @@ def _no_room(root: Path, need: int, dtype: str) -> Iterator[None]:
 
 def _write(tmp: Path, sources: list[Source], layout: Layout, dtype: str, lock: Claim) -> None:
     """`_write_all`, a disk that fills meanwhile said by `_no_room`."""
-    need = sum(layout.rows.values()) * layout.dim * np.dtype(dtype).itemsize
-    with _no_room(tmp.parent, need, dtype):
+    with _no_room(tmp.parent, layout.nbytes(dtype), dtype):
         _write_all(tmp, sources, layout, dtype, lock)
 
 
@@ -281,7 +283,7 @@ def build(root: Path, sources: list[Source], layout: Layout, dtype: str) -> Path
         for stale in root.glob(f".{name}.*.tmp"):  # left by a killed builder
             shutil.rmtree(stale, ignore_errors=True)
         clear_drafts(root)  # lock drafts of claimants killed while claiming
-        nbytes = sum(layout.rows.values()) * layout.dim * np.dtype(dtype).itemsize
+        nbytes = layout.nbytes(dtype)
         _check_disk(root, nbytes, dtype)
         tmp = root / f".{name}.{os.getpid()}.tmp"
         tmp.mkdir()

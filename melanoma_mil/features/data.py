@@ -25,7 +25,13 @@ from melanoma_mil.errors import UserError
 from melanoma_mil.features.tiffjpeg import FastTiles, open_fast_tiles
 from melanoma_mil.ids import check_slide_id
 from melanoma_mil.tiling.coords import TileGrid, read_coords
-from melanoma_mil.tiling.slides import SlideReader, check_spellings, find_slides, open_slide
+from melanoma_mil.tiling.slides import (
+    SlideReader,
+    check_spellings,
+    find_slides,
+    open_slide,
+    rename_or_move,
+)
 
 Range = tuple[int, int]  # [start, stop) of a slide's tiles
 Item = tuple[torch.Tensor, str, torch.Tensor]  # a reader process's tiles, reader, their coords
@@ -67,11 +73,7 @@ def given_slides(
     if slides_dir or manifest:
         return find_slides(slides_dir, manifest, extensions, out)
     folder = next(iter(coords.values())).parent
-    fix = (
-        "rename one of the coords files (its name is the slide id), or write to an output_dir "
-        "on a file system that tells them apart (Linux ext4, xfs)"
-    )
-    check_spellings(list(coords), f"coords_dir '{folder}'", out, fix)
+    check_spellings(list(coords), f"coords_dir '{folder}'", out, rename_or_move("coords files"))
     return {}
 
 

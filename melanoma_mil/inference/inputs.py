@@ -32,7 +32,7 @@ from melanoma_mil.outdir import refuse_in_the_way
 from melanoma_mil.rundir import EVALUATION, REPORT, TrainedRun
 from melanoma_mil.tiling.coords import read_coords
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
-from melanoma_mil.tiling.slides import check_spellings, find_slides
+from melanoma_mil.tiling.slides import check_spellings, find_slides, rename_or_move
 
 log = logging.getLogger(__name__)
 
@@ -187,11 +187,7 @@ def find_input_slides(
     source = f"features_dir '{features}'"
     chosen = _select(found, list(cfg.slide_ids), source)
     if render:
-        fix = (
-            "rename one of the feature files (its name is the slide id), or write to an "
-            "output_dir on a file system that tells them apart (Linux ext4, xfs)"
-        )
-        check_spellings(list(chosen), source, cfg.output_dir, fix)
+        check_spellings(list(chosen), source, cfg.output_dir, rename_or_move("feature files"))
     return chosen
 
 

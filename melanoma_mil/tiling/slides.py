@@ -106,6 +106,14 @@ def _check_unique(
     return dict(sorted(found.items()))
 
 
+def rename_or_move(files: str) -> str:
+    """The fix for twin ids taken from the names of ``files`` (coords or feature files)."""
+    return (
+        f"rename one of the {files} (its name is the slide id), or write to an output_dir on a "
+        "file system that tells them apart (Linux ext4, xfs)"
+    )
+
+
 def check_spellings(
     ids: list[str],
     source: str,
