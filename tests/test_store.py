@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from melanoma_mil.data.memory import BASE_CPU, GB, estimate, verdict
 from melanoma_mil.data.store import STORES, BagStore, open_store
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
-from melanoma_mil.workshare import me
+from melanoma_mil.workshare import DEFAULT_STALE_S, me
 
 
 def fit_config(features: Path, labels: Path, *extra: str) -> FitConfig:
@@ -142,7 +143,7 @@ import time
 from melanoma_mil.config import FitConfig, load_config
 from melanoma_mil.data.cohort import build_cohort
 from melanoma_mil.data.store import open_store
-keys = [f"data.features_dir={sys.argv[1]}", f"data.labels_csv={sys.argv[2]}"]
+keys = [f"data.features_dir={sys.argv[1]}", f"data.labels_csv={sys.argv[2]}", *sys.argv[3:]]
 cfg = load_config(FitConfig, [], keys)
 store = open_store(build_cohort(cfg.data).members, cfg)
 print(store.folder, float(store.features.double().sum()))
@@ -174,6 +175,76 @@ def test_two_processes_racing_share_one_store(tmp_path: Path) -> None:
     (root / f".{folder.name}.{dead.pid}.tmp").mkdir()
     assert store_of(features, labels).folder == folder
     assert [p.name for p in root.iterdir()] == [folder.name]
+
+
+def _builder_caught_writing(
+    features: Path, labels: Path, root: Path, log: Path
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """A real build of the cohort's store in a subprocess, stopped (SIGSTOP) once its temp
+    folder holds the reserved features.npy, and that folder (its pid in the name)."""
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", RACE, str(features), str(labels),
+                                 f"data.store_dir={root}"], stdout=err, stderr=err)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300  # a hung builder fails the test instead of hanging it
+        while not (tmps := [p for p in root.glob(".*.tmp") if (p / "features.npy").is_file()]):
+            try:  # polled, not timed: its 600 bags take seconds to write
+                proc.wait(timeout=0.01)
+            except subprocess.TimeoutExpired:
+                assert time.monotonic() < deadline, "the builder made no temp folder"
+                continue
+            raise AssertionError(f"the builder ended first: {log.read_text()[-2000:]}")
+        proc.send_signal(signal.SIGSTOP)
+        assert proc.poll() is None and tmps[0].is_dir(), "the build ended before it was caught"
+        assert tmps[0].name.endswith(f".{proc.pid}.tmp")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, tmps[0]
+
+
+def test_temp_folders_of_killed_builders_go_and_live_ones_stay(tmp_path: Path) -> None:
+    """A builder SIGKILLed mid-build leaves a full-size temp folder: a build of another store
+    in the same store_dir removes it once its builder is dead (the store's lock is stale), and
+    keeps a live builder's (here or on another host) and every folder that is not ours."""
+    features, labels = make_bag_cohort(tmp_path, n_patients=600, dim=8, n_instances=(20, 40))
+    root = tmp_path / "stores"
+    root.mkdir()
+    proc, building = _builder_caught_writing(features, labels, root, tmp_path / "builder.log")
+    lock = root / f".{building.name.split('.')[1]}.lock"
+    try:
+        size = (building / "features.npy").stat().st_size
+        elsewhere = root / ".float32-7slides-0123456789ab.77.tmp"  # a live builder on another host
+        elsewhere.mkdir()
+        (elsewhere / "features.npy").write_bytes(b"x")
+        owner = {**me(), "host": "node7", "machine": "other", "pid": 77}
+        (root / ".float32-7slides-0123456789ab.lock").write_text(json.dumps(owner))
+        names = [".results.123.tmp", ".float16-3slides-0123456789ab.9.tmp",
+                 ".float16-3slides-abc.9.tmp", "float16-3slides-0123456789ab.9.tmp"]  # fmt: skip
+        yours = [root / name for name in names]  # not ours: one holds files no builder writes
+        for folder in yours:
+            folder.mkdir()
+            (folder / "notes.txt").write_text("mine")
+        other = store_of(features, labels, f"data.store_dir={root}", "data.dtype=float32")
+        assert other.folder.parent == root
+        assert (building / "features.npy").stat().st_size == size  # a live builder's: kept
+    finally:
+        proc.kill()  # SIGKILL mid-build
+        proc.wait()
+    assert building.is_dir() and lock.is_file()
+    sub = tmp_path / "sub.csv"  # another cohort: another store, built next
+    pd.read_csv(labels).iloc[:4].to_csv(sub, index=False)
+    store_of(features, sub, f"data.store_dir={root}")
+    assert not building.exists()
+    assert not lock.exists()  # taken from the dead builder, released
+    assert elsewhere.is_dir() and all((f / "notes.txt").read_text() == "mine" for f in yours)
+    # the other host's builder died: its lock's heartbeat stops, and after stale_after it goes
+    then = time.time() - 2 * DEFAULT_STALE_S
+    os.utime(root / ".float32-7slides-0123456789ab.lock", (then, then))
+    pd.read_csv(labels).iloc[4:8].to_csv(sub, index=False)  # in no store yet: built
+    store_of(features, sub, f"data.store_dir={root}")
+    assert not elsewhere.exists() and all(f.is_dir() for f in yours)
 
 
 def test_estimate_is_plain_arithmetic() -> None:

@@ -16,7 +16,9 @@ all of them.
   writes; float16 -> float32 is exact, so training sees the same numbers as from float32 RAM),
   else float32. ``float16`` is the explicit, lossy choice for float32 features.
 - Building is atomic (written under a temp name, then renamed) and serialised by a lock file;
-  a process that loses the race waits, then opens the winner's store.
+  a process that loses the race waits, then opens the winner's store. A killed builder's
+  full-size temp folder is removed by the next build of any store in the folder, once its lock
+  says that builder is gone.
 """
 
 from __future__ import annotations

@@ -38,6 +38,9 @@ UNUSED_S = 24 * 3600.0  # a store nobody opened for this long, and never reusabl
 # what `_name` makes (`bags` before stores were named by slide count): data.store_dir may be a
 # folder of yours, and only folders named so are ever pruned there
 STORE_NAME = re.compile(r"float(16|32)-\d+(slides|bags)-[0-9a-f]{12}")
+# a build's (and `prune`'s) temp folder, `.<store name>.<pid>.tmp`, holding only these files
+TMP_NAME = re.compile(rf"\.({STORE_NAME.pattern})\.\d+\.tmp")
+TMP_FILES = frozenset({"features.npy", "index.json"})
 
 
 @dataclass(frozen=True)
@@ -256,6 +259,40 @@ def _check_disk(root: Path, need: int, dtype: str) -> None:
         )
 
 
+def _ours(folder: Path) -> bool:
+    """A temp folder a build or `prune` made: named so, a real folder, only a store's files."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        with os.scandir(folder) as listing:
+            return all(e.name in TMP_FILES and e.is_file(follow_symlinks=False) for e in listing)
+    except OSError:
+        return False
+
+
+def _clear_dead_builds(root: Path, held: str) -> None:
+    """Remove the temp folders of builds whose builder is dead, of any store in ``root``.
+
+    A builder SIGKILLed mid-build leaves a full-size temp folder; only a build of that same
+    store used to remove it. A temp folder is written only under its store's lock (``held``
+    is ours), so one whose lock we can take (`Claim` breaks a dead owner's) has no live
+    builder, here or on another host; a lock held by a live builder leaves its folder alone.
+    """
+    for folder in sorted(root.iterdir()):
+        match = TMP_NAME.fullmatch(folder.name)
+        if match is None or not _ours(folder):
+            continue
+        lock = None if match.group(1) == held else Claim(root / f".{match.group(1)}.lock")
+        if lock is not None and not lock.acquire():
+            continue  # its builder is alive (or its lock's owner cannot be told dead yet)
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s, left by a bag store build that was killed", folder)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
 def build(root: Path, sources: list[Source], layout: Layout, dtype: str) -> Path:
     """Build the store under its lock and return its folder; a process that finds the lock
     held waits, then returns the holder's store (or builds it, if the holder died)."""
@@ -280,8 +317,7 @@ def build(root: Path, sources: list[Source], layout: Layout, dtype: str) -> Path
                 f"bag store '{final}' is damaged (no readable index.json or features.npy); "
                 "delete that folder and run again: it is a cache, rebuilt from the feature files."
             )
-        for stale in root.glob(f".{name}.*.tmp"):  # left by a killed builder
-            shutil.rmtree(stale, ignore_errors=True)
+        _clear_dead_builds(root, name)
         clear_drafts(root)  # lock drafts of claimants killed while claiming
         nbytes = layout.nbytes(dtype)
         _check_disk(root, nbytes, dtype)
