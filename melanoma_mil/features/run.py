@@ -279,6 +279,12 @@ def _written(
     return left
 
 
+def _read_only(folders: list[Path], left: set[str]) -> set[Path]:
+    """The cache folders this call only reads (no slide left to encode) and cannot write, as a
+    lab's finished shared cache: nothing is written there, so they are used as they are."""
+    return {f for f in folders if f.name not in left and f.is_dir() and not os.access(f, os.W_OK)}
+
+
 def run_extract(cfg: ExtractConfig) -> int:
     """Extract features for every coords file under ``cfg.coords_dir``; 1 unless every slide
     is done or empty (failed, or still held by another process: see the table)."""
@@ -296,6 +302,7 @@ def run_extract(cfg: ExtractConfig) -> int:
     refuse_in_the_way(cfg.output_dir, "extract", sorted(keys), sorted(left))
     claim_shared(cfg.output_dir, "extract")
     folders = [run.out_root / key for key in sorted(keys)]
+    read_only = _read_only(folders, left)
     precision, rebuilds = folder_precision(folders, cfg.precision, precision, cfg.overwrite, device)
     run.precision = precision
     tile = max((g.tile_size for g in grids if isinstance(g, TileGrid)), default=224)
@@ -338,15 +345,18 @@ def run_extract(cfg: ExtractConfig) -> int:
         if processes is not None:
             processes.close()
     queue.tidy(DONE)
-    code = _report(run, queue, jobs, untiled)
+    code = _report(run, queue, jobs, untiled, read_only)
     for key, started in rebuilds.items() if code == 0 else ():  # every slide rebuilt
         end_rebuild(run.out_root / key, started)
     return code
 
 
-def _report(run: Run, queue: SlideQueue, jobs: list[Any], untiled: dict[str, Path]) -> int:
-    """The whole cohort's table, printed and as extract.csv in each cache folder; ``untiled``
-    slides (no coords file) are listed and fail the run, as a failed slide does."""
+def _report(
+    run: Run, queue: SlideQueue, jobs: list[Any], untiled: dict[str, Path], read_only: set[Path]
+) -> int:
+    """The whole cohort's table, printed and as extract.csv in each cache folder but those
+    ``read_only`` (their table is kept as it is); ``untiled`` slides (no coords file) are listed
+    and fail the run, as a failed slide does."""
     rows = [queue.rows.get(j.slide_id) or {"slide_id": j.slide_id, "status": "failed",
             "reason": "not reached"} for j in jobs]  # fmt: skip
     rows += [{"slide_id": sid, "status": "no coords", "reason": NO_COORDS, "path": str(p)}
@@ -361,6 +371,10 @@ def _report(run: Run, queue: SlideQueue, jobs: list[Any], untiled: dict[str, Pat
     keys = sorted(df["cache_key"].dropna().unique())
     wrote = True
     for key in keys:  # each cache folder's table: its slides and those that never got a key
+        if run.out_root / key in read_only:
+            print(f"  table: {run.out_root / key / 'extract.csv'} left as it was (the folder is "
+                  "read-only)", flush=True)  # fmt: skip
+            continue
         sub = df[(df["cache_key"] == key) | df["cache_key"].isna()]
         wrote &= write(sub, run.out_root / key / "extract.csv")
     if not keys:
