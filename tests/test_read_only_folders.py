@@ -108,16 +108,20 @@ def test_tile_reads_read_only_coords_and_qc_when_every_slide_is_tiled(
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.h5")} == made
 
 
+@pytest.mark.parametrize("made", ["now", "before precision records"])
 def test_extract_reads_a_complete_read_only_cache_folder(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], made: str
 ) -> None:
     """Every slide encoded: the read-only cache (a lab's finished, shared one) is used as it is,
     exit 0: no bag is touched and its table is kept, as one printed line says (exit 1 before:
-    extract.csv could not be rewritten)."""
+    extract.csv could not be rewritten). A cache made before folders recorded their precision
+    is read as well, its precision taken from its bags, not recorded (an OSError before)."""
     tiles = make_cohort(tmp_path, 2)
     out = tmp_path / "features"
     assert run_extract(_cfg(tiles, out)) == 0
     (cache,) = (p for p in out.iterdir() if p.is_dir())
+    if made != "now":
+        (cache / ".precision.json").unlink()
     made = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
     table = (cache / "extract.csv").read_bytes()
     capsys.readouterr()

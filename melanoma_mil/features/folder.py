@@ -26,6 +26,7 @@ import os
 import secrets
 import time
 from collections import Counter
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,16 @@ def _record(folder: Path, precision: str, overwrite: bool) -> dict[str, Any]:
     return record
 
 
+def _read_record(folder: Path) -> dict[str, Any]:
+    """`_record` of a folder that cannot be written, written nowhere: its record, else that of
+    a folder made before records existed (its first bag's precision); {} if it has neither."""
+    record = read_json(folder / PRECISION_FILE)
+    if isinstance(record.get("precision"), str):
+        return record
+    made = _bag_precision(folder)
+    return {"precision": made, "by": "as its bags record"} if made else {}
+
+
 def end_rebuild(folder: Path, started: float) -> None:
     """End the folder's rebuild (this process's cohort is all done): the next overwrite=true
     starts afresh. A rebuild started by another since is put back."""
@@ -132,21 +143,30 @@ def end_rebuild(folder: Path, started: float) -> None:
 
 
 def folder_precision(
-    folders: list[Path], asked: str, resolved: str, overwrite: bool, device: torch.device
+    folders: list[Path],
+    asked: str,
+    resolved: str,
+    overwrite: bool,
+    device: torch.device,
+    read_only: Collection[Path],
 ) -> tuple[str, dict[str, float]]:
     """The precision this process extracts at: its folders' (``asked``: the config's, auto or
     explicit; ``resolved``: what auto gives on this machine), and with ``overwrite`` when each
     folder's rebuild started (by folder name). An explicit precision other than a folder's,
-    folders that disagree, or a GPU that cannot run the folder's are refused."""
+    folders that disagree, or a GPU that cannot run the folder's are refused. ``read_only``:
+    folders only read (nothing to encode there, cannot be written): their precision is read,
+    never recorded."""
     wanted = resolved if asked == "auto" else asked
     # folders with a precision already first: a new one (another tile size) takes theirs, and
     # is recorded only once this process is known to extract at it
-    held = [f for f in folders if _has_precision(f, overwrite)]
-    records = {folder: _record(folder, wanted, overwrite) for folder in held}
+    records = {f: r for f in folders if f in read_only and (r := _read_record(f))}
+    held = [f for f in folders if f not in read_only and _has_precision(f, overwrite)]
+    records |= {folder: _record(folder, wanted, overwrite) for folder in held}
     precision = _one_precision(records) or wanted
     if records:
         _check_asked(*next(iter(records.items())), asked, precision, resolved, overwrite, device)
-    records |= {f: _record(f, precision, overwrite) for f in folders if f not in records}
+    new = [f for f in folders if f not in records and f not in read_only]
+    records |= {f: _record(f, precision, overwrite) for f in new}
     _one_precision(records)  # a peer may have recorded another in a new folder meanwhile
     return precision, {f.name: float(r["started"]) for f, r in records.items() if overwrite}
 

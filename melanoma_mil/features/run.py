@@ -303,7 +303,9 @@ def run_extract(cfg: ExtractConfig) -> int:
     claim_shared(cfg.output_dir, "extract")
     folders = [run.out_root / key for key in sorted(keys)]
     read_only = _read_only(folders, left)
-    precision, rebuilds = folder_precision(folders, cfg.precision, precision, cfg.overwrite, device)
+    precision, rebuilds = folder_precision(
+        folders, cfg.precision, precision, cfg.overwrite, device, read_only
+    )
     run.precision = precision
     tile = max((g.tile_size for g in grids if isinstance(g, TileGrid)), default=224)
     if encoder.low_precision_weights(precision, tile):
