@@ -106,14 +106,16 @@ def claim_output(
         claim_output(out, record, overwrite, outputs)
 
 
-def claim_shared(folder: str | Path, command: str) -> None:
+def claim_shared(folder: str | Path, command: str, write: bool = True) -> None:
     """Make ``folder`` ``command``'s or refuse it, for commands that resume file by file and
     that many processes share (`tile`, `extract`; `sweep` one at a time). A folder without a
     marker is adopted, as folders made before markers existed: these commands keep each
     slide's file and each run there unless ``overwrite``, and rewrite only their summary tables
-    and QC images."""
+    and QC images. ``write=False`` only checks (before heavy work)."""
     out = output_folder(folder, command)
     marker = read_marker(out)
+    if marker is None and not write:
+        return
     if marker is None:
         out.mkdir(parents=True, exist_ok=True)
         if write_marker(out, {"command": command}):

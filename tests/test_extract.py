@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +22,10 @@ from conftest import CMU, make_cohort, write_grid
 
 from melanoma_mil.cli import main
 from melanoma_mil.config import EncoderConfig, ExtractConfig
+from melanoma_mil.errors import UserError
+from melanoma_mil.features import run as features_run
 from melanoma_mil.features.run import run_extract
+from melanoma_mil.outdir import MARKER
 from melanoma_mil.tiling.coords import TileGrid, read_coords, write_coords
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,10 +233,10 @@ def test_a_coords_file_rewritten_during_the_run_fails_its_slide_not_mislabels_it
     coords = tiles / "coords" / "slide1.h5"
     planned = extract_run._encoder
 
-    def retiled_after_planning(cfg: ExtractConfig) -> object:
+    def retiled_after_planning(cfg: ExtractConfig, device: torch.device) -> object:
         grid = read_coords(coords)  # same tiles in another order: only the rows differ
         write_coords(coords, replace(grid, coords=grid.coords[::-1].copy()))
-        return planned(cfg)
+        return planned(cfg, device)
 
     monkeypatch.setattr(extract_run, "_encoder", retiled_after_planning)
     out = tmp_path / "features"
@@ -335,6 +339,35 @@ def test_a_bad_encoder_setting_fails_before_the_output_folder_exists(
     assert main([*argv, "encoder.pretrained=false", bad]) == 2
     assert bad.split("=")[1] in capsys.readouterr().err
     assert not out.exists()
+
+
+def not_built(*_: object, **__: object) -> None:
+    raise AssertionError("the encoder was built before the refusal")
+
+
+@pytest.mark.parametrize(
+    "bad", ["output_dir is a file", "tile's output_dir", "a file at the cache"]
+)
+def test_a_bad_output_folder_is_refused_before_the_encoder_is_built(
+    bad: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The encoder (weights loaded, maybe downloaded: minutes for a foundation model) is built
+    only once the folders are checked: it was built first, then the folder refused."""
+    tiles = make_cohort(tmp_path, 1, side=128)
+    out = tmp_path / "f"
+    assert run_extract(cfg_for(tiles, out)) == 0
+    (cache,) = (p for p in out.iterdir() if p.is_dir())
+    mine = {"output_dir is a file": tmp_path / "file", "tile's output_dir": out / MARKER,
+            "a file at the cache": cache}[bad]  # fmt: skip
+    if bad == "output_dir is a file":
+        out = mine
+    elif bad == "a file at the cache":
+        shutil.rmtree(cache)
+    mine.write_text(json.dumps({"command": "tile"}))
+    monkeypatch.setattr(features_run, "build_encoder", not_built)
+    with pytest.raises(UserError, match=f"'{out}"):
+        run_extract(cfg_for(tiles, out))
+    assert json.loads(mine.read_text()) == {"command": "tile"}
 
 
 def test_a_slide_without_coords_is_listed_and_fails_the_run(

@@ -14,12 +14,14 @@ import pandas as pd
 import pytest
 from conftest import Pipeline, inference_cfg, make_cohort, read_only_bind, write_grid
 from test_config import one_line_error
+from test_extract import not_built
 from test_extract_cache import _cfg
 from test_tile_disk import _slides
 
 from melanoma_mil.config import PredictConfig, TileConfig, TilingConfig
 from melanoma_mil.demo.pyramid import write_pyramid
 from melanoma_mil.errors import UserError
+from melanoma_mil.features import run as features_run
 from melanoma_mil.features.run import run_extract
 from melanoma_mil.inference.predict import run_predict
 from melanoma_mil.tiling.coords import write_coords
@@ -44,12 +46,16 @@ def test_tile_refuses_a_read_only_folder_it_writes_before_tiling(
     assert not list(out.rglob("*.h5")) and not list(out.rglob("*.png"))
 
 
-def test_extract_refuses_a_read_only_cache_folder_before_encoding(tmp_path: Path) -> None:
+def test_extract_refuses_a_read_only_cache_folder_before_encoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the encoder is even built (weights loaded, maybe downloaded)."""
     tiles = make_cohort(tmp_path, 2)
     out = tmp_path / "features"
     assert run_extract(_cfg(tiles, out)) == 0
     (bag,) = out.glob("*/slide1.h5")
     bag.unlink()  # one slide left to encode
+    monkeypatch.setattr(features_run, "build_encoder", not_built)
     with read_only_bind(bag.parent), pytest.raises(UserError, match="cannot be written") as e:
         run_extract(_cfg(tiles, out))
     assert _refused(bag.parent, "extract") in str(e.value)

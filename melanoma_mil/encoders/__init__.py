@@ -6,6 +6,7 @@ from melanoma_mil.encoders.build import (
     RandomEncoderWarning,
     TileTransform,
     build_encoder,
+    encoder_identity,
     resolve_precision,
     warn_if_random,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "RandomEncoderWarning",
     "TileTransform",
     "build_encoder",
+    "encoder_identity",
     "get_spec",
     "resolve_precision",
     "warn_if_random",

@@ -8,6 +8,7 @@ as "random"). Nothing ever falls back silently from pretrained to random.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from torch import nn
 
 from melanoma_mil.config import EncoderConfig
 from melanoma_mil.encoders.registry import EncoderSpec, get_spec
-from melanoma_mil.encoders.weights import load_into, read_weights_file
+from melanoma_mil.encoders.weights import check_weights_path, load_into, read_weights_file
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import sha256_file
 
@@ -252,11 +253,15 @@ def load_trunk(
     return _pooled(trunk, spec), prefix
 
 
-def _hub_id(model: nn.Module, spec: EncoderSpec) -> str:
+def _hub_id(spec: EncoderSpec) -> str:
+    """The hub weights' id, from timm's pretrained config of the model `_create` builds (the
+    one that model records), so it is known before they are downloaded."""
     if spec.hub and spec.hub.startswith("hf-hub:"):
         return spec.hub.split(":", 1)[1]
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return str(cfg.get("hf_hub_id") or cfg.get("url") or spec.arch)
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(spec.hub if spec.hub and spec.hub != "timm" else spec.arch)
+    return str(getattr(cfg, "hf_hub_id", None) or getattr(cfg, "url", None) or spec.arch)
 
 
 _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
@@ -314,13 +319,18 @@ def _hub_unreachable(spec: EncoderSpec) -> str:
     return ""
 
 
-def _hub_model(spec: EncoderSpec) -> nn.Module:
+def _refuse_hubless(spec: EncoderSpec) -> None:
+    """Refuse pretrained weights from the hub for an encoder that has none there."""
     if spec.hub is None:
         raise UserError(
             f"encoder '{spec.name}' has no hub copy of its weights: download them from "
             f"{spec.weights_url} and pass encoder.weights=PATH (or encoder.pretrained=false "
             "for random weights, tests only)."
         )
+
+
+def _hub_model(spec: EncoderSpec) -> nn.Module:
+    _refuse_hubless(spec)
     gated = " (gated: accept its terms on huggingface.co, set HF_TOKEN)" if spec.gated else ""
     offline = _hub_unreachable(spec)
     if offline:
@@ -340,26 +350,58 @@ def _hub_model(spec: EncoderSpec) -> nn.Module:
         ) from None
 
 
+@functools.lru_cache(maxsize=4)
+def _weights_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """`sha256_file` once per process and file version: `encoder_identity`, then the build."""
+    return sha256_file(path)
+
+
+def _transform(spec: EncoderSpec) -> TileTransform:
+    return TileTransform(spec.mean, spec.std, spec.resize, spec.crop, spec.interpolation)
+
+
+def encoder_identity(cfg: EncoderConfig) -> dict[str, Any]:
+    """The provenance fields that name ``cfg``'s features (their cache key), without building
+    the encoder (no weights loaded or downloaded): a command refuses its folders before that.
+    A bad name, weights path or hub-less pretrained encoder is refused here."""
+    spec = get_spec(cfg.name)
+    weights_id = RANDOM
+    if cfg.weights:
+        path = check_weights_path(Path(cfg.weights).expanduser())
+        stat = path.stat()
+        weights_id = _weights_sha256(path.resolve(), stat.st_size, stat.st_mtime_ns)
+    elif cfg.pretrained:
+        _refuse_hubless(spec)
+        weights_id = f"hub:{_hub_id(spec)}"
+    return {
+        "encoder": spec.name,
+        "encoder_weights": weights_id,
+        "encoder_pretrained": weights_id != RANDOM,
+        "embed_dim": spec.dim,
+        "transform": _transform(spec).to_json(),
+        "encoder_arch": spec.arch,
+        "encoder_pooling": spec.pooling,
+    }
+
+
 def build_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> Encoder:
     """Build ``cfg.name`` with its declared weights; ``device='meta'`` builds shapes only."""
     spec = get_spec(cfg.name)
     device = torch.device(device)
-    weights_id, prefix = RANDOM, None
+    if device.type == "meta" and (cfg.weights or cfg.pretrained):
+        raise UserError("a meta-device encoder has no weights: use pretrained=false.")
+    identity = encoder_identity(cfg)
     snapshot: dict[str, str] = {}
     if device.type == "meta":
-        if cfg.weights or cfg.pretrained:
-            raise UserError("a meta-device encoder has no weights: use pretrained=false.")
         with torch.device("meta"):
             model = _cut(_create(spec, pretrained_hub=False), spec)
     elif cfg.weights:
         path = Path(cfg.weights).expanduser()
         sd = read_weights_file(path, cfg.trust_weights)
         model, prefix = load_trunk(spec, _uninitialised(spec), sd, path)
-        weights_id = sha256_file(path)
         log.info("encoder %s: weights %s (prefix '%s' stripped)", spec.name, path, prefix)
     elif cfg.pretrained:
         raw = _hub_model(spec)
-        weights_id = f"hub:{_hub_id(raw, spec)}"
         snapshot = _hub_snapshot(spec)
         model = _cut(raw, spec)
     else:
@@ -373,21 +415,10 @@ def build_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> Enc
     model = model.eval().requires_grad_(False)
     if device.type != "meta":
         model = model.to(device=device, memory_format=torch.channels_last)
-    transform = TileTransform(spec.mean, spec.std, spec.resize, spec.crop, spec.interpolation)
-    provenance: dict[str, Any] = {
-        "encoder": spec.name,
-        "encoder_weights": weights_id,
-        "encoder_pretrained": weights_id != RANDOM,
-        "embed_dim": spec.dim,
-        "transform": transform.to_json(),
-        "encoder_arch": spec.arch,
-        "encoder_pooling": spec.pooling,
-        "encoder_license": spec.license,
-        **snapshot,
-    }
+    provenance: dict[str, Any] = {**identity, "encoder_license": spec.license, **snapshot}
     if cfg.weights:
         provenance["encoder_weights_file"] = str(Path(cfg.weights).expanduser().resolve())
-    return Encoder(spec.name, model, transform, spec.dim, spec, provenance)
+    return Encoder(spec.name, model, _transform(spec), spec.dim, spec, provenance)
 
 
 def warn_if_random(attrs: Mapping[str, Any], where: str = "the feature cache") -> bool:

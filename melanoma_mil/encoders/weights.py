@@ -28,17 +28,23 @@ _NESTED = ("state_dict", "model", "teacher", "model_state_dict", "module", "net"
 _EXTRA_BUFFERS = ("num_batches_tracked",)  # absent from some checkpoints, harmless at eval
 
 
-def read_weights_file(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
-    """The tensor dict inside a weights file (safetensors, torch state dict or checkpoint).
-    Pickled objects beside the tensors are loaded only when ``trust``: unpickling a file runs
-    code it names, and weights are often downloaded from strangers."""
-    if path.is_dir():  # e.g. a downloaded model repository
+def check_weights_path(path: Path) -> Path:
+    """``path``, refused unless it is a file (a folder: e.g. a downloaded model repository)."""
+    if path.is_dir():
         raise UserError(
             f"encoder.weights '{path}' is a folder: pass the weights file in it (e.g. its "
             "model.safetensors or pytorch_model.bin)."
         )
     if not path.is_file():
         raise UserError(f"encoder.weights '{path}' not found: check the path.")
+    return path
+
+
+def read_weights_file(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """The tensor dict inside a weights file (safetensors, torch state dict or checkpoint).
+    Pickled objects beside the tensors are loaded only when ``trust``: unpickling a file runs
+    code it names, and weights are often downloaded from strangers."""
+    check_weights_path(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -29,7 +29,13 @@ import torch
 
 from melanoma_mil import __version__
 from melanoma_mil.config import ExtractConfig, check
-from melanoma_mil.encoders import Encoder, build_encoder, resolve_precision
+from melanoma_mil.encoders import (
+    Encoder,
+    build_encoder,
+    encoder_identity,
+    get_spec,
+    resolve_precision,
+)
 from melanoma_mil.errors import UserError
 from melanoma_mil.features import placement
 from melanoma_mil.features.cache import cache_key, check_cached, slide_identity
@@ -143,7 +149,7 @@ class Run:
     """What every slide of the run shares."""
 
     cfg: ExtractConfig
-    encoder: Encoder
+    provenance: dict[str, Any]  # the encoder's: its `encoder_identity` until it is built
     precision: str
     out_root: Path
 
@@ -151,7 +157,7 @@ class Run:
     def identity_source(self) -> dict[str, Any]:
         """The encoder's provenance plus the read mode, when it changes pixels (reader=fast)."""
         fast = {"read_mode": "fast"} if self.cfg.reader == "fast" else {}
-        return {**self.encoder.provenance, **fast}
+        return {**self.provenance, **fast}
 
     def attrs(self, grid: TileGrid, key: str) -> dict[str, Any]:
         return {
@@ -245,14 +251,12 @@ def _plan(cfg: ExtractConfig) -> tuple[list[Job], list[TileGrid | str], dict[str
     return jobs, [read[job.slide_id] for job in jobs], untiled
 
 
-def _encoder(cfg: ExtractConfig) -> tuple[torch.device, Encoder, str]:
-    """Device, encoder and precision, settled before the output folder is claimed: a bad
-    encoder setting (name, weights file, device) leaves nothing behind."""
-    device = resolve_device(cfg.device)
+def _encoder(cfg: ExtractConfig, device: torch.device) -> Encoder:
+    """The encoder, built (weights loaded, maybe downloaded) once the inputs and folders are
+    checked, and before the output folder is claimed: a bad weights file leaves nothing behind."""
     if device.type == "cpu":
         keep_freed_memory()
-    encoder = build_encoder(cfg.encoder, device=device)
-    return device, encoder, resolve_precision(cfg.precision, encoder.spec, device)
+    return build_encoder(cfg.encoder, device=device)
 
 
 def _written(
@@ -290,8 +294,9 @@ def run_extract(cfg: ExtractConfig) -> int:
     is done or empty (failed, or still held by another process: see the table)."""
     check(cfg)  # also configs built in code (predict, heatmap, demo)
     jobs, grids, untiled = _plan(cfg)
-    device, encoder, precision = _encoder(cfg)
-    run = Run(cfg, encoder, precision, Path(cfg.output_dir))
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, get_spec(cfg.encoder.name), device)
+    run = Run(cfg, encoder_identity(cfg.encoder), precision, Path(cfg.output_dir))
     keyed = {
         job.slide_id: cache_key(slide_identity(run.identity_source, g))
         for job, g in zip(jobs, grids, strict=True)
@@ -300,6 +305,9 @@ def run_extract(cfg: ExtractConfig) -> int:
     keys = set(keyed.values())
     left = _written(run, jobs, grids, keyed)
     refuse_in_the_way(cfg.output_dir, "extract", sorted(keys), sorted(left))
+    claim_shared(cfg.output_dir, "extract", write=False)
+    encoder = _encoder(cfg, device)
+    run.provenance = encoder.provenance
     claim_shared(cfg.output_dir, "extract")
     folders = [run.out_root / key for key in sorted(keys)]
     read_only = _read_only(folders, left)
@@ -369,7 +377,9 @@ def _report(
             df[col] = np.nan
     df["mpp_source"] = [_mpp_source(g) for g in queue.grids] + [""] * len(untiled)
     df = df[CSV_COLUMNS].sort_values("slide_id")
-    show(df, f"extract {run.encoder.name}", CSV_COLUMNS[:-2], WIDTHS, (*DONE, "empty", "failed"))
+    show(
+        df, f"extract {run.cfg.encoder.name}", CSV_COLUMNS[:-2], WIDTHS, (*DONE, "empty", "failed")
+    )
     keys = sorted(df["cache_key"].dropna().unique())
     wrote = True
     for key in keys:  # each cache folder's table: its slides and those that never got a key
