@@ -14,10 +14,12 @@ import h5py
 import pytest
 import torch
 from conftest import make_cohort, write_grid
+from test_extract import not_built
 from test_extract_cache import _cfg, _table
 
 from melanoma_mil.encoders import build_encoder, resolve_precision
 from melanoma_mil.errors import UserError
+from melanoma_mil.features import run as features_run
 from melanoma_mil.features.run import run_extract
 
 
@@ -110,7 +112,11 @@ def test_a_new_cache_folder_takes_the_precision_of_the_runs_existing_one(tmp_pat
 
     write_grid(tiles, tmp_path / "slides" / "slide1.tif", 384, 32)  # a new tile size: new folder
     later.unlink()
-    with pytest.raises(UserError, match=rf"precision={other}.*precision={here} asked"):
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        pytest.raises(UserError, match=rf"precision={other}.*precision={here} asked"),
+    ):
+        patch.setattr(features_run, "build_encoder", not_built)  # refused before it is built
         run_extract(_cfg(tiles, out, precision=here))
     assert len(list(out.glob("*/.precision.json"))) == 1  # the refused run recorded nothing
     assert run_extract(_cfg(tiles, out)) == 0  # auto: the new folder takes the run's precision

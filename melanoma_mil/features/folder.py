@@ -154,8 +154,8 @@ def folder_precision(
     explicit; ``resolved``: what auto gives on this machine), and with ``overwrite`` when each
     folder's rebuild started (by folder name). An explicit precision other than a folder's,
     folders that disagree, or a GPU that cannot run the folder's are refused. ``read_only``:
-    folders only read (nothing to encode there, cannot be written): their precision is read,
-    never recorded."""
+    folders whose precision is read, never recorded: those only read (nothing to encode there,
+    cannot be written), or all (the checks alone, before the encoder is built)."""
     wanted = resolved if asked == "auto" else asked
     # folders with a precision already first: a new one (another tile size) takes theirs, and
     # is recorded only once this process is known to extract at it

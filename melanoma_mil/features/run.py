@@ -306,11 +306,13 @@ def run_extract(cfg: ExtractConfig) -> int:
     left = _written(run, jobs, grids, keyed)
     refuse_in_the_way(cfg.output_dir, "extract", sorted(keys), sorted(left))
     claim_shared(cfg.output_dir, "extract", write=False)
+    folders = [run.out_root / key for key in sorted(keys)]
+    read_only = _read_only(folders, left)
+    if not cfg.overwrite:  # its refusals (another precision asked...) now, recording nothing
+        folder_precision(folders, cfg.precision, precision, False, device, folders)
     encoder = _encoder(cfg, device)
     run.provenance = encoder.provenance
     claim_shared(cfg.output_dir, "extract")
-    folders = [run.out_root / key for key in sorted(keys)]
-    read_only = _read_only(folders, left)
     precision, rebuilds = folder_precision(
         folders, cfg.precision, precision, cfg.overwrite, device, read_only
     )
