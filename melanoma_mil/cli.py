@@ -79,7 +79,8 @@ COMMANDS: dict[str, Command] = {
         C.PredictConfig,
         "melanoma_mil.inference.predict:run_predict",
         "run a trained fold-model ensemble on new slides",
-        resume="re-run it with overwrite=true: the tiles and features made in _work are reused",
+        resume="re-run the same command: it resumes, reusing the tiles and features made in "
+        "_work and, without overwrite=true, the slides already drawn",
     ),
     "evaluate": Command(
         C.EvaluateConfig,

@@ -45,6 +45,12 @@ def disk_full_reason(e: OSError, folder: Path) -> str:
     return f"disk full ({e.strerror}) in {folder}"
 
 
+def says_disk_full(reason: str) -> bool:
+    """Whether a slide's reason holds `disk_full_reason`'s (as is, or quoted by a later step):
+    a plain re-run once there is room finishes that slide."""
+    return "disk full (" in reason
+
+
 def _read(path: str) -> str:
     try:
         with open(path) as f:

@@ -27,6 +27,7 @@ from test_config import one_line_error
 from melanoma_mil.config import EvaluateConfig, HeatmapConfig, PredictConfig, load_config
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.evaluate import run_evaluate
+from melanoma_mil.inference.analyse import ATTENTION_FILE
 from melanoma_mil.inference.heatmap import run_heatmap
 from melanoma_mil.inference.predict import run_predict
 
@@ -277,9 +278,8 @@ def test_a_failed_patient_table_write_leaves_the_earlier_predictions_whole(
         assert "write_together" in [entry.name for entry in e.traceback]  # after scoring
         assert (out / "predictions.csv").read_bytes() == before
         assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
-        filler.unlink()
-        assert run_predict(predict_cfg(pipe, out, *keys, "slide_ids=[slide_000,slide_002]",
-                                       "overwrite=true")) == 0  # fmt: skip
+        filler.unlink()  # a plain re-run finishes the call the full disk stopped
+        assert run_predict(predict_cfg(pipe, out, *keys, "slide_ids=[slide_000,slide_002]")) == 0
         slides = pd.read_csv(out / "predictions.csv")
         assert list(slides["slide_id"]) == ["slide_000", "slide_002"]
         assert list(pd.read_csv(out / "patient_predictions.csv")["patient_id"]) == ["P1", "P2"]
@@ -329,4 +329,15 @@ def test_a_full_disk_stops_the_drawing_not_the_predictions(
         assert table["reason"].fillna("").tolist() == ["", full, *[f"not drawn: {full}"] * 2]
         assert table["prob"].notna().all()  # every slide scored
         assert f"predict stopped drawing heatmaps: {full}; make room" in caplog.text
+        assert "overwrite=true" not in caplog.text  # it scored and drew everything again
         assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp")]
+        first = (out / "slide_000" / ATTENTION_FILE).stat()
+        (disk / "filler").unlink()
+        assert run_predict(predict_cfg(pipe, out, *given, four)) == 0  # a plain re-run resumes
+        again = pd.read_csv(out / "predictions.csv").set_index("slide_id")
+        assert again["status"].tolist() == ["ok"] * 4 and again["reason"].isna().all()
+        assert again["heatmap"].notna().all() and again["prob"].equals(table["prob"])
+        kept = (out / "slide_000" / ATTENTION_FILE).stat()
+        assert (kept.st_ino, kept.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # not redrawn
+        with pytest.raises(UserError, match="exists; pass overwrite=true"):  # finished now
+            run_predict(predict_cfg(pipe, out, *given, four))

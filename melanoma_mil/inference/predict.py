@@ -26,8 +26,9 @@ from melanoma_mil.data.bags import read_bag
 from melanoma_mil.data.cohort import read_patients
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.hooks import check_inputs, write_report
-from melanoma_mil.ids import unmatched_ids
+from melanoma_mil.ids import id_path, unmatched_ids
 from melanoma_mil.inference.analyse import (
+    ATTENTION_FILE,
     FAILED,
     FILE_COLUMNS,
     SHOWN,
@@ -36,21 +37,27 @@ from melanoma_mil.inference.analyse import (
     check_common,
     claim_for_run,
     ensemble_columns,
+    made_for,
     print_failures,
     remove_unwritten,
 )
 from melanoma_mil.inference.ensemble import Ensemble
+from melanoma_mil.inference.heatmap import FILES, drawn_alike, unchanged
 from melanoma_mil.inference.inputs import PATIENTS, SlideInput, prepare_inputs
+from melanoma_mil.inference.work import extract_settings
 from melanoma_mil.io import temp_target, write_json, write_together
 from melanoma_mil.outdir import MARKER, read_marker, refuse_folders_at
 from melanoma_mil.rundir import EVALUATION, REPORT, TrainedRun
+from melanoma_mil.tiling.slides import read_mpp_csv
 from melanoma_mil.tracking.loggers import log_slides
+from melanoma_mil.workshare import STOP_FIX, says_disk_full
 
 log = logging.getLogger(__name__)
 
 META = ["n_tiles", "status", "reason"]
 MADE = "evaluation_files"  # key of predict's marker: the evaluation files its report wrote
 PENDING = "evaluation_pending"  # and when a report began that was not recorded (ns, epoch)
+UNFINISHED = "unfinished"  # and that a call began and has not finished (full disk, killed)
 SECOND = 1_000_000_000
 
 
@@ -214,6 +221,64 @@ def check_evaluation(out: Path, record: dict[str, Any]) -> None:
         )
 
 
+def unfinished(out: Path, run: TrainedRun) -> bool:
+    """Whether the last call of predict for ``run`` in ``out`` stopped short (a full disk, a
+    kill): its predictions.csv is then no finished result, and a plain re-run resumes it."""
+    marker = read_marker(out) or {}
+    return marker.get("run_id") == run.run_id and marker.get(UNFINISHED) is True
+
+
+def mark_unfinished(out: Path, flag: bool) -> None:
+    """Note in the marker that a call began (``flag``) or finished (see `unfinished`)."""
+    marker = {k: v for k, v in (read_marker(out) or {}).items() if k != UNFINISHED}
+    write_json(out / MARKER, {**marker, UNFINISHED: True} if flag else marker)
+
+
+def drawn_before(
+    out: Path, run: TrainedRun, cfg: PredictConfig, inputs: list[SlideInput]
+) -> dict[str, dict[str, str]]:
+    """slide_id -> drawn files (table columns) of the slides an unfinished call already drew for
+    this run, from the same slide file, mpp_csv row, precision and drawing settings: a resumed
+    call scores them again (their rows stay whole) but does not redraw them."""
+    mpps = {} if cfg.features_dir else read_mpp_csv(cfg.mpp_csv)
+    precision = "auto" if cfg.features_dir else extract_settings(run, cfg)[0]
+    names = {k: n for k, n in FILES.items() if k != "geojson" or cfg.geojson}
+    kept: dict[str, dict[str, str]] = {}
+    for inp in inputs:
+        folder = id_path(out, inp.slide_id)
+        attention, files = folder / ATTENTION_FILE, {k: folder / n for k, n in names.items()}
+        if (
+            inp.features is not None
+            and not inp.no_drawing
+            and all(p.is_file() for p in files.values())
+            and made_for(attention, run)
+            and drawn_alike(attention, cfg)
+            and unchanged(attention, inp.slide_path, mpps.get(inp.slide_id), precision)
+        ):
+            kept[inp.slide_id] = {k: str(p) for k, p in files.items()}
+    return kept
+
+
+def analyse_resumed(
+    inputs: list[SlideInput], ensemble: Ensemble, cfg: PredictConfig, kept: dict[str, Any]
+) -> tuple[pd.DataFrame, str]:
+    """`analyse_all`, but the slides in ``kept`` (`drawn_before`) are scored, not redrawn, and
+    their rows name the files drawn before."""
+    table, stop = analyse_all(
+        [i for i in inputs if i.slide_id not in kept], ensemble, cfg, cfg.heatmaps, "predict"
+    )
+    if not kept:
+        return table, stop
+    again, _ = analyse_all(
+        [i for i in inputs if i.slide_id in kept], ensemble, cfg, False, "predict (drawn before)"
+    )
+    ok = again["status"] == "ok"
+    for column in FILE_COLUMNS:
+        if files := {s: f[column] for s, f in kept.items() if column in f}:
+            again.loc[ok, column] = again.loc[ok, "slide_id"].map(files)
+    return pd.concat([t for t in (table, again) if not t.empty], ignore_index=True), stop
+
+
 def print_undrawn(table: pd.DataFrame, target: Path) -> None:
     """Name the slides scored but not drawn (bags without tile geometry) when the command
     ends: they are ok, so `print_failures` does not list them."""
@@ -274,7 +339,9 @@ def run_predict(cfg: PredictConfig) -> int:
     outputs = (target.name, PATIENTS, *SLIDE_OUTPUTS, REPORT, f"{EVALUATION}/*")
     refuse_folders_at(out, "predict", (target.name, PATIENTS, REPORT))  # a user's folder
     claim_for_run(cfg, run, "predict", outputs, write=False)
-    if target.exists() and not cfg.overwrite:
+    # an unfinished call's predictions.csv (a full disk, a kill) is resumed by a plain re-run
+    resume = not cfg.overwrite and unfinished(out, run)
+    if target.exists() and not cfg.overwrite and not resume:
         raise UserError(f"'{target}' exists; pass overwrite=true or choose another output_dir.")
     check_inputs(cfg, run)
     report = bool(cfg.clinical_csv or cfg.labels_csv)
@@ -296,8 +363,10 @@ def run_predict(cfg: PredictConfig) -> int:
         raise UserError("no slides to predict: check slides_dir / manifest / slide_ids.")
     claim_for_run(cfg, run, "predict", outputs, write=True)
     keep_evaluation(out, made)
+    mark_unfinished(out, True)
     ensemble = Ensemble(run, resolve_device(cfg.device), cfg.threshold)
-    table, stop = analyse_all(inputs, ensemble, cfg, render=cfg.heatmaps, desc="predict")
+    kept = drawn_before(out, run, cfg, inputs) if resume and cfg.heatmaps else {}
+    table, stop = analyse_resumed(inputs, ensemble, cfg, kept)
     table = _ordered(table)
     if patient_of is not None:  # lets `evaluate` group the slides by patient
         table.insert(1, "patient_id", table["slide_id"].map(lambda s: patient_of.get(s, s)))
@@ -309,6 +378,8 @@ def run_predict(cfg: PredictConfig) -> int:
     write_together({path: t.to_csv(index=False).encode() for path, t in tables.items()})
     if cfg.overwrite:
         remove_stale(out, cfg, table, made)
+    elif resume:  # the unfinished call's partial drawings of the slides redone now
+        remove_unwritten(out, table, every=False)
     if patient_of is not None:
         print(f"predict: {len(tables[out / PATIENTS])} patients -> {out / PATIENTS}")
     log_slides(run.config, run.run_dir, table, out, "predict")
@@ -321,10 +392,12 @@ def run_predict(cfg: PredictConfig) -> int:
     print_failures(table, target, "predict")
     print_undrawn(table, target)
     if stop:  # every slide is scored: only the drawing stopped
-        log.error("predict stopped drawing heatmaps: %s; make room (or use another output_dir) "
-                  "and re-run with overwrite=true to draw them", stop)  # fmt: skip
+        log.error("predict stopped drawing heatmaps: %s; %s", stop, STOP_FIX)
     rc = 1 if table["status"].isin(FAILED).any() else 0
     if report:  # patient bags are scored as the run was trained
         pooled = patient_of is not None and run.config.data.bag_level == "patient"
         rc = max(rc, _report(cfg, out, out / PATIENTS if pooled else target, run))
+    # a slide tile, extract or the drawing could not write for a full disk: a re-run finishes it
+    if not stop and not table["reason"].fillna("").astype(str).map(says_disk_full).any():
+        mark_unfinished(out, False)
     return rc
