@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import (
@@ -25,6 +26,7 @@ from conftest import (
 from test_config import one_line_error
 
 from melanoma_mil.config import EvaluateConfig, HeatmapConfig, PredictConfig, load_config
+from melanoma_mil.demo.pyramid import write_pyramid
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.evaluate import run_evaluate
 from melanoma_mil.inference.analyse import ATTENTION_FILE
@@ -341,3 +343,19 @@ def test_a_full_disk_stops_the_drawing_not_the_predictions(
         assert (kept.st_ino, kept.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # not redrawn
         with pytest.raises(UserError, match="exists; pass overwrite=true"):  # finished now
             run_predict(predict_cfg(pipe, out, *given, four))
+
+
+def test_a_blank_slide_keeps_its_reason_on_a_second_run(pipe: Pipeline, tmp_path: Path) -> None:
+    """The second call said 'empty: no tiles in the coords file' (extract's row: tile's own
+    row was a cached 'skipped') instead of the first call's 'no tissue found'."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(pipe.slides / "slide_000.tiff", slides)
+    write_pyramid(slides / "blank.tiff", np.full((1024, 1024, 3), 243, np.uint8), 0.5, 1)
+    out = tmp_path / "pred"
+    reasons = []
+    for _ in range(3):
+        assert run_predict(predict_cfg(pipe, out, f"slides_dir={slides}", "overwrite=true")) == 1
+        table = pd.read_csv(out / "predictions.csv").set_index("slide_id")
+        reasons.append(table.loc["blank", "reason"])
+    assert reasons[0].startswith("empty: no tissue found") and len(set(reasons)) == 1

@@ -74,6 +74,9 @@ def test_mpp_csv_sources_zero_tiles_table_and_contact_sheet(tmp_path: Path, caps
     table = pd.read_csv(out / "tiling.csv").set_index("slide_id")
     assert table.loc["bare", "status"] == "failed"
     assert "from an mpp_csv row this run does not have" in table.loc["bare", "reason"]
+    # and why it is empty, as when it was tiled, not a bare 'already tiled: empty'
+    assert table.loc["blank", "status"] == "skipped"
+    assert table.loc["blank", "reason"].startswith("already tiled: empty (no tissue found")
 
     bad = subprocess.run([sys.executable, "-m", "melanoma_mil", "tile",
                           f"slides_dir={slides}", f"output_dir={tmp_path / 'x'}",

@@ -43,23 +43,43 @@ from melanoma_mil.tiling.slides import mpp_outdated, read_mpp_csv
 log = logging.getLogger(__name__)
 
 
+def _said(status: str, why: str) -> str:
+    """A slide's reason from a tile / extract row's status and reason: the status prefixes it
+    unless it is 'failed' (the slide's own status already says so)."""
+    # never empty: a slide without a reason here would be scored
+    said = why if status == "failed" and why else f"{status}: {why}"
+    if "tiling." in said:  # tile's advice names keys these commands do not take
+        said += (
+            "; predict and heatmap tile with the run's tiling settings: to change "
+            "them, run `tile` and `extract` yourself and pass features_dir="
+        )
+    return said
+
+
 def _reasons(csvs: list[Path]) -> dict[str, str]:
-    """slide_id -> reason, from the tiling.csv / extract.csv rows that were not ok. The row's
-    status prefixes the reason unless it is 'failed' (the slide's own status already says so)."""
+    """slide_id -> reason (`_said`), from the tiling.csv / extract.csv rows that were not ok."""
     reasons: dict[str, str] = {}
     for csv in csvs:
         if csv.is_file():
             df = pd.read_csv(csv, dtype={"slide_id": str}, keep_default_na=False)
             for r in df[~df["status"].isin(["ok", "done", "skipped"])].itertuples():
-                why = str(r.reason)
-                # never empty: a slide without a reason here would be scored
-                why = why if r.status == "failed" and why else f"{r.status}: {why}"
-                if "tiling." in why:  # tile's advice names keys these commands do not take
-                    why += (
-                        "; predict and heatmap tile with the run's tiling settings: to change "
-                        "them, run `tile` and `extract` yourself and pass features_dir="
-                    )
-                reasons.setdefault(str(r.slide_id), why)
+                reasons.setdefault(str(r.slide_id), _said(str(r.status), str(r.reason)))
+    return reasons
+
+
+def _empty_reasons(coords: Path, slides: Iterable[str]) -> dict[str, str]:
+    """slide_id -> reason of the ``slides`` tiled with zero tiles, as `tile` recorded it in their
+    coords file: on a re-run tile's row says 'skipped', and extract's only 'no tiles in the
+    coords file', where the first run said why (e.g. no tissue found)."""
+    reasons: dict[str, str] = {}
+    for sid in slides:
+        path = id_path(coords, sid, ".h5")
+        try:
+            grid = read_coords(path) if path.is_file() else None
+        except UserError:  # unreadable: extract says so
+            continue
+        if grid is not None and not len(grid.coords) and grid.empty_reason:
+            reasons[sid] = _said("empty", grid.empty_reason)
     return reasons
 
 
@@ -259,9 +279,11 @@ def extracted_inputs(
     clear_stale(work, stale)
     extracted = _tile_and_extract(run, usable, cfg, work, tiling)
     caches = sorted(p for p in (work / "features").glob("*") if p.is_dir())
-    tables = [work / "tiles" / "tiling.csv"]
-    tables += [c / "extract.csv" for c in caches] if extracted else []
-    reasons = _reasons(tables)  # slides tile or extract failed in this call: never scored
+    # slides tile or extract failed in this call, or left without tiles: never scored
+    reasons = _reasons([work / "tiles" / "tiling.csv"])
+    reasons.update(_empty_reasons(work / "tiles" / "coords", set(usable) - set(reasons)))
+    extract = _reasons([c / "extract.csv" for c in caches] if extracted else [])
+    reasons = {**extract, **reasons}
     inputs = []
     for sid, slide in slides.items():
         found = [p for c in caches if (p := id_path(c, sid, ".h5")).is_file()]

@@ -44,6 +44,8 @@ class TileGrid:
     mpp_source: str = ""  # where level0_mpp came from
     # the user mask tiled with ("" none: tissue detected); None in files made before it
     mask_fingerprint: str | None = None
+    # why no tile was kept ("" when some were): a re-run that finds the file says it again
+    empty_reason: str = ""
 
     @property
     def level0_size(self) -> int:
@@ -67,6 +69,7 @@ class TileGrid:
             **(
                 {} if self.mask_fingerprint is None else {"mask_fingerprint": self.mask_fingerprint}
             ),
+            **({"empty_reason": self.empty_reason} if self.empty_reason else {}),
         }
 
 
@@ -109,6 +112,7 @@ def read_coords(path: str | os.PathLike[str]) -> TileGrid:
         fingerprint=_text(a.get("slide_fingerprint", "")),
         mpp_source=_text(a.get("mpp_source", "")),
         mask_fingerprint=_text(a["mask_fingerprint"]) if "mask_fingerprint" in a else None,
+        empty_reason=_text(a.get("empty_reason", "")),
     )
 
 

@@ -88,7 +88,10 @@ def tile_one(task: Task) -> dict[str, Any]:
             write_qc(qc, qc_image(tiles, task.slide_id))
         finally:
             slide.close()
-        write_coords(coords, tiles.grid)
+        grid = tiles.grid
+        if not len(grid.coords):  # recorded, so a re-run says why, not just 'already tiled'
+            grid = dataclasses.replace(grid, empty_reason=_empty_reason(tiles, dims, task.cfg))
+        write_coords(coords, grid)
     except Exception as e:  # a corrupt slide fails in a reader, PIL or numpy: report, go on
         row.update(reason=_reason(e), seconds=time.perf_counter() - start)
         if isinstance(e, OSError) and disk_full(e):
@@ -98,10 +101,9 @@ def tile_one(task: Task) -> dict[str, Any]:
         return row
     finally:
         claim.release()
-    grid = tiles.grid
     n = len(grid.coords)
-    reason = _empty_reason(tiles, dims, task.cfg) if n == 0 else ""
-    row.update(status="ok" if n else "empty", n_tiles=n, mpp=grid.level0_mpp, reason=reason,
+    row.update(status="ok" if n else "empty", n_tiles=n, mpp=grid.level0_mpp,
+               reason=grid.empty_reason,
                mpp_source=grid.mpp_source, seconds=time.perf_counter() - start)  # fmt: skip
     return row
 
@@ -160,8 +162,11 @@ def existing_row(task: Task, coords: Path, since: float) -> dict[str, Any] | Non
         return None
     elif coords.stat().st_mtime >= since:
         row["reason"] = "tiled by another process"
-    else:
-        row["reason"] = "already tiled" if len(grid.coords) else "already tiled: empty"
+    elif len(grid.coords):
+        row["reason"] = "already tiled"
+    else:  # and why, as when it was tiled (files made before it was recorded: none)
+        why = f" ({grid.empty_reason})" if grid.empty_reason else ""
+        row["reason"] = f"already tiled: empty{why}"
     return row
 
 
