@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import platform
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -23,16 +24,26 @@ from sklearn.metrics import (
     precision_score,
     recall_score,
     roc_auc_score,
+    roc_curve,
 )
 
 from melanoma_mil.cli import main
 from melanoma_mil.config import EvaluateConfig, load_config
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.calibration import calibration
-from melanoma_mil.evaluation.classification import classification_metrics
+from melanoma_mil.evaluation.classification import (
+    classification_metrics,
+    resample_tprs,
+    roc_band,
+)
 from melanoma_mil.evaluation.evaluate import summary_line
+from melanoma_mil.stats import _cluster_weights
 
 FIGURES = {"roc", "pr", "calibration", "km"}
+ROC_GRID = np.linspace(0, 1, 101)  # the FPRs roc_band reads
+# x86-64 numpy (a baseline without FMA) computes np.interp without fused multiply-add, so
+# roc_band's TPRs equal it bit for bit; where GCC fuses (aarch64) the last bit may differ
+EXACT_INTERP = platform.machine() in ("x86_64", "AMD64")
 
 
 def predictions_csv(path: Path, ids: list[str], prob: np.ndarray, classes: list[str]) -> Path:
@@ -247,6 +258,59 @@ def test_multiclass_metrics_are_macro_one_vs_rest() -> None:
     assert got["balanced_accuracy"]["value"] == pytest.approx(balanced_accuracy_score(y, pred))
     assert got["f1"]["value"] == pytest.approx(f1_score(y, pred, average="macro"))
     assert got["ppv"]["value"] == pytest.approx(precision_score(y, pred, average="macro"))
+
+
+def _roc_curve_tprs(y: np.ndarray, score: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The textbook (and roc_band's former loop): roc_curve of each resample's drawn cases,
+    read by np.interp at 101 FPRs; a resample lacking a class is left out."""
+    tprs = []
+    for counts in w:
+        keep = counts > 0
+        if len(np.unique(y[keep])) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y[keep], score[keep], sample_weight=counts[keep])
+        tprs.append(np.interp(ROC_GRID, fpr, tpr))
+    return np.array(tprs).reshape(-1, len(ROC_GRID))
+
+
+def _same_tprs(got: np.ndarray, expected: np.ndarray) -> bool:
+    if got.shape != expected.shape:
+        return False
+    if EXACT_INTERP:
+        return np.array_equal(got, expected)
+    return np.allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_roc_band_equals_roc_curve_on_every_resample() -> None:
+    """Every resample's TPRs equal roc_curve + np.interp bit for bit (ties within and across
+    classes, resamples drawing one class, 1 to 400 patients, repeated slides), and so does the
+    band; a cohort or resample of one class gives no curve, as before."""
+    rng = np.random.default_rng(0)
+    rows = 0
+    for case in range(400):
+        n = int(rng.choice([1, 2, 3, 4, 5, 12, 60, 400]))
+        y = rng.integers(0, 2, n)
+        score = [
+            rng.random(n),
+            rng.integers(0, 3, n) / 2,  # three scores: long tied runs, collinear points
+            np.round(rng.random(n) * 0.5 + 0.4 * y, 2),
+            rng.integers(0, 5, n) / 7,
+        ][case % 4]
+        patients = rng.integers(0, n // 2 + 1, n) if case % 3 == 0 else np.arange(n)
+        w = _cluster_weights(patients, 20, rng)
+        expected = _roc_curve_tprs(y, score, w)
+        got = resample_tprs(y, score, w, ROC_GRID)
+        assert _same_tprs(got, expected), (case, n)
+        rows += len(expected)
+    assert rows > 4000  # most resamples drew both classes
+    y, probs, patients = _binary_cohort(300, 5)
+    grid, low, high = roc_band(y, probs[:, 1], patients, 2000, 3)
+    w = _cluster_weights(patients, 1000, np.random.default_rng(4))  # roc_band's draws: seed + 1
+    expected = np.quantile(_roc_curve_tprs(y, probs[:, 1], w), [0.025, 0.975], axis=0)
+    assert np.array_equal(grid, ROC_GRID) and _same_tprs(np.stack([low, high]), expected)
+    for one_class in (np.zeros(5, int), np.ones(5, int)):
+        band = roc_band(one_class, rng.random(5), np.arange(5), 100, 0)
+        assert np.isnan(band[1]).all() and np.isnan(band[2]).all()
 
 
 def test_calibration_brier_and_ece_against_textbook_loop() -> None:
