@@ -31,6 +31,20 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 _RENAME_EXCHANGE = 2
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not on Windows
+# file systems whose permissions are the mount's, not the file's (FAT, exFAT; fusefat: ENOSYS)
+_NO_MODES = (errno.ENOSYS, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+def shareable(path: str | os.PathLike[str] | int, mode: int = 0o666 & ~_UMASK) -> None:
+    """Give a temp file (mkstemp makes 0600; ``path`` may be its descriptor) the mode of a file
+    made as usual, 0666 less the umask, so results are as shareable as the user's other files;
+    a file system that keeps no modes (FAT) is left as it is: a failed chmod failed every write
+    there."""
+    try:
+        os.chmod(path, mode)
+    except OSError as e:
+        if e.errno not in _NO_MODES:
+            raise
 
 
 def create_once(path: Path, data: bytes) -> bool:
@@ -58,8 +72,8 @@ def _link_new(path: Path, data: bytes) -> bool | None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        shareable(tmp)
         try:
-            os.chmod(tmp, 0o666 & ~_UMASK)
             os.link(tmp, path)
             return True
         except FileExistsError:

@@ -23,11 +23,9 @@ import numpy as np
 import pandas as pd
 
 from melanoma_mil.errors import UserError
+from melanoma_mil.fsutil import shareable
 
 log = logging.getLogger(__name__)
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -47,7 +45,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be shareable
+        shareable(tmp_path)
         os.replace(tmp_path, final)
     except OSError as e:
         if e.filename not in (None, tmp) or e.errno is None:

@@ -28,7 +28,7 @@ from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from melanoma_mil.fsutil import refuse_link
+from melanoma_mil.fsutil import refuse_link, shareable
 
 DEFAULT_STALE_S = 900.0
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -171,7 +171,7 @@ def _drafted(path: Path, owner: Mapping[str, Any]) -> Iterator[Path]:
     draft = Path(name)
     try:
         with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide the owner from peers
+            shareable(f.fileno(), 0o644)  # mkstemp's 0600 would hide the owner from peers
             f.write(json.dumps(owner))
         yield draft
     finally:

@@ -112,6 +112,20 @@ def test_ids_differing_in_case_are_refused_before_tiling_onto_a_real_fat_disk(
     assert os.listdir(fat_folder) == []  # no output folder, no probe left
 
 
+def test_a_cohort_is_tiled_and_extracted_onto_a_real_fat_disk(
+    tmp_path: Path, fat_folder: Path
+) -> None:
+    """FAT keeps no file modes: fusefat answers chmod with ENOSYS, which failed every write
+    (each file is written under a temp name, then given the usual mode and renamed)."""
+    manifest = _manifest(tmp_path, "S1", "S2")
+    tiled, feats = fat_folder / "tiled", fat_folder / "features"
+    assert main(["tile", f"manifest={manifest}", f"output_dir={tiled}"]) == 0
+    given = [f"coords_dir={tiled}", f"manifest={manifest}", f"output_dir={feats}"]
+    assert main(["extract", *given, *ENCODER]) == 0
+    assert sorted(p.name for p in feats.glob("*/*.h5")) == ["S1.h5", "S2.h5"]
+    assert not [p for p in fat_folder.rglob("*") if p.name.endswith(".tmp")]
+
+
 def _coords(tmp_path: Path, first: str, second: str) -> Path:
     """Coords of two generated slides named ``first`` and ``second``, as `tile` writes them;
     their folder holds nothing else, so coords alone name the slides."""
