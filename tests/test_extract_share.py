@@ -304,8 +304,7 @@ def test_a_read_only_cache_folder_is_named_not_a_temp_file_in_it(tmp_path: Path)
     """The one line named '..precision.json.<random>.tmp', a file that never exists; now the
     folder is refused before any slide is claimed."""
     tiles = make_cohort(tmp_path, 1, side=96, tile=32)
-    first = subprocess.run(cli(tiles, tmp_path / "one"), cwd=ROOT, capture_output=True)
-    assert first.returncode == 0, first.stderr[-2000:]
+    assert run_extract(cfg_for(tiles, tmp_path / "one", batch_size=8)) == 0  # names the key
     (key,) = [p.name for p in (tmp_path / "one").iterdir() if p.is_dir()]
     cache = tmp_path / "features" / key
     with read_only_bind(cache):
