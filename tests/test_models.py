@@ -133,7 +133,7 @@ def _survives(name: str, tiles: int, bf16: bool) -> None:
     assert torch.isclose(out.attention.sum(), torch.tensor(1.0), atol=1e-4)
 
 
-@pytest.mark.slow  # ~100 GFLOP per model: 2 s each on 2 cores, TransMIL ~20 s
+@pytest.mark.slow  # ~100 GFLOP per model: seconds each on 2 cores, TransMIL ~10x that
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_a_100k_tile_1536_d_bag(name: str) -> None:
     _survives(name, 100_000, bf16=False)
@@ -141,7 +141,7 @@ def test_a_100k_tile_1536_d_bag(name: str) -> None:
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_a_10k_tile_1536_d_bag_under_bf16_autocast(name: str) -> None:
-    """At 10k tiles: a CPU without native bf16 emulates it, 5-7x slower than float32 at 100k;
+    """At 10k tiles: a CPU without native bf16 emulates it, several times slower than float32;
     the full 100k bag under bf16 autocast is run on a GPU by benchmarks/model_memory.py."""
     _survives(name, 10_000, bf16=True)
 

@@ -9,6 +9,7 @@ resolution) and, with geojson=true, tiles.geojson for QuPath.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,31 @@ def drawn_alike(attention: Path, cfg: HeatmapConfig) -> bool:
     return recorded == drawing_settings(cfg)
 
 
+def drawn_files(
+    out: Path, run: TrainedRun, cfg: HeatmapConfig
+) -> Callable[[str, Path | None], dict[str, str] | None]:
+    """For a slide id and the slide file found now: the files an earlier call drew for it that
+    a resumed call keeps (by `FILES` key), or None where it is to be drawn again: one of this
+    call's files is missing (removed to have it redrawn, or geojson=true added), or they were
+    not made from this slide file, mpp_csv row and precision (`unchanged`). `heatmap` and a
+    resumed `predict` both keep slides by it."""
+    names = {k: n for k, n in FILES.items() if k != "geojson" or cfg.geojson}
+    # mpp_csv rows and precision make the features in _work; a features_dir's are used as they are
+    mpps = {} if cfg.features_dir else read_mpp_csv(cfg.mpp_csv)
+    precision = "auto" if cfg.features_dir else extract_settings(run, cfg)[0]
+
+    def kept(sid: str, slide: Path | None) -> dict[str, str] | None:
+        folder = id_path(out, sid)
+        files = {k: folder / n for k, n in names.items()}
+        if not all(f.is_file() for f in files.values()):
+            return None
+        if not unchanged(folder / ATTENTION_FILE, slide, mpps.get(sid), precision):
+            return None
+        return {k: str(f) for k, f in files.items()}
+
+    return kept
+
+
 def run_heatmap(cfg: HeatmapConfig) -> int:
     """Heatmaps for every slide; 0 if none failed, else 1 (after finishing the others)."""
     from melanoma_mil.features.run import resolve_device
@@ -133,21 +159,10 @@ def run_heatmap(cfg: HeatmapConfig) -> int:
         for p in found
         if made_for(p, run) and drawn_alike(p, cfg) and (row := skipped_row(out, p.parent.name))
     }
-    # every file this call draws: one removed since (to have it redrawn), or a geojson=true
-    # added, is drawn again, never reported skipped
-    drawn = ["heatmap", "montage", *(["geojson"] if cfg.geojson else [])]
-    # mpp_csv rows and precision make the features in _work; a features_dir's are used as they are
-    mpps = {} if cfg.features_dir else read_mpp_csv(cfg.mpp_csv)
-    precision = "auto" if cfg.features_dir else extract_settings(run, cfg)[0]
+    drawn = drawn_files(out, run, cfg)
 
     def finished(sid: str, slide: Path | None) -> bool:
-        folder = id_path(out, sid)
-        present = all((folder / FILES[k]).is_file() for k in drawn)
-        return (
-            sid in done
-            and present
-            and unchanged(folder / ATTENTION_FILE, slide, mpps.get(sid), precision)
-        )
+        return sid in done and drawn(sid, slide) is not None
 
     inputs, skipped_ids = prepare_inputs(run, cfg, skip=finished)
     claim_for_run(cfg, run, "heatmap", OUTPUTS, write=True)

@@ -42,13 +42,11 @@ from melanoma_mil.inference.analyse import (
     remove_unwritten,
 )
 from melanoma_mil.inference.ensemble import Ensemble
-from melanoma_mil.inference.heatmap import FILES, drawn_alike, unchanged
+from melanoma_mil.inference.heatmap import drawn_alike, drawn_files
 from melanoma_mil.inference.inputs import PATIENTS, SlideInput, prepare_inputs
-from melanoma_mil.inference.work import extract_settings
 from melanoma_mil.io import temp_target, write_json, write_together
 from melanoma_mil.outdir import MARKER, read_marker, refuse_folders_at
 from melanoma_mil.rundir import EVALUATION, REPORT, TrainedRun
-from melanoma_mil.tiling.slides import read_mpp_csv
 from melanoma_mil.tracking.loggers import log_slides
 from melanoma_mil.workshare import STOP_FIX, says_disk_full
 
@@ -238,24 +236,20 @@ def drawn_before(
     out: Path, run: TrainedRun, cfg: PredictConfig, inputs: list[SlideInput]
 ) -> dict[str, dict[str, str]]:
     """slide_id -> drawn files (table columns) of the slides an unfinished call already drew for
-    this run, from the same slide file, mpp_csv row, precision and drawing settings: a resumed
-    call scores them again (their rows stay whole) but does not redraw them."""
-    mpps = {} if cfg.features_dir else read_mpp_csv(cfg.mpp_csv)
-    precision = "auto" if cfg.features_dir else extract_settings(run, cfg)[0]
-    names = {k: n for k, n in FILES.items() if k != "geojson" or cfg.geojson}
+    this run with these drawing settings (`drawn_files`): a resumed call scores them again
+    (their rows stay whole) but does not redraw them."""
+    drawn = drawn_files(out, run, cfg)
     kept: dict[str, dict[str, str]] = {}
     for inp in inputs:
-        folder = id_path(out, inp.slide_id)
-        attention, files = folder / ATTENTION_FILE, {k: folder / n for k, n in names.items()}
+        attention = id_path(out, inp.slide_id) / ATTENTION_FILE
         if (
             inp.features is not None
             and not inp.no_drawing
-            and all(p.is_file() for p in files.values())
             and made_for(attention, run)
             and drawn_alike(attention, cfg)
-            and unchanged(attention, inp.slide_path, mpps.get(inp.slide_id), precision)
+            and (files := drawn(inp.slide_id, inp.slide_path)) is not None
         ):
-            kept[inp.slide_id] = {k: str(p) for k, p in files.items()}
+            kept[inp.slide_id] = files
     return kept
 
 
