@@ -289,6 +289,29 @@ def _read_only(folders: list[Path], left: set[str]) -> set[Path]:
     return {f for f in folders if f.name not in left and f.is_dir() and not os.access(f, os.W_OK)}
 
 
+def _checked_folders(
+    run: Run, jobs: list[Job], grids: list[TileGrid | str], device: torch.device
+) -> tuple[list[Path], set[Path]]:
+    """The run's cache folders and those it only reads (`_read_only`), once every refusal that
+    needs no encoder is made: folders in the way or not writable, another command's
+    output_dir, another precision than the folders' (checked, nothing recorded). The encoder
+    is built after this: loading, maybe downloading, a foundation model takes minutes."""
+    cfg = run.cfg
+    keyed = {
+        job.slide_id: cache_key(slide_identity(run.identity_source, g))
+        for job, g in zip(jobs, grids, strict=True)
+        if isinstance(g, TileGrid)
+    }
+    keys = sorted(set(keyed.values()))
+    left = _written(run, jobs, grids, keyed)
+    refuse_in_the_way(cfg.output_dir, "extract", keys, sorted(left))
+    claim_shared(cfg.output_dir, "extract", write=False)
+    folders = [run.out_root / key for key in keys]
+    if not cfg.overwrite:
+        folder_precision(folders, cfg.precision, run.precision, False, device, folders)
+    return folders, _read_only(folders, left)
+
+
 def run_extract(cfg: ExtractConfig) -> int:
     """Extract features for every coords file under ``cfg.coords_dir``; 1 unless every slide
     is done or empty (failed, or still held by another process: see the table)."""
@@ -297,19 +320,7 @@ def run_extract(cfg: ExtractConfig) -> int:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, get_spec(cfg.encoder.name), device)
     run = Run(cfg, encoder_identity(cfg.encoder), precision, Path(cfg.output_dir))
-    keyed = {
-        job.slide_id: cache_key(slide_identity(run.identity_source, g))
-        for job, g in zip(jobs, grids, strict=True)
-        if isinstance(g, TileGrid)
-    }
-    keys = set(keyed.values())
-    left = _written(run, jobs, grids, keyed)
-    refuse_in_the_way(cfg.output_dir, "extract", sorted(keys), sorted(left))
-    claim_shared(cfg.output_dir, "extract", write=False)
-    folders = [run.out_root / key for key in sorted(keys)]
-    read_only = _read_only(folders, left)
-    if not cfg.overwrite:  # its refusals (another precision asked...) now, recording nothing
-        folder_precision(folders, cfg.precision, precision, False, device, folders)
+    folders, read_only = _checked_folders(run, jobs, grids, device)
     encoder = _encoder(cfg, device)
     run.provenance = encoder.provenance
     claim_shared(cfg.output_dir, "extract")
