@@ -93,7 +93,11 @@ def test_another_precision_during_an_unended_overwrite_names_the_file_to_delete(
     assert run_extract(_cfg(tiles, out, precision="fp32", overwrite=True)) == 1
     aside.rename(slide1)
     (record,) = out.glob("*/.overwrite.json")
-    with pytest.raises(UserError, match=rf"delete '{re.escape(str(record))}'"):
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        pytest.raises(UserError, match=rf"delete '{re.escape(str(record))}'"),
+    ):
+        patch.setattr(features_run, "build_encoder", not_built)  # refused before it is built
         run_extract(_cfg(tiles, out, precision="bf16", overwrite=True))
     record.unlink()  # the fix it names
     assert run_extract(_cfg(tiles, out, precision="bf16", overwrite=True)) == 0

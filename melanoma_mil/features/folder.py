@@ -102,19 +102,38 @@ def _record(folder: Path, precision: str, overwrite: bool) -> dict[str, Any]:
     elif not path.exists():  # the first process, or a folder made before the record existed
         record["precision"] = _first_record(folder) or precision
     if path.exists() or not create_once(path, json_text(record).encode()):  # a peer's record wins
-        record = read_json(path)
+        record = _readable(path)
     elif overwrite:
         write_json(folder / PRECISION_FILE, record)  # what the bags will all be made at
         log.info("extract: overwrite %s of '%s' started: processes started with "
                  "overwrite=true before it ends join it", record["id"], folder)  # fmt: skip
-    if not isinstance(record.get("precision"), str):
-        raise UserError(f"'{path}' is unreadable; delete it (it is recorded again from the bags).")
     if overwrite and record.get("by") != describe(me()):
         hours = (time.time() - float(record.get("started", time.time()))) / 3600
         log.warning("extract: joining overwrite %s of '%s' (%s, %.1f h ago, not yet ended: a slide "
                  "is left to rebuild): the bags it rebuilt are kept; delete %s to rebuild them "
                  "all again", record.get("id"), folder, record["by"], hours, path)  # fmt: skip
     return record
+
+
+def _readable(path: Path) -> dict[str, Any]:
+    """The record at ``path``, refused if it names no precision (corrupt, or cut short)."""
+    record = read_json(path)
+    if isinstance(record.get("precision"), str):
+        return record
+    after = (
+        "overwrite=true then starts a new rebuild of every bag"
+        if path.name == OVERWRITE_FILE
+        else "it is recorded again from the bags"
+    )
+    raise UserError(f"'{path}' is unreadable or names no precision; delete it ({after}).")
+
+
+def _peek(folder: Path, overwrite: bool) -> dict[str, Any]:
+    """The record `_record` would take for ``folder`` ({}: it would make one), written nowhere."""
+    if not overwrite:
+        return _read_record(folder)
+    path = folder / OVERWRITE_FILE
+    return _readable(path) if path.exists() else {}
 
 
 def _read_record(folder: Path) -> dict[str, Any]:
@@ -155,7 +174,7 @@ def folder_precision(
     folder's rebuild started (by folder name). An explicit precision other than a folder's,
     folders that disagree, or a GPU that cannot run the folder's are refused. ``read_only``:
     folders whose precision is read, never recorded: those only read (nothing to encode there,
-    cannot be written), or all (the checks alone, before the encoder is built)."""
+    cannot be written). `check_precision` makes these refusals first, before any work."""
     wanted = resolved if asked == "auto" else asked
     # folders with a precision already first: a new one (another tile size) takes theirs, and
     # is recorded only once this process is known to extract at it
@@ -169,6 +188,24 @@ def folder_precision(
     records |= {f: _record(f, precision, overwrite) for f in new}
     _one_precision(records)  # a peer may have recorded another in a new folder meanwhile
     return precision, {f.name: float(r["started"]) for f, r in records.items() if overwrite}
+
+
+def check_precision(
+    folders: list[Path],
+    asked: str,
+    resolved: str,
+    overwrite: bool,
+    device: torch.device,
+    read_only: Collection[Path],
+) -> None:
+    """`folder_precision`'s refusals for the records the folders hold now, recording nothing:
+    made before the encoder is built (loading a foundation model takes minutes), so a
+    precision the folders, or an unfinished rebuild of them, do not hold is refused at once."""
+    peek = {f: _read_record(f) if f in read_only else _peek(f, overwrite) for f in folders}
+    records = {f: r for f, r in peek.items() if r}
+    precision = _one_precision(records)
+    if precision is not None:
+        _check_asked(*next(iter(records.items())), asked, precision, resolved, overwrite, device)
 
 
 def _one_precision(records: dict[Path, dict[str, Any]]) -> str | None:

@@ -47,7 +47,7 @@ from melanoma_mil.features.data import (
     given_slides,
     plan_jobs,
 )
-from melanoma_mil.features.folder import end_rebuild, folder_precision
+from melanoma_mil.features.folder import check_precision, end_rebuild, folder_precision
 from melanoma_mil.features.pipeline import Engine, Writer, failure
 from melanoma_mil.features.queue import SlideQueue, SlideWork, write_record
 from melanoma_mil.ids import id_path
@@ -294,8 +294,9 @@ def _checked_folders(
 ) -> tuple[list[Path], set[Path]]:
     """The run's cache folders and those it only reads (`_read_only`), once every refusal that
     needs no encoder is made: folders in the way or not writable, another command's
-    output_dir, another precision than the folders' (checked, nothing recorded). The encoder
-    is built after this: loading, maybe downloading, a foundation model takes minutes."""
+    output_dir, another precision than the folders' or their unfinished rebuild's (checked,
+    nothing recorded). The encoder is built after this: loading, maybe downloading, a
+    foundation model takes minutes."""
     cfg = run.cfg
     keyed = {
         job.slide_id: cache_key(slide_identity(run.identity_source, g))
@@ -307,9 +308,9 @@ def _checked_folders(
     refuse_in_the_way(cfg.output_dir, "extract", keys, sorted(left))
     claim_shared(cfg.output_dir, "extract", write=False)
     folders = [run.out_root / key for key in keys]
-    if not cfg.overwrite:
-        folder_precision(folders, cfg.precision, run.precision, False, device, folders)
-    return folders, _read_only(folders, left)
+    read_only = _read_only(folders, left)
+    check_precision(folders, cfg.precision, run.precision, cfg.overwrite, device, read_only)
+    return folders, read_only
 
 
 def run_extract(cfg: ExtractConfig) -> int:
