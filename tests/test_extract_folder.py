@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import h5py
 import pytest
 import torch
 from conftest import make_cohort, write_grid
-from test_extract import not_built
+from test_extract import ROOT, _cli, not_built
 from test_extract_cache import _cfg, _table
 
 from melanoma_mil.encoders import build_encoder, resolve_precision
@@ -102,6 +103,22 @@ def test_another_precision_during_an_unended_overwrite_names_the_file_to_delete(
     record.unlink()  # the fix it names
     assert run_extract(_cfg(tiles, out, precision="bf16", overwrite=True)) == 0
     assert _precisions(out) == {"slide0": "bf16", "slide1": "bf16"}
+
+
+def test_an_unreadable_precision_record_is_refused_before_the_encoder_is_built(
+    tmp_path: Path,
+) -> None:
+    tiles = make_cohort(tmp_path, 1)
+    out = tmp_path / "features"
+    assert run_extract(_cfg(tiles, out)) == 0
+    (record,) = out.glob("*/.precision.json")
+    record.write_text('{"precision": ')  # cut short: written by hand, or an old disk's fault
+    done = subprocess.run(
+        _cli(tiles, out, "encoder.pretrained=false"), cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()  # the refusal alone: no line of the encoder's build
+    assert f"'{record}' is unreadable" in line and "delete it" in line, done.stderr
 
 
 def test_a_new_cache_folder_takes_the_precision_of_the_runs_existing_one(tmp_path: Path) -> None:

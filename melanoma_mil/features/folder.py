@@ -129,11 +129,12 @@ def _readable(path: Path) -> dict[str, Any]:
 
 
 def _peek(folder: Path, overwrite: bool) -> dict[str, Any]:
-    """The record `_record` would take for ``folder`` ({}: it would make one), written nowhere."""
-    if not overwrite:
-        return _read_record(folder)
-    path = folder / OVERWRITE_FILE
-    return _readable(path) if path.exists() else {}
+    """The record `_record` would take for ``folder`` ({}: it would make one), written nowhere;
+    an unreadable one refused, as `_record` would refuse it (after the encoder is built)."""
+    path = folder / (OVERWRITE_FILE if overwrite else PRECISION_FILE)
+    if path.exists():
+        return _readable(path)
+    return {} if overwrite else _read_record(folder)  # a folder made before records: its bags'
 
 
 def _read_record(folder: Path) -> dict[str, Any]:
