@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import h5py
@@ -32,7 +33,9 @@ def _precisions(out: Path) -> dict[str, str]:
     return found
 
 
-def test_auto_workers_adopt_the_precision_the_folder_was_started_at(tmp_path: Path) -> None:
+def test_auto_workers_adopt_the_precision_the_folder_was_started_at(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     tiles = make_cohort(tmp_path, 2)
     later = tmp_path / "slide1.h5"
     (tiles / "coords" / "slide1.h5").rename(later)  # the first worker sees slide0 only
@@ -43,8 +46,12 @@ def test_auto_workers_adopt_the_precision_the_folder_was_started_at(tmp_path: Pa
     assert run_extract(_cfg(tiles, out, precision=other)) == 0
 
     later.rename(tiles / "coords" / "slide1.h5")
-    assert run_extract(_cfg(tiles, out)) == 0  # precision=auto, on a machine preferring `here`
+    with caplog.at_level(logging.INFO, logger="melanoma_mil.features.folder"):
+        assert run_extract(_cfg(tiles, out)) == 0  # precision=auto, on a machine preferring `here`
     assert _precisions(out) == {"slide0": other, "slide1": other}
+    said = Counter(r.getMessage() for r in caplog.records if r.name.endswith("features.folder"))
+    assert any(f"auto here would be {here}" in line for line in said), said
+    assert set(said.values()) == {1}, said  # each line once (twice: checked, then again used)
     assert _table(out).loc["slide0", "status"] == "skipped"
 
     with pytest.raises(UserError, match=rf"precision={other}.*precision={here} asked"):

@@ -184,7 +184,8 @@ def folder_precision(
     records |= {folder: _record(folder, wanted, overwrite) for folder in held}
     precision = _one_precision(records) or wanted
     if records:
-        _check_asked(*next(iter(records.items())), asked, precision, resolved, overwrite, device)
+        first = next(iter(records.items()))
+        _check_asked(*first, asked, precision, resolved, overwrite, device, say=True)
     new = [f for f in folders if f not in records and f not in read_only]
     records |= {f: _record(f, precision, overwrite) for f in new}
     _one_precision(records)  # a peer may have recorded another in a new folder meanwhile
@@ -201,12 +202,14 @@ def check_precision(
 ) -> None:
     """`folder_precision`'s refusals for the records the folders hold now, recording nothing:
     made before the encoder is built (loading a foundation model takes minutes), so a
-    precision the folders, or an unfinished rebuild of them, do not hold is refused at once."""
+    precision the folders, or an unfinished rebuild of them, do not hold is refused at once.
+    Silent: what it would log, the real call logs."""
     peek = {f: _read_record(f) if f in read_only else _peek(f, overwrite) for f in folders}
     records = {f: r for f, r in peek.items() if r}
     precision = _one_precision(records)
     if precision is not None:
-        _check_asked(*next(iter(records.items())), asked, precision, resolved, overwrite, device)
+        first = next(iter(records.items()))
+        _check_asked(*first, asked, precision, resolved, overwrite, device, say=False)
 
 
 def _one_precision(records: dict[Path, dict[str, Any]]) -> str | None:
@@ -236,8 +239,11 @@ def _check_asked(
     resolved: str,
     overwrite: bool,
     device: torch.device,
+    *,
+    say: bool,
 ) -> None:
-    """Refuse an explicit precision other than the folder's, or one this device cannot run."""
+    """Refuse an explicit precision other than the folder's, or one this device cannot run;
+    ``say``: log the precision taken, not this machine's own (once a run: at the real call)."""
     where = f"'{folder}' holds features extracted at precision={precision} ({record.get('by')})"
     if asked not in ("auto", precision):
         raise UserError(
@@ -249,17 +255,18 @@ def _check_asked(
             f"output_dir, or overwrite=true to rebuild every bag at precision={asked}."
         )
     if precision != resolved:
-        _check_runs(precision, device, where)
-        log.info("extract: %s; extracting at it (auto here would be %s)", where, resolved)
+        _check_runs(precision, device, where, say)
+        if say:
+            log.info("extract: %s; extracting at it (auto here would be %s)", where, resolved)
 
 
-def _check_runs(precision: str, device: torch.device, where: str) -> None:
-    """Refuse a precision this device cannot run; warn where it runs slowly (bf16 on a CPU
-    without AMX: still the same features, which is what the folder needs)."""
+def _check_runs(precision: str, device: torch.device, where: str, say: bool) -> None:
+    """Refuse a precision this device cannot run; warn (``say``) where it runs slowly (bf16 on
+    a CPU without AMX: still the same features, which is what the folder needs)."""
     if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise UserError(
             f"{where}, which this GPU ({torch.cuda.get_device_name(device)}) cannot run; run this "
             "process on a GPU with bf16 (or on the CPU), or give it another output_dir."
         )
-    if device.type == "cpu" and precision != "fp32" and not cpu_has_bf16():
+    if say and device.type == "cpu" and precision != "fp32" and not cpu_has_bf16():
         log.warning("extract: %s; this CPU runs it slowly (no native bf16)", where)
