@@ -178,16 +178,17 @@ def test_two_processes_racing_share_one_store(tmp_path: Path) -> None:
 
 
 def _builder_caught_writing(
-    features: Path, labels: Path, root: Path, log: Path
+    features: Path, labels: Path, root: Path, log: Path, *extra: str
 ) -> tuple[subprocess.Popen[bytes], Path]:
     """A real build of the cohort's store in a subprocess, stopped (SIGSTOP) once its temp
     folder holds the reserved features.npy, and that folder (its pid in the name)."""
     with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", RACE, str(features), str(labels),
-                                 f"data.store_dir={root}"], stdout=err, stderr=err)  # fmt: skip
+        args = [sys.executable, "-c", RACE, str(features), str(labels), f"data.store_dir={root}"]
+        proc = subprocess.Popen([*args, *extra], stdout=err, stderr=err)
     try:
         deadline = time.monotonic() + 300  # a hung builder fails the test instead of hanging it
-        while not (tmps := [p for p in root.glob(".*.tmp") if (p / "features.npy").is_file()]):
+        ours = f".*.{proc.pid}.tmp"  # another builder's may be there already
+        while not (tmps := [p for p in root.glob(ours) if (p / "features.npy").is_file()]):
             try:  # polled, not timed: its 600 bags take seconds to write
                 proc.wait(timeout=0.01)
             except subprocess.TimeoutExpired:
@@ -245,6 +246,37 @@ def test_temp_folders_of_killed_builders_go_and_live_ones_stay(tmp_path: Path) -
     pd.read_csv(labels).iloc[4:8].to_csv(sub, index=False)  # in no store yet: built
     store_of(features, sub, f"data.store_dir={root}")
     assert not elsewhere.exists() and all(f.is_dir() for f in yours)
+
+
+def test_a_run_that_only_reuses_a_store_removes_killed_builders_temp_folders(
+    tmp_path: Path,
+) -> None:
+    """Runs that all reuse a complete store build nothing: a builder SIGKILLed earlier in the
+    same store_dir must not leave its full-size temp folder there forever. The reuse removes
+    it (its builder is dead) and keeps a live builder's, with its lock."""
+    features, labels = make_bag_cohort(tmp_path, n_patients=600, dim=8, n_instances=(20, 40))
+    root = tmp_path / "stores"
+    root.mkdir()
+    sub = tmp_path / "sub.csv"
+    pd.read_csv(labels).iloc[:4].to_csv(sub, index=False)
+    reused = store_of(features, sub, f"data.store_dir={root}").folder
+    live, building = _builder_caught_writing(
+        features, labels, root, tmp_path / "live.log", "data.dtype=float32"
+    )
+    try:
+        dead, left = _builder_caught_writing(features, labels, root, tmp_path / "dead.log")
+        dead.kill()  # SIGKILL mid-build: its temp folder and its lock stay behind
+        dead.wait()
+        dead_lock = root / f".{left.name.split('.')[1]}.lock"
+        assert left.is_dir() and dead_lock.is_file()
+        size = (building / "features.npy").stat().st_size
+        assert store_of(features, sub, f"data.store_dir={root}").folder == reused
+        assert not left.exists() and not dead_lock.exists()
+        assert (building / "features.npy").stat().st_size == size  # a live builder's: kept
+        assert (root / f".{building.name.split('.')[1]}.lock").is_file()
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_estimate_is_plain_arithmetic() -> None:

@@ -17,8 +17,8 @@ all of them.
   else float32. ``float16`` is the explicit, lossy choice for float32 features.
 - Building is atomic (written under a temp name, then renamed) and serialised by a lock file;
   a process that loses the race waits, then opens the winner's store. A killed builder's
-  full-size temp folder is removed by the next build of any store in the folder, once its lock
-  says that builder is gone.
+  full-size temp folder is removed by the next run that builds or reuses any store in the
+  folder, once its lock says that builder is gone.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from melanoma_mil.data.store_build import (
     Layout,
     Source,
     build,
+    clear_dead_builds,
     feature_dim,
     mark_used,
     prune,
@@ -244,6 +245,8 @@ def open_store(members: Members, cfg: FitConfig, model_members: int = 1) -> BagS
     if _local_rank() == 0:  # once per machine: later ranks would count the first one twice
         check_memory(need, cfg.data.memory_gb)
         prune(root, sources)
+        if found:  # a build clears them itself, under its lock
+            clear_dead_builds(root)
     if found:
         folder, _, spans = found
         log.info("bag store: %s (reused)", folder)

@@ -270,13 +270,15 @@ def _ours(folder: Path) -> bool:
         return False
 
 
-def _clear_dead_builds(root: Path, held: str) -> None:
-    """Remove the temp folders of builds whose builder is dead, of any store in ``root``.
+def clear_dead_builds(root: Path, held: str | None = None) -> None:
+    """Remove the temp folders of builds whose builder is dead, of any store in ``root``, and
+    the lock drafts of claimants killed while claiming.
 
     A builder SIGKILLed mid-build leaves a full-size temp folder; only a build of that same
-    store used to remove it. A temp folder is written only under its store's lock (``held``
-    is ours), so one whose lock we can take (`Claim` breaks a dead owner's) has no live
-    builder, here or on another host; a lock held by a live builder leaves its folder alone.
+    store used to remove it, and runs that all reuse a store build nothing. A temp folder is
+    written only under its store's lock (``held``: the one a build holds), so one whose lock
+    we can take (`Claim` breaks a dead owner's) has no live builder, here or on another host;
+    a lock held by a live builder leaves its folder alone.
     """
     for folder in sorted(root.iterdir()):
         match = TMP_NAME.fullmatch(folder.name)
@@ -291,6 +293,7 @@ def _clear_dead_builds(root: Path, held: str) -> None:
         finally:
             if lock is not None:
                 lock.release()
+    clear_drafts(root)
 
 
 def build(root: Path, sources: list[Source], layout: Layout, dtype: str) -> Path:
@@ -317,8 +320,7 @@ def build(root: Path, sources: list[Source], layout: Layout, dtype: str) -> Path
                 f"bag store '{final}' is damaged (no readable index.json or features.npy); "
                 "delete that folder and run again: it is a cache, rebuilt from the feature files."
             )
-        _clear_dead_builds(root, name)
-        clear_drafts(root)  # lock drafts of claimants killed while claiming
+        clear_dead_builds(root, name)
         nbytes = layout.nbytes(dtype)
         _check_disk(root, nbytes, dtype)
         tmp = root / f".{name}.{os.getpid()}.tmp"
