@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -277,6 +278,46 @@ def test_a_run_that_only_reuses_a_store_removes_killed_builders_temp_folders(
     finally:
         live.kill()
         live.wait()
+
+
+def _dead_build(root: Path, name: str) -> tuple[Path, Path]:
+    """The temp folder and lock a builder of store ``name`` left when it was killed (a real
+    process, dead by now)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tmp = root / f".{name}.{dead.pid}.tmp"
+    tmp.mkdir()
+    (tmp / "features.npy").write_bytes(b"x" * 1000)
+    lock = root / f".{name}.lock"
+    lock.write_text(json.dumps({**me(), "pid": dead.pid, "start": None}))
+    return tmp, lock
+
+
+def test_a_dead_build_that_cannot_be_removed_is_one_warning_not_a_failed_run(
+    cohort, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Files the run may not remove (another user's, immutable: EPERM even for root) leave a
+    dead build's temp folder or lock in place: the run goes on, says so once, and removes the
+    dead builds it can."""
+    features, labels = cohort
+    root = tmp_path / "stores"
+    reused = store_of(features, labels, f"data.store_dir={root}").folder
+    stuck, _ = _dead_build(root, "float16-9slides-0123456789ab")
+    _, locked = _dead_build(root, "float32-9slides-0123456789ab")
+    gone, _ = _dead_build(root, "float16-8slides-0123456789ab")
+    fixed = [stuck / "features.npy", locked]
+    if subprocess.run(["chattr", "+i", *map(str, fixed)], check=False).returncode != 0:
+        pytest.skip("needs root and a file system with immutable files (chattr +i)")
+    try:
+        with caplog.at_level(logging.INFO, logger="melanoma_mil.data.store_build"):
+            assert store_of(features, labels, f"data.store_dir={root}").folder == reused
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, fixed)], check=True)
+    assert not gone.exists() and (stuck / "features.npy").is_file() and locked.is_file()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, caplog.text
+    assert str(stuck) in warnings[0].getMessage() and "Operation not permitted" in caplog.text
+    assert f"removed {stuck}" not in caplog.text
 
 
 def test_estimate_is_plain_arithmetic() -> None:

@@ -270,6 +270,20 @@ def _ours(folder: Path) -> bool:
         return False
 
 
+def _clear_dead_build(root: Path, folder: Path, store: str, held: str | None) -> None:
+    """Remove ``folder``, a temp folder of the store named ``store``, if its builder is dead."""
+    lock = None if store == held else Claim(root / f".{store}.lock")
+    if lock is not None and not lock.acquire():
+        return  # its builder is alive (or its lock's owner cannot be told dead yet)
+    try:
+        if _ours(folder):  # a peer that held the lock before us may have removed it
+            shutil.rmtree(folder)
+            log.info("removed %s, left by a bag store build that was killed", folder)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def clear_dead_builds(root: Path, held: str | None = None) -> None:
     """Remove the temp folders of builds whose builder is dead, of any store in ``root``, and
     the lock drafts of claimants killed while claiming.
@@ -278,22 +292,30 @@ def clear_dead_builds(root: Path, held: str | None = None) -> None:
     store used to remove it, and runs that all reuse a store build nothing. A temp folder is
     written only under its store's lock (``held``: the one a build holds), so one whose lock
     we can take (`Claim` breaks a dead owner's) has no live builder, here or on another host;
-    a lock held by a live builder leaves its folder alone.
+    a lock held by a live builder leaves its folder alone. What cannot be removed (another
+    user's files, a read-only folder) costs disk, not the run: one warning names it.
     """
-    for folder in sorted(root.iterdir()):
+    failed: list[str] = []
+    try:
+        folders = sorted(root.iterdir())
+    except OSError as e:
+        folders, failed = [], [str(e)]
+    for folder in folders:
         match = TMP_NAME.fullmatch(folder.name)
         if match is None or not _ours(folder):
             continue
-        lock = None if match.group(1) == held else Claim(root / f".{match.group(1)}.lock")
-        if lock is not None and not lock.acquire():
-            continue  # its builder is alive (or its lock's owner cannot be told dead yet)
         try:
-            shutil.rmtree(folder, ignore_errors=True)
-            log.info("removed %s, left by a bag store build that was killed", folder)
-        finally:
-            if lock is not None:
-                lock.release()
-    clear_drafts(root)
+            _clear_dead_build(root, folder, match.group(1), held)
+        except (OSError, UserError) as e:  # UserError: a symbolic link where its lock goes
+            failed.append(f"{folder} ({e})")
+    try:
+        clear_drafts(root)
+    except OSError as e:
+        failed.append(str(e))
+    if failed:
+        log.warning("could not remove what killed bag store builds left in '%s': %s; it takes "
+                    "disk space until removed (check its owner and permissions), the run goes on",
+                    root, "; ".join(failed))  # fmt: skip
 
 
 def build(root: Path, sources: list[Source], layout: Layout, dtype: str) -> Path:
