@@ -534,6 +534,32 @@ def test_a_stale_store_whose_lock_is_held_is_left(cohort) -> None:
     assert old.is_dir()
 
 
+def test_a_stale_store_whose_dead_lock_cannot_be_removed_is_one_warning(
+    cohort, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stale store's lock left by a killed process that the run may not remove (another
+    user's, immutable: EPERM even for root) keeps that store; the run goes on and says so."""
+    features, labels = cohort
+    old = store_of(features, labels).folder
+    with h5py.File(features / "P0001.h5", "a") as f:
+        f["features"][0, 0] = 7.0
+    _age(old, 2)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = old.parent / f".{old.name}.lock"
+    lock.write_text(json.dumps({**me(), "pid": dead.pid, "start": None}))
+    if subprocess.run(["chattr", "+i", str(lock)], check=False).returncode != 0:
+        pytest.skip("needs root and a file system with immutable files (chattr +i)")
+    try:
+        with caplog.at_level(logging.WARNING, logger="melanoma_mil.data.store_build"):
+            assert store_of(features, labels).folder != old
+    finally:
+        subprocess.run(["chattr", "-i", str(lock)], check=True)
+    assert old.is_dir()
+    assert [r.getMessage() for r in caplog.records if str(old) in r.getMessage()], caplog.text
+    assert len(caplog.records) == 1 and "Operation not permitted" in caplog.text
+
+
 def test_a_store_of_a_newer_format_is_left_to_the_version_that_made_it(cohort) -> None:
     """Two package versions may share a store_dir: the older one cannot tell whether a newer
     format's store is still reusable, so it must not remove it."""

@@ -402,16 +402,16 @@ def prune(root: Path, sources: list[Source], unused_s: float = UNUSED_S) -> None
         if not _superseded(index, current):
             continue
         lock = Claim(root / f".{folder.name}.lock")
-        if not lock.acquire():
-            continue
-        try:
+        try:  # a lock it may not break (another user's) keeps the store, as a held one does
+            if not lock.acquire():
+                continue
             trash = root / f".{folder.name}.{os.getpid()}.tmp"
             os.replace(folder, trash)  # gone at once for readers; the bytes go next
             shutil.rmtree(trash, ignore_errors=True)
             log.info("removed bag store %s: none of its uses can come back (its feature files "
                      "changed, or an older format) and no run opened it for %.0f h",
                      folder, age / 3600)  # fmt: skip
-        except OSError as e:
+        except (OSError, UserError) as e:  # UserError: a symbolic link where its lock goes
             log.warning("could not remove the stale bag store %s: %s", folder, e)
         finally:
             lock.release()
