@@ -19,6 +19,11 @@ MAX_LENGTH = 200  # characters
 # made from an id (a claim's draft, `.<id>.lock.<8 random>.claiming`) adds 24; 4 to spare
 MAX_BYTES = 255 - 28
 _BAD_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")
+# names Windows keeps for devices, whatever their case or extension (`nul.txt`): an output
+# folder copied to Windows or an SMB share could not open or copy files named by them
+_DEVICES = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"} | {
+    f"{port}{n}" for port in ("COM", "LPT") for n in "123456789\u00b9\u00b2\u00b3"
+}
 
 
 def id_problem(slide_id: str) -> str | None:
@@ -31,6 +36,12 @@ def id_problem(slide_id: str) -> str | None:
         return "starts with '.' (hidden files, temp files and '..' are not slide ids)"
     if slide_id != slide_id.strip():
         return "starts or ends with whitespace"
+    if slide_id.partition(".")[0].rstrip(" ").upper() in _DEVICES:
+        return (
+            "is a name Windows keeps for a device (CON, PRN, AUX, NUL, COM1-9, LPT1-9, with any "
+            "extension), so its files could not be opened or copied on Windows or an SMB share; "
+            "rename the slide file, or its slide_id in the table"
+        )
     size = len(os.fsencode(slide_id))
     if len(slide_id) > MAX_LENGTH or size > MAX_BYTES:
         return (

@@ -1,6 +1,8 @@
 """Slide ids that differ only in case or Unicode form (`S1`/`s1`, composed/decomposed `café`):
 two slides where the output folder's file system keeps such names apart (ext4, tmpfs), refused
-before any work only where it would make their files one (macOS, Windows, SMB, FAT)."""
+before any work only where it would make their files one (macOS, Windows, SMB, FAT); and ids
+that Windows keeps for devices (`CON`, `nul.x`), refused everywhere: an output folder is often
+copied to Windows or an SMB share."""
 
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ from conftest import Pipeline, make_cohort
 from test_config import one_line_error
 
 from melanoma_mil.cli import main
+from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
 from melanoma_mil.fsutil import Folding
+from melanoma_mil.ids import id_problem
 from melanoma_mil.tiling.slides import find_slides
 
 PAIRS = [("S1", "s1"), ("caf\u00e9", "cafe\u0301")]
@@ -186,3 +190,72 @@ def test_bags_differing_in_case_are_refused_before_drawing_onto_a_real_fat_disk(
     err = one_line_error(capsys, command, *given, "device=cpu", "num_workers=0")
     assert f"slide ids 'S1' and 's1' in features_dir '{feats}'" in err and str(out) in err
     assert os.listdir(fat_folder) == []
+
+
+@pytest.mark.parametrize("sid", ["CON", "nul", "Aux", "prn", "COM1", "lpt9", "com\u00b9", "nul.x",
+                                 "CON .a"])  # fmt: skip
+def test_windows_device_names_are_not_slide_ids(sid: str) -> None:
+    """Their files (`CON.h5`, `nul/`) cannot be opened or copied on Windows or an SMB share."""
+    why = id_problem(sid)
+    assert why is not None and "Windows" in why and "rename" in why
+
+
+@pytest.mark.parametrize("sid", ["CONSOLE", "con1", "COM10", "LPT", "nul_1", "xcon", "S1"])
+def test_names_that_only_start_like_windows_device_names_are_slide_ids(sid: str) -> None:
+    assert id_problem(sid) is None
+
+
+def test_tile_refuses_a_slide_file_with_a_windows_device_name_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_cohort(tmp_path, 2)
+    slide = tmp_path / "slides" / "slide1.tif"
+    slide.rename(slide.with_name("nul.tif"))
+    out = tmp_path / "tiled"
+    err = one_line_error(capsys, "tile", f"slides_dir={tmp_path / 'slides'}", f"output_dir={out}")
+    assert f"{tmp_path / 'slides' / 'nul.tif'}: slide id 'nul'" in err and "Windows" in err
+    assert "rename the slide file" in err
+    assert not out.exists()
+
+
+def test_tile_refuses_a_manifest_id_with_a_windows_device_name_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest, out = _manifest(tmp_path, "S1", "CON.svs"), tmp_path / "tiled"
+    err = one_line_error(capsys, "tile", f"manifest={manifest}", f"output_dir={out}")
+    assert f"manifest '{manifest}' row 3: slide id 'CON.svs'" in err and "Windows" in err
+    assert not out.exists()
+
+
+def test_extract_refuses_a_coords_file_with_a_windows_device_name_before_encoding(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    coords, out = _coords(tmp_path, "S1", "Com3"), tmp_path / "features"
+    err = one_line_error(capsys, "extract", f"coords_dir={coords}", f"output_dir={out}", *ENCODER)
+    assert f"coords file '{coords / 'Com3.h5'}'" in err and "Windows" in err
+    assert not out.exists()
+
+
+def test_fit_refuses_a_labels_row_with_a_windows_device_name_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    features, labels = make_bag_cohort(tmp_path / "c", n_patients=12, dim=8)
+    table = labels.read_text(encoding="utf-8").replace("P0003", "aux", 1)
+    labels.write_text(table, encoding="utf-8")
+    out = tmp_path / "run"
+    args = [f"data.features_dir={features}", f"data.labels_csv={labels}", f"output_dir={out}"]
+    err = one_line_error(capsys, "fit", *args)
+    assert f"labels CSV '{labels}' row 5: slide id 'aux'" in err and "Windows" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["heatmap", "predict"])
+def test_a_bag_with_a_windows_device_name_is_refused_before_drawing(
+    pipe: Pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """features_dir alone names the slides: a folder `nul/` is drawn for one."""
+    feats, out = _bags(pipe, tmp_path, "S1", "nul"), tmp_path / command
+    given = [f"run_dir={pipe.run_dir}", f"features_dir={feats}", f"output_dir={out}"]
+    err = one_line_error(capsys, command, *given, "device=cpu", "num_workers=0")
+    assert f"feature file '{feats / 'nul.h5'}'" in err and "Windows" in err
+    assert not out.exists()

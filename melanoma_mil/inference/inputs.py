@@ -26,7 +26,7 @@ from melanoma_mil.config import (
 from melanoma_mil.data.bags import bag_files, bag_path, read_attrs
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import feature_identity, identity_mismatch, plain
-from melanoma_mil.ids import id_problem
+from melanoma_mil.ids import check_slide_id, id_problem
 from melanoma_mil.io import sha256_file
 from melanoma_mil.outdir import refuse_in_the_way
 from melanoma_mil.rundir import EVALUATION, REPORT, TrainedRun
@@ -181,6 +181,8 @@ def find_input_slides(
             f"no feature files (<slide_id>.h5, or CLAM's h5_files/ or pt_files/) in "
             f"'{features}'; check features_dir."
         )
+    for sid, path in files.items():  # their names are the slide ids
+        check_slide_id(sid, f"feature file '{path}' (rename it to <slide_id>.h5 or remove it)")
     recorded = {s: _recorded_slide(p) for s, p in sorted(files.items())}
     # exists, not is_file: a DICOM slide is a folder
     found = {s: Path(p) if p and Path(p).exists() else None for s, p in recorded.items()}
