@@ -165,16 +165,20 @@ class Folding:
 def name_folding(folder: str | os.PathLike[str]) -> Folding:
     """How the file system of ``folder`` (not made yet: of its nearest existing parent, where it
     will be) looks names up, probed with a new file there found by its other spelling, then
-    removed. A probe that cannot be made counts as folding: the caller stays on the safe side."""
+    removed. A folder that cannot be written raises the OSError (EACCES, EROFS), naming it: the
+    caller says so, not that names fold. A probe inconclusive otherwise (a name the file system
+    cannot hold) counts as folding: the caller stays on the safe side."""
     where = Path(folder).absolute()
     while not where.is_dir() and where != where.parent:
         where = where.parent
     name = f".melanoma-mil-probe-{secrets.token_hex(8)}-Xy"  # Xy: letters, whatever the hex
     accented = f"{name}\u00e9"
-    return Folding(  # case with an ASCII name: Linux vfat folds ASCII case alone
-        case=_found_as(where / name, name.swapcase()),
-        form=_found_as(where / accented, unicodedata.normalize("NFD", accented)),
-    )
+    case = _found_as(where / name, name.swapcase())  # ASCII: Linux vfat folds ASCII case alone
+    try:
+        form = _found_as(where / accented, unicodedata.normalize("NFD", accented))
+    except OSError:  # an ASCII name could be made: it is this name that cannot be
+        form = True
+    return Folding(case=case, form=form)
 
 
 def _found_as(probe: Path, other: str) -> bool:
@@ -183,8 +187,10 @@ def _found_as(probe: Path, other: str) -> bool:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW
     try:
         os.close(os.open(probe, flags, 0o600))
-    except OSError:  # read-only, or names it cannot hold
-        return True
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EROFS):  # named by its folder: the name is ours
+            raise OSError(e.errno, e.strerror, str(probe.parent)) from None
+        return True  # names it cannot hold (EPERM on FAT through FUSE)
     try:
         os.lstat(probe.parent / other)
     except FileNotFoundError:

@@ -15,14 +15,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import Pipeline, make_cohort
+from conftest import Pipeline, make_cohort, read_only_bind
 from test_config import one_line_error
 
 from melanoma_mil.cli import main
+from melanoma_mil.config import TileConfig
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
 from melanoma_mil.fsutil import Folding
 from melanoma_mil.ids import id_problem
+from melanoma_mil.tiling.run import run_tile
 from melanoma_mil.tiling.slides import find_slides
 
 PAIRS = [("S1", "s1"), ("caf\u00e9", "cafe\u0301")]
@@ -259,3 +261,23 @@ def test_a_bag_with_a_windows_device_name_is_refused_before_drawing(
     err = one_line_error(capsys, command, *given, "device=cpu", "num_workers=0")
     assert f"feature file '{feats / 'nul.h5'}'" in err and "Windows" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("missing", [False, True])
+def test_ids_differing_in_case_into_a_read_only_folder_are_refused_as_not_writable(
+    tmp_path: Path, missing: bool
+) -> None:
+    """The probe of its names cannot be made there: that is the truth to tell, not that its
+    file system folds names (a read-only mount; ``missing``: output_dir to be made in one).
+    Through the API: the CLI refuses such an output_dir before it calls `run_tile`."""
+    manifest = _manifest(tmp_path, "S1", "s1")
+    ro = tmp_path / "ro"
+    out = ro / "tiled" if missing else ro
+    cfg = TileConfig(manifest=str(manifest), output_dir=str(out))
+    with read_only_bind(ro), pytest.raises(UserError) as e:
+        run_tile(cfg)
+    err = str(e.value)
+    assert f"output_dir '{out}' cannot be written (Read-only file system in '{ro}')" in err
+    assert f"'S1' and 's1' in manifest '{manifest}'" in err and "fix its permissions" in err
+    assert "differ only in case" not in err and "\n" not in err
+    assert os.listdir(ro) == []

@@ -124,21 +124,36 @@ def check_spellings(
     """Refuse two ids whose coords, bags and heatmap folders would be one file in ``out``: ids
     that differ only in case or Unicode form, where its file system folds names (`folding`, for
     tests: as if probed). Probed only when there are such ids: Linux keeps them apart."""
-    if len({_spelling(s, Folding(case=True, form=True)) for s in ids}) == len(ids):
+    alike = _alike(ids, Folding(case=True, form=True))
+    if alike is None:
         return
-    folding = folding or name_folding(out)
+    try:
+        folding = folding or name_folding(out)
+    except OSError as e:  # not writable: say so, the caller would write there
+        raise UserError(
+            f"output_dir '{out}' cannot be written ({e.strerror} in '{e.filename}'), so whether "
+            f"its file system tells slide ids {alike} in {source} apart cannot be checked; "
+            "choose another output_dir or fix its permissions."
+        ) from None
+    said = _alike(ids, folding)
+    if said is not None:
+        raise UserError(
+            f"slide ids {said} in {source} differ only in case or Unicode form (accents "
+            f"composed or not), so their files would be one in output_dir '{out}', whose "
+            f"file system does not tell such names apart; {fix}."
+        )
+
+
+def _alike(ids: list[str], folding: Folding) -> str | None:
+    """The first two of ``ids`` spelled alike under ``folding``, as a message shows them."""
     spelled: dict[str, str] = {}  # an id's `_spelling` -> the first id spelled so
     for sid in ids:
         twin = spelled.setdefault(_spelling(sid, folding), sid)
         if twin != sid:
             nfc = [unicodedata.normalize("NFC", i) for i in (twin, sid)]
-            alike = nfc[0] == nfc[1]  # then they print alike: show their code points
-            said = f"{ascii(twin)} and {ascii(sid)}" if alike else f"'{twin}' and '{sid}'"
-            raise UserError(
-                f"slide ids {said} in {source} differ only in case or Unicode form (accents "
-                f"composed or not), so their files would be one in output_dir '{out}', whose "
-                f"file system does not tell such names apart; {fix}."
-            )
+            same = nfc[0] == nfc[1]  # then they print alike: show their code points
+            return f"{ascii(twin)} and {ascii(sid)}" if same else f"'{twin}' and '{sid}'"
+    return None
 
 
 def find_slides(
