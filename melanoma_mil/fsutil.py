@@ -33,6 +33,7 @@ _RENAME_EXCHANGE = 2
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not on Windows
 # file systems whose permissions are the mount's, not the file's (FAT, exFAT; fusefat: ENOSYS)
 _NO_MODES = (errno.ENOSYS, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP)
+_NOT_WRITABLE = (errno.EACCES, errno.EROFS)  # a probe's errors that say a folder is read-only
 
 
 def shareable(path: str | os.PathLike[str] | int, mode: int = 0o666 & ~_UMASK) -> None:
@@ -163,19 +164,60 @@ class Folding:
 
 
 def name_folding(folder: str | os.PathLike[str]) -> Folding:
-    """How the file system of ``folder`` (not made yet: of its nearest existing parent, where it
-    will be) looks names up, probed with a new file there found by its other spelling, then
-    removed. A folder that cannot be written raises the OSError (EACCES, EROFS), naming it: the
-    caller says so, not that names fold. A probe inconclusive otherwise (a name the file system
-    cannot hold) counts as folding: the caller stays on the safe side."""
+    """How the file system of ``folder`` looks names up, probed with a new file in it found by
+    its other spelling, then removed. A folder not made yet is made for the probe (the command
+    makes it anyway) and removed after if still empty: a kill between the probe's making and its
+    removal leaves it there, never in a folder of the user's. A folder that cannot be written
+    (or made) raises the OSError (EACCES, EROFS), naming it: the caller says so, not that names
+    fold. A probe inconclusive otherwise (a name the file system cannot hold) counts as folding:
+    the caller stays on the safe side."""
     where = Path(folder).absolute()
-    while not where.is_dir() and where != where.parent:
-        where = where.parent
+    for _ in range(3):  # another call may remove the folder it made, and so ours, mid-probe
+        made: list[Path] = []
+        try:
+            _make_folders(where, made)
+            return _probe(where)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            if e.errno in _NOT_WRITABLE:
+                raise
+            break
+        finally:
+            for made_now in reversed(made):
+                with contextlib.suppress(OSError):  # not empty: another call's, or a kill's
+                    made_now.rmdir()
+    return Folding(case=True, form=True)
+
+
+def _make_folders(folder: Path, made: list[Path]) -> None:
+    """Make ``folder`` and its missing parents, adding those this call made to ``made``,
+    outermost first; one that cannot be made raises the OSError naming its parent."""
+    missing: list[Path] = []
+    while not folder.is_dir() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:  # another call made it (or a file is there: the probe says)
+            continue
+        except OSError as e:
+            if e.errno in _NOT_WRITABLE:
+                raise OSError(e.errno, e.strerror, str(new.parent)) from None
+            raise
+        made.append(new)
+
+
+def _probe(folder: Path) -> Folding:
+    """`name_folding` of the existing ``folder``."""
     name = f".melanoma-mil-probe-{secrets.token_hex(8)}-Xy"  # Xy: letters, whatever the hex
     accented = f"{name}\u00e9"
-    case = _found_as(where / name, name.swapcase())  # ASCII: Linux vfat folds ASCII case alone
+    case = _found_as(folder / name, name.swapcase())  # ASCII: Linux vfat folds ASCII case alone
     try:
-        form = _found_as(where / accented, unicodedata.normalize("NFD", accented))
+        form = _found_as(folder / accented, unicodedata.normalize("NFD", accented))
+    except FileNotFoundError:
+        raise
     except OSError:  # an ASCII name could be made: it is this name that cannot be
         form = True
     return Folding(case=case, form=form)
@@ -188,8 +230,10 @@ def _found_as(probe: Path, other: str) -> bool:
     try:
         os.close(os.open(probe, flags, 0o600))
     except OSError as e:
-        if e.errno in (errno.EACCES, errno.EROFS):  # named by its folder: the name is ours
+        if e.errno in _NOT_WRITABLE:  # named by its folder: the name is ours
             raise OSError(e.errno, e.strerror, str(probe.parent)) from None
+        if e.errno == errno.ENOENT:  # the folder is gone
+            raise
         return True  # names it cannot hold (EPERM on FAT through FUSE)
     try:
         os.lstat(probe.parent / other)

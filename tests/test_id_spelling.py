@@ -22,7 +22,7 @@ from melanoma_mil.cli import main
 from melanoma_mil.config import TileConfig
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
-from melanoma_mil.fsutil import Folding
+from melanoma_mil.fsutil import Folding, name_folding
 from melanoma_mil.ids import id_problem
 from melanoma_mil.tiling.run import run_tile
 from melanoma_mil.tiling.slides import find_slides
@@ -281,3 +281,34 @@ def test_ids_differing_in_case_into_a_read_only_folder_are_refused_as_not_writab
     assert f"'S1' and 's1' in manifest '{manifest}'" in err and "fix its permissions" in err
     assert "differ only in case" not in err and "\n" not in err
     assert os.listdir(ro) == []
+
+
+class _Killed(BaseException):
+    """A SIGKILL at one instant: nothing after it runs in the process's code."""
+
+
+def test_the_probe_for_an_output_dir_not_made_yet_lands_in_it_not_in_the_users_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between making its probe and removing it, the probe is left where it was made:
+    in output_dir, made for it, never in the user's folder that output_dir will be made in."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("user's")
+    out = mine / "work" / "tiled"
+
+    def killed(self: Path, missing_ok: bool = False) -> None:
+        raise _Killed
+
+    monkeypatch.setattr(Path, "unlink", killed)
+    with pytest.raises(_Killed):
+        name_folding(out)
+    monkeypatch.undo()
+    assert sorted(os.listdir(mine)) == ["notes.txt", "work"]
+    assert {p.parent for p in mine.rglob(".melanoma-mil-probe-*")} == {out}
+
+
+def test_the_probe_for_an_output_dir_not_made_yet_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "work" / "tiled"
+    assert name_folding(out) == Folding(case=False, form=False)
+    assert os.listdir(tmp_path) == []
