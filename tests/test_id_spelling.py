@@ -312,3 +312,93 @@ def test_the_probe_for_an_output_dir_not_made_yet_leaves_nothing(tmp_path: Path)
     out = tmp_path / "work" / "tiled"
     assert name_folding(out) == Folding(case=False, form=False)
     assert os.listdir(tmp_path) == []
+
+
+def _one(tmp_path: Path, name: str, sid: str) -> Path:
+    """A manifest ``name`` listing one generated slide of its own as ``sid``."""
+    make_cohort(tmp_path / sid.encode().hex(), 1, seed=len(name) + ord(sid[0]))
+    manifest = tmp_path / name
+    slide = tmp_path / sid.encode().hex() / "slides" / "slide0.tif"
+    manifest.write_text(f"slide_id,path\n{sid},{slide}\n")
+    return manifest
+
+
+def _copy_onto(folder: Path, to: Path) -> None:
+    """``folder`` copied to ``to`` by its files' bytes alone: fusefat sets no times or modes."""
+    for name, data in _files(folder).items():
+        (to / name).parent.mkdir(parents=True, exist_ok=True)
+        (to / name).write_bytes(data)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_second_call_tiling_an_id_differing_only_in_case_is_refused_on_a_real_fat_disk(
+    tmp_path: Path, fat_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`s1` alone, after `S1` was tiled there: its coords would overwrite S1's. (The first call
+    is copied there: fusefat makes no temp files of our names, so no call writes there.)"""
+    first, second = _one(tmp_path, "a.csv", "S1"), _one(tmp_path, "b.csv", "s1")
+    out = fat_folder / "tiled"
+    assert main(["tile", f"manifest={first}", f"output_dir={tmp_path / 'first'}"]) == 0
+    _copy_onto(tmp_path / "first", out)
+    before, _ = _files(out), capsys.readouterr()
+    err = one_line_error(capsys, "tile", f"manifest={second}", f"output_dir={out}")
+    assert f"slide id 's1' in manifest '{second}'" in err and "'S1'" in err and str(out) in err
+    assert _files(out) == before
+
+
+def test_a_second_call_drawing_an_id_differing_only_in_case_is_refused_on_a_real_fat_disk(
+    pipe: Pipeline, tmp_path: Path, fat_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`s1` alone, after `S1` was drawn there: its heatmap folder is S1's."""
+    out = fat_folder / "heat"
+    feats = []
+    for sid in ("S1", "s1"):
+        feats.append(tmp_path / sid.encode().hex())
+        feats[-1].mkdir()
+        shutil.copy(pipe.features / f"slide_00{len(feats)}.h5", feats[-1] / f"{sid}.h5")
+    given = [f"run_dir={pipe.run_dir}", f"output_dir={out}", "device=cpu", "num_workers=0",
+             "thumbnail_size=64"]  # fmt: skip
+    first = [f"output_dir={tmp_path / 'first'}" if g.startswith("output_dir") else g for g in given]
+    assert main(["heatmap", f"features_dir={feats[0]}", *first]) == 0
+    _copy_onto(tmp_path / "first", out)  # as fusefat makes none of our temp files
+    before, _ = _files(out / "S1"), capsys.readouterr()
+    err = one_line_error(capsys, "heatmap", f"features_dir={feats[1]}", *given)
+    assert f"slide id 's1' in features_dir '{feats[1]}'" in err and "'S1'" in err
+    assert str(out) in err
+    assert _files(out / "S1") == before
+
+
+def test_a_second_call_drawing_an_id_differing_only_in_case_draws_both_on_ext4(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    out, given = tmp_path / "heat", ["device=cpu", "num_workers=0", "thumbnail_size=64"]
+    for i, sid in enumerate(("S1", "s1")):
+        feats = tmp_path / sid.encode().hex()
+        feats.mkdir()
+        shutil.copy(pipe.features / f"slide_00{i}.h5", feats / f"{sid}.h5")
+        argv = ["heatmap", f"run_dir={pipe.run_dir}", f"features_dir={feats}", f"output_dir={out}"]
+        assert main([*argv, *given]) == 0
+    assert {p.name for p in out.iterdir() if p.is_dir()} >= {"S1", "s1"}
+
+
+def test_a_second_call_encoding_an_id_differing_only_in_case_is_refused_on_a_real_fat_disk(
+    tmp_path: Path, fat_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`s1` alone, after `S1` was encoded there: its bag would overwrite S1's."""
+    coords = []
+    for seed, sid in enumerate(("S1", "s1")):
+        folder = make_cohort(tmp_path / sid.encode().hex(), 1, seed=seed) / "coords"
+        (folder / "slide0.h5").rename(folder / f"{sid}.h5")
+        coords.append(folder)
+    out = fat_folder / "features"
+    first = ["extract", f"coords_dir={coords[0]}", f"output_dir={tmp_path / 'first'}", *ENCODER]
+    assert main(first) == 0
+    _copy_onto(tmp_path / "first", out)  # as fusefat makes none of our temp files
+    before, _ = _files(out), capsys.readouterr()
+    err = one_line_error(capsys, "extract", f"coords_dir={coords[1]}", f"output_dir={out}",
+                         *ENCODER)  # fmt: skip
+    assert f"slide id 's1' in coords_dir '{coords[1]}' and 'S1'" in err and str(out) in err
+    assert _files(out) == before

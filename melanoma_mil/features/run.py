@@ -56,6 +56,7 @@ from melanoma_mil.outdir import claim_shared, refuse_in_the_way
 from melanoma_mil.progress import progress
 from melanoma_mil.runtable import show, write
 from melanoma_mil.tiling.coords import TileGrid, read_coords
+from melanoma_mil.tiling.slides import check_spellings, rename_or_move
 from melanoma_mil.workshare import STOP_FIX, disk_full, disk_full_reason
 
 log = logging.getLogger(__name__)
@@ -283,6 +284,18 @@ def _written(
     return left
 
 
+def _refuse_overwriting_twins(cfg: ExtractConfig, out: Path, keyed: dict[str, str]) -> None:
+    """Refuse a slide whose bag would be another's already in its cache folder, where the file
+    system folds names (`s1` encoded into a folder holding `S1.h5`), before any encoding."""
+    source = f"coords_dir '{cfg.coords_dir}'"  # its file names are the slide ids
+    fix = rename_or_move("coords files")
+    for key in sorted(set(keyed.values())):
+        bags = sorted((out / key).glob("*.h5"))
+        held = [p.stem for p in bags if not p.name.startswith(".")]
+        ids = [sid for sid, k in keyed.items() if k == key]
+        check_spellings(ids, source, cfg.output_dir, fix, held=held)
+
+
 def _read_only(folders: list[Path], left: set[str]) -> set[Path]:
     """The cache folders this call only reads (no slide left to encode) and cannot write, as a
     lab's finished shared cache: nothing is written there, so they are used as they are."""
@@ -304,6 +317,7 @@ def _checked_folders(
         if isinstance(g, TileGrid)
     }
     keys = sorted(set(keyed.values()))
+    _refuse_overwriting_twins(cfg, run.out_root, keyed)
     left = _written(run, jobs, grids, keyed)
     refuse_in_the_way(cfg.output_dir, "extract", keys, sorted(left))
     claim_shared(cfg.output_dir, "extract", write=False)

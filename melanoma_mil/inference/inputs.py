@@ -168,9 +168,10 @@ def find_input_slides(
     """slide_id -> slide file: slides_dir / manifest, else the paths a feature cache recorded,
     whose file names are then the slide ids, checked as a manifest's against output_dir where
     each slide gets a folder (``render``)."""
+    held = _drawn(Path(cfg.output_dir)) if render else []
     if cfg.slides_dir or cfg.manifest:
         found: dict[str, Path | None] = dict(
-            find_slides(cfg.slides_dir, cfg.manifest, cfg.extensions, cfg.output_dir)
+            find_slides(cfg.slides_dir, cfg.manifest, cfg.extensions, cfg.output_dir, held=held)
         )
         return _select(found, list(cfg.slide_ids), "slides_dir / manifest")
     if features is None:
@@ -189,8 +190,18 @@ def find_input_slides(
     source = f"features_dir '{features}'"
     chosen = _select(found, list(cfg.slide_ids), source)
     if render:
-        check_spellings(list(chosen), source, cfg.output_dir, rename_or_move("feature files"))
+        check_spellings(
+            list(chosen), source, cfg.output_dir, rename_or_move("feature files"), held=held
+        )
     return chosen
+
+
+def _drawn(out: Path) -> list[str]:
+    """The names of ``out``'s slide folders, drawn by earlier calls (a slide's id names its
+    folder; hidden ones are the command's own)."""
+    if not out.is_dir():
+        return []
+    return [p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
 
 def recorded_fingerprint(path: Path) -> str:

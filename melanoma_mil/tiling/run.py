@@ -265,7 +265,9 @@ def run_tile(cfg: TileConfig, advise_default_mpp: bool = True) -> int:
     """Tile every slide; 0 if none failed, else 1 (after finishing all the others).
     ``advise_default_mpp=False``: callers that take no tiling keys (predict, heatmap)."""
     check_tiling(cfg.tiling)
-    slides = find_slides(cfg.slides_dir, cfg.manifest, cfg.extensions, cfg.output_dir)
+    tiled = sorted(Path(cfg.output_dir).glob("coords/*.h5"))  # an earlier call's: their ids
+    held = [p.stem for p in tiled if not p.name.startswith(".")]
+    slides = find_slides(cfg.slides_dir, cfg.manifest, cfg.extensions, cfg.output_dir, held=held)
     overrides = read_mpp_csv(cfg.mpp_csv)
     unknown = sorted(set(overrides) - set(slides))
     if unknown:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +83,7 @@ def _check_unique(
     out: str | os.PathLike[str],
     fix: str = "rename one of the files",
     folding: Folding | None = None,
+    held: Collection[str] = (),
 ) -> dict[str, Path]:
     found: dict[str, Path] = {}
     files: dict[tuple[int, int] | str, str] = {}  # a file on disk -> its first slide id
@@ -102,7 +103,7 @@ def _check_unique(
                 "list each slide once."
             )
         found[sid], files[key] = path, sid
-    check_spellings(list(found), source, out, fix, folding)
+    check_spellings(list(found), source, out, fix, folding, held)
     return dict(sorted(found.items()))
 
 
@@ -120,40 +121,72 @@ def check_spellings(
     out: str | os.PathLike[str],
     fix: str,
     folding: Folding | None = None,
+    held: Collection[str] = (),
 ) -> None:
     """Refuse two ids whose coords, bags and heatmap folders would be one file in ``out``: ids
     that differ only in case or Unicode form, where its file system folds names (`folding`, for
-    tests: as if probed). Probed only when there are such ids: Linux keeps them apart."""
-    alike = _alike(ids, Folding(case=True, form=True))
+    tests: as if probed); and so an id and one of ``held``, the ids whose files ``out`` holds
+    from an earlier call (`S1` drawn, then `s1` alone would overwrite its files). Probed only
+    when there are such ids: Linux keeps them apart."""
+    every = Folding(case=True, form=True)
+    alike = _alike(ids, every) or _held(ids, held, every)
     if alike is None:
         return
     try:
         folding = folding or name_folding(out)
     except OSError as e:  # not writable: say so, the caller would write there
+        said = " and ".join(_shown(*alike))
         raise UserError(
             f"output_dir '{out}' cannot be written ({e.strerror} in '{e.filename}'), so whether "
-            f"its file system tells slide ids {alike} in {source} apart cannot be checked; "
+            f"its file system tells slide ids {said} in {source} apart cannot be checked; "
             "choose another output_dir or fix its permissions."
         ) from None
-    said = _alike(ids, folding)
-    if said is not None:
+    pair = _alike(ids, folding)
+    if pair is not None:
+        said = " and ".join(_shown(*pair))
         raise UserError(
             f"slide ids {said} in {source} differ only in case or Unicode form (accents "
             f"composed or not), so their files would be one in output_dir '{out}', whose "
             f"file system does not tell such names apart; {fix}."
         )
+    pair = _held(ids, held, folding)
+    if pair is not None:
+        new, old = _shown(*pair)
+        raise UserError(
+            f"slide id {new} in {source} and {old}, whose files output_dir '{out}' already "
+            "holds, differ only in case or Unicode form (accents composed or not), and its file "
+            f"system does not tell such names apart: the files of {new} would overwrite them; "
+            f"{fix}, or choose another output_dir."
+        )
 
 
-def _alike(ids: list[str], folding: Folding) -> str | None:
-    """The first two of ``ids`` spelled alike under ``folding``, as a message shows them."""
+def _alike(ids: list[str], folding: Folding) -> tuple[str, str] | None:
+    """The first two of ``ids`` spelled alike under ``folding``."""
     spelled: dict[str, str] = {}  # an id's `_spelling` -> the first id spelled so
     for sid in ids:
         twin = spelled.setdefault(_spelling(sid, folding), sid)
         if twin != sid:
-            nfc = [unicodedata.normalize("NFC", i) for i in (twin, sid)]
-            same = nfc[0] == nfc[1]  # then they print alike: show their code points
-            return f"{ascii(twin)} and {ascii(sid)}" if same else f"'{twin}' and '{sid}'"
+            return twin, sid
     return None
+
+
+def _held(ids: list[str], held: Collection[str], folding: Folding) -> tuple[str, str] | None:
+    """The first of ``ids`` spelled alike under ``folding``, not the same, as one of ``held``
+    (ids whose files an earlier call made), and that one."""
+    earlier, same = {_spelling(h, folding): h for h in held}, set(held)
+    for sid in ids:
+        twin = earlier.get(_spelling(sid, folding))
+        if twin is not None and sid not in same:
+            return sid, twin
+    return None
+
+
+def _shown(first: str, second: str) -> tuple[str, str]:
+    """Two ids as a message shows them: by their code points where they print alike."""
+    nfc = [unicodedata.normalize("NFC", i) for i in (first, second)]
+    if nfc[0] == nfc[1]:
+        return ascii(first), ascii(second)
+    return f"'{first}'", f"'{second}'"
 
 
 def find_slides(
@@ -162,12 +195,14 @@ def find_slides(
     extensions: Sequence[str],
     out: str | os.PathLike[str],
     folding: Folding | None = None,
+    held: Collection[str] = (),
 ) -> dict[str, Path]:
     """Slide id -> path, from a manifest CSV (slide_id, path) or a recursive folder search.
 
     Relative manifest paths resolve against ``slides_dir`` when given, else the manifest's folder.
     Files named in a manifest are not checked here: a missing one fails that slide only. ``out``
-    is the command's output folder, where files named by the ids go (see `check_spellings`).
+    is the command's output folder, where files named by the ids go, ``held`` the ids whose
+    files it holds (see `check_spellings`).
     """
     if manifest:
         mpath = Path(manifest)
@@ -196,7 +231,7 @@ def find_slides(
             for row, sid, raw in zip(df.index, df["slide_id"], df["path"], strict=True)
         ]
         fix = "give one of them another slide_id"
-        return _check_unique(pairs, f"manifest '{mpath}'", out, fix, folding)
+        return _check_unique(pairs, f"manifest '{mpath}'", out, fix, folding, held)
     if not slides_dir:
         raise UserError("no slides given: set slides_dir=FOLDER or manifest=CSV.")
     root = Path(slides_dir)
@@ -216,7 +251,7 @@ def find_slides(
             "check slides_dir or set extensions=[...]."
         )
     pairs = [(check_slide_id(p.name if p.is_dir() else slide_id_of(p), str(p)), p) for p in files]
-    return _check_unique(pairs, f"'{root}'", out, folding=folding)
+    return _check_unique(pairs, f"'{root}'", out, folding=folding, held=held)
 
 
 def _files_under(root: Path) -> list[Path]:
