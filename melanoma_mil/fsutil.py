@@ -106,6 +106,11 @@ class Lock:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
+    def share(self) -> None:
+        """Let others hold the lock too (`shared_lock`), this process still among them."""
+        if self._fd is not None and fcntl is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+
 
 def _open_lock(path: Path) -> int:
     """The lock file at ``path``, created if missing, never through a link: one planted there
@@ -139,6 +144,15 @@ def try_lock(path: Path) -> Lock | None:
         if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             return None
         raise
+    return Lock(fd)
+
+
+def shared_lock(path: Path) -> Lock:
+    """A lock on ``path`` that any number of processes hold together, waiting while one holds
+    it alone (`try_lock`): a process that finds none of the others can act for all of them."""
+    fd = _open_lock(path)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_SH)
     return Lock(fd)
 
 

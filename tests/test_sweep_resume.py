@@ -6,18 +6,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
+from subprocess import PIPE
 
 import pandas as pd
 import pytest
 import yaml
-from conftest import mounted_tmpfs
+from conftest import mounted_tmpfs, one_thread_env
 
 from melanoma_mil.cli import main
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.evaluation.sweep import LOCK
-from melanoma_mil.fsutil import try_lock
+from melanoma_mil.evaluation.sweep_ledger import unpaired
+from melanoma_mil.fsutil import shared_lock, try_lock
 
 
 def cohort(root: Path) -> tuple[Path, Path]:
@@ -262,26 +267,125 @@ def test_a_sweep_started_anew_leaves_no_comparison_of_the_earlier_runs(tmp_path:
     assert left == [".melanoma-mil.json", "notes.txt"]
 
 
-def test_a_second_sweep_into_a_folder_in_use_is_refused_before_any_work(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def sweep_process(argv: list[str]) -> subprocess.Popen[str]:
+    """A `python -m melanoma_mil sweep` process of its own, as each task of an array job is."""
+    command = [sys.executable, "-m", "melanoma_mil", *argv]
+    return subprocess.Popen(command, env=one_thread_env(), stdout=PIPE, stderr=PIPE, text=True)
+
+
+def recorded(out: Path) -> list[dict]:
+    """The ledger's runs as another process sees them while a sweep writes (none yet)."""
+    try:
+        return ledger(out)
+    except FileNotFoundError:
+        return []
+
+
+def test_two_sweep_processes_in_one_folder_share_the_grid_and_run_each_run_once(
+    tmp_path: Path,
 ) -> None:
-    """Two sweeps in one folder planned the same next run (one failed it: its folds were
-    locked) and wrote their ledgers and comparisons over each other's. While one holds the
-    folder, another is refused with one line; once it has ended, the same command resumes."""
+    """A second `sweep` into a folder in use was refused (parallel runs needed `wandb agent`):
+    the tasks of an array job now share the grid, each run trained by one process only, and
+    the last to finish writes the report of all."""
+    argv, out, _ = two_seed_sweep(tmp_path)
+    tasks = [sweep_process(argv) for _ in range(2)]
+    outputs = [task.communicate(timeout=600) for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs
+    names = ["000_seed-0", "001_seed-1"]
+    runs = ledger(out)
+    assert sorted(r["name"] for r in runs) == names
+    assert [r["state"] for r in runs] == ["finished"] * 2
+    assert runs[0]["splits_sha256"] == runs[1]["splits_sha256"]
+    logs = "".join(err for _, err in outputs)
+    for name in names:  # each fit started once, by one of the two processes
+        assert logs.count(f"sweep run {name}: ") == 1, logs
+        assert (out / name / "cv_summary.json").is_file()
+    assert logs.count("comparison written to") >= 1, logs
+    assert sorted(pd.read_csv(out / "sweep_results.csv")["run"]) == names
+    assert sorted(pd.read_csv(out / "comparison" / "comparison.csv")["run"]) == names
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_run_whose_sweep_process_was_killed_is_taken_over_by_the_next(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process killed while training a run leaves it recorded as running; its lock died with
+    it, so the next `sweep` into the folder trains that run (once) and reports both."""
+    argv, out, _ = two_seed_sweep(tmp_path)
+    first = sweep_process(argv)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(r.get("state") == "running" for r in recorded(out)):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate()
+    killed = [r["name"] for r in ledger(out) if r["state"] == "running"]
+    assert len(killed) == 1
+    assert main(argv) == 0
+    runs = ledger(out)
+    assert sorted(r["name"] for r in runs) == ["000_seed-0", "001_seed-1"]
+    assert [r["state"] for r in runs] == ["finished", "finished"]
+    assert f"sweep run {killed[0]}: the process training it is gone; taken over" in caplog.messages
+    assert sorted(pd.read_csv(out / "sweep_results.csv")["run"]) == ["000_seed-0", "001_seed-1"]
+
+
+def test_a_random_sweep_beside_a_running_process_draws_count_runs_in_all_and_leaves_the_report(
+    tmp_path: Path,
+) -> None:
+    """`--count N` is the sweep's total, not each process's: beside a run another process
+    still trains, a process draws the rest (the draws one process would make, each its own
+    name) and leaves the report to the last to finish. The sampled learning rates are
+    invalid, so each run fails at once."""
+    features, labels = cohort(tmp_path / "coh")
+    spec = {
+        "method": "random",
+        "parameters": {"optim.lr": {"distribution": "normal", "mu": -1.0, "sigma": 0.1}},
+    }
+    rand = str(sweep_file(tmp_path, spec))
+    fixed = [f"data.features_dir={features}", f"data.labels_csv={labels}", "logger=none"]
+    shared, once = tmp_path / "shared", tmp_path / "once"
+    assert main(["sweep", rand, "--count", "3", f"output_dir={once}", *fixed]) == 1
+    argv = ["sweep", rand, f"output_dir={shared}", *fixed]
+    assert main([*argv, "--count", "1"]) == 1
+    data = json.loads((shared / "sweep.json").read_text())
+    data["runs"][0] = {k: data["runs"][0][k] for k in ("name", "params")} | {"state": "running"}
+    (shared / "sweep.json").write_text(json.dumps(data))  # as a peer training it records it
+    report = (shared / "sweep_results.csv").read_bytes()
+    peer = try_lock(shared / ".sweep-runs" / f"{data['runs'][0]['name']}.lock")
+    assert peer is not None
+    try:
+        assert main([*argv, "--count", "3"]) == 1
+    finally:
+        peer.release()
+    assert [r["state"] for r in ledger(shared)] == ["running", "failed", "failed"]
+    assert (shared / "sweep_results.csv").read_bytes() == report  # left to the peer
+    assert main([*argv, "--count", "3"]) == 1  # the peer died: its run taken over, reported
+    drawn = [(r["name"], r["params"]) for r in ledger(shared)]
+    assert drawn == [(r["name"], r["params"]) for r in ledger(once)]
+    assert len({name for name, _ in drawn}) == 3
+    assert [r["state"] for r in ledger(shared)] == ["failed"] * 3
+    assert list(pd.read_csv(shared / "sweep_results.csv")["run"]) == [n for n, _ in drawn]
+
+
+def test_a_sweep_with_overwrite_beside_running_processes_joins_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """overwrite=true starts a sweep anew only in a process that finds no other sweeping into
+    the folder: the tasks of an array started with it start anew once, not each other's runs
+    over again."""
     argv, out, _ = two_seed_sweep(tmp_path)
     assert main([*argv, "--count", "1"]) == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    other = try_lock(out / LOCK)  # the running sweep's lock (an flock: per open file)
-    assert other is not None
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "in use by another `sweep`" in err and str(out) in err, err
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
-    assert [r["state"] for r in ledger(out)] == ["finished"]
-    other.release()
-    assert main(argv) == 0
+    kept = (out / "000_seed-0" / "cv_summary.json").stat().st_mtime_ns
+    other = shared_lock(out / LOCK)  # a `sweep` process still working in the folder
+    try:
+        assert main([*argv, "overwrite=true"]) == 0
+    finally:
+        other.release()
     assert [r["state"] for r in ledger(out)] == ["finished", "finished"]
+    assert (out / "000_seed-0" / "cv_summary.json").stat().st_mtime_ns == kept
+    assert "this one joins them" in caplog.text
 
 
 def test_a_finished_run_whose_folder_is_gone_runs_again_on_resume(tmp_path: Path) -> None:
@@ -402,3 +506,16 @@ def test_a_full_disk_stops_the_sweep_in_one_line_and_a_rerun_resumes(
         assert [r["state"] for r in ledger(disk / "sw")] == ["finished"] * 3
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_run_trained_beside_the_first_on_other_folds_is_recorded_as_failed_saying_why() -> None:
+    """Runs started before any has finished make their own folds; where a swept key changed
+    the cohort they differ, and a comparison of them would not be paired."""
+    first = {"name": "000_a", "state": "finished", "splits_sha256": "a" * 64}
+    same = {"name": "001_b", "state": "finished", "splits_sha256": "a" * 64}
+    other = {"name": "001_b", "state": "finished", "splits_sha256": "b" * 64}
+    assert unpaired(first, [first | {"state": "running"}]) is None  # the first to finish
+    assert unpaired(same, [first, same | {"state": "running"}]) is None
+    why = unpaired(other, [first, other | {"state": "running"}])
+    assert why is not None and "bbbbbbbbbbbb, not the sweep's aaaaaaaaaaaa" in why
+    assert "delete this run's folder and re-run this sweep" in why

@@ -16,7 +16,7 @@ import pytest
 
 from melanoma_mil.errors import UserError
 from melanoma_mil.features import placement
-from melanoma_mil.fsutil import locked, try_lock
+from melanoma_mil.fsutil import locked, shared_lock, try_lock
 from melanoma_mil.workshare import GATE_STALE_S, Claim, clear_drafts, me, owner_gone, process_start
 
 
@@ -248,7 +248,9 @@ def test_a_breakers_gate_holds_off_others_only_while_its_breaker_lives(tmp_path:
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("take", [lambda p: try_lock(p), lambda p: locked(p).__enter__()])
+@pytest.mark.parametrize(
+    "take", [try_lock, shared_lock, lambda p: locked(p).__enter__()], ids=["try", "shared", "wait"]
+)
 def test_a_lock_file_planted_as_a_dangling_link_is_refused_and_nothing_made_where_it_points(
     tmp_path: Path, take: Callable[[Path], object]
 ) -> None:

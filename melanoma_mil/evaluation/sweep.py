@@ -8,6 +8,7 @@ key=value), as for `fit` — the file's `command` is what `wandb agent` runs.
 All runs share one set of splits (the first run's, or cv.splits_file), so the final comparison
 is paired. A ledger (`sweep.json`) makes an interrupted sweep resume where it stopped: with the
 same fixed settings only, retrying failed runs, and drawing what one invocation would have.
+Several `sweep` processes into one output_dir (a SLURM array) share its runs (`sweep_ledger`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,16 @@ from omegaconf import OmegaConf
 
 from melanoma_mil import config as C
 from melanoma_mil.errors import OtherRun, UserError
+from melanoma_mil.evaluation.sweep_ledger import (
+    LEDGER,
+    Ledger,
+    paired_splits,
+    read_ledger,
+    recheck_finished,
+    run_lock,
+    take_unfinished,
+    unpaired,
+)
 from melanoma_mil.evaluation.sweep_plan import (
     check_metric,
     fit_config,
@@ -33,15 +45,15 @@ from melanoma_mil.evaluation.sweep_plan import (
     suggest,
 )
 from melanoma_mil.evaluation.sweep_report import RESULTS, own_comparison, report
-from melanoma_mil.fsutil import Lock, try_lock
-from melanoma_mil.io import json_text, write_json
+from melanoma_mil.fsutil import Lock, locked, shared_lock, try_lock
 from melanoma_mil.outdir import claim_shared, output_folder, read_marker
-from melanoma_mil.rundir import SPLITS, load_run, settings
+from melanoma_mil.rundir import load_run, settings
 from melanoma_mil.tracking.loggers import check_logger, summary_metrics
 from melanoma_mil.workshare import disk_full
 
 log = logging.getLogger(__name__)
-LOCK = ".sweep.lock"  # held by the one `sweep` process that plans and records a folder's runs
+LOCK = ".sweep.lock"  # held shared by every `sweep` process working in a folder (`_join`)
+REPORT_LOCK = ".sweep-report.lock"  # held while one of them checks for and writes the report
 
 # Inputs fit identifies by content (rundir NOT_RESULTS), which a sweep must not change between
 # runs: its later runs would see other data than its earlier ones.
@@ -89,54 +101,6 @@ def fixed_settings(cfg: C.SweepConfig, spec: dict[str, Any]) -> dict[str, Any]:
             values[key] = str(Path(values[key]).resolve())
     fixed = {k: v for k, v in values.items() if k not in spec["parameters"]}
     return dict(json.loads(json.dumps(fixed, default=str)))  # as read back from sweep.json
-
-
-# Keys that shape no local run and no ranking (`program`/`command` are for `wandb agent`).
-_LABELS_ONLY = ("name", "description", "project", "entity", "program", "command")
-
-
-def _runs_shaping(spec: Any) -> Any:
-    """The sweep file as it decides runs and ranking: a reworded name or description still
-    resumes the same sweep."""
-    if not isinstance(spec, dict):
-        return spec
-    return {k: v for k, v in spec.items() if k not in _LABELS_ONLY}
-
-
-def _ledger(
-    path: Path, spec: dict[str, Any], fixed: dict[str, Any], overwrite: bool
-) -> list[dict[str, Any]]:
-    """Runs of an earlier, interrupted sweep into the same folder. The file's runs and metric
-    must be the same (its name, description or agent command may change), and the fixed
-    settings too once a run has finished (while none has, changing them may fix them)."""
-    if not path.is_file() or overwrite:
-        return []
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        data = None
-    if not isinstance(data, dict) or not isinstance(data.get("runs", []), list):
-        raise UserError(
-            f"{path} is not a sweep ledger (unreadable or damaged): use another output_dir, or "
-            "overwrite=true to start the sweep anew."
-        )
-    if _runs_shaping(data.get("sweep")) != _runs_shaping(spec):
-        raise UserError(
-            f"{path} belongs to a different sweep: use another output_dir or overwrite=true."
-        )
-    runs = list(data.get("runs", []))
-    recorded = data.get("fixed")
-    finished = any(e.get("state") == "finished" for e in runs)
-    if finished and recorded is None:  # a ledger from before fixed settings were recorded
-        log.warning("%s does not record its fixed settings: resuming with these.", path)
-    elif finished and recorded != fixed:
-        keys = sorted(k for k in recorded.keys() | fixed.keys() if recorded.get(k) != fixed.get(k))
-        diff = ", ".join(f"{k}={recorded.get(k)!r} (now {fixed.get(k)!r})" for k in keys[:5])
-        raise UserError(
-            f"{path} was run with other fixed settings: {diff}{' ...' if len(keys) > 5 else ''}; "
-            "pass those to resume it, or use another output_dir, or overwrite=true to start anew."
-        )
-    return runs
 
 
 def _execute(fit: C.FitConfig, splits_sha256: str | None) -> dict[str, Any]:
@@ -211,8 +175,8 @@ def _run(
     cfg: C.SweepConfig, name: str, params: dict[str, Any], paired: dict[str, str | None]
 ) -> tuple[dict[str, Any], OSError | None]:
     """One run as a ledger entry. A failure is recorded and the sweep goes on (as with agents),
-    but for a full disk, returned too: every later run would fail on it as well. The first
-    finished run's splits become those of every later run (``paired``)."""
+    but for a full disk, returned too: every later run would fail on it as well. The run uses
+    the sweep's splits (``paired``: the first finished run's, or cv.splits_file)."""
     out = Path(cfg.output_dir)
     log.info("sweep run %s: %s", name, " ".join(overrides(params)))
     entry: dict[str, Any] = {"name": name, "params": params}
@@ -220,8 +184,6 @@ def _run(
         fit = fit_config(cfg, params, out / name)
         fit.cv.splits_file = paired["file"]
         entry.update(_execute(fit, paired["sha256"]))
-        paired["file"] = paired["file"] or str(out / name / SPLITS)
-        paired["sha256"] = paired["sha256"] or entry["splits_sha256"]
     except UserError as e:
         error = str(e)
         if isinstance(e, OtherRun):  # fit's overwrite=true would, for a sweep, redo every run
@@ -239,71 +201,39 @@ def _run(
     return entry, None
 
 
-def _same_metrics(now: dict[str, float], recorded: dict[str, float]) -> bool:
-    """The run's metrics are those recorded: as strict JSON, as sweep.json holds them (a NaN
-    metric is null there), on the keys recorded (a ledger of an older version may lack some)."""
-    now_text = json_text({k: now.get(k) for k in recorded}, sort_keys=True)
-    return now_text == json_text(recorded, sort_keys=True)
+def _join(out: Path, overwrite: bool) -> tuple[Lock, bool]:
+    """Join the processes sweeping into ``out`` (each holds ``LOCK`` shared for its life):
+    whether this one is alone, and so may start the sweep anew for overwrite=true. The tasks
+    of an array started with overwrite=true thus start it anew once, and the others join it."""
+    folder = output_folder(out, "sweep")
+    lock = try_lock(folder / LOCK)
+    if lock is not None:
+        return lock, True
+    if overwrite:
+        log.warning("sweep: other processes are sweeping into %s: this one joins them and "
+                    "leaves overwrite=true (starting anew) to the first of them", out)  # fmt: skip
+    return shared_lock(folder / LOCK), False
 
 
-def _recheck_finished(out: Path, entries: list[dict[str, Any]]) -> None:
-    """A run the ledger calls finished whose folder is gone, no longer complete (deleted to be
-    redone) or holds other results (a `fit overwrite=true` of yours into it) is run again, as a
-    failed one is: else its stale metrics would be ranked beside the comparison of what the
-    folder holds, or the comparison would fail after every other fit."""
-    for entry in entries:
-        if entry["state"] != "finished":
-            continue
-        try:
-            run = load_run(out / entry["name"])
-            problem = None
-            if run.splits_sha256 != entry.get("splits_sha256"):
-                problem = "refitted on other splits"
-            elif not _same_metrics(summary_metrics(run.summary), entry.get("metrics") or {}):
-                problem = "refitted: its results are not those recorded in the ledger"
-        except UserError as e:
-            problem = str(e).rstrip(".")
-        if problem:
-            log.warning(
-                "sweep run %s is no longer finished (%s): it runs again", entry["name"], problem
-            )
-            entry.update(state="failed", error=problem)
-            entry.pop("metrics", None)
-
-
-def _hold(out: Path) -> Lock:
-    """The folder's sweep lock, or a refusal: two sweeps in one folder would both plan the same
-    next run (one of them fails it, its folds being locked) and each write its own ledger and
-    comparison over the other's."""
-    lock = try_lock(output_folder(out, "sweep") / LOCK)
-    if lock is None:
-        raise UserError(
-            f"output_dir '{out}' is in use by another `sweep` (it holds {out / LOCK}); wait for "
-            "it to end, then re-run this command to resume, or sweep into another output_dir "
-            "(parallel runs of one sweep: `wandb agent`, sweeps/README.md)."
-        )
-    return lock
-
-
-def _folder_state(
-    cfg: C.SweepConfig, spec: dict[str, Any], fixed: dict[str, Any], out: Path
-) -> tuple[list[dict[str, Any]], bool]:
-    """The earlier runs recorded in ``out`` and whether its comparison is this sweep's own, or a
-    refusal of a folder that is not this sweep's."""
-    ledger_path = out / "sweep.json"
-    entries = _ledger(ledger_path, spec, fixed, cfg.overwrite)
+def _folder_state(cfg: C.SweepConfig, spec: dict[str, Any], fixed: dict[str, Any]) -> None:
+    """Refuse a folder that is not this sweep's: another sweep's ledger, another command's
+    folder, results of an unknown sweep, or a comparison of yours."""
+    out = Path(cfg.output_dir)
+    read_ledger(out / LEDGER, spec, fixed, cfg.overwrite)
     if read_marker(out) is not None:  # then read-only: another command's folder is named first
         claim_shared(out, "sweep")
-    elif (out / RESULTS).exists() and not ledger_path.is_file() and not cfg.overwrite:
+    elif (out / RESULTS).exists() and not (out / LEDGER).is_file() and not cfg.overwrite:
         raise UserError(
             f"output_dir '{out}' already holds {RESULTS} from an unknown sweep; pass "
             "overwrite=true to replace it, or choose another output_dir."
         )
-    return entries, own_comparison(out)
+    own_comparison(out)
 
 
 def run_sweep(cfg: C.SweepConfig) -> int:
-    """Plan and run the sweep's fits; write sweep.json, sweep_results.csv and the comparison."""
+    """Plan and run the sweep's fits, sharing them with other `sweep` processes into the same
+    output_dir; the last to finish writes sweep_results.csv and the comparison."""
+    started = time.time()  # failed runs recorded before this are retried once
     if not cfg.sweep_file:
         raise UserError("sweep needs a sweep file: python -m melanoma_mil sweep SWEEP.yaml")
     spec = load_sweep(cfg.sweep_file)
@@ -312,55 +242,99 @@ def run_sweep(cfg: C.SweepConfig) -> int:
         raise UserError(f"method '{spec['method']}' never runs out of runs: pass --count N.")
     out = Path(cfg.output_dir)
     fixed = fixed_settings(cfg, spec)
-    _folder_state(cfg, spec, fixed, out)  # its refusals first, before the inputs are read
+    _folder_state(cfg, spec, fixed)  # its refusals first, before the inputs are read
     _check_inputs(cfg, spec)
-    lock = _hold(out)
-    try:  # read again under the lock: a sweep that ended meanwhile may have added runs
-        entries, replace_comparison = _folder_state(cfg, spec, fixed, out)
-        claim_shared(out, "sweep")
-        return _sweep(cfg, spec, fixed, entries, replace_comparison)
+    ledger = Ledger(out / LEDGER, spec, fixed, cfg.sweep_file)
+    lock, alone = _join(out, cfg.overwrite)
+    try:
+        with ledger.held(anew=cfg.overwrite and alone) as entries:
+            claim_shared(out, "sweep")
+            recheck_finished(out, entries)
+        lock.share()  # started anew, if at all: others may join now
+        return _sweep(cfg, ledger, started)
     finally:
         lock.release()
 
 
-def _sweep(
-    cfg: C.SweepConfig,
-    spec: dict[str, Any],
-    fixed: dict[str, Any],
-    entries: list[dict[str, Any]],
-    replace_comparison: bool,
-) -> int:
-    """The runs not yet finished, then the report; with the folder's sweep lock held."""
+def _take(
+    cfg: C.SweepConfig, ledger: Ledger, started: float
+) -> tuple[str, dict[str, Any], dict[str, str | None], Lock] | None:
+    """The next run for this process, locked and recorded as running: a recorded one no live
+    process holds (`take_unfinished`), else the engine's next (within --count); None when
+    there is none. Under the ledger's lock, so no two processes take or draw the same run."""
     out = Path(cfg.output_dir)
-    ledger_path = out / "sweep.json"
-    _recheck_finished(out, entries)
-    done = [e for e in entries if e["state"] == "finished"]
-    paired = {
-        "file": cfg.cv.splits_file or (str(out / done[0]["name"] / SPLITS) if done else None),
-        "sha256": done[0]["splits_sha256"] if done else None,
-    }
+    lock: Lock | None = None
+    try:
+        with ledger.held() as entries:
+            taken = take_unfinished(out, entries, started)
+            if taken is None:
+                if cfg.count is not None and len(entries) >= cfg.count:
+                    return None
+                suggestion = suggest(ledger.spec, entries, cfg.seed)
+                if suggestion is None:  # grid exhausted
+                    return None
+                params = {k: plain(v["value"]) for k, v in suggestion.config.items()}
+                name = run_name(len(entries), params)
+                lock = try_lock(run_lock(out, name))
+                if lock is None:  # a process of the sweep this one started anew still trains it
+                    return None
+                entries.append({"name": name, "params": params})
+                taken = len(entries) - 1, lock
+            i, lock = taken
+            entry = entries[i] = {**entries[i], "state": "running"}
+            for key in ("error", "metrics", "splits_sha256", "ended"):
+                entry.pop(key, None)
+            paired = paired_splits(out, cfg.cv.splits_file, entries)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return entry["name"], entry["params"], paired, lock
 
-    def record(i: int, name: str, params: dict[str, Any]) -> None:
-        """Run entry ``i`` (or the next), write the ledger; a full disk ends the sweep, with
-        the run recorded as failed (a re-run retries it) where the ledger still fits."""
-        entry, full = _run(cfg, name, params, paired)
-        entries[i : i + 1] = [entry]
-        ledger = {"sweep": spec, "sweep_file": cfg.sweep_file, "fixed": fixed, "runs": entries}
+
+def _record(ledger: Ledger, entry: dict[str, Any], full: OSError | None) -> dict[str, Any]:
+    """Write a run's entry into the ledger, merged with the other processes' entries, and return
+    it as written; a full disk ends the sweep, with the run recorded as failed (a re-run
+    retries it) where the ledger still fits."""
+    try:
+        with ledger.held() as entries:
+            if why := unpaired(entry, entries):
+                log.error("sweep run %s failed: %s", entry["name"], why)
+                entry = {"name": entry["name"], "params": entry["params"], "state": "failed",
+                         "error": why}  # fmt: skip
+            entry = entry | {"ended": time.time()}  # a peer that started before it retries none
+            at = [i for i, e in enumerate(entries) if e["name"] == entry["name"]]
+            if at:
+                entries[at[0]] = entry
+            else:  # removed from the ledger by hand meanwhile
+                entries.append(entry)
+            run_lock(ledger.path.parent, entry["name"]).unlink(missing_ok=True)
+    except OSError:
+        if full is None:
+            raise
+    if full is not None:
+        raise full
+    return entry
+
+
+def _sweep(cfg: C.SweepConfig, ledger: Ledger, started: float) -> int:
+    """Train runs while there are any to take, then write the report if no other process is
+    still training one (else the last of them does): 1 if a run of this process failed."""
+    code = 0
+    while (work := _take(cfg, ledger, started)) is not None:
+        name, params, paired, lock = work
         try:
-            write_json(ledger_path, ledger)
-        except OSError:
-            if full is None:
-                raise
-        if full is not None:
-            raise full
-
-    for i, entry in enumerate(entries):  # failed runs of an earlier invocation: once more
-        if entry["state"] != "finished":
-            record(i, entry["name"], entry["params"])
-    while cfg.count is None or len(entries) < cfg.count:
-        suggestion = suggest(spec, entries, cfg.seed)
-        if suggestion is None:  # grid exhausted
-            break
-        params = {k: plain(v["value"]) for k, v in suggestion.config.items()}
-        record(len(entries), run_name(len(entries), params), params)
-    return report(cfg, spec, entries, out, replace_comparison)
+            entry = _record(ledger, *_run(cfg, name, params, paired))
+        finally:
+            lock.release()
+        code = code or int(entry["state"] != "finished")
+    out = Path(cfg.output_dir)
+    with locked(out / REPORT_LOCK):  # two processes ending together report one after the other
+        with ledger.held() as entries:
+            running = [e["name"] for e in entries if e.get("state") == "running"]
+        if running:
+            names = ", ".join(running[:8])
+            log.info("sweep: %d run(s) still training in other processes (%s); the last of "
+                     "them to finish writes the report", len(running), names)  # fmt: skip
+            return code
+        return report(cfg, ledger.spec, entries, out, own_comparison(out))

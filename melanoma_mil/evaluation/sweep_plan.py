@@ -201,7 +201,8 @@ def fit_config(cfg: C.SweepConfig, params: dict[str, Any], output_dir: Path) -> 
 
 def _sweep_run(entry: dict[str, Any]) -> Any:
     sweeps = _engine()
-    state = sweeps.RunState.finished if entry["state"] == "finished" else sweeps.RunState.failed
+    states = {"finished": sweeps.RunState.finished, "running": sweeps.RunState.running}
+    state = states.get(entry["state"], sweeps.RunState.failed)  # running: in another process
     return sweeps.SweepRun(
         name=entry["name"],
         state=state,
