@@ -295,7 +295,7 @@ class TileConfig:
     stale_after_s: float = positive(900.0)
     # a slide still being tiled after this many seconds (a read that never returns: a dead
     # network mount, a FIFO) has its process stopped and fails alone, so the cohort goes on;
-    # 0 or null: no limit. Only where slides are tiled in worker processes (workers > 1).
+    # 0 or null: no limit (then workers=1 tiles in the `tile` process itself; else in a child)
     # Not under tiling: it shapes no coords (tiling.* settings are recorded in each coords file)
     slide_timeout_s: float | None = bounded(3600.0, 0)
     tiling: TilingConfig = field(default_factory=TilingConfig)

@@ -98,3 +98,30 @@ def test_a_slide_tiling_past_stale_after_keeps_its_claim(tmp_path: Path, workers
     finally:
         _unblock(tmp_path / "slides" / "hung.svs", tile)
     assert tile.wait() == 1
+
+
+def test_a_hung_slide_fails_alone_at_the_time_limit_with_one_worker(tmp_path: Path) -> None:
+    """With workers=1 the slide was tiled in the `tile` process itself, which cannot stop a read
+    that never returns: the limit did not hold and the cohort waited forever. Run as a command
+    under a deadline, so that a hang fails this test instead of hanging the suite."""
+    manifest, out = _cohort(tmp_path, 2), tmp_path / "tiles"
+    tile = subprocess.Popen(
+        [sys.executable, "-m", "melanoma_mil", "tile", f"manifest={manifest}",
+         f"output_dir={out}", "workers=1", "slide_timeout_s=4", "tiling.mpp=1.0",
+         "tiling.tile_size=64"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        code = tile.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        _unblock(tmp_path / "slides" / "hung.svs", tile)
+        pytest.fail("workers=1: the hung slide was not stopped at slide_timeout_s")
+    assert code == 1  # as for any failed slide
+    table = pd.read_csv(out / "tiling.csv").set_index("slide_id")
+    assert (table.loc[["s0", "s1"], "status"] == "ok").all()
+    reason = table.loc["hung", "reason"]
+    assert table.loc["hung", "status"] == "failed"
+    assert "slide_timeout_s=4 s" in reason and str(tmp_path / "slides" / "hung.svs") in reason
+    left = sorted(p.name for p in out.rglob("*hung*"))
+    assert left == [], left  # no coords, QC image, temp file or claim of the stopped slide

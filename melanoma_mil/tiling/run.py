@@ -208,11 +208,13 @@ def _pool_rows(tasks: list[Task], workers: int, bar: tqdm, watch: Watch) -> list
         if row["status"] != "claimed":
             bar.update(1)
 
-    if workers <= 1:  # in this process, as asked
+    if workers <= 1 and watch.timeout_s is None:  # in this process, as asked: none to stop
         for task in tasks:
             done(_not_started(task, stop) if stop else watch.in_process(task))
         return rows
-    # a pool even for one slide: a slide whose reader crashes must not take this process along
+    # a pool even for one slide, and for workers=1 under a time limit: a slide whose reader
+    # crashes must not take this process along, and one past slide_timeout_s is stopped by
+    # killing its process, which cannot be this one
     # spawn: the parent may hold torch/OpenMP threads (demo, notebooks) that fork would break
     ctx = multiprocessing.get_context("spawn")
     while tasks and not stop:
@@ -245,7 +247,8 @@ def _tile_all(tasks: list[Task], workers: int, bar: tqdm,
     first = True
     while tasks:
         # a slide taken over from a process that died may be what killed it: tiled as asked
-        # (in a pool with workers > 1), and a pool started only for slides free to take
+        # (in a pool with workers > 1 or a slide_timeout_s), and a pool started only for slides
+        # free to take
         ready = tasks if first else [t for t in tasks if _takeable(t)]
         got = _pool_rows(ready, workers, bar, watch)
         first = False
