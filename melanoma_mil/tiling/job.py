@@ -51,6 +51,12 @@ def lock_path(task: Task) -> Path:
     return id_path(Path(task.out) / "coords", task.slide_id, ".lock")
 
 
+def outputs(task: Task) -> tuple[Path, Path]:
+    """The slide's coords and QC image, which its worker writes (each via a temp file)."""
+    out = Path(task.out)
+    return id_path(out / "coords", task.slide_id, ".h5"), id_path(out / "qc", task.slide_id, ".png")
+
+
 def _reason(e: Exception) -> str:
     if isinstance(e, UserError):
         return str(e)
@@ -62,9 +68,7 @@ def tile_one(task: Task) -> dict[str, Any]:
     (on a full disk with ``fatal`` set: no further slide is claimed), a slide another live
     process holds a 'claimed' row. Coords are written last, so their presence means the slide
     is completely done."""
-    out = Path(task.out)
-    coords = id_path(out / "coords", task.slide_id, ".h5")
-    qc = id_path(out / "qc", task.slide_id, ".png")
+    coords, qc = outputs(task)
     claim = Claim(lock_path(task), task.stale_after)
     row = slide_row(task.slide_id, task.path, "failed")
     start = time.perf_counter()

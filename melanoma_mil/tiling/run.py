@@ -36,12 +36,13 @@ from tqdm import tqdm
 from melanoma_mil.config import TileConfig, TilingConfig
 from melanoma_mil.errors import UserError
 from melanoma_mil.ids import id_path
+from melanoma_mil.io import remove_temp_files
 from melanoma_mil.outdir import claim_shared, refuse_in_the_way, refuse_unwritable
 from melanoma_mil.progress import progress
 from melanoma_mil.runtable import show, write
 from melanoma_mil.tiling.coords import read_tiling
 from melanoma_mil.tiling.grid import check_tiling
-from melanoma_mil.tiling.job import Task, existing_row, lock_path, slide_row, tile_one
+from melanoma_mil.tiling.job import Task, existing_row, lock_path, outputs, slide_row, tile_one
 from melanoma_mil.tiling.qc import CELLS, contact_sheet, prune_cells
 from melanoma_mil.tiling.slides import find_slides, read_mpp_csv
 from melanoma_mil.tiling.tissue import resolve_tissue
@@ -141,8 +142,12 @@ def _late_row(item: Late, fut: Future[Any], watch: Watch) -> dict[str, Any]:
     instant before its worker was killed (its coords are written: not a failure)."""
     if not fut.cancelled() and fut.exception() is None:
         return fut.result()
-    with contextlib.suppress(OSError):  # its process is gone: so is its claim
-        Claim(lock_path(item.task), item.task.stale_after).clear_stale()
+    # its process is gone: so go its claim and the temp file of a write it was stopped in
+    claim = Claim(lock_path(item.task), item.task.stale_after)
+    with contextlib.suppress(OSError):
+        if claim.acquire():  # False: a peer took the slide over since, and may be writing
+            remove_temp_files(*outputs(item.task))
+            claim.release()
     return watch.timed_out(item)
 
 
