@@ -4,15 +4,20 @@ Every stage turns a slide id into a file name (``coords/<id>.h5``, ``<cache>/<id
 ``<heatmaps>/<id>/``), and ids come from users' CSVs. An id holding a separator, ``..`` or an
 absolute path would read or write outside the command's folders, so ids are checked where they
 enter (manifests, labels CSVs, file names) and every path built from one is checked again.
+Ids that differ only in case or Unicode form are refused where the output folder's file system
+would make their files one (`check_spellings`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import unicodedata
+from collections.abc import Collection
 from pathlib import Path
 
 from melanoma_mil.errors import UserError
+from melanoma_mil.fsutil import Folding, name_folding
 
 MAX_LENGTH = 200  # characters
 # in bytes as the file system counts them (UTF-8): a name may hold 255, and the longest name
@@ -88,3 +93,91 @@ def unmatched_ids(what: str, ids: list[str], known: list[str], fix: str) -> str 
     alike = [f"{i!r} ~ {near[_id_key(i)]!r}" for i in ids if _id_key(i) in near]
     spelled = f"; spelled differently? {', '.join(alike[:5])}" if alike else ""
     return f"{what} match no prediction and are left out (e.g. {ids[:5]}){spelled}; {fix}"
+
+
+def _spelling(slide_id: str, folding: Folding) -> str:
+    """An id as a file system that folds names so compares it."""
+    spelled = unicodedata.normalize("NFC", slide_id) if folding.form else slide_id
+    return spelled.casefold() if folding.case else spelled
+
+
+def rename_or_move(files: str) -> str:
+    """The fix for twin ids taken from the names of ``files`` (coords or feature files)."""
+    return (
+        f"rename one of the {files} (its name is the slide id), or write to an output_dir on a "
+        "file system that tells them apart (Linux ext4, xfs)"
+    )
+
+
+def check_spellings(
+    ids: list[str],
+    source: str,
+    out: str | os.PathLike[str],
+    fix: str,
+    folding: Folding | None = None,
+    held: Collection[str] = (),
+) -> None:
+    """Refuse two ids whose coords, bags and heatmap folders would be one file in ``out``: ids
+    that differ only in case or Unicode form, where its file system folds names (`folding`, for
+    tests: as if probed); and so an id and one of ``held``, the ids whose files ``out`` holds
+    from an earlier call (`S1` drawn, then `s1` alone would overwrite its files). Probed only
+    when there are such ids: Linux keeps them apart."""
+    every = Folding(case=True, form=True)
+    alike = _alike(ids, every) or _held(ids, held, every)
+    if alike is None:
+        return
+    try:
+        folding = folding or name_folding(out)
+    except OSError as e:  # not writable: say so, the caller would write there
+        said = " and ".join(_shown(*alike))
+        raise UserError(
+            f"output_dir '{out}' cannot be written ({e.strerror} in '{e.filename}'), so whether "
+            f"its file system tells slide ids {said} in {source} apart cannot be checked; "
+            "choose another output_dir or fix its permissions."
+        ) from None
+    pair = _alike(ids, folding)
+    if pair is not None:
+        said = " and ".join(_shown(*pair))
+        raise UserError(
+            f"slide ids {said} in {source} differ only in case or Unicode form (accents "
+            f"composed or not), so their files would be one in output_dir '{out}', whose "
+            f"file system does not tell such names apart; {fix}."
+        )
+    pair = _held(ids, held, folding)
+    if pair is not None:
+        new, old = _shown(*pair)
+        raise UserError(
+            f"slide id {new} in {source} and {old}, whose files output_dir '{out}' already "
+            "holds, differ only in case or Unicode form (accents composed or not), and its file "
+            f"system does not tell such names apart: the files of {new} would overwrite them; "
+            f"{fix}, or choose another output_dir."
+        )
+
+
+def _alike(ids: list[str], folding: Folding) -> tuple[str, str] | None:
+    """The first two of ``ids`` spelled alike under ``folding``."""
+    spelled: dict[str, str] = {}  # an id's `_spelling` -> the first id spelled so
+    for sid in ids:
+        twin = spelled.setdefault(_spelling(sid, folding), sid)
+        if twin != sid:
+            return twin, sid
+    return None
+
+
+def _held(ids: list[str], held: Collection[str], folding: Folding) -> tuple[str, str] | None:
+    """The first of ``ids`` spelled alike under ``folding``, not the same, as one of ``held``
+    (ids whose files an earlier call made), and that one."""
+    earlier, same = {_spelling(h, folding): h for h in held}, set(held)
+    for sid in ids:
+        twin = earlier.get(_spelling(sid, folding))
+        if twin is not None and sid not in same:
+            return sid, twin
+    return None
+
+
+def _shown(first: str, second: str) -> tuple[str, str]:
+    """Two ids as a message shows them: by their code points where they print alike."""
+    nfc = [unicodedata.normalize("NFC", i) for i in (first, second)]
+    if nfc[0] == nfc[1]:
+        return ascii(first), ascii(second)
+    return f"'{first}'", f"'{second}'"

@@ -18,7 +18,7 @@ import pytest
 import tifffile
 from conftest import tissue_image
 from PIL import Image
-from slide_writers import SCN_OFFSET, WRITERS, write_slide
+from slide_writers import SCN_OFFSET, WRITERS, dicom_wsi, write_slide
 
 from melanoma_mil.config import EncoderConfig, ExtractConfig, TileConfig, TilingConfig
 from melanoma_mil.errors import UserError
@@ -174,3 +174,47 @@ def test_a_refused_czi_is_closed(tmp_path: Path) -> None:
         open_slide(path)
     assert refused.value is not None  # the error, and the reader's frame with it, still held
     assert _open_fds(path) == 0
+
+
+def _two_series_in_one_folder(root: Path) -> tuple[Path, list[Path], list[Path]]:
+    """Folder ``root/two`` holding two DICOM WSI series (wsidicomizer), and each one's files."""
+    pytest.importorskip("wsidicomizer")
+    img = tissue_image(600)[:512, :512]
+    one, other = dicom_wsi(root / "two", img, 0.5), dicom_wsi(root / "other", img[::-1], 0.5)
+    first, second = sorted(one.glob("*.dcm")), sorted(other.glob("*.dcm"))
+    for f in second:
+        f.rename(one / f.name)
+    other.rmdir()
+    return one, first, [one / f.name for f in second]
+
+
+def test_a_slide_folder_of_two_dicom_series_fails_alone(tmp_path: Path) -> None:
+    """OpenSlide opens the series of the file it is given: a folder of two series was one of
+    them tiled under the folder's name, the other silently dropped."""
+    slides = tmp_path / "slides"
+    _two_series_in_one_folder(slides)
+    write_slide("generic-tiff", slides, tissue_image(600)[:512, :512])
+    tile = TileConfig(slides_dir=str(slides), output_dir=str(tmp_path / "tiles"), workers=1,
+                      slide_timeout_s=0, tiling=TilingConfig(mpp=2.0, tile_size=32))  # fmt: skip
+    assert run_tile(tile) == 1
+    table = pd.read_csv(tmp_path / "tiles" / "tiling.csv").set_index("slide_id")
+    assert table.loc["generic-tiff", "status"] == "ok"
+    assert table.loc["two", "status"] == "failed"
+    assert "holds 2 DICOM series" in table.loc["two", "reason"]
+    assert not (tmp_path / "tiles" / "two.h5").exists()
+
+
+def test_a_manifest_naming_one_dicom_series_twice_is_refused(tmp_path: Path) -> None:
+    _, first, second = _two_series_in_one_folder(tmp_path / "slides")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"slide_id,path\ns1,{first[0]}\ns2,{first[-1]}\n")
+    with pytest.raises(UserError, match=r"'s1' and 's2' .* are one DICOM WSI series"):
+        find_slides(None, manifest, TileConfig().extensions, tmp_path / "out")
+    single = dicom_wsi(tmp_path / "single", tissue_image(600)[:512, :512], 0.5)
+    last = sorted(single.glob("*.dcm"))[-1]
+    manifest.write_text(f"slide_id,path\ns1,{single}\ns2,{last}\n")  # a folder and its file
+    with pytest.raises(UserError, match="are one DICOM WSI series"):
+        find_slides(None, manifest, TileConfig().extensions, tmp_path / "out")
+    manifest.write_text(f"slide_id,path\ns1,{first[0]}\ns2,{second[0]}\n")  # two series: two
+    found = find_slides(None, manifest, TileConfig().extensions, tmp_path / "out")
+    assert found == {"s1": first[0], "s2": second[0]}

@@ -50,13 +50,12 @@ from melanoma_mil.features.data import (
 from melanoma_mil.features.folder import check_precision, end_rebuild, folder_precision
 from melanoma_mil.features.pipeline import Engine, Writer, failure
 from melanoma_mil.features.queue import SlideQueue, SlideWork, write_record
-from melanoma_mil.ids import id_path
+from melanoma_mil.ids import check_spellings, id_path, rename_or_move
 from melanoma_mil.io import h5_bytes, write_bytes
 from melanoma_mil.outdir import claim_shared, refuse_in_the_way
 from melanoma_mil.progress import progress
 from melanoma_mil.runtable import show, write
 from melanoma_mil.tiling.coords import TileGrid, read_coords
-from melanoma_mil.tiling.slides import check_spellings, rename_or_move
 from melanoma_mil.workshare import STOP_FIX, disk_full, disk_full_reason
 
 log = logging.getLogger(__name__)

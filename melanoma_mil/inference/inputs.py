@@ -26,13 +26,13 @@ from melanoma_mil.config import (
 from melanoma_mil.data.bags import bag_files, bag_path, read_attrs
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import feature_identity, identity_mismatch, plain
-from melanoma_mil.ids import check_slide_id, id_problem
+from melanoma_mil.ids import check_slide_id, check_spellings, id_problem, rename_or_move
 from melanoma_mil.io import sha256_file
 from melanoma_mil.outdir import refuse_in_the_way
 from melanoma_mil.rundir import EVALUATION, REPORT, TrainedRun
 from melanoma_mil.tiling.coords import read_coords
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
-from melanoma_mil.tiling.slides import check_spellings, find_slides, rename_or_move
+from melanoma_mil.tiling.slides import find_slides
 
 log = logging.getLogger(__name__)
 

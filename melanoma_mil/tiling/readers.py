@@ -31,6 +31,7 @@ from melanoma_mil.tiling.tiffpages import TiffTiles, is_rgb8
 
 MPP_X, MPP_Y = openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y
 VENDOR, POWER = openslide.PROPERTY_NAME_VENDOR, openslide.PROPERTY_NAME_OBJECTIVE_POWER
+DICOM_SERIES = "dicom.SeriesInstanceUID"
 # microns per OME length unit (micro sign as the schema spells it, or the Greek mu)
 _OME_UNITS = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
@@ -243,13 +244,46 @@ def is_ome_tiff(path: Path) -> bool:
         return False
 
 
+def dicom_files(folder: Path) -> list[Path]:
+    """The .dcm files of a DICOM WSI folder, in the order `open_reader` tries them."""
+    return sorted(f for f in folder.iterdir() if f.suffix.lower() == ".dcm")
+
+
+def dicom_series(files: list[Path]) -> dict[str, list[Path]]:
+    """SeriesInstanceUID -> its files among ``files`` (.dcm files), as OpenSlide reads them
+    (about half a millisecond a file); a file it cannot open as a slide is left out."""
+    series: dict[str, list[Path]] = {}
+    for f in files:
+        try:
+            with openslide.OpenSlide(str(f)) as slide:
+                uid = slide.properties.get(DICOM_SERIES, "")
+        except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError, OSError):
+            continue
+        series.setdefault(uid, []).append(f)
+    return series
+
+
+def _dicom_folder(path: Path) -> OpenSlideReader:
+    """The one DICOM WSI series in folder ``path`` (the slide), or a UserError: OpenSlide
+    opens the series of the file it is given, so a folder of two series would be one of them
+    tiled, silently, under the folder's name."""
+    dcm = dicom_files(path)
+    if not dcm:
+        raise openslide.OpenSlideUnsupportedFormatError(f"no .dcm files in folder {path}")
+    series = dicom_series(dcm) if len(dcm) > 1 else {}
+    if len(series) > 1:
+        raise UserError(
+            f"slide folder '{path}' holds {len(series)} DICOM series (SeriesInstanceUID "
+            f"{', '.join(sorted(series))}); move each series into a folder of its own (the "
+            "folder's name is the slide id), or list each series' .dcm file in a manifest."
+        )
+    return OpenSlideReader(str(dcm[0]))
+
+
 def open_reader(path: Path) -> OpenSlideReader | OmeTiffReader | CziReader:
     """The reader for ``path`` (a file, or a DICOM WSI folder); raises OpenSlide's errors."""
     if path.is_dir():  # DICOM WSI: OpenSlide opens the series from any of its files
-        dcm = sorted(f for f in path.iterdir() if f.suffix.lower() == ".dcm")
-        if not dcm:
-            raise openslide.OpenSlideUnsupportedFormatError(f"no .dcm files in folder {path}")
-        return OpenSlideReader(str(dcm[0]))
+        return _dicom_folder(path)
     if is_ome_tiff(path):
         return OmeTiffReader(path)
     try:

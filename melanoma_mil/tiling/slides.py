@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import unicodedata
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +21,18 @@ from PIL import Image
 
 from melanoma_mil.config import PLAUSIBLE_MPP
 from melanoma_mil.errors import UserError
-from melanoma_mil.fsutil import Folding, name_folding
-from melanoma_mil.ids import check_slide_id
+from melanoma_mil.fsutil import Folding
+from melanoma_mil.ids import check_slide_id, check_spellings
 from melanoma_mil.io import read_text_csv
 from melanoma_mil.tiling.coords import TileGrid
-from melanoma_mil.tiling.readers import CziReader, OmeTiffReader, OpenSlideReader, open_reader
+from melanoma_mil.tiling.readers import (
+    CziReader,
+    OmeTiffReader,
+    OpenSlideReader,
+    dicom_files,
+    dicom_series,
+    open_reader,
+)
 
 SlideReader = OpenSlideReader | OmeTiffReader | CziReader
 
@@ -71,10 +77,23 @@ def _file_key(path: Path) -> tuple[int, int] | str:
     return (st.st_dev, st.st_ino)
 
 
-def _spelling(slide_id: str, folding: Folding) -> str:
-    """An id as a file system that folds names so compares it."""
-    spelled = unicodedata.normalize("NFC", slide_id) if folding.form else slide_id
-    return spelled.casefold() if folding.case else spelled
+def _series_keys(paths: list[Path]) -> dict[Path, str]:
+    """A key per DICOM slide among ``paths`` that shares its folder with another (a .dcm file,
+    or the folder itself): the folder and its series, as OpenSlide opens the series of any of
+    its files, so two files of one series are one slide. Others are left to `_file_key`."""
+    folders: dict[str, list[Path]] = {}
+    for p in paths:
+        if p.suffix.lower() == DICOM_EXT or p.is_dir():
+            folder = p.parent if p.suffix.lower() == DICOM_EXT else p
+            folders.setdefault(os.path.realpath(folder), []).append(p)
+    keys: dict[Path, str] = {}
+    for real, shared in folders.items():
+        if len(shared) < 2:
+            continue
+        files = {p: ([*dicom_files(p), p][0] if p.is_dir() else p) for p in shared}
+        uids = {f: uid for uid, fs in dicom_series(list(set(files.values()))).items() for f in fs}
+        keys |= {p: f"{real}: series {uids[f]}" for p, f in files.items() if f in uids}
+    return keys
 
 
 def _check_unique(
@@ -87,13 +106,19 @@ def _check_unique(
 ) -> dict[str, Path]:
     found: dict[str, Path] = {}
     files: dict[tuple[int, int] | str, str] = {}  # a file on disk -> its first slide id
+    series = _series_keys([path for _, path in pairs])
     for sid, path in pairs:
         if sid in found:
             raise UserError(
                 f"duplicate slide id '{sid}' in {source}: {found[sid]} and {path}; "
                 f"{fix} (slide ids must be unique)."
             )
-        key = _file_key(path)
+        key = series.get(path) or _file_key(path)
+        if key in files and path in series:
+            raise UserError(
+                f"slides '{files[key]}' and '{sid}' in {source} are one DICOM WSI series "
+                f"({key}); list each slide once (one of its .dcm files, or its folder)."
+            )
         if key in files:  # one scan under two ids would be two bags: in two folds, a leak
             first, real = files[key], os.path.realpath(path)
             also = os.path.realpath(found[first])
@@ -105,88 +130,6 @@ def _check_unique(
         found[sid], files[key] = path, sid
     check_spellings(list(found), source, out, fix, folding, held)
     return dict(sorted(found.items()))
-
-
-def rename_or_move(files: str) -> str:
-    """The fix for twin ids taken from the names of ``files`` (coords or feature files)."""
-    return (
-        f"rename one of the {files} (its name is the slide id), or write to an output_dir on a "
-        "file system that tells them apart (Linux ext4, xfs)"
-    )
-
-
-def check_spellings(
-    ids: list[str],
-    source: str,
-    out: str | os.PathLike[str],
-    fix: str,
-    folding: Folding | None = None,
-    held: Collection[str] = (),
-) -> None:
-    """Refuse two ids whose coords, bags and heatmap folders would be one file in ``out``: ids
-    that differ only in case or Unicode form, where its file system folds names (`folding`, for
-    tests: as if probed); and so an id and one of ``held``, the ids whose files ``out`` holds
-    from an earlier call (`S1` drawn, then `s1` alone would overwrite its files). Probed only
-    when there are such ids: Linux keeps them apart."""
-    every = Folding(case=True, form=True)
-    alike = _alike(ids, every) or _held(ids, held, every)
-    if alike is None:
-        return
-    try:
-        folding = folding or name_folding(out)
-    except OSError as e:  # not writable: say so, the caller would write there
-        said = " and ".join(_shown(*alike))
-        raise UserError(
-            f"output_dir '{out}' cannot be written ({e.strerror} in '{e.filename}'), so whether "
-            f"its file system tells slide ids {said} in {source} apart cannot be checked; "
-            "choose another output_dir or fix its permissions."
-        ) from None
-    pair = _alike(ids, folding)
-    if pair is not None:
-        said = " and ".join(_shown(*pair))
-        raise UserError(
-            f"slide ids {said} in {source} differ only in case or Unicode form (accents "
-            f"composed or not), so their files would be one in output_dir '{out}', whose "
-            f"file system does not tell such names apart; {fix}."
-        )
-    pair = _held(ids, held, folding)
-    if pair is not None:
-        new, old = _shown(*pair)
-        raise UserError(
-            f"slide id {new} in {source} and {old}, whose files output_dir '{out}' already "
-            "holds, differ only in case or Unicode form (accents composed or not), and its file "
-            f"system does not tell such names apart: the files of {new} would overwrite them; "
-            f"{fix}, or choose another output_dir."
-        )
-
-
-def _alike(ids: list[str], folding: Folding) -> tuple[str, str] | None:
-    """The first two of ``ids`` spelled alike under ``folding``."""
-    spelled: dict[str, str] = {}  # an id's `_spelling` -> the first id spelled so
-    for sid in ids:
-        twin = spelled.setdefault(_spelling(sid, folding), sid)
-        if twin != sid:
-            return twin, sid
-    return None
-
-
-def _held(ids: list[str], held: Collection[str], folding: Folding) -> tuple[str, str] | None:
-    """The first of ``ids`` spelled alike under ``folding``, not the same, as one of ``held``
-    (ids whose files an earlier call made), and that one."""
-    earlier, same = {_spelling(h, folding): h for h in held}, set(held)
-    for sid in ids:
-        twin = earlier.get(_spelling(sid, folding))
-        if twin is not None and sid not in same:
-            return sid, twin
-    return None
-
-
-def _shown(first: str, second: str) -> tuple[str, str]:
-    """Two ids as a message shows them: by their code points where they print alike."""
-    nfc = [unicodedata.normalize("NFC", i) for i in (first, second)]
-    if nfc[0] == nfc[1]:
-        return ascii(first), ascii(second)
-    return f"'{first}'", f"'{second}'"
 
 
 def find_slides(
