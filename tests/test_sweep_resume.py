@@ -519,3 +519,45 @@ def test_a_run_trained_beside_the_first_on_other_folds_is_recorded_as_failed_say
     why = unpaired(other, [first, other | {"state": "running"}])
     assert why is not None and "bbbbbbbbbbbb, not the sweep's aaaaaaaaaaaa" in why
     assert "delete this run's folder and re-run this sweep" in why
+
+
+def waits_on(lock_file: Path) -> bool:
+    """Whether a process waits for the flock on ``lock_file`` (a '->' line in /proc/locks)."""
+    inode = f":{lock_file.stat().st_ino} "
+    return any(
+        "->" in line and inode in line for line in Path("/proc/locks").read_text().splitlines()
+    )
+
+
+def test_a_peer_that_dies_after_the_last_look_for_work_has_its_run_taken_over_and_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer killed after this process last looked for work (while it waited to report) left
+    its run 'running': this process ended saying the last of the others would report, and
+    nobody did. It now sees the run's lock is free, trains the run and writes the report."""
+    import threading
+
+    argv, out, _ = two_seed_sweep(tmp_path)
+    assert main([*argv, "--count", "1"]) == 0
+    data = json.loads((out / "sweep.json").read_text())
+    data["runs"].append({"name": "001_seed-1", "params": {"seed": 1}, "state": "running"})
+    (out / "sweep.json").write_text(json.dumps(data))  # as a peer training it records it
+    peer = try_lock(out / ".sweep-runs" / "001_seed-1.lock")
+    reporting = try_lock(out / ".sweep-report.lock")  # a peer checking whether to report
+    assert peer is not None and reporting is not None
+    codes: list[int] = []
+    sweep = threading.Thread(target=lambda: codes.append(main(argv)))
+    sweep.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not waits_on(out / ".sweep-report.lock"):  # no run left to take: waits to report
+            assert sweep.is_alive() and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        peer.release()  # the peer is killed
+        reporting.release()
+        sweep.join(timeout=600)
+    assert codes == [0]
+    assert [r["state"] for r in ledger(out)] == ["finished", "finished"]
+    assert "still training in other processes" not in caplog.text
+    assert sorted(pd.read_csv(out / "sweep_results.csv")["run"]) == ["000_seed-0", "001_seed-1"]

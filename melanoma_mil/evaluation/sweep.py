@@ -28,6 +28,7 @@ from melanoma_mil.errors import OtherRun, UserError
 from melanoma_mil.evaluation.sweep_ledger import (
     LEDGER,
     Ledger,
+    orphaned,
     paired_splits,
     read_ledger,
     recheck_finished,
@@ -319,22 +320,27 @@ def _record(ledger: Ledger, entry: dict[str, Any], full: OSError | None) -> dict
 
 def _sweep(cfg: C.SweepConfig, ledger: Ledger, started: float) -> int:
     """Train runs while there are any to take, then write the report if no other process is
-    still training one (else the last of them does): 1 if a run of this process failed."""
+    still training one (else the last of them does): 1 if a run of this process failed. A run
+    whose process died after this one last looked for work is taken over, not waited for."""
     code = 0
-    while (work := _take(cfg, ledger, started)) is not None:
-        name, params, paired, lock = work
-        try:
-            entry = _record(ledger, *_run(cfg, name, params, paired))
-        finally:
-            lock.release()
-        code = code or int(entry["state"] != "finished")
     out = Path(cfg.output_dir)
-    with locked(out / REPORT_LOCK):  # two processes ending together report one after the other
-        with ledger.held() as entries:
-            running = [e["name"] for e in entries if e.get("state") == "running"]
-        if running:
-            names = ", ".join(running[:8])
-            log.info("sweep: %d run(s) still training in other processes (%s); the last of "
-                     "them to finish writes the report", len(running), names)  # fmt: skip
-            return code
-        return report(cfg, ledger.spec, entries, out, own_comparison(out))
+    while True:
+        while (work := _take(cfg, ledger, started)) is not None:
+            name, params, paired, lock = work
+            try:
+                entry = _record(ledger, *_run(cfg, name, params, paired))
+            finally:
+                lock.release()
+            code = code or int(entry["state"] != "finished")
+        with locked(out / REPORT_LOCK):  # two processes ending together report one by one
+            with ledger.held() as entries:
+                running = [e["name"] for e in entries if e.get("state") == "running"]
+                dead = orphaned(out, entries)
+            if dead:  # no one else would report: train it here
+                continue
+            if running:
+                names = ", ".join(running[:8])
+                log.info("sweep: %d run(s) still training in other processes (%s); the last "
+                         "of them to finish writes the report", len(running), names)  # fmt: skip
+                return code
+            return report(cfg, ledger.spec, entries, out, own_comparison(out))

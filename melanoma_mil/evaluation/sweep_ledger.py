@@ -160,6 +160,19 @@ def take_unfinished(
     return None
 
 
+def orphaned(out: Path, entries: list[dict[str, Any]]) -> bool:
+    """Whether a run recorded as running has lost its process (its lock is free): one killed
+    after this process last looked for work. With the ledger's lock held, as `_record` unlinks
+    a run's lock under it."""
+    for entry in entries:
+        if entry.get("state") == "running":
+            lock = try_lock(run_lock(out, entry["name"]))
+            if lock is not None:
+                lock.release()
+                return True
+    return False
+
+
 def paired_splits(
     out: Path, splits_file: str | None, entries: list[dict[str, Any]]
 ) -> dict[str, str | None]:
