@@ -561,3 +561,39 @@ def test_a_peer_that_dies_after_the_last_look_for_work_has_its_run_taken_over_an
     assert [r["state"] for r in ledger(out)] == ["finished", "finished"]
     assert "still training in other processes" not in caplog.text
     assert sorted(pd.read_csv(out / "sweep_results.csv")["run"]) == ["000_seed-0", "001_seed-1"]
+
+
+def invalid_lr_sweep(tmp_path: Path) -> list[str]:
+    """A random sweep whose sampled learning rates are invalid: each run fails at once."""
+    features, labels = cohort(tmp_path / "coh")
+    spec = {
+        "method": "random",
+        "parameters": {"optim.lr": {"distribution": "normal", "mu": -1.0, "sigma": 0.1}},
+    }
+    rand = str(sweep_file(tmp_path, spec))
+    data = [f"data.features_dir={features}", f"data.labels_csv={labels}", "logger=none"]
+    return ["sweep", rand, f"output_dir={tmp_path / 'out'}", *data]
+
+
+def test_a_process_joining_a_peer_does_not_retry_the_run_the_peer_just_failed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Array tasks that start one after another (a busy queue) each retried every run an
+    earlier task had failed, as each started after that failure: a run failing for hours was
+    tried once per task. A process joining others still sweeping retries none they failed;
+    a later invocation (no process left sweeping) retries it once."""
+    argv = [*invalid_lr_sweep(tmp_path), "--count", "1"]
+    out = tmp_path / "out"
+    assert main(argv) == 1
+    [failed] = ledger(out)
+    peer = shared_lock(out / LOCK)  # the task that failed it still sweeps (another run)
+    try:
+        caplog.clear()
+        assert main(argv) == 1  # joins: nothing left to take (the report: 1 run failed)
+    finally:
+        peer.release()
+    assert f"sweep run {failed['name']} failed" not in caplog.text
+    assert ledger(out)[0]["state"] == "failed"
+    caplog.clear()
+    assert main(argv) == 1  # a re-run on its own retries it once
+    assert caplog.text.count(f"sweep run {failed['name']} failed") == 1

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from melanoma_mil.evaluation.sweep_plan import (
 )
 from melanoma_mil.evaluation.sweep_report import RESULTS, own_comparison, report
 from melanoma_mil.fsutil import Lock, locked, shared_lock, try_lock
+from melanoma_mil.io import write_text
 from melanoma_mil.outdir import claim_shared, output_folder, read_marker
 from melanoma_mil.rundir import load_run, settings
 from melanoma_mil.tracking.loggers import check_logger, summary_metrics
@@ -55,6 +56,7 @@ from melanoma_mil.workshare import disk_full
 log = logging.getLogger(__name__)
 LOCK = ".sweep.lock"  # held shared by every `sweep` process working in a folder (`_join`)
 REPORT_LOCK = ".sweep-report.lock"  # held while one of them checks for and writes the report
+SESSION = ".sweep-session"  # the invocation the processes sweeping now belong to (`_join`)
 
 # Inputs fit identifies by content (rundir NOT_RESULTS), which a sweep must not change between
 # runs: its later runs would see other data than its earlier ones.
@@ -202,18 +204,30 @@ def _run(
     return entry, None
 
 
-def _join(out: Path, overwrite: bool) -> tuple[Lock, bool]:
-    """Join the processes sweeping into ``out`` (each holds ``LOCK`` shared for its life):
-    whether this one is alone, and so may start the sweep anew for overwrite=true. The tasks
-    of an array started with overwrite=true thus start it anew once, and the others join it."""
+def _join(out: Path, overwrite: bool) -> tuple[Lock, str, bool]:
+    """Join the processes sweeping into ``out`` (each holds ``LOCK`` shared for its life) and
+    their session: the invocation that retries a failed run once. A process finding none of
+    them starts a session, anew for overwrite=true; the tasks of an array started with it thus
+    start it anew once, and the others join it. Returns the lock, the session, whether anew."""
     folder = output_folder(out, "sweep")
     lock = try_lock(folder / LOCK)
-    if lock is not None:
-        return lock, True
-    if overwrite:
-        log.warning("sweep: other processes are sweeping into %s: this one joins them and "
-                    "leaves overwrite=true (starting anew) to the first of them", out)  # fmt: skip
-    return shared_lock(folder / LOCK), False
+    if lock is None:
+        if overwrite:
+            log.warning("sweep: other processes are sweeping into %s: this one joins them "
+                        "and leaves overwrite=true (starting anew) to the first of them",
+                        out)  # fmt: skip
+        lock = shared_lock(folder / LOCK)
+        return lock, _session_of(folder), False  # written before the first let others join
+    session = secrets.token_hex(8)
+    write_text(folder / SESSION, session)
+    return lock, session, overwrite
+
+
+def _session_of(folder: Path) -> str:
+    try:
+        return (folder / SESSION).read_text()
+    except FileNotFoundError:
+        return ""
 
 
 def _folder_state(cfg: C.SweepConfig, spec: dict[str, Any], fixed: dict[str, Any]) -> None:
@@ -234,7 +248,6 @@ def _folder_state(cfg: C.SweepConfig, spec: dict[str, Any], fixed: dict[str, Any
 def run_sweep(cfg: C.SweepConfig) -> int:
     """Plan and run the sweep's fits, sharing them with other `sweep` processes into the same
     output_dir; the last to finish writes sweep_results.csv and the comparison."""
-    started = time.time()  # failed runs recorded before this are retried once
     if not cfg.sweep_file:
         raise UserError("sweep needs a sweep file: python -m melanoma_mil sweep SWEEP.yaml")
     spec = load_sweep(cfg.sweep_file)
@@ -246,19 +259,19 @@ def run_sweep(cfg: C.SweepConfig) -> int:
     _folder_state(cfg, spec, fixed)  # its refusals first, before the inputs are read
     _check_inputs(cfg, spec)
     ledger = Ledger(out / LEDGER, spec, fixed, cfg.sweep_file)
-    lock, alone = _join(out, cfg.overwrite)
+    lock, session, anew = _join(out, cfg.overwrite)
     try:
-        with ledger.held(anew=cfg.overwrite and alone) as entries:
+        with ledger.held(anew=anew) as entries:
             claim_shared(out, "sweep")
             recheck_finished(out, entries)
         lock.share()  # started anew, if at all: others may join now
-        return _sweep(cfg, ledger, started)
+        return _sweep(cfg, ledger, session)
     finally:
         lock.release()
 
 
 def _take(
-    cfg: C.SweepConfig, ledger: Ledger, started: float
+    cfg: C.SweepConfig, ledger: Ledger, session: str
 ) -> tuple[str, dict[str, Any], dict[str, str | None], Lock] | None:
     """The next run for this process, locked and recorded as running: a recorded one no live
     process holds (`take_unfinished`), else the engine's next (within --count); None when
@@ -267,7 +280,7 @@ def _take(
     lock: Lock | None = None
     try:
         with ledger.held() as entries:
-            taken = take_unfinished(out, entries, started)
+            taken = take_unfinished(out, entries, session)
             if taken is None:
                 if cfg.count is not None and len(entries) >= cfg.count:
                     return None
@@ -283,7 +296,7 @@ def _take(
                 taken = len(entries) - 1, lock
             i, lock = taken
             entry = entries[i] = {**entries[i], "state": "running"}
-            for key in ("error", "metrics", "splits_sha256", "ended"):
+            for key in ("error", "metrics", "splits_sha256", "session"):
                 entry.pop(key, None)
             paired = paired_splits(out, cfg.cv.splits_file, entries)
     except BaseException:
@@ -293,17 +306,20 @@ def _take(
     return entry["name"], entry["params"], paired, lock
 
 
-def _record(ledger: Ledger, entry: dict[str, Any], full: OSError | None) -> dict[str, Any]:
+def _record(
+    ledger: Ledger, session: str, entry: dict[str, Any], full: OSError | None
+) -> dict[str, Any]:
     """Write a run's entry into the ledger, merged with the other processes' entries, and return
     it as written; a full disk ends the sweep, with the run recorded as failed (a re-run
-    retries it) where the ledger still fits."""
+    retries it) where the ledger still fits. The session marks a failure as retried by none of
+    the processes sweeping now."""
     try:
         with ledger.held() as entries:
             if why := unpaired(entry, entries):
                 log.error("sweep run %s failed: %s", entry["name"], why)
                 entry = {"name": entry["name"], "params": entry["params"], "state": "failed",
                          "error": why}  # fmt: skip
-            entry = entry | {"ended": time.time()}  # a peer that started before it retries none
+            entry = entry | {"session": session}
             at = [i for i, e in enumerate(entries) if e["name"] == entry["name"]]
             if at:
                 entries[at[0]] = entry
@@ -318,17 +334,17 @@ def _record(ledger: Ledger, entry: dict[str, Any], full: OSError | None) -> dict
     return entry
 
 
-def _sweep(cfg: C.SweepConfig, ledger: Ledger, started: float) -> int:
+def _sweep(cfg: C.SweepConfig, ledger: Ledger, session: str) -> int:
     """Train runs while there are any to take, then write the report if no other process is
     still training one (else the last of them does): 1 if a run of this process failed. A run
     whose process died after this one last looked for work is taken over, not waited for."""
     code = 0
     out = Path(cfg.output_dir)
     while True:
-        while (work := _take(cfg, ledger, started)) is not None:
+        while (work := _take(cfg, ledger, session)) is not None:
             name, params, paired, lock = work
             try:
-                entry = _record(ledger, *_run(cfg, name, params, paired))
+                entry = _record(ledger, session, *_run(cfg, name, params, paired))
             finally:
                 lock.release()
             code = code or int(entry["state"] != "finished")

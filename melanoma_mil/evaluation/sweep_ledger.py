@@ -111,7 +111,7 @@ def recheck_finished(out: Path, entries: list[dict[str, Any]]) -> None:
             )
             entry.update(state="failed", error=problem)
             entry.pop("metrics", None)
-            entry.pop("ended", None)  # retried by the next process, whenever it started
+            entry.pop("session", None)  # retried by the processes sweeping now
 
 
 @dataclass
@@ -142,14 +142,15 @@ def run_lock(out: Path, name: str) -> Path:
 
 
 def take_unfinished(
-    out: Path, entries: list[dict[str, Any]], started: float
+    out: Path, entries: list[dict[str, Any]], session: str
 ) -> tuple[int, Lock] | None:
     """A recorded run to train now, locked: one whose process died while training it (its lock
-    is free), or one that failed before this process started (retried once per invocation;
-    not one a peer of this invocation just failed). With the ledger's lock held."""
+    is free), or one that failed in an earlier session (`sweep._join`): retried once by the
+    processes sweeping now, or by an array job's tasks, however far apart they start, and
+    whatever their hosts' clocks say. With the ledger's lock held."""
     for i, entry in enumerate(entries):
         state = entry.get("state")
-        if state == "finished" or (state == "failed" and entry.get("ended", 0) >= started):
+        if state == "finished" or (state == "failed" and entry.get("session") == session):
             continue
         lock = try_lock(run_lock(out, entry["name"]))
         if lock is None:  # a live process trains it
