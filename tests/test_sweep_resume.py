@@ -597,3 +597,27 @@ def test_a_process_joining_a_peer_does_not_retry_the_run_the_peer_just_failed(
     caplog.clear()
     assert main(argv) == 1  # a re-run on its own retries it once
     assert caplog.text.count(f"sweep run {failed['name']} failed") == 1
+
+
+def test_a_task_of_an_array_started_with_overwrite_after_the_others_ended_does_not_start_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With overwrite=true in an array's command line, a task that started after the others had
+    finished the sweep (queued, or --array=0-7%1) started it anew: every finished run trained
+    again, once per such task. overwrite=true now starts a sweep anew once per array job
+    (SLURM_ARRAY_JOB_ID); a later task of that job resumes, and a new submission starts anew."""
+    argv, out, _ = two_seed_sweep(tmp_path)
+    assert main([*argv, "--count", "1"]) == 0
+    before = (out / "000_seed-0" / "cv_summary.json").stat().st_mtime_ns
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    assert main([*argv, "overwrite=true"]) == 0  # task 0 of job 77: anew
+    anew = (out / "000_seed-0" / "cv_summary.json").stat().st_mtime_ns
+    assert anew != before
+    caplog.clear()
+    assert main([*argv, "overwrite=true"]) == 0  # task 1 of job 77, after task 0 ended
+    assert (out / "000_seed-0" / "cv_summary.json").stat().st_mtime_ns == anew
+    assert [r["state"] for r in ledger(out)] == ["finished", "finished"]
+    assert "array job 77 already started" in caplog.text
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "78")
+    assert main([*argv, "overwrite=true"]) == 0  # a new submission starts anew
+    assert (out / "000_seed-0" / "cv_summary.json").stat().st_mtime_ns != anew

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import secrets
 from pathlib import Path
@@ -206,9 +207,10 @@ def _run(
 
 def _join(out: Path, overwrite: bool) -> tuple[Lock, str, bool]:
     """Join the processes sweeping into ``out`` (each holds ``LOCK`` shared for its life) and
-    their session: the invocation that retries a failed run once. A process finding none of
-    them starts a session, anew for overwrite=true; the tasks of an array started with it thus
-    start it anew once, and the others join it. Returns the lock, the session, whether anew."""
+    their session: the invocation that retries a failed run once and that overwrite=true starts
+    anew once. A process finding none of them starts a session, anew for overwrite=true unless
+    it is its array job's (SLURM_ARRAY_JOB_ID): a task starting after the others of its job
+    have ended resumes their sweep. Returns the lock, the session, whether to start anew."""
     folder = output_folder(out, "sweep")
     lock = try_lock(folder / LOCK)
     if lock is None:
@@ -218,9 +220,14 @@ def _join(out: Path, overwrite: bool) -> tuple[Lock, str, bool]:
                         out)  # fmt: skip
         lock = shared_lock(folder / LOCK)
         return lock, _session_of(folder), False  # written before the first let others join
-    session = secrets.token_hex(8)
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    session = f"slurm-array-{job}" if job else secrets.token_hex(8)
+    again = job is not None and _session_of(folder) == session
+    if overwrite and again:
+        log.warning("sweep: array job %s already started %s anew: this task resumes it, "
+                    "leaving overwrite=true to that job's first task", job, out)  # fmt: skip
     write_text(folder / SESSION, session)
-    return lock, session, overwrite
+    return lock, session, overwrite and not again
 
 
 def _session_of(folder: Path) -> str:
