@@ -621,3 +621,32 @@ def test_a_task_of_an_array_started_with_overwrite_after_the_others_ended_does_n
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "78")
     assert main([*argv, "overwrite=true"]) == 0  # a new submission starts anew
     assert (out / "000_seed-0" / "cv_summary.json").stat().st_mtime_ns != anew
+
+
+def test_temp_files_of_a_killed_sweep_process_are_removed_by_the_next_alone_in_the_folder(
+    tmp_path: Path,
+) -> None:
+    """A process killed while replacing sweep.json, sweep_results.csv or .sweep-session left its
+    temp file in the folder for good. The next process that finds no other sweeping there
+    removes them (only those temp names); one joining a live peer leaves them (they may be
+    the peer's)."""
+    import tempfile
+
+    argv, out, _ = two_seed_sweep(tmp_path)
+    out.mkdir()
+    left = [
+        Path(tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)[1])
+        for name in ("sweep.json", "sweep_results.csv", ".sweep-session")
+    ]
+    mine = [out / ".sweep.json.notes", out / "sweep.json.tmp", out / ".other.json.abc.tmp"]
+    for path in mine:
+        path.write_text("the user's")
+    peer = shared_lock(out / LOCK)  # a `sweep` process still working in the folder
+    try:
+        assert main([*argv, "--count", "1"]) == 0
+    finally:
+        peer.release()
+    assert all(path.exists() for path in left)
+    assert main([*argv, "--count", "1"]) == 0
+    assert not any(path.exists() for path in left)
+    assert all(path.read_text() == "the user's" for path in mine)

@@ -13,6 +13,7 @@ Several `sweep` processes into one output_dir (a SLURM array) share its runs (`s
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -220,6 +221,7 @@ def _join(out: Path, overwrite: bool) -> tuple[Lock, str, bool]:
                         out)  # fmt: skip
         lock = shared_lock(folder / LOCK)
         return lock, _session_of(folder), False  # written before the first let others join
+    _remove_orphan_temps(folder)
     job = os.environ.get("SLURM_ARRAY_JOB_ID")
     session = f"slurm-array-{job}" if job else secrets.token_hex(8)
     again = job is not None and _session_of(folder) == session
@@ -228,6 +230,14 @@ def _join(out: Path, overwrite: bool) -> tuple[Lock, str, bool]:
                     "leaving overwrite=true to that job's first task", job, out)  # fmt: skip
     write_text(folder / SESSION, session)
     return lock, session, overwrite and not again
+
+
+def _remove_orphan_temps(folder: Path) -> None:
+    """Remove the temp files a killed `sweep` process left while replacing one of its files:
+    called alone in the folder, so no live process is writing them. Only those names."""
+    for name in (LEDGER, RESULTS, SESSION):
+        for tmp in folder.glob(f".{glob.escape(name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def _session_of(folder: Path) -> str:
