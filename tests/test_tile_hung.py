@@ -162,3 +162,41 @@ def test_a_slide_stopped_while_writing_leaves_no_part_written_file(tmp_path: Pat
     assert "slide_timeout_s=4 s" in table.loc["slow", "reason"]
     left = sorted(p.name for p in out.rglob("*slow*"))
     assert left == [], left
+
+
+def test_a_slide_whose_process_crashes_while_writing_leaves_no_part_written_file(
+    tmp_path: Path,
+) -> None:
+    """A slide whose tile process died while writing its QC image (a crash, killed for memory)
+    left the part-written temp file in qc/ after tile ended; it is removed with its claim."""
+    inject = tmp_path / "inject"  # the QC write of slide 'dies' kills its process midway
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "from PIL import Image\n"
+        "_save = Image.Image.save\n"
+        "def _die(self, fp, *a, **k):\n"
+        "    if os.path.basename(str(fp)).startswith('.dies.png.'):\n"
+        "        with open(fp, 'wb') as f:\n"
+        "            f.write(b'part')\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    _save(self, fp, *a, **k)\n"
+        "Image.Image.save = _die\n"
+    )
+    slides, out = tmp_path / "slides", tmp_path / "tiles"
+    slides.mkdir()
+    for i, sid in enumerate(("dies", "s1")):
+        write_pyramid(slides / f"{sid}.tiff", tissue_image(768, i), mpp=0.5, n_levels=1)
+    done = subprocess.run(
+        [sys.executable, "-m", "melanoma_mil", "tile", f"slides_dir={slides}",
+         f"output_dir={out}", "workers=2", "tiling.mpp=1.0", "tiling.tile_size=64"],
+        env={**os.environ, "PYTHONPATH": f"{inject}{os.pathsep}{ROOT}"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    table = pd.read_csv(out / "tiling.csv").set_index("slide_id")
+    assert table.loc["s1", "status"] == "ok"
+    assert table.loc["dies", "status"] == "failed"
+    assert "its tile process died" in table.loc["dies", "reason"]
+    left = sorted(p.name for p in out.rglob("*dies*"))
+    assert left == [], left  # no QC image, temp file or claim of the crashed slide

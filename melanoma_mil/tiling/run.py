@@ -110,6 +110,7 @@ def _isolated(task: Task, ctx: BaseContext, watch: Watch) -> dict[str, Any]:
     """Tile one slide in a process of its own, so that its crash fails this slide alone."""
     rows: list[dict[str, Any]] = []
     if _in_pool([task], 1, ctx, rows.append, watch)[0]:
+        _clear_dead(task)
         reason = ("its tile process died (a crash in the slide reader, or killed for "
                   "memory): check or re-export the file")  # fmt: skip
         return slide_row(task.slide_id, task.path, "failed", reason=reason)
@@ -142,13 +143,18 @@ def _late_row(item: Late, fut: Future[Any], watch: Watch) -> dict[str, Any]:
     instant before its worker was killed (its coords are written: not a failure)."""
     if not fut.cancelled() and fut.exception() is None:
         return fut.result()
-    # its process is gone: so go its claim and the temp file of a write it was stopped in
-    claim = Claim(lock_path(item.task), item.task.stale_after)
+    _clear_dead(item.task)
+    return watch.timed_out(item)
+
+
+def _clear_dead(task: Task) -> None:
+    """The slide's process is gone (stopped at the time limit, or crashed): so go its claim and
+    the temp file of a write it died in, which would otherwise stay until a later run."""
+    claim = Claim(lock_path(task), task.stale_after)
     with contextlib.suppress(OSError):
         if claim.acquire():  # False: a peer took the slide over since, and may be writing
-            remove_temp_files(*outputs(item.task))
+            remove_temp_files(*outputs(task))
             claim.release()
-    return watch.timed_out(item)
 
 
 def _not_started(task: Task, why: str) -> dict[str, Any]:
