@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import secrets
 import socket
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from melanoma_mil.fsutil import refuse_link, shareable
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STALE_S = 900.0
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -205,24 +208,43 @@ def _stale(owner: Mapping[str, Any], age: float | None, stale_after: float) -> b
 def clear_drafts(folder: Path, stale_after: float = DEFAULT_STALE_S) -> None:
     """Remove the claim drafts and breakers' gates in ``folder`` (see `Claim.acquire`) of owners
     that are gone or silent: left by a process killed between writing a draft and linking it, or
-    while breaking a claim. One listing of the folder, however many claims it holds."""
+    while breaking a claim. One listing of the folder, however many claims it holds. One that
+    cannot be removed (another user's, an immutable file) is named in one warning: a leftover
+    costs nothing but a hidden file, so the others are removed and the run goes on."""
+    failed: list[str] = []
     try:
         with os.scandir(folder) as listing:
             entries = [e for e in listing if e.name[0] == "." and e.name.endswith((DRAFT, GATE))]
     except FileNotFoundError:
         return
+    except OSError as e:
+        entries, failed = [], [str(e)]
     for entry in entries:
         try:
             owner = json.loads(Path(entry.path).read_text() or "{}")
             age = time.time() - entry.stat().st_mtime
         except (OSError, ValueError):
             continue
+        owner = owner if isinstance(owner, dict) else {}  # not ours: stale by age alone
         if not _stale(owner, age, stale_after):
             continue
-        if entry.name.endswith(GATE):
-            _remove_if(Path(entry.path), owner)  # a breaker may have just placed a new one
-        else:
-            Path(entry.path).unlink(missing_ok=True)
+        try:
+            if entry.name.endswith(GATE):
+                _remove_if(Path(entry.path), owner)  # a breaker may have just placed a new one
+            else:
+                Path(entry.path).unlink(missing_ok=True)
+        except OSError as e:
+            failed.append(f"{entry.path} ({e.strerror or e})")
+    warn_left(folder, "processes killed while claiming", failed)
+
+
+def warn_left(folder: Path, what: str, failed: list[str]) -> None:
+    """One warning naming what ``what`` left in ``folder`` that could not be removed (``failed``:
+    each path and why), if any: it costs space, not the run, which goes on."""
+    if failed:
+        log.warning("could not remove what %s left in '%s': %s; it takes disk space until "
+                    "removed (check its owner and permissions), the run goes on",
+                    what, folder, "; ".join(failed))  # fmt: skip
 
 
 class Claim:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -246,6 +247,26 @@ def test_a_breakers_gate_holds_off_others_only_while_its_breaker_lives(tmp_path:
     _stale_claim(gate)
     clear_drafts(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_draft_that_cannot_be_removed_is_one_warning_and_the_others_go(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """clear_drafts stopped at the first dead claimant's draft it could not remove (another
+    user's, an immutable file), leaving the others and failing its caller; it now removes the
+    others and names the leftover in one warning."""
+    stuck, other = tmp_path / ".a.lock.x1.claiming", tmp_path / ".b.lock.x2.claiming"
+    _stale_claim(stuck)
+    _stale_claim(other)
+    subprocess.run(["chattr", "+i", str(stuck)], check=True)  # root on ext4: even root cannot
+    try:
+        with caplog.at_level(logging.WARNING):
+            clear_drafts(tmp_path)
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stuck.name]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(stuck) in warnings[0], warnings
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from melanoma_mil.features.identity import feature_identity, identity_mismatch, 
 from melanoma_mil.fsutil import reserve
 from melanoma_mil.io import json_text
 from melanoma_mil.progress import progress
-from melanoma_mil.workshare import Claim, clear_drafts, disk_full
+from melanoma_mil.workshare import Claim, clear_drafts, disk_full, warn_left
 
 log = logging.getLogger(__name__)
 
@@ -308,14 +308,8 @@ def clear_dead_builds(root: Path, held: str | None = None) -> None:
             _clear_dead_build(root, folder, match.group(1), held)
         except (OSError, UserError) as e:  # UserError: a symbolic link where its lock goes
             failed.append(f"{folder} ({e})")
-    try:
-        clear_drafts(root)
-    except OSError as e:
-        failed.append(str(e))
-    if failed:
-        log.warning("could not remove what killed bag store builds left in '%s': %s; it takes "
-                    "disk space until removed (check its owner and permissions), the run goes on",
-                    root, "; ".join(failed))  # fmt: skip
+    warn_left(root, "killed bag store builds", failed)
+    clear_drafts(root)
 
 
 def build(root: Path, sources: list[Source], layout: Layout, dtype: str) -> Path:

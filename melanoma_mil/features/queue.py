@@ -175,10 +175,7 @@ class SlideQueue:
                 except OSError as e:
                     log.warning("could not remove %s: %s", lock, e)
         for folder in folders:
-            try:
-                clear_drafts(folder, self.stale_after)
-            except OSError as e:
-                log.warning("could not tidy claim drafts in %s: %s", folder, e)
+            clear_drafts(folder, self.stale_after)
 
     def _try(self, i: int) -> SlideWork | None:
         job, grid = self.jobs[i], self.grids[i]

@@ -317,8 +317,7 @@ def run_tile(cfg: TileConfig, advise_default_mpp: bool = True) -> int:
         tiled, stopped = _tile_all(todo, cfg.workers, bar, watch)
     rows += tiled
     for folder in {id_path(out / "coords", sid, ".h5").parent for sid in slides}:
-        with contextlib.suppress(OSError):  # drafts of claims by processes killed while claiming
-            clear_drafts(folder, cfg.stale_after_s)
+        clear_drafts(folder, cfg.stale_after_s)  # of claims by processes killed while claiming
 
     table = pd.DataFrame(rows, columns=COLUMNS).sort_values("slide_id")
     for r in table.itertuples():
