@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from melanoma_mil.errors import UserError
-from melanoma_mil.fsutil import shareable
+from melanoma_mil.fsutil import locked, shareable
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,16 @@ def remove_temp_files(*paths: str | os.PathLike[str]) -> None:
     for path in paths:
         for tmp in temp_files(path):
             tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def locked_writes(lock: Path, *paths: Path) -> Iterator[None]:
+    """Hold ``lock``, the one lock every writer of ``paths`` holds until its rename, after
+    removing the temp files of ``paths``: whoever left one while holding it died (a live writer
+    would still hold it), so a run killed mid-write leaves no hidden file for good."""
+    with locked(lock):
+        remove_temp_files(*paths)
+        yield
 
 
 def temp_target(name: str) -> str | None:

@@ -7,6 +7,9 @@ import math
 import os
 import shlex
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +21,7 @@ from melanoma_mil.cli import main, parse
 from melanoma_mil.config import ModelConfig, SweepConfig
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
+from melanoma_mil.evaluation.sweep_ledger import LEDGER_LOCK, Ledger
 from melanoma_mil.evaluation.sweep_plan import (
     _engine,
     _sweep_run,
@@ -461,3 +465,26 @@ def test_local_grid_of_two_encoders_gives_two_paired_fits_and_a_comparison(
     assert "comparison.csv" in capsys.readouterr().err
     assert (out / "comparison" / "comparison.csv").read_text() == "yours"
     assert (out / "sweep_results.csv").read_bytes() == b"untouched" != results
+
+
+def test_a_ledger_writer_killed_before_its_rename_leaves_no_temp_file_after_the_next(
+    tmp_path: Path,
+) -> None:
+    """A sweep process SIGKILLed between writing sweep.json's temp file and renaming it left
+    `.sweep.json.<random>.tmp` in the sweep folder for good (one per kill); the ledger is
+    written only under its lock, so the next process to hold it removes a dead writer's."""
+    ledger = tmp_path / "sweep.json"
+    code = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from melanoma_mil.evaluation.sweep_ledger import Ledger\n"
+        "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "with Ledger(Path(sys.argv[1]), {}, {}, 'sweep.yaml').held(anew=True) as runs:\n"
+        "    runs.append({'name': 'r0'})\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", code, str(ledger)], timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in tmp_path.glob(".sweep.json.*.tmp")] != []  # the kill came mid-write
+    with Ledger(ledger, {}, {}, "sweep.yaml").held(anew=True) as runs:
+        runs.append({"name": "r0"})
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != LEDGER_LOCK) == ["sweep.json"]

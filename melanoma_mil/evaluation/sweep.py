@@ -13,7 +13,6 @@ Several `sweep` processes into one output_dir (a SLURM array) share its runs (`s
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -48,8 +47,8 @@ from melanoma_mil.evaluation.sweep_plan import (
     suggest,
 )
 from melanoma_mil.evaluation.sweep_report import RESULTS, own_comparison, report
-from melanoma_mil.fsutil import Lock, locked, shared_lock, try_lock
-from melanoma_mil.io import write_text
+from melanoma_mil.fsutil import Lock, shared_lock, try_lock
+from melanoma_mil.io import locked_writes, remove_temp_files, write_text
 from melanoma_mil.outdir import claim_shared, output_folder, read_marker
 from melanoma_mil.rundir import load_run, settings
 from melanoma_mil.tracking.loggers import check_logger, summary_metrics
@@ -221,7 +220,7 @@ def _join(out: Path, overwrite: bool) -> tuple[Lock, str, bool]:
                         out)  # fmt: skip
         lock = shared_lock(folder / LOCK)
         return lock, _session_of(folder), False  # written before the first let others join
-    _remove_orphan_temps(folder)
+    remove_temp_files(folder / SESSION)  # written alone in the folder: its writer is dead
     job = os.environ.get("SLURM_ARRAY_JOB_ID")
     session = f"slurm-array-{job}" if job else secrets.token_hex(8)
     again = job is not None and _session_of(folder) == session
@@ -230,14 +229,6 @@ def _join(out: Path, overwrite: bool) -> tuple[Lock, str, bool]:
                     "leaving overwrite=true to that job's first task", job, out)  # fmt: skip
     write_text(folder / SESSION, session)
     return lock, session, overwrite and not again
-
-
-def _remove_orphan_temps(folder: Path) -> None:
-    """Remove the temp files a killed `sweep` process left while replacing one of its files:
-    called alone in the folder, so no live process is writing them. Only those names."""
-    for name in (LEDGER, RESULTS, SESSION):
-        for tmp in folder.glob(f".{glob.escape(name)}.*.tmp"):
-            tmp.unlink(missing_ok=True)
 
 
 def _session_of(folder: Path) -> str:
@@ -365,7 +356,8 @@ def _sweep(cfg: C.SweepConfig, ledger: Ledger, session: str) -> int:
             finally:
                 lock.release()
             code = code or int(entry["state"] != "finished")
-        with locked(out / REPORT_LOCK):  # two processes ending together report one by one
+        # two processes ending together report one by one (a killed one's temp file goes)
+        with locked_writes(out / REPORT_LOCK, out / RESULTS):
             with ledger.held() as entries:
                 running = [e["name"] for e in entries if e.get("state") == "running"]
                 dead = orphaned(out, entries)

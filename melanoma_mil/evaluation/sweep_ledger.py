@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from melanoma_mil.errors import UserError
-from melanoma_mil.fsutil import Lock, locked, try_lock
-from melanoma_mil.io import json_text, write_json
+from melanoma_mil.fsutil import Lock, try_lock
+from melanoma_mil.io import json_text, locked_writes, write_json
 from melanoma_mil.rundir import load_run
 from melanoma_mil.tracking.loggers import summary_metrics
 
@@ -126,8 +126,9 @@ class Ledger:
     @contextlib.contextmanager
     def held(self, anew: bool = False) -> Iterator[list[dict[str, Any]]]:
         """The runs recorded (none if ``anew``), under the ledger's lock; what the block
-        changes is written back whole (a temp file renamed over it) before the lock is freed."""
-        with locked(self.path.parent / LEDGER_LOCK):
+        changes is written back whole (a temp file renamed over it) before the lock is freed;
+        the temp file of a writer killed before its rename is removed then."""
+        with locked_writes(self.path.parent / LEDGER_LOCK, self.path):
             entries = read_ledger(self.path, self.spec, self.fixed, anew)
             before = copy.deepcopy(entries)
             yield entries

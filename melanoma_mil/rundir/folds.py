@@ -24,8 +24,8 @@ from torch import nn
 from melanoma_mil.config import ModelConfig
 from melanoma_mil.data.splits import Split
 from melanoma_mil.errors import UserError
-from melanoma_mil.fsutil import locked, try_lock
-from melanoma_mil.io import atomic_path, remove_temp_files, sha256_file, write_bytes, write_json
+from melanoma_mil.fsutil import try_lock
+from melanoma_mil.io import atomic_path, locked_writes, sha256_file, write_bytes, write_json
 from melanoma_mil.models import build_model
 from melanoma_mil.outdir import MARKER
 from melanoma_mil.rundir.layout import (
@@ -151,8 +151,9 @@ def finishing(run: Path) -> Iterator[None]:
     first remove what killed writers left at the run's top: temp files of its files (those
     made once by `fsutil.create_once`, which retries a temp removed under it, and the results)
     and entries moved aside to be dropped."""
-    with locked(run / FOLDS / FINISH_LOCK):
-        remove_temp_files(*(run / name for name in (MARKER, *MADE_ONCE, *RESULTS)))
+    with locked_writes(
+        run / FOLDS / FINISH_LOCK, *(run / n for n in (MARKER, *MADE_ONCE, *RESULTS))
+    ):
         for left in (p for name in DERIVED for p in run.glob(f"{glob.escape(aside(name))}*")):
             _delete(left)
         yield
