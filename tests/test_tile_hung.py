@@ -127,76 +127,49 @@ def test_a_hung_slide_fails_alone_at_the_time_limit_with_one_worker(tmp_path: Pa
     assert left == [], left  # no coords, QC image, temp file or claim of the stopped slide
 
 
-def test_a_slide_stopped_while_writing_leaves_no_part_written_file(tmp_path: Path) -> None:
-    """A slide stopped at the time limit while writing its QC image (a stalled disk) left the
-    part-written temp file in qc/ after tile ended; it is removed with the slide's claim."""
-    inject = tmp_path / "inject"  # the QC write of slide 'slow' stalls after its first bytes
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(
-        "import os, time\n"
-        "from PIL import Image\n"
-        "_save = Image.Image.save\n"
-        "def _stall(self, fp, *a, **k):\n"
-        "    if os.path.basename(str(fp)).startswith('.slow.png.'):\n"
-        "        with open(fp, 'wb') as f:\n"
-        "            f.write(b'part')\n"
-        "        time.sleep(3600)\n"
-        "    _save(self, fp, *a, **k)\n"
-        "Image.Image.save = _stall\n"
-    )
-    slides, out = tmp_path / "slides", tmp_path / "tiles"
-    slides.mkdir()
-    for i, sid in enumerate(("slow", "s1")):
-        write_pyramid(slides / f"{sid}.tiff", tissue_image(768, i), mpp=0.5, n_levels=1)
-    done = subprocess.run(
-        [sys.executable, "-m", "melanoma_mil", "tile", f"slides_dir={slides}",
-         f"output_dir={out}", "workers=1", "slide_timeout_s=4", "tiling.mpp=1.0",
-         "tiling.tile_size=64"],
-        env={**os.environ, "PYTHONPATH": f"{inject}{os.pathsep}{ROOT}"},
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 1, done.stderr[-3000:]
-    table = pd.read_csv(out / "tiling.csv").set_index("slide_id")
-    assert table.loc["s1", "status"] == "ok"
-    assert table.loc["slow", "status"] == "failed"
-    assert "slide_timeout_s=4 s" in table.loc["slow", "reason"]
-    left = sorted(p.name for p in out.rglob("*slow*"))
-    assert left == [], left
+# how the QC write of the slide named first stops midway, the `tile` arguments, its reason
+_STOPS = {
+    "slow": ("time.sleep(3600)", ["workers=1", "slide_timeout_s=4"], "slide_timeout_s=4 s"),
+    "dies": ("os.kill(os.getpid(), signal.SIGKILL)", ["workers=2"], "its tile process died"),
+}
 
 
-def test_a_slide_whose_process_crashes_while_writing_leaves_no_part_written_file(
-    tmp_path: Path,
+@pytest.mark.parametrize("sid", list(_STOPS))
+def test_a_slide_stopped_while_writing_leaves_no_part_written_file(
+    tmp_path: Path, sid: str
 ) -> None:
-    """A slide whose tile process died while writing its QC image (a crash, killed for memory)
-    left the part-written temp file in qc/ after tile ended; it is removed with its claim."""
-    inject = tmp_path / "inject"  # the QC write of slide 'dies' kills its process midway
+    """A slide stopped while writing its QC image, at the time limit (a stalled disk) or by its
+    process dying (a crash, killed for memory), left the part-written temp file in qc/ after
+    tile ended; it is removed with the slide's claim."""
+    stop, args, reason = _STOPS[sid]
+    inject = tmp_path / "inject"  # the QC write of slide `sid` stops after its first bytes
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(
-        "import os, signal\n"
+        "import os, signal, time\n"
         "from PIL import Image\n"
         "_save = Image.Image.save\n"
-        "def _die(self, fp, *a, **k):\n"
-        "    if os.path.basename(str(fp)).startswith('.dies.png.'):\n"
+        "def _stop(self, fp, *a, **k):\n"
+        f"    if os.path.basename(str(fp)).startswith('.{sid}.png.'):\n"
         "        with open(fp, 'wb') as f:\n"
         "            f.write(b'part')\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"        {stop}\n"
         "    _save(self, fp, *a, **k)\n"
-        "Image.Image.save = _die\n"
+        "Image.Image.save = _stop\n"
     )
     slides, out = tmp_path / "slides", tmp_path / "tiles"
     slides.mkdir()
-    for i, sid in enumerate(("dies", "s1")):
-        write_pyramid(slides / f"{sid}.tiff", tissue_image(768, i), mpp=0.5, n_levels=1)
+    for i, name in enumerate((sid, "s1")):
+        write_pyramid(slides / f"{name}.tiff", tissue_image(768, i), mpp=0.5, n_levels=1)
     done = subprocess.run(
         [sys.executable, "-m", "melanoma_mil", "tile", f"slides_dir={slides}",
-         f"output_dir={out}", "workers=2", "tiling.mpp=1.0", "tiling.tile_size=64"],
+         f"output_dir={out}", *args, "tiling.mpp=1.0", "tiling.tile_size=64"],
         env={**os.environ, "PYTHONPATH": f"{inject}{os.pathsep}{ROOT}"},
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 1, done.stderr[-3000:]
     table = pd.read_csv(out / "tiling.csv").set_index("slide_id")
     assert table.loc["s1", "status"] == "ok"
-    assert table.loc["dies", "status"] == "failed"
-    assert "its tile process died" in table.loc["dies", "reason"]
-    left = sorted(p.name for p in out.rglob("*dies*"))
-    assert left == [], left  # no QC image, temp file or claim of the crashed slide
+    assert table.loc[sid, "status"] == "failed"
+    assert reason in table.loc[sid, "reason"]
+    left = sorted(p.name for p in out.rglob(f"*{sid}*"))
+    assert left == [], left  # no QC image, temp file or claim of the stopped slide
