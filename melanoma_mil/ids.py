@@ -77,6 +77,20 @@ def id_path(root: str | os.PathLike[str], slide_id: str, suffix: str = "") -> Pa
     return Path(root) / f"{check_slide_id(slide_id, f'a file name under {str(root)!r}')}{suffix}"
 
 
+def held_ids(root: str | os.PathLike[str], suffix: str = "") -> list[str]:
+    """The ids whose `id_path` (``suffix``: a file's; none: a folder's) an earlier call made in
+    ``root``; hidden names are the commands' own (temp files, claims)."""
+    folder = Path(root)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p.name.removesuffix(suffix)
+        for p in folder.iterdir()
+        if not p.name.startswith(".")
+        and (p.is_file() and p.name.endswith(suffix) if suffix else p.is_dir())
+    )
+
+
 def _id_key(value: str) -> str:
     """An id as files and spreadsheets vary it: case, a float's '.0', leading zeros."""
     value = re.sub(r"\.0+$", "", value.lower())

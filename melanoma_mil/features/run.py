@@ -50,7 +50,7 @@ from melanoma_mil.features.data import (
 from melanoma_mil.features.folder import check_precision, end_rebuild, folder_precision
 from melanoma_mil.features.pipeline import Engine, Writer, failure
 from melanoma_mil.features.queue import SlideQueue, SlideWork, write_record
-from melanoma_mil.ids import check_spellings, id_path, rename_or_move
+from melanoma_mil.ids import check_spellings, held_ids, id_path, rename_or_move
 from melanoma_mil.io import h5_bytes, write_bytes
 from melanoma_mil.outdir import claim_shared, refuse_in_the_way
 from melanoma_mil.progress import progress
@@ -289,10 +289,8 @@ def _refuse_overwriting_twins(cfg: ExtractConfig, out: Path, keyed: dict[str, st
     source = f"coords_dir '{cfg.coords_dir}'"  # its file names are the slide ids
     fix = rename_or_move("coords files")
     for key in sorted(set(keyed.values())):
-        bags = sorted((out / key).glob("*.h5"))
-        held = [p.stem for p in bags if not p.name.startswith(".")]
         ids = [sid for sid, k in keyed.items() if k == key]
-        check_spellings(ids, source, cfg.output_dir, fix, held=held)
+        check_spellings(ids, source, cfg.output_dir, fix, held=held_ids(out / key, ".h5"))
 
 
 def _read_only(folders: list[Path], left: set[str]) -> set[Path]:

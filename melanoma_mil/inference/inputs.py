@@ -26,7 +26,13 @@ from melanoma_mil.config import (
 from melanoma_mil.data.bags import bag_files, bag_path, read_attrs
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import feature_identity, identity_mismatch, plain
-from melanoma_mil.ids import check_slide_id, check_spellings, id_problem, rename_or_move
+from melanoma_mil.ids import (
+    check_slide_id,
+    check_spellings,
+    held_ids,
+    id_problem,
+    rename_or_move,
+)
 from melanoma_mil.io import sha256_file
 from melanoma_mil.outdir import refuse_in_the_way
 from melanoma_mil.rundir import EVALUATION, REPORT, TrainedRun
@@ -168,7 +174,7 @@ def find_input_slides(
     """slide_id -> slide file: slides_dir / manifest, else the paths a feature cache recorded,
     whose file names are then the slide ids, checked as a manifest's against output_dir where
     each slide gets a folder (``render``)."""
-    held = _drawn(Path(cfg.output_dir)) if render else []
+    held = held_ids(cfg.output_dir) if render else []  # slide folders drawn by earlier calls
     if cfg.slides_dir or cfg.manifest:
         found: dict[str, Path | None] = dict(
             find_slides(cfg.slides_dir, cfg.manifest, cfg.extensions, cfg.output_dir, held=held)
@@ -194,14 +200,6 @@ def find_input_slides(
             list(chosen), source, cfg.output_dir, rename_or_move("feature files"), held=held
         )
     return chosen
-
-
-def _drawn(out: Path) -> list[str]:
-    """The names of ``out``'s slide folders, drawn by earlier calls (a slide's id names its
-    folder; hidden ones are the command's own)."""
-    if not out.is_dir():
-        return []
-    return [p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
 
 def recorded_fingerprint(path: Path) -> str:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from melanoma_mil.config import TileConfig, TilingConfig
 from melanoma_mil.errors import UserError
-from melanoma_mil.ids import id_path
+from melanoma_mil.ids import held_ids, id_path
 from melanoma_mil.io import remove_temp_files
 from melanoma_mil.outdir import claim_shared, refuse_in_the_way, refuse_unwritable
 from melanoma_mil.progress import progress
@@ -279,8 +279,7 @@ def run_tile(cfg: TileConfig, advise_default_mpp: bool = True) -> int:
     """Tile every slide; 0 if none failed, else 1 (after finishing all the others).
     ``advise_default_mpp=False``: callers that take no tiling keys (predict, heatmap)."""
     check_tiling(cfg.tiling)
-    tiled = sorted(Path(cfg.output_dir).glob("coords/*.h5"))  # an earlier call's: their ids
-    held = [p.stem for p in tiled if not p.name.startswith(".")]
+    held = held_ids(Path(cfg.output_dir) / "coords", ".h5")  # an earlier call's
     slides = find_slides(cfg.slides_dir, cfg.manifest, cfg.extensions, cfg.output_dir, held=held)
     overrides = read_mpp_csv(cfg.mpp_csv)
     unknown = sorted(set(overrides) - set(slides))

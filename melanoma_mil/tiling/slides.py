@@ -90,7 +90,7 @@ def _series_keys(paths: list[Path]) -> dict[Path, str]:
     for real, shared in folders.items():
         if len(shared) < 2:
             continue
-        files = {p: ([*dicom_files(p), p][0] if p.is_dir() else p) for p in shared}
+        files = {p: next(iter(dicom_files(p)), p) if p.is_dir() else p for p in shared}
         uids = {f: uid for uid, fs in dicom_series(list(set(files.values()))).items() for f in fs}
         keys |= {p: f"{real}: series {uids[f]}" for p, f in files.items() if f in uids}
     return keys
