@@ -338,16 +338,10 @@ def test_a_random_sweep_beside_a_running_process_draws_count_runs_in_all_and_lea
     still trains, a process draws the rest (the draws one process would make, each its own
     name) and leaves the report to the last to finish. The sampled learning rates are
     invalid, so each run fails at once."""
-    features, labels = cohort(tmp_path / "coh")
-    spec = {
-        "method": "random",
-        "parameters": {"optim.lr": {"distribution": "normal", "mu": -1.0, "sigma": 0.1}},
-    }
-    rand = str(sweep_file(tmp_path, spec))
-    fixed = [f"data.features_dir={features}", f"data.labels_csv={labels}", "logger=none"]
     shared, once = tmp_path / "shared", tmp_path / "once"
-    assert main(["sweep", rand, "--count", "3", f"output_dir={once}", *fixed]) == 1
-    argv = ["sweep", rand, f"output_dir={shared}", *fixed]
+    argv = invalid_lr_sweep(tmp_path, shared)
+    alone = [f"output_dir={once}" if a.startswith("output_dir=") else a for a in argv]
+    assert main([*alone, "--count", "3"]) == 1
     assert main([*argv, "--count", "1"]) == 1
     data = json.loads((shared / "sweep.json").read_text())
     data["runs"][0] = {k: data["runs"][0][k] for k in ("name", "params")} | {"state": "running"}
@@ -563,8 +557,9 @@ def test_a_peer_that_dies_after_the_last_look_for_work_has_its_run_taken_over_an
     assert sorted(pd.read_csv(out / "sweep_results.csv")["run"]) == ["000_seed-0", "001_seed-1"]
 
 
-def invalid_lr_sweep(tmp_path: Path) -> list[str]:
-    """A random sweep whose sampled learning rates are invalid: each run fails at once."""
+def invalid_lr_sweep(tmp_path: Path, out: Path | None = None) -> list[str]:
+    """A random sweep into ``out`` (tmp_path/out) whose sampled learning rates are invalid:
+    each run fails at once."""
     features, labels = cohort(tmp_path / "coh")
     spec = {
         "method": "random",
@@ -572,7 +567,7 @@ def invalid_lr_sweep(tmp_path: Path) -> list[str]:
     }
     rand = str(sweep_file(tmp_path, spec))
     data = [f"data.features_dir={features}", f"data.labels_csv={labels}", "logger=none"]
-    return ["sweep", rand, f"output_dir={tmp_path / 'out'}", *data]
+    return ["sweep", rand, f"output_dir={out or tmp_path / 'out'}", *data]
 
 
 def test_a_process_joining_a_peer_does_not_retry_the_run_the_peer_just_failed(
