@@ -98,13 +98,18 @@ def test_two_processes_one_killed_every_slide_once_and_bit_identical(tmp_path: P
             assert all(p.poll() is None for p in procs), "a process ended before any kill"
             for lock in out.glob("*/*.lock"):
                 pid = owner_pid(lock)
-                done = lock.with_suffix(".h5").exists()  # its owner may be just past its write
-                if pid in (procs[0].pid, procs[1].pid) and bags(out) and not done:
-                    victim = 0 if pid == procs[0].pid else 1
-                    before = {k.stem for k in out.glob("*/*.lock") if owner_pid(k) == pid}
-                    procs[victim].send_signal(signal.SIGKILL)
-                    killed = lock.stem
-                    break
+                if pid not in (procs[0].pid, procs[1].pid) or not bags(out):
+                    continue
+                victim = 0 if pid == procs[0].pid else 1
+                # frozen while looked at: it cannot write the bag between the look and the kill
+                procs[victim].send_signal(signal.SIGSTOP)
+                if lock.with_suffix(".h5").exists() or owner_pid(lock) != pid:  # past its write
+                    procs[victim].send_signal(signal.SIGCONT)
+                    continue
+                before = {k.stem for k in out.glob("*/*.lock") if owner_pid(k) == pid}
+                procs[victim].send_signal(signal.SIGKILL)
+                killed = lock.stem
+                break
             time.sleep(0.01)
         assert killed is not None, "no process could be killed while encoding"
         a, b = procs[victim], procs[1 - victim]
