@@ -1,4 +1,5 @@
-"""Filesystem steps beyond `io`'s atomic files: create-once, advisory locks, directory swaps.
+"""Filesystem steps beyond `io`'s atomic files: their temp files, create-once, advisory locks,
+directory swaps.
 
 Several processes (fold-parallel CV, SLURM array tasks) may share one output folder: a file
 that must be made exactly once appears complete or not at all (a hard link of a finished temp
@@ -12,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
+import hashlib
 import os
+import re
 import secrets
 import tempfile
 import unicodedata
@@ -48,12 +52,95 @@ def shareable(path: str | os.PathLike[str] | int, mode: int = 0o666 & ~_UMASK) -
             raise
 
 
+def read_proc(path: str) -> str:
+    """A small /proc file's text, stripped; '' where it cannot be read."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def machine_id() -> str:
+    """Boot id + pid namespace: equal only where a pid means the same process."""
+    with contextlib.suppress(OSError):
+        ns = os.readlink("/proc/self/ns/pid")
+        return f"{read_proc('/proc/sys/kernel/random/boot_id')}:{ns}"
+    return ""
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs in this pid namespace (another user's process counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _machine_tag(pid: int) -> str | None:
+    """`machine_id` of process ``pid`` (this one: a forked child asks anew) as 10 hex digits for
+    temp names, None where it is incomplete: without the boot id every host's first pid
+    namespace looks alike, so a pid could be another host's."""
+    machine = machine_id()
+    if not machine or machine.startswith(":"):
+        return None
+    return hashlib.blake2b(machine.encode(), digest_size=5).hexdigest()
+
+
+def new_temp(path: Path) -> tuple[int, str]:
+    """Open a temp file beside ``path`` for writing it: ``.<name>.<machine>-<pid>-<random>.tmp``,
+    which names its writer, so that the temps of this file that dead writers on this machine
+    left (killed before their rename) are removed first (`_remove_dead_temps`). Where that name
+    is too long, or the machine unknown (no /proc), ``.<name>.<random>.tmp``, never removed here.
+
+    Errors name ``path`` (a read-only folder), not the temp name mkstemp tried, unless it is the
+    temp name that is too long."""
+    machine = _machine_tag(os.getpid())
+    prefix = f".{path.name}."
+    try:
+        if machine is not None:
+            _remove_dead_temps(path, machine)
+            try:
+                return tempfile.mkstemp(
+                    prefix=f"{prefix}{machine}-{os.getpid()}-", suffix=".tmp", dir=path.parent
+                )
+            except OSError as e:
+                if e.errno != errno.ENAMETOOLONG:
+                    raise
+        return tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+def _remove_dead_temps(path: Path, machine: str) -> None:
+    """Remove the temp files of ``path`` whose writer ran on this machine (boot and pid
+    namespace) and is gone. A live writer's is kept, as is one whose pid a new process took
+    (kept until that one ends), and any other machine's: its pid means nothing here."""
+    prefix = f".{path.name}.{machine}-"
+    try:
+        names = [name for name in os.listdir(path.parent) if name.startswith(prefix)]
+    except OSError:  # no folder yet, or one that cannot be listed: nothing to clean
+        return
+    for name in names:  # listed before the check: a temp made after it is not looked at
+        ours = re.fullmatch(r"(\d{1,7})-[a-z0-9_]+\.tmp", name[len(prefix) :])
+        if ours and not pid_alive(int(ours[1])):
+            with contextlib.suppress(OSError):  # renamed or removed meanwhile
+                os.unlink(path.parent / name)
+
+
 def create_once(path: Path, data: bytes) -> bool:
     """Write ``path`` only if it does not exist, complete or not at all; True if this call made it.
 
     Racing callers: exactly one wins, the others see the winner's complete file. The temp file
-    is left if the process is killed; a cleaner (the holder of the folder's lock) may remove it
-    then, even under a live call, which writes a new one."""
+    is left if the process is killed, for the next call on this machine (`new_temp`); a cleaner
+    (the holder of the folder's lock) may remove it too, even under a live call, which writes a
+    new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(3):
         made = _link_new(path, data)
@@ -64,12 +151,7 @@ def create_once(path: Path, data: bytes) -> bool:
 
 def _link_new(path: Path, data: bytes) -> bool | None:
     """One try of `create_once`: None if its temp file was removed before the link."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:  # a read-only folder: name the file, not the temp name mkstemp tried
-        if e.errno == errno.ENAMETOOLONG:  # unless it is the temp name that is too long
-            raise
-        raise OSError(e.errno, e.strerror, str(path)) from e
+    fd, tmp = new_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

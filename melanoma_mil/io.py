@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import hashlib
 import io
@@ -23,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from melanoma_mil.errors import UserError
-from melanoma_mil.fsutil import locked, shareable
+from melanoma_mil.fsutil import locked, new_temp, shareable
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +34,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     names no file) is reported as ``path``, the file the user knows."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    except OSError as e:  # mkstemp names the random temp name it tried
-        if e.errno == errno.ENAMETOOLONG:  # the temp name is what is too long: show it
-            raise
-        raise OSError(e.errno, e.strerror, str(final)) from e
+    fd, tmp = new_temp(final)  # after removing those of this file's writers that were killed
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -81,7 +75,7 @@ def locked_writes(lock: Path, *paths: Path) -> Iterator[None]:
 
 def temp_target(name: str) -> str | None:
     """The file name an `atomic_path` temp file ``name`` was written for, or None."""
-    found = re.fullmatch(r"\.(.+)\.[a-z0-9_]+\.tmp", name)
+    found = re.fullmatch(r"\.(.+)\.(?:[0-9a-f]{10}-\d+-)?[a-z0-9_]+\.tmp", name)  # `new_temp`'s
     return found[1] if found else None
 
 

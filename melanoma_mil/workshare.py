@@ -29,7 +29,7 @@ from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from melanoma_mil.fsutil import refuse_link, shareable
+from melanoma_mil.fsutil import machine_id, pid_alive, read_proc, refuse_link, shareable
 
 log = logging.getLogger(__name__)
 
@@ -54,25 +54,9 @@ def says_disk_full(reason: str) -> bool:
     return "disk full (" in reason
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def machine_id() -> str:
-    """Boot id + pid namespace: equal only where a pid means the same process."""
-    with contextlib.suppress(OSError):
-        ns = os.readlink("/proc/self/ns/pid")
-        return f"{_read('/proc/sys/kernel/random/boot_id')}:{ns}"
-    return ""
-
-
 def process_start(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks since boot (/proc), None where unknown."""
-    stat = _read(f"/proc/{pid}/stat")
+    stat = read_proc(f"/proc/{pid}/stat")
     if not stat:
         return None
     try:  # the command name may hold spaces and parentheses: split after the last ')'
@@ -93,16 +77,6 @@ def me() -> dict[str, Any]:
     }
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def owner_gone(owner: Mapping[str, Any], here: Mapping[str, Any] | None = None) -> bool | None:
     """True when ``owner``'s process is provably gone, False when it runs, None when it cannot
     be told from here (another host or pid namespace: only the heartbeat age can tell)."""
@@ -111,7 +85,7 @@ def owner_gone(owner: Mapping[str, Any], here: Mapping[str, Any] | None = None) 
     same = owner.get("host") == here["host"] and owner.get("machine") == here["machine"]
     if not same or not isinstance(pid, int):
         return None
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return True
     start = owner.get("start")
     now = process_start(pid)
