@@ -28,6 +28,7 @@ class Command:
     positional: str | None = None  # config key that receives positional arguments
     positional_many: bool = False
     resume: str = ""  # what to do after an interruption (Ctrl-C, a kill)
+    locks: bool = False  # its processes take turns in output_dir with file locks (flock)
 
 
 COMMANDS: dict[str, Command] = {
@@ -36,6 +37,7 @@ COMMANDS: dict[str, Command] = {
         "melanoma_mil.demo.run:run_demo",
         "synthetic cohort -> tile -> extract -> fit -> heatmaps -> evaluate, end to end",
         resume="re-run the same command: it resumes, keeping what the demo made",
+        locks=True,
     ),
     "tile": Command(
         C.TileConfig,
@@ -54,6 +56,7 @@ COMMANDS: dict[str, Command] = {
         "melanoma_mil.training.cv:run_fit",
         "patient-level cross-validation of a MIL model on cached bags",
         resume="re-run the same command: it resumes at the first unfinished fold",
+        locks=True,
     ),
     "sweep": Command(
         C.SweepConfig,
@@ -61,6 +64,7 @@ COMMANDS: dict[str, Command] = {
         "run a W&B sweep file locally (each run a fit)",
         resume="re-run the same command: it resumes, keeping the finished runs",
         positional="sweep_file",
+        locks=True,
     ),
     "compare": Command(
         C.CompareConfig,
@@ -238,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         from melanoma_mil.io import check_writable
 
         output_dir = cfg.output_dir
-        check_writable(output_dir)  # every command has one: refuse it before any work
+        # every command has one: refuse it before any work
+        check_writable(output_dir, locks=COMMANDS[name].locks)
         module, func = COMMANDS[name].runner.split(":")
         runner = getattr(importlib.import_module(module), func)
         _quiet_libraries()  # after the import: Lightning resets its log level when imported

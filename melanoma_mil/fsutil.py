@@ -38,6 +38,9 @@ NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not on Windows
 # file systems whose permissions are the mount's, not the file's (FAT, exFAT; fusefat: ENOSYS)
 _NO_MODES = (errno.ENOSYS, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP)
 _NOT_WRITABLE = (errno.EACCES, errno.EROFS)  # a probe's errors that say a folder is read-only
+# flock on a file system mounted without locks: Lustre without -o flock or localflock (ENOSYS),
+# NFS without a lock manager (ENOLCK), some CIFS and FUSE mounts (EOPNOTSUPP, EINVAL)
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)
 
 
 def shareable(path: str | os.PathLike[str] | int, mode: int = 0o666 & ~_UMASK) -> None:
@@ -177,11 +180,37 @@ def _link_new(path: Path, data: bytes) -> bool | None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def flock(fd: int, op: int, folder: str | os.PathLike[str], key: str = "") -> None:
+    """`fcntl.flock` of ``fd``, a file in ``folder``. A file system mounted without locks
+    (`NO_LOCKS`) raises the one-line UserError naming ``folder``, the fix, and ``key``, the
+    config key that chose the folder, where the caller knows it: processes sharing a folder
+    cannot take turns there, and a traceback would not say why."""
+    try:
+        fcntl.flock(fd, op)
+    except OSError as e:
+        if e.errno not in NO_LOCKS:
+            raise
+        where, other = (f"{key} ", f"set {key} to a folder") if key else ("", "use a folder")
+        raise UserError(
+            f"{where}'{folder}': this filesystem does not support file locks (flock: "
+            f"{e.strerror}); mount it with -o flock, or {other} on a local or lock-capable disk."
+        ) from None
+
+
+def check_locks(fd: int, folder: str | os.PathLike[str], key: str) -> None:
+    """Refuse, before any work, ``folder`` (chosen by ``key``) if its file system has no
+    locks, probed on ``fd``, an open file there: a command would meet that only at its first
+    lock, with the folder and files made and maybe work done."""
+    if fcntl is not None:
+        flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, folder, key)
+
+
 class Lock:
     """An exclusive advisory lock on a file, held until ``release`` or the process ends."""
 
-    def __init__(self, fd: int | None) -> None:
+    def __init__(self, fd: int | None, folder: Path) -> None:
         self._fd = fd
+        self._folder = folder  # named if its file system turns out to have no locks
 
     def release(self) -> None:
         if self._fd is not None:
@@ -191,7 +220,7 @@ class Lock:
     def share(self) -> None:
         """Let others hold the lock too (`shared_lock`), this process still among them."""
         if self._fd is not None and fcntl is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_SH)
+            flock(self._fd, fcntl.LOCK_SH, self._folder)
 
 
 def _open_lock(path: Path) -> int:
@@ -218,15 +247,15 @@ def try_lock(path: Path) -> Lock | None:
     """The lock on ``path`` (created if missing), or None when another process holds it."""
     fd = _open_lock(path)
     if fcntl is None:
-        return Lock(fd)
+        return Lock(fd, path.parent)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
+        flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, path.parent)
+    except BaseException as e:
         os.close(fd)
-        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+        if isinstance(e, OSError) and e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             return None
         raise
-    return Lock(fd)
+    return Lock(fd, path.parent)
 
 
 def shared_lock(path: Path) -> Lock:
@@ -234,8 +263,12 @@ def shared_lock(path: Path) -> Lock:
     it alone (`try_lock`): a process that finds none of the others can act for all of them."""
     fd = _open_lock(path)
     if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-    return Lock(fd)
+        try:
+            flock(fd, fcntl.LOCK_SH, path.parent)
+        except BaseException:
+            os.close(fd)
+            raise
+    return Lock(fd, path.parent)
 
 
 @contextlib.contextmanager
@@ -244,7 +277,7 @@ def locked(path: Path) -> Iterator[None]:
     fd = _open_lock(path)
     try:
         if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            flock(fd, fcntl.LOCK_EX, path.parent)
         yield
     finally:
         os.close(fd)

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from melanoma_mil.errors import UserError
-from melanoma_mil.fsutil import locked, new_temp, shareable
+from melanoma_mil.fsutil import check_locks, locked, new_temp, shareable
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +159,16 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def check_writable(
-    path: str | os.PathLike[str], key: str = "output_dir", name: str | None = None
+    path: str | os.PathLike[str],
+    key: str = "output_dir",
+    name: str | None = None,
+    locks: bool = False,
 ) -> None:
     """Refuse, before any work, an output folder that is a file or cannot be written (read-only
-    disk, no permission): otherwise a command learns it only when its first result is due.
-    ``name``: how the message names the folder (default ``key``), for a folder inside ``key``.
+    disk, no permission), or, with ``locks`` (a command whose processes take turns there), whose
+    file system has no file locks: otherwise a command learns it only when its first result or
+    lock is due. ``name``: how the message names the folder (default ``key``), for a folder
+    inside ``key``.
 
     A missing folder is fine when its nearest existing parent is a writable folder. The probe is
     an anonymous temp file (O_TMPFILE where supported), so nothing is left behind. A '..' is
@@ -183,8 +188,9 @@ def check_writable(
         what = "is" if probe == target else f"cannot be made: '{probe}' is"
         raise UserError(f"{name} '{target}' {what} a file, not a folder; choose another {key}.")
     try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
+        with tempfile.TemporaryFile(dir=probe) as f:
+            if locks:
+                check_locks(f.fileno(), target, key)
     except OSError as e:
         raise UserError(
             f"{name} '{target}' cannot be written ({e.strerror} in '{probe}'); choose another "

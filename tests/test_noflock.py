@@ -1,0 +1,154 @@
+"""Folders on file systems mounted without file locks (Lustre without -o flock, NFS without a
+lock manager, some CIFS and FUSE mounts): commands whose processes take turns with `flock`
+refuse them in one line before any work; those that share work by claims (hard links) run.
+
+No such mount is at hand, so `fcntl.flock` fails as it does there (fault injection of the OS
+call, by a sitecustomize in every Python process the test starts); all else is real."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_cohort
+
+from melanoma_mil.cli import main
+from melanoma_mil.data.synthetic import make_bag_cohort
+from melanoma_mil.errors import UserError
+from melanoma_mil.fsutil import locked, shared_lock, try_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_FLOCK = """
+import errno, fcntl, os
+
+def _no_flock(fd, op):
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+fcntl.flock = _no_flock
+"""
+
+
+def run_without_flock(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    """``python -m melanoma_mil ARGV`` as a user runs it, every flock failing with ENOLCK."""
+    inject = tmp_path / "inject"
+    inject.mkdir(exist_ok=True)
+    (inject / "sitecustomize.py").write_text(NO_FLOCK)
+    path = os.pathsep.join([str(inject), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "melanoma_mil", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def assert_refused(done: subprocess.CompletedProcess[str], out: Path) -> None:
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"error: output_dir '{out}': this filesystem does not support "
+                                  "file locks (flock: No locks available); mount it with -o "
+                                  "flock, or set output_dir to a folder"), done.stderr  # fmt: skip
+
+
+@pytest.mark.parametrize("made", [False, True], ids=["new", "existing"])
+def test_fit_refuses_a_folder_without_flock_before_building_the_store(
+    tmp_path: Path, made: bool
+) -> None:
+    """Before: the bag store was built, the run folder half made (record, config, splits, a
+    fold's lock), then a traceback at the first fold lock."""
+    features, labels = make_bag_cohort(tmp_path / "coh", n_patients=12, dim=8)
+    inputs = listing(tmp_path / "coh")
+    out = tmp_path / "run"
+    if made:
+        out.mkdir()
+    done = run_without_flock(tmp_path, "fit", f"data.features_dir={features}",
+                             f"data.labels_csv={labels}", f"output_dir={out}", "cv.folds=2",
+                             "trainer.max_epochs=1", "logger=none")  # fmt: skip
+    assert_refused(done, out)
+    assert out.is_dir() == made and (not made or not any(out.iterdir()))
+    assert listing(tmp_path / "coh") == inputs  # no bag store in <features>/.bag_stores
+
+
+def test_sweep_and_demo_refuse_a_folder_without_flock_before_any_work(tmp_path: Path) -> None:
+    """Before: `sweep` made its folder and lock file, then a traceback."""
+    features, labels = make_bag_cohort(tmp_path / "coh", n_patients=12, dim=8)
+    sweep_file = tmp_path / "grid.yaml"
+    sweep_file.write_text(
+        yaml.safe_dump({"method": "grid", "parameters": {"seed": {"values": [1, 2]}}})
+    )
+    out = tmp_path / "sweep"
+    done = run_without_flock(tmp_path, "sweep", str(sweep_file), f"data.features_dir={features}",
+                             f"data.labels_csv={labels}", f"output_dir={out}",
+                             "trainer.max_epochs=1", "logger=none")  # fmt: skip
+    assert_refused(done, out)
+    assert not out.exists()
+    demo = tmp_path / "demo"
+    assert_refused(run_without_flock(tmp_path, "demo", f"output_dir={demo}"), demo)
+    assert not demo.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coh", "grid.yaml", "inject"]
+
+
+def test_tile_and_extract_share_work_without_flock(tmp_path: Path) -> None:
+    """Their claims are hard links, not locks: they run on such a mount, and are not refused."""
+    tiles = make_cohort(tmp_path, 1, side=128)
+    out = tmp_path / "tiled"
+    done = run_without_flock(tmp_path, "tile", f"slides_dir={tmp_path / 'slides'}",
+                             f"output_dir={out}", "workers=1", "tiling.mpp=1.0",
+                             "tiling.tile_size=64")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (out / "tiling.csv").is_file()
+    feats = tmp_path / "features"
+    done = run_without_flock(tmp_path, "extract", f"coords_dir={tiles}", f"output_dir={feats}",
+                             "encoder.name=resnet18_imagenet", "encoder.pretrained=false",
+                             "device=cpu", "num_workers=0")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in feats.glob("*/*.h5")] == ["slide0.h5"]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL])
+def test_every_errno_of_a_mount_without_locks_is_refused_in_one_line(
+    tmp_path: Path, code: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Lustre says ENOSYS, CIFS and FUSE mounts EOPNOTSUPP or EINVAL."""
+
+    def no_flock(fd: int, op: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    out = tmp_path / "run"
+    assert main(["fit", f"output_dir={out}", "data.features_dir=f", "data.labels_csv=l"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: output_dir '{out}': this filesystem does not support file locks "
+                   f"(flock: {os.strerror(code)}); mount it with -o flock, or set output_dir "
+                   "to a folder on a local or lock-capable disk.\n")  # fmt: skip
+    assert not out.exists()
+
+
+def test_a_lock_taken_on_a_mount_without_locks_names_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock past the command's probe (a folder on another mount, a caller in code) fails in
+    one line too, its descriptor closed; an errno that means something else stays an OSError."""
+    fds = len(os.listdir("/proc/self/fd"))
+    code = errno.ENOLCK
+
+    def no_flock(fd: int, op: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock = tmp_path / "folds" / ".fold_0.lock"
+    for take in (try_lock, shared_lock, lambda p: locked(p).__enter__()):
+        with pytest.raises(UserError, match=f"^{re.escape(repr(str(lock.parent)))}: this filesy"):
+            take(lock)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    code = errno.EIO
+    with pytest.raises(OSError, match="Input/output error"):
+        try_lock(lock)
