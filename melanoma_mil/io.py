@@ -79,6 +79,13 @@ def temp_target(name: str) -> str | None:
     return found[1] if found else None
 
 
+def read_h5(path: str | os.PathLike[str]) -> h5py.File:
+    """``path`` opened read-only without HDF5's own file lock: every h5 file here is written
+    whole under a temp name and renamed, never changed in place, so the lock guards nothing,
+    and on a mount without locks (NFS without a lock manager: ENOLCK) it fails every read."""
+    return h5py.File(path, "r", locking=False)
+
+
 @contextlib.contextmanager
 def atomic_h5(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
     """A new h5 file, built in memory (see `h5_bytes`), that appears at ``path`` only once it is

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -152,3 +153,72 @@ def test_a_lock_taken_on_a_mount_without_locks_names_its_folder(
     code = errno.EIO
     with pytest.raises(OSError, match="Input/output error"):
         try_lock(lock)
+
+
+# flock (by Python or by HDF5, which locks every file it opens) of a file under $NOFLOCK_UNDER
+# fails with ENOLCK, as on an NFS mount without a lock manager; other files lock as usual
+SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+int flock(int fd, int op) {
+    const char *under = getenv("NOFLOCK_UNDER");
+    char link[64], path[4096];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    path[n < 0 ? 0 : n] = 0;
+    if (under != NULL && strncmp(path, under, strlen(under)) == 0) {
+        errno = ENOLCK;
+        return -1;
+    }
+    return ((int (*)(int, int))dlsym(RTLD_NEXT, "flock"))(fd, op);
+}
+"""
+
+
+def run_with_inputs_without_flock(
+    tmp_path: Path, inputs: Path, *argv: str
+) -> subprocess.CompletedProcess[str]:
+    """``python -m melanoma_mil ARGV`` with every flock of a file under ``inputs`` failing in
+    the C library call itself, HDF5's included (a compiled LD_PRELOAD shim)."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs a C compiler and Linux to fail flock below Python")
+    shim = tmp_path / "noflock.so"
+    if not shim.exists():
+        (tmp_path / "noflock.c").write_text(SHIM)
+        subprocess.run([compiler, "-shared", "-fPIC", "-o", str(shim), str(tmp_path / "noflock.c"),
+                        "-ldl"], check=True)  # fmt: skip
+    env = {**os.environ, "LD_PRELOAD": str(shim), "NOFLOCK_UNDER": str(inputs),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "melanoma_mil", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_inputs_on_a_mount_without_locks_are_read(tmp_path: Path) -> None:
+    """HDF5 takes a lock to read a file: there every read failed (ENOLCK), so `fit` ended in a
+    traceback and `extract` failed each slide telling the user to delete its good coords
+    file. Our h5 files are written whole and renamed, never changed in place: they are now
+    read without that lock."""
+    inputs = tmp_path / "nfs"
+    tiles = make_cohort(inputs, 1, side=128)
+    feats = tmp_path / "features"
+    done = run_with_inputs_without_flock(tmp_path, inputs, "extract", f"coords_dir={tiles}",
+                                         f"output_dir={feats}", "encoder.name=resnet18_imagenet",
+                                         "encoder.pretrained=false", "device=cpu",
+                                         "num_workers=0")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [p.name for p in feats.glob("*/*.h5")] == ["slide0.h5"]
+    features, labels = make_bag_cohort(inputs / "coh", n_patients=12, dim=8)
+    out = tmp_path / "run"
+    done = run_with_inputs_without_flock(tmp_path, inputs, "fit", f"data.features_dir={features}",
+                                         f"data.labels_csv={labels}", f"output_dir={out}",
+                                         "cv.folds=2",
+                                         "trainer.max_epochs=1", "logger=none")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (out / "cv_summary.json").is_file()

@@ -13,6 +13,7 @@ import torch
 
 from melanoma_mil.errors import UserError
 from melanoma_mil.ids import id_path
+from melanoma_mil.io import read_h5
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def read_attrs(path: Path) -> dict[str, Any]:
     """File attrs of an h5 bag as plain Python values (empty for CLAM pt files)."""
     if path.suffix != ".h5":
         return {}
-    with h5py.File(path, "r") as f:
+    with read_h5(path) as f:
         return {k: v.item() if isinstance(v, np.generic) else v for k, v in f.attrs.items()}
 
 
@@ -93,7 +94,7 @@ def read_bag(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
             )
             coords = None
         else:
-            with h5py.File(path, "r") as f:
+            with read_h5(path) as f:
                 feats = _numeric(path, "features", features_entry(f, path))
                 coords = _numeric(path, "coords", f["coords"]) if "coords" in f else None
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:

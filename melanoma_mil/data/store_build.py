@@ -26,7 +26,7 @@ from melanoma_mil.data.bags import features_entry, read_attrs, read_bag
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import feature_identity, identity_mismatch, plain
 from melanoma_mil.fsutil import reserve
-from melanoma_mil.io import json_text
+from melanoma_mil.io import json_text, read_h5
 from melanoma_mil.progress import progress
 from melanoma_mil.workshare import Claim, clear_drafts, disk_full, warn_left
 
@@ -108,7 +108,7 @@ def _file_shape(path: Path) -> tuple[tuple[int, ...], str]:
                 return tuple(t.shape), str(t.dtype).removeprefix("torch.")
             what = type(t).__name__
         else:
-            with h5py.File(path, "r") as f:
+            with read_h5(path) as f:
                 ds = features_entry(f, path)
                 if isinstance(ds, h5py.Dataset) and ds.shape and ds.dtype.kind in "biuf":
                     return tuple(ds.shape), ds.dtype.name

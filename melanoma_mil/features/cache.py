@@ -24,6 +24,7 @@ from melanoma_mil.features.identity import (
     identity_mismatch,
     plain,
 )
+from melanoma_mil.io import read_h5
 from melanoma_mil.tiling.coords import TileGrid
 
 
@@ -60,7 +61,7 @@ class Unusable:
 def check_cached(path: Path, expected: Mapping[str, Any], coords: np.ndarray) -> Unusable | None:
     """None when ``path`` is a complete cache entry for these settings, coords and slide file."""
     try:
-        with h5py.File(path, "r") as f:
+        with read_h5(path) as f:
             attrs = dict(f.attrs)
             for name in ("features", "coords"):  # a group or a scalar there: not our bag
                 node = f[name]

@@ -30,14 +30,13 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-import h5py
 import torch
 
 from melanoma_mil.encoders.build import cpu_has_bf16
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import plain
 from melanoma_mil.fsutil import create_once
-from melanoma_mil.io import json_text, write_json
+from melanoma_mil.io import json_text, read_h5, write_json
 from melanoma_mil.workshare import describe, me
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ def read_json(path: Path) -> dict[str, Any]:
 def made_at(bag: Path) -> str | None:
     """The precision the bag ``bag`` was extracted at (None: unreadable, or not recorded)."""
     try:
-        with h5py.File(bag, "r") as f:
+        with read_h5(bag) as f:
             had = plain(f.attrs.get("precision"))
     except OSError:
         return None

@@ -14,7 +14,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from melanoma_mil.io import atomic_h5, atomic_path, json_safe, json_text
+from melanoma_mil.io import atomic_h5, atomic_path, json_safe, json_text, read_h5
 from melanoma_mil.metrics import predicted
 from melanoma_mil.viz.render import percentile_scores
 
@@ -95,7 +95,7 @@ def _strings(values: Any) -> list[str]:
 
 def read_attention(path: str | Path) -> AttentionMap:
     """Read an attention.h5 written by `heatmap` / `predict`."""
-    with h5py.File(path, "r") as f:
+    with read_h5(path) as f:
         attrs = {k: v for k, v in f.attrs.items()}
         return AttentionMap(
             slide_id=str(attrs.pop("slide_id")),

@@ -9,7 +9,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import h5py
 import pandas as pd
 
 from melanoma_mil.config import (
@@ -32,7 +31,7 @@ from melanoma_mil.inference.inputs import (
     slide_mismatch,
     tiling_config,
 )
-from melanoma_mil.io import write_text
+from melanoma_mil.io import read_h5, write_text
 from melanoma_mil.outdir import refuse_linked, refuse_unwritable
 from melanoma_mil.rundir import TrainedRun
 from melanoma_mil.tiling.coords import read_coords
@@ -109,7 +108,7 @@ def _stored_otherwise(path: Path, precision: str, dtype: str) -> bool:
     precision (its own rule, `settings_mismatch`) and so fail the slide: in this command's own
     cache they are rebuilt instead."""
     try:
-        with h5py.File(path, "r") as f:
+        with read_h5(path) as f:
             attrs, stored = dict(f.attrs), f["features"].dtype
     except (OSError, KeyError, AttributeError):  # unreadable, or no array: extract says so
         return False

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from melanoma_mil.errors import UserError
-from melanoma_mil.io import h5_bytes, write_bytes
+from melanoma_mil.io import h5_bytes, read_h5, write_bytes
 
 # attrs that describe one slide's file rather than the cohort's features: a run's provenance,
 # copied from one feature file, leaves them out
@@ -89,7 +89,7 @@ def read_coords(path: str | os.PathLike[str]) -> TileGrid:
     """Read a coords h5 written by `tile`; a clear error if it is not one."""
     p = Path(path)
     try:
-        with h5py.File(p, "r") as f:
+        with read_h5(p) as f:
             if "coords" not in f:
                 raise UserError(f"{p}: no 'coords' dataset; re-run `tile` for this slide.")
             a = _attrs(f)
@@ -121,7 +121,7 @@ def read_tiling(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str] | No
     level-0 mpp came from), reading attrs only, so a whole folder can be checked before any
     work; None if unreadable."""
     try:
-        with h5py.File(path, "r") as f:
+        with read_h5(path) as f:
             if "coords" not in f:  # read_coords refuses it too: a leftover, tiled again
                 return None
             a = _attrs(f)
