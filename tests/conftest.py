@@ -268,8 +268,10 @@ def read_only_bind(folder: Path) -> Iterator[None]:
             pytest.skip("cannot bind-mount a read-only folder here")
         yield
     finally:
-        if bound.returncode == 0:
-            subprocess.run(["umount", str(folder)], check=False)
+        # a file of it still mapped (a bag store) keeps the mount busy: detached then, freed
+        # by the kernel once unmapped, rather than left mounted after the test
+        if bound.returncode == 0 and subprocess.run(["umount", str(folder)]).returncode:
+            subprocess.run(["umount", "--lazy", str(folder)], check=False)
 
 
 def untagged_copy(slide: Path, to: Path) -> Path:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import read_only_bind
 
 from melanoma_mil.cli import main
 from melanoma_mil.config import FitConfig, load_config
@@ -479,6 +480,111 @@ def test_read_only_cache_needs_store_dir(tmp_path: Path) -> None:
         assert store.folder.parent == tmp_path / "stores" and store.bags["P0001"].shape[1] == 8
     finally:
         subprocess.run(["umount", str(ro)], check=False)
+
+
+def _shared_store(
+    features: Path, labels: Path, where: str, tmp_path: Path
+) -> tuple[Path, list[str]]:
+    """A complete store of the cohort built where a lab would share it (``where``: data.store_dir
+    or the default beside the features) and the keys that find it there."""
+    keys = [f"data.store_dir={tmp_path / 'stores'}"] if where == "store_dir" else []
+    return store_of(features, labels, *keys).folder, keys
+
+
+def _listing(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("where", ["store_dir", "default"])
+def test_a_complete_store_in_a_read_only_folder_is_used_as_is(
+    cohort, tmp_path: Path, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lab's pre-built store on a read-only mount (or another user's 755 folder) is mapped as
+    it is: no lock, no 'last used' stamp, no pruning or clearing of what it cannot remove, one
+    log line; two processes read it at once."""
+    features, labels = cohort
+    folder, keys = _shared_store(features, labels, where, tmp_path)
+    root = folder.parent
+    legacy = root / "float16-3bags-0123456789ab"  # a stale store (older format), unused for days
+    shutil.copytree(folder, legacy)
+    index = json.loads((legacy / "index.json").read_text())
+    (legacy / "index.json").write_text(json.dumps({**index, "format": 1}))
+    _age(legacy, 2)
+    _dead_build(root, "float32-9slides-0123456789ab")  # a killed builder's temp folder and lock
+    before = _listing(root)
+    with read_only_bind(root):
+        with caplog.at_level(logging.INFO, logger="melanoma_mil.data"):
+            store = store_of(features, labels, *keys)
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        args = [sys.executable, "-c", RACE, str(features), str(labels), *keys]
+        procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=env) for _ in range(2)]  # fmt: skip
+        outs = [p.communicate(timeout=300) for p in procs]
+    assert store.folder == folder
+    for slide_id, bag in store.bags.items():
+        assert torch.equal(bag, torch.from_numpy(read_bag(features / f"{slide_id}.h5")[0]))
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    assert {o.strip() for o, _ in outs} == {f"{folder} {float(store.features.double().sum())}"}
+    assert _listing(root) == before  # nothing made, stamped or removed
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert [ln for ln in lines if str(root) in ln] == [
+        f"bag store: {folder} (reused; its folder is read-only: used as is)"
+    ], lines
+
+
+@pytest.mark.parametrize("why", ["dtype", "edited"])
+@pytest.mark.parametrize("where", ["store_dir", "default"])
+def test_no_store_to_reuse_in_a_read_only_folder_is_one_line_before_training(
+    cohort, tmp_path: Path, where: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A store that is missing (another dtype) or stale (a feature file edited since) cannot be
+    built in a read-only store folder: `fit` says so in one line naming the folder and the fix,
+    exit 2, before any fold trains, and leaves the folder as it was."""
+    features, labels = cohort
+    folder, keys = _shared_store(features, labels, where, tmp_path)
+    root = folder.parent
+    if why == "edited":
+        with h5py.File(features / "P0003.h5", "a") as f:
+            f["features"][0, 0] = 42.0
+    extra = [*keys, "data.dtype=float32"] if why == "dtype" else keys
+    before = _listing(root)
+    out = tmp_path / "run"
+    with read_only_bind(root):
+        rc = main(_fit_cli(features, labels, out, *extra))
+    captured = capsys.readouterr()
+    errors = [ln for ln in captured.err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(errors) == 1, captured.err
+    assert f"'{root}' is read-only" in errors[0] and "no bag store of" in errors[0]
+    assert "data.store_dir=PATH" in errors[0] and " GB" in errors[0]
+    assert "epoch" not in captured.out + captured.err
+    assert not list(out.rglob("*.ckpt"))
+    assert _listing(root) == before
+
+
+def test_another_users_store_folder_is_used_as_is(cohort, tmp_path: Path) -> None:
+    """A store_dir of another user's (755) is read-only to this one: its complete store is
+    mapped as is, and a missing one is the one-line error, not a failed lock."""
+    features, labels = cohort
+    folder = store_of(features, labels, f"data.store_dir={tmp_path / 'stores'}").folder
+    before = _listing(folder.parent)
+    # user nobody, able to read everything (as a lab's group can) but to write nothing of root's
+    caps = "+dac_read_search"
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+              f"--inh-caps={caps}", f"--ambient-caps={caps}"]  # fmt: skip
+    if os.geteuid() != 0 or subprocess.run([*nobody, "true"], check=False).returncode != 0:
+        pytest.skip("needs root and setpriv to run a process as another user")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    args = [*nobody, sys.executable, "-c", RACE, str(features), str(labels)]
+    runs = [
+        [*args, f"data.store_dir={folder.parent}", *extra] for extra in ([], ["data.dtype=float32"])
+    ]
+    reused, missing = (subprocess.run(a, capture_output=True, text=True, env=env) for a in runs)
+    assert reused.returncode == 0, reused.stderr[-2000:]
+    assert reused.stdout.split()[0] == str(folder)
+    assert missing.returncode != 0
+    assert f"'{folder.parent}' is read-only (for this user)" in missing.stderr, missing.stderr
+    assert _listing(folder.parent) == before
 
 
 def test_an_edit_whose_mtime_was_set_back_gets_its_own_store(cohort) -> None:

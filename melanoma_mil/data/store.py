@@ -9,7 +9,9 @@ all of them.
 
 - Where: ``<features_dir>/.bag_stores/<name>/``, or ``data.store_dir`` when set (a read-only
   cache needs it). A store is reused by any cohort whose files it covers unchanged (same
-  path, size, mtime and ctime), with each of the cohort's bags contiguous in it.
+  path, size, mtime and ctime), with each of the cohort's bags contiguous in it. A complete
+  store in a read-only folder (a lab's shared one, another user's) is mapped as is: reading
+  needs no lock, and its 'last used' stamp is skipped; only a build needs to write there.
 - Pruned: a store that can never be reused again (a file it holds has changed since, or an
   older store format) is removed once no process has opened it for a day (`prune`).
 - dtype: ``data.dtype=auto`` keeps float16 when every feature file is float16 (what `extract`
@@ -127,25 +129,42 @@ class BagStore:
 
 # --------------------------------------------------------------------------- where
 def store_root(features_dir: str | None, store_dir: str | None) -> Path:
-    """``data.store_dir`` when set, else ``<features_dir>/.bag_stores`` if that is writable."""
+    """``data.store_dir`` (made if missing) when set, else ``<features_dir>/.bag_stores``. It
+    may be read-only (a lab's shared store): a complete store there is used as is, and only a
+    build needs to write (`_cannot_build`)."""
     if store_dir:
         root = Path(store_dir)
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"data.store_dir '{root}' cannot be created ({e}).") from None
-        if not os.access(root, os.W_OK):
-            raise UserError(f"data.store_dir '{root}' is not writable; choose another folder.")
         return root
-    folder = Path(features_dir or ".")
-    root = folder / STORES
-    if root.is_dir() and os.access(root, os.W_OK):
-        return root
-    if not root.exists() and os.access(folder, os.W_OK):
-        return root
-    raise UserError(
-        f"features folder '{folder}' is not writable, so the bag store cannot live next to it: "
-        "pass data.store_dir=PATH (a local disk with room for the cohort's features)."
+    return Path(features_dir or ".") / STORES
+
+
+def _writable(root: Path) -> bool:
+    """Whether this process may write in ``root``: not on a read-only mount, nor another
+    user's folder it may only read."""
+    return os.access(root, os.W_OK)
+
+
+def _cannot_build(root: Path, store_dir: str | None, need: int) -> str | None:
+    """Why the store (``need`` bytes) cannot be built in ``root``, or None when it can."""
+    fix = f"pass data.store_dir=PATH, a writable folder with room for {need / 1e9:.2f} GB"
+    if not root.exists():
+        if store_dir or _writable(root.parent):  # a data.store_dir exists by now
+            return None
+        return (
+            f"features folder '{root.parent}' is not writable, so the bag store cannot live "
+            f"next to it: {fix}."
+        )
+    if _writable(root):
+        return None
+    where = "data.store_dir" if store_dir else "bag store folder"
+    return (
+        f"{where} '{root}' is read-only (for this user) and holds no bag store of these feature "
+        "files (never built there, another data.dtype, or a file changed since) to use as is: "
+        f"{fix}, or have the folder's owner run `fit` once to build it there."
     )
 
 
@@ -242,14 +261,20 @@ def open_store(members: Members, cfg: FitConfig, model_members: int = 1) -> BagS
     need = estimate_for(cfg, bag_rows, layout.dim, np.dtype(dtype).itemsize,
                         build_elements=0 if found else largest_file,
                         members=model_members)  # fmt: skip
+    why = None if found else _cannot_build(root, cfg.data.store_dir, layout.nbytes(dtype))
+    if why:
+        raise UserError(why)
+    writable = _writable(root)
     if _local_rank() == 0:  # once per machine: later ranks would count the first one twice
         check_memory(need, cfg.data.memory_gb)
-        prune(root, sources)
-        if found:  # a build clears them itself, under its lock
+        if writable:  # a read-only folder's leftovers are its owner's to remove
+            prune(root, sources)
+        if found and writable:  # a build clears them itself, under its lock
             clear_dead_builds(root)
     if found:
         folder, _, spans = found
-        log.info("bag store: %s (reused)", folder)
+        read_only = "" if writable else "; its folder is read-only: used as is"
+        log.info("bag store: %s (reused%s)", folder, read_only)
     else:
         folder = build(root, sources, layout, dtype)
         index = read_index(folder)
