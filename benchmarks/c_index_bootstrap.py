@@ -1,5 +1,5 @@
 """The C-index bootstrap of `evaluate` (and of fit's and predict's survival report): every
-resample's Harrell C from pair counts as matrix products (`survival.concordance_sums`) against
+resample's Harrell C from pair counts as matrix products (`concordance.concordance_sums`) against
 lifelines' concordance_index called once per resample, as before. Same cohort, same resamples;
 it checks the two agree on every resample, then prints their times and the ratio.
 
@@ -14,7 +14,7 @@ import time
 import numpy as np
 from lifelines.utils import concordance_index
 
-from melanoma_mil.evaluation.survival import concordance_sums
+from melanoma_mil.evaluation.concordance import concordance_sums
 from melanoma_mil.stats import _cluster_weights
 
 

@@ -22,9 +22,9 @@ from lifelines.utils import concordance_index
 from test_evaluate import FIGURES, _args, embedded_figures, evaluate_cli, write_small
 from test_evaluate_runs import fit_cfg
 
+from melanoma_mil.evaluation.cox import _no_estimate
 from melanoma_mil.evaluation.evaluate import summary_line
 from melanoma_mil.evaluation.hooks import write_report
-from melanoma_mil.evaluation.survival import _no_estimate
 
 
 def _edit_clinical(root: Path, **columns: object) -> pd.DataFrame:
@@ -219,7 +219,9 @@ def test_fit_hook_writes_the_report_when_nobody_has_died(
 def test_c_index_without_a_comparable_pair_names_the_right_reason() -> None:
     """The only event ends the longest follow-up: lifelines finds no admissible pair though an
     event happened, so the reason must not say 'no events'."""
-    from melanoma_mil.evaluation.survival import EVENT, SCORE, TIME, c_index
+    from melanoma_mil.evaluation.clinical import EVENT, TIME
+    from melanoma_mil.evaluation.concordance import c_index
+    from melanoma_mil.evaluation.survival_groups import SCORE
 
     data = pd.DataFrame({TIME: [1.0, 2.0, 3.0], EVENT: [0, 0, 1], SCORE: [0.1, 0.2, 0.3]})
     out = c_index(data, n_boot=10, seed=0, score_name="p")
@@ -426,8 +428,10 @@ def test_c_index_bootstrap_matches_lifelines_on_every_resample(
     """The vectorised bootstrap gives lifelines' concordance_index of each resample bit for bit,
     with tied times, tied scores, censoring at a death's time and resamples without a pair; so
     does the per-resample loop kept for cohorts above VECTORISED_CASES."""
-    from melanoma_mil.evaluation import survival
-    from melanoma_mil.evaluation.survival import EVENT, SCORE, TIME, c_index, concordance_sums
+    from melanoma_mil.evaluation import concordance
+    from melanoma_mil.evaluation.clinical import EVENT, TIME
+    from melanoma_mil.evaluation.concordance import c_index, concordance_sums
+    from melanoma_mil.evaluation.survival_groups import SCORE
     from melanoma_mil.stats import _chunks, _cluster_weights
 
     rng = np.random.default_rng(3)
@@ -458,5 +462,5 @@ def test_c_index_bootstrap_matches_lifelines_on_every_resample(
             reps.append(concordance_index(t[idx], s[idx], e[idx]))
     out = c_index(data, n_boot=200, seed=0, score_name="p")
     assert [out["ci_low"], out["ci_high"]] == np.quantile(reps, [0.025, 0.975]).tolist()
-    monkeypatch.setattr(survival, "VECTORISED_CASES", 0)
+    monkeypatch.setattr(concordance, "VECTORISED_CASES", 0)
     assert c_index(data, n_boot=200, seed=0, score_name="p") == out
