@@ -337,7 +337,7 @@ def test_the_hub_probe_dials_the_endpoints_own_port(
 
     from huggingface_hub import constants
 
-    from melanoma_mil.encoders.build import _hub_unreachable
+    from melanoma_mil.encoders.hub import _hub_unreachable
     from melanoma_mil.encoders.registry import get_spec
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached

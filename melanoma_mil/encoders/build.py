@@ -11,21 +11,18 @@ import contextlib
 import functools
 import json
 import logging
-import os
-import re
-import socket
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from melanoma_mil.config import EncoderConfig
+from melanoma_mil.encoders.hub import create, hub_id, hub_model, hub_snapshot, refuse_hubless
 from melanoma_mil.encoders.registry import EncoderSpec, get_spec
 from melanoma_mil.encoders.weights import check_weights_path, load_into, read_weights_file
 from melanoma_mil.errors import UserError
@@ -201,16 +198,6 @@ def _seeded(seed: int = 0) -> Iterator[None]:
         yield
 
 
-def _create(spec: EncoderSpec, pretrained_hub: bool) -> nn.Module:
-    import timm
-
-    kwargs = dict(spec.kwargs)
-    if not pretrained_hub:
-        return timm.create_model(spec.arch, pretrained=False, **kwargs)
-    source = spec.hub if spec.hub and spec.hub != "timm" else spec.arch
-    return timm.create_model(source, pretrained=True, **kwargs)
-
-
 def _trunk(model: nn.Module, spec: EncoderSpec) -> nn.Module:
     """The backbone whose keys a checkpoint holds (CLAM's net drops the ResNet's last stage)."""
     if spec.trunk == "layer3":
@@ -237,12 +224,12 @@ def _uninitialised(spec: EncoderSpec) -> nn.Module:
     persistent, i.e. comes from the checkpoint; otherwise the module is initialised normally.
     """
     with torch.device("meta"):
-        model = _trunk(_create(spec, pretrained_hub=False), spec)
+        model = _trunk(create(spec, pretrained_hub=False), spec)
     persistent = set(model.state_dict())
     if all(name in persistent for name, _ in model.named_buffers()):
         return model.to_empty(device="cpu")
     with _seeded():
-        return _trunk(_create(spec, pretrained_hub=False), spec)
+        return _trunk(create(spec, pretrained_hub=False), spec)
 
 
 def load_trunk(
@@ -251,103 +238,6 @@ def load_trunk(
     """Load ``sd`` strictly into the bare ``trunk``, then pool; return it and the prefix cut."""
     prefix = load_into(trunk, sd, path, spec.name, spec.ignore_keys)
     return _pooled(trunk, spec), prefix
-
-
-def _hub_id(spec: EncoderSpec) -> str:
-    """The hub weights' id, from timm's pretrained config of the model `_create` builds (the
-    one that model records), so it is known before they are downloaded."""
-    if spec.hub and spec.hub.startswith("hf-hub:"):
-        return spec.hub.split(":", 1)[1]
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(spec.hub if spec.hub and spec.hub != "timm" else spec.arch)
-    return str(getattr(cfg, "hf_hub_id", None) or getattr(cfg, "url", None) or spec.arch)
-
-
-_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-_WEIGHT_BLOBS = ("model.safetensors", "pytorch_model.bin")  # timm's order of preference
-_WEIGHT_FILES = ("config.json", *_WEIGHT_BLOBS)
-
-
-def _hub_repo(spec: EncoderSpec) -> str | None:
-    if spec.hub and spec.hub.startswith("hf-hub:"):
-        return spec.hub.split(":", 1)[1]
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(spec.arch)
-    return getattr(cfg, "hf_hub_id", None) or None
-
-
-def _hub_snapshot(spec: EncoderSpec) -> dict[str, str]:
-    """The HF-cache revision (commit) and weight blob (sha256) the hub weights were loaded from.
-
-    A hub repository can be updated under the same name, so these record which weights made a
-    cache's features. Provenance only: in the identity they would change every hub cache key.
-    """
-    from huggingface_hub import try_to_load_from_cache
-
-    repo = _hub_repo(spec)
-    for name in _WEIGHT_BLOBS if repo else ():
-        path = try_to_load_from_cache(repo, name)
-        if isinstance(path, str):
-            blob = Path(os.path.realpath(path)).name  # an LFS blob is named by its sha256
-            sha = {"encoder_weights_sha256": blob} if re.fullmatch("[0-9a-f]{64}", blob) else {}
-            return {"encoder_hub_revision": Path(path).parent.name, **sha}
-    return {}
-
-
-def _hub_unreachable(spec: EncoderSpec) -> str:
-    """Why the hub weights cannot come at all (none cached, hub host unreachable), or "".
-
-    Offline (a cluster's compute node) huggingface_hub retries for ~30 s before failing the same
-    way; a 3-s connection probe says so at once. Skipped behind a proxy, which a probe would miss.
-    """
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    repo = _hub_repo(spec)
-    if repo is None or constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARS):
-        return ""
-    if any(isinstance(try_to_load_from_cache(repo, f), str) for f in _WEIGHT_FILES):
-        return ""
-    url = urlparse(constants.ENDPOINT)  # HF_ENDPOINT may name a mirror on its own port
-    host = url.hostname or "huggingface.co"
-    try:
-        port = url.port or (80 if url.scheme == "http" else 443)
-        socket.create_connection((host, port), timeout=3).close()
-    except OSError as e:
-        return f"{host} cannot be reached ({e}) and {repo} is not in the HF cache"
-    return ""
-
-
-def _refuse_hubless(spec: EncoderSpec) -> None:
-    """Refuse pretrained weights from the hub for an encoder that has none there."""
-    if spec.hub is None:
-        raise UserError(
-            f"encoder '{spec.name}' has no hub copy of its weights: download them from "
-            f"{spec.weights_url} and pass encoder.weights=PATH (or encoder.pretrained=false "
-            "for random weights, tests only)."
-        )
-
-
-def _hub_model(spec: EncoderSpec) -> nn.Module:
-    _refuse_hubless(spec)
-    gated = " (gated: accept its terms on huggingface.co, set HF_TOKEN)" if spec.gated else ""
-    offline = _hub_unreachable(spec)
-    if offline:
-        raise UserError(
-            f"encoder '{spec.name}': could not get pretrained weights from {spec.hub}{gated}: "
-            f"{offline}. Download them on a machine with internet (they land in the HF cache; "
-            "copy it here and set HF_HOME), or pass encoder.weights=PATH to a local file."
-        )
-    try:
-        return _create(spec, pretrained_hub=True)
-    except Exception as e:  # network, gated repo, offline cache miss, bad token...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"encoder '{spec.name}': could not get pretrained weights from {spec.hub}{gated}: "
-            f"{reason[:200]}. Pass encoder.weights=PATH to a local file, or "
-            "encoder.pretrained=false for random weights."
-        ) from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -371,8 +261,8 @@ def encoder_identity(cfg: EncoderConfig) -> dict[str, Any]:
         stat = path.stat()
         weights_id = _weights_sha256(path.resolve(), stat.st_size, stat.st_mtime_ns)
     elif cfg.pretrained:
-        _refuse_hubless(spec)
-        weights_id = f"hub:{_hub_id(spec)}"
+        refuse_hubless(spec)
+        weights_id = f"hub:{hub_id(spec)}"
     return {
         "encoder": spec.name,
         "encoder_weights": weights_id,
@@ -394,19 +284,19 @@ def build_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> Enc
     snapshot: dict[str, str] = {}
     if device.type == "meta":
         with torch.device("meta"):
-            model = _cut(_create(spec, pretrained_hub=False), spec)
+            model = _cut(create(spec, pretrained_hub=False), spec)
     elif cfg.weights:
         path = Path(cfg.weights).expanduser()
         sd = read_weights_file(path, cfg.trust_weights)
         model, prefix = load_trunk(spec, _uninitialised(spec), sd, path)
         log.info("encoder %s: weights %s (prefix '%s' stripped)", spec.name, path, prefix)
     elif cfg.pretrained:
-        raw = _hub_model(spec)
-        snapshot = _hub_snapshot(spec)
+        raw = hub_model(spec)
+        snapshot = hub_snapshot(spec)
         model = _cut(raw, spec)
     else:
         with _seeded():
-            model = _cut(_create(spec, pretrained_hub=False), spec)
+            model = _cut(create(spec, pretrained_hub=False), spec)
         log.warning(
             "encoder %s has RANDOM weights (pretrained=false): features are for tests and "
             "demos only.",
