@@ -30,7 +30,8 @@ from melanoma_mil.config import EncoderConfig, ExtractConfig
 from melanoma_mil.encoders import build_encoder, resolve_precision
 from melanoma_mil.features import placement
 from melanoma_mil.features.data import SlideBatches
-from melanoma_mil.features.run import choose_batch, run_extract
+from melanoma_mil.features.hardware import choose_batch
+from melanoma_mil.features.run import run_extract
 from melanoma_mil.tiling.coords import read_coords
 
 

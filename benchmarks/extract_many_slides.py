@@ -24,7 +24,7 @@ from extract_throughput import TILE, forward_rate, make_slide
 
 from melanoma_mil.config import EncoderConfig
 from melanoma_mil.encoders import build_encoder, resolve_precision
-from melanoma_mil.features.run import keep_freed_memory
+from melanoma_mil.features.hardware import keep_freed_memory
 
 
 def main() -> None:

@@ -35,7 +35,8 @@ from melanoma_mil.demo.pyramid import write_pyramid
 from melanoma_mil.encoders import build_encoder, resolve_precision
 from melanoma_mil.encoders.build import autocast
 from melanoma_mil.features.data import SlideBatches
-from melanoma_mil.features.run import keep_freed_memory, run_extract
+from melanoma_mil.features.hardware import keep_freed_memory
+from melanoma_mil.features.run import run_extract
 from melanoma_mil.io import atomic_h5
 from melanoma_mil.tiling.coords import TileGrid, read_coords, write_coords
 from melanoma_mil.tiling.slides import open_slide

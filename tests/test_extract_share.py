@@ -246,9 +246,9 @@ def test_a_small_dev_shm_moves_reads_to_threads_with_a_message(
     if not mounted_tmpfs(shm, "64k"):  # a container's /dev/shm, scaled to these tiny batches
         pytest.skip("needs root to mount a small tmpfs")
     try:
-        import melanoma_mil.features.run as extract_run
+        import melanoma_mil.features.hardware as hardware
 
-        monkeypatch.setattr(extract_run, "SHM", shm)
+        monkeypatch.setattr(hardware, "SHM", shm)
         tiles = make_cohort(tmp_path, 1, side=288, tile=32)
         with caplog.at_level("WARNING"):
             assert run_extract(cfg_for(tiles, tmp_path / "f", num_workers=2, batch_size=64)) == 0

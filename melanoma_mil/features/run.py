@@ -4,17 +4,16 @@ Resumable and shareable by any number of processes on any hosts: each claims the
 (`features.queue`), a dead process's slide is taken over, and every process ends with the whole
 cohort's table (``extract.csv`` in each cache folder), exiting 0 only when every slide is done
 (or empty: its coords hold no tile, as `tile` reported).
-Placement (GPU, reader workers, batch size, /dev/shm) is decided by `features.placement`; the
-encoding loop (`features.pipeline`) overlaps reads, forward passes and writes. A slide's h5
-appears only once complete, so a crash, a kill or a full disk never leaves a partial bag.
+Placement (GPU, reader workers, batch size, /dev/shm) is decided by `features.placement` from
+what `features.hardware` measures; the closing table is `features.table`'s. The encoding loop
+(`features.pipeline`) overlaps reads, forward passes and writes. A slide's h5 appears only once
+complete, so a crash, a kill or a full disk never leaves a partial bag.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,6 @@ from typing import Any
 
 import h5py
 import numpy as np
-import pandas as pd
 import torch
 
 from melanoma_mil import __version__
@@ -48,100 +46,23 @@ from melanoma_mil.features.data import (
     plan_jobs,
 )
 from melanoma_mil.features.folder import check_precision, end_rebuild, folder_precision
+from melanoma_mil.features.hardware import (
+    choose_batch,
+    choose_workers,
+    keep_freed_memory,
+    resolve_device,
+)
 from melanoma_mil.features.pipeline import Engine, Writer, failure
 from melanoma_mil.features.queue import SlideQueue, SlideWork, write_record
+from melanoma_mil.features.table import DONE, report
 from melanoma_mil.ids import check_spellings, held_ids, id_path, rename_or_move
 from melanoma_mil.io import h5_bytes, write_bytes
 from melanoma_mil.outdir import claim_shared, refuse_in_the_way
 from melanoma_mil.progress import progress
-from melanoma_mil.runtable import show, write
 from melanoma_mil.tiling.coords import TileGrid, read_coords
-from melanoma_mil.workshare import STOP_FIX, disk_full, disk_full_reason
+from melanoma_mil.workshare import disk_full, disk_full_reason
 
 log = logging.getLogger(__name__)
-
-CSV_COLUMNS = ["slide_id", "status", "n_tiles", "seconds", "tiles_per_s", "reader", "mpp_source",
-               "reason", "path", "cache_key"]  # fmt: skip
-WIDTHS = {"slide_id": 24, "status": 11, "n_tiles": 7, "seconds": 7, "tiles_per_s": 7,
-          "reader": 15, "mpp_source": 15}  # fmt: skip
-SHM = Path("/dev/shm")  # where reader processes hand tiles over (torch's shared memory)
-DONE = ("ok", "done", "skipped")
-FINE = (*DONE, "empty")  # an empty slide has no bag to make: it does not fail the run
-NO_COORDS = "tile failed or was not run for it: see tiling.csv"
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: this rank's GPU (`placement.gpu_index`), else the CPU."""
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", placement.gpu_index(os.environ, torch.cuda.device_count()))
-    try:
-        device: torch.device | None = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):  # mps, xla: torch knows, we do not
-        raise UserError(f"device '{name}' unknown; use auto, cpu, cuda or cuda:N.")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' requested but CUDA is not available; use device=cpu.")
-    return device
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed large blocks in the heap instead of unmapping them.
-
-    A CPU forward allocates hundreds of MB of activations per batch; by default glibc maps and
-    unmaps each, so every batch page-faults them in again (30-45% of CPU time, measured with
-    ResNet18/50 on a 2-core Xeon). Reusing the heap's pages removes that. No-op off glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 1 << 30) == 1 and mallopt(m_trim_threshold, 1 << 30) == 1)
-
-
-def _probe_tile_bytes(encoder: Encoder, tile: int, precision: str) -> int:
-    """Peak GPU memory per tile of a forward (measured on 8 blank tiles)."""
-    device = encoder.device
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    encoder.encode(torch.zeros(8, 3, tile, tile, dtype=torch.uint8, device=device), tile, precision)
-    torch.cuda.synchronize(device)
-    return max(1, (torch.cuda.max_memory_allocated(device) - base) // 8)
-
-
-def choose_batch(cfg: ExtractConfig, encoder: Encoder, precision: str, tile: int) -> int:
-    if cfg.batch_size is not None:
-        return cfg.batch_size
-    device = encoder.device
-    if device.type != "cuda":
-        return placement.batch_size("cpu")
-    free = torch.cuda.mem_get_info(device)[0]
-    return placement.batch_size("cuda", free, _probe_tile_bytes(encoder, tile, precision))
-
-
-def choose_workers(cfg: ExtractConfig, device: torch.device, item_bytes: int) -> placement.ShmPlan:
-    """Reader processes: asked for, or this rank's share of the CPUs on a GPU; then fitted to
-    the free /dev/shm (fewer, or threads instead), with the reason logged."""
-    workers = cfg.num_workers
-    if workers is None:
-        if device.type == "cpu":
-            return placement.shm_plan(0, item_bytes, None)
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-        workers = placement.reader_workers(
-            cpus, os.cpu_count() or cpus, placement.local_world(os.environ)
-        )
-    try:
-        free: int | None = shutil.disk_usage(SHM).free
-    except OSError:
-        free = None
-    plan = placement.shm_plan(workers, item_bytes, free)
-    if plan.note:
-        log.warning("extract: %s", plan.note)
-    return plan
 
 
 @dataclass
@@ -380,51 +301,7 @@ def run_extract(cfg: ExtractConfig) -> int:
         if processes is not None:
             processes.close()
     queue.tidy(DONE)
-    code = _report(run, queue, jobs, untiled, read_only)
+    code = report(encoder.name, run.out_root, queue, jobs, untiled, read_only)
     for key, started in rebuilds.items() if code == 0 else ():  # every slide rebuilt
         end_rebuild(run.out_root / key, started)
     return code
-
-
-def _report(
-    run: Run, queue: SlideQueue, jobs: list[Any], untiled: dict[str, Path], read_only: set[Path]
-) -> int:
-    """The whole cohort's table, printed and as extract.csv in each cache folder but those
-    ``read_only`` (their table is kept as it is); ``untiled`` slides (no coords file) are listed
-    and fail the run, as a failed slide does."""
-    rows = [queue.rows.get(j.slide_id) or {"slide_id": j.slide_id, "status": "failed",
-            "reason": "not reached"} for j in jobs]  # fmt: skip
-    rows += [{"slide_id": sid, "status": "no coords", "reason": NO_COORDS, "path": str(p)}
-             for sid, p in untiled.items()]  # fmt: skip
-    df = pd.DataFrame(rows)
-    for col in CSV_COLUMNS:
-        if col not in df:
-            df[col] = np.nan
-    df["mpp_source"] = [_mpp_source(g) for g in queue.grids] + [""] * len(untiled)
-    df = df[CSV_COLUMNS].sort_values("slide_id")
-    show(
-        df, f"extract {run.cfg.encoder.name}", CSV_COLUMNS[:-2], WIDTHS, (*DONE, "empty", "failed")
-    )
-    keys = sorted(df["cache_key"].dropna().unique())
-    wrote = True
-    for key in keys:  # each cache folder's table: its slides and those that never got a key
-        if run.out_root / key in read_only:
-            print(f"  table: {run.out_root / key / 'extract.csv'} left as it was (the folder is "
-                  "read-only)", flush=True)  # fmt: skip
-            continue
-        sub = df[(df["cache_key"] == key) | df["cache_key"].isna()]
-        wrote &= write(sub, run.out_root / key / "extract.csv")
-    if not keys:
-        wrote &= write(df, run.out_root / "extract.csv")
-    for key in keys:  # what fit, predict and heatmap take
-        print(f"features: data.features_dir={run.out_root / key}", flush=True)
-    bad = df[~df["status"].isin(FINE)]
-    for r in bad.itertuples():
-        log.error("  %s %s: %s", r.status, r.slide_id, r.reason)
-    if queue.stopped:
-        log.error("extract stopped early: %s; %s", queue.stopped, STOP_FIX)
-    return 1 if len(bad) or not wrote else 0
-
-
-def _mpp_source(grid: TileGrid | str) -> str:
-    return grid.mpp_source if isinstance(grid, TileGrid) else ""

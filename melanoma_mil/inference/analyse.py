@@ -64,7 +64,7 @@ def check_common(cfg: HeatmapConfig) -> TrainedRun:
     if not cfg.run_dir:
         raise UserError("run_dir is not set: pass run_dir=PATH to a `fit` output folder.")
     check(cfg)
-    from melanoma_mil.features.run import resolve_device  # as the runners import it: lazily
+    from melanoma_mil.features.hardware import resolve_device  # as the runners import it: lazily
 
     resolve_device(cfg.device)  # a bad one is said now, not once the slides have been tiled
     read_mpp_csv(cfg.mpp_csv)  # checked even when features_dir leaves it unused: a typo is said

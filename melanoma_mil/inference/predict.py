@@ -325,7 +325,7 @@ def _report(cfg: PredictConfig, out: Path, scored: Path, run: TrainedRun) -> int
 
 def run_predict(cfg: PredictConfig) -> int:
     """Predict every slide; 0 if none failed, else 1 (after finishing the others)."""
-    from melanoma_mil.features.run import resolve_device
+    from melanoma_mil.features.hardware import resolve_device
 
     out = Path(cfg.output_dir)
     target = out / "predictions.csv"
