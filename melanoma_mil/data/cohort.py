@@ -147,6 +147,46 @@ def _case_variants(raw: pd.Series, classes: list[str], source: str) -> None:
             )
 
 
+def _classes(names: pd.Series, given: list[str], source: str) -> list[str]:
+    """The class order: data.classes (``given``) when set, else the sorted labels; refused when
+    it names a class twice, misses a label or leaves fewer than two classes."""
+    # data.classes names raw labels or label_map's classes: compare them as numbers too
+    named = [canonical_label(c) for c in given]
+    twice = sorted({c for c in named if named.count(c) > 1})
+    if twice:
+        raise UserError(
+            f"data.classes={list(given)} names {twice} more than once; name each class "
+            "once, the positive class last."
+        )
+    classes = named or sorted(names.unique())
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+        some_known = bool(set(names) & set(classes))
+        what, fix = (
+            (f"label value(s) {unknown} are not", "fix the CSV, add them to data.classes")
+            if some_known  # a typo or an extra class
+            else (  # data.classes names other labels, e.g. a sweep file's on a 0/1 cohort
+                f"none of its labels {unknown} is",
+                "set data.classes to your labels, the positive class last (a sweep file's "
+                "command sets it for wandb agent)",
+            )
+        )
+        booleans = {"True", "False"} & set(classes)  # YAML's reading of yes / no / on / off
+        quote = (
+            f" (data.classes {sorted(booleans)} may be YAML's reading of unquoted yes / no / "
+            "on / off: quote them, e.g. \"data.classes=['no','yes']\")"
+            if booleans
+            else ""
+        )
+        raise UserError(
+            f"labels CSV '{source}': {what} in data.classes {classes}{quote}; {fix}, or map "
+            "them with data.label_map."
+        )
+    if len(classes) < 2:
+        raise UserError(f"labels CSV '{source}': only class(es) {classes} present; need >= 2.")
+    return classes
+
+
 def map_labels(df: pd.DataFrame, cfg: DataConfig, source: str) -> tuple[pd.DataFrame, list[str]]:
     """Apply data.label_map and data.classes; print counts of kept and dropped slides.
 
@@ -170,40 +210,7 @@ def map_labels(df: pd.DataFrame, cfg: DataConfig, source: str) -> tuple[pd.DataF
     keep = mapped != DROP
     dropped = df.loc[~keep, "raw_label"].value_counts().to_dict()
     df = df.loc[keep].assign(label_name=mapped[keep])
-    # data.classes names raw labels or label_map's classes: compare them as numbers too
-    named = [canonical_label(c) for c in cfg.classes]
-    twice = sorted({c for c in named if named.count(c) > 1})
-    if twice:
-        raise UserError(
-            f"data.classes={list(cfg.classes)} names {twice} more than once; name each class "
-            "once, the positive class last."
-        )
-    classes = named or sorted(df["label_name"].unique())
-    unknown = sorted(set(df["label_name"]) - set(classes))
-    if unknown:
-        some_known = bool(set(df["label_name"]) & set(classes))
-        what, fix = (
-            (f"label value(s) {unknown} are not", "fix the CSV, add them to data.classes")
-            if some_known  # a typo or an extra class
-            else (  # data.classes names other labels, e.g. a sweep file's on a 0/1 cohort
-                f"none of its labels {unknown} is",
-                "set data.classes to your labels, the positive class last (a sweep file's "
-                "command sets it for wandb agent)",
-            )
-        )
-        booleans = {"True", "False"} & set(classes)  # YAML's reading of yes / no / on / off
-        quote = (
-            f" (data.classes {sorted(booleans)} may be YAML's reading of unquoted yes / no / "
-            "on / off: quote them, e.g. \"data.classes=['no','yes']\")"
-            if booleans
-            else ""
-        )
-        raise UserError(
-            f"labels CSV '{source}': {what} in data.classes {classes}{quote}; {fix}, or map "
-            "them with data.label_map."
-        )
-    if len(classes) < 2:
-        raise UserError(f"labels CSV '{source}': only class(es) {classes} present; need >= 2.")
+    classes = _classes(df["label_name"], cfg.classes, source)
     counts = df["label_name"].value_counts().reindex(classes, fill_value=0).to_dict()
     log.info(
         "labels: kept %d slides %s, dropped %d %s",

@@ -32,6 +32,7 @@ from melanoma_mil.evaluation.version import code_version
 from melanoma_mil.ids import unmatched_ids
 from melanoma_mil.io import json_file_text, json_safe, write_together
 from melanoma_mil.outdir import claim_output
+from melanoma_mil.rundir import TrainedRun
 
 log = logging.getLogger(__name__)
 OUTPUTS = ("evaluation.json", "roc.png", "pr.png", "calibration.png", "km.png")
@@ -218,14 +219,9 @@ def _write(
             stale.unlink()
 
 
-def evaluate(cfg: EvaluateConfig, report: Path | None = None) -> dict[str, Any]:
-    """Compute and write everything; return evaluation.json's content."""
-    check(cfg)
-    if not cfg.predictions:
-        raise UserError("predictions is not set: pass predictions=PATH/predictions.csv.")
-    out = Path(cfg.output_dir)
-    report = report or out / "report.html"
-    _check_outputs(out, report, cfg.overwrite)
+def _inputs(cfg: EvaluateConfig) -> tuple[TrainedRun | None, Scored, Clinical | None]:
+    """The run (`find_run`), the scored predictions and the clinical data, read and checked;
+    refused when nothing can be evaluated (no label and no clinical data)."""
     run = find_run(cfg)
     check_heatmaps(cfg, run)
     scored = load_scored(cfg.predictions, cfg.labels_csv, cfg.level, run)
@@ -240,6 +236,18 @@ def evaluate(cfg: EvaluateConfig, report: Path | None = None) -> dict[str, Any]:
             f"nothing to evaluate: no prediction of '{cfg.predictions}' has a label in {source} "
             "and no clinical data is given; pass labels_csv= with labels and/or clinical_csv=."
         )
+    return run, scored, clinical
+
+
+def evaluate(cfg: EvaluateConfig, report: Path | None = None) -> dict[str, Any]:
+    """Compute and write everything; return evaluation.json's content."""
+    check(cfg)
+    if not cfg.predictions:
+        raise UserError("predictions is not set: pass predictions=PATH/predictions.csv.")
+    out = Path(cfg.output_dir)
+    report = report or out / "report.html"
+    _check_outputs(out, report, cfg.overwrite)
+    run, scored, clinical = _inputs(cfg)
     level_note = LEVEL_NOTES["patient_predictions" if scored.slides is None else cfg.level]
     warnings: list[str] = []
     if run and run.run_dir.resolve() != Path(str(cfg.predictions)).parent.resolve():

@@ -97,6 +97,23 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
             f"sweep file '{file}': method '{spec['method']}' needs a controller of your own; "
             f"the local sweep runs method: {', '.join(LOCAL_METHODS)}."
         )
+    _check_names(spec, file)
+    _check_values(spec, file)
+    # what only planning finds (a grid of a distribution, bayes without a metric) fails here,
+    # not at the first run with the folder claimed; after the names, which the engine asserts on
+    try:
+        suggest(spec, [], 0)
+    except ValueError as e:
+        msg = str(e).splitlines()[0].rstrip(".")
+        raise UserError(
+            f"sweep file '{file}' cannot be planned: {msg}. See sweeps/README.md."
+        ) from None
+    return spec
+
+
+def _check_names(spec: dict[str, Any], file: Path) -> None:
+    """Refuse a parameter that is no fit key (with the closest one), is nested (W&B's form, which
+    the agent would pass as one dict), or is a key the sweep sets itself or must keep fixed."""
     for name, param in spec["parameters"].items():
         inner = param.get("parameters") if isinstance(param, dict) else None
         if name not in FIT_KEYS and isinstance(inner, dict) and inner:
@@ -115,17 +132,6 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
         )
         if why:
             raise UserError(f"sweep file '{file}': parameter '{name}' cannot be swept: {why}.")
-    _check_values(spec, file)
-    # what only planning finds (a grid of a distribution, bayes without a metric) fails here,
-    # not at the first run with the folder claimed; after the names, which the engine asserts on
-    try:
-        suggest(spec, [], 0)
-    except ValueError as e:
-        msg = str(e).splitlines()[0].rstrip(".")
-        raise UserError(
-            f"sweep file '{file}' cannot be planned: {msg}. See sweeps/README.md."
-        ) from None
-    return spec
 
 
 def listed_values(param: dict[str, Any]) -> list[Any]:

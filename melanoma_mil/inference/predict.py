@@ -323,6 +323,39 @@ def _report(cfg: PredictConfig, out: Path, scored: Path, run: TrainedRun) -> int
     return rc
 
 
+def _write_tables(
+    cfg: PredictConfig,
+    target: Path,
+    table: pd.DataFrame,
+    patient_of: dict[str, str] | None,
+    inputs: list[SlideInput],
+    ensemble: Ensemble,
+) -> dict[Path, pd.DataFrame]:
+    """predictions.csv (``target``) and, with patients_csv, patient_predictions.csv beside it,
+    written as one result: a failed write (a full disk) leaves the earlier pair whole, never
+    mixed."""
+    if patient_of is not None:  # lets `evaluate` group the slides by patient
+        table.insert(1, "patient_id", table["slide_id"].map(lambda s: patient_of.get(s, s)))
+    tables = {target: table}
+    if patient_of is not None:
+        warn_unlisted(patient_of, table["slide_id"].tolist(), str(cfg.patients_csv))
+        tables[target.parent / PATIENTS] = patient_table(patient_of, table, inputs, ensemble)
+    write_together({path: t.to_csv(index=False).encode() for path, t in tables.items()})
+    return tables
+
+
+def _print_summary(table: pd.DataFrame, ensemble: Ensemble, target: Path) -> None:
+    """The slides scored, the fold models, the predicted classes; failed and undrawn slides."""
+    ok = table[table["status"].isin(["ok", "no_heatmap"])]
+    counts = ok["pred"].value_counts().to_dict() if len(ok) else {}
+    print(
+        f"predict: {len(ok)}/{len(table)} slides, {len(ensemble.models)} fold models on "
+        f"{ensemble.device}, predicted {counts} -> {target}"
+    )
+    print_failures(table, target, "predict")
+    print_undrawn(table, target)
+
+
 def run_predict(cfg: PredictConfig) -> int:
     """Predict every slide; 0 if none failed, else 1 (after finishing the others)."""
     from melanoma_mil.features.hardware import resolve_device
@@ -361,15 +394,8 @@ def run_predict(cfg: PredictConfig) -> int:
     ensemble = Ensemble(run, resolve_device(cfg.device), cfg.threshold)
     kept = drawn_before(out, run, cfg, inputs) if resume and cfg.heatmaps else {}
     table, stop = analyse_resumed(inputs, ensemble, cfg, kept)
-    table = _ordered(table)
-    if patient_of is not None:  # lets `evaluate` group the slides by patient
-        table.insert(1, "patient_id", table["slide_id"].map(lambda s: patient_of.get(s, s)))
-    tables = {target: table}
-    if patient_of is not None:
-        warn_unlisted(patient_of, table["slide_id"].tolist(), str(cfg.patients_csv))
-        tables[out / PATIENTS] = patient_table(patient_of, table, inputs, ensemble)
-    # one result: a failed write (a full disk) leaves the earlier pair whole, never mixed
-    write_together({path: t.to_csv(index=False).encode() for path, t in tables.items()})
+    tables = _write_tables(cfg, target, _ordered(table), patient_of, inputs, ensemble)
+    table = tables[target]
     if cfg.overwrite:
         remove_stale(out, cfg, table, made)
     elif resume:  # the unfinished call's partial drawings of the slides redone now
@@ -377,14 +403,7 @@ def run_predict(cfg: PredictConfig) -> int:
     if patient_of is not None:
         print(f"predict: {len(tables[out / PATIENTS])} patients -> {out / PATIENTS}")
     log_slides(run.config, run.run_dir, table, out, "predict")
-    ok = table[table["status"].isin(["ok", "no_heatmap"])]
-    counts = ok["pred"].value_counts().to_dict() if len(ok) else {}
-    print(
-        f"predict: {len(ok)}/{len(table)} slides, {len(ensemble.models)} fold models on "
-        f"{ensemble.device}, predicted {counts} -> {target}"
-    )
-    print_failures(table, target, "predict")
-    print_undrawn(table, target)
+    _print_summary(table, ensemble, target)
     if stop:  # every slide is scored: only the drawing stopped
         log.error("predict stopped drawing heatmaps: %s; %s", stop, STOP_FIX)
     rc = 1 if table["status"].isin(FAILED).any() else 0

@@ -97,6 +97,31 @@ def tissue_fraction(
     return np.divide(total, area, out=np.zeros(area.shape), where=area > 0)
 
 
+def _tissue_mask(
+    slide: SlideReader, slide_id: str, cfg: TilingConfig, level0_mpp: float, tile0: float
+) -> tuple[np.ndarray, np.ndarray, float, str]:
+    """The QC overview, the tissue mask (the user's from mask_dir, else segmented), the mask's
+    downsample from level 0 and where the mask came from. One thumbnail read serves both; the
+    mask has at least MIN_MASK_PX_PER_TILE pixels across a tile of ``tile0`` level-0 pixels."""
+    w0, h0 = slide.dimensions
+    mask_ds = max(1.0, min(cfg.tissue.thumbnail_mpp / level0_mpp, tile0 / MIN_MASK_PX_PER_TILE))
+    view_ds = max(max(w0, h0) / VIEW_MAX_SIDE, VIEW_MIN_MPP / level0_mpp, 1.0)
+    # one read serves both the QC overview and the (coarser) segmentation thumbnail
+    view = read_thumbnail(slide, min(view_ds, mask_ds))
+    thumb = view
+    if mask_ds > view_ds:
+        size = (max(1, round(w0 / mask_ds)), max(1, round(h0 / mask_ds)))
+        thumb = np.asarray(Image.fromarray(view).resize(size, Image.BOX))
+    mask_ds = w0 / thumb.shape[1]  # exact: the thumbnail size was rounded
+    mask, source = None, "auto"
+    if cfg.mask_dir:
+        mask = load_user_mask(cfg.mask_dir, slide_id, thumb.shape[:2], mask_ds)
+        source = "auto" if mask is None else f"user mask in {cfg.mask_dir}"
+    if mask is None:
+        mask = segment_tissue(thumb, level0_mpp * mask_ds, cfg.tissue)
+    return view, mask, mask_ds, source
+
+
 def tile_slide(
     slide: SlideReader,
     slide_path: str | Path,
@@ -117,24 +142,7 @@ def tile_slide(
     choice = choose_level(slide.level_downsamples, level0_mpp, cfg.mpp, cfg.tile_size)
     stride = (cfg.tile_size - cfg.overlap) * choice.level0_size / cfg.tile_size
     w0, h0 = slide.dimensions
-    mask_ds = min(cfg.tissue.thumbnail_mpp / level0_mpp, choice.level0_size / MIN_MASK_PX_PER_TILE)
-    mask_ds = max(1.0, mask_ds)
-    view_ds = max(max(w0, h0) / VIEW_MAX_SIDE, VIEW_MIN_MPP / level0_mpp, 1.0)
-    # one read serves both the QC overview and the (coarser) segmentation thumbnail
-    view = read_thumbnail(slide, min(view_ds, mask_ds))
-    thumb = view
-    if mask_ds > view_ds:
-        size = (max(1, round(w0 / mask_ds)), max(1, round(h0 / mask_ds)))
-        thumb = np.asarray(Image.fromarray(view).resize(size, Image.BOX))
-    mask_ds = w0 / thumb.shape[1]  # exact: the thumbnail size was rounded
-
-    mask, source = None, "auto"
-    if cfg.mask_dir:
-        mask = load_user_mask(cfg.mask_dir, slide_id, thumb.shape[:2], mask_ds)
-        source = "auto" if mask is None else f"user mask in {cfg.mask_dir}"
-    if mask is None:
-        mask = segment_tissue(thumb, level0_mpp * mask_ds, cfg.tissue)
-
+    view, mask, mask_ds, source = _tissue_mask(slide, slide_id, cfg, level0_mpp, choice.level0_size)
     lw, lh = slide.level_dimensions[choice.level]
     xs = grid_positions(w0, choice.level0_size, stride, lw * choice.downsample)
     ys = grid_positions(h0, choice.level0_size, stride, lh * choice.downsample)

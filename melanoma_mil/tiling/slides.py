@@ -132,6 +132,38 @@ def _check_unique(
     return dict(sorted(found.items()))
 
 
+def _manifest_slides(
+    mpath: Path, slides_dir: str | os.PathLike[str] | None
+) -> list[tuple[str, Path]]:
+    """(slide id, path) of each row of a manifest CSV, relative paths resolved against
+    ``slides_dir`` when given, else the manifest's folder; blank rows skipped, a half-filled
+    one refused."""
+    df = read_text_csv(mpath, "manifest", "manifest", ["slide_id", "path"])
+    missing = {"slide_id", "path"} - set(df.columns)
+    if missing:
+        raise UserError(
+            f"manifest '{mpath}' lacks column(s) {sorted(missing)}; it needs slide_id,path."
+        )
+    sid_blank, path_blank = (df[c].str.strip() == "" for c in ("slide_id", "path"))
+    half = df.index[sid_blank ^ path_blank].tolist()
+    if half:  # a blank row is spacing; a half-filled one is a slide left out by mistake
+        raise UserError(
+            f"manifest '{mpath}' row {half[0] + 2} has a slide_id or a path but not both; "
+            "fill in the other, or remove the row."
+        )
+    df = df[~sid_blank]
+    if df.empty:
+        raise UserError(f"manifest '{mpath}' lists no slides.")
+    base = Path(slides_dir) if slides_dir else mpath.parent
+    return [
+        (
+            check_slide_id(str(sid).strip(), f"manifest '{mpath}' row {row + 2}"),
+            p if (p := Path(str(raw).strip())).is_absolute() else base / p,
+        )
+        for row, sid, raw in zip(df.index, df["slide_id"], df["path"], strict=True)
+    ]
+
+
 def find_slides(
     slides_dir: str | os.PathLike[str] | None,
     manifest: str | os.PathLike[str] | None,
@@ -149,30 +181,7 @@ def find_slides(
     """
     if manifest:
         mpath = Path(manifest)
-        df = read_text_csv(mpath, "manifest", "manifest", ["slide_id", "path"])
-        missing = {"slide_id", "path"} - set(df.columns)
-        if missing:
-            raise UserError(
-                f"manifest '{mpath}' lacks column(s) {sorted(missing)}; it needs slide_id,path."
-            )
-        sid_blank, path_blank = (df[c].str.strip() == "" for c in ("slide_id", "path"))
-        half = df.index[sid_blank ^ path_blank].tolist()
-        if half:  # a blank row is spacing; a half-filled one is a slide left out by mistake
-            raise UserError(
-                f"manifest '{mpath}' row {half[0] + 2} has a slide_id or a path but not both; "
-                "fill in the other, or remove the row."
-            )
-        df = df[~sid_blank]
-        if df.empty:
-            raise UserError(f"manifest '{mpath}' lists no slides.")
-        base = Path(slides_dir) if slides_dir else mpath.parent
-        pairs = [
-            (
-                check_slide_id(str(sid).strip(), f"manifest '{mpath}' row {row + 2}"),
-                p if (p := Path(str(raw).strip())).is_absolute() else base / p,
-            )
-            for row, sid, raw in zip(df.index, df["slide_id"], df["path"], strict=True)
-        ]
+        pairs = _manifest_slides(mpath, slides_dir)
         fix = "give one of them another slide_id"
         return _check_unique(pairs, f"manifest '{mpath}'", out, fix, folding, held)
     if not slides_dir:
