@@ -23,8 +23,9 @@ from slide_writers import SCN_OFFSET, WRITERS, dicom_wsi, write_slide
 from melanoma_mil.config import EncoderConfig, ExtractConfig, TileConfig, TilingConfig
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.run import run_extract
+from melanoma_mil.tiling.find import find_slides
 from melanoma_mil.tiling.run import run_tile
-from melanoma_mil.tiling.slides import find_mpp, find_slides, open_slide
+from melanoma_mil.tiling.slides import find_mpp, open_slide
 
 BACKENDS = {"ome-tiff": "tifffile", "zeiss-czi": "pylibczirw"}
 OFFSETS = {"leica": SCN_OFFSET}  # level-0 px between the slide's origin and the image's

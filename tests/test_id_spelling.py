@@ -24,8 +24,8 @@ from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
 from melanoma_mil.fsutil import Folding, name_folding
 from melanoma_mil.ids import id_problem
+from melanoma_mil.tiling.find import find_slides
 from melanoma_mil.tiling.run import run_tile
-from melanoma_mil.tiling.slides import find_slides
 
 PAIRS = [("S1", "s1"), ("caf\u00e9", "cafe\u0301")]
 ENCODER = ["encoder.name=resnet18_imagenet", "encoder.pretrained=false", "device=cpu",

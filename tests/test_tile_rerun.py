@@ -19,9 +19,9 @@ from melanoma_mil.demo.pyramid import write_pyramid
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.run import run_extract
 from melanoma_mil.tiling.coords import read_coords
+from melanoma_mil.tiling.find import find_slides
 from melanoma_mil.tiling.fingerprint import slide_fingerprint
 from melanoma_mil.tiling.run import run_tile
-from melanoma_mil.tiling.slides import find_slides
 from melanoma_mil.workshare import me, process_start
 
 TILING = TilingConfig(mpp=1.0, tile_size=64)

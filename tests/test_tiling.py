@@ -19,16 +19,10 @@ from melanoma_mil.config import TileConfig, TilingConfig
 from melanoma_mil.demo.pyramid import write_pyramid
 from melanoma_mil.errors import UserError
 from melanoma_mil.tiling.coords import read_coords
+from melanoma_mil.tiling.find import find_slides, slide_id_of
 from melanoma_mil.tiling.grid import tile_slide
 from melanoma_mil.tiling.run import run_tile
-from melanoma_mil.tiling.slides import (
-    choose_level,
-    find_slides,
-    open_slide,
-    read_tile,
-    slide_id_of,
-    slide_mpp,
-)
+from melanoma_mil.tiling.slides import choose_level, open_slide, read_tile, slide_mpp
 from melanoma_mil.tiling.tissue import saturation
 
 

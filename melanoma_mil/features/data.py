@@ -25,7 +25,8 @@ from melanoma_mil.errors import UserError
 from melanoma_mil.features.tiffjpeg import FastTiles, open_fast_tiles
 from melanoma_mil.ids import check_slide_id, check_spellings, rename_or_move
 from melanoma_mil.tiling.coords import TileGrid, read_coords
-from melanoma_mil.tiling.slides import SlideReader, find_slides, open_slide
+from melanoma_mil.tiling.find import find_slides
+from melanoma_mil.tiling.slides import SlideReader, open_slide
 
 Range = tuple[int, int]  # [start, stop) of a slide's tiles
 Item = tuple[torch.Tensor, str, torch.Tensor]  # a reader process's tiles, reader, their coords

@@ -37,8 +37,8 @@ from melanoma_mil.io import sha256_file
 from melanoma_mil.outdir import refuse_in_the_way
 from melanoma_mil.rundir import EVALUATION, REPORT, TrainedRun
 from melanoma_mil.tiling.coords import read_coords
+from melanoma_mil.tiling.find import find_slides
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
-from melanoma_mil.tiling.slides import find_slides
 
 log = logging.getLogger(__name__)
 

@@ -41,10 +41,11 @@ from melanoma_mil.outdir import claim_shared, refuse_in_the_way, refuse_unwritab
 from melanoma_mil.progress import progress
 from melanoma_mil.runtable import show, write
 from melanoma_mil.tiling.coords import read_tiling
+from melanoma_mil.tiling.find import find_slides
 from melanoma_mil.tiling.grid import check_tiling
 from melanoma_mil.tiling.job import Task, existing_row, lock_path, outputs, slide_row, tile_one
 from melanoma_mil.tiling.qc import CELLS, contact_sheet, prune_cells
-from melanoma_mil.tiling.slides import find_slides, read_mpp_csv
+from melanoma_mil.tiling.slides import read_mpp_csv
 from melanoma_mil.tiling.tissue import resolve_tissue
 from melanoma_mil.tiling.watch import Late, Watch
 from melanoma_mil.workshare import (
