@@ -18,15 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from melanoma_mil.config import PredictConfig
-from melanoma_mil.data.bags import read_bag
 from melanoma_mil.data.cohort import read_patients
 from melanoma_mil.errors import UserError
 from melanoma_mil.evaluation.hooks import check_inputs, write_report
-from melanoma_mil.ids import id_path, unmatched_ids
+from melanoma_mil.ids import id_path
 from melanoma_mil.inference.analyse import (
     ATTENTION_FILE,
     FAILED,
@@ -36,7 +34,6 @@ from melanoma_mil.inference.analyse import (
     analyse_all,
     check_common,
     claim_for_run,
-    ensemble_columns,
     made_for,
     print_failures,
     remove_unwritten,
@@ -44,7 +41,8 @@ from melanoma_mil.inference.analyse import (
 from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.heatmap import drawn_alike, drawn_files
 from melanoma_mil.inference.inputs import PATIENTS, SlideInput, prepare_inputs
-from melanoma_mil.io import temp_target, write_json, write_together
+from melanoma_mil.inference.tables import write_tables
+from melanoma_mil.io import temp_target, write_json
 from melanoma_mil.outdir import MARKER, read_marker, refuse_folders_at
 from melanoma_mil.rundir import EVALUATION, REPORT, TrainedRun
 from melanoma_mil.tracking.loggers import log_slides
@@ -52,73 +50,10 @@ from melanoma_mil.workshare import STOP_FIX, says_disk_full
 
 log = logging.getLogger(__name__)
 
-META = ["n_tiles", "status", "reason"]
 MADE = "evaluation_files"  # key of predict's marker: the evaluation files its report wrote
 PENDING = "evaluation_pending"  # and when a report began that was not recorded (ns, epoch)
 UNFINISHED = "unfinished"  # and that a call began and has not finished (full disk, killed)
 SECOND = 1_000_000_000
-
-
-def _ordered(table: pd.DataFrame) -> pd.DataFrame:
-    """slide_id and prediction columns first, file paths and bookkeeping last."""
-    files = [c for c in FILE_COLUMNS if c in table]
-    front = [c for c in table.columns if c not in {"slide_id", *META, *files}]
-    return table[["slide_id", *front, *META, *files]].sort_values("slide_id")
-
-
-def patient_table(
-    patient_of: dict[str, str], slides: pd.DataFrame, inputs: list[SlideInput], ensemble: Ensemble
-) -> pd.DataFrame:
-    """One row per patient: the ensemble on all tiles of the patient's successfully scored
-    slides (slides that failed are listed in left_out, not pooled), with predictions.csv's
-    probability columns. Slides are pooled in the patients CSV's row order, as `fit` pools them
-    (order-sensitive models, e.g. TransMIL, score another order differently)."""
-    paths = {i.slide_id: i.features for i in inputs if i.features is not None}
-    row_of = {s: i for i, s in enumerate(patient_of)}
-    scored = set(slides.loc[slides["status"].isin(["ok", "no_heatmap"]), "slide_id"]) & set(paths)
-    rows: list[dict[str, Any]] = []
-    ids = slides["slide_id"].map(lambda s: patient_of.get(s, s))  # unlisted: its own patient
-    for patient, group in slides.groupby(ids, sort=True):
-        members = sorted(group["slide_id"], key=lambda s: row_of.get(s, -1))
-        usable = [s for s in members if s in scored]
-        row: dict[str, Any] = {
-            "patient_id": patient,
-            "slide_ids": ";".join(usable),
-            "n_slides": len(usable),
-            "left_out": ";".join(sorted(set(group["slide_id"]) - set(usable))),
-        }
-        if usable:
-            feats = np.concatenate([read_bag(paths[s])[0] for s in usable])
-            probs, _ = ensemble(feats)
-            e = ensemble
-            row.update(ensemble_columns(probs, e.fold_names, e.classes, e.threshold))
-            row.update(n_tiles=len(feats), status="ok")
-        else:
-            row.update(n_tiles=0, status="failed")
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    front = [c for c in table.columns if c not in {"left_out", "n_tiles", "status"}]
-    return table[[*front, "n_tiles", "status", "left_out"]]
-
-
-def warn_unlisted(patient_of: dict[str, str], slides: list[str], path: str) -> None:
-    """Say which predicted slides patients_csv does not list (each is scored as a patient of
-    its own, not pooled) and which of its slides were not predicted (e.g. 'S03' for s03)."""
-    alone = [s for s in slides if s not in patient_of]
-    if alone:
-        log.warning(
-            "patients_csv '%s' does not list %d predicted slide(s) (e.g. %s): each is scored "
-            "as a patient of its own",
-            path,
-            len(alone),
-            alone[:5],
-        )
-    listed = set(slides)
-    absent = [s for s in patient_of if s not in listed]
-    what = f"{len(absent)} slide(s) of patients_csv '{path}'"
-    fix = "check slides_dir / manifest and the slide ids"
-    if note := unmatched_ids(what, absent, slides, fix):
-        log.warning("%s", note)
 
 
 def _stamp(path: Path) -> list[int] | None:
@@ -323,27 +258,6 @@ def _report(cfg: PredictConfig, out: Path, scored: Path, run: TrainedRun) -> int
     return rc
 
 
-def _write_tables(
-    cfg: PredictConfig,
-    target: Path,
-    table: pd.DataFrame,
-    patient_of: dict[str, str] | None,
-    inputs: list[SlideInput],
-    ensemble: Ensemble,
-) -> dict[Path, pd.DataFrame]:
-    """predictions.csv (``target``) and, with patients_csv, patient_predictions.csv beside it,
-    written as one result: a failed write (a full disk) leaves the earlier pair whole, never
-    mixed."""
-    if patient_of is not None:  # lets `evaluate` group the slides by patient
-        table.insert(1, "patient_id", table["slide_id"].map(lambda s: patient_of.get(s, s)))
-    tables = {target: table}
-    if patient_of is not None:
-        warn_unlisted(patient_of, table["slide_id"].tolist(), str(cfg.patients_csv))
-        tables[target.parent / PATIENTS] = patient_table(patient_of, table, inputs, ensemble)
-    write_together({path: t.to_csv(index=False).encode() for path, t in tables.items()})
-    return tables
-
-
 def _print_summary(table: pd.DataFrame, ensemble: Ensemble, target: Path) -> None:
     """The slides scored, the fold models, the predicted classes; failed and undrawn slides."""
     ok = table[table["status"].isin(["ok", "no_heatmap"])]
@@ -394,7 +308,7 @@ def run_predict(cfg: PredictConfig) -> int:
     ensemble = Ensemble(run, resolve_device(cfg.device), cfg.threshold)
     kept = drawn_before(out, run, cfg, inputs) if resume and cfg.heatmaps else {}
     table, stop = analyse_resumed(inputs, ensemble, cfg, kept)
-    tables = _write_tables(cfg, target, _ordered(table), patient_of, inputs, ensemble)
+    tables = write_tables(target, table, patient_of, cfg.patients_csv, inputs, ensemble)
     table = tables[target]
     if cfg.overwrite:
         remove_stale(out, cfg, table, made)
