@@ -204,6 +204,14 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*each sample/batch gets evaluated exactly once.*")
 
 
+def configure_output(level: int = logging.INFO) -> None:
+    """Log lines as bare messages at ``level`` and warnings as one line (`_one_line`): in this
+    process, and in each process `tile` spawns, which starts with Python's defaults (INFO lines
+    dropped, warnings with file, line and source line) and so must be given the same."""
+    logging.basicConfig(level=level, format="%(message)s")
+    _quiet_libraries()
+
+
 # A disk that is full, read-only or not ours fails writes anywhere; the fix is the user's.
 DISK_ERRORS = {
     errno.ENOSPC: "free space there or choose another output_dir",
@@ -231,7 +239,7 @@ def _printable(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_output()
     output_dir: str | None = None
     name = ""
     try:

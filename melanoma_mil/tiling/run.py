@@ -33,6 +33,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
+from melanoma_mil.cli import configure_output
 from melanoma_mil.config import TileConfig, TilingConfig
 from melanoma_mil.errors import UserError
 from melanoma_mil.ids import held_ids, id_path
@@ -179,7 +180,10 @@ def _in_pool(tasks: list[Task], workers: int, ctx: BaseContext,
     unfinished: list[Task] = []
     late: list[tuple[Late, Future[Any]]] = []
     stop = ""
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    # a spawned process prints as Python's defaults would: given this process's level and format
+    level = log.getEffectiveLevel()
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=configure_output,
+                             initargs=(level,)) as pool:  # fmt: skip
         while todo or running:
             while todo and len(running) < workers and not stop and not unfinished and not late:
                 task = todo.popleft()
