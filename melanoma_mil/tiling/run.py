@@ -8,6 +8,7 @@ to anyone, with the whole cohort's table (tiling.csv) and a contact sheet of eve
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import json
@@ -15,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -280,10 +282,49 @@ def _tile_all(tasks: list[Task], workers: int, bar: tqdm,
     return rows, ""
 
 
+def _unguarded_script() -> str | None:
+    """The script that called tile from its top level outside an ``if __name__ ...`` block, or
+    None. A spawned process starts by running the script of ``python script.py`` (or ``-m
+    pkg.script``) again, as ``__mp_main__``: unguarded, that calls tile again there, and each
+    worker dies before tiling anything (every slide failed as if its file crashed the reader)."""
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None) or ""
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or name == "__main__" or name.endswith(".__main__"):
+        return None  # a package's __main__ (python -m melanoma_mil), a notebook, -c: not re-run
+    frame = sys._getframe(1)
+    while frame is not None and not (
+        frame.f_code.co_name == "<module>" and frame.f_globals is vars(main)
+    ):
+        frame = frame.f_back
+    if frame is None:  # not called from the script's top level (e.g. from a thread)
+        return None
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):  # a frozen or changed script: cannot tell
+        return None
+    line = frame.f_lineno
+    for stmt in tree.body:
+        if stmt.lineno <= line <= (stmt.end_lineno or stmt.lineno):
+            guard = isinstance(stmt, ast.If) and any(
+                isinstance(n, ast.Name) and n.id == "__name__" for n in ast.walk(stmt.test)
+            )
+            return None if guard else str(path)
+    return None
+
+
 def run_tile(cfg: TileConfig, advise_default_mpp: bool = True) -> int:
     """Tile every slide; 0 if none failed, else 1 (after finishing all the others).
     ``advise_default_mpp=False``: callers that take no tiling keys (predict, heatmap)."""
     check_tiling(cfg.tiling)
+    script = _unguarded_script() if cfg.workers > 1 or cfg.slide_timeout_s else None
+    if script:
+        raise UserError(
+            f"'{script}' calls tile outside `if __name__ == \"__main__\":`, so each of tile's "
+            "worker processes (spawned: each runs the script again) would call it again; put "
+            "the script's top-level code under that guard, or tile in this process with "
+            "workers=1 slide_timeout_s=0."
+        )
     held = held_ids(Path(cfg.output_dir) / "coords", ".h5")  # an earlier call's
     slides = find_slides(cfg.slides_dir, cfg.manifest, cfg.extensions, cfg.output_dir, held=held)
     overrides = read_mpp_csv(cfg.mpp_csv)
