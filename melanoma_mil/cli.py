@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import errno
 import importlib
-import logging
 import os
 import re
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from melanoma_mil import config as C
+from melanoma_mil.console import configure_output, quiet_libraries
 from melanoma_mil.errors import UserError
 
 
@@ -183,35 +182,6 @@ def parse(argv: list[str]) -> tuple[str, Any, bool]:
     return name, cfg, print_config
 
 
-def _one_line(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
-    """A warning as one line, like errors: the file, line number and source line Python adds
-    point into our code and mean nothing to a user. A library's deprecation keeps its category,
-    so it does not read as our advice."""
-    ours = category is UserWarning or category.__module__.startswith("melanoma_mil")
-    return f"warning{'' if ours else f' ({category.__name__})'}: {message}\n"
-
-
-def _quiet_libraries() -> None:
-    """Our INFO lines stay; Lightning's banner lines and known upstream deprecations go; other
-    warnings print as one line (`_one_line`)."""
-    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.formatwarning = _one_line
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*all_gather is deprecated.*")
-    # our metrics de-duplicate DistributedSampler's padded samples by bag index
-    warnings.filterwarnings("ignore", message=r".*each sample/batch gets evaluated exactly once.*")
-
-
-def configure_output(level: int = logging.INFO) -> None:
-    """Log lines as bare messages at ``level`` and warnings as one line (`_one_line`): in this
-    process, and in each process `tile` spawns, which starts with Python's defaults (INFO lines
-    dropped, warnings with file, line and source line) and so must be given the same."""
-    logging.basicConfig(level=level, format="%(message)s")
-    _quiet_libraries()
-
-
 # A disk that is full, read-only or not ours fails writes anywhere; the fix is the user's.
 DISK_ERRORS = {
     errno.ENOSPC: "free space there or choose another output_dir",
@@ -254,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(output_dir, locks=COMMANDS[name].locks)
         module, func = COMMANDS[name].runner.split(":")
         runner = getattr(importlib.import_module(module), func)
-        _quiet_libraries()  # after the import: Lightning resets its log level when imported
+        quiet_libraries()  # after the import: Lightning resets its log level when imported
         return int(runner(cfg) or 0)
     except UserError as e:
         print(f"error: {_printable(str(e))}", file=sys.stderr)

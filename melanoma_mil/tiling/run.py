@@ -35,8 +35,8 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from melanoma_mil.cli import configure_output
 from melanoma_mil.config import TileConfig, TilingConfig
+from melanoma_mil.console import configure_output
 from melanoma_mil.errors import UserError
 from melanoma_mil.ids import held_ids, id_path
 from melanoma_mil.io import remove_temp_files
