@@ -54,7 +54,8 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def learned_run(cohort: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    assert run_fit(fit_cfg(*cohort, out, "trainer.max_epochs=25")) == 0
+    # seeds 0-5 (cohort, seed, cv.seed): pooled AUC >= 0.998, every fold 1.0; 3 epochs: 0.86
+    assert run_fit(fit_cfg(*cohort, out, "trainer.max_epochs=10")) == 0
     return out
 
 
@@ -145,12 +146,8 @@ def test_multiclass(tmp_path: Path) -> None:
         tmp_path, n_patients=36, dim=32, shift=5.0, classes=("low", "mid", "high")
     )
     out = tmp_path / "run"
-    assert (
-        run_fit(
-            fit_cfg(features, labels, out, "trainer.max_epochs=15", "data.classes=[low,mid,high]")
-        )
-        == 0
-    )
+    keys = ("trainer.max_epochs=5", "data.classes=[low,mid,high]")  # seeds 0-3: AUC >= 0.94
+    assert run_fit(fit_cfg(features, labels, out, *keys)) == 0
     preds = pd.read_csv(out / "predictions.csv")
     assert {"prob_low", "prob_mid", "prob_high"} <= set(preds.columns)
     assert preds[["prob_low", "prob_mid", "prob_high"]].sum(1).round(4).eq(1).all()
