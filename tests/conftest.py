@@ -59,7 +59,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 @contextmanager
 def one_torch_thread() -> Iterator[None]:
     """Tiny training steps gain nothing from intra-op threads, and on a loaded machine two
-    spinning OpenMP threads make them 10-30x slower (tests/test_fit.py's 25-epoch fit: 145 s
+    spinning OpenMP threads make them 10-30x slower (a 25-epoch fit of tests/test_fit.py: 145 s
     against 9 s). Only for training: extract reads tiles in torch.get_num_threads() threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
