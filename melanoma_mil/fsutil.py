@@ -1,11 +1,10 @@
-"""Filesystem steps beyond `io`'s atomic files: their temp files, create-once, advisory locks,
-directory swaps.
+"""Filesystem steps beyond `io`'s atomic files: their temp files, create-once, directory swaps
+(advisory locks: `locks`).
 
 Several processes (fold-parallel CV, SLURM array tasks) may share one output folder: a file
 that must be made exactly once appears complete or not at all (a hard link of a finished temp
-file), a unit of work is claimed with an advisory lock that the kernel releases when its
-process dies (even by SIGKILL), and a finished folder replaces an old one with one atomic
-exchange where the filesystem supports it.
+file), a unit of work is claimed with an advisory lock (`locks`), and a finished folder
+replaces an old one with one atomic exchange where the filesystem supports it.
 """
 
 from __future__ import annotations
@@ -20,30 +19,19 @@ import re
 import secrets
 import tempfile
 import unicodedata
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from melanoma_mil.errors import UserError
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; concurrent writers are not supported there
-    fcntl = None  # type: ignore[assignment]
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+UMASK = os.umask(0)
+os.umask(UMASK)
 _RENAME_EXCHANGE = 2
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not on Windows
 # file systems whose permissions are the mount's, not the file's (FAT, exFAT; fusefat: ENOSYS)
 _NO_MODES = (errno.ENOSYS, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP)
 _NOT_WRITABLE = (errno.EACCES, errno.EROFS)  # a probe's errors that say a folder is read-only
-# flock on a file system mounted without locks: Lustre without -o flock or localflock (ENOSYS),
-# NFS without a lock manager (ENOLCK), some CIFS and FUSE mounts (EOPNOTSUPP, EINVAL)
-NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)
 
 
-def shareable(path: str | os.PathLike[str] | int, mode: int = 0o666 & ~_UMASK) -> None:
+def shareable(path: str | os.PathLike[str] | int, mode: int = 0o666 & ~UMASK) -> None:
     """Give a temp file (mkstemp makes 0600; ``path`` may be its descriptor) the mode of a file
     made as usual, 0666 less the umask, so results are as shareable as the user's other files;
     a file system that keeps no modes (FAT) is left as it is: a failed chmod failed every write
@@ -178,109 +166,6 @@ def _link_new(path: Path, data: bytes) -> bool | None:
         return True
     finally:
         Path(tmp).unlink(missing_ok=True)
-
-
-def flock(fd: int, op: int, folder: str | os.PathLike[str], key: str = "") -> None:
-    """`fcntl.flock` of ``fd``, a file in ``folder``. A file system mounted without locks
-    (`NO_LOCKS`) raises the one-line UserError naming ``folder``, the fix, and ``key``, the
-    config key that chose the folder, where the caller knows it: processes sharing a folder
-    cannot take turns there, and a traceback would not say why."""
-    try:
-        fcntl.flock(fd, op)
-    except OSError as e:
-        if e.errno not in NO_LOCKS:
-            raise
-        where, other = (f"{key} ", f"set {key} to a folder") if key else ("", "use a folder")
-        raise UserError(
-            f"{where}'{folder}': this filesystem does not support file locks (flock: "
-            f"{e.strerror}); mount it with -o flock, or {other} on a local or lock-capable disk."
-        ) from None
-
-
-def check_locks(fd: int, folder: str | os.PathLike[str], key: str) -> None:
-    """Refuse, before any work, ``folder`` (chosen by ``key``) if its file system has no
-    locks, probed on ``fd``, an open file there: a command would meet that only at its first
-    lock, with the folder and files made and maybe work done."""
-    if fcntl is not None:
-        flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, folder, key)
-
-
-class Lock:
-    """An exclusive advisory lock on a file, held until ``release`` or the process ends."""
-
-    def __init__(self, fd: int | None, folder: Path) -> None:
-        self._fd = fd
-        self._folder = folder  # named if its file system turns out to have no locks
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-
-    def share(self) -> None:
-        """Let others hold the lock too (`shared_lock`), this process still among them."""
-        if self._fd is not None and fcntl is not None:
-            flock(self._fd, fcntl.LOCK_SH, self._folder)
-
-
-def _open_lock(path: Path) -> int:
-    """The lock file at ``path``, created if missing, never through a link: one planted there
-    would have us make a file where it points, outside the output folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o666 & ~_UMASK)
-    except OSError:
-        refuse_link(path)
-        raise
-
-
-def refuse_link(path: Path) -> None:
-    """A one-line refusal of a symbolic link where a lock or claim file goes."""
-    if path.is_symlink():
-        raise UserError(
-            f"'{path}' is a symbolic link where a lock file goes (to '{os.readlink(path)}'); "
-            "remove the link: only this program makes files there."
-        )
-
-
-def try_lock(path: Path) -> Lock | None:
-    """The lock on ``path`` (created if missing), or None when another process holds it."""
-    fd = _open_lock(path)
-    if fcntl is None:
-        return Lock(fd, path.parent)
-    try:
-        flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, path.parent)
-    except BaseException as e:
-        os.close(fd)
-        if isinstance(e, OSError) and e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            return None
-        raise
-    return Lock(fd, path.parent)
-
-
-def shared_lock(path: Path) -> Lock:
-    """A lock on ``path`` that any number of processes hold together, waiting while one holds
-    it alone (`try_lock`): a process that finds none of the others can act for all of them."""
-    fd = _open_lock(path)
-    if fcntl is not None:
-        try:
-            flock(fd, fcntl.LOCK_SH, path.parent)
-        except BaseException:
-            os.close(fd)
-            raise
-    return Lock(fd, path.parent)
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold the lock on ``path`` for a block, waiting for other holders first."""
-    fd = _open_lock(path)
-    try:
-        if fcntl is not None:
-            flock(fd, fcntl.LOCK_EX, path.parent)
-        yield
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from melanoma_mil.errors import UserError
-from melanoma_mil.fsutil import check_locks, locked, new_temp, shareable
+from melanoma_mil.fsutil import new_temp, shareable
+from melanoma_mil.locks import check_locks, locked
 
 log = logging.getLogger(__name__)
 

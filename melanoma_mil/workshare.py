@@ -29,7 +29,8 @@ from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from melanoma_mil.fsutil import machine_id, pid_alive, read_proc, refuse_link, shareable
+from melanoma_mil.fsutil import machine_id, pid_alive, read_proc, shareable
+from melanoma_mil.locks import refuse_link
 
 log = logging.getLogger(__name__)
 

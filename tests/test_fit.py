@@ -20,7 +20,7 @@ from melanoma_mil.cli import main
 from melanoma_mil.config import FitConfig, ModelConfig, OptimConfig, load_config
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
-from melanoma_mil.fsutil import try_lock
+from melanoma_mil.locks import try_lock
 from melanoma_mil.rundir import DONE, FOLDS, SUMMARY, fold_lock, load_run
 from melanoma_mil.training.cv import run_fit
 from melanoma_mil.training.module import MILModule, seed_step

@@ -25,7 +25,7 @@ from melanoma_mil.config import FitConfig, load_config
 from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
-from melanoma_mil.fsutil import try_lock
+from melanoma_mil.locks import try_lock
 from melanoma_mil.outdir import MARKER
 from melanoma_mil.training.cv import run_fit
 

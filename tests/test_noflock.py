@@ -23,7 +23,7 @@ from conftest import make_cohort
 from melanoma_mil.cli import main
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
-from melanoma_mil.fsutil import locked, shared_lock, try_lock
+from melanoma_mil.locks import locked, shared_lock, try_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_FLOCK = """

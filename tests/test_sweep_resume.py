@@ -22,7 +22,7 @@ from melanoma_mil.cli import main
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.evaluation.sweep import LOCK
 from melanoma_mil.evaluation.sweep_ledger import unpaired
-from melanoma_mil.fsutil import shared_lock, try_lock
+from melanoma_mil.locks import shared_lock, try_lock
 
 
 def cohort(root: Path) -> tuple[Path, Path]:

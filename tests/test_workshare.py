@@ -17,7 +17,7 @@ import pytest
 
 from melanoma_mil.errors import UserError
 from melanoma_mil.features import placement
-from melanoma_mil.fsutil import locked, shared_lock, try_lock
+from melanoma_mil.locks import locked, shared_lock, try_lock
 from melanoma_mil.workshare import GATE_STALE_S, Claim, clear_drafts, me, owner_gone, process_start
 
 

@@ -47,8 +47,8 @@ from melanoma_mil.evaluation.sweep_plan import (
     suggest,
 )
 from melanoma_mil.evaluation.sweep_report import RESULTS, own_comparison, report
-from melanoma_mil.fsutil import Lock, shared_lock, try_lock
 from melanoma_mil.io import locked_writes, remove_temp_files, write_text
+from melanoma_mil.locks import Lock, shared_lock, try_lock
 from melanoma_mil.outdir import claim_shared, output_folder, read_marker
 from melanoma_mil.rundir import load_run, settings
 from melanoma_mil.tracking.loggers import check_logger, summary_metrics

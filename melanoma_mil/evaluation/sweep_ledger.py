@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from melanoma_mil.errors import UserError
-from melanoma_mil.fsutil import Lock, try_lock
 from melanoma_mil.io import json_text, locked_writes, write_json
+from melanoma_mil.locks import Lock, try_lock
 from melanoma_mil.rundir import load_run
 from melanoma_mil.tracking.loggers import summary_metrics
 

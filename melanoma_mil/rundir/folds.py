@@ -24,8 +24,8 @@ from torch import nn
 from melanoma_mil.config import ModelConfig
 from melanoma_mil.data.splits import Split
 from melanoma_mil.errors import UserError
-from melanoma_mil.fsutil import try_lock
 from melanoma_mil.io import atomic_path, locked_writes, sha256_file, write_bytes, write_json
+from melanoma_mil.locks import try_lock
 from melanoma_mil.models import build_model
 from melanoma_mil.outdir import MARKER
 from melanoma_mil.rundir.layout import (

@@ -38,7 +38,7 @@ from melanoma_mil.data.splits import (
     read_clam_splits,
 )
 from melanoma_mil.errors import OtherRun, UserError
-from melanoma_mil.fsutil import Lock, try_lock
+from melanoma_mil.locks import Lock, try_lock
 from melanoma_mil.outdir import is_empty, made_by, output_folder, read_marker, refuse_linked
 
 log = logging.getLogger(__name__)
