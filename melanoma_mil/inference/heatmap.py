@@ -147,7 +147,7 @@ def drawn_files(
 
 def run_heatmap(cfg: HeatmapConfig) -> int:
     """Heatmaps for every slide; 0 if none failed, else 1 (after finishing the others)."""
-    from melanoma_mil.features.run import resolve_device
+    from melanoma_mil.features.hardware import resolve_device
 
     run = check_common(cfg)
     out = Path(cfg.output_dir)
