@@ -77,9 +77,13 @@ def id_path(root: str | os.PathLike[str], slide_id: str, suffix: str = "") -> Pa
     return Path(root) / f"{check_slide_id(slide_id, f'a file name under {str(root)!r}')}{suffix}"
 
 
-def held_ids(root: str | os.PathLike[str], suffix: str = "") -> list[str]:
-    """The ids whose `id_path` (``suffix``: a file's; none: a folder's) an earlier call made in
-    ``root``; hidden names are the commands' own (temp files, claims)."""
+def held_ids(
+    root: str | os.PathLike[str], suffix: str = "", holding: Collection[str] = ()
+) -> list[str]:
+    """The ids whose `id_path` an earlier call made in ``root``: files ``<id><suffix>`` or, with
+    ``holding`` (the file names a command writes in a slide's folder), folders holding one of
+    those: a user's own folder there (notes/, figures/) names no slide. Hidden names are the
+    commands' own (temp files, claims)."""
     folder = Path(root)
     if not folder.is_dir():
         return []
@@ -87,7 +91,11 @@ def held_ids(root: str | os.PathLike[str], suffix: str = "") -> list[str]:
         p.name.removesuffix(suffix)
         for p in folder.iterdir()
         if not p.name.startswith(".")
-        and (p.is_file() and p.name.endswith(suffix) if suffix else p.is_dir())
+        and (
+            p.is_dir() and any((p / name).is_file() for name in holding)
+            if holding
+            else p.is_file() and p.name.endswith(suffix)
+        )
     )
 
 

@@ -402,3 +402,20 @@ def test_a_second_call_encoding_an_id_differing_only_in_case_is_refused_on_a_rea
                          *ENCODER)  # fmt: skip
     assert f"slide id 's1' in coords_dir '{coords[1]}' and 'S1'" in err and str(out) in err
     assert _files(out) == before
+
+
+def test_a_users_folder_named_like_a_slide_in_another_case_is_drawn_into_on_a_real_fat_disk(
+    pipe: Pipeline, tmp_path: Path, fat_folder: Path
+) -> None:
+    """A folder of the user's own in output_dir (notes, none of heatmap's files) is not a slide
+    an earlier call drew: `S1` was refused as if it would overwrite the files of a slide `s1`."""
+    out = fat_folder / "heat"
+    (out / "s1").mkdir(parents=True)
+    (out / "s1" / "notes.txt").write_text("mine")
+    feats = tmp_path / "features"
+    feats.mkdir()
+    shutil.copy(pipe.features / "slide_001.h5", feats / "S1.h5")
+    given = [f"run_dir={pipe.run_dir}", f"features_dir={feats}", f"output_dir={out}"]
+    assert main(["heatmap", *given, "device=cpu", "num_workers=0", "thumbnail_size=64"]) == 0
+    assert (out / "s1" / "notes.txt").read_text() == "mine"  # S1's folder there: s1's
+    assert (out / "S1" / "attention.h5").is_file()

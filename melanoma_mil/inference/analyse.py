@@ -24,7 +24,7 @@ from melanoma_mil.features.identity import IDENTITY_FIELDS
 from melanoma_mil.ids import id_path
 from melanoma_mil.inference.attention import AttentionMap, write_attention, write_geojson
 from melanoma_mil.inference.ensemble import Ensemble
-from melanoma_mil.inference.inputs import SlideInput
+from melanoma_mil.inference.inputs import ATTENTION_FILE, SLIDE_FILES, SlideInput
 from melanoma_mil.inference.work import WORK
 from melanoma_mil.metrics import predicted
 from melanoma_mil.outdir import claim_output, refuse_linked
@@ -38,14 +38,12 @@ from melanoma_mil.viz.render import render_slide
 from melanoma_mil.workshare import disk_full, disk_full_reason
 
 log = logging.getLogger(__name__)
-ATTENTION_FILE = "attention.h5"
 FAILED = ("failed", "no_heatmap")  # statuses that make the command exit 1
 SHOWN = 5  # reasons (and slide ids per reason) printed when a command ends; the table has all
 # feature-file attrs copied into attention.h5, so it says what the attention was computed on
 RECORDED_ATTRS = (*IDENTITY_FIELDS, "cache_key", "level0_mpp", "mpp_source", "precision")
-# table columns naming a slide's drawn files, and all of a slide's files in <output_dir>/<slide_id>/
+# table columns naming a slide's drawn files
 FILE_COLUMNS = ("heatmap", "montage", "geojson")
-SLIDE_FILES = (ATTENTION_FILE, "heatmap.png", "montage.png", "tiles.geojson")
 # claim_output patterns: an unmarked folder holding any of them is taken only with overwrite, as
 # a slide's files are replaced (or, if not redrawn, removed) whoever made them
 SLIDE_OUTPUTS = tuple(f"*/{name}" for name in SLIDE_FILES)

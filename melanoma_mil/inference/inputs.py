@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 WORK = "_work"  # the tiles and features a call makes on the fly (`inference.work`)
 PATIENTS = "patient_predictions.csv"
+ATTENTION_FILE = "attention.h5"
+# all of a slide's files in <output_dir>/<slide_id>/, attention.h5 written last
+SLIDE_FILES = (ATTENTION_FILE, "heatmap.png", "montage.png", "tiles.geojson")
 # what each command makes in output_dir beside the slides' folders: no slide's folder
 OWN_ENTRIES = {
     "predict": ("predictions.csv", PATIENTS, REPORT, EVALUATION, WORK),
@@ -174,7 +177,8 @@ def find_input_slides(
     """slide_id -> slide file: slides_dir / manifest, else the paths a feature cache recorded,
     whose file names are then the slide ids, checked as a manifest's against output_dir where
     each slide gets a folder (``render``)."""
-    held = held_ids(cfg.output_dir) if render else []  # slide folders drawn by earlier calls
+    # slide folders drawn by earlier calls: a user's folder beside them holds none of their files
+    held = held_ids(cfg.output_dir, holding=SLIDE_FILES) if render else []
     if cfg.slides_dir or cfg.manifest:
         found: dict[str, Path | None] = dict(
             find_slides(cfg.slides_dir, cfg.manifest, cfg.extensions, cfg.output_dir, held=held)
