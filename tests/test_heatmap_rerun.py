@@ -4,6 +4,7 @@ file's or an earlier call's per-slide files."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -160,6 +161,22 @@ def test_overwrite_removes_the_earlier_calls_slide_files_only(
     assert [p for p in gone if (out / p).exists()] == []
     kept = ["slide_000/attention.h5", "slide_000/heatmap.png", "slide_001/notes.txt"]
     assert [p for p in kept if not (out / p).is_file()] == []
+
+
+def test_overwrite_leaves_a_users_copy_of_a_slide_folder_alone(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    """A slide's folder copied by the user in output_dir (best/) held an attention.h5, and
+    overwrite=true deleted its files as an earlier call's slide folder."""
+    out = tmp_path / "hm"
+    given = [f"slides_dir={pipe.slides}", f"features_dir={pipe.features}"]
+    assert run_heatmap(heatmap_cfg(pipe, out, *given, "slide_ids=[slide_000]")) == 0
+    shutil.copytree(out / "slide_000", out / "best")
+    before = {p: p.read_bytes() for p in (out / "best").iterdir()}
+    again = heatmap_cfg(pipe, out, *given, "slide_ids=[slide_001]", "overwrite=true")
+    assert run_heatmap(again) == 0
+    assert not (out / "slide_000").exists()  # the earlier call's: removed
+    assert {p: p.read_bytes() for p in before if p.is_file()} == before
 
 
 def test_a_call_on_other_slides_keeps_the_earlier_slides_in_the_table(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pandas as pd
 from melanoma_mil.config import HeatmapConfig, check
 from melanoma_mil.data.bags import read_attrs, read_bag
 from melanoma_mil.errors import UserError
-from melanoma_mil.features.identity import IDENTITY_FIELDS
+from melanoma_mil.features.identity import IDENTITY_FIELDS, plain
 from melanoma_mil.ids import id_path
 from melanoma_mil.inference.attention import AttentionMap, write_attention, write_geojson
 from melanoma_mil.inference.ensemble import Ensemble
@@ -254,18 +255,36 @@ def analyse_all(
     return pd.DataFrame(rows), stop
 
 
+def drawn_here(attention: Path) -> bool:
+    """True if ``attention`` is the attention.h5 of a slide folder this command made: in a real
+    folder (no link) that its recorded slide id names. A user's copy of a slide's folder
+    (best/) or a link to one is the user's, never an earlier call's slide folder."""
+    folder = attention.parent
+    if folder.is_symlink():
+        return False
+    try:
+        recorded = str(plain(read_attrs(attention).get("slide_id", "")))
+    except OSError:  # unreadable: not known to be a slide's
+        return False
+    # NFC: a file system may give back a name in another Unicode form (macOS HFS+: NFD)
+    return unicodedata.normalize("NFC", recorded) == unicodedata.normalize("NFC", folder.name)
+
+
 def remove_unwritten(out: Path, table: pd.DataFrame, every: bool) -> None:
     """Delete the slide files (SLIDE_FILES) in ``out`` that this call did not write, of the
-    slides in ``table`` (those it analysed) and, with ``every``, of every slide folder: a folder
-    never mixes an earlier call's, or another slide file's, results with this call's. Only these
-    names are touched; a folder is removed only once empty."""
+    slides in ``table`` (those it analysed) and, with ``every``, of every slide folder an
+    earlier call made (`drawn_here`): a folder never mixes an earlier call's, or another slide
+    file's, results with this call's. Only these names are touched, never through a link; a
+    folder is removed only once empty."""
     written = {Path(v).resolve() for c in FILE_COLUMNS if c in table for v in table[c].dropna()}
     # attention.h5 is written last of a slide's drawing: with its heatmap, never without it
     drawn = table.loc[table["heatmap"].notna(), "slide_id"] if "heatmap" in table else []
     written |= {(id_path(out, s) / ATTENTION_FILE).resolve() for s in drawn}
-    folders = {d for s in table["slide_id"] if (d := id_path(out, s)).is_dir()}
+    folders = {
+        d for s in table["slide_id"] if (d := id_path(out, s)).is_dir() and not d.is_symlink()
+    }
     if every:
-        folders |= {p.parent for p in out.glob(f"*/{ATTENTION_FILE}")}
+        folders |= {p.parent for p in out.glob(f"*/{ATTENTION_FILE}") if drawn_here(p)}
     for folder in folders:
         for name in SLIDE_FILES:
             if (folder / name).resolve() not in written:
