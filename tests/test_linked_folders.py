@@ -95,6 +95,27 @@ def test_predict_refuses_a_linked_slide_folder(pipe: Pipeline, tmp_path: Path) -
     assert run_predict(cfg) == 0
 
 
+@pytest.mark.parametrize("command", ["heatmap", "predict"])
+def test_a_linked_folder_of_the_users_that_names_no_slide_is_left_alone(
+    pipe: Pipeline, tmp_path: Path, command: str
+) -> None:
+    """A link of the user's in output_dir (figures/) that no slide of the call is named by was
+    refused as if the command wrote into it; it is neither refused nor written through, also
+    with overwrite=true. (One holding a slide's files looks like a slide's folder: refused.)"""
+    out = tmp_path / command
+    out.mkdir()
+    mine = _mine(tmp_path, "notes.txt")
+    (out / "figures").symlink_to(mine)
+    keys = [f"features_dir={pipe.features}", "slide_ids=[slide_000]"]
+    assert main([command, f"run_dir={pipe.run_dir}", f"output_dir={out}", "device=cpu",
+                 "num_workers=0", "thumbnail_size=64", *keys]) == 0  # fmt: skip
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    assert main([command, f"run_dir={pipe.run_dir}", f"output_dir={out}", "device=cpu",
+                 "num_workers=0", "thumbnail_size=64", *keys, "overwrite=true"]) == 0  # fmt: skip
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+    assert (out / "slide_000" / "heatmap.png").is_file()
+
+
 def test_fit_overwrite_replaces_a_linked_or_dot_output_dir_where_it_is(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,7 +25,7 @@ from melanoma_mil.features.identity import IDENTITY_FIELDS, plain
 from melanoma_mil.ids import id_path
 from melanoma_mil.inference.attention import AttentionMap, write_attention, write_geojson
 from melanoma_mil.inference.ensemble import Ensemble
-from melanoma_mil.inference.inputs import ATTENTION_FILE, SLIDE_FILES, SlideInput
+from melanoma_mil.inference.inputs import ATTENTION_FILE, OWN_ENTRIES, SLIDE_FILES, SlideInput
 from melanoma_mil.inference.work import WORK
 from melanoma_mil.metrics import predicted
 from melanoma_mil.outdir import claim_output, refuse_linked
@@ -79,10 +79,14 @@ def claim_for_run(
     ``write=False`` checks before any work, ``True`` marks the folder before its outputs."""
     record = {"command": command, "run_id": run.run_id, "run_dir": str(run.run_dir.resolve())}
     out = Path(cfg.output_dir)
-    # its folders: one per slide, evaluation; _work (tiles and features made on the fly) may be
-    # a link to scratch space: only `tile` and `extract` write there, into folders of their own
-    linked = [p.name for p in out.iterdir() if p.name != WORK] if out.is_dir() else []
-    refuse_linked(out, command, linked)
+    # its own folders (evaluation), and links holding a slide's files (an earlier call's slide
+    # folder: redrawn through, or counted as output); a link named by a slide of this call is
+    # refused where its slides are known (`inputs.prepare_inputs`), before any work; another
+    # (a user's figures/) is left alone. _work (tiles and features made on the fly) may be a
+    # link to scratch space: only `tile` and `extract` write there, into folders of their own
+    held = out.iterdir() if out.is_dir() else []
+    slides = [p.name for p in held if any((p / n).exists() for n in SLIDE_FILES)]
+    refuse_linked(out, command, [*(n for n in OWN_ENTRIES[command] if n != WORK), *slides])
     claim_output(cfg.output_dir, record, cfg.overwrite, outputs, write)
 
 
