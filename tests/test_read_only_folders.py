@@ -4,7 +4,10 @@ one by one, each after its tiling or encoding. Real read-only bind mounts (root 
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -12,13 +15,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import Pipeline, inference_cfg, make_cohort, read_only_bind, write_grid
+from conftest import (
+    Pipeline,
+    inference_cfg,
+    make_cohort,
+    one_thread_env,
+    read_only_bind,
+    write_grid,
+)
 from test_config import one_line_error
 from test_extract import not_built
 from test_extract_cache import _cfg
 from test_tile_disk import _slides
 
-from melanoma_mil.config import PredictConfig, TileConfig, TilingConfig
+from melanoma_mil.config import FitConfig, PredictConfig, TileConfig, TilingConfig, load_config
+from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.demo.pyramid import write_pyramid
 from melanoma_mil.errors import UserError
 from melanoma_mil.features import run as features_run
@@ -26,6 +37,7 @@ from melanoma_mil.features.run import run_extract
 from melanoma_mil.inference.predict import run_predict
 from melanoma_mil.tiling.coords import write_coords
 from melanoma_mil.tiling.run import run_tile
+from melanoma_mil.training.cv import run_fit
 
 
 def _refused(folder: Path, command: str) -> str:
@@ -236,3 +248,66 @@ def test_extract_refuses_a_read_only_cache_folder_holding_a_bag_it_recomputes(
         run_extract(_cfg(tiles, out))
     assert _refused(bag.parent, "extract") in str(e.value)
     assert bag.stat().st_size == 1000
+
+
+# chmod does not stop root: as root, the CLI runs without the capabilities that let it ignore
+# file modes, so a folder chmod 555 refuses it with EACCES as it does any other user (the
+# interpreter lives under /root, 0700: `nobody` could not run it)
+_DAC = "-dac_override,-dac_read_search"
+
+
+def as_user(*argv: str) -> tuple[int, str]:
+    """Run the CLI bound by file modes; (exit code, its `error:` line, the only one)."""
+    prefix = [] if os.geteuid() else ["setpriv", f"--bounding-set={_DAC}", f"--inh-caps={_DAC}"]
+    if prefix and shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to run the CLI bound by file modes as root")
+    root = Path(__file__).resolve().parents[1]  # this checkout's melanoma_mil, not the venv's
+    done = subprocess.run(
+        [*prefix, sys.executable, "-m", "melanoma_mil", *argv],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**one_thread_env(), "PYTHONPATH": str(root)},
+        check=False,
+    )
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) <= 1, done.stderr
+    return done.returncode, errors[0] if errors else done.stderr
+
+
+@pytest.fixture
+def bags(tmp_path: Path) -> tuple[Path, Path]:
+    return make_bag_cohort(tmp_path / "cohort", n_patients=12, dim=16)
+
+
+def _fit_keys(bags: tuple[Path, Path], out: Path) -> list[str]:
+    data = [f"data.features_dir={bags[0]}", f"data.labels_csv={bags[1]}", f"output_dir={out}"]
+    return [*data, "trainer.accelerator=cpu", "logger=none", "cv.folds=2", "trainer.max_epochs=1"]
+
+
+def _fitted(bags: tuple[Path, Path], out: Path) -> dict[str, bytes]:
+    """A finished run in ``out``; its files."""
+    assert run_fit(load_config(FitConfig, [], _fit_keys(bags, out))) == 0
+    return {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_fit_overwrite_refuses_a_run_whose_folder_it_cannot_build_beside_before_training(
+    bags: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The new run is built beside the old one: where that folder was not writable the call
+    ended on a hidden temp name ('.run.fit-new') after building the cohort's bag store."""
+    parent = tmp_path / "runs"
+    run = parent / "run"
+    before = _fitted(bags, run)
+    stores = bags[0] / ".bag_stores"
+    shutil.rmtree(stores)
+    parent.chmod(0o555)
+    try:
+        rc, err = as_user("fit", *_fit_keys(bags, run), "overwrite=true", "cv.seed=5")
+    finally:
+        parent.chmod(0o755)
+    assert rc == 2 and err.startswith("error: "), err
+    assert f"'{parent}' cannot be written (Permission denied" in err and f"'{run}'" in err
+    assert "fix its permissions" in err
+    assert not stores.exists()  # refused before any work
+    assert {str(p): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -38,6 +38,7 @@ from melanoma_mil.data.splits import (
     read_clam_splits,
 )
 from melanoma_mil.errors import OtherRun, UserError
+from melanoma_mil.io import check_writable
 from melanoma_mil.locks import Lock, try_lock
 from melanoma_mil.outdir import is_empty, made_by, output_folder, read_marker, refuse_linked
 
@@ -159,6 +160,9 @@ def _target(out: Path, cfg: FitConfig) -> tuple[Path, dict[str, Any] | None]:
         )
     if cfg.overwrite and record is not None:
         new = rundir.staging(out)[0]
+        # built beside the run: else refused after the bag store is built, on a hidden name
+        name = f"output_dir '{out}' is replaced by a new run built beside it: its folder"
+        check_writable(new.parent, name=name)
         return new, rundir.run_record(new) if new.is_dir() else None
     return out, record
 
