@@ -311,3 +311,24 @@ def test_fit_overwrite_refuses_a_run_whose_folder_it_cannot_build_beside_before_
     assert "fix its permissions" in err
     assert not stores.exists()  # refused before any work
     assert {str(p): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_fit_overwrite_refuses_a_run_whose_folds_it_cannot_delete_before_training(
+    bags: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The old run's own files are deleted once the new one is swapped in: where its folds/
+    was not writable the call trained the whole new run, then ended on 'fold_0'."""
+    run = tmp_path / "run"
+    before = _fitted(bags, run)
+    stores = bags[0] / ".bag_stores"
+    shutil.rmtree(stores)
+    (run / "folds").chmod(0o555)
+    try:
+        rc, err = as_user("fit", *_fit_keys(bags, run), "overwrite=true", "cv.seed=5")
+    finally:
+        (run / "folds").chmod(0o755)
+    assert rc == 2 and err.startswith("error: "), err
+    assert f"'{run / 'folds'}' cannot be written (Permission denied" in err and f"'{run}'" in err
+    assert not stores.exists()  # refused before any work
+    assert {str(p): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort", "run"]

@@ -163,8 +163,21 @@ def _target(out: Path, cfg: FitConfig) -> tuple[Path, dict[str, Any] | None]:
         # built beside the run: else refused after the bag store is built, on a hidden name
         name = f"output_dir '{out}' is replaced by a new run built beside it: its folder"
         check_writable(new.parent, name=name)
+        _check_deletable(out)
         return new, rundir.run_record(new) if new.is_dir() else None
     return out, record
+
+
+def _check_deletable(out: Path) -> None:
+    """Refuse, before any work, a run to replace whose own entries (folds/, logs/, ...) hold a
+    folder that cannot be written: they are deleted once the new run is swapped in, and that
+    failed after the whole new run was trained."""
+    for entry in out.iterdir():
+        if not rundir.run_owns(entry.name) or entry.is_symlink() or not entry.is_dir():
+            continue
+        name = f"output_dir '{out}' is replaced by a new run, and the old run's files deleted:"
+        for folder, _, _ in os.walk(entry):  # not into links: a link is deleted, not emptied
+            check_writable(folder, name=f"{name} its folder")
 
 
 def _splits(
