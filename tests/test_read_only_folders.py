@@ -332,3 +332,25 @@ def test_fit_overwrite_refuses_a_run_whose_folds_it_cannot_delete_before_trainin
     assert not stores.exists()  # refused before any work
     assert {str(p): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort", "run"]
+
+
+def test_fit_refuses_a_run_whose_folds_folder_it_cannot_write_before_training_a_fold(
+    bags: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A resumed run with a fold left to train: where folds/ was not writable the call built
+    the bag store, then ended on the hidden lock name '.fold_1.lock'."""
+    run = tmp_path / "run"
+    _fitted(bags, run)
+    shutil.rmtree(run / "folds" / "fold_1")
+    before = {str(p): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    stores = bags[0] / ".bag_stores"
+    shutil.rmtree(stores)
+    (run / "folds").chmod(0o555)
+    try:
+        rc, err = as_user("fit", *_fit_keys(bags, run))
+    finally:
+        (run / "folds").chmod(0o755)
+    assert rc == 2 and err.startswith("error: "), err
+    assert f"`fit`'s folder '{run / 'folds'}' cannot be written (Permission denied" in err
+    assert not stores.exists()  # refused before any work
+    assert {str(p): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

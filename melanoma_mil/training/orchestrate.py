@@ -40,7 +40,14 @@ from melanoma_mil.data.splits import (
 from melanoma_mil.errors import OtherRun, UserError
 from melanoma_mil.io import check_writable
 from melanoma_mil.locks import Lock, try_lock
-from melanoma_mil.outdir import is_empty, made_by, output_folder, read_marker, refuse_linked
+from melanoma_mil.outdir import (
+    is_empty,
+    made_by,
+    output_folder,
+    read_marker,
+    refuse_linked,
+    refuse_unwritable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +248,8 @@ def plan_fit(cfg: FitConfig, cohort: Cohort, features: dict[str, Any], rank0: bo
         todo = set(plan.unfinished()) if same else set(plan.names)
         plan.todo = [i for i in requested if plan.names[i] in todo]
         plan.finished = len(plan.names) - len(todo)  # not the folds left to other processes
+    if plan.todo and target == out:  # else built anew; a finished run's folders are only read
+        refuse_unwritable([out / name for name in _written(cfg)], "fit")
     return plan
 
 
