@@ -354,3 +354,37 @@ def test_fit_refuses_a_run_whose_folds_folder_it_cannot_write_before_training_a_
     assert f"`fit`'s folder '{run / 'folds'}' cannot be written (Permission denied" in err
     assert not stores.exists()  # refused before any work
     assert {str(p): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("inside", [False, True])
+@pytest.mark.parametrize("command", ["tile", "extract", "heatmap", "fit"])
+def test_an_output_dir_a_user_cannot_write_is_refused_in_one_line(
+    pipe: Pipeline, bags: tuple[Path, Path], tmp_path: Path, command: str, inside: bool
+) -> None:
+    """Another user's folder (chmod 555), as output_dir or as the folder it is to be made in
+    (``inside``): refused before any work with EACCES, not only a read-only mount's EROFS."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    out = theirs / "new" if inside else theirs
+    keys = {
+        "tile": [f"slides_dir={pipe.slides}", "tiling.mpp=1.0", "tiling.tile_size=64"],
+        "extract": [
+            f"coords_dir={pipe.root / 'tiles'}",
+            "encoder.name=resnet18_imagenet",
+            "encoder.pretrained=false",
+            "device=cpu",
+        ],  # fmt: skip
+        "heatmap": [f"run_dir={pipe.run_dir}", f"features_dir={pipe.features}", "device=cpu"],
+        "fit": _fit_keys(bags, out)[:2] + _fit_keys(bags, out)[3:],
+    }[command]
+    theirs.chmod(0o555)
+    try:
+        rc, err = as_user(command, *keys, f"output_dir={out}")
+    finally:
+        theirs.chmod(0o755)
+    assert rc == 2, err
+    assert err == (
+        f"error: output_dir '{out}' cannot be written (Permission denied in '{theirs}'); "
+        "choose another output_dir or fix its permissions."
+    )
+    assert os.listdir(theirs) == []
