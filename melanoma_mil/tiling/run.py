@@ -313,10 +313,8 @@ def _unguarded_script() -> str | None:
     return None
 
 
-def run_tile(cfg: TileConfig, advise_default_mpp: bool = True) -> int:
-    """Tile every slide; 0 if none failed, else 1 (after finishing all the others).
-    ``advise_default_mpp=False``: callers that take no tiling keys (predict, heatmap)."""
-    check_tiling(cfg.tiling)
+def _refuse_unguarded_script(cfg: TileConfig) -> None:
+    """Refuse, before any work, a script that would run tile again in each worker process."""
     script = _unguarded_script() if cfg.workers > 1 or cfg.slide_timeout_s else None
     if script:
         raise UserError(
@@ -325,6 +323,13 @@ def run_tile(cfg: TileConfig, advise_default_mpp: bool = True) -> int:
             "the script's top-level code under that guard, or tile in this process with "
             "workers=1 slide_timeout_s=0."
         )
+
+
+def run_tile(cfg: TileConfig, advise_default_mpp: bool = True) -> int:
+    """Tile every slide; 0 if none failed, else 1 (after finishing all the others).
+    ``advise_default_mpp=False``: callers that take no tiling keys (predict, heatmap)."""
+    check_tiling(cfg.tiling)
+    _refuse_unguarded_script(cfg)
     held = held_ids(Path(cfg.output_dir) / "coords", ".h5")  # an earlier call's
     slides = find_slides(cfg.slides_dir, cfg.manifest, cfg.extensions, cfg.output_dir, held=held)
     overrides = read_mpp_csv(cfg.mpp_csv)
