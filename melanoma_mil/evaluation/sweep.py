@@ -130,7 +130,7 @@ def _check_inputs(cfg: C.SweepConfig, spec: dict[str, Any]) -> None:
     (feature folders listed are looked at: `_check_feature_folders`)."""
     from melanoma_mil.data.cohort import find_features, map_labels, read_labels
     from melanoma_mil.evaluation.hooks import check_inputs
-    from melanoma_mil.training.orchestrate import check_parallel
+    from melanoma_mil.training.checks import check_parallel
 
     swept = set(spec["parameters"])
     fit = fit_config(cfg, {}, Path(cfg.output_dir))

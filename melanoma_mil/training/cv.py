@@ -45,12 +45,12 @@ from melanoma_mil.tracking.loggers import (
     note_finished,
 )
 from melanoma_mil.training.checkpoint_io import own_checkpoint_io
+from melanoma_mil.training.checks import check_parallel
 from melanoma_mil.training.epochs import EpochLines
 from melanoma_mil.training.module import MILModule
 from melanoma_mil.training.orchestrate import (
     PLAN_ENV,
     Plan,
-    check_parallel,
     cleanup,
     finish,
     plan_fit,
