@@ -14,13 +14,14 @@ import pytest
 from conftest import mounted_tmpfs
 from test_tile_disk import _fill
 
-from melanoma_mil.data.store_build import Source, scan
+from melanoma_mil.data.store_layout import Source, scan
 from melanoma_mil.data.synthetic import make_bag_cohort
 
 WRITE = """
 import sys
 from pathlib import Path
-from melanoma_mil.data.store_build import Source, _write, scan
+from melanoma_mil.data.store_build import _write
+from melanoma_mil.data.store_layout import Source, scan
 from melanoma_mil.errors import UserError
 from melanoma_mil.workshare import Claim
 features, tmp, lock = Path(sys.argv[1]), Path(sys.argv[2]), Claim(Path(sys.argv[3]))

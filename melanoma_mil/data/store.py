@@ -39,17 +39,8 @@ import torch
 from melanoma_mil.config import FitConfig
 from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.data.memory import check_memory, estimate_for
-from melanoma_mil.data.store_build import (
-    Layout,
-    Source,
-    build,
-    clear_dead_builds,
-    feature_dim,
-    mark_used,
-    prune,
-    read_index,
-    scan,
-)
+from melanoma_mil.data.store_build import build, clear_dead_builds, mark_used, prune, read_index
+from melanoma_mil.data.store_layout import Layout, Source, feature_dim, scan
 from melanoma_mil.errors import UserError
 from melanoma_mil.tiling.coords import PER_SLIDE_ATTRS
 

@@ -1,5 +1,6 @@
-"""Building a bag store: the files' shapes from metadata (`scan`), then every bag checked and
-written under a temp name and renamed (`build`), serialised by a lock file. See `data.store`."""
+"""Building a bag store: given the files' shapes (`data.store_layout`), every bag checked and
+written under a temp name and renamed (`build`), serialised by a lock file; and the upkeep of a
+store folder (`prune`, `clear_dead_builds`). See `data.store`."""
 
 from __future__ import annotations
 
@@ -8,25 +9,23 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
-import torch
 
-from melanoma_mil.data.bags import features_entry, read_attrs, read_bag
+from melanoma_mil.data.bags import read_attrs, read_bag
+from melanoma_mil.data.store_layout import Layout, Source
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import feature_identity, identity_mismatch, plain
 from melanoma_mil.fsutil import reserve
-from melanoma_mil.io import json_text, read_h5
+from melanoma_mil.io import json_text
 from melanoma_mil.progress import progress
 from melanoma_mil.workshare import Claim, clear_drafts, disk_full, warn_left
 
@@ -43,46 +42,6 @@ TMP_NAME = re.compile(rf"\.({STORE_NAME.pattern})\.\d+\.tmp")
 TMP_FILES = frozenset({"features.npy", "index.json"})
 
 
-@dataclass(frozen=True)
-class Source:
-    """One feature file as the store records it: a changed file never matches again. The
-    ctime is in the key because a copy or an edit can set the mtime back (``cp -p``,
-    ``touch -r``), while the kernel sets the ctime on every change and nothing sets it back."""
-
-    slide_id: str
-    path: str
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-
-    @classmethod
-    def of(cls, slide_id: str, path: Path) -> Source:
-        st = path.stat()
-        return cls(slide_id, str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-    def key(self) -> tuple[str, int, int, int]:
-        return (self.path, self.size, self.mtime_ns, self.ctime_ns)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Shapes without data: rows per slide, the feature dim, each file's own dtype."""
-
-    rows: dict[str, int]  # slide path -> tiles
-    dim: int
-    dtypes: dict[str, str]  # slide path -> numpy dtype name of the file's features
-
-    def nbytes(self, dtype: str) -> int:
-        """The size of features.npy's data for a store of ``dtype``."""
-        return sum(self.rows.values()) * self.dim * np.dtype(dtype).itemsize
-
-    def store_dtype(self, wanted: str) -> str:
-        """auto: float16 only when every file is float16 (then the store is lossless)."""
-        if wanted != "auto":
-            return wanted
-        return "float16" if set(self.dtypes.values()) == {"float16"} else "float32"
-
-
 def read_index(folder: Path) -> dict[str, Any] | None:
     try:
         index = json.loads((folder / "index.json").read_text())
@@ -94,58 +53,6 @@ def read_index(folder: Path) -> dict[str, Any] | None:
         and (folder / "features.npy").is_file()
     )
     return index if ok else None
-
-
-def _file_shape(path: Path) -> tuple[tuple[int, ...], str]:
-    """(shape, dtype name) of a bag file's features without reading them."""
-    try:
-        if path.suffix == ".pt":
-            try:  # zip-format files open lazily; legacy ones are read whole
-                t = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:
-                t = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(t, torch.Tensor | np.ndarray) and t.ndim > 0:
-                return tuple(t.shape), str(t.dtype).removeprefix("torch.")
-            what = type(t).__name__
-        else:
-            with read_h5(path) as f:
-                ds = features_entry(f, path)
-                if isinstance(ds, h5py.Dataset) and ds.shape and ds.dtype.kind in "biuf":
-                    return tuple(ds.shape), ds.dtype.name
-                what = f"{type(ds).__name__} of {getattr(ds, 'dtype', 'no dtype')}"
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise UserError(f"{path}: cannot read bag ({e}); re-run `extract` for it.") from None
-    raise UserError(
-        f"{path}: 'features' is a {what}, not a numeric array; re-run `extract` for this slide."
-    )
-
-
-def feature_dim(path: Path) -> int:
-    """A bag file's feature dim, from its metadata."""
-    return int(_file_shape(path)[0][-1])
-
-
-def scan(sources: list[Source]) -> Layout:
-    """Shapes and dtypes of every file (metadata only), checking one feature dim."""
-    rows, dtypes = {}, {}
-    dim: tuple[str, int] | None = None
-    for s in progress(sources, desc="scanning bags", unit="bag", leave=False):
-        shape, dtype = _file_shape(Path(s.path))
-        if len(shape) == 3 and shape[0] == 1:
-            shape = shape[1:]
-        if len(shape) != 2:
-            raise UserError(f"{s.path}: features have shape {shape}, expected [N, D].")
-        if shape[0] == 0:
-            raise UserError(f"{s.path}: empty bag (0 tiles); drop the slide or re-tile it.")
-        dim = dim or (s.slide_id, shape[1])
-        if shape[1] != dim[1]:
-            raise UserError(
-                f"{s.path}: feature dim {shape[1]} but slide {dim[0]} has {dim[1]}; "
-                "bags from different encoders cannot be mixed."
-            )
-        rows[s.path], dtypes[s.path] = shape[0], dtype
-    assert dim is not None
-    return Layout(rows, dim[1], dtypes)
 
 
 def _identity(path: Path) -> dict[str, Any]:
