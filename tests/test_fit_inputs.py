@@ -278,7 +278,7 @@ def test_a_warning_prints_as_one_line_without_our_source_line(tmp_path: Path) ->
 
 
 def test_a_library_warning_keeps_its_category_and_ours_reads_as_advice() -> None:
-    from melanoma_mil.cli import _one_line
+    from melanoma_mil.console import one_line
 
-    assert _one_line("soon gone", FutureWarning) == "warning (FutureWarning): soon gone\n"
-    assert _one_line("random weights", UserWarning) == "warning: random weights\n"
+    assert one_line("soon gone", FutureWarning) == "warning (FutureWarning): soon gone\n"
+    assert one_line("random weights", UserWarning) == "warning: random weights\n"
