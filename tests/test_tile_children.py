@@ -25,11 +25,17 @@ def _slide(tmp_path: Path) -> Path:
 
 
 def test_a_warning_in_a_tile_process_prints_as_one_line(tmp_path: Path) -> None:
-    """A mask over Pillow's pixel limit makes Pillow warn in the child that tiles the slide."""
-    slides, masks = _slide(tmp_path), tmp_path / "masks"
+    """A mask over Pillow's pixel limit makes Pillow warn in the child that tiles the slide.
+    The limit is lowered in every process (a sitecustomize), so the mask is small to write."""
+    slides, masks, inject = _slide(tmp_path), tmp_path / "masks", tmp_path / "inject"
     masks.mkdir()
-    side = int(Image.MAX_IMAGE_PIXELS**0.5) + 10  # over the limit, under twice it (an error)
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "from PIL import Image\nImage.MAX_IMAGE_PIXELS = 10**6\n"
+    )
+    side = int(1e6**0.5) + 10  # over the limit, under twice it (an error)
     Image.new("L", (side, side), 255).save(masks / "s0.png")
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(inject), str(ROOT)])}
     done = subprocess.run(
         [
             sys.executable,
@@ -44,7 +50,7 @@ def test_a_warning_in_a_tile_process_prints_as_one_line(tmp_path: Path) -> None:
         ],  # fmt: skip
         capture_output=True,
         text=True,
-        env=ENV,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     warned = [ln for ln in done.stderr.splitlines() if "decompression bomb" in ln]
