@@ -71,11 +71,18 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=1)
-def _machine_tag(pid: int) -> str | None:
-    """`machine_id` of process ``pid`` (this one: a forked child asks anew) as 10 hex digits for
-    temp names, None where it is incomplete: without the boot id every host's first pid
-    namespace looks alike, so a pid could be another host's."""
+# `new_temp`'s names: ``.<target>.<machine>-<pid>-<random>.tmp``, or ``.<target>.<random>.tmp``
+# (mkstemp's random part: lower-case letters, digits, underscores)
+TEMP_NAME = re.compile(
+    r"\.(?P<target>.+)\.(?:(?P<machine>[0-9a-f]{10})-(?P<pid>\d+)-)?[a-z0-9_]+\.tmp"
+)
+
+
+@functools.cache
+def _machine_tag() -> str | None:
+    """`machine_id` as 10 hex digits for temp names (a forked child shares it), None where it
+    is incomplete: without the boot id every host's first pid namespace looks alike, so a pid
+    could be another host's."""
     machine = machine_id()
     if not machine or machine.startswith(":"):
         return None
@@ -90,7 +97,7 @@ def new_temp(path: Path) -> tuple[int, str]:
 
     Errors name ``path`` (a read-only folder), not the temp name mkstemp tried, unless it is the
     temp name that is too long."""
-    machine = _machine_tag(os.getpid())
+    machine = _machine_tag()
     prefix = f".{path.name}."
     try:
         if machine is not None:
@@ -119,8 +126,10 @@ def _remove_dead_temps(path: Path, machine: str) -> None:
     except OSError:  # no folder yet, or one that cannot be listed: nothing to clean
         return
     for name in names:  # listed before the check: a temp made after it is not looked at
-        ours = re.fullmatch(r"(\d{1,7})-[a-z0-9_]+\.tmp", name[len(prefix) :])
-        if ours and not pid_alive(int(ours[1])):
+        ours = TEMP_NAME.fullmatch(name)
+        if ours is None or (ours["target"], ours["machine"]) != (path.name, machine):
+            continue
+        if not pid_alive(int(ours["pid"])):
             with contextlib.suppress(OSError):  # renamed or removed meanwhile
                 os.unlink(path.parent / name)
 

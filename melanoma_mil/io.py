@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import os
-import re
 import tempfile
 import warnings
 from collections.abc import Callable, Collection, Iterator
@@ -22,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from melanoma_mil.errors import UserError
-from melanoma_mil.fsutil import new_temp, shareable
+from melanoma_mil.fsutil import TEMP_NAME, new_temp, shareable
 from melanoma_mil.locks import check_locks, locked
 
 log = logging.getLogger(__name__)
@@ -76,8 +75,8 @@ def locked_writes(lock: Path, *paths: Path) -> Iterator[None]:
 
 def temp_target(name: str) -> str | None:
     """The file name an `atomic_path` temp file ``name`` was written for, or None."""
-    found = re.fullmatch(r"\.(.+)\.(?:[0-9a-f]{10}-\d+-)?[a-z0-9_]+\.tmp", name)  # `new_temp`'s
-    return found[1] if found else None
+    found = TEMP_NAME.fullmatch(name)
+    return found["target"] if found else None
 
 
 def read_h5(path: str | os.PathLike[str]) -> h5py.File:

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -135,8 +136,13 @@ def store_root(features_dir: str | None, store_dir: str | None) -> Path:
 
 def _writable(root: Path) -> bool:
     """Whether this process may write in ``root``: not on a read-only mount, nor another
-    user's folder it may only read."""
-    return os.access(root, os.W_OK)
+    user's folder it may only read. Probed with an anonymous temp file, as `io.check_writable`
+    does: ``os.access`` says yes where the server refuses (NFS with root squash)."""
+    try:
+        with tempfile.TemporaryFile(dir=root):
+            return True
+    except OSError:
+        return False
 
 
 def _cannot_build(root: Path, store_dir: str | None, need: int) -> str | None:
