@@ -5,7 +5,8 @@ types are checked and an unknown key fails before any work, naming the closest v
 Sections are shared between commands (``EncoderConfig`` is used by extract, predict and demo).
 
 Modules: `fit` (fit and its sections, the clinical keys), `slides` (tile, extract), `runs`
-(sweep, compare, heatmap, predict, evaluate), `demo`. Import every name from here.
+(sweep, compare, heatmap, predict, evaluate), `demo`; `tools` (declaring, loading, checking),
+`files` (YAML files read), `values` (values refused per layer). Import every schema from here.
 """
 
 from melanoma_mil.config.demo import DemoConfig
@@ -45,7 +46,7 @@ from melanoma_mil.config.slides import (
     TilingConfig,
     TissueConfig,
 )
-from melanoma_mil.configtools import (
+from melanoma_mil.config.tools import (
     check,
     describe,
     load_config,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from melanoma_mil.config.fit import SEED_MAX
 from melanoma_mil.config.slides import MAX_TILE, MAX_TILE_WHY, EncoderConfig
-from melanoma_mil.configtools import bounded, positive
+from melanoma_mil.config.tools import bounded, positive
 
 
 @dataclass

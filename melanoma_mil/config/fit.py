@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from melanoma_mil.configtools import bounded, choice, pattern, positive
+from melanoma_mil.config.tools import bounded, choice, pattern, positive
 
 # numpy and Lightning take seeds in [0, 2**32) (Lightning silently draws a random one outside):
 # room left for the offsets of repeats and folds (seed + 1000 x repeat + fold)

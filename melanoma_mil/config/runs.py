@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from melanoma_mil.config.fit import ClinicalKeys, FitConfig
 from melanoma_mil.config.slides import TileConfig
-from melanoma_mil.configtools import bounded, choice
+from melanoma_mil.config.tools import bounded, choice
 
 
 @dataclass

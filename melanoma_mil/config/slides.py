@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from melanoma_mil.configtools import bounded, choice, positive
+from melanoma_mil.config.tools import bounded, choice, positive
 
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".vmu", ".bif")
 SLIDE_EXTENSIONS += (".czi", ".dcm", ".btf", ".svslide")

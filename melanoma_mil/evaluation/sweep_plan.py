@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from melanoma_mil import config as C
-from melanoma_mil.configfiles import safe_load_unique, yaml_file_problem, yaml_problem
-from melanoma_mil.configtools import expand_home
+from melanoma_mil.config.files import safe_load_unique, yaml_file_problem, yaml_problem
+from melanoma_mil.config.tools import expand_home
 from melanoma_mil.errors import UserError
 from melanoma_mil.tracking.loggers import SUMMARY_KEYS
 

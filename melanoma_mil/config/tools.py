@@ -1,6 +1,6 @@
 """How configs are declared (fields with choices, ranges, patterns), loaded (defaults -> YAML
 files -> dotlist overrides, unknown keys named with the closest valid one) and checked, before
-any work. The schemas themselves are in `config`, which re-exports these."""
+any work. The schemas are this package's other modules; `config` re-exports these."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
-from melanoma_mil.configfiles import yaml_file_problem, yaml_problem
-from melanoma_mil.configvalues import (
+from melanoma_mil.config.files import yaml_file_problem, yaml_problem
+from melanoma_mil.config.values import (
     layer_items,
     refuse_loose_bool,
     refuse_unset_text,

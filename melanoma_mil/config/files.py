@@ -44,7 +44,7 @@ def _in_clone(file: str | Path) -> Path | None:
     """The repository's own file at a relative path (`configs/...`, `sweeps/...`), when one
     exists: the README's commands give these from the clone's root, and a user runs them from
     a cohort's folder."""
-    clone = Path(__file__).resolve().parents[1] / file
+    clone = Path(__file__).resolve().parents[2] / file
     return clone if not Path(file).is_absolute() and clone.is_file() else None
 
 
