@@ -1,6 +1,6 @@
 """One slide's `tile` job: claim it, tile it, write its QC image and coords, and say how it
 went (a row of tiling.csv); a slide tiled before is skipped, re-tiled or failed by what changed.
-Run in a worker process by `tiling.run`, so a reader that crashes takes only its process."""
+Run in a worker process by `tiling.pool`, so a reader that crashes takes only its process."""
 
 from __future__ import annotations
 
