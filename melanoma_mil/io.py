@@ -197,7 +197,7 @@ def check_writable(
     try:
         with tempfile.TemporaryFile(dir=probe) as f:
             if locks:
-                check_locks(f.fileno(), target, key)
+                check_locks(f.fileno(), target, key, name)
     except OSError as e:
         raise UserError(
             f"{name} '{target}' cannot be written ({e.strerror} in '{probe}'); choose another "

@@ -23,29 +23,32 @@ except ImportError:  # Windows: no advisory locks; concurrent writers are not su
 NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)
 
 
-def flock(fd: int, op: int, folder: str | os.PathLike[str], key: str = "") -> None:
+def flock(fd: int, op: int, folder: str | os.PathLike[str], key: str = "", name: str = "") -> None:
     """`fcntl.flock` of ``fd``, a file in ``folder``. A file system mounted without locks
     (`NO_LOCKS`) raises the one-line UserError naming ``folder``, the fix, and ``key``, the
-    config key that chose the folder, where the caller knows it: processes sharing a folder
-    cannot take turns there, and a traceback would not say why."""
+    config key that chose the folder, where the caller knows it (``name``: how the message names
+    a folder that key only places, default ``key``): processes sharing a folder cannot take
+    turns there, and a traceback would not say why."""
     try:
         fcntl.flock(fd, op)
     except OSError as e:
         if e.errno not in NO_LOCKS:
             raise
-        where, other = (f"{key} ", f"set {key} to a folder") if key else ("", "use a folder")
+        label = name or key
+        where = f"{label} " if label else ""
+        other = f"set {key} to a folder" if key else "use a folder"
         raise UserError(
             f"{where}'{folder}': this filesystem does not support file locks (flock: "
             f"{e.strerror}); mount it with -o flock, or {other} on a local or lock-capable disk."
         ) from None
 
 
-def check_locks(fd: int, folder: str | os.PathLike[str], key: str) -> None:
-    """Refuse, before any work, ``folder`` (chosen by ``key``) if its file system has no
-    locks, probed on ``fd``, an open file there: a command would meet that only at its first
-    lock, with the folder and files made and maybe work done."""
+def check_locks(fd: int, folder: str | os.PathLike[str], key: str, name: str = "") -> None:
+    """Refuse, before any work, ``folder`` (chosen by ``key``, named ``name`` as in `flock`) if
+    its file system has no locks, probed on ``fd``, an open file there: a command would meet
+    that only at its first lock, with the folder and files made and maybe work done."""
     if fcntl is not None:
-        flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, folder, key)
+        flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, folder, key, name)
 
 
 class Lock:

@@ -156,7 +156,8 @@ def test_a_lock_taken_on_a_mount_without_locks_names_its_folder(
 
 
 # flock (by Python or by HDF5, which locks every file it opens) of a file under $NOFLOCK_UNDER
-# fails with ENOLCK, as on an NFS mount without a lock manager; other files lock as usual
+# fails with ENOLCK, as on an NFS mount without a lock manager, unless it is under
+# $NOFLOCK_EXCEPT (a lock-capable disk mounted inside it); other files lock as usual
 SHIM = r"""
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -166,12 +167,13 @@ SHIM = r"""
 #include <string.h>
 #include <unistd.h>
 int flock(int fd, int op) {
-    const char *under = getenv("NOFLOCK_UNDER");
+    const char *under = getenv("NOFLOCK_UNDER"), *except = getenv("NOFLOCK_EXCEPT");
     char link[64], path[4096];
     snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
     ssize_t n = readlink(link, path, sizeof path - 1);
     path[n < 0 ? 0 : n] = 0;
-    if (under != NULL && strncmp(path, under, strlen(under)) == 0) {
+    if (under != NULL && strncmp(path, under, strlen(under)) == 0
+        && (except == NULL || strncmp(path, except, strlen(except)) != 0)) {
         errno = ENOLCK;
         return -1;
     }
@@ -181,10 +183,11 @@ int flock(int fd, int op) {
 
 
 def run_with_inputs_without_flock(
-    tmp_path: Path, inputs: Path, *argv: str
+    tmp_path: Path, inputs: Path, *argv: str, but: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m melanoma_mil ARGV`` with every flock of a file under ``inputs`` failing in
-    the C library call itself, HDF5's included (a compiled LD_PRELOAD shim)."""
+    """``python -m melanoma_mil ARGV`` with every flock of a file under ``inputs`` (but not
+    under ``but``, a lock-capable mount inside it) failing in the C library call itself,
+    HDF5's included (a compiled LD_PRELOAD shim)."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None or not sys.platform.startswith("linux"):
         pytest.skip("needs a C compiler and Linux to fail flock below Python")
@@ -196,6 +199,8 @@ def run_with_inputs_without_flock(
     env = {**os.environ, "LD_PRELOAD": str(shim), "NOFLOCK_UNDER": str(inputs),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    if but is not None:
+        env["NOFLOCK_EXCEPT"] = str(but)
     return subprocess.run([sys.executable, "-m", "melanoma_mil", *argv], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
 
@@ -222,3 +227,31 @@ def test_inputs_on_a_mount_without_locks_are_read(tmp_path: Path) -> None:
                                          "trainer.max_epochs=1", "logger=none")  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (out / "cv_summary.json").is_file()
+
+
+def test_fit_overwrite_refuses_a_folder_without_flock_beside_the_run_before_any_work(
+    tmp_path: Path,
+) -> None:
+    """The run folder a lock-capable disk mounted in a folder without locks: the bag store may
+    sit there (its builders take turns by claims), but `fit overwrite=true` builds and locks the
+    replacement beside the run. Before: the store was built and that folder made, then a
+    one-line error at its lock; now it is probed with output_dir, and nothing is made."""
+    features, labels = make_bag_cohort(tmp_path / "coh", n_patients=12, dim=8)
+    nfs = tmp_path / "nfs"
+    out = nfs / "run"
+    fit = ["fit", f"data.features_dir={features}", f"data.labels_csv={labels}",
+           f"output_dir={out}", "cv.folds=2", "trainer.max_epochs=1", "logger=none"]  # fmt: skip
+    done = run_with_inputs_without_flock(tmp_path, nfs, *fit, f"data.store_dir={nfs / 'a'}",
+                                         but=out)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (out / "cv_summary.json").is_file() and len(list((nfs / "a").glob("*/*.npy"))) == 1
+    before = listing(nfs)
+    done = run_with_inputs_without_flock(tmp_path, nfs, *fit, f"data.store_dir={nfs / 'b'}",
+                                         "overwrite=true", but=out)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: output_dir '{out}' is replaced by a new run built beside it: its "
+                      f"folder '{nfs}': this filesystem does not support file locks (flock: No "
+                      "locks available); mount it with -o flock, or set output_dir to a folder "
+                      "on a local or lock-capable disk."], done.stderr  # fmt: skip
+    assert listing(nfs) == before  # no store b, no .run.fit-new

@@ -124,9 +124,10 @@ def _target(out: Path, cfg: FitConfig) -> tuple[Path, dict[str, Any] | None]:
         )
     if cfg.overwrite and record is not None:
         new = rundir.staging(out)[0]
-        # built beside the run: else refused after the bag store is built, on a hidden name
+        # built beside the run: else refused after the bag store is built, on a hidden name;
+        # locked there (a run folder mounted on its own may sit in a folder without locks)
         name = f"output_dir '{out}' is replaced by a new run built beside it: its folder"
-        check_writable(new.parent, name=name)
+        check_writable(new.parent, name=name, locks=True)
         _check_deletable(out)
         return new, rundir.run_record(new) if new.is_dir() else None
     return out, record
