@@ -105,14 +105,27 @@ def test_patient_bags_are_views_and_the_store_pickles_small(tmp_path: Path) -> N
     assert all(torch.equal(clone.bags[b], store.bags[b]) for b in store.bags)
 
 
-@pytest.mark.parametrize("index", ["[1]", "{not json"])
+def _damage(folder: Path, how: str) -> None:
+    """Damage the store in ``folder``: its index.json replaced by ``how``, or (``cut``) its
+    features.npy cut short, as a copy that did not finish leaves it."""
+    if how == "cut":
+        data = (folder / "features.npy").read_bytes()
+        (folder / "features.npy").write_bytes(data[: len(data) // 2])
+    else:
+        (folder / "index.json").write_text(how)
+
+
+@pytest.mark.parametrize("index", ["[1]", "{not json", "cut"])
 def test_a_damaged_store_is_named_and_kept(cohort, index: str) -> None:
+    """A features.npy cut short used to be mapped, ending the run on 'mmap length is greater
+    than file size'."""
     features, labels = cohort
     folder = store_of(features, labels).folder
-    (folder / "index.json").write_text(index)
-    with pytest.raises(UserError, match="is damaged.*delete that folder"):
+    _damage(folder, index)
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(UserError, match="is damaged: its (index.json|features.npy).*delete that"):
         store_of(features, labels)
-    assert (folder / "index.json").read_text() == index and (folder / "features.npy").is_file()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
 
 
 def test_store_dir_is_used(cohort, tmp_path: Path) -> None:
@@ -560,6 +573,52 @@ def test_no_store_to_reuse_in_a_read_only_folder_is_one_line_before_training(
     assert "epoch" not in captured.out + captured.err
     assert not list(out.rglob("*.ckpt"))
     assert _listing(root) == before
+
+
+CUT = "is damaged: its features.npy cannot be mapped (mmap length is greater than file size"
+REBUILD = "delete it and run `fit` once to build it again."
+
+
+@pytest.mark.parametrize(
+    "how, problem, owner",
+    [("index", "'{folder}' is incomplete: it has no index.json;", REBUILD),
+     ("cut", "'{folder}' " + CUT, REBUILD),
+     ("subset", "'{folder}' " + CUT, REBUILD),  # a store of more files than this cohort's
+     ("json", "'{folder}' is damaged: its index.json cannot be read (Expecting", REBUILD),
+     ("stopped", "is incomplete: only a build's temp folder '{temp}' is there;",
+      "run `fit` once to build it there (a build under way: wait for it).")],
+)  # fmt: skip
+def test_a_damaged_store_in_a_read_only_folder_is_named_before_training(
+    cohort, tmp_path: Path, how: str, problem: str, owner: str, capsys: pytest.CaptureFixture
+) -> None:
+    """Before: 'holds no bag store of these feature files' (a cut features.npy: a traceback).
+    Now the one line names the store's folder, what is wrong with which file, and the fix."""
+    features, labels = cohort
+    folder, keys = _shared_store(features, labels, "store_dir", tmp_path)
+    temp = folder.parent / f".{folder.name}.12345.tmp"
+    if how == "index":
+        (folder / "index.json").unlink()
+    elif how == "stopped":
+        folder.rename(temp)
+    else:
+        _damage(folder, "{not json" if how == "json" else "cut")
+    if how == "subset":
+        labels = tmp_path / "subset.csv"
+        pd.read_csv(cohort[1]).iloc[:8].to_csv(labels, index=False)
+    before = _listing(folder.parent)
+    out = tmp_path / "run"
+    with read_only_bind(folder.parent):
+        rc = main(_fit_cli(features, labels, out, *keys))
+    captured = capsys.readouterr()
+    errors = [ln for ln in captured.err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(errors) == 1, captured.err
+    assert errors[0].startswith(f"error: data.store_dir '{folder.parent}' is read-only (for this "
+                                "user) and its bag store of these feature files "
+                                + problem.format(folder=folder, temp=temp)), errors[0]  # fmt: skip
+    assert errors[0].endswith("; pass data.store_dir=PATH, a writable folder with room for 0.00 "
+                              f"GB, or have the folder's owner {owner}"), errors[0]  # fmt: skip
+    assert "epoch" not in captured.out + captured.err and not list(out.rglob("*.ckpt"))
+    assert _listing(folder.parent) == before
 
 
 def test_another_users_store_folder_is_used_as_is(cohort, tmp_path: Path) -> None:

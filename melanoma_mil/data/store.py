@@ -40,7 +40,16 @@ import torch
 from melanoma_mil.config import FitConfig
 from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.data.memory import check_memory, estimate_for
-from melanoma_mil.data.store_build import build, clear_dead_builds, mark_used, prune, read_index
+from melanoma_mil.data.store_build import (
+    build,
+    clear_dead_builds,
+    load_index,
+    mark_used,
+    prune,
+    read_index,
+    recorded,
+    store_name,
+)
 from melanoma_mil.data.store_layout import Layout, Source, feature_dim, scan
 from melanoma_mil.errors import UserError
 from melanoma_mil.tiling.coords import PER_SLIDE_ATTRS
@@ -145,8 +154,11 @@ def _writable(root: Path) -> bool:
         return False
 
 
-def _cannot_build(root: Path, store_dir: str | None, need: int) -> str | None:
-    """Why the store (``need`` bytes) cannot be built in ``root``, or None when it can."""
+def _cannot_build(
+    root: Path, store_dir: str | None, sources: list[Source], dtype: str, need: int
+) -> str | None:
+    """Why the store of ``sources`` in ``dtype`` (``need`` bytes) cannot be built in ``root``,
+    or None when it can."""
     fix = f"pass data.store_dir=PATH, a writable folder with room for {need / 1e9:.2f} GB"
     if not root.exists():
         if store_dir or _writable(root.parent):  # a data.store_dir exists by now
@@ -158,11 +170,39 @@ def _cannot_build(root: Path, store_dir: str | None, need: int) -> str | None:
     if _writable(root):
         return None
     where = "data.store_dir" if store_dir else "bag store folder"
+    unusable = _unusable(root, sources, dtype)
+    if unusable:
+        what, owner = unusable
+        return (
+            f"{where} '{root}' is read-only (for this user) and its bag store of these feature "
+            f"files {what}; {fix}, or have the folder's owner {owner}."
+        )
     return (
         f"{where} '{root}' is read-only (for this user) and holds no bag store of these feature "
         "files (never built there, another data.dtype, or a file changed since) to use as is: "
         f"{fix}, or have the folder's owner run `fit` once to build it there."
     )
+
+
+def _unusable(root: Path, sources: list[Source], dtype: str) -> tuple[str, str] | None:
+    """(what is wrong, what the folder's owner can do) with a store of ``sources`` in ``dtype``
+    that is in ``root`` but cannot be used, or None when there is none: the one built for them
+    or one whose index holds them, damaged or incomplete (a copy cut short); or only a build's
+    temp folder (being built now, or its builder was stopped)."""
+    name = store_name(sources, dtype)
+    need = {s.key() for s in sources}
+    for folder in [root / name, *sorted(root.iterdir())]:
+        if folder.name.startswith(".") or not (folder.is_dir() or folder.is_symlink()):
+            continue
+        index, problem = load_index(folder)
+        holds = index is not None and index.get("dtype") == dtype
+        if problem and (folder.name == name or holds and need <= recorded(index).keys()):
+            return f"'{folder}' is {problem}", "delete it and run `fit` once to build it again"
+    temp = sorted(root.glob(f".{name}.*.tmp"))
+    if temp:
+        what = f"is incomplete: only a build's temp folder '{temp[0]}' is there"
+        return what, "run `fit` once to build it there (a build under way: wait for it)"
+    return None
 
 
 # --------------------------------------------------------------------------- finding
@@ -220,10 +260,10 @@ def _find(
         index = read_index(folder)
         if index is None:
             continue
-        recorded = {(r["path"], r["size"], r["mtime_ns"], r["ctime_ns"]): r for r in index["files"]}
-        if not need <= recorded.keys():
+        files_of = recorded(index)
+        if not need <= files_of.keys():
             continue
-        rows = [recorded[s.key()] for s in sources]
+        rows = [files_of[s.key()] for s in sources]
         dtypes = {r["path"]: r["dtype"] for r in rows}
         layout = Layout({r["path"]: r["rows"] for r in rows}, index["dim"], dtypes)
         if layout.store_dtype(wanted) != index["dtype"]:
@@ -258,7 +298,8 @@ def open_store(members: Members, cfg: FitConfig, model_members: int = 1) -> BagS
     need = estimate_for(cfg, bag_rows, layout.dim, np.dtype(dtype).itemsize,
                         build_elements=0 if found else largest_file,
                         members=model_members)  # fmt: skip
-    why = None if found else _cannot_build(root, cfg.data.store_dir, layout.nbytes(dtype))
+    size = layout.nbytes(dtype)
+    why = None if found else _cannot_build(root, cfg.data.store_dir, sources, dtype, size)
     if why:
         raise UserError(why)
     writable = _writable(root)

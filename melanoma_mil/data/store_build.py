@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 FORMAT = 2  # 2: files keyed on ctime too (1 missed an edit whose mtime was set back)
 WAIT_S = 1.0
 UNUSED_S = 24 * 3600.0  # a store nobody opened for this long, and never reusable, is removed
-# what `_name` makes (`bags` before stores were named by slide count): data.store_dir may be a
-# folder of yours, and only folders named so are ever pruned there
+# what `store_name` makes (`bags` before stores were named by slide count): data.store_dir may
+# be a folder of yours, and only folders named so are ever pruned there
 STORE_NAME = re.compile(r"float(16|32)-\d+(slides|bags)-[0-9a-f]{12}")
 # a build's (and `prune`'s) temp folder, `.<store name>.<pid>.tmp`, holding only these files
 TMP_NAME = re.compile(rf"\.({STORE_NAME.pattern})\.\d+\.tmp")
@@ -43,16 +43,43 @@ TMP_FILES = frozenset({"features.npy", "index.json"})
 
 
 def read_index(folder: Path) -> dict[str, Any] | None:
+    """The index of the complete store in ``folder``, or None (see `load_index`)."""
+    index, problem = load_index(folder)
+    return None if problem else index
+
+
+def load_index(folder: Path) -> tuple[dict[str, Any] | None, str]:
+    """(its index.json, '') for the complete store in ``folder``, else (the index where it can
+    be read, what is wrong, naming the file: 'incomplete: it has no index.json'): a user is
+    told what to fix, not that there is no store. A copy cut short may keep index.json but not
+    all of features.npy, so its shape is checked against the index (a header and a mapping,
+    nothing read): else every run maps it and ends on a traceback."""
     try:
         index = json.loads((folder / "index.json").read_text())
-    except (OSError, ValueError):
-        return None
-    ok = (
-        isinstance(index, dict)
-        and index.get("format") == FORMAT
-        and (folder / "features.npy").is_file()
-    )
-    return index if ok else None
+    except FileNotFoundError:
+        return None, "incomplete: it has no index.json"
+    except (OSError, ValueError) as e:
+        return None, f"damaged: its index.json cannot be read ({getattr(e, 'strerror', e) or e})"
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        what = f"format {index.get('format')}" if isinstance(index, dict) else "no store index"
+        return None, f"damaged: its index.json is {what}, not a store of format {FORMAT}"
+    try:
+        shape = np.load(folder / "features.npy", mmap_mode="r").shape
+    except FileNotFoundError:
+        return index, "incomplete: it has no features.npy"
+    except (OSError, ValueError, EOFError) as e:
+        return index, f"damaged: its features.npy cannot be mapped ({e}; cut short?)"
+    if shape != (index.get("rows"), index.get("dim")):
+        return index, (
+            f"damaged: its features.npy holds {list(shape)} where its index.json says "
+            f"{[index.get('rows'), index.get('dim')]}"
+        )
+    return index, ""
+
+
+def recorded(index: dict[str, Any]) -> dict[tuple[str, int, int, int], dict[str, Any]]:
+    """The files a store's index records, by `Source.key`."""
+    return {(r["path"], r["size"], r["mtime_ns"], r["ctime_ns"]): r for r in index["files"]}
 
 
 def _identity(path: Path) -> dict[str, Any]:
@@ -152,7 +179,8 @@ def _write_all(tmp: Path, sources: list[Source], layout: Layout, dtype: str, loc
     (tmp / "index.json").write_text(json_text(index) + "\n")
 
 
-def _name(sources: list[Source], dtype: str) -> str:
+def store_name(sources: list[Source], dtype: str) -> str:
+    """The folder name of the store of ``sources`` in ``dtype`` (found by content otherwise)."""
     digest = hashlib.sha256(json.dumps([dtype, [s.key() for s in sources]]).encode())
     return f"{dtype}-{len(sources)}slides-{digest.hexdigest()[:12]}"
 
@@ -222,7 +250,7 @@ def clear_dead_builds(root: Path, held: str | None = None) -> None:
 def build(root: Path, sources: list[Source], layout: Layout, dtype: str) -> Path:
     """Build the store under its lock and return its folder; a process that finds the lock
     held waits, then returns the holder's store (or builds it, if the holder died)."""
-    name = _name(sources, dtype)
+    name = store_name(sources, dtype)
     final = root / name
     root.mkdir(parents=True, exist_ok=True)
     lock = Claim(root / f".{name}.lock")
@@ -236,12 +264,13 @@ def build(root: Path, sources: list[Source], layout: Layout, dtype: str) -> Path
         time.sleep(WAIT_S)
         waited += WAIT_S
     try:
-        if read_index(final) is not None:  # built by the process we waited for
+        problem = load_index(final)[1]
+        if not problem:  # built by the process we waited for
             return final
         if final.exists():  # never a partial build (those are renamed in whole): damaged since
             raise UserError(
-                f"bag store '{final}' is damaged (no readable index.json or features.npy); "
-                "delete that folder and run again: it is a cache, rebuilt from the feature files."
+                f"bag store '{final}' is {problem}; delete that folder and run again: it is a "
+                "cache, rebuilt from the feature files."
             )
         clear_dead_builds(root, name)
         nbytes = layout.nbytes(dtype)
