@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,14 @@ from melanoma_mil.errors import OtherRun, UserError
 from melanoma_mil.evaluation.sweep_ledger import (
     LEDGER,
     Ledger,
+    first_start,
     orphaned,
     paired_splits,
     read_ledger,
     recheck_finished,
     run_lock,
     take_unfinished,
+    takeover_overwrites,
     unpaired,
 )
 from melanoma_mil.evaluation.sweep_plan import (
@@ -175,18 +178,29 @@ def _check_feature_folders(cfg: C.SweepConfig, param: dict[str, Any], table: pd.
                         "is fixed before it starts", cfg.sweep_file, why)  # fmt: skip
 
 
-def _run(
-    cfg: C.SweepConfig, name: str, params: dict[str, Any], paired: dict[str, str | None]
-) -> tuple[dict[str, Any], OSError | None]:
+@dataclass
+class Work:
+    """A run this process trains now (its lock held), with fit's overwrite for this start."""
+
+    name: str
+    params: dict[str, Any]
+    paired: dict[str, str | None]
+    lock: Lock
+    overwrite: bool
+
+
+def _run(cfg: C.SweepConfig, work: Work) -> tuple[dict[str, Any], OSError | None]:
     """One run as a ledger entry. A failure is recorded and the sweep goes on (as with agents),
     but for a full disk, returned too: every later run would fail on it as well. The run uses
     the sweep's splits (``paired``: the first finished run's, or cv.splits_file)."""
     out = Path(cfg.output_dir)
+    name, params, paired = work.name, work.params, work.paired
     log.info("sweep run %s: %s", name, " ".join(overrides(params)))
     entry: dict[str, Any] = {"name": name, "params": params}
     try:
         fit = fit_config(cfg, params, out / name)
         fit.cv.splits_file = paired["file"]
+        fit.overwrite = work.overwrite
         entry.update(_execute(fit, paired["sha256"]))
     except UserError as e:
         error = str(e)
@@ -278,12 +292,12 @@ def run_sweep(cfg: C.SweepConfig) -> int:
         lock.release()
 
 
-def _take(
-    cfg: C.SweepConfig, ledger: Ledger, session: str
-) -> tuple[str, dict[str, Any], dict[str, str | None], Lock] | None:
+def _take(cfg: C.SweepConfig, ledger: Ledger, session: str) -> Work | None:
     """The next run for this process, locked and recorded as running: a recorded one no live
     process holds (`take_unfinished`), else the engine's next (within --count); None when
-    there is none. Under the ledger's lock, so no two processes take or draw the same run."""
+    there is none. Under the ledger's lock, so no two processes take or draw the same run.
+    overwrite=true replaces what a run's folder holds at the run's first start only: a run
+    taken over resumes what its killed process trained (`takeover_overwrites`)."""
     out = Path(cfg.output_dir)
     lock: Lock | None = None
     try:
@@ -301,7 +315,10 @@ def _take(
                 if lock is None:  # a process of the sweep this one started anew still trains it
                     return None
                 entries.append({"name": name, "params": params})
+                overwrite = first_start(out, entries[-1], cfg.overwrite)
                 taken = len(entries) - 1, lock
+            else:
+                overwrite = takeover_overwrites(out, entries[taken[0]], cfg.overwrite)
             i, lock = taken
             entry = entries[i] = {**entries[i], "state": "running"}
             for key in ("error", "metrics", "splits_sha256", "session"):
@@ -311,7 +328,7 @@ def _take(
         if lock is not None:
             lock.release()
         raise
-    return entry["name"], entry["params"], paired, lock
+    return Work(entry["name"], entry["params"], paired, lock, overwrite)
 
 
 def _record(
@@ -350,11 +367,10 @@ def _sweep(cfg: C.SweepConfig, ledger: Ledger, session: str) -> int:
     out = Path(cfg.output_dir)
     while True:
         while (work := _take(cfg, ledger, session)) is not None:
-            name, params, paired, lock = work
             try:
-                entry = _record(ledger, session, *_run(cfg, name, params, paired))
+                entry = _record(ledger, session, *_run(cfg, work))
             finally:
-                lock.release()
+                work.lock.release()
             code = code or int(entry["state"] != "finished")
         # two processes ending together report one by one (a killed one's temp file goes)
         with locked_writes(out / REPORT_LOCK, out / RESULTS):

@@ -24,6 +24,7 @@ from typing import Any
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import json_text, locked_writes, write_json
 from melanoma_mil.locks import Lock, try_lock
+from melanoma_mil.outdir import read_marker
 from melanoma_mil.rundir import load_run
 from melanoma_mil.tracking.loggers import summary_metrics
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 LEDGER = "sweep.json"
 LEDGER_LOCK = ".sweep.json.lock"  # held only to read and write the ledger
 RUN_LOCKS = ".sweep-runs"  # <name>.lock: held by the process training that run
+# a running entry's: the run_id of the fit run its folder held when overwrite=true drew it
+REPLACING = "replacing"
 
 # Keys that shape no local run and no ranking (`program`/`command` are for `wandb agent`).
 _LABELS_ONLY = ("name", "description", "project", "entity", "program", "command")
@@ -160,6 +163,28 @@ def take_unfinished(
             log.warning("sweep run %s: the process training it is gone; taken over", entry["name"])
         return i, lock
     return None
+
+
+def _fit_run_id(folder: Path) -> str | None:
+    marker = read_marker(folder)
+    return str(marker.get("run_id")) if marker and marker.get("command") == "fit" else None
+
+
+def first_start(out: Path, entry: dict[str, Any], overwrite: bool) -> bool:
+    """A run drawn now: note the fit run its folder holds, which overwrite=true replaces (an
+    earlier sweep's); returns fit's overwrite for this start."""
+    if overwrite and (held := _fit_run_id(out / entry["name"])):
+        entry[REPLACING] = held
+    return overwrite
+
+
+def takeover_overwrites(out: Path, entry: dict[str, Any], overwrite: bool) -> bool:
+    """fit's overwrite for a recorded run taken up again: only while its folder still holds the
+    run its first start was replacing (fit overwrite=true then resumes the replacement built
+    beside it). Else the folder holds this sweep's own run, whose finished folds fit resumes:
+    overwrite=true would train it all again."""
+    replacing = entry.get(REPLACING)
+    return overwrite and replacing is not None and _fit_run_id(out / entry["name"]) == replacing
 
 
 def orphaned(out: Path, entries: list[dict[str, Any]]) -> bool:
