@@ -1,6 +1,6 @@
 """How the tool prints: log lines as bare messages, warnings as one line, libraries' chatter
-quieted. Set up by the CLI and again in each process `tile` spawns (which starts with Python's
-defaults)."""
+quieted. Set up by the CLI and again in each of `tile`'s worker processes (which start with
+Python's defaults)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def quiet_libraries() -> None:
 
 def configure_output(level: int = logging.INFO) -> None:
     """Log lines as bare messages at ``level`` and warnings as one line (`one_line`): in this
-    process, and in each process `tile` spawns, which starts with Python's defaults (INFO lines
-    dropped, warnings with file, line and source line) and so must be given the same."""
+    process, and in each of `tile`'s worker processes, which start with Python's defaults (INFO
+    lines dropped, warnings with file, line and source line) and so must be given the same."""
     logging.basicConfig(level=level, format="%(message)s")
     quiet_libraries()

@@ -9,7 +9,6 @@ no ``finally``, nothing recorded) at a chosen point.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -24,14 +23,15 @@ import pytest
 from melanoma_mil.demo.owned import KIND, MARKER, claim
 from melanoma_mil.demo.run import RESUMABLE, WRITES
 from melanoma_mil.errors import UserError
+from melanoma_mil.pools import worker_context
 
 SMALL = ["n_slides=12", "slide_size=1024", "tile_size=64", "folds=2", "max_epochs=1"]
 KILLED = 137
 
 # Each demo runs in a process forked from one server that imported the package once: a fresh
-# interpreter per call spent ~6 s of each on imports, most of this module's time.
-FORKS = multiprocessing.get_context("forkserver")
-FORKS.set_forkserver_preload(["melanoma_mil.cli", "melanoma_mil.demo.run"])
+# interpreter per call spent ~6 s of each on imports, most of this module's time. It is the
+# package's one forkserver, whose preload list `worker_context` owns.
+FORKS = worker_context("melanoma_mil.cli", "melanoma_mil.demo.run")
 
 
 def die(*args: object, **kwargs: object) -> None:

@@ -4,10 +4,12 @@ elsewhere, linked slides and folders, a slide whose reader crashes its process."
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -114,18 +116,30 @@ def _crasher(tmp_path: Path, opens: Path) -> Path:
     return inject
 
 
-def test_a_crashing_slide_fails_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _tile_crashing(slides: Path, out: Path, inject: Path) -> int:
+    """`_tile` with 2 workers in a fresh process whose tile workers (not itself) load ``inject``:
+    the forkserver they fork from starts with this PYTHONPATH (it keeps its start's env)."""
+    os.environ["PYTHONPATH"] = str(inject)
+    return _tile(slides, out, workers=2)
+
+
+def _in_fresh_process(slides: Path, out: Path, inject: Path) -> int:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as one:
+        return one.submit(_tile_crashing, slides, out, inject).result()
+
+
+def test_a_crashing_slide_fails_alone(tmp_path: Path) -> None:
     """A reader that kills its process (a segfault in libopenslide on a corrupt file, an OOM
     kill) must not fail the slides the other workers were tiling, in this run or the next."""
     opens = tmp_path / "opens.txt"  # the process that opened each slide
     inject = _crasher(tmp_path, opens)
-    monkeypatch.setenv("PYTHONPATH", str(inject))  # the tile worker processes, not this one
     slides = tmp_path / "slides"
     others = [f"slide{i}" for i in range(1, 9)]
     for i, sid in enumerate(("a_crash", *others)):  # crashes first
         _slide(slides / f"{sid}.tiff", seed=i)
     out = tmp_path / "tiles"
-    assert _tile(slides, out, workers=2) == 1
+    assert _in_fresh_process(slides, out, inject) == 1
     table = _table(out)
     assert table.loc["a_crash", "status"] == "failed"
     assert "process died" in table.loc["a_crash", "reason"]
@@ -138,7 +152,7 @@ def test_a_crashing_slide_fails_alone(tmp_path: Path, monkeypatch: pytest.Monkey
     # a spawn per slide for the rest of a cohort); the others in a new pool of 2
     assert len(set(opens.read_text().split())) <= 1 + 1 + 2
 
-    assert _tile(slides, out, workers=2) == 1  # a re-run gets past it too
+    assert _in_fresh_process(slides, out, inject) == 1  # a re-run gets past it too
     table = _table(out)
     assert {table.loc[s, "status"] for s in others} == {"skipped"}
     assert table.loc["a_crash", "status"] == "failed"

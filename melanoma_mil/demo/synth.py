@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from scipy import ndimage
 from melanoma_mil.demo.pyramid import write_pyramid
 from melanoma_mil.errors import UserError
 from melanoma_mil.io import atomic_path, write_json, write_text
+from melanoma_mil.pools import worker_context
 
 MPP = 0.5  # level-0 um/px of every synthetic slide
 MASK_DOWNSAMPLE = 16  # ground-truth masks are 1/16 of level 0 (8 um/px)
@@ -364,7 +364,8 @@ def generate_cohort(
         for job in jobs:
             _write_slide(*job)
     else:
-        ctx = multiprocessing.get_context("spawn")
+        # the demo tiles next: its tile workers then fork from the same server
+        ctx = worker_context(__name__, "melanoma_mil.console", "melanoma_mil.tiling.job")
         with ProcessPoolExecutor(n_workers, mp_context=ctx) as pool:
             list(pool.map(_write_slide, *zip(*jobs, strict=True)))
     write_text(out / "labels.csv", table[["slide_id", "patient_id", "label"]].to_csv(index=False))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import os
 import signal
 import time
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from melanoma_mil.console import configure_output
 from melanoma_mil.io import remove_temp_files
+from melanoma_mil.pools import worker_context
 from melanoma_mil.tiling.job import Task, lock_path, outputs, slide_row, tile_one
 from melanoma_mil.tiling.watch import Late, Watch
 from melanoma_mil.workshare import Claim
@@ -109,7 +109,7 @@ def _in_pool(tasks: list[Task], workers: int, ctx: BaseContext,
     unfinished: list[Task] = []
     late: list[tuple[Late, Future[Any]]] = []
     stop = ""
-    # a spawned process prints as Python's defaults would: given this process's level and format
+    # a worker process prints as Python's defaults would: given this process's level and format
     level = log.getEffectiveLevel()
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=configure_output,
                              initargs=(level,)) as pool:  # fmt: skip
@@ -160,8 +160,7 @@ def _pool_rows(tasks: list[Task], workers: int, bar: tqdm, watch: Watch) -> list
     # a pool even for one slide, and for workers=1 under a time limit: a slide whose reader
     # crashes must not take this process along, and one past slide_timeout_s is stopped by
     # killing its process, which cannot be this one
-    # spawn: the parent may hold torch/OpenMP threads (demo, notebooks) that fork would break
-    ctx = multiprocessing.get_context("spawn")
+    ctx = worker_context("melanoma_mil.console", "melanoma_mil.tiling.job")
     while tasks and not stop:
         broken, tasks = _in_pool(tasks, min(workers, len(tasks)), ctx, done, watch)
         if stop:

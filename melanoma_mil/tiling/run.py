@@ -93,7 +93,7 @@ def _check_settings(out: Path, slide_ids: list[str], wanted: dict[str, Any]) -> 
 
 def _unguarded_script() -> str | None:
     """The script that called tile from its top level outside an ``if __name__ ...`` block, or
-    None. A spawned process starts by running the script of ``python script.py`` (or ``-m
+    None. A worker process starts by running the script of ``python script.py`` (or ``-m
     pkg.script``) again, as ``__mp_main__``: unguarded, that calls tile again there, and each
     worker dies before tiling anything (every slide failed as if its file crashed the reader)."""
     main = sys.modules.get("__main__")
@@ -128,7 +128,7 @@ def _refuse_unguarded_script(cfg: TileConfig) -> None:
     if script:
         raise UserError(
             f"'{script}' calls tile outside `if __name__ == \"__main__\":`, so each of tile's "
-            "worker processes (spawned: each runs the script again) would call it again; put "
+            "worker processes (each runs the script again as it starts) would call it again; put "
             "the script's top-level code under that guard, or tile in this process with "
             "workers=1 slide_timeout_s=0."
         )
