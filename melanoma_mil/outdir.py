@@ -94,16 +94,23 @@ def claim_output(
         if out.exists()
         else []
     )
-    if found and not overwrite:
-        raise UserError(
-            f"output_dir '{out}' already holds {found[:5]} from an unknown run; pass "
-            "overwrite=true to replace them or choose another output_dir."
-        )
+    if not overwrite:
+        refuse_unknown(out, found)
     if not write:
         return
     out.mkdir(parents=True, exist_ok=True)
     if not write_marker(out, record):  # another process was faster: check its claim
         claim_output(out, record, overwrite, outputs)
+
+
+def refuse_unknown(out: Path, found: list[str]) -> None:
+    """Refuse an output_dir without a marker whose ``found`` entries (paths under it) a command
+    would replace: no earlier call is known to have made them."""
+    if found:
+        raise UserError(
+            f"output_dir '{out}' already holds {found[:5]} from an unknown run; pass "
+            "overwrite=true to replace them or choose another output_dir."
+        )
 
 
 def claim_shared(folder: str | Path, command: str, write: bool = True) -> None:

@@ -39,6 +39,48 @@ def test_a_users_heatmap_pictures_are_not_replaced_without_overwrite(
     assert (out / "slide_000" / "heatmap.png").read_bytes().startswith(b"\x89PNG")
 
 
+def _users_project(out: Path, drawn: Path) -> dict[str, bytes]:
+    """A user's folder: figures and notes named like a slide's files, notes in a slide's folder,
+    and a copy of a slide folder drawn elsewhere (slide_005); its files by path."""
+    for name in ("figures/heatmap.png", "notes/attention.h5", "slide_001/notes.txt"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(f"mine {name}")
+    shutil.copytree(drawn, out / "slide_005")
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("command", ["heatmap", "predict"])
+def test_a_first_call_leaves_a_users_folders_named_by_no_slide_of_it_alone(
+    pipe: Pipeline, tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A first call into an output_dir holding a user's figures/heatmap.png was refused as
+    output 'from an unknown run', though it writes only its slides' folders: the others are
+    left alone, also with overwrite=true. Files of the user's (a dangling link too) in the
+    folder of a slide of the call are still refused, and replaced only with overwrite=true."""
+    argv = [command, f"run_dir={pipe.run_dir}", f"slides_dir={pipe.slides}", "top_k=2",
+            f"features_dir={pipe.features}", "device=cpu", "thumbnail_size=128"]  # fmt: skip
+    assert main([*argv, f"output_dir={tmp_path / 'elsewhere'}", "slide_ids=[slide_005]"]) == 0
+    drawn = tmp_path / "elsewhere" / "slide_005"
+    calls = [*argv, "slide_ids=[slide_000,slide_001]"]
+    mine = _users_project(tmp_path / "first", drawn)
+    assert main([*calls, f"output_dir={tmp_path / 'first'}"]) == 0
+    assert all((tmp_path / "first" / n).read_bytes() == b for n, b in mine.items())
+    out = tmp_path / "second"
+    mine = _users_project(out, drawn)
+    (out / "slide_000").mkdir()
+    (out / "slide_000" / "heatmap.png").write_text("mine")
+    (out / "slide_001" / "tiles.geojson").symlink_to(tmp_path / "gone.geojson")
+    capsys.readouterr()
+    err = one_line_error(capsys, *calls, f"output_dir={out}")
+    assert "['slide_000/heatmap.png', 'slide_001/tiles.geojson'] from an unknown run" in err
+    assert not (out / ".melanoma-mil.json").exists()
+    assert (out / "slide_000" / "heatmap.png").read_text() == "mine"
+    assert (out / "slide_001" / "tiles.geojson").is_symlink()
+    assert main([*calls, f"output_dir={out}", "overwrite=true"]) == 0  # asked: replaced
+    assert (out / "slide_000" / "heatmap.png").read_bytes().startswith(b"\x89PNG")
+    assert all((out / n).read_bytes() == b for n, b in mine.items())
+
+
 @pytest.mark.parametrize(
     ("content", "problem"),
     [(b"", "No columns to parse"), (b"train,val,test\n\xe9,b,c\n", "save it as UTF-8 CSV")],

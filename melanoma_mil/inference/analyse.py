@@ -45,9 +45,6 @@ SHOWN = 5  # reasons (and slide ids per reason) printed when a command ends; the
 RECORDED_ATTRS = (*IDENTITY_FIELDS, "cache_key", "level0_mpp", "mpp_source", "precision")
 # table columns naming a slide's drawn files
 FILE_COLUMNS = ("heatmap", "montage", "geojson")
-# claim_output patterns: an unmarked folder holding any of them is taken only with overwrite, as
-# a slide's files are replaced (or, if not redrawn, removed) whoever made them
-SLIDE_OUTPUTS = tuple(f"*/{name}" for name in SLIDE_FILES)
 # attention.h5 attr recording the settings its heatmap.png / montage.png were drawn with
 DRAWING_ATTR = "drawing"
 

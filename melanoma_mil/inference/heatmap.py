@@ -24,7 +24,6 @@ from melanoma_mil.inference.analyse import (
     ATTENTION_FILE,
     DRAWING_ATTR,
     FAILED,
-    SLIDE_OUTPUTS,
     analyse_all,
     check_common,
     claim_for_run,
@@ -39,14 +38,15 @@ from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import prepare_inputs
 from melanoma_mil.inference.work import extract_settings
 from melanoma_mil.io import write_text
-from melanoma_mil.outdir import refuse_folders_at
+from melanoma_mil.outdir import read_marker, refuse_folders_at
 from melanoma_mil.rundir import TrainedRun
 from melanoma_mil.tiling.fingerprint import fingerprint_mismatch
 from melanoma_mil.tiling.slides import mpp_outdated, read_mpp_csv
 from melanoma_mil.tracking.loggers import log_slides
 from melanoma_mil.workshare import STOP_FIX
 
-OUTPUTS = (*SLIDE_OUTPUTS, "heatmaps.csv")
+# outside the slides' folders, which `inputs.prepare_inputs` checks once its slides are known
+OUTPUTS = ("heatmaps.csv",)
 log = logging.getLogger(__name__)
 FILES = {"heatmap": "heatmap.png", "montage": "montage.png", "geojson": "tiles.geojson"}
 
@@ -153,6 +153,7 @@ def run_heatmap(cfg: HeatmapConfig) -> int:
     out = Path(cfg.output_dir)
     refuse_folders_at(out, "heatmap", ("heatmaps.csv",))  # a user's folder
     claim_for_run(cfg, run, "heatmap", OUTPUTS, write=False)
+    marked = read_marker(out) is not None  # else no earlier call's slide folders are known
     found = [] if cfg.overwrite else sorted(out.glob(f"*/{ATTENTION_FILE}"))
     done = {
         p.parent.name: row
@@ -172,7 +173,7 @@ def run_heatmap(cfg: HeatmapConfig) -> int:
         ensemble = Ensemble(run, resolve_device(cfg.device))
         table, stop = analyse_all(inputs, ensemble, cfg, render=True, desc="heatmap")
         # overwrite: no slide folder keeps an earlier call's files; else only redone ones
-        remove_unwritten(out, table, every=cfg.overwrite)
+        remove_unwritten(out, table, every=cfg.overwrite and marked)
     frames = [t for t in (table, skipped) if not t.empty]
     if not frames:
         raise UserError(f"no slides to draw: none found, or all already in '{out}'.")

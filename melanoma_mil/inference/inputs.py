@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from os.path import lexists
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from melanoma_mil.ids import (
     rename_or_move,
 )
 from melanoma_mil.io import sha256_file
-from melanoma_mil.outdir import refuse_in_the_way
+from melanoma_mil.outdir import read_marker, refuse_in_the_way, refuse_unknown
 from melanoma_mil.rundir import EVALUATION, REPORT, TrainedRun
 from melanoma_mil.tiling.coords import read_coords
 from melanoma_mil.tiling.find import find_slides
@@ -286,6 +287,8 @@ def prepare_inputs(
     folder = _cache_folder(Path(cfg.features_dir), run) if cfg.features_dir else None
     render = not isinstance(cfg, PredictConfig) or cfg.heatmaps
     found = find_input_slides(cfg, folder, render)
+    if render and not cfg.overwrite:
+        _refuse_unknown_files(Path(cfg.output_dir), list(found))
     skipped = sorted(s for s, p in found.items() if skip is not None and skip(s, p))
     slides = {s: p for s, p in found.items() if s not in skipped}
     if not slides:
@@ -300,6 +303,17 @@ def prepare_inputs(
 
     _refuse_files_at_folders(cfg, list(slides) if render else [])  # before tiling them
     return extracted_inputs(run, slides, cfg, own_masks), skipped
+
+
+def _refuse_unknown_files(out: Path, ids: list[str]) -> None:
+    """In an output_dir no call has marked yet, refuse the slide files (`SLIDE_FILES`, a link
+    too) in the folders of ``ids``, this call's slides: it would replace them, or remove them
+    if not redrawn, and no earlier call is known to have made them. Other folders there (a
+    user's figures/ holding a heatmap.png) are never written: left alone, not refused."""
+    if read_marker(out) is not None:  # the command's, checked by `outdir.claim_output`
+        return
+    found = [f"{sid}/{name}" for sid in ids for name in SLIDE_FILES if lexists(out / sid / name)]
+    refuse_unknown(out, found)
 
 
 def _refuse_files_at_folders(cfg: HeatmapConfig, drawn: list[str]) -> None:

@@ -30,7 +30,6 @@ from melanoma_mil.inference.analyse import (
     FAILED,
     FILE_COLUMNS,
     SHOWN,
-    SLIDE_OUTPUTS,
     analyse_all,
     check_common,
     claim_for_run,
@@ -225,13 +224,14 @@ def print_undrawn(table: pd.DataFrame, target: Path) -> None:
 
 
 def remove_stale(
-    out: Path, cfg: PredictConfig, table: pd.DataFrame, record: dict[str, Any]
+    out: Path, cfg: PredictConfig, table: pd.DataFrame, record: dict[str, Any], marked: bool
 ) -> None:
     """With overwrite, delete this command's own outputs in ``out`` that this call did not
     rewrite (slides not redone, patient / report files not asked for), so the folder never
     mixes the previous call's results with this call's. Only predict's file names are touched,
     and of the evaluation only files its report wrote (``record``, `recorded_evaluation`) and
-    nobody changed since: the very file (inode too), never a copy or a replacement."""
+    nobody changed since: the very file (inode too), never a copy or a replacement. Slide
+    folders of slides not in ``table`` only when ``out`` was ``marked`` before this call."""
     from melanoma_mil.evaluation.evaluate import OUTPUTS as EVALUATION_OUTPUTS
 
     made = record.get(MADE) or {}
@@ -244,7 +244,7 @@ def remove_stale(
             now = _stamp(path)
             if now is not None and made.get(name) == now:
                 path.unlink()
-    remove_unwritten(out, table, every=True)
+    remove_unwritten(out, table, every=marked)  # unmarked: no earlier call's slides are known
 
 
 def _report(cfg: PredictConfig, out: Path, scored: Path, run: TrainedRun) -> int:
@@ -277,7 +277,8 @@ def run_predict(cfg: PredictConfig) -> int:
     out = Path(cfg.output_dir)
     target = out / "predictions.csv"
     run = check_common(cfg)
-    outputs = (target.name, PATIENTS, *SLIDE_OUTPUTS, REPORT, f"{EVALUATION}/*")
+    # slides' folders: checked by `inputs.prepare_inputs` once its slides are known
+    outputs = (target.name, PATIENTS, REPORT, f"{EVALUATION}/*")
     refuse_folders_at(out, "predict", (target.name, PATIENTS, REPORT))  # a user's folder
     claim_for_run(cfg, run, "predict", outputs, write=False)
     # an unfinished call's predictions.csv (a full disk, a kill) is resumed by a plain re-run
@@ -290,6 +291,7 @@ def run_predict(cfg: PredictConfig) -> int:
     if not report and (note := run.threshold_note(cfg.threshold)):
         log.warning("%s", note)
     made = recorded_evaluation(out)  # before claim_for_run rewrites the marker for another run
+    marked = read_marker(out) is not None
     if report:
         check_evaluation(out, made)
     if run.config.data.bag_level == "patient" and not cfg.patients_csv:
@@ -311,7 +313,7 @@ def run_predict(cfg: PredictConfig) -> int:
     tables = write_tables(target, table, patient_of, cfg.patients_csv, inputs, ensemble)
     table = tables[target]
     if cfg.overwrite:
-        remove_stale(out, cfg, table, made)
+        remove_stale(out, cfg, table, made, marked)
     elif resume:  # the unfinished call's partial drawings of the slides redone now
         remove_unwritten(out, table, every=False)
     if patient_of is not None:
