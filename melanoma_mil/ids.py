@@ -81,22 +81,24 @@ def held_ids(
     root: str | os.PathLike[str], suffix: str = "", holding: Collection[str] = ()
 ) -> list[str]:
     """The ids whose `id_path` an earlier call made in ``root``: files ``<id><suffix>`` or, with
-    ``holding`` (the file names a command writes in a slide's folder), folders holding one of
-    those: a user's own folder there (notes/, figures/) names no slide. Hidden names are the
-    commands' own (temp files, claims)."""
+    ``holding`` (the file names a command writes in a slide's folder), folders holding an entry
+    of one of those names, a link too, dangling or not (a draw of that id would replace it, so
+    its folder is treated as the slide's: refused, never written through). A user's own folder
+    there (notes/, figures/) names no slide, nor does a name that is no id (`id_problem`: hidden
+    temp files and claims, a `.snapshot/`): no command writes there."""
     folder = Path(root)
     if not folder.is_dir():
         return []
-    return sorted(
-        p.name.removesuffix(suffix)
-        for p in folder.iterdir()
-        if not p.name.startswith(".")
-        and (
-            p.is_dir() and any((p / name).is_file() for name in holding)
-            if holding
-            else p.is_file() and p.name.endswith(suffix)
-        )
-    )
+    ids = (p.name.removesuffix(suffix) for p in folder.iterdir() if _holds(p, suffix, holding))
+    return sorted(i for i in ids if id_problem(i) is None)
+
+
+def _holds(path: Path, suffix: str, holding: Collection[str]) -> bool:
+    """True if ``path`` is a file named ``*<suffix>`` or, with ``holding``, a folder holding an
+    entry named as one of those (`os.path.lexists`: a dangling link counts)."""
+    if holding:
+        return path.is_dir() and any(os.path.lexists(path / name) for name in holding)
+    return path.is_file() and path.name.endswith(suffix)
 
 
 def _id_key(value: str) -> str:

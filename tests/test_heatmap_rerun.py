@@ -179,6 +179,27 @@ def test_overwrite_leaves_a_users_copy_of_a_slide_folder_alone(
     assert {p: p.read_bytes() for p in before if p.is_file()} == before
 
 
+def test_a_hidden_copy_of_a_slide_folder_and_a_users_dangling_link_are_left_alone(
+    pipe: Pipeline, tmp_path: Path
+) -> None:
+    """A user's hidden copy of a slide folder (.old/) stopped every later call with 'slide id
+    '.old' starts with '.''; a dangling link of the user's named like a slide file in a
+    redrawn slide's folder was deleted by overwrite=true. Both are left alone."""
+    out = tmp_path / "hm"
+    given = [f"slides_dir={pipe.slides}", f"features_dir={pipe.features}"]
+    assert run_heatmap(heatmap_cfg(pipe, out, *given, "slide_ids=[slide_000]")) == 0
+    shutil.copytree(out / "slide_000", out / ".old")
+    link = out / "slide_000" / "tiles.geojson"
+    link.symlink_to(tmp_path / "mine.geojson")  # not made yet: dangling
+    assert run_heatmap(heatmap_cfg(pipe, out, *given, "slide_ids=[slide_001]")) == 0
+    again = heatmap_cfg(pipe, out, *given, "slide_ids=[slide_000]", "overwrite=true")
+    assert run_heatmap(again) == 0
+    assert link.is_symlink() and not (tmp_path / "mine.geojson").exists()
+    assert sorted(p.name for p in (out / ".old").iterdir()) == [
+        "attention.h5", "heatmap.png", "montage.png"
+    ]  # fmt: skip
+
+
 def test_a_call_on_other_slides_keeps_the_earlier_slides_in_the_table(
     pipe: Pipeline, tmp_path: Path
 ) -> None:

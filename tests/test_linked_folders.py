@@ -25,6 +25,7 @@ from melanoma_mil.config import (
 from melanoma_mil.data.synthetic import make_bag_cohort
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.run import run_extract
+from melanoma_mil.ids import held_ids
 from melanoma_mil.inference.predict import run_predict
 from melanoma_mil.tiling.qc import CELLS
 from melanoma_mil.tiling.run import run_tile
@@ -229,3 +230,24 @@ def test_sweep_refuses_a_linked_comparison_folder(
     assert "comparison' is a link" in capsys.readouterr().err
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
     assert [p.name for p in out.iterdir()] == ["comparison"]  # no fit, no marker
+
+
+def test_held_slide_folders_are_named_by_ids_and_hold_a_slide_entry_a_dangling_link_too(
+    tmp_path: Path,
+) -> None:
+    """The one test of which folders an earlier call's slides are (`heatmap`'s resume, links
+    and case twins; `analyse.claim_for_run` had its own, which counted hidden folders): a
+    hidden or device-named folder is no slide's, a dangling link named like a slide file
+    makes its folder one (a draw would replace the link, so it is refused, not written)."""
+    for name in ("S1/heatmap.png", ".old/attention.h5", "CON/attention.h5", "notes/a.txt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x")
+    (tmp_path / "S2").mkdir()
+    (tmp_path / "S2" / "tiles.geojson").symlink_to(tmp_path / "gone")
+    (tmp_path / "S3").symlink_to(tmp_path / "S1")  # a linked folder holding one: held
+    names = ("attention.h5", "heatmap.png", "tiles.geojson")
+    assert held_ids(tmp_path, holding=names) == ["S1", "S2", "S3"]
+    (tmp_path / "S4.h5").write_text("x")
+    (tmp_path / ".S5.h5").write_text("x")
+    (tmp_path / "S6.h5").symlink_to(tmp_path / "gone")
+    assert held_ids(tmp_path, ".h5") == ["S4"]

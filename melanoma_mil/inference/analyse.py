@@ -22,7 +22,7 @@ from melanoma_mil.config import HeatmapConfig, check
 from melanoma_mil.data.bags import read_attrs, read_bag
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import IDENTITY_FIELDS, plain
-from melanoma_mil.ids import id_path
+from melanoma_mil.ids import held_ids, id_path
 from melanoma_mil.inference.attention import AttentionMap, write_attention, write_geojson
 from melanoma_mil.inference.ensemble import Ensemble
 from melanoma_mil.inference.inputs import ATTENTION_FILE, OWN_ENTRIES, SLIDE_FILES, SlideInput
@@ -81,8 +81,7 @@ def claim_for_run(
     # refused where its slides are known (`inputs.prepare_inputs`), before any work; another
     # (a user's figures/) is left alone. _work (tiles and features made on the fly) may be a
     # link to scratch space: only `tile` and `extract` write there, into folders of their own
-    held = out.iterdir() if out.is_dir() else []
-    slides = [p.name for p in held if any((p / n).exists() for n in SLIDE_FILES)]
+    slides = held_ids(out, holding=SLIDE_FILES)
     refuse_linked(out, command, [*(n for n in OWN_ENTRIES[command] if n != WORK), *slides])
     claim_output(cfg.output_dir, record, cfg.overwrite, outputs, write)
 
@@ -275,8 +274,8 @@ def remove_unwritten(out: Path, table: pd.DataFrame, every: bool) -> None:
     """Delete the slide files (SLIDE_FILES) in ``out`` that this call did not write, of the
     slides in ``table`` (those it analysed) and, with ``every``, of every slide folder an
     earlier call made (`drawn_here`): a folder never mixes an earlier call's, or another slide
-    file's, results with this call's. Only these names are touched, never through a link; a
-    folder is removed only once empty."""
+    file's, results with this call's. Only these names are touched, never a link (a dangling
+    one too) nor through one; a folder is removed only once empty."""
     written = {Path(v).resolve() for c in FILE_COLUMNS if c in table for v in table[c].dropna()}
     # attention.h5 is written last of a slide's drawing: with its heatmap, never without it
     drawn = table.loc[table["heatmap"].notna(), "slide_id"] if "heatmap" in table else []
@@ -285,11 +284,13 @@ def remove_unwritten(out: Path, table: pd.DataFrame, every: bool) -> None:
         d for s in table["slide_id"] if (d := id_path(out, s)).is_dir() and not d.is_symlink()
     }
     if every:
-        folders |= {p.parent for p in out.glob(f"*/{ATTENTION_FILE}") if drawn_here(p)}
+        earlier = (id_path(out, s) for s in held_ids(out, holding=(ATTENTION_FILE,)))
+        folders |= {d for d in earlier if drawn_here(d / ATTENTION_FILE)}
     for folder in folders:
-        for name in SLIDE_FILES:
-            if (folder / name).resolve() not in written:
-                (folder / name).unlink(missing_ok=True)
+        for path in (folder / name for name in SLIDE_FILES):
+            # a link is the user's (commands write files): replaced where redrawn, else kept
+            if not path.is_symlink() and path.resolve() not in written:
+                path.unlink(missing_ok=True)
         if not any(folder.iterdir()):
             folder.rmdir()
 

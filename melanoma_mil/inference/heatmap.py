@@ -19,7 +19,7 @@ from melanoma_mil.config import HeatmapConfig
 from melanoma_mil.data.bags import read_attrs
 from melanoma_mil.errors import UserError
 from melanoma_mil.features.identity import plain
-from melanoma_mil.ids import id_path, id_problem
+from melanoma_mil.ids import held_ids, id_path, id_problem
 from melanoma_mil.inference.analyse import (
     ATTENTION_FILE,
     DRAWING_ATTR,
@@ -154,11 +154,13 @@ def run_heatmap(cfg: HeatmapConfig) -> int:
     refuse_folders_at(out, "heatmap", ("heatmaps.csv",))  # a user's folder
     claim_for_run(cfg, run, "heatmap", OUTPUTS, write=False)
     marked = read_marker(out) is not None  # else no earlier call's slide folders are known
-    found = [] if cfg.overwrite else sorted(out.glob(f"*/{ATTENTION_FILE}"))
+    # slide folders only (`held_ids`): a user's hidden copy (.old/) of one names no slide
+    found = [] if cfg.overwrite else held_ids(out, holding=(ATTENTION_FILE,))
+    attention = {sid: id_path(out, sid) / ATTENTION_FILE for sid in found}
     done = {
-        p.parent.name: row
-        for p in found
-        if made_for(p, run) and drawn_alike(p, cfg) and (row := skipped_row(out, p.parent.name))
+        sid: row
+        for sid, path in attention.items()
+        if made_for(path, run) and drawn_alike(path, cfg) and (row := skipped_row(out, sid))
     }
     drawn = drawn_files(out, run, cfg)
 
