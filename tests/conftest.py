@@ -36,6 +36,7 @@ from melanoma_mil.config import (
 from melanoma_mil.demo.pyramid import write_pyramid
 from melanoma_mil.demo.synth import generate_cohort
 from melanoma_mil.features.run import run_extract
+from melanoma_mil.pools import worker_context
 from melanoma_mil.tiling.coords import TileGrid, write_coords
 from melanoma_mil.tiling.run import run_tile
 from melanoma_mil.training.cv import run_fit
@@ -54,6 +55,14 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     own count asks psutil for physical cores, which a 2-vCPU machine may report as 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(8, cores or 1))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any pool starts it, have this process's forkserver (tile's and the demo's worker
+    pools, and test_demo_recovery's demos) import the CLI once, so a demo forked from it starts
+    without ~6 s of imports. A hook, not module code: a process a test starts that imports this
+    file must not preload torch into its own pools' server."""
+    worker_context("melanoma_mil.cli", "melanoma_mil.demo.run")
 
 
 # Modules holding the suite's longest tests (real DDP, torchrun, demo runs, killed processes),

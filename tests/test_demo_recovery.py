@@ -15,6 +15,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
+from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -28,10 +29,14 @@ from melanoma_mil.pools import worker_context
 SMALL = ["n_slides=12", "slide_size=1024", "tile_size=64", "folds=2", "max_epochs=1"]
 KILLED = 137
 
-# Each demo runs in a process forked from one server that imported the package once: a fresh
-# interpreter per call spent ~6 s of each on imports, most of this module's time. It is the
-# package's one forkserver, whose preload list `worker_context` owns.
-FORKS = worker_context("melanoma_mil.cli", "melanoma_mil.demo.run")
+
+def forks() -> BaseContext:
+    """Each demo runs in a process forked from one server that imported the package once: a
+    fresh interpreter per call spent ~6 s of each on imports, most of this module's time. It is
+    the package's one forkserver, preloaded by conftest's `pytest_configure` before any pool
+    starts it. Asked for here, not at import: a demo process imports this module too, and would
+    preload torch into its own pools' server (~8 s a demo)."""
+    return worker_context("melanoma_mil.cli", "melanoma_mil.demo.run")
 
 
 def die(*args: object, **kwargs: object) -> None:
@@ -124,7 +129,9 @@ def start(point: str, out: Path, extra: tuple[str, ...]) -> tuple[BaseProcess, P
     """The small demo into ``out``, started in a forked process stopped at ``point``."""
     logs = Path(tempfile.mkdtemp(prefix="demo-", dir=out.parent))
     argv = ["demo", f"output_dir={out}", *SMALL, *extra]
-    process = FORKS.Process(target=child, args=(point, argv, str(logs / "out"), str(logs / "err")))
+    process = forks().Process(
+        target=child, args=(point, argv, str(logs / "out"), str(logs / "err"))
+    )
     before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # for the server too, if this call starts it
     try:

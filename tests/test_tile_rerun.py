@@ -4,12 +4,10 @@ elsewhere, linked slides and folders, a slide whose reader crashes its process."
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -116,17 +114,18 @@ def _crasher(tmp_path: Path, opens: Path) -> Path:
     return inject
 
 
-def _tile_crashing(slides: Path, out: Path, inject: Path) -> int:
-    """`_tile` with 2 workers in a fresh process whose tile workers (not itself) load ``inject``:
+def _tile_in_a_process(slides: Path, out: Path, inject: Path) -> int:
+    """`_tile` with 2 workers in a fresh Python whose tile workers (not itself) load ``inject``:
     the forkserver they fork from starts with this PYTHONPATH (it keeps its start's env)."""
-    os.environ["PYTHONPATH"] = str(inject)
-    return _tile(slides, out, workers=2)
-
-
-def _in_fresh_process(slides: Path, out: Path, inject: Path) -> int:
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=spawn) as one:
-        return one.submit(_tile_crashing, slides, out, inject).result()
+    code = (
+        "import os, sys\n"
+        f"os.environ['PYTHONPATH'] = {str(inject)!r}\n"
+        "from melanoma_mil.config import TileConfig, TilingConfig\n"
+        "from melanoma_mil.tiling.run import run_tile\n"
+        f"sys.exit(run_tile(TileConfig(slides_dir={str(slides)!r}, output_dir={str(out)!r}, "
+        f"workers=2, tiling=TilingConfig(mpp={TILING.mpp}, tile_size={TILING.tile_size}))))\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode
 
 
 def test_a_crashing_slide_fails_alone(tmp_path: Path) -> None:
@@ -139,7 +138,7 @@ def test_a_crashing_slide_fails_alone(tmp_path: Path) -> None:
     for i, sid in enumerate(("a_crash", *others)):  # crashes first
         _slide(slides / f"{sid}.tiff", seed=i)
     out = tmp_path / "tiles"
-    assert _in_fresh_process(slides, out, inject) == 1
+    assert _tile_in_a_process(slides, out, inject) == 1
     table = _table(out)
     assert table.loc["a_crash", "status"] == "failed"
     assert "process died" in table.loc["a_crash", "reason"]
@@ -152,7 +151,7 @@ def test_a_crashing_slide_fails_alone(tmp_path: Path) -> None:
     # a spawn per slide for the rest of a cohort); the others in a new pool of 2
     assert len(set(opens.read_text().split())) <= 1 + 1 + 2
 
-    assert _in_fresh_process(slides, out, inject) == 1  # a re-run gets past it too
+    assert _tile_in_a_process(slides, out, inject) == 1  # a re-run gets past it too
     table = _table(out)
     assert {table.loc[s, "status"] for s in others} == {"skipped"}
     assert table.loc["a_crash", "status"] == "failed"
