@@ -191,7 +191,7 @@ def _unusable(root: Path, sources: list[Source], dtype: str) -> tuple[str, str] 
     temp folder (being built now, or its builder was stopped)."""
     name = store_name(sources, dtype)
     need = {s.key() for s in sources}
-    for folder in [root / name, *sorted(root.iterdir())]:
+    for folder in dict.fromkeys([root / name, *sorted(root.iterdir())]):  # its own first
         if folder.name.startswith(".") or not (folder.is_dir() or folder.is_symlink()):
             continue
         index, problem = load_index(folder)

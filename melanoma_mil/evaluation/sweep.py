@@ -30,7 +30,7 @@ from melanoma_mil.errors import OtherRun, UserError
 from melanoma_mil.evaluation.sweep_ledger import (
     LEDGER,
     Ledger,
-    first_start,
+    note_replaced,
     orphaned,
     paired_splits,
     read_ledger,
@@ -315,7 +315,9 @@ def _take(cfg: C.SweepConfig, ledger: Ledger, session: str) -> Work | None:
                 if lock is None:  # a process of the sweep this one started anew still trains it
                     return None
                 entries.append({"name": name, "params": params})
-                overwrite = first_start(out, entries[-1], cfg.overwrite)
+                if cfg.overwrite:
+                    note_replaced(out, entries[-1])
+                overwrite = cfg.overwrite
                 taken = len(entries) - 1, lock
             else:
                 overwrite = takeover_overwrites(out, entries[taken[0]], cfg.overwrite)

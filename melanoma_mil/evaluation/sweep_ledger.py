@@ -170,12 +170,11 @@ def _fit_run_id(folder: Path) -> str | None:
     return str(marker.get("run_id")) if marker and marker.get("command") == "fit" else None
 
 
-def first_start(out: Path, entry: dict[str, Any], overwrite: bool) -> bool:
-    """A run drawn now: note the fit run its folder holds, which overwrite=true replaces (an
-    earlier sweep's); returns fit's overwrite for this start."""
-    if overwrite and (held := _fit_run_id(out / entry["name"])):
+def note_replaced(out: Path, entry: dict[str, Any]) -> None:
+    """A run drawn now with overwrite=true: note the fit run its folder holds (an earlier
+    sweep's), which this start replaces, for `takeover_overwrites`."""
+    if held := _fit_run_id(out / entry["name"]):
         entry[REPLACING] = held
-    return overwrite
 
 
 def takeover_overwrites(out: Path, entry: dict[str, Any], overwrite: bool) -> bool:
